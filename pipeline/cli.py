@@ -1,0 +1,157 @@
+"""Command line: `python -m pipeline <command> [--config FILE] [--fold K] [--force] [key=value ...]`.
+
+This module only wires things together: it loads the config, builds the demo data when asked,
+and calls the stages' `run` functions in order.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from .config import Config, load_config
+from .errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+@dataclass(frozen=True)
+class Stage:
+    number: str
+    name: str
+    module: str
+    summary: str
+    per_fold: bool  # accepts --fold K
+
+
+STAGES = [
+    Stage("1", "folds", "pipeline.stages.folds", "build stratified (optionally grouped) K folds -> folds/<name>.csv", False),
+    Stage("2", "train", "pipeline.stages.train", "train every fold with timm -> runs/<exp>/fold<k>/ (weights, OOF logits)", True),
+    Stage("3", "rebalance", "pipeline.stages.rebalance", "decoupled classifier retraining (cRT, tau, LWS, NCM, logit adjust)", True),
+    Stage("4", "infer", "pipeline.stages.infer", "multi-scale TTA on OOF rows and test images -> runs/<exp>/infer/", False),
+    Stage("5", "ensemble", "pipeline.stages.ensemble", "combine experiments, write submissions/<name>.csv", False),
+]
+EXTRA = {
+    "all": "run stages 1-5 in order (and the experiments named in run_also), then print the score table",
+    "help": "show this help",
+}
+
+
+def stage_available(stage: Stage) -> bool:
+    return importlib.util.find_spec(stage.module) is not None
+
+
+def _find_stage(name: str) -> Stage | None:
+    for s in STAGES:
+        if name in (s.name, s.number):
+            return s
+    return None
+
+
+def help_text() -> str:
+    lines = ["usage: ./run.sh <command> [--config FILE] [--fold K] [--force] [key=value ...]", "",
+             "stages:"]
+    for s in STAGES:
+        note = "" if stage_available(s) else "  (not built yet)"
+        lines.append(f"  {s.number} {s.name:<10} {s.summary}{note}")
+    lines.append("")
+    lines.append("other commands:")
+    for k, v in EXTRA.items():
+        lines.append(f"  {k:<12} {v}")
+    lines.append(f"  {'test':<12} run the test suite (run.sh only: pytest)")
+    lines += ["", "options:",
+              f"  --config FILE   experiment config (default: {DEFAULT_CONFIG})",
+              "  --fold K        only fold K (train, rebalance)",
+              "  --force         redo work that is already done",
+              "  key=value       override any config entry, e.g. train.epochs=3"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline", add_help=False)
+    p.add_argument("command", nargs="?", default="help")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    args, unknown = p.parse_known_args(argv)
+    bad = [u for u in unknown if u.startswith("-")]
+    if bad:
+        raise PipelineError(f"unknown option(s) {bad}; see ./run.sh help")
+    args.overrides += unknown
+    return args
+
+
+def prepare(cfg: Config) -> None:
+    if cfg.data.demo:
+        from .demo import ensure_demo
+
+        ensure_demo(cfg.data.root, seed=cfg.folds.seed)
+
+
+def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool):
+    if not stage_available(stage):
+        raise PipelineError(f"stage {stage.number} ({stage.name}) is not built yet")
+    if fold is not None and not stage.per_fold:
+        raise PipelineError(f"--fold applies to train and rebalance, not to {stage.name}")
+    mod = importlib.import_module(stage.module)
+    t0 = time.perf_counter()
+    kwargs = {"force": force}
+    if stage.per_fold:
+        kwargs["fold"] = fold
+    out = mod.run(cfg, **kwargs)
+    log.info("stage %s (%s) of '%s' finished in %.1fs", stage.number, stage.name, cfg.experiment,
+             time.perf_counter() - t0)
+    return out
+
+
+def run_all(cfg: Config, force: bool, overrides: list[str]) -> None:
+    missing = [s.name for s in STAGES if not stage_available(s)]
+    if missing:
+        log.warning("stages not built yet, skipped: %s", ", ".join(missing))
+    configs = [cfg] + [load_config(p, overrides) for p in cfg.run_also]
+    for c in configs:
+        prepare(c)
+        for stage in STAGES:
+            if stage.name == "ensemble" or not stage_available(stage):
+                continue
+            run_stage(stage, c, None, force)
+    ens = _find_stage("ensemble")
+    if stage_available(ens):
+        run_stage(ens, cfg, None, force)
+        importlib.import_module("pipeline.report").print_summary(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        if args.help or args.command == "help":
+            print(help_text())
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "all":
+            if args.fold is not None:
+                raise PipelineError("--fold does not apply to 'all'")
+            run_all(cfg, args.force, args.overrides)
+            return 0
+        stage = _find_stage(args.command)
+        if stage is None:
+            raise PipelineError(f"unknown command '{args.command}'; see ./run.sh help")
+        prepare(cfg)
+        run_stage(stage, cfg, args.fold, args.force)
+        return 0
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

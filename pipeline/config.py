@@ -1,0 +1,413 @@
+"""Experiment config: every default in one place, loaded from YAML with `base:` inheritance.
+
+A config file is an experiment sheet. It may name a `base:` file (relative to itself) whose values
+it extends; `key=value` overrides from the command line come last (`train.epochs=3`; values are
+parsed as YAML). Unknown keys, wrong types and out-of-range values are errors naming the key and
+the file that set it: a typo is never ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import PipelineError
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class DataCfg:
+    root: str = "data/demo"  # competition folder; the paths below are relative to it
+    layout: Literal["csv", "folders"] = "csv"  # csv: train.csv + image folder; folders: train/<class>/*
+    train_csv: str = "train.csv"  # the id/label table (layout csv)
+    train_dir: str = "train"  # train images (layout csv) or class folders (layout folders)
+    test_dir: str = "test"  # test images, flat
+    sample_submission: Optional[str] = "sample_submission.csv"  # fixes test ids, order and columns; null: use test_dir
+    id_col: str = "image_id"  # image id column; an id is a path relative to train_dir
+    label_col: str = "label"  # label column; strings or integers
+    group_col: Optional[str] = None  # rows sharing a group never straddle folds (patient, site, individual)
+    image_ext: str = ""  # appended to ids that lack it, e.g. ".jpg" when train.csv ids have no extension
+    check_images: Literal["none", "header", "full"] = "header"  # header: open each file; full: decode it
+    test_labels: Optional[str] = None  # private test labels (the demo's): score the submission like a leaderboard
+    demo: bool = False  # build the digits demo competition into `root` if it is missing
+
+
+@dataclass
+class FoldsCfg:
+    n_splits: int = 5  # K of stratified K-fold
+    seed: int = 42  # shuffling seed; with the same data it gives a byte-identical folds file
+    name: str = ""  # folds/<name>.csv; empty: <data folder>_k<K>_s<seed>
+
+
+@dataclass
+class ModelCfg:
+    arch: str = "resnet10t"  # any timm model name
+    pretrained: bool = False  # load timm hub weights (needs internet)
+    pretrained_path: Optional[str] = None  # local .safetensors/.pth weights, for offline machines and kernels
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth
+    pool: Literal["avg", "gem"] = "avg"  # gem: generalised mean pooling, a fine-grained favourite
+    gem_p: float = 3.0  # GeM initial exponent (learned); p=1 is average pooling
+    mean: Optional[list[float]] = None  # input normalisation; null: from the model's pretrained config
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class AugCfg:
+    img_size: int = 224  # training and validation crop side, pixels
+    crop: Literal["rrc", "resize_crop"] = "rrc"  # rrc: RandomResizedCrop; resize_crop: resize then random crop
+    rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
+    resize_ratio: float = 1.14  # resize_crop and validation: resize to img_size*ratio, then crop img_size
+    hflip: float = 0.5  # probability
+    vflip: float = 0.0  # probability; for images with no "up" (leaves, microscopy)
+    rotate: float = 15.0  # shift-scale-rotate: max rotation, degrees (0 disables the transform)
+    shift_scale_p: float = 0.5  # shift-scale-rotate probability
+    color_jitter: float = 0.2  # brightness/contrast/saturation strength (0 disables)
+    coarse_dropout: float = 0.0  # probability of cutting up to 8 holes of <=1/8 of the side
+    cache: Literal["auto", "on", "off"] = "auto"  # decoded, pre-resized uint8 image cache; auto: on if it fits on disk
+    cache_dir: str = "runs/.cache"  # where the image caches live (shared by experiments)
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 10
+    batch_size: int = 64  # images per optimiser step per process, before accumulation
+    accum_steps: int = 1  # gradient accumulation: effective batch = batch_size * accum_steps * processes
+    optimizer: str = "adamw"  # any timm optimizer name (adamw, sgd, lamb, ...)
+    lr: float = 1e-3  # peak learning rate of the head, per effective batch (no automatic scaling)
+    backbone_lr_mult: float = 1.0  # backbone lr = lr * this; <1 protects pretrained features
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # any timm scheduler name (cosine, step, plateau, ...)
+    warmup_epochs: float = 1.0  # linear warmup, epochs (fractions allowed; stepped per iteration)
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-6
+    clip_grad: Optional[float] = None  # max gradient norm; null: no clipping
+    sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = 2.0
+    class_weights: Literal["none", "effective_number"] = "none"  # Cui et al. 2019 class-balanced loss
+    cb_beta: float = 0.999  # effective-number beta
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0 disables mixup
+    cutmix_alpha: float = 0.0  # 0 disables cutmix
+    mix_prob: float = 1.0  # probability of mixing a batch
+    mix_switch_prob: float = 0.5  # probability of cutmix when both are on
+    mix_mode: Literal["batch", "pair", "elem"] = "batch"
+    mix_off_epoch: Optional[int] = None  # stop mixing from this epoch on (0-based); null: never
+    ema: bool = True  # keep an EMA of weights next to the raw ones; the better is used downstream
+    ema_decay: float = 0.998  # per optimiser step
+    select: Literal["best", "last"] = "best"  # which epoch's weights to keep: best valid metric or the last
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # mixed precision on CUDA (auto: bf16 if supported); CPU: fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model (CUDA)
+    workers: Optional[int] = None  # DataLoader workers; null: min(8, cpu count - 1)
+    deterministic: bool = True  # seeded per epoch; bit-identical on CPU, cudnn.benchmark off
+
+
+@dataclass
+class EvalCfg:
+    metric: Literal["accuracy", "macro_f1", "balanced_accuracy", "log_loss", "qwk"] = "accuracy"  # the competition metric
+    many_shot: int = 100  # classes with more training images than this are "many-shot"
+    few_shot: int = 20  # fewer than this: "few-shot"; in between: "medium"
+
+
+@dataclass
+class RebalanceCfg:
+    variants: list[str] = field(default_factory=lambda: ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"])
+    aug_views: int = 0  # extra augmented views of each training image for cRT/LWS features (0: centre crop only)
+    crt_epochs: int = 30
+    crt_lr: float = 0.01  # per batch of 256 features
+    crt_weight_decay: float = 5e-4
+    lws_epochs: int = 30
+    lws_lr: float = 0.01
+    tau: Optional[float] = None  # fixed tau; null: chosen by a sweep over tau_grid
+    tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
+    la_grid: list[float] = field(default_factory=lambda: [round(0.25 * i, 2) for i in range(13)])
+    inner_folds: int = 2  # tuned choices are made on one half of a held-out fold and scored on the other
+    ncm_center: bool = True  # subtract the training feature mean before L2 normalisation
+
+
+@dataclass
+class InferCfg:
+    head: str = "best"  # a stage-3 variant name, or best: the variant with the best CV
+    views: list[str] = field(default_factory=lambda: ["orig", "hflip"])  # named TTA views, see pipeline/tta.py
+    scales: list[float] = field(default_factory=lambda: [1.0])  # x img_size; each view is run at each scale
+    merge: Literal["mean_prob", "mean_logit", "geo_mean"] = "mean_prob"
+    search: bool = False  # choose the TTA policy (views x scales subsets) on OOF
+    batch_size: int = 128
+
+
+@dataclass
+class EnsembleCfg:
+    name: str = ""  # submissions/<name>.csv; empty: the experiment name
+    members: list[str] = field(default_factory=list)  # "experiment" or "experiment:head"; empty: this experiment
+    method: Literal["mean", "weighted", "geo_mean", "rank"] = "mean"
+    weight_metric: Literal["log_loss", "metric"] = "log_loss"  # what the weighted mean optimises on OOF
+    submission: Literal["label", "proba"] = "label"  # one label column, or one probability column per class
+
+
+@dataclass
+class Config:
+    experiment: str = "demo"  # run folder: runs/<experiment>/
+    seed: int = 42  # training seed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_also: list[str] = field(default_factory=list)  # other experiment configs `all` runs before the ensemble
+    data: DataCfg = field(default_factory=DataCfg)
+    folds: FoldsCfg = field(default_factory=FoldsCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    aug: AugCfg = field(default_factory=AugCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    rebalance: RebalanceCfg = field(default_factory=RebalanceCfg)
+    infer: InferCfg = field(default_factory=InferCfg)
+    ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
+    # not config keys: where it came from
+    source: str = field(default="", metadata={"internal": True})
+
+    # ------------------------------------------------------------------ derived paths
+    def data_path(self, rel: str) -> Path:
+        return Path(self.data.root) / rel
+
+    @property
+    def folds_name(self) -> str:
+        if self.folds.name:
+            return self.folds.name
+        group = f"_g-{self.data.group_col}" if self.data.group_col else ""
+        return f"{Path(self.data.root).name}_k{self.folds.n_splits}_s{self.folds.seed}{group}"
+
+    @property
+    def folds_csv(self) -> Path:
+        return Path("folds") / f"{self.folds_name}.csv"
+
+    @property
+    def folds_record(self) -> Path:
+        return Path("folds") / f"{self.folds_name}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.experiment
+
+    def fold_dir(self, k: int) -> Path:
+        return self.run_dir / f"fold{k}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# ----------------------------------------------------------------------------- validation
+def _validate(cfg: Config, origin: dict[str, str]) -> None:
+    def check(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise PipelineError(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
+
+    check(cfg.folds.n_splits >= 2, "folds.n_splits", "must be >= 2")
+    check(bool(cfg.experiment) and "/" not in cfg.experiment and not cfg.experiment.startswith("."),
+          "experiment", "must be a plain folder name")
+    check(cfg.aug.img_size >= 16, "aug.img_size", "must be >= 16")
+    check(len(cfg.aug.rrc_scale) == 2 and 0 < cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1] <= 1,
+          "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
+    check(cfg.aug.resize_ratio >= 1.0, "aug.resize_ratio", "must be >= 1")
+    for k in ("hflip", "vflip", "shift_scale_p", "coarse_dropout"):
+        check(0 <= getattr(cfg.aug, k) <= 1, f"aug.{k}", "is a probability in [0, 1]")
+    t = cfg.train
+    check(t.epochs >= 1, "train.epochs", "must be >= 1")
+    check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    check(t.accum_steps >= 1, "train.accum_steps", "must be >= 1")
+    check(t.lr > 0, "train.lr", "must be > 0")
+    check(t.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
+    check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+    check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    check(t.mixup_alpha >= 0 and t.cutmix_alpha >= 0, "train.mixup_alpha", "mixup/cutmix alphas must be >= 0")
+    check(0 <= t.mix_prob <= 1, "train.mix_prob", "is a probability in [0, 1]")
+    check(0 <= t.mix_switch_prob <= 1, "train.mix_switch_prob", "is a probability in [0, 1]")
+    check(0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
+    check(0 < t.cb_beta < 1, "train.cb_beta", "must be in (0, 1)")
+    check(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", "must be > 0 or null")
+    check(t.workers is None or t.workers >= 0, "train.workers", "must be >= 0 or null")
+    check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
+    check(cfg.model.gem_p > 0, "model.gem_p", "must be > 0")
+    check(0 <= cfg.model.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
+    check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+    for k in ("mean", "std"):
+        v = getattr(cfg.model, k)
+        check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
+    known = {"joint", "crt", "tau", "lws", "ncm", "logit_adjust"}
+    bad = [v for v in cfg.rebalance.variants if v not in known]
+    check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
+    check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
+    check(cfg.rebalance.inner_folds >= 2, "rebalance.inner_folds", "must be >= 2")
+    check(cfg.infer.head == "best" or cfg.infer.head in known, "infer.head", f"'best' or one of {sorted(known)}")
+    check(bool(cfg.infer.views), "infer.views", "needs at least one view")
+    check(bool(cfg.infer.scales) and all(s > 0 for s in cfg.infer.scales), "infer.scales", "positive numbers")
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PipelineError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PipelineError(f"malformed YAML in {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+            if not v:
+                out[key] = v
+        else:
+            out[key] = v
+    return out
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """Flat {dotted key: value} of a file and its bases, and which file set each key."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise PipelineError(f"config base cycle: {chain}")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if base is not None:
+        if not isinstance(base, str):
+            raise PipelineError(f"{path}: 'base' must be a file name")
+        base_path = (path.parent / base)
+        if not base_path.exists():
+            raise PipelineError(f"{path}: base file not found: {base_path}")
+        values, origin = _load_chain(base_path, (*seen, path))
+    for k, v in _flatten(raw).items():
+        # a child that sets a section drops nothing of the base: keys merge one by one
+        values[k] = v
+        origin[k] = str(path)
+    return values, origin
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise PipelineError(f"override '{item}' must look like key=value (e.g. train.epochs=3)")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        values, origin = _load_chain(Path(path))
+    for item in overrides:
+        k, v = _parse_override(item)
+        values[k] = v
+        origin[k] = "the command line"
+    cfg = Config()
+    for key, value in values.items():
+        _assign(cfg, key, value, origin[key])
+    cfg.source = str(path) if path is not None else "defaults"
+    _validate(cfg, origin)
+    return cfg
+
+
+def _assign(cfg: Config, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+        if part not in fields:
+            path = ".".join(parts[: i + 1])
+            near = _near(part, list(fields))
+            hint = f"; did you mean '{near}'?" if near else ""
+            raise PipelineError(f"unknown config key '{path}' in {where}{hint}")
+        hint_t = typing.get_type_hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint_t):
+                if not isinstance(value, dict) or value:
+                    raise PipelineError(f"config key '{key}' in {where} is a section; set its keys (e.g. {key}.x=...)")
+                return
+            setattr(obj, part, _coerce(value, hint_t, key, where))
+        else:
+            if not dataclasses.is_dataclass(hint_t):
+                raise PipelineError(f"unknown config key '{key}' in {where}: '{'.'.join(parts[:i+1])}' is not a section")
+            obj = getattr(obj, part)
+
+
+def _near(word: str, options: list[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _coerce(value: Any, t: Any, key: str, where: str) -> Any:
+    def bad(expected: str) -> PipelineError:
+        return PipelineError(
+            f"config key '{key}' in {where}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is Literal:
+        if value not in args:
+            raise bad("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad(f"a list of {args[0].__name__}")
+        return [_coerce(v, args[0], key, where) for v in value]
+    if t is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise bad(str(t))  # pragma: no cover - a schema type we do not handle
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def section_hash(cfg: Config, *sections: str) -> str:
+    """Hash of the config sections a stage's output depends on (for up-to-date checks)."""
+    from .artifacts import sha256_obj
+
+    d = cfg.to_dict()
+    return sha256_obj({s: d[s] for s in sections})

@@ -1,0 +1,249 @@
+"""The competition data contract: reading and validating train/test tables, label encoding, images.
+
+Two train layouts are accepted (config `data.layout`):
+- csv: `train.csv` with an id column (a path relative to `train_dir`, extension optional via
+  `data.image_ext`), a label column and optionally a group column;
+- folders: `train_dir/<class>/*.<ext>`, the FGVC habit; ids become `<class>/<file>`.
+Test images are the ids of `sample_submission.csv` (their order is the submission's order) or,
+without one, every image file in `test_dir`, sorted.
+
+Every check runs before any work and raises PipelineError naming the file and rows at fault.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from .config import Config
+from .errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _first(items, n: int = 5) -> str:
+    items = list(items)
+    head = ", ".join(repr(x) for x in items[:n])
+    return head + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------- ids and paths
+def _resolve_ids(ids: pd.Series, image_dir: Path, ext: str, what: str) -> list[Path]:
+    """Map ids to files inside image_dir, refusing any id that would leave it."""
+    root = image_dir.resolve()
+    paths, escaping = [], []
+    for i, raw in enumerate(ids):
+        name = str(raw)
+        if ext and not name.lower().endswith(ext.lower()):
+            name += ext
+        p = Path(name)
+        if p.is_absolute() or ".." in p.parts or name.startswith("~"):
+            escaping.append((i, raw))
+            continue
+        full = image_dir / p
+        if full.exists() and not full.resolve().is_relative_to(root):
+            escaping.append((i, raw))  # a symlink that leads out of the image folder
+            continue
+        paths.append(full)
+    if escaping:
+        rows = _first(f"row {i + 2}: {r}" for i, r in escaping)
+        raise PipelineError(f"{what}: {len(escaping)} id(s) point outside {image_dir}: {rows}")
+    return paths
+
+
+def _check_images(paths: list[Path], mode: str, what: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise PipelineError(f"{what}: {len(missing)} of {len(paths)} image file(s) missing: {_first(map(str, missing))}")
+    empty = [p for p in paths if p.stat().st_size == 0]
+    if empty:
+        raise PipelineError(f"{what}: {len(empty)} image file(s) are empty (0 bytes): {_first(map(str, empty))}")
+    if mode == "none":
+        return
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                if mode == "full":
+                    im.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            bad.append(f"{p} ({e.__class__.__name__})")
+    if bad:
+        raise PipelineError(f"{what}: {len(bad)} unreadable image file(s): {_first(bad)}")
+
+
+# ----------------------------------------------------------------------------- train table
+def read_train_table(cfg: Config) -> pd.DataFrame:
+    """The validated training table with columns id, label (original values), [group], path."""
+    d = cfg.data
+    train_dir = cfg.data_path(d.train_dir)
+    if not train_dir.is_dir():
+        raise PipelineError(f"train image folder not found: {train_dir} (config data.root / data.train_dir)")
+    if d.layout == "folders":
+        df = _scan_class_folders(train_dir)
+        what = str(train_dir)
+    else:
+        csv = cfg.data_path(d.train_csv)
+        what = str(csv)
+        if not csv.is_file():
+            raise PipelineError(f"train table not found: {csv} (config data.root / data.train_csv)")
+        try:
+            raw = pd.read_csv(csv, dtype={d.id_col: str, d.label_col: str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise PipelineError(f"cannot parse {csv}: {e}") from None
+        need = [d.id_col, d.label_col] + ([d.group_col] if d.group_col else [])
+        absent = [c for c in need if c not in raw.columns]
+        if absent:
+            raise PipelineError(f"{csv}: missing column(s) {absent}; it has {list(raw.columns)} "
+                                f"(config data.id_col / data.label_col / data.group_col)")
+        df = pd.DataFrame({"id": raw[d.id_col].astype(str), "label": raw[d.label_col]})
+        if d.group_col:
+            df["group"] = raw[d.group_col]
+        for col, key in (("id", d.id_col), ("label", d.label_col)) + ((("group", d.group_col),) if d.group_col else ()):
+            nan = df.index[df[col].isna() | (df[col].astype(str).str.strip() == "")].tolist()
+            if nan:
+                raise PipelineError(f"{csv}: empty/NaN value in column '{key}' at row(s) {_first(r + 2 for r in nan)}")
+        df["label"] = _normalise_labels(df["label"])
+    if df.empty:
+        raise PipelineError(f"{what}: no training images (empty class list)")
+    dup = df["id"][df["id"].duplicated()].unique()
+    if len(dup):
+        raise PipelineError(f"{what}: {len(dup)} duplicate id(s): {_first(dup)}")
+    n_classes = df["label"].nunique()
+    if n_classes < 2:
+        raise PipelineError(f"{what}: found {n_classes} class(es) {_first(df['label'].unique())}; "
+                            f"classification needs at least 2")
+    df["path"] = [str(p) for p in _resolve_ids(df["id"], train_dir, d.image_ext if d.layout == "csv" else "", what)]
+    _check_images([Path(p) for p in df["path"]], d.check_images, what)
+    return df.reset_index(drop=True)
+
+
+def _normalise_labels(s: pd.Series) -> pd.Series:
+    """Integer labels stay int (1.0 -> 1, "7" -> 7); anything else, "007" included, stays a string."""
+    if pd.api.types.is_integer_dtype(s):
+        return s.astype(np.int64)
+    if pd.api.types.is_float_dtype(s) and (s == s.round()).all():
+        return s.astype(np.int64)
+    txt = s.astype(str)
+    if txt.str.fullmatch(r"-?(0|[1-9][0-9]*)").all():
+        return txt.astype(np.int64)
+    return txt
+
+
+def _scan_class_folders(train_dir: Path) -> pd.DataFrame:
+    rows = []
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for c in classes:
+        for f in sorted((train_dir / c).iterdir()):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
+                rows.append((f"{c}/{f.name}", c))
+    df = pd.DataFrame(rows, columns=["id", "label"])
+    if not df.empty:
+        df["label"] = _normalise_labels(df["label"])
+    return df
+
+
+# ----------------------------------------------------------------------------- classes
+def make_classes(labels: pd.Series) -> list:
+    """The label encoding: sorted unique labels (numbers numerically), index = class id."""
+    vals = labels.unique().tolist()
+    return sorted(vals, key=lambda v: (isinstance(v, str), v))
+
+
+def encode(labels: pd.Series, classes: list, what: str) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({v for v in labels if v not in index}, key=str)
+    if unknown:
+        raise PipelineError(f"{what}: label(s) not in the saved class list: {_first(unknown)}")
+    return np.array([index[v] for v in labels], dtype=np.int64)
+
+
+def plain(v):
+    """numpy scalars to Python ones, for JSON."""
+    return v.item() if hasattr(v, "item") else v
+
+
+# ----------------------------------------------------------------------------- test table
+def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
+    """Test ids (submission order) and image paths. Columns: id, path."""
+    d = cfg.data
+    test_dir = cfg.data_path(d.test_dir)
+    if d.sample_submission:
+        sub_path = cfg.data_path(d.sample_submission)
+        sub = read_sample_submission(cfg)
+        ids = sub.iloc[:, 0].astype(str)
+        what = str(sub_path)
+    else:
+        if not test_dir.is_dir():
+            raise PipelineError(f"test image folder not found: {test_dir}")
+        files = sorted(f.name for f in test_dir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        ids = pd.Series(files, dtype=str)
+        what = str(test_dir)
+    if ids.empty:
+        raise PipelineError(f"{what}: no test images")
+    if require_images:
+        if not test_dir.is_dir():
+            raise PipelineError(f"test image folder not found: {test_dir}")
+        paths = _resolve_ids(ids, test_dir, d.image_ext, what)
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise PipelineError(f"{what}: {len(missing)} test id(s) have no image in {test_dir}: {_first(missing)}")
+        _check_images(paths, d.check_images, what)
+    else:
+        paths = [test_dir / i for i in ids]
+    return pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
+
+
+def read_sample_submission(cfg: Config) -> pd.DataFrame:
+    path = cfg.data_path(cfg.data.sample_submission)
+    if not path.is_file():
+        raise PipelineError(f"sample submission not found: {path} (config data.sample_submission)")
+    try:
+        sub = pd.read_csv(path, dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PipelineError(f"cannot parse {path}: {e}") from None
+    if sub.shape[1] < 2:
+        raise PipelineError(f"{path}: needs an id column and at least one prediction column, has {list(sub.columns)}")
+    if sub.columns[0] != cfg.data.id_col:
+        raise PipelineError(f"{path}: first column is '{sub.columns[0]}', expected the id column '{cfg.data.id_col}'")
+    dup = sub.iloc[:, 0][sub.iloc[:, 0].duplicated()].unique()
+    if len(dup):
+        raise PipelineError(f"{path}: {len(dup)} duplicate id(s): {_first(dup)}")
+    return sub
+
+
+# ----------------------------------------------------------------------------- images
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """HxWx3 uint8 RGB. Grayscale, palette and RGBA (composited on white) are converted."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise PipelineError(f"cannot decode image {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- stage 1 output
+def read_folds(cfg: Config) -> tuple[pd.DataFrame, list]:
+    """The folds table (id, label, [group], path, fold, y) and the class list, as stage 1 wrote them."""
+    from .artifacts import read_json
+
+    if not cfg.folds_csv.exists() or not cfg.folds_record.exists():
+        raise PipelineError(f"folds file {cfg.folds_csv} not found: run stage 1 first (./run.sh folds)")
+    rec = read_json(cfg.folds_record)
+    classes = rec["classes"]
+    df = pd.read_csv(cfg.folds_csv, dtype={"id": str, "label": str})
+    df["label"] = _normalise_labels(df["label"])
+    df["y"] = encode(df["label"], classes, str(cfg.folds_csv))
+    if set(df["fold"].unique()) != set(range(rec["n_splits"])):
+        raise PipelineError(f"{cfg.folds_csv}: fold column does not hold folds 0..{rec['n_splits'] - 1}")
+    return df, classes

@@ -1,0 +1,93 @@
+"""Stage 1: stratified (optionally grouped) K folds.
+
+Usage:   ./run.sh folds [--config FILE] [--force] [key=value ...]
+Input:   the competition's train table (config `data.*`)
+Output:  folds/<name>.csv   the train table (id, label, [group], path) plus an integer `fold` column
+         folds/<name>.json  the label encoding (`classes`, index = class id) and what the folds
+                            were made from (hash of the table, K, seed)
+Same inputs and seed give a byte-identical folds file. Every later stage reads these two files and
+never recomputes folds. An existing folds file made from other inputs is refused unless --force.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from ..artifacts import read_json, sha256_obj, write_csv, write_json
+from ..config import Config
+from ..data import encode, make_classes, plain, read_train_table
+from ..errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def make_folds(df: pd.DataFrame, n_splits: int, seed: int, grouped: bool) -> np.ndarray:
+    y = df["label"].astype(str).values
+    counts = pd.Series(y).value_counts()
+    small = counts[counts < n_splits]
+    if len(small):
+        log.warning("class(es) with fewer images than folds (%d), some folds will not see them: %s",
+                    n_splits, ", ".join(f"{c} ({n})" for c, n in small.items()))
+    if grouped:
+        n_groups = df["group"].nunique()
+        if n_groups < n_splits:
+            raise PipelineError(f"only {n_groups} distinct group(s) for {n_splits} folds; "
+                                f"lower folds.n_splits or check data.group_col")
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        groups = df["group"].astype(str).values
+    else:
+        if len(df) < n_splits:
+            raise PipelineError(f"{len(df)} images cannot make {n_splits} folds")
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        groups = None
+    fold = np.full(len(df), -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")
+        for k, (_, valid) in enumerate(splitter.split(np.zeros(len(df)), y, groups)):
+            fold[valid] = k
+    return fold
+
+
+def fold_table(df: pd.DataFrame, classes: list) -> pd.DataFrame:
+    t = pd.crosstab(df["label"], df["fold"]).reindex(classes).fillna(0).astype(int)
+    t.columns = [f"fold{k}" for k in t.columns]
+    t["total"] = t.sum(axis=1)
+    return t
+
+
+def run(cfg: Config, force: bool = False) -> bool:
+    """Write the folds file; returns False when an up-to-date one already exists."""
+    df = read_train_table(cfg)
+    classes = make_classes(df["label"])
+    table_cols = ["id", "label"] + (["group"] if "group" in df else [])
+    made_from = {
+        "table": sha256_obj(df[table_cols].astype(str).values.tolist()),
+        "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed, "group_col": cfg.data.group_col,
+        "layout": cfg.data.layout, "root": cfg.data.root,
+    }
+    if cfg.folds_csv.exists() and cfg.folds_record.exists() and not force:
+        rec = read_json(cfg.folds_record)
+        if rec.get("made_from") == made_from:
+            log.info("folds up to date: %s (use --force to rebuild)", cfg.folds_csv)
+            return False
+        changed = sorted(k for k in made_from if rec.get("made_from", {}).get(k) != made_from[k])
+        raise PipelineError(
+            f"{cfg.folds_csv} exists but was made from different inputs (changed: {', '.join(changed)}); "
+            f"rebuilding it invalidates every run trained on it: re-run with --force, or set folds.name")
+    df["fold"] = make_folds(df, cfg.folds.n_splits, cfg.folds.seed, cfg.data.group_col is not None)
+    encode(df["label"], classes, str(cfg.folds_csv))  # sanity: every label is encodable
+    write_csv(cfg.folds_csv, df)
+    write_json(cfg.folds_record, {
+        "classes": [plain(c) for c in classes],
+        "n_splits": cfg.folds.n_splits,
+        "n_rows": len(df),
+        "made_from": made_from,
+    })
+    log.info("wrote %s (%d rows, %d classes, %d folds); images per class and fold:\n%s",
+             cfg.folds_csv, len(df), len(classes), cfg.folds.n_splits, fold_table(df, classes).to_string())
+    return True
+
