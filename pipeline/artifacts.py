@@ -92,8 +92,16 @@ def write_csv(path: str | os.PathLike, df) -> None:
 
 def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Arrays keyed by name; string arrays are stored as unicode (no pickles: allow_pickle=False)."""
+    arrays = {k: _plain_array(v) for k, v in arrays.items()}
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
+
+
+def _plain_array(v) -> np.ndarray:
+    a = np.asarray(v)
+    if a.dtype == object:  # pandas string columns: store as fixed unicode, never as pickled objects
+        a = np.asarray([str(x) for x in a.tolist()], dtype=str)
+    return a
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

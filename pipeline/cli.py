@@ -69,6 +69,7 @@ def help_text() -> str:
               f"  --config FILE   experiment config (default: {DEFAULT_CONFIG})",
               "  --fold K        only fold K (train, rebalance)",
               "  --force         redo work that is already done",
+              "  --gpus 0,1,...  train: run folds in parallel, one process per GPU",
               "  key=value       override any config entry, e.g. train.epochs=3"]
     return "\n".join(lines)
 
@@ -79,6 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--fold", type=int, default=None)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--gpus", default=None)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
     args, unknown = p.parse_known_args(argv)
@@ -96,7 +98,7 @@ def prepare(cfg: Config) -> None:
         ensure_demo(cfg.data.root, seed=cfg.folds.seed)
 
 
-def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool):
+def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: str | None = None):
     if not stage_available(stage):
         raise PipelineError(f"stage {stage.number} ({stage.name}) is not built yet")
     if fold is not None and not stage.per_fold:
@@ -106,6 +108,10 @@ def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool):
     kwargs = {"force": force}
     if stage.per_fold:
         kwargs["fold"] = fold
+    if gpus:
+        if stage.name != "train":
+            raise PipelineError("--gpus applies to train only")
+        kwargs["gpus"] = gpus
     out = mod.run(cfg, **kwargs)
     log.info("stage %s (%s) of '%s' finished in %.1fs", stage.number, stage.name, cfg.experiment,
              time.perf_counter() - t0)
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage is None:
             raise PipelineError(f"unknown command '{args.command}'; see ./run.sh help")
         prepare(cfg)
-        run_stage(stage, cfg, args.fold, args.force)
+        run_stage(stage, cfg, args.fold, args.force, args.gpus)
         return 0
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

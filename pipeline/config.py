@@ -102,6 +102,7 @@ class TrainCfg:
     mix_off_epoch: Optional[int] = None  # stop mixing from this epoch on (0-based); null: never
     ema: bool = True  # keep an EMA of weights next to the raw ones; the better is used downstream
     ema_decay: float = 0.998  # per optimiser step
+    ema_warmup: bool = True  # decay ramps up from 0 (timm's warmup): short or from-scratch runs need it
     select: Literal["best", "last"] = "best"  # which epoch's weights to keep: best valid metric or the last
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # mixed precision on CUDA (auto: bf16 if supported); CPU: fp32
     channels_last: bool = True  # CUDA only
@@ -375,6 +376,8 @@ def _coerce(value: Any, t: Any, key: str, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, where)
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             raise bad("one of " + ", ".join(repr(a) for a in args))
         return value
@@ -391,6 +394,11 @@ def _coerce(value: Any, t: Any, key: str, where: str) -> Any:
             raise bad("an integer")
         return value
     if t is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

@@ -1,0 +1,57 @@
+"""Classification metrics on (labels, logits or probabilities), including the long-tail view:
+many/medium/few-shot accuracy groups classes by their number of training images (Kang et al. 2020)."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import cohen_kappa_score, f1_score, log_loss
+
+GREATER_IS_BETTER = {"accuracy": True, "macro_f1": True, "balanced_accuracy": True, "log_loss": False, "qwk": True}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def per_class_recall(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Recall per class; NaN for classes absent from y."""
+    rec = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        m = y == c
+        if m.any():
+            rec[c] = (pred[m] == c).mean()
+    return rec
+
+
+def shot_groups(train_counts: np.ndarray, many: int, few: int) -> dict[str, np.ndarray]:
+    return {"many": train_counts > many, "medium": (train_counts <= many) & (train_counts >= few),
+            "few": train_counts < few}
+
+
+def compute(y: np.ndarray, probs: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20,
+            metric: str = "accuracy") -> dict[str, float]:
+    """All metrics for probabilities `probs` (N x C); `score` is the configured competition metric."""
+    n_classes = probs.shape[1]
+    pred = probs.argmax(1)
+    rec = per_class_recall(y, pred, n_classes)
+    out = {
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(f1_score(y, pred, labels=np.arange(n_classes), average="macro", zero_division=0)),
+        "balanced_accuracy": float(np.nanmean(rec)),
+        "log_loss": float(log_loss(y, np.clip(probs, 1e-15, 1), labels=np.arange(n_classes))),
+    }
+    if metric == "qwk":
+        out["qwk"] = float(cohen_kappa_score(y, pred, weights="quadratic"))
+    for name, mask in shot_groups(train_counts, many, few).items():
+        r = rec[mask]
+        out[f"{name}_acc"] = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+    out["score"] = out[metric]
+    return out
+
+
+def better(a: float, b: float | None, metric: str) -> bool:
+    """Is score a better than b (None: no score yet)?"""
+    if b is None or not np.isfinite(b):
+        return True
+    return a > b if GREATER_IS_BETTER[metric] else a < b

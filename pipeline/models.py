@@ -1,0 +1,171 @@
+"""Models: timm architectures by name, GeM pooling, local pretrained weights, plain state dicts.
+
+The model is the timm model itself (no wrapper), so its state dict has timm's own keys and loads
+anywhere timm does. Stage 3 needs its two halves: `features` (pre-classifier, pooled) and the
+classifier (`model.get_classifier()`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling (Radenovic et al. 2018) with a learnable exponent p.
+
+    p=1 is average pooling, p->inf max pooling. Inputs are clamped at eps (features after ReLU).
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, flatten: bool = True):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor([float(p)]))
+        self.eps = eps
+        self.flatten = flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.to(x.dtype)
+        x = F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(p), 1).pow(1.0 / p)
+        return x.flatten(1) if self.flatten else x
+
+    # the two methods timm heads ask their pooling layer
+    def feat_mult(self) -> int:
+        return 1
+
+    def is_identity(self) -> bool:
+        return False
+
+
+def _install_gem(model: nn.Module, p: float, arch: str) -> None:
+    from timm.layers import SelectAdaptivePool2d
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, SelectAdaptivePool2d):
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], GeM(p, flatten=bool(mod.flatten.__class__.__name__ == "Flatten")))
+            return
+    raise PipelineError(f"model.pool=gem needs a CNN whose timm head pools with SelectAdaptivePool2d; "
+                        f"'{arch}' has none (use model.pool=avg)")
+
+
+def create_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -> nn.Module:
+    """The timm model of the config; `pretrained=None` follows the config."""
+    import timm
+
+    m = cfg.model
+    use_hub = m.pretrained if pretrained is None else pretrained
+    try:
+        model = timm.create_model(m.arch, pretrained=bool(use_hub and not m.pretrained_path), num_classes=num_classes,
+                                  drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate or None)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid model" in str(e):
+            raise PipelineError(f"config model.arch: unknown timm model '{m.arch}'") from None
+        raise
+    if m.pretrained_path and (pretrained is None or pretrained):
+        load_pretrained(model, m.pretrained_path)
+    if m.pool == "gem":
+        _install_gem(model, m.gem_p, m.arch)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load local weights (safetensors or a torch file, loaded with weights_only=True).
+
+    A classifier of another shape (ImageNet's 1000 classes) is dropped and stays freshly initialised.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    head = model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None
+    dropped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if dropped and head and not all(k.startswith(head) for k in dropped):
+        bad = [k for k in dropped if not k.startswith(head)]
+        raise PipelineError(f"{path}: shapes differ from model '{type(model).__name__}' at {bad[:3]}: wrong architecture?")
+    for k in dropped:
+        sd.pop(k)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in dropped and not (head and k.startswith(head))]
+    if missing or unexpected:
+        raise PipelineError(f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    log.info("loaded pretrained weights from %s%s", path, f" (new classifier: {dropped})" if dropped else "")
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Plain keys: no DataParallel 'module.' or torch.compile '_orig_mod.' prefixes; contiguous CPU tensors."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        k = k.replace("._orig_mod.", ".")
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from .safetensors, or a torch file loaded with weights_only=True (no pickle code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise PipelineError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling error: refused, and nothing in it was executed
+        raise PipelineError(f"{path}: refused to load (not a plain tensor file; loaded with weights_only=True): "
+                            f"{str(e).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return clean_state_dict(obj)
+
+
+def write_state_dict(path: str | Path, sd: dict, meta: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from .artifacts import atomic_path
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        # one metadata key: safetensors writes several in hash order, and files must be byte-reproducible
+        save_file(clean_state_dict(sd), str(tmp), metadata={"pipeline": json.dumps(meta or {}, sort_keys=True)})
+
+
+def norm_stats(cfg: Config, model: nn.Module) -> tuple[list[float], list[float]]:
+    """Input mean/std: the config's, else the model's pretrained config's, else ImageNet's."""
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    mean = cfg.model.mean or list(pc.get("mean", (0.485, 0.456, 0.406)))
+    std = cfg.model.std or list(pc.get("std", (0.229, 0.224, 0.225)))
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-classifier features (what stage 3 retrains the classifier on)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+class Normalize(nn.Module):
+    """uint8 NHWC batches -> normalised float NCHW on the model's device (cheap host->device copies)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std

@@ -1,0 +1,502 @@
+"""Stage 2: train every fold with timm (mixup/cutmix, EMA, AMP, imbalance samplers), keep OOF logits.
+
+Usage:   ./run.sh train [--fold K] [--force] [--gpus 0,1,...] [key=value ...]
+         torchrun --nproc_per_node=N -m pipeline train --fold K      (data parallel, one fold)
+Input:   folds/<name>.csv + folds/<name>.json (stage 1), the train images
+Output:  runs/<exp>/config.yaml, runs/<exp>/classes.json
+         runs/<exp>/fold<k>/model.safetensors   chosen weights (raw or EMA, by the validation metric)
+                            oof.npz             held-out logits of those weights: ids, y, logits
+                            history.csv         one row per epoch
+                            last.pt             resume checkpoint (model, optimiser, scheduler, scaler,
+                                                EMA, epoch, RNG), rewritten atomically every epoch
+                            best_raw.safetensors, best_ema.safetensors, oof_raw.npz, oof_ema.npz
+                            summary.json        written last: the fold is complete
+A fold whose summary matches the config is skipped (--force retrains it). A killed run resumes
+from last.pt and, on CPU with a fixed seed, ends bit-identical to an uninterrupted one: every
+epoch's sampler order, augmentation, mixup and dropout are seeded by (seed, epoch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..artifacts import (experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz,
+                         write_text, atomic_path)
+from ..augment import train_transform, valid_transform
+from ..config import Config, config_to_yaml
+from ..data import read_folds
+from ..distributed import Dist
+from ..errors import PipelineError
+from ..images import EpochBatches, ImageDataset, ImageStore
+from ..losses import SoftTargetLoss, effective_number_weights
+from ..metrics import better, compute, softmax
+from ..models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
+from ..samplers import epoch_indices
+
+log = logging.getLogger("pipeline")
+
+SECTIONS = ("data", "folds", "model", "aug", "train", "eval")  # what a fold's weights depend on
+
+
+# ----------------------------------------------------------------------------- provenance
+def made_from(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    rec = {s: d[s] for s in SECTIONS}
+    rec["seed"] = cfg.seed
+    rec["folds_file"] = sha256_file(cfg.folds_csv)
+    for k in ("cache", "cache_dir"):  # where pixels come from, not what they are
+        rec["aug"].pop(k, None)
+    rec["train"].pop("workers", None)
+    return rec
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def pick_device(cfg: Config, dist: Dist) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("config device=cuda but no CUDA device is available")
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or cfg.train.amp == "off":
+        return None
+    if cfg.train.amp == "fp16":
+        return torch.float16
+    if cfg.train.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Everything random in an epoch flows from (seed, epoch): replayable after a resume."""
+    s = (seed * 1_000_003 + epoch) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """Backbone and head at their own learning rates; no weight decay on biases, norms and GeM's p."""
+    t = cfg.train
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "head" if id(p) in head else "backbone"
+        decay = p.ndim > 1 and not name.endswith(".p")
+        key = (part, decay)
+        if key not in groups:
+            mult = 1.0 if part == "head" else t.backbone_lr_mult
+            groups[key] = {"params": [], "lr": t.lr * mult, "weight_decay": t.weight_decay if decay else 0.0,
+                           "name": f"{part}{'' if decay else '_no_decay'}"}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def workers(cfg: Config) -> int:
+    if cfg.train.workers is not None:
+        return cfg.train.workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(dataset, batch_sampler=None, batch_size=None, n_workers=0, cuda=False, indices=None):
+    from torch.utils.data import DataLoader, Subset
+
+    if indices is not None:
+        dataset = Subset(dataset, indices)
+    # its own generator: creating an iterator must not draw from the global RNG that dropout uses,
+    # or a resumed run (which creates its persistent workers at another epoch) would drift
+    return DataLoader(dataset, batch_sampler=batch_sampler, batch_size=batch_size if batch_sampler is None else 1,
+                      shuffle=False, num_workers=n_workers, pin_memory=cuda, generator=torch.Generator(),
+                      persistent_workers=n_workers > 0 and batch_sampler is not None)
+
+
+@torch.no_grad()
+def predict(model, loader, norm, device, dtype) -> np.ndarray:
+    model.eval()
+    out = []
+    for x, _ in loader:
+        x = norm(x.to(device, non_blocking=True))
+        if device.type == "cuda" and dtype is not None:
+            with torch.autocast("cuda", dtype=dtype):
+                out.append(model(x).float().cpu())
+        else:
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def build_mixup(cfg: Config, n_classes: int):
+    """timm's Mixup/CutMix from the config, or None when both alphas are 0."""
+    t = cfg.train
+    if t.mixup_alpha <= 0 and t.cutmix_alpha <= 0:
+        return None
+    if t.batch_size % 2:
+        raise PipelineError("mixup/cutmix need an even train.batch_size")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, prob=t.mix_prob,
+                 switch_prob=t.mix_switch_prob, mode=t.mix_mode, label_smoothing=t.label_smoothing,
+                 num_classes=n_classes)
+
+
+# ----------------------------------------------------------------------------- one fold
+def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
+    fd = cfg.fold_dir(k)
+    summary_path = fd / "summary.json"
+    rec = made_from(cfg)
+    if summary_path.exists() and not force:
+        old = read_json(summary_path)
+        if old.get("made_from") == rec:
+            log.info("fold %d: done (%s %.4f), skipped; --force retrains", k, cfg.eval.metric, old["score"])
+            return old
+        raise PipelineError(f"fold {k} in {fd} was trained from different inputs (changed: "
+                            f"{', '.join(changed_keys(old.get('made_from', {}), rec)) or 'unknown'}); "
+                            f"re-run with --force to retrain it, or use another experiment name")
+    ckpt_path = fd / "last.pt"
+    resume = None
+    if ckpt_path.exists() and not force:
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if resume.get("made_from") != rec:
+            raise PipelineError(f"{ckpt_path} is an interrupted run with different inputs (changed: "
+                                f"{', '.join(changed_keys(resume.get('made_from', {}), rec))}); "
+                                f"re-run with --force to start fold {k} afresh")
+    if force and dist.main:
+        summary_path.unlink(missing_ok=True)
+        ckpt_path.unlink(missing_ok=True)
+    dist.barrier()
+
+    t = cfg.train
+    device = pick_device(cfg, dist)
+    cuda = device.type == "cuda"
+    dtype = amp_dtype(cfg, device)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not t.deterministic
+    n_classes = len(classes)
+    train_df, valid_df = df[df["fold"] != k], df[df["fold"] == k]
+    if valid_df.empty:
+        raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
+    y_tr, y_va = train_df["y"].values, valid_df["y"].values
+    counts = np.bincount(y_tr, minlength=n_classes)
+
+    # model, optimiser, schedule, EMA -------------------------------------------------------
+    seed_epoch(cfg.seed, -1)
+    model = create_model(cfg, n_classes)
+    mean, std = norm_stats(cfg, model)
+    norm = Normalize(mean, std).to(device)
+    model.to(device)
+    if cuda and cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = None
+    if t.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup)
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(param_groups(model, cfg), opt=t.optimizer, lr=t.lr,
+                                    weight_decay=t.weight_decay, momentum=t.momentum)
+    n_workers = workers(cfg)
+    a = cfg.aug
+    train_side = round(a.img_size * (a.resize_ratio if a.crop == "resize_crop" else 1.0))
+    valid_side = round(a.img_size * a.resize_ratio)
+    tr_store = ImageStore(train_df["path"].tolist(), train_side, a.cache if dist.main else "off", a.cache_dir)
+    va_store = ImageStore(valid_df["path"].tolist(), valid_side, a.cache if dist.main else "off", a.cache_dir)
+    dist.barrier()
+    if not dist.main and a.cache != "off":  # the cache files exist now: reuse them
+        tr_store = ImageStore(train_df["path"].tolist(), train_side, a.cache, a.cache_dir)
+        va_store = ImageStore(valid_df["path"].tolist(), valid_side, a.cache, a.cache_dir)
+    tr_ds = ImageDataset(tr_store, y_tr, train_transform(cfg), seed=cfg.seed)
+    va_ds = ImageDataset(va_store, y_va, valid_transform(cfg))
+    batches = EpochBatches(lambda e: epoch_indices(t.sampler, y_tr, n_classes, cfg.seed, e, t.epochs),
+                           len(y_tr), t.batch_size, dist.world, dist.rank)
+    if len(batches) < t.accum_steps:
+        raise PipelineError(f"fold {k}: {len(y_tr)} training images make {len(batches)} batch(es) of "
+                            f"{t.batch_size} x {dist.world} process(es); lower train.batch_size or accum_steps")
+    steps_per_epoch = len(batches) // t.accum_steps
+    scheduler, _ = create_scheduler_v2(optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
+                                       warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch, plateau_mode="max")
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    train_loader = make_loader(tr_ds, batch_sampler=batches, n_workers=n_workers, cuda=cuda)
+    va_idx = np.arange(len(va_ds))[dist.rank::dist.world]
+    valid_loader = make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=0, cuda=cuda, indices=va_idx)
+
+    weights = effective_number_weights(counts, t.cb_beta) if t.class_weights == "effective_number" else None
+    criterion = SoftTargetLoss(t.loss, t.focal_gamma, weights).to(device)
+    mixup = build_mixup(cfg, n_classes)
+    from timm.data.mixup import mixup_target
+
+    start_epoch, num_updates, history = 0, 0, []
+    best = {"raw": {"score": None, "epoch": -1}, "ema": {"score": None, "epoch": -1}}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(resume["ema"])
+        start_epoch, num_updates = resume["epoch"] + 1, resume["num_updates"]
+        history, best = resume["history"], resume["best"]
+        log.info("fold %d: resuming from %s after epoch %d", k, ckpt_path, resume["epoch"])
+
+    net = model
+    if dist.world > 1:
+        # batch statistics over the global batch (GPU only: on CPU each process keeps its own)
+        if cuda and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    if t.compile and cuda:
+        net = torch.compile(net)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
+
+    if dist.main:
+        log.info("fold %d: %s, %d train / %d valid images, %d classes, %d steps/epoch, device %s%s%s",
+                 k, cfg.model.arch, len(y_tr), len(y_va), n_classes, steps_per_epoch, device,
+                 f", AMP {dtype}" if dtype else "", f", {dist.world} processes" if dist.world > 1 else "")
+
+    for epoch in range(start_epoch, t.epochs):
+        seed_epoch(cfg.seed, epoch)
+        batches.set_epoch(epoch)
+        net.train()
+        mixing = mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
+        t0 = time.perf_counter()
+        wait, seen, loss_sum = 0.0, 0, 0.0
+        bar = tqdm(total=len(batches), desc=f"fold {k} epoch {epoch + 1}/{t.epochs}", leave=False,
+                   disable=None if dist.main else True)
+        t_wait = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for step, (x, y) in enumerate(train_loader):
+            wait += time.perf_counter() - t_wait
+            x = norm(x.to(device, non_blocking=True))
+            y = y.to(device, non_blocking=True)
+            if cuda and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if mixing:
+                x, target = mixup(x, y)
+            else:
+                target = mixup_target(y, n_classes, smoothing=t.label_smoothing)
+            with autocast():
+                loss = criterion(net(x), target)
+            if dist.any(not torch.isfinite(loss).item()):
+                raise PipelineError(
+                    f"fold {k}: non-finite loss at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
+                    f"checkpoint is kept: {ckpt_path if ckpt_path.exists() else 'none yet'}. "
+                    f"Try a lower train.lr, train.clip_grad, or train.amp=bf16")
+            (scaler.scale(loss / t.accum_steps) if scaler else loss / t.accum_steps).backward()
+            if (step + 1) % t.accum_steps == 0:
+                if t.clip_grad:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                num_updates += 1
+                scheduler.step_update(num_updates)
+                if ema is not None:
+                    ema.update(model, step=num_updates)
+            seen += len(x)
+            loss_sum += loss.item() * len(x)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
+            bar.update()
+            if step == len(batches) // 2:
+                fault_point(f"train:mid-epoch:{epoch}")
+            t_wait = time.perf_counter()
+        bar.close()
+        if cuda:
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - t0
+        scheduler.step(epoch + 1)
+
+        # validation of the raw and the EMA weights -------------------------------------------------
+        logits = {"raw": predict(model, valid_loader, norm, device, dtype)}
+        if ema is not None:
+            logits["ema"] = predict(ema.module, valid_loader, norm, device, dtype)
+        logits = {s: _gather_rows(dist, va_idx, v, len(va_ds)) for s, v in logits.items()}
+        if not np.isfinite(logits["raw"]).all():
+            raise PipelineError(
+                f"fold {k}: non-finite outputs at epoch {epoch + 1}, validation: the weights diverged; stopped. "
+                f"The last good checkpoint is kept: {ckpt_path if ckpt_path.exists() else 'none yet'}. "
+                f"Try a lower train.lr, train.clip_grad, or train.amp=bf16")
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": _mean_over_ranks(dist, loss_sum, seen), "images_per_s": seen * dist.world / train_time,
+               "data_wait": wait / train_time}
+        for src, lg in logits.items():
+            m = compute(y_va, softmax(lg), counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+            prefix = "" if src == "raw" else "ema_"
+            if src == "raw":
+                row["valid_loss"] = m["log_loss"]
+            row.update({f"{prefix}{n}": v for n, v in m.items() if n != "log_loss" or src == "ema"})
+            if dist.main and (t.select == "last" or better(m["score"], best[src]["score"], cfg.eval.metric)):
+                best[src] = {"score": m["score"], "epoch": epoch + 1}
+                state = ema.module.state_dict() if src == "ema" else model.state_dict()
+                write_state_dict(fd / f"best_{src}.safetensors", state, {"epoch": epoch + 1, "source": src})
+                write_npz(fd / f"oof_{src}.npz", ids=valid_df["id"].values, y=y_va,
+                          logits=lg.astype(np.float32))
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if dist.main:
+            fault_point(f"train:before-checkpoint:{epoch}")
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, ema, epoch, num_updates, history, best, rec)
+            write_csv(fd / "history.csv", pd.DataFrame(history))
+            ema_note = f" ema {row['ema_score']:.4f}" if ema is not None else ""
+            log.info("fold %d epoch %d/%d  lr %.2e  train loss %.4f  valid loss %.4f  %s %.4f%s  bal.acc %.4f  "
+                     "%.0f img/s  %.1fs", k, epoch + 1, t.epochs, row["lr"], row["train_loss"], row["valid_loss"],
+                     cfg.eval.metric, row["score"], ema_note, row["balanced_accuracy"], row["images_per_s"],
+                     row["seconds"])
+        dist.barrier()
+
+    summary = None
+    if dist.main:
+        scored = {s: b for s, b in best.items() if b["score"] is not None}
+        chosen = "raw"
+        if "ema" in scored and better(scored["ema"]["score"], scored["raw"]["score"], cfg.eval.metric):
+            chosen = "ema"
+        shutil.copyfile(fd / f"best_{chosen}.safetensors", fd / ".model.tmp")
+        os.replace(fd / ".model.tmp", fd / "model.safetensors")
+        shutil.copyfile(fd / f"oof_{chosen}.npz", fd / ".oof.tmp")
+        os.replace(fd / ".oof.tmp", fd / "oof.npz")
+        oof = np.load(fd / "oof.npz")
+        final = compute(y_va, softmax(oof["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+        summary = {"fold": k, "chosen": chosen, "epoch": best[chosen]["epoch"], "score": final["score"],
+                   "metric": cfg.eval.metric, "metrics": final, "best": best,
+                   "arch": cfg.model.arch, "num_classes": n_classes, "img_size": a.img_size, "mean": mean, "std": std,
+                   "n_train": int(len(y_tr)), "n_valid": int(len(y_va)), "train_counts": counts.tolist(),
+                   "seconds": float(sum(h["seconds"] for h in history)), "made_from": rec}
+        fault_point("train:before-summary")
+        write_json(summary_path, summary)
+        log.info("fold %d done: %s weights of epoch %d, %s %.4f", k, chosen, summary["epoch"], cfg.eval.metric,
+                 summary["score"])
+    dist.barrier()
+    return dist.broadcast(summary)
+
+
+def _gather_rows(dist: Dist, idx: np.ndarray, part: np.ndarray, n: int) -> np.ndarray:
+    if dist.world == 1:
+        return part
+    out = np.zeros((n, part.shape[1]), np.float32)
+    for i, p in dist.gather((idx, part)):
+        out[i] = p
+    return out
+
+
+def _mean_over_ranks(dist: Dist, total: float, count: int) -> float:
+    parts = dist.gather((total, count))
+    return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, scaler, ema, epoch, num_updates, history, best, rec):
+    state = {
+        "model": clean_state_dict(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": clean_state_dict(ema.module.state_dict()) if ema is not None else None,
+        "epoch": epoch, "num_updates": num_updates, "history": history, "best": best, "made_from": rec,
+        "rng": {"torch": torch.get_rng_state()},  # each epoch reseeds from (seed, epoch); kept for inspection
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+# ----------------------------------------------------------------------------- entry
+def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | None = None) -> list[dict]:
+    df, classes = read_folds(cfg)
+    n_splits = int(df["fold"].max()) + 1
+    if fold is not None and not 0 <= fold < n_splits:
+        raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
+    folds = [fold] if fold is not None else list(range(n_splits))
+    if gpus:
+        return _run_parallel(cfg, folds, force, gpus)
+    dist = Dist.from_env(torch.cuda.is_available() and cfg.device != "cpu")
+    if dist.main:
+        write_text(cfg.run_dir / "config.yaml", config_to_yaml(cfg))
+        write_json(cfg.run_dir / "classes.json", classes)
+    dist.barrier()
+    summaries = []
+    for k in folds:
+        lock = experiment_lock(cfg.fold_dir(k)) if dist.main else nullcontext()
+        with lock:
+            summaries.append(train_fold(cfg, df, classes, k, force, dist))
+    if dist.main:
+        print_fold_table(cfg, summaries)
+    return summaries
+
+
+def print_fold_table(cfg: Config, summaries: list[dict]) -> None:
+    rows = [{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"], cfg.eval.metric: s["score"],
+             "macro_f1": s["metrics"]["macro_f1"], "bal_acc": s["metrics"]["balanced_accuracy"],
+             "few_acc": s["metrics"]["few_acc"], "minutes": s["seconds"] / 60} for s in summaries]
+    t = pd.DataFrame(rows).astype({"fold": str})
+    if len(t) > 1:
+        num = t.drop(columns=["fold", "weights"])
+        extra = [{"fold": "mean", "weights": "", **num.mean().to_dict()},
+                 {"fold": "std", "weights": "", **num.std(ddof=0).to_dict()}]
+        t = pd.concat([t, pd.DataFrame(extra)], ignore_index=True)
+    log.info("experiment %s, stage 2 per fold:\n%s", cfg.experiment, t.to_string(index=False, float_format="%.4f"))
+
+
+def _run_parallel(cfg: Config, folds: list[int], force: bool, gpus: str) -> list[dict]:
+    """One fold per GPU at a time (folds are independent), each in its own process."""
+    devices = [g.strip() for g in gpus.split(",") if g.strip()]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(config_to_yaml(cfg))
+        resolved = f.name
+    queue, running, failed = list(folds), [], []
+    try:
+        while queue or running:
+            while queue and len(running) < len(devices):
+                free = [d for d in devices if d not in {r[1] for r in running}][0]
+                k = queue.pop(0)
+                cmd = [sys.executable, "-m", "pipeline", "train", "--config", resolved, "--fold", str(k)]
+                cmd += ["--force"] if force else []
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=free)
+                log.info("fold %d -> GPU %s", k, free)
+                running.append((subprocess.Popen(cmd, env=env), free, k))
+            time.sleep(0.5)
+            for r in list(running):
+                if r[0].poll() is not None:
+                    running.remove(r)
+                    if r[0].returncode != 0:
+                        failed.append(r[2])
+    finally:
+        os.unlink(resolved)
+    if failed:
+        raise PipelineError(f"fold(s) {failed} failed; see their messages above")
+    summaries = [read_json(cfg.fold_dir(k) / "summary.json") for k in folds]
+    print_fold_table(cfg, summaries)
+    return summaries

@@ -1,0 +1,205 @@
+"""Stage 2 on a tiny generated competition with timm's test_resnet at 32 px."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, make_competition, run_cli
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.models import GeM, create_model, read_state_dict, write_state_dict
+from pipeline.samplers import class_probs, epoch_indices
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import train as train_stage
+
+TINY = ["model.arch=test_resnet", "aug.img_size=32", "aug.cache=off", "train.batch_size=8", "train.epochs=2",
+        "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "train.lr=0.01"]
+
+
+def tiny_cfg(root, *extra):
+    return load_config(None, [f"data.root={root}", "data.image_ext=.png", "experiment=tiny", *TINY, *extra])
+
+
+def write_cfg(path, root, *extra):
+    lines = [f"data.root={root}", "data.image_ext=.png", "experiment=tiny", *TINY, *extra]
+    tree = {}
+    for item in lines:
+        k, v = item.split("=", 1)
+        sec, _, key = k.rpartition(".")
+        tree.setdefault(sec, []).append(f"  {key}: {v}" if sec else f"{key}: {v}")
+    text = "\n".join(tree.pop("", [])) + "\n" + "".join(f"{s}:\n" + "\n".join(v) + "\n" for s, v in tree.items())
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def comp(workdir):
+    root = make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
+    return root
+
+
+def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
+    cfg = tiny_cfg(comp, "train.epochs=1")
+    folds_stage.run(cfg)
+    (s0, s1) = train_stage.run(cfg)
+    for k in (0, 1):
+        fd = cfg.fold_dir(k)
+        for name in ("model.safetensors", "oof.npz", "history.csv", "last.pt", "summary.json"):
+            assert (fd / name).exists(), name
+        h = pd.read_csv(fd / "history.csv")
+        assert {"lr", "train_loss", "valid_loss", "accuracy", "macro_f1", "balanced_accuracy", "many_acc",
+                "medium_acc", "few_acc", "ema_score", "images_per_s", "seconds"} <= set(h.columns)
+        oof = np.load(fd / "oof.npz")
+        folds = pd.read_csv(cfg.folds_csv)
+        assert oof["ids"].tolist() == folds.loc[folds["fold"] == k, "id"].tolist()   # keyed by image id
+        assert oof["logits"].shape == (len(oof["ids"]), 3)
+        sd = read_state_dict(fd / "model.safetensors")
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in sd)
+    assert (cfg.run_dir / "config.yaml").exists() and (cfg.run_dir / "classes.json").read_text().count('"') == 6
+    mtime = (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns
+    train_stage.run(cfg)                                           # done: skipped
+    assert (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns == mtime
+    with pytest.raises(PipelineError, match=r"different inputs \(changed: train.lr\)"):
+        train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.lr=0.5"))
+    train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.lr=0.5"), fold=1, force=True)
+    assert "0.5" in str(pd.read_json(cfg.fold_dir(1) / "summary.json", typ="series")["made_from"]["train"]["lr"])
+
+
+def test_resume_after_kill_equals_uninterrupted_run(workdir):
+    results = {}
+    for name, fault in (("clean", None), ("killed", "train:mid-epoch:1")):
+        d = workdir / name
+        d.mkdir()
+        root = make_competition(d / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
+        cfgfile = write_cfg(d / "c.yaml", root, "train.workers=1", "train.mixup_alpha=0.4", "train.epochs=3",
+                            "model.drop_rate=0.2")
+        assert run_cli(["folds", "--config", str(cfgfile)], d).returncode == 0
+        if fault:
+            r = run_cli(["train", "--config", str(cfgfile), "--fold", "0"], d, env={"PIPELINE_FAULT": fault})
+            assert r.returncode == -9                                  # SIGKILLed mid-epoch 2
+            assert not (d / "runs/tiny/fold0/summary.json").exists()
+            assert (d / "runs/tiny/fold0/last.pt").exists()
+        r = run_cli(["train", "--config", str(cfgfile), "--fold", "0"], d)
+        assert r.returncode == 0, r.stderr
+        if fault:
+            assert "resuming" in r.stderr
+        results[name] = d / "runs/tiny/fold0"
+    a, b = results["clean"], results["killed"]
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert np.array_equal(np.load(a / "oof.npz")["logits"], np.load(b / "oof.npz")["logits"])
+    ha, hb = pd.read_csv(a / "history.csv"), pd.read_csv(b / "history.csv")
+    assert np.array_equal(ha["train_loss"], hb["train_loss"])
+
+
+def test_mixup_targets_sum_to_one_and_mix_images():
+    cfg = load_config(None, ["train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.label_smoothing=0.1"])
+    mix = train_stage.build_mixup(cfg, 5)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.rand(8, 3, 16, 16)
+    y = torch.arange(8) % 5
+    x2, t = mix(x.clone(), y)
+    assert t.shape == (8, 5) and torch.allclose(t.sum(1), torch.ones(8))
+    assert not torch.equal(x2, x)
+    assert train_stage.build_mixup(load_config(None), 5) is None
+    with pytest.raises(PipelineError, match="even"):
+        train_stage.build_mixup(load_config(None, ["train.mixup_alpha=1", "train.batch_size=7"]), 5)
+
+
+@pytest.mark.parametrize("kind", ["instance", "class_balanced", "sqrt", "progressive"])
+def test_sampler_class_distribution_matches_definition(kind):
+    counts = np.array([400, 100, 25, 5])
+    labels = np.repeat(np.arange(4), counts)
+    epochs = 5
+    for epoch in (0, epochs - 1):
+        drawn = np.concatenate([labels[epoch_indices(kind, labels, 4, seed=s, epoch=epoch, epochs=epochs)]
+                                for s in range(20)])
+        freq = np.bincount(drawn, minlength=4) / len(drawn)
+        expected = {"instance": counts / counts.sum(),
+                    "class_balanced": np.full(4, 0.25),
+                    "sqrt": np.sqrt(counts) / np.sqrt(counts).sum()}.get(kind)
+        if kind == "progressive":
+            expected = counts / counts.sum() if epoch == 0 else np.full(4, 0.25)
+        assert np.allclose(freq, expected, atol=0.015), (kind, epoch, freq, expected)
+        assert np.allclose(class_probs(kind, counts, epoch, epochs), expected)
+    a = epoch_indices(kind, labels, 4, seed=1, epoch=2, epochs=epochs)
+    assert np.array_equal(a, epoch_indices(kind, labels, 4, seed=1, epoch=2, epochs=epochs))  # replayable
+    if kind == "instance":
+        assert sorted(a) == list(range(len(labels)))                     # a plain permutation
+
+
+def test_local_pretrained_checkpoint_loads(tmp_path):
+    src = create_model(load_config(None, ["model.arch=test_resnet"]), num_classes=1000)
+    write_state_dict(tmp_path / "w.safetensors", src.state_dict())
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        cfg = load_config(None, ["model.arch=test_resnet", f"model.pretrained_path={tmp_path / name}"])
+        m = create_model(cfg, num_classes=4)
+        assert torch.equal(m.conv1.weight if hasattr(m, "conv1") and isinstance(m.conv1, torch.nn.Conv2d)
+                           else next(m.parameters()), next(src.parameters()))
+        assert m.get_classifier().out_features == 4                      # new head for our classes
+    other = create_model(load_config(None, ["model.arch=resnet10t"]), num_classes=4)
+    write_state_dict(tmp_path / "other.safetensors", other.state_dict())
+    with pytest.raises(PipelineError, match="other.safetensors"):
+        create_model(load_config(None, ["model.arch=test_resnet", f"model.pretrained_path={tmp_path / 'other.safetensors'}"]), 4)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EVIL_MARK', '/tmp/pipeline-evil-mark')}",))
+
+
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path, monkeypatch):
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARK", str(mark))
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    with pytest.raises(PipelineError, match="refused to load"):
+        read_state_dict(tmp_path / "evil.pth")
+    assert not mark.exists()
+
+
+def test_gem_equals_average_pooling_at_p1_and_plugs_into_timm():
+    x = torch.rand(2, 5, 7, 7)
+    assert torch.allclose(GeM(p=1.0)(x), x.mean((2, 3)), atol=1e-6)
+    assert torch.all(GeM(p=6.0)(x) > x.mean((2, 3)))                   # towards max pooling
+    m = create_model(load_config(None, ["model.arch=test_resnet", "model.pool=gem"]), num_classes=3)
+    assert any(isinstance(mod, GeM) for mod in m.modules())
+    assert m(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(comp):
+    cfg = tiny_cfg(comp, "train.optimizer=sgd", "train.lr=1e30", "train.epochs=2", "train.ema=false")
+    folds_stage.run(cfg)
+    with pytest.raises(PipelineError, match=r"non-finite (loss|outputs) at epoch 1, (step \d+|validation)"):
+        train_stage.run(cfg, fold=0)
+    assert not (cfg.fold_dir(0) / "summary.json").exists()
+
+
+def test_ddp_two_gloo_processes_match_single_process(workdir):
+    root = make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
+    # a LayerNorm model: on CPU, BatchNorm statistics are per process (SyncBatchNorm is GPU-only)
+    common = ("model.arch=test_convnext", "train.ema=false")
+    single = write_cfg(workdir / "single.yaml", root, "train.batch_size=8", "experiment=single", *common)
+    ddp = write_cfg(workdir / "ddp.yaml", root, "train.batch_size=4", "experiment=ddp", *common)
+    assert run_cli(["folds", "--config", str(single)], workdir).returncode == 0
+    assert run_cli(["train", "--config", str(single), "--fold", "0"], workdir).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        "-m", "pipeline", "train", "--config", str(ddp), "--fold", "0"],
+                       cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = read_state_dict(workdir / "runs/single/fold0/best_raw.safetensors")
+    b = read_state_dict(workdir / "runs/ddp/fold0/best_raw.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+    la = np.load(workdir / "runs/single/fold0/oof_raw.npz")["logits"]
+    lb = np.load(workdir / "runs/ddp/fold0/oof_raw.npz")["logits"]
+    assert np.allclose(la, lb, atol=1e-3)
