@@ -55,3 +55,20 @@ def better(a: float, b: float | None, metric: str) -> bool:
     if b is None or not np.isfinite(b):
         return True
     return a > b if GREATER_IS_BETTER[metric] else a < b
+
+
+def score(name: str, y: np.ndarray, probs: np.ndarray) -> float:
+    """One metric, cheaply (used inside hyper-parameter sweeps)."""
+    pred = probs.argmax(1)
+    n = probs.shape[1]
+    if name == "accuracy":
+        return float((pred == y).mean())
+    if name == "balanced_accuracy":
+        return float(np.nanmean(per_class_recall(y, pred, n)))
+    if name == "macro_f1":
+        return float(f1_score(y, pred, labels=np.arange(n), average="macro", zero_division=0))
+    if name == "log_loss":
+        return float(log_loss(y, np.clip(probs, 1e-15, 1), labels=np.arange(n)))
+    if name == "qwk":
+        return float(cohen_kappa_score(y, pred, weights="quadratic"))
+    raise ValueError(name)

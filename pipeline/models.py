@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -169,3 +170,33 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+
+
+def load_trained(cfg: Config, weights: str | Path, num_classes: int) -> nn.Module:
+    """The config's architecture with stage-2 weights (strict: another architecture or class count
+    is refused with the file named)."""
+    model = create_model(cfg, num_classes, pretrained=False)
+    sd = read_state_dict(weights)
+    own = model.state_dict()
+    wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if wrong or missing or unexpected:
+        detail = (f"shape mismatch at {wrong[:3]}" if wrong else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise PipelineError(f"{weights} does not fit model.arch={cfg.model.arch} with {num_classes} classes "
+                            f"({detail}): weights of another architecture or class count?")
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.device,
+                     dtype: torch.dtype | None = None) -> np.ndarray:
+    """Pooled pre-classifier features of every image of `loader`, in order."""
+    model.eval()
+    out = []
+    for x, _ in loader:
+        x = norm(x.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(features(model, x).float().cpu())
+    return torch.cat(out).numpy()

@@ -18,7 +18,6 @@ epoch's sampler order, augmentation, mixup and dropout are seeded by (seed, epoc
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import shutil
@@ -27,15 +26,14 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..artifacts import (experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz,
-                         write_text, atomic_path)
+from ..artifacts import (atomic_path, experiment_lock, fault_point, read_json, write_csv, write_json, write_npz,
+                         write_text)
 from ..augment import train_transform, valid_transform
 from ..config import Config, config_to_yaml
 from ..data import read_folds
@@ -45,55 +43,13 @@ from ..images import EpochBatches, ImageDataset, ImageStore
 from ..losses import SoftTargetLoss, effective_number_weights
 from ..metrics import better, compute, softmax
 from ..models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
+from ..provenance import changed_keys, train_record
+from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..samplers import epoch_indices
 
 log = logging.getLogger("pipeline")
 
-SECTIONS = ("data", "folds", "model", "aug", "train", "eval")  # what a fold's weights depend on
-
-
-# ----------------------------------------------------------------------------- provenance
-def made_from(cfg: Config) -> dict:
-    d = cfg.to_dict()
-    rec = {s: d[s] for s in SECTIONS}
-    rec["seed"] = cfg.seed
-    rec["folds_file"] = sha256_file(cfg.folds_csv)
-    for k in ("cache", "cache_dir"):  # where pixels come from, not what they are
-        rec["aug"].pop(k, None)
-    rec["train"].pop("workers", None)
-    return rec
-
-
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
 # ----------------------------------------------------------------------------- setup helpers
-def pick_device(cfg: Config, dist: Dist) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("config device=cuda but no CUDA device is available")
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or cfg.train.amp == "off":
-        return None
-    if cfg.train.amp == "fp16":
-        return torch.float16
-    if cfg.train.amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
 def seed_epoch(seed: int, epoch: int) -> None:
     """Everything random in an epoch flows from (seed, epoch): replayable after a resume."""
     s = (seed * 1_000_003 + epoch) % 2**31
@@ -119,24 +75,6 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
                            "name": f"{part}{'' if decay else '_no_decay'}"}
         groups[key]["params"].append(p)
     return list(groups.values())
-
-
-def workers(cfg: Config) -> int:
-    if cfg.train.workers is not None:
-        return cfg.train.workers
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
-def make_loader(dataset, batch_sampler=None, batch_size=None, n_workers=0, cuda=False, indices=None):
-    from torch.utils.data import DataLoader, Subset
-
-    if indices is not None:
-        dataset = Subset(dataset, indices)
-    # its own generator: creating an iterator must not draw from the global RNG that dropout uses,
-    # or a resumed run (which creates its persistent workers at another epoch) would drift
-    return DataLoader(dataset, batch_sampler=batch_sampler, batch_size=batch_size if batch_sampler is None else 1,
-                      shuffle=False, num_workers=n_workers, pin_memory=cuda, generator=torch.Generator(),
-                      persistent_workers=n_workers > 0 and batch_sampler is not None)
 
 
 @torch.no_grad()
@@ -171,7 +109,7 @@ def build_mixup(cfg: Config, n_classes: int):
 def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
     fd = cfg.fold_dir(k)
     summary_path = fd / "summary.json"
-    rec = made_from(cfg)
+    rec = train_record(cfg)
     if summary_path.exists() and not force:
         old = read_json(summary_path)
         if old.get("made_from") == rec:

@@ -1,0 +1,169 @@
+"""Classifier heads on frozen features (Kang et al. 2020, "Decoupling Representation and Classifier
+for Long-Tailed Recognition"; Menon et al. 2021, "Long-tail learning via logit adjustment").
+
+Every variant is the same kind of object, so stage 4 applies any of them the same way:
+    logits = W @ g(x) + b,   g(x) = x, or (x - center) / |x - center| when `normalize`
+  joint         the stage-2 classifier unchanged
+  crt           a re-initialised linear classifier trained with class-balanced sampling
+  tau           W_c / |W_c|^tau (bias dropped, as in the paper, unless keep_bias)
+  lws           learnable per-class scales f_c of the joint classifier: f_c (W_c x + b_c)
+  ncm           cosine similarity to L2-normalised class means of centred, normalised features
+  logit_adjust  joint logits - s * log(class prior)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import PipelineError
+from .samplers import epoch_indices
+
+
+@dataclass
+class Head:
+    weight: np.ndarray  # C x D
+    bias: np.ndarray  # C
+    center: np.ndarray | None = None  # D, used when normalize
+    normalize: bool = False
+
+    def logits(self, feats: np.ndarray) -> np.ndarray:
+        x = feats.astype(np.float32)
+        if self.normalize:
+            if self.center is not None:
+                x = x - self.center
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x @ self.weight.T + self.bias
+
+    def torch_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.float()
+        if self.normalize:
+            if self.center is not None:
+                x = x - torch.as_tensor(self.center, device=x.device)
+            x = F.normalize(x, dim=1)
+        return x @ torch.as_tensor(self.weight, device=x.device).T + torch.as_tensor(self.bias, device=x.device)
+
+    def save(self, path: str | Path, record: dict) -> None:
+        from safetensors.numpy import save_file
+
+        from .artifacts import atomic_path
+
+        arrays = {"weight": np.ascontiguousarray(self.weight, np.float32),
+                  "bias": np.ascontiguousarray(self.bias, np.float32)}
+        if self.center is not None:
+            arrays["center"] = np.ascontiguousarray(self.center, np.float32)
+        meta = {"normalize": str(self.normalize), "record": json.dumps(record, sort_keys=True)}
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file(arrays, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["Head", dict]:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"classifier head not found: {path} (run ./run.sh rebalance)")
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(arrays["weight"], arrays["bias"], arrays.get("center"), meta.get("normalize") == "True"), \
+            json.loads(meta.get("record", "{}"))
+
+
+# ----------------------------------------------------------------------------- variants
+def tau_head(w: np.ndarray, b: np.ndarray, tau: float, keep_bias: bool = False) -> Head:
+    norms = np.maximum(np.linalg.norm(w, axis=1), 1e-12) ** tau
+    return Head(w / norms[:, None], b / norms if keep_bias else np.zeros_like(b))
+
+
+def logit_adjust_head(w: np.ndarray, b: np.ndarray, prior: np.ndarray, scale: float) -> Head:
+    return Head(w.copy(), b - scale * np.log(np.maximum(prior, 1e-12)))
+
+
+def ncm_head(feats: np.ndarray, y: np.ndarray, n_classes: int, center: bool = True, scale: float = 1.0) -> Head:
+    c = feats.mean(0) if center else np.zeros(feats.shape[1], np.float32)
+    x = feats - c
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    means = np.zeros((n_classes, feats.shape[1]), np.float32)
+    for k in range(n_classes):
+        if (y == k).any():
+            m = x[y == k].mean(0)
+            means[k] = m / max(np.linalg.norm(m), 1e-12)
+    return Head(scale * means, np.zeros(n_classes, np.float32), c.astype(np.float32), normalize=True)
+
+
+def _balanced_batches(y: np.ndarray, n_classes: int, seed: int, epoch: int, batch: int):
+    idx = epoch_indices("class_balanced", y, n_classes, seed, epoch, 1)
+    return [idx[i:i + batch] for i in range(0, len(idx), batch)]
+
+
+def train_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, epochs: int, lr: float, weight_decay: float,
+                 seed: int, checkpoints: list[int], batch: int = 256, init: tuple | None = None,
+                 scales_only: bool = False) -> dict[int, Head]:
+    """cRT (a new linear layer) or LWS (per-class scales of `init`), trained with class-balanced
+    sampling, SGD with momentum and a cosine schedule. Returns the head at each checkpoint epoch."""
+    torch.manual_seed(seed)
+    x_all = torch.as_tensor(feats, dtype=torch.float32)
+    y_all = torch.as_tensor(y)
+    d = x_all.shape[1]
+    if scales_only:
+        w0, b0 = (torch.as_tensor(a, dtype=torch.float32) for a in init)
+        f = torch.ones(n_classes, requires_grad=True)
+        params = [f]
+        forward = lambda x: f * (x @ w0.T + b0)  # noqa: E731
+    else:
+        lin = torch.nn.Linear(d, n_classes)
+        params = list(lin.parameters())
+        forward = lin
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0 if scales_only else weight_decay)
+    steps = epochs * max(1, -(-len(y) // batch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    out = {}
+    for epoch in range(1, epochs + 1):
+        for idx in _balanced_batches(y, n_classes, seed, epoch, batch):
+            loss = F.cross_entropy(forward(x_all[idx]), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if epoch in checkpoints:
+            with torch.no_grad():
+                if scales_only:
+                    out[epoch] = Head((f[:, None] * w0).numpy().copy(), (f * b0).numpy().copy())
+                else:
+                    out[epoch] = Head(lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy())
+    return out
+
+
+def checkpoint_epochs(epochs: int, n: int = 4) -> list[int]:
+    return sorted({max(1, round(epochs * (i + 1) / n)) for i in range(n)})
+
+
+# ----------------------------------------------------------------------------- honest tuning
+def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, score: Callable[[np.ndarray, np.ndarray], float],
+              greater_is_better: bool = True) -> tuple[np.ndarray, object, list, dict]:
+    """Choose a hyper-parameter without scoring on the rows that chose it.
+
+    candidates: {param: logits of the held-out rows}. `inner` gives each held-out row an inner fold.
+    Each inner fold's logits come from the param chosen on the other inner folds (cross-fitting),
+    so the assembled logits are an honest out-of-fold estimate. Also returns the param chosen on
+    all held-out rows (what the saved head uses), the per-inner-fold choices, and the curve of
+    score on all rows against param.
+    """
+    params = list(candidates)
+    pick = (lambda vals: int(np.argmax(vals))) if greater_is_better else (lambda vals: int(np.argmin(vals)))
+    out = np.zeros_like(next(iter(candidates.values())))
+    per_split = []
+    for j in np.unique(inner):
+        tune = inner != j
+        best = params[pick([score(y[tune], candidates[p][tune]) for p in params])]
+        out[inner == j] = candidates[best][inner == j]
+        per_split.append(best)
+    curve = {p: score(y, candidates[p]) for p in params}
+    final = params[pick([curve[p] for p in params])]
+    return out, final, per_split, curve

@@ -1,0 +1,302 @@
+"""Stage 3: decoupled classifier retraining on the frozen stage-2 backbone, per fold.
+
+Usage:   ./run.sh rebalance [--fold K] [--force] [key=value ...]
+Input:   runs/<exp>/fold<k>/model.safetensors + summary.json (stage 2), folds file, train images
+Output:  runs/<exp>/fold<k>/rebalance/features.npz      pooled features of the fold's train and
+                                        features.json     held-out rows (+ what made them)
+                                        heads/<variant>.safetensors   W, b[, center] + record
+                                        oof_<variant>.npz  held-out logits (ids, y, logits)
+                                        summary.json       written last: per-variant metrics, choices
+         runs/<exp>/rebalance/report.csv, report.md, recall_vs_frequency.png, tau_sweep.png,
+                              summary.json (the CV of every variant and the best one)
+Features are extracted once per fold (one backbone pass over the images) and reused by every
+variant and every later re-run with other rebalance settings.
+
+Honest CV: tau, the logit-adjustment scale, the NCM temperature and the cRT/LWS epoch are chosen
+by cross-fitting inside the held-out fold: it is split in `rebalance.inner_folds` stratified parts
+and the rows of each part are scored with the value chosen on the other parts. The saved head
+uses the value chosen on the whole held-out fold (that is what stage 4 applies to the test set).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from .. import models
+from ..artifacts import experiment_lock, read_json, read_npz, sha256_file, write_csv, write_json, \
+    write_npz, write_text
+from ..augment import train_transform, valid_transform
+from ..config import Config
+from ..data import read_folds
+from ..errors import PipelineError
+from ..heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
+from ..images import ImageDataset, ImageStore
+from ..metrics import GREATER_IS_BETTER, compute, per_class_recall, score, softmax
+from ..provenance import changed_keys, train_record
+from ..runtime import amp_dtype, make_loader, pick_device, workers
+from ..distributed import Dist
+
+log = logging.getLogger("pipeline")
+
+NCM_SCALES = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0]  # cosine -> logit temperature (chosen by log-loss)
+
+
+def stage2_summary(cfg: Config, k: int) -> dict:
+    """The finished stage-2 output of fold k, checked against the current config."""
+    path = cfg.fold_dir(k) / "summary.json"
+    if not path.exists():
+        raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output ({path}); "
+                            f"run ./run.sh train --fold {k}")
+    s = read_json(path)
+    rec = train_record(cfg)
+    if s.get("made_from") != rec:
+        raise PipelineError(f"{path}: the fold's weights are stale: they were trained with other inputs "
+                            f"(changed: {', '.join(changed_keys(s.get('made_from', {}), rec))}); "
+                            f"re-run ./run.sh train --force, or restore the config")
+    return s
+
+
+# ----------------------------------------------------------------------------- features
+def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict) -> dict[str, np.ndarray]:
+    """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows."""
+    out = cfg.fold_dir(k) / "rebalance"
+    weights = cfg.fold_dir(k) / "model.safetensors"
+    a = cfg.aug
+    record = {"weights": sha256_file(weights), "classes": classes, "img_size": a.img_size,
+              "resize_ratio": a.resize_ratio, "aug_views": cfg.rebalance.aug_views,
+              "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed}
+    if record["aug"]:
+        for x in ("cache", "cache_dir"):
+            record["aug"].pop(x)
+    meta = out / "features.json"
+    if meta.exists() and (out / "features.npz").exists() and read_json(meta).get("made_from") == record:
+        return read_npz(out / "features.npz")
+
+    t0 = time.perf_counter()
+    device = pick_device(cfg, Dist())
+    dtype = amp_dtype(cfg, device)
+    model = models.load_trained(cfg, weights, len(classes)).to(device)
+    norm = models.Normalize(s2["mean"], s2["std"]).to(device)
+    tr, va = df[df["fold"] != k], df[df["fold"] == k]
+    side = round(a.img_size * a.resize_ratio)
+    bs = cfg.infer.batch_size
+    n_workers = workers(cfg)
+
+    def run(paths, labels, transform, keyed_epoch=None):
+        store = ImageStore(paths, side, a.cache, a.cache_dir)
+        ds = ImageDataset(store, labels, transform, seed=cfg.seed)
+        if keyed_epoch is not None:  # seeded augmented views: item keys (index, view)
+            ds = _Keyed(ds, keyed_epoch)
+        return models.extract_features(model, make_loader(ds, batch_size=bs, n_workers=n_workers,
+                                                          cuda=device.type == "cuda"), norm, device, dtype)
+
+    feats = {
+        "train": run(tr["path"].tolist(), tr["y"].values, valid_transform(cfg)),
+        "train_y": tr["y"].values,
+        "valid": run(va["path"].tolist(), va["y"].values, valid_transform(cfg)),
+        "valid_y": va["y"].values,
+        "valid_ids": va["id"].values,
+    }
+    views = [run(tr["path"].tolist(), tr["y"].values, train_transform(cfg), keyed_epoch=10_000 + v)
+             for v in range(cfg.rebalance.aug_views)]
+    feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
+    # the features must reproduce stage 2's held-out logits through its own classifier
+    clf = model.get_classifier()
+    joint = feats["valid"] @ clf.weight.detach().cpu().numpy().T + clf.bias.detach().cpu().numpy()
+    oof = read_npz(cfg.fold_dir(k) / "oof.npz")
+    if not np.allclose(joint, oof["logits"], atol=1e-3 if dtype is None else 5e-2, rtol=1e-3):
+        raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
+                            f"({cfg.fold_dir(k) / 'oof.npz'}); were the weights or images changed after stage 2?")
+    write_npz(out / "features.npz", **feats)
+    write_json(meta, {"made_from": record, "seconds": time.perf_counter() - t0,
+                      "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
+    log.info("fold %d: features %s extracted in %.1fs", k, feats["train"].shape, time.perf_counter() - t0)
+    return feats
+
+
+class _Keyed(torch.utils.data.Dataset):
+    def __init__(self, ds, epoch):
+        self.ds, self.epoch = ds, epoch
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[(i, self.epoch)]
+
+
+# ----------------------------------------------------------------------------- variants
+def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int) -> dict:
+    """Every configured variant: its head, honest held-out logits, and how it was chosen."""
+    r = cfg.rebalance
+    metric = cfg.eval.metric
+    gib = GREATER_IS_BETTER[metric]
+    y_tr, y_va, x_va = feats["train_y"], feats["valid_y"], feats["valid"]
+    counts = np.bincount(y_tr, minlength=n_classes)
+    prior = counts / counts.sum()
+    inner = inner_split(y_va, r.inner_folds, seed)
+    fn = lambda y, lg: score(metric, y, softmax(lg))  # noqa: E731
+    out = {}
+
+    def tuned(name, heads: dict, param: str, fn_=fn, gib_=gib, fixed=None):
+        cands = {p: h.logits(x_va) for p, h in heads.items()}
+        if fixed is not None:
+            out[name] = {"head": heads[fixed], "logits": cands[fixed], "record": {param: fixed, "tuned": False}}
+            return
+        logits, final, per_split, curve = cross_fit(cands, y_va, inner, fn_, gib_)
+        out[name] = {"head": heads[final], "logits": logits,
+                     "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
+
+    for v in r.variants:
+        if v == "joint":
+            h = Head(w, b)
+            out[v] = {"head": h, "logits": h.logits(x_va), "record": {}}
+        elif v == "tau":
+            grid = [r.tau] if r.tau is not None else r.tau_grid
+            tuned(v, {t: tau_head(w, b, t) for t in grid}, "tau", fixed=r.tau)
+        elif v == "logit_adjust":
+            tuned(v, {s: logit_adjust_head(w, b, prior, s) for s in r.la_grid}, "scale")
+        elif v == "ncm":
+            base = ncm_head(feats["train"], y_tr, n_classes, center=r.ncm_center)
+            heads = {s: Head(base.weight * s, base.bias, base.center, True) for s in NCM_SCALES}
+            tuned(v, heads, "scale", fn_=lambda y, lg: score("log_loss", y, softmax(lg)), gib_=False)
+        elif v in ("crt", "lws"):
+            x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
+            y_all = np.concatenate([y_tr] * (1 + len(feats["views"])))
+            epochs = r.crt_epochs if v == "crt" else r.lws_epochs
+            lr = r.crt_lr if v == "crt" else r.lws_lr
+            heads = train_linear(x_tr, y_all, n_classes, epochs, lr, r.crt_weight_decay, seed,
+                                 checkpoint_epochs(epochs), init=(w, b), scales_only=v == "lws")
+            tuned(v, heads, "epochs")
+    for v, o in out.items():
+        o["metrics"] = compute(y_va, softmax(o["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, metric)
+    return out
+
+
+def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    inner = np.zeros(len(y), dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")
+        for j, (_, idx) in enumerate(StratifiedKFold(n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)):
+            inner[idx] = j
+    return inner
+
+
+# ----------------------------------------------------------------------------- per fold
+def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool) -> dict:
+    s2 = stage2_summary(cfg, k)
+    out = cfg.fold_dir(k) / "rebalance"
+    feats = fold_features(cfg, df, classes, k, s2)
+    made_from = {"rebalance": cfg.to_dict()["rebalance"], "eval": cfg.to_dict()["eval"],
+                 "features": read_json(out / "features.json")["made_from"]}
+    summary_path = out / "summary.json"
+    if summary_path.exists() and not force and read_json(summary_path).get("made_from") == made_from:
+        log.info("fold %d: rebalanced heads up to date, skipped", k)
+        return read_json(summary_path)
+    t0 = time.perf_counter()
+    sd = models.read_state_dict(cfg.fold_dir(k) / "model.safetensors")
+    clf_key = _classifier_key(cfg, sd, len(classes))
+    w, b = sd[f"{clf_key}.weight"].numpy(), sd[f"{clf_key}.bias"].numpy()
+    res = fit_variants(cfg, feats, w, b, len(classes), cfg.seed + k)
+    variants = {}
+    for v, o in res.items():
+        record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
+        record.pop("curve", None)
+        o["head"].save(out / "heads" / f"{v}.safetensors", record)
+        write_npz(out / f"oof_{v}.npz", ids=feats["valid_ids"], y=feats["valid_y"], logits=o["logits"].astype(np.float32))
+        variants[v] = {"metrics": o["metrics"], **o["record"]}
+    summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from}
+    write_json(summary_path, summary)
+    line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in res.items())
+    log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.metric, line)
+    return summary
+
+
+def _classifier_key(cfg: Config, sd: dict, n_classes: int) -> str:
+    m = models.create_model(cfg, n_classes, pretrained=False)
+    names = [n for n, mod in m.named_modules() if mod is m.get_classifier()]
+    if not names or not isinstance(m.get_classifier(), torch.nn.Linear):
+        raise PipelineError(f"model.arch={cfg.model.arch}: rebalancing needs a linear classifier head")
+    return names[0]
+
+
+# ----------------------------------------------------------------------------- report
+def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) -> dict:
+    from .. import plots
+
+    variants = list(summaries[0]["variants"])
+    metric = cfg.eval.metric
+    rows = []
+    pooled_logits, pooled_y = {}, None
+    counts = np.bincount(df["y"].values, minlength=len(classes))
+    for v in variants:
+        per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
+        oofs = [read_npz(cfg.fold_dir(s["fold"]) / "rebalance" / f"oof_{v}.npz") for s in summaries]
+        pooled_logits[v] = np.concatenate([o["logits"] for o in oofs])
+        pooled_y = np.concatenate([o["y"] for o in oofs])
+        pooled = compute(pooled_y, softmax(pooled_logits[v]), counts * (cfg.folds.n_splits - 1) / cfg.folds.n_splits,
+                         cfg.eval.many_shot, cfg.eval.few_shot, metric)
+        row = {"variant": v, f"{metric}_mean": per["score"].mean(), f"{metric}_std": per["score"].std(ddof=0),
+               f"{metric}_pooled": pooled["score"]}
+        for m in ("accuracy", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc"):
+            row[m] = per[m].mean()
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    asc = not GREATER_IS_BETTER[metric]
+    table = table.sort_values(f"{metric}_mean", ascending=asc, kind="stable").reset_index(drop=True)
+    best = table["variant"].iloc[0]
+    rd = cfg.run_dir / "rebalance"
+    write_csv(rd / "report.csv", table)
+    md = [f"# Rebalancing report: {cfg.experiment}", "",
+          f"CV over {len(summaries)} folds (mean and std of per-fold {metric}; pooled = on all OOF rows). "
+          f"Tuned values are cross-fitted inside each held-out fold: every reported score is out-of-sample.", "",
+          table.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else table.to_string(index=False), "",
+          f"Best variant: **{best}**", "", "![recall](recall_vs_frequency.png)", ""]
+    rec = {v: per_class_recall(pooled_y, pooled_logits[v].argmax(1), len(classes)) for v in {"joint", best}}
+    plots.recall_vs_frequency(rd / "recall_vs_frequency.png", counts, rec, classes)
+    if "tau" in variants and summaries[0]["variants"]["tau"].get("tuned"):
+        curves = [{float(t): val for t, val in s["variants"]["tau"]["curve"].items()} for s in summaries]
+        plots.sweep(rd / "tau_sweep.png", curves, "tau", f"{metric} on the held-out fold",
+                    [s["variants"]["tau"]["tau"] for s in summaries])
+        md += ["![tau sweep](tau_sweep.png)", ""]
+    write_text(rd / "report.md", "\n".join(md))
+    summary = {"best": best, "metric": metric, "table": table.to_dict(orient="records"),
+               "folds": [s["fold"] for s in summaries],
+               "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
+    write_json(rd / "summary.json", summary)
+    log.info("experiment %s, stage 3 CV by head variant (%s):\n%s\nbest: %s", cfg.experiment, metric,
+             table.to_string(index=False, float_format="%.4f"), best)
+    return summary
+
+
+def _has_tabulate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tabulate") is not None
+
+
+def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | None:
+    df, classes = read_folds(cfg)
+    n_splits = int(df["fold"].max()) + 1
+    if fold is not None and not 0 <= fold < n_splits:
+        raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
+    folds = [fold] if fold is not None else list(range(n_splits))
+    for k in folds:
+        with experiment_lock(cfg.fold_dir(k)):
+            rebalance_fold(cfg, df, classes, k, force)
+    done = [k for k in range(n_splits) if (cfg.fold_dir(k) / "rebalance" / "summary.json").exists()]
+    if len(done) < n_splits:
+        log.info("report waits for every fold: rebalanced %s of %d", done, n_splits)
+        return None
+    summaries = [read_json(cfg.fold_dir(k) / "rebalance" / "summary.json") for k in range(n_splits)]
+    stale = [s["fold"] for s in summaries if s["made_from"]["rebalance"] != cfg.to_dict()["rebalance"]]
+    if stale:
+        log.info("report waits: fold(s) %s were rebalanced with other settings", stale)
+        return None
+    return report(cfg, df, classes, summaries)
