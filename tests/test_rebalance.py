@@ -1,0 +1,172 @@
+"""Stage 3: the head algorithms on synthetic features, and the stage on a tiny trained run."""
+import numpy as np
+import pytest
+
+from conftest import make_competition
+from pipeline import models
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.heads import Head, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear
+from pipeline.metrics import score, softmax
+from pipeline.samplers import epoch_indices
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import rebalance as rebalance_stage
+from pipeline.stages import train as train_stage
+
+
+def test_tau_zero_returns_joint_logits():
+    rng = np.random.default_rng(0)
+    w, b, x = rng.normal(size=(5, 8)), rng.normal(size=5), rng.normal(size=(20, 8))
+    joint = Head(w, b).logits(x)
+    assert np.allclose(tau_head(w, b, 0.0, keep_bias=True).logits(x), joint)
+    assert np.allclose(tau_head(w, b, 0.0).logits(x), joint - b)          # the paper drops the bias
+    t1 = tau_head(w, b, 1.0)
+    assert np.allclose(np.linalg.norm(t1.weight, axis=1), 1.0)           # tau=1: unit-norm class vectors
+    assert np.allclose(logit_adjust_head(w, b, np.full(5, 0.2), 0.0).logits(x), joint)
+
+
+def test_class_balanced_sampler_equal_counts_in_expectation():
+    labels = np.repeat(np.arange(4), [500, 60, 12, 3])
+    drawn = np.concatenate([labels[epoch_indices("class_balanced", labels, 4, 0, e, 1)] for e in range(40)])
+    freq = np.bincount(drawn, minlength=4) / len(drawn)
+    assert np.allclose(freq, 0.25, atol=0.01)
+
+
+def test_ncm_on_separable_features_is_perfect():
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(6, 16)) * 5
+    y = np.repeat(np.arange(6), [200, 50, 20, 8, 4, 2])
+    x = centers[y] + rng.normal(size=(len(y), 16)) * 0.3 + 3.0           # offset: centring matters
+    head = ncm_head(x, y, 6)
+    yt = np.repeat(np.arange(6), 30)
+    xt = centers[yt] + rng.normal(size=(len(yt), 16)) * 0.3 + 3.0
+    assert (head.logits(xt).argmax(1) == yt).all()
+
+
+def long_tailed_features(seed=0):
+    """Overlapping classes with a steep tail: a joint classifier trained on it favours the head."""
+    rng = np.random.default_rng(seed)
+    c, d = 8, 16
+    centers = rng.normal(size=(c, d)) * 0.8
+    counts = np.floor(400 * (1 / 50) ** (np.arange(c) / (c - 1))).astype(int)   # 400 ... 8 images
+    y = np.repeat(np.arange(c), counts)
+    x = centers[y] + rng.normal(size=(len(y), d))
+    yv = np.repeat(np.arange(c), 60)                                      # balanced evaluation
+    xv = centers[yv] + rng.normal(size=(len(yv), d))
+    return x, y, xv, yv, c
+
+
+def test_crt_and_tau_raise_balanced_accuracy_on_long_tailed_features():
+    import torch
+
+    x, y, xv, yv, c = long_tailed_features()
+    torch.manual_seed(0)
+    # the "joint" classifier: instance sampling, no bias and weight decay, so that (as Kang et al. observe
+    # in deep joint training) the class prior ends up in the weight norms
+    lin = torch.nn.Linear(x.shape[1], c, bias=False)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(lin(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w, b = lin.weight.detach().numpy(), np.zeros(c, np.float32)
+    norms = np.linalg.norm(w, axis=1)
+    assert norms[0] > norms[-1]                                           # head classes have larger norms
+    bal = lambda head: score("balanced_accuracy", yv, softmax(head.logits(xv)))  # noqa: E731
+    joint = bal(Head(w, b))
+    pred = Head(w, b).logits(xv).argmax(1)
+    assert np.bincount(pred, minlength=c)[0] > np.bincount(pred, minlength=c)[-1]  # biased to the head
+    crt = train_linear(x, y, c, epochs=30, lr=0.1, weight_decay=5e-4, seed=0, checkpoints=[30])[30]
+    best_tau = max(bal(tau_head(w, b, t)) for t in np.arange(0.5, 2.01, 0.25))
+    assert bal(crt) > joint + 0.04, (bal(crt), joint)
+    assert best_tau > joint + 0.04, (best_tau, joint)
+
+
+def test_cross_fit_never_scores_a_row_with_a_value_chosen_on_it():
+    y = np.array([0, 1] * 10)
+    inner = np.repeat([0, 1], 10)
+    # param 'a' is perfect on inner fold 0 only, 'b' on inner fold 1 only
+    good, bad = np.eye(2)[y] * 5, np.eye(2)[1 - y] * 5
+    cands = {"a": np.where(inner[:, None] == 0, good, bad), "b": np.where(inner[:, None] == 1, good, bad)}
+    acc = lambda yy, lg: float((lg.argmax(1) == yy).mean())  # noqa: E731
+    logits, final, per_split, curve = cross_fit(cands, y, inner, acc)
+    assert per_split == ["b", "a"]                       # each part uses the value the *other* part chose
+    assert acc(y, logits) == 0.0                         # honest: the in-sample choice would claim 1.0
+    assert curve == {"a": 0.5, "b": 0.5}
+
+
+@pytest.fixture
+def trained(workdir):
+    root = make_competition(workdir / "comp", {"a": 14, "b": 8, "c": 4}, size=24)
+    cfg = load_config(None, [f"data.root={root}", "data.image_ext=.png", "experiment=rb", "model.arch=test_resnet",
+                             "aug.img_size=32", "aug.cache=off", "train.batch_size=8", "train.epochs=1",
+                             "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",
+                             "rebalance.crt_epochs=4", "rebalance.lws_epochs=4"])
+    folds_stage.run(cfg)
+    train_stage.run(cfg)
+    return cfg
+
+
+def test_stage_writes_heads_oof_report_and_caches_features(trained, monkeypatch):
+    cfg = trained
+    calls = {"n": 0}
+    real = models.features
+
+    def counting(model, x):
+        calls["n"] += 1
+        return real(model, x)
+
+    monkeypatch.setattr(models, "features", counting)
+    summary = rebalance_stage.run(cfg)
+    assert calls["n"] > 0
+    assert summary["best"] in cfg.rebalance.variants
+    for k in (0, 1):
+        d = cfg.fold_dir(k) / "rebalance"
+        for v in cfg.rebalance.variants:
+            head, record = Head.load(d / "heads" / f"{v}.safetensors")
+            assert record["variant"] == v and head.weight.shape[0] == 3
+            assert (d / f"oof_{v}.npz").exists()
+        joint = np.load(d / "oof_joint.npz")["logits"]
+        assert np.allclose(joint, np.load(cfg.fold_dir(k) / "oof.npz")["logits"], atol=1e-4)
+    rd = cfg.run_dir / "rebalance"
+    for name in ("report.csv", "report.md", "recall_vs_frequency.png", "tau_sweep.png", "summary.json"):
+        assert (rd / name).exists(), name
+    assert (rd / "tau_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # another variant setting: features come from the cache, no backbone pass at all
+    calls["n"] = 0
+    cfg2 = load_config(None, [*_overrides(cfg), "rebalance.tau=1.0", "rebalance.crt_epochs=2"])
+    rebalance_stage.run(cfg2)
+    assert calls["n"] == 0
+    _, rec = Head.load(cfg.fold_dir(0) / "rebalance" / "heads" / "tau.safetensors")
+    assert rec["tau"] == 1.0
+
+
+def _overrides(cfg):
+    return [f"data.root={cfg.data.root}", "data.image_ext=.png", "experiment=rb", "model.arch=test_resnet",
+            "aug.img_size=32", "aug.cache=off", "train.batch_size=8", "train.epochs=1", "train.workers=0",
+            "folds.n_splits=2", "train.warmup_epochs=0", "rebalance.lws_epochs=4"]
+
+
+def test_missing_fold_and_stale_weights_are_refused(trained):
+    cfg = trained
+    (cfg.fold_dir(1) / "summary.json").unlink()
+    with pytest.raises(PipelineError, match=r"fold 1 of experiment 'rb' has no finished stage-2 output"):
+        rebalance_stage.run(cfg, fold=1)
+    stale = load_config(None, [*_overrides(cfg), "train.lr=0.5"])
+    with pytest.raises(PipelineError, match=r"stale.*changed: train.lr"):
+        rebalance_stage.run(stale, fold=0)
+
+
+def test_weights_of_another_architecture_are_refused(trained, tmp_path):
+    cfg = trained
+    other = models.create_model(load_config(None, ["model.arch=resnet10t"]), num_classes=3)
+    path = tmp_path / "other.safetensors"
+    models.write_state_dict(path, other.state_dict())
+    with pytest.raises(PipelineError, match="does not fit model.arch=test_resnet with 3 classes"):
+        models.load_trained(cfg, path, 3)
+    ours = models.read_state_dict(cfg.fold_dir(0) / "model.safetensors")
+    models.write_state_dict(path, ours)
+    with pytest.raises(PipelineError, match="with 5 classes"):
+        models.load_trained(cfg, path, 5)
