@@ -122,7 +122,14 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> None:
     missing = [s.name for s in STAGES if not stage_available(s)]
     if missing:
         log.warning("stages not built yet, skipped: %s", ", ".join(missing))
-    configs = [cfg] + [load_config(p, overrides) for p in cfg.run_also]
+    from pathlib import Path
+
+    here = Path(cfg.source).parent if cfg.source not in ("", "defaults") else Path(".")
+    configs = [cfg]
+    for p in cfg.run_also:
+        c = load_config(here / p, overrides)
+        if c.experiment not in {x.experiment for x in configs}:
+            configs.append(c)
     for c in configs:
         prepare(c)
         for stage in STAGES:

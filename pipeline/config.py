@@ -136,11 +136,12 @@ class RebalanceCfg:
 
 @dataclass
 class InferCfg:
-    head: str = "best"  # a stage-3 variant name, or best: the variant with the best CV
+    heads: list[str] = field(default_factory=lambda: ["best"])  # stage-3 variants to predict with; best: the CV winner
     views: list[str] = field(default_factory=lambda: ["orig", "hflip"])  # named TTA views, see pipeline/tta.py
-    scales: list[float] = field(default_factory=lambda: [1.0])  # x img_size; each view is run at each scale
+    scales: list[float] = field(default_factory=lambda: [1.0])  # x img_size (FixRes: >1 often helps); each view at each scale
     merge: Literal["mean_prob", "mean_logit", "geo_mean"] = "mean_prob"
-    search: bool = False  # choose the TTA policy (views x scales subsets) on OOF
+    search: bool = False  # choose the TTA policy greedily on OOF from views x scales; recorded
+    oof: Literal["auto", "on", "off"] = "auto"  # TTA on held-out rows too; auto: when the train images exist
     batch_size: int = 128
 
 
@@ -246,8 +247,13 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
     check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
     check(cfg.rebalance.inner_folds >= 2, "rebalance.inner_folds", "must be >= 2")
-    check(cfg.infer.head == "best" or cfg.infer.head in known, "infer.head", f"'best' or one of {sorted(known)}")
-    check(bool(cfg.infer.views), "infer.views", "needs at least one view")
+    from .tta import VIEWS
+
+    bad = [h for h in cfg.infer.heads if h != "best" and h not in known]
+    check(bool(cfg.infer.heads) and not bad, "infer.heads", f"'best' or variants of {sorted(known)}; got {bad}")
+    bad = [v for v in cfg.infer.views if v not in VIEWS]
+    check(bool(cfg.infer.views) and not bad, "infer.views", f"unknown view(s) {bad}; known: {list(VIEWS)}")
+    check(cfg.infer.batch_size >= 1, "infer.batch_size", "must be >= 1")
     check(bool(cfg.infer.scales) and all(s > 0 for s in cfg.infer.scales), "infer.scales", "positive numbers")
 
 

@@ -1,0 +1,231 @@
+"""Stage 5: combine experiments' predictions and write the submission CSV.
+
+Usage:   ./run.sh ensemble [--force] [key=value ...]
+Input:   for each member "experiment[:head]" of `ensemble.members` (default: this experiment):
+         runs/<exp>/infer/<head>/oof.npz, test.npz and runs/<exp>/infer/summary.json (stage 4);
+         the competition's sample_submission.csv
+Output:  submissions/<name>.csv    exactly the sample submission's ids, order and columns
+         submissions/<name>.json   members, method, weights, CV of the ensemble and of each member,
+                                   and (when test labels are known, as on the demo) the private score
+Methods: mean of probabilities; weighted mean with non-negative weights summing to 1, fit on OOF
+(log-loss or the metric) and scored honestly: the weights for fold k are fit on the other folds;
+geometric mean; rank average. Members must share the folds file, label encoding and image ids.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from scipy.stats import rankdata
+
+from ..artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
+from ..config import Config
+from ..data import read_sample_submission, read_test_table
+from ..errors import PipelineError
+from ..metrics import GREATER_IS_BETTER, score
+
+log = logging.getLogger("pipeline")
+
+
+def parse_members(cfg: Config) -> list[tuple[str, str | None]]:
+    out = []
+    for m in cfg.ensemble.members or [cfg.experiment]:
+        exp, _, head = m.partition(":")
+        out.append((exp, head or None))
+    return out
+
+
+def load_member(exp: str, head: str | None) -> dict:
+    from pathlib import Path
+
+    d = Path("runs") / exp / "infer"
+    if not (d / "summary.json").exists():
+        raise PipelineError(f"ensemble member '{exp}': {d / 'summary.json'} not found; run ./run.sh infer for it")
+    s = read_json(d / "summary.json")
+    head = head or s["primary"]
+    if head not in s["heads"]:
+        raise PipelineError(f"ensemble member '{exp}:{head}': stage 4 predicted heads {s['heads']} only")
+    m = {"name": f"{exp}:{head}", "summary": s, "test": read_npz(d / head / "test.npz")}
+    if (d / head / "oof.npz").exists():
+        m["oof"] = read_npz(d / head / "oof.npz")
+    return m
+
+
+def check_compatible(members: list[dict]) -> None:
+    ref = members[0]
+    for m in members[1:]:
+        for key, what in (("classes", "label encodings"), ("folds_file", "folds files")):
+            if m["summary"][key] != ref["summary"][key]:
+                raise PipelineError(f"ensemble members {ref['name']} and {m['name']} have different {what}: "
+                                    f"their predictions cannot be combined")
+        if not np.array_equal(m["test"]["ids"], ref["test"]["ids"]):
+            raise PipelineError(f"ensemble members {ref['name']} and {m['name']} predicted different test image ids")
+        if ("oof" in m) != ("oof" in ref) or ("oof" in m and not np.array_equal(m["oof"]["ids"], ref["oof"]["ids"])):
+            raise PipelineError(f"ensemble members {ref['name']} and {m['name']} have different OOF image ids")
+
+
+# ----------------------------------------------------------------------------- combining
+def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = None) -> np.ndarray:
+    p = np.stack([np.clip(x, 1e-12, 1) for x in probs]).astype(np.float64)
+    w = np.full(len(probs), 1.0 / len(probs)) if weights is None else np.asarray(weights, float)
+    if method in ("mean", "weighted"):
+        out = np.tensordot(w, p, axes=1)
+    elif method == "geo_mean":
+        out = np.exp(np.tensordot(w, np.log(p), axes=1))
+    elif method == "rank":
+        r = np.stack([rankdata(x, axis=0) / len(x) for x in p])  # per class, across images
+        out = np.tensordot(w, r, axes=1)
+    else:
+        raise ValueError(method)
+    return out / out.sum(1, keepdims=True)
+
+
+def fit_weights(probs: list[np.ndarray], y: np.ndarray, objective: str, metric: str) -> np.ndarray:
+    """Non-negative weights summing to 1 that optimise log-loss (or the metric) of the weighted mean."""
+    n = len(probs)
+    if n == 1:
+        return np.ones(1)
+    p = np.stack(probs).astype(np.float64)
+
+    def loss(w):
+        mix = np.tensordot(np.abs(w) / np.abs(w).sum(), p, axes=1)
+        if objective == "log_loss":
+            return -np.mean(np.log(np.clip(mix[np.arange(len(y)), y], 1e-15, 1)))
+        v = score(metric, y, mix)
+        return -v if GREATER_IS_BETTER[metric] else v
+
+    best = None
+    for start in [np.full(n, 1.0 / n)] + [np.eye(n)[i] * 0.7 + 0.3 / n for i in range(n)]:
+        res = minimize(loss, start, method="Nelder-Mead" if objective != "log_loss" else "SLSQP",
+                       bounds=[(0, 1)] * n, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}]
+                       if objective == "log_loss" else ())
+        if best is None or res.fun < best.fun:
+            best = res
+    w = np.clip(np.abs(best.x), 0, None)
+    return w / w.sum()
+
+
+def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Config) -> tuple[float, float]:
+    """Mean/std over folds of the weighted ensemble, each fold scored with weights fit on the others."""
+    vals = []
+    for k in np.unique(fold):
+        tr, te = fold != k, fold == k
+        w = fit_weights([p[tr] for p in probs], y[tr], cfg.ensemble.weight_metric, cfg.eval.metric)
+        vals.append(score(cfg.eval.metric, y[te], combine([p[te] for p in probs], "weighted", w)))
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def fold_cv(probs: np.ndarray, y: np.ndarray, fold: np.ndarray, metric: str) -> tuple[float, float]:
+    vals = [score(metric, y[fold == k], probs[fold == k]) for k in np.unique(fold)]
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+# ----------------------------------------------------------------------------- submission
+def build_submission(cfg: Config, sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, classes: list) -> pd.DataFrame:
+    sub_path = cfg.data_path(cfg.data.sample_submission)
+    if not np.array_equal(sample.iloc[:, 0].astype(str).values, ids.astype(str)):
+        raise PipelineError(f"{sub_path}: its ids differ from the predicted test ids (re-run ./run.sh infer)")
+    cols = list(sample.columns)
+    if cfg.ensemble.submission == "label":
+        if cols[1:] != [cfg.data.label_col]:
+            raise PipelineError(f"{sub_path}: expected columns [{cfg.data.id_col}, {cfg.data.label_col}] for a label "
+                                f"submission, found {cols} (set ensemble.submission=proba for one column per class)")
+        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values, cols[1]: [classes[i] for i in probs.argmax(1)]})
+    else:
+        names = [str(c) for c in classes]
+        unknown = [c for c in cols[1:] if c not in names]
+        missing = [c for c in names if c not in cols[1:]]
+        if unknown or missing:
+            raise PipelineError(f"{sub_path}: probability columns must be the class names; unknown columns "
+                                f"{unknown}, classes without a column {missing}")
+        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values})
+        for c in cols[1:]:
+            sub[c] = probs[:, names.index(c)]
+    validate_submission(sub, sample, classes, cfg)
+    return sub
+
+
+def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, classes: list, cfg: Config) -> None:
+    if list(sub.columns) != list(sample.columns) or len(sub) != len(sample):
+        raise PipelineError("submission does not match the sample submission's columns or length")
+    if not (sub.iloc[:, 0].astype(str).values == sample.iloc[:, 0].astype(str).values).all():
+        raise PipelineError("submission ids are not in the sample submission's order")
+    if sub.isna().any().any():
+        raise PipelineError("submission has empty values")
+    if cfg.ensemble.submission == "proba":
+        p = sub.iloc[:, 1:].values.astype(float)
+        if (p < 0).any() or not np.allclose(p.sum(1), 1, atol=1e-4):
+            raise PipelineError("submission probabilities are not a distribution per row")
+
+
+def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
+    if not cfg.data.test_labels:
+        return None
+    path = cfg.data_path(cfg.data.test_labels)
+    if not path.exists():
+        return None
+    t = pd.read_csv(path, dtype=str).set_index(cfg.data.id_col)[cfg.data.label_col]
+    names = [str(c) for c in classes]
+    y = np.array([names.index(str(t[i])) for i in ids])
+    return score(cfg.eval.metric, y, probs)
+
+
+# ----------------------------------------------------------------------------- entry
+def run(cfg: Config, force: bool = False) -> dict:
+    e = cfg.ensemble
+    name = e.name or cfg.experiment
+    members = [load_member(exp, head) for exp, head in parse_members(cfg)]
+    check_compatible(members)
+    classes = members[0]["summary"]["classes"]
+    test = read_test_table(cfg, require_images=False)
+    sample = read_sample_submission(cfg) if cfg.data.sample_submission else None
+    metric = cfg.eval.metric
+    method = e.method
+    has_oof = "oof" in members[0]
+    rows = []
+    weights = np.full(len(members), 1.0 / len(members))
+    if has_oof:
+        y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
+        oofs = [m["oof"]["probs"] for m in members]
+        for m, p in zip(members, oofs):
+            mu, sd = fold_cv(p, y, fold, metric)
+            rows.append({"member": m["name"], "cv_mean": mu, "cv_std": sd, "cv_pooled": score(metric, y, p)})
+        if method == "weighted":
+            weights = fit_weights(oofs, y, e.weight_metric, metric)
+            mu, sd = honest_cv(oofs, y, fold, cfg)
+            pooled = score(metric, y, combine(oofs, "weighted", weights))
+        else:
+            ens = combine(oofs, method)
+            mu, sd = fold_cv(ens, y, fold, metric)
+            pooled = score(metric, y, ens)
+        rows.append({"member": f"ensemble ({method})", "cv_mean": mu, "cv_std": sd, "cv_pooled": pooled})
+    elif method == "weighted":
+        raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
+    test_probs = combine([m["test"]["probs"] for m in members], method, weights)
+    if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
+        raise PipelineError("the test ids of the competition differ from the members' predictions: re-run ./run.sh infer")
+    private = private_score(cfg, members[0]["test"]["ids"], test_probs, classes)
+    members_private = {m["name"]: private_score(cfg, m["test"]["ids"], m["test"]["probs"], classes) for m in members}
+    table = pd.DataFrame(rows)
+    if private is not None and not table.empty:
+        table["private"] = [members_private[m["name"]] for m in members] + [private]
+    result = {"name": name, "members": [m["name"] for m in members], "method": method,
+              "weights": dict(zip([m["name"] for m in members], weights.tolist())), "metric": metric,
+              "table": table.to_dict(orient="records"), "private": private,
+              "made_from": {"ensemble": cfg.to_dict()["ensemble"],
+                            "members": {m["name"]: m["summary"]["made_from"] for m in members}}}
+    if sample is not None:
+        sub = build_submission(cfg, sample, members[0]["test"]["ids"], test_probs, classes)
+        write_csv(f"submissions/{name}.csv", sub)
+        result["submission"] = f"submissions/{name}.csv"
+        result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
+    write_json(f"submissions/{name}.json", result)
+    if not table.empty:
+        log.info("ensemble %s (%s), %s:\n%s", name, method, metric, table.to_string(index=False, float_format="%.4f"))
+    if private is not None:
+        log.info("private leaderboard (held-out test labels): %s %.4f", metric, private)
+    if sample is not None:
+        log.info("wrote %s", result["submission"])
+    return result

@@ -1,0 +1,264 @@
+"""Stage 4: multi-scale test-time augmentation with every fold's model, on OOF rows and test images.
+
+Usage:   ./run.sh infer [--force] [key=value ...]
+         Kaggle kernel (no internet, no training data): ./run.sh infer --config runs/<exp>/config.yaml
+             data.root=/kaggle/input/<competition> infer.oof=off
+Input:   runs/<exp>/classes.json, fold<k>/model.safetensors + summary.json (stage 2),
+         fold<k>/rebalance/heads/<variant>.safetensors and runs/<exp>/rebalance/summary.json (stage 3),
+         test images (sample_submission order); for OOF TTA also the folds file and train images
+Output:  runs/<exp>/infer/<head>/test.npz  ids, classes, probs (fold mean of the merged policy),
+                                           view_logits (V x N x C, fold-mean logits per view), views
+                                 oof.npz   ids, y, classes, probs, view_logits, views (held-out rows)
+         runs/<exp>/infer/report.csv       CV without TTA, with each view alone, with the policy
+         runs/<exp>/infer/summary.json     written last: heads, primary head, policy, CV, provenance
+Every fold's model predicts the test images (its probabilities are averaged over folds) and its
+own held-out rows, so the CV with TTA is measured on OOF exactly like the CV without it.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import models
+from ..artifacts import experiment_lock, read_json, sha256_file, write_csv, write_json, write_npz
+from ..config import Config
+from ..data import read_folds, read_test_table
+from ..distributed import Dist
+from ..errors import PipelineError
+from ..heads import Head
+from ..images import ImageDataset, ImageStore
+from ..metrics import GREATER_IS_BETTER, compute
+from ..provenance import changed_keys, train_record
+from ..runtime import amp_dtype, make_loader, pick_device, workers
+from ..tta import VIEWS, merge, sizes
+
+log = logging.getLogger("pipeline")
+
+
+def policy_logits(forward, x: torch.Tensor, policy: list[str], crop: int) -> list[torch.Tensor]:
+    """Logits of each named view of a batch (several crops of one view are averaged)."""
+    out = []
+    for v in policy:
+        parts = [forward(c) for c in VIEWS[v](x, crop)]
+        out.append(torch.stack(parts).mean(0) if len(parts) > 1 else parts[0])
+    return out
+
+
+def resolve_heads(cfg: Config) -> list[str]:
+    """The configured heads with 'best' resolved; joint is always added (the baseline)."""
+    out = []
+    for h in cfg.infer.heads:
+        if h == "best":
+            path = cfg.run_dir / "rebalance" / "summary.json"
+            if not path.exists():
+                raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
+            h = read_json(path)["best"]
+        if h not in out:
+            out.append(h)
+    return out + (["joint"] if "joint" not in out else [])
+
+
+def _fold_inputs(cfg: Config, classes: list, has_folds: bool) -> list[dict]:
+    n = cfg.folds.n_splits
+    out = []
+    for k in range(n):
+        path = cfg.fold_dir(k) / "summary.json"
+        if not path.exists():
+            raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output "
+                                f"({path}): run ./run.sh train before infer")
+        s = read_json(path)
+        if s["num_classes"] != len(classes) or s["arch"] != cfg.model.arch:
+            raise PipelineError(f"{path}: trained as {s['arch']} with {s['num_classes']} classes, but the config "
+                                f"says {cfg.model.arch} with {len(classes)} classes")
+        if has_folds:
+            rec = train_record(cfg)
+            if s.get("made_from") != rec:
+                raise PipelineError(f"{path}: the fold's weights are stale (changed: "
+                                    f"{', '.join(changed_keys(s['made_from'], rec))}); re-run ./run.sh train")
+        out.append(s)
+    return out
+
+
+def run(cfg: Config, force: bool = False) -> dict:
+    classes_path = cfg.run_dir / "classes.json"
+    if not classes_path.exists():
+        raise PipelineError(f"{classes_path} not found: experiment '{cfg.experiment}' has not been trained "
+                            f"(run ./run.sh train first)")
+    classes = read_json(classes_path)
+    has_folds = cfg.folds_csv.exists()
+    oof_df = None
+    if cfg.infer.oof != "off":
+        if has_folds:
+            df, fclasses = read_folds(cfg)
+            if fclasses != classes:
+                raise PipelineError(f"{cfg.folds_csv} and {classes_path} have different class lists")
+            if Path(df["path"].iloc[0]).exists():
+                oof_df = df
+        if oof_df is None and cfg.infer.oof == "on":
+            raise PipelineError("infer.oof=on needs the folds file and the train images; use infer.oof=off "
+                                "for test-only inference (e.g. in a Kaggle kernel)")
+    summaries = _fold_inputs(cfg, classes, has_folds)
+    heads = resolve_heads(cfg)
+    test = read_test_table(cfg)
+    a = cfg.aug
+    pairs = list(itertools.product(cfg.infer.scales, cfg.infer.views))
+    if (1.0, "orig") not in pairs:
+        pairs = [(1.0, "orig")] + pairs  # always measured: the no-TTA baseline
+    names = [f"{v}@{s:g}" for s, v in pairs]
+    made_from = {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj_list(test["id"]),
+                 "weights": [sha256_file(cfg.fold_dir(k) / "model.safetensors") for k in range(len(summaries))],
+                 "head_files": {h: [sha256_file(cfg.fold_dir(k) / "rebalance" / "heads" / f"{h}.safetensors")
+                                    for k in range(len(summaries))] for h in heads if h != "joint"},
+                 "oof": oof_df is not None}
+    out_dir = cfg.run_dir / "infer"
+    summary_path = out_dir / "summary.json"
+    if summary_path.exists() and not force and read_json(summary_path).get("made_from") == made_from:
+        log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)
+        return read_json(summary_path)
+
+    with experiment_lock(out_dir):
+        t0 = time.perf_counter()
+        device = pick_device(cfg, Dist())
+        dtype = amp_dtype(cfg, device)
+        n_workers = workers(cfg)
+        C = len(classes)
+        test_logits = {h: np.zeros((len(pairs), len(test), C), np.float64) for h in heads}
+        oof_logits = {h: np.zeros((len(pairs), len(oof_df) if oof_df is not None else 0, C), np.float32) for h in heads}
+        identity = A.Compose([])
+        n_images = 0
+        for k, s2 in enumerate(summaries):
+            model = models.load_trained(cfg, cfg.fold_dir(k) / "model.safetensors", C).to(device)
+            if device.type == "cuda" and cfg.train.channels_last:
+                model.to(memory_format=torch.channels_last)
+            norm = models.Normalize(s2["mean"], s2["std"]).to(device)
+            fold_heads = {h: _load_head(cfg, k, h, model) for h in heads}
+            jobs = [("test", test, np.arange(len(test)))]
+            if oof_df is not None:
+                rows = np.flatnonzero(oof_df["fold"].values == k)
+                jobs.append(("oof", oof_df.iloc[rows], rows))
+            for what, table, rows in jobs:
+                for scale in sorted(set(s for s, _ in pairs)):
+                    load, crop = sizes(a.img_size, a.resize_ratio, scale)
+                    views = [(i, v) for i, (s, v) in enumerate(pairs) if s == scale]
+                    store = ImageStore(table["path"].tolist(), load, a.cache, a.cache_dir)
+                    loader = make_loader(ImageDataset(store, None, identity), batch_size=cfg.infer.batch_size,
+                                         n_workers=n_workers, cuda=device.type == "cuda")
+                    start = 0
+                    for x, _ in loader:
+                        x = norm(x.to(device, non_blocking=True))
+                        feats = _view_features(model, x, [v for _, v in views], crop, dtype)
+                        n = len(x)
+                        for (i, _), f in zip(views, feats):
+                            for h, head in fold_heads.items():
+                                lg = head.torch_logits(f).cpu().numpy()
+                                if what == "test":
+                                    test_logits[h][i, start:start + n] += lg / len(summaries)
+                                else:
+                                    oof_logits[h][i, rows[start:start + n]] = lg
+                        start += n
+                        n_images += n * len(views)
+            log.info("fold %d: TTA inference done (%d view(s) x %d scale(s))", k, len(cfg.infer.views),
+                     len(cfg.infer.scales))
+        seconds = time.perf_counter() - t0
+
+        policy = [n for n, (s, v) in zip(names, pairs) if s in cfg.infer.scales and v in cfg.infer.views]
+        report_rows, searched = [], None
+        if oof_df is not None:
+            primary = heads[0]
+            if cfg.infer.search:
+                searched = greedy_policy(cfg, oof_df, summaries, oof_logits[primary], names)
+                policy = searched
+            for h in heads:
+                for label, sel in [("no TTA", ["orig@1"])] + [(f"{n} alone", [n]) for n in names] + \
+                                  [("policy", policy)]:
+                    probs = merge(oof_logits[h][[names.index(n) for n in sel]], cfg.infer.merge)
+                    report_rows.append({"head": h, "views": label, **cv_of(cfg, oof_df, summaries, probs)})
+        report = pd.DataFrame(report_rows)
+        idx = [names.index(n) for n in policy]
+        for h in heads:
+            test_probs = merge(test_logits[h][idx], cfg.infer.merge) if len(summaries) else None
+            write_npz(out_dir / h / "test.npz", ids=test["id"].values, classes=np.array([str(c) for c in classes]),
+                      probs=test_probs.astype(np.float32), view_logits=test_logits[h].astype(np.float16),
+                      views=np.array(names))
+            if oof_df is not None:
+                write_npz(out_dir / h / "oof.npz", ids=oof_df["id"].values, y=oof_df["y"].values,
+                          fold=oof_df["fold"].values, classes=np.array([str(c) for c in classes]),
+                          probs=merge(oof_logits[h][idx], cfg.infer.merge).astype(np.float32),
+                          view_logits=oof_logits[h].astype(np.float16), views=np.array(names))
+        if not report.empty:
+            write_csv(out_dir / "report.csv", report)
+        summary = {"experiment": cfg.experiment, "heads": heads, "primary": heads[0], "policy": policy,
+                   "searched": searched is not None, "merge": cfg.infer.merge, "classes": classes,
+                   "folds_file": sha256_file(cfg.folds_csv) if has_folds else None,
+                   "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
+                   "images_per_s": n_images / seconds, "seconds": seconds, "made_from": made_from}
+        write_json(summary_path, summary)
+    if not report.empty:
+        log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.metric,
+                 report.to_string(index=False, float_format="%.4f"))
+    log.info("TTA policy %s, %.0f view-images/s", policy, summary["images_per_s"])
+    return summary
+
+
+def sha256_obj_list(s: pd.Series) -> str:
+    from ..artifacts import sha256_obj
+
+    return sha256_obj([str(x) for x in s])
+
+
+def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
+    if variant == "joint":
+        clf = model.get_classifier()
+        return Head(clf.weight.detach().cpu().numpy(), clf.bias.detach().cpu().numpy())
+    return Head.load(cfg.fold_dir(k) / "rebalance" / "heads" / f"{variant}.safetensors")[0]
+
+
+@torch.no_grad()
+def _view_features(model, x, views, crop, dtype):
+    def forward(c):
+        c = c.contiguous(memory_format=torch.channels_last) if c.is_cuda else c.contiguous()
+        with torch.autocast(c.device.type, dtype=dtype, enabled=dtype is not None):
+            return models.features(model, c).float()
+    return policy_logits(forward, x, views, crop)
+
+
+def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarray) -> dict:
+    """Mean and std over folds of the metric, and the pooled value, for OOF probabilities."""
+    per = []
+    for k, s in enumerate(summaries):
+        m = df["fold"].values == k
+        per.append(compute(df["y"].values[m], probs[m], np.array(s["train_counts"]), cfg.eval.many_shot,
+                           cfg.eval.few_shot, cfg.eval.metric))
+    counts = np.mean([s["train_counts"] for s in summaries], axis=0)
+    pooled = compute(df["y"].values, probs, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+    return {"cv_mean": float(np.mean([p["score"] for p in per])), "cv_std": float(np.std([p["score"] for p in per])),
+            "cv_pooled": pooled["score"], "accuracy": pooled["accuracy"], "macro_f1": pooled["macro_f1"],
+            "balanced_accuracy": pooled["balanced_accuracy"], "many_acc": pooled["many_acc"],
+            "medium_acc": pooled["medium_acc"], "few_acc": pooled["few_acc"], "log_loss": pooled["log_loss"]}
+
+
+def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[str]) -> list[str]:
+    """Forward selection of views on OOF: start from orig@1, add the view that helps most, stop
+    when none helps. Chosen on the same OOF rows it is scored on (a mild optimism: say so)."""
+    gib = GREATER_IS_BETTER[cfg.eval.metric]
+    chosen = ["orig@1"]
+    value = lambda sel: cv_of(cfg, df, summaries, merge(logits[[names.index(n) for n in sel]], cfg.infer.merge))["cv_mean"]  # noqa: E731
+    best = value(chosen)
+    while True:
+        trials = {n: value(chosen + [n]) for n in names if n not in chosen}
+        if not trials:
+            break
+        n, v = (max if gib else min)(trials.items(), key=lambda kv: kv[1])
+        if not ((v > best) if gib else (v < best)):
+            break
+        chosen.append(n)
+        best = v
+    log.info("TTA search on OOF chose %s (%s %.4f)", chosen, cfg.eval.metric, best)
+    return chosen

@@ -1,0 +1,68 @@
+"""Test-time augmentation: small named views chosen by config, merged by a named rule.
+
+A view maps a batch of images (N x C x L x L, already normalised, L = the scale's load side) to
+one or more batches at the crop size S; `orig` is the centre crop that validation uses, so a
+policy of just `orig` at scale 1.0 is plain inference. Views run at every configured scale
+(FixRes: testing at a higher resolution than training often helps).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _center(x: torch.Tensor, s: int) -> torch.Tensor:
+    top = (x.shape[2] - s) // 2  # the same offsets as albumentations' CenterCrop
+    left = (x.shape[3] - s) // 2
+    return x[:, :, top:top + s, left:left + s]
+
+
+def orig(x, s):
+    return [_center(x, s)]
+
+
+def hflip(x, s):
+    return [_center(x, s).flip(3)]
+
+
+def vflip(x, s):
+    return [_center(x, s).flip(2)]
+
+
+def rot90(x, s):
+    return [_center(x, s).rot90(1, (2, 3))]
+
+
+def rot180(x, s):
+    return [_center(x, s).rot90(2, (2, 3))]
+
+
+def rot270(x, s):
+    return [_center(x, s).rot90(3, (2, 3))]
+
+
+def five_crop(x, s):
+    h, w = x.shape[2], x.shape[3]
+    return [x[:, :, :s, :s], x[:, :, :s, w - s:], x[:, :, h - s:, :s], x[:, :, h - s:, w - s:], _center(x, s)]
+
+
+VIEWS = {f.__name__: f for f in (orig, hflip, vflip, rot90, rot180, rot270, five_crop)}
+
+
+def sizes(img_size: int, resize_ratio: float, scale: float) -> tuple[int, int]:
+    """(load side, crop side) of a scale."""
+    crop = int(round(img_size * scale))
+    return int(round(crop * resize_ratio)), crop
+
+
+def merge(logits: np.ndarray, how: str) -> np.ndarray:
+    """V x N x C logits of V views -> N x C probabilities."""
+    from .metrics import softmax
+
+    logits = logits.astype(np.float64)
+    if how == "mean_logit":
+        return softmax(logits.mean(0))
+    probs = np.stack([softmax(v) for v in logits])
+    if how == "geo_mean":
+        return softmax(np.log(np.clip(probs, 1e-12, 1)).mean(0))
+    return probs.mean(0)
