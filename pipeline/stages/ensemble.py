@@ -205,7 +205,9 @@ def run(cfg: Config, force: bool = False) -> dict:
         raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
     test_probs = combine([m["test"]["probs"] for m in members], method, weights)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
-        raise PipelineError("the test ids of the competition differ from the members' predictions: re-run ./run.sh infer")
+        where = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else cfg.data_path(cfg.data.test_dir)
+        raise PipelineError(f"the test ids of {where} differ from the members' predictions (order or set): "
+                            f"re-run ./run.sh infer, or check the sample submission")
     private = private_score(cfg, members[0]["test"]["ids"], test_probs, classes)
     members_private = {m["name"]: private_score(cfg, m["test"]["ids"], m["test"]["probs"], classes) for m in members}
     table = pd.DataFrame(rows)
