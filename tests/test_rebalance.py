@@ -149,6 +149,15 @@ def _overrides(cfg):
             "folds.n_splits=2", "train.warmup_epochs=0", "rebalance.lws_epochs=4"]
 
 
+def test_augmented_views_feed_crt(trained):
+    cfg = load_config(None, [*_overrides(trained), "rebalance.aug_views=2", "rebalance.variants=[joint, crt]"])
+    rebalance_stage.run(cfg, fold=0)
+    f = np.load(cfg.fold_dir(0) / "rebalance" / "features.npz")
+    assert f["views"].shape == (2, *f["train"].shape)
+    assert not np.allclose(f["views"][0], f["views"][1])                 # two different augmented views
+    assert not np.allclose(f["views"][0], f["train"])
+
+
 def test_missing_fold_and_stale_weights_are_refused(trained):
     cfg = trained
     (cfg.fold_dir(1) / "summary.json").unlink()

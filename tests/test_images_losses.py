@@ -1,0 +1,64 @@
+"""Image reading, the decoded-image cache, losses, and fold-parallel training."""
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import make_competition, run_cli
+from pipeline.data import read_image
+from pipeline.images import ImageStore
+from pipeline.losses import SoftTargetLoss, effective_number_weights
+
+
+def test_grayscale_palette_and_rgba_become_rgb(tmp_path):
+    Image.fromarray(np.full((5, 6), 77, np.uint8), "L").save(tmp_path / "g.png")
+    rgba = np.zeros((5, 6, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :3, 3] = 255                                   # left half opaque red, right half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(np.full((5, 6), 3, np.uint8), "L").convert("P").save(tmp_path / "p.png")
+    g = read_image(tmp_path / "g.png")
+    assert g.shape == (5, 6, 3) and (g == 77).all()
+    a = read_image(tmp_path / "a.png")
+    assert a.shape == (5, 6, 3) and tuple(a[0, 0]) == (255, 0, 0) and tuple(a[0, 5]) == (255, 255, 255)
+    assert read_image(tmp_path / "p.png").shape == (5, 6, 3)
+
+
+def test_cache_gives_the_same_pixels_and_is_reused(tmp_path):
+    root = make_competition(tmp_path / "c", {"a": 3, "b": 3}, size=20, ext=".jpg")
+    paths = sorted(str(p) for p in (root / "train").iterdir())
+    plain = ImageStore(paths, 24, "off")
+    cached = ImageStore(paths, 24, "on", tmp_path / "cache")
+    assert cached.cache_file is not None and cached.cache_file.exists()
+    for i in range(len(paths)):
+        assert np.array_equal(plain[i], cached[i])
+    mtime = cached.cache_file.stat().st_mtime_ns
+    again = ImageStore(paths, 24, "on", tmp_path / "cache")
+    assert again.cache_file == cached.cache_file and cached.cache_file.stat().st_mtime_ns == mtime
+
+
+def test_losses():
+    logits = torch.randn(6, 4)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    onehot = torch.eye(4)[y]
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(SoftTargetLoss("ce")(logits, onehot), ce)
+    assert torch.allclose(SoftTargetLoss("focal", gamma=0.0)(logits, onehot), ce)     # focal(gamma=0) = CE
+    assert SoftTargetLoss("focal", gamma=2.0)(logits, onehot) < ce                   # down-weights easy rows
+    w = effective_number_weights(np.array([1000, 100, 10]), 0.999)
+    assert np.isclose(w.sum(), 3) and w[0] < w[1] < w[2]                              # rare classes weigh more
+
+
+def test_gpus_option_trains_folds_in_parallel_processes(workdir):
+    root = make_competition(workdir / "comp", {"a": 8, "b": 8}, size=24)
+    cfg = workdir / "c.yaml"
+    cfg.write_text(f"experiment: par\ndevice: cpu\ndata:\n  root: {root}\n  image_ext: .png\nfolds:\n  n_splits: 2\n"
+                   "model:\n  arch: test_resnet\naug:\n  img_size: 32\n  cache: off\n"
+                   "train:\n  epochs: 1\n  batch_size: 8\n  workers: 0\n  warmup_epochs: 0\n")
+    assert run_cli(["folds", "--config", str(cfg)], workdir).returncode == 0
+    r = run_cli(["train", "--config", str(cfg), "--gpus", "0,1"], workdir)
+    assert r.returncode == 0, r.stderr
+    assert "fold 0 -> GPU 0" in r.stderr and "fold 1 -> GPU 1" in r.stderr
+    for k in (0, 1):
+        assert (workdir / f"runs/par/fold{k}/summary.json").exists()
+    r = run_cli(["folds", "--config", str(cfg), "--gpus", "0"], workdir)
+    assert r.returncode == 2 and "--gpus applies to train only" in r.stderr
