@@ -15,7 +15,8 @@ from .metrics import score, softmax
 log = logging.getLogger("pipeline")
 
 
-def _private(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
+def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
+    """The metric against held-out test labels (`data.test_labels`, the demo's), or None."""
     if not cfg.data.test_labels or not cfg.data_path(cfg.data.test_labels).exists():
         return None
     t = pd.read_csv(cfg.data_path(cfg.data.test_labels), dtype=str).set_index(cfg.data.id_col)[cfg.data.label_col]
@@ -42,8 +43,8 @@ def summary_table(cfg: Config) -> pd.DataFrame:
         plain = softmax(jt["view_logits"][list(jt["views"]).index("orig@1")].astype(np.float32))
         rows.append({"model": exp, "head": head, "CV joint": joint["cv_mean"], "CV head": best["cv_mean"],
                      "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
-                     "private joint": _private(cfg, jt["ids"], plain, inf["classes"]),
-                     "private head+TTA": _private(cfg, bt["ids"], bt["probs"], inf["classes"])})
+                     "private joint": private_score(cfg, jt["ids"], plain, inf["classes"]),
+                     "private head+TTA": private_score(cfg, bt["ids"], bt["probs"], inf["classes"])})
     t = pd.DataFrame(rows)
     ens_row = [r for r in ens["table"] if r["member"].startswith("ensemble")]
     if ens_row:

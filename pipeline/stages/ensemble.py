@@ -25,6 +25,7 @@ from ..config import Config
 from ..data import read_sample_submission, read_test_table
 from ..errors import PipelineError
 from ..metrics import GREATER_IS_BETTER, score
+from ..report import private_score
 
 log = logging.getLogger("pipeline")
 
@@ -158,18 +159,6 @@ def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, classes: list, 
         p = sub.iloc[:, 1:].values.astype(float)
         if (p < 0).any() or not np.allclose(p.sum(1), 1, atol=1e-4):
             raise PipelineError("submission probabilities are not a distribution per row")
-
-
-def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
-    if not cfg.data.test_labels:
-        return None
-    path = cfg.data_path(cfg.data.test_labels)
-    if not path.exists():
-        return None
-    t = pd.read_csv(path, dtype=str).set_index(cfg.data.id_col)[cfg.data.label_col]
-    names = [str(c) for c in classes]
-    y = np.array([names.index(str(t[i])) for i in ids])
-    return score(cfg.eval.metric, y, probs)
 
 
 # ----------------------------------------------------------------------------- entry
