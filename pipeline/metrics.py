@@ -32,17 +32,9 @@ def shot_groups(train_counts: np.ndarray, many: int, few: int) -> dict[str, np.n
 def compute(y: np.ndarray, probs: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20,
             metric: str = "accuracy") -> dict[str, float]:
     """All metrics for probabilities `probs` (N x C); `score` is the configured competition metric."""
-    n_classes = probs.shape[1]
-    pred = probs.argmax(1)
-    rec = per_class_recall(y, pred, n_classes)
-    out = {
-        "accuracy": float((pred == y).mean()),
-        "macro_f1": float(f1_score(y, pred, labels=np.arange(n_classes), average="macro", zero_division=0)),
-        "balanced_accuracy": float(np.nanmean(rec)),
-        "log_loss": float(log_loss(y, np.clip(probs, 1e-15, 1), labels=np.arange(n_classes))),
-    }
-    if metric == "qwk":
-        out["qwk"] = float(cohen_kappa_score(y, pred, weights="quadratic"))
+    names = ["accuracy", "macro_f1", "balanced_accuracy", "log_loss"] + (["qwk"] if metric == "qwk" else [])
+    out = {n: score(n, y, probs) for n in names}
+    rec = per_class_recall(y, probs.argmax(1), probs.shape[1])
     for name, mask in shot_groups(train_counts, many, few).items():
         r = rec[mask]
         out[f"{name}_acc"] = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")

@@ -14,6 +14,7 @@ geometric mean; rank average. Members must share the folds file, label encoding 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,8 +40,6 @@ def parse_members(cfg: Config) -> list[tuple[str, str | None]]:
 
 
 def load_member(exp: str, head: str | None) -> dict:
-    from pathlib import Path
-
     d = Path("runs") / exp / "infer"
     if not (d / "summary.json").exists():
         raise PipelineError(f"ensemble member '{exp}': {d / 'summary.json'} not found; run ./run.sh infer for it")

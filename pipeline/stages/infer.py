@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .. import models
-from ..artifacts import experiment_lock, read_json, sha256_file, write_csv, write_json, write_npz
+from ..artifacts import experiment_lock, read_json, sha256_file, sha256_obj, write_csv, write_json, write_npz
 from ..config import Config
 from ..data import read_folds, read_test_table
 from ..distributed import Dist
@@ -35,7 +35,7 @@ from ..errors import PipelineError
 from ..heads import Head
 from ..images import ImageDataset, ImageStore
 from ..metrics import GREATER_IS_BETTER, compute
-from ..provenance import changed_keys, train_record
+from ..provenance import stage2_summary
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..tta import VIEWS, merge, sizes
 
@@ -65,27 +65,6 @@ def resolve_heads(cfg: Config) -> list[str]:
     return out + (["joint"] if "joint" not in out else [])
 
 
-def _fold_inputs(cfg: Config, classes: list, has_folds: bool) -> list[dict]:
-    n = cfg.folds.n_splits
-    out = []
-    for k in range(n):
-        path = cfg.fold_dir(k) / "summary.json"
-        if not path.exists():
-            raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output "
-                                f"({path}): run ./run.sh train before infer")
-        s = read_json(path)
-        if s["num_classes"] != len(classes) or s["arch"] != cfg.model.arch:
-            raise PipelineError(f"{path}: trained as {s['arch']} with {s['num_classes']} classes, but the config "
-                                f"says {cfg.model.arch} with {len(classes)} classes")
-        if has_folds:
-            rec = train_record(cfg)
-            if s.get("made_from") != rec:
-                raise PipelineError(f"{path}: the fold's weights are stale (changed: "
-                                    f"{', '.join(changed_keys(s['made_from'], rec))}); re-run ./run.sh train")
-        out.append(s)
-    return out
-
-
 def run(cfg: Config, force: bool = False) -> dict:
     classes_path = cfg.run_dir / "classes.json"
     if not classes_path.exists():
@@ -104,7 +83,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         if oof_df is None and cfg.infer.oof == "on":
             raise PipelineError("infer.oof=on needs the folds file and the train images; use infer.oof=off "
                                 "for test-only inference (e.g. in a Kaggle kernel)")
-    summaries = _fold_inputs(cfg, classes, has_folds)
+    summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
     heads = resolve_heads(cfg)
     test = read_test_table(cfg)
     a = cfg.aug
@@ -112,7 +91,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     if (1.0, "orig") not in pairs:
         pairs = [(1.0, "orig")] + pairs  # always measured: the no-TTA baseline
     names = [f"{v}@{s:g}" for s, v in pairs]
-    made_from = {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj_list(test["id"]),
+    made_from = {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
                  "weights": [sha256_file(cfg.fold_dir(k) / "model.safetensors") for k in range(len(summaries))],
                  "head_files": {h: [sha256_file(cfg.fold_dir(k) / "rebalance" / "heads" / f"{h}.safetensors")
                                     for k in range(len(summaries))] for h in heads if h != "joint"},
@@ -205,12 +184,6 @@ def run(cfg: Config, force: bool = False) -> dict:
                  report.to_string(index=False, float_format="%.4f"))
     log.info("TTA policy %s, %.0f view-images/s", policy, summary["images_per_s"])
     return summary
-
-
-def sha256_obj_list(s: pd.Series) -> str:
-    from ..artifacts import sha256_obj
-
-    return sha256_obj([str(x) for x in s])
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:

@@ -38,7 +38,7 @@ from ..errors import PipelineError
 from ..heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
 from ..images import ImageDataset, ImageStore
 from ..metrics import GREATER_IS_BETTER, compute, per_class_recall, score, softmax
-from ..provenance import changed_keys, train_record
+from ..provenance import stage2_summary
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..distributed import Dist
 
@@ -47,28 +47,13 @@ log = logging.getLogger("pipeline")
 NCM_SCALES = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0]  # cosine -> logit temperature (chosen by log-loss)
 
 
-def stage2_summary(cfg: Config, k: int) -> dict:
-    """The finished stage-2 output of fold k, checked against the current config."""
-    path = cfg.fold_dir(k) / "summary.json"
-    if not path.exists():
-        raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output ({path}); "
-                            f"run ./run.sh train --fold {k}")
-    s = read_json(path)
-    rec = train_record(cfg)
-    if s.get("made_from") != rec:
-        raise PipelineError(f"{path}: the fold's weights are stale: they were trained with other inputs "
-                            f"(changed: {', '.join(changed_keys(s.get('made_from', {}), rec))}); "
-                            f"re-run ./run.sh train --force, or restore the config")
-    return s
-
-
 # ----------------------------------------------------------------------------- features
 def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict) -> dict[str, np.ndarray]:
     """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows."""
     out = cfg.fold_dir(k) / "rebalance"
     weights = cfg.fold_dir(k) / "model.safetensors"
     a = cfg.aug
-    record = {"weights": sha256_file(weights), "classes": classes, "img_size": a.img_size,
+    record = {"format": 2, "weights": sha256_file(weights), "classes": classes, "img_size": a.img_size,
               "resize_ratio": a.resize_ratio, "aug_views": cfg.rebalance.aug_views,
               "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed}
     if record["aug"]:
@@ -106,9 +91,13 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     views = [run(tr["path"].tolist(), tr["y"].values, train_transform(cfg), keyed_epoch=10_000 + v)
              for v in range(cfg.rebalance.aug_views)]
     feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
-    # the features must reproduce stage 2's held-out logits through its own classifier
+    # the joint classifier travels with the features; they must reproduce stage 2's held-out logits
     clf = model.get_classifier()
-    joint = feats["valid"] @ clf.weight.detach().cpu().numpy().T + clf.bias.detach().cpu().numpy()
+    if not isinstance(clf, torch.nn.Linear):
+        raise PipelineError(f"model.arch={cfg.model.arch}: rebalancing needs a linear classifier head")
+    feats["joint_weight"] = clf.weight.detach().cpu().numpy()
+    feats["joint_bias"] = clf.bias.detach().cpu().numpy()
+    joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
     oof = read_npz(cfg.fold_dir(k) / "oof.npz")
     if not np.allclose(joint, oof["logits"], atol=1e-3 if dtype is None else 5e-2, rtol=1e-3):
         raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
@@ -190,7 +179,7 @@ def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- per fold
 def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool) -> dict:
-    s2 = stage2_summary(cfg, k)
+    s2 = stage2_summary(cfg, k, len(classes))
     out = cfg.fold_dir(k) / "rebalance"
     feats = fold_features(cfg, df, classes, k, s2)
     made_from = {"rebalance": cfg.to_dict()["rebalance"], "eval": cfg.to_dict()["eval"],
@@ -200,10 +189,7 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
         log.info("fold %d: rebalanced heads up to date, skipped", k)
         return read_json(summary_path)
     t0 = time.perf_counter()
-    sd = models.read_state_dict(cfg.fold_dir(k) / "model.safetensors")
-    clf_key = _classifier_key(cfg, sd, len(classes))
-    w, b = sd[f"{clf_key}.weight"].numpy(), sd[f"{clf_key}.bias"].numpy()
-    res = fit_variants(cfg, feats, w, b, len(classes), cfg.seed + k)
+    res = fit_variants(cfg, feats, feats["joint_weight"], feats["joint_bias"], len(classes), cfg.seed + k)
     variants = {}
     for v, o in res.items():
         record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
@@ -216,14 +202,6 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
     line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in res.items())
     log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.metric, line)
     return summary
-
-
-def _classifier_key(cfg: Config, sd: dict, n_classes: int) -> str:
-    m = models.create_model(cfg, n_classes, pretrained=False)
-    names = [n for n, mod in m.named_modules() if mod is m.get_classifier()]
-    if not names or not isinstance(m.get_classifier(), torch.nn.Linear):
-        raise PipelineError(f"model.arch={cfg.model.arch}: rebalancing needs a linear classifier head")
-    return names[0]
 
 
 # ----------------------------------------------------------------------------- report

@@ -83,10 +83,7 @@ def predict(model, loader, norm, device, dtype) -> np.ndarray:
     out = []
     for x, _ in loader:
         x = norm(x.to(device, non_blocking=True))
-        if device.type == "cuda" and dtype is not None:
-            with torch.autocast("cuda", dtype=dtype):
-                out.append(model(x).float().cpu())
-        else:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(model(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
@@ -167,12 +164,13 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
     a = cfg.aug
     train_side = round(a.img_size * (a.resize_ratio if a.crop == "resize_crop" else 1.0))
     valid_side = round(a.img_size * a.resize_ratio)
-    tr_store = ImageStore(train_df["path"].tolist(), train_side, a.cache if dist.main else "off", a.cache_dir)
-    va_store = ImageStore(valid_df["path"].tolist(), valid_side, a.cache if dist.main else "off", a.cache_dir)
+    stores = lambda: (ImageStore(train_df["path"].tolist(), train_side, a.cache, a.cache_dir),  # noqa: E731
+                      ImageStore(valid_df["path"].tolist(), valid_side, a.cache, a.cache_dir))
+    if dist.main:  # builds the caches; the other processes open them once they exist
+        tr_store, va_store = stores()
     dist.barrier()
-    if not dist.main and a.cache != "off":  # the cache files exist now: reuse them
-        tr_store = ImageStore(train_df["path"].tolist(), train_side, a.cache, a.cache_dir)
-        va_store = ImageStore(valid_df["path"].tolist(), valid_side, a.cache, a.cache_dir)
+    if not dist.main:
+        tr_store, va_store = stores()
     tr_ds = ImageDataset(tr_store, y_tr, train_transform(cfg), seed=cfg.seed)
     va_ds = ImageDataset(va_store, y_va, valid_transform(cfg))
     batches = EpochBatches(lambda e: epoch_indices(t.sampler, y_tr, n_classes, cfg.seed, e, t.epochs),
@@ -216,7 +214,9 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
     if t.compile and cuda:
         net = torch.compile(net)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
+    # host<->device syncs are costly on GPU: read the loss back (and check it is finite) every
+    # `sync_every` steps there; on CPU every step, so a divergence names its exact step
+    sync_every = 25 if cuda else 1
 
     if dist.main:
         log.info("fold %d: %s, %d train / %d valid images, %d classes, %d steps/epoch, device %s%s%s",
@@ -229,7 +229,8 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
         net.train()
         mixing = mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
         t0 = time.perf_counter()
-        wait, seen, loss_sum = 0.0, 0, 0.0
+        wait, seen = 0.0, 0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
         bar = tqdm(total=len(batches), desc=f"fold {k} epoch {epoch + 1}/{t.epochs}", leave=False,
                    disable=None if dist.main else True)
         t_wait = time.perf_counter()
@@ -244,13 +245,17 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
                 x, target = mixup(x, y)
             else:
                 target = mixup_target(y, n_classes, smoothing=t.label_smoothing)
-            with autocast():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = criterion(net(x), target)
-            if dist.any(not torch.isfinite(loss).item()):
-                raise PipelineError(
-                    f"fold {k}: non-finite loss at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
-                    f"checkpoint is kept: {ckpt_path if ckpt_path.exists() else 'none yet'}. "
-                    f"Try a lower train.lr, train.clip_grad, or train.amp=bf16")
+            loss_sum += loss.detach() * len(x)
+            seen += len(x)
+            if (step + 1) % sync_every == 0 or step + 1 == len(batches):
+                total = loss_sum.item()  # the one sync; a non-finite step makes the running sum non-finite
+                if dist.any(not np.isfinite(total)):
+                    at = f"step {step + 1}" if sync_every == 1 else f"steps {step + 2 - sync_every}-{step + 1}"
+                    raise _diverged(k, f"loss at epoch {epoch + 1}, {at}", ckpt_path)
+                bar.set_postfix(loss=f"{total / seen:.4f}",
+                                img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
             (scaler.scale(loss / t.accum_steps) if scaler else loss / t.accum_steps).backward()
             if (step + 1) % t.accum_steps == 0:
                 if t.clip_grad:
@@ -267,9 +272,6 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
                 scheduler.step_update(num_updates)
                 if ema is not None:
                     ema.update(model, step=num_updates)
-            seen += len(x)
-            loss_sum += loss.item() * len(x)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
             bar.update()
             if step == len(batches) // 2:
                 fault_point(f"train:mid-epoch:{epoch}")
@@ -286,12 +288,9 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
             logits["ema"] = predict(ema.module, valid_loader, norm, device, dtype)
         logits = {s: _gather_rows(dist, va_idx, v, len(va_ds)) for s, v in logits.items()}
         if not np.isfinite(logits["raw"]).all():
-            raise PipelineError(
-                f"fold {k}: non-finite outputs at epoch {epoch + 1}, validation: the weights diverged; stopped. "
-                f"The last good checkpoint is kept: {ckpt_path if ckpt_path.exists() else 'none yet'}. "
-                f"Try a lower train.lr, train.clip_grad, or train.amp=bf16")
+            raise _diverged(k, f"outputs at epoch {epoch + 1}, validation", ckpt_path)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": _mean_over_ranks(dist, loss_sum, seen), "images_per_s": seen * dist.world / train_time,
+               "train_loss": _mean_over_ranks(dist, loss_sum.item(), seen), "images_per_s": seen * dist.world / train_time,
                "data_wait": wait / train_time}
         for src, lg in logits.items():
             m = compute(y_va, softmax(lg), counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
@@ -324,10 +323,9 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
         chosen = "raw"
         if "ema" in scored and better(scored["ema"]["score"], scored["raw"]["score"], cfg.eval.metric):
             chosen = "ema"
-        shutil.copyfile(fd / f"best_{chosen}.safetensors", fd / ".model.tmp")
-        os.replace(fd / ".model.tmp", fd / "model.safetensors")
-        shutil.copyfile(fd / f"oof_{chosen}.npz", fd / ".oof.tmp")
-        os.replace(fd / ".oof.tmp", fd / "oof.npz")
+        for src, dst in ((f"best_{chosen}.safetensors", "model.safetensors"), (f"oof_{chosen}.npz", "oof.npz")):
+            with atomic_path(fd / dst) as tmp:
+                shutil.copyfile(fd / src, tmp)
         oof = np.load(fd / "oof.npz")
         final = compute(y_va, softmax(oof["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
         summary = {"fold": k, "chosen": chosen, "epoch": best[chosen]["epoch"], "score": final["score"],
@@ -341,6 +339,12 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
                  summary["score"])
     dist.barrier()
     return dist.broadcast(summary)
+
+
+def _diverged(k: int, what: str, ckpt_path) -> PipelineError:
+    return PipelineError(f"fold {k}: non-finite {what}: the weights diverged; stopped. The last good checkpoint "
+                         f"is kept: {ckpt_path if ckpt_path.exists() else 'none yet'}. "
+                         f"Try a lower train.lr, train.clip_grad, or train.amp=bf16")
 
 
 def _gather_rows(dist: Dist, idx: np.ndarray, part: np.ndarray, n: int) -> np.ndarray:
