@@ -20,6 +20,10 @@ import numpy as np
 from .errors import PipelineError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def fault_point(name: str) -> None:
     """Test hook: `PIPELINE_FAULT=<name>` kills the process here (SIGKILL, no cleanup).
 
@@ -46,6 +50,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
         fault_point(f"write:{path.name}")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except OSError as e:
         raise PipelineError(f"cannot write {path}: {e.strerror or e}") from e
@@ -112,12 +117,21 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """Hash of a file's bytes; remembered per (path, inode, size, mtime) so up-to-date checks that hash
+    the same weights several times in one process read them once."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def sha256_obj(obj: Any) -> str:

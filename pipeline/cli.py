@@ -12,7 +12,9 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from . import provenance
 from .config import Config, load_config
 from .errors import PipelineError
 
@@ -38,7 +40,13 @@ STAGES = [
     Stage("5", "ensemble", "pipeline.stages.ensemble", "combine experiments, write submissions/<name>.csv", False),
 ]
 EXTRA = {
-    "all": "run stages 1-5 in order (and the experiments named in run_also), then print the score table",
+    "all": "run what is stale of stages 1-5 (and of the experiments in run_also), skip what is up to date, "
+           "then print the score table and write reports/",
+    "status": "say, per stage, whether its outputs are up to date and if not why (what changed)",
+    "leaderboard": "rank every experiment under runs/ by CV -> reports/leaderboard.{csv,md} "
+                   "[--sort COL] [--filter GLOB] [--best]",
+    "compare": "compare A B: config differences next to per-fold metric differences",
+    "report": "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
     "help": "show this help",
 }
 
@@ -69,6 +77,7 @@ def help_text() -> str:
               f"  --config FILE   experiment config (default: {DEFAULT_CONFIG})",
               "  --fold K        only fold K (train, rebalance)",
               "  --force         redo work that is already done",
+              "  --allow-stale   use inputs made from other settings (warns instead of refusing)",
               "  --gpus 0,1,...  train: run folds in parallel, one process per GPU",
               "  key=value       override any config entry, e.g. train.epochs=3"]
     return "\n".join(lines)
@@ -80,6 +89,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--fold", type=int, default=None)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--allow-stale", action="store_true")
+    p.add_argument("--sort", default=None)
+    p.add_argument("--filter", default=None)
+    p.add_argument("--best", action="store_true")
     p.add_argument("--gpus", default=None)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
@@ -118,28 +131,95 @@ def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: st
     return out
 
 
-def run_all(cfg: Config, force: bool, overrides: list[str]) -> None:
-    missing = [s.name for s in STAGES if not stage_available(s)]
-    if missing:
-        log.warning("stages not built yet, skipped: %s", ", ".join(missing))
-    from pathlib import Path
-
+def all_configs(cfg: Config, overrides: list[str]) -> list[Config]:
+    """This experiment and those named in its run_also (paths relative to its config file)."""
     here = Path(cfg.source).parent if cfg.source not in ("", "defaults") else Path(".")
     configs = [cfg]
     for p in cfg.run_also:
         c = load_config(here / p, overrides)
         if c.experiment not in {x.experiment for x in configs}:
             configs.append(c)
-    for c in configs:
+    return configs
+
+
+def stage_status(stage: Stage, cfg: Config) -> list[str]:
+    """Why the stage would do work now; [] when its outputs are up to date."""
+    return importlib.import_module(stage.module).status(cfg)
+
+
+def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
+    """Like `dvc repro`: each stage whose outputs are stale (or missing) runs, the others are
+    skipped. Stages run in order, so a stage is judged after everything upstream is current."""
+    configs = all_configs(cfg, overrides)
+    ran, skipped = [], []
+    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble"] + [(cfg, _find_stage("ensemble"))]
+    for c, stage in jobs:
         prepare(c)
+        tag = f"{c.experiment}:{stage.name}"
+        if stage.name == "folds":  # judges itself: reading the train table twice would cost double
+            did = run_stage(stage, c, None, force) or force
+        else:
+            reasons = ["--force"] if force else stage_status(stage, c)
+            did = bool(reasons)
+            if did:
+                log.info("stage %s (%s) of '%s' is stale: %s", stage.number, stage.name, c.experiment,
+                         "; ".join(reasons))
+                run_stage(stage, c, None, force)
+            else:
+                log.info("stage %s (%s) of '%s' is up to date, skipped", stage.number, stage.name, c.experiment)
+        (ran if did else skipped).append(tag)
+    log.info("all: ran %s; up to date %s", " ".join(ran) or "nothing", " ".join(skipped) or "nothing")
+    importlib.import_module("pipeline.report").print_summary(cfg)
+    exp_report = importlib.import_module("pipeline.experiment_report")
+    for c in configs:
+        exp_report.write(c.experiment)
+    importlib.import_module("pipeline.leaderboard").write(Path("runs"), Path("reports"))
+    return {"ran": ran, "skipped": skipped}
+
+
+def print_status(cfg: Config, overrides: list[str]) -> None:
+    for c in all_configs(cfg, overrides):
+        upstream_stale = None
+        print(f"experiment {c.experiment}:")
         for stage in STAGES:
-            if stage.name == "ensemble" or not stage_available(stage):
+            if stage.name == "ensemble" and c is not cfg:
                 continue
-            run_stage(stage, c, None, force)
-    ens = _find_stage("ensemble")
-    if stage_available(ens):
-        run_stage(ens, cfg, None, force)
-        importlib.import_module("pipeline.report").print_summary(cfg)
+            if upstream_stale:
+                state = f"waits for stage {upstream_stale}"
+            else:
+                try:
+                    reasons = stage_status(stage, c)
+                except PipelineError as e:
+                    reasons = [str(e)]
+                state = "up to date" if not reasons else "stale: " + "; ".join(reasons)
+                if reasons:
+                    upstream_stale = f"{stage.number} ({stage.name})"
+            print(f"  {stage.number} {stage.name:<10} {state}")
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    """leaderboard / compare / report: they read runs/ and submissions/, no config needed."""
+    from . import experiment_report, leaderboard
+
+    runs, reports = Path("runs"), Path("reports")
+    if args.command == "leaderboard":
+        if args.overrides:
+            raise PipelineError(f"leaderboard takes options only (--sort, --filter, --best), not {args.overrides}")
+        table = leaderboard.write(runs, reports, sort=args.sort, pattern=args.filter, best=args.best)
+        print(leaderboard.to_text(table))
+        return 0
+    if args.command == "compare":
+        if len(args.overrides) != 2:
+            raise PipelineError("usage: ./run.sh compare EXP_A EXP_B")
+        print(leaderboard.compare(runs, *args.overrides))
+        return 0
+    names = args.overrides or (sorted(p.name for p in runs.iterdir() if (p / "config.yaml").exists())
+                               if runs.exists() else [])
+    if not names:
+        raise PipelineError("no experiments under runs/ to report on")
+    for name in names:
+        print(experiment_report.write(name, reports))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,11 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.help or args.command == "help":
             print(help_text())
             return 0
+        provenance.allow_stale(args.allow_stale)
+        if args.command in ("leaderboard", "compare", "report"):
+            return run_report_command(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "all":
             if args.fold is not None:
                 raise PipelineError("--fold does not apply to 'all'")
             run_all(cfg, args.force, args.overrides)
+            return 0
+        if args.command == "status":
+            prepare(cfg)
+            print_status(cfg, args.overrides)
             return 0
         stage = _find_stage(args.command)
         if stage is None:

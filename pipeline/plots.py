@@ -47,3 +47,69 @@ def sweep(path, curves: list[dict], xlabel: str, ylabel: str, chosen: list | Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def training_curves(path, histories: list) -> None:
+    """Loss, validation metric and learning rate per epoch, one line per fold (pandas frames)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for k, h in enumerate(histories):
+        c = f"C{k % 10}"
+        axes[0].plot(h["epoch"], h["train_loss"], color=c, label=f"fold {k} train")
+        axes[0].plot(h["epoch"], h["valid_loss"], color=c, ls="--", label=f"fold {k} valid")
+        axes[1].plot(h["epoch"], h["score"], color=c, marker=".", label=f"fold {k}")
+        if "ema_score" in h and h["ema_score"].notna().any():
+            axes[1].plot(h["epoch"], h["ema_score"], color=c, ls=":", alpha=0.7)
+        axes[2].plot(h["epoch"], h["lr"], color=c)
+    for ax, title in zip(axes, ("loss (solid train, dashed valid)", "validation metric (dotted: EMA)", "learning rate")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    _save(fig, path)
+
+
+def confusion(path, matrix: np.ndarray, class_names: list, title: str) -> None:
+    """Row-normalised confusion matrix (row = true class): the diagonal is per-class recall."""
+    n = len(class_names)
+    size = min(3 + 0.35 * n, 14)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if n <= 40:
+        ax.set_xticks(range(n), [str(c) for c in class_names], rotation=90, fontsize=7)
+        ax.set_yticks(range(n), [str(c) for c in class_names], fontsize=7)
+    if n <= 15:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j] >= 0.005:
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if matrix[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def bars(path, labels: list[str], values: list[float], ylabel: str, title: str) -> None:
+    """A signed bar per label (e.g. CV gain of each TTA view over no TTA)."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(labels) + 2), 3.8))
+    ax.bar(range(len(labels)), values, color=["C2" if v >= 0 else "C3" for v in values])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def contact_sheet(path, images: list[np.ndarray], captions: list[str], title: str, cols: int = 4) -> None:
+    """Images in a grid, each with a caption (e.g. the most confidently wrong OOF predictions)."""
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cap in zip(axes.flat, images, captions):
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+        ax.set_title(cap, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

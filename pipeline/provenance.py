@@ -1,27 +1,46 @@
-"""What each stage's outputs were made from, so a later stage can refuse stale or foreign inputs.
+"""What each stage's outputs were made from: the records behind up-to-date checks and refusals.
 
-A record is a plain dict: the config sections the output depends on plus hashes of input files.
-Comparing the record stored with an output against the one the current config would produce
-says whether it is up to date, and `changed_keys` says what differs.
+A record is a plain dict: the config sections an output depends on plus hashes of its input files.
+Every stage stores the record of its outputs (`made_from` in its summary.json) and compares it with
+the record the current config would produce: equal means up to date (skipped), different means
+stale (re-run), and `changed_keys` says what differs. A stage that finds its *input* stale (made
+by an upstream stage from other settings) refuses, naming the input, unless `--allow-stale`.
+The environment (package versions, git commit) is stored next to the record but never compared:
+upgrading numpy should not retrain a model.
 """
 from __future__ import annotations
 
-from .artifacts import read_json, sha256_file
+import functools
+import importlib.metadata
+import logging
+import platform
+import subprocess
+from pathlib import Path
+
+from .artifacts import read_json, sha256_file, sha256_obj
 from .config import Config
+from .data import read_folds, read_test_table
 from .errors import PipelineError
 
+log = logging.getLogger("pipeline")
+
 TRAIN_SECTIONS = ("data", "folds", "model", "aug", "train", "eval")  # what a fold's weights depend on
+PACKAGES = ("torch", "torchvision", "timm", "albumentations", "numpy", "pandas", "scikit-learn")
+_ALLOW_STALE = [False]
 
 
-def train_record(cfg: Config) -> dict:
-    d = cfg.to_dict()
-    rec = {s: d[s] for s in TRAIN_SECTIONS}
-    rec["seed"] = cfg.seed
-    rec["folds_file"] = sha256_file(cfg.folds_csv)
-    for k in ("cache", "cache_dir"):  # where pixels come from, not what they are
-        rec["aug"].pop(k, None)
-    rec["train"].pop("workers", None)
-    return rec
+def allow_stale(on: bool = True) -> None:
+    """The CLI's --allow-stale: stale inputs are used with a warning instead of refused."""
+    _ALLOW_STALE[0] = on
+
+
+def refuse_stale(what: str | Path, changed: list[str], fix: str) -> None:
+    msg = (f"{what} is stale: it was made from other inputs (changed: {', '.join(changed) or 'unknown'}); "
+           f"{fix}")
+    if _ALLOW_STALE[0]:
+        log.warning("warning: %s -- used anyway (--allow-stale)", msg)
+        return
+    raise PipelineError(msg + ", or pass --allow-stale to use it as it is")
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -33,6 +52,39 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict:
+    """Package versions and the git commit of the code that made an output (stored, not compared)."""
+    env = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            env[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            env[p] = None
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        env["git_commit"] = commit.stdout.strip() or None
+        env["git_dirty"] = bool(dirty.stdout.strip()) if commit.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = env["git_dirty"] = None
+    return env
+
+
+# ----------------------------------------------------------------------------- stage 2
+def train_record(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    rec = {s: d[s] for s in TRAIN_SECTIONS}
+    rec["seed"] = cfg.seed
+    rec["folds_file"] = sha256_file(cfg.folds_csv)
+    for k in ("cache", "cache_dir"):  # where pixels come from, not what they are
+        rec["aug"].pop(k, None)
+    rec["train"].pop("workers", None)
+    return rec
 
 
 def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True) -> dict:
@@ -49,7 +101,88 @@ def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True
     if check_stale:
         rec = train_record(cfg)
         if s.get("made_from") != rec:
-            raise PipelineError(f"{path}: the fold's weights are stale: they were trained with other inputs "
-                                f"(changed: {', '.join(changed_keys(s.get('made_from', {}), rec))}); "
-                                f"re-run ./run.sh train --force, or restore the config")
+            refuse_stale(f"{path} (the fold's stage-2 weights)", changed_keys(s.get("made_from", {}), rec),
+                         "re-run ./run.sh train (or ./run.sh all), or restore the config")
     return s
+
+
+# ----------------------------------------------------------------------------- stage 3
+def feature_record(cfg: Config, k: int, classes: list) -> dict:
+    """What fold k's cached backbone features depend on: the weights and the pixels fed to them."""
+    a = cfg.aug
+    rec = {"format": 2, "weights": sha256_file(cfg.fold_dir(k) / "model.safetensors"), "classes": classes,
+           "img_size": a.img_size, "resize_ratio": a.resize_ratio, "aug_views": cfg.rebalance.aug_views,
+           "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed}
+    if rec["aug"]:
+        for x in ("cache", "cache_dir"):
+            rec["aug"].pop(x)
+    return rec
+
+
+def rebalance_record(cfg: Config, k: int, classes: list) -> dict:
+    d = cfg.to_dict()
+    return {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes)}
+
+
+def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
+    """Fold k's finished stage-3 record, refused when missing or made from other settings/weights."""
+    path = cfg.fold_dir(k) / "rebalance" / "summary.json"
+    if not path.exists():
+        raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no rebalanced heads ({path}); "
+                            f"run ./run.sh rebalance")
+    s = read_json(path)
+    rec = rebalance_record(cfg, k, classes)
+    if s.get("made_from") != rec:
+        refuse_stale(f"{path} (the fold's rebalanced heads)", changed_keys(s.get("made_from", {}), rec),
+                     "re-run ./run.sh rebalance (or ./run.sh all)")
+    return s
+
+
+# ----------------------------------------------------------------------------- stage 4
+def resolve_heads(cfg: Config) -> list[str]:
+    """The configured heads with 'best' resolved; joint is always added (the baseline)."""
+    out = []
+    for h in cfg.infer.heads:
+        if h == "best":
+            path = cfg.run_dir / "rebalance" / "summary.json"
+            if not path.exists():
+                raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
+            h = read_json(path)["best"]
+        if h not in out:
+            out.append(h)
+    return out + (["joint"] if "joint" not in out else [])
+
+
+def infer_inputs(cfg: Config) -> dict:
+    """Everything stage 4 reads, checked, and the record of what its outputs will be made from."""
+    classes_path = cfg.run_dir / "classes.json"
+    if not classes_path.exists():
+        raise PipelineError(f"{classes_path} not found: experiment '{cfg.experiment}' has not been trained "
+                            f"(run ./run.sh train first)")
+    classes = read_json(classes_path)
+    has_folds = cfg.folds_csv.exists()
+    oof_df = None
+    if cfg.infer.oof != "off":
+        if has_folds:
+            df, fclasses = read_folds(cfg)
+            if fclasses != classes:
+                raise PipelineError(f"{cfg.folds_csv} and {classes_path} have different class lists")
+            if Path(df["path"].iloc[0]).exists():
+                oof_df = df
+        if oof_df is None and cfg.infer.oof == "on":
+            raise PipelineError("infer.oof=on needs the folds file and the train images; use infer.oof=off "
+                                "for test-only inference (e.g. in a Kaggle kernel)")
+    summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
+    heads = resolve_heads(cfg)
+    if has_folds:
+        for k in range(len(summaries)):
+            if any(h != "joint" for h in heads):
+                rebalance_summary(cfg, k, classes)
+    test = read_test_table(cfg)
+    made_from = {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
+                 "weights": [sha256_file(cfg.fold_dir(k) / "model.safetensors") for k in range(len(summaries))],
+                 "head_files": {h: [sha256_file(cfg.fold_dir(k) / "rebalance" / "heads" / f"{h}.safetensors")
+                                    for k in range(len(summaries))] for h in heads if h != "joint"},
+                 "oof": oof_df is not None}
+    return {"classes": classes, "has_folds": has_folds, "oof_df": oof_df, "summaries": summaries, "heads": heads,
+            "test": test, "made_from": made_from}

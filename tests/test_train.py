@@ -64,10 +64,12 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
     mtime = (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns
     train_stage.run(cfg)                                           # done: skipped
     assert (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns == mtime
-    with pytest.raises(PipelineError, match=r"different inputs \(changed: train.lr\)"):
-        train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.lr=0.5"))
-    train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.lr=0.5"), fold=1, force=True)
+    changed = tiny_cfg(comp, "train.epochs=1", "train.lr=0.5")
+    assert train_stage.status(changed) == ["fold 0: changed train.lr", "fold 1: changed train.lr"]
+    train_stage.run(changed, fold=1)                               # stale: retrained, fold 0 untouched
     assert "0.5" in str(pd.read_json(cfg.fold_dir(1) / "summary.json", typ="series")["made_from"]["train"]["lr"])
+    assert (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns == mtime
+    assert train_stage.status(changed) == ["fold 0: changed train.lr"]
 
 
 def test_resume_after_kill_equals_uninterrupted_run(workdir):

@@ -21,11 +21,12 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
-from ..artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
-from ..config import Config
+from ..artifacts import read_json, read_npz, sha256_file, sha256_obj, write_csv, write_json
+from ..config import Config, load_config
 from ..data import read_sample_submission, read_test_table
 from ..errors import PipelineError
-from ..metrics import GREATER_IS_BETTER, score
+from ..metrics import GREATER_IS_BETTER, compute, score
+from ..provenance import changed_keys, environment, infer_inputs, refuse_stale
 from ..report import private_score
 
 log = logging.getLogger("pipeline")
@@ -51,6 +52,47 @@ def load_member(exp: str, head: str | None) -> dict:
     if (d / head / "oof.npz").exists():
         m["oof"] = read_npz(d / head / "oof.npz")
     return m
+
+
+def member_config(cfg: Config, exp: str) -> Config | None:
+    """The config a member was last trained with (runs/<exp>/config.yaml), to check its stage-4
+    output is current; None where it is not at hand (e.g. predictions copied into a kernel)."""
+    if exp == cfg.experiment:
+        return cfg
+    path = Path("runs") / exp / "config.yaml"
+    return load_config(path) if path.exists() else None
+
+
+def check_current(cfg: Config, members: list[dict]) -> None:
+    for m in members:
+        exp = m["name"].split(":")[0]
+        mcfg = member_config(cfg, exp)
+        if mcfg is None or not mcfg.folds_csv.exists():
+            continue
+        rec = infer_inputs(mcfg)["made_from"]
+        if m["summary"].get("made_from") != rec:
+            refuse_stale(Path("runs") / exp / "infer" / "summary.json",
+                         changed_keys(m["summary"].get("made_from") or {}, rec),
+                         f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)")
+
+
+def ensemble_record(cfg: Config, members: list[dict]) -> dict:
+    d = cfg.to_dict()
+    sample = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else None
+    return {"ensemble": d["ensemble"], "eval": d["eval"],
+            "sample_submission": sha256_file(sample) if sample and sample.exists() else None,
+            "members": {m["name"]: m["summary"]["made_from"] for m in members}}
+
+
+def status(cfg: Config) -> list[str]:
+    """Why stage 5 would do work now (empty: up to date)."""
+    name = cfg.ensemble.name or cfg.experiment
+    path = Path("submissions") / f"{name}.json"
+    members = [load_member(exp, head) for exp, head in parse_members(cfg)]
+    if not path.exists() or (cfg.data.sample_submission and not path.with_suffix(".csv").exists()):
+        return ["not run"]
+    old, rec = read_json(path).get("made_from") or {}, ensemble_record(cfg, members)
+    return [] if old == rec else [f"changed {', '.join(changed_keys(old, rec))}"]
 
 
 def check_compatible(members: list[dict]) -> None:
@@ -107,19 +149,31 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, objective: str, metric: 
     return w / w.sum()
 
 
-def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Config) -> tuple[float, float]:
-    """Mean/std over folds of the weighted ensemble, each fold scored with weights fit on the others."""
+def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Config) -> list[float]:
+    """Per-fold metric of the weighted ensemble, each fold scored with weights fit on the others."""
     vals = []
     for k in np.unique(fold):
         tr, te = fold != k, fold == k
         w = fit_weights([p[tr] for p in probs], y[tr], cfg.ensemble.weight_metric, cfg.eval.metric)
         vals.append(score(cfg.eval.metric, y[te], combine([p[te] for p in probs], "weighted", w)))
-    return float(np.mean(vals)), float(np.std(vals))
+    return vals
 
 
-def fold_cv(probs: np.ndarray, y: np.ndarray, fold: np.ndarray, metric: str) -> tuple[float, float]:
-    vals = [score(metric, y[fold == k], probs[fold == k]) for k in np.unique(fold)]
-    return float(np.mean(vals)), float(np.std(vals))
+def fold_cv(probs: np.ndarray, y: np.ndarray, fold: np.ndarray, metric: str) -> list[float]:
+    return [score(metric, y[fold == k], probs[fold == k]) for k in np.unique(fold)]
+
+
+def _cv_row(per: list[float]) -> dict:
+    return {"cv_mean": float(np.mean(per)), "cv_std": float(np.std(per)), "per_fold": [float(v) for v in per]}
+
+
+def pooled_metrics(cfg: Config, y: np.ndarray, probs: np.ndarray) -> dict:
+    """Metrics on all OOF rows at once; training frequency of a class = its (K-1)/K share of y."""
+    K = cfg.folds.n_splits
+    counts = np.bincount(y, minlength=probs.shape[1]) * (K - 1) / K
+    m = compute(y, probs, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+    return {"cv_pooled": m["score"], **{k: m[k] for k in ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc",
+                                                          "few_acc")}}
 
 
 # ----------------------------------------------------------------------------- submission
@@ -166,6 +220,13 @@ def run(cfg: Config, force: bool = False) -> dict:
     name = e.name or cfg.experiment
     members = [load_member(exp, head) for exp, head in parse_members(cfg)]
     check_compatible(members)
+    check_current(cfg, members)
+    made_from = ensemble_record(cfg, members)
+    out = Path("submissions") / f"{name}.json"
+    complete = out.exists() and (not cfg.data.sample_submission or out.with_suffix(".csv").exists())
+    if complete and not force and read_json(out).get("made_from") == made_from:
+        log.info("ensemble %s is up to date, skipped (--force redoes it)", name)
+        return read_json(out)
     classes = members[0]["summary"]["classes"]
     test = read_test_table(cfg, require_images=False)
     sample = read_sample_submission(cfg) if cfg.data.sample_submission else None
@@ -178,17 +239,16 @@ def run(cfg: Config, force: bool = False) -> dict:
         y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
         oofs = [m["oof"]["probs"] for m in members]
         for m, p in zip(members, oofs):
-            mu, sd = fold_cv(p, y, fold, metric)
-            rows.append({"member": m["name"], "cv_mean": mu, "cv_std": sd, "cv_pooled": score(metric, y, p)})
+            per = fold_cv(p, y, fold, metric)
+            rows.append({"member": m["name"], **_cv_row(per), **pooled_metrics(cfg, y, p)})
         if method == "weighted":
             weights = fit_weights(oofs, y, e.weight_metric, metric)
-            mu, sd = honest_cv(oofs, y, fold, cfg)
-            pooled = score(metric, y, combine(oofs, "weighted", weights))
+            per = honest_cv(oofs, y, fold, cfg)
+            ens = combine(oofs, "weighted", weights)
         else:
             ens = combine(oofs, method)
-            mu, sd = fold_cv(ens, y, fold, metric)
-            pooled = score(metric, y, ens)
-        rows.append({"member": f"ensemble ({method})", "cv_mean": mu, "cv_std": sd, "cv_pooled": pooled})
+            per = fold_cv(ens, y, fold, metric)
+        rows.append({"member": f"ensemble ({method})", **_cv_row(per), **pooled_metrics(cfg, y, ens)})
     elif method == "weighted":
         raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
     test_probs = combine([m["test"]["probs"] for m in members], method, weights)
@@ -204,8 +264,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     result = {"name": name, "members": [m["name"] for m in members], "method": method,
               "weights": dict(zip([m["name"] for m in members], weights.tolist())), "metric": metric,
               "table": table.to_dict(orient="records"), "private": private,
-              "made_from": {"ensemble": cfg.to_dict()["ensemble"],
-                            "members": {m["name"]: m["summary"]["made_from"] for m in members}}}
+              "made_from": made_from, "env": environment()}
     if sample is not None:
         sub = build_submission(cfg, sample, members[0]["test"]["ids"], test_probs, classes)
         write_csv(f"submissions/{name}.csv", sub)

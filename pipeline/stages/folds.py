@@ -6,7 +6,8 @@ Output:  folds/<name>.csv   the train table (id, label, [group], path) plus an i
          folds/<name>.json  the label encoding (`classes`, index = class id) and what the folds
                             were made from (hash of the table, K, seed)
 Same inputs and seed give a byte-identical folds file. Every later stage reads these two files and
-never recomputes folds. An existing folds file made from other inputs is refused unless --force.
+never recomputes folds. An existing folds file made from other inputs is refused unless --force:
+it is shared by every experiment that names it, so rebuilding it makes all of them stale.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..artifacts import read_json, sha256_obj, write_csv, write_json
 from ..config import Config
 from ..data import encode, make_classes, plain, read_train_table
 from ..errors import PipelineError
+from ..provenance import changed_keys, environment
 
 log = logging.getLogger("pipeline")
 
@@ -59,16 +61,28 @@ def fold_table(df: pd.DataFrame, classes: list) -> pd.DataFrame:
     return t
 
 
-def run(cfg: Config, force: bool = False) -> bool:
-    """Write the folds file; returns False when an up-to-date one already exists."""
-    df = read_train_table(cfg)
-    classes = make_classes(df["label"])
+def _record(cfg: Config, df: pd.DataFrame) -> dict:
     table_cols = ["id", "label"] + (["group"] if "group" in df else [])
-    made_from = {
+    return {
         "table": sha256_obj(df[table_cols].astype(str).values.tolist()),
         "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed, "group_col": cfg.data.group_col,
         "layout": cfg.data.layout, "root": cfg.data.root,
     }
+
+
+def status(cfg: Config) -> list[str]:
+    """Why stage 1 would do work now (empty: the folds file is up to date)."""
+    if not (cfg.folds_csv.exists() and cfg.folds_record.exists()):
+        return [f"{cfg.folds_csv} missing"]
+    old, rec = read_json(cfg.folds_record).get("made_from") or {}, _record(cfg, read_train_table(cfg))
+    return [] if old == rec else [f"changed {', '.join(changed_keys(old, rec))}"]
+
+
+def run(cfg: Config, force: bool = False) -> bool:
+    """Write the folds file; returns False when an up-to-date one already exists."""
+    df = read_train_table(cfg)
+    classes = make_classes(df["label"])
+    made_from = _record(cfg, df)
     if cfg.folds_csv.exists() and cfg.folds_record.exists() and not force:
         rec = read_json(cfg.folds_record)
         if rec.get("made_from") == made_from:
@@ -86,6 +100,7 @@ def run(cfg: Config, force: bool = False) -> bool:
         "n_splits": cfg.folds.n_splits,
         "n_rows": len(df),
         "made_from": made_from,
+        "env": environment(),
     })
     log.info("wrote %s (%d rows, %d classes, %d folds); images per class and fold:\n%s",
              cfg.folds_csv, len(df), len(classes), cfg.folds.n_splits, fold_table(df, classes).to_string())

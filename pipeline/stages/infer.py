@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -27,15 +26,13 @@ import pandas as pd
 import torch
 
 from .. import models
-from ..artifacts import experiment_lock, read_json, sha256_file, sha256_obj, write_csv, write_json, write_npz
+from ..artifacts import experiment_lock, read_json, sha256_file, write_csv, write_json, write_npz
 from ..config import Config
-from ..data import read_folds, read_test_table
 from ..distributed import Dist
-from ..errors import PipelineError
 from ..heads import Head
 from ..images import ImageDataset, ImageStore
 from ..metrics import GREATER_IS_BETTER, compute
-from ..provenance import stage2_summary
+from ..provenance import changed_keys, environment, infer_inputs
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..tta import VIEWS, merge, sizes
 
@@ -51,51 +48,25 @@ def policy_logits(forward, x: torch.Tensor, policy: list[str], crop: int) -> lis
     return out
 
 
-def resolve_heads(cfg: Config) -> list[str]:
-    """The configured heads with 'best' resolved; joint is always added (the baseline)."""
-    out = []
-    for h in cfg.infer.heads:
-        if h == "best":
-            path = cfg.run_dir / "rebalance" / "summary.json"
-            if not path.exists():
-                raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
-            h = read_json(path)["best"]
-        if h not in out:
-            out.append(h)
-    return out + (["joint"] if "joint" not in out else [])
+def status(cfg: Config) -> list[str]:
+    """Why stage 4 would do work now (empty: up to date)."""
+    path = cfg.run_dir / "infer" / "summary.json"
+    rec = infer_inputs(cfg)["made_from"]
+    if not path.exists():
+        return ["not run"]
+    old = read_json(path).get("made_from") or {}
+    return [] if old == rec else [f"changed {', '.join(changed_keys(old, rec))}"]
 
 
 def run(cfg: Config, force: bool = False) -> dict:
-    classes_path = cfg.run_dir / "classes.json"
-    if not classes_path.exists():
-        raise PipelineError(f"{classes_path} not found: experiment '{cfg.experiment}' has not been trained "
-                            f"(run ./run.sh train first)")
-    classes = read_json(classes_path)
-    has_folds = cfg.folds_csv.exists()
-    oof_df = None
-    if cfg.infer.oof != "off":
-        if has_folds:
-            df, fclasses = read_folds(cfg)
-            if fclasses != classes:
-                raise PipelineError(f"{cfg.folds_csv} and {classes_path} have different class lists")
-            if Path(df["path"].iloc[0]).exists():
-                oof_df = df
-        if oof_df is None and cfg.infer.oof == "on":
-            raise PipelineError("infer.oof=on needs the folds file and the train images; use infer.oof=off "
-                                "for test-only inference (e.g. in a Kaggle kernel)")
-    summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
-    heads = resolve_heads(cfg)
-    test = read_test_table(cfg)
+    inp = infer_inputs(cfg)
+    classes, has_folds, oof_df, summaries, heads, test, made_from = (
+        inp[k] for k in ("classes", "has_folds", "oof_df", "summaries", "heads", "test", "made_from"))
     a = cfg.aug
     pairs = list(itertools.product(cfg.infer.scales, cfg.infer.views))
     if (1.0, "orig") not in pairs:
         pairs = [(1.0, "orig")] + pairs  # always measured: the no-TTA baseline
     names = [f"{v}@{s:g}" for s, v in pairs]
-    made_from = {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
-                 "weights": [sha256_file(cfg.fold_dir(k) / "model.safetensors") for k in range(len(summaries))],
-                 "head_files": {h: [sha256_file(cfg.fold_dir(k) / "rebalance" / "heads" / f"{h}.safetensors")
-                                    for k in range(len(summaries))] for h in heads if h != "joint"},
-                 "oof": oof_df is not None}
     out_dir = cfg.run_dir / "infer"
     summary_path = out_dir / "summary.json"
     if summary_path.exists() and not force and read_json(summary_path).get("made_from") == made_from:
@@ -177,7 +148,8 @@ def run(cfg: Config, force: bool = False) -> dict:
                    "searched": searched is not None, "merge": cfg.infer.merge, "classes": classes,
                    "folds_file": sha256_file(cfg.folds_csv) if has_folds else None,
                    "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
-                   "images_per_s": n_images / seconds, "seconds": seconds, "made_from": made_from}
+                   "images_per_s": n_images / seconds, "seconds": seconds, "made_from": made_from,
+                   "env": environment()}
         write_json(summary_path, summary)
     if not report.empty:
         log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.metric,

@@ -29,7 +29,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from .. import models
-from ..artifacts import experiment_lock, read_json, read_npz, sha256_file, write_csv, write_json, \
+from ..artifacts import experiment_lock, read_json, read_npz, sha256_obj, write_csv, write_json, \
     write_npz, write_text
 from ..augment import train_transform, valid_transform
 from ..config import Config
@@ -38,7 +38,7 @@ from ..errors import PipelineError
 from ..heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
 from ..images import ImageDataset, ImageStore
 from ..metrics import GREATER_IS_BETTER, compute, per_class_recall, score, softmax
-from ..provenance import stage2_summary
+from ..provenance import changed_keys, environment, feature_record, rebalance_record, stage2_summary
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..distributed import Dist
 
@@ -53,12 +53,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     out = cfg.fold_dir(k) / "rebalance"
     weights = cfg.fold_dir(k) / "model.safetensors"
     a = cfg.aug
-    record = {"format": 2, "weights": sha256_file(weights), "classes": classes, "img_size": a.img_size,
-              "resize_ratio": a.resize_ratio, "aug_views": cfg.rebalance.aug_views,
-              "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed}
-    if record["aug"]:
-        for x in ("cache", "cache_dir"):
-            record["aug"].pop(x)
+    record = feature_record(cfg, k, classes)
     meta = out / "features.json"
     if meta.exists() and (out / "features.npz").exists() and read_json(meta).get("made_from") == record:
         return read_npz(out / "features.npz")
@@ -182,8 +177,7 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
     s2 = stage2_summary(cfg, k, len(classes))
     out = cfg.fold_dir(k) / "rebalance"
     feats = fold_features(cfg, df, classes, k, s2)
-    made_from = {"rebalance": cfg.to_dict()["rebalance"], "eval": cfg.to_dict()["eval"],
-                 "features": read_json(out / "features.json")["made_from"]}
+    made_from = rebalance_record(cfg, k, classes)
     summary_path = out / "summary.json"
     if summary_path.exists() and not force and read_json(summary_path).get("made_from") == made_from:
         log.info("fold %d: rebalanced heads up to date, skipped", k)
@@ -197,7 +191,8 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
         o["head"].save(out / "heads" / f"{v}.safetensors", record)
         write_npz(out / f"oof_{v}.npz", ids=feats["valid_ids"], y=feats["valid_y"], logits=o["logits"].astype(np.float32))
         variants[v] = {"metrics": o["metrics"], **o["record"]}
-    summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from}
+    summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from,
+               "env": environment()}
     write_json(summary_path, summary)
     line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in res.items())
     log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.metric, line)
@@ -245,6 +240,7 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
         md += ["![tau sweep](tau_sweep.png)", ""]
     write_text(rd / "report.md", "\n".join(md))
     summary = {"best": best, "metric": metric, "table": table.to_dict(orient="records"),
+               "made_from": _report_record(summaries),
                "folds": [s["fold"] for s in summaries],
                "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
     write_json(rd / "summary.json", summary)
@@ -257,6 +253,33 @@ def _has_tabulate() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tabulate") is not None
+
+
+def _report_record(summaries: list[dict]) -> dict:
+    return {str(s["fold"]): sha256_obj(s["made_from"]) for s in summaries}
+
+
+def status(cfg: Config) -> list[str]:
+    """Why stage 3 would do work now (empty: every fold and the report are up to date)."""
+    df, classes = read_folds(cfg)
+    reasons, summaries = [], []
+    for k in range(int(df["fold"].max()) + 1):
+        path = cfg.fold_dir(k) / "rebalance" / "summary.json"
+        if not (cfg.fold_dir(k) / "model.safetensors").exists():
+            reasons.append(f"fold {k}: waits for stage-2 weights")
+        elif not path.exists():
+            reasons.append(f"fold {k}: not rebalanced")
+        else:
+            s = read_json(path)
+            rec = rebalance_record(cfg, k, classes)
+            if s.get("made_from") != rec:
+                reasons.append(f"fold {k}: changed {', '.join(changed_keys(s.get('made_from') or {}, rec))}")
+            summaries.append(s)
+    report_path = cfg.run_dir / "rebalance" / "summary.json"
+    if not reasons and (not report_path.exists() or
+                        read_json(report_path).get("made_from") != _report_record(summaries)):
+        reasons.append("report: out of date")
+    return reasons
 
 
 def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | None:
@@ -273,8 +296,12 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
         log.info("report waits for every fold: rebalanced %s of %d", done, n_splits)
         return None
     summaries = [read_json(cfg.fold_dir(k) / "rebalance" / "summary.json") for k in range(n_splits)]
-    stale = [s["fold"] for s in summaries if s["made_from"]["rebalance"] != cfg.to_dict()["rebalance"]]
+    stale = [s["fold"] for s in summaries if s["made_from"] != rebalance_record(cfg, s["fold"], classes)]
     if stale:
-        log.info("report waits: fold(s) %s were rebalanced with other settings", stale)
+        log.info("report waits: fold(s) %s were rebalanced with other settings or weights", stale)
         return None
+    report_path = cfg.run_dir / "rebalance" / "summary.json"
+    if not force and report_path.exists() and read_json(report_path).get("made_from") == _report_record(summaries):
+        log.info("stage-3 report of '%s' is up to date", cfg.experiment)
+        return read_json(report_path)
     return report(cfg, df, classes, summaries)

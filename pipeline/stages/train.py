@@ -11,7 +11,8 @@ Output:  runs/<exp>/config.yaml, runs/<exp>/classes.json
                                                 EMA, epoch, RNG), rewritten atomically every epoch
                             best_raw.safetensors, best_ema.safetensors, oof_raw.npz, oof_ema.npz
                             summary.json        written last: the fold is complete
-A fold whose summary matches the config is skipped (--force retrains it). A killed run resumes
+A fold whose summary matches the config is skipped (--force retrains it); a fold trained from
+other settings or another folds file is stale and retrained (`status` lists them). A killed run resumes
 from last.pt and, on CPU with a fixed seed, ends bit-identical to an uninterrupted one: every
 epoch's sampler order, augmentation, mixup and dropout are seeded by (seed, epoch).
 """
@@ -43,7 +44,7 @@ from ..images import EpochBatches, ImageDataset, ImageStore
 from ..losses import SoftTargetLoss, effective_number_weights
 from ..metrics import better, compute, softmax
 from ..models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
-from ..provenance import changed_keys, train_record
+from ..provenance import changed_keys, environment, train_record
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..samplers import epoch_indices
 
@@ -107,23 +108,24 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
     fd = cfg.fold_dir(k)
     summary_path = fd / "summary.json"
     rec = train_record(cfg)
+    fresh = force
     if summary_path.exists() and not force:
         old = read_json(summary_path)
         if old.get("made_from") == rec:
-            log.info("fold %d: done (%s %.4f), skipped; --force retrains", k, cfg.eval.metric, old["score"])
+            log.info("fold %d: up to date (%s %.4f), skipped; --force retrains", k, cfg.eval.metric, old["score"])
             return old
-        raise PipelineError(f"fold {k} in {fd} was trained from different inputs (changed: "
-                            f"{', '.join(changed_keys(old.get('made_from', {}), rec)) or 'unknown'}); "
-                            f"re-run with --force to retrain it, or use another experiment name")
+        log.info("fold %d: stale, retraining (changed: %s)", k,
+                 ", ".join(changed_keys(old.get("made_from", {}), rec)) or "unknown")
+        fresh = True
     ckpt_path = fd / "last.pt"
     resume = None
-    if ckpt_path.exists() and not force:
+    if ckpt_path.exists() and not fresh:
         resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if resume.get("made_from") != rec:
-            raise PipelineError(f"{ckpt_path} is an interrupted run with different inputs (changed: "
-                                f"{', '.join(changed_keys(resume.get('made_from', {}), rec))}); "
-                                f"re-run with --force to start fold {k} afresh")
-    if force and dist.main:
+            log.info("fold %d: %s is an interrupted run with other inputs (changed: %s): starting afresh", k,
+                     ckpt_path, ", ".join(changed_keys(resume.get("made_from", {}), rec)))
+            resume, fresh = None, True
+    if fresh and dist.main:  # the fold stops looking complete before any of it is replaced
         summary_path.unlink(missing_ok=True)
         ckpt_path.unlink(missing_ok=True)
     dist.barrier()
@@ -332,7 +334,8 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
                    "metric": cfg.eval.metric, "metrics": final, "best": best,
                    "arch": cfg.model.arch, "num_classes": n_classes, "img_size": a.img_size, "mean": mean, "std": std,
                    "n_train": int(len(y_tr)), "n_valid": int(len(y_va)), "train_counts": counts.tolist(),
-                   "seconds": float(sum(h["seconds"] for h in history)), "made_from": rec}
+                   "seconds": float(sum(h["seconds"] for h in history)), "made_from": rec,
+                   "env": environment()}
         fault_point("train:before-summary")
         write_json(summary_path, summary)
         log.info("fold %d done: %s weights of epoch %d, %s %.4f", k, chosen, summary["epoch"], cfg.eval.metric,
@@ -376,6 +379,20 @@ def _save_checkpoint(path, model, optimizer, scheduler, scaler, ema, epoch, num_
 
 
 # ----------------------------------------------------------------------------- entry
+def status(cfg: Config) -> list[str]:
+    """Why stage 2 would do work now (empty: every fold is up to date)."""
+    df, _ = read_folds(cfg)
+    rec, reasons = train_record(cfg), []
+    for k in range(int(df["fold"].max()) + 1):
+        fd = cfg.fold_dir(k)
+        if not (fd / "summary.json").exists():
+            reasons.append(f"fold {k}: " + ("interrupted, resumes from last.pt" if (fd / "last.pt").exists()
+                                            else "not trained"))
+        elif (old := read_json(fd / "summary.json").get("made_from")) != rec:
+            reasons.append(f"fold {k}: changed {', '.join(changed_keys(old or {}, rec))}")
+    return reasons
+
+
 def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | None = None) -> list[dict]:
     df, classes = read_folds(cfg)
     n_splits = int(df["fold"].max()) + 1

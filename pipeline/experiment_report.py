@@ -1,0 +1,125 @@
+"""One experiment's report: reports/<exp>/index.md with its tables and pictures.
+
+Pictures (matplotlib PNGs, from the stages' files under runs/<exp>/):
+  training_curves.png       loss, validation metric and lr per epoch, one line per fold (history.csv)
+  confusion.png             row-normalised confusion matrix of the pooled OOF of the best row
+  recall_vs_frequency.png   per-class recall against training images, joint head vs the best head
+  tau_sweep.png             the held-out metric against tau, per fold (when stage 3 tuned tau)
+  tta_gain.png              CV gain of each TTA view and of the policy over no TTA (stage 4)
+  confidently_wrong.png     the OOF images predicted wrong with the highest confidence
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .artifacts import read_json, write_text
+from .data import read_image
+from .errors import PipelineError
+from .leaderboard import experiment_config, experiment_rows, fold_summaries, predictions, rank, to_text
+from .metrics import per_class_recall
+
+log = logging.getLogger("pipeline")
+
+N_WRONG = 16
+
+
+def write(name: str, reports: Path = Path("reports"), runs: Path = Path("runs")) -> Path:
+    run_dir = runs / name
+    cfg = experiment_config(run_dir)
+    summaries = fold_summaries(cfg)
+    if not summaries:
+        raise PipelineError(f"experiment '{name}': not every fold has finished stage 2; nothing to report yet")
+    out = reports / name
+    classes = read_json(run_dir / "classes.json")
+    rows = rank(pd.DataFrame(experiment_rows(run_dir)).assign(note=""))
+    preds = predictions(cfg)
+    top = rows.iloc[0]
+    best_key = (top["head"], top["tta"] == "on")
+    pics = []
+
+    histories = [pd.read_csv(cfg.fold_dir(k) / "history.csv") for k in range(len(summaries))]
+    plots.training_curves(out / "training_curves.png", histories)
+    pics.append(("Training curves", "training_curves.png"))
+
+    p = preds[best_key]
+    y, pred = p["y"], p["probs"].argmax(1)
+    C = len(classes)
+    cm = np.zeros((C, C))
+    np.add.at(cm, (y, pred), 1)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    plots.confusion(out / "confusion.png", cm, classes,
+                    f"pooled OOF, head {best_key[0]}, TTA {'on' if best_key[1] else 'off'} (rows: true class)")
+    pics.append(("Confusion matrix (normalised per true class)", "confusion.png"))
+
+    counts = np.mean([s["train_counts"] for s in summaries], axis=0)
+    heads = [r for r in rows["head"].unique() if r != "joint"]
+    recalls = {"joint": per_class_recall(preds[("joint", False)]["y"], preds[("joint", False)]["probs"].argmax(1), C)}
+    if heads:
+        h = rows[rows["head"] != "joint"].iloc[0]
+        key = (h["head"], h["tta"] == "on")
+        recalls[f"{key[0]}{' + TTA' if key[1] else ''}"] = per_class_recall(preds[key]["y"],
+                                                                           preds[key]["probs"].argmax(1), C)
+    plots.recall_vs_frequency(out / "recall_vs_frequency.png", counts, recalls, classes)
+    pics.append(("Per-class recall against training frequency", "recall_vs_frequency.png"))
+
+    rb = [cfg.fold_dir(k) / "rebalance" / "summary.json" for k in range(len(summaries))]
+    if all(f.exists() for f in rb):
+        tau = [read_json(f)["variants"].get("tau", {}) for f in rb]
+        if all(t.get("curve") for t in tau):
+            plots.sweep(out / "tau_sweep.png", [{float(a): v for a, v in t["curve"].items()} for t in tau], "tau",
+                        f"{cfg.eval.metric} on the held-out fold", [t["tau"] for t in tau])
+            pics.append(("Tau sweep (dotted: the value chosen per fold)", "tau_sweep.png"))
+
+    inf = run_dir / "infer" / "report.csv"
+    if inf.exists():
+        r = pd.read_csv(inf)
+        primary = read_json(run_dir / "infer" / "summary.json")["primary"]
+        r = r[r["head"] == primary]
+        base = float(r.loc[r["views"] == "no TTA", "cv_mean"].iloc[0])
+        r = r[r["views"] != "no TTA"]
+        plots.bars(out / "tta_gain.png", r["views"].tolist(), (r["cv_mean"] - base).tolist(),
+                   f"CV {cfg.eval.metric} gain over no TTA", f"TTA views, head {primary}")
+        pics.append(("TTA gain per view and for the policy", "tta_gain.png"))
+
+    if _confidently_wrong(cfg, p, classes, out / "confidently_wrong.png"):
+        pics.append(("Most confidently wrong OOF images (true -> predicted, confidence)", "confidently_wrong.png"))
+
+    fold_table = pd.DataFrame([{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"],
+                                cfg.eval.metric: s["score"], "minutes": s["seconds"] / 60} for s in summaries])
+    md = [f"# Experiment {name}", "",
+          f"{cfg.model.arch} at {cfg.aug.img_size} px, {cfg.train.epochs} epochs, {len(summaries)} folds "
+          f"({cfg.folds_csv.name}); metric {cfg.eval.metric}. Config: `runs/{name}/config.yaml`.", "",
+          "## CV by head and TTA (best first)", "", "```", to_text(rows), "```", "",
+          "## Stage 2 per fold", "", "```", fold_table.to_string(index=False, float_format="%.4f"), "```", ""]
+    for title, f in pics:
+        md += [f"## {title}", "", f"![{title}]({f})", ""]
+    page = out / "index.md"
+    write_text(page, "\n".join(md))
+    log.info("report of '%s': %s (%d pictures)", name, page, len(pics))
+    return page
+
+
+def _confidently_wrong(cfg, pred: dict, classes: list, path: Path) -> bool:
+    probs, y = pred["probs"], pred["y"]
+    wrong = np.flatnonzero(probs.argmax(1) != y)
+    if not len(wrong) or not cfg.folds_csv.exists():
+        return False
+    wrong = wrong[np.argsort(-probs[wrong].max(1))][:N_WRONG]
+    paths = pd.read_csv(cfg.folds_csv, dtype={"id": str}).set_index("id")["path"]
+    images, captions = [], []
+    for i in wrong:
+        image_id = str(pred["ids"][i])
+        try:
+            images.append(read_image(paths[image_id]))
+        except (KeyError, PipelineError, OSError):
+            continue  # the train images are not at hand (e.g. a copied run folder)
+        captions.append(f"{image_id}\n{classes[y[i]]} -> {classes[probs[i].argmax()]} ({probs[i].max():.2f})")
+    if not images:
+        return False
+    plots.contact_sheet(path, images, captions, "most confidently wrong OOF predictions")
+    return True

@@ -1,0 +1,285 @@
+"""The CV leaderboard over every experiment under runs/ and ensemble under submissions/, and the
+comparison of two experiments.
+
+Every figure is recomputed here from the raw per-fold predictions the stages wrote (one code path
+for every experiment, so rows are comparable): stage 2's `fold<k>/oof.npz` (joint head, no TTA),
+stage 3's `fold<k>/rebalance/oof_<variant>.npz` (each head, no TTA) and stage 4's
+`infer/<head>/oof.npz` (the head with the TTA policy). A row is one (experiment, head, TTA) a
+submission could be made from. CVs are only comparable on the same folds file: rows on another
+folds file than most rows are marked.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import read_json, read_npz, write_csv, write_text
+from .config import Config, load_config
+from .errors import PipelineError
+from .metrics import GREATER_IS_BETTER, compute, softmax
+from .provenance import changed_keys
+from .report import private_score
+
+log = logging.getLogger("pipeline")
+
+COLUMNS = ["rank", "experiment", "model", "img_size", "epochs", "head", "tta", "metric", "cv_mean", "cv_std",
+           "cv_pooled", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds",
+           "members", "note"]
+NOT_COMPARABLE = "folds differ"
+
+
+# ----------------------------------------------------------------------------- one experiment
+def experiment_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise PipelineError(f"{run_dir} has no config.yaml: not an experiment folder written by stage 2")
+    return load_config(path)
+
+
+def fold_summaries(cfg: Config) -> list[dict]:
+    """Stage-2 summaries of every fold, or [] when a fold is unfinished."""
+    paths = [cfg.fold_dir(k) / "summary.json" for k in range(cfg.folds.n_splits)]
+    return [read_json(p) for p in paths] if all(p.exists() for p in paths) else []
+
+
+def predictions(cfg: Config) -> dict[tuple[str, bool], dict]:
+    """(head, tta) -> OOF {ids, y, fold, probs} [+ test {ids, probs}] from the stages' files."""
+    K = cfg.folds.n_splits
+    out = {}
+
+    def per_fold(files: list[Path]) -> dict | None:
+        if not all(f.exists() for f in files):
+            return None
+        parts = [read_npz(f) for f in files]
+        return {"ids": np.concatenate([p["ids"] for p in parts]), "y": np.concatenate([p["y"] for p in parts]),
+                "fold": np.concatenate([np.full(len(p["ids"]), k) for k, p in enumerate(parts)]),
+                "probs": np.concatenate([softmax(p["logits"].astype(np.float64)) for p in parts])}
+
+    joint = per_fold([cfg.fold_dir(k) / "oof.npz" for k in range(K)])
+    if joint is not None:
+        out[("joint", False)] = joint
+    rb = cfg.run_dir / "rebalance" / "summary.json"
+    if rb.exists():
+        for v in [r["variant"] for r in read_json(rb)["table"]]:
+            p = per_fold([cfg.fold_dir(k) / "rebalance" / f"oof_{v}.npz" for k in range(K)])
+            if p is not None:
+                out[(v, False)] = p
+    inf = cfg.run_dir / "infer" / "summary.json"
+    if inf.exists():
+        s = read_json(inf)
+        tta = s["policy"] != ["orig@1"]
+        for h in s["heads"]:
+            d = cfg.run_dir / "infer" / h
+            test = read_npz(d / "test.npz") if (d / "test.npz").exists() else None
+            plain = None
+            if test is not None:
+                i = list(test["views"]).index("orig@1")
+                plain = {"ids": test["ids"], "probs": softmax(test["view_logits"][i].astype(np.float64))}
+            if (h, False) in out and plain is not None:
+                out[(h, False)]["test"] = plain
+            if tta and (d / "oof.npz").exists():
+                o = read_npz(d / "oof.npz")
+                out[(h, True)] = {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "probs": o["probs"]}
+                if test is not None:
+                    out[(h, True)]["test"] = {"ids": test["ids"], "probs": test["probs"]}
+    return out
+
+
+def evaluate(cfg: Config, pred: dict, train_counts: list[list[int]]) -> dict:
+    """CV of one prediction set: per-fold metric (mean, std, list) and pooled metrics."""
+    e, y, p, fold = cfg.eval, pred["y"], pred["probs"], pred["fold"]
+    per = [compute(y[fold == k], p[fold == k], np.array(train_counts[k]), e.many_shot, e.few_shot, e.metric)["score"]
+           for k in range(len(train_counts))]
+    pooled = compute(y, p, np.mean(train_counts, axis=0), e.many_shot, e.few_shot, e.metric)
+    return {"cv_mean": float(np.mean(per)), "cv_std": float(np.std(per)), "per_fold": per,
+            "cv_pooled": pooled["score"], **{m: pooled[m] for m in
+                                              ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc")}}
+
+
+def experiment_rows(run_dir: Path) -> list[dict]:
+    cfg = experiment_config(run_dir)
+    summaries = fold_summaries(cfg)
+    if not summaries:
+        return []
+    counts = [s["train_counts"] for s in summaries]
+    folds_hash = summaries[0]["made_from"]["folds_file"]
+    classes = read_json(cfg.run_dir / "classes.json")
+    rows = []
+    for (head, tta), pred in predictions(cfg).items():
+        ev = evaluate(cfg, pred, counts)
+        test = pred.get("test")
+        rows.append({"experiment": cfg.experiment, "model": cfg.model.arch + (f" ({cfg.model.pool})"
+                                                                              if cfg.model.pool != "avg" else ""),
+                     "img_size": cfg.aug.img_size, "epochs": cfg.train.epochs, "head": head,
+                     "tta": "on" if tta else "off", "metric": cfg.eval.metric, **ev,
+                     "private": private_score(cfg, test["ids"], test["probs"], classes) if test else None,
+                     "folds": f"{cfg.folds_csv.stem}@{folds_hash[:8]}", "folds_sha256": folds_hash,
+                     "members": "", "kind": "model"})
+    return rows
+
+
+def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
+    rows = []
+    for path in sorted(sub_dir.glob("*.json")) if sub_dir.exists() else []:
+        s = read_json(path)
+        ens = [r for r in s.get("table", []) if r["member"].startswith("ensemble")]
+        if not ens:
+            continue
+        r = ens[0]
+        folds = set()
+        for m in s["members"]:
+            inf = runs / m.split(":")[0] / "infer" / "summary.json"
+            folds.add(read_json(inf).get("folds_file") if inf.exists() else None)
+        fh = folds.pop() if len(folds) == 1 else None
+        rows.append({"experiment": s["name"], "model": f"ensemble ({s['method']})", "img_size": None, "epochs": None,
+                     "head": "", "tta": "", "metric": s["metric"], "cv_mean": r["cv_mean"], "cv_std": r["cv_std"],
+                     "per_fold": r.get("per_fold"), "cv_pooled": r["cv_pooled"],
+                     **{m: r.get(m) for m in ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc")},
+                     "private": s.get("private"), "folds": f"@{fh[:8]}" if fh else "?", "folds_sha256": fh,
+                     "members": " + ".join(s["members"]), "kind": "ensemble"})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the table
+def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
+    rows = []
+    for d in sorted(runs.iterdir()) if runs.exists() else []:
+        if (d / "config.yaml").exists():
+            try:
+                rows += experiment_rows(d)
+            except (PipelineError, KeyError, ValueError) as e:  # one broken folder must not hide the others
+                log.warning("leaderboard: skipped %s (%s)", d, e)
+    rows += ensemble_rows(submissions if submissions is not None else runs.parent / "submissions", runs)
+    t = pd.DataFrame(rows)
+    if t.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    ref_folds = t["folds_sha256"].value_counts().idxmax()
+    ref_metric = t["metric"].value_counts().idxmax()
+    notes = []
+    for _, r in t.iterrows():
+        n = []
+        if r["folds_sha256"] != ref_folds:
+            n.append(NOT_COMPARABLE)
+        if r["metric"] != ref_metric:
+            n.append("other metric")
+        notes.append(", ".join(n))
+    t["note"] = notes
+    return t.astype({"img_size": "Int64", "epochs": "Int64"})
+
+
+def rank(t: pd.DataFrame, sort: str | None = None, pattern: str | None = None, best: bool = False) -> pd.DataFrame:
+    """Filter (`pattern`: a glob on the experiment name, or COLUMN=GLOB), sort (default: CV mean,
+    best first; rows with another folds file or metric go last) and number the rows."""
+    if t.empty:
+        return t
+    if pattern:
+        col, _, glob = pattern.partition("=") if "=" in pattern else ("experiment", "", pattern)
+        if col not in t:
+            raise PipelineError(f"--filter {pattern}: no column '{col}' (columns: {', '.join(COLUMNS[1:])})")
+        t = t[t[col].astype(str).map(lambda v: fnmatch.fnmatch(v, glob))]
+    metric = t["metric"].value_counts().idxmax() if len(t) else "accuracy"
+    col = sort or "cv_mean"
+    if col not in t:
+        raise PipelineError(f"--sort {col}: no such column (columns: {', '.join(COLUMNS[1:])})")
+    if col in ("cv_mean", "cv_pooled", "private"):
+        ascending = not GREATER_IS_BETTER[metric]
+    elif pd.api.types.is_numeric_dtype(t[col]):
+        ascending = col == "cv_std"
+    else:
+        ascending = True
+    t = t.assign(_last=t["note"] != "").sort_values(["_last", col], ascending=[True, ascending], kind="stable",
+                                                    na_position="last")
+    if best:
+        t = t.drop_duplicates("experiment", keep="first")
+    t = t.drop(columns="_last").reset_index(drop=True)
+    t.insert(0, "rank", np.arange(1, len(t) + 1))
+    return t
+
+
+def to_text(t: pd.DataFrame) -> str:
+    if t.empty:
+        return "no finished experiments under runs/"
+    view = t.copy()
+    view["cv"] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(view["cv_mean"], view["cv_std"])]
+    cols = ["rank", "experiment", "model", "img_size", "epochs", "head", "tta", "cv", "cv_pooled", "macro_f1",
+            "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds", "members", "note"]
+    return view[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
+
+
+def write(runs: Path, reports: Path, sort: str | None = None, pattern: str | None = None,
+          best: bool = False) -> pd.DataFrame:
+    t = rank(build(runs), sort, pattern, best)
+    out = t[[c for c in COLUMNS if c in t]] if not t.empty else t
+    write_csv(reports / "leaderboard.csv", out)
+    lines = ["# Leaderboard", "",
+             "CV = mean ± std of the per-fold metric; pooled = the metric on all OOF rows at once. "
+             f"Rows marked '{NOT_COMPARABLE}' use another folds file than most rows: their CV is not comparable.",
+             "", "| " + " | ".join(out.columns) + " |", "|" + "---|" * len(out.columns)]
+    for _, r in out.iterrows():
+        lines.append("| " + " | ".join(_cell(v) for v in r.values) + " |")
+    write_text(reports / "leaderboard.md", "\n".join(lines) + "\n")
+    return t
+
+
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------- compare
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare(runs: Path, a: str, b: str) -> str:
+    """Config differences of two experiments next to their metric differences per fold, and
+    whether the mean difference exceeds fold-to-fold noise (paired over folds when they share a
+    folds file: |mean diff| > 2 standard errors of the per-fold differences)."""
+    cfgs = {n: experiment_config(runs / n) for n in (a, b)}
+    da, db = (_flat(cfgs[n].to_dict()) for n in (a, b))
+    keys = [k for k in changed_keys(cfgs[a].to_dict(), cfgs[b].to_dict()) if k not in ("experiment", "run_also")]
+    out = [f"# {a} vs {b}", "", "## Config differences", ""]
+    out += [f"  {k}: {da.get(k)!r} -> {db.get(k)!r}" for k in keys] or ["  (none besides the name)"]
+    rows = {n: {(r["head"], r["tta"]): r for r in experiment_rows(runs / n)} for n in (a, b)}
+    for n in (a, b):
+        if not rows[n]:
+            raise PipelineError(f"experiment '{n}' has unfinished folds: nothing to compare yet")
+    common = [k for k in rows[a] if k in rows[b]]
+    same_folds = next(iter(rows[a].values()))["folds_sha256"] == next(iter(rows[b].values()))["folds_sha256"]
+    metric = cfgs[a].eval.metric
+    out += ["", f"## Metric differences ({metric}, B - A)", ""]
+    if not same_folds:
+        out += ["  warning: the two experiments use different folds files; per-fold differences are not paired "
+                "and the CVs are not strictly comparable", ""]
+    table = []
+    for key in common:
+        ra, rb = rows[a][key], rows[b][key]
+        pa, pb = np.array(ra["per_fold"]), np.array(rb["per_fold"])
+        k = min(len(pa), len(pb))
+        if same_folds and len(pa) == len(pb):
+            d = pb - pa
+            se = d.std(ddof=1) / np.sqrt(k) if k > 1 else np.inf
+        else:
+            d = np.array([pb.mean() - pa.mean()])
+            se = np.sqrt(pa.var(ddof=1) / len(pa) + pb.var(ddof=1) / len(pb)) if k > 1 else np.inf
+        diff = float(pb.mean() - pa.mean())
+        better_b = diff > 0 if GREATER_IS_BETTER[metric] else diff < 0
+        verdict = ("B better" if better_b else "A better") if abs(diff) > 2 * se else "within fold noise"
+        row = {"head": key[0], "tta": key[1], "A": ra["cv_mean"], "B": rb["cv_mean"], "diff": diff,
+               "2*SE": 2 * se, "std A": pa.std(), "std B": pb.std(), "verdict": verdict}
+        if same_folds:
+            row.update({f"fold{i}": float(x) for i, x in enumerate(d)})
+        table.append(row)
+    out.append(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return "\n".join(out)
