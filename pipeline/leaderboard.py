@@ -132,8 +132,8 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
         r = ens[0]
         folds = set()
         for m in s["members"]:
-            inf = runs / m.split(":")[0] / "infer" / "summary.json"
-            folds.add(read_json(inf).get("folds_file") if inf.exists() else None)
+            s2 = runs / m.split(":")[0] / "fold0" / "summary.json"
+            folds.add(read_json(s2)["made_from"].get("folds_file") if s2.exists() else None)
         fh = folds.pop() if len(folds) == 1 else None
         rows.append({"experiment": s["name"], "model": f"ensemble ({s['method']})", "img_size": None, "epochs": None,
                      "head": "", "tta": "", "metric": s["metric"], "cv_mean": r["cv_mean"], "cv_std": r["cv_std"],

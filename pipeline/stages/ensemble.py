@@ -272,7 +272,8 @@ def run(cfg: Config, force: bool = False) -> dict:
         result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
     write_json(f"submissions/{name}.json", result)
     if not table.empty:
-        log.info("ensemble %s (%s), %s:\n%s", name, method, metric, table.to_string(index=False, float_format="%.4f"))
+        log.info("ensemble %s (%s), %s:\n%s", name, method, metric,
+                 table.drop(columns="per_fold").to_string(index=False, float_format="%.4f"))
     if private is not None:
         log.info("private leaderboard (held-out test labels): %s %.4f", metric, private)
     if sample is not None:
