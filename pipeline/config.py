@@ -109,6 +109,8 @@ class TrainCfg:
     compile: bool = False  # torch.compile the model (CUDA)
     workers: Optional[int] = None  # DataLoader workers; null: min(8, cpu count - 1)
     deterministic: bool = True  # seeded per epoch; bit-identical on CPU, cudnn.benchmark off
+    tracker: Literal["none", "mlflow", "tensorboard"] = "none"  # also log epochs there, when installed
+    tracker_dir: Optional[str] = None  # MLflow file store / TensorBoard log folder; null: runs/<exp>/tracking
 
 
 @dataclass

@@ -83,7 +83,8 @@ def train_record(cfg: Config) -> dict:
     rec["folds_file"] = sha256_file(cfg.folds_csv)
     for k in ("cache", "cache_dir"):  # where pixels come from, not what they are
         rec["aug"].pop(k, None)
-    rec["train"].pop("workers", None)
+    for k in ("workers", "tracker", "tracker_dir"):  # how the run is watched, not what it learns
+        rec["train"].pop(k, None)
     return rec
 
 

@@ -205,3 +205,33 @@ def test_ddp_two_gloo_processes_match_single_process(workdir):
     la = np.load(workdir / "runs/single/fold0/oof_raw.npz")["logits"]
     lb = np.load(workdir / "runs/ddp/fold0/oof_raw.npz")["logits"]
     assert np.allclose(la, lb, atol=1e-3)
+
+
+def test_tracker_logs_each_epoch_and_is_optional(comp, workdir, monkeypatch, caplog):
+    import types
+
+    calls = []
+    fake = types.ModuleType("mlflow")
+    fake.set_tracking_uri = lambda uri: calls.append(("uri", uri))
+    fake.set_experiment = lambda name: calls.append(("experiment", name))
+    fake.start_run = lambda run_name: calls.append(("start", run_name))
+    fake.log_params = lambda p: calls.append(("params", p))
+    fake.log_metrics = lambda m, step: calls.append(("metrics", step, m))
+    fake.end_run = lambda: calls.append(("end",))
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    cfg = tiny_cfg(comp, "train.epochs=2", "train.tracker=mlflow")
+    folds_stage.run(cfg)
+    train_stage.run(cfg, fold=0)
+    metrics = [c for c in calls if c[0] == "metrics"]
+    assert [m[1] for m in metrics] == [1, 2] and {"train_loss", "valid_loss", "lr"} <= set(metrics[0][2])
+    assert calls[0] == ("uri", (workdir / "runs" / "tiny" / "tracking").resolve().as_uri())
+    assert ("start", "fold0") in calls and calls[-1] == ("end",)
+    assert dict(c for c in calls if c[0] == "params")["params"]["train.epochs"] == "2"
+    # the tracker is not part of what the weights depend on: switching it does not make the fold stale
+    assert train_stage.status(tiny_cfg(comp, "train.epochs=2"))[0].startswith("fold 1")
+    # tensorboard chosen but not installed: one warning, training goes on
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    caplog.set_level("WARNING", logger="pipeline")
+    train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.tracker=tensorboard"), fold=1)
+    assert "train.tracker=tensorboard but it is not installed" in caplog.text
+    assert (cfg.fold_dir(1) / "summary.json").exists()

@@ -47,6 +47,7 @@ from ..models import Normalize, clean_state_dict, create_model, norm_stats, writ
 from ..provenance import changed_keys, environment, train_record
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..samplers import epoch_indices
+from ..tracking import Tracker
 
 log = logging.getLogger("pipeline")
 
@@ -225,6 +226,7 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
                  k, cfg.model.arch, len(y_tr), len(y_va), n_classes, steps_per_epoch, device,
                  f", AMP {dtype}" if dtype else "", f", {dist.world} processes" if dist.world > 1 else "")
 
+    tracker = Tracker(cfg, k) if dist.main and t.tracker != "none" else None
     for epoch in range(start_epoch, t.epochs):
         seed_epoch(cfg.seed, epoch)
         batches.set_epoch(epoch)
@@ -312,12 +314,16 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
             fault_point(f"train:before-checkpoint:{epoch}")
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, ema, epoch, num_updates, history, best, rec)
             write_csv(fd / "history.csv", pd.DataFrame(history))
+            if tracker is not None:
+                tracker.log(row, step=epoch + 1)
             ema_note = f" ema {row['ema_score']:.4f}" if ema is not None else ""
             log.info("fold %d epoch %d/%d  lr %.2e  train loss %.4f  valid loss %.4f  %s %.4f%s  bal.acc %.4f  "
                      "%.0f img/s  %.1fs", k, epoch + 1, t.epochs, row["lr"], row["train_loss"], row["valid_loss"],
                      cfg.eval.metric, row["score"], ema_note, row["balanced_accuracy"], row["images_per_s"],
                      row["seconds"])
         dist.barrier()
+    if tracker is not None:
+        tracker.close()
 
     summary = None
     if dist.main:
