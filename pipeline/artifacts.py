@@ -7,11 +7,13 @@ the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,12 +27,21 @@ os.umask(_UMASK)
 
 
 def fault_point(name: str) -> None:
-    """Test hook: `PIPELINE_FAULT=<name>` kills the process here (SIGKILL, no cleanup).
-
-    It lets fault-injection tests hit a write path deterministically.
-    """
-    if os.environ.get("PIPELINE_FAULT") == name:
+    """Test hook for the fault-injection suite (`./run.sh selfcheck`), keyed by `PIPELINE_FAULT`:
+    `<name>` kills the process here (SIGKILL, no cleanup), which hits a write path
+    deterministically; `oom@<name>` raises the CUDA out-of-memory error here."""
+    fault = os.environ.get("PIPELINE_FAULT")
+    if fault == name:
         os.kill(os.getpid(), 9)
+    if fault == f"oom@{name}":
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by PIPELINE_FAULT)")
+
+
+def fault_flag(name: str) -> bool:
+    """Test hook: is the fault `name` injected (`PIPELINE_FAULT=<name>`)? E.g. `nan-loss:<epoch>`."""
+    return os.environ.get("PIPELINE_FAULT") == name
 
 
 @contextlib.contextmanager
@@ -42,7 +53,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+        _sweep_orphans(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise PipelineError(f"cannot write {path}: {e.strerror or e}") from e
@@ -57,6 +69,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _sweep_orphans(path: Path) -> None:
+    """Remove temporary files of `path` left by writers that were killed (their pid is gone)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -148,12 +168,17 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
     exists on this host (a killed run) is taken over.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"cannot create {folder}: {e.strerror or e}") from e
     lock = folder / ".lock"
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except PermissionError as e:
+            raise PipelineError(f"cannot write in {folder}: {e.strerror}") from e
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text() or "{}")
@@ -161,6 +186,9 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
                 holder = {}
             if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
                 lock.unlink(missing_ok=True)  # stale: its holder was killed
+                continue
+            if not holder and _age(lock) > 30:
+                lock.unlink(missing_ok=True)  # empty: its holder was killed between creating and writing it
                 continue
             raise PipelineError(
                 f"{folder} is in use by another run (lock {lock} held by pid {holder.get('pid')} on "
@@ -173,6 +201,13 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _pid_alive(pid: int) -> bool:

@@ -15,12 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import provenance
+from .artifacts import fault_point
 from .config import Config, load_config
 from .errors import PipelineError
 
 log = logging.getLogger("pipeline")
 
 DEFAULT_CONFIG = "configs/demo.yaml"
+OOM_ADVICE = ("the GPU ran out of memory. Training: lower train.batch_size and raise train.accum_steps by the same "
+              "factor (the effective batch stays), lower aug.img_size, keep train.amp on (bf16/fp16) and "
+              "train.channels_last; a smaller model.arch or train.compile=false also help. Stages 3-4: lower "
+              "infer.batch_size. Finished folds are kept and a killed fold resumes from its last checkpoint")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: st
     if fold is not None and not stage.per_fold:
         raise PipelineError(f"--fold applies to train and rebalance, not to {stage.name}")
     mod = importlib.import_module(stage.module)
+    fault_point(f"{stage.name}:start")
     t0 = time.perf_counter()
     kwargs = {"force": force}
     if stage.per_fold:
@@ -255,3 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+            raise
+        print(f"error: {OOM_ADVICE}\n({str(e).splitlines()[0]})", file=sys.stderr)
+        return 3

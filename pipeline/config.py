@@ -42,6 +42,8 @@ class FoldsCfg:
     n_splits: int = 5  # K of stratified K-fold
     seed: int = 42  # shuffling seed; with the same data it gives a byte-identical folds file
     name: str = ""  # folds/<name>.csv; empty: <data folder>_k<K>_s<seed>
+    rare_classes: Literal["error", "allow"] = "error"  # a class with fewer images than folds: refuse, or
+    # allow it (it is missing from the validation of some folds, so those folds cannot score it)
 
 
 @dataclass

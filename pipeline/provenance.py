@@ -85,6 +85,7 @@ def train_record(cfg: Config) -> dict:
         rec["aug"].pop(k, None)
     for k in ("workers", "tracker", "tracker_dir"):  # how the run is watched, not what it learns
         rec["train"].pop(k, None)
+    rec["folds"].pop("rare_classes", None)  # a permission, not a change of the folds
     return rec
 
 

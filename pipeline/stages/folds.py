@@ -27,13 +27,19 @@ from ..provenance import changed_keys, environment
 log = logging.getLogger("pipeline")
 
 
-def make_folds(df: pd.DataFrame, n_splits: int, seed: int, grouped: bool) -> np.ndarray:
+def make_folds(df: pd.DataFrame, n_splits: int, seed: int, grouped: bool, rare: str = "allow",
+               where: str = "the train table") -> np.ndarray:
     y = df["label"].astype(str).values
     counts = pd.Series(y).value_counts()
     small = counts[counts < n_splits]
     if len(small):
+        names = ", ".join(f"{c} ({n})" for c, n in small.items())
+        if rare == "error":
+            raise PipelineError(f"{where}: class(es) with fewer images than folds ({n_splits}): {names}; "
+                                f"lower folds.n_splits, merge or drop them, or set folds.rare_classes=allow "
+                                f"(some folds will then not validate them)")
         log.warning("class(es) with fewer images than folds (%d), some folds will not see them: %s",
-                    n_splits, ", ".join(f"{c} ({n})" for c, n in small.items()))
+                    n_splits, names)
     if grouped:
         n_groups = df["group"].nunique()
         if n_groups < n_splits:
@@ -92,7 +98,9 @@ def run(cfg: Config, force: bool = False) -> bool:
         raise PipelineError(
             f"{cfg.folds_csv} exists but was made from different inputs (changed: {', '.join(changed)}); "
             f"rebuilding it invalidates every run trained on it: re-run with --force, or set folds.name")
-    df["fold"] = make_folds(df, cfg.folds.n_splits, cfg.folds.seed, cfg.data.group_col is not None)
+    df["fold"] = make_folds(df, cfg.folds.n_splits, cfg.folds.seed, cfg.data.group_col is not None,
+                            cfg.folds.rare_classes, str(cfg.data_path(cfg.data.train_csv)
+                                                        if cfg.data.layout == "csv" else cfg.data_path(cfg.data.train_dir)))
     encode(df["label"], classes, str(cfg.folds_csv))  # sanity: every label is encodable
     write_csv(cfg.folds_csv, df)
     write_json(cfg.folds_record, {

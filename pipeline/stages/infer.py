@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from .. import models
-from ..artifacts import experiment_lock, read_json, sha256_file, write_csv, write_json, write_npz
+from ..artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
 from ..config import Config
 from ..distributed import Dist
 from ..heads import Head
@@ -116,6 +116,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                         n_images += n * len(views)
             log.info("fold %d: TTA inference done (%d view(s) x %d scale(s))", k, len(cfg.infer.views),
                      len(cfg.infer.scales))
+            fault_point(f"infer:after-fold:{k}")
         seconds = time.perf_counter() - t0
 
         policy = [n for n, (s, v) in zip(names, pairs) if s in cfg.infer.scales and v in cfg.infer.views]

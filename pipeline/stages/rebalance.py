@@ -29,7 +29,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from .. import models
-from ..artifacts import experiment_lock, read_json, read_npz, sha256_obj, write_csv, write_json, \
+from ..artifacts import experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv, write_json, \
     write_npz, write_text
 from ..augment import train_transform, valid_transform
 from ..config import Config
@@ -182,6 +182,7 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
     if summary_path.exists() and not force and read_json(summary_path).get("made_from") == made_from:
         log.info("fold %d: rebalanced heads up to date, skipped", k)
         return read_json(summary_path)
+    fault_point(f"rebalance:after-features:{k}")
     t0 = time.perf_counter()
     res = fit_variants(cfg, feats, feats["joint_weight"], feats["joint_bias"], len(classes), cfg.seed + k)
     variants = {}

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..artifacts import (atomic_path, experiment_lock, fault_point, read_json, write_csv, write_json, write_npz,
+from ..artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json, write_npz,
                          write_text)
 from ..augment import train_transform, valid_transform
 from ..config import Config, config_to_yaml
@@ -249,8 +249,11 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
                 x, target = mixup(x, y)
             else:
                 target = mixup_target(y, n_classes, smoothing=t.label_smoothing)
+            fault_point(f"train:step:{epoch}")
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = criterion(net(x), target)
+            if fault_flag(f"nan-loss:{epoch}"):
+                loss = loss * float("nan")
             loss_sum += loss.detach() * len(x)
             seen += len(x)
             if (step + 1) % sync_every == 0 or step + 1 == len(batches):
