@@ -66,9 +66,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as e:
         raise PipelineError(f"cannot write {path}: {e.strerror or e}") from e
+    except Exception as e:
+        if not _is_write_error(e):
+            raise
+        raise PipelineError(f"cannot write {path}: {e} (is the disk full?)") from e
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _is_write_error(e: Exception) -> bool:
+    """Writers that wrap a failed OS write in their own type: safetensors, torch's zip writer."""
+    return type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and "write" in str(e).lower())
 
 
 def _sweep_orphans(path: Path) -> None:

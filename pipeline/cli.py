@@ -52,6 +52,7 @@ EXTRA = {
                    "[--sort COL] [--filter GLOB] [--best]",
     "compare": "compare A B: config differences next to per-fold metric differences",
     "report": "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
+    "selfcheck": "the fault-injection and bad-input matrix on a tiny competition, as a table [--quick]",
     "help": "show this help",
 }
 
@@ -231,6 +232,10 @@ def run_report_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["selfcheck"]:
+        from . import selfcheck
+
+        return selfcheck.main(argv[1:])
     try:
         args = parse_args(argv)
         if args.help or args.command == "help":

@@ -57,7 +57,8 @@ class Head:
                   "bias": np.ascontiguousarray(self.bias, np.float32)}
         if self.center is not None:
             arrays["center"] = np.ascontiguousarray(self.center, np.float32)
-        meta = {"normalize": str(self.normalize), "record": json.dumps(record, sort_keys=True)}
+        # one metadata key: safetensors writes several in hash order, and files must be byte-reproducible
+        meta = {"pipeline": json.dumps({"normalize": self.normalize, "record": record}, sort_keys=True)}
         with atomic_path(path, suffix=".safetensors") as tmp:
             save_file(arrays, str(tmp), metadata=meta)
 
@@ -71,8 +72,12 @@ class Head:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(arrays["weight"], arrays["bias"], arrays.get("center"), meta.get("normalize") == "True"), \
-            json.loads(meta.get("record", "{}"))
+        if "pipeline" in meta:
+            m = json.loads(meta["pipeline"])
+            normalize, record = m["normalize"], m["record"]
+        else:  # written before the single-key format
+            normalize, record = meta.get("normalize") == "True", json.loads(meta.get("record", "{}"))
+        return cls(arrays["weight"], arrays["bias"], arrays.get("center"), normalize), record
 
 
 # ----------------------------------------------------------------------------- variants

@@ -43,7 +43,7 @@ from ..errors import PipelineError
 from ..images import EpochBatches, ImageDataset, ImageStore
 from ..losses import SoftTargetLoss, effective_number_weights
 from ..metrics import better, compute, softmax
-from ..models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
+from ..models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
 from ..provenance import changed_keys, environment, train_record
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..samplers import epoch_indices
@@ -411,6 +411,8 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
     if gpus:
         return _run_parallel(cfg, folds, force, gpus)
     dist = Dist.from_env(torch.cuda.is_available() and cfg.device != "cpu")
+    if cfg.model.pretrained_path:  # refused (e.g. a pickle that is not plain tensors) before anything is written
+        read_state_dict(cfg.model.pretrained_path)
     if dist.main:
         write_text(cfg.run_dir / "config.yaml", config_to_yaml(cfg))
         write_json(cfg.run_dir / "classes.json", classes)

@@ -1,0 +1,508 @@
+"""`./run.sh selfcheck`: the reliability matrix, run on a tiny generated competition, printed as one
+table (case, expected, observed, pass) with the totals: kills survived, bad inputs rejected cleanly,
+files lost.
+
+Kills. Each stage is SIGKILLed at several points (its start, mid-epoch, before a checkpoint, and on
+the write path of its outputs, via `PIPELINE_FAULT`, see `artifacts.fault_point`), in the real CLI in
+a subprocess, starting from a copy of an uninterrupted reference run taken just before that stage.
+After the kill: every file at its final name loads completely (no partial file is readable), the
+outputs of earlier stages are unchanged, and the next stage refuses cleanly. Then the same command
+is run again: it must finish and leave outputs equal to the reference run's. "Equal" compares the
+bytes of weights, arrays and tables, and JSON/CSV minus wall-clock fields (seconds, images/s, data
+wait) and the `env` record; `last.pt` (the resume state, which holds wall times) and the PNG/Markdown
+views are not compared. On CPU with a fixed seed every stage is deterministic, so this is bit-identity.
+
+Bad input. Each case breaks one thing in a fresh copy (config, data, artifacts, training) and runs
+the command in-process through `cli.main`: the exit code must be non-zero (2; 3 for out-of-memory),
+the message must name the key, file or row at fault, and no file under folds/, runs/, submissions/
+may be created or changed (except where keeping a file is the point: the last good checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import read_json, sha256_obj
+from .demo import synthetic_competition
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = ("folds", "runs", "submissions")
+VOLATILE = {"seconds", "images_per_s", "data_wait", "env"}  # wall-clock fields and the environment record
+NOT_COMPARED = {".pt", ".png", ".md"}
+STAGES = ["folds", "train", "rebalance", "infer", "ensemble"]
+CONFIG = """experiment: sc
+data: {root: comp, image_ext: .png, check_images: full}
+folds: {n_splits: 2}
+model: {arch: test_resnet}
+aug: {img_size: 16}
+train: {epochs: 2, batch_size: 8, workers: 0}
+rebalance: {crt_epochs: 2, lws_epochs: 2}
+infer: {views: [orig, hflip], search: false, batch_size: 16}
+"""
+KILLS = {  # stage -> kill points, in the order a run reaches them
+    "folds": ["folds:start", "write:comp_k2_s42.csv", "write:comp_k2_s42.json"],
+    "train": ["train:start", "train:step:0", "train:before-checkpoint:1", "write:model.safetensors",
+              "train:before-summary"],
+    "rebalance": ["rebalance:start", "write:features.npz", "rebalance:after-features:1", "write:crt.safetensors",
+                  "write:report.csv"],
+    "infer": ["infer:start", "infer:after-fold:0", "write:test.npz", "write:summary.json"],
+    "ensemble": ["ensemble:start", "write:sc.csv", "write:sc.json"],
+}
+QUICK_KILLS = {"folds": ["write:comp_k2_s42.csv"], "train": ["train:step:0", "write:model.safetensors"],
+               "rebalance": ["write:crt.safetensors"], "infer": ["write:test.npz"], "ensemble": ["write:sc.json"]}
+
+
+@dataclass
+class Result:
+    group: str
+    case: str
+    expected: str
+    observed: str
+    passed: bool
+    kill: bool = False
+    lost: int = 0
+
+
+# ----------------------------------------------------------------------------- file checks
+def _strip(o):
+    if isinstance(o, dict):
+        return {k: _strip(v) for k, v in o.items() if k not in VOLATILE}
+    if isinstance(o, list):
+        return [_strip(v) for v in o]
+    return o
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of an output, loading it completely (raises on a partial or corrupt file)."""
+    suffix = path.suffix
+    if suffix == ".json":
+        return sha256_obj(_strip(json.loads(path.read_text())))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return sha256_obj({k: [str(z[k].dtype), list(z[k].shape), z[k].tobytes().hex()] for k in sorted(z.files)})
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        load_file(str(path))
+    if suffix == ".csv":
+        t = pd.read_csv(path)
+        if path.name == "history.csv":
+            t = t.drop(columns=[c for c in t.columns if c in VOLATILE])
+        return sha256_obj(t.astype(str).values.tolist() + [list(t.columns)])
+    if suffix == ".pt":
+        import torch
+
+        torch.load(path, map_location="cpu", weights_only=True)
+    if suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+    return sha256_obj(path.read_bytes().hex())
+
+
+def output_files(root: Path) -> list[Path]:
+    """Files at their final names under folds/, runs/, submissions/ (not temp files, locks, caches)."""
+    out = []
+    for top in OUTPUTS:
+        for p in sorted((root / top).rglob("*")) if (root / top).exists() else []:
+            rel = p.relative_to(root)
+            if p.is_file() and not p.name.startswith(".") and ".cache" not in rel.parts:
+                out.append(p)
+    return out
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): file_digest(p) for p in output_files(root) if p.suffix not in NOT_COMPARED}
+
+
+def partial_files(root: Path) -> list[str]:
+    """Outputs at their final names that do not load completely, and summaries whose outputs are missing."""
+    bad = []
+    for p in output_files(root):
+        try:
+            file_digest(p)
+        except Exception:  # noqa: BLE001 - any failure to load is what we are counting
+            bad.append(str(p.relative_to(root)))
+    for s in root.glob("runs/*/fold*/summary.json"):
+        bad += [str(s.parent / f) for f in ("model.safetensors", "oof.npz") if not (s.parent / f).exists()]
+    for s in root.glob("runs/*/infer/summary.json"):
+        for h in read_json(s)["heads"]:
+            bad += [str(s.parent / h / "test.npz")] if not (s.parent / h / "test.npz").exists() else []
+    return bad
+
+
+def all_files(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and ".cache" not in p.parts}
+
+
+# ----------------------------------------------------------------------------- running the CLI
+class Sandbox:
+    """A tiny competition, an uninterrupted reference run and a snapshot of it after every stage."""
+
+    def __init__(self, base: Path, log: Callable[[str], None] = print):
+        self.base, self.log = Path(base), log
+        self.snap: dict[str, Path] = {}
+        self.ref: dict[str, dict[str, str]] = {}
+        start = self.base / "snap-empty"
+        synthetic_competition(start / "comp", {"a": 10, "b": 8, "c": 6}, size=16, n_test=6)
+        (start / "c.yaml").write_text(CONFIG)
+        self.snap["empty"] = start
+        work = self.copy("empty", "reference")
+        for stage in STAGES:
+            r = self.cli(work, [stage])
+            if r.returncode != 0:
+                raise RuntimeError(f"the reference run failed at {stage}:\n{r.stderr[-3000:]}")
+            self.snap[stage] = self.base / f"snap-{stage}"
+            shutil.copytree(work, self.snap[stage], symlinks=True)
+            self.ref[stage] = tree_digest(work)
+            self.log(f"reference run: {stage} done")
+
+    def copy(self, snapshot: str, name: str) -> Path:
+        dst = self.base / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(self.snap[snapshot], dst, symlinks=True)
+        return dst
+
+    def cli(self, cwd: Path, args: list[str], fault: str | None = None, fsize: int | None = None,
+            wait: bool = True, timeout: int = 300):
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("PIPELINE_FAULT", None)
+        if fault:
+            env["PIPELINE_FAULT"] = fault
+        cmd = [sys.executable, "-m", "pipeline", *args, "--config", "c.yaml"]
+
+        def limit():  # a file-size limit: writes past it fail with EFBIG, like a full disk
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        pre = limit if fsize else None
+        if not wait:
+            return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=pre)
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=pre)
+
+
+@contextlib.contextmanager
+def _inside(folder: Path, env: dict | None = None):
+    old_cwd, old_env = os.getcwd(), dict(os.environ)
+    os.chdir(folder)
+    os.environ.update(env or {})
+    quiet = logging.getLogger("pipeline")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        quiet.setLevel(level)
+
+
+def run_inprocess(folder: Path, args: list[str], env: dict | None = None) -> tuple[int, str]:
+    """`python -m pipeline ARGS --config c.yaml` in this process: (exit code, stderr)."""
+    from .cli import main
+
+    err = io.StringIO()
+    with _inside(folder, env), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([*args, "--config", "c.yaml"])
+    return rc, err.getvalue()
+
+
+# ----------------------------------------------------------------------------- kills
+def kill_case(sb: Sandbox, stage: str, point: str) -> Result:
+    i = STAGES.index(stage)
+    before = "empty" if i == 0 else STAGES[i - 1]
+    d = sb.copy(before, f"kill-{stage}-{re.sub(r'[^a-z0-9]+', '-', point)}")
+    upstream = sb.ref.get(before, {})
+    r = sb.cli(d, [stage], fault=point)
+    notes, ok = [], True
+    if r.returncode != -signal.SIGKILL:
+        return Result("kill", f"{stage} @ {point}", "killed, rerun equal", f"not killed (exit {r.returncode})",
+                      False, kill=True)
+    partial = partial_files(d)
+    now = tree_digest(d)
+    lost = sum(1 for f, h in upstream.items() if now.get(f) != h)
+    notes.append(f"{len(partial)} partial")
+    ok &= not partial and not lost
+    if i + 1 < len(STAGES):
+        snapshot = tree_digest(d)
+        rc, err = run_inprocess(d, [STAGES[i + 1]])
+        refused = rc == 2 and tree_digest(d) == snapshot
+        notes.append(f"{STAGES[i + 1]} refused (exit {rc})" if refused else f"{STAGES[i + 1]} exit {rc}: {err[-200:]}")
+        ok &= refused
+    r2 = sb.cli(d, [stage])
+    final = tree_digest(d)
+    diff = sorted(f for f in set(final) | set(sb.ref[stage]) if final.get(f) != sb.ref[stage].get(f))
+    lost += sum(1 for f in sb.ref[stage] if f not in final)
+    ok &= r2.returncode == 0 and not diff
+    notes.append(f"rerun exit {r2.returncode}, " + ("equal to uninterrupted" if not diff else
+                                                    f"{len(diff)} differ: {', '.join(diff[:3])}"))
+    shutil.rmtree(d, ignore_errors=True)
+    return Result("kill", f"{stage} @ {point}", "killed; no partial file; rerun equal", "; ".join(notes), ok,
+                  kill=True, lost=lost)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _edit_csv(path: Path, fn) -> None:
+    t = pd.read_csv(path, dtype=str, keep_default_na=False)
+    fn(t).to_csv(path, index=False)
+
+
+def _yaml(text: str):
+    return lambda d: (d / "c.yaml").write_text(text)
+
+
+def _relabel_rare(t):
+    t.loc[t["label"] == "c", "label"] = ["c"] + ["b"] * (int((t["label"] == "c").sum()) - 1)
+    return t
+
+
+def _truncated_jpeg(d: Path) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
+    (d / "comp/train/img0003.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def _symlink_out(d: Path) -> None:
+    outside = d / "outside.png"
+    shutil.copy(d / "comp/train/img0001.png", outside)
+    (d / "comp/train/img0001.png").unlink()
+    (d / "comp/train/img0001.png").symlink_to(outside.resolve())
+
+
+def _member_copy(d: Path, name: str, edit) -> None:
+    shutil.copytree(d / "runs/sc", d / f"runs/{name}")
+    s = read_json(d / f"runs/{name}/infer/summary.json")
+    edit(s)
+    (d / f"runs/{name}/infer/summary.json").write_text(json.dumps(s))
+
+
+def _evil(d: Path) -> None:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {d / 'PWNED'}",))
+    (d / "evil.pth").write_bytes(pickle.dumps({"state_dict": Evil()}))
+
+
+BASE = CONFIG
+# (group, case, snapshot to start from, setup, command + overrides, expected message pattern)
+BAD_INPUTS = [
+    ("config", "unknown key", "empty", None, ["folds", "train.epoch=3"], r"unknown config key 'train.epoch'.*did you mean 'epochs'"),
+    ("config", "wrong type", "empty", None, ["folds", "train.epochs=many"], r"'train.epochs'.*expected an integer, got 'many'"),
+    ("config", "out-of-range value", "empty", None, ["folds", "train.lr=-1"], r"'train.lr'.*must be > 0"),
+    ("config", "missing base file", "empty", _yaml("base: nope.yaml\n" + BASE), ["folds"], r"nope.yaml"),
+    ("config", "base cycle", "empty", lambda d: ((d / "c.yaml").write_text("base: b.yaml\n" + BASE),
+                                                 (d / "b.yaml").write_text("base: c.yaml\n")), ["folds"], r"cycle"),
+    ("config", "malformed YAML", "empty", _yaml(BASE + "train: [1, 2\n"), ["folds"], r"c.yaml"),
+    ("data", "missing train.csv", "empty", lambda d: (d / "comp/train.csv").unlink(), ["folds"], r"train.csv"),
+    ("data", "missing id column", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.rename(columns={"image_id": "x"})),
+     ["folds"], r"train.csv.*image_id"),
+    ("data", "missing label column", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.drop(columns="label")),
+     ["folds"], r"train.csv.*label"),
+    ("data", "duplicate ids", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: pd.concat([t, t.iloc[:1]])),
+     ["folds"], r"train.csv.*duplicate.*img0000"),
+    ("data", "NaN label", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.assign(label=["" if i == 2 else v for i, v in enumerate(t["label"])])),
+     ["folds"], r"train.csv.*empty/NaN value in column 'label' at row"),
+    ("data", "image file missing", "empty", lambda d: (d / "comp/train/img0005.png").unlink(), ["folds"], r"img0005"),
+    ("data", "corrupt image (truncated JPEG)", "empty", _truncated_jpeg, ["folds"], r"img0003"),
+    ("data", "zero-byte image", "empty", lambda d: (d / "comp/train/img0004.png").write_bytes(b""), ["folds"], r"img0004"),
+    ("data", "id with ../", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.assign(image_id=["../x"] + list(t["image_id"][1:]))),
+     ["folds"], r"\.\./x"),
+    ("data", "absolute-path id", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.assign(image_id=["/etc/hostname"] + list(t["image_id"][1:]))),
+     ["folds"], r"/etc/hostname"),
+    ("data", "symlink leaving the data folder", "empty", _symlink_out, ["folds"], r"img0001"),
+    ("data", "class with fewer images than folds", "empty", lambda d: _edit_csv(d / "comp/train.csv", _relabel_rare),
+     ["folds"], r"fewer images than folds.*c \(1\)"),
+    ("data", "single class", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.assign(label="a")),
+     ["folds"], r"1 class"),
+    ("data", "test folder empty", "rebalance", lambda d: [p.unlink() for p in (d / "comp/test").iterdir()], ["infer"],
+     r"test"),
+    ("data", "sample_submission id not in the test folder", "rebalance",
+     lambda d: _edit_csv(d / "comp/sample_submission.csv", lambda t: pd.concat([t, pd.DataFrame({"image_id": ["zzz"], "label": ["a"]})])),
+     ["infer"], r"sample_submission.csv.*zzz"),
+    ("data", "sample_submission with unknown columns", "infer",
+     lambda d: _edit_csv(d / "comp/sample_submission.csv", lambda t: t.assign(extra="1")), ["ensemble"],
+     r"sample_submission.csv.*columns"),
+    ("artifacts", "infer before train", "folds", None, ["infer"], r"has not been trained"),
+    ("artifacts", "rebalance before train", "folds", None, ["rebalance"], r"no finished stage-2 output"),
+    ("artifacts", "stage-2 weights of another architecture", "rebalance", None, ["infer", "model.arch=resnet10t"],
+     r"trained as test_resnet.*config says resnet10t"),
+    ("artifacts", "stage-2 weights of another class count", "rebalance",
+     lambda d: (d / "runs/sc/classes.json").write_text('["a", "b"]'), ["infer", "infer.oof=off"], r"3 classes.*2 classes"),
+    ("artifacts", "ensemble members on different folds", "infer",
+     lambda d: _member_copy(d, "sc2", lambda s: s.update(folds_file="0" * 64)), ["ensemble", "ensemble.members=[sc,sc2]"],
+     r"different folds files"),
+    ("artifacts", "ensemble members with different label encodings", "infer",
+     lambda d: _member_copy(d, "sc3", lambda s: s.update(classes=s["classes"][::-1])), ["ensemble", "ensemble.members=[sc,sc3]"],
+     r"different label encodings"),
+    ("artifacts", "weights file that is a malicious pickle", "folds", _evil, ["train", "model.pretrained_path=evil.pth"],
+     r"evil.pth: refused to load"),
+]
+
+
+def bad_input_case(sb: Sandbox, group: str, case: str, snapshot: str, setup, args: list[str], pattern: str) -> Result:
+    d = sb.copy(snapshot, "bad-" + re.sub(r"[^a-z0-9]+", "-", case.lower()))
+    if setup:
+        setup(d)
+    before = all_files(d)
+    rc, err = run_inprocess(d, args)
+    after = all_files(d)
+    changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+    message = next((ln for ln in err.splitlines() if ln.startswith("error:")), err.strip()[-200:])
+    named = re.search(pattern, err, re.S) is not None
+    ok = rc == 2 and named and not changed and not (d / "PWNED").exists()
+    observed = f"exit {rc}; {message[:150]}" + (f"; WROTE {changed[:3]}" if changed else "") + \
+        ("; PICKLE EXECUTED" if (d / "PWNED").exists() else "")
+    shutil.rmtree(d, ignore_errors=True)
+    return Result(group, case, "exit 2, names it, writes nothing", observed, ok)
+
+
+# ----------------------------------------------------------------------------- training and storage
+def non_finite_case(sb: Sandbox) -> Result:
+    d = sb.copy("folds", "nan-loss")
+    rc, err = run_inprocess(d, ["train", "--fold", "0"], env={"PIPELINE_FAULT": "nan-loss:1"})
+    import torch
+
+    ckpt = d / "runs/sc/fold0/last.pt"
+    kept = ckpt.exists() and torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 0
+    named = re.search(r"non-finite loss at epoch 2, step \d+", err) is not None
+    done = (d / "runs/sc/fold0/summary.json").exists()
+    ok = rc == 2 and named and kept and not done
+    shutil.rmtree(d, ignore_errors=True)
+    return Result("training", "non-finite loss (epoch 2)", "exit 2 naming epoch/step; epoch-1 checkpoint kept",
+                  f"exit {rc}; {'named' if named else err[-150:]}; checkpoint {'kept' if kept else 'LOST'}; "
+                  f"fold {'marked complete!' if done else 'not marked complete'}", ok, lost=0 if kept else 1)
+
+
+def oom_case(sb: Sandbox) -> Result:
+    d = sb.copy("folds", "oom")
+    rc, err = run_inprocess(d, ["train"], env={"PIPELINE_FAULT": "oom@train:step:0"})
+    ok = rc == 3 and all(k in err for k in ("train.batch_size", "train.accum_steps", "aug.img_size"))
+    shutil.rmtree(d, ignore_errors=True)
+    return Result("training", "GPU out of memory (simulated)", "exit 3 with batch/size/accumulation advice",
+                  f"exit {rc}; {err.strip().splitlines()[0][:120] if err.strip() else ''}", ok)
+
+
+def disk_full_case(sb: Sandbox) -> Result:
+    d = sb.copy("folds", "disk-full")
+    r = sb.cli(d, ["train"], fsize=64 * 1024)
+    lost = sum(1 for f, h in sb.ref["folds"].items() if tree_digest(d).get(f) != h)
+    partial = partial_files(d)
+    clear = r.returncode == 2 and re.search(r"error: cannot write runs/sc/", r.stderr) is not None
+    r2 = sb.cli(d, ["train"])
+    final = tree_digest(d)
+    equal = r2.returncode == 0 and final == sb.ref["train"]
+    shutil.rmtree(d, ignore_errors=True)
+    msg = next((ln for ln in r.stderr.splitlines() if ln.startswith("error:")), r.stderr[-150:])
+    return Result("storage", "disk full while training (64 KiB file limit)",
+                  "exit 2 'cannot write'; earlier outputs intact; rerun equal",
+                  f"exit {r.returncode}; {msg[:110]}; {len(partial)} partial; rerun "
+                  f"{'equal' if equal else 'DIFFERS'}", clear and not partial and not lost and equal, lost=lost)
+
+
+def unwritable_case(sb: Sandbox) -> Result:
+    d = sb.copy("folds", "unwritable")
+    if os.geteuid() == 0:  # root ignores permissions: block the folder with a file instead
+        (d / "runs").write_text("not a folder")
+        how = "runs/ is a file (root ignores permissions)"
+    else:
+        (d / "runs").mkdir()
+        os.chmod(d / "runs", 0o555)
+        how = "runs/ read-only"
+    rc, err = run_inprocess(d, ["train"])
+    lost = sum(1 for f, h in sb.ref["folds"].items() if tree_digest(d).get(f) != h)
+    if (d / "runs").is_dir():
+        os.chmod(d / "runs", 0o755)
+    ok = rc == 2 and "cannot" in err and "runs" in err and not lost
+    shutil.rmtree(d, ignore_errors=True)
+    return Result("storage", f"unwritable output folder ({how})", "exit 2 naming the folder; earlier outputs intact",
+                  f"exit {rc}; {err.strip().splitlines()[0][:120] if err.strip() else ''}", ok, lost=lost)
+
+
+def lock_case(sb: Sandbox) -> Result:
+    d = sb.copy("folds", "lock")
+    first = sb.cli(d, ["train", "train.epochs=200"], wait=False)
+    lock = d / "runs/sc/fold0/.lock"
+    t0 = time.time()
+    while not lock.exists() and time.time() - t0 < 120 and first.poll() is None:
+        time.sleep(0.1)
+    rc, err = run_inprocess(d, ["train", "train.epochs=200"])
+    named = f"held by pid {first.pid}" in err
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    r2 = sb.cli(d, ["train", "--fold", "1", "train.epochs=1"])  # a killed holder's lock is taken over
+    took_over = r2.returncode == 0
+    r3 = sb.cli(d, ["train", "--fold", "0", "train.epochs=1"])
+    shutil.rmtree(d, ignore_errors=True)
+    ok = rc == 2 and named and took_over and r3.returncode == 0
+    return Result("storage", "two runs of one experiment at once", "second refuses naming the holder's pid; "
+                  "after the holder is killed its lock is taken over",
+                  f"second: exit {rc}, {'names pid ' + str(first.pid) if named else err[-120:]}; after SIGKILL: "
+                  f"exit {r2.returncode}/{r3.returncode}", ok, kill=True)
+
+
+# ----------------------------------------------------------------------------- the matrix
+def run_matrix(base: Path, quick: bool = False, log: Callable[[str], None] = print) -> list[Result]:
+    sb = Sandbox(base, log)
+    results = []
+
+    def add(r: Result) -> None:
+        results.append(r)
+        log(f"[{'pass' if r.passed else 'FAIL'}] {r.group}: {r.case} -- {r.observed}")
+    for stage, points in (QUICK_KILLS if quick else KILLS).items():
+        for point in points:
+            add(kill_case(sb, stage, point))
+    for case in BAD_INPUTS:
+        add(bad_input_case(sb, *case))
+    for fn in (non_finite_case, oom_case, disk_full_case, unwritable_case, lock_case):
+        add(fn(sb))
+    return results
+
+
+def table(results: list[Result]) -> str:
+    t = pd.DataFrame([{"group": r.group, "case": r.case, "expected": r.expected, "observed": r.observed,
+                       "pass": "yes" if r.passed else "NO"} for r in results])
+    kills = [r for r in results if r.kill]
+    bad = [r for r in results if r.group in ("config", "data", "artifacts")]
+    lines = ["| group | case | expected | observed | pass |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d.replace('|', '/')} | {e} |" for a, b, c, d, e in t.values]
+    lines += ["", f"kills survived: {sum(r.passed for r in kills)}/{len(kills)}; "
+                  f"bad inputs rejected cleanly: {sum(r.passed for r in bad)}/{len(bad)}; "
+                  f"other cases passed: {sum(r.passed for r in results if r not in kills and r not in bad)}/"
+                  f"{len([r for r in results if r not in kills and r not in bad])}; "
+                  f"files lost: {sum(r.lost for r in results)}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="selfcheck-") as tmp:
+        results = run_matrix(Path(tmp), quick=quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(table(results))
+    print(f"\n{len(results)} cases in {time.time() - t0:.0f}s on {os.cpu_count()} CPU core(s)")
+    return 0 if all(r.passed for r in results) else 1
