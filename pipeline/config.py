@@ -278,12 +278,13 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (an empty section stays as its own key)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
             if not v:
                 out[key] = v
         else:
@@ -308,7 +309,7 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
         if not base_path.exists():
             raise PipelineError(f"{path}: base file not found: {base_path}")
         values, origin = _load_chain(base_path, (*seen, path))
-    for k, v in _flatten(raw).items():
+    for k, v in flatten(raw).items():
         # a child that sets a section drops nothing of the base: keys merge one by one
         values[k] = v
         origin[k] = str(path)

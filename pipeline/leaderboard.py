@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import read_json, read_npz, write_csv, write_text
-from .config import Config, load_config
+from .config import Config, flatten, load_config
 from .errors import PipelineError
 from .metrics import GREATER_IS_BETTER, compute, softmax
 from .provenance import changed_keys
@@ -232,22 +232,12 @@ def _cell(v) -> str:
 
 
 # ----------------------------------------------------------------------------- compare
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def compare(runs: Path, a: str, b: str) -> str:
     """Config differences of two experiments next to their metric differences per fold, and
     whether the mean difference exceeds fold-to-fold noise (paired over folds when they share a
     folds file: |mean diff| > 2 standard errors of the per-fold differences)."""
     cfgs = {n: experiment_config(runs / n) for n in (a, b)}
-    da, db = (_flat(cfgs[n].to_dict()) for n in (a, b))
+    da, db = (flatten(cfgs[n].to_dict()) for n in (a, b))
     keys = [k for k in changed_keys(cfgs[a].to_dict(), cfgs[b].to_dict()) if k not in ("experiment", "run_also")]
     out = [f"# {a} vs {b}", "", "## Config differences", ""]
     out += [f"  {k}: {da.get(k)!r} -> {db.get(k)!r}" for k in keys] or ["  (none besides the name)"]

@@ -9,19 +9,9 @@ import logging
 import math
 from pathlib import Path
 
-from .config import Config
+from .config import Config, flatten
 
 log = logging.getLogger("pipeline")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class Tracker:
@@ -30,7 +20,7 @@ class Tracker:
     def __init__(self, cfg: Config, fold: int):
         self.backend, self._run, self._writer = cfg.train.tracker, None, None
         where = Path(cfg.train.tracker_dir or cfg.run_dir / "tracking").resolve()
-        params = {k: str(v)[:250] for k, v in _flat(cfg.to_dict()).items()}
+        params = {k: str(v)[:250] for k, v in flatten(cfg.to_dict()).items()}
         try:
             if self.backend == "mlflow":
                 import mlflow
