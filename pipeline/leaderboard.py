@@ -205,6 +205,8 @@ def to_text(t: pd.DataFrame) -> str:
         return "no finished experiments under runs/"
     view = t.copy()
     view["cv"] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(view["cv_mean"], view["cv_std"])]
+    for c in ("img_size", "epochs"):
+        view[c] = [("" if pd.isna(v) else str(v)) for v in view[c]]
     cols = ["rank", "experiment", "model", "img_size", "epochs", "head", "tta", "cv", "cv_pooled", "macro_f1",
             "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds", "members", "note"]
     return view[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
