@@ -126,6 +126,7 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
             log.info("fold %d: %s is an interrupted run with other inputs (changed: %s): starting afresh", k,
                      ckpt_path, ", ".join(changed_keys(resume.get("made_from", {}), rec)))
             resume, fresh = None, True
+    dist.barrier()  # every rank has judged the fold from the same files before any is removed
     if fresh and dist.main:  # the fold stops looking complete before any of it is replaced
         summary_path.unlink(missing_ok=True)
         ckpt_path.unlink(missing_ok=True)
