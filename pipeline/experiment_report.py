@@ -36,8 +36,8 @@ def write(name: str, reports: Path = Path("reports"), runs: Path = Path("runs"))
         raise PipelineError(f"experiment '{name}': not every fold has finished stage 2; nothing to report yet")
     out = reports / name
     classes = read_json(run_dir / "classes.json")
-    rows = rank(pd.DataFrame(experiment_rows(run_dir)).assign(note=""))
     preds = predictions(cfg)
+    rows = rank(pd.DataFrame(experiment_rows(run_dir, preds)).assign(note=""))
     top = rows.iloc[0]
     best_key = (top["head"], top["tta"] == "on")
     pics = []

@@ -20,7 +20,7 @@ import pandas as pd
 from .artifacts import read_json, read_npz, write_csv, write_text
 from .config import Config, flatten, load_config
 from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER, compute, softmax
+from .metrics import GREATER_IS_BETTER, cv, softmax
 from .provenance import changed_keys
 from .report import private_score
 
@@ -89,19 +89,10 @@ def predictions(cfg: Config) -> dict[tuple[str, bool], dict]:
     return out
 
 
-def evaluate(cfg: Config, pred: dict, train_counts: list[list[int]]) -> dict:
-    """CV of one prediction set: per-fold metric (mean, std, list) and pooled metrics."""
-    e, y, p, fold = cfg.eval, pred["y"], pred["probs"], pred["fold"]
-    per = [compute(y[fold == k], p[fold == k], np.array(train_counts[k]), e.many_shot, e.few_shot, e.metric)["score"]
-           for k in range(len(train_counts))]
-    pooled = compute(y, p, np.mean(train_counts, axis=0), e.many_shot, e.few_shot, e.metric)
-    return {"cv_mean": float(np.mean(per)), "cv_std": float(np.std(per)), "per_fold": per,
-            "cv_pooled": pooled["score"], **{m: pooled[m] for m in
-                                              ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc")}}
-
-
-def experiment_rows(run_dir: Path) -> list[dict]:
+def experiment_rows(run_dir: Path, preds: dict | None = None) -> list[dict]:
+    """Leaderboard rows of one experiment (`preds`: its `predictions`, when already read)."""
     cfg = experiment_config(run_dir)
+    e = cfg.eval
     summaries = fold_summaries(cfg)
     if not summaries:
         return []
@@ -109,8 +100,8 @@ def experiment_rows(run_dir: Path) -> list[dict]:
     folds_hash = summaries[0]["made_from"]["folds_file"]
     classes = read_json(cfg.run_dir / "classes.json")
     rows = []
-    for (head, tta), pred in predictions(cfg).items():
-        ev = evaluate(cfg, pred, counts)
+    for (head, tta), pred in (predictions(cfg) if preds is None else preds).items():
+        ev = cv(pred["y"], pred["probs"], pred["fold"], counts, e.many_shot, e.few_shot, e.metric)
         test = pred.get("test")
         rows.append({"experiment": cfg.experiment, "model": cfg.model.arch + (f" ({cfg.model.pool})"
                                                                               if cfg.model.pool != "avg" else ""),

@@ -42,6 +42,17 @@ def compute(y: np.ndarray, probs: np.ndarray, train_counts: np.ndarray, many: in
     return out
 
 
+def cv(y: np.ndarray, probs: np.ndarray, fold: np.ndarray, train_counts: list, many: int, few: int,
+       metric: str) -> dict:
+    """CV of OOF probabilities: the metric per fold (values, mean, std) and every metric on the pooled
+    rows. `train_counts[k]`: the class counts fold k's model was trained on (pooled: their mean)."""
+    per = [compute(y[fold == k], probs[fold == k], np.asarray(c), many, few, metric)["score"]
+           for k, c in enumerate(train_counts)]
+    pooled = compute(y, probs, np.mean(train_counts, axis=0), many, few, metric)
+    return {"cv_mean": float(np.mean(per)), "cv_std": float(np.std(per)), "per_fold": [float(v) for v in per],
+            "cv_pooled": pooled["score"], **{k: v for k, v in pooled.items() if k != "score"}}
+
+
 def better(a: float, b: float | None, metric: str) -> bool:
     """Is score a better than b (None: no score yet)?"""
     if b is None or not np.isfinite(b):

@@ -54,6 +54,15 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def stale_reasons(path: Path, rec: dict, what: str = "") -> list[str]:
+    """[] when the output recorded at `path` was made from `rec`; else why not (not run, or the
+    changed keys), each reason prefixed with `what` (e.g. "fold 2: ")."""
+    if not path.exists():
+        return [f"{what}not run"]
+    old = read_json(path).get("made_from") or {}
+    return [] if old == rec else [f"{what}changed {', '.join(changed_keys(old, rec)) or 'unknown'}"]
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> dict:
     """Package versions and the git commit of the code that made an output (stored, not compared)."""

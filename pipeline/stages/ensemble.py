@@ -25,8 +25,8 @@ from ..artifacts import read_json, read_npz, sha256_file, sha256_obj, write_csv,
 from ..config import Config, load_config
 from ..data import read_sample_submission, read_test_table
 from ..errors import PipelineError
-from ..metrics import GREATER_IS_BETTER, compute, score
-from ..provenance import changed_keys, environment, infer_inputs, refuse_stale
+from ..metrics import GREATER_IS_BETTER, cv, score
+from ..provenance import changed_keys, environment, infer_inputs, refuse_stale, stale_reasons
 from ..report import private_score
 
 log = logging.getLogger("pipeline")
@@ -89,10 +89,9 @@ def status(cfg: Config) -> list[str]:
     name = cfg.ensemble.name or cfg.experiment
     path = Path("submissions") / f"{name}.json"
     members = [load_member(exp, head) for exp, head in parse_members(cfg)]
-    if not path.exists() or (cfg.data.sample_submission and not path.with_suffix(".csv").exists()):
+    if cfg.data.sample_submission and not path.with_suffix(".csv").exists():
         return ["not run"]
-    old, rec = read_json(path).get("made_from") or {}, ensemble_record(cfg, members)
-    return [] if old == rec else [f"changed {', '.join(changed_keys(old, rec))}"]
+    return stale_reasons(path, ensemble_record(cfg, members))
 
 
 def check_compatible(members: list[dict]) -> None:
@@ -159,21 +158,14 @@ def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Con
     return vals
 
 
-def fold_cv(probs: np.ndarray, y: np.ndarray, fold: np.ndarray, metric: str) -> list[float]:
-    return [score(metric, y[fold == k], probs[fold == k]) for k in np.unique(fold)]
-
-
-def _cv_row(per: list[float]) -> dict:
-    return {"cv_mean": float(np.mean(per)), "cv_std": float(np.std(per)), "per_fold": [float(v) for v in per]}
-
-
-def pooled_metrics(cfg: Config, y: np.ndarray, probs: np.ndarray) -> dict:
-    """Metrics on all OOF rows at once; training frequency of a class = its (K-1)/K share of y."""
-    K = cfg.folds.n_splits
-    counts = np.bincount(y, minlength=probs.shape[1]) * (K - 1) / K
-    m = compute(y, probs, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
-    return {"cv_pooled": m["score"], **{k: m[k] for k in ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc",
-                                                          "few_acc")}}
+def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_fold: list[float] | None = None) -> dict:
+    """The shared CV of OOF probabilities; fold k trained on the OOF rows of the other folds.
+    `per_fold` replaces the per-fold values (the weighted ensemble's honest ones)."""
+    counts = [np.bincount(y[fold != k], minlength=probs.shape[1]) for k in range(int(fold.max()) + 1)]
+    m = cv(y, probs, fold, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+    if per_fold is not None:
+        m.update(cv_mean=float(np.mean(per_fold)), cv_std=float(np.std(per_fold)), per_fold=[float(v) for v in per_fold])
+    return m
 
 
 # ----------------------------------------------------------------------------- submission
@@ -239,16 +231,13 @@ def run(cfg: Config, force: bool = False) -> dict:
         y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
         oofs = [m["oof"]["probs"] for m in members]
         for m, p in zip(members, oofs):
-            per = fold_cv(p, y, fold, metric)
-            rows.append({"member": m["name"], **_cv_row(per), **pooled_metrics(cfg, y, p)})
+            rows.append({"member": m["name"], **oof_cv(cfg, p, y, fold)})
         if method == "weighted":
             weights = fit_weights(oofs, y, e.weight_metric, metric)
-            per = honest_cv(oofs, y, fold, cfg)
-            ens = combine(oofs, "weighted", weights)
+            ens = oof_cv(cfg, combine(oofs, "weighted", weights), y, fold, honest_cv(oofs, y, fold, cfg))
         else:
-            ens = combine(oofs, method)
-            per = fold_cv(ens, y, fold, metric)
-        rows.append({"member": f"ensemble ({method})", **_cv_row(per), **pooled_metrics(cfg, y, ens)})
+            ens = oof_cv(cfg, combine(oofs, method), y, fold)
+        rows.append({"member": f"ensemble ({method})", **ens})
     elif method == "weighted":
         raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
     test_probs = combine([m["test"]["probs"] for m in members], method, weights)

@@ -22,7 +22,7 @@ from ..artifacts import read_json, sha256_obj, write_csv, write_json
 from ..config import Config
 from ..data import encode, make_classes, plain, read_train_table
 from ..errors import PipelineError
-from ..provenance import changed_keys, environment
+from ..provenance import environment, stale_reasons
 
 log = logging.getLogger("pipeline")
 
@@ -78,10 +78,9 @@ def _record(cfg: Config, df: pd.DataFrame) -> dict:
 
 def status(cfg: Config) -> list[str]:
     """Why stage 1 would do work now (empty: the folds file is up to date)."""
-    if not (cfg.folds_csv.exists() and cfg.folds_record.exists()):
-        return [f"{cfg.folds_csv} missing"]
-    old, rec = read_json(cfg.folds_record).get("made_from") or {}, _record(cfg, read_train_table(cfg))
-    return [] if old == rec else [f"changed {', '.join(changed_keys(old, rec))}"]
+    if not cfg.folds_csv.exists():
+        return ["not run"]
+    return stale_reasons(cfg.folds_record, _record(cfg, read_train_table(cfg)))
 
 
 def run(cfg: Config, force: bool = False) -> bool:

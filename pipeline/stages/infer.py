@@ -31,8 +31,8 @@ from ..config import Config
 from ..distributed import Dist
 from ..heads import Head
 from ..images import ImageDataset, ImageStore
-from ..metrics import GREATER_IS_BETTER, compute
-from ..provenance import changed_keys, environment, infer_inputs
+from ..metrics import GREATER_IS_BETTER, cv
+from ..provenance import environment, infer_inputs, stale_reasons
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..tta import VIEWS, merge, sizes
 
@@ -51,11 +51,7 @@ def policy_logits(forward, x: torch.Tensor, policy: list[str], crop: int) -> lis
 def status(cfg: Config) -> list[str]:
     """Why stage 4 would do work now (empty: up to date)."""
     path = cfg.run_dir / "infer" / "summary.json"
-    rec = infer_inputs(cfg)["made_from"]
-    if not path.exists():
-        return ["not run"]
-    old = read_json(path).get("made_from") or {}
-    return [] if old == rec else [f"changed {', '.join(changed_keys(old, rec))}"]
+    return stale_reasons(path, infer_inputs(cfg)["made_from"])
 
 
 def run(cfg: Config, force: bool = False) -> dict:
@@ -176,18 +172,12 @@ def _view_features(model, x, views, crop, dtype):
 
 
 def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarray) -> dict:
-    """Mean and std over folds of the metric, and the pooled value, for OOF probabilities."""
-    per = []
-    for k, s in enumerate(summaries):
-        m = df["fold"].values == k
-        per.append(compute(df["y"].values[m], probs[m], np.array(s["train_counts"]), cfg.eval.many_shot,
-                           cfg.eval.few_shot, cfg.eval.metric))
-    counts = np.mean([s["train_counts"] for s in summaries], axis=0)
-    pooled = compute(df["y"].values, probs, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
-    return {"cv_mean": float(np.mean([p["score"] for p in per])), "cv_std": float(np.std([p["score"] for p in per])),
-            "cv_pooled": pooled["score"], "accuracy": pooled["accuracy"], "macro_f1": pooled["macro_f1"],
-            "balanced_accuracy": pooled["balanced_accuracy"], "many_acc": pooled["many_acc"],
-            "medium_acc": pooled["medium_acc"], "few_acc": pooled["few_acc"], "log_loss": pooled["log_loss"]}
+    """CV of OOF probabilities (one report.csv row: per-fold values left out)."""
+    e = cfg.eval
+    m = cv(df["y"].values, probs, df["fold"].values, [s["train_counts"] for s in summaries], e.many_shot,
+           e.few_shot, e.metric)
+    m.pop("per_fold")
+    return m
 
 
 def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[str]) -> list[str]:

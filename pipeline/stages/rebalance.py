@@ -38,7 +38,7 @@ from ..errors import PipelineError
 from ..heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
 from ..images import ImageDataset, ImageStore
 from ..metrics import GREATER_IS_BETTER, compute, per_class_recall, score, softmax
-from ..provenance import changed_keys, environment, feature_record, rebalance_record, stage2_summary
+from ..provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..distributed import Dist
 
@@ -268,14 +268,10 @@ def status(cfg: Config) -> list[str]:
         path = cfg.fold_dir(k) / "rebalance" / "summary.json"
         if not (cfg.fold_dir(k) / "model.safetensors").exists():
             reasons.append(f"fold {k}: waits for stage-2 weights")
-        elif not path.exists():
-            reasons.append(f"fold {k}: not rebalanced")
-        else:
-            s = read_json(path)
-            rec = rebalance_record(cfg, k, classes)
-            if s.get("made_from") != rec:
-                reasons.append(f"fold {k}: changed {', '.join(changed_keys(s.get('made_from') or {}, rec))}")
-            summaries.append(s)
+            continue
+        reasons += stale_reasons(path, rebalance_record(cfg, k, classes), f"fold {k}: ")
+        if path.exists():
+            summaries.append(read_json(path))
     report_path = cfg.run_dir / "rebalance" / "summary.json"
     if not reasons and (not report_path.exists() or
                         read_json(report_path).get("made_from") != _report_record(summaries)):

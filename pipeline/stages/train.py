@@ -44,7 +44,7 @@ from ..images import EpochBatches, ImageDataset, ImageStore
 from ..losses import SoftTargetLoss, effective_number_weights
 from ..metrics import better, compute, softmax
 from ..models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
-from ..provenance import changed_keys, environment, train_record
+from ..provenance import changed_keys, environment, stale_reasons, train_record
 from ..runtime import amp_dtype, make_loader, pick_device, workers
 from ..samplers import epoch_indices
 from ..tracking import Tracker
@@ -395,11 +395,10 @@ def status(cfg: Config) -> list[str]:
     rec, reasons = train_record(cfg), []
     for k in range(int(df["fold"].max()) + 1):
         fd = cfg.fold_dir(k)
-        if not (fd / "summary.json").exists():
-            reasons.append(f"fold {k}: " + ("interrupted, resumes from last.pt" if (fd / "last.pt").exists()
-                                            else "not trained"))
-        elif (old := read_json(fd / "summary.json").get("made_from")) != rec:
-            reasons.append(f"fold {k}: changed {', '.join(changed_keys(old or {}, rec))}")
+        if not (fd / "summary.json").exists() and (fd / "last.pt").exists():
+            reasons.append(f"fold {k}: interrupted, resumes from last.pt")
+        else:
+            reasons += stale_reasons(fd / "summary.json", rec, f"fold {k}: ")
     return reasons
 
 
