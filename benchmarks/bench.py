@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import models  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
 from pipeline.stages import folds, rebalance, train  # noqa: E402
-from pipeline.tta import VIEWS, sizes  # noqa: E402
+from pipeline.core.tta import VIEWS, sizes  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     else:
         base = ["data.root=data/demo", "data.demo=true", "data.image_ext=.png"]
         what = "demo digits"
-        from pipeline.demo import ensure_demo
+        from pipeline.tools.demo import ensure_demo
         ensure_demo("data/demo")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = [*base, f"model.arch={args.arch}", f"aug.img_size={args.size}", f"train.epochs={args.epochs}",

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import provenance
-from .artifacts import fault_point
-from .config import Config, load_config
-from .errors import PipelineError
+from .core import provenance
+from .core.artifacts import fault_point
+from .core.config import Config, load_config
+from .core.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 
@@ -112,7 +112,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def prepare(cfg: Config) -> None:
     if cfg.data.demo:
-        from .demo import ensure_demo
+        from .tools.demo import ensure_demo
 
         ensure_demo(cfg.data.root, seed=cfg.folds.seed)
 
@@ -176,11 +176,11 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
                 log.info("stage %s (%s) of '%s' is up to date, skipped", stage.number, stage.name, c.experiment)
         (ran if did else skipped).append(tag)
     log.info("all: ran %s; up to date %s", " ".join(ran) or "nothing", " ".join(skipped) or "nothing")
-    importlib.import_module("pipeline.report").print_summary(cfg)
-    exp_report = importlib.import_module("pipeline.experiment_report")
+    importlib.import_module("pipeline.tools.score_table").print_summary(cfg)
+    exp_report = importlib.import_module("pipeline.tools.experiment_page")
     for c in configs:
         exp_report.write(c.experiment)
-    importlib.import_module("pipeline.leaderboard").write(Path("runs"), Path("reports"))
+    importlib.import_module("pipeline.tools.leaderboard").write(Path("runs"), Path("reports"))
     return {"ran": ran, "skipped": skipped}
 
 
@@ -206,7 +206,7 @@ def print_status(cfg: Config, overrides: list[str]) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     """leaderboard / compare / report: they read runs/ and submissions/, no config needed."""
-    from . import experiment_report, leaderboard
+    from .tools import experiment_page, leaderboard
 
     runs, reports = Path("runs"), Path("reports")
     if args.command == "leaderboard":
@@ -225,7 +225,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     if not names:
         raise PipelineError("no experiments under runs/ to report on")
     for name in names:
-        print(experiment_report.write(name, reports))
+        print(experiment_page.write(name, reports))
     return 0
 
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["selfcheck"]:
-        from . import selfcheck
+        from .tools import selfcheck
 
         return selfcheck.main(argv[1:])
     try:

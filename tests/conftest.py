@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import synthetic_competition as make_competition  # noqa: F401  (used by the tests)
+from pipeline.tools.demo import synthetic_competition as make_competition  # noqa: F401  (used by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 
 
 def test_defaults_without_file():

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from conftest import make_competition, run_cli
-from pipeline.config import load_config
-from pipeline.data import read_test_table, read_train_table
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.data import read_test_table, read_train_table
+from pipeline.core.errors import PipelineError
 from pipeline.stages import folds as folds_stage
 
 

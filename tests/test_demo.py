@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.demo import build_demo
+from pipeline.tools.demo import build_demo
 
 
 def digest(root):

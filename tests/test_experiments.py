@@ -7,9 +7,9 @@ import pandas as pd
 from PIL import Image
 
 from conftest import REPO, run_cli
-from pipeline.artifacts import write_npz
-from pipeline.config import config_to_yaml, load_config
-from pipeline.leaderboard import build, rank
+from pipeline.core.artifacts import write_npz
+from pipeline.core.config import config_to_yaml, load_config
+from pipeline.tools.leaderboard import build, rank
 
 K, C = 3, 4
 

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, make_competition
-from pipeline.config import load_config
-from pipeline.data import read_folds
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_config
+from pipeline.core.data import read_folds
+from pipeline.core.errors import PipelineError
 from pipeline.stages import folds as folds_stage
 from pipeline.stages.folds import make_folds
 

@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 
 from conftest import make_competition, run_cli
-from pipeline.data import read_image
-from pipeline.images import ImageStore
-from pipeline.losses import SoftTargetLoss, effective_number_weights
+from pipeline.core.data import read_image
+from pipeline.core.images import ImageStore
+from pipeline.core.losses import SoftTargetLoss, effective_number_weights
 
 
 def test_grayscale_palette_and_rgba_become_rgb(tmp_path):

@@ -11,20 +11,20 @@ import pytest
 import torch
 
 from conftest import REPO, make_competition
-from pipeline import models, provenance
-from pipeline.augment import valid_transform
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.images import ImageDataset, ImageStore
-from pipeline.metrics import softmax
-from pipeline.runtime import make_loader
+from pipeline.core import models, provenance
+from pipeline.core.augment import valid_transform
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.images import ImageDataset, ImageStore
+from pipeline.core.metrics import softmax
+from pipeline.core.runtime import make_loader
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage
 from pipeline.stages.ensemble import combine, fit_weights
-from pipeline.tta import merge, sizes
+from pipeline.core.tta import merge, sizes
 
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
         "train.batch_size=8", "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",

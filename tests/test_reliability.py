@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pipeline import selfcheck
-from pipeline.artifacts import atomic_path, write_json
-from pipeline.errors import PipelineError
+from pipeline.tools import selfcheck
+from pipeline.core.artifacts import atomic_path, write_json
+from pipeline.core.errors import PipelineError
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO, make_competition, run_cli
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.models import GeM, create_model, read_state_dict, write_state_dict
-from pipeline.samplers import class_probs, epoch_indices
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.models import GeM, create_model, read_state_dict, write_state_dict
+from pipeline.core.samplers import class_probs, epoch_indices
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import train as train_stage
 

@@ -21,13 +21,13 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
-from ..artifacts import read_json, read_npz, sha256_file, sha256_obj, write_csv, write_json
-from ..config import Config, load_config
-from ..data import read_sample_submission, read_test_table
-from ..errors import PipelineError
-from ..metrics import GREATER_IS_BETTER, cv, score
-from ..provenance import changed_keys, environment, infer_inputs, refuse_stale, stale_reasons
-from ..report import private_score
+from ..core.artifacts import read_json, read_npz, sha256_file, sha256_obj, write_csv, write_json
+from ..core.config import Config, load_config
+from ..core.data import read_sample_submission, read_test_table
+from ..core.errors import PipelineError
+from ..core.metrics import GREATER_IS_BETTER, cv, score
+from ..core.provenance import changed_keys, environment, infer_inputs, refuse_stale, stale_reasons
+from ..tools.score_table import private_score
 
 log = logging.getLogger("pipeline")
 

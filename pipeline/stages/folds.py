@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from ..artifacts import read_json, sha256_obj, write_csv, write_json
-from ..config import Config
-from ..data import encode, make_classes, plain, read_train_table
-from ..errors import PipelineError
-from ..provenance import environment, stale_reasons
+from ..core.artifacts import read_json, sha256_obj, write_csv, write_json
+from ..core.config import Config
+from ..core.data import encode, make_classes, plain, read_train_table
+from ..core.errors import PipelineError
+from ..core.provenance import environment, stale_reasons
 
 log = logging.getLogger("pipeline")
 

@@ -25,16 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import models
-from ..artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
-from ..config import Config
-from ..distributed import Dist
-from ..heads import Head
-from ..images import ImageDataset, ImageStore
-from ..metrics import GREATER_IS_BETTER, cv
-from ..provenance import environment, infer_inputs, stale_reasons
-from ..runtime import amp_dtype, make_loader, pick_device, workers
-from ..tta import VIEWS, merge, sizes
+from ..core import models
+from ..core.artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
+from ..core.config import Config
+from ..core.distributed import Dist
+from ..core.heads import Head
+from ..core.images import ImageDataset, ImageStore
+from ..core.metrics import GREATER_IS_BETTER, cv
+from ..core.provenance import environment, infer_inputs, stale_reasons
+from ..core.runtime import amp_dtype, make_loader, pick_device, workers
+from ..core.tta import VIEWS, merge, sizes
 
 log = logging.getLogger("pipeline")
 

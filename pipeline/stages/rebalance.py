@@ -28,19 +28,19 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from .. import models
-from ..artifacts import experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv, write_json, \
+from ..core import models
+from ..core.artifacts import experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv, write_json, \
     write_npz, write_text
-from ..augment import train_transform, valid_transform
-from ..config import Config
-from ..data import read_folds
-from ..errors import PipelineError
-from ..heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
-from ..images import ImageDataset, ImageStore
-from ..metrics import GREATER_IS_BETTER, compute, per_class_recall, score, softmax
-from ..provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons
-from ..runtime import amp_dtype, make_loader, pick_device, workers
-from ..distributed import Dist
+from ..core.augment import train_transform, valid_transform
+from ..core.config import Config
+from ..core.data import read_folds
+from ..core.errors import PipelineError
+from ..core.heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
+from ..core.images import ImageDataset, ImageStore
+from ..core.metrics import GREATER_IS_BETTER, compute, per_class_recall, score, softmax
+from ..core.provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons
+from ..core.runtime import amp_dtype, make_loader, pick_device, workers
+from ..core.distributed import Dist
 
 log = logging.getLogger("pipeline")
 
@@ -202,7 +202,7 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
 
 # ----------------------------------------------------------------------------- report
 def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) -> dict:
-    from .. import plots
+    from ..core import plots
 
     variants = list(summaries[0]["variants"])
     metric = cfg.eval.metric

@@ -33,21 +33,21 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json, write_npz,
+from ..core.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json, write_npz,
                          write_text)
-from ..augment import train_transform, valid_transform
-from ..config import Config, config_to_yaml
-from ..data import read_folds
-from ..distributed import Dist
-from ..errors import PipelineError
-from ..images import EpochBatches, ImageDataset, ImageStore
-from ..losses import SoftTargetLoss, effective_number_weights
-from ..metrics import better, compute, softmax
-from ..models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
-from ..provenance import changed_keys, environment, stale_reasons, train_record
-from ..runtime import amp_dtype, make_loader, pick_device, workers
-from ..samplers import epoch_indices
-from ..tracking import Tracker
+from ..core.augment import train_transform, valid_transform
+from ..core.config import Config, config_to_yaml
+from ..core.data import read_folds
+from ..core.distributed import Dist
+from ..core.errors import PipelineError
+from ..core.images import EpochBatches, ImageDataset, ImageStore
+from ..core.losses import SoftTargetLoss, effective_number_weights
+from ..core.metrics import better, compute, softmax
+from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
+from ..core.provenance import changed_keys, environment, stale_reasons, train_record
+from ..core.runtime import amp_dtype, make_loader, pick_device, workers
+from ..core.samplers import epoch_indices
+from ..core.tracking import Tracker
 
 log = logging.getLogger("pipeline")
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .artifacts import atomic_path, write_csv
+from ..core.artifacts import atomic_path, write_csv
 
 log = logging.getLogger("pipeline")
 

@@ -2,7 +2,7 @@
 images, and the datasets the DataLoaders read from.
 
 Every image is first brought to a square of `side` pixels (decode, RGB, resize); the transforms of
-pipeline.augment then work from that. The cache memoises exactly this step in one uint8 memmap per
+pipeline.core.augment then work from that. The cache memoises exactly this step in one uint8 memmap per
 (image list, side), so runs with and without the cache see the same pixels, and epochs after the
 first decode no JPEG at all. Caches are shared by experiments (same images, same side).
 """

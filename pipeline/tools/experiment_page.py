@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .artifacts import read_json, write_text
-from .data import read_image
-from .errors import PipelineError
+from ..core import plots
+from ..core.artifacts import read_json, write_text
+from ..core.data import read_image
+from ..core.errors import PipelineError
 from .leaderboard import experiment_config, experiment_rows, fold_summaries, predictions, rank, to_text
-from .metrics import per_class_recall
+from ..core.metrics import per_class_recall
 
 log = logging.getLogger("pipeline")
 

@@ -1,5 +1,5 @@
 """albumentations pipelines built from the `aug` config. They output uint8 HWC images;
-normalisation happens on the device in a batch (pipeline.models.Normalize)."""
+normalisation happens on the device in a batch (pipeline.core.models.Normalize)."""
 from __future__ import annotations
 
 import albumentations as A

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artifacts import read_json, read_npz
-from .config import Config
-from .metrics import score, softmax
+from ..core.artifacts import read_json, read_npz
+from ..core.config import Config
+from ..core.metrics import score, softmax
 
 log = logging.getLogger("pipeline")
 

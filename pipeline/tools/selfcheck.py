@@ -38,10 +38,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .artifacts import read_json, sha256_obj
+from ..core.artifacts import read_json, sha256_obj
 from .demo import synthetic_competition
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ("folds", "runs", "submissions")
 VOLATILE = {"seconds", "images_per_s", "data_wait", "env"}  # wall-clock fields and the environment record
 NOT_COMPARED = {".pt", ".png", ".md"}
@@ -220,7 +220,7 @@ def _inside(folder: Path, env: dict | None = None):
 
 def run_inprocess(folder: Path, args: list[str], env: dict | None = None) -> tuple[int, str]:
     """`python -m pipeline ARGS --config c.yaml` in this process: (exit code, stderr)."""
-    from .cli import main
+    from ..cli import main
 
     err = io.StringIO()
     with _inside(folder, env), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

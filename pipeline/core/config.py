@@ -141,7 +141,7 @@ class RebalanceCfg:
 @dataclass
 class InferCfg:
     heads: list[str] = field(default_factory=lambda: ["best"])  # stage-3 variants to predict with; best: the CV winner
-    views: list[str] = field(default_factory=lambda: ["orig", "hflip"])  # named TTA views, see pipeline/tta.py
+    views: list[str] = field(default_factory=lambda: ["orig", "hflip"])  # named TTA views, see pipeline/core/tta.py
     scales: list[float] = field(default_factory=lambda: [1.0])  # x img_size (FixRes: >1 often helps); each view at each scale
     merge: Literal["mean_prob", "mean_logit", "geo_mean"] = "mean_prob"
     search: bool = False  # choose the TTA policy greedily on OOF from views x scales; recorded

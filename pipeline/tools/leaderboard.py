@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artifacts import read_json, read_npz, write_csv, write_text
-from .config import Config, flatten, load_config
-from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER, cv, softmax
-from .provenance import changed_keys
-from .report import private_score
+from ..core.artifacts import read_json, read_npz, write_csv, write_text
+from ..core.config import Config, flatten, load_config
+from ..core.errors import PipelineError
+from ..core.metrics import GREATER_IS_BETTER, cv, softmax
+from ..core.provenance import changed_keys
+from .score_table import private_score
 
 log = logging.getLogger("pipeline")
 
