@@ -68,7 +68,7 @@ def main() -> None:
         cfg = load_config(None, [*common, f"experiment=bench-{cache}", f"aug.cache={cache}"])
         t0 = time.perf_counter()
         train.run(cfg, fold=0)
-        h = pd.read_csv(cfg.fold_dir(0) / "history.csv").iloc[-1]
+        h = pd.read_csv(cfg.run.fold(0).dir / "history.csv").iloc[-1]
         rows.append({"cache": cache, "images/s": h["images_per_s"], "data wait": h["data_wait"],
                      "epoch s": h["seconds"], "stage s (incl. cache build)": time.perf_counter() - t0})
     print(pd.DataFrame(rows).to_string(index=False, float_format="%.2f"))
@@ -78,15 +78,15 @@ def main() -> None:
     t0 = time.perf_counter()
     rebalance.run(cfg, fold=0)
     total = time.perf_counter() - t0
-    feat = json.loads((cfg.fold_dir(0) / "rebalance" / "features.json").read_text())["seconds"]
-    var = json.loads((cfg.fold_dir(0) / "rebalance" / "summary.json").read_text())["seconds"]
-    epoch = pd.read_csv(cfg.fold_dir(0) / "history.csv")["seconds"].iloc[-1]
+    feat = json.loads((cfg.run.fold(0).dir / "rebalance" / "features.json").read_text())["seconds"]
+    var = json.loads((cfg.run.fold(0).dir / "rebalance" / "summary.json").read_text())["seconds"]
+    epoch = pd.read_csv(cfg.run.fold(0).dir / "history.csv")["seconds"].iloc[-1]
     print(f"features {feat:.2f}s + variants {var:.2f}s (stage total {total:.2f}s) vs one epoch {epoch:.2f}s: "
           f"{(feat + var) / epoch:.2f} epochs")
 
     print("\n## 3. TTA views vs plain forward (batch 64, fold 0 model, images already on device)")
-    model = models.load_trained(cfg, cfg.fold_dir(0) / "model.safetensors",
-                                len(json.loads((cfg.run_dir / "classes.json").read_text()))).to(device)
+    model = models.load_trained(cfg, cfg.run.fold(0).dir / "model.safetensors",
+                                len(json.loads((cfg.run.dir / "classes.json").read_text()))).to(device)
     rows = []
     for scale in (1.0, 1.15):
         load, crop = sizes(args.size, cfg.aug.resize_ratio, scale)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import provenance
+from .core import layout, provenance
 from .core.artifacts import fault_point
 from .core.config import Config, load_config
 from .core.errors import PipelineError
@@ -57,10 +56,6 @@ EXTRA = {
 }
 
 
-def stage_available(stage: Stage) -> bool:
-    return importlib.util.find_spec(stage.module) is not None
-
-
 def _find_stage(name: str) -> Stage | None:
     for s in STAGES:
         if name in (s.name, s.number):
@@ -72,8 +67,7 @@ def help_text() -> str:
     lines = ["usage: ./run.sh <command> [--config FILE] [--fold K] [--force] [key=value ...]", "",
              "stages:"]
     for s in STAGES:
-        note = "" if stage_available(s) else "  (not built yet)"
-        lines.append(f"  {s.number} {s.name:<10} {s.summary}{note}")
+        lines.append(f"  {s.number} {s.name:<10} {s.summary}")
     lines.append("")
     lines.append("other commands:")
     for k, v in EXTRA.items():
@@ -118,8 +112,6 @@ def prepare(cfg: Config) -> None:
 
 
 def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: str | None = None):
-    if not stage_available(stage):
-        raise PipelineError(f"stage {stage.number} ({stage.name}) is not built yet")
     if fold is not None and not stage.per_fold:
         raise PipelineError(f"--fold applies to train and rebalance, not to {stage.name}")
     mod = importlib.import_module(stage.module)
@@ -163,24 +155,20 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
     for c, stage in jobs:
         prepare(c)
         tag = f"{c.experiment}:{stage.name}"
-        if stage.name == "folds":  # judges itself: reading the train table twice would cost double
-            did = run_stage(stage, c, None, force) or force
+        reasons = ["--force"] if force else stage_status(stage, c)
+        if reasons:
+            log.info("stage %s (%s) of '%s' is stale: %s", stage.number, stage.name, c.experiment, "; ".join(reasons))
+            run_stage(stage, c, None, force)
         else:
-            reasons = ["--force"] if force else stage_status(stage, c)
-            did = bool(reasons)
-            if did:
-                log.info("stage %s (%s) of '%s' is stale: %s", stage.number, stage.name, c.experiment,
-                         "; ".join(reasons))
-                run_stage(stage, c, None, force)
-            else:
-                log.info("stage %s (%s) of '%s' is up to date, skipped", stage.number, stage.name, c.experiment)
-        (ran if did else skipped).append(tag)
+            log.info("stage %s (%s) of '%s' is up to date, skipped", stage.number, stage.name, c.experiment)
+        (ran if reasons else skipped).append(tag)
     log.info("all: ran %s; up to date %s", " ".join(ran) or "nothing", " ".join(skipped) or "nothing")
-    importlib.import_module("pipeline.tools.score_table").print_summary(cfg)
-    exp_report = importlib.import_module("pipeline.tools.experiment_page")
+    from .tools import experiment_page, leaderboard, score_table
+
+    score_table.print_summary(cfg)
     for c in configs:
-        exp_report.write(c.experiment)
-    importlib.import_module("pipeline.tools.leaderboard").write(Path("runs"), Path("reports"))
+        experiment_page.write(c.experiment)
+    leaderboard.write(layout.RUNS, layout.REPORTS)
     return {"ran": ran, "skipped": skipped}
 
 
@@ -208,7 +196,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     """leaderboard / compare / report: they read runs/ and submissions/, no config needed."""
     from .tools import experiment_page, leaderboard
 
-    runs, reports = Path("runs"), Path("reports")
+    runs, reports = layout.RUNS, layout.REPORTS
     if args.command == "leaderboard":
         if args.overrides:
             raise PipelineError(f"leaderboard takes options only (--sort, --filter, --best), not {args.overrides}")
@@ -220,8 +208,7 @@ def run_report_command(args: argparse.Namespace) -> int:
             raise PipelineError("usage: ./run.sh compare EXP_A EXP_B")
         print(leaderboard.compare(runs, *args.overrides))
         return 0
-    names = args.overrides or (sorted(p.name for p in runs.iterdir() if (p / "config.yaml").exists())
-                               if runs.exists() else [])
+    names = args.overrides or layout.experiments(runs)
     if not names:
         raise PipelineError("no experiments under runs/ to report on")
     for name in names:
@@ -235,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["selfcheck"]:
         from .tools import selfcheck
 
-        return selfcheck.main(argv[1:])
+        return selfcheck.main(argv[1:], entry=main)
     try:
         args = parse_args(argv)
         if args.help or args.command == "help":

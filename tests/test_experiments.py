@@ -111,7 +111,7 @@ def test_all_reruns_exactly_the_stale_stages_and_refuses_stale_inputs(workdir):
     page = (workdir / "reports/debug/index.md").read_text()
     pngs = sorted((workdir / "reports/debug").glob("*.png"))
     assert {p.name for p in pngs} >= {"training_curves.png", "confusion.png", "recall_vs_frequency.png",
-                                      "tta_gain.png", "confidently_wrong.png"}
+                                      "tta_gain.png", "confidently_wrong.png", "tau_sweep.png"}
     for p in pngs:
         with Image.open(p) as im:
             im.verify()

@@ -50,13 +50,16 @@ def test_too_few_groups_fails():
 def test_stage_writes_byte_identical_file_and_class_list(workdir):
     root = make_competition(workdir / "comp", {"b": 9, "a": 6, "c": 5}, groups_per_class=3)
     cfg = load_config(None, [f"data.root={root}", "data.image_ext=.png", "folds.n_splits=3", "data.group_col=group"])
-    assert folds_stage.run(cfg)
+    rec = folds_stage.run(cfg)
+    assert rec["classes"] == ["a", "b", "c"] and rec["n_rows"] == 20 and folds_stage.status(cfg) == []
     first = cfg.folds_csv.read_bytes()
     df, classes = read_folds(cfg)
     assert classes == ["a", "b", "c"]
     assert df.groupby("group")["fold"].nunique().max() == 1
-    assert not folds_stage.run(cfg)                       # up to date: skipped
-    assert folds_stage.run(cfg, force=True)
+    mtime = cfg.folds_csv.stat().st_mtime_ns
+    assert folds_stage.run(cfg) == rec                    # up to date: skipped, file untouched
+    assert cfg.folds_csv.stat().st_mtime_ns == mtime
+    assert folds_stage.run(cfg, force=True)["made_from"] == rec["made_from"]
     assert cfg.folds_csv.read_bytes() == first            # same inputs and seed: byte-identical
     # a changed table under the same folds name is refused, not silently overwritten
     t = pd.read_csv(root / "train.csv")

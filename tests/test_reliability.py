@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.tools import selfcheck
 from pipeline.core.artifacts import atomic_path, write_json
 from pipeline.core.errors import PipelineError
@@ -12,7 +13,7 @@ from pipeline.core.errors import PipelineError
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    return selfcheck.Sandbox(tmp_path_factory.mktemp("selfcheck"), log=lambda m: None)
+    return selfcheck.Sandbox(tmp_path_factory.mktemp("selfcheck"), entry=main, log=lambda m: None)
 
 
 KILLS = [(stage, point) for stage, points in selfcheck.QUICK_KILLS.items() for point in points]

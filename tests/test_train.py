@@ -48,7 +48,7 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
     folds_stage.run(cfg)
     (s0, s1) = train_stage.run(cfg)
     for k in (0, 1):
-        fd = cfg.fold_dir(k)
+        fd = cfg.run.fold(k).dir
         for name in ("model.safetensors", "oof.npz", "history.csv", "last.pt", "summary.json"):
             assert (fd / name).exists(), name
         h = pd.read_csv(fd / "history.csv")
@@ -60,15 +60,15 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
         assert oof["logits"].shape == (len(oof["ids"]), 3)
         sd = read_state_dict(fd / "model.safetensors")
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in sd)
-    assert (cfg.run_dir / "config.yaml").exists() and (cfg.run_dir / "classes.json").read_text().count('"') == 6
-    mtime = (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns
+    assert (cfg.run.dir / "config.yaml").exists() and (cfg.run.dir / "classes.json").read_text().count('"') == 6
+    mtime = (cfg.run.fold(0).dir / "summary.json").stat().st_mtime_ns
     train_stage.run(cfg)                                           # done: skipped
-    assert (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns == mtime
+    assert (cfg.run.fold(0).dir / "summary.json").stat().st_mtime_ns == mtime
     changed = tiny_cfg(comp, "train.epochs=1", "train.lr=0.5")
     assert train_stage.status(changed) == ["fold 0: changed train.lr", "fold 1: changed train.lr"]
     train_stage.run(changed, fold=1)                               # stale: retrained, fold 0 untouched
-    assert "0.5" in str(pd.read_json(cfg.fold_dir(1) / "summary.json", typ="series")["made_from"]["train"]["lr"])
-    assert (cfg.fold_dir(0) / "summary.json").stat().st_mtime_ns == mtime
+    assert "0.5" in str(pd.read_json(cfg.run.fold(1).dir / "summary.json", typ="series")["made_from"]["train"]["lr"])
+    assert (cfg.run.fold(0).dir / "summary.json").stat().st_mtime_ns == mtime
     assert train_stage.status(changed) == ["fold 0: changed train.lr"]
 
 
@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(comp):
     folds_stage.run(cfg)
     with pytest.raises(PipelineError, match=r"non-finite (loss|outputs) at epoch 1, (step \d+|validation)"):
         train_stage.run(cfg, fold=0)
-    assert not (cfg.fold_dir(0) / "summary.json").exists()
+    assert not (cfg.run.fold(0).dir / "summary.json").exists()
 
 
 def test_ddp_two_gloo_processes_match_single_process(workdir):
@@ -234,4 +234,4 @@ def test_tracker_logs_each_epoch_and_is_optional(comp, workdir, monkeypatch, cap
     caplog.set_level("WARNING", logger="pipeline")
     train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.tracker=tensorboard"), fold=1)
     assert "train.tracker=tensorboard but it is not installed" in caplog.text
-    assert (cfg.fold_dir(1) / "summary.json").exists()
+    assert (cfg.run.fold(1).dir / "summary.json").exists()

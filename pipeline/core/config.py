@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from . import layout
 from .errors import PipelineError
 
 
@@ -72,7 +73,7 @@ class AugCfg:
     color_jitter: float = 0.2  # brightness/contrast/saturation strength (0 disables)
     coarse_dropout: float = 0.0  # probability of cutting up to 8 holes of <=1/8 of the side
     cache: Literal["auto", "on", "off"] = "auto"  # decoded, pre-resized uint8 image cache; auto: on if it fits on disk
-    cache_dir: str = "runs/.cache"  # where the image caches live (shared by experiments)
+    cache_dir: str = str(layout.CACHE)  # where the image caches live (shared by experiments)
 
 
 @dataclass
@@ -189,18 +190,16 @@ class Config:
 
     @property
     def folds_csv(self) -> Path:
-        return Path("folds") / f"{self.folds_name}.csv"
+        return layout.folds_csv(self.folds_name)
 
     @property
     def folds_record(self) -> Path:
-        return Path("folds") / f"{self.folds_name}.json"
+        return layout.folds_record(self.folds_name)
 
     @property
-    def run_dir(self) -> Path:
-        return Path("runs") / self.experiment
-
-    def fold_dir(self, k: int) -> Path:
-        return self.run_dir / f"fold{k}"
+    def run(self) -> layout.RunDir:
+        """runs/<experiment>/ and the files in it."""
+        return layout.RunDir.of(self.experiment)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -423,10 +422,3 @@ def _coerce(value: Any, t: Any, key: str, where: str) -> Any:
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
-
-def section_hash(cfg: Config, *sections: str) -> str:
-    """Hash of the config sections a stage's output depends on (for up-to-date checks)."""
-    from .artifacts import sha256_obj
-
-    d = cfg.to_dict()
-    return sha256_obj({s: d[s] for s in sections})

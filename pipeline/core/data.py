@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import Config
 from .errors import PipelineError
+from .metrics import score
 
 log = logging.getLogger("pipeline")
 
@@ -198,6 +199,23 @@ def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
     else:
         paths = [test_dir / i for i in ids]
     return pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
+
+
+def read_test_labels(cfg: Config) -> pd.Series | None:
+    """Private test labels by id (`data.test_labels`, the demo's), or None where there are none."""
+    if not cfg.data.test_labels or not cfg.data_path(cfg.data.test_labels).exists():
+        return None
+    t = pd.read_csv(cfg.data_path(cfg.data.test_labels), dtype=str)
+    return t.set_index(cfg.data.id_col)[cfg.data.label_col]
+
+
+def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
+    """The metric against the private test labels (`data.test_labels`, the demo's), or None."""
+    labels = read_test_labels(cfg)
+    if labels is None:
+        return None
+    names = [str(c) for c in classes]
+    return score(cfg.eval.metric, np.array([names.index(str(labels[i])) for i in ids]), probs)
 
 
 def read_sample_submission(cfg: Config) -> pd.DataFrame:

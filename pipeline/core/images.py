@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from . import layout
 from .artifacts import atomic_path, read_json, sha256_obj, write_json
 from .data import read_image
 from .samplers import rank_slice
@@ -37,7 +38,7 @@ def load_square(path: str, side: int) -> np.ndarray:
 class ImageStore:
     """paths -> HxWx3 uint8 images at `side`, from the cache when there is one."""
 
-    def __init__(self, paths: list[str], side: int, cache: str = "off", cache_dir: str | Path = "runs/.cache"):
+    def __init__(self, paths: list[str], side: int, cache: str = "off", cache_dir: str | Path = layout.CACHE):
         self.paths, self.side = list(paths), side
         self.cache_file: Path | None = None
         self._mm = None

@@ -75,3 +75,4 @@ def score(name: str, y: np.ndarray, probs: np.ndarray) -> float:
     if name == "qwk":
         return float(cohen_kappa_score(y, pred, weights="quadratic"))
     raise ValueError(name)
+

@@ -54,12 +54,23 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def recorded(path: Path) -> dict | None:
+    """The record stored in an output's summary (`made_from`), or None when the output is missing."""
+    return read_json(path).get("made_from") or {} if path.exists() else None
+
+
+def up_to_date(path: Path, rec: dict) -> bool:
+    """Was the output whose summary is `path` made from `rec`? The one comparison behind every
+    stage's skip decision and status."""
+    return recorded(path) == rec
+
+
 def stale_reasons(path: Path, rec: dict, what: str = "") -> list[str]:
     """[] when the output recorded at `path` was made from `rec`; else why not (not run, or the
     changed keys), each reason prefixed with `what` (e.g. "fold 2: ")."""
-    if not path.exists():
+    old = recorded(path)
+    if old is None:
         return [f"{what}not run"]
-    old = read_json(path).get("made_from") or {}
     return [] if old == rec else [f"{what}changed {', '.join(changed_keys(old, rec)) or 'unknown'}"]
 
 
@@ -101,7 +112,7 @@ def train_record(cfg: Config) -> dict:
 def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True) -> dict:
     """Fold k's finished stage-2 record, refused when missing, of another architecture or class
     count, or (when the folds file is at hand to compare with) trained from other inputs."""
-    path = cfg.fold_dir(k) / "summary.json"
+    path = cfg.run.fold(k).summary
     if not path.exists():
         raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output ({path}); "
                             f"run ./run.sh train --fold {k}")
@@ -111,7 +122,7 @@ def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True
                             f"says {cfg.model.arch} with {n_classes} classes")
     if check_stale:
         rec = train_record(cfg)
-        if s.get("made_from") != rec:
+        if not up_to_date(path, rec):
             refuse_stale(f"{path} (the fold's stage-2 weights)", changed_keys(s.get("made_from", {}), rec),
                          "re-run ./run.sh train (or ./run.sh all), or restore the config")
     return s
@@ -121,7 +132,7 @@ def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True
 def feature_record(cfg: Config, k: int, classes: list) -> dict:
     """What fold k's cached backbone features depend on: the weights and the pixels fed to them."""
     a = cfg.aug
-    rec = {"format": 2, "weights": sha256_file(cfg.fold_dir(k) / "model.safetensors"), "classes": classes,
+    rec = {"format": 2, "weights": sha256_file(cfg.run.fold(k).weights), "classes": classes,
            "img_size": a.img_size, "resize_ratio": a.resize_ratio, "aug_views": cfg.rebalance.aug_views,
            "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed}
     if rec["aug"]:
@@ -137,13 +148,13 @@ def rebalance_record(cfg: Config, k: int, classes: list) -> dict:
 
 def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
     """Fold k's finished stage-3 record, refused when missing or made from other settings/weights."""
-    path = cfg.fold_dir(k) / "rebalance" / "summary.json"
+    path = cfg.run.fold(k).rebalance_summary
     if not path.exists():
         raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no rebalanced heads ({path}); "
                             f"run ./run.sh rebalance")
     s = read_json(path)
     rec = rebalance_record(cfg, k, classes)
-    if s.get("made_from") != rec:
+    if not up_to_date(path, rec):
         refuse_stale(f"{path} (the fold's rebalanced heads)", changed_keys(s.get("made_from", {}), rec),
                      "re-run ./run.sh rebalance (or ./run.sh all)")
     return s
@@ -155,7 +166,7 @@ def resolve_heads(cfg: Config) -> list[str]:
     out = []
     for h in cfg.infer.heads:
         if h == "best":
-            path = cfg.run_dir / "rebalance" / "summary.json"
+            path = cfg.run.rebalance_summary
             if not path.exists():
                 raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
             h = read_json(path)["best"]
@@ -164,36 +175,34 @@ def resolve_heads(cfg: Config) -> list[str]:
     return out + (["joint"] if "joint" not in out else [])
 
 
-def infer_inputs(cfg: Config) -> dict:
-    """Everything stage 4 reads, checked, and the record of what its outputs will be made from."""
-    classes_path = cfg.run_dir / "classes.json"
-    if not classes_path.exists():
-        raise PipelineError(f"{classes_path} not found: experiment '{cfg.experiment}' has not been trained "
-                            f"(run ./run.sh train first)")
-    classes = read_json(classes_path)
-    has_folds = cfg.folds_csv.exists()
+def oof_rows(cfg: Config, classes: list):
+    """The folds table when stage 4 predicts the held-out rows too (infer.oof and the train images at
+    hand), else None; infer.oof=on without them is refused."""
     oof_df = None
-    if cfg.infer.oof != "off":
-        if has_folds:
-            df, fclasses = read_folds(cfg)
-            if fclasses != classes:
-                raise PipelineError(f"{cfg.folds_csv} and {classes_path} have different class lists")
-            if Path(df["path"].iloc[0]).exists():
-                oof_df = df
-        if oof_df is None and cfg.infer.oof == "on":
-            raise PipelineError("infer.oof=on needs the folds file and the train images; use infer.oof=off "
-                                "for test-only inference (e.g. in a Kaggle kernel)")
-    summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
-    heads = resolve_heads(cfg)
-    if has_folds:
-        for k in range(len(summaries)):
-            if any(h != "joint" for h in heads):
-                rebalance_summary(cfg, k, classes)
-    test = read_test_table(cfg)
-    made_from = {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
-                 "weights": [sha256_file(cfg.fold_dir(k) / "model.safetensors") for k in range(len(summaries))],
-                 "head_files": {h: [sha256_file(cfg.fold_dir(k) / "rebalance" / "heads" / f"{h}.safetensors")
-                                    for k in range(len(summaries))] for h in heads if h != "joint"},
-                 "oof": oof_df is not None}
-    return {"classes": classes, "has_folds": has_folds, "oof_df": oof_df, "summaries": summaries, "heads": heads,
-            "test": test, "made_from": made_from}
+    if cfg.infer.oof != "off" and cfg.folds_csv.exists():
+        df, fclasses = read_folds(cfg)
+        if fclasses != classes:
+            raise PipelineError(f"{cfg.folds_csv} and {cfg.run.classes} have different class lists")
+        if Path(df["path"].iloc[0]).exists():
+            oof_df = df
+    if oof_df is None and cfg.infer.oof == "on":
+        raise PipelineError("infer.oof=on needs the folds file and the train images; use infer.oof=off "
+                            "for test-only inference (e.g. in a Kaggle kernel)")
+    return oof_df
+
+
+def infer_record(cfg: Config, heads: list[str] | None = None, test_ids: list[str] | None = None,
+                 oof: bool | None = None) -> dict:
+    """What stage 4's outputs are made from: its settings, the heads, the test ids, the weights and
+    head files of every fold, and whether OOF rows were predicted. Arguments already at hand are
+    passed in; the others are read (stage 5 checks its members this way)."""
+    n = cfg.folds.n_splits
+    heads = resolve_heads(cfg) if heads is None else heads
+    if test_ids is None:
+        test_ids = [str(i) for i in read_test_table(cfg)["id"]]
+    if oof is None:
+        oof = oof_rows(cfg, read_json(cfg.run.classes)) is not None
+    return {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj(test_ids),
+            "weights": [sha256_file(cfg.run.fold(k).weights) for k in range(n)],
+            "head_files": {h: [sha256_file(cfg.run.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
+            "oof": oof}

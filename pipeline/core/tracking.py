@@ -19,7 +19,7 @@ class Tracker:
 
     def __init__(self, cfg: Config, fold: int):
         self.backend, self._run, self._writer = cfg.train.tracker, None, None
-        where = Path(cfg.train.tracker_dir or cfg.run_dir / "tracking").resolve()
+        where = Path(cfg.train.tracker_dir or cfg.run.tracking).resolve()
         params = {k: str(v)[:250] for k, v in flatten(cfg.to_dict()).items()}
         try:
             if self.backend == "mlflow":

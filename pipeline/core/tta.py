@@ -49,6 +49,14 @@ def five_crop(x, s):
 VIEWS = {f.__name__: f for f in (orig, hflip, vflip, rot90, rot180, rot270, five_crop)}
 
 
+def view_name(view: str, scale: float) -> str:
+    """How a (view, scale) pair is named in stage 4's files and reports: `hflip@1.15`."""
+    return f"{view}@{scale:g}"
+
+
+BASELINE = view_name("orig", 1.0)  # the no-TTA view: plain validation inference
+
+
 def sizes(img_size: int, resize_ratio: float, scale: float) -> tuple[int, int]:
     """(load side, crop side) of a scale."""
     crop = int(round(img_size * scale))

@@ -14,20 +14,18 @@ geometric mean; rank average. Members must share the folds file, label encoding 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
+from ..core import layout
 from ..core.artifacts import read_json, read_npz, sha256_file, sha256_obj, write_csv, write_json
 from ..core.config import Config, load_config
-from ..core.data import read_sample_submission, read_test_table
+from ..core.data import private_score, read_sample_submission, read_test_table
 from ..core.errors import PipelineError
 from ..core.metrics import GREATER_IS_BETTER, cv, score
-from ..core.provenance import changed_keys, environment, infer_inputs, refuse_stale, stale_reasons
-from ..tools.score_table import private_score
+from ..core.provenance import changed_keys, environment, infer_record, recorded, refuse_stale, stale_reasons, up_to_date
 
 log = logging.getLogger("pipeline")
 
@@ -41,16 +39,16 @@ def parse_members(cfg: Config) -> list[tuple[str, str | None]]:
 
 
 def load_member(exp: str, head: str | None) -> dict:
-    d = Path("runs") / exp / "infer"
-    if not (d / "summary.json").exists():
-        raise PipelineError(f"ensemble member '{exp}': {d / 'summary.json'} not found; run ./run.sh infer for it")
-    s = read_json(d / "summary.json")
+    run = layout.RunDir.of(exp)
+    if not run.infer_summary.exists():
+        raise PipelineError(f"ensemble member '{exp}': {run.infer_summary} not found; run ./run.sh infer for it")
+    s = read_json(run.infer_summary)
     head = head or s["primary"]
     if head not in s["heads"]:
         raise PipelineError(f"ensemble member '{exp}:{head}': stage 4 predicted heads {s['heads']} only")
-    m = {"name": f"{exp}:{head}", "summary": s, "test": read_npz(d / head / "test.npz")}
-    if (d / head / "oof.npz").exists():
-        m["oof"] = read_npz(d / head / "oof.npz")
+    m = {"name": f"{exp}:{head}", "summary": s, "test": read_npz(run.infer_test(head))}
+    if run.infer_oof(head).exists():
+        m["oof"] = read_npz(run.infer_oof(head))
     return m
 
 
@@ -59,7 +57,7 @@ def member_config(cfg: Config, exp: str) -> Config | None:
     output is current; None where it is not at hand (e.g. predictions copied into a kernel)."""
     if exp == cfg.experiment:
         return cfg
-    path = Path("runs") / exp / "config.yaml"
+    path = layout.RunDir.of(exp).config
     return load_config(path) if path.exists() else None
 
 
@@ -69,10 +67,10 @@ def check_current(cfg: Config, members: list[dict]) -> None:
         mcfg = member_config(cfg, exp)
         if mcfg is None or not mcfg.folds_csv.exists():
             continue
-        rec = infer_inputs(mcfg)["made_from"]
-        if m["summary"].get("made_from") != rec:
-            refuse_stale(Path("runs") / exp / "infer" / "summary.json",
-                         changed_keys(m["summary"].get("made_from") or {}, rec),
+        rec = infer_record(mcfg)
+        path = mcfg.run.infer_summary
+        if not up_to_date(path, rec):
+            refuse_stale(path, changed_keys(recorded(path) or {}, rec),
                          f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)")
 
 
@@ -87,11 +85,10 @@ def ensemble_record(cfg: Config, members: list[dict]) -> dict:
 def status(cfg: Config) -> list[str]:
     """Why stage 5 would do work now (empty: up to date)."""
     name = cfg.ensemble.name or cfg.experiment
-    path = Path("submissions") / f"{name}.json"
     members = [load_member(exp, head) for exp, head in parse_members(cfg)]
-    if cfg.data.sample_submission and not path.with_suffix(".csv").exists():
+    if cfg.data.sample_submission and not layout.submission_csv(name).exists():
         return ["not run"]
-    return stale_reasons(path, ensemble_record(cfg, members))
+    return stale_reasons(layout.submission_record(name), ensemble_record(cfg, members))
 
 
 def check_compatible(members: list[dict]) -> None:
@@ -214,9 +211,9 @@ def run(cfg: Config, force: bool = False) -> dict:
     check_compatible(members)
     check_current(cfg, members)
     made_from = ensemble_record(cfg, members)
-    out = Path("submissions") / f"{name}.json"
-    complete = out.exists() and (not cfg.data.sample_submission or out.with_suffix(".csv").exists())
-    if complete and not force and read_json(out).get("made_from") == made_from:
+    out, csv = layout.submission_record(name), layout.submission_csv(name)
+    complete = not cfg.data.sample_submission or csv.exists()
+    if complete and not force and up_to_date(out, made_from):
         log.info("ensemble %s is up to date, skipped (--force redoes it)", name)
         return read_json(out)
     classes = members[0]["summary"]["classes"]
@@ -256,10 +253,10 @@ def run(cfg: Config, force: bool = False) -> dict:
               "made_from": made_from, "env": environment()}
     if sample is not None:
         sub = build_submission(cfg, sample, members[0]["test"]["ids"], test_probs, classes)
-        write_csv(f"submissions/{name}.csv", sub)
-        result["submission"] = f"submissions/{name}.csv"
+        write_csv(csv, sub)
+        result["submission"] = str(csv)
         result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
-    write_json(f"submissions/{name}.json", result)
+    write_json(out, result)
     if not table.empty:
         log.info("ensemble %s (%s), %s:\n%s", name, method, metric,
                  table.drop(columns="per_fold").to_string(index=False, float_format="%.4f"))

@@ -22,7 +22,7 @@ from ..core.artifacts import read_json, sha256_obj, write_csv, write_json
 from ..core.config import Config
 from ..core.data import encode, make_classes, plain, read_train_table
 from ..core.errors import PipelineError
-from ..core.provenance import environment, stale_reasons
+from ..core.provenance import environment, stale_reasons, up_to_date
 
 log = logging.getLogger("pipeline")
 
@@ -83,16 +83,16 @@ def status(cfg: Config) -> list[str]:
     return stale_reasons(cfg.folds_record, _record(cfg, read_train_table(cfg)))
 
 
-def run(cfg: Config, force: bool = False) -> bool:
-    """Write the folds file; returns False when an up-to-date one already exists."""
+def run(cfg: Config, force: bool = False) -> dict:
+    """Write the folds file (unless an up-to-date one exists); returns its record."""
     df = read_train_table(cfg)
     classes = make_classes(df["label"])
     made_from = _record(cfg, df)
     if cfg.folds_csv.exists() and cfg.folds_record.exists() and not force:
-        rec = read_json(cfg.folds_record)
-        if rec.get("made_from") == made_from:
+        if up_to_date(cfg.folds_record, made_from):
             log.info("folds up to date: %s (use --force to rebuild)", cfg.folds_csv)
-            return False
+            return read_json(cfg.folds_record)
+        rec = read_json(cfg.folds_record)
         changed = sorted(k for k in made_from if rec.get("made_from", {}).get(k) != made_from[k])
         raise PipelineError(
             f"{cfg.folds_csv} exists but was made from different inputs (changed: {', '.join(changed)}); "
@@ -102,14 +102,10 @@ def run(cfg: Config, force: bool = False) -> bool:
                                                         if cfg.data.layout == "csv" else cfg.data_path(cfg.data.train_dir)))
     encode(df["label"], classes, str(cfg.folds_csv))  # sanity: every label is encodable
     write_csv(cfg.folds_csv, df)
-    write_json(cfg.folds_record, {
-        "classes": [plain(c) for c in classes],
-        "n_splits": cfg.folds.n_splits,
-        "n_rows": len(df),
-        "made_from": made_from,
-        "env": environment(),
-    })
+    record = {"classes": [plain(c) for c in classes], "n_splits": cfg.folds.n_splits, "n_rows": len(df),
+              "made_from": made_from, "env": environment()}
+    write_json(cfg.folds_record, record)
     log.info("wrote %s (%d rows, %d classes, %d folds); images per class and fold:\n%s",
              cfg.folds_csv, len(df), len(classes), cfg.folds.n_splits, fold_table(df, classes).to_string())
-    return True
+    return record
 

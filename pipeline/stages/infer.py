@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import albumentations as A
 import numpy as np
@@ -28,15 +29,48 @@ import torch
 from ..core import models
 from ..core.artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
 from ..core.config import Config
+from ..core.data import read_test_table
 from ..core.distributed import Dist
+from ..core.errors import PipelineError
 from ..core.heads import Head
 from ..core.images import ImageDataset, ImageStore
 from ..core.metrics import GREATER_IS_BETTER, cv
-from ..core.provenance import environment, infer_inputs, stale_reasons
+from ..core.provenance import (environment, infer_record, oof_rows, rebalance_summary, resolve_heads, stage2_summary,
+                               stale_reasons, up_to_date)
 from ..core.runtime import amp_dtype, make_loader, pick_device, workers
-from ..core.tta import VIEWS, merge, sizes
+from ..core.tta import BASELINE, VIEWS, merge, sizes, view_name
 
 log = logging.getLogger("pipeline")
+
+IDENTITY = A.Compose([])  # TTA views run on the device; the loader only decodes and resizes
+
+
+@dataclass
+class Inputs:
+    """Everything stage 4 reads, checked, and the record its outputs will be made from."""
+    classes: list
+    oof_df: pd.DataFrame | None  # the folds table when held-out rows are predicted too
+    summaries: list[dict]  # stage 2, per fold
+    heads: list[str]
+    test: pd.DataFrame
+    made_from: dict
+
+
+def load_inputs(cfg: Config) -> Inputs:
+    if not cfg.run.classes.exists():
+        raise PipelineError(f"{cfg.run.classes} not found: experiment '{cfg.experiment}' has not been trained "
+                            f"(run ./run.sh train first)")
+    classes = read_json(cfg.run.classes)
+    has_folds = cfg.folds_csv.exists()
+    oof_df = oof_rows(cfg, classes)
+    summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
+    heads = resolve_heads(cfg)
+    if has_folds and any(h != "joint" for h in heads):
+        for k in range(len(summaries)):
+            rebalance_summary(cfg, k, classes)
+    test = read_test_table(cfg)
+    made_from = infer_record(cfg, heads, [str(i) for i in test["id"]], oof_df is not None)
+    return Inputs(classes, oof_df, summaries, heads, test, made_from)
 
 
 def policy_logits(forward, x: torch.Tensor, policy: list[str], crop: int) -> list[torch.Tensor]:
@@ -48,106 +82,97 @@ def policy_logits(forward, x: torch.Tensor, policy: list[str], crop: int) -> lis
     return out
 
 
+def tta_pairs(cfg: Config) -> list[tuple[float, str]]:
+    """Every (scale, view) to predict: the configured ones, and always the no-TTA baseline."""
+    pairs = list(itertools.product(cfg.infer.scales, cfg.infer.views))
+    return pairs if (1.0, "orig") in pairs else [(1.0, "orig")] + pairs
+
+
 def status(cfg: Config) -> list[str]:
     """Why stage 4 would do work now (empty: up to date)."""
-    path = cfg.run_dir / "infer" / "summary.json"
-    return stale_reasons(path, infer_inputs(cfg)["made_from"])
+    return stale_reasons(cfg.run.infer_summary, load_inputs(cfg).made_from)
 
 
-def run(cfg: Config, force: bool = False) -> dict:
-    inp = infer_inputs(cfg)
-    classes, has_folds, oof_df, summaries, heads, test, made_from = (
-        inp[k] for k in ("classes", "has_folds", "oof_df", "summaries", "heads", "test", "made_from"))
+# ----------------------------------------------------------------------------- predicting
+def predict_table(cfg: Config, model, norm, heads: dict[str, Head], paths: list[str], scale: float,
+                  views: list[str], device, dtype) -> dict[str, np.ndarray]:
+    """Logits (V x N x C) of every head for the images `paths` under the views of one scale."""
     a = cfg.aug
-    pairs = list(itertools.product(cfg.infer.scales, cfg.infer.views))
-    if (1.0, "orig") not in pairs:
-        pairs = [(1.0, "orig")] + pairs  # always measured: the no-TTA baseline
-    names = [f"{v}@{s:g}" for s, v in pairs]
-    out_dir = cfg.run_dir / "infer"
-    summary_path = out_dir / "summary.json"
-    if summary_path.exists() and not force and read_json(summary_path).get("made_from") == made_from:
+    load, crop = sizes(a.img_size, a.resize_ratio, scale)
+    store = ImageStore(paths, load, a.cache, a.cache_dir)
+    loader = make_loader(ImageDataset(store, None, IDENTITY), batch_size=cfg.infer.batch_size,
+                         n_workers=workers(cfg), cuda=device.type == "cuda")
+    out = {h: [] for h in heads}
+    for x, _ in loader:
+        feats = _view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype)
+        for h, head in heads.items():
+            out[h].append(np.stack([head.torch_logits(f).cpu().numpy() for f in feats]))
+    return {h: np.concatenate(parts, axis=1) for h, parts in out.items()}
+
+
+def predict_all(cfg: Config, inp: Inputs, pairs: list[tuple[float, str]]) -> tuple[dict, dict, int]:
+    """Every fold's model on the test images (fold mean) and on its own held-out rows, per view:
+    {head: V x N x C} for test and OOF, and the number of view-images predicted."""
+    device = pick_device(cfg, Dist())
+    dtype = amp_dtype(cfg, device)
+    C, K = len(inp.classes), len(inp.summaries)
+    n_oof = len(inp.oof_df) if inp.oof_df is not None else 0
+    test_logits = {h: np.zeros((len(pairs), len(inp.test), C), np.float64) for h in inp.heads}
+    oof_logits = {h: np.zeros((len(pairs), n_oof, C), np.float32) for h in inp.heads}
+    n_images = 0
+    for k, s2 in enumerate(inp.summaries):
+        model = models.load_trained(cfg, cfg.run.fold(k).weights, C).to(device)
+        if device.type == "cuda" and cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        norm = models.Normalize(s2["mean"], s2["std"]).to(device)
+        heads = {h: _load_head(cfg, k, h, model) for h in inp.heads}
+        rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else None
+        for scale in sorted(set(s for s, _ in pairs)):
+            at = [i for i, (s, _) in enumerate(pairs) if s == scale]
+            views = [pairs[i][1] for i in at]
+            for h, lg in predict_table(cfg, model, norm, heads, inp.test["path"].tolist(), scale, views,
+                                       device, dtype).items():
+                test_logits[h][at] += lg / K
+            n_images += len(inp.test) * len(views)
+            if rows is not None:
+                paths = inp.oof_df["path"].values[rows].tolist()
+                for h, lg in predict_table(cfg, model, norm, heads, paths, scale, views, device, dtype).items():
+                    oof_logits[h][np.ix_(at, rows)] = lg
+                n_images += len(rows) * len(views)
+        log.info("fold %d: TTA inference done (%d view(s) x %d scale(s))", k, len(cfg.infer.views),
+                 len(cfg.infer.scales))
+        fault_point(f"infer:after-fold:{k}")
+    return test_logits, oof_logits, n_images
+
+
+# ----------------------------------------------------------------------------- entry
+def run(cfg: Config, force: bool = False) -> dict:
+    inp = load_inputs(cfg)
+    if not force and up_to_date(cfg.run.infer_summary, inp.made_from):
         log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)
-        return read_json(summary_path)
-
-    with experiment_lock(out_dir):
+        return read_json(cfg.run.infer_summary)
+    pairs = tta_pairs(cfg)
+    names = [view_name(v, s) for s, v in pairs]
+    with experiment_lock(cfg.run.infer):
         t0 = time.perf_counter()
-        device = pick_device(cfg, Dist())
-        dtype = amp_dtype(cfg, device)
-        n_workers = workers(cfg)
-        C = len(classes)
-        test_logits = {h: np.zeros((len(pairs), len(test), C), np.float64) for h in heads}
-        oof_logits = {h: np.zeros((len(pairs), len(oof_df) if oof_df is not None else 0, C), np.float32) for h in heads}
-        identity = A.Compose([])
-        n_images = 0
-        for k, s2 in enumerate(summaries):
-            model = models.load_trained(cfg, cfg.fold_dir(k) / "model.safetensors", C).to(device)
-            if device.type == "cuda" and cfg.train.channels_last:
-                model.to(memory_format=torch.channels_last)
-            norm = models.Normalize(s2["mean"], s2["std"]).to(device)
-            fold_heads = {h: _load_head(cfg, k, h, model) for h in heads}
-            jobs = [("test", test, np.arange(len(test)))]
-            if oof_df is not None:
-                rows = np.flatnonzero(oof_df["fold"].values == k)
-                jobs.append(("oof", oof_df.iloc[rows], rows))
-            for what, table, rows in jobs:
-                for scale in sorted(set(s for s, _ in pairs)):
-                    load, crop = sizes(a.img_size, a.resize_ratio, scale)
-                    views = [(i, v) for i, (s, v) in enumerate(pairs) if s == scale]
-                    store = ImageStore(table["path"].tolist(), load, a.cache, a.cache_dir)
-                    loader = make_loader(ImageDataset(store, None, identity), batch_size=cfg.infer.batch_size,
-                                         n_workers=n_workers, cuda=device.type == "cuda")
-                    start = 0
-                    for x, _ in loader:
-                        x = norm(x.to(device, non_blocking=True))
-                        feats = _view_features(model, x, [v for _, v in views], crop, dtype)
-                        n = len(x)
-                        for (i, _), f in zip(views, feats):
-                            for h, head in fold_heads.items():
-                                lg = head.torch_logits(f).cpu().numpy()
-                                if what == "test":
-                                    test_logits[h][i, start:start + n] += lg / len(summaries)
-                                else:
-                                    oof_logits[h][i, rows[start:start + n]] = lg
-                        start += n
-                        n_images += n * len(views)
-            log.info("fold %d: TTA inference done (%d view(s) x %d scale(s))", k, len(cfg.infer.views),
-                     len(cfg.infer.scales))
-            fault_point(f"infer:after-fold:{k}")
+        test_logits, oof_logits, n_images = predict_all(cfg, inp, pairs)
         seconds = time.perf_counter() - t0
-
         policy = [n for n, (s, v) in zip(names, pairs) if s in cfg.infer.scales and v in cfg.infer.views]
-        report_rows, searched = [], None
-        if oof_df is not None:
-            primary = heads[0]
+        report, searched = pd.DataFrame(), False
+        if inp.oof_df is not None:
             if cfg.infer.search:
-                searched = greedy_policy(cfg, oof_df, summaries, oof_logits[primary], names)
-                policy = searched
-            for h in heads:
-                for label, sel in [("no TTA", ["orig@1"])] + [(f"{n} alone", [n]) for n in names] + \
-                                  [("policy", policy)]:
-                    probs = merge(oof_logits[h][[names.index(n) for n in sel]], cfg.infer.merge)
-                    report_rows.append({"head": h, "views": label, **cv_of(cfg, oof_df, summaries, probs)})
-        report = pd.DataFrame(report_rows)
-        idx = [names.index(n) for n in policy]
-        for h in heads:
-            test_probs = merge(test_logits[h][idx], cfg.infer.merge) if len(summaries) else None
-            write_npz(out_dir / h / "test.npz", ids=test["id"].values, classes=np.array([str(c) for c in classes]),
-                      probs=test_probs.astype(np.float32), view_logits=test_logits[h].astype(np.float16),
-                      views=np.array(names))
-            if oof_df is not None:
-                write_npz(out_dir / h / "oof.npz", ids=oof_df["id"].values, y=oof_df["y"].values,
-                          fold=oof_df["fold"].values, classes=np.array([str(c) for c in classes]),
-                          probs=merge(oof_logits[h][idx], cfg.infer.merge).astype(np.float32),
-                          view_logits=oof_logits[h].astype(np.float16), views=np.array(names))
+                policy, searched = greedy_policy(cfg, inp.oof_df, inp.summaries, oof_logits[inp.heads[0]], names), True
+            report = tta_report(cfg, inp, oof_logits, names, policy)
+        write_predictions(cfg, inp, test_logits, oof_logits, names, policy)
         if not report.empty:
-            write_csv(out_dir / "report.csv", report)
-        summary = {"experiment": cfg.experiment, "heads": heads, "primary": heads[0], "policy": policy,
-                   "searched": searched is not None, "merge": cfg.infer.merge, "classes": classes,
-                   "folds_file": sha256_file(cfg.folds_csv) if has_folds else None,
+            write_csv(cfg.run.infer_report, report)
+        summary = {"experiment": cfg.experiment, "heads": inp.heads, "primary": inp.heads[0], "policy": policy,
+                   "searched": searched, "merge": cfg.infer.merge, "classes": inp.classes,
+                   "folds_file": sha256_file(cfg.folds_csv) if cfg.folds_csv.exists() else None,
                    "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
-                   "images_per_s": n_images / seconds, "seconds": seconds, "made_from": made_from,
+                   "images_per_s": n_images / seconds, "seconds": seconds, "made_from": inp.made_from,
                    "env": environment()}
-        write_json(summary_path, summary)
+        write_json(cfg.run.infer_summary, summary)
     if not report.empty:
         log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.metric,
                  report.to_string(index=False, float_format="%.4f"))
@@ -155,11 +180,37 @@ def run(cfg: Config, force: bool = False) -> dict:
     return summary
 
 
+def tta_report(cfg: Config, inp: Inputs, oof_logits: dict, names: list[str], policy: list[str]) -> pd.DataFrame:
+    """CV of each head without TTA, with each view alone and with the policy (all on OOF)."""
+    rows = []
+    selections = [("no TTA", [BASELINE])] + [(f"{n} alone", [n]) for n in names] + [("policy", policy)]
+    for h in inp.heads:
+        for label, sel in selections:
+            probs = merge(oof_logits[h][[names.index(n) for n in sel]], cfg.infer.merge)
+            rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, probs)})
+    return pd.DataFrame(rows)
+
+
+def write_predictions(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict, names: list[str],
+                      policy: list[str]) -> None:
+    idx = [names.index(n) for n in policy]
+    classes = np.array([str(c) for c in inp.classes])
+    for h in inp.heads:
+        write_npz(cfg.run.infer_test(h), ids=inp.test["id"].values, classes=classes,
+                  probs=merge(test_logits[h][idx], cfg.infer.merge).astype(np.float32),
+                  view_logits=test_logits[h].astype(np.float16), views=np.array(names))
+        if inp.oof_df is not None:
+            write_npz(cfg.run.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
+                      fold=inp.oof_df["fold"].values, classes=classes,
+                      probs=merge(oof_logits[h][idx], cfg.infer.merge).astype(np.float32),
+                      view_logits=oof_logits[h].astype(np.float16), views=np.array(names))
+
+
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
     if variant == "joint":
         clf = model.get_classifier()
         return Head(clf.weight.detach().cpu().numpy(), clf.bias.detach().cpu().numpy())
-    return Head.load(cfg.fold_dir(k) / "rebalance" / "heads" / f"{variant}.safetensors")[0]
+    return Head.load(cfg.run.fold(k).head(variant))[0]
 
 
 @torch.no_grad()
@@ -181,10 +232,10 @@ def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarra
 
 
 def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[str]) -> list[str]:
-    """Forward selection of views on OOF: start from orig@1, add the view that helps most, stop
+    """Forward selection of views on OOF: start from the baseline view, add the view that helps most, stop
     when none helps. Chosen on the same OOF rows it is scored on (a mild optimism: say so)."""
     gib = GREATER_IS_BETTER[cfg.eval.metric]
-    chosen = ["orig@1"]
+    chosen = [BASELINE]
     value = lambda sel: cv_of(cfg, df, summaries, merge(logits[[names.index(n) for n in sel]], cfg.infer.merge))["cv_mean"]  # noqa: E731
     best = value(chosen)
     while True:

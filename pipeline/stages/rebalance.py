@@ -7,7 +7,7 @@ Output:  runs/<exp>/fold<k>/rebalance/features.npz      pooled features of the f
                                         heads/<variant>.safetensors   W, b[, center] + record
                                         oof_<variant>.npz  held-out logits (ids, y, logits)
                                         summary.json       written last: per-variant metrics, choices
-         runs/<exp>/rebalance/report.csv, report.md, recall_vs_frequency.png, tau_sweep.png,
+         runs/<exp>/rebalance/report.csv, report.md,
                               summary.json (the CV of every variant and the best one)
 Features are extracted once per fold (one backbone pass over the images) and reused by every
 variant and every later re-run with other rebalance settings.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,8 @@ from ..core.data import read_folds
 from ..core.errors import PipelineError
 from ..core.heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
 from ..core.images import ImageDataset, ImageStore
-from ..core.metrics import GREATER_IS_BETTER, compute, per_class_recall, score, softmax
-from ..core.provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons
+from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
+from ..core.provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons, up_to_date
 from ..core.runtime import amp_dtype, make_loader, pick_device, workers
 from ..core.distributed import Dist
 
@@ -50,13 +51,12 @@ NCM_SCALES = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0]  # cosine -> logit temperat
 # ----------------------------------------------------------------------------- features
 def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict) -> dict[str, np.ndarray]:
     """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows."""
-    out = cfg.fold_dir(k) / "rebalance"
-    weights = cfg.fold_dir(k) / "model.safetensors"
+    fd = cfg.run.fold(k)
+    weights = fd.weights
     a = cfg.aug
     record = feature_record(cfg, k, classes)
-    meta = out / "features.json"
-    if meta.exists() and (out / "features.npz").exists() and read_json(meta).get("made_from") == record:
-        return read_npz(out / "features.npz")
+    if fd.features.exists() and up_to_date(fd.features_meta, record):
+        return read_npz(fd.features)
 
     t0 = time.perf_counter()
     device = pick_device(cfg, Dist())
@@ -93,12 +93,12 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     feats["joint_weight"] = clf.weight.detach().cpu().numpy()
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
     joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
-    oof = read_npz(cfg.fold_dir(k) / "oof.npz")
+    oof = read_npz(fd.oof)
     if not np.allclose(joint, oof["logits"], atol=1e-3 if dtype is None else 5e-2, rtol=1e-3):
         raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
-                            f"({cfg.fold_dir(k) / 'oof.npz'}); were the weights or images changed after stage 2?")
-    write_npz(out / "features.npz", **feats)
-    write_json(meta, {"made_from": record, "seconds": time.perf_counter() - t0,
+                            f"({fd.oof}); were the weights or images changed after stage 2?")
+    write_npz(fd.features, **feats)
+    write_json(fd.features_meta, {"made_from": record, "seconds": time.perf_counter() - t0,
                       "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
     log.info("fold %d: features %s extracted in %.1fs", k, feats["train"].shape, time.perf_counter() - t0)
     return feats
@@ -116,40 +116,45 @@ class _Keyed(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- variants
+def logit_score(metric: str, y: np.ndarray, logits: np.ndarray) -> float:
+    return score(metric, y, softmax(logits))
+
+
+def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: np.ndarray, metric: str,
+           fixed=None) -> dict:
+    """One tuned variant: {param value: head} -> the head chosen on the whole held-out fold, the
+    honest (cross-fitted) held-out logits, and the record of the choice. `fixed`: no tuning."""
+    cands = {p: h.logits(x_va) for p, h in heads.items()}
+    if fixed is not None:
+        return {"head": heads[fixed], "logits": cands[fixed], "record": {param: fixed, "tuned": False}}
+    logits, final, per_split, curve = cross_fit(cands, y_va, inner, partial(logit_score, metric),
+                                                GREATER_IS_BETTER[metric])
+    return {"head": heads[final], "logits": logits,
+            "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
+
+
 def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int) -> dict:
     """Every configured variant: its head, honest held-out logits, and how it was chosen."""
     r = cfg.rebalance
     metric = cfg.eval.metric
-    gib = GREATER_IS_BETTER[metric]
     y_tr, y_va, x_va = feats["train_y"], feats["valid_y"], feats["valid"]
     counts = np.bincount(y_tr, minlength=n_classes)
     prior = counts / counts.sum()
-    inner = inner_split(y_va, r.inner_folds, seed)
-    fn = lambda y, lg: score(metric, y, softmax(lg))  # noqa: E731
+    tune = partial(choose, x_va=x_va, y_va=y_va, inner=inner_split(y_va, r.inner_folds, seed), metric=metric)
     out = {}
-
-    def tuned(name, heads: dict, param: str, fn_=fn, gib_=gib, fixed=None):
-        cands = {p: h.logits(x_va) for p, h in heads.items()}
-        if fixed is not None:
-            out[name] = {"head": heads[fixed], "logits": cands[fixed], "record": {param: fixed, "tuned": False}}
-            return
-        logits, final, per_split, curve = cross_fit(cands, y_va, inner, fn_, gib_)
-        out[name] = {"head": heads[final], "logits": logits,
-                     "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
-
     for v in r.variants:
         if v == "joint":
             h = Head(w, b)
             out[v] = {"head": h, "logits": h.logits(x_va), "record": {}}
         elif v == "tau":
             grid = [r.tau] if r.tau is not None else r.tau_grid
-            tuned(v, {t: tau_head(w, b, t) for t in grid}, "tau", fixed=r.tau)
+            out[v] = tune({t: tau_head(w, b, t) for t in grid}, "tau", fixed=r.tau)
         elif v == "logit_adjust":
-            tuned(v, {s: logit_adjust_head(w, b, prior, s) for s in r.la_grid}, "scale")
-        elif v == "ncm":
+            out[v] = tune({s: logit_adjust_head(w, b, prior, s) for s in r.la_grid}, "scale")
+        elif v == "ncm":  # the temperature is a calibration choice: chosen by log-loss
             base = ncm_head(feats["train"], y_tr, n_classes, center=r.ncm_center)
             heads = {s: Head(base.weight * s, base.bias, base.center, True) for s in NCM_SCALES}
-            tuned(v, heads, "scale", fn_=lambda y, lg: score("log_loss", y, softmax(lg)), gib_=False)
+            out[v] = tune(heads, "scale", metric="log_loss")
         elif v in ("crt", "lws"):
             x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
             y_all = np.concatenate([y_tr] * (1 + len(feats["views"])))
@@ -157,7 +162,7 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
             lr = r.crt_lr if v == "crt" else r.lws_lr
             heads = train_linear(x_tr, y_all, n_classes, epochs, lr, r.crt_weight_decay, seed,
                                  checkpoint_epochs(epochs), init=(w, b), scales_only=v == "lws")
-            tuned(v, heads, "epochs")
+            out[v] = tune(heads, "epochs")
     for v, o in out.items():
         o["metrics"] = compute(y_va, softmax(o["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, metric)
     return out
@@ -175,13 +180,12 @@ def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- per fold
 def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool) -> dict:
     s2 = stage2_summary(cfg, k, len(classes))
-    out = cfg.fold_dir(k) / "rebalance"
+    fd = cfg.run.fold(k)
     feats = fold_features(cfg, df, classes, k, s2)
     made_from = rebalance_record(cfg, k, classes)
-    summary_path = out / "summary.json"
-    if summary_path.exists() and not force and read_json(summary_path).get("made_from") == made_from:
+    if not force and up_to_date(fd.rebalance_summary, made_from):
         log.info("fold %d: rebalanced heads up to date, skipped", k)
-        return read_json(summary_path)
+        return read_json(fd.rebalance_summary)
     fault_point(f"rebalance:after-features:{k}")
     t0 = time.perf_counter()
     res = fit_variants(cfg, feats, feats["joint_weight"], feats["joint_bias"], len(classes), cfg.seed + k)
@@ -189,12 +193,12 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
     for v, o in res.items():
         record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
         record.pop("curve", None)
-        o["head"].save(out / "heads" / f"{v}.safetensors", record)
-        write_npz(out / f"oof_{v}.npz", ids=feats["valid_ids"], y=feats["valid_y"], logits=o["logits"].astype(np.float32))
+        o["head"].save(fd.head(v), record)
+        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], logits=o["logits"].astype(np.float32))
         variants[v] = {"metrics": o["metrics"], **o["record"]}
     summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from,
                "env": environment()}
-    write_json(summary_path, summary)
+    write_json(fd.rebalance_summary, summary)
     line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in res.items())
     log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.metric, line)
     return summary
@@ -202,20 +206,18 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
 
 # ----------------------------------------------------------------------------- report
 def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) -> dict:
-    from ..core import plots
-
+    """The CV of every variant over the folds (report.csv, report.md, summary.json). Its pictures
+    (recall vs frequency, the tau sweep) are drawn by `./run.sh report` into reports/<exp>/."""
     variants = list(summaries[0]["variants"])
     metric = cfg.eval.metric
     rows = []
-    pooled_logits, pooled_y = {}, None
     counts = np.bincount(df["y"].values, minlength=len(classes))
     for v in variants:
         per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
-        oofs = [read_npz(cfg.fold_dir(s["fold"]) / "rebalance" / f"oof_{v}.npz") for s in summaries]
-        pooled_logits[v] = np.concatenate([o["logits"] for o in oofs])
-        pooled_y = np.concatenate([o["y"] for o in oofs])
-        pooled = compute(pooled_y, softmax(pooled_logits[v]), counts * (cfg.folds.n_splits - 1) / cfg.folds.n_splits,
-                         cfg.eval.many_shot, cfg.eval.few_shot, metric)
+        oofs = [read_npz(cfg.run.fold(s["fold"]).head_oof(v)) for s in summaries]
+        pooled = compute(np.concatenate([o["y"] for o in oofs]), softmax(np.concatenate([o["logits"] for o in oofs])),
+                         counts * (cfg.folds.n_splits - 1) / cfg.folds.n_splits, cfg.eval.many_shot, cfg.eval.few_shot,
+                         metric)
         row = {"variant": v, f"{metric}_mean": per["score"].mean(), f"{metric}_std": per["score"].std(ddof=0),
                f"{metric}_pooled": pooled["score"]}
         for m in ("accuracy", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc"):
@@ -225,35 +227,23 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
     asc = not GREATER_IS_BETTER[metric]
     table = table.sort_values(f"{metric}_mean", ascending=asc, kind="stable").reset_index(drop=True)
     best = table["variant"].iloc[0]
-    rd = cfg.run_dir / "rebalance"
-    write_csv(rd / "report.csv", table)
+    run = cfg.run
+    write_csv(run.rebalance_csv, table)
     md = [f"# Rebalancing report: {cfg.experiment}", "",
           f"CV over {len(summaries)} folds (mean and std of per-fold {metric}; pooled = on all OOF rows). "
           f"Tuned values are cross-fitted inside each held-out fold: every reported score is out-of-sample.", "",
-          table.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else table.to_string(index=False), "",
-          f"Best variant: **{best}**", "", "![recall](recall_vs_frequency.png)", ""]
-    rec = {v: per_class_recall(pooled_y, pooled_logits[v].argmax(1), len(classes)) for v in {"joint", best}}
-    plots.recall_vs_frequency(rd / "recall_vs_frequency.png", counts, rec, classes)
-    if "tau" in variants and summaries[0]["variants"]["tau"].get("tuned"):
-        curves = [{float(t): val for t, val in s["variants"]["tau"]["curve"].items()} for s in summaries]
-        plots.sweep(rd / "tau_sweep.png", curves, "tau", f"{metric} on the held-out fold",
-                    [s["variants"]["tau"]["tau"] for s in summaries])
-        md += ["![tau sweep](tau_sweep.png)", ""]
-    write_text(rd / "report.md", "\n".join(md))
+          "```", table.to_string(index=False, float_format="%.4f"), "```", "",
+          f"Best variant: **{best}**", "",
+          "Pictures (per-class recall against frequency, the tau sweep): `./run.sh report` -> reports/<exp>/.", ""]
+    write_text(run.rebalance_md, "\n".join(md))
     summary = {"best": best, "metric": metric, "table": table.to_dict(orient="records"),
                "made_from": _report_record(summaries),
                "folds": [s["fold"] for s in summaries],
                "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
-    write_json(rd / "summary.json", summary)
+    write_json(run.rebalance_summary, summary)
     log.info("experiment %s, stage 3 CV by head variant (%s):\n%s\nbest: %s", cfg.experiment, metric,
              table.to_string(index=False, float_format="%.4f"), best)
     return summary
-
-
-def _has_tabulate() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tabulate") is not None
 
 
 def _report_record(summaries: list[dict]) -> dict:
@@ -265,40 +255,39 @@ def status(cfg: Config) -> list[str]:
     df, classes = read_folds(cfg)
     reasons, summaries = [], []
     for k in range(int(df["fold"].max()) + 1):
-        path = cfg.fold_dir(k) / "rebalance" / "summary.json"
-        if not (cfg.fold_dir(k) / "model.safetensors").exists():
+        fd = cfg.run.fold(k)
+        if not fd.weights.exists():
             reasons.append(f"fold {k}: waits for stage-2 weights")
             continue
-        reasons += stale_reasons(path, rebalance_record(cfg, k, classes), f"fold {k}: ")
-        if path.exists():
-            summaries.append(read_json(path))
-    report_path = cfg.run_dir / "rebalance" / "summary.json"
-    if not reasons and (not report_path.exists() or
-                        read_json(report_path).get("made_from") != _report_record(summaries)):
+        reasons += stale_reasons(fd.rebalance_summary, rebalance_record(cfg, k, classes), f"fold {k}: ")
+        if fd.rebalance_summary.exists():
+            summaries.append(read_json(fd.rebalance_summary))
+    if not reasons and not up_to_date(cfg.run.rebalance_summary, _report_record(summaries)):
         reasons.append("report: out of date")
     return reasons
 
 
 def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | None:
+    """Rebalance the folds (all, or `fold`); once every fold is current, the report: its summary,
+    or None while it waits for other folds."""
     df, classes = read_folds(cfg)
     n_splits = int(df["fold"].max()) + 1
     if fold is not None and not 0 <= fold < n_splits:
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
     folds = [fold] if fold is not None else list(range(n_splits))
     for k in folds:
-        with experiment_lock(cfg.fold_dir(k)):
+        with experiment_lock(cfg.run.fold(k).dir):
             rebalance_fold(cfg, df, classes, k, force)
-    done = [k for k in range(n_splits) if (cfg.fold_dir(k) / "rebalance" / "summary.json").exists()]
+    done = [k for k in range(n_splits) if cfg.run.fold(k).rebalance_summary.exists()]
     if len(done) < n_splits:
         log.info("report waits for every fold: rebalanced %s of %d", done, n_splits)
         return None
-    summaries = [read_json(cfg.fold_dir(k) / "rebalance" / "summary.json") for k in range(n_splits)]
+    summaries = [read_json(cfg.run.fold(k).rebalance_summary) for k in range(n_splits)]
     stale = [s["fold"] for s in summaries if s["made_from"] != rebalance_record(cfg, s["fold"], classes)]
     if stale:
         log.info("report waits: fold(s) %s were rebalanced with other settings or weights", stale)
         return None
-    report_path = cfg.run_dir / "rebalance" / "summary.json"
-    if not force and report_path.exists() and read_json(report_path).get("made_from") == _report_record(summaries):
+    if not force and up_to_date(cfg.run.rebalance_summary, _report_record(summaries)):
         log.info("stage-3 report of '%s' is up to date", cfg.experiment)
-        return read_json(report_path)
+        return read_json(cfg.run.rebalance_summary)
     return report(cfg, df, classes, summaries)

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -44,7 +45,8 @@ from ..core.images import EpochBatches, ImageDataset, ImageStore
 from ..core.losses import SoftTargetLoss, effective_number_weights
 from ..core.metrics import better, compute, softmax
 from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
-from ..core.provenance import changed_keys, environment, stale_reasons, train_record
+from ..core.layout import FoldDir
+from ..core.provenance import changed_keys, environment, recorded, stale_reasons, train_record, up_to_date
 from ..core.runtime import amp_dtype, make_loader, pick_device, workers
 from ..core.samplers import epoch_indices
 from ..core.tracking import Tracker
@@ -105,54 +107,93 @@ def build_mixup(cfg: Config, n_classes: int):
 
 
 # ----------------------------------------------------------------------------- one fold
-def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
-    fd = cfg.fold_dir(k)
-    summary_path = fd / "summary.json"
-    rec = train_record(cfg)
+@dataclass
+class FoldRun:
+    """Everything the training loop of one fold touches, built by `set_up`."""
+    cfg: Config
+    k: int
+    dist: Dist
+    paths: FoldDir
+    rec: dict  # what the fold's outputs are made from
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None: fp32
+    y_tr: np.ndarray
+    y_va: np.ndarray
+    valid_ids: np.ndarray
+    counts: np.ndarray  # training images per class
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as trained: DDP / compiled wrappers around it
+    ema: object | None
+    norm: Normalize
+    stats: tuple[list[float], list[float]]  # input mean and std
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None
+    criterion: SoftTargetLoss
+    mixup: object | None
+    batches: EpochBatches
+    train_loader: object
+    valid_loader: object
+    va_idx: np.ndarray  # this process's share of the held-out rows
+    start_epoch: int = 0
+    num_updates: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"raw": {"score": None, "epoch": -1}, "ema": {"score": None, "epoch": -1}})
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def judge(cfg: Config, k: int, force: bool, dist: Dist) -> tuple[dict | None, dict | None]:
+    """(the finished summary when the fold is up to date, the resume state when an interrupted run
+    of the same inputs left one). A stale or forced fold stops looking complete before any of it
+    is replaced."""
+    paths, rec = cfg.run.fold(k), train_record(cfg)
     fresh = force
-    if summary_path.exists() and not force:
-        old = read_json(summary_path)
-        if old.get("made_from") == rec:
+    if paths.summary.exists() and not force:
+        if up_to_date(paths.summary, rec):
+            old = read_json(paths.summary)
             log.info("fold %d: up to date (%s %.4f), skipped; --force retrains", k, cfg.eval.metric, old["score"])
-            return old
+            return old, None
         log.info("fold %d: stale, retraining (changed: %s)", k,
-                 ", ".join(changed_keys(old.get("made_from", {}), rec)) or "unknown")
+                 ", ".join(changed_keys(recorded(paths.summary), rec)) or "unknown")
         fresh = True
-    ckpt_path = fd / "last.pt"
     resume = None
-    if ckpt_path.exists() and not fresh:
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if paths.checkpoint.exists() and not fresh:
+        resume = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
         if resume.get("made_from") != rec:
             log.info("fold %d: %s is an interrupted run with other inputs (changed: %s): starting afresh", k,
-                     ckpt_path, ", ".join(changed_keys(resume.get("made_from", {}), rec)))
+                     paths.checkpoint, ", ".join(changed_keys(resume.get("made_from", {}), rec)))
             resume, fresh = None, True
     dist.barrier()  # every rank has judged the fold from the same files before any is removed
-    if fresh and dist.main:  # the fold stops looking complete before any of it is replaced
-        summary_path.unlink(missing_ok=True)
-        ckpt_path.unlink(missing_ok=True)
+    if fresh and dist.main:
+        paths.summary.unlink(missing_ok=True)
+        paths.checkpoint.unlink(missing_ok=True)
     dist.barrier()
+    return None, resume
 
-    t = cfg.train
+
+def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) -> FoldRun:
+    """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k."""
+    t, a = cfg.train, cfg.aug
     device = pick_device(cfg, dist)
     cuda = device.type == "cuda"
-    dtype = amp_dtype(cfg, device)
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not t.deterministic
-    n_classes = len(classes)
     train_df, valid_df = df[df["fold"] != k], df[df["fold"] == k]
     if valid_df.empty:
         raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
     y_tr, y_va = train_df["y"].values, valid_df["y"].values
     counts = np.bincount(y_tr, minlength=n_classes)
 
-    # model, optimiser, schedule, EMA -------------------------------------------------------
-    seed_epoch(cfg.seed, -1)
+    seed_epoch(cfg.seed, -1)  # the initial weights
     model = create_model(cfg, n_classes)
-    mean, std = norm_stats(cfg, model)
-    norm = Normalize(mean, std).to(device)
+    stats = norm_stats(cfg, model)
+    norm = Normalize(*stats).to(device)
     model.to(device)
-    if cuda and cfg.train.channels_last:
+    if cuda and t.channels_last:
         model.to(memory_format=torch.channels_last)
     ema = None
     if t.ema:
@@ -164,8 +205,6 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
 
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=t.optimizer, lr=t.lr,
                                     weight_decay=t.weight_decay, momentum=t.momentum)
-    n_workers = workers(cfg)
-    a = cfg.aug
     train_side = round(a.img_size * (a.resize_ratio if a.crop == "resize_crop" else 1.0))
     valid_side = round(a.img_size * a.resize_ratio)
     stores = lambda: (ImageStore(train_df["path"].tolist(), train_side, a.cache, a.cache_dir),  # noqa: E731
@@ -182,34 +221,12 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
     if len(batches) < t.accum_steps:
         raise PipelineError(f"fold {k}: {len(y_tr)} training images make {len(batches)} batch(es) of "
                             f"{t.batch_size} x {dist.world} process(es); lower train.batch_size or accum_steps")
-    steps_per_epoch = len(batches) // t.accum_steps
     scheduler, _ = create_scheduler_v2(optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
                                        warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=steps_per_epoch, plateau_mode="max")
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    train_loader = make_loader(tr_ds, batch_sampler=batches, n_workers=n_workers, cuda=cuda)
+                                       updates_per_epoch=len(batches) // t.accum_steps, plateau_mode="max")
+    dtype = amp_dtype(cfg, device)
     va_idx = np.arange(len(va_ds))[dist.rank::dist.world]
-    valid_loader = make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=0, cuda=cuda, indices=va_idx)
-
     weights = effective_number_weights(counts, t.cb_beta) if t.class_weights == "effective_number" else None
-    criterion = SoftTargetLoss(t.loss, t.focal_gamma, weights).to(device)
-    mixup = build_mixup(cfg, n_classes)
-    from timm.data.mixup import mixup_target
-
-    start_epoch, num_updates, history = 0, 0, []
-    best = {"raw": {"score": None, "epoch": -1}, "ema": {"score": None, "epoch": -1}}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(resume["ema"])
-        start_epoch, num_updates = resume["epoch"] + 1, resume["num_updates"]
-        history, best = resume["history"], resume["best"]
-        log.info("fold %d: resuming from %s after epoch %d", k, ckpt_path, resume["epoch"])
-
     net = model
     if dist.world > 1:
         # batch statistics over the global batch (GPU only: on CPU each process keeps its own)
@@ -218,138 +235,201 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
     if t.compile and cuda:
         net = torch.compile(net)
+    return FoldRun(
+        cfg=cfg, k=k, dist=dist, paths=cfg.run.fold(k), rec=train_record(cfg), device=device, dtype=dtype,
+        y_tr=y_tr, y_va=y_va, valid_ids=valid_df["id"].values, counts=counts, model=model, net=net, ema=ema,
+        norm=norm, stats=stats, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+        criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights).to(device), mixup=build_mixup(cfg, n_classes),
+        batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(cfg), cuda=cuda),
+        valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=0, cuda=cuda, indices=va_idx),
+        va_idx=va_idx)
+
+
+def restore(r: FoldRun, state: dict) -> None:
+    """Continue an interrupted run from its last checkpoint."""
+    r.model.load_state_dict(state["model"])
+    r.optimizer.load_state_dict(state["optimizer"])
+    r.scheduler.load_state_dict(state["scheduler"])
+    if r.scaler is not None and state.get("scaler"):
+        r.scaler.load_state_dict(state["scaler"])
+    if r.ema is not None:
+        r.ema.module.load_state_dict(state["ema"])
+    r.start_epoch, r.num_updates = state["epoch"] + 1, state["num_updates"]
+    r.history, r.best = state["history"], state["best"]
+    log.info("fold %d: resuming from %s after epoch %d", r.k, r.paths.checkpoint, state["epoch"])
+
+
+def train_epoch(r: FoldRun, epoch: int) -> dict:
+    """One epoch of optimiser steps; returns the epoch's training numbers."""
+    from timm.data.mixup import mixup_target
+
+    cfg, t, k = r.cfg, r.cfg.train, r.k
+    n_classes = len(r.counts)
+    seed_epoch(cfg.seed, epoch)
+    r.batches.set_epoch(epoch)
+    r.net.train()
+    mixing = r.mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
     # host<->device syncs are costly on GPU: read the loss back (and check it is finite) every
     # `sync_every` steps there; on CPU every step, so a divergence names its exact step
-    sync_every = 25 if cuda else 1
+    sync_every = 25 if r.cuda else 1
+    t0 = time.perf_counter()
+    wait, seen = 0.0, 0
+    loss_sum = torch.zeros((), device=r.device)  # summed on the device: no sync per step
+    bar = tqdm(total=len(r.batches), desc=f"fold {k} epoch {epoch + 1}/{t.epochs}", leave=False,
+               disable=None if r.dist.main else True)
+    t_wait = time.perf_counter()
+    r.optimizer.zero_grad(set_to_none=True)
+    for step, (x, y) in enumerate(r.train_loader):
+        wait += time.perf_counter() - t_wait
+        x = r.norm(x.to(r.device, non_blocking=True))
+        y = y.to(r.device, non_blocking=True)
+        if r.cuda and t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixing:
+            x, target = r.mixup(x, y)
+        else:
+            target = mixup_target(y, n_classes, smoothing=t.label_smoothing)
+        fault_point(f"train:step:{epoch}")
+        with torch.autocast(r.device.type, dtype=r.dtype, enabled=r.dtype is not None):
+            loss = r.criterion(r.net(x), target)
+        if fault_flag(f"nan-loss:{epoch}"):
+            loss = loss * float("nan")
+        loss_sum += loss.detach() * len(x)
+        seen += len(x)
+        if (step + 1) % sync_every == 0 or step + 1 == len(r.batches):
+            total = loss_sum.item()  # the one sync; a non-finite step makes the running sum non-finite
+            if r.dist.any(not np.isfinite(total)):
+                at = f"step {step + 1}" if sync_every == 1 else f"steps {step + 2 - sync_every}-{step + 1}"
+                raise _diverged(k, f"loss at epoch {epoch + 1}, {at}", r.paths.checkpoint)
+            bar.set_postfix(loss=f"{total / seen:.4f}",
+                            img_s=f"{seen * r.dist.world / (time.perf_counter() - t0):.0f}")
+        (r.scaler.scale(loss / t.accum_steps) if r.scaler else loss / t.accum_steps).backward()
+        if (step + 1) % t.accum_steps == 0:
+            optimizer_step(r)
+        bar.update()
+        if step == len(r.batches) // 2:
+            fault_point(f"train:mid-epoch:{epoch}")
+        t_wait = time.perf_counter()
+    bar.close()
+    if r.cuda:
+        torch.cuda.synchronize()
+    train_time = time.perf_counter() - t0
+    r.scheduler.step(epoch + 1)
+    return {"epoch": epoch + 1, "lr": r.optimizer.param_groups[0]["lr"],
+            "train_loss": _mean_over_ranks(r.dist, loss_sum.item(), seen),
+            "images_per_s": seen * r.dist.world / train_time, "data_wait": wait / train_time, "_t0": t0}
 
+
+def optimizer_step(r: FoldRun) -> None:
+    """Clip, step (through the fp16 scaler when there is one), schedule and update the EMA."""
+    t = r.cfg.train
+    if t.clip_grad:
+        if r.scaler:
+            r.scaler.unscale_(r.optimizer)
+        torch.nn.utils.clip_grad_norm_(r.model.parameters(), t.clip_grad)
+    if r.scaler:
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+    else:
+        r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.num_updates += 1
+    r.scheduler.step_update(r.num_updates)
+    if r.ema is not None:
+        r.ema.update(r.model, step=r.num_updates)
+
+
+def validate(r: FoldRun, epoch: int, row: dict) -> None:
+    """Score the raw and the EMA weights on the held-out rows; keep the best of each source."""
+    cfg = r.cfg
+    logits = {"raw": predict(r.model, r.valid_loader, r.norm, r.device, r.dtype)}
+    if r.ema is not None:
+        logits["ema"] = predict(r.ema.module, r.valid_loader, r.norm, r.device, r.dtype)
+    logits = {s: _gather_rows(r.dist, r.va_idx, v, len(r.y_va)) for s, v in logits.items()}
+    if not np.isfinite(logits["raw"]).all():
+        raise _diverged(r.k, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
+    for src, lg in logits.items():
+        m = compute(r.y_va, softmax(lg), r.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+        prefix = "" if src == "raw" else "ema_"
+        if src == "raw":
+            row["valid_loss"] = m["log_loss"]
+        row.update({f"{prefix}{n}": v for n, v in m.items() if n != "log_loss" or src == "ema"})
+        if r.dist.main and (cfg.train.select == "last" or better(m["score"], r.best[src]["score"], cfg.eval.metric)):
+            r.best[src] = {"score": m["score"], "epoch": epoch + 1}
+            state = r.ema.module.state_dict() if src == "ema" else r.model.state_dict()
+            write_state_dict(r.paths.best(src), state, {"epoch": epoch + 1, "source": src})
+            write_npz(r.paths.oof_of(src), ids=r.valid_ids, y=r.y_va, logits=lg.astype(np.float32))
+
+
+def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
+    """Checkpoint, history and the epoch's log line (main process)."""
+    cfg, t = r.cfg, r.cfg.train
+    r.history.append(row)
+    if not r.dist.main:
+        return
+    fault_point(f"train:before-checkpoint:{epoch}")
+    _save_checkpoint(r, epoch)
+    write_csv(r.paths.history, pd.DataFrame(r.history))
+    if tracker is not None:
+        tracker.log(row, step=epoch + 1)
+    metric = cfg.eval.metric
+    extra = f" ema {row['ema_score']:.4f}" if r.ema is not None else ""
+    if metric != "balanced_accuracy":
+        extra += f"  bal.acc {row['balanced_accuracy']:.4f}"
+    log.info("fold %d epoch %d/%d  lr %.2e  train loss %.4f  valid loss %.4f  %s %.4f%s  %.0f img/s  %.1fs",
+             r.k, epoch + 1, t.epochs, row["lr"], row["train_loss"], row["valid_loss"], metric, row["score"], extra,
+             row["images_per_s"], row["seconds"])
+
+
+def finish(r: FoldRun) -> dict:
+    """Keep the better of the raw and EMA weights as the fold's output; write the summary last."""
+    cfg = r.cfg
+    scored = {s: b for s, b in r.best.items() if b["score"] is not None}
+    chosen = "raw"
+    if "ema" in scored and better(scored["ema"]["score"], scored["raw"]["score"], cfg.eval.metric):
+        chosen = "ema"
+    for src, dst in ((r.paths.best(chosen), r.paths.weights), (r.paths.oof_of(chosen), r.paths.oof)):
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    oof = np.load(r.paths.oof)
+    final = compute(r.y_va, softmax(oof["logits"]), r.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+    summary = {"fold": r.k, "chosen": chosen, "epoch": r.best[chosen]["epoch"], "score": final["score"],
+               "metric": cfg.eval.metric, "metrics": final, "best": r.best,
+               "arch": cfg.model.arch, "num_classes": len(r.counts), "img_size": cfg.aug.img_size,
+               "mean": r.stats[0], "std": r.stats[1],
+               "n_train": int(len(r.y_tr)), "n_valid": int(len(r.y_va)), "train_counts": r.counts.tolist(),
+               "seconds": float(sum(h["seconds"] for h in r.history)), "made_from": r.rec,
+               "env": environment()}
+    fault_point("train:before-summary")
+    write_json(r.paths.summary, summary)
+    log.info("fold %d done: %s weights of epoch %d, %s %.4f", r.k, chosen, summary["epoch"], cfg.eval.metric,
+             summary["score"])
+    return summary
+
+
+def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
+    done, resume = judge(cfg, k, force, dist)
+    if done is not None:
+        return done
+    r = set_up(cfg, df, len(classes), k, dist)
+    if resume is not None:
+        restore(r, resume)
     if dist.main:
         log.info("fold %d: %s, %d train / %d valid images, %d classes, %d steps/epoch, device %s%s%s",
-                 k, cfg.model.arch, len(y_tr), len(y_va), n_classes, steps_per_epoch, device,
-                 f", AMP {dtype}" if dtype else "", f", {dist.world} processes" if dist.world > 1 else "")
-
-    tracker = Tracker(cfg, k) if dist.main and t.tracker != "none" else None
-    for epoch in range(start_epoch, t.epochs):
-        seed_epoch(cfg.seed, epoch)
-        batches.set_epoch(epoch)
-        net.train()
-        mixing = mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
-        t0 = time.perf_counter()
-        wait, seen = 0.0, 0
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-        bar = tqdm(total=len(batches), desc=f"fold {k} epoch {epoch + 1}/{t.epochs}", leave=False,
-                   disable=None if dist.main else True)
-        t_wait = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        for step, (x, y) in enumerate(train_loader):
-            wait += time.perf_counter() - t_wait
-            x = norm(x.to(device, non_blocking=True))
-            y = y.to(device, non_blocking=True)
-            if cuda and cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if mixing:
-                x, target = mixup(x, y)
-            else:
-                target = mixup_target(y, n_classes, smoothing=t.label_smoothing)
-            fault_point(f"train:step:{epoch}")
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = criterion(net(x), target)
-            if fault_flag(f"nan-loss:{epoch}"):
-                loss = loss * float("nan")
-            loss_sum += loss.detach() * len(x)
-            seen += len(x)
-            if (step + 1) % sync_every == 0 or step + 1 == len(batches):
-                total = loss_sum.item()  # the one sync; a non-finite step makes the running sum non-finite
-                if dist.any(not np.isfinite(total)):
-                    at = f"step {step + 1}" if sync_every == 1 else f"steps {step + 2 - sync_every}-{step + 1}"
-                    raise _diverged(k, f"loss at epoch {epoch + 1}, {at}", ckpt_path)
-                bar.set_postfix(loss=f"{total / seen:.4f}",
-                                img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
-            (scaler.scale(loss / t.accum_steps) if scaler else loss / t.accum_steps).backward()
-            if (step + 1) % t.accum_steps == 0:
-                if t.clip_grad:
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                num_updates += 1
-                scheduler.step_update(num_updates)
-                if ema is not None:
-                    ema.update(model, step=num_updates)
-            bar.update()
-            if step == len(batches) // 2:
-                fault_point(f"train:mid-epoch:{epoch}")
-            t_wait = time.perf_counter()
-        bar.close()
-        if cuda:
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - t0
-        scheduler.step(epoch + 1)
-
-        # validation of the raw and the EMA weights -------------------------------------------------
-        logits = {"raw": predict(model, valid_loader, norm, device, dtype)}
-        if ema is not None:
-            logits["ema"] = predict(ema.module, valid_loader, norm, device, dtype)
-        logits = {s: _gather_rows(dist, va_idx, v, len(va_ds)) for s, v in logits.items()}
-        if not np.isfinite(logits["raw"]).all():
-            raise _diverged(k, f"outputs at epoch {epoch + 1}, validation", ckpt_path)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": _mean_over_ranks(dist, loss_sum.item(), seen), "images_per_s": seen * dist.world / train_time,
-               "data_wait": wait / train_time}
-        for src, lg in logits.items():
-            m = compute(y_va, softmax(lg), counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
-            prefix = "" if src == "raw" else "ema_"
-            if src == "raw":
-                row["valid_loss"] = m["log_loss"]
-            row.update({f"{prefix}{n}": v for n, v in m.items() if n != "log_loss" or src == "ema"})
-            if dist.main and (t.select == "last" or better(m["score"], best[src]["score"], cfg.eval.metric)):
-                best[src] = {"score": m["score"], "epoch": epoch + 1}
-                state = ema.module.state_dict() if src == "ema" else model.state_dict()
-                write_state_dict(fd / f"best_{src}.safetensors", state, {"epoch": epoch + 1, "source": src})
-                write_npz(fd / f"oof_{src}.npz", ids=valid_df["id"].values, y=y_va,
-                          logits=lg.astype(np.float32))
+                 k, cfg.model.arch, len(r.y_tr), len(r.y_va), len(classes), len(r.batches) // cfg.train.accum_steps,
+                 r.device, f", AMP {r.dtype}" if r.dtype else "", f", {dist.world} processes" if dist.world > 1 else "")
+    tracker = Tracker(cfg, k) if dist.main and cfg.train.tracker != "none" else None
+    for epoch in range(r.start_epoch, cfg.train.epochs):
+        row = train_epoch(r, epoch)
+        t0 = row.pop("_t0")
+        validate(r, epoch, row)
         row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        if dist.main:
-            fault_point(f"train:before-checkpoint:{epoch}")
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, ema, epoch, num_updates, history, best, rec)
-            write_csv(fd / "history.csv", pd.DataFrame(history))
-            if tracker is not None:
-                tracker.log(row, step=epoch + 1)
-            ema_note = f" ema {row['ema_score']:.4f}" if ema is not None else ""
-            log.info("fold %d epoch %d/%d  lr %.2e  train loss %.4f  valid loss %.4f  %s %.4f%s  bal.acc %.4f  "
-                     "%.0f img/s  %.1fs", k, epoch + 1, t.epochs, row["lr"], row["train_loss"], row["valid_loss"],
-                     cfg.eval.metric, row["score"], ema_note, row["balanced_accuracy"], row["images_per_s"],
-                     row["seconds"])
+        end_epoch(r, epoch, row, tracker)
         dist.barrier()
     if tracker is not None:
         tracker.close()
-
-    summary = None
-    if dist.main:
-        scored = {s: b for s, b in best.items() if b["score"] is not None}
-        chosen = "raw"
-        if "ema" in scored and better(scored["ema"]["score"], scored["raw"]["score"], cfg.eval.metric):
-            chosen = "ema"
-        for src, dst in ((f"best_{chosen}.safetensors", "model.safetensors"), (f"oof_{chosen}.npz", "oof.npz")):
-            with atomic_path(fd / dst) as tmp:
-                shutil.copyfile(fd / src, tmp)
-        oof = np.load(fd / "oof.npz")
-        final = compute(y_va, softmax(oof["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
-        summary = {"fold": k, "chosen": chosen, "epoch": best[chosen]["epoch"], "score": final["score"],
-                   "metric": cfg.eval.metric, "metrics": final, "best": best,
-                   "arch": cfg.model.arch, "num_classes": n_classes, "img_size": a.img_size, "mean": mean, "std": std,
-                   "n_train": int(len(y_tr)), "n_valid": int(len(y_va)), "train_counts": counts.tolist(),
-                   "seconds": float(sum(h["seconds"] for h in history)), "made_from": rec,
-                   "env": environment()}
-        fault_point("train:before-summary")
-        write_json(summary_path, summary)
-        log.info("fold %d done: %s weights of epoch %d, %s %.4f", k, chosen, summary["epoch"], cfg.eval.metric,
-                 summary["score"])
+    summary = finish(r) if dist.main else None
     dist.barrier()
     return dist.broadcast(summary)
 
@@ -374,17 +454,17 @@ def _mean_over_ranks(dist: Dist, total: float, count: int) -> float:
     return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, scaler, ema, epoch, num_updates, history, best, rec):
+def _save_checkpoint(r: FoldRun, epoch: int) -> None:
     state = {
-        "model": clean_state_dict(model.state_dict()),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "ema": clean_state_dict(ema.module.state_dict()) if ema is not None else None,
-        "epoch": epoch, "num_updates": num_updates, "history": history, "best": best, "made_from": rec,
+        "model": clean_state_dict(r.model.state_dict()),
+        "optimizer": r.optimizer.state_dict(),
+        "scheduler": r.scheduler.state_dict(),
+        "scaler": r.scaler.state_dict() if r.scaler is not None else None,
+        "ema": clean_state_dict(r.ema.module.state_dict()) if r.ema is not None else None,
+        "epoch": epoch, "num_updates": r.num_updates, "history": r.history, "best": r.best, "made_from": r.rec,
         "rng": {"torch": torch.get_rng_state()},  # each epoch reseeds from (seed, epoch); kept for inspection
     }
-    with atomic_path(path, suffix=".pt") as tmp:
+    with atomic_path(r.paths.checkpoint, suffix=".pt") as tmp:
         torch.save(state, tmp)
 
 
@@ -394,11 +474,11 @@ def status(cfg: Config) -> list[str]:
     df, _ = read_folds(cfg)
     rec, reasons = train_record(cfg), []
     for k in range(int(df["fold"].max()) + 1):
-        fd = cfg.fold_dir(k)
-        if not (fd / "summary.json").exists() and (fd / "last.pt").exists():
-            reasons.append(f"fold {k}: interrupted, resumes from last.pt")
+        fd = cfg.run.fold(k)
+        if not fd.summary.exists() and fd.checkpoint.exists():
+            reasons.append(f"fold {k}: interrupted, resumes from {fd.checkpoint.name}")
         else:
-            reasons += stale_reasons(fd / "summary.json", rec, f"fold {k}: ")
+            reasons += stale_reasons(fd.summary, rec, f"fold {k}: ")
     return reasons
 
 
@@ -414,12 +494,12 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
     if cfg.model.pretrained_path:  # refused (e.g. a pickle that is not plain tensors) before anything is written
         read_state_dict(cfg.model.pretrained_path)
     if dist.main:
-        write_text(cfg.run_dir / "config.yaml", config_to_yaml(cfg))
-        write_json(cfg.run_dir / "classes.json", classes)
+        write_text(cfg.run.config, config_to_yaml(cfg))
+        write_json(cfg.run.classes, classes)
     dist.barrier()
     summaries = []
     for k in folds:
-        lock = experiment_lock(cfg.fold_dir(k)) if dist.main else nullcontext()
+        lock = experiment_lock(cfg.run.fold(k).dir) if dist.main else nullcontext()
         with lock:
             summaries.append(train_fold(cfg, df, classes, k, force, dist))
     if dist.main:
@@ -467,6 +547,6 @@ def _run_parallel(cfg: Config, folds: list[int], force: bool, gpus: str) -> list
         os.unlink(resolved)
     if failed:
         raise PipelineError(f"fold(s) {failed} failed; see their messages above")
-    summaries = [read_json(cfg.fold_dir(k) / "summary.json") for k in folds]
+    summaries = [read_json(cfg.run.fold(k).summary) for k in folds]
     print_fold_table(cfg, summaries)
     return summaries

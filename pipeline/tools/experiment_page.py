@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import plots
+from ..core import layout, plots
 from ..core.artifacts import read_json, write_text
 from ..core.data import read_image
 from ..core.errors import PipelineError
+from ..core.layout import RunDir
 from .leaderboard import experiment_config, experiment_rows, fold_summaries, predictions, rank, to_text
 from ..core.metrics import per_class_recall
 
@@ -28,21 +29,21 @@ log = logging.getLogger("pipeline")
 N_WRONG = 16
 
 
-def write(name: str, reports: Path = Path("reports"), runs: Path = Path("runs")) -> Path:
-    run_dir = runs / name
-    cfg = experiment_config(run_dir)
-    summaries = fold_summaries(cfg)
+def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -> Path:
+    run = RunDir.of(name, runs)
+    cfg = experiment_config(run)
+    summaries = fold_summaries(cfg, run)
     if not summaries:
         raise PipelineError(f"experiment '{name}': not every fold has finished stage 2; nothing to report yet")
-    out = reports / name
-    classes = read_json(run_dir / "classes.json")
-    preds = predictions(cfg)
-    rows = rank(pd.DataFrame(experiment_rows(run_dir, preds)).assign(note=""))
+    out = layout.experiment_report(name, reports)
+    classes = read_json(run.classes)
+    preds = predictions(cfg, run)
+    rows = rank(pd.DataFrame(experiment_rows(run, preds)).assign(note=""))
     top = rows.iloc[0]
     best_key = (top["head"], top["tta"] == "on")
     pics = []
 
-    histories = [pd.read_csv(cfg.fold_dir(k) / "history.csv") for k in range(len(summaries))]
+    histories = [pd.read_csv(run.fold(k).history) for k in range(len(summaries))]
     plots.training_curves(out / "training_curves.png", histories)
     pics.append(("Training curves", "training_curves.png"))
 
@@ -67,7 +68,7 @@ def write(name: str, reports: Path = Path("reports"), runs: Path = Path("runs"))
     plots.recall_vs_frequency(out / "recall_vs_frequency.png", counts, recalls, classes)
     pics.append(("Per-class recall against training frequency", "recall_vs_frequency.png"))
 
-    rb = [cfg.fold_dir(k) / "rebalance" / "summary.json" for k in range(len(summaries))]
+    rb = [run.fold(k).rebalance_summary for k in range(len(summaries))]
     if all(f.exists() for f in rb):
         tau = [read_json(f)["variants"].get("tau", {}) for f in rb]
         if all(t.get("curve") for t in tau):
@@ -75,10 +76,9 @@ def write(name: str, reports: Path = Path("reports"), runs: Path = Path("runs"))
                         f"{cfg.eval.metric} on the held-out fold", [t["tau"] for t in tau])
             pics.append(("Tau sweep (dotted: the value chosen per fold)", "tau_sweep.png"))
 
-    inf = run_dir / "infer" / "report.csv"
-    if inf.exists():
-        r = pd.read_csv(inf)
-        primary = read_json(run_dir / "infer" / "summary.json")["primary"]
+    if run.infer_report.exists():
+        r = pd.read_csv(run.infer_report)
+        primary = read_json(run.infer_summary)["primary"]
         r = r[r["head"] == primary]
         base = float(r.loc[r["views"] == "no TTA", "cv_mean"].iloc[0])
         r = r[r["views"] != "no TTA"]
@@ -93,12 +93,12 @@ def write(name: str, reports: Path = Path("reports"), runs: Path = Path("runs"))
                                 cfg.eval.metric: s["score"], "minutes": s["seconds"] / 60} for s in summaries])
     md = [f"# Experiment {name}", "",
           f"{cfg.model.arch} at {cfg.aug.img_size} px, {cfg.train.epochs} epochs, {len(summaries)} folds "
-          f"({cfg.folds_csv.name}); metric {cfg.eval.metric}. Config: `runs/{name}/config.yaml`.", "",
+          f"({cfg.folds_csv.name}); metric {cfg.eval.metric}. Config: `{run.config}`.", "",
           "## CV by head and TTA (best first)", "", "```", to_text(rows), "```", "",
           "## Stage 2 per fold", "", "```", fold_table.to_string(index=False, float_format="%.4f"), "```", ""]
     for title, f in pics:
         md += [f"## {title}", "", f"![{title}]({f})", ""]
-    page = out / "index.md"
+    page = layout.experiment_page(name, reports)
     write_text(page, "\n".join(md))
     log.info("report of '%s': %s (%d pictures)", name, page, len(pics))
     return page

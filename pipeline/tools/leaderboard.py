@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core import layout
 from ..core.artifacts import read_json, read_npz, write_csv, write_text
 from ..core.config import Config, flatten, load_config
 from ..core.errors import PipelineError
+from ..core.layout import RunDir
+from ..core.data import private_score
 from ..core.metrics import GREATER_IS_BETTER, cv, softmax
 from ..core.provenance import changed_keys
-from .score_table import private_score
+from ..core.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 
@@ -33,20 +36,19 @@ NOT_COMPARABLE = "folds differ"
 
 
 # ----------------------------------------------------------------------------- one experiment
-def experiment_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise PipelineError(f"{run_dir} has no config.yaml: not an experiment folder written by stage 2")
-    return load_config(path)
+def experiment_config(run: RunDir) -> Config:
+    if not run.config.exists():
+        raise PipelineError(f"{run.dir} has no config.yaml: not an experiment folder written by stage 2")
+    return load_config(run.config)
 
 
-def fold_summaries(cfg: Config) -> list[dict]:
+def fold_summaries(cfg: Config, run: RunDir) -> list[dict]:
     """Stage-2 summaries of every fold, or [] when a fold is unfinished."""
-    paths = [cfg.fold_dir(k) / "summary.json" for k in range(cfg.folds.n_splits)]
+    paths = [run.fold(k).summary for k in range(cfg.folds.n_splits)]
     return [read_json(p) for p in paths] if all(p.exists() for p in paths) else []
 
 
-def predictions(cfg: Config) -> dict[tuple[str, bool], dict]:
+def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
     """(head, tta) -> OOF {ids, y, fold, probs} [+ test {ids, probs}] from the stages' files."""
     K = cfg.folds.n_splits
     out = {}
@@ -59,48 +61,45 @@ def predictions(cfg: Config) -> dict[tuple[str, bool], dict]:
                 "fold": np.concatenate([np.full(len(p["ids"]), k) for k, p in enumerate(parts)]),
                 "probs": np.concatenate([softmax(p["logits"].astype(np.float64)) for p in parts])}
 
-    joint = per_fold([cfg.fold_dir(k) / "oof.npz" for k in range(K)])
+    joint = per_fold([run.fold(k).oof for k in range(K)])
     if joint is not None:
         out[("joint", False)] = joint
-    rb = cfg.run_dir / "rebalance" / "summary.json"
-    if rb.exists():
-        for v in [r["variant"] for r in read_json(rb)["table"]]:
-            p = per_fold([cfg.fold_dir(k) / "rebalance" / f"oof_{v}.npz" for k in range(K)])
+    if run.rebalance_summary.exists():
+        for v in [r["variant"] for r in read_json(run.rebalance_summary)["table"]]:
+            p = per_fold([run.fold(k).head_oof(v) for k in range(K)])
             if p is not None:
                 out[(v, False)] = p
-    inf = cfg.run_dir / "infer" / "summary.json"
-    if inf.exists():
-        s = read_json(inf)
-        tta = s["policy"] != ["orig@1"]
+    if run.infer_summary.exists():
+        s = read_json(run.infer_summary)
+        tta = s["policy"] != [BASELINE]
         for h in s["heads"]:
-            d = cfg.run_dir / "infer" / h
-            test = read_npz(d / "test.npz") if (d / "test.npz").exists() else None
+            test = read_npz(run.infer_test(h)) if run.infer_test(h).exists() else None
             plain = None
             if test is not None:
-                i = list(test["views"]).index("orig@1")
+                i = list(test["views"]).index(BASELINE)
                 plain = {"ids": test["ids"], "probs": softmax(test["view_logits"][i].astype(np.float64))}
             if (h, False) in out and plain is not None:
                 out[(h, False)]["test"] = plain
-            if tta and (d / "oof.npz").exists():
-                o = read_npz(d / "oof.npz")
+            if tta and run.infer_oof(h).exists():
+                o = read_npz(run.infer_oof(h))
                 out[(h, True)] = {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "probs": o["probs"]}
                 if test is not None:
                     out[(h, True)]["test"] = {"ids": test["ids"], "probs": test["probs"]}
     return out
 
 
-def experiment_rows(run_dir: Path, preds: dict | None = None) -> list[dict]:
+def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     """Leaderboard rows of one experiment (`preds`: its `predictions`, when already read)."""
-    cfg = experiment_config(run_dir)
+    cfg = experiment_config(run)
     e = cfg.eval
-    summaries = fold_summaries(cfg)
+    summaries = fold_summaries(cfg, run)
     if not summaries:
         return []
     counts = [s["train_counts"] for s in summaries]
     folds_hash = summaries[0]["made_from"]["folds_file"]
-    classes = read_json(cfg.run_dir / "classes.json")
+    classes = read_json(run.classes)
     rows = []
-    for (head, tta), pred in (predictions(cfg) if preds is None else preds).items():
+    for (head, tta), pred in (predictions(cfg, run) if preds is None else preds).items():
         ev = cv(pred["y"], pred["probs"], pred["fold"], counts, e.many_shot, e.few_shot, e.metric)
         test = pred.get("test")
         rows.append({"experiment": cfg.experiment, "model": cfg.model.arch + (f" ({cfg.model.pool})"
@@ -123,7 +122,7 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
         r = ens[0]
         folds = set()
         for m in s["members"]:
-            s2 = runs / m.split(":")[0] / "fold0" / "summary.json"
+            s2 = RunDir.of(m.split(":")[0], runs).fold(0).summary
             folds.add(read_json(s2)["made_from"].get("folds_file") if s2.exists() else None)
         fh = folds.pop() if len(folds) == 1 else None
         rows.append({"experiment": s["name"], "model": f"ensemble ({s['method']})", "img_size": None, "epochs": None,
@@ -137,14 +136,14 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the table
 def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
+    """Every row; `submissions` defaults to the submissions/ folder beside `runs`."""
     rows = []
-    for d in sorted(runs.iterdir()) if runs.exists() else []:
-        if (d / "config.yaml").exists():
-            try:
-                rows += experiment_rows(d)
-            except (PipelineError, KeyError, ValueError) as e:  # one broken folder must not hide the others
-                log.warning("leaderboard: skipped %s (%s)", d, e)
-    rows += ensemble_rows(submissions if submissions is not None else runs.parent / "submissions", runs)
+    for name in layout.experiments(runs):
+        try:
+            rows += experiment_rows(RunDir.of(name, runs))
+        except (PipelineError, KeyError, ValueError) as e:  # one broken folder must not hide the others
+            log.warning("leaderboard: skipped %s (%s)", runs / name, e)
+    rows += ensemble_rows(submissions if submissions is not None else Path(runs).parent / layout.SUBMISSIONS.name, runs)
     t = pd.DataFrame(rows)
     if t.empty:
         return pd.DataFrame(columns=COLUMNS)
@@ -207,14 +206,14 @@ def write(runs: Path, reports: Path, sort: str | None = None, pattern: str | Non
           best: bool = False) -> pd.DataFrame:
     t = rank(build(runs), sort, pattern, best)
     out = t[[c for c in COLUMNS if c in t]] if not t.empty else t
-    write_csv(reports / "leaderboard.csv", out)
+    write_csv(layout.leaderboard_csv(reports), out)
     lines = ["# Leaderboard", "",
              "CV = mean ± std of the per-fold metric; pooled = the metric on all OOF rows at once. "
              f"Rows marked '{NOT_COMPARABLE}' use another folds file than most rows: their CV is not comparable.",
              "", "| " + " | ".join(out.columns) + " |", "|" + "---|" * len(out.columns)]
     for _, r in out.iterrows():
         lines.append("| " + " | ".join(_cell(v) for v in r.values) + " |")
-    write_text(reports / "leaderboard.md", "\n".join(lines) + "\n")
+    write_text(layout.leaderboard_md(reports), "\n".join(lines) + "\n")
     return t
 
 
@@ -229,12 +228,12 @@ def compare(runs: Path, a: str, b: str) -> str:
     """Config differences of two experiments next to their metric differences per fold, and
     whether the mean difference exceeds fold-to-fold noise (paired over folds when they share a
     folds file: |mean diff| > 2 standard errors of the per-fold differences)."""
-    cfgs = {n: experiment_config(runs / n) for n in (a, b)}
+    cfgs = {n: experiment_config(RunDir.of(n, runs)) for n in (a, b)}
     da, db = (flatten(cfgs[n].to_dict()) for n in (a, b))
     keys = [k for k in changed_keys(cfgs[a].to_dict(), cfgs[b].to_dict()) if k not in ("experiment", "run_also")]
     out = [f"# {a} vs {b}", "", "## Config differences", ""]
     out += [f"  {k}: {da.get(k)!r} -> {db.get(k)!r}" for k in keys] or ["  (none besides the name)"]
-    rows = {n: {(r["head"], r["tta"]): r for r in experiment_rows(runs / n)} for n in (a, b)}
+    rows = {n: {(r["head"], r["tta"]): r for r in experiment_rows(RunDir.of(n, runs))} for n in (a, b)}
     for n in (a, b):
         if not rows[n]:
             raise PipelineError(f"experiment '{n}' has unfinished folds: nothing to compare yet")

@@ -3,34 +3,28 @@ experiment, the ensemble's CV, and the private score where the test labels are k
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..core import layout
 from ..core.artifacts import read_json, read_npz
 from ..core.config import Config
-from ..core.metrics import score, softmax
+from ..core.data import private_score
+from ..core.metrics import softmax
+from ..core.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 
 
-def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
-    """The metric against held-out test labels (`data.test_labels`, the demo's), or None."""
-    if not cfg.data.test_labels or not cfg.data_path(cfg.data.test_labels).exists():
-        return None
-    t = pd.read_csv(cfg.data_path(cfg.data.test_labels), dtype=str).set_index(cfg.data.id_col)[cfg.data.label_col]
-    names = [str(c) for c in classes]
-    return score(cfg.eval.metric, np.array([names.index(str(t[i])) for i in ids]), probs)
-
-
 def summary_table(cfg: Config) -> pd.DataFrame:
     name = cfg.ensemble.name or cfg.experiment
-    ens = read_json(Path("submissions") / f"{name}.json")
+    ens = read_json(layout.submission_record(name))
     rows = []
     for member in ens["members"]:
         exp, head = member.split(":")
-        inf = read_json(Path("runs") / exp / "infer" / "summary.json")
+        run = layout.RunDir.of(exp)
+        inf = read_json(run.infer_summary)
         cv = pd.DataFrame(inf["cv"])
         if cv.empty:
             continue
@@ -38,9 +32,8 @@ def summary_table(cfg: Config) -> pd.DataFrame:
         joint = pick("joint", "no TTA").iloc[0]
         best = pick(head, "no TTA").iloc[0]
         tta = pick(head, "policy").iloc[0]
-        jt = read_npz(Path("runs") / exp / "infer" / "joint" / "test.npz")
-        bt = read_npz(Path("runs") / exp / "infer" / head / "test.npz")
-        plain = softmax(jt["view_logits"][list(jt["views"]).index("orig@1")].astype(np.float32))
+        jt, bt = read_npz(run.infer_test("joint")), read_npz(run.infer_test(head))
+        plain = softmax(jt["view_logits"][list(jt["views"]).index(BASELINE)].astype(np.float32))
         rows.append({"model": exp, "head": head, "CV joint": joint["cv_mean"], "CV head": best["cv_mean"],
                      "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
                      "private joint": private_score(cfg, jt["ids"], plain, inf["classes"]),

@@ -38,11 +38,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from ..core import layout
 from ..core.artifacts import read_json, sha256_obj
 from .demo import synthetic_competition
 
 REPO = Path(__file__).resolve().parents[2]
-OUTPUTS = ("folds", "runs", "submissions")
+OUTPUTS = tuple(str(p) for p in (layout.FOLDS, layout.RUNS, layout.SUBMISSIONS))
 VOLATILE = {"seconds", "images_per_s", "data_wait", "env"}  # wall-clock fields and the environment record
 NOT_COMPARED = {".pt", ".png", ".md"}
 STAGES = ["folds", "train", "rebalance", "infer", "ensemble"]
@@ -102,8 +103,7 @@ def file_digest(path: Path) -> str:
         load_file(str(path))
     if suffix == ".csv":
         t = pd.read_csv(path)
-        if path.name == "history.csv":
-            t = t.drop(columns=[c for c in t.columns if c in VOLATILE])
+        t = t.drop(columns=[c for c in t.columns if c in VOLATILE])  # history.csv's wall-clock columns
         return sha256_obj(t.astype(str).values.tolist() + [list(t.columns)])
     if suffix == ".pt":
         import torch
@@ -140,11 +140,13 @@ def partial_files(root: Path) -> list[str]:
             file_digest(p)
         except Exception:  # noqa: BLE001 - any failure to load is what we are counting
             bad.append(str(p.relative_to(root)))
-    for s in root.glob("runs/*/fold*/summary.json"):
-        bad += [str(s.parent / f) for f in ("model.safetensors", "oof.npz") if not (s.parent / f).exists()]
-    for s in root.glob("runs/*/infer/summary.json"):
-        for h in read_json(s)["heads"]:
-            bad += [str(s.parent / h / "test.npz")] if not (s.parent / h / "test.npz").exists() else []
+    for name in layout.experiments(root / layout.RUNS):
+        run = layout.RunDir.of(name, root / layout.RUNS)
+        for fd in (run.fold(int(d.name[4:])) for d in run.dir.glob("fold*")):
+            if fd.summary.exists():
+                bad += [str(f) for f in (fd.weights, fd.oof) if not f.exists()]
+        if run.infer_summary.exists():
+            bad += [str(run.infer_test(h)) for h in read_json(run.infer_summary)["heads"] if not run.infer_test(h).exists()]
     return bad
 
 
@@ -157,8 +159,9 @@ def all_files(root: Path) -> dict[str, tuple]:
 class Sandbox:
     """A tiny competition, an uninterrupted reference run and a snapshot of it after every stage."""
 
-    def __init__(self, base: Path, log: Callable[[str], None] = print):
-        self.base, self.log = Path(base), log
+    def __init__(self, base: Path, entry: Callable[[list[str]], int], log: Callable[[str], None] = print):
+        # entry: the CLI's main(argv), handed in by the CLI (a tool does not import the CLI)
+        self.base, self.entry, self.log = Path(base), entry, log
         self.snap: dict[str, Path] = {}
         self.ref: dict[str, dict[str, str]] = {}
         start = self.base / "snap-empty"
@@ -218,13 +221,11 @@ def _inside(folder: Path, env: dict | None = None):
         quiet.setLevel(level)
 
 
-def run_inprocess(folder: Path, args: list[str], env: dict | None = None) -> tuple[int, str]:
+def run_inprocess(sb: Sandbox, folder: Path, args: list[str], env: dict | None = None) -> tuple[int, str]:
     """`python -m pipeline ARGS --config c.yaml` in this process: (exit code, stderr)."""
-    from ..cli import main
-
     err = io.StringIO()
     with _inside(folder, env), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main([*args, "--config", "c.yaml"])
+        rc = sb.entry([*args, "--config", "c.yaml"])
     return rc, err.getvalue()
 
 
@@ -246,7 +247,7 @@ def kill_case(sb: Sandbox, stage: str, point: str) -> Result:
     ok &= not partial and not lost
     if i + 1 < len(STAGES):
         snapshot = tree_digest(d)
-        rc, err = run_inprocess(d, [STAGES[i + 1]])
+        rc, err = run_inprocess(sb, d, [STAGES[i + 1]])
         refused = rc == 2 and tree_digest(d) == snapshot
         notes.append(f"{STAGES[i + 1]} refused (exit {rc})" if refused else f"{STAGES[i + 1]} exit {rc}: {err[-200:]}")
         ok &= refused
@@ -292,11 +293,17 @@ def _symlink_out(d: Path) -> None:
     (d / "comp/train/img0001.png").symlink_to(outside.resolve())
 
 
+def _run(d: Path, name: str = "sc") -> layout.RunDir:
+    """The sandbox's experiment folder."""
+    return layout.RunDir.of(name, d / layout.RUNS)
+
+
 def _member_copy(d: Path, name: str, edit) -> None:
-    shutil.copytree(d / "runs/sc", d / f"runs/{name}")
-    s = read_json(d / f"runs/{name}/infer/summary.json")
+    run = _run(d, name)
+    shutil.copytree(_run(d).dir, run.dir)
+    s = read_json(run.infer_summary)
     edit(s)
-    (d / f"runs/{name}/infer/summary.json").write_text(json.dumps(s))
+    run.infer_summary.write_text(json.dumps(s))
 
 
 def _evil(d: Path) -> None:
@@ -352,7 +359,7 @@ BAD_INPUTS = [
     ("artifacts", "stage-2 weights of another architecture", "rebalance", None, ["infer", "model.arch=resnet10t"],
      r"trained as test_resnet.*config says resnet10t"),
     ("artifacts", "stage-2 weights of another class count", "rebalance",
-     lambda d: (d / "runs/sc/classes.json").write_text('["a", "b"]'), ["infer", "infer.oof=off"], r"3 classes.*2 classes"),
+     lambda d: _run(d).classes.write_text('["a", "b"]'), ["infer", "infer.oof=off"], r"3 classes.*2 classes"),
     ("artifacts", "ensemble members on different folds", "infer",
      lambda d: _member_copy(d, "sc2", lambda s: s.update(folds_file="0" * 64)), ["ensemble", "ensemble.members=[sc,sc2]"],
      r"different folds files"),
@@ -369,7 +376,7 @@ def bad_input_case(sb: Sandbox, group: str, case: str, snapshot: str, setup, arg
     if setup:
         setup(d)
     before = all_files(d)
-    rc, err = run_inprocess(d, args)
+    rc, err = run_inprocess(sb, d, args)
     after = all_files(d)
     changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
     message = next((ln for ln in err.splitlines() if ln.startswith("error:")), err.strip()[-200:])
@@ -384,13 +391,13 @@ def bad_input_case(sb: Sandbox, group: str, case: str, snapshot: str, setup, arg
 # ----------------------------------------------------------------------------- training and storage
 def non_finite_case(sb: Sandbox) -> Result:
     d = sb.copy("folds", "nan-loss")
-    rc, err = run_inprocess(d, ["train", "--fold", "0"], env={"PIPELINE_FAULT": "nan-loss:1"})
+    rc, err = run_inprocess(sb, d, ["train", "--fold", "0"], env={"PIPELINE_FAULT": "nan-loss:1"})
     import torch
 
-    ckpt = d / "runs/sc/fold0/last.pt"
+    ckpt = _run(d).fold(0).checkpoint
     kept = ckpt.exists() and torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 0
     named = re.search(r"non-finite loss at epoch 2, step \d+", err) is not None
-    done = (d / "runs/sc/fold0/summary.json").exists()
+    done = _run(d).fold(0).summary.exists()
     ok = rc == 2 and named and kept and not done
     shutil.rmtree(d, ignore_errors=True)
     return Result("training", "non-finite loss (epoch 2)", "exit 2 naming epoch/step; epoch-1 checkpoint kept",
@@ -400,7 +407,7 @@ def non_finite_case(sb: Sandbox) -> Result:
 
 def oom_case(sb: Sandbox) -> Result:
     d = sb.copy("folds", "oom")
-    rc, err = run_inprocess(d, ["train"], env={"PIPELINE_FAULT": "oom@train:step:0"})
+    rc, err = run_inprocess(sb, d, ["train"], env={"PIPELINE_FAULT": "oom@train:step:0"})
     ok = rc == 3 and all(k in err for k in ("train.batch_size", "train.accum_steps", "aug.img_size"))
     shutil.rmtree(d, ignore_errors=True)
     return Result("training", "GPU out of memory (simulated)", "exit 3 with batch/size/accumulation advice",
@@ -427,16 +434,16 @@ def disk_full_case(sb: Sandbox) -> Result:
 def unwritable_case(sb: Sandbox) -> Result:
     d = sb.copy("folds", "unwritable")
     if os.geteuid() == 0:  # root ignores permissions: block the folder with a file instead
-        (d / "runs").write_text("not a folder")
-        how = "runs/ is a file (root ignores permissions)"
+        (d / layout.RUNS).write_text("not a folder")
+        how = f"{layout.RUNS}/ is a file (root ignores permissions)"
     else:
-        (d / "runs").mkdir()
-        os.chmod(d / "runs", 0o555)
-        how = "runs/ read-only"
-    rc, err = run_inprocess(d, ["train"])
+        (d / layout.RUNS).mkdir()
+        os.chmod(d / layout.RUNS, 0o555)
+        how = f"{layout.RUNS}/ read-only"
+    rc, err = run_inprocess(sb, d, ["train"])
     lost = sum(1 for f, h in sb.ref["folds"].items() if tree_digest(d).get(f) != h)
-    if (d / "runs").is_dir():
-        os.chmod(d / "runs", 0o755)
+    if (d / layout.RUNS).is_dir():
+        os.chmod(d / layout.RUNS, 0o755)
     ok = rc == 2 and "cannot" in err and "runs" in err and not lost
     shutil.rmtree(d, ignore_errors=True)
     return Result("storage", f"unwritable output folder ({how})", "exit 2 naming the folder; earlier outputs intact",
@@ -446,11 +453,11 @@ def unwritable_case(sb: Sandbox) -> Result:
 def lock_case(sb: Sandbox) -> Result:
     d = sb.copy("folds", "lock")
     first = sb.cli(d, ["train", "train.epochs=200"], wait=False)
-    lock = d / "runs/sc/fold0/.lock"
+    lock = _run(d).fold(0).dir / ".lock"
     t0 = time.time()
     while not lock.exists() and time.time() - t0 < 120 and first.poll() is None:
         time.sleep(0.1)
-    rc, err = run_inprocess(d, ["train", "train.epochs=200"])
+    rc, err = run_inprocess(sb, d, ["train", "train.epochs=200"])
     named = f"held by pid {first.pid}" in err
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -466,8 +473,9 @@ def lock_case(sb: Sandbox) -> Result:
 
 
 # ----------------------------------------------------------------------------- the matrix
-def run_matrix(base: Path, quick: bool = False, log: Callable[[str], None] = print) -> list[Result]:
-    sb = Sandbox(base, log)
+def run_matrix(base: Path, entry: Callable[[list[str]], int], quick: bool = False,
+               log: Callable[[str], None] = print) -> list[Result]:
+    sb = Sandbox(base, entry, log)
     results = []
 
     def add(r: Result) -> None:
@@ -498,11 +506,12 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], entry: Callable[[list[str]], int]) -> int:
+    """`./run.sh selfcheck [--quick]`; `entry` is the CLI's main, which the bad-input cases call."""
     quick = "--quick" in argv
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="selfcheck-") as tmp:
-        results = run_matrix(Path(tmp), quick=quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+        results = run_matrix(Path(tmp), entry, quick=quick, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(table(results))
     print(f"\n{len(results)} cases in {time.time() - t0:.0f}s on {os.cpu_count()} CPU core(s)")
     return 0 if all(r.passed for r in results) else 1

@@ -1,0 +1,191 @@
+"""The on-disk layout: the one place where every path under folds/, runs/, submissions/ and reports/
+is defined. README.md's layout table reads like this module.
+
+    folds/<name>.csv, <name>.json               stage 1
+    runs/<exp>/config.yaml, classes.json        stage 2 (the resolved config, the label encoding)
+    runs/<exp>/fold<k>/...                      stage 2 per fold      (FoldDir)
+    runs/<exp>/fold<k>/rebalance/...            stage 3 per fold      (FoldDir.rebalance*)
+    runs/<exp>/rebalance/...                    stage 3 report        (RunDir.rebalance*)
+    runs/<exp>/infer/...                        stage 4               (RunDir.infer*)
+    runs/.cache/                                decoded image caches (shared by experiments)
+    submissions/<name>.csv, <name>.json         stage 5
+    reports/leaderboard.{csv,md}, reports/<exp>/   tools
+
+Paths are relative to the project folder (the current directory); tools that read another tree
+pass its runs/ folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+FOLDS = Path("folds")
+RUNS = Path("runs")
+SUBMISSIONS = Path("submissions")
+REPORTS = Path("reports")
+CACHE = RUNS / ".cache"
+
+
+# ----------------------------------------------------------------------------- stage 1
+def folds_csv(name: str) -> Path:
+    """The train table plus its `fold` column."""
+    return FOLDS / f"{name}.csv"
+
+
+def folds_record(name: str) -> Path:
+    """The label encoding and what the folds were made from."""
+    return FOLDS / f"{name}.json"
+
+
+# ----------------------------------------------------------------------------- stages 2-3, per fold
+@dataclass(frozen=True)
+class FoldDir:
+    dir: Path
+
+    # stage 2
+    @property
+    def summary(self) -> Path:  # written last: the fold is complete
+        return self.dir / "summary.json"
+
+    @property
+    def weights(self) -> Path:  # the chosen weights (raw or EMA)
+        return self.dir / "model.safetensors"
+
+    @property
+    def oof(self) -> Path:  # held-out logits of the chosen weights
+        return self.dir / "oof.npz"
+
+    @property
+    def history(self) -> Path:
+        return self.dir / "history.csv"
+
+    @property
+    def checkpoint(self) -> Path:  # the resume state
+        return self.dir / "last.pt"
+
+    def best(self, source: str) -> Path:  # best weights of one source: raw or ema
+        return self.dir / f"best_{source}.safetensors"
+
+    def oof_of(self, source: str) -> Path:
+        return self.dir / f"oof_{source}.npz"
+
+    # stage 3
+    @property
+    def rebalance(self) -> Path:
+        return self.dir / "rebalance"
+
+    @property
+    def features(self) -> Path:
+        return self.rebalance / "features.npz"
+
+    @property
+    def features_meta(self) -> Path:
+        return self.rebalance / "features.json"
+
+    def head(self, variant: str) -> Path:
+        return self.rebalance / "heads" / f"{variant}.safetensors"
+
+    def head_oof(self, variant: str) -> Path:
+        return self.rebalance / f"oof_{variant}.npz"
+
+    @property
+    def rebalance_summary(self) -> Path:  # written last
+        return self.rebalance / "summary.json"
+
+
+# ----------------------------------------------------------------------------- one experiment
+@dataclass(frozen=True)
+class RunDir:
+    dir: Path
+
+    @classmethod
+    def of(cls, experiment: str, runs: Path = RUNS) -> "RunDir":
+        return cls(Path(runs) / experiment)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def config(self) -> Path:  # the fully resolved config
+        return self.dir / "config.yaml"
+
+    @property
+    def classes(self) -> Path:  # the label encoding
+        return self.dir / "classes.json"
+
+    @property
+    def tracking(self) -> Path:  # default MLflow / TensorBoard folder
+        return self.dir / "tracking"
+
+    def fold(self, k: int) -> FoldDir:
+        return FoldDir(self.dir / f"fold{k}")
+
+    # stage 3 report
+    @property
+    def rebalance(self) -> Path:
+        return self.dir / "rebalance"
+
+    @property
+    def rebalance_summary(self) -> Path:
+        return self.rebalance / "summary.json"
+
+    @property
+    def rebalance_csv(self) -> Path:
+        return self.rebalance / "report.csv"
+
+    @property
+    def rebalance_md(self) -> Path:
+        return self.rebalance / "report.md"
+
+    # stage 4
+    @property
+    def infer(self) -> Path:
+        return self.dir / "infer"
+
+    @property
+    def infer_summary(self) -> Path:  # written last
+        return self.infer / "summary.json"
+
+    @property
+    def infer_report(self) -> Path:
+        return self.infer / "report.csv"
+
+    def infer_test(self, head: str) -> Path:
+        return self.infer / head / "test.npz"
+
+    def infer_oof(self, head: str) -> Path:
+        return self.infer / head / "oof.npz"
+
+
+def experiments(runs: Path = RUNS) -> list[str]:
+    """Names of the experiment folders under runs/ (those with a resolved config)."""
+    runs = Path(runs)
+    return sorted(d.name for d in runs.iterdir() if RunDir(d).config.exists()) if runs.is_dir() else []
+
+
+# ----------------------------------------------------------------------------- stage 5
+def submission_csv(name: str, submissions: Path = SUBMISSIONS) -> Path:
+    return Path(submissions) / f"{name}.csv"
+
+
+def submission_record(name: str, submissions: Path = SUBMISSIONS) -> Path:
+    return Path(submissions) / f"{name}.json"
+
+
+# ----------------------------------------------------------------------------- tools
+def leaderboard_csv(reports: Path = REPORTS) -> Path:
+    return Path(reports) / "leaderboard.csv"
+
+
+def leaderboard_md(reports: Path = REPORTS) -> Path:
+    return Path(reports) / "leaderboard.md"
+
+
+def experiment_report(experiment: str, reports: Path = REPORTS) -> Path:
+    """reports/<exp>/: index.md and its pictures (named by the page that draws them)."""
+    return Path(reports) / experiment
+
+
+def experiment_page(experiment: str, reports: Path = REPORTS) -> Path:
+    return experiment_report(experiment, reports) / "index.md"

@@ -1,0 +1,108 @@
+"""The house rules, read from the code: core imports no stage, tool or CLI; a stage imports no other
+stage and no tool; tools use core (stages only through their files); no import loops; every path of
+the on-disk layout is spelled in core/layout.py alone."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "pipeline"
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every pipeline module a file imports (function-level imports included)."""
+    mod = _module(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("pipeline")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("pipeline"):
+                continue
+            out.add(target)
+            out |= {f"{target}.{a.name}" for a in node.names}  # `from ..core import models`
+    known = {_module(p) for p in PKG.rglob("*.py")}
+    return {m for m in out if m in known} - {mod}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module(p): _imports(p) for p in PKG.rglob("*.py")}
+
+
+def _wing(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ("core", "stages", "tools") else "top"
+
+
+def test_wings_import_only_what_the_rules_allow():
+    bad = []
+    for mod, deps in _graph().items():
+        wing = _wing(mod)
+        for d in deps:
+            w = _wing(d)
+            if wing == "core" and w != "core":
+                bad.append(f"{mod} (core) imports {d}")
+            if wing == "stages" and (w in ("tools", "top") or (w == "stages" and d != "pipeline.stages")):
+                bad.append(f"{mod} (a stage) imports {d}")
+            if wing == "tools" and w == "stages":
+                bad.append(f"{mod} (a tool) imports the stage {d}: tools read stages' files")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_loops():
+    graph = _graph()
+    state: dict[str, int] = {}
+    loops = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in graph.get(m, ()):
+            if state.get(d) == 1:
+                loops.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    # a package's __init__ importing nothing of its children makes parent -> child edges harmless
+    assert not loops, loops
+
+
+def test_the_three_wings_hold_the_modules_readme_names():
+    names = {w: sorted(p.stem for p in (PKG / w).glob("*.py") if p.stem != "__init__") for w in ("core", "stages", "tools")}
+    assert names["stages"] == ["ensemble", "folds", "infer", "rebalance", "train"]
+    assert {"config", "layout", "provenance", "images", "models", "metrics", "artifacts"} <= set(names["core"])
+    assert {"leaderboard", "experiment_page", "score_table", "selfcheck", "demo"} <= set(names["tools"])
+    assert sorted(p.name for p in PKG.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py"]
+
+
+def test_layout_paths_are_spelled_once():
+    """File names of the layout appear as string literals in core/layout.py only."""
+    names = re.compile(r"""["'](summary\.json|model\.safetensors|oof\.npz|test\.npz|history\.csv|last\.pt|"""
+                       r"""classes\.json|config\.yaml|features\.(npz|json)|leaderboard\.(csv|md)|report\.(csv|md)|"""
+                       r"""index\.md)["']|Path\(["'](runs|folds|submissions|reports)["']\)|"""
+                       r"""/ ["'](runs|folds|submissions|reports)["']|["'](runs|folds|submissions|reports)/""")
+    offenders = []
+    for p in PKG.rglob("*.py"):
+        if p.name == "layout.py":
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if names.search(code.split('"""')[0]) and "write:" not in code:
+                offenders.append(f"{p.relative_to(PKG)}:{i}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
