@@ -51,6 +51,7 @@ EXTRA = {
                    "[--sort COL] [--filter GLOB] [--best]",
     "compare": "compare A B: config differences next to per-fold metric differences",
     "report": "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
+    "cache": "the decoded-image stores: images, side, size on disk, last use [--clear: remove them]",
     "selfcheck": "the fault-injection and bad-input matrix on a tiny competition, as a table [--quick]",
     "help": "show this help",
 }
@@ -93,6 +94,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sort", default=None)
     p.add_argument("--filter", default=None)
     p.add_argument("--best", action="store_true")
+    p.add_argument("--clear", action="store_true")
     p.add_argument("--gpus", default=None)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
@@ -231,7 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         provenance.allow_stale(args.allow_stale)
         if args.command in ("leaderboard", "compare", "report"):
             return run_report_command(args)
+        if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
+            args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
         cfg = load_config(args.config, args.overrides)
+        if args.command == "cache":
+            from .tools import image_cache
+
+            print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
+            return 0
         if args.command == "all":
             if args.fold is not None:
                 raise PipelineError("--fold does not apply to 'all'")

@@ -1,39 +1,9 @@
-"""Image reading, the decoded-image cache, losses, and fold-parallel training."""
+"""Losses and fold-parallel training."""
 import numpy as np
 import torch
-from PIL import Image
 
 from conftest import make_competition, run_cli
-from pipeline.core.data import read_image
-from pipeline.core.images import ImageStore
 from pipeline.core.losses import SoftTargetLoss, effective_number_weights
-
-
-def test_grayscale_palette_and_rgba_become_rgb(tmp_path):
-    Image.fromarray(np.full((5, 6), 77, np.uint8), "L").save(tmp_path / "g.png")
-    rgba = np.zeros((5, 6, 4), np.uint8)
-    rgba[..., 0] = 255
-    rgba[:, :3, 3] = 255                                   # left half opaque red, right half transparent
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    Image.fromarray(np.full((5, 6), 3, np.uint8), "L").convert("P").save(tmp_path / "p.png")
-    g = read_image(tmp_path / "g.png")
-    assert g.shape == (5, 6, 3) and (g == 77).all()
-    a = read_image(tmp_path / "a.png")
-    assert a.shape == (5, 6, 3) and tuple(a[0, 0]) == (255, 0, 0) and tuple(a[0, 5]) == (255, 255, 255)
-    assert read_image(tmp_path / "p.png").shape == (5, 6, 3)
-
-
-def test_cache_gives_the_same_pixels_and_is_reused(tmp_path):
-    root = make_competition(tmp_path / "c", {"a": 3, "b": 3}, size=20, ext=".jpg")
-    paths = sorted(str(p) for p in (root / "train").iterdir())
-    plain = ImageStore(paths, 24, "off")
-    cached = ImageStore(paths, 24, "on", tmp_path / "cache")
-    assert cached.cache_file is not None and cached.cache_file.exists()
-    for i in range(len(paths)):
-        assert np.array_equal(plain[i], cached[i])
-    mtime = cached.cache_file.stat().st_mtime_ns
-    again = ImageStore(paths, 24, "on", tmp_path / "cache")
-    assert again.cache_file == cached.cache_file and cached.cache_file.stat().st_mtime_ns == mtime
 
 
 def test_losses():

@@ -12,10 +12,10 @@ import torch
 
 from conftest import REPO, make_competition
 from pipeline.core import models, provenance
-from pipeline.core.augment import valid_transform
+from pipeline.core.augment import open_store, valid_transform
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.images import ImageDataset, ImageStore
+from pipeline.core.images import ImageDataset
 from pipeline.core.metrics import softmax
 from pipeline.core.runtime import make_loader
 from pipeline.stages import ensemble as ens_stage
@@ -62,7 +62,7 @@ def test_identity_policy_equals_plain_inference(run_a):
         model = models.load_trained(cfg, cfg.run.fold(k).dir / "model.safetensors", 3)
         s = json.loads((cfg.run.fold(k).dir / "summary.json").read_text())
         norm = models.Normalize(s["mean"], s["std"])
-        ds = ImageDataset(ImageStore(paths, round(32 * cfg.aug.resize_ratio)), None, valid_transform(cfg))
+        ds = ImageDataset(open_store(cfg, paths), None, valid_transform(cfg))
         with torch.no_grad():
             logits = torch.cat([model(norm(x)) for x, _ in make_loader(ds, batch_size=4)]).numpy()
         expected = expected + softmax(logits) / 2
@@ -89,8 +89,8 @@ def test_multiscale_views_have_configured_sizes():
     seen = []
     fake = lambda c: (seen.append(tuple(c.shape[2:])), torch.zeros(len(c), 2))[1]  # noqa: E731
     for scale, expect in ((1.0, 32), (1.15, 37), (1.3, 42)):
-        load, crop = sizes(32, 1.14, scale)
-        assert crop == expect and load == round(expect * 1.14)
+        load, crop = sizes(32, 0.875, scale)
+        assert crop == expect and load == round(expect / 0.875)
         seen.clear()
         infer_stage.policy_logits(fake, torch.zeros(2, 3, load, load), ["orig", "hflip", "rot90", "five_crop"], crop)
         assert seen == [(crop, crop)] * 8

@@ -1,20 +1,105 @@
-"""albumentations pipelines built from the `aug` config. They output uint8 HWC images;
-normalisation happens on the device in a batch (pipeline.core.models.Normalize)."""
+"""albumentations pipelines built from the `aug` config. They start from the stored copy of an image
+(pipeline.core.images: aspect ratio kept, shorter side at the storage side) and output uint8 HWC
+squares; normalisation happens on the device in a batch (pipeline.core.models.Normalize).
+
+As timm does by default (`aug.resize: keep_ratio`): training crops with RandomResizedCrop from the
+stored image at close to full resolution, and validation/TTA resize the shorter side to
+`img_size / crop_pct` and centre crop. `aug.resize: squash` first squashes every image to a square
+(the pipeline's behaviour before 2026-11: distorts non-square photos; kept for comparison).
+"""
 from __future__ import annotations
+
+import math
 
 import albumentations as A
 
 from .config import Config
+from .images import ImageStore, resize_short, squash
+
+
+class ResizeShort(A.ImageOnlyTransform):
+    """The shorter side to `side`, aspect ratio kept (area filter when shrinking)."""
+
+    def __init__(self, side: int, p: float = 1.0):
+        super().__init__(p=p)
+        self.side = side
+
+    def apply(self, img, **params):
+        return resize_short(img, self.side)
+
+    def get_transform_init_args_names(self):
+        return ("side",)
+
+
+class Squash(A.ImageOnlyTransform):
+    """A side x side square, aspect ratio not kept (`aug.resize: squash`)."""
+
+    def __init__(self, side: int, p: float = 1.0):
+        super().__init__(p=p)
+        self.side = side
+
+    def apply(self, img, **params):
+        return squash(img, self.side)
+
+    def get_transform_init_args_names(self):
+        return ("side",)
+
+
+_CROP_PCT = {}
+
+
+def crop_pct(cfg: Config) -> float:
+    """`aug.crop_pct`, else the model's pretrained config's (timm), else timm's default 0.875."""
+    if cfg.aug.crop_pct is not None:
+        return cfg.aug.crop_pct
+    arch = cfg.model.arch
+    if arch not in _CROP_PCT:
+        import timm
+
+        try:
+            pc = timm.get_pretrained_cfg(arch)
+        except (RuntimeError, KeyError, ValueError):
+            pc = None
+        _CROP_PCT[arch] = float(getattr(pc, "crop_pct", None) or 0.875)
+    return _CROP_PCT[arch]
+
+
+def load_side(cfg: Config, crop: int) -> int:
+    """The side validation/TTA resize to before centre-cropping `crop`."""
+    return int(round(crop / crop_pct(cfg)))
+
+
+def store_side(cfg: Config) -> int:
+    """The storage side of the image store: `aug.store_side`, else 1.5 x the validation load side
+    (room for RandomResizedCrop's small crops and TTA scales up to about 1.3 without upsampling),
+    rounded up to a multiple of 64 so that nearby settings share one store. It depends on `aug`
+    alone: a new TTA scale never changes the pixels a model was trained on."""
+    if cfg.aug.store_side is not None:
+        return cfg.aug.store_side
+    need = max(cfg.aug.img_size, load_side(cfg, cfg.aug.img_size))
+    return int(math.ceil(1.5 * need / 64) * 64)
+
+
+def open_store(cfg: Config, paths) -> ImageStore:
+    """The image store of an image set (every train row, or every test id) for this config."""
+    a = cfg.aug
+    return ImageStore(list(paths), store_side(cfg), a.cache, a.cache_dir, a.cache_max_gb)
+
+
+def pixel_record(cfg: Config) -> dict:
+    """The resolved settings that decide the pixels a model sees beyond the `aug` section itself."""
+    return {"crop_pct": crop_pct(cfg), "store_side": store_side(cfg)}
 
 
 def train_transform(cfg: Config) -> A.Compose:
     a = cfg.aug
     s = a.img_size
+    squashing = a.resize == "squash"
     if a.crop == "rrc":
-        ops = [A.RandomResizedCrop(size=(s, s), scale=tuple(a.rrc_scale))]
+        ops = ([Squash(s)] if squashing else []) + [A.RandomResizedCrop(size=(s, s), scale=tuple(a.rrc_scale))]
     else:
-        big = round(s * a.resize_ratio)
-        ops = [A.Resize(big, big), A.RandomCrop(s, s)]
+        big = load_side(cfg, s)
+        ops = [Squash(big) if squashing else ResizeShort(big), A.RandomCrop(s, s)]
     if a.hflip:
         ops.append(A.HorizontalFlip(p=a.hflip))
     if a.vflip:
@@ -31,8 +116,18 @@ def train_transform(cfg: Config) -> A.Compose:
     return A.Compose(ops)
 
 
+def load_transform(cfg: Config, crop: int) -> A.Compose:
+    """What the TTA loader feeds the device: a square of the load side, from which each view
+    crops `crop` (centre, corners, flips). Its centre crop is exactly `valid_transform`'s."""
+    big = load_side(cfg, crop)
+    if cfg.aug.resize == "squash":
+        return A.Compose([Squash(big)])
+    return A.Compose([ResizeShort(big), A.CenterCrop(big, big)])
+
+
 def valid_transform(cfg: Config, size: int | None = None) -> A.Compose:
-    """Resize to size*resize_ratio, then centre crop `size` (default: the training size)."""
+    """Resize to size / crop_pct (shorter side; both sides when squashing), then centre crop `size`
+    (default: the training size)."""
     s = size or cfg.aug.img_size
-    big = round(s * cfg.aug.resize_ratio)
-    return A.Compose([A.Resize(big, big), A.CenterCrop(s, s)])
+    return A.Compose([*load_transform(cfg, s).transforms, A.CenterCrop(s, s)])
+

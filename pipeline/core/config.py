@@ -65,15 +65,18 @@ class AugCfg:
     img_size: int = 224  # training and validation crop side, pixels
     crop: Literal["rrc", "resize_crop"] = "rrc"  # rrc: RandomResizedCrop; resize_crop: resize then random crop
     rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
-    resize_ratio: float = 1.14  # resize_crop and validation: resize to img_size*ratio, then crop img_size
+    resize: Literal["keep_ratio", "squash"] = "keep_ratio"  # keep_ratio: as timm; squash: every image to a square first
+    crop_pct: Optional[float] = None  # validation/TTA: shorter side to img_size/crop_pct, centre crop; null: the model's (timm)
     hflip: float = 0.5  # probability
     vflip: float = 0.0  # probability; for images with no "up" (leaves, microscopy)
     rotate: float = 15.0  # shift-scale-rotate: max rotation, degrees (0 disables the transform)
     shift_scale_p: float = 0.5  # shift-scale-rotate probability
     color_jitter: float = 0.2  # brightness/contrast/saturation strength (0 disables)
     coarse_dropout: float = 0.0  # probability of cutting up to 8 holes of <=1/8 of the side
-    cache: Literal["auto", "on", "off"] = "auto"  # decoded, pre-resized uint8 image cache; auto: on if it fits on disk
+    store_side: Optional[int] = None  # shorter side of the stored copies; null: 1.5 x the largest side read, /64
+    cache: Literal["auto", "on", "off"] = "auto"  # keep the stored copies on disk (one per image set); auto: if it fits
     cache_dir: str = str(layout.CACHE)  # where the image caches live (shared by experiments)
+    cache_max_gb: Optional[float] = None  # after a build, least recently used caches go until all fit; null: no bound
 
 
 @dataclass
@@ -219,7 +222,9 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     check(cfg.aug.img_size >= 16, "aug.img_size", "must be >= 16")
     check(len(cfg.aug.rrc_scale) == 2 and 0 < cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1] <= 1,
           "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
-    check(cfg.aug.resize_ratio >= 1.0, "aug.resize_ratio", "must be >= 1")
+    check(cfg.aug.crop_pct is None or 0.3 <= cfg.aug.crop_pct <= 1.0, "aug.crop_pct", "must be in [0.3, 1] or null")
+    check(cfg.aug.store_side is None or cfg.aug.store_side >= 16, "aug.store_side", "must be >= 16 or null")
+    check(cfg.aug.cache_max_gb is None or cfg.aug.cache_max_gb > 0, "aug.cache_max_gb", "must be > 0 or null")
     for k in ("hflip", "vflip", "shift_scale_p", "coarse_dropout"):
         check(0 <= getattr(cfg.aug, k) <= 1, f"aug.{k}", "is a probability in [0, 1]")
     t = cfg.train
@@ -343,6 +348,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+RENAMED = {  # keys of earlier versions: what replaced them
+    "aug.resize_ratio": "; it was replaced by aug.crop_pct = 1 / resize_ratio (timm's convention, e.g. 0.875 for "
+                        "1.14); images now keep their aspect ratio unless aug.resize=squash",
+}
+
+
 def _assign(cfg: Config, key: str, value: Any, where: str) -> None:
     parts = key.split(".")
     obj: Any = cfg
@@ -351,7 +362,7 @@ def _assign(cfg: Config, key: str, value: Any, where: str) -> None:
         if part not in fields:
             path = ".".join(parts[: i + 1])
             near = _near(part, list(fields))
-            hint = f"; did you mean '{near}'?" if near else ""
+            hint = RENAMED.get(path) or (f"; did you mean '{near}'?" if near else "")
             raise PipelineError(f"unknown config key '{path}' in {where}{hint}")
         hint_t = typing.get_type_hints(type(obj))[part]
         if i == len(parts) - 1:

@@ -12,7 +12,7 @@ Every check runs before any work and raises PipelineError naming the file and ro
 from __future__ import annotations
 
 import logging
-import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +67,21 @@ def _check_images(paths: list[Path], mode: str, what: str) -> None:
         raise PipelineError(f"{what}: {len(empty)} image file(s) are empty (0 bytes): {_first(map(str, empty))}")
     if mode == "none":
         return
-    bad = []
+    bad, bombs = [], []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                if mode == "full":
-                    im.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    if mode == "full":
+                        im.load()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            bombs.append(f"{p} ({e})")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
             bad.append(f"{p} ({e.__class__.__name__})")
+    if bombs:
+        raise PipelineError(f"{what}: {len(bombs)} image(s) refused as decompression bombs (more pixels than PIL's "
+                            f"limit of {Image.MAX_IMAGE_PIXELS}): {_first(bombs, 3)}; downscale them if genuine")
     if bad:
         raise PipelineError(f"{what}: {len(bad)} unreadable image file(s): {_first(bad)}")
 
@@ -110,6 +117,7 @@ def read_train_table(cfg: Config) -> pd.DataFrame:
             nan = df.index[df[col].isna() | (df[col].astype(str).str.strip() == "")].tolist()
             if nan:
                 raise PipelineError(f"{csv}: empty/NaN value in column '{key}' at row(s) {_first(r + 2 for r in nan)}")
+        check_single_label(df["label"], str(csv), d.label_col)
         df["label"] = _normalise_labels(df["label"])
     if df.empty:
         raise PipelineError(f"{what}: no training images (empty class list)")
@@ -125,8 +133,41 @@ def read_train_table(cfg: Config) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+SUPPORTED = ("the pipeline trains single-label classification: one class per row, a string or an integer "
+             "(\"007\" stays a string)")
+
+
+def check_single_label(labels: pd.Series, where: str, col: str) -> None:
+    """Refuse targets that would be silently misread as classes: non-integer numbers (a regression
+    target) and multi-label rows ("scab rust", "a|b": other labels joined by a separator)."""
+    txt = labels.astype(str).str.strip()
+    num = pd.to_numeric(txt, errors="coerce")
+    if num.notna().all():
+        frac = txt[(num != num.round()).values].unique()
+        if len(frac):
+            raise PipelineError(f"{where}: column '{col}' holds non-integer numbers ({_first(frac, 3)}): a regression "
+                                f"target, not classes; {SUPPORTED}")
+        return
+    uniq = set(txt.unique())
+    for sep in (" ", "|", ";", ","):
+        split = {v: [t for t in v.split(sep) if t] for v in uniq}
+        multi = [v for v, toks in split.items() if len(toks) > 1]
+        if not multi:
+            continue
+        singles = uniq - set(multi)
+        joined = [v for v in multi if all(t in singles for t in split[v])]  # made of other labels
+        if sep != " " and not joined and len(multi) >= 2:
+            tokens = [t for v in multi for t in split[v]]
+            joined = multi if len(set(tokens)) < len(tokens) else []  # combinations sharing labels
+        if joined:
+            raise PipelineError(
+                f"{where}: column '{col}' looks multi-label: {len(joined)} value(s) join other labels with "
+                f"{sep!r}, e.g. {_first(sorted(joined), 3)}; {SUPPORTED}. To train each combination as a class of "
+                f"its own, write it without the separator (e.g. 'scab+rust')")
+
+
 def _normalise_labels(s: pd.Series) -> pd.Series:
-    """Integer labels stay int (1.0 -> 1, "7" -> 7); anything else, "007" included, stays a string."""
+    """Integer labels stay int (1.0 -> 1, "7" -> 7, "2.0" -> 2); anything else, "007" included, stays a string."""
     if pd.api.types.is_integer_dtype(s):
         return s.astype(np.int64)
     if pd.api.types.is_float_dtype(s) and (s == s.round()).all():
@@ -134,6 +175,8 @@ def _normalise_labels(s: pd.Series) -> pd.Series:
     txt = s.astype(str)
     if txt.str.fullmatch(r"-?(0|[1-9][0-9]*)").all():
         return txt.astype(np.int64)
+    if txt.str.fullmatch(r"-?(0|[1-9][0-9]*)(\.0*)?").all():  # "1.0" and "1" are one class, as numbers are
+        return pd.to_numeric(txt).astype(np.int64)
     return txt
 
 
@@ -234,20 +277,6 @@ def read_sample_submission(cfg: Config) -> pd.DataFrame:
     if len(dup):
         raise PipelineError(f"{path}: {len(dup)} duplicate id(s): {_first(dup)}")
     return sub
-
-
-# ----------------------------------------------------------------------------- images
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """HxWx3 uint8 RGB. Grayscale, palette and RGBA (composited on white) are converted."""
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise PipelineError(f"cannot decode image {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- stage 1 output

@@ -1,104 +1,294 @@
-"""Image loading for training and inference: an optional on-disk cache of decoded, pre-resized
-images, and the datasets the DataLoaders read from.
+"""Images as the user's files hold them, and one decoded copy per image set.
 
-Every image is first brought to a square of `side` pixels (decode, RGB, resize); the transforms of
-pipeline.core.augment then work from that. The cache memoises exactly this step in one uint8 memmap per
-(image list, side), so runs with and without the cache see the same pixels, and epochs after the
-first decode no JPEG at all. Caches are shared by experiments (same images, same side).
+`read_image` is the one decoder every stage uses: upright (EXIF orientation applied), 8 bits per
+channel (16-bit grey scaled by its range, not clipped), RGB (grey, palette, CMYK; alpha composited on
+white), the first frame of animated GIF/TIFF. JPEGs far larger than needed are decoded at a reduced
+size by the JPEG decoder itself (PIL `draft`, DCT scaling). Decompression bombs (more pixels than
+PIL's limit, about 89 MP) are refused naming the file.
+
+The store keeps every image of an image set (the train table, the test ids) once, at a storage side:
+its shorter side brought down to `side` (never enlarged), aspect ratio kept. Every consumer crops and
+resizes from that copy: training's RandomResizedCrop, validation's resize + centre crop, each TTA
+scale. With the cache on, the copies live in one ragged uint8 file per (image set, side) under
+runs/.cache/ (an offsets table, as FFCV stores images), shared by every fold, stage, scale and
+experiment that reads the same files at the same side; without it, the same function produces the
+same pixels on the fly, so cache on and off train identically.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from . import layout
-from .artifacts import atomic_path, read_json, sha256_obj, write_json
-from .data import read_image
+from .artifacts import sha256_obj
+from .errors import PipelineError
+from .progress import progress
 from .samplers import rank_slice
 
 log = logging.getLogger("pipeline")
 
-
-def load_square(path: str, side: int) -> np.ndarray:
-    img = read_image(path)
-    if img.shape[0] != side or img.shape[1] != side:
-        shrink = img.shape[0] > side or img.shape[1] > side
-        img = cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-    return img
+STORE_FORMAT = 2  # 1: one square memmap per (image list, side) -- no longer read
 
 
+# ----------------------------------------------------------------------------- decoding
+def read_image(path: str | os.PathLike, short_side: int | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB, upright. `short_side`: the caller needs no more than this on the shorter
+    side, so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as it stays at least that big."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if short_side and im.format == "JPEG" and min(im.size) >= 2 * short_side:
+                    f = short_side / min(im.size)
+                    im.draft(im.mode, (math.ceil(im.size[0] * f), math.ceil(im.size[1] * f)))
+                im.seek(0)  # animated GIF/TIFF/WebP: the first frame
+                return _to_rgb8(ImageOps.exif_transpose(im), path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise PipelineError(f"refused image {path}: {e} -- a decompression-bomb guard; downscale the file if it "
+                            f"is genuine") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise PipelineError(f"cannot decode image {path}: {e}") from None
+
+
+def _to_rgb8(im: Image.Image, path) -> np.ndarray:
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise PipelineError(f"cannot read image {path}: {mode} values span {a.min()}..{a.max()}, outside the "
+                                f"16-bit range; convert it to 8 or 16 bits")
+        return _grey(np.round(a * (255.0 / 65535.0)))
+    if mode == "F":
+        a = np.asarray(im)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise PipelineError(f"cannot read image {path}: floating-point pixels outside [0, 1] "
+                                f"({np.nanmin(a):.3g}..{np.nanmax(a):.3g}); scale it to 8 or 16 bits")
+        return _grey(np.round(a * 255.0))
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
+
+
+def _grey(a: np.ndarray) -> np.ndarray:
+    g = np.clip(a, 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+# ----------------------------------------------------------------------------- resizing
+def resize_short(img: np.ndarray, side: int) -> np.ndarray:
+    """Aspect ratio kept, the shorter side made `side` (area filter down, bicubic up)."""
+    h, w = img.shape[:2]
+    if min(h, w) == side:
+        return img
+    f = side / min(h, w)
+    size = (side, max(1, round(w * f))) if h <= w else (max(1, round(h * f)), side)
+    return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC)
+
+
+def squash(img: np.ndarray, side: int) -> np.ndarray:
+    """`aug.resize: squash`: a side x side square, aspect ratio not kept."""
+    if img.shape[0] == side and img.shape[1] == side:
+        return img
+    shrink = img.shape[0] > side or img.shape[1] > side
+    return cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def stored_image(path: str, side: int) -> np.ndarray:
+    """The copy the store keeps: shorter side at most `side`, aspect ratio kept."""
+    img = read_image(path, short_side=side)
+    return resize_short(img, side) if min(img.shape[:2]) > side else img
+
+
+# ----------------------------------------------------------------------------- the store
 class ImageStore:
-    """paths -> HxWx3 uint8 images at `side`, from the cache when there is one."""
+    """An image set at storage side `side`: `store[i]` is the stored HxWx3 uint8 copy of `paths[i]`.
 
-    def __init__(self, paths: list[str], side: int, cache: str = "off", cache_dir: str | Path = layout.CACHE):
-        self.paths, self.side = list(paths), side
-        self.cache_file: Path | None = None
-        self._mm = None
-        if cache != "off":
-            need = len(self.paths) * side * side * 3
-            cache_dir = Path(cache_dir)
+    cache: off (decode on every read), on (build or reuse the shared cache file), auto (on when the
+    estimate fits in half the free disk). `max_gb`: after building, least recently used caches of
+    other image sets are removed until all caches together fit.
+    """
+
+    def __init__(self, paths: list[str], side: int, cache: str = "off", cache_dir: str | Path = layout.CACHE,
+                 max_gb: float | None = None):
+        self.paths, self.side = [str(p) for p in paths], int(side)
+        self.dir: Path | None = None
+        self._mm = self._index = None
+        if cache == "off":
+            return
+        cache_dir = Path(cache_dir)
+        try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(cache_dir).free
-            if cache == "on" or need < free // 2:
-                self.cache_file = self._build(cache_dir)
-            else:
-                log.info("image cache off: %.1f GB needed, %.1f GB free", need / 1e9, free / 1e9)
+        except OSError as e:
+            raise PipelineError(f"cannot create the image cache folder {cache_dir}: {e.strerror or e}") from e
+        need = len(self.paths) * self.side * self.side * 3 * 4 // 3  # a typical 4:3 photo at the storage side
+        free = shutil.disk_usage(cache_dir).free
+        if cache == "auto" and need >= free // 2:
+            log.info("image cache off: about %.1f GB needed, %.1f GB free", need / 1e9, free / 1e9)
+            return
+        self.dir = self._open_or_build(cache_dir)
+        if max_gb is not None:
+            evict(cache_dir, int(max_gb * 1e9), keep=self.dir)
 
-    def _key(self) -> str:
-        stats = []
+    def key(self) -> str:
+        """Which files, exactly as they are now (size and mtime), at which side."""
+        files = []
         for p in self.paths:
-            st = os.stat(p)
-            stats.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-        return sha256_obj({"side": self.side, "files": stats})[:20]
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                raise PipelineError(f"image {p} cannot be read: {e.strerror or e}") from None
+            files.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+        return f"{sha256_obj({'format': STORE_FORMAT, 'side': self.side, 'files': files})[:20]}-{self.side}px"
 
-    def _build(self, cache_dir: Path) -> Path:
-        key = self._key()
-        f = cache_dir / f"{key}_{self.side}px.u8"
-        meta = cache_dir / f"{key}_{self.side}px.json"
-        if f.exists() and meta.exists() and read_json(meta).get("n") == len(self.paths):
-            return f
-        shape = (len(self.paths), self.side, self.side, 3)
-        with atomic_path(f) as tmp:
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            for i, p in enumerate(tqdm(self.paths, desc=f"caching images at {self.side}px", leave=False,
-                                       disable=None, mininterval=2)):
-                mm[i] = load_square(p, self.side)
-            mm.flush()
-            del mm
-        write_json(meta, {"n": len(self.paths), "side": self.side, "first": self.paths[:3]})
-        log.info("cached %d images at %dpx in %s (%.1f MB)", len(self.paths), self.side, f,
-                 f.stat().st_size / 1e6)
-        return f
+    def _open_or_build(self, cache_dir: Path) -> Path:
+        final = cache_dir / self.key()
+        if (final / "meta.json").exists():
+            os.utime(final)  # last used, for the LRU bound
+            return final
+        _sweep_legacy(cache_dir)
+        tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        t0 = time.perf_counter()
+        offsets, shapes, pos = [], [], 0
+        try:
+            with open(tmp / "pixels.u8", "wb") as f:
+                for p in progress(self.paths, len(self.paths), f"storing images at {self.side}px", "img"):
+                    img = np.ascontiguousarray(stored_image(p, self.side))
+                    f.write(img.tobytes())
+                    offsets.append(pos)
+                    shapes.append(img.shape[:2])
+                    pos += img.size
+            np.savez(tmp / "index.npz", offsets=np.asarray(offsets, np.int64),
+                     shapes=np.asarray(shapes, np.int32).reshape(-1, 2))
+            (tmp / "meta.json").write_text(json.dumps({
+                "format": STORE_FORMAT, "side": self.side, "n": len(self.paths), "bytes": pos,
+                "first": self.paths[:3], "seconds": time.perf_counter() - t0}, indent=1))
+            try:
+                os.replace(tmp, final)  # atomic: the store appears whole or not at all
+            except OSError:
+                if not (final / "meta.json").exists():  # not another process that built it first
+                    raise
+        except OSError as e:
+            raise PipelineError(f"cannot write the image cache {final}: {e.strerror or e}") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("stored %d images at %dpx in %s (%.1f MB, %.1fs)", len(self.paths), self.side, final, pos / 1e6,
+                 time.perf_counter() - t0)
+        return final
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        if self.cache_file is None:
-            return load_square(self.paths[i], self.side)
+        if self.dir is None:
+            return stored_image(self.paths[i], self.side)
         if self._mm is None:  # opened lazily: once per DataLoader worker
-            self._mm = np.load(self.cache_file, mmap_mode="r")
-        return np.array(self._mm[i])
+            self._mm = np.memmap(self.dir / "pixels.u8", dtype=np.uint8, mode="r")
+            with np.load(self.dir / "index.npz") as z:
+                self._index = (z["offsets"], z["shapes"])
+        o, (h, w) = self._index[0][i], self._index[1][i]
+        return np.array(self._mm[o:o + h * w * 3]).reshape(h, w, 3)
+
+    def subset(self, rows) -> "StoreView":
+        return StoreView(self, np.asarray(rows, dtype=np.int64))
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_mm"] = None
+        d["_mm"] = d["_index"] = None
         return d
 
 
+class StoreView:
+    """Some rows of a store (a fold's training or held-out rows): the same stored copies."""
+
+    def __init__(self, store: ImageStore, rows: np.ndarray):
+        self.store, self.rows = store, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store[int(self.rows[i])]
+
+
+# ----------------------------------------------------------------------------- cache management
+def cache_report(cache_dir: str | Path = layout.CACHE) -> list[dict]:
+    """Every store under `cache_dir` (and files of the old format), least recently used first."""
+    cache_dir = Path(cache_dir)
+    rows = []
+    for d in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        if d.is_dir() and (d / "meta.json").exists():
+            meta = json.loads((d / "meta.json").read_text())
+            rows.append({"store": d.name, "images": meta["n"], "side": meta["side"],
+                         "bytes": sum(f.stat().st_size for f in d.iterdir()), "last_used": d.stat().st_mtime,
+                         "first": (meta.get("first") or [""])[0], "path": d})
+        elif d.is_file() and d.suffix in (".u8", ".json") and "px" in d.stem:
+            rows.append({"store": d.name, "images": None, "side": None, "bytes": d.stat().st_size,
+                         "last_used": d.stat().st_mtime, "first": "(old format: rebuilt on use)", "path": d})
+    return sorted(rows, key=lambda r: r["last_used"])
+
+
+def clear_cache(cache_dir: str | Path = layout.CACHE) -> int:
+    """Remove every store; returns the bytes freed."""
+    freed = 0
+    for r in cache_report(cache_dir):
+        freed += r["bytes"]
+        _remove(r["path"])
+    return freed
+
+
+def evict(cache_dir: Path, max_bytes: int, keep: Path | None = None) -> None:
+    """Remove least recently used stores (never `keep`) until all fit in `max_bytes`."""
+    rows = cache_report(cache_dir)
+    total = sum(r["bytes"] for r in rows)
+    for r in rows:
+        if total <= max_bytes:
+            break
+        if keep is not None and r["path"] == keep:
+            continue
+        _remove(r["path"])
+        total -= r["bytes"]
+        log.info("image cache: removed %s (%.1f MB, least recently used) to stay under aug.cache_max_gb",
+                 r["store"], r["bytes"] / 1e6)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _sweep_legacy(cache_dir: Path) -> None:
+    """Square memmaps of the first store format (one per image list and size): unusable now."""
+    old = [r for r in cache_report(cache_dir) if r["images"] is None]
+    for r in old:
+        _remove(r["path"])
+    if old:
+        log.info("image cache: removed %d file(s) of the old square format (%.1f MB)", len(old),
+                 sum(r["bytes"] for r in old) / 1e6)
+
+
+# ----------------------------------------------------------------------------- datasets
 class ImageDataset(Dataset):
     """Items are (uint8 HWC tensor, label). Training keys are (index, epoch): the augmentation of
     an image is seeded by (seed, epoch, index), the same in any worker and after a resume."""
 
-    def __init__(self, store: ImageStore, labels: np.ndarray | None, transform, seed: int = 0):
+    def __init__(self, store, labels: np.ndarray | None, transform, seed: int = 0):
         self.store, self.transform, self.seed = store, transform, seed
         self.labels = labels if labels is not None else np.full(len(store), -1, dtype=np.int64)
 

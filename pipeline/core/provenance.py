@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from .artifacts import read_json, sha256_file, sha256_obj
+from .augment import pixel_record
 from .config import Config
 from .data import read_folds, read_test_table
 from .errors import PipelineError
@@ -101,7 +102,8 @@ def train_record(cfg: Config) -> dict:
     rec = {s: d[s] for s in TRAIN_SECTIONS}
     rec["seed"] = cfg.seed
     rec["folds_file"] = sha256_file(cfg.folds_csv)
-    for k in ("cache", "cache_dir"):  # where pixels come from, not what they are
+    rec["pixels"] = pixel_record(cfg)
+    for k in ("cache", "cache_dir", "cache_max_gb"):  # where pixels come from, not what they are
         rec["aug"].pop(k, None)
     for k in ("workers", "tracker", "tracker_dir"):  # how the run is watched, not what it learns
         rec["train"].pop(k, None)
@@ -132,11 +134,11 @@ def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True
 def feature_record(cfg: Config, k: int, classes: list) -> dict:
     """What fold k's cached backbone features depend on: the weights and the pixels fed to them."""
     a = cfg.aug
-    rec = {"format": 2, "weights": sha256_file(cfg.run.fold(k).weights), "classes": classes,
-           "img_size": a.img_size, "resize_ratio": a.resize_ratio, "aug_views": cfg.rebalance.aug_views,
+    rec = {"format": 3, "weights": sha256_file(cfg.run.fold(k).weights), "classes": classes,
+           "img_size": a.img_size, "resize": a.resize, **pixel_record(cfg), "aug_views": cfg.rebalance.aug_views,
            "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed}
     if rec["aug"]:
-        for x in ("cache", "cache_dir"):
+        for x in ("cache", "cache_dir", "cache_max_gb"):
             rec["aug"].pop(x)
     return rec
 

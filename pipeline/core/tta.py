@@ -57,10 +57,10 @@ def view_name(view: str, scale: float) -> str:
 BASELINE = view_name("orig", 1.0)  # the no-TTA view: plain validation inference
 
 
-def sizes(img_size: int, resize_ratio: float, scale: float) -> tuple[int, int]:
-    """(load side, crop side) of a scale."""
+def sizes(img_size: int, crop_pct: float, scale: float) -> tuple[int, int]:
+    """(load side, crop side) of a scale: the loader resizes to the load side, views crop the crop side."""
     crop = int(round(img_size * scale))
-    return int(round(crop * resize_ratio)), crop
+    return int(round(crop / crop_pct)), crop
 
 
 def merge(logits: np.ndarray, how: str) -> np.ndarray:

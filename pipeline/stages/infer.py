@@ -21,7 +21,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
@@ -33,7 +32,8 @@ from ..core.data import read_test_table
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.heads import Head
-from ..core.images import ImageDataset, ImageStore
+from ..core.augment import crop_pct, load_transform, open_store
+from ..core.images import ImageDataset
 from ..core.metrics import GREATER_IS_BETTER, cv
 from ..core.provenance import (environment, infer_record, oof_rows, rebalance_summary, resolve_heads, stage2_summary,
                                stale_reasons, up_to_date)
@@ -41,9 +41,6 @@ from ..core.runtime import amp_dtype, make_loader, pick_device, workers
 from ..core.tta import BASELINE, VIEWS, merge, sizes, view_name
 
 log = logging.getLogger("pipeline")
-
-IDENTITY = A.Compose([])  # TTA views run on the device; the loader only decodes and resizes
-
 
 @dataclass
 class Inputs:
@@ -94,13 +91,11 @@ def status(cfg: Config) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- predicting
-def predict_table(cfg: Config, model, norm, heads: dict[str, Head], paths: list[str], scale: float,
-                  views: list[str], device, dtype) -> dict[str, np.ndarray]:
-    """Logits (V x N x C) of every head for the images `paths` under the views of one scale."""
-    a = cfg.aug
-    load, crop = sizes(a.img_size, a.resize_ratio, scale)
-    store = ImageStore(paths, load, a.cache, a.cache_dir)
-    loader = make_loader(ImageDataset(store, None, IDENTITY), batch_size=cfg.infer.batch_size,
+def predict_table(cfg: Config, model, norm, heads: dict[str, Head], store, scale: float, views: list[str],
+                  device, dtype) -> dict[str, np.ndarray]:
+    """Logits (V x N x C) of every head for the images of `store` under the views of one scale."""
+    load, crop = sizes(cfg.aug.img_size, crop_pct(cfg), scale)
+    loader = make_loader(ImageDataset(store, None, load_transform(cfg, crop)), batch_size=cfg.infer.batch_size,
                          n_workers=workers(cfg), cuda=device.type == "cuda")
     out = {h: [] for h in heads}
     for x, _ in loader:
@@ -120,6 +115,8 @@ def predict_all(cfg: Config, inp: Inputs, pairs: list[tuple[float, str]]) -> tup
     test_logits = {h: np.zeros((len(pairs), len(inp.test), C), np.float64) for h in inp.heads}
     oof_logits = {h: np.zeros((len(pairs), n_oof, C), np.float32) for h in inp.heads}
     n_images = 0
+    test_store = open_store(cfg, inp.test["path"])
+    train_store = open_store(cfg, inp.oof_df["path"]) if inp.oof_df is not None else None
     for k, s2 in enumerate(inp.summaries):
         model = models.load_trained(cfg, cfg.run.fold(k).weights, C).to(device)
         if device.type == "cuda" and cfg.train.channels_last:
@@ -130,13 +127,12 @@ def predict_all(cfg: Config, inp: Inputs, pairs: list[tuple[float, str]]) -> tup
         for scale in sorted(set(s for s, _ in pairs)):
             at = [i for i, (s, _) in enumerate(pairs) if s == scale]
             views = [pairs[i][1] for i in at]
-            for h, lg in predict_table(cfg, model, norm, heads, inp.test["path"].tolist(), scale, views,
-                                       device, dtype).items():
+            for h, lg in predict_table(cfg, model, norm, heads, test_store, scale, views, device, dtype).items():
                 test_logits[h][at] += lg / K
             n_images += len(inp.test) * len(views)
             if rows is not None:
-                paths = inp.oof_df["path"].values[rows].tolist()
-                for h, lg in predict_table(cfg, model, norm, heads, paths, scale, views, device, dtype).items():
+                for h, lg in predict_table(cfg, model, norm, heads, train_store.subset(rows), scale, views, device,
+                                           dtype).items():
                     oof_logits[h][np.ix_(at, rows)] = lg
                 n_images += len(rows) * len(views)
         log.info("fold %d: TTA inference done (%d view(s) x %d scale(s))", k, len(cfg.infer.views),

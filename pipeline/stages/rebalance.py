@@ -32,12 +32,12 @@ from sklearn.model_selection import StratifiedKFold
 from ..core import models
 from ..core.artifacts import experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv, write_json, \
     write_npz, write_text
-from ..core.augment import train_transform, valid_transform
+from ..core.augment import open_store, train_transform, valid_transform
 from ..core.config import Config
 from ..core.data import read_folds
 from ..core.errors import PipelineError
 from ..core.heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
-from ..core.images import ImageDataset, ImageStore
+from ..core.images import ImageDataset
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
 from ..core.provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons, up_to_date
 from ..core.runtime import amp_dtype, make_loader, pick_device, workers
@@ -53,7 +53,6 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows."""
     fd = cfg.run.fold(k)
     weights = fd.weights
-    a = cfg.aug
     record = feature_record(cfg, k, classes)
     if fd.features.exists() and up_to_date(fd.features_meta, record):
         return read_npz(fd.features)
@@ -63,27 +62,26 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     dtype = amp_dtype(cfg, device)
     model = models.load_trained(cfg, weights, len(classes)).to(device)
     norm = models.Normalize(s2["mean"], s2["std"]).to(device)
-    tr, va = df[df["fold"] != k], df[df["fold"] == k]
-    side = round(a.img_size * a.resize_ratio)
-    bs = cfg.infer.batch_size
-    n_workers = workers(cfg)
+    in_fold = df["fold"].values == k
+    tr, va = df[~in_fold], df[in_fold]
+    store = open_store(cfg, df["path"])  # the store stage 2 read: every fold's rows in one file
 
-    def run(paths, labels, transform, keyed_epoch=None):
-        store = ImageStore(paths, side, a.cache, a.cache_dir)
-        ds = ImageDataset(store, labels, transform, seed=cfg.seed)
+    def run(rows, labels, transform, keyed_epoch=None):
+        ds = ImageDataset(store.subset(rows), labels, transform, seed=cfg.seed)
         if keyed_epoch is not None:  # seeded augmented views: item keys (index, view)
             ds = _Keyed(ds, keyed_epoch)
-        return models.extract_features(model, make_loader(ds, batch_size=bs, n_workers=n_workers,
-                                                          cuda=device.type == "cuda"), norm, device, dtype)
+        loader = make_loader(ds, batch_size=cfg.infer.batch_size, n_workers=workers(cfg), cuda=device.type == "cuda")
+        return models.extract_features(model, loader, norm, device, dtype)
 
+    tr_rows, va_rows = np.flatnonzero(~in_fold), np.flatnonzero(in_fold)
     feats = {
-        "train": run(tr["path"].tolist(), tr["y"].values, valid_transform(cfg)),
+        "train": run(tr_rows, tr["y"].values, valid_transform(cfg)),
         "train_y": tr["y"].values,
-        "valid": run(va["path"].tolist(), va["y"].values, valid_transform(cfg)),
+        "valid": run(va_rows, va["y"].values, valid_transform(cfg)),
         "valid_y": va["y"].values,
         "valid_ids": va["id"].values,
     }
-    views = [run(tr["path"].tolist(), tr["y"].values, train_transform(cfg), keyed_epoch=10_000 + v)
+    views = [run(tr_rows, tr["y"].values, train_transform(cfg), keyed_epoch=10_000 + v)
              for v in range(cfg.rebalance.aug_views)]
     feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
     # the joint classifier travels with the features; they must reproduce stage 2's held-out logits

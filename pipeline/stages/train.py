@@ -36,12 +36,12 @@ from tqdm import tqdm
 
 from ..core.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json, write_npz,
                          write_text)
-from ..core.augment import train_transform, valid_transform
+from ..core.augment import open_store, train_transform, valid_transform
 from ..core.config import Config, config_to_yaml
 from ..core.data import read_folds
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
-from ..core.images import EpochBatches, ImageDataset, ImageStore
+from ..core.images import EpochBatches, ImageDataset
 from ..core.losses import SoftTargetLoss, effective_number_weights
 from ..core.metrics import better, compute, softmax
 from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
@@ -176,7 +176,7 @@ def judge(cfg: Config, k: int, force: bool, dist: Dist) -> tuple[dict | None, di
 
 def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) -> FoldRun:
     """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k."""
-    t, a = cfg.train, cfg.aug
+    t = cfg.train
     device = pick_device(cfg, dist)
     cuda = device.type == "cuda"
     if cuda:
@@ -205,17 +205,14 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) ->
 
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=t.optimizer, lr=t.lr,
                                     weight_decay=t.weight_decay, momentum=t.momentum)
-    train_side = round(a.img_size * (a.resize_ratio if a.crop == "resize_crop" else 1.0))
-    valid_side = round(a.img_size * a.resize_ratio)
-    stores = lambda: (ImageStore(train_df["path"].tolist(), train_side, a.cache, a.cache_dir),  # noqa: E731
-                      ImageStore(valid_df["path"].tolist(), valid_side, a.cache, a.cache_dir))
-    if dist.main:  # builds the caches; the other processes open them once they exist
-        tr_store, va_store = stores()
+    if dist.main:  # builds the cache; the other processes open it once it exists
+        store = open_store(cfg, df["path"])
     dist.barrier()
     if not dist.main:
-        tr_store, va_store = stores()
-    tr_ds = ImageDataset(tr_store, y_tr, train_transform(cfg), seed=cfg.seed)
-    va_ds = ImageDataset(va_store, y_va, valid_transform(cfg))
+        store = open_store(cfg, df["path"])
+    in_fold = df["fold"].values == k  # every fold reads the one store of the train images
+    tr_ds = ImageDataset(store.subset(np.flatnonzero(~in_fold)), y_tr, train_transform(cfg), seed=cfg.seed)
+    va_ds = ImageDataset(store.subset(np.flatnonzero(in_fold)), y_va, valid_transform(cfg))
     batches = EpochBatches(lambda e: epoch_indices(t.sampler, y_tr, n_classes, cfg.seed, e, t.epochs),
                            len(y_tr), t.batch_size, dist.world, dist.rank)
     if len(batches) < t.accum_steps:

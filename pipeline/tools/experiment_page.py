@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..core import layout, plots
 from ..core.artifacts import read_json, write_text
-from ..core.data import read_image
+from ..core.images import read_image
 from ..core.errors import PipelineError
 from ..core.layout import RunDir
 from .leaderboard import experiment_config, experiment_rows, fold_summaries, predictions, rank, to_text
