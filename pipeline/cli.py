@@ -52,6 +52,8 @@ EXTRA = {
     "compare": "compare A B: config differences next to per-fold metric differences",
     "report": "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
     "cache": "the decoded-image stores: images, side, size on disk, last use [--clear: remove them]",
+    "doctor": "a one-minute check of this machine: a few training and inference steps in every mode "
+              "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode [--quick]",
     "selfcheck": "the fault-injection and bad-input matrix on a tiny competition, as a table [--quick]",
     "help": "show this help",
 }
@@ -95,6 +97,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--filter", default=None)
     p.add_argument("--best", action="store_true")
     p.add_argument("--clear", action="store_true")
+    p.add_argument("--quick", action="store_true")
     p.add_argument("--gpus", default=None)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
@@ -241,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
             return 0
+        if args.command == "doctor":
+            from .tools import doctor
+
+            return doctor.main(cfg, quick=args.quick)
         if args.command == "all":
             if args.fold is not None:
                 raise PipelineError("--fold does not apply to 'all'")

@@ -17,7 +17,7 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.images import ImageDataset
 from pipeline.core.metrics import softmax
-from pipeline.core.runtime import make_loader
+from pipeline.core.runtime import amp_dtype, make_loader
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
@@ -64,7 +64,8 @@ def test_identity_policy_equals_plain_inference(run_a):
         norm = models.Normalize(s["mean"], s["std"])
         ds = ImageDataset(open_store(cfg, paths), None, valid_transform(cfg))
         with torch.no_grad():
-            logits = torch.cat([model(norm(x)) for x, _ in make_loader(ds, batch_size=4)]).numpy()
+            dtype = amp_dtype(cfg, torch.device("cpu"))   # the evaluation precision: bf16 backbone where native
+            logits = torch.cat([models.logits(model, norm(x), dtype) for x, _ in make_loader(ds, batch_size=4)]).numpy()
         expected = expected + softmax(logits) / 2
     assert test["ids"].tolist() == [os.path.basename(p)[:-4] for p in paths]
     assert np.allclose(test["probs"], expected, atol=1e-5)

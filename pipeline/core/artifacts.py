@@ -10,9 +10,11 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import PipelineError
+
+log = logging.getLogger("pipeline")
 
 
 _UMASK = os.umask(0)
@@ -169,12 +173,28 @@ def sha256_obj(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def hostname() -> str:
+    """This machine's name in lock files (`PIPELINE_HOSTNAME` overrides it, e.g. for containers that
+    share a hostname on different nodes)."""
+    return os.environ.get("PIPELINE_HOSTNAME") or socket.gethostname()
+
+
+def _lock_timing() -> tuple[float, float]:
+    """(heartbeat, stale-after) seconds: a held lock's mtime is refreshed every heartbeat; a lock not
+    refreshed for stale-after seconds belongs to a dead holder on any host and is taken over."""
+    beat = float(os.environ.get("PIPELINE_LOCK_HEARTBEAT_S", 30))
+    return beat, float(os.environ.get("PIPELINE_LOCK_STALE_S", 10 * beat))
+
+
 @contextlib.contextmanager
 def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Refuse to run two writers on the same experiment folder at once.
+    """Refuse to run two writers on the same experiment folder at once, also across hosts on a
+    shared filesystem (folds spread over nodes).
 
-    The lock file names its holder (host and pid). A lock left by a process that no longer
-    exists on this host (a killed run) is taken over.
+    The lock file names its holder (host and pid) and its mtime is refreshed by a heartbeat while it
+    is held. It is taken over when its holder is gone: at once when the holder was a process of this
+    host that no longer exists (a killed run), after the stale timeout (10 heartbeats, 5 minutes by
+    default) when its heartbeat stopped on any host.
     """
     folder = Path(folder)
     try:
@@ -182,7 +202,8 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
     except OSError as e:
         raise PipelineError(f"cannot create {folder}: {e.strerror or e}") from e
     lock = folder / ".lock"
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    me = {"host": hostname(), "pid": os.getpid()}
+    beat, stale_after = _lock_timing()
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -199,16 +220,35 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
             if not holder and _age(lock) > 30:
                 lock.unlink(missing_ok=True)  # empty: its holder was killed between creating and writing it
                 continue
+            if _age(lock) > stale_after:
+                log.warning("taking over %s: its holder (pid %s on %s) has not refreshed it for %.0fs", lock,
+                            holder.get("pid"), holder.get("host"), _age(lock))
+                lock.unlink(missing_ok=True)
+                continue
             raise PipelineError(
                 f"{folder} is in use by another run (lock {lock} held by pid {holder.get('pid')} on "
-                f"{holder.get('host')}); wait for it or remove the lock if that process is gone"
+                f"{holder.get('host')}, refreshed {_age(lock):.0f}s ago); wait for it, or remove the lock if that "
+                f"process is gone (a lock without heartbeat is taken over after {stale_after:.0f}s)"
             ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(beat):
+            try:
+                os.utime(lock)
+            except OSError:
+                return
+
+    t = threading.Thread(target=heartbeat, name=f"lock-heartbeat:{folder}", daemon=True)
+    t.start()
     try:
         yield
     finally:
+        stop.set()
+        t.join(timeout=5)
         lock.unlink(missing_ok=True)
 
 

@@ -110,11 +110,12 @@ class TrainCfg:
     ema_decay: float = 0.998  # per optimiser step
     ema_warmup: bool = True  # decay ramps up from 0 (timm's warmup): short or from-scratch runs need it
     select: Literal["best", "last"] = "best"  # which epoch's weights to keep: best valid metric or the last
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # mixed precision on CUDA (auto: bf16 if supported); CPU: fp32
-    channels_last: bool = True  # CUDA only
-    compile: bool = False  # torch.compile the model (CUDA)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast, CPU and GPU; auto: GPU bf16 (fp16 where unsupported), CPU fp32
+    channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format, CPU and GPU; auto: GPU on, CPU off
+    compile: bool = False  # torch.compile the model (CPU: needs a C++ compiler; GPU: Triton)
+    tf32: bool = True  # GPU: TF32 matmuls/convolutions in fp32 layers (Ampere and later); no effect on CPU
     workers: Optional[int] = None  # DataLoader workers; null: min(8, cpu count - 1)
-    deterministic: bool = True  # seeded per epoch; bit-identical on CPU, cudnn.benchmark off
+    deterministic: Literal["auto", "on", "off"] = "auto"  # auto: bit-identical on CPU, cudnn.benchmark on GPU; on: deterministic cuDNN
     tracker: Literal["none", "mlflow", "tensorboard"] = "none"  # also log epochs there, when installed
     tracker_dir: Optional[str] = None  # MLflow file store / TensorBoard log folder; null: runs/<exp>/tracking
 
@@ -397,7 +398,7 @@ def _coerce(value: Any, t: Any, key: str, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, where)
     if origin is Literal:
-        if isinstance(value, bool) and "on" in args and "off" in args:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             raise bad("one of " + ", ".join(repr(a) for a in args))

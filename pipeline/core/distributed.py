@@ -1,4 +1,8 @@
-"""Data-parallel helpers for `torchrun` (NCCL on GPU, gloo on CPU); a no-op in a single process."""
+"""Data-parallel helpers for `torchrun` (NCCL on GPU, gloo on CPU); a no-op in a single process.
+
+Every collective goes through `Dist`, whose tensors live on the device the process group's backend
+needs: the process's GPU for NCCL (which rejects CPU tensors), the CPU for gloo.
+"""
 from __future__ import annotations
 
 import os
@@ -13,23 +17,37 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    backend: str = "none"  # nccl, gloo, or none (one process)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where this process's collective tensors must live."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
     @classmethod
     def from_env(cls, cuda: bool) -> "Dist":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        backend = "nccl" if cuda else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
-        return cls(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+            if cuda:
+                torch.cuda.set_device(local)  # before NCCL: its communicator binds to the current device
+            dist.init_process_group(backend=backend, device_id=torch.device("cuda", local) if cuda else None)
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, backend=dist.get_backend())
+
+    def tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64 if self.backend != "nccl" else torch.float32,
+                            device=self.device)
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(device_ids=[self.local_rank] if self.backend == "nccl" else None)
 
     def gather(self, obj):
         """Every rank's object, in rank order (on every rank)."""
@@ -40,11 +58,20 @@ class Dist:
         return out
 
     def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says so (e.g. a non-finite loss)."""
         if self.world == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = self.tensor([1.0 if flag else 0.0])
         dist.all_reduce(t)
         return bool(t.item() > 0)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks."""
+        if self.world == 1:
+            return list(values)
+        t = self.tensor(list(values))
+        dist.all_reduce(t)
+        return t.tolist()
 
     def broadcast(self, obj):
         if self.world == 1:

@@ -160,6 +160,15 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def logits(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Evaluation logits: the backbone under autocast (`dtype`), the classifier in fp32. Stages 2, 3
+    and 4 all score this way, so stage 3's cached features reproduce stage 2's OOF logits and a TTA
+    policy of the plain view reproduces them too, whatever the precision."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        f = features(model, x)
+    return model.get_classifier()(f.float()).float()
+
+
 class Normalize(nn.Module):
     """uint8 NHWC batches -> normalised float NCHW on the model's device (cheap host->device copies)."""
 
@@ -191,12 +200,12 @@ def load_trained(cfg: Config, weights: str | Path, num_classes: int) -> nn.Modul
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.device,
-                     dtype: torch.dtype | None = None) -> np.ndarray:
+                     dtype: torch.dtype | None = None, fmt=torch.contiguous_format) -> np.ndarray:
     """Pooled pre-classifier features of every image of `loader`, in order."""
     model.eval()
     out = []
     for x, _ in loader:
-        x = norm(x.to(device, non_blocking=True))
+        x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(features(model, x).float().cpu())
     return torch.cat(out).numpy()

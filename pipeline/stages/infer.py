@@ -37,7 +37,7 @@ from ..core.images import ImageDataset
 from ..core.metrics import GREATER_IS_BETTER, cv
 from ..core.provenance import (environment, infer_record, oof_rows, rebalance_summary, resolve_heads, stage2_summary,
                                stale_reasons, up_to_date)
-from ..core.runtime import amp_dtype, make_loader, pick_device, workers
+from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.tta import BASELINE, VIEWS, merge, sizes, view_name
 
 log = logging.getLogger("pipeline")
@@ -99,7 +99,7 @@ def predict_table(cfg: Config, model, norm, heads: dict[str, Head], store, scale
                          n_workers=workers(cfg), cuda=device.type == "cuda")
     out = {h: [] for h in heads}
     for x, _ in loader:
-        feats = _view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype)
+        feats = _view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, memory_format(cfg, device))
         for h, head in heads.items():
             out[h].append(np.stack([head.torch_logits(f).cpu().numpy() for f in feats]))
     return {h: np.concatenate(parts, axis=1) for h, parts in out.items()}
@@ -119,8 +119,7 @@ def predict_all(cfg: Config, inp: Inputs, pairs: list[tuple[float, str]]) -> tup
     train_store = open_store(cfg, inp.oof_df["path"]) if inp.oof_df is not None else None
     for k, s2 in enumerate(inp.summaries):
         model = models.load_trained(cfg, cfg.run.fold(k).weights, C).to(device)
-        if device.type == "cuda" and cfg.train.channels_last:
-            model.to(memory_format=torch.channels_last)
+        prepare_model(cfg, model, device)
         norm = models.Normalize(s2["mean"], s2["std"]).to(device)
         heads = {h: _load_head(cfg, k, h, model) for h in inp.heads}
         rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else None
@@ -210,9 +209,9 @@ def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
 
 
 @torch.no_grad()
-def _view_features(model, x, views, crop, dtype):
+def _view_features(model, x, views, crop, dtype, fmt=torch.contiguous_format):
     def forward(c):
-        c = c.contiguous(memory_format=torch.channels_last) if c.is_cuda else c.contiguous()
+        c = c.contiguous(memory_format=fmt)
         with torch.autocast(c.device.type, dtype=dtype, enabled=dtype is not None):
             return models.features(model, c).float()
     return policy_logits(forward, x, views, crop)

@@ -40,7 +40,7 @@ from ..core.heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head,
 from ..core.images import ImageDataset
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
 from ..core.provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons, up_to_date
-from ..core.runtime import amp_dtype, make_loader, pick_device, workers
+from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.distributed import Dist
 
 log = logging.getLogger("pipeline")
@@ -60,7 +60,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     t0 = time.perf_counter()
     device = pick_device(cfg, Dist())
     dtype = amp_dtype(cfg, device)
-    model = models.load_trained(cfg, weights, len(classes)).to(device)
+    model = prepare_model(cfg, models.load_trained(cfg, weights, len(classes)), device)
     norm = models.Normalize(s2["mean"], s2["std"]).to(device)
     in_fold = df["fold"].values == k
     tr, va = df[~in_fold], df[in_fold]
@@ -71,7 +71,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
         if keyed_epoch is not None:  # seeded augmented views: item keys (index, view)
             ds = _Keyed(ds, keyed_epoch)
         loader = make_loader(ds, batch_size=cfg.infer.batch_size, n_workers=workers(cfg), cuda=device.type == "cuda")
-        return models.extract_features(model, loader, norm, device, dtype)
+        return models.extract_features(model, loader, norm, device, dtype, memory_format(cfg, device))
 
     tr_rows, va_rows = np.flatnonzero(~in_fold), np.flatnonzero(in_fold)
     feats = {
@@ -92,7 +92,8 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
     joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
     oof = read_npz(fd.oof)
-    if not np.allclose(joint, oof["logits"], atol=1e-3 if dtype is None else 5e-2, rtol=1e-3):
+    tol = 1e-3 if dtype is None else 2e-2  # the classifier runs in fp32 in both; bf16 backbones round a little
+    if not np.allclose(joint, oof["logits"], atol=tol, rtol=tol):
         raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
                             f"({fd.oof}); were the weights or images changed after stage 2?")
     write_npz(fd.features, **feats)

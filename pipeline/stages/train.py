@@ -44,10 +44,12 @@ from ..core.errors import PipelineError
 from ..core.images import EpochBatches, ImageDataset
 from ..core.losses import SoftTargetLoss, effective_number_weights
 from ..core.metrics import better, compute, softmax
+from ..core import models
 from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
 from ..core.layout import FoldDir
 from ..core.provenance import changed_keys, environment, recorded, stale_reasons, train_record, up_to_date
-from ..core.runtime import amp_dtype, make_loader, pick_device, workers
+from ..core.runtime import (amp_dtype, grad_scaler, make_loader, maybe_compile, memory_format, pick_device,
+                            prepare_model, set_backend_flags, workers)
 from ..core.samplers import epoch_indices
 from ..core.tracking import Tracker
 
@@ -82,13 +84,12 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
 
 
 @torch.no_grad()
-def predict(model, loader, norm, device, dtype) -> np.ndarray:
+def predict(model, loader, norm, device, dtype, fmt=torch.contiguous_format) -> np.ndarray:
     model.eval()
     out = []
     for x, _ in loader:
-        x = norm(x.to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out.append(model(x).float().cpu())
+        x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+        out.append(models.logits(model, x, dtype).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -179,9 +180,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) ->
     t = cfg.train
     device = pick_device(cfg, dist)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not t.deterministic
+    set_backend_flags(cfg, device)
     train_df, valid_df = df[df["fold"] != k], df[df["fold"] == k]
     if valid_df.empty:
         raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
@@ -192,9 +191,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) ->
     model = create_model(cfg, n_classes)
     stats = norm_stats(cfg, model)
     norm = Normalize(*stats).to(device)
-    model.to(device)
-    if cuda and t.channels_last:
-        model.to(memory_format=torch.channels_last)
+    prepare_model(cfg, model, device)
     ema = None
     if t.ema:
         from timm.utils import ModelEmaV3
@@ -230,16 +227,16 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) ->
         if cuda and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
-    if t.compile and cuda:
-        net = torch.compile(net)
+    net = maybe_compile(cfg, net)
     return FoldRun(
         cfg=cfg, k=k, dist=dist, paths=cfg.run.fold(k), rec=train_record(cfg), device=device, dtype=dtype,
         y_tr=y_tr, y_va=y_va, valid_ids=valid_df["id"].values, counts=counts, model=model, net=net, ema=ema,
         norm=norm, stats=stats, optimizer=optimizer, scheduler=scheduler,
-        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+        scaler=grad_scaler(dtype, device),
         criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights).to(device), mixup=build_mixup(cfg, n_classes),
         batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(cfg), cuda=cuda),
-        valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=0, cuda=cuda, indices=va_idx),
+        valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(cfg), cuda=cuda,
+                                 indices=va_idx, persistent=True),
         va_idx=va_idx)
 
 
@@ -281,8 +278,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
         wait += time.perf_counter() - t_wait
         x = r.norm(x.to(r.device, non_blocking=True))
         y = y.to(r.device, non_blocking=True)
-        if r.cuda and t.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=memory_format(cfg, r.device))
         if mixing:
             x, target = r.mixup(x, y)
         else:
@@ -340,9 +336,10 @@ def optimizer_step(r: FoldRun) -> None:
 def validate(r: FoldRun, epoch: int, row: dict) -> None:
     """Score the raw and the EMA weights on the held-out rows; keep the best of each source."""
     cfg = r.cfg
-    logits = {"raw": predict(r.model, r.valid_loader, r.norm, r.device, r.dtype)}
+    fmt = memory_format(cfg, r.device)
+    logits = {"raw": predict(r.model, r.valid_loader, r.norm, r.device, r.dtype, fmt)}
     if r.ema is not None:
-        logits["ema"] = predict(r.ema.module, r.valid_loader, r.norm, r.device, r.dtype)
+        logits["ema"] = predict(r.ema.module, r.valid_loader, r.norm, r.device, r.dtype, fmt)
     logits = {s: _gather_rows(r.dist, r.va_idx, v, len(r.y_va)) for s, v in logits.items()}
     if not np.isfinite(logits["raw"]).all():
         raise _diverged(r.k, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
@@ -447,8 +444,8 @@ def _gather_rows(dist: Dist, idx: np.ndarray, part: np.ndarray, n: int) -> np.nd
 
 
 def _mean_over_ranks(dist: Dist, total: float, count: int) -> float:
-    parts = dist.gather((total, count))
-    return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
+    total, count = dist.sum([total, count])
+    return total / max(1.0, count)
 
 
 def _save_checkpoint(r: FoldRun, epoch: int) -> None:

@@ -1,0 +1,313 @@
+"""`./run.sh doctor [--config FILE] [--quick]`: a one-minute check of the machine you will train on.
+
+For the configured model and image size it runs a few real training steps (forward, backward,
+optimiser step) and inference batches in every mode the machine supports -- fp32, bf16 and fp16
+autocast, channels_last, torch.compile, data-parallel with 2 processes through torchrun (gloo on CPU,
+NCCL with 2+ GPUs), one fold per GPU -- and prints a table: mode, passes or the error, training and
+inference images/s, peak memory, the share of time spent waiting for data, and how far the mode's
+logits lie from fp32's on the same weights. It recommends the fastest passing mode and, on GPU, the
+largest batch that fits. Exit status 1 when the configured mode fails.
+
+Images come from the competition's image store when its folds file exists (real decoding and
+augmentation, so the data-wait share is real), else from random pixels.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core.config import Config, config_to_yaml
+from ..core.distributed import Dist
+from ..core.models import Normalize, create_model, logits, norm_stats
+from ..core.runtime import (amp_dtype, grad_scaler, make_loader, maybe_compile, memory_format, pick_device,
+                            prepare_model, workers)
+
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.15, "fp16": 0.05}  # max |logit - fp32 logit| / max(1, max |fp32 logit|)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    amp: str = "off"
+    channels_last: str = "off"
+    compile: bool = False
+    processes: int = 1  # 2: DDP through torchrun
+    fold_per_gpu: bool = False
+
+    @property
+    def precision(self) -> str:
+        return {"off": "fp32"}.get(self.amp, self.amp)
+
+
+def modes_for(device: torch.device, quick: bool = False) -> list[Mode]:
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    out = [Mode("fp32"), Mode("bf16", "bf16"), Mode("fp16", "fp16"), Mode("channels_last", channels_last="on"),
+           Mode("bf16+channels_last", "bf16", "on")]
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        out = [m for m in out if m.amp != "bf16"]
+    if not quick:
+        out += [Mode("compile", compile=True), Mode("compile+bf16+channels_last", "bf16", "on", True)]
+    if device.type == "cpu" or gpus >= 2:
+        out.append(Mode("ddp x2", processes=2))
+    if gpus >= 2:
+        out.append(Mode("fold per GPU x2", "bf16", "on", fold_per_gpu=True))
+    return out
+
+
+def with_mode(cfg: Config, mode: Mode, batch: int | None = None) -> Config:
+    c = copy.deepcopy(cfg)
+    c.train.amp, c.train.channels_last, c.train.compile = mode.amp, mode.channels_last, mode.compile
+    if batch:
+        c.train.batch_size = batch
+    return c
+
+
+# ----------------------------------------------------------------------------- one mode, one process
+def batches(cfg: Config, n: int, device: torch.device):
+    """(uint8 NHWC batch, labels) x n: the competition's images when its folds file exists."""
+    b, s = cfg.train.batch_size, cfg.aug.img_size
+    if cfg.folds_csv.exists():
+        from ..core.augment import open_store, train_transform
+        from ..core.data import read_folds
+        from ..core.images import ImageDataset
+
+        df, classes = read_folds(cfg)
+        rows = np.resize(np.arange(len(df)), n * b)
+        ds = ImageDataset(open_store(cfg, df["path"]).subset(rows), df["y"].values[rows], train_transform(cfg))
+        return make_loader(ds, batch_size=b, n_workers=workers(cfg), cuda=device.type == "cuda"), len(classes)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=g),
+             torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
+    return data, 10
+
+
+def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -> dict:
+    """Train `steps` steps (after 2 warm-up steps) and run inference in one mode."""
+    dist = dist or Dist()
+    c = with_mode(cfg, mode)
+    device = pick_device(c, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    data, n_classes = batches(c, steps + 2, device)
+    torch.manual_seed(0)
+    model = prepare_model(c, create_model(c, n_classes, pretrained=False), device)
+    norm = Normalize(*norm_stats(c, model)).to(device)
+    dtype, fmt = amp_dtype(c, device), memory_format(c, device)
+    probe = torch.randint(0, 256, (8, c.aug.img_size, c.aug.img_size, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(1))
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = maybe_compile(c, net)
+    with torch.no_grad():  # the untrained weights through this mode (compiled too): compared with fp32's
+        net.eval()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            first = net(norm(probe.to(device)).contiguous(memory_format=fmt)).float().cpu()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = grad_scaler(dtype, device)
+    before = [p.detach().clone() for p in model.parameters()]
+    net.train()
+    losses, seen, wait, t0 = [], 0, 0.0, None
+    t_wait = time.perf_counter()
+    for i, (x, y) in enumerate(data):
+        if i == 2:  # after warm-up (compilation, cuDNN autotuning)
+            _sync(device)
+            t0, seen, wait = time.perf_counter(), 0, 0.0
+        wait += time.perf_counter() - t_wait
+        x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        losses.append(loss.detach())
+        seen += len(x)
+        t_wait = time.perf_counter()
+    _sync(device)
+    train_s = time.perf_counter() - t0
+    finite = not dist.any(not all(torch.isfinite(v).item() for v in losses))
+    changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    total_seen = dist.sum([seen])[0]
+    model.eval()
+    xb = norm(next(iter(data))[0].to(device)).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        for _ in range(2):
+            logits(model, xb, dtype)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            logits(model, xb, dtype)
+        _sync(device)
+    infer_rate = steps * len(xb) / (time.perf_counter() - t1)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"mode": mode.name, "ok": bool(finite and changed), "error": "" if finite and changed else
+            ("non-finite loss" if not finite else "weights did not change"),
+            "train_img_s": total_seen / train_s, "infer_img_s": infer_rate * dist.world, "peak_mb": peak / 1e6,
+            "data_wait": wait / train_s, "loss": float(torch.stack(losses).float().mean()),
+            "first_logits": first.numpy().tolist()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- processes
+def run_processes(cfg: Config, mode: Mode, steps: int, timeout: int = 600) -> dict:
+    """A mode that needs several processes: DDP through torchrun, or one process per GPU."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="doctor-") as tmp:
+        path = os.path.join(tmp, "cfg.yaml")
+        with open(path, "w") as f:
+            f.write(config_to_yaml(cfg))
+        worker = ["-m", "pipeline.tools.doctor", "--worker", path, mode.name, str(steps)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+        if mode.fold_per_gpu:
+            procs = [subprocess.Popen([sys.executable, *worker], env=dict(env, CUDA_VISIBLE_DEVICES=str(i)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+            outs = [p.communicate(timeout=timeout) for p in procs]
+            codes = [p.returncode for p in procs]
+        else:
+            port = 29400 + os.getpid() % 1000
+            p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={mode.processes}",
+                                f"--master_port={port}", *worker], env=env, capture_output=True, text=True,
+                               timeout=timeout)
+            outs, codes = [(p.stdout, p.stderr)], [p.returncode]
+    results = [json.loads(line.split(" ", 1)[1]) for out, _ in outs for line in out.splitlines()
+               if line.startswith("DOCTOR ")]
+    if any(codes) or not results:
+        err = next((e for (_, e), c in zip(outs, codes) if c), outs[0][1])
+        return {"mode": mode.name, "ok": False, "error": (err.strip().splitlines() or ["failed"])[-1][:200]}
+    r = dict(results[0])
+    if mode.fold_per_gpu:  # independent processes: their rates add up
+        r["train_img_s"] = sum(x["train_img_s"] for x in results)
+        r["infer_img_s"] = sum(x["infer_img_s"] for x in results)
+    r["mode"] = mode.name
+    return r
+
+
+def worker_main(argv: list[str]) -> int:
+    from ..core.config import load_config
+
+    path, name, steps = argv
+    cfg = load_config(path)
+    device = pick_device(cfg, Dist())
+    mode = next(m for m in modes_for(device) + [Mode("fold per GPU x2", "bf16", "on", fold_per_gpu=True)]
+                if m.name == name)
+    dist = Dist.from_env(device.type == "cuda")
+    r = measure(cfg, Mode("x", mode.amp, mode.channels_last, mode.compile), int(steps), dist)
+    if dist.main:
+        print("DOCTOR " + json.dumps(r), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the check
+def largest_batch(cfg: Config, mode: Mode, limit: int = 8) -> int | None:
+    """GPU: the largest power-of-two multiple of train.batch_size (up to `limit` x) a few steps fit in."""
+    best = None
+    b = cfg.train.batch_size
+    while b <= cfg.train.batch_size * limit:
+        try:
+            measure(with_mode(cfg, mode, b), mode, steps=1)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        best, b = b, b * 2
+    return best
+
+
+def configured_mode(cfg: Config, device: torch.device) -> Mode:
+    dtype = amp_dtype(cfg, device)
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype]
+    cl = "on" if memory_format(cfg, device) == torch.channels_last else "off"
+    return Mode("configured", amp, cl, cfg.train.compile)
+
+
+def check(cfg: Config, quick: bool = False, steps: int = 6, only: list[str] | None = None,
+          log=lambda m: print(m, file=sys.stderr, flush=True)) -> tuple[pd.DataFrame, str, int]:
+    """(table, recommendation, exit status)."""
+    device = pick_device(cfg, Dist())
+    modes = modes_for(device, quick)
+    if only:
+        modes = [m for m in modes if m.name in only]
+    mine = configured_mode(cfg, device)
+    same = [m for m in modes if (m.amp, m.channels_last, m.compile, m.processes) ==
+            (mine.amp, mine.channels_last, mine.compile, 1)]
+    if not same:
+        modes.append(mine)
+    mine_name = same[0].name if same else "configured"
+    rows, ref = [], None
+    for m in modes:
+        log(f"doctor: {m.name} ...")
+        try:
+            r = run_processes(cfg, m, steps) if m.processes > 1 or m.fold_per_gpu else measure(cfg, m, steps)
+        except Exception as e:  # noqa: BLE001 - a mode that fails is a row of the table, not a crash
+            r = {"mode": m.name, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        if m.name == "fp32" and r.get("ok"):
+            ref = np.asarray(r["first_logits"])
+        rows.append(r)
+    for r in rows:
+        if ref is not None and "first_logits" in r:
+            out = np.asarray(r.pop("first_logits"))
+            r["vs_fp32"] = float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
+            m = next(x for x in modes if x.name == r["mode"])
+            if r["vs_fp32"] > TOLERANCE[m.precision]:
+                r["ok"], r["error"] = False, f"logits differ from fp32 by {r['vs_fp32']:.3g} (> {TOLERANCE[m.precision]})"
+        r.pop("first_logits", None)
+    t = pd.DataFrame(rows)
+    passing = t[t["ok"]]
+    rec = "no mode passed"
+    if len(passing):
+        best = passing.sort_values("train_img_s", ascending=False).iloc[0]
+        rec = f"fastest passing mode: {best['mode']} ({best['train_img_s']:.0f} train img/s)"
+        if device.type == "cuda":
+            bmode = next(m for m in modes if m.name == best["mode"])
+            lb = largest_batch(cfg, bmode) if not (bmode.processes > 1 or bmode.fold_per_gpu) else None
+            if lb:
+                rec += f"; largest batch that fits: {lb} (train.batch_size; tried up to 8x {cfg.train.batch_size})"
+    ok_mine = bool(t.loc[t["mode"] == mine_name, "ok"].all())
+    rec += f"\nconfigured mode ({mine_name}: amp={mine.amp}, channels_last={mine.channels_last}, " \
+           f"compile={mine.compile}): {'passes' if ok_mine else 'FAILS'}"
+    return t, rec, 0 if ok_mine else 1
+
+
+def table_text(t: pd.DataFrame) -> str:
+    cols = [c for c in ("mode", "ok", "train_img_s", "infer_img_s", "peak_mb", "data_wait", "vs_fp32", "error")
+            if c in t]
+    view = t[cols].copy()
+    view["ok"] = view["ok"].map({True: "passes", False: "FAILS"})
+    return view.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="")
+
+
+def main(cfg: Config, quick: bool = False) -> int:
+    device = pick_device(cfg, Dist())
+    print(f"doctor: {cfg.model.arch} at {cfg.aug.img_size} px, batch {cfg.train.batch_size}, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch "
+          f"{torch.__version__}, {os.cpu_count()} CPU cores", flush=True)
+    t, rec, code = check(cfg, quick)
+    print(table_text(t))
+    print(rec)
+    return code
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        sys.exit(worker_main(sys.argv[2:]))
