@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import models  # noqa: E402
+from pipeline.core.augment import crop_pct  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.stages import folds, rebalance, train  # noqa: E402
 from pipeline.core.tta import VIEWS, sizes  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
         cfg = load_config(None, [*common, f"experiment=bench-{cache}", f"aug.cache={cache}"])
         t0 = time.perf_counter()
         train.run(cfg, fold=0)
-        h = pd.read_csv(cfg.run.fold(0).dir / "history.csv").iloc[-1]
+        h = pd.read_csv(cfg.run.fold(0).history).iloc[-1]
         rows.append({"cache": cache, "images/s": h["images_per_s"], "data wait": h["data_wait"],
                      "epoch s": h["seconds"], "stage s (incl. cache build)": time.perf_counter() - t0})
     print(pd.DataFrame(rows).to_string(index=False, float_format="%.2f"))
@@ -78,18 +79,18 @@ def main() -> None:
     t0 = time.perf_counter()
     rebalance.run(cfg, fold=0)
     total = time.perf_counter() - t0
-    feat = json.loads((cfg.run.fold(0).dir / "rebalance" / "features.json").read_text())["seconds"]
-    var = json.loads((cfg.run.fold(0).dir / "rebalance" / "summary.json").read_text())["seconds"]
-    epoch = pd.read_csv(cfg.run.fold(0).dir / "history.csv")["seconds"].iloc[-1]
+    feat = json.loads((cfg.run.fold(0).features_meta).read_text())["seconds"]
+    var = json.loads((cfg.run.fold(0).rebalance_summary).read_text())["seconds"]
+    epoch = pd.read_csv(cfg.run.fold(0).history)["seconds"].iloc[-1]
     print(f"features {feat:.2f}s + variants {var:.2f}s (stage total {total:.2f}s) vs one epoch {epoch:.2f}s: "
           f"{(feat + var) / epoch:.2f} epochs")
 
     print("\n## 3. TTA views vs plain forward (batch 64, fold 0 model, images already on device)")
-    model = models.load_trained(cfg, cfg.run.fold(0).dir / "model.safetensors",
-                                len(json.loads((cfg.run.dir / "classes.json").read_text()))).to(device)
+    model = models.load_trained(cfg, cfg.run.fold(0).weights,
+                                len(json.loads((cfg.run.classes).read_text()))).to(device)
     rows = []
     for scale in (1.0, 1.15):
-        load, crop = sizes(args.size, cfg.aug.resize_ratio, scale)
+        load, crop = sizes(args.size, crop_pct(cfg), scale)
         x = torch.randn(64, 3, load, load, device=device)
         plain = _rate(lambda: model(x[:, :, :crop, :crop].contiguous()), 64, device)
         for v in ("orig", "hflip", "rot90", "five_crop"):

@@ -38,9 +38,9 @@ def cpu_bf16() -> bool:
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: fp32). auto: bf16 on GPUs that support it, else fp16; fp32 on CPU.
-    On CPU bf16 autocast runs (and is tested) but is opt-in: on this project's CPUs (AVX512-BF16) it
-    trains about 1.4x faster than fp32, yet its fold scores have not been shown to match fp32's, and
-    bf16 with channels_last is not bit-identical from run to run there (see README)."""
+    bf16 on CPU runs (and is tested) but is opt-in: on this project's CPUs (AVX512-BF16) it trains
+    1.4x faster than fp32 and scores within seed noise of it, yet oneDNN's bf16 kernels do not give
+    bit-identical weights from run to run, which the CPU resume guarantee needs (README)."""
     amp = cfg.train.amp
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
