@@ -12,7 +12,6 @@ Every check runs before any work and raises PipelineError naming the file and ro
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import Config
 from .errors import PipelineError
+from .images import BOMB, open_image
 from .metrics import score
 
 log = logging.getLogger("pipeline")
@@ -70,12 +70,10 @@ def _check_images(paths: list[Path], mode: str, what: str) -> None:
     bad, bombs = [], []
     for p in paths:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(p) as im:
-                    if mode == "full":
-                        im.load()
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            with open_image(p) as im:
+                if mode == "full":
+                    im.load()
+        except BOMB as e:
             bombs.append(f"{p} ({e})")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
             bad.append(f"{p} ({e.__class__.__name__})")

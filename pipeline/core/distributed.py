@@ -42,8 +42,7 @@ class Dist:
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, backend=dist.get_backend())
 
     def tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float64 if self.backend != "nccl" else torch.float32,
-                            device=self.device)
+        return torch.tensor(values, dtype=torch.float64, device=self.device)  # gloo and NCCL both reduce float64
 
     def barrier(self) -> None:
         if self.world > 1:

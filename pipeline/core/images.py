@@ -16,6 +16,7 @@ same pixels on the fly, so cache on and off train identically.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -43,19 +45,30 @@ STORE_FORMAT = 2  # 1: one square memmap per (image list, side) -- no longer rea
 
 
 # ----------------------------------------------------------------------------- decoding
+BOMB = (Image.DecompressionBombWarning, Image.DecompressionBombError)  # what `open_image` raises for a bomb
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Image.open with PIL's decompression-bomb warning (more than about 89 MP) raised as an error,
+    like its hard limit (twice that): the header check of stage 1 and every decode refuse alike."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            yield im
+
+
 def read_image(path: str | os.PathLike, short_side: int | None = None) -> np.ndarray:
     """HxWx3 uint8 RGB, upright. `short_side`: the caller needs no more than this on the shorter
     side, so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as it stays at least that big."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if short_side and im.format == "JPEG" and min(im.size) >= 2 * short_side:
-                    f = short_side / min(im.size)
-                    im.draft(im.mode, (math.ceil(im.size[0] * f), math.ceil(im.size[1] * f)))
-                im.seek(0)  # animated GIF/TIFF/WebP: the first frame
-                return _to_rgb8(ImageOps.exif_transpose(im), path)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        with open_image(path) as im:
+            if short_side and im.format == "JPEG" and min(im.size) >= 2 * short_side:
+                f = short_side / min(im.size)
+                im.draft(im.mode, (math.ceil(im.size[0] * f), math.ceil(im.size[1] * f)))
+            im.seek(0)  # animated GIF/TIFF/WebP: the first frame
+            return _to_rgb8(ImageOps.exif_transpose(im), path)
+    except BOMB as e:
         raise PipelineError(f"refused image {path}: {e} -- a decompression-bomb guard; downscale the file if it "
                             f"is genuine") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:

@@ -7,7 +7,6 @@ exist on a CPU (set_device, pinned memory, cuDNN and TF32 flags) is a one-line `
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -23,17 +22,6 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
     if cfg.device != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_bf16() -> bool:
-    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Without it bf16 is emulated: slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
