@@ -55,6 +55,10 @@ EXTRA = {
     "doctor": "a one-minute check of this machine: a few training and inference steps in every mode "
               "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode [--quick]",
     "selfcheck": "the fault-injection and bad-input matrix on a tiny competition, as a table [--quick]",
+    "export": "pack the ensemble for offline inference (a Kaggle code competition) -> exports/<name>/ "
+              "[--out DIR] [--zip] [--onnx]",
+    "predict": "the submission from a bundle alone: --bundle DIR --test-dir DIR [--sample-submission FILE] "
+               "--out FILE [--batch-size N] [--device auto|cpu|cuda] [--time-budget MIN] [--tmp-dir DIR]",
     "help": "show this help",
 }
 
@@ -99,6 +103,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clear", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--gpus", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--zip", action="store_true")
+    p.add_argument("--onnx", action="store_true")
+    p.add_argument("--bundle", default=None)
+    p.add_argument("--test-dir", default=None)
+    p.add_argument("--sample-submission", default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-budget", type=float, default=None)
+    p.add_argument("--tmp-dir", default=None)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
     args, unknown = p.parse_known_args(argv)
@@ -221,6 +235,23 @@ def run_report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_predict(args: argparse.Namespace) -> int:
+    """predict reads a bundle and test images only: no config, no project folder."""
+    from .tools import predict
+
+    missing = [o for o, v in (("--bundle", args.bundle), ("--test-dir", args.test_dir), ("--out", args.out)) if not v]
+    if missing or args.overrides:
+        raise PipelineError(f"usage: predict --bundle DIR --test-dir DIR [--sample-submission FILE] --out FILE "
+                            f"(missing {missing}{', unexpected ' + str(args.overrides) if args.overrides else ''})")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PipelineError("--batch-size must be at least 1")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise PipelineError("--time-budget is in minutes and must be positive")
+    predict.run(args.bundle, args.test_dir, args.out, args.sample_submission, args.batch_size, args.device,
+                args.time_budget, args.tmp_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
@@ -236,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         provenance.allow_stale(args.allow_stale)
         if args.command in ("leaderboard", "compare", "report"):
             return run_report_command(args)
+        if args.command == "predict":
+            return run_predict(args)
         if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
             args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
         cfg = load_config(args.config, args.overrides)
@@ -243,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             from .tools import image_cache
 
             print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
+            return 0
+        if args.command == "export":
+            from .tools import export
+
+            export.run(cfg, out=args.out, zip_=args.zip, onnx=args.onnx)
             return 0
         if args.command == "doctor":
             from .tools import doctor

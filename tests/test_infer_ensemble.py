@@ -23,8 +23,10 @@ from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage
-from pipeline.stages.ensemble import combine, fit_weights
+from pipeline.stages.ensemble import fit_weights
+from pipeline.core.submission import combine
 from pipeline.core.tta import merge, sizes
+from pipeline.core.inference import policy_logits
 
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
         "train.batch_size=8", "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",
@@ -80,8 +82,8 @@ def test_hflip_of_flip_invariant_model_equals_plain():
             return (net(x) + net(x.flip(3))) / 2
 
     x = torch.rand(3, 3, 36, 36)
-    plain = infer_stage.policy_logits(invariant, x, ["orig"], 32)
-    both = infer_stage.policy_logits(invariant, x, ["orig", "hflip"], 32)
+    plain = policy_logits(invariant, x, ["orig"], 32)
+    both = policy_logits(invariant, x, ["orig", "hflip"], 32)
     assert torch.allclose(both[0], both[1], atol=1e-5)
     assert np.allclose(merge(np.stack([b.numpy() for b in both]), "mean_prob"), softmax(plain[0].numpy()), atol=1e-6)
 
@@ -93,7 +95,7 @@ def test_multiscale_views_have_configured_sizes():
         load, crop = sizes(32, 0.875, scale)
         assert crop == expect and load == round(expect / 0.875)
         seen.clear()
-        infer_stage.policy_logits(fake, torch.zeros(2, 3, load, load), ["orig", "hflip", "rot90", "five_crop"], crop)
+        policy_logits(fake, torch.zeros(2, 3, load, load), ["orig", "hflip", "rot90", "five_crop"], crop)
         assert seen == [(crop, crop)] * 8
 
 

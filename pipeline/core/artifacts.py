@@ -153,12 +153,12 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 _HASHES: dict[tuple, str] = {}
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, fresh: bool = False) -> str:
     """Hash of a file's bytes; remembered per (path, inode, size, mtime) so up-to-date checks that hash
-    the same weights several times in one process read them once."""
+    the same weights several times in one process read them once (`fresh`: always read the bytes)."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
+    if fresh or key not in _HASHES:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(chunk):

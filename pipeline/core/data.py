@@ -242,6 +242,18 @@ def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
     return pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
 
 
+def check_test_folder(cfg: Config, test: pd.DataFrame) -> None:
+    """Refuse image files in the test folder that the sample submission does not list: a hidden test set
+    that does not match its sample submission (a Kaggle code competition's rerun) would be scored short."""
+    test_dir = cfg.data_path(cfg.data.test_dir)
+    listed = {Path(p).resolve() for p in test["path"]}
+    extra = sorted(f.name for f in test_dir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS
+                   and f.resolve() not in listed)
+    if extra:
+        raise PipelineError(f"{test_dir}: {len(extra)} image(s) are not in the sample submission "
+                            f"{cfg.data_path(cfg.data.sample_submission)}: {_first(extra)}")
+
+
 def read_test_labels(cfg: Config) -> pd.Series | None:
     """Private test labels by id (`data.test_labels`, the demo's), or None where there are none."""
     if not cfg.data.test_labels or not cfg.data_path(cfg.data.test_labels).exists():

@@ -10,6 +10,7 @@ is defined. README.md's layout table reads like this module.
     runs/.cache/                                decoded image caches (shared by experiments)
     submissions/<name>.csv, <name>.json         stage 5
     reports/leaderboard.{csv,md}, reports/<exp>/   tools
+    exports/<name>/...                          export bundles        (BundleDir)
 
 Paths are relative to the project folder (the current directory); tools that read another tree
 pass its runs/ folder.
@@ -23,6 +24,7 @@ FOLDS = Path("folds")
 RUNS = Path("runs")
 SUBMISSIONS = Path("submissions")
 REPORTS = Path("reports")
+EXPORTS = Path("exports")
 CACHE = RUNS / ".cache"
 
 
@@ -189,3 +191,54 @@ def experiment_report(experiment: str, reports: Path = REPORTS) -> Path:
 
 def experiment_page(experiment: str, reports: Path = REPORTS) -> Path:
     return experiment_report(experiment, reports) / "index.md"
+
+
+# ----------------------------------------------------------------------------- export bundles
+def export_dir(name: str, exports: Path = EXPORTS) -> Path:
+    """The default folder of `./run.sh export` for an ensemble (or experiment) name."""
+    return Path(exports) / name
+
+
+@dataclass(frozen=True)
+class BundleMember:
+    """members/<member>/ of a bundle: one experiment with one head."""
+    dir: Path
+
+    @property
+    def config(self) -> Path:  # the config sections inference reads, resolved
+        return self.dir / "config.yaml"
+
+    @property
+    def info(self) -> Path:  # classes, head, TTA policy, per-fold normalisation, expected CV
+        return self.dir / "member.json"
+
+    def weights(self, k: int) -> Path:  # a plain timm checkpoint (the head folded in where it is linear)
+        return self.dir / f"fold{k}" / "model.safetensors"
+
+    def head(self, k: int) -> Path:  # only for heads that are not a linear layer (NCM, kNN)
+        return self.dir / f"fold{k}" / "head.safetensors"
+
+    def onnx(self, k: int) -> Path:  # backbone + head, behind `export --onnx`
+        return self.dir / f"fold{k}" / "model.onnx"
+
+
+@dataclass(frozen=True)
+class BundleDir:
+    """What `./run.sh export` writes and `./run.sh predict` reads; every file is listed, with its
+    sha256, in the manifest."""
+    dir: Path
+
+    @property
+    def manifest(self) -> Path:  # written last
+        return self.dir / "manifest.json"
+
+    @property
+    def readme(self) -> Path:
+        return self.dir / "README.md"
+
+    @property
+    def wheels(self) -> Path:  # a wheel of this package
+        return self.dir / "wheels"
+
+    def member(self, name: str) -> BundleMember:
+        return BundleMember(self.dir / "members" / name.replace(":", "--"))

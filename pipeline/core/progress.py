@@ -2,7 +2,8 @@
 
 On a terminal: a tqdm bar. Otherwise (a log file, nohup, a notebook, CI) tqdm would print nothing, so
 a plain log line goes out every 10 % of the work or every 30 s, whichever comes later, with the rate
-and the time left."""
+and the time left. `progress()` wraps an iterable; `Progress` is the same counter for work that is
+spread over several loops (stage 4 and `predict`: every fold, scale and member on one bar)."""
 from __future__ import annotations
 
 import logging
@@ -16,22 +17,45 @@ log = logging.getLogger("pipeline")
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], total: int, desc: str, unit: str = "it", every_s: float = 30.0) -> Iterator[T]:
-    if sys.stderr.isatty():
-        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False, mininterval=1)
-        return
-    t0 = last = time.perf_counter()
-    step = max(1, total // 10)
-    next_at = step
-    for i, item in enumerate(items, 1):
-        yield item
+class Progress:
+    def __init__(self, total: int, desc: str, unit: str = "it", every_s: float = 30.0):
+        self.total, self.desc, self.unit, self.every_s = max(int(total), 1), desc, unit, every_s
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+        self.step = max(1, self.total // 10)
+        self.next_at = self.step
+        self.bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, mininterval=1) if sys.stderr.isatty() else None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
         now = time.perf_counter()
-        if i >= next_at and now - last >= every_s or i == total and now - t0 >= every_s:
-            rate = i / max(now - t0, 1e-9)
-            log.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, %s left", desc, i, total, unit, 100 * i / total, rate, unit,
-                     _clock((total - i) / rate))
-            last = now
-            next_at = i + step
+        if (self.done >= self.next_at and now - self.last >= self.every_s
+                or self.done >= self.total and now - self.t0 >= self.every_s):
+            rate = self.done / max(now - self.t0, 1e-9)
+            log.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, %s left", self.desc, self.done, self.total, self.unit,
+                     100 * self.done / self.total, rate, self.unit, _clock(max(self.total - self.done, 0) / rate))
+            self.last = now
+            self.next_at = self.done + self.step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(items: Iterable[T], total: int, desc: str, unit: str = "it", every_s: float = 30.0) -> Iterator[T]:
+    with Progress(total, desc, unit, every_s) as bar:
+        for item in items:
+            yield item
+            bar.update()
 
 
 def _clock(seconds: float) -> str:

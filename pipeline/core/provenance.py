@@ -208,3 +208,14 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test_ids: list[str
             "weights": [sha256_file(cfg.run.fold(k).weights) for k in range(n)],
             "head_files": {h: [sha256_file(cfg.run.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
             "oof": oof}
+
+
+# ----------------------------------------------------------------------------- stage 5
+def ensemble_record(cfg: Config, members: dict[str, dict]) -> dict:
+    """What an ensemble's submission is made from: its settings, the sample submission, and the
+    record of each member's stage-4 output ({"exp:head": made_from})."""
+    d = cfg.to_dict()
+    sample = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else None
+    return {"ensemble": d["ensemble"], "eval": d["eval"],
+            "sample_submission": sha256_file(sample) if sample and sample.exists() else None,
+            "members": dict(members)}

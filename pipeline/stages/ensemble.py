@@ -17,25 +17,18 @@ import logging
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
-from scipy.stats import rankdata
 
 from ..core import layout
-from ..core.artifacts import read_json, read_npz, sha256_file, sha256_obj, write_csv, write_json
+from ..core.artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
 from ..core.config import Config, load_config
 from ..core.data import private_score, read_sample_submission, read_test_table
 from ..core.errors import PipelineError
 from ..core.metrics import GREATER_IS_BETTER, cv, score
-from ..core.provenance import changed_keys, environment, infer_record, recorded, refuse_stale, stale_reasons, up_to_date
+from ..core.submission import build_submission, combine, parse_members
+from ..core.provenance import (changed_keys, ensemble_record, environment, infer_record, recorded, refuse_stale,
+                               stale_reasons, up_to_date)
 
 log = logging.getLogger("pipeline")
-
-
-def parse_members(cfg: Config) -> list[tuple[str, str | None]]:
-    out = []
-    for m in cfg.ensemble.members or [cfg.experiment]:
-        exp, _, head = m.partition(":")
-        out.append((exp, head or None))
-    return out
 
 
 def load_member(exp: str, head: str | None) -> dict:
@@ -50,6 +43,10 @@ def load_member(exp: str, head: str | None) -> dict:
     if run.infer_oof(head).exists():
         m["oof"] = read_npz(run.infer_oof(head))
     return m
+
+
+def made_of(members: list[dict]) -> dict:
+    return {m["name"]: m["summary"]["made_from"] for m in members}
 
 
 def member_config(cfg: Config, exp: str) -> Config | None:
@@ -74,21 +71,13 @@ def check_current(cfg: Config, members: list[dict]) -> None:
                          f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)")
 
 
-def ensemble_record(cfg: Config, members: list[dict]) -> dict:
-    d = cfg.to_dict()
-    sample = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else None
-    return {"ensemble": d["ensemble"], "eval": d["eval"],
-            "sample_submission": sha256_file(sample) if sample and sample.exists() else None,
-            "members": {m["name"]: m["summary"]["made_from"] for m in members}}
-
-
 def status(cfg: Config) -> list[str]:
     """Why stage 5 would do work now (empty: up to date)."""
     name = cfg.ensemble.name or cfg.experiment
     members = [load_member(exp, head) for exp, head in parse_members(cfg)]
     if cfg.data.sample_submission and not layout.submission_csv(name).exists():
         return ["not run"]
-    return stale_reasons(layout.submission_record(name), ensemble_record(cfg, members))
+    return stale_reasons(layout.submission_record(name), ensemble_record(cfg, made_of(members)))
 
 
 def check_compatible(members: list[dict]) -> None:
@@ -104,22 +93,7 @@ def check_compatible(members: list[dict]) -> None:
             raise PipelineError(f"ensemble members {ref['name']} and {m['name']} have different OOF image ids")
 
 
-# ----------------------------------------------------------------------------- combining
-def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = None) -> np.ndarray:
-    p = np.stack([np.clip(x, 1e-12, 1) for x in probs]).astype(np.float64)
-    w = np.full(len(probs), 1.0 / len(probs)) if weights is None else np.asarray(weights, float)
-    if method in ("mean", "weighted"):
-        out = np.tensordot(w, p, axes=1)
-    elif method == "geo_mean":
-        out = np.exp(np.tensordot(w, np.log(p), axes=1))
-    elif method == "rank":
-        r = np.stack([rankdata(x, axis=0) / len(x) for x in p])  # per class, across images
-        out = np.tensordot(w, r, axes=1)
-    else:
-        raise ValueError(method)
-    return out / out.sum(1, keepdims=True)
-
-
+# ----------------------------------------------------------------------------- weights
 def fit_weights(probs: list[np.ndarray], y: np.ndarray, objective: str, metric: str) -> np.ndarray:
     """Non-negative weights summing to 1 that optimise log-loss (or the metric) of the weighted mean."""
     n = len(probs)
@@ -165,44 +139,6 @@ def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_
     return m
 
 
-# ----------------------------------------------------------------------------- submission
-def build_submission(cfg: Config, sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, classes: list) -> pd.DataFrame:
-    sub_path = cfg.data_path(cfg.data.sample_submission)
-    if not np.array_equal(sample.iloc[:, 0].astype(str).values, ids.astype(str)):
-        raise PipelineError(f"{sub_path}: its ids differ from the predicted test ids (re-run ./run.sh infer)")
-    cols = list(sample.columns)
-    if cfg.ensemble.submission == "label":
-        if cols[1:] != [cfg.data.label_col]:
-            raise PipelineError(f"{sub_path}: expected columns [{cfg.data.id_col}, {cfg.data.label_col}] for a label "
-                                f"submission, found {cols} (set ensemble.submission=proba for one column per class)")
-        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values, cols[1]: [classes[i] for i in probs.argmax(1)]})
-    else:
-        names = [str(c) for c in classes]
-        unknown = [c for c in cols[1:] if c not in names]
-        missing = [c for c in names if c not in cols[1:]]
-        if unknown or missing:
-            raise PipelineError(f"{sub_path}: probability columns must be the class names; unknown columns "
-                                f"{unknown}, classes without a column {missing}")
-        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values})
-        for c in cols[1:]:
-            sub[c] = probs[:, names.index(c)]
-    validate_submission(sub, sample, classes, cfg)
-    return sub
-
-
-def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, classes: list, cfg: Config) -> None:
-    if list(sub.columns) != list(sample.columns) or len(sub) != len(sample):
-        raise PipelineError("submission does not match the sample submission's columns or length")
-    if not (sub.iloc[:, 0].astype(str).values == sample.iloc[:, 0].astype(str).values).all():
-        raise PipelineError("submission ids are not in the sample submission's order")
-    if sub.isna().any().any():
-        raise PipelineError("submission has empty values")
-    if cfg.ensemble.submission == "proba":
-        p = sub.iloc[:, 1:].values.astype(float)
-        if (p < 0).any() or not np.allclose(p.sum(1), 1, atol=1e-4):
-            raise PipelineError("submission probabilities are not a distribution per row")
-
-
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, force: bool = False) -> dict:
     e = cfg.ensemble
@@ -210,7 +146,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     members = [load_member(exp, head) for exp, head in parse_members(cfg)]
     check_compatible(members)
     check_current(cfg, members)
-    made_from = ensemble_record(cfg, members)
+    made_from = ensemble_record(cfg, made_of(members))
     out, csv = layout.submission_record(name), layout.submission_csv(name)
     complete = not cfg.data.sample_submission or csv.exists()
     if complete and not force and up_to_date(out, made_from):
@@ -252,7 +188,8 @@ def run(cfg: Config, force: bool = False) -> dict:
               "table": table.to_dict(orient="records"), "private": private,
               "made_from": made_from, "env": environment()}
     if sample is not None:
-        sub = build_submission(cfg, sample, members[0]["test"]["ids"], test_probs, classes)
+        sub = build_submission(sample, members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
+                               cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)))
         write_csv(csv, sub)
         result["submission"] = str(csv)
         result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())

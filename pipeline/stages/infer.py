@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..core import models
 from ..core.artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
@@ -32,13 +31,14 @@ from ..core.data import read_test_table
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.heads import Head
-from ..core.augment import crop_pct, load_transform, open_store
-from ..core.images import ImageDataset
+from ..core.augment import open_store
+from ..core.inference import by_scale, joint_head, policy_probs, predict_views
 from ..core.metrics import GREATER_IS_BETTER, cv
 from ..core.provenance import (environment, infer_record, oof_rows, rebalance_summary, resolve_heads, stage2_summary,
                                stale_reasons, up_to_date)
-from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
-from ..core.tta import BASELINE, VIEWS, merge, sizes, view_name
+from ..core.progress import Progress
+from ..core.runtime import amp_dtype, pick_device, prepare_model
+from ..core.tta import BASELINE, view_name
 
 log = logging.getLogger("pipeline")
 
@@ -70,15 +70,6 @@ def load_inputs(cfg: Config) -> Inputs:
     return Inputs(classes, oof_df, summaries, heads, test, made_from)
 
 
-def policy_logits(forward, x: torch.Tensor, policy: list[str], crop: int) -> list[torch.Tensor]:
-    """Logits of each named view of a batch (several crops of one view are averaged)."""
-    out = []
-    for v in policy:
-        parts = [forward(c) for c in VIEWS[v](x, crop)]
-        out.append(torch.stack(parts).mean(0) if len(parts) > 1 else parts[0])
-    return out
-
-
 def tta_pairs(cfg: Config) -> list[tuple[float, str]]:
     """Every (scale, view) to predict: the configured ones, and always the no-TTA baseline."""
     pairs = list(itertools.product(cfg.infer.scales, cfg.infer.views))
@@ -91,20 +82,6 @@ def status(cfg: Config) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- predicting
-def predict_table(cfg: Config, model, norm, heads: dict[str, Head], store, scale: float, views: list[str],
-                  device, dtype) -> dict[str, np.ndarray]:
-    """Logits (V x N x C) of every head for the images of `store` under the views of one scale."""
-    load, crop = sizes(cfg.aug.img_size, crop_pct(cfg), scale)
-    loader = make_loader(ImageDataset(store, None, load_transform(cfg, crop)), batch_size=cfg.infer.batch_size,
-                         n_workers=workers(cfg), cuda=device.type == "cuda")
-    out = {h: [] for h in heads}
-    for x, _ in loader:
-        feats = _view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, memory_format(cfg, device))
-        for h, head in heads.items():
-            out[h].append(np.stack([head.torch_logits(f).cpu().numpy() for f in feats]))
-    return {h: np.concatenate(parts, axis=1) for h, parts in out.items()}
-
-
 def predict_all(cfg: Config, inp: Inputs, pairs: list[tuple[float, str]]) -> tuple[dict, dict, int]:
     """Every fold's model on the test images (fold mean) and on its own held-out rows, per view:
     {head: V x N x C} for test and OOF, and the number of view-images predicted."""
@@ -117,26 +94,28 @@ def predict_all(cfg: Config, inp: Inputs, pairs: list[tuple[float, str]]) -> tup
     n_images = 0
     test_store = open_store(cfg, inp.test["path"])
     train_store = open_store(cfg, inp.oof_df["path"]) if inp.oof_df is not None else None
+    bar = Progress(K * len(pairs) * (len(inp.test) + n_oof), f"stage 4 of {cfg.experiment}", "view-img")
     for k, s2 in enumerate(inp.summaries):
         model = models.load_trained(cfg, cfg.run.fold(k).weights, C).to(device)
         prepare_model(cfg, model, device)
         norm = models.Normalize(s2["mean"], s2["std"]).to(device)
         heads = {h: _load_head(cfg, k, h, model) for h in inp.heads}
         rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else None
-        for scale in sorted(set(s for s, _ in pairs)):
-            at = [i for i, (s, _) in enumerate(pairs) if s == scale]
-            views = [pairs[i][1] for i in at]
-            for h, lg in predict_table(cfg, model, norm, heads, test_store, scale, views, device, dtype).items():
+        for scale, at, views in by_scale(pairs):
+            tick = lambda n, v=len(views): bar.update(n * v)  # noqa: E731
+            for h, lg in predict_views(cfg, model, norm, heads, test_store, scale, views, device, dtype,
+                                       on_batch=tick).items():
                 test_logits[h][at] += lg / K
             n_images += len(inp.test) * len(views)
             if rows is not None:
-                for h, lg in predict_table(cfg, model, norm, heads, train_store.subset(rows), scale, views, device,
-                                           dtype).items():
+                for h, lg in predict_views(cfg, model, norm, heads, train_store.subset(rows), scale, views, device,
+                                           dtype, on_batch=tick).items():
                     oof_logits[h][np.ix_(at, rows)] = lg
                 n_images += len(rows) * len(views)
         log.info("fold %d: TTA inference done (%d view(s) x %d scale(s))", k, len(cfg.infer.views),
                  len(cfg.infer.scales))
         fault_point(f"infer:after-fold:{k}")
+    bar.close()
     return test_logits, oof_logits, n_images
 
 
@@ -181,40 +160,27 @@ def tta_report(cfg: Config, inp: Inputs, oof_logits: dict, names: list[str], pol
     selections = [("no TTA", [BASELINE])] + [(f"{n} alone", [n]) for n in names] + [("policy", policy)]
     for h in inp.heads:
         for label, sel in selections:
-            probs = merge(oof_logits[h][[names.index(n) for n in sel]], cfg.infer.merge)
+            probs = policy_probs(oof_logits[h], names, sel, cfg.infer.merge)
             rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, probs)})
     return pd.DataFrame(rows)
 
 
 def write_predictions(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict, names: list[str],
                       policy: list[str]) -> None:
-    idx = [names.index(n) for n in policy]
     classes = np.array([str(c) for c in inp.classes])
     for h in inp.heads:
         write_npz(cfg.run.infer_test(h), ids=inp.test["id"].values, classes=classes,
-                  probs=merge(test_logits[h][idx], cfg.infer.merge).astype(np.float32),
+                  probs=policy_probs(test_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
                   view_logits=test_logits[h].astype(np.float16), views=np.array(names))
         if inp.oof_df is not None:
             write_npz(cfg.run.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
                       fold=inp.oof_df["fold"].values, classes=classes,
-                      probs=merge(oof_logits[h][idx], cfg.infer.merge).astype(np.float32),
+                      probs=policy_probs(oof_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
                       view_logits=oof_logits[h].astype(np.float16), views=np.array(names))
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
-    if variant == "joint":
-        clf = model.get_classifier()
-        return Head(clf.weight.detach().cpu().numpy(), clf.bias.detach().cpu().numpy())
-    return Head.load(cfg.run.fold(k).head(variant))[0]
-
-
-@torch.no_grad()
-def _view_features(model, x, views, crop, dtype, fmt=torch.contiguous_format):
-    def forward(c):
-        c = c.contiguous(memory_format=fmt)
-        with torch.autocast(c.device.type, dtype=dtype, enabled=dtype is not None):
-            return models.features(model, c).float()
-    return policy_logits(forward, x, views, crop)
+    return joint_head(model) if variant == "joint" else Head.load(cfg.run.fold(k).head(variant))[0]
 
 
 def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarray) -> dict:
@@ -231,7 +197,7 @@ def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[st
     when none helps. Chosen on the same OOF rows it is scored on (a mild optimism: say so)."""
     gib = GREATER_IS_BETTER[cfg.eval.metric]
     chosen = [BASELINE]
-    value = lambda sel: cv_of(cfg, df, summaries, merge(logits[[names.index(n) for n in sel]], cfg.infer.merge))["cv_mean"]  # noqa: E731
+    value = lambda sel: cv_of(cfg, df, summaries, policy_probs(logits, names, sel, cfg.infer.merge))["cv_mean"]  # noqa: E731
     best = value(chosen)
     while True:
         trials = {n: value(chosen + [n]) for n in names if n not in chosen}

@@ -1,0 +1,93 @@
+"""Applying a trained member to images: TTA views at each scale, every head, fold means, the policy.
+
+Stage 4 (with the training folders at hand) and `./run.sh predict` (with an exported bundle only)
+both predict through these functions, so a bundle reproduces stage 4's test probabilities exactly.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import models
+from .augment import crop_pct, load_transform
+from .config import Config
+from .errors import PipelineError
+from .heads import Head
+from .images import ImageDataset
+from .runtime import make_loader, memory_format, workers
+from .tta import VIEWS, merge, sizes
+
+
+def parse_view(name: str) -> tuple[str, float]:
+    """`hflip@1.15` -> ("hflip", 1.15): the inverse of tta.view_name."""
+    view, _, scale = name.partition("@")
+    try:
+        s = float(scale)
+    except ValueError:
+        s = None
+    if view not in VIEWS or s is None:
+        raise PipelineError(f"TTA view '{name}' is not view@scale with a view of {sorted(VIEWS)}")
+    return view, s
+
+
+def policy_logits(forward, x: torch.Tensor, views: list[str], crop: int) -> list[torch.Tensor]:
+    """Logits of each named view of a batch (several crops of one view are averaged)."""
+    out = []
+    for v in views:
+        parts = [forward(c) for c in VIEWS[v](x, crop)]
+        out.append(torch.stack(parts).mean(0) if len(parts) > 1 else parts[0])
+    return out
+
+
+@torch.no_grad()
+def view_features(model, x: torch.Tensor, views: list[str], crop: int, dtype, fmt=torch.contiguous_format):
+    """Pooled features of each view of a normalised batch (the backbone under autocast)."""
+    def forward(c):
+        c = c.contiguous(memory_format=fmt)
+        with torch.autocast(c.device.type, dtype=dtype, enabled=dtype is not None):
+            return models.features(model, c).float()
+    return policy_logits(forward, x, views, crop)
+
+
+def joint_head(model) -> Head:
+    """The model's own classifier as a Head."""
+    clf = model.get_classifier()
+    return Head(clf.weight.detach().cpu().numpy(), clf.bias.detach().cpu().numpy())
+
+
+def predict_views(cfg: Config, model, norm, heads: dict[str, Head], store, scale: float, views: list[str],
+                  device, dtype, batch_size: int | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Logits (V x N x C, float32) of every head for the images of `store` under the views of one scale."""
+    load, crop = sizes(cfg.aug.img_size, crop_pct(cfg), scale)
+    loader = make_loader(ImageDataset(store, None, load_transform(cfg, crop)),
+                         batch_size=batch_size or cfg.infer.batch_size, n_workers=workers(cfg),
+                         cuda=device.type == "cuda")
+    fmt = memory_format(cfg, device)
+    out = {h: [] for h in heads}
+    for x, _ in loader:
+        feats = view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, fmt)
+        for h, head in heads.items():
+            out[h].append(np.stack([head.torch_logits(f).cpu().numpy() for f in feats]))
+        if on_batch is not None:
+            on_batch(len(x))
+    return {h: np.concatenate(parts, axis=1) for h, parts in out.items()}
+
+
+def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], list[str]]]:
+    """(scale, positions in `pairs`, views) per scale, in ascending scale order: one loader per scale."""
+    out = []
+    for scale in sorted(set(s for s, _ in pairs)):
+        at = [i for i, (s, _) in enumerate(pairs) if s == scale]
+        out.append((scale, at, [pairs[i][1] for i in at]))
+    return out
+
+
+def policy_probs(view_logits: np.ndarray, names: list[str], policy: list[str], how: str) -> np.ndarray:
+    """N x C probabilities of the policy's views (rows of `view_logits`, named by `names`) merged."""
+    missing = [n for n in policy if n not in names]
+    if missing:
+        raise PipelineError(f"TTA policy views {missing} were not predicted (have {names})")
+    return merge(view_logits[[names.index(n) for n in policy]], how)

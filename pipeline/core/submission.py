@@ -1,0 +1,89 @@
+"""Ensemble combination and the submission file: shared by stage 5 and `./run.sh predict`.
+
+`combine` merges members' probabilities by the ensemble method; `build_submission` turns probabilities
+into exactly the sample submission's ids, order and columns (one label column, or one probability
+column per class) and `validate_submission` checks the result before anything is written.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from .errors import PipelineError
+
+METHODS = ("mean", "weighted", "geo_mean", "rank")
+
+
+def parse_members(cfg) -> list[tuple[str, str | None]]:
+    """The ensemble's members as (experiment, head or None for stage 4's primary head)."""
+    out = []
+    for m in cfg.ensemble.members or [cfg.experiment]:
+        exp, _, head = m.partition(":")
+        out.append((exp, head or None))
+    return out
+
+
+def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """N x C probabilities of members (weights: non-negative, summing to 1; default equal)."""
+    p = np.stack([np.clip(x, 1e-12, 1) for x in probs]).astype(np.float64)
+    w = np.full(len(probs), 1.0 / len(probs)) if weights is None else np.asarray(weights, float)
+    if method in ("mean", "weighted"):
+        out = np.tensordot(w, p, axes=1)
+    elif method == "geo_mean":
+        out = np.exp(np.tensordot(w, np.log(p), axes=1))
+    elif method == "rank":
+        r = np.stack([rankdata(x, axis=0) / len(x) for x in p])  # per class, across images
+        out = np.tensordot(w, r, axes=1)
+    else:
+        raise PipelineError(f"unknown ensemble method '{method}' (one of {list(METHODS)})")
+    return out / out.sum(1, keepdims=True)
+
+
+def build_submission(sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, classes: list, kind: str,
+                     label_col: str, where: str) -> pd.DataFrame:
+    """The submission table for `sample` (the sample submission read from `where`)."""
+    if not np.array_equal(sample.iloc[:, 0].astype(str).values, np.asarray(ids).astype(str)):
+        raise PipelineError(f"{where}: its ids differ from the predicted test ids (order or set)")
+    cols = list(sample.columns)
+    if kind == "label":
+        if cols[1:] != [label_col]:
+            raise PipelineError(f"{where}: expected columns [{cols[0]}, {label_col}] for a label submission, found "
+                                f"{cols} (ensemble.submission=proba writes one column per class)")
+        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values, cols[1]: [classes[i] for i in probs.argmax(1)]})
+    else:
+        names = [str(c) for c in classes]
+        unknown = [c for c in cols[1:] if c not in names]
+        missing = [c for c in names if c not in cols[1:]]
+        if unknown or missing:
+            raise PipelineError(f"{where}: probability columns must be the class names; unknown columns "
+                                f"{unknown}, classes without a column {missing}")
+        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values})
+        for c in cols[1:]:
+            sub[c] = probs[:, names.index(c)]
+    validate_submission(sub, sample, kind)
+    return sub
+
+
+def plain_submission(ids: np.ndarray, probs: np.ndarray, classes: list, kind: str, id_col: str,
+                     label_col: str) -> pd.DataFrame:
+    """A submission without a sample submission: the ids in test-folder order."""
+    if kind == "label":
+        return pd.DataFrame({id_col: ids, label_col: [classes[i] for i in probs.argmax(1)]})
+    sub = pd.DataFrame({id_col: ids})
+    for i, c in enumerate(classes):
+        sub[str(c)] = probs[:, i]
+    return sub
+
+
+def validate_submission(sub: pd.DataFrame, sample: pd.DataFrame, kind: str) -> None:
+    if list(sub.columns) != list(sample.columns) or len(sub) != len(sample):
+        raise PipelineError("submission does not match the sample submission's columns or length")
+    if not (sub.iloc[:, 0].astype(str).values == sample.iloc[:, 0].astype(str).values).all():
+        raise PipelineError("submission ids are not in the sample submission's order")
+    if sub.isna().any().any():
+        raise PipelineError("submission has empty values")
+    if kind == "proba":
+        p = sub.iloc[:, 1:].values.astype(float)
+        if (p < 0).any() or not np.allclose(p.sum(1), 1, atol=1e-4):
+            raise PipelineError("submission probabilities are not a distribution per row")

@@ -1,0 +1,297 @@
+"""`./run.sh export`: a self-contained inference bundle for a Kaggle code competition (or any offline
+machine), made from an ensemble's finished stages 2-5.
+
+Usage:   ./run.sh export [--config FILE] [--out DIR] [--zip] [--onnx]
+Input:   submissions/<name>.json (stage 5: members, method, weights, CV), and per member
+         runs/<exp>/config.yaml, fold<k>/model.safetensors + summary.json, the stage-3 head in use,
+         runs/<exp>/infer/summary.json (the TTA policy and merge rule)
+Output:  exports/<name>/ (or --out):
+           manifest.json                  written last: every file with its sha256 and size, the
+                                          versions it was made with, method, weights, expected CV
+           README.md                      the two lines to paste into a notebook
+           wheels/pipeline-*.whl          this package
+           members/<exp>--<head>/config.yaml, member.json
+           members/<exp>--<head>/fold<k>/model.safetensors   a plain timm checkpoint per fold, the
+                                          stage-3 head folded into its classifier where it is linear
+           members/<exp>--<head>/fold<k>/head.safetensors    only for a normalised head (NCM)
+           members/<exp>--<head>/fold<k>/model.onnx          with --onnx: backbone + head
+         and with --zip the same as <out>.zip. Training-only files (checkpoints, OOF, features, image
+         caches) never go in. The bundle is built in a temporary folder and renamed into place.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import __version__
+from ..core import bundle as bundle_io
+from ..core import layout, models
+from ..core.artifacts import read_json, sha256_file, write_json, write_text
+from ..core.augment import crop_pct, store_side
+from ..core.config import Config, load_config
+from ..core.errors import PipelineError
+from ..core.heads import Head
+from ..core.inference import joint_head
+from ..core.provenance import environment
+from ..core.submission import parse_members
+
+log = logging.getLogger("pipeline")
+
+INFERENCE_TRAIN_KEYS = ("amp", "channels_last", "workers")  # the train settings inference reads
+DATA_KEYS = ("id_col", "label_col", "image_ext", "check_images")
+
+
+# ----------------------------------------------------------------------------- checks
+def stage5_record(cfg: Config) -> tuple[str, dict]:
+    name = cfg.ensemble.name or cfg.experiment
+    path = layout.submission_record(name)
+    if not path.exists():
+        raise PipelineError(f"{path} not found: export packs a finished ensemble; run ./run.sh ensemble "
+                            f"(or ./run.sh all) for '{name}' first")
+    rec = read_json(path)
+    want = [f"{e}:{h}" if h else e for e, h in parse_members(cfg)]
+    have = rec["members"]
+    if [w.split(":")[0] for w in want] != [h.split(":")[0] for h in have] or any(
+            ":" in w and w != h for w, h in zip(want, have)):
+        raise PipelineError(f"{path} was made from members {have}, the config names {want}: re-run "
+                            f"./run.sh ensemble")
+    return name, rec
+
+
+def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
+    """The member's run folder and stage-4 summary, refused unless stage 5 was made from exactly this
+    stage-4 output and the weights and heads on disk are the ones stage 4 predicted with."""
+    exp, head = name.split(":")
+    run = layout.RunDir.of(exp)
+    if not run.infer_summary.exists():
+        raise PipelineError(f"{run.infer_summary} not found: run ./run.sh infer for '{exp}'")
+    s4 = read_json(run.infer_summary)
+    if s4["made_from"] != rec["made_from"]["members"].get(name):
+        raise PipelineError(f"the ensemble was made before stage 4 of '{exp}' last ran ({run.infer_summary}): "
+                            f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
+    made = s4["made_from"]
+    for k, want in enumerate(made["weights"]):
+        if sha256_file(run.fold(k).weights) != want:
+            raise PipelineError(f"{run.fold(k).weights} changed after stage 4 predicted with it: re-run "
+                                f"./run.sh all before exporting")
+    for k, want in enumerate(made["head_files"].get(head, [])):
+        if sha256_file(run.fold(k).head(head)) != want:
+            raise PipelineError(f"{run.fold(k).head(head)} changed after stage 4 predicted with it: re-run "
+                                f"./run.sh all before exporting")
+    return run, s4, head
+
+
+# ----------------------------------------------------------------------------- one member
+def member_config(mcfg: Config, s4: dict, submission: str) -> dict:
+    """The config sections inference reads, with every derived pixel setting resolved (so a bundle does
+    not depend on timm's pretrained defaults of another version)."""
+    d = mcfg.to_dict()
+    aug = dict(d["aug"], crop_pct=crop_pct(mcfg), store_side=store_side(mcfg), cache="on")
+    aug.pop("cache_dir")
+    aug.pop("cache_max_gb")
+    return {"experiment": mcfg.experiment, "device": d["device"],
+            "data": {k: d["data"][k] for k in DATA_KEYS},
+            "model": dict(d["model"], pretrained=False, pretrained_path=None),
+            "aug": aug,
+            "train": {k: d["train"][k] for k in INFERENCE_TRAIN_KEYS},
+            "eval": d["eval"],
+            "infer": s4["made_from"]["infer"],
+            "ensemble": {"submission": submission}}
+
+
+def view_cv(s4: dict, head: str) -> dict:
+    """OOF CV of each view alone, of no TTA and of the policy, for this head (stage 4's report)."""
+    out = {}
+    for row in s4["cv"]:
+        if row["head"] == head:
+            label = row["views"]
+            key = label[:-len(" alone")] if label.endswith(" alone") else label
+            out[key] = row["cv_mean"]
+    return out
+
+
+def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: layout.BundleMember, submission: str,
+                  onnx: bool) -> dict:
+    mcfg = load_config(run.config)
+    classes = read_json(run.classes)
+    C, K = len(classes), len(s4["made_from"]["weights"])
+    folds, normalised = [], False
+    for k in range(K):
+        s2 = read_json(run.fold(k).summary)
+        model = models.load_trained(mcfg, run.fold(k).weights, C)
+        if head != "joint":
+            h, _ = Head.load(run.fold(k).head(head))
+            if h.normalize:  # cosine heads are not a linear layer: kept as a file, applied by predict
+                normalised = True
+                h.save(target.head(k), {"variant": head, "fold": k})
+            else:
+                clf = model.get_classifier()
+                with torch.no_grad():
+                    clf.weight.copy_(torch.as_tensor(h.weight))
+                    clf.bias.copy_(torch.as_tensor(h.bias))
+        target.weights(k).parent.mkdir(parents=True, exist_ok=True)
+        models.write_state_dict(target.weights(k), model.state_dict(),
+                                {"arch": mcfg.model.arch, "num_classes": C, "head": head, "fold": k})
+        if onnx:
+            export_onnx(mcfg, model, Head.load(target.head(k))[0] if normalised else joint_head(model), target.onnx(k))
+        folds.append({"fold": k, "mean": s2["mean"], "std": s2["std"], "score": s2["score"], "epoch": s2["epoch"]})
+    info = {"name": name, "experiment": run.name, "head": head, "arch": mcfg.model.arch, "classes": classes,
+            "num_classes": C, "folds": folds, "policy": s4["policy"], "merge": s4["merge"],
+            "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,
+            "plain_timm": mcfg.model.pool != "gem",
+            "plain_timm_note": ("timm.create_model(arch, num_classes=C, checkpoint_path=fold<k>/model.safetensors) "
+                                "loads it" + (" with the joint classifier; the NCM head is head.safetensors"
+                                              if normalised else ", the chosen head included")
+                                if mcfg.model.pool != "gem" else
+                                "GeM pooling has no timm equivalent: load with pipeline.core.models")}
+    write_text(target.config, yaml.safe_dump(member_config(mcfg, s4, submission), sort_keys=False))
+    write_json(target.info, info)
+    return info
+
+
+def export_onnx(cfg: Config, model, head: Head, path: Path) -> None:
+    """Backbone + head as ONNX: input normalised float32 N x 3 x S x S (S = aug.img_size), output logits."""
+    if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it
+        raise PipelineError("export --onnx needs the onnx package (pip install onnx); the bundle itself does not")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.weight = torch.nn.Parameter(torch.as_tensor(head.weight), requires_grad=False)
+            self.bias = torch.nn.Parameter(torch.as_tensor(head.bias), requires_grad=False)
+            self.center = (torch.nn.Parameter(torch.as_tensor(head.center), requires_grad=False)
+                           if head.center is not None else None)
+
+        def forward(self, x):
+            f = models.features(self.model, x).float()
+            if head.normalize:
+                if self.center is not None:
+                    f = f - self.center
+                f = torch.nn.functional.normalize(f, dim=1)
+            return f @ self.weight.T + self.bias
+
+    s = cfg.aug.img_size
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.onnx"
+        torch.onnx.export(Net().eval(), (torch.zeros(1, 3, s, s),), str(out), dynamo=False, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, path)
+
+
+# ----------------------------------------------------------------------------- the package
+def build_wheel(dest: Path) -> Path:
+    """A wheel of this package, built with pip from a copy of the source (the checkout stays clean)."""
+    src = Path(__file__).resolve().parents[2]
+    if not (src / "pyproject.toml").is_file():
+        raise PipelineError(f"export builds a wheel of the pipeline from its source folder, and {src} has no "
+                            f"pyproject.toml (run export from a checkout, not an installed wheel)")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "src"
+        shutil.copytree(src / "pipeline", copy / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+        for f in ("pyproject.toml", "README.md"):
+            if (src / f).exists():
+                shutil.copy(src / f, copy / f)
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "--disable-pip-version-check", "-q", "-w", str(dest), str(copy)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise PipelineError(f"building the pipeline wheel failed:\n{r.stderr.strip()[-2000:]}")
+    wheels = sorted(dest.glob("pipeline-*.whl"))
+    if not wheels:
+        raise PipelineError(f"pip wheel left no pipeline wheel in {dest}")
+    return wheels[-1]
+
+
+def readme(name: str, manifest: dict, wheel: str) -> str:
+    cv = manifest["expected_cv"]
+    return f"""# Inference bundle `{name}`
+
+Made by pipeline {manifest['version']} on {manifest['created']}: {len(manifest['members'])} member(s)
+({', '.join(manifest['members'])}), ensemble `{manifest['method']}`, expected CV
+({manifest['metric']}) {cv['cv_mean']:.4f} +- {cv['cv_std']:.4f}.
+
+In a Kaggle notebook (no internet), with this folder attached as the dataset `{name}`:
+
+```
+!pip install --no-index --no-deps /kaggle/input/{name}/wheels/{wheel}
+!python -m pipeline predict --bundle /kaggle/input/{name} --test-dir /kaggle/input/<competition>/test --sample-submission /kaggle/input/<competition>/sample_submission.csv --out /kaggle/working/submission.csv
+```
+
+torch, timm, albumentations 2.0.x, pandas, scikit-learn, safetensors and Pillow must be importable (the
+Kaggle image has all but albumentations 2.0: attach its wheel too if needed). `--time-budget MIN` drops the
+TTA views that helped least on OOF until the estimate fits; `--device cpu|cuda`, `--batch-size N`.
+`manifest.json` lists every file with its sha256: predict refuses a bundle with a missing or altered file.
+Each `members/*/fold*/model.safetensors` is also a plain timm checkpoint (see member.json, `plain_timm`).
+"""
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+# ----------------------------------------------------------------------------- entry
+def run(cfg: Config, out: str | None = None, zip_: bool = False, onnx: bool = False) -> dict:
+    name, rec = stage5_record(cfg)
+    target = Path(out) if out else layout.export_dir(name)
+    if target.exists() and not layout.BundleDir(target).manifest.exists() and any(target.iterdir()):
+        raise PipelineError(f"{target} exists and is not an export bundle: choose another --out (nothing was "
+                            f"written)")
+    members = [(m, *current_member(m, rec)) for m in rec["members"]]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        b = layout.BundleDir(tmp)
+        infos = [export_member(m, run, s4, head, b.member(m), cfg.ensemble.submission, onnx)
+                 for m, run, s4, head in members]
+        b.wheels.mkdir()
+        wheel = build_wheel(b.wheels)
+        ens_row = next(r for r in rec["table"] if str(r["member"]).startswith("ensemble"))
+        d = cfg.to_dict()
+        manifest = {
+            "format": bundle_io.FORMAT, "version": __version__, "name": name,
+            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "members": [i["name"] for i in infos], "method": rec["method"], "weights": rec["weights"],
+            "metric": rec["metric"], "expected_cv": {"cv_mean": ens_row["cv_mean"], "cv_std": ens_row["cv_std"]},
+            "private": rec.get("private"), "submission": cfg.ensemble.submission,
+            "data": {k: d["data"][k] for k in ("id_col", "label_col", "image_ext")},
+            "made_with": environment(),
+            "source_bytes": sum(folder_bytes(run.dir) for _, run, _, _ in members),
+        }
+        write_text(b.readme, readme(name, manifest, wheel.name))
+        files = [p for p in tmp.rglob("*") if p.is_file()]
+        manifest["files"] = bundle_io.file_entries(tmp, files)
+        manifest["size_bytes"] = sum(e["bytes"] for e in manifest["files"].values())
+        write_json(b.manifest, manifest)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {"bundle": str(target), "size_bytes": manifest["size_bytes"], "source_bytes": manifest["source_bytes"],
+              "members": manifest["members"]}
+    if zip_:
+        zpath = target.with_suffix(".zip")
+        part = shutil.make_archive(str(zpath.with_name(f".{zpath.stem}.tmp-{os.getpid()}")), "zip", root_dir=target)
+        os.replace(part, zpath)
+        result["zip"] = str(zpath)
+    log.info("exported %s: %d member(s), %d files, %.1f MB (the runs folders it came from: %.1f MB)%s",
+             target, len(infos), len(manifest["files"]), manifest["size_bytes"] / 1e6, manifest["source_bytes"] / 1e6,
+             f"; zip {result['zip']}" if zip_ else "")
+    log.info("in a notebook: see %s", layout.BundleDir(target).readme)
+    return result

@@ -1,0 +1,241 @@
+"""`export` and `predict`: a bundle reproduces stage 5's submission with nothing but itself and the test images."""
+import hashlib
+import json
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_competition, run_cli
+from pipeline.core import layout, models
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.heads import Head
+from pipeline.core.submission import combine
+from pipeline.stages import ensemble as ens_stage
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import infer as infer_stage
+from pipeline.stages import rebalance as rebalance_stage
+from pipeline.stages import train as train_stage
+from pipeline.tools import export, predict
+
+BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off", "train.batch_size=8",
+        "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "rebalance.crt_epochs=2",
+        "rebalance.lws_epochs=2", "rebalance.variants=[joint,tau,ncm]", "infer.batch_size=4"]
+MEMBERS = {"a": ["infer.heads=[tau]", "infer.views=[orig,hflip]", "infer.scales=[1.0,1.25]"],
+           "b": ["infer.heads=[ncm]", "infer.views=[orig,rot90]", "model.pool=gem"]}
+ENSEMBLE = ["ensemble.members=[a:tau,b:ncm]", "ensemble.method=weighted", "ensemble.name=duo"]
+
+
+def cfg_of(root, exp, *extra):
+    return load_config(None, [f"data.root={root}", f"experiment={exp}", *BASE, *MEMBERS[exp], *extra])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Two trained experiments (a linear stage-3 head, and an NCM head with GeM pooling), their weighted
+    ensemble, and its export bundle."""
+    home = tmp_path_factory.mktemp("project")
+    old = Path.cwd()
+    os.chdir(home)
+    try:
+        root = make_competition(home / "comp", {"x": 10, "y": 8, "z": 6}, size=24, n_test=10)
+        for exp in MEMBERS:
+            cfg = cfg_of(root, exp)
+            folds_stage.run(cfg)
+            train_stage.run(cfg)
+            rebalance_stage.run(cfg)
+            infer_stage.run(cfg)
+        ens = cfg_of(root, "a", *ENSEMBLE)
+        ens_stage.run(ens)
+        result = export.run(ens, zip_=True)
+    finally:
+        os.chdir(old)
+    return {"home": home, "root": root, "cfg": ens, "bundle": home / result["bundle"], "zip": home / result["zip"],
+            "result": result}
+
+
+def tree_state(path: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def kaggle_inputs(project, where: Path) -> tuple[Path, Path, Path]:
+    """A fresh folder as in a code competition: the bundle and the competition's test images and
+    sample submission, read-only, and no runs/, folds/ or train images."""
+    inp = where / "input"
+    shutil.copytree(project["bundle"], inp / "bundle")
+    (inp / "comp").mkdir(parents=True)
+    shutil.copytree(project["root"] / "test", inp / "comp" / "test")
+    shutil.copy(project["root"] / "sample_submission.csv", inp / "comp" / "sample_submission.csv")
+    return inp / "bundle", inp / "comp" / "test", inp / "comp" / "sample_submission.csv"
+
+
+def read_only(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True) + [path]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def writable(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_bundle_holds_only_what_inference_needs(project):
+    files = sorted(p.relative_to(project["bundle"]).as_posix() for p in project["bundle"].rglob("*") if p.is_file())
+    allowed = ("manifest.json", "README.md", "wheels/pipeline-", "/config.yaml", "/member.json", "/model.safetensors",
+               "/head.safetensors")
+    assert all(any(a in f for a in allowed) for f in files), files
+    assert not [f for f in files if any(t in f for t in ("last", "oof", "feature", "checkpoint", "history", ".npz"))]
+    manifest = json.loads((project["bundle"] / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}
+    assert manifest["members"] == ["a:tau", "b:ncm"] and manifest["method"] == "weighted"
+    assert abs(sum(manifest["weights"].values()) - 1) < 1e-9
+    # the NCM head is a file (normalised: not a linear layer), the tau head lives in the weights
+    assert "members/b--ncm/fold0/head.safetensors" in files and "members/a--tau/fold0/head.safetensors" not in files
+    assert manifest["size_bytes"] < manifest["source_bytes"]
+    with zipfile.ZipFile(project["zip"]) as z:
+        assert sorted(n for n in z.namelist() if not n.endswith("/")) == files
+    wheel = next((project["bundle"] / "wheels").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        assert "pipeline/tools/predict.py" in z.namelist() and "pipeline/core/inference.py" in z.namelist()
+
+
+def test_weights_are_plain_timm_checkpoints_with_the_head_folded_in(project):
+    import timm
+
+    bundle = layout.BundleDir(project["bundle"])
+    home = project["home"]
+    net = timm.create_model("test_resnet", num_classes=3, checkpoint_path=str(bundle.member("a:tau").weights(0))).eval()
+    trained = models.load_trained(load_config(home / "runs/a/config.yaml"), home / "runs/a/fold0/model.safetensors", 3)
+    tau, _ = Head.load(home / "runs/a/fold0/rebalance/heads/tau.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tau.torch_logits(models.features(trained.eval(), x))
+        assert torch.allclose(net(x), expected, atol=1e-5)
+    info = json.loads(bundle.member("b:ncm").info.read_text())
+    assert info["plain_timm"] is False and info["head_in_weights"] is False  # GeM; NCM
+
+
+def test_predict_reproduces_stage5_offline_and_leaves_inputs_untouched(project, tmp_path, monkeypatch):
+    bundle, test_dir, sample = kaggle_inputs(project, tmp_path)
+    read_only(tmp_path / "input")
+    before = tree_state(tmp_path / "input")
+    work = tmp_path / "working"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    try:
+        res = predict.run(bundle, test_dir, work / "submission.csv", sample, tmp_dir=tmp_path)
+    finally:
+        after = tree_state(tmp_path / "input")
+        writable(tmp_path / "input")
+    assert before == after
+    assert sorted(p.name for p in work.iterdir()) == ["submission.csv"]
+    assert not list(tmp_path.glob("pipeline-predict-*"))  # the temporary folder is gone
+    home = project["home"]
+    stage5 = pd.read_csv(home / "submissions/duo.csv", dtype=str)
+    ours = pd.read_csv(work / "submission.csv", dtype=str)
+    pd.testing.assert_frame_equal(ours, stage5)
+    rec = json.loads((home / "submissions/duo.json").read_text())
+    tests = [np.load(home / f"runs/{m.split(':')[0]}/infer/{m.split(':')[1]}/test.npz") for m in rec["members"]]
+    for m, t in zip(rec["members"], tests):
+        assert np.abs(res["members"][m] - t["probs"]).max() < 1e-6
+    expected = combine([t["probs"] for t in tests], "weighted", np.array([rec["weights"][m] for m in rec["members"]]))
+    assert np.abs(res["probs"] - expected).max() < 1e-6
+
+
+def test_predict_cli_from_the_zip_without_a_project(project, tmp_path):
+    _, test_dir, sample = kaggle_inputs(project, tmp_path)
+    zip_copy = tmp_path / "input" / "duo.zip"
+    shutil.copy(project["zip"], zip_copy)
+    read_only(tmp_path / "input")
+    try:
+        r = run_cli(["predict", "--bundle", str(zip_copy), "--test-dir", str(test_dir), "--sample-submission",
+                     str(sample), "--out", str(tmp_path / "sub.csv"), "--batch-size", "3"], cwd=tmp_path)
+    finally:
+        writable(tmp_path / "input")
+    assert r.returncode == 0, r.stderr
+    assert "images/s" in r.stderr
+    stage5 = pd.read_csv(project["home"] / "submissions/duo.csv", dtype=str)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype=str), stage5)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "remove", "newer"])
+def test_damaged_bundles_are_refused_naming_the_file(project, tmp_path, damage):
+    bundle, test_dir, sample = kaggle_inputs(project, tmp_path)
+    weights = layout.BundleDir(bundle).member("a:tau").weights(1)
+    if damage == "corrupt":
+        data = bytearray(weights.read_bytes())
+        data[-10] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        want = f"bundle file altered: {weights}"
+    elif damage == "remove":
+        weights.unlink()
+        want = f"bundle file missing: {weights}"
+    else:
+        m = json.loads((bundle / "manifest.json").read_text())
+        m["format"] += 1
+        (bundle / "manifest.json").write_text(json.dumps(m))
+        want = "newer than this one"
+    snapshot = tree_state(bundle)
+    with pytest.raises(PipelineError) as e:
+        predict.run(bundle, test_dir, tmp_path / "sub.csv", sample, tmp_dir=tmp_path)
+    assert want in str(e.value)
+    assert tree_state(bundle) == snapshot and not (tmp_path / "sub.csv").exists()
+
+
+def test_test_folder_and_sample_submission_must_agree(project, tmp_path):
+    bundle, test_dir, sample = kaggle_inputs(project, tmp_path)
+    shutil.copy(test_dir / "t000.png", test_dir / "extra.png")
+    with pytest.raises(PipelineError, match=r"image\(s\) are not in the sample submission.*extra.png"):
+        predict.run(bundle, test_dir, tmp_path / "sub.csv", sample, tmp_dir=tmp_path)
+    (test_dir / "extra.png").unlink()
+    (test_dir / "t003.png").unlink()
+    with pytest.raises(PipelineError, match="t003"):
+        predict.run(bundle, test_dir, tmp_path / "sub.csv", sample, tmp_dir=tmp_path)
+    assert not (tmp_path / "sub.csv").exists()
+    with pytest.raises(PipelineError, match="inside"):
+        predict.run(bundle, test_dir, bundle / "sub.csv", sample, tmp_dir=tmp_path)
+
+
+def test_time_budget_drops_the_least_useful_views_first():
+    class M:
+        def __init__(self, name, policy, view_cv):
+            self.name, self.policy, self.folds = name, list(policy), 2
+            self.info = {"view_cv": view_cv}
+
+    a = M("a:joint", ["orig@1", "hflip@1", "orig@1.25"], {"orig@1": 0.9, "hflip@1": 0.85, "orig@1.25": 0.88})
+    b = M("b:joint", ["orig@1", "rot90@1"], {"orig@1": 0.8, "rot90@1": 0.7})
+    costs = {m.name: {v: 0.01 for v in m.policy} for m in (a, b)}
+    # 100 images x 2 folds x 0.01 s = 2 s per view; 5 views = 10 s; 6.5 s left: drop two views
+    dropped = predict.fit_budget([a, b], costs, 100, 6.5, "accuracy")
+    assert [d.split(" (")[0] for d in dropped] == ["b:joint rot90@1", "a:joint hflip@1"]
+    assert b.policy == ["orig@1"] and a.policy == ["orig@1", "orig@1.25"]
+    # never below one view per member
+    predict.fit_budget([a, b], costs, 100, 0.1, "accuracy")
+    assert len(a.policy) == 1 and len(b.policy) == 1 and a.policy == ["orig@1"]
+    # a loss metric: the view with the highest value alone is the least useful
+    c = M("c:joint", ["orig@1", "hflip@1"], {"orig@1": 0.3, "hflip@1": 0.5})
+    predict.fit_budget([c], {c.name: {"orig@1": 0.01, "hflip@1": 0.01}}, 100, 3, "log_loss")
+    assert c.policy == ["orig@1"]
+
+
+def test_export_refuses_an_ensemble_older_than_its_members(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project["home"])
+    summary = project["home"] / "runs/a/infer/summary.json"
+    saved = summary.read_text()
+    s = json.loads(saved)
+    s["made_from"]["heads"] = ["tau", "joint", "extra"]
+    summary.write_text(json.dumps(s))
+    try:
+        with pytest.raises(PipelineError, match="re-run ./run.sh ensemble"):
+            export.run(project["cfg"], out=str(tmp_path / "b"))
+    finally:
+        summary.write_text(saved)
+    assert not (tmp_path / "b").exists()
