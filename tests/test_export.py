@@ -239,3 +239,34 @@ def test_export_refuses_an_ensemble_older_than_its_members(project, tmp_path, mo
     finally:
         summary.write_text(saved)
     assert not (tmp_path / "b").exists()
+
+
+def test_onnx_export_matches_the_member(project, tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in requirements-lock.txt; absent here")
+    monkeypatch.chdir(project["home"])
+    out = export.run(project["cfg"], out=str(tmp_path / "with-onnx"), onnx=True)
+    bundle = layout.BundleDir(Path(out["bundle"]))
+    manifest = json.loads(bundle.manifest.read_text())
+    assert "members/b--ncm/fold1/model.onnx" in manifest["files"]
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    for name in ("a:tau", "b:ncm"):
+        files = bundle.member(name)
+        info = json.loads(files.info.read_text())
+        cfg = load_config(files.config)
+        net = models.load_trained(cfg, files.weights(1), 3)
+        head = Head.load(files.head(1))[0] if not info["head_in_weights"] else None
+        with torch.no_grad():
+            f = models.features(net, torch.from_numpy(x))
+            want = (head.torch_logits(f) if head else net.get_classifier()(f)).numpy()
+        sess = ort.InferenceSession(str(files.onnx(1)), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"image": x})[0]
+        assert np.abs(got - want).max() < 1e-4, name
+
+
+def test_time_budget_end_to_end_keeps_one_view_per_member_and_says_so(project, tmp_path, caplog):
+    bundle, test_dir, sample = kaggle_inputs(project, tmp_path)
+    with caplog.at_level("INFO", logger="pipeline"):
+        res = predict.run(bundle, test_dir, tmp_path / "sub.csv", sample, time_budget=1e-4, tmp_dir=tmp_path)
+    assert res["dropped"] and all(len(p) == 1 for p in res["policies"].values())
+    assert "time budget" in caplog.text and "dropped" in caplog.text
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == 10

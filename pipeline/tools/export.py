@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -184,8 +185,10 @@ def export_onnx(cfg: Config, model, head: Head, path: Path) -> None:
     s = cfg.aug.img_size
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model.onnx"
-        torch.onnx.export(Net().eval(), (torch.zeros(1, 3, s, s),), str(out), dynamo=False, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(Net().eval(), (torch.zeros(1, 3, s, s),), str(out), dynamo=False, input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, path)
 
