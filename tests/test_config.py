@@ -86,3 +86,68 @@ def test_shipped_configs_load():
     for p in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(p)
         assert cfg.experiment, p
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_and_lines(tmp_path):
+    (tmp_path / "c.yaml").write_text("folds:\n  n_splits: 3\ntrain:\n  epochs: 2\nfolds:\n  n_splits: 5\n")
+    with pytest.raises(PipelineError, match=r"c.yaml.*duplicate key 'folds' on lines 1 and 5"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(PipelineError, match=r"duplicate key 'epochs' on lines 2 and 3"):
+        load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("key", ["experiment", "ensemble.name", "folds.name"])
+@pytest.mark.parametrize("value", ["../../escaped", "a/b", "..", ".hidden", "a:b", "/abs", "x\\\\y"])
+def test_names_that_become_paths_must_be_plain(key, value):
+    with pytest.raises(PipelineError, match=rf"config key '{key}'.*not a plain name"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_layout_refuses_escaping_names_at_every_path_function():
+    from pipeline.core import layout
+
+    for fn in (layout.folds_csv, layout.submission_csv, layout.submission_record, layout.export_dir,
+               layout.experiment_report, layout.RunDir.of):
+        with pytest.raises(PipelineError, match="not a plain name"):
+            fn("../x")
+    assert layout.submission_csv("ok-name_1.2") == layout.SUBMISSIONS / "ok-name_1.2.csv"
+
+
+@pytest.mark.parametrize("scales,why", [("[0.01]", r"must be >= 0.25"), ("[9]", r"must be >= 0.25 and <= 4"),
+                                        ("[]", "at least one scale"), ("[1.0, 1.0]", "twice")])
+def test_tta_scales_are_validated(scales, why):
+    with pytest.raises(PipelineError, match=rf"'infer.scales'.*{why}"):
+        load_config(None, [f"infer.scales={scales}"])
+    with pytest.raises(PipelineError, match=r"'infer.scales'.*crops under 16 px"):
+        load_config(None, ["aug.img_size=32", "infer.scales=[0.3]"])
+
+
+def test_every_numeric_key_has_a_range_and_both_ends_are_enforced():
+    import dataclasses
+    import typing
+
+    from pipeline.core.config import RANGES, Config, flatten
+
+    numeric = []
+    for key, value in flatten(Config().to_dict()).items():
+        section, _, name = key.rpartition(".")
+        obj = Config() if not section else getattr(Config(), section)
+        t = typing.get_type_hints(type(obj))[name]
+        if any(a in (int, float) for a in (t, *typing.get_args(t), *[x for a in typing.get_args(t) for x in typing.get_args(a)])):
+            numeric.append(key)
+    assert dataclasses.is_dataclass(Config)
+    assert sorted(k for k in numeric if k not in RANGES) == []
+    for key, (lo, hi, lo_in, hi_in) in RANGES.items():
+        t = typing.get_type_hints(type(getattr(Config(), key.split(".")[0]) if "." in key else Config()))[key.split(".")[-1]]
+        is_list = typing.get_origin(t) is list
+        is_int = int in (t, *typing.get_args(t)) and float not in (t, *typing.get_args(t))
+        for bad in (lo - (0 if not lo_in else (1 if is_int else 1e-3 * max(1, abs(lo)))),
+                    hi + (0 if not hi_in else (1 if is_int else 1e-3 * max(1, abs(hi))))):
+            v = int(bad) if is_int else bad
+            if key in ("model.mean", "model.std"):
+                v = [v] * 3
+            elif is_list:
+                v = [v]
+            with pytest.raises(PipelineError, match=rf"'{key}'.*must be"):
+                load_config(None, [f"{key}={v}"])

@@ -212,42 +212,92 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- validation
+BIG = 2 ** 31 - 1
+# Every number of the config with the smallest and largest values that make sense: (low, high, low
+# included, high included). A list of numbers is checked element by element. tests/test_config.py
+# fails when a numeric key has no entry here.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "seed": (0, 2 ** 32 - 1, True, True),
+    "folds.n_splits": (2, 100, True, True),
+    "folds.seed": (0, 2 ** 32 - 1, True, True),
+    "model.drop_rate": (0, 1, True, False),
+    "model.drop_path_rate": (0, 1, True, False),
+    "model.gem_p": (0, 100, False, True),
+    "model.mean": (0, 1, True, True),
+    "model.std": (0, 10, False, True),
+    "aug.img_size": (16, 4096, True, True),
+    "aug.rrc_scale": (0, 1, False, True),
+    "aug.crop_pct": (0.3, 1, True, True),
+    "aug.hflip": (0, 1, True, True),
+    "aug.vflip": (0, 1, True, True),
+    "aug.rotate": (0, 180, True, True),
+    "aug.shift_scale_p": (0, 1, True, True),
+    "aug.color_jitter": (0, 1, True, True),
+    "aug.coarse_dropout": (0, 1, True, True),
+    "aug.store_side": (16, 16384, True, True),
+    "aug.cache_max_gb": (0, 1e6, False, True),
+    "train.epochs": (1, 100_000, True, True),
+    "train.batch_size": (1, 65_536, True, True),
+    "train.accum_steps": (1, 4096, True, True),
+    "train.lr": (0, 10, False, True),
+    "train.backbone_lr_mult": (0, 100, True, True),
+    "train.weight_decay": (0, 10, True, True),
+    "train.momentum": (0, 1, True, False),
+    "train.warmup_epochs": (0, 100_000, True, True),
+    "train.warmup_lr": (0, 10, True, True),
+    "train.min_lr": (0, 10, True, True),
+    "train.clip_grad": (0, 1e6, False, True),
+    "train.focal_gamma": (0, 20, True, True),
+    "train.cb_beta": (0, 1, False, False),
+    "train.label_smoothing": (0, 1, True, False),
+    "train.mixup_alpha": (0, 100, True, True),
+    "train.cutmix_alpha": (0, 100, True, True),
+    "train.mix_prob": (0, 1, True, True),
+    "train.mix_switch_prob": (0, 1, True, True),
+    "train.mix_off_epoch": (0, 100_000, True, True),
+    "train.ema_decay": (0, 1, False, False),
+    "train.workers": (0, 256, True, True),
+    "eval.many_shot": (0, BIG, True, True),
+    "eval.few_shot": (0, BIG, True, True),
+    "rebalance.aug_views": (0, 100, True, True),
+    "rebalance.crt_epochs": (1, 10_000, True, True),
+    "rebalance.crt_lr": (0, 10, False, True),
+    "rebalance.crt_weight_decay": (0, 10, True, True),
+    "rebalance.lws_epochs": (1, 10_000, True, True),
+    "rebalance.lws_lr": (0, 10, False, True),
+    "rebalance.tau": (0, 5, True, True),
+    "rebalance.tau_grid": (0, 5, True, True),
+    "rebalance.la_grid": (0, 10, True, True),
+    "rebalance.inner_folds": (2, 20, True, True),
+    "infer.scales": (0.25, 4, True, True),
+    "infer.batch_size": (1, 65_536, True, True),
+}
+
+
+def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    return f"{'>=' if lo_in else '>'} {lo:g} and {'<=' if hi_in else '<'} {hi:g}"
+
+
 def _validate(cfg: Config, origin: dict[str, str]) -> None:
     def check(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise PipelineError(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
 
-    check(cfg.folds.n_splits >= 2, "folds.n_splits", "must be >= 2")
-    check(bool(cfg.experiment) and "/" not in cfg.experiment and not cfg.experiment.startswith("."),
-          "experiment", "must be a plain folder name")
-    check(cfg.aug.img_size >= 16, "aug.img_size", "must be >= 16")
-    check(len(cfg.aug.rrc_scale) == 2 and 0 < cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1] <= 1,
+    flat = flatten(cfg.to_dict())
+    for key, (lo, hi, lo_in, hi_in) in RANGES.items():
+        value = flat[key]
+        for v in (value if isinstance(value, list) else [value]):
+            if v is None:
+                continue
+            ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+            check(ok, key, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
+    for key in ("experiment", "folds.name", "ensemble.name"):
+        if flat[key] or key == "experiment":
+            layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
+    check(len(cfg.aug.rrc_scale) == 2 and cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1],
           "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
-    check(cfg.aug.crop_pct is None or 0.3 <= cfg.aug.crop_pct <= 1.0, "aug.crop_pct", "must be in [0.3, 1] or null")
-    check(cfg.aug.store_side is None or cfg.aug.store_side >= 16, "aug.store_side", "must be >= 16 or null")
-    check(cfg.aug.cache_max_gb is None or cfg.aug.cache_max_gb > 0, "aug.cache_max_gb", "must be > 0 or null")
-    for k in ("hflip", "vflip", "shift_scale_p", "coarse_dropout"):
-        check(0 <= getattr(cfg.aug, k) <= 1, f"aug.{k}", "is a probability in [0, 1]")
-    t = cfg.train
-    check(t.epochs >= 1, "train.epochs", "must be >= 1")
-    check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    check(t.accum_steps >= 1, "train.accum_steps", "must be >= 1")
-    check(t.lr > 0, "train.lr", "must be > 0")
-    check(t.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
-    check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
-    check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
-    check(t.mixup_alpha >= 0 and t.cutmix_alpha >= 0, "train.mixup_alpha", "mixup/cutmix alphas must be >= 0")
-    check(0 <= t.mix_prob <= 1, "train.mix_prob", "is a probability in [0, 1]")
-    check(0 <= t.mix_switch_prob <= 1, "train.mix_switch_prob", "is a probability in [0, 1]")
-    check(0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
-    check(0 < t.cb_beta < 1, "train.cb_beta", "must be in (0, 1)")
-    check(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", "must be > 0 or null")
-    check(t.workers is None or t.workers >= 0, "train.workers", "must be >= 0 or null")
+    check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"must be <= train.lr ({cfg.train.lr:g})")
     check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
-    check(cfg.model.gem_p > 0, "model.gem_p", "must be > 0")
-    check(0 <= cfg.model.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
-    check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
     for k in ("mean", "std"):
         v = getattr(cfg.model, k)
         check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
@@ -255,25 +305,47 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     bad = [v for v in cfg.rebalance.variants if v not in known]
     check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
     check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
-    check(cfg.rebalance.inner_folds >= 2, "rebalance.inner_folds", "must be >= 2")
+    check(bool(cfg.rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
+    check(bool(cfg.rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
     from .tta import VIEWS
 
     bad = [h for h in cfg.infer.heads if h != "best" and h not in known]
     check(bool(cfg.infer.heads) and not bad, "infer.heads", f"'best' or variants of {sorted(known)}; got {bad}")
     bad = [v for v in cfg.infer.views if v not in VIEWS]
     check(bool(cfg.infer.views) and not bad, "infer.views", f"unknown view(s) {bad}; known: {list(VIEWS)}")
-    check(cfg.infer.batch_size >= 1, "infer.batch_size", "must be >= 1")
-    check(bool(cfg.infer.scales) and all(s > 0 for s in cfg.infer.scales), "infer.scales", "positive numbers")
+    check(bool(cfg.infer.scales), "infer.scales", "must hold at least one scale")
+    small = [s for s in cfg.infer.scales if round(cfg.aug.img_size * s) < 16]
+    check(not small, "infer.scales", f"scale(s) {small} x aug.img_size {cfg.aug.img_size} give crops under 16 px")
+    check(len(set(cfg.infer.scales)) == len(cfg.infer.scales), "infer.scales", "lists a scale twice")
+    check(len(set(cfg.infer.views)) == len(cfg.infer.views), "infer.views", "lists a view twice")
 
 
 # ----------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' on lines {seen[key]} and {line} (the second would silently "
+                                f"replace the first; merge them into one block)", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise PipelineError(f"config file not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+        raise PipelineError(f"cannot read config file {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise PipelineError(f"malformed YAML in {path}: {e}") from None
     if data is None:

@@ -17,8 +17,11 @@ pass its runs/ folder.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import PipelineError
 
 FOLDS = Path("folds")
 RUNS = Path("runs")
@@ -28,15 +31,30 @@ EXPORTS = Path("exports")
 CACHE = RUNS / ".cache"
 
 
+# ----------------------------------------------------------------------------- names
+_BAD_NAME = re.compile(r"[/\\:\x00-\x1f\x7f]")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A name that becomes a file or folder name (experiment, ensemble.name, folds.name, a report or
+    export name): one plain path component, so nothing is ever written outside its folder. The one
+    place this rule lives; every path function below applies it."""
+    if (not isinstance(name, str) or not name or len(name) > 128 or name.startswith((".", "-", "~"))
+            or name != name.strip() or _BAD_NAME.search(name)):
+        raise PipelineError(f"{what} {name!r} is not a plain name: use 1-128 characters without '/', '\\', ':' "
+                            f"or control characters, not starting with '.', '-' or '~' or with spaces")
+    return name
+
+
 # ----------------------------------------------------------------------------- stage 1
 def folds_csv(name: str) -> Path:
     """The train table plus its `fold` column."""
-    return FOLDS / f"{name}.csv"
+    return FOLDS / f"{check_name(name, 'folds name')}.csv"
 
 
 def folds_record(name: str) -> Path:
     """The label encoding and what the folds were made from."""
-    return FOLDS / f"{name}.json"
+    return FOLDS / f"{check_name(name, 'folds name')}.json"
 
 
 # ----------------------------------------------------------------------------- stages 2-3, per fold
@@ -102,7 +120,7 @@ class RunDir:
 
     @classmethod
     def of(cls, experiment: str, runs: Path = RUNS) -> "RunDir":
-        return cls(Path(runs) / experiment)
+        return cls(Path(runs) / check_name(experiment, "experiment"))
 
     @property
     def name(self) -> str:
@@ -168,11 +186,11 @@ def experiments(runs: Path = RUNS) -> list[str]:
 
 # ----------------------------------------------------------------------------- stage 5
 def submission_csv(name: str, submissions: Path = SUBMISSIONS) -> Path:
-    return Path(submissions) / f"{name}.csv"
+    return Path(submissions) / f"{check_name(name, 'ensemble name')}.csv"
 
 
 def submission_record(name: str, submissions: Path = SUBMISSIONS) -> Path:
-    return Path(submissions) / f"{name}.json"
+    return Path(submissions) / f"{check_name(name, 'ensemble name')}.json"
 
 
 # ----------------------------------------------------------------------------- tools
@@ -186,7 +204,7 @@ def leaderboard_md(reports: Path = REPORTS) -> Path:
 
 def experiment_report(experiment: str, reports: Path = REPORTS) -> Path:
     """reports/<exp>/: index.md and its pictures (named by the page that draws them)."""
-    return Path(reports) / experiment
+    return Path(reports) / check_name(experiment, "experiment")
 
 
 def experiment_page(experiment: str, reports: Path = REPORTS) -> Path:
@@ -196,7 +214,7 @@ def experiment_page(experiment: str, reports: Path = REPORTS) -> Path:
 # ----------------------------------------------------------------------------- export bundles
 def export_dir(name: str, exports: Path = EXPORTS) -> Path:
     """The default folder of `./run.sh export` for an ensemble (or experiment) name."""
-    return Path(exports) / name
+    return Path(exports) / check_name(name, "export name")
 
 
 @dataclass(frozen=True)
