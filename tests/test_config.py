@@ -151,3 +151,21 @@ def test_every_numeric_key_has_a_range_and_both_ends_are_enforced():
                 v = [v]
             with pytest.raises(PipelineError, match=rf"'{key}'.*must be"):
                 load_config(None, [f"{key}={v}"])
+
+
+def test_optimizer_and_scheduler_names_are_timm_names():
+    assert load_config(None, ["train.optimizer=lookahead_adamw", "train.scheduler=step"]).train.optimizer
+    assert load_config(None, ["train.optimizer=madgrad"]).train.optimizer == "madgrad"   # a rarer one: asks timm
+    with pytest.raises(PipelineError, match=r"'train.optimizer'.*'adamm' is not a timm optimizer"):
+        load_config(None, ["train.optimizer=adamm"])
+    with pytest.raises(PipelineError, match=r"'train.scheduler'.*one of timm's schedulers"):
+        load_config(None, ["train.scheduler=cosin"])
+
+
+@pytest.mark.parametrize("content,why", [(b"", "is empty"), (b"\xff\xfe\x00garbage", "cannot read config file"),
+                                         (b"experiment: a\n" + b"#" * 1_100_000, "is 1.1 MB"),
+                                         (b"data: {root: co", "malformed YAML")])
+def test_bad_config_files_are_refused_naming_them(tmp_path, content, why):
+    (tmp_path / "c.yaml").write_bytes(content)
+    with pytest.raises(PipelineError, match=rf"c.yaml.*{why}|{why}.*c.yaml"):
+        load_config(tmp_path / "c.yaml")

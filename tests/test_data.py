@@ -96,7 +96,7 @@ def test_nan_label(comp):
     df = pd.read_csv(comp / "train.csv")
     df.loc[2, "label"] = None
     df.to_csv(comp / "train.csv", index=False)
-    with pytest.raises(PipelineError, match=r"empty/NaN value in column 'label' at row\(s\) 4"):
+    with pytest.raises(PipelineError, match=r"empty value in column 'label' at row\(s\) 4"):
         read_train_table(cfg_for(comp))
 
 
@@ -159,3 +159,47 @@ def test_cli_bad_data_exits_nonzero_and_writes_nothing(comp, workdir):
     assert r.returncode == 2
     assert "img0003.png" in r.stderr and "Traceback" not in r.stderr
     assert not list((workdir).glob("folds/*.csv"))
+
+
+def test_two_ids_naming_one_file_are_refused(comp):
+    df = pd.read_csv(comp / "train.csv", dtype=str)
+    df.loc[1, "image_id"] = df.loc[0, "image_id"] + ".png"      # img0000.png next to img0000: one file
+    df.loc[1, "label"] = "b"
+    df.to_csv(comp / "train.csv", index=False)
+    with pytest.raises(PipelineError, match=r"train.csv: 1 pair\(s\) of ids name the same image file: "
+                                            r"rows 2 \('img0000'\) and 3 \('img0000.png'\)"):
+        read_train_table(cfg_for(comp))
+
+
+def test_a_hard_link_or_case_variant_is_the_same_file(comp):
+    df = pd.read_csv(comp / "train.csv", dtype=str)
+    os.link(comp / "train/img0000.png", comp / "train/IMG0000.png")   # what a case-insensitive disk does
+    df.loc[1, "image_id"] = "IMG0000"
+    df.to_csv(comp / "train.csv", index=False)
+    with pytest.raises(PipelineError, match=r"same image file.*'IMG0000'"):
+        read_train_table(cfg_for(comp))
+
+
+def test_surrounding_whitespace_is_stripped_from_ids_and_labels(comp, caplog):
+    df = pd.read_csv(comp / "train.csv", dtype=str)
+    df.loc[0, "label"] = df.loc[0, "label"] + "  "
+    df.loc[1, "image_id"] = " " + df.loc[1, "image_id"]
+    df.to_csv(comp / "train.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        out = read_train_table(cfg_for(comp))
+    assert set(out["label"]) == {"a", "b", "c"} and out["id"].iloc[1] == "img0001"
+    assert "stripped surrounding whitespace from 1 value(s) of column 'label'" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["None", "NA", "null", "nan", "N/A"])
+def test_classes_named_like_missing_values_are_classes(comp, name):
+    df = pd.read_csv(comp / "train.csv", dtype=str, keep_default_na=False)
+    df.loc[df["label"] == "c", "label"] = name
+    df.to_csv(comp / "train.csv", index=False)
+    cfg = cfg_for(comp)
+    out = read_train_table(cfg)
+    assert sorted(out["label"].unique()) == sorted(["a", "b", name])
+    folds_stage.run(cfg)
+    from pipeline.core.data import read_folds
+    back, classes = read_folds(cfg)
+    assert name in classes and (back["label"] == name).sum() == 3

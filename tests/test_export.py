@@ -166,7 +166,8 @@ def test_predict_cli_from_the_zip_without_a_project(project, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype=str), stage5)
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "remove", "newer"])
+@pytest.mark.parametrize("damage", ["corrupt", "remove", "newer", "manifest-truncated", "manifest-empty",
+                                    "manifest-garbage", "manifest-wrong-type", "manifest-escaping-entry"])
 def test_damaged_bundles_are_refused_naming_the_file(project, tmp_path, damage):
     bundle, test_dir, sample = kaggle_inputs(project, tmp_path)
     weights = layout.BundleDir(bundle).member("a:tau").weights(1)
@@ -178,11 +179,23 @@ def test_damaged_bundles_are_refused_naming_the_file(project, tmp_path, damage):
     elif damage == "remove":
         weights.unlink()
         want = f"bundle file missing: {weights}"
-    else:
+    elif damage == "newer":
         m = json.loads((bundle / "manifest.json").read_text())
         m["format"] += 1
         (bundle / "manifest.json").write_text(json.dumps(m))
         want = "newer than this one"
+    elif damage == "manifest-escaping-entry":
+        m = json.loads((bundle / "manifest.json").read_text())
+        m["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
+        (bundle / "manifest.json").write_text(json.dumps(m))
+        want = "points outside the bundle"
+    else:
+        manifest = bundle / "manifest.json"
+        text = manifest.read_bytes()
+        manifest.write_bytes({"manifest-truncated": text[: len(text) // 2], "manifest-empty": b"",
+                              "manifest-garbage": np.random.default_rng(0).bytes(2048),
+                              "manifest-wrong-type": b"[1, 2, 3]"}[damage])
+        want = f"{manifest}: not a"
     snapshot = tree_state(bundle)
     with pytest.raises(PipelineError) as e:
         predict.run(bundle, test_dir, tmp_path / "sub.csv", sample, tmp_dir=tmp_path)

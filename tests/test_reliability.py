@@ -32,8 +32,10 @@ def test_bad_input_is_rejected_cleanly(sandbox, case):
 
 
 @pytest.mark.parametrize("fn", [selfcheck.non_finite_case, selfcheck.oom_case, selfcheck.disk_full_case,
-                                selfcheck.unwritable_case, selfcheck.lock_case],
-                         ids=["non-finite loss", "oom", "disk full", "unwritable", "concurrent runs"])
+                                selfcheck.unwritable_case, selfcheck.lock_case, selfcheck.stale_pixels_case,
+                                selfcheck.test_side_case],
+                         ids=["non-finite loss", "oom", "disk full", "unwritable", "concurrent runs",
+                              "replaced test image", "test-side setting"])
 def test_training_and_storage_faults(sandbox, fn):
     r = fn(sandbox)
     assert r.passed and r.lost == 0, r.observed

@@ -197,6 +197,7 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
     default) when its heartbeat stopped on any host.
     """
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -250,6 +251,11 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
         stop.set()
         t.join(timeout=5)
         lock.unlink(missing_ok=True)
+        for p in created:  # a run that failed before writing anything leaves no empty folders behind
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 def _age(path: Path) -> float:

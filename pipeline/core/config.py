@@ -34,6 +34,7 @@ class DataCfg:
     group_col: Optional[str] = None  # rows sharing a group never straddle folds (patient, site, individual)
     image_ext: str = ""  # appended to ids that lack it, e.g. ".jpg" when train.csv ids have no extension
     check_images: Literal["none", "header", "full"] = "header"  # header: open each file; full: decode it
+    hash_images: bool = False  # records hold each image's sha256 (else size + mtime): for copies that keep mtimes
     test_labels: Optional[str] = None  # private test labels (the demo's): score the submission like a leaderboard
     demo: bool = False  # build the digits demo competition into `root` if it is missing
 
@@ -274,6 +275,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
+SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")  # timm's
+COMMON_OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "lamb", "lion", "adan", "rmsprop", "nadam")
+
+
 def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
     return f"{'>=' if lo_in else '>'} {lo:g} and {'<=' if hi_in else '<'} {hi:g}"
 
@@ -305,6 +310,14 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     bad = [v for v in cfg.rebalance.variants if v not in known]
     check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
     check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
+    check(cfg.train.scheduler in SCHEDULERS, "train.scheduler", f"one of timm's schedulers {list(SCHEDULERS)}")
+    opt = cfg.train.optimizer.lower()
+    if opt.removeprefix("lookahead_") not in COMMON_OPTIMIZERS:
+        from timm.optim import list_optimizers  # only for a rarer name: config loading stays fast
+
+        check(opt.removeprefix("lookahead_") in list_optimizers(), "train.optimizer",
+              f"'{cfg.train.optimizer}' is not a timm optimizer (e.g. adamw, sgd, lamb, lion; "
+              f"timm.optim.list_optimizers() lists them)")
     check(bool(cfg.rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
     check(bool(cfg.rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
     from .tta import VIEWS
@@ -337,8 +350,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything near this is not one
+
+
 def _read_yaml(path: Path) -> dict:
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise PipelineError(f"config file {path} is {path.stat().st_size / 1e6:.1f} MB: not a config file "
+                                f"(they are a few KB; the limit is {MAX_CONFIG_BYTES >> 20} MB)")
         text = path.read_text()
     except FileNotFoundError:
         raise PipelineError(f"config file not found: {path}") from None
@@ -349,7 +368,8 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         raise PipelineError(f"malformed YAML in {path}: {e}") from None
     if data is None:
-        return {}
+        raise PipelineError(f"config file {path} is empty (no keys): a truncated or wrong file? Write at least "
+                            f"`experiment: <name>`")
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
     return data

@@ -12,6 +12,7 @@ Every check runs before any work and raises PipelineError naming the file and ro
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +29,65 @@ log = logging.getLogger("pipeline")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _short(x, limit: int = 120) -> str:
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 20] + f"...({len(r)} chars)"
+
+
 def _first(items, n: int = 5) -> str:
     items = list(items)
-    head = ", ".join(repr(x) for x in items[:n])
+    head = ", ".join(_short(x) for x in items[:n])
     return head + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------- tables
+def read_table(path: Path, what: str | None = None) -> pd.DataFrame:
+    """A CSV table with every cell a string, read as written: only a truly empty cell is empty ("" here),
+    so a class or id literally named None, NA or null is itself, never a missing value."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise PipelineError(f"cannot parse {what or path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            ) from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise PipelineError(f"cannot read {what or path}: {e}") from None
+
+
+def _strip_cells(df: pd.DataFrame, cols: dict[str, str], where: str) -> pd.DataFrame:
+    """Surrounding whitespace of ids, labels and groups is not part of them ("a " is the class "a")."""
+    for col, key in cols.items():
+        stripped = df[col].str.strip()
+        n = int((stripped != df[col]).sum())
+        if n:
+            log.warning("warning: %s: stripped surrounding whitespace from %d value(s) of column '%s'", where, n, key)
+        df[col] = stripped
+    return df
+
+
+def _same_files(df: pd.DataFrame, where: str) -> None:
+    """Refuse rows whose ids name one file (`img1` and `img1.png` with image_ext .png, case variants on a
+    case-insensitive disk, links): judged by the file itself (device, inode), not the id text."""
+    seen: dict[tuple, int] = {}
+    clashes = []
+    for i, p in enumerate(df["path"]):
+        st = os.stat(p)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            j = seen[key]
+            clashes.append(f"rows {j + 2} ({df['id'].iloc[j]!r}) and {i + 2} ({df['id'].iloc[i]!r})")
+        else:
+            seen[key] = i
+    if clashes:
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        raise PipelineError(f"{where}: {len(clashes)} pair(s) of ids name the same image file: "
+                            f"{'; '.join(clashes[:3])}{more}; keep one row per image")
 
 
 # ----------------------------------------------------------------------------- ids and paths
 def _resolve_ids(ids: pd.Series, image_dir: Path, ext: str, what: str) -> list[Path]:
     """Map ids to files inside image_dir, refusing any id that would leave it."""
     root = image_dir.resolve()
-    paths, escaping = [], []
+    paths, escaping, invalid = [], [], []
     for i, raw in enumerate(ids):
         name = str(raw)
         if ext and not name.lower().endswith(ext.lower()):
@@ -46,6 +95,9 @@ def _resolve_ids(ids: pd.Series, image_dir: Path, ext: str, what: str) -> list[P
         p = Path(name)
         if p.is_absolute() or ".." in p.parts or name.startswith("~"):
             escaping.append((i, raw))
+            continue
+        if "\x00" in name or any(len(part) > 255 for part in p.parts) or len(name) > 4000:
+            invalid.append((i, raw))  # no file can have this name
             continue
         full = image_dir / p
         if full.exists() and not full.resolve().is_relative_to(root):
@@ -55,6 +107,9 @@ def _resolve_ids(ids: pd.Series, image_dir: Path, ext: str, what: str) -> list[P
     if escaping:
         rows = _first(f"row {i + 2}: {r}" for i, r in escaping)
         raise PipelineError(f"{what}: {len(escaping)} id(s) point outside {image_dir}: {rows}")
+    if invalid:
+        rows = _first(f"row {i + 2}: {r}" for i, r in invalid)
+        raise PipelineError(f"{what}: {len(invalid)} id(s) cannot be file names (too long, or a NUL byte): {rows}")
     return paths
 
 
@@ -99,22 +154,22 @@ def read_train_table(cfg: Config) -> pd.DataFrame:
         what = str(csv)
         if not csv.is_file():
             raise PipelineError(f"train table not found: {csv} (config data.root / data.train_csv)")
-        try:
-            raw = pd.read_csv(csv, dtype={d.id_col: str, d.label_col: str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise PipelineError(f"cannot parse {csv}: {e}") from None
+        raw = read_table(csv)
         need = [d.id_col, d.label_col] + ([d.group_col] if d.group_col else [])
         absent = [c for c in need if c not in raw.columns]
         if absent:
             raise PipelineError(f"{csv}: missing column(s) {absent}; it has {list(raw.columns)} "
                                 f"(config data.id_col / data.label_col / data.group_col)")
-        df = pd.DataFrame({"id": raw[d.id_col].astype(str), "label": raw[d.label_col]})
+        df = pd.DataFrame({"id": raw[d.id_col], "label": raw[d.label_col]})
+        cols = {"id": d.id_col, "label": d.label_col}
         if d.group_col:
             df["group"] = raw[d.group_col]
-        for col, key in (("id", d.id_col), ("label", d.label_col)) + ((("group", d.group_col),) if d.group_col else ()):
-            nan = df.index[df[col].isna() | (df[col].astype(str).str.strip() == "")].tolist()
-            if nan:
-                raise PipelineError(f"{csv}: empty/NaN value in column '{key}' at row(s) {_first(r + 2 for r in nan)}")
+            cols["group"] = d.group_col
+        df = _strip_cells(df, cols, str(csv))
+        for col, key in cols.items():
+            empty = df.index[df[col] == ""].tolist()
+            if empty:
+                raise PipelineError(f"{csv}: empty value in column '{key}' at row(s) {_first(r + 2 for r in empty)}")
         check_single_label(df["label"], str(csv), d.label_col)
         df["label"] = _normalise_labels(df["label"])
     if df.empty:
@@ -128,6 +183,7 @@ def read_train_table(cfg: Config) -> pd.DataFrame:
                             f"classification needs at least 2")
     df["path"] = [str(p) for p in _resolve_ids(df["id"], train_dir, d.image_ext if d.layout == "csv" else "", what)]
     _check_images([Path(p) for p in df["path"]], d.check_images, what)
+    _same_files(df, what)
     return df.reset_index(drop=True)
 
 
@@ -237,8 +293,11 @@ def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
         if missing:
             raise PipelineError(f"{what}: {len(missing)} test id(s) have no image in {test_dir}: {_first(missing)}")
         _check_images(paths, d.check_images, what)
-    else:
-        paths = [test_dir / i for i in ids]
+        table = pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
+        if d.sample_submission:
+            check_test_folder(cfg, table)
+        return table
+    paths = [test_dir / i for i in ids]
     return pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
 
 
@@ -251,14 +310,15 @@ def check_test_folder(cfg: Config, test: pd.DataFrame) -> None:
                    and f.resolve() not in listed)
     if extra:
         raise PipelineError(f"{test_dir}: {len(extra)} image(s) are not in the sample submission "
-                            f"{cfg.data_path(cfg.data.sample_submission)}: {_first(extra)}")
+                            f"{cfg.data_path(cfg.data.sample_submission)}: {_first(extra)} (a truncated sample "
+                            f"submission, or a test folder of another competition?)")
 
 
 def read_test_labels(cfg: Config) -> pd.Series | None:
     """Private test labels by id (`data.test_labels`, the demo's), or None where there are none."""
     if not cfg.data.test_labels or not cfg.data_path(cfg.data.test_labels).exists():
         return None
-    t = pd.read_csv(cfg.data_path(cfg.data.test_labels), dtype=str)
+    t = read_table(cfg.data_path(cfg.data.test_labels))
     return t.set_index(cfg.data.id_col)[cfg.data.label_col]
 
 
@@ -275,10 +335,7 @@ def read_sample_submission(cfg: Config) -> pd.DataFrame:
     path = cfg.data_path(cfg.data.sample_submission)
     if not path.is_file():
         raise PipelineError(f"sample submission not found: {path} (config data.sample_submission)")
-    try:
-        sub = pd.read_csv(path, dtype=str)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise PipelineError(f"cannot parse {path}: {e}") from None
+    sub = read_table(path)
     if sub.shape[1] < 2:
         raise PipelineError(f"{path}: needs an id column and at least one prediction column, has {list(sub.columns)}")
     if sub.columns[0] != cfg.data.id_col:
@@ -298,7 +355,12 @@ def read_folds(cfg: Config) -> tuple[pd.DataFrame, list]:
         raise PipelineError(f"folds file {cfg.folds_csv} not found: run stage 1 first (./run.sh folds)")
     rec = read_json(cfg.folds_record)
     classes = rec["classes"]
-    df = pd.read_csv(cfg.folds_csv, dtype={"id": str, "label": str})
+    df = read_table(cfg.folds_csv)
+    df["fold"] = pd.to_numeric(df["fold"], errors="coerce")
+    if df["fold"].isna().any():
+        raise PipelineError(f"{cfg.folds_csv}: the fold column holds non-numbers (a damaged folds file: re-run "
+                            f"./run.sh folds --force)")
+    df["fold"] = df["fold"].astype(int)
     df["label"] = _normalise_labels(df["label"])
     df["y"] = encode(df["label"], classes, str(cfg.folds_csv))
     if set(df["fold"].unique()) != set(range(rec["n_splits"])):

@@ -8,6 +8,7 @@ is defined. README.md's layout table reads like this module.
     runs/<exp>/rebalance/...                    stage 3 report        (RunDir.rebalance*)
     runs/<exp>/infer/...                        stage 4               (RunDir.infer*)
     runs/.cache/                                decoded image caches (shared by experiments)
+    runs/.stats/<digest>.json                   the image file lists behind records (image_snapshot)
     submissions/<name>.csv, <name>.json         stage 5
     reports/leaderboard.{csv,md}, reports/<exp>/   tools
     exports/<name>/...                          export bundles        (BundleDir)
@@ -29,6 +30,7 @@ SUBMISSIONS = Path("submissions")
 REPORTS = Path("reports")
 EXPORTS = Path("exports")
 CACHE = RUNS / ".cache"
+STATS = RUNS / ".stats"
 
 
 # ----------------------------------------------------------------------------- names
@@ -176,6 +178,11 @@ class RunDir:
 
     def infer_oof(self, head: str) -> Path:
         return self.infer / head / "oof.npz"
+
+
+def image_snapshot(digest: str) -> Path:
+    """The per-file list (path, size, mtime or sha256) behind an image digest of a record."""
+    return STATS / f"{digest}.json"
 
 
 def experiments(runs: Path = RUNS) -> list[str]:

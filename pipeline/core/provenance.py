@@ -13,14 +13,16 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import os
 import platform
 import subprocess
 from pathlib import Path
 
-from .artifacts import read_json, sha256_file, sha256_obj
+from . import layout
+from .artifacts import read_json, sha256_file, sha256_obj, write_json
 from .augment import pixel_record
 from .config import Config
-from .data import read_folds, read_test_table
+from .data import read_folds, read_table, read_test_table
 from .errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -33,6 +35,87 @@ _ALLOW_STALE = [False]
 def allow_stale(on: bool = True) -> None:
     """The CLI's --allow-stale: stale inputs are used with a warning instead of refused."""
     _ALLOW_STALE[0] = on
+
+
+# ----------------------------------------------------------------------------- image files
+_SNAPSHOTS: dict[str, list] = {}  # digest -> per-file entries, for the records made in this process
+
+
+def image_record(cfg: Config, paths) -> dict:
+    """What a stage's pixels were read from: (size, mtime_ns) of every image file, in order (cheap: one
+    stat per file), or with `data.hash_images` the sha256 of every file's bytes. A replaced image makes
+    exactly the stages that read it stale; the per-file list is kept (keep_image_snapshots) so the
+    reason can name the files."""
+    entries = []
+    for p in map(str, paths):
+        try:
+            if cfg.data.hash_images:
+                entries.append([p, sha256_file(p)])
+            else:
+                st = os.stat(p)
+                entries.append([p, st.st_size, st.st_mtime_ns])
+        except OSError as e:
+            raise PipelineError(f"image {p} cannot be read: {e.strerror or e} (was it removed after stage 1? "
+                                f"restore it, or re-run ./run.sh folds --force)") from None
+    digest = sha256_obj(entries)[:32]
+    _SNAPSHOTS[digest] = entries
+    return {"digest": digest, "n": len(entries), "content": bool(cfg.data.hash_images)}
+
+
+def _image_digests(rec, out: set | None = None) -> set[str]:
+    out = set() if out is None else out
+    if isinstance(rec, dict):
+        if set(rec) == {"digest", "n", "content"}:
+            out.add(rec["digest"])
+        for v in rec.values():
+            _image_digests(v, out)
+    return out
+
+
+def keep_image_snapshots(rec: dict) -> None:
+    """Store the per-file list behind each image digest of a record (content-addressed, written once);
+    a stage calls this as it writes the output the record describes."""
+    for d in _image_digests(rec):
+        path = layout.image_snapshot(d)
+        if d in _SNAPSHOTS and not path.exists():
+            write_json(path, _SNAPSHOTS[d])
+
+
+def _snapshot(digest: str) -> dict | None:
+    entries = _SNAPSHOTS.get(digest)
+    if entries is None and layout.image_snapshot(digest).exists():
+        entries = read_json(layout.image_snapshot(digest))
+    return None if entries is None else {e[0]: e[1:] for e in entries}
+
+
+def _image_change(old: str, new: str) -> str:
+    a, b = _snapshot(old), _snapshot(new)
+    if a is None or b is None:
+        return "image files changed (which ones: the earlier list is gone)"
+    changed = [p for p in b if p in a and a[p] != b[p]]
+    added = [p for p in b if p not in a]
+    removed = [p for p in a if p not in b]
+    parts = []
+    for what, items in (("replaced", changed), ("added", added), ("removed", removed)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{what}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts) or "the same files in another order"
+
+
+def describe_changes(old: dict, new: dict) -> list[str]:
+    """changed_keys, with the files named where an image list changed."""
+    out = []
+    for key in changed_keys(old, new):
+        if key.endswith("images.digest"):
+            base = key[: -len(".digest")]
+            o, n = old, new
+            for part in key.split("."):
+                o, n = (o or {}).get(part), (n or {}).get(part)
+            out.append(f"{base} ({_image_change(o, n)})" if o and n else base)
+        elif not key.endswith(("images.n", "images.content")):
+            out.append(key)
+    return out
 
 
 def refuse_stale(what: str | Path, changed: list[str], fix: str) -> None:
@@ -72,7 +155,7 @@ def stale_reasons(path: Path, rec: dict, what: str = "") -> list[str]:
     old = recorded(path)
     if old is None:
         return [f"{what}not run"]
-    return [] if old == rec else [f"{what}changed {', '.join(changed_keys(old, rec)) or 'unknown'}"]
+    return [] if old == rec else [f"{what}changed {', '.join(describe_changes(old, rec)) or 'unknown'}"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,11 +180,28 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 2
+TEST_SIDE = ("test_dir", "sample_submission", "test_labels", "demo", "check_images")  # not read by stages 2-3
+
+
+@functools.lru_cache(maxsize=4)
+def _fold_paths(folds_csv: str, sha: str) -> tuple[str, ...]:
+    return tuple(read_table(Path(folds_csv))["path"])
+
+
+def train_images(cfg: Config) -> dict:
+    """The image record of every train image of the folds file (each fold reads them all: its own rows
+    to train, the held-out ones to score)."""
+    return image_record(cfg, _fold_paths(str(cfg.folds_csv), sha256_file(cfg.folds_csv)))
+
+
 def train_record(cfg: Config) -> dict:
     d = cfg.to_dict()
     rec = {s: d[s] for s in TRAIN_SECTIONS}
+    for k in TEST_SIDE:  # test-side settings belong to stages 4-5: changing them retrains nothing
+        rec["data"].pop(k)
     rec["seed"] = cfg.seed
     rec["folds_file"] = sha256_file(cfg.folds_csv)
+    rec["train_images"] = train_images(cfg)
     rec["pixels"] = pixel_record(cfg)
     for k in ("cache", "cache_dir", "cache_max_gb"):  # where pixels come from, not what they are
         rec["aug"].pop(k, None)
@@ -125,7 +225,7 @@ def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True
     if check_stale:
         rec = train_record(cfg)
         if not up_to_date(path, rec):
-            refuse_stale(f"{path} (the fold's stage-2 weights)", changed_keys(s.get("made_from", {}), rec),
+            refuse_stale(f"{path} (the fold's stage-2 weights)", describe_changes(s.get("made_from", {}), rec),
                          "re-run ./run.sh train (or ./run.sh all), or restore the config")
     return s
 
@@ -136,7 +236,8 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
     a = cfg.aug
     rec = {"format": 3, "weights": sha256_file(cfg.run.fold(k).weights), "classes": classes,
            "img_size": a.img_size, "resize": a.resize, **pixel_record(cfg), "aug_views": cfg.rebalance.aug_views,
-           "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed}
+           "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed,
+           "train_images": train_images(cfg)}
     if rec["aug"]:
         for x in ("cache", "cache_dir", "cache_max_gb"):
             rec["aug"].pop(x)
@@ -157,7 +258,7 @@ def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
     s = read_json(path)
     rec = rebalance_record(cfg, k, classes)
     if not up_to_date(path, rec):
-        refuse_stale(f"{path} (the fold's rebalanced heads)", changed_keys(s.get("made_from", {}), rec),
+        refuse_stale(f"{path} (the fold's rebalanced heads)", describe_changes(s.get("made_from", {}), rec),
                      "re-run ./run.sh rebalance (or ./run.sh all)")
     return s
 
@@ -193,18 +294,20 @@ def oof_rows(cfg: Config, classes: list):
     return oof_df
 
 
-def infer_record(cfg: Config, heads: list[str] | None = None, test_ids: list[str] | None = None,
-                 oof: bool | None = None) -> dict:
-    """What stage 4's outputs are made from: its settings, the heads, the test ids, the weights and
-    head files of every fold, and whether OOF rows were predicted. Arguments already at hand are
-    passed in; the others are read (stage 5 checks its members this way)."""
+def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bool | None = None) -> dict:
+    """What stage 4's outputs are made from: its settings, the heads, the test ids and image files, the
+    weights and head files of every fold, and whether OOF rows (and so the train images) were
+    predicted. Arguments already at hand are passed in (`test`: the test table); the others are read
+    (stage 5 checks its members this way)."""
     n = cfg.folds.n_splits
     heads = resolve_heads(cfg) if heads is None else heads
-    if test_ids is None:
-        test_ids = [str(i) for i in read_test_table(cfg)["id"]]
+    if test is None:
+        test = read_test_table(cfg)
     if oof is None:
         oof = oof_rows(cfg, read_json(cfg.run.classes)) is not None
-    return {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj(test_ids),
+    return {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
+            "test_images": image_record(cfg, test["path"]),
+            "train_images": train_images(cfg) if oof else None,
             "weights": [sha256_file(cfg.run.fold(k).weights) for k in range(n)],
             "head_files": {h: [sha256_file(cfg.run.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
             "oof": oof}

@@ -25,7 +25,7 @@ from ..core.data import private_score, read_sample_submission, read_test_table
 from ..core.errors import PipelineError
 from ..core.metrics import GREATER_IS_BETTER, cv, score
 from ..core.submission import build_submission, combine, parse_members
-from ..core.provenance import (changed_keys, ensemble_record, environment, infer_record, recorded, refuse_stale,
+from ..core.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded, refuse_stale,
                                stale_reasons, up_to_date)
 
 log = logging.getLogger("pipeline")
@@ -67,7 +67,7 @@ def check_current(cfg: Config, members: list[dict]) -> None:
         rec = infer_record(mcfg)
         path = mcfg.run.infer_summary
         if not up_to_date(path, rec):
-            refuse_stale(path, changed_keys(recorded(path) or {}, rec),
+            refuse_stale(path, describe_changes(recorded(path) or {}, rec),
                          f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)")
 
 

@@ -34,7 +34,7 @@ from ..core.heads import Head
 from ..core.augment import open_store
 from ..core.inference import by_scale, joint_head, policy_probs, predict_views
 from ..core.metrics import GREATER_IS_BETTER, cv
-from ..core.provenance import (environment, infer_record, oof_rows, rebalance_summary, resolve_heads, stage2_summary,
+from ..core.provenance import (environment, infer_record, keep_image_snapshots, oof_rows, rebalance_summary, resolve_heads, stage2_summary,
                                stale_reasons, up_to_date)
 from ..core.progress import Progress
 from ..core.runtime import amp_dtype, pick_device, prepare_model
@@ -66,7 +66,7 @@ def load_inputs(cfg: Config) -> Inputs:
         for k in range(len(summaries)):
             rebalance_summary(cfg, k, classes)
     test = read_test_table(cfg)
-    made_from = infer_record(cfg, heads, [str(i) for i in test["id"]], oof_df is not None)
+    made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, heads, test, made_from)
 
 
@@ -146,6 +146,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                    "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
                    "images_per_s": n_images / seconds, "seconds": seconds, "made_from": inp.made_from,
                    "env": environment()}
+        keep_image_snapshots(inp.made_from)
         write_json(cfg.run.infer_summary, summary)
     if not report.empty:
         log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.metric,

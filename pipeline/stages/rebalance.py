@@ -39,7 +39,8 @@ from ..core.errors import PipelineError
 from ..core.heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
 from ..core.images import ImageDataset
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
-from ..core.provenance import environment, feature_record, rebalance_record, stage2_summary, stale_reasons, up_to_date
+from ..core.provenance import (environment, feature_record, keep_image_snapshots, rebalance_record, stage2_summary,
+                               stale_reasons, up_to_date)
 from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.distributed import Dist
 
@@ -97,6 +98,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
         raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
                             f"({fd.oof}); were the weights or images changed after stage 2?")
     write_npz(fd.features, **feats)
+    keep_image_snapshots(record)
     write_json(fd.features_meta, {"made_from": record, "seconds": time.perf_counter() - t0,
                       "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
     log.info("fold %d: features %s extracted in %.1fs", k, feats["train"].shape, time.perf_counter() - t0)
@@ -165,6 +167,19 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
     for v, o in out.items():
         o["metrics"] = compute(y_va, softmax(o["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, metric)
     return out
+
+
+def check_inner_folds(cfg: Config, df: pd.DataFrame, folds: list[int]) -> None:
+    """Tuned choices are cross-fitted over `rebalance.inner_folds` splits of each held-out fold, stratified
+    by class: that needs at least as many held-out images as splits, and one class with as many."""
+    n = cfg.rebalance.inner_folds
+    for k in folds:
+        y = df["y"].values[df["fold"].values == k]
+        top = int(np.bincount(y).max()) if len(y) else 0
+        if n > len(y) or n > top:
+            raise PipelineError(f"config key 'rebalance.inner_folds' ({n}): fold {k} holds out {len(y)} image(s), at "
+                                f"most {top} of any class, too few for {n} stratified inner splits; set "
+                                f"rebalance.inner_folds to {max(2, min(top, len(y)))} or less (or use fewer folds)")
 
 
 def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -274,6 +289,7 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
     if fold is not None and not 0 <= fold < n_splits:
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
     folds = [fold] if fold is not None else list(range(n_splits))
+    check_inner_folds(cfg, df, folds)
     for k in folds:
         with experiment_lock(cfg.run.fold(k).dir):
             rebalance_fold(cfg, df, classes, k, force)

@@ -45,9 +45,10 @@ from ..core.images import EpochBatches, ImageDataset
 from ..core.losses import SoftTargetLoss, effective_number_weights
 from ..core.metrics import better, compute, softmax
 from ..core import models
-from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, read_state_dict, write_state_dict
+from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
 from ..core.layout import FoldDir
-from ..core.provenance import changed_keys, environment, recorded, stale_reasons, train_record, up_to_date
+from ..core.provenance import (describe_changes, environment, keep_image_snapshots, recorded, stale_reasons,
+                               train_record, up_to_date)
 from ..core.runtime import (amp_dtype, grad_scaler, make_loader, maybe_compile, memory_format, pick_device,
                             prepare_model, set_backend_flags, workers)
 from ..core.samplers import epoch_indices
@@ -158,14 +159,14 @@ def judge(cfg: Config, k: int, force: bool, dist: Dist) -> tuple[dict | None, di
             log.info("fold %d: up to date (%s %.4f), skipped; --force retrains", k, cfg.eval.metric, old["score"])
             return old, None
         log.info("fold %d: stale, retraining (changed: %s)", k,
-                 ", ".join(changed_keys(recorded(paths.summary), rec)) or "unknown")
+                 ", ".join(describe_changes(recorded(paths.summary), rec)) or "unknown")
         fresh = True
     resume = None
     if paths.checkpoint.exists() and not fresh:
         resume = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
         if resume.get("made_from") != rec:
             log.info("fold %d: %s is an interrupted run with other inputs (changed: %s): starting afresh", k,
-                     paths.checkpoint, ", ".join(changed_keys(resume.get("made_from", {}), rec)))
+                     paths.checkpoint, ", ".join(describe_changes(resume.get("made_from", {}), rec)))
             resume, fresh = None, True
     dist.barrier()  # every rank has judged the fold from the same files before any is removed
     if fresh and dist.main:
@@ -396,6 +397,7 @@ def finish(r: FoldRun) -> dict:
                "seconds": float(sum(h["seconds"] for h in r.history)), "made_from": r.rec,
                "env": environment()}
     fault_point("train:before-summary")
+    keep_image_snapshots(r.rec)
     write_json(r.paths.summary, summary)
     log.info("fold %d done: %s weights of epoch %d, %s %.4f", r.k, chosen, summary["epoch"], cfg.eval.metric,
              summary["score"])
@@ -485,8 +487,9 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
     if gpus:
         return _run_parallel(cfg, folds, force, gpus)
     dist = Dist.from_env(torch.cuda.is_available() and cfg.device != "cpu")
-    if cfg.model.pretrained_path:  # refused (e.g. a pickle that is not plain tensors) before anything is written
-        read_state_dict(cfg.model.pretrained_path)
+    if cfg.model.pretrained_path:  # refused (a pickle that is not plain tensors, weights of another model)
+        create_model(cfg, len(classes))  # before anything is written
+    train_record(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
     if dist.main:
         write_text(cfg.run.config, config_to_yaml(cfg))
         write_json(cfg.run.classes, classes)

@@ -110,7 +110,7 @@ def _confidently_wrong(cfg, pred: dict, classes: list, path: Path) -> bool:
     if not len(wrong) or not cfg.folds_csv.exists():
         return False
     wrong = wrong[np.argsort(-probs[wrong].max(1))][:N_WRONG]
-    paths = pd.read_csv(cfg.folds_csv, dtype={"id": str}).set_index("id")["path"]
+    paths = pd.read_csv(cfg.folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
     images, captions = [], []
     for i in wrong:
         image_id = str(pred["ids"][i])

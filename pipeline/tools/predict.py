@@ -28,7 +28,7 @@ from ..core import bundle as bundle_io
 from ..core import layout, models
 from ..core.artifacts import read_json, write_csv
 from ..core.config import Config, load_config
-from ..core.data import check_test_folder, read_sample_submission, read_test_table
+from ..core.data import read_sample_submission, read_test_table
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.heads import Head
@@ -181,9 +181,7 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
             overrides.append(f"infer.batch_size={batch_size}")
         members = load_members(b, manifest, overrides)
         cfg0 = members[0].cfg
-        test = read_test_table(cfg0)
-        if sample:
-            check_test_folder(cfg0, test)
+        test = read_test_table(cfg0)  # with a sample submission: every image of the folder listed in it
         dev = pick_device(cfg0, Dist())
         t_images = time.perf_counter()
         stores: dict[int, ImageStore] = {}

@@ -118,12 +118,13 @@ def file_digest(path: Path) -> str:
 
 
 def output_files(root: Path) -> list[Path]:
-    """Files at their final names under folds/, runs/, submissions/ (not temp files, locks, caches)."""
+    """Files at their final names under folds/, runs/, submissions/ (not temp files, locks, image caches
+    or the image lists behind records: hidden names)."""
     out = []
     for top in OUTPUTS:
         for p in sorted((root / top).rglob("*")) if (root / top).exists() else []:
             rel = p.relative_to(root)
-            if p.is_file() and not p.name.startswith(".") and ".cache" not in rel.parts:
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
                 out.append(p)
     return out
 
@@ -315,6 +316,51 @@ def _evil(d: Path) -> None:
     (d / "evil.pth").write_bytes(pickle.dumps({"state_dict": Evil()}))
 
 
+def _replace_image(d: Path, rel: str) -> None:
+    """Another picture under the same name (a later mtime, other bytes)."""
+    from PIL import Image
+
+    p = d / rel
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(p)
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _same_file_twice(t):
+    t.loc[1, "image_id"] = t.loc[0, "image_id"] + ".png"
+    return t
+
+
+def _cut(rel: str, keep: float):
+    def f(d: Path) -> None:
+        b = (d / rel).read_bytes()
+        (d / rel).write_bytes(b[: int(len(b) * keep)])
+    return f
+
+
+def _bytes(rel: str, data: bytes):
+    return lambda d: (d / rel).write_bytes(data)
+
+
+def _folder_instead(rel: str):
+    def f(d: Path) -> None:
+        (d / rel).unlink()
+        (d / rel).mkdir()
+    return f
+
+
+def _weights(name: str, damage):
+    """A local pretrained-weights file, then damaged."""
+    def f(d: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({"w": np.zeros((64, 64), np.float32)}, str(d / name))
+        damage(d)
+    return f
+
+
+GARBAGE = np.random.default_rng(0).bytes(4096)
+HUGE_CELL = "x" * 5_000_000
 BASE = CONFIG
 # (group, case, snapshot to start from, setup, command + overrides, expected message pattern)
 BAD_INPUTS = [
@@ -333,7 +379,7 @@ BAD_INPUTS = [
     ("data", "duplicate ids", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: pd.concat([t, t.iloc[:1]])),
      ["folds"], r"train.csv.*duplicate.*img0000"),
     ("data", "NaN label", "empty", lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.assign(label=["" if i == 2 else v for i, v in enumerate(t["label"])])),
-     ["folds"], r"train.csv.*empty/NaN value in column 'label' at row"),
+     ["folds"], r"train.csv.*empty value in column 'label' at row"),
     ("data", "image file missing", "empty", lambda d: (d / "comp/train/img0005.png").unlink(), ["folds"], r"img0005"),
     ("data", "corrupt image (truncated JPEG)", "empty", _truncated_jpeg, ["folds"], r"img0003"),
     ("data", "zero-byte image", "empty", lambda d: (d / "comp/train/img0004.png").write_bytes(b""), ["folds"], r"img0004"),
@@ -377,7 +423,59 @@ BAD_INPUTS = [
      r"different label encodings"),
     ("artifacts", "weights file that is a malicious pickle", "folds", _evil, ["train", "model.pretrained_path=evil.pth"],
      r"evil.pth: refused to load"),
+    # reliability, second pass
+    ("config", "duplicate YAML key", "empty", _yaml(BASE + "folds: {n_splits: 3}\n"), ["folds"],
+     r"c.yaml.*duplicate key 'folds' on lines 3 and 9"),
+    ("config", "ensemble name escaping the project", "infer", None, ["ensemble", "ensemble.name=../../escaped"],
+     r"'ensemble.name'.*not a plain name"),
+    ("config", "folds name escaping the project", "empty", None, ["folds", "folds.name=../../x"],
+     r"'folds.name'.*not a plain name"),
+    ("config", "TTA scale 0.01", "rebalance", None, ["infer", "infer.scales=[0.01]"], r"'infer.scales'.*must be >= 0.25"),
+    ("config", "inner folds above the held-out class sizes", "train", None, ["rebalance", "rebalance.inner_folds=20"],
+     r"'rebalance.inner_folds' \(20\): fold 0 holds out"),
+    ("data", "two ids naming one file (img0000, img0000.png)", "empty",
+     lambda d: _edit_csv(d / "comp/train.csv", _same_file_twice), ["folds"], r"same image file.*'img0000.png'"),
+    ("data", "test image missing from the sample submission", "rebalance",
+     lambda d: shutil.copy(d / "comp/test/t000.png", d / "comp/test/extra.png"), ["infer"],
+     r"not in the sample submission.*extra.png"),
+    ("data", "image removed after stage 1 (cache on)", "folds", lambda d: (d / "comp/train/img0005.png").unlink(),
+     ["train", "aug.cache=on"], r"img0005.png cannot be read"),
+    # fuzz: every external input truncated, empty, of the wrong kind and oversized
+    ("fuzz", "train.csv truncated mid-row", "empty", _cut("comp/train.csv", 0.55), ["folds"], r"train.csv"),
+    ("fuzz", "train.csv empty", "empty", _bytes("comp/train.csv", b""), ["folds"], r"train.csv"),
+    ("fuzz", "train.csv random bytes", "empty", _bytes("comp/train.csv", GARBAGE), ["folds"], r"train.csv"),
+    ("fuzz", "train.csv is a folder", "empty", _folder_instead("comp/train.csv"), ["folds"], r"train.csv"),
+    ("fuzz", "train.csv with a 5 MB id", "empty",
+     lambda d: _edit_csv(d / "comp/train.csv", lambda t: t.assign(image_id=[HUGE_CELL] + list(t["image_id"][1:]))),
+     ["folds"], r"train.csv.*cannot be file names"),
+    ("fuzz", "sample_submission.csv truncated", "rebalance", _cut("comp/sample_submission.csv", 0.5), ["infer"],
+     r"sample_submission.csv"),
+    ("fuzz", "sample_submission.csv empty", "rebalance", _bytes("comp/sample_submission.csv", b""), ["infer"],
+     r"sample_submission.csv"),
+    ("fuzz", "sample_submission.csv random bytes", "rebalance", _bytes("comp/sample_submission.csv", GARBAGE),
+     ["infer"], r"sample_submission.csv"),
+    ("fuzz", "sample_submission.csv with a 5 MB id", "rebalance",
+     lambda d: _edit_csv(d / "comp/sample_submission.csv", lambda t: t.assign(image_id=[HUGE_CELL] + list(t["image_id"][1:]))),
+     ["infer"], r"sample_submission.csv.*cannot be file names"),
+    ("fuzz", "config truncated", "empty", _cut("c.yaml", 0.1), ["folds"], r"c.yaml"),
+    ("fuzz", "config empty", "empty", _bytes("c.yaml", b""), ["folds"], r"c.yaml is empty"),
+    ("fuzz", "config random bytes", "empty", _bytes("c.yaml", GARBAGE), ["folds"], r"c.yaml"),
+    ("fuzz", "config of 2 MB", "empty", _bytes("c.yaml", (BASE + "#" * 2_000_000 + "\n").encode()), ["folds"],
+     r"c.yaml is 2.0 MB"),
+    ("fuzz", "image that is a text file", "empty", _bytes("comp/train/img0006.png", b"not an image\n" * 10), ["folds"],
+     r"unreadable.*img0006"),
+    ("fuzz", "pretrained weights truncated", "folds", _weights("w.safetensors", _cut("w.safetensors", 0.5)),
+     ["train", "model.pretrained_path=w.safetensors"], r"w.safetensors"),
+    ("fuzz", "pretrained weights empty", "folds", _weights("w.safetensors", _bytes("w.safetensors", b"")),
+     ["train", "model.pretrained_path=w.safetensors"], r"w.safetensors"),
+    ("fuzz", "pretrained weights random bytes (.pth)", "folds", _bytes("w.pth", GARBAGE),
+     ["train", "model.pretrained_path=w.pth"], r"w.pth"),
+    ("fuzz", "pretrained weights of another model", "folds", _weights("w.safetensors", lambda d: None),
+     ["train", "model.pretrained_path=w.safetensors"], r"w.safetensors.*does not match"),
 ]
+
+
+BAD_GROUPS = ("config", "data", "artifacts", "fuzz")
 
 
 def bad_input_case(sb: Sandbox, group: str, case: str, snapshot: str, setup, args: list[str], pattern: str) -> Result:
@@ -459,6 +557,34 @@ def unwritable_case(sb: Sandbox) -> Result:
                   f"exit {rc}; {err.strip().splitlines()[0][:120] if err.strip() else ''}", ok, lost=lost)
 
 
+def stale_pixels_case(sb: Sandbox) -> Result:
+    """A test image replaced under its name after `all`: status names it, stage 4 and 5 re-run, 1-3 stay."""
+    d = sb.copy("ensemble", "stale-pixels")
+    _replace_image(d, "comp/test/t001.png")
+    st = sb.cli(d, ["status"])
+    lines = {ln.split()[1]: ln for ln in st.stdout.splitlines() if ln.startswith("  ")}
+    named = "t001.png" in lines.get("infer", "") and all("up to date" in lines.get(s, "") for s in STAGES[:3])
+    r = sb.cli(d, ["all"])
+    ran = re.findall(r"stage \d \((\w+)\) of 'sc' is stale", r.stderr)
+    ok = st.returncode == 0 and named and r.returncode == 0 and ran == ["infer", "ensemble"]
+    shutil.rmtree(d, ignore_errors=True)
+    return Result("staleness", "test image replaced under the same name after `all`",
+                  "status names the file in stage 4; `all` re-runs stages 4-5 only",
+                  f"status {'names t001.png' if named else 'DOES NOT NAME IT: ' + str(lines)[:120]}; all re-ran {ran}", ok)
+
+
+def test_side_case(sb: Sandbox) -> Result:
+    """A new sample submission path (same content) must not make stage-2 weights stale."""
+    d = sb.copy("ensemble", "test-side")
+    shutil.copy(d / "comp/sample_submission.csv", d / "comp/sample_copy.csv")
+    st = sb.cli(d, ["status", "data.sample_submission=sample_copy.csv"])
+    lines = {ln.split()[1]: ln for ln in st.stdout.splitlines() if ln.startswith("  ")}
+    ok = st.returncode == 0 and all("up to date" in lines.get(s, "") for s in STAGES[:4])
+    shutil.rmtree(d, ignore_errors=True)
+    return Result("staleness", "only data.sample_submission changed (same ids)", "stages 1-4 stay up to date",
+                  "; ".join(f"{s}: {lines.get(s, '?').split(None, 2)[-1][:40]}" for s in STAGES[:4]), ok)
+
+
 def lock_case(sb: Sandbox) -> Result:
     d = sb.copy("folds", "lock")
     first = sb.cli(d, ["train", "train.epochs=200"], wait=False)
@@ -495,7 +621,8 @@ def run_matrix(base: Path, entry: Callable[[list[str]], int], quick: bool = Fals
             add(kill_case(sb, stage, point))
     for case in BAD_INPUTS:
         add(bad_input_case(sb, *case))
-    for fn in (non_finite_case, oom_case, disk_full_case, unwritable_case, lock_case):
+    for fn in (non_finite_case, oom_case, disk_full_case, unwritable_case, lock_case, stale_pixels_case,
+               test_side_case):
         add(fn(sb))
     return results
 
@@ -504,7 +631,7 @@ def table(results: list[Result]) -> str:
     t = pd.DataFrame([{"group": r.group, "case": r.case, "expected": r.expected, "observed": r.observed,
                        "pass": "yes" if r.passed else "NO"} for r in results])
     kills = [r for r in results if r.kill]
-    bad = [r for r in results if r.group in ("config", "data", "artifacts")]
+    bad = [r for r in results if r.group in BAD_GROUPS]
     lines = ["| group | case | expected | observed | pass |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d.replace('|', '/')} | {e} |" for a, b, c, d, e in t.values]
     lines += ["", f"kills survived: {sum(r.passed for r in kills)}/{len(kills)}; "
