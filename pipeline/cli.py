@@ -252,6 +252,50 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.help or args.command == "help":
+        print(help_text())
+        return 0
+    provenance.allow_stale(args.allow_stale)
+    if args.command in ("leaderboard", "compare", "report"):
+        return run_report_command(args)
+    if args.command == "predict":
+        return run_predict(args)
+    if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
+        args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "cache":
+        from .tools import image_cache
+
+        print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
+        return 0
+    if args.command == "export":
+        from .tools import export
+
+        export.run(cfg, out=args.out, zip_=args.zip, onnx=args.onnx)
+        return 0
+    if args.command == "doctor":
+        from .tools import doctor
+
+        return doctor.main(cfg, quick=args.quick)
+    if args.command == "all":
+        if args.fold is not None:
+            raise PipelineError("--fold does not apply to 'all'")
+        run_all(cfg, args.force, args.overrides)
+        return 0
+    if args.command == "status":
+        prepare(cfg)
+        print_status(cfg, args.overrides)
+        return 0
+    stage = _find_stage(args.command)
+    if stage is None:
+        raise PipelineError(f"unknown command '{args.command}'; see ./run.sh help")
+    prepare(cfg)
+    run_stage(stage, cfg, args.fold, args.force, args.gpus)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
@@ -260,47 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return selfcheck.main(argv[1:], entry=main)
     try:
-        args = parse_args(argv)
-        if args.help or args.command == "help":
-            print(help_text())
-            return 0
-        provenance.allow_stale(args.allow_stale)
-        if args.command in ("leaderboard", "compare", "report"):
-            return run_report_command(args)
-        if args.command == "predict":
-            return run_predict(args)
-        if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
-            args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "cache":
-            from .tools import image_cache
-
-            print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
-            return 0
-        if args.command == "export":
-            from .tools import export
-
-            export.run(cfg, out=args.out, zip_=args.zip, onnx=args.onnx)
-            return 0
-        if args.command == "doctor":
-            from .tools import doctor
-
-            return doctor.main(cfg, quick=args.quick)
-        if args.command == "all":
-            if args.fold is not None:
-                raise PipelineError("--fold does not apply to 'all'")
-            run_all(cfg, args.force, args.overrides)
-            return 0
-        if args.command == "status":
-            prepare(cfg)
-            print_status(cfg, args.overrides)
-            return 0
-        stage = _find_stage(args.command)
-        if stage is None:
-            raise PipelineError(f"unknown command '{args.command}'; see ./run.sh help")
-        prepare(cfg)
-        run_stage(stage, cfg, args.fold, args.force, args.gpus)
-        return 0
+        with provenance.one_look():  # each image set is stat'ed once per command
+            return _main(argv)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

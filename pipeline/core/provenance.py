@@ -10,6 +10,7 @@ upgrading numpy should not retrain a model.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import logging
@@ -39,6 +40,18 @@ def allow_stale(on: bool = True) -> None:
 
 # ----------------------------------------------------------------------------- image files
 _SNAPSHOTS: dict[str, list] = {}  # digest -> per-file entries, for the records made in this process
+_ONE_LOOK: list[dict | None] = [None]  # while a command runs: (paths, hashed) -> record, one stat per file
+
+
+@contextlib.contextmanager
+def one_look():
+    """Within one command, each image set is looked at once (status of a 5-fold experiment with 100k images
+    would otherwise stat every file a dozen times); outside one, every record looks again."""
+    _ONE_LOOK[0] = {}
+    try:
+        yield
+    finally:
+        _ONE_LOOK[0] = None
 
 
 def image_record(cfg: Config, paths) -> dict:
@@ -46,8 +59,12 @@ def image_record(cfg: Config, paths) -> dict:
     stat per file), or with `data.hash_images` the sha256 of every file's bytes. A replaced image makes
     exactly the stages that read it stale; the per-file list is kept (keep_image_snapshots) so the
     reason can name the files."""
+    paths = tuple(map(str, paths))
+    memo = _ONE_LOOK[0]
+    if memo is not None and (paths, cfg.data.hash_images) in memo:
+        return dict(memo[(paths, cfg.data.hash_images)])
     entries = []
-    for p in map(str, paths):
+    for p in paths:
         try:
             if cfg.data.hash_images:
                 entries.append([p, sha256_file(p)])
@@ -59,7 +76,10 @@ def image_record(cfg: Config, paths) -> dict:
                                 f"restore it, or re-run ./run.sh folds --force)") from None
     digest = sha256_obj(entries)[:32]
     _SNAPSHOTS[digest] = entries
-    return {"digest": digest, "n": len(entries), "content": bool(cfg.data.hash_images)}
+    rec = {"digest": digest, "n": len(entries), "content": bool(cfg.data.hash_images)}
+    if memo is not None:
+        memo[(paths, cfg.data.hash_images)] = dict(rec)
+    return rec
 
 
 def _image_digests(rec, out: set | None = None) -> set[str]:
