@@ -72,3 +72,17 @@ def test_the_matrix_table_has_the_totals(sandbox):
     text = selfcheck.table(rows)
     assert "| kill | a | e | o | yes |" in text and "| data | b | e | o | NO |" in text
     assert "kills survived: 1/1; bad inputs rejected cleanly: 0/1; other cases passed: 1/1; files lost: 0" in text
+
+
+def test_a_lock_on_a_new_folder_leaves_no_empty_folders_when_the_run_fails(tmp_path):
+    from pipeline.core.artifacts import experiment_lock
+
+    target = tmp_path / "runs" / "exp" / "fold0"
+    with pytest.raises(PipelineError):
+        with experiment_lock(target):
+            raise PipelineError("an image went missing")
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()
+    with experiment_lock(target):
+        (target / "summary.json").write_text("{}")
+    assert (target / "summary.json").exists() and not (target / ".lock").exists()
