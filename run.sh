@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single entry point: ./run.sh <command> [--config FILE] [--fold K] [--force] [key=value ...]
-# A thin wrapper over `python -m pipeline`; on first use it creates a virtual environment with the
+# A thin wrapper over the `pipeline` console script (pyproject.toml; the same as `python -m pipeline`),
+# run in this folder (the project folder); on first use it creates a virtual environment with the
 # pinned versions of requirements-lock.txt and reuses it while that file is unchanged.
 #
 # Environment:
@@ -33,5 +34,9 @@ case "$cmd" in
     shift
     exec "$py" -m pytest "$@" ;;
   *)
+    script="$(dirname "$py")/pipeline"
+    if [[ "${PIPELINE_NO_VENV:-0}" != "1" && -x "$script" ]]; then
+      exec "$script" "$@"
+    fi
     exec "$py" -m pipeline "$@" ;;
 esac

@@ -6,8 +6,11 @@ and calls the stages' `run` functions in order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +66,61 @@ EXTRA = {
 }
 
 
+COMMON = ["--config FILE   experiment config (default: configs/demo.yaml)",
+          "--root DIR      the project folder (default: $PIPELINE_ROOT, else the current folder)",
+          "key=value       override any config entry, e.g. train.epochs=3"]
+STAGE_OPTS = ["--force         redo work that is already done",
+              "--allow-stale   use inputs made from other settings (warns instead of refusing)"]
+COMMAND_HELP = {  # command -> (module whose docstring says what it reads and writes, or a text; options; example)
+    "folds": ("pipeline.stages.folds", COMMON + STAGE_OPTS, "./run.sh folds folds.n_splits=5"),
+    "train": ("pipeline.stages.train", COMMON + STAGE_OPTS + ["--fold K        only fold K",
+              "--gpus 0,1,...  one fold per GPU in parallel"], "./run.sh train --fold 0 train.epochs=3"),
+    "rebalance": ("pipeline.stages.rebalance", COMMON + STAGE_OPTS + ["--fold K        only fold K"],
+                  "./run.sh rebalance rebalance.variants=[joint,crt,tau]"),
+    "infer": ("pipeline.stages.infer", COMMON + STAGE_OPTS, "./run.sh infer infer.views=[orig,hflip] infer.scales=[1,1.15]"),
+    "ensemble": ("pipeline.stages.ensemble", COMMON + STAGE_OPTS,
+                 "./run.sh ensemble ensemble.members=[exp_a,exp_b:crt] ensemble.method=weighted"),
+    "export": ("pipeline.tools.export", COMMON + ["--out DIR       the bundle folder (default exports/<name>/)",
+               "--zip           also <out>.zip", "--onnx          also fold<k>/model.onnx (needs onnx)"],
+               "./run.sh export --zip"),
+    "predict": ("pipeline.tools.predict", ["--bundle DIR|ZIP, --test-dir DIR, --out FILE (required)",
+                "--sample-submission FILE", "--batch-size N", "--device auto|cpu|cuda",
+                "--time-budget MIN  drop the least useful TTA views to finish in time", "--tmp-dir DIR"],
+                "pipeline predict --bundle /kaggle/input/b --test-dir /kaggle/input/c/test "
+                "--sample-submission /kaggle/input/c/sample_submission.csv --out /kaggle/working/submission.csv"),
+    "all": ("Runs what is stale of stages 1-5 for the config's experiment and those of its run_also, in order, "
+            "skipping what is up to date; then prints the score table and writes reports/ and the leaderboard.\n"
+            "Reads: the competition data and every earlier output. Writes: folds/, runs/<exp>/, submissions/, "
+            "reports/.", COMMON + ["--force         redo every stage"], "./run.sh all --config configs/my.yaml"),
+    "status": ("Says per stage whether its outputs are up to date, and if not why (the config keys or input "
+               "files that changed, replaced images named). Reads only; writes nothing.", COMMON,
+               "./run.sh status train.lr=0.01"),
+    "leaderboard": ("pipeline.tools.leaderboard", ["--sort COL", "--filter GLOB or COL=GLOB", "--best  one row per "
+                    "experiment", "--root DIR"], "./run.sh leaderboard --filter 'convnext*' --best"),
+    "compare": ("Config differences of two experiments next to their per-fold metric differences and whether each "
+                "exceeds fold-to-fold noise. Reads runs/<a>/, runs/<b>/; writes nothing.", ["--root DIR"],
+                "./run.sh compare exp_a exp_b"),
+    "report": ("pipeline.tools.experiment_page", ["EXP ... (default: every experiment)", "--root DIR"],
+               "./run.sh report demo-resnet10t"),
+    "cache": ("pipeline.tools.image_cache", ["--clear         remove the stores", "aug.cache_dir=DIR"],
+              "./run.sh cache --clear"),
+    "doctor": ("pipeline.tools.doctor", COMMON + ["--quick         no torch.compile"], "./run.sh doctor --quick"),
+    "selfcheck": ("pipeline.tools.selfcheck", ["--quick         one kill point per stage"], "./run.sh selfcheck --quick"),
+}
+
+
+def command_help(name: str) -> str:
+    """`<command> --help`: what it reads and writes, its options, one example."""
+    import importlib
+
+    text, options, example = COMMAND_HELP[name]
+    if text.startswith("pipeline."):
+        text = (importlib.import_module(text).__doc__ or "").strip()
+    lines = [f"{name}: {EXTRA.get(name) or next(s.summary for s in STAGES if s.name == name)}", "", text, "",
+             "options:"] + [f"  {o}" for o in options] + ["", "example:", f"  {example}"]
+    return "\n".join(lines)
+
+
 def _find_stage(name: str) -> Stage | None:
     for s in STAGES:
         if name in (s.name, s.number):
@@ -80,12 +138,14 @@ def help_text() -> str:
     for k, v in EXTRA.items():
         lines.append(f"  {k:<12} {v}")
     lines.append(f"  {'test':<12} run the test suite (run.sh only: pytest)")
+    lines += ["", "<command> --help (or help <command>): what it reads and writes, its options, an example"]
     lines += ["", "options:",
               f"  --config FILE   experiment config (default: {DEFAULT_CONFIG})",
               "  --fold K        only fold K (train, rebalance)",
               "  --force         redo work that is already done",
               "  --allow-stale   use inputs made from other settings (warns instead of refusing)",
               "  --gpus 0,1,...  train: run folds in parallel, one process per GPU",
+              "  --root DIR      the project folder (default: $PIPELINE_ROOT, else the current folder)",
               "  key=value       override any config entry, e.g. train.epochs=3"]
     return "\n".join(lines)
 
@@ -113,6 +173,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--tmp-dir", default=None)
+    p.add_argument("--root", default=None)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
     args, unknown = p.parse_known_args(argv)
@@ -143,10 +204,41 @@ def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: st
         if stage.name != "train":
             raise PipelineError("--gpus applies to train only")
         kwargs["gpus"] = gpus
-    out = mod.run(cfg, **kwargs)
-    log.info("stage %s (%s) of '%s' finished in %.1fs", stage.number, stage.name, cfg.experiment,
-             time.perf_counter() - t0)
+    with stage_log(cfg, stage.name):
+        out = mod.run(cfg, **kwargs)
+        log.info("stage %s (%s) of '%s' finished in %.1fs", stage.number, stage.name, cfg.experiment,
+                 time.perf_counter() - t0)
     return out
+
+
+@contextlib.contextmanager
+def stage_log(cfg: Config, stage: str):
+    """Append what the stage logs to runs/<exp>/logs/<stage>-<time>.log, headed by the exact command line
+    and the config, as well as to the terminal. Only the main process of a DDP run writes one."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = cfg.run.log(stage, time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:
+        log.warning("warning: cannot write the log file %s (%s): logging to the terminal only", path, e)
+        yield
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("pipeline")
+    logger.addHandler(handler)
+    try:
+        log.info("command: %s", " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]))
+        log.info("config: %s (resolved: %s); working folder %s", cfg.source, cfg.run.config, Path.cwd())
+        yield
+    except BaseException as e:  # in the file only: the terminal gets the error from main()
+        handler.stream.write(f"{time.strftime('%H:%M:%S')} stage {stage} failed: {type(e).__name__}: {e}\n")
+        raise
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def all_configs(cfg: Config, overrides: list[str]) -> list[Config]:
@@ -188,7 +280,29 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
     for c in configs:
         experiment_page.write(c.experiment)
     leaderboard.write(layout.RUNS, layout.REPORTS)
+    print(final_words(cfg, configs))
     return {"ran": ran, "skipped": skipped}
+
+
+def final_words(cfg: Config, configs: list[Config]) -> str:
+    """The last lines of `all`, in plain words: where the submission is, its CV, what to try next."""
+    from .core.artifacts import read_json
+
+    name = cfg.ensemble.name or cfg.experiment
+    rec = read_json(layout.submission_record(name)) if layout.submission_record(name).exists() else None
+    lines = [""]
+    if rec:
+        ens = next((r for r in rec["table"] if str(r["member"]).startswith("ensemble")), None)
+        cv = f"CV {rec['metric']} {ens['cv_mean']:.4f} +- {ens['cv_std']:.4f} over the folds" if ens else "no CV"
+        private = f"; private score {rec['private']:.4f}" if rec.get("private") is not None else ""
+        where = rec.get("submission") or "no file (the competition has no sample submission)"
+        lines.append(f"Your submission: {where} ({len(rec['members'])} member(s), {rec['method']}): {cv}{private}.")
+    lines.append(f"Reports: {layout.leaderboard_md()}, " +
+                 ", ".join(str(layout.experiment_page(c.experiment)) for c in configs))
+    lines.append(f"Next: `./run.sh leaderboard` ranks every experiment; `./run.sh export --zip` packs this one for a "
+                 f"Kaggle code competition; after editing {cfg.source if cfg.source != 'defaults' else 'a config'}, "
+                 f"`./run.sh status` says what would re-run.")
+    return "\n".join(lines)
 
 
 def print_status(cfg: Config, overrides: list[str]) -> None:
@@ -235,6 +349,18 @@ def run_report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def enter_project(args: argparse.Namespace, root: Path) -> None:
+    """--root: work in the project folder (runs/, folds/, ... are relative to it). Paths on the command line
+    that exist where the command was typed keep meaning those files."""
+    if not root.is_dir():
+        raise PipelineError(f"--root {root}: no such folder")
+    for name in ("config", "bundle", "test_dir", "sample_submission", "out", "tmp_dir"):
+        v = getattr(args, name)
+        if v and not Path(v).is_absolute() and (Path(v).exists() or name in ("out", "tmp_dir")):
+            setattr(args, name, str(Path(v).resolve()))
+    os.chdir(root)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """predict reads a bundle and test images only: no config, no project folder."""
     from .tools import predict
@@ -255,8 +381,14 @@ def run_predict(args: argparse.Namespace) -> int:
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.help or args.command == "help":
-        print(help_text())
+        name = args.command if args.command != "help" else (args.overrides[0] if args.overrides else None)
+        stage = _find_stage(name) if name else None
+        name = stage.name if stage else name
+        print(command_help(name) if name in COMMAND_HELP else help_text())
         return 0
+    root = args.root or os.environ.get("PIPELINE_ROOT")
+    if root:
+        enter_project(args, Path(root))
     provenance.allow_stale(args.allow_stale)
     if args.command in ("leaderboard", "compare", "report"):
         return run_report_command(args)
@@ -299,7 +431,7 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["selfcheck"]:
+    if argv[:1] == ["selfcheck"] and not {"-h", "--help"} & set(argv):
         from .tools import selfcheck
 
         return selfcheck.main(argv[1:], entry=main)

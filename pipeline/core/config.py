@@ -117,8 +117,8 @@ class TrainCfg:
     tf32: bool = True  # GPU: TF32 matmuls/convolutions in fp32 layers (Ampere and later); no effect on CPU
     workers: Optional[int] = None  # DataLoader workers; null: min(8, cpu count - 1)
     deterministic: Literal["auto", "on", "off"] = "auto"  # auto: bit-identical on CPU, cudnn.benchmark on GPU; on: deterministic cuDNN
-    tracker: Literal["none", "mlflow", "tensorboard"] = "none"  # also log epochs there, when installed
-    tracker_dir: Optional[str] = None  # MLflow file store / TensorBoard log folder; null: runs/<exp>/tracking
+    tracker: Literal["none", "mlflow", "tensorboard", "wandb"] = "none"  # also log there, when installed
+    tracker_dir: Optional[str] = None  # MLflow file store / TensorBoard / W&B folder; null: runs/<exp>/tracking
 
 
 @dataclass

@@ -7,6 +7,7 @@ is defined. README.md's layout table reads like this module.
     runs/<exp>/fold<k>/rebalance/...            stage 3 per fold      (FoldDir.rebalance*)
     runs/<exp>/rebalance/...                    stage 3 report        (RunDir.rebalance*)
     runs/<exp>/infer/...                        stage 4               (RunDir.infer*)
+    runs/<exp>/logs/<stage>-<time>.log          what a stage logged   (RunDir.log)
     runs/.cache/                                decoded image caches (shared by experiments)
     runs/.stats/<digest>.json                   the image file lists behind records (image_snapshot)
     submissions/<name>.csv, <name>.json         stage 5
@@ -137,8 +138,15 @@ class RunDir:
         return self.dir / "classes.json"
 
     @property
-    def tracking(self) -> Path:  # default MLflow / TensorBoard folder
+    def tracking(self) -> Path:  # default MLflow / TensorBoard / W&B folder
         return self.dir / "tracking"
+
+    @property
+    def logs(self) -> Path:  # what each stage logged, one file per run of a stage
+        return self.dir / "logs"
+
+    def log(self, stage: str, stamp: str) -> Path:
+        return self.logs / f"{stage}-{stamp}.log"
 
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.dir / f"fold{k}")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .errors import PipelineError
+from .progress import progress
 
 log = logging.getLogger("pipeline")
 
@@ -204,7 +205,7 @@ def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.de
     """Pooled pre-classifier features of every image of `loader`, in order."""
     model.eval()
     out = []
-    for x, _ in loader:
+    for x, _ in progress(loader, len(loader), "features", "batch"):
         x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(features(model, x).float().cpu())

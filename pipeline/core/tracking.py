@@ -1,12 +1,20 @@
-"""Optional experiment-tracker logging of stage 2 (MLflow local file store or TensorBoard).
+"""Optional experiment trackers: MLflow (local file store), TensorBoard, Weights & Biases.
 
-Off by default (`train.tracker: none`). When a tracker is chosen but its package is not installed,
-training goes on without it after one warning: the files under runs/ remain the record.
+Off by default (`train.tracker: none`). Stage 2 logs each fold's epochs (one tracker run per fold, the
+resolved config as its parameters). With W&B, stages 3-5 also log their tables (the stage-3 variant
+table, the stage-4 TTA table, the ensemble table) and the final CV to one run per experiment, named
+"summary". W&B runs offline (files under the tracking folder, `wandb sync` later) when there is no
+network or no API key, and `WANDB_MODE` is respected. When a tracker is chosen but its package is not
+installed, the stage goes on without it after one warning: the files under runs/ remain the record.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
+import re
+import socket
 from pathlib import Path
 
 from .config import Config, flatten
@@ -35,6 +43,8 @@ class Tracker:
 
                 self._writer = SummaryWriter(str(where / f"fold{fold}"))
                 self._writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
+            elif self.backend == "wandb":
+                self._run = wandb_run(cfg, f"fold{fold}", "train")
         except ImportError as e:
             log.warning("train.tracker=%s but it is not installed (%s): training goes on without it",
                         self.backend, e)
@@ -48,9 +58,59 @@ class Tracker:
         elif self.backend == "tensorboard":
             for k, v in values.items():
                 self._writer.add_scalar(k, v, step)
+        elif self.backend == "wandb":
+            self._run.log(values, step=step)
 
     def close(self) -> None:
         if self.backend == "mlflow":
             self._mlflow.end_run()
         elif self.backend == "tensorboard":
             self._writer.close()
+        elif self.backend == "wandb":
+            self._run.finish()
+
+
+# ----------------------------------------------------------------------------- Weights & Biases
+def wandb_online() -> bool:
+    """An API key (environment or ~/.netrc) and api.wandb.ai reachable within 2 s."""
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    if not has_key:
+        return False
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def wandb_run(cfg: Config, name: str, job: str):
+    """A W&B run of this experiment (group = experiment; resumable by a stable id, so stages run in
+    separate processes add to the same run)."""
+    import wandb
+
+    where = Path(cfg.train.tracker_dir or cfg.run.tracking).resolve()
+    where.mkdir(parents=True, exist_ok=True)
+    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_online() else "offline")
+    key = f"{cfg.experiment}-{name}"
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", key)[:48] + "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"), group=cfg.experiment,
+                      name=f"{cfg.experiment} {name}", id=run_id, resume="allow", dir=str(where), mode=mode,
+                      job_type=job, config=cfg.to_dict())
+
+
+def report(cfg: Config, stage: str, table, values: dict) -> None:
+    """Stages 3-5: a result table and headline numbers into the experiment's "summary" W&B run
+    (only with train.tracker=wandb; MLflow and TensorBoard log stage 2)."""
+    if cfg.train.tracker != "wandb":
+        return
+    try:
+        import wandb
+
+        run = wandb_run(cfg, "summary", stage)
+    except ImportError as e:
+        log.warning("train.tracker=wandb but it is not installed (%s): the %s table stays in runs/ only", e, stage)
+        return
+    run.log({f"{stage}/table": wandb.Table(dataframe=table)})
+    run.summary.update({f"{stage}/{k}": v for k, v in values.items()})
+    run.finish()

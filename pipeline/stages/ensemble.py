@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from ..core import layout
+from ..core import layout, tracking
 from ..core.artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
 from ..core.config import Config, load_config
 from ..core.data import private_score, read_sample_submission, read_test_table
@@ -195,6 +195,10 @@ def run(cfg: Config, force: bool = False) -> dict:
         result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
     write_json(out, result)
     if not table.empty:
+        final = {"cv": float(table["cv_mean"].iloc[-1]), "cv_std": float(table["cv_std"].iloc[-1])}
+        if private is not None:
+            final["private"] = private
+        tracking.report(cfg, "ensemble", table.drop(columns="per_fold"), final)
         log.info("ensemble %s (%s), %s:\n%s", name, method, metric,
                  table.drop(columns="per_fold").to_string(index=False, float_format="%.4f"))
     if private is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..core import models
+from ..core import models, tracking
 from ..core.artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
 from ..core.config import Config
 from ..core.data import read_test_table
@@ -149,6 +149,8 @@ def run(cfg: Config, force: bool = False) -> dict:
         keep_image_snapshots(inp.made_from)
         write_json(cfg.run.infer_summary, summary)
     if not report.empty:
+        pol = report[(report["head"] == inp.heads[0]) & (report["views"] == "policy")]
+        tracking.report(cfg, "infer", report, {"policy": " ".join(policy), "cv_policy": float(pol["cv_mean"].iloc[0])})
         log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.metric,
                  report.to_string(index=False, float_format="%.4f"))
     log.info("TTA policy %s, %.0f view-images/s", policy, summary["images_per_s"])

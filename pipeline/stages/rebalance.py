@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from ..core import models
+from ..core import models, tracking
 from ..core.artifacts import experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv, write_json, \
     write_npz, write_text
 from ..core.augment import open_store, train_transform, valid_transform
@@ -255,6 +255,7 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
                "folds": [s["fold"] for s in summaries],
                "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
     write_json(run.rebalance_summary, summary)
+    tracking.report(cfg, "rebalance", table, {"best": best, f"{best}_cv": float(table[f"{metric}_mean"].iloc[0])})
     log.info("experiment %s, stage 3 CV by head variant (%s):\n%s\nbest: %s", cfg.experiment, metric,
              table.to_string(index=False, float_format="%.4f"), best)
     return summary

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from ..core.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json, write_npz,
                          write_text)
@@ -47,6 +46,7 @@ from ..core.metrics import better, compute, softmax
 from ..core import models
 from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
 from ..core.layout import FoldDir
+from ..core.progress import Progress, progress
 from ..core.provenance import (describe_changes, environment, keep_image_snapshots, recorded, stale_reasons,
                                train_record, up_to_date)
 from ..core.runtime import (amp_dtype, grad_scaler, make_loader, maybe_compile, memory_format, pick_device,
@@ -85,10 +85,10 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
 
 
 @torch.no_grad()
-def predict(model, loader, norm, device, dtype, fmt=torch.contiguous_format) -> np.ndarray:
+def predict(model, loader, norm, device, dtype, fmt=torch.contiguous_format, desc: str = "validation") -> np.ndarray:
     model.eval()
     out = []
-    for x, _ in loader:
+    for x, _ in progress(loader, len(loader), desc, "batch"):
         x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
         out.append(models.logits(model, x, dtype).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
@@ -271,8 +271,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
     t0 = time.perf_counter()
     wait, seen = 0.0, 0
     loss_sum = torch.zeros((), device=r.device)  # summed on the device: no sync per step
-    bar = tqdm(total=len(r.batches), desc=f"fold {k} epoch {epoch + 1}/{t.epochs}", leave=False,
-               disable=None if r.dist.main else True)
+    bar = Progress(len(r.batches), f"fold {k} epoch {epoch + 1}/{t.epochs}", "step", enabled=r.dist.main)
     t_wait = time.perf_counter()
     r.optimizer.zero_grad(set_to_none=True)
     for step, (x, y) in enumerate(r.train_loader):
@@ -296,8 +295,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
             if r.dist.any(not np.isfinite(total)):
                 at = f"step {step + 1}" if sync_every == 1 else f"steps {step + 2 - sync_every}-{step + 1}"
                 raise _diverged(k, f"loss at epoch {epoch + 1}, {at}", r.paths.checkpoint)
-            bar.set_postfix(loss=f"{total / seen:.4f}",
-                            img_s=f"{seen * r.dist.world / (time.perf_counter() - t0):.0f}")
+            bar.postfix(loss=f"{total / seen:.4f}", img_s=f"{seen * r.dist.world / (time.perf_counter() - t0):.0f}")
         (r.scaler.scale(loss / t.accum_steps) if r.scaler else loss / t.accum_steps).backward()
         if (step + 1) % t.accum_steps == 0:
             optimizer_step(r)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.progress import progress
 from ..core.config import Config, config_to_yaml
 from ..core.distributed import Dist
 from ..core.models import Normalize, create_model, logits, norm_stats
@@ -255,8 +256,8 @@ def check(cfg: Config, quick: bool = False, steps: int = 6, only: list[str] | No
         modes.append(mine)
     mine_name = same[0].name if same else "configured"
     rows, ref = [], None
-    for m in modes:
-        log(f"doctor: {m.name} ...")
+    for i, m in enumerate(progress(modes, len(modes), "doctor", "mode")):
+        log(f"doctor: mode {i + 1}/{len(modes)}: {m.name} ...")
         try:
             r = run_processes(cfg, m, steps) if m.processes > 1 or m.fold_per_gpu else measure(cfg, m, steps)
         except Exception as e:  # noqa: BLE001 - a mode that fails is a row of the table, not a crash

@@ -40,6 +40,7 @@ import pandas as pd
 
 from ..core import layout
 from ..core.artifacts import read_json, sha256_obj
+from ..core.progress import Progress
 from .demo import synthetic_competition
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,12 +120,12 @@ def file_digest(path: Path) -> str:
 
 def output_files(root: Path) -> list[Path]:
     """Files at their final names under folds/, runs/, submissions/ (not temp files, locks, image caches
-    or the image lists behind records: hidden names)."""
+    or the image lists behind records: hidden names; nor the stage logs)."""
     out = []
     for top in OUTPUTS:
         for p in sorted((root / top).rglob("*")) if (root / top).exists() else []:
             rel = p.relative_to(root)
-            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts) and "logs" not in rel.parts:
                 out.append(p)
     return out
 
@@ -153,7 +154,7 @@ def partial_files(root: Path) -> list[str]:
 
 def all_files(root: Path) -> dict[str, tuple]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and ".cache" not in p.parts}
+            if p.is_file() and ".cache" not in p.parts and "logs" not in p.relative_to(root).parts}
 
 
 # ----------------------------------------------------------------------------- running the CLI
@@ -613,9 +614,13 @@ def run_matrix(base: Path, entry: Callable[[list[str]], int], quick: bool = Fals
     sb = Sandbox(base, entry, log)
     results = []
 
+    n_cases = sum(map(len, (QUICK_KILLS if quick else KILLS).values())) + len(BAD_INPUTS) + 7
+    bar = Progress(n_cases, "selfcheck", "case")
+
     def add(r: Result) -> None:
         results.append(r)
-        log(f"[{'pass' if r.passed else 'FAIL'}] {r.group}: {r.case} -- {r.observed}")
+        bar.update()
+        log(f"[{'pass' if r.passed else 'FAIL'}] {len(results)}/{n_cases} {r.group}: {r.case} -- {r.observed}")
     for stage, points in (QUICK_KILLS if quick else KILLS).items():
         for point in points:
             add(kill_case(sb, stage, point))
@@ -624,6 +629,7 @@ def run_matrix(base: Path, entry: Callable[[list[str]], int], quick: bool = Fals
     for fn in (non_finite_case, oom_case, disk_full_case, unwritable_case, lock_case, stale_pixels_case,
                test_side_case):
         add(fn(sb))
+    bar.close()
     return results
 
 

@@ -1,0 +1,148 @@
+"""At the keyboard: per-command help, --root from another folder, the console script, a log file per stage,
+progress lines when the output is not a terminal, the last lines of `all`, and the W&B tracker."""
+import importlib.metadata
+import sys
+import types
+
+import pytest
+
+from conftest import REPO, make_competition, run_cli
+from pipeline import cli
+from pipeline.core.config import load_config
+from pipeline.stages import ensemble as ens_stage
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import infer as infer_stage
+from pipeline.stages import rebalance as rebalance_stage
+from pipeline.stages import train as train_stage
+
+TINY = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off", "train.batch_size=8",
+        "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "rebalance.crt_epochs=2",
+        "rebalance.lws_epochs=2", "infer.views=[orig]"]
+
+
+def write_config(path, root, *extra):
+    sections = {}
+    for item in [f"data.root={root}", "experiment=kb", *TINY, *extra]:
+        key, value = item.split("=", 1)
+        sec, _, name = key.rpartition(".")
+        sections.setdefault(sec, {})[name] = value
+    text = "".join(f"{k}: {v}\n" for k, v in sections.pop("", {}).items())
+    text += "".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in kv.items()) for s, kv in sections.items())
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("command", list(cli.COMMAND_HELP))
+def test_every_command_has_its_own_help(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{command}: ") and "options:" in out and "example:" in out
+    assert "usage: ./run.sh <command>" not in out   # not the global help
+    if command in ("folds", "train", "rebalance", "infer", "ensemble", "export", "predict"):
+        assert "Input:" in out and "Output:" in out
+
+
+def test_help_lists_every_command_with_help(capsys):
+    assert cli.main(["help"]) == 0
+    out = capsys.readouterr().out
+    for command in cli.COMMAND_HELP:
+        assert f" {command} " in out
+    assert cli.main(["help", "train"]) == 0 and capsys.readouterr().out.startswith("train: ")
+
+
+def test_the_console_script_is_declared():
+    eps = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
+           if e.value.startswith("pipeline.")}
+    if "pipeline" not in eps:   # an environment installed before the script was declared: read pyproject
+        import tomllib
+
+        eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert eps["pipeline"] == "pipeline.cli:main"
+
+
+def test_root_from_another_folder_logs_per_stage_and_progress_lines(workdir):
+    project = workdir / "project"
+    project.mkdir()
+    root = make_competition(project / "comp", {"a": 10, "b": 8}, size=24, n_test=4)
+    write_config(project / "c.yaml", "comp")   # relative to the project folder
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    r = run_cli(["folds", "--root", str(project), "--config", "c.yaml"], elsewhere)
+    assert r.returncode == 0, r.stderr
+    assert (project / "folds").is_dir() and not (elsewhere / "folds").exists()
+    r = run_cli(["train", "--config", "c.yaml", "--fold", "0"], elsewhere, env={"PIPELINE_ROOT": str(project)})
+    assert r.returncode == 0, r.stderr
+    logs = sorted((project / "runs/kb/logs").glob("*.log"))
+    assert [p.name.split("-")[0] for p in logs] == ["folds", "train"]
+    text = logs[1].read_text()
+    assert "command: " in text and "train --config c.yaml --fold 0" in text and "config: c.yaml" in text
+    assert "fold 0 done" in text
+    assert root.is_dir()
+
+
+def test_progress_lines_when_the_output_is_not_a_terminal(caplog):
+    from pipeline.core.progress import Progress
+
+    caplog.set_level("INFO", logger="pipeline")
+    with Progress(20, "fold 0 epoch 1/3", "step", every_s=0.0) as bar:
+        for _ in range(20):
+            bar.postfix(loss="0.5")
+            bar.update()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fold 0 epoch 1/3")]
+    assert len(lines) == 10 and "20/20 step (100%)" in lines[-1] and "left, loss 0.5" in lines[-1]
+
+
+def test_all_ends_by_saying_where_the_submission_is_and_what_next(workdir, capsys):
+    root = make_competition(workdir / "comp", {"a": 10, "b": 8}, size=24, n_test=4)
+    cfg_path = write_config(workdir / "c.yaml", root)
+    assert cli.main(["all", "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-3].startswith("Your submission: submissions/kb.csv (1 member(s), mean): CV accuracy ")
+    assert out[-2].startswith("Reports: reports/leaderboard.md, reports/kb/index.md")
+    assert "./run.sh export --zip" in out[-1] and "./run.sh status" in out[-1]
+
+
+def test_wandb_tracker_logs_every_stage_offline_and_is_optional(workdir, monkeypatch, caplog):
+    inits, logged, summaries = [], [], {}
+
+    class Run:
+        def __init__(self, **kw):
+            self.kw, self.summary = kw, summaries.setdefault(kw["id"], {})
+            inits.append(kw)
+
+        def log(self, values, step=None):
+            logged.append((self.kw["name"], step, values))
+
+        def finish(self):
+            logged.append((self.kw["name"], "finish", None))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: Run(**kw)
+    fake.Table = lambda dataframe: ("table", list(dataframe.columns), len(dataframe))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(workdir))   # no ~/.netrc: no key, so offline without probing the network
+    root = make_competition(workdir / "comp", {"a": 10, "b": 8}, size=24, n_test=4)
+    cfg = load_config(None, [f"data.root={root}", "experiment=wb", *TINY, "train.tracker=wandb"])
+    for stage in (folds_stage, train_stage, rebalance_stage, infer_stage, ens_stage):
+        stage.run(cfg)
+    assert {i["mode"] for i in inits} == {"offline"} and {i["group"] for i in inits} == {"wb"}
+    assert [i["name"] for i in inits][:2] == ["wb fold0", "wb fold1"]
+    assert inits[0]["config"]["train"]["tracker"] == "wandb"
+    epochs = [x for x in logged if x[0] == "wb fold0" and x[1] != "finish"]
+    assert epochs and epochs[0][1] == 1 and "valid_loss" in epochs[0][2]
+    tables = {k for name, _, v in logged if name == "wb summary" and v for k in v}
+    assert tables == {"rebalance/table", "infer/table", "ensemble/table"}
+    summary = next(v for k, v in summaries.items() if k.startswith("wb-summary"))
+    assert {"rebalance/best", "infer/cv_policy", "ensemble/cv"} <= set(summary)
+    assert len({i["id"] for i in inits if i["name"] == "wb summary"}) == 1   # one run, resumed by id
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    inits.clear()
+    ens_stage.run(cfg, force=True)
+    assert inits[0]["mode"] == "disabled"
+    # not installed: a warning, the stage goes on
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    caplog.set_level("WARNING", logger="pipeline")
+    ens_stage.run(cfg, force=True)
+    assert "train.tracker=wandb but it is not installed" in caplog.text
