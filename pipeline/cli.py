@@ -90,8 +90,8 @@ COMMAND_HELP = {  # command -> (module whose docstring says what it reads and wr
                 "--sample-submission /kaggle/input/c/sample_submission.csv --out /kaggle/working/submission.csv"),
     "all": ("Runs what is stale of stages 1-5 for the config's experiment and those of its run_also, in order, "
             "skipping what is up to date; then prints the score table and writes reports/ and the leaderboard.\n"
-            "Reads: the competition data and every earlier output. Writes: folds/, runs/<exp>/, submissions/, "
-            "reports/.", COMMON + ["--force         redo every stage"], "./run.sh all --config configs/my.yaml"),
+            "Reads: the competition data and every earlier output. Writes: what stages 1-5 write (the folds file, the "
+            "experiment's run folder, the submission) and the reports.", COMMON + ["--force         redo every stage"], "./run.sh all --config configs/my.yaml"),
     "status": ("Says per stage whether its outputs are up to date, and if not why (the config keys or input "
                "files that changed, replaced images named). Reads only; writes nothing.", COMMON,
                "./run.sh status train.lr=0.01"),

@@ -541,6 +541,7 @@ def disk_full_case(sb: Sandbox) -> Result:
 
 def unwritable_case(sb: Sandbox) -> Result:
     d = sb.copy("folds", "unwritable")
+    shutil.rmtree(d / layout.RUNS, ignore_errors=True)  # stage 1 left only its log there
     if os.geteuid() == 0:  # root ignores permissions: block the folder with a file instead
         (d / layout.RUNS).write_text("not a folder")
         how = f"{layout.RUNS}/ is a file (root ignores permissions)"
