@@ -237,3 +237,64 @@ def test_tracker_logs_each_epoch_and_is_optional(comp, workdir, monkeypatch, cap
     train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.tracker=tensorboard"), fold=1)
     assert "train.tracker=tensorboard but it is not installed" in caplog.text
     assert (cfg.run.fold(1).dir / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- fine-tuning controls
+def test_layer_decay_uses_timm_groups_and_the_scheduler_applies_them(comp):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    cfg = tiny_cfg(comp, "train.layer_decay=0.5", "train.backbone_lr_mult=0.1", "train.warmup_epochs=0")
+    model = create_model(cfg, 3)
+    groups = train_stage.param_groups(model, cfg)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    head_scales = {g["lr_scale"] for g in groups if all(id(p) in head for p in g["params"])}
+    body_scales = sorted({round(g["lr_scale"], 12) for g in groups if not any(id(p) in head for p in g["params"])})
+    assert head_scales == {1.0}
+    # backbone layers: 0.1 x 0.5^k, one k per layer group below the head (test_resnet: stem + 4 stages)
+    ks = [round(np.log(s / 0.1) / np.log(0.5), 6) for s in body_scales]
+    assert all(k == int(k) and k >= 1 for k in ks) and len(ks) >= 4
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+    opt = create_optimizer_v2(groups, opt="adamw", lr=cfg.train.lr, weight_decay=0.05)
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=2, warmup_epochs=0, step_on_epochs=False,
+                                   updates_per_epoch=5)
+    sched.step_update(0)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(cfg.train.lr * g["lr_scale"])
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_frozen_epochs_train_the_classifier_only(comp, freeze_bn):
+    from pipeline.core.data import read_folds
+    from pipeline.core.distributed import Dist
+
+    cfg = tiny_cfg(comp, "train.freeze_epochs=1", f"train.freeze_bn={str(freeze_bn).lower()}", "train.ema=false")
+    folds_stage.run(cfg)
+    df, classes = read_folds(cfg)
+    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    head = {id(p) for p in r.model.get_classifier().parameters()}
+    params = lambda: {n: p.detach().clone() for n, p in r.model.named_parameters()}  # noqa: E731
+    bn = lambda: {n: b.clone() for n, b in r.model.named_buffers() if "running" in n}  # noqa: E731
+    p0, b0 = params(), bn()
+    train_stage.train_epoch(r, 0)
+    p1, b1 = params(), bn()
+    names = dict(r.model.named_parameters())
+    assert all(torch.equal(p0[n], p1[n]) for n in p0 if id(names[n]) not in head)       # backbone frozen
+    assert any(not torch.equal(p0[n], p1[n]) for n in p0 if id(names[n]) in head)        # the head learned
+    assert all(torch.equal(b0[n], b1[n]) for n in b0) is freeze_bn                        # BN stats as asked
+    train_stage.train_epoch(r, 1)
+    assert any(not torch.equal(p1[n], p) for n, p in params().items() if id(names[n]) not in head)
+
+
+def test_patience_stops_the_fold_and_the_summary_says_when(comp, monkeypatch):
+    cfg = tiny_cfg(comp, "train.epochs=5", "train.patience=2", "train.ema=false")
+    folds_stage.run(cfg)
+    real = train_stage.better
+    monkeypatch.setattr(train_stage, "better", lambda a, b, metric: b is None)  # only epoch 1 is ever "better"
+    s = train_stage.run(cfg, fold=0)[0]
+    assert s["epoch"] == 1 and s["epochs_trained"] == 3 and s["stopped_early_after"] == 3
+    hist = pd.read_csv(cfg.run.fold(0).dir / "history.csv")
+    assert list(hist["epoch"]) == [1, 2, 3]
+    monkeypatch.setattr(train_stage, "better", real)
+    s = train_stage.run(tiny_cfg(comp, "train.epochs=2", "train.ema=false"), fold=1)[0]
+    assert s["stopped_early_after"] is None and s["epochs_trained"] == 2

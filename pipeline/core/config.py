@@ -88,6 +88,10 @@ class TrainCfg:
     optimizer: str = "adamw"  # any timm optimizer name (adamw, sgd, lamb, ...)
     lr: float = 1e-3  # peak learning rate of the head, per effective batch (no automatic scaling)
     backbone_lr_mult: float = 1.0  # backbone lr = lr * this; <1 protects pretrained features
+    layer_decay: Optional[float] = None  # layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.75; null: off
+    freeze_epochs: int = 0  # head warm-up: the first N epochs train the classifier only
+    freeze_bn: bool = False  # during those epochs also keep the backbone's BatchNorm statistics fixed
+    patience: Optional[int] = None  # early stopping: end the fold after N epochs without a better metric; null: off
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd only
     scheduler: str = "cosine"  # any timm scheduler name (cosine, step, plateau, ...)
@@ -242,6 +246,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.accum_steps": (1, 4096, True, True),
     "train.lr": (0, 10, False, True),
     "train.backbone_lr_mult": (0, 100, True, True),
+    "train.layer_decay": (0, 1, False, True),
+    "train.freeze_epochs": (0, 100_000, True, True),
+    "train.patience": (1, 100_000, True, True),
     "train.weight_decay": (0, 10, True, True),
     "train.momentum": (0, 1, True, False),
     "train.warmup_epochs": (0, 100_000, True, True),
@@ -301,6 +308,8 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
             layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
     check(len(cfg.aug.rrc_scale) == 2 and cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1],
           "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
+    check(cfg.train.freeze_epochs < cfg.train.epochs, "train.freeze_epochs",
+          f"must be < train.epochs ({cfg.train.epochs}): at least one epoch trains the backbone")
     check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"must be <= train.lr ({cfg.train.lr:g})")
     check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
     for k in ("mean", "std"):

@@ -66,9 +66,24 @@ def seed_epoch(seed: int, epoch: int) -> None:
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """Backbone and head at their own learning rates; no weight decay on biases, norms and GeM's p."""
+    """Backbone and head at their own learning rates; no weight decay on biases, norms and GeM's p. With
+    `train.layer_decay`, timm's layer-wise groups (`param_groups_layer_decay`: the head at scale 1, each
+    earlier layer group `layer_decay` times the next); `backbone_lr_mult` multiplies every backbone group.
+    Scales live in `lr_scale`, which timm's schedulers apply at every step."""
     t = cfg.train
     head = {id(p) for p in model.get_classifier().parameters()}
+    if t.layer_decay is not None:
+        from timm.optim import param_groups_layer_decay
+
+        out = []
+        for g in param_groups_layer_decay(model, weight_decay=t.weight_decay, layer_decay=t.layer_decay):
+            for part, params in (("head", [p for p in g["params"] if id(p) in head]),
+                                 ("backbone", [p for p in g["params"] if id(p) not in head])):
+                if params:
+                    mult = 1.0 if part == "head" else t.backbone_lr_mult
+                    out.append({"params": params, "lr": t.lr, "lr_scale": g["lr_scale"] * mult,
+                                "weight_decay": g["weight_decay"], "name": f"{part}:{len(out)}"})
+        return out
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -138,6 +153,8 @@ class FoldRun:
     valid_loader: object
     va_idx: np.ndarray  # this process's share of the held-out rows
     start_epoch: int = 0
+    frozen: bool = False  # this epoch trains the classifier only (train.freeze_epochs)
+    stopped_epoch: int | None = None  # early stopping (train.patience): the last epoch trained
     num_updates: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"raw": {"score": None, "epoch": -1}, "ema": {"score": None, "epoch": -1}})
@@ -264,6 +281,12 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
     seed_epoch(cfg.seed, epoch)
     r.batches.set_epoch(epoch)
     r.net.train()
+    r.frozen = epoch < t.freeze_epochs
+    if r.frozen and t.freeze_bn:  # the backbone's BatchNorm statistics stay as they are
+        head = set(r.model.get_classifier().modules())
+        for m in r.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m not in head:
+                m.eval()
     mixing = r.mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
     # host<->device syncs are costly on GPU: read the loss back (and check it is finite) every
     # `sync_every` steps there; on CPU every step, so a divergence names its exact step
@@ -316,6 +339,11 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
 def optimizer_step(r: FoldRun) -> None:
     """Clip, step (through the fp16 scaler when there is one), schedule and update the EMA."""
     t = r.cfg.train
+    if r.frozen:  # head warm-up: only the classifier moves (no grad, so no step and no weight decay)
+        head = {id(p) for p in r.model.get_classifier().parameters()}
+        for p in r.model.parameters():
+            if id(p) not in head:
+                p.grad = None
     if t.clip_grad:
         if r.scaler:
             r.scaler.unscale_(r.optimizer)
@@ -390,7 +418,8 @@ def finish(r: FoldRun) -> dict:
     summary = {"fold": r.k, "chosen": chosen, "epoch": r.best[chosen]["epoch"], "score": final["score"],
                "metric": cfg.eval.metric, "metrics": final, "best": r.best,
                "arch": cfg.model.arch, "num_classes": len(r.counts), "img_size": cfg.aug.img_size,
-               "mean": r.stats[0], "std": r.stats[1],
+               "mean": r.stats[0], "std": r.stats[1], "epochs_trained": len(r.history),
+               "stopped_early_after": r.stopped_epoch,
                "n_train": int(len(r.y_tr)), "n_valid": int(len(r.y_va)), "train_counts": r.counts.tolist(),
                "seconds": float(sum(h["seconds"] for h in r.history)), "made_from": r.rec,
                "env": environment()}
@@ -415,6 +444,8 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
                  r.device, f", AMP {r.dtype}" if r.dtype else "", f", {dist.world} processes" if dist.world > 1 else "")
     tracker = Tracker(cfg, k) if dist.main and cfg.train.tracker != "none" else None
     for epoch in range(r.start_epoch, cfg.train.epochs):
+        if stop_early(r, epoch):
+            break
         row = train_epoch(r, epoch)
         t0 = row.pop("_t0")
         validate(r, epoch, row)
@@ -426,6 +457,22 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
     summary = finish(r) if dist.main else None
     dist.barrier()
     return dist.broadcast(summary)
+
+
+def stop_early(r: FoldRun, epoch: int) -> bool:
+    """`train.patience`: no better metric (raw or EMA) in the last `patience` epochs ends the fold before
+    `epoch` (judged from the kept best epochs, so a resumed run stops where an uninterrupted one would)."""
+    p = r.cfg.train.patience
+    if p is None or epoch == 0:
+        return False
+    last_better = max(b["epoch"] for b in r.best.values()) if r.dist.main else 0
+    stop = bool(r.dist.broadcast(r.dist.main and epoch - last_better >= p))
+    if stop:
+        r.stopped_epoch = epoch
+        if r.dist.main:
+            log.info("fold %d: early stop after epoch %d of %d (no better %s for %d epochs; best at epoch %d)", r.k,
+                     epoch, r.cfg.train.epochs, r.cfg.eval.metric, p, last_better)
+    return stop
 
 
 def _diverged(k: int, what: str, ckpt_path) -> PipelineError:
