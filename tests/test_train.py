@@ -298,3 +298,25 @@ def test_patience_stops_the_fold_and_the_summary_says_when(comp, monkeypatch):
     monkeypatch.setattr(train_stage, "better", real)
     s = train_stage.run(tiny_cfg(comp, "train.epochs=2", "train.ema=false"), fold=1)[0]
     assert s["stopped_early_after"] is None and s["epochs_trained"] == 2
+
+
+def test_progressive_resizing_follows_the_schedule_and_validation_stays(comp):
+    from pipeline.core.data import read_folds
+    from pipeline.core.distributed import Dist
+
+    with pytest.raises(PipelineError, match="aug.size_schedule"):
+        tiny_cfg(comp, "aug.size_schedule=[[1, 16], [0, 32]]")
+    cfg = tiny_cfg(comp, "aug.size_schedule=[[0, 16], [2, 24], [3, 32]]", "train.epochs=4", "train.workers=1")
+    folds_stage.run(cfg)
+    df, classes = read_folds(cfg)
+    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    ds = r.train_loader.dataset
+    assert [ds[(0, e)][0].shape[0] for e in range(5)] == [16, 16, 24, 32, 32]
+    for epoch, side in ((0, 16), (2, 24)):      # through the real loader (a worker process), a whole batch
+        r.batches.set_epoch(epoch)
+        x, _ = next(iter(r.train_loader))
+        assert tuple(x.shape[1:3]) == (side, side)
+    x, _ = next(iter(r.valid_loader))
+    assert tuple(x.shape[1:3]) == (32, 32)
+    s = train_stage.run(cfg, fold=0)[0]
+    assert s["img_size"] == 32 and s["epochs_trained"] == 4

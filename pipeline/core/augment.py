@@ -91,9 +91,32 @@ def pixel_record(cfg: Config) -> dict:
     return {"crop_pct": crop_pct(cfg), "store_side": store_side(cfg)}
 
 
-def train_transform(cfg: Config) -> A.Compose:
+def train_size(cfg: Config, epoch: int) -> int:
+    """The training crop side of an epoch: `aug.size_schedule` ([[first epoch, side], ...], fastai's
+    progressive resizing), else `aug.img_size`. Validation and inference always use `aug.img_size`."""
+    size = cfg.aug.img_size
+    for start, side in cfg.aug.size_schedule:
+        if epoch >= start:
+            size = side
+    return size
+
+
+class EpochTransforms:
+    """epoch -> the training pipeline at that epoch's size (picklable, for DataLoader workers)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.built = cfg, {}
+
+    def __call__(self, epoch: int) -> A.Compose:
+        size = train_size(self.cfg, epoch)
+        if size not in self.built:
+            self.built[size] = train_transform(self.cfg, size)
+        return self.built[size]
+
+
+def train_transform(cfg: Config, size: int | None = None) -> A.Compose:
     a = cfg.aug
-    s = a.img_size
+    s = size or a.img_size
     squashing = a.resize == "squash"
     if a.crop == "rrc":
         ops = ([Squash(s)] if squashing else []) + [A.RandomResizedCrop(size=(s, s), scale=tuple(a.rrc_scale))]

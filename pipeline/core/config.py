@@ -64,6 +64,7 @@ class ModelCfg:
 @dataclass
 class AugCfg:
     img_size: int = 224  # training and validation crop side, pixels
+    size_schedule: list[list[int]] = field(default_factory=list)  # progressive resizing: [[epoch, side], ...] from epoch 0
     crop: Literal["rrc", "resize_crop"] = "rrc"  # rrc: RandomResizedCrop; resize_crop: resize then random crop
     rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
     resize: Literal["keep_ratio", "squash"] = "keep_ratio"  # keep_ratio: as timm; squash: every image to a square first
@@ -306,6 +307,11 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     for key in ("experiment", "folds.name", "ensemble.name"):
         if flat[key] or key == "experiment":
             layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
+    sched = cfg.aug.size_schedule
+    check(not sched or (all(len(x) == 2 for x in sched) and sched[0][0] == 0
+                        and all(a[0] < b[0] for a, b in zip(sched, sched[1:]))
+                        and all(16 <= x[1] <= 4096 for x in sched)), "aug.size_schedule",
+          "must be [[0, side], [epoch, side], ...]: epochs rising from 0, sides 16-4096 (e.g. [[0, 128], [6, 224]])")
     check(len(cfg.aug.rrc_scale) == 2 and cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1],
           "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
     check(cfg.train.freeze_epochs < cfg.train.epochs, "train.freeze_epochs",

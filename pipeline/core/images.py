@@ -301,20 +301,24 @@ class ImageDataset(Dataset):
     """Items are (uint8 HWC tensor, label). Training keys are (index, epoch): the augmentation of
     an image is seeded by (seed, epoch, index), the same in any worker and after a resume."""
 
-    def __init__(self, store, labels: np.ndarray | None, transform, seed: int = 0):
-        self.store, self.transform, self.seed = store, transform, seed
+    def __init__(self, store, labels: np.ndarray | None, transform, seed: int = 0, by_epoch=None):
+        # by_epoch: epoch -> transform, for training keys whose transform changes (progressive resizing)
+        self.store, self.transform, self.seed, self.by_epoch = store, transform, seed, by_epoch
         self.labels = labels if labels is not None else np.full(len(store), -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __getitem__(self, key):
+        transform = self.transform
         if isinstance(key, tuple):
             i, epoch = key
-            self.transform.set_random_seed(int(np.random.default_rng([self.seed, epoch, i]).integers(2**31)))
+            if self.by_epoch is not None:
+                transform = self.by_epoch(epoch)
+            transform.set_random_seed(int(np.random.default_rng([self.seed, epoch, i]).integers(2**31)))
         else:
             i = key
-        img = self.transform(image=self.store[i])["image"]
+        img = transform(image=self.store[i])["image"]
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[i])
 
 

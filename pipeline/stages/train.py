@@ -35,7 +35,7 @@ import torch
 
 from ..core.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json, write_npz,
                          write_text)
-from ..core.augment import open_store, train_transform, valid_transform
+from ..core.augment import EpochTransforms, open_store, train_transform, valid_transform
 from ..core.config import Config, config_to_yaml
 from ..core.data import read_folds
 from ..core.distributed import Dist
@@ -226,7 +226,8 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) ->
     if not dist.main:
         store = open_store(cfg, df["path"])
     in_fold = df["fold"].values == k  # every fold reads the one store of the train images
-    tr_ds = ImageDataset(store.subset(np.flatnonzero(~in_fold)), y_tr, train_transform(cfg), seed=cfg.seed)
+    tr_ds = ImageDataset(store.subset(np.flatnonzero(~in_fold)), y_tr, train_transform(cfg), seed=cfg.seed,
+                         by_epoch=EpochTransforms(cfg) if cfg.aug.size_schedule else None)
     va_ds = ImageDataset(store.subset(np.flatnonzero(in_fold)), y_va, valid_transform(cfg))
     batches = EpochBatches(lambda e: epoch_indices(t.sampler, y_tr, n_classes, cfg.seed, e, t.epochs),
                            len(y_tr), t.batch_size, dist.world, dist.rank)
