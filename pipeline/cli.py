@@ -58,6 +58,8 @@ EXTRA = {
     "doctor": "a one-minute check of this machine: a few training and inference steps in every mode "
               "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode [--quick]",
     "selfcheck": "the fault-injection and bad-input matrix on a tiny competition, as a table [--quick]",
+    "lr-find": "the learning-rate range test on one fold -> reports/<exp>/lr_find.{png,csv} and a suggested "
+               "train.lr [--fold K] [--steps N]",
     "export": "pack the ensemble for offline inference (a Kaggle code competition) -> exports/<name>/ "
               "[--out DIR] [--zip] [--onnx]",
     "predict": "the submission from a bundle alone: --bundle DIR --test-dir DIR [--sample-submission FILE] "
@@ -80,6 +82,8 @@ COMMAND_HELP = {  # command -> (module whose docstring says what it reads and wr
     "infer": ("pipeline.stages.infer", COMMON + STAGE_OPTS, "./run.sh infer infer.views=[orig,hflip] infer.scales=[1,1.15]"),
     "ensemble": ("pipeline.stages.ensemble", COMMON + STAGE_OPTS,
                  "./run.sh ensemble ensemble.members=[exp_a,exp_b:crt] ensemble.method=weighted"),
+    "lr-find": ("pipeline.tools.lr_find", COMMON + ["--fold K        the fold whose training rows it uses (default 0)",
+                "--steps N       at most N steps (default 100)"], "./run.sh lr-find model.arch=convnext_tiny"),
     "export": ("pipeline.tools.export", COMMON + ["--out DIR       the bundle folder (default exports/<name>/)",
                "--zip           also <out>.zip", "--onnx          also fold<k>/model.onnx (needs onnx)"],
                "./run.sh export --zip"),
@@ -174,6 +178,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--tmp-dir", default=None)
     p.add_argument("--root", default=None)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
     args, unknown = p.parse_known_args(argv)
@@ -406,6 +411,14 @@ def _main(argv: list[str]) -> int:
         from .tools import export
 
         export.run(cfg, out=args.out, zip_=args.zip, onnx=args.onnx)
+        return 0
+    if args.command == "lr-find":
+        from .tools import lr_find
+
+        if args.steps < 5:
+            raise PipelineError("--steps must be at least 5")
+        prepare(cfg)
+        lr_find.run(cfg, fold=args.fold or 0, steps=args.steps)
         return 0
     if args.command == "doctor":
         from .tools import doctor

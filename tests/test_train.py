@@ -320,3 +320,20 @@ def test_progressive_resizing_follows_the_schedule_and_validation_stays(comp):
     assert tuple(x.shape[1:3]) == (32, 32)
     s = train_stage.run(cfg, fold=0)[0]
     assert s["img_size"] == 32 and s["epochs_trained"] == 4
+
+
+def test_lr_find_suggests_a_rate_on_the_falling_part_of_its_curve(comp, workdir):
+    from pipeline.cli import main
+    from pipeline.tools import lr_find
+
+    cfg = tiny_cfg(comp, "train.batch_size=4", "aug.img_size=16")
+    folds_stage.run(cfg)
+    out = lr_find.run(cfg, fold=0, steps=60)
+    lrs, sm, lr = out["lrs"], out["smoothed"], out["suggestion"]
+    i, low = int(np.searchsorted(lrs, lr)), int(np.argmin(sm))
+    assert lrs[0] == pytest.approx(1e-7) and np.all(np.diff(lrs) > 0)
+    assert i < low and sm[i + 1] < sm[i] and sm[low] < sm[0]          # falling, before the minimum
+    assert (workdir / "reports/tiny/lr_find.png").stat().st_size > 1000
+    assert len(pd.read_csv(workdir / "reports/tiny/lr_find.csv")) == len(lrs)
+    assert not (workdir / "runs").exists()
+    assert main(["lr-find", "--steps", "2"]) == 2

@@ -275,3 +275,12 @@ class BundleDir:
 
     def member(self, name: str) -> BundleMember:
         return BundleMember(self.dir / "members" / name.replace(":", "--"))
+
+
+def lr_find_csv(experiment: str, reports: Path = REPORTS) -> Path:
+    """`./run.sh lr-find`: learning rate, loss and smoothed loss per step."""
+    return experiment_report(experiment, reports) / "lr_find.csv"
+
+
+def lr_find_png(experiment: str, reports: Path = REPORTS) -> Path:
+    return experiment_report(experiment, reports) / "lr_find.png"

@@ -113,3 +113,17 @@ def contact_sheet(path, images: list[np.ndarray], captions: list[str], title: st
         ax.set_title(cap, fontsize=7)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+def lr_curve(path, lrs: np.ndarray, losses: np.ndarray, smooth: np.ndarray, suggestion: float) -> None:
+    """The LR range test: loss against learning rate (log), the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(lrs, losses, alpha=0.3, label="loss")
+    ax.plot(lrs, smooth, label="smoothed")
+    ax.axvline(suggestion, color="C3", linestyle="--", label=f"suggested train.lr {suggestion:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log)")
+    ax.set_ylabel("training loss")
+    ax.set_ylim(min(smooth.min(), losses.min()) * 0.9, min(losses.max(), smooth[0] * 4) * 1.05)
+    ax.legend()
+    _save(fig, path)

@@ -1,0 +1,117 @@
+"""`./run.sh lr-find`: the learning-rate range test (Smith 2015; fastai's `lr_find`) on one fold.
+
+Usage:   ./run.sh lr-find [--config FILE] [--fold K] [--steps N] [key=value ...]
+Input:   folds/<name>.csv (stage 1), the train images of the fold's training rows, the config's model,
+         optimizer, augmentation, loss and batch size
+Output:  reports/<exp>/lr_find.csv  lr, loss, smoothed loss per step
+         reports/<exp>/lr_find.png  loss against learning rate, the suggestion marked
+The model (fresh, as stage 2 starts it) trains for up to N steps (default 100) with the learning rate
+rising exponentially from 1e-7 to 10, and stops once the smoothed loss is 4x its minimum. The suggestion
+is the steepest descent of the smoothed loss (the learning rate where it falls fastest) before its
+minimum, the value fastai's `lr_find` also reports; paste it as `train.lr`. Nothing under runs/ changes.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core import layout, plots
+from ..core.artifacts import write_csv
+from ..core.augment import open_store, train_transform
+from ..core.config import Config
+from ..core.data import read_folds
+from ..core.distributed import Dist
+from ..core.errors import PipelineError
+from ..core.images import ImageDataset
+from ..core.losses import SoftTargetLoss
+from ..core.models import Normalize, create_model, norm_stats
+from ..core.progress import Progress
+from ..core.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
+
+log = logging.getLogger("pipeline")
+
+START_LR, END_LR, DIVERGE = 1e-7, 10.0, 4.0
+
+
+def smooth(losses: list[float], beta: float = 0.98) -> np.ndarray:
+    """fastai's debiased exponential moving average."""
+    avg, out = 0.0, []
+    for i, v in enumerate(losses, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return np.array(out)
+
+
+def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> float:
+    """The learning rate of the steepest fall of the smoothed loss (in log lr) before its minimum."""
+    end = int(np.argmin(smoothed))
+    if end < 2:
+        raise PipelineError("lr-find: the loss never fell (it diverged from the first steps); check the data and "
+                            "model, or lower the batch size")
+    slope = np.gradient(smoothed[: end + 1], np.log(lrs[: end + 1]))
+    start = max(1, end // 10)  # the first steps carry the EMA's warm-up noise
+    return float(lrs[start + int(np.argmin(slope[start:end]))])
+
+
+def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
+    df, classes = read_folds(cfg)
+    rows = np.flatnonzero(df["fold"].values != fold)
+    if not len(rows):
+        raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has no such fold")
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg, Dist())
+    dtype = amp_dtype(cfg, device)
+    model = prepare_model(cfg, create_model(cfg, len(classes)), device).train()
+    norm = Normalize(*norm_stats(cfg, model)).to(device)
+    from timm.optim import create_optimizer_v2
+
+    opt = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=START_LR, weight_decay=cfg.train.weight_decay,
+                              momentum=cfg.train.momentum)
+    store = open_store(cfg, df["path"])
+    ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(cfg), seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                                         generator=gen, num_workers=workers(cfg),
+                                         pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {cfg.train.batch_size}")
+    criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma).to(device)
+    lrs, losses, best = [], [], float("inf")
+    factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
+    with Progress(steps, "lr-find", "step") as bar:
+        step = 0
+        while step < steps:
+            for x, y in loader:
+                lr = START_LR * factor ** step
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x = norm(x.to(device)).contiguous(memory_format=memory_format(cfg, device))
+                target = torch.nn.functional.one_hot(y.to(device), len(classes)).float()
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = criterion(model(x), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                v = float(loss.item())
+                lrs.append(lr)
+                losses.append(v if np.isfinite(v) else float("inf"))
+                sm = smooth(losses)[-1]
+                best = min(best, sm)
+                step += 1
+                bar.update()
+                bar.postfix(lr=f"{lr:.1e}", loss=f"{sm:.3f}")
+                if step >= steps or not np.isfinite(sm) or (step > 10 and sm > DIVERGE * best):
+                    step = steps
+                    break
+    lrs_a = np.array(lrs)
+    sm = smooth([v if np.isfinite(v) else max(x for x in losses if np.isfinite(x)) * DIVERGE for v in losses])
+    lr = suggest(lrs_a, sm)
+    write_csv(layout.lr_find_csv(cfg.experiment), pd.DataFrame({"lr": lrs_a, "loss": losses, "smoothed": sm}))
+    plots.lr_curve(layout.lr_find_png(cfg.experiment), lrs_a, np.minimum(np.array(losses), sm.max() * 2), sm, lr)
+    log.info("lr-find on fold %d (%d steps, lr %.1e to %.1e): suggested train.lr=%.2e (steepest fall; the minimum "
+             "of the smoothed loss is at %.2e); %s", fold, len(lrs), lrs[0], lrs[-1], lr, lrs_a[int(np.argmin(sm))],
+             layout.lr_find_png(cfg.experiment))
+    return {"suggestion": lr, "lrs": lrs_a, "losses": np.array(losses), "smoothed": sm}
