@@ -287,6 +287,9 @@ SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "pol
 COMMON_OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "lamb", "lion", "adan", "rmsprop", "nadam")
 
 
+STRUCTURED = ("aug.size_schedule",)  # numeric keys whose shape needs its own check in _validate (pairs)
+
+
 def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
     return f"{'>=' if lo_in else '>'} {lo:g} and {'<=' if hi_in else '<'} {hi:g}"
 
