@@ -34,8 +34,8 @@ from ..core.heads import Head
 from ..core.augment import open_store
 from ..core.inference import by_scale, joint_head, policy_probs, predict_views
 from ..core.metrics import GREATER_IS_BETTER, cv
-from ..core.provenance import (environment, infer_record, keep_image_snapshots, oof_rows, rebalance_summary, resolve_heads, stage2_summary,
-                               stale_reasons, up_to_date)
+from ..core.provenance import (environment, infer_record, keep_image_snapshots, oof_rows, rebalance_summary,
+                               resolve_heads, stage2_summary, stale_reasons, up_to_date)
 from ..core.progress import Progress
 from ..core.runtime import amp_dtype, pick_device, prepare_model
 from ..core.tta import BASELINE, view_name

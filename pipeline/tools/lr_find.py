@@ -33,10 +33,10 @@ from ..core.runtime import amp_dtype, memory_format, pick_device, prepare_model,
 
 log = logging.getLogger("pipeline")
 
-START_LR, END_LR, DIVERGE = 1e-7, 10.0, 4.0
+START_LR, END_LR, DIVERGE, BETA = 1e-7, 10.0, 4.0, 0.98
 
 
-def smooth(losses: list[float], beta: float = 0.98) -> np.ndarray:
+def smooth(losses: list[float], beta: float = BETA) -> np.ndarray:
     """fastai's debiased exponential moving average."""
     avg, out = 0.0, []
     for i, v in enumerate(losses, 1):
@@ -79,7 +79,7 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
     if len(loader) == 0:
         raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {cfg.train.batch_size}")
     criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma).to(device)
-    lrs, losses, best = [], [], float("inf")
+    lrs, losses, best, avg = [], [], float("inf"), 0.0
     factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
     with Progress(steps, "lr-find", "step") as bar:
         step = 0
@@ -98,7 +98,8 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
                 v = float(loss.item())
                 lrs.append(lr)
                 losses.append(v if np.isfinite(v) else float("inf"))
-                sm = smooth(losses)[-1]
+                avg = BETA * avg + (1 - BETA) * losses[-1]  # smooth()'s running value, kept step by step
+                sm = avg / (1 - BETA ** len(losses))
                 best = min(best, sm)
                 step += 1
                 bar.update()
