@@ -93,6 +93,7 @@ class TrainCfg:
     freeze_epochs: int = 0  # head warm-up: the first N epochs train the classifier only
     freeze_bn: bool = False  # during those epochs also keep the backbone's BatchNorm statistics fixed
     patience: Optional[int] = None  # early stopping: end the fold after N epochs without a better metric; null: off
+    full_fit: bool = False  # after the folds, one more model on every row for the epoch count the folds chose (no CV)
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd only
     scheduler: str = "cosine"  # any timm scheduler name (cosine, step, plateau, ...)
@@ -150,6 +151,13 @@ class RebalanceCfg:
 
 
 @dataclass
+class FixResCfg:
+    size: Optional[float] = None  # test crop = img_size x this, after fine-tuning BN + classifier there; null: off
+    epochs: int = 1  # fine-tuning epochs over the fold's own training rows
+    lr: Optional[float] = None  # fine-tuning peak lr (cosine to 0); null: train.lr / 10
+
+
+@dataclass
 class InferCfg:
     heads: list[str] = field(default_factory=lambda: ["best"])  # stage-3 variants to predict with; best: the CV winner
     views: list[str] = field(default_factory=lambda: ["orig", "hflip"])  # named TTA views, see pipeline/core/tta.py
@@ -157,6 +165,8 @@ class InferCfg:
     merge: Literal["mean_prob", "mean_logit", "geo_mean"] = "mean_prob"
     search: bool = False  # choose the TTA policy greedily on OOF from views x scales; recorded
     oof: Literal["auto", "on", "off"] = "auto"  # TTA on held-out rows too; auto: when the train images exist
+    full_fit_weight: float = 1.0  # the full-data model's share of the test mean, in fold models (0: not used)
+    fixres: FixResCfg = field(default_factory=FixResCfg)  # Touvron et al. 2019: views at a larger size, BN + head tuned there
     batch_size: int = 128
 
 
@@ -280,6 +290,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "rebalance.inner_folds": (2, 20, True, True),
     "infer.scales": (0.25, 4, True, True),
     "infer.batch_size": (1, 65_536, True, True),
+    "infer.full_fit_weight": (0, 100, True, True),
+    "infer.fixres.size": (0.25, 4, True, True),
+    "infer.fixres.epochs": (1, 1000, True, True),
+    "infer.fixres.lr": (0, 10, False, True),
 }
 
 
@@ -349,6 +363,9 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     check(not small, "infer.scales", f"scale(s) {small} x aug.img_size {cfg.aug.img_size} give crops under 16 px")
     check(len(set(cfg.infer.scales)) == len(cfg.infer.scales), "infer.scales", "lists a scale twice")
     check(len(set(cfg.infer.views)) == len(cfg.infer.views), "infer.views", "lists a view twice")
+    fx = cfg.infer.fixres.size
+    check(fx is None or round(cfg.aug.img_size * fx) >= 16, "infer.fixres.size",
+          f"{fx} x aug.img_size {cfg.aug.img_size} gives crops under 16 px")
 
 
 # ----------------------------------------------------------------------------- loading

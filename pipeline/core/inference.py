@@ -17,19 +17,29 @@ from .errors import PipelineError
 from .heads import Head
 from .images import ImageDataset
 from .runtime import make_loader, memory_format, workers
-from .tta import VIEWS, merge, sizes
+from .tta import VIEWS, merge, sizes, view_name
 
 
-def parse_view(name: str) -> tuple[str, float]:
-    """`hflip@1.15` -> ("hflip", 1.15): the inverse of tta.view_name."""
-    view, _, scale = name.partition("@")
+FIXRES = "fixres:"  # names a view of the FixRes-tuned model (infer.fixres): `fixres:orig@1.15`
+
+
+def view_label(view: str, scale: float, fixres: bool = False) -> str:
+    """How a view is named in stage 4's files, reports and bundles: `hflip@1.15`, `fixres:orig@1.15`."""
+    return (FIXRES if fixres else "") + view_name(view, scale)
+
+
+def parse_view(name: str) -> tuple[str, float, bool]:
+    """`hflip@1.15` -> ("hflip", 1.15, False); `fixres:orig@1.15` -> ("orig", 1.15, True): the inverse of
+    view_label."""
+    fixres = name.startswith(FIXRES)
+    view, _, scale = name.removeprefix(FIXRES).partition("@")
     try:
         s = float(scale)
     except ValueError:
         s = None
     if view not in VIEWS or s is None:
-        raise PipelineError(f"TTA view '{name}' is not view@scale with a view of {sorted(VIEWS)}")
-    return view, s
+        raise PipelineError(f"TTA view '{name}' is not [fixres:]view@scale with a view of {sorted(VIEWS)}")
+    return view, s, fixres
 
 
 def policy_logits(forward, x: torch.Tensor, views: list[str], crop: int) -> list[torch.Tensor]:
@@ -74,6 +84,21 @@ def predict_views(cfg: Config, model, norm, heads: dict[str, Head], store, scale
         if on_batch is not None:
             on_batch(len(x))
     return {h: np.concatenate(parts, axis=1) for h, parts in out.items()}
+
+
+def predict_policy(cfg: Config, model, norm, heads: dict[str, Head], store, views: list[str], device, dtype,
+                   batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Logits (V x N x C, float64) of every head for the named views (all of one model: plain or FixRes-tuned),
+    one loader per scale."""
+    pairs = [(s, v) for v, s, _ in map(parse_view, views)]
+    out = {}
+    for scale, at, vs in by_scale(pairs):
+        for h, lg in predict_views(cfg, model, norm, heads, store, scale, vs, device, dtype, batch_size,
+                                   on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k))).items():
+            if h not in out:
+                out[h] = np.zeros((len(views), lg.shape[1], lg.shape[2]), np.float64)
+            out[h][at] = lg
+    return out
 
 
 def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], list[str]]]:

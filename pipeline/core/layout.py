@@ -32,6 +32,7 @@ REPORTS = Path("reports")
 EXPORTS = Path("exports")
 CACHE = RUNS / ".cache"
 STATS = RUNS / ".stats"
+FULL = -1  # the index that stands for the full-data model (train.full_fit) where a fold index is expected
 
 
 # ----------------------------------------------------------------------------- names
@@ -115,6 +116,10 @@ class FoldDir:
     def rebalance_summary(self) -> Path:  # written last
         return self.rebalance / "summary.json"
 
+    @property
+    def name(self) -> str:  # fold<k>, or full
+        return self.dir.name
+
 
 # ----------------------------------------------------------------------------- one experiment
 @dataclass(frozen=True)
@@ -151,6 +156,13 @@ class RunDir:
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.dir / f"fold{k}")
 
+    @property
+    def full(self) -> FoldDir:  # train.full_fit: the model of every row (stages 2 and 3 as for a fold, no OOF)
+        return FoldDir(self.dir / "full")
+
+    def unit(self, k: int) -> FoldDir:  # fold k, or the full-data model for k = FULL
+        return self.full if k == FULL else self.fold(k)
+
     # stage 3 report
     @property
     def rebalance(self) -> Path:
@@ -186,6 +198,12 @@ class RunDir:
 
     def infer_oof(self, head: str) -> Path:
         return self.infer / head / "oof.npz"
+
+    def fixres(self, unit: str) -> Path:  # infer.fixres: fold<k> or full weights with BN + classifier tuned
+        return self.infer / "fixres" / f"{unit}.safetensors"
+
+    def fixres_meta(self, unit: str) -> Path:  # what they were made from (written after the weights)
+        return self.infer / "fixres" / f"{unit}.json"
 
 
 def image_snapshot(digest: str) -> Path:

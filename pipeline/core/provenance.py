@@ -227,6 +227,7 @@ def train_record(cfg: Config) -> dict:
         rec["aug"].pop(k, None)
     for k in ("workers", "tracker", "tracker_dir"):  # how the run is watched, not what it learns
         rec["train"].pop(k, None)
+    rec["train"].pop("full_fit")  # the extra full-data model; the folds are the same with or without it
     rec["folds"].pop("rare_classes", None)  # a permission, not a change of the folds
     return rec
 
@@ -250,11 +251,62 @@ def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True
     return s
 
 
+def fold_choices(cfg: Config) -> list[dict] | None:
+    """What each fold's stage 2 chose (epoch, raw/EMA): the full-data fit repeats it. None until every fold
+    is finished from the current settings."""
+    rec, out = train_record(cfg), []
+    for k in range(cfg.folds.n_splits):
+        path = cfg.run.fold(k).summary
+        if not up_to_date(path, rec):
+            return None
+        s = read_json(path)
+        out.append({"epoch": s["epoch"], "chosen": s["chosen"]})
+    return out
+
+
+def low_median(values: list):
+    """The lower middle value (always one of the values: a checkpoint epoch, a grid point)."""
+    v = sorted(values)
+    return v[(len(v) - 1) // 2]
+
+
+def full_plan(choices: list[dict]) -> dict:
+    """train.full_fit: train for the folds' (low) median chosen epoch on the same schedule, and keep the
+    weights (raw or EMA) most folds chose (EMA on a tie: it is the smoother of the two)."""
+    ema = sum(c["chosen"] == "ema" for c in choices)
+    return {"epochs": low_median([c["epoch"] for c in choices]), "source": "ema" if 2 * ema >= len(choices) else "raw"}
+
+
+def full_record(cfg: Config, choices: list[dict]) -> dict:
+    return {**train_record(cfg), "full_fit": full_plan(choices), "fold_choices": choices}
+
+
+def full_summary(cfg: Config, n_classes: int) -> dict | None:
+    """The finished full-data model's summary when train.full_fit is on and it is current; None when off.
+    Refused (like a stale fold) when on but missing or made from other settings."""
+    if not cfg.train.full_fit:
+        return None
+    path = cfg.run.full.summary
+    choices = fold_choices(cfg)
+    if not path.exists() or choices is None:
+        raise PipelineError(f"train.full_fit is on but the full-data model of '{cfg.experiment}' is not finished "
+                            f"({path}); run ./run.sh train")
+    s = read_json(path)
+    if s["num_classes"] != n_classes or s["arch"] != cfg.model.arch:
+        raise PipelineError(f"{path}: trained as {s['arch']} with {s['num_classes']} classes, but the config says "
+                            f"{cfg.model.arch} with {n_classes} classes")
+    rec = full_record(cfg, choices)
+    if not up_to_date(path, rec):
+        refuse_stale(f"{path} (the full-data model)", describe_changes(s.get("made_from", {}), rec),
+                     "re-run ./run.sh train (or ./run.sh all), or restore the config")
+    return s
+
+
 # ----------------------------------------------------------------------------- stage 3
 def feature_record(cfg: Config, k: int, classes: list) -> dict:
     """What fold k's cached backbone features depend on: the weights and the pixels fed to them."""
     a = cfg.aug
-    rec = {"format": 3, "weights": sha256_file(cfg.run.fold(k).weights), "classes": classes,
+    rec = {"format": 3, "weights": sha256_file(cfg.run.unit(k).weights), "classes": classes,
            "img_size": a.img_size, "resize": a.resize, **pixel_record(cfg), "aug_views": cfg.rebalance.aug_views,
            "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed,
            "train_images": train_images(cfg)}
@@ -264,9 +316,11 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
     return rec
 
 
-def rebalance_record(cfg: Config, k: int, classes: list) -> dict:
+def rebalance_record(cfg: Config, k: int, classes: list, fold_choices: dict | None = None) -> dict:
+    """Fold k's heads; for the full-data model (k = FULL) also the folds' choices it repeats."""
     d = cfg.to_dict()
-    return {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes)}
+    rec = {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes)}
+    return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}
 
 
 def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
@@ -325,12 +379,22 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
         test = read_test_table(cfg)
     if oof is None:
         oof = oof_rows(cfg, read_json(cfg.run.classes)) is not None
-    return {"infer": cfg.to_dict()["infer"], "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
-            "test_images": image_record(cfg, test["path"]),
-            "train_images": train_images(cfg) if oof else None,
-            "weights": [sha256_file(cfg.run.fold(k).weights) for k in range(n)],
-            "head_files": {h: [sha256_file(cfg.run.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
-            "oof": oof}
+    d = cfg.to_dict()["infer"]
+    if not cfg.train.full_fit:
+        d.pop("full_fit_weight")  # not read without a full-data model
+    if d["fixres"]["size"] is None:
+        d.pop("fixres")
+    rec = {"infer": d, "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
+           "test_images": image_record(cfg, test["path"]),
+           "train_images": train_images(cfg) if oof or d.get("fixres") else None,
+           "weights": [sha256_file(cfg.run.fold(k).weights) for k in range(n)],
+           "head_files": {h: [sha256_file(cfg.run.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
+           "oof": oof}
+    if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:  # the full-data model joins the test mean
+        full = cfg.run.full
+        sha = lambda p: sha256_file(p) if p.exists() else "missing"  # noqa: E731
+        rec["full"] = {"weights": sha(full.weights), "head_files": {h: sha(full.head(h)) for h in heads if h != "joint"}}
+    return rec
 
 
 # ----------------------------------------------------------------------------- stage 5

@@ -25,7 +25,8 @@ log = logging.getLogger("pipeline")
 class Tracker:
     """One fold's run in the tracker: the config as parameters, each epoch's numbers as metrics."""
 
-    def __init__(self, cfg: Config, fold: int):
+    def __init__(self, cfg: Config, fold: int | str):
+        name = f"fold{fold}" if isinstance(fold, int) else fold  # "full": the full-data model
         self.backend, self._run, self._writer = cfg.train.tracker, None, None
         where = Path(cfg.train.tracker_dir or cfg.run.tracking).resolve()
         params = {k: str(v)[:250] for k, v in flatten(cfg.to_dict()).items()}
@@ -35,16 +36,16 @@ class Tracker:
 
                 mlflow.set_tracking_uri(where.as_uri())
                 mlflow.set_experiment(cfg.experiment)
-                self._run = mlflow.start_run(run_name=f"fold{fold}")
+                self._run = mlflow.start_run(run_name=name)
                 mlflow.log_params({**params, "fold": fold})
                 self._mlflow = mlflow
             elif self.backend == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(where / f"fold{fold}"))
+                self._writer = SummaryWriter(str(where / name))
                 self._writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
             elif self.backend == "wandb":
-                self._run = wandb_run(cfg, f"fold{fold}", "train")
+                self._run = wandb_run(cfg, name, "train")
         except ImportError as e:
             log.warning("train.tracker=%s but it is not installed (%s): training goes on without it",
                         self.backend, e)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..core import models, tracking
 from ..core.artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
@@ -31,14 +32,17 @@ from ..core.data import read_test_table
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.heads import Head
-from ..core.augment import open_store
-from ..core.inference import by_scale, joint_head, policy_probs, predict_views
+from ..core.augment import open_store, pixel_record, valid_transform
+from ..core.images import ImageDataset
+from ..core.inference import joint_head, parse_view, policy_probs, predict_policy, view_label
+from ..core.layout import FULL
 from ..core.metrics import GREATER_IS_BETTER, cv
-from ..core.provenance import (environment, infer_record, keep_image_snapshots, oof_rows, rebalance_summary,
-                               resolve_heads, stage2_summary, stale_reasons, up_to_date)
+from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
+                               rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
+                               up_to_date)
 from ..core.progress import Progress
-from ..core.runtime import amp_dtype, pick_device, prepare_model
-from ..core.tta import BASELINE, view_name
+from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
+from ..core.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 
@@ -48,9 +52,24 @@ class Inputs:
     classes: list
     oof_df: pd.DataFrame | None  # the folds table when held-out rows are predicted too
     summaries: list[dict]  # stage 2, per fold
+    full: dict | None  # stage 2 of the full-data model when it joins the test mean (train.full_fit)
     heads: list[str]
     test: pd.DataFrame
     made_from: dict
+
+
+@dataclass
+class Unit:
+    """One model stage 4 runs: fold k's (or the full-data model's, k = FULL) weights, plain or FixRes-tuned,
+    with its share of the test mean (OOF rows are predicted by their own fold's models only)."""
+    k: int
+    fixres: bool
+    weight: float
+    s2: dict
+
+    @property
+    def name(self) -> str:
+        return ("full fit" if self.k == FULL else f"fold {self.k}") + (" (FixRes)" if self.fixres else "")
 
 
 def load_inputs(cfg: Config) -> Inputs:
@@ -61,19 +80,43 @@ def load_inputs(cfg: Config) -> Inputs:
     has_folds = cfg.folds_csv.exists()
     oof_df = oof_rows(cfg, classes)
     summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
+    full = None
+    if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:
+        full = full_summary(cfg, len(classes)) if has_folds else read_json(cfg.run.full.summary)
     heads = resolve_heads(cfg)
     if has_folds and any(h != "joint" for h in heads):
         for k in range(len(summaries)):
             rebalance_summary(cfg, k, classes)
     test = read_test_table(cfg)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
-    return Inputs(classes, oof_df, summaries, heads, test, made_from)
+    return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
 
 
-def tta_pairs(cfg: Config) -> list[tuple[float, str]]:
-    """Every (scale, view) to predict: the configured ones, and always the no-TTA baseline."""
+def tta_names(cfg: Config) -> list[str]:
+    """Every view to predict: the configured views at each scale (always with the no-TTA baseline), then with
+    infer.fixres the configured views at its size with the FixRes-tuned models."""
     pairs = list(itertools.product(cfg.infer.scales, cfg.infer.views))
-    return pairs if (1.0, "orig") in pairs else [(1.0, "orig")] + pairs
+    pairs = pairs if (1.0, "orig") in pairs else [(1.0, "orig")] + pairs
+    names = [view_label(v, s) for s, v in pairs]
+    if cfg.infer.fixres.size is not None:
+        names += [view_label(v, cfg.infer.fixres.size, fixres=True) for v in cfg.infer.views]
+    return names
+
+
+def default_policy(cfg: Config, names: list[str]) -> list[str]:
+    """The configured views at the configured scales, and every FixRes view (the baseline is there for the report
+    only, unless configured)."""
+    def wanted(view, scale, fixres):
+        return fixres or (scale in cfg.infer.scales and view in cfg.infer.views)
+    return [n for n in names if wanted(*parse_view(n))]
+
+
+def units(cfg: Config, inp: Inputs) -> list[Unit]:
+    fx = cfg.infer.fixres.size is not None
+    out = [Unit(k, f, 1.0, s2) for k, s2 in enumerate(inp.summaries) for f in ((False, True) if fx else (False,))]
+    if inp.full is not None:
+        out += [Unit(FULL, f, cfg.infer.full_fit_weight, inp.full) for f in ((False, True) if fx else (False,))]
+    return out
 
 
 def status(cfg: Config) -> list[str]:
@@ -81,41 +124,130 @@ def status(cfg: Config) -> list[str]:
     return stale_reasons(cfg.run.infer_summary, load_inputs(cfg).made_from)
 
 
+# ----------------------------------------------------------------------------- FixRes
+def fixres_record(cfg: Config, k: int) -> dict:
+    """What a FixRes-tuned copy of fold k's (or the full model's) weights is made from."""
+    d = cfg.to_dict()
+    aug = {x: v for x, v in d["aug"].items() if x not in ("cache", "cache_dir", "cache_max_gb")}
+    return {"fixres": d["infer"]["fixres"], "lr": fixres_lr(cfg), "weights": sha256_file(cfg.run.unit(k).weights),
+            "folds_file": sha256_file(cfg.folds_csv), "train_images": train_images(cfg), "aug": aug,
+            **pixel_record(cfg), "batch_size": cfg.train.batch_size, "seed": cfg.seed,
+            "amp": d["train"]["amp"], "channels_last": d["train"]["channels_last"]}
+
+
+def fixres_lr(cfg: Config) -> float:
+    return cfg.infer.fixres.lr if cfg.infer.fixres.lr is not None else cfg.train.lr / 10
+
+
+def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: Unit, n_classes: int, device, dtype):
+    """FixRes (Touvron et al. 2019): the model with its normalisation layers and classifier fine-tuned at the
+    test size on its own training rows (fold k: the rows it trained on, never its held-out ones; the full
+    model: every row). BatchNorm statistics are re-estimated there (a cumulative average over the epoch, not
+    a decayed one). Kept in runs/<exp>/infer/fixres/<unit>.safetensors with its record."""
+    fd = cfg.run.unit(u.k)
+    path, meta = cfg.run.fixres(fd.name), cfg.run.fixres_meta(fd.name)
+    if df is None:  # test-only inference (infer.oof=off without the train data): use what was tuned before
+        if not path.exists():
+            raise PipelineError(f"infer.fixres needs {path}: tune it where the train images are (stage 4 with "
+                                f"infer.oof=auto), or set infer.fixres.size=null")
+        return models.load_trained(cfg, path, n_classes)
+    rec = fixres_record(cfg, u.k)
+    if path.exists() and up_to_date(meta, rec):
+        return models.load_trained(cfg, path, n_classes)
+    t0 = time.perf_counter()
+    fx = cfg.infer.fixres
+    crop = int(round(cfg.aug.img_size * fx.size))
+    model = models.load_trained(cfg, fd.weights, n_classes).to(device)
+    prepare_model(cfg, model, device)
+    norm = models.Normalize(u.s2["mean"], u.s2["std"]).to(device)
+    tuned = [p for p in model.get_classifier().parameters()]
+    norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
+    for m in norms:
+        tuned += [p for p in m.parameters(recurse=False)]
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: the exact mean over the tuning batches
+    ids = {id(p) for p in tuned}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    rows = np.flatnonzero(df["fold"].values != u.k)
+    ds = ImageDataset(open_store(cfg, df["path"]).subset(rows), df["y"].values[rows], valid_transform(cfg, crop))
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + u.k + 1)
+    steps = fx.epochs * (-(-len(rows) // cfg.train.batch_size))
+    opt = torch.optim.AdamW(tuned, lr=fixres_lr(cfg), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    fmt = memory_format(cfg, device)
+    model.train()
+    bar = Progress(steps, f"FixRes {u.name.removesuffix(' (FixRes)')} at {crop} px", "step")
+    for epoch in range(fx.epochs):
+        order = torch.randperm(len(rows), generator=gen).numpy()
+        loader = make_loader(torch.utils.data.Subset(ds, order), batch_size=cfg.train.batch_size,
+                             n_workers=workers(cfg), cuda=device.type == "cuda")
+        for x, y in loader:
+            x = norm(x.to(device, non_blocking=True))
+            flip = torch.rand(len(x), generator=gen) < cfg.aug.hflip
+            x[flip.to(device)] = x[flip.to(device)].flip(3)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=fmt)).float(),
+                                                         y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    model.eval()
+    models.write_state_dict(path, model.state_dict(), {"fixres": fx.size, "crop": crop, "unit": fd.name})
+    keep_image_snapshots(rec)
+    write_json(meta, {"made_from": rec, "crop": crop, "rows": int(len(rows)), "seconds": time.perf_counter() - t0})
+    log.info("%s: FixRes-tuned at %d px on %d training rows (%d epoch(s), BN re-estimated) in %.1fs", u.name, crop,
+             len(rows), fx.epochs, time.perf_counter() - t0)
+    return model.cpu()
+
+
+NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
 # ----------------------------------------------------------------------------- predicting
-def predict_all(cfg: Config, inp: Inputs, pairs: list[tuple[float, str]]) -> tuple[dict, dict, int]:
-    """Every fold's model on the test images (fold mean) and on its own held-out rows, per view:
-    {head: V x N x C} for test and OOF, and the number of view-images predicted."""
+def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict, int]:
+    """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images (their
+    weighted mean per view) and each fold's on its own held-out rows, per view: {head: V x N x C} for test
+    and OOF, and the number of view-images predicted."""
     device = pick_device(cfg, Dist())
     dtype = amp_dtype(cfg, device)
-    C, K = len(inp.classes), len(inp.summaries)
+    C = len(inp.classes)
     n_oof = len(inp.oof_df) if inp.oof_df is not None else 0
-    test_logits = {h: np.zeros((len(pairs), len(inp.test), C), np.float64) for h in inp.heads}
-    oof_logits = {h: np.zeros((len(pairs), n_oof, C), np.float32) for h in inp.heads}
-    n_images = 0
+    test_logits = {h: np.zeros((len(names), len(inp.test), C), np.float64) for h in inp.heads}
+    oof_logits = {h: np.zeros((len(names), n_oof, C), np.float32) for h in inp.heads}
+    wsum = np.zeros(len(names))
     test_store = open_store(cfg, inp.test["path"])
     train_store = open_store(cfg, inp.oof_df["path"]) if inp.oof_df is not None else None
-    bar = Progress(K * len(pairs) * (len(inp.test) + n_oof), f"stage 4 of {cfg.experiment}", "view-img")
-    for k, s2 in enumerate(inp.summaries):
-        model = models.load_trained(cfg, cfg.run.fold(k).weights, C).to(device)
+    plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(cfg, inp)]
+    n_images = sum(len(sel) * (len(inp.test) + (int((inp.oof_df["fold"].values == u.k).sum())
+                                                if inp.oof_df is not None else 0)) for u, sel in plan)
+    bar = Progress(n_images, f"stage 4 of {cfg.experiment}", "view-img")
+    for u, sel in plan:
+        model = (fixres_weights(cfg, inp.oof_df, u, C, device, dtype) if u.fixres
+                 else models.load_trained(cfg, cfg.run.unit(u.k).weights, C)).to(device)
         prepare_model(cfg, model, device)
-        norm = models.Normalize(s2["mean"], s2["std"]).to(device)
-        heads = {h: _load_head(cfg, k, h, model) for h in inp.heads}
-        rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else None
-        for scale, at, views in by_scale(pairs):
-            tick = lambda n, v=len(views): bar.update(n * v)  # noqa: E731
-            for h, lg in predict_views(cfg, model, norm, heads, test_store, scale, views, device, dtype,
-                                       on_batch=tick).items():
-                test_logits[h][at] += lg / K
-            n_images += len(inp.test) * len(views)
-            if rows is not None:
-                for h, lg in predict_views(cfg, model, norm, heads, train_store.subset(rows), scale, views, device,
-                                           dtype, on_batch=tick).items():
-                    oof_logits[h][np.ix_(at, rows)] = lg
-                n_images += len(rows) * len(views)
-        log.info("fold %d: TTA inference done (%d view(s) x %d scale(s))", k, len(cfg.infer.views),
-                 len(cfg.infer.scales))
-        fault_point(f"infer:after-fold:{k}")
+        norm = models.Normalize(u.s2["mean"], u.s2["std"]).to(device)
+        heads = {h: _load_head(cfg, u.k, h, model) for h in inp.heads}
+        views = [names[i] for i in sel]
+        for h, lg in predict_policy(cfg, model, norm, heads, test_store, views, device, dtype,
+                                    on_batch=bar.update).items():
+            test_logits[h][sel] += u.weight * lg
+        wsum[sel] += u.weight
+        rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
+        if len(rows):
+            for h, lg in predict_policy(cfg, model, norm, heads, train_store.subset(rows), views, device, dtype,
+                                        on_batch=bar.update).items():
+                oof_logits[h][np.ix_(sel, rows)] = lg
+        log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
+        fault_point(f"infer:after-fold:{u.k if u.k != FULL else 'full'}{':fixres' if u.fixres else ''}")
     bar.close()
+    for h in test_logits:
+        test_logits[h] /= wsum[:, None, None]
     return test_logits, oof_logits, n_images
 
 
@@ -125,13 +257,12 @@ def run(cfg: Config, force: bool = False) -> dict:
     if not force and up_to_date(cfg.run.infer_summary, inp.made_from):
         log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)
         return read_json(cfg.run.infer_summary)
-    pairs = tta_pairs(cfg)
-    names = [view_name(v, s) for s, v in pairs]
+    names = tta_names(cfg)
     with experiment_lock(cfg.run.infer):
         t0 = time.perf_counter()
-        test_logits, oof_logits, n_images = predict_all(cfg, inp, pairs)
+        test_logits, oof_logits, n_images = predict_all(cfg, inp, names)
         seconds = time.perf_counter() - t0
-        policy = [n for n, (s, v) in zip(names, pairs) if s in cfg.infer.scales and v in cfg.infer.views]
+        policy = default_policy(cfg, names)
         report, searched = pd.DataFrame(), False
         if inp.oof_df is not None:
             if cfg.infer.search:
@@ -145,6 +276,9 @@ def run(cfg: Config, force: bool = False) -> dict:
                    "folds_file": sha256_file(cfg.folds_csv) if cfg.folds_csv.exists() else None,
                    "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
                    "images_per_s": n_images / seconds, "seconds": seconds, "made_from": inp.made_from,
+                   "full_fit_weight": cfg.infer.full_fit_weight if inp.full is not None else 0.0,
+                   "fixres_files": {fd.name: sha256_file(cfg.run.fixres(fd.name)) for fd in
+                                    (cfg.run.unit(u.k) for u in units(cfg, inp) if u.fixres)},
                    "env": environment()}
         keep_image_snapshots(inp.made_from)
         write_json(cfg.run.infer_summary, summary)
@@ -183,7 +317,7 @@ def write_predictions(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: d
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
-    return joint_head(model) if variant == "joint" else Head.load(cfg.run.fold(k).head(variant))[0]
+    return joint_head(model) if variant == "joint" else Head.load(cfg.run.unit(k).head(variant))[0]
 
 
 def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarray) -> dict:

@@ -38,9 +38,10 @@ from ..core.data import read_folds
 from ..core.errors import PipelineError
 from ..core.heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
 from ..core.images import ImageDataset
+from ..core.layout import FULL
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
-from ..core.provenance import (environment, feature_record, keep_image_snapshots, rebalance_record, stage2_summary,
-                               stale_reasons, up_to_date)
+from ..core.provenance import (environment, feature_record, full_summary, keep_image_snapshots, low_median,
+                               rebalance_record, stage2_summary, stale_reasons, up_to_date)
 from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.distributed import Dist
 
@@ -51,8 +52,9 @@ NCM_SCALES = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0]  # cosine -> logit temperat
 
 # ----------------------------------------------------------------------------- features
 def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict) -> dict[str, np.ndarray]:
-    """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows."""
-    fd = cfg.run.fold(k)
+    """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows (k = FULL: the
+    full-data model, every row a train row, none held out)."""
+    fd = cfg.run.unit(k)
     weights = fd.weights
     record = feature_record(cfg, k, classes)
     if fd.features.exists() and up_to_date(fd.features_meta, record):
@@ -78,10 +80,11 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     feats = {
         "train": run(tr_rows, tr["y"].values, valid_transform(cfg)),
         "train_y": tr["y"].values,
-        "valid": run(va_rows, va["y"].values, valid_transform(cfg)),
         "valid_y": va["y"].values,
         "valid_ids": va["id"].values,
     }
+    feats["valid"] = (run(va_rows, va["y"].values, valid_transform(cfg)) if len(va_rows)
+                      else np.zeros((0, feats["train"].shape[1]), np.float32))
     views = [run(tr_rows, tr["y"].values, train_transform(cfg), keyed_epoch=10_000 + v)
              for v in range(cfg.rebalance.aug_views)]
     feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
@@ -92,7 +95,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     feats["joint_weight"] = clf.weight.detach().cpu().numpy()
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
     joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
-    oof = read_npz(fd.oof)
+    oof = read_npz(fd.oof) if k != FULL else {"logits": joint}  # the full-data model holds nothing out
     tol = 1e-3 if dtype is None else 2e-2  # the classifier runs in fp32 in both; bf16 backbones round a little
     if not np.allclose(joint, oof["logits"], atol=tol, rtol=tol):
         raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
@@ -101,7 +104,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     keep_image_snapshots(record)
     write_json(fd.features_meta, {"made_from": record, "seconds": time.perf_counter() - t0,
                       "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
-    log.info("fold %d: features %s extracted in %.1fs", k, feats["train"].shape, time.perf_counter() - t0)
+    log.info("%s: features %s extracted in %.1fs", fd.name, feats["train"].shape, time.perf_counter() - t0)
     return feats
 
 
@@ -218,6 +221,67 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
     return summary
 
 
+# ----------------------------------------------------------------------------- the full-data model
+FULL_PARAM = {"tau": "tau", "logit_adjust": "scale", "ncm": "scale", "crt": "epochs", "lws": "epochs"}
+
+
+def full_choices(cfg: Config, summaries: list[dict]) -> dict:
+    """The value each tuned variant uses on the full-data model: the folds' (low) median choice. The full
+    model holds no rows out to tune on; the folds' choices were each made on held-out rows."""
+    out = {}
+    for v in cfg.rebalance.variants:
+        if v in FULL_PARAM:
+            out[v] = low_median([s["variants"][v][FULL_PARAM[v]] for s in summaries])
+    return out
+
+
+def full_heads(cfg: Config, feats: dict, n_classes: int, chosen: dict) -> dict[str, Head]:
+    """Every configured variant fit on all rows' features with the folds' choices."""
+    r = cfg.rebalance
+    w, b, y = feats["joint_weight"], feats["joint_bias"], feats["train_y"]
+    counts = np.bincount(y, minlength=n_classes)
+    out = {}
+    for v in r.variants:
+        if v == "joint":
+            out[v] = Head(w, b)
+        elif v == "tau":
+            out[v] = tau_head(w, b, chosen[v])
+        elif v == "logit_adjust":
+            out[v] = logit_adjust_head(w, b, counts / counts.sum(), chosen[v])
+        elif v == "ncm":
+            base = ncm_head(feats["train"], y, n_classes, center=r.ncm_center)
+            out[v] = Head(base.weight * chosen[v], base.bias, base.center, True)
+        elif v in ("crt", "lws"):
+            x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
+            y_all = np.concatenate([y] * (1 + len(feats["views"])))
+            epochs, lr = (r.crt_epochs, r.crt_lr) if v == "crt" else (r.lws_epochs, r.lws_lr)
+            out[v] = train_linear(x_tr, y_all, n_classes, epochs, lr, r.crt_weight_decay, cfg.seed + 1000,
+                                  [chosen[v]], init=(w, b), scales_only=v == "lws")[chosen[v]]
+    return out
+
+
+def rebalance_full(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict], force: bool) -> dict:
+    """Stage 3 of the full-data model (train.full_fit): each variant's head on every row's features, with
+    the value the folds chose (no CV of its own; stage 4 uses the heads on test images only)."""
+    fd = cfg.run.full
+    s2 = full_summary(cfg, len(classes))
+    chosen = full_choices(cfg, summaries)
+    made_from = rebalance_record(cfg, FULL, classes, chosen)
+    if not force and up_to_date(fd.rebalance_summary, made_from):
+        log.info("full fit: rebalanced heads up to date, skipped")
+        return read_json(fd.rebalance_summary)
+    feats = fold_features(cfg, df, classes, FULL, s2)
+    t0 = time.perf_counter()
+    for v, h in full_heads(cfg, feats, len(classes), chosen).items():
+        h.save(fd.head(v), {"variant": v, "fold": "full", "classes": classes, "from_folds": chosen.get(v)})
+    summary = {"fold": "full", "variants": {v: {"from_folds": chosen.get(v)} for v in cfg.rebalance.variants},
+               "seconds": time.perf_counter() - t0, "made_from": made_from, "env": environment()}
+    write_json(fd.rebalance_summary, summary)
+    log.info("full fit: heads %s fit on all %d rows with the folds' choices %s", list(cfg.rebalance.variants),
+             len(df), chosen)
+    return summary
+
+
 # ----------------------------------------------------------------------------- report
 def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) -> dict:
     """The CV of every variant over the folds (report.csv, report.md, summary.json). Its pictures
@@ -279,6 +343,12 @@ def status(cfg: Config) -> list[str]:
             summaries.append(read_json(fd.rebalance_summary))
     if not reasons and not up_to_date(cfg.run.rebalance_summary, _report_record(summaries)):
         reasons.append("report: out of date")
+    if not reasons and cfg.train.full_fit:
+        if not cfg.run.full.weights.exists():
+            reasons.append("full fit: waits for its stage-2 weights")
+        else:
+            reasons += stale_reasons(cfg.run.full.rebalance_summary,
+                                     rebalance_record(cfg, FULL, classes, full_choices(cfg, summaries)), "full fit: ")
     return reasons
 
 
@@ -303,6 +373,9 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
     if stale:
         log.info("report waits: fold(s) %s were rebalanced with other settings or weights", stale)
         return None
+    if cfg.train.full_fit:
+        with experiment_lock(cfg.run.full.dir):
+            rebalance_full(cfg, df, classes, summaries, force)
     if not force and up_to_date(cfg.run.rebalance_summary, _report_record(summaries)):
         log.info("stage-3 report of '%s' is up to date", cfg.experiment)
         return read_json(cfg.run.rebalance_summary)

@@ -45,10 +45,10 @@ from ..core.losses import SoftTargetLoss, effective_number_weights
 from ..core.metrics import better, compute, softmax
 from ..core import models
 from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
-from ..core.layout import FoldDir
+from ..core.layout import FULL, FoldDir  # FULL: the full-data model's fold index; `fold != FULL` is every row
 from ..core.progress import Progress, progress
-from ..core.provenance import (describe_changes, environment, keep_image_snapshots, recorded, stale_reasons,
-                               train_record, up_to_date)
+from ..core.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
+                               recorded, stale_reasons, train_record, up_to_date)
 from ..core.runtime import (amp_dtype, grad_scaler, make_loader, maybe_compile, memory_format, pick_device,
                             prepare_model, set_backend_flags, workers)
 from ..core.samplers import epoch_indices
@@ -155,6 +155,7 @@ class FoldRun:
     start_epoch: int = 0
     frozen: bool = False  # this epoch trains the classifier only (train.freeze_epochs)
     stopped_epoch: int | None = None  # early stopping (train.patience): the last epoch trained
+    plan_epochs: int = 0  # the full-data model: epochs to train (of train.epochs scheduled)
     num_updates: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"raw": {"score": None, "epoch": -1}, "ema": {"score": None, "epoch": -1}})
@@ -163,26 +164,36 @@ class FoldRun:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def full(self) -> bool:  # the full-data model (train.full_fit): every row trains, none is held out
+        return self.k == FULL
 
-def judge(cfg: Config, k: int, force: bool, dist: Dist) -> tuple[dict | None, dict | None]:
+    @property
+    def label(self) -> str:
+        return "full fit" if self.full else f"fold {self.k}"
+
+
+
+
+def judge(paths: FoldDir, rec: dict, label: str, force: bool, dist: Dist) -> tuple[dict | None, dict | None]:
     """(the finished summary when the fold is up to date, the resume state when an interrupted run
     of the same inputs left one). A stale or forced fold stops looking complete before any of it
     is replaced."""
-    paths, rec = cfg.run.fold(k), train_record(cfg)
     fresh = force
     if paths.summary.exists() and not force:
         if up_to_date(paths.summary, rec):
             old = read_json(paths.summary)
-            log.info("fold %d: up to date (%s %.4f), skipped; --force retrains", k, cfg.eval.metric, old["score"])
+            score = f"{old['metric']} {old['score']:.4f}" if old.get("score") is not None else "no CV of its own"
+            log.info("%s: up to date (%s), skipped; --force retrains", label, score)
             return old, None
-        log.info("fold %d: stale, retraining (changed: %s)", k,
+        log.info("%s: stale, retraining (changed: %s)", label,
                  ", ".join(describe_changes(recorded(paths.summary), rec)) or "unknown")
         fresh = True
     resume = None
     if paths.checkpoint.exists() and not fresh:
         resume = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
         if resume.get("made_from") != rec:
-            log.info("fold %d: %s is an interrupted run with other inputs (changed: %s): starting afresh", k,
+            log.info("%s: %s is an interrupted run with other inputs (changed: %s): starting afresh", label,
                      paths.checkpoint, ", ".join(describe_changes(resume.get("made_from", {}), rec)))
             resume, fresh = None, True
     dist.barrier()  # every rank has judged the fold from the same files before any is removed
@@ -193,14 +204,14 @@ def judge(cfg: Config, k: int, force: bool, dist: Dist) -> tuple[dict | None, di
     return None, resume
 
 
-def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) -> FoldRun:
-    """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k."""
+def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths: FoldDir, rec: dict) -> FoldRun:
+    """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k (k = FULL: every row trains)."""
     t = cfg.train
     device = pick_device(cfg, dist)
     cuda = device.type == "cuda"
     set_backend_flags(cfg, device)
     train_df, valid_df = df[df["fold"] != k], df[df["fold"] == k]
-    if valid_df.empty:
+    if valid_df.empty and k != FULL:
         raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
     y_tr, y_va = train_df["y"].values, valid_df["y"].values
     counts = np.bincount(y_tr, minlength=n_classes)
@@ -232,7 +243,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) ->
     batches = EpochBatches(lambda e: epoch_indices(t.sampler, y_tr, n_classes, cfg.seed, e, t.epochs),
                            len(y_tr), t.batch_size, dist.world, dist.rank)
     if len(batches) < t.accum_steps:
-        raise PipelineError(f"fold {k}: {len(y_tr)} training images make {len(batches)} batch(es) of "
+        raise PipelineError(f"{'full fit' if k == FULL else f'fold {k}'}: {len(y_tr)} training images make {len(batches)} batch(es) of "
                             f"{t.batch_size} x {dist.world} process(es); lower train.batch_size or accum_steps")
     scheduler, _ = create_scheduler_v2(optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
                                        warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
@@ -248,7 +259,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist) ->
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
     net = maybe_compile(cfg, net)
     return FoldRun(
-        cfg=cfg, k=k, dist=dist, paths=cfg.run.fold(k), rec=train_record(cfg), device=device, dtype=dtype,
+        cfg=cfg, k=k, dist=dist, paths=paths, rec=rec, device=device, dtype=dtype,
         y_tr=y_tr, y_va=y_va, valid_ids=valid_df["id"].values, counts=counts, model=model, net=net, ema=ema,
         norm=norm, stats=stats, optimizer=optimizer, scheduler=scheduler,
         scaler=grad_scaler(dtype, device),
@@ -270,14 +281,14 @@ def restore(r: FoldRun, state: dict) -> None:
         r.ema.module.load_state_dict(state["ema"])
     r.start_epoch, r.num_updates = state["epoch"] + 1, state["num_updates"]
     r.history, r.best = state["history"], state["best"]
-    log.info("fold %d: resuming from %s after epoch %d", r.k, r.paths.checkpoint, state["epoch"])
+    log.info("%s: resuming from %s after epoch %d", r.label, r.paths.checkpoint, state["epoch"])
 
 
 def train_epoch(r: FoldRun, epoch: int) -> dict:
     """One epoch of optimiser steps; returns the epoch's training numbers."""
     from timm.data.mixup import mixup_target
 
-    cfg, t, k = r.cfg, r.cfg.train, r.k
+    cfg, t = r.cfg, r.cfg.train
     n_classes = len(r.counts)
     seed_epoch(cfg.seed, epoch)
     r.batches.set_epoch(epoch)
@@ -295,7 +306,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
     t0 = time.perf_counter()
     wait, seen = 0.0, 0
     loss_sum = torch.zeros((), device=r.device)  # summed on the device: no sync per step
-    bar = Progress(len(r.batches), f"fold {k} epoch {epoch + 1}/{t.epochs}", "step", enabled=r.dist.main)
+    bar = Progress(len(r.batches), f"{r.label} epoch {epoch + 1}/{t.epochs}", "step", enabled=r.dist.main)
     t_wait = time.perf_counter()
     r.optimizer.zero_grad(set_to_none=True)
     for step, (x, y) in enumerate(r.train_loader):
@@ -318,7 +329,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
             total = loss_sum.item()  # the one sync; a non-finite step makes the running sum non-finite
             if r.dist.any(not np.isfinite(total)):
                 at = f"step {step + 1}" if sync_every == 1 else f"steps {step + 2 - sync_every}-{step + 1}"
-                raise _diverged(k, f"loss at epoch {epoch + 1}, {at}", r.paths.checkpoint)
+                raise _diverged(r.label, f"loss at epoch {epoch + 1}, {at}", r.paths.checkpoint)
             bar.postfix(loss=f"{total / seen:.4f}", img_s=f"{seen * r.dist.world / (time.perf_counter() - t0):.0f}")
         (r.scaler.scale(loss / t.accum_steps) if r.scaler else loss / t.accum_steps).backward()
         if (step + 1) % t.accum_steps == 0:
@@ -370,7 +381,7 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
         logits["ema"] = predict(r.ema.module, r.valid_loader, r.norm, r.device, r.dtype, fmt)
     logits = {s: _gather_rows(r.dist, r.va_idx, v, len(r.y_va)) for s, v in logits.items()}
     if not np.isfinite(logits["raw"]).all():
-        raise _diverged(r.k, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
+        raise _diverged(r.label, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
     for src, lg in logits.items():
         m = compute(r.y_va, softmax(lg), r.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
         prefix = "" if src == "raw" else "ema_"
@@ -395,6 +406,10 @@ def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
     write_csv(r.paths.history, pd.DataFrame(r.history))
     if tracker is not None:
         tracker.log(row, step=epoch + 1)
+    if r.full:
+        log.info("full fit epoch %d/%d (of %d scheduled)  lr %.2e  train loss %.4f  %.0f img/s  %.1fs", epoch + 1,
+                 r.plan_epochs, t.epochs, row["lr"], row["train_loss"], row["images_per_s"], row["seconds"])
+        return
     metric = cfg.eval.metric
     extra = f" ema {row['ema_score']:.4f}" if r.ema is not None else ""
     if metric != "balanced_accuracy":
@@ -433,10 +448,11 @@ def finish(r: FoldRun) -> dict:
 
 
 def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
-    done, resume = judge(cfg, k, force, dist)
+    paths, rec = cfg.run.fold(k), train_record(cfg)
+    done, resume = judge(paths, rec, f"fold {k}", force, dist)
     if done is not None:
         return done
-    r = set_up(cfg, df, len(classes), k, dist)
+    r = set_up(cfg, df, len(classes), k, dist, paths, rec)
     if resume is not None:
         restore(r, resume)
     if dist.main:
@@ -460,11 +476,54 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
     return dist.broadcast(summary)
 
 
+def train_full(cfg: Config, df: pd.DataFrame, classes: list, choices: list[dict], force: bool, dist: Dist) -> dict:
+    """train.full_fit: one more model on every row, on the folds' schedule (train.epochs long) stopped at the
+    epoch the folds chose (their low median), keeping the weights (raw or EMA) most folds kept. It has no
+    held-out rows, so no CV of its own; stage 4 adds its test predictions to the fold mean."""
+    paths, rec = cfg.run.full, full_record(cfg, choices)
+    plan = rec["full_fit"]
+    done, resume = judge(paths, rec, "full fit", force, dist)
+    if done is not None:
+        return done
+    r = set_up(cfg, df, len(classes), FULL, dist, paths, rec)
+    r.plan_epochs = plan["epochs"]
+    if resume is not None:
+        restore(r, resume)
+    if dist.main:
+        log.info("full fit: %s on all %d images, %d of %d scheduled epochs (the folds chose epochs %s), %s weights",
+                 cfg.model.arch, len(r.y_tr), plan["epochs"], cfg.train.epochs, [c["epoch"] for c in choices],
+                 plan["source"])
+    tracker = Tracker(cfg, "full") if dist.main and cfg.train.tracker != "none" else None
+    for epoch in range(r.start_epoch, plan["epochs"]):
+        row = train_epoch(r, epoch)
+        row["seconds"] = time.perf_counter() - row.pop("_t0")
+        end_epoch(r, epoch, row, tracker)
+        dist.barrier()
+    if tracker is not None:
+        tracker.close()
+    summary = None
+    if dist.main:
+        model = r.ema.module if plan["source"] == "ema" and r.ema is not None else r.model
+        write_state_dict(paths.weights, model.state_dict(), {"epoch": plan["epochs"], "source": plan["source"]})
+        summary = {"fold": "full", "chosen": plan["source"], "epoch": plan["epochs"], "score": None,
+                   "metric": cfg.eval.metric, "cv": "none: trained on every row",
+                   "arch": cfg.model.arch, "num_classes": len(classes), "img_size": cfg.aug.img_size,
+                   "mean": r.stats[0], "std": r.stats[1], "epochs_trained": len(r.history),
+                   "n_train": int(len(r.y_tr)), "n_valid": 0, "train_counts": r.counts.tolist(),
+                   "seconds": float(sum(h["seconds"] for h in r.history)), "made_from": rec, "env": environment()}
+        fault_point("train:before-full-summary")
+        keep_image_snapshots(rec)
+        write_json(paths.summary, summary)
+        log.info("full fit done: %s weights after epoch %d (no CV of its own)", plan["source"], plan["epochs"])
+    dist.barrier()
+    return dist.broadcast(summary)
+
+
 def stop_early(r: FoldRun, epoch: int) -> bool:
     """`train.patience`: no better metric (raw or EMA) in the last `patience` epochs ends the fold before
     `epoch` (judged from the kept best epochs, so a resumed run stops where an uninterrupted one would)."""
     p = r.cfg.train.patience
-    if p is None or epoch == 0:
+    if p is None or epoch == 0 or r.full:
         return False
     last_better = max(b["epoch"] for b in r.best.values()) if r.dist.main else 0
     stop = bool(r.dist.broadcast(r.dist.main and epoch - last_better >= p))
@@ -476,8 +535,8 @@ def stop_early(r: FoldRun, epoch: int) -> bool:
     return stop
 
 
-def _diverged(k: int, what: str, ckpt_path) -> PipelineError:
-    return PipelineError(f"fold {k}: non-finite {what}: the weights diverged; stopped. The last good checkpoint "
+def _diverged(label: str, what: str, ckpt_path) -> PipelineError:
+    return PipelineError(f"{label}: non-finite {what}: the weights diverged; stopped. The last good checkpoint "
                          f"is kept: {ckpt_path if ckpt_path.exists() else 'none yet'}. "
                          f"Try a lower train.lr, train.clip_grad, or train.amp=bf16")
 
@@ -521,6 +580,12 @@ def status(cfg: Config) -> list[str]:
             reasons.append(f"fold {k}: interrupted, resumes from {fd.checkpoint.name}")
         else:
             reasons += stale_reasons(fd.summary, rec, f"fold {k}: ")
+    if cfg.train.full_fit:
+        choices = fold_choices(cfg)
+        if choices is None:
+            reasons.append("full fit: waits for every fold")
+        else:
+            reasons += stale_reasons(cfg.run.full.summary, full_record(cfg, choices), "full fit: ")
     return reasons
 
 
@@ -547,6 +612,15 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
             summaries.append(train_fold(cfg, df, classes, k, force, dist))
     if dist.main:
         print_fold_table(cfg, summaries)
+    if cfg.train.full_fit:
+        choices = fold_choices(cfg)
+        if choices is None:
+            if dist.main:
+                log.info("full fit waits for every fold to finish (./run.sh train without --fold trains it)")
+        else:
+            lock = experiment_lock(cfg.run.full.dir) if dist.main else nullcontext()
+            with lock:
+                train_full(cfg, df, classes, choices, force, dist)
     return summaries
 
 
