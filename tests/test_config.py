@@ -129,17 +129,21 @@ def test_every_numeric_key_has_a_range_and_both_ends_are_enforced():
 
     from pipeline.core.config import RANGES, STRUCTURED, Config, flatten
 
+    def owner(key):  # the (nested) section object a dotted key lives in
+        obj = Config()
+        for part in key.split(".")[:-1]:
+            obj = getattr(obj, part)
+        return obj
+
     numeric = []
     for key, value in flatten(Config().to_dict()).items():
-        section, _, name = key.rpartition(".")
-        obj = Config() if not section else getattr(Config(), section)
-        t = typing.get_type_hints(type(obj))[name]
+        t = typing.get_type_hints(type(owner(key)))[key.split(".")[-1]]
         if any(a in (int, float) for a in (t, *typing.get_args(t), *[x for a in typing.get_args(t) for x in typing.get_args(a)])):
             numeric.append(key)
     assert dataclasses.is_dataclass(Config)
     assert sorted(k for k in numeric if k not in RANGES and k not in STRUCTURED) == []
     for key, (lo, hi, lo_in, hi_in) in RANGES.items():
-        t = typing.get_type_hints(type(getattr(Config(), key.split(".")[0]) if "." in key else Config()))[key.split(".")[-1]]
+        t = typing.get_type_hints(type(owner(key)))[key.split(".")[-1]]
         is_list = typing.get_origin(t) is list
         is_int = int in (t, *typing.get_args(t)) and float not in (t, *typing.get_args(t))
         for bad in (lo - (0 if not lo_in else (1 if is_int else 1e-3 * max(1, abs(lo)))),

@@ -29,7 +29,8 @@ BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug
         "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "rebalance.crt_epochs=2",
         "rebalance.lws_epochs=2", "rebalance.variants=[joint,tau,ncm]", "infer.batch_size=4"]
 MEMBERS = {"a": ["infer.heads=[tau]", "infer.views=[orig,hflip]", "infer.scales=[1.0,1.25]"],
-           "b": ["infer.heads=[ncm]", "infer.views=[orig,rot90]", "model.pool=gem"]}
+           "b": ["infer.heads=[ncm]", "infer.views=[orig,rot90]", "model.pool=gem", "train.full_fit=true",
+                 "infer.full_fit_weight=0.5", "infer.fixres.size=1.25"]}
 ENSEMBLE = ["ensemble.members=[a:tau,b:ncm]", "ensemble.method=weighted", "ensemble.name=duo"]
 
 
@@ -39,8 +40,8 @@ def cfg_of(root, exp, *extra):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """Two trained experiments (a linear stage-3 head, and an NCM head with GeM pooling), their weighted
-    ensemble, and its export bundle."""
+    """Two trained experiments (a linear stage-3 head, and an NCM head with GeM pooling, a full-data model and
+    FixRes views), their weighted ensemble, and its export bundle."""
     home = tmp_path_factory.mktemp("project")
     old = Path.cwd()
     os.chdir(home)
@@ -90,7 +91,7 @@ def writable(path: Path) -> None:
 def test_bundle_holds_only_what_inference_needs(project):
     files = sorted(p.relative_to(project["bundle"]).as_posix() for p in project["bundle"].rglob("*") if p.is_file())
     allowed = ("manifest.json", "README.md", "wheels/pipeline-", "/config.yaml", "/member.json", "/model.safetensors",
-               "/head.safetensors")
+               "/head.safetensors", "/fixres.safetensors")
     assert all(any(a in f for a in allowed) for f in files), files
     assert not [f for f in files if any(t in f for t in ("last", "oof", "feature", "checkpoint", "history", ".npz"))]
     manifest = json.loads((project["bundle"] / "manifest.json").read_text())
@@ -99,6 +100,10 @@ def test_bundle_holds_only_what_inference_needs(project):
     assert abs(sum(manifest["weights"].values()) - 1) < 1e-9
     # the NCM head is a file (normalised: not a linear layer), the tau head lives in the weights
     assert "members/b--ncm/fold0/head.safetensors" in files and "members/a--tau/fold0/head.safetensors" not in files
+    # b: the full-data model and the FixRes copies travel too (a has neither)
+    assert {"members/b--ncm/full/model.safetensors", "members/b--ncm/full/head.safetensors",
+            "members/b--ncm/full/fixres.safetensors", "members/b--ncm/fold1/fixres.safetensors"} <= set(files)
+    assert not [f for f in files if f.startswith("members/a--tau/") and ("full/" in f or "fixres" in f)]
     assert manifest["size_bytes"] < manifest["source_bytes"]
     with zipfile.ZipFile(project["zip"]) as z:
         assert sorted(n for n in z.namelist() if not n.endswith("/")) == files
@@ -222,6 +227,9 @@ def test_time_budget_drops_the_least_useful_views_first():
         def __init__(self, name, policy, view_cv):
             self.name, self.policy, self.folds = name, list(policy), 2
             self.info = {"view_cv": view_cv}
+
+        def units(self):  # two fold models
+            return [(0, 1.0), (1, 1.0)]
 
     a = M("a:joint", ["orig@1", "hflip@1", "orig@1.25"], {"orig@1": 0.9, "hflip@1": 0.85, "orig@1.25": 0.88})
     b = M("b:joint", ["orig@1", "rot90@1"], {"orig@1": 0.8, "rot90@1": 0.7})

@@ -101,6 +101,24 @@ def predict_policy(cfg: Config, model, norm, heads: dict[str, Head], store, view
     return out
 
 
+class TestMean:
+    """The test logits of one head: per view, the weighted mean over the models that predicted it (every fold
+    model with weight 1, the full-data model with infer.full_fit_weight). Stage 4 and predict share it."""
+
+    def __init__(self, n_views: int, n: int, n_classes: int):
+        self.sum = np.zeros((n_views, n, n_classes), np.float64)
+        self.weight = np.zeros(n_views, np.float64)
+
+    def add(self, at: list[int], logits: np.ndarray, weight: float) -> None:
+        self.sum[at] += weight * logits
+        self.weight[at] += weight
+
+    def result(self) -> np.ndarray:
+        if (self.weight <= 0).any():
+            raise PipelineError("a TTA view was predicted by no model")
+        return self.sum / self.weight[:, None, None]
+
+
 def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], list[str]]]:
     """(scale, positions in `pairs`, views) per scale, in ascending scale order: one loader per scale."""
     out = []

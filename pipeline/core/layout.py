@@ -263,14 +263,20 @@ class BundleMember:
     def info(self) -> Path:  # classes, head, TTA policy, per-fold normalisation, expected CV
         return self.dir / "member.json"
 
+    def unit(self, k: int) -> Path:  # fold<k>/, or full/ for the full-data model (k = FULL)
+        return self.dir / ("full" if k == FULL else f"fold{k}")
+
     def weights(self, k: int) -> Path:  # a plain timm checkpoint (the head folded in where it is linear)
-        return self.dir / f"fold{k}" / "model.safetensors"
+        return self.unit(k) / "model.safetensors"
+
+    def fixres_weights(self, k: int) -> Path:  # the FixRes-tuned copy (infer.fixres), head folded in the same way
+        return self.unit(k) / "fixres.safetensors"
 
     def head(self, k: int) -> Path:  # only for heads that are not a linear layer (NCM, kNN)
-        return self.dir / f"fold{k}" / "head.safetensors"
+        return self.unit(k) / "head.safetensors"
 
     def onnx(self, k: int) -> Path:  # backbone + head, behind `export --onnx`
-        return self.dir / f"fold{k}" / "model.onnx"
+        return self.unit(k) / "model.onnx"
 
 
 @dataclass(frozen=True)

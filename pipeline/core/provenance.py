@@ -386,7 +386,7 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
         d.pop("fixres")
     rec = {"infer": d, "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
            "test_images": image_record(cfg, test["path"]),
-           "train_images": train_images(cfg) if oof or d.get("fixres") else None,
+           "train_images": train_images(cfg) if oof else None,  # OOF rows, and FixRes tuning, read them
            "weights": [sha256_file(cfg.run.fold(k).weights) for k in range(n)],
            "head_files": {h: [sha256_file(cfg.run.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
            "oof": oof}

@@ -34,7 +34,7 @@ from ..core.errors import PipelineError
 from ..core.heads import Head
 from ..core.augment import open_store, pixel_record, valid_transform
 from ..core.images import ImageDataset
-from ..core.inference import joint_head, parse_view, policy_probs, predict_policy, view_label
+from ..core.inference import TestMean, joint_head, parse_view, policy_probs, predict_policy, view_label
 from ..core.layout import FULL
 from ..core.metrics import GREATER_IS_BETTER, cv
 from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
@@ -218,9 +218,8 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
     dtype = amp_dtype(cfg, device)
     C = len(inp.classes)
     n_oof = len(inp.oof_df) if inp.oof_df is not None else 0
-    test_logits = {h: np.zeros((len(names), len(inp.test), C), np.float64) for h in inp.heads}
+    test_mean = {h: TestMean(len(names), len(inp.test), C) for h in inp.heads}
     oof_logits = {h: np.zeros((len(names), n_oof, C), np.float32) for h in inp.heads}
-    wsum = np.zeros(len(names))
     test_store = open_store(cfg, inp.test["path"])
     train_store = open_store(cfg, inp.oof_df["path"]) if inp.oof_df is not None else None
     plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(cfg, inp)]
@@ -236,8 +235,7 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
         views = [names[i] for i in sel]
         for h, lg in predict_policy(cfg, model, norm, heads, test_store, views, device, dtype,
                                     on_batch=bar.update).items():
-            test_logits[h][sel] += u.weight * lg
-        wsum[sel] += u.weight
+            test_mean[h].add(sel, lg, u.weight)
         rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
         if len(rows):
             for h, lg in predict_policy(cfg, model, norm, heads, train_store.subset(rows), views, device, dtype,
@@ -246,9 +244,7 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
         log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
         fault_point(f"infer:after-fold:{u.k if u.k != FULL else 'full'}{':fixres' if u.fixres else ''}")
     bar.close()
-    for h in test_logits:
-        test_logits[h] /= wsum[:, None, None]
-    return test_logits, oof_logits, n_images
+    return {h: m.result() for h, m in test_mean.items()}, oof_logits, n_images
 
 
 # ----------------------------------------------------------------------------- entry

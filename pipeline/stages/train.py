@@ -204,8 +204,11 @@ def judge(paths: FoldDir, rec: dict, label: str, force: bool, dist: Dist) -> tup
     return None, resume
 
 
-def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths: FoldDir, rec: dict) -> FoldRun:
+def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths: FoldDir | None = None,
+           rec: dict | None = None) -> FoldRun:
     """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k (k = FULL: every row trains)."""
+    paths = paths or cfg.run.unit(k)
+    rec = rec or train_record(cfg)
     t = cfg.train
     device = pick_device(cfg, dist)
     cuda = device.type == "cuda"

@@ -13,6 +13,8 @@ Output:  exports/<name>/ (or --out):
            members/<exp>--<head>/config.yaml, member.json
            members/<exp>--<head>/fold<k>/model.safetensors   a plain timm checkpoint per fold, the
                                           stage-3 head folded into its classifier where it is linear
+           members/<exp>--<head>/fold<k>/fixres.safetensors  with infer.fixres: the FixRes-tuned copy
+           members/<exp>--<head>/full/...                  with train.full_fit: the full-data model, alike
            members/<exp>--<head>/fold<k>/head.safetensors    only for a normalised head (NCM)
            members/<exp>--<head>/fold<k>/model.onnx          with --onnx: backbone + head
          and with --zip the same as <out>.zip. Training-only files (checkpoints, OOF, features, image
@@ -42,7 +44,7 @@ from ..core.augment import crop_pct, store_side
 from ..core.config import Config, load_config
 from ..core.errors import PipelineError
 from ..core.heads import Head
-from ..core.inference import joint_head
+from ..core.inference import joint_head, parse_view
 from ..core.provenance import environment
 from ..core.submission import parse_members
 
@@ -89,6 +91,18 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
         if sha256_file(run.fold(k).head(head)) != want:
             raise PipelineError(f"{run.fold(k).head(head)} changed after stage 4 predicted with it: re-run "
                                 f"./run.sh all before exporting")
+    full = made.get("full")
+    if full and s4.get("full_fit_weight", 0) > 0:
+        for path, want in [(run.full.weights, full["weights"])] + (
+                [(run.full.head(head), full["head_files"][head])] if head != "joint" else []):
+            if not path.exists() or sha256_file(path) != want:
+                raise PipelineError(f"{path} changed after stage 4 predicted with it: re-run ./run.sh all before "
+                                    f"exporting")
+    for unit, want in s4.get("fixres_files", {}).items():
+        path = run.fixres(unit)
+        if not path.exists() or sha256_file(path) != want:
+            raise PipelineError(f"{path} changed after stage 4 predicted with it: re-run ./run.sh all before "
+                                f"exporting")
     return run, s4, head
 
 
@@ -126,28 +140,38 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     mcfg = load_config(run.config)
     classes = read_json(run.classes)
     C, K = len(classes), len(s4["made_from"]["weights"])
-    folds, normalised = [], False
-    for k in range(K):
-        s2 = read_json(run.fold(k).summary)
-        model = models.load_trained(mcfg, run.fold(k).weights, C)
-        if head != "joint":
-            h, _ = Head.load(run.fold(k).head(head))
-            if h.normalize:  # cosine heads are not a linear layer: kept as a file, applied by predict
-                normalised = True
-                h.save(target.head(k), {"variant": head, "fold": k})
-            else:
+    fixres = any(parse_view(v)[2] for v in s4["policy"])
+    full_weight = s4.get("full_fit_weight", 0.0)
+    folds, full, normalised = [], None, False
+    for k in list(range(K)) + ([layout.FULL] if full_weight > 0 else []):
+        unit = run.unit(k)
+        s2 = read_json(unit.summary)
+        h = Head.load(unit.head(head))[0] if head != "joint" else None
+        if h is not None and h.normalize:  # cosine heads are not a linear layer: kept as a file, applied by predict
+            normalised = True
+            h.save(target.head(k), {"variant": head, "fold": unit.name})
+        sources = [(unit.weights, target.weights(k))]
+        if fixres:
+            sources.append((run.fixres(unit.name), target.fixres_weights(k)))
+        for src, dst in sources:
+            model = models.load_trained(mcfg, src, C)
+            if h is not None and not h.normalize:
                 clf = model.get_classifier()
                 with torch.no_grad():
                     clf.weight.copy_(torch.as_tensor(h.weight))
                     clf.bias.copy_(torch.as_tensor(h.bias))
-        target.weights(k).parent.mkdir(parents=True, exist_ok=True)
-        models.write_state_dict(target.weights(k), model.state_dict(),
-                                {"arch": mcfg.model.arch, "num_classes": C, "head": head, "fold": k})
-        if onnx:
-            export_onnx(mcfg, model, Head.load(target.head(k))[0] if normalised else joint_head(model), target.onnx(k))
-        folds.append({"fold": k, "mean": s2["mean"], "std": s2["std"], "score": s2["score"], "epoch": s2["epoch"]})
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            models.write_state_dict(dst, model.state_dict(),
+                                    {"arch": mcfg.model.arch, "num_classes": C, "head": head, "fold": unit.name})
+            if onnx and src == unit.weights:
+                export_onnx(mcfg, model, Head.load(target.head(k))[0] if normalised else joint_head(model),
+                            target.onnx(k))
+        if k == layout.FULL:
+            full = {"weight": full_weight, "mean": s2["mean"], "std": s2["std"], "epoch": s2["epoch"]}
+        else:
+            folds.append({"fold": k, "mean": s2["mean"], "std": s2["std"], "score": s2["score"], "epoch": s2["epoch"]})
     info = {"name": name, "experiment": run.name, "head": head, "arch": mcfg.model.arch, "classes": classes,
-            "num_classes": C, "folds": folds, "policy": s4["policy"], "merge": s4["merge"],
+            "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": s4["policy"], "merge": s4["merge"],
             "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,
             "plain_timm": mcfg.model.pool != "gem",
             "plain_timm_note": ("timm.create_model(arch, num_classes=C, checkpoint_path=fold<k>/model.safetensors) "

@@ -25,11 +25,12 @@ from ..core.layout import RunDir
 from ..core.data import private_score
 from ..core.metrics import GREATER_IS_BETTER, cv, softmax
 from ..core.provenance import changed_keys
+from ..core.inference import FIXRES
 from ..core.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 
-COLUMNS = ["rank", "experiment", "model", "img_size", "epochs", "head", "tta", "metric", "cv_mean", "cv_std",
+COLUMNS = ["rank", "experiment", "model", "img_size", "epochs", "recipe", "head", "tta", "metric", "cv_mean", "cv_std",
            "cv_pooled", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds",
            "members", "note"]
 NOT_COMPARABLE = "folds differ"
@@ -88,6 +89,25 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
     return out
 
 
+def recipe(cfg: Config, summaries: list[dict], s4: dict | None, tta: bool) -> str:
+    """The fine-tuning controls in use, in a few words (empty: the plain recipe)."""
+    t, out = cfg.train, []
+    if t.layer_decay is not None:
+        out.append(f"layer decay {t.layer_decay:g}")
+    if t.freeze_epochs:
+        out.append(f"head warm-up {t.freeze_epochs} ep{' (BN frozen)' if t.freeze_bn else ''}")
+    if t.patience is not None:
+        ran = [s.get("epochs_trained", t.epochs) for s in summaries]
+        out.append(f"early stop p{t.patience} (ran {min(ran)}-{max(ran)} ep)")
+    if cfg.aug.size_schedule:
+        out.append("sizes " + " ".join(f"{side}@{e}" for e, side in cfg.aug.size_schedule))
+    if s4 is not None and s4.get("full_fit_weight", 0) > 0:
+        out.append(f"+ full fit x{s4['full_fit_weight']:g} (test only, no CV of its own)")
+    if tta and s4 is not None and any(v.startswith(FIXRES) for v in s4["policy"]):
+        out.append(f"FixRes {cfg.infer.fixres.size:g}")
+    return "; ".join(out)
+
+
 def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     """Leaderboard rows of one experiment (`preds`: its `predictions`, when already read)."""
     cfg = experiment_config(run)
@@ -98,13 +118,15 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     counts = [s["train_counts"] for s in summaries]
     folds_hash = summaries[0]["made_from"]["folds_file"]
     classes = read_json(run.classes)
+    s4 = read_json(run.infer_summary) if run.infer_summary.exists() else None
     rows = []
     for (head, tta), pred in (predictions(cfg, run) if preds is None else preds).items():
         ev = cv(pred["y"], pred["probs"], pred["fold"], counts, e.many_shot, e.few_shot, e.metric)
         test = pred.get("test")
         rows.append({"experiment": cfg.experiment, "model": cfg.model.arch + (f" ({cfg.model.pool})"
                                                                               if cfg.model.pool != "avg" else ""),
-                     "img_size": cfg.aug.img_size, "epochs": cfg.train.epochs, "head": head,
+                     "img_size": cfg.aug.img_size, "epochs": cfg.train.epochs,
+                     "recipe": recipe(cfg, summaries, s4 if "test" in pred else None, tta), "head": head,
                      "tta": "on" if tta else "off", "metric": cfg.eval.metric, **ev,
                      "private": private_score(cfg, test["ids"], test["probs"], classes) if test else None,
                      "folds": f"{cfg.folds_csv.stem}@{folds_hash[:8]}", "folds_sha256": folds_hash,
@@ -126,6 +148,7 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
             folds.add(read_json(s2)["made_from"].get("folds_file") if s2.exists() else None)
         fh = folds.pop() if len(folds) == 1 else None
         rows.append({"experiment": s["name"], "model": f"ensemble ({s['method']})", "img_size": None, "epochs": None,
+                     "recipe": "",
                      "head": "", "tta": "", "metric": s["metric"], "cv_mean": r["cv_mean"], "cv_std": r["cv_std"],
                      "per_fold": r.get("per_fold"), "cv_pooled": r["cv_pooled"],
                      **{m: r.get(m) for m in ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc")},
@@ -197,7 +220,7 @@ def to_text(t: pd.DataFrame) -> str:
     view["cv"] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(view["cv_mean"], view["cv_std"])]
     for c in ("img_size", "epochs"):
         view[c] = [("" if pd.isna(v) else str(v)) for v in view[c]]
-    cols = ["rank", "experiment", "model", "img_size", "epochs", "head", "tta", "cv", "cv_pooled", "macro_f1",
+    cols = ["rank", "experiment", "model", "img_size", "epochs", "recipe", "head", "tta", "cv", "cv_pooled", "macro_f1",
             "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds", "members", "note"]
     return view[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
 

@@ -33,7 +33,7 @@ from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.heads import Head
 from ..core.images import ImageStore
-from ..core.inference import by_scale, joint_head, parse_view, policy_probs, predict_views
+from ..core.inference import TestMean, joint_head, parse_view, policy_probs, predict_policy
 from ..core.metrics import GREATER_IS_BETTER
 from ..core.progress import Progress
 from ..core.runtime import amp_dtype, pick_device, prepare_model
@@ -55,8 +55,10 @@ class Member:
     def folds(self) -> int:
         return len(self.info["folds"])
 
-    def pairs(self) -> list[tuple[float, str]]:
-        return [(s, v) for v, s in map(parse_view, self.policy)]
+    def units(self) -> list[tuple[int, float]]:
+        """(fold index or FULL, share of the test mean) of every model of the member."""
+        full = self.info.get("full")
+        return [(k, 1.0) for k in range(self.folds)] + ([(layout.FULL, full["weight"])] if full else [])
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -87,41 +89,46 @@ def load_members(b: layout.BundleDir, manifest: dict, overrides: list[str]) -> l
 
 
 # ----------------------------------------------------------------------------- predicting
-def fold_model(m: Member, k: int, device) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Head]]:
-    model = models.load_trained(m.cfg, m.files.weights(k), m.info["num_classes"]).to(device)
+def fold_model(m: Member, k: int, device, fixres: bool = False) -> tuple[torch.nn.Module, torch.nn.Module,
+                                                                          dict[str, Head]]:
+    """Fold k's (or the full-data model's) model, plain or FixRes-tuned, its input normalisation and head."""
+    weights = m.files.fixres_weights(k) if fixres else m.files.weights(k)
+    model = models.load_trained(m.cfg, weights, m.info["num_classes"]).to(device)
     prepare_model(m.cfg, model, device)
-    f = m.info["folds"][k]
+    f = m.info["full"] if k == layout.FULL else m.info["folds"][k]
     norm = models.Normalize(f["mean"], f["std"]).to(device)
     head = joint_head(model) if m.info["head_in_weights"] else Head.load(m.files.head(k))[0]
     return model, norm, {m.info["head"]: head}
 
 
 def predict_member(m: Member, store: ImageStore, device, bar: Progress) -> np.ndarray:
-    """N x C probabilities: fold-mean logits per view (stage 4's order and arithmetic), policy merged."""
-    pairs = m.pairs()
+    """N x C probabilities: the weighted model mean of the logits per view (stage 4's order and arithmetic),
+    the policy merged."""
     dtype = amp_dtype(m.cfg, device)
-    logits = np.zeros((len(pairs), len(store), m.info["num_classes"]), np.float64)
-    for k in range(m.folds):
-        model, norm, heads = fold_model(m, k, device)
-        for scale, at, views in by_scale(pairs):
-            out = predict_views(m.cfg, model, norm, heads, store, scale, views, device, dtype,
-                                on_batch=lambda n, v=len(views): bar.update(n * v))
-            logits[at] += out[m.info["head"]] / m.folds
-    return policy_probs(logits, m.policy, m.policy, m.info["merge"])
+    mean = TestMean(len(m.policy), len(store), m.info["num_classes"])
+    for k, weight in m.units():
+        for fixres in (False, True):
+            at = [i for i, v in enumerate(m.policy) if parse_view(v)[2] == fixres]
+            if not at:
+                continue
+            model, norm, heads = fold_model(m, k, device, fixres)
+            out = predict_policy(m.cfg, model, norm, heads, store, [m.policy[i] for i in at], device, dtype,
+                                 on_batch=bar.update)
+            mean.add(at, out[m.info["head"]], weight)
+    return policy_probs(mean.result(), m.policy, m.policy, m.info["merge"])
 
 
 def view_costs(m: Member, store: ImageStore, device, n: int) -> dict[str, float]:
     """Seconds per image of each policy view of a member (one fold; a short warm-up first)."""
-    model, norm, heads = fold_model(m, 0, device)
+    model, norm, heads = fold_model(m, 0, device)  # a FixRes copy costs what the plain model does
     dtype = amp_dtype(m.cfg, device)
     sub = store.subset(np.arange(min(n, len(store))))
     costs = {}
-    predict_views(m.cfg, model, norm, heads, store.subset(np.arange(min(2, len(store)))), 1.0, ["orig"], device, dtype)
-    for scale, _, views in by_scale(m.pairs()):
-        for v in views:
-            t0 = time.perf_counter()
-            predict_views(m.cfg, model, norm, heads, sub, scale, [v], device, dtype)
-            costs[f"{v}@{scale:g}"] = (time.perf_counter() - t0) / len(sub)
+    predict_policy(m.cfg, model, norm, heads, store.subset(np.arange(min(2, len(store)))), ["orig@1"], device, dtype)
+    for v in m.policy:
+        t0 = time.perf_counter()
+        predict_policy(m.cfg, model, norm, heads, sub, [v], device, dtype)
+        costs[v] = (time.perf_counter() - t0) / len(sub)
     return costs
 
 
@@ -130,7 +137,7 @@ def fit_budget(members: list[Member], costs: dict[str, dict[str, float]], n_imag
     """Drop policy views, least useful on OOF first (each view's CV alone, from stage 4), until the
     estimated time fits; every member keeps at least one view. Returns what was dropped."""
     def estimate():
-        return sum(costs[m.name][v] * n_images * m.folds for m in members for v in m.policy)
+        return sum(costs[m.name][v] * n_images * len(m.units()) for m in members for v in m.policy)
 
     sign = 1 if GREATER_IS_BETTER[metric] else -1
     dropped = []
@@ -195,7 +202,7 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
             costs = {m.name: view_costs(m, stores[m.cfg.aug.store_side], dev, m.cfg.infer.batch_size) for m in members}
             left = time_budget * 60 * 0.95 - (time.perf_counter() - t_start)
             dropped = fit_budget(members, costs, len(test), left, manifest["metric"])
-        n_views = sum(len(m.policy) * m.folds for m in members) * len(test)
+        n_views = sum(len(m.policy) * len(m.units()) for m in members) * len(test)
         t0 = time.perf_counter()
         with Progress(n_views, f"predict {manifest['name']}", "view-img") as bar:
             probs = [predict_member(m, stores[m.cfg.aug.store_side], dev, bar) for m in members]

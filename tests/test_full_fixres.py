@@ -1,0 +1,137 @@
+"""train.full_fit (a model of every row joining the test mean) and infer.fixres (views at a larger size after
+tuning the normalisation layers and classifier there, on each fold's own training rows)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_competition
+from pipeline.core import models, provenance
+from pipeline.core.artifacts import read_json, read_npz
+from pipeline.core.augment import open_store
+from pipeline.core.data import read_folds, read_test_table
+from pipeline.core.inference import joint_head, predict_policy
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import infer as infer_stage
+from pipeline.stages import rebalance as rebalance_stage
+from pipeline.stages import train as train_stage
+from pipeline.tools import leaderboard
+
+TINY = ["data.image_ext=.png", "experiment=tiny", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
+        "train.batch_size=8", "train.epochs=3", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",
+        "train.lr=0.01", "infer.views=[orig]", "infer.batch_size=8"]
+
+
+def cfg_of(root, *extra):
+    from pipeline.core.config import load_config
+
+    return load_config(None, [f"data.root={root}", *TINY, *extra])
+
+
+@pytest.fixture
+def comp(workdir):
+    return make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24, n_test=9)
+
+
+def baseline_logits(cfg, weights, s2, n_classes):
+    """One model's plain-view (orig@1) test logits, predicted directly."""
+    model = models.load_trained(cfg, weights, n_classes).eval()
+    norm = models.Normalize(s2["mean"], s2["std"])
+    store = open_store(cfg, read_test_table(cfg)["path"])
+    return predict_policy(cfg, model, norm, {"joint": joint_head(model)}, store, ["orig@1"], torch.device("cpu"),
+                          None)["joint"][0]
+
+
+def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(comp):
+    cfg = cfg_of(comp, "train.full_fit=true", "rebalance.variants=[joint,tau,crt]", "rebalance.crt_epochs=4",
+                 "infer.heads=[tau]", "infer.full_fit_weight=2")
+    folds_stage.run(cfg)
+    summaries = train_stage.run(cfg)
+    df, classes = read_folds(cfg)
+    full = read_json(cfg.run.full.summary)
+    chosen = sorted(s["epoch"] for s in summaries)
+    assert full["n_train"] == len(df) and full["n_valid"] == 0 and full["score"] is None
+    assert full["epoch"] == chosen[0] == full["epochs_trained"]  # the low median of two folds
+    assert full["made_from"]["full_fit"]["epochs"] == chosen[0]
+    # the folds do not depend on the full fit: turning it off leaves stage 2 up to date
+    assert train_stage.status(cfg_of(comp, "train.full_fit=false")) == [] and train_stage.status(cfg) == []
+
+    rebalance_stage.run(cfg)
+    taus = sorted(read_json(cfg.run.fold(k).rebalance_summary)["variants"]["tau"]["tau"] for k in range(2))
+    assert read_json(cfg.run.full.rebalance_summary)["variants"]["tau"]["from_folds"] == taus[0]
+    assert cfg.run.full.head("crt").exists() and rebalance_stage.status(cfg) == []
+
+    infer_stage.run(cfg)
+    test = read_npz(cfg.run.infer_test("joint"))
+    parts = [baseline_logits(cfg, cfg.run.fold(k).weights, summaries[k], len(classes)) for k in range(2)]
+    parts.append(2 * baseline_logits(cfg, cfg.run.full.weights, full, len(classes)))
+    expected = sum(parts) / 4  # two fold models and the full model at weight 2
+    got = test["view_logits"][list(test["views"]).index("orig@1")].astype(np.float64)
+    assert np.allclose(got, expected, atol=2e-2), np.abs(got - expected).max()
+    oof_with = read_npz(cfg.run.infer_oof("tau"))["probs"]
+    rows = leaderboard.experiment_rows(cfg.run)
+    assert all("full fit x2 (test only, no CV of its own)" in r["recipe"] for r in rows if r["head"] == "tau")
+
+    # weight 0: the test mean is the folds' alone; OOF (and so the CV) is the same either way
+    cfg0 = cfg_of(comp, "train.full_fit=true", "rebalance.variants=[joint,tau,crt]", "rebalance.crt_epochs=4",
+                  "infer.heads=[tau]", "infer.full_fit_weight=0")
+    assert infer_stage.status(cfg0)  # the weight is a stage-4 setting
+    infer_stage.run(cfg0)
+    test0 = read_npz(cfg.run.infer_test("joint"))
+    assert np.allclose(test0["view_logits"][0].astype(np.float64), sum(parts[:2]) / 2, atol=2e-2)
+    assert np.array_equal(read_npz(cfg.run.infer_oof("tau"))["probs"], oof_with)
+
+
+def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp, tmp_path):
+    cfg = cfg_of(comp, "infer.fixres.size=1.5", "infer.fixres.epochs=2", "infer.heads=[joint]",
+                 "rebalance.variants=[joint]")
+    folds_stage.run(cfg)
+    train_stage.run(cfg)
+    s4 = infer_stage.run(cfg)
+    assert "fixres:orig@1.5" in s4["policy"]
+    report = {(r["head"], r["views"]): r for r in s4["cv"]}
+    assert np.isfinite(report[("joint", "fixres:orig@1.5 alone")]["cv_mean"])  # scored on OOF like any view
+    df, classes = read_folds(cfg)
+    meta = read_json(cfg.run.fixres_meta("fold0"))
+    assert meta["crop"] == 48 and meta["rows"] == int((df["fold"] != 0).sum())
+    plain = models.read_state_dict(cfg.run.fold(0).weights)
+    tuned = models.read_state_dict(cfg.run.fixres("fold0"))
+    net = models.load_trained(cfg, cfg.run.fold(0).weights, len(classes))
+    conv_keys = [f"{n}.weight" for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    bn_keys = [f"{n}.running_mean" for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert conv_keys and all(torch.equal(plain[k], tuned[k]) for k in conv_keys)  # the backbone's filters stay
+    assert bn_keys and all(not torch.equal(plain[k], tuned[k]) for k in bn_keys)  # BN re-estimated at 48 px
+    assert not torch.equal(plain["fc.weight"], tuned["fc.weight"])  # the classifier moved
+    rows = leaderboard.experiment_rows(cfg.run)
+    assert [r["recipe"] for r in rows if r["tta"] == "on"] == ["FixRes 1.5"]
+
+    # the held-out rows of fold 0 never reach its FixRes copy: change their pixels and it is byte-identical,
+    # while fold 1's copy (which trains on those rows) moves
+    before = {u: cfg.run.fixres(u).read_bytes() for u in ("fold0", "fold1")}
+    rng = np.random.default_rng(0)
+    for p in df["path"][df["fold"] == 0]:
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(p)
+    provenance.allow_stale(True)
+    try:
+        infer_stage.run(cfg)
+    finally:
+        provenance.allow_stale(False)
+    assert cfg.run.fixres("fold0").read_bytes() == before["fold0"]
+    assert cfg.run.fixres("fold1").read_bytes() != before["fold1"]
+
+
+def test_fixres_without_train_images_uses_the_tuned_copies_or_refuses(comp):
+    cfg = cfg_of(comp, "infer.fixres.size=1.25", "infer.heads=[joint]", "rebalance.variants=[joint]")
+    folds_stage.run(cfg)
+    train_stage.run(cfg)
+    kernel = cfg_of(comp, "infer.fixres.size=1.25", "infer.heads=[joint]", "rebalance.variants=[joint]",
+                    "infer.oof=off")
+    with pytest.raises(Exception, match="infer.fixres needs .*fold0.safetensors"):
+        infer_stage.run(kernel)
+    infer_stage.run(cfg)
+    test = read_npz(cfg.run.infer_test("joint"))["probs"]
+    Path(cfg.folds_csv).rename(Path(cfg.folds_csv).with_suffix(".bak"))  # as in a kernel: no folds, no train rows
+    infer_stage.run(kernel, force=True)
+    assert np.allclose(read_npz(cfg.run.infer_test("joint"))["probs"], test, atol=1e-6)
