@@ -291,3 +291,25 @@ def test_time_budget_end_to_end_keeps_one_view_per_member_and_says_so(project, t
     assert res["dropped"] and all(len(p) == 1 for p in res["policies"].values())
     assert "time budget" in caplog.text and "dropped" in caplog.text
     assert len(pd.read_csv(tmp_path / "sub.csv")) == 10
+
+
+def test_hill_climb_ensemble_exports_its_candidates_and_predict_reproduces_it(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project["home"])
+    cfg = cfg_of(project["root"], "a", "ensemble.members=[a,b]", "ensemble.method=hill_climb", "ensemble.name=climb",
+                 "ensemble.weight_metric=metric")
+    rec = ens_stage.run(cfg)
+    assert rec["method"] == "hill_climb" and set(rec["members"]) <= set(rec["hill_climb"]["candidates"])
+    assert any(c.endswith(":plain") for c in rec["hill_climb"]["candidates"])
+    out = export.run(cfg, out=str(tmp_path / "climb"))
+    manifest = json.loads((Path(out["bundle"]) / "manifest.json").read_text())
+    assert manifest["members"] == rec["members"] and manifest["method"] == "hill_climb"
+    for m in rec["members"]:  # a ":plain" candidate is its member without TTA
+        info = json.loads((Path(out["bundle"]) / "members" / m.replace(":", "--") / "member.json").read_text())
+        assert (info["policy"] == ["orig@1"]) == m.endswith(":plain")
+    res = predict.run(Path(out["bundle"]), project["root"] / "test", tmp_path / "sub.csv",
+                      project["root"] / "sample_submission.csv", tmp_dir=tmp_path)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype=str),
+                                  pd.read_csv("submissions/climb.csv", dtype=str))
+    pool = {c["candidate"]: c["test_probs"] for c in ens_stage.candidates(cfg)}
+    expected = combine([pool[m] for m in rec["members"]], "weighted", np.array(list(rec["weights"].values())))
+    assert np.abs(res["probs"] - expected).max() < 1e-5

@@ -210,3 +210,56 @@ def test_run_sh_all_on_debug_config(tmp_path):
     assert "private leaderboard" in r.stderr and "CV joint" in r.stderr
     for stage in ("folds", "train", "rebalance", "infer", "ensemble"):
         assert f"({stage}) of 'debug' finished" in r.stderr
+
+
+def test_hill_climb_starts_from_the_best_single_never_gets_worse_and_reuses_candidates():
+    from pipeline.stages.ensemble import hill_climb, multiset_weights
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    truth = np.eye(3)[y]
+    good = 0.6 * truth + 0.4 * softmax(rng.normal(size=(300, 3)))
+    other = 0.5 * truth + 0.5 * softmax(rng.normal(size=(300, 3)))
+    noise = softmax(rng.normal(size=(300, 3)) * 3)
+    probs = [noise, other, good]
+    loss = lambda yy, p: -float(np.mean(np.log(np.clip(p[np.arange(len(yy)), yy], 1e-15, 1))))  # noqa: E731
+    chosen = hill_climb(probs, y, loss, 50)
+    assert chosen[0] == 2  # the best single candidate
+    w = multiset_weights(chosen, 3)
+    assert np.isclose(w.sum(), 1) and w[2] > w[1] and w[0] == 0  # with replacement: the best one counts most
+    assert loss(y, combine(probs, "weighted", w)) < loss(y, good)  # strictly better than its start here
+    # it never accepts a step that makes the fit rows worse: with one candidate it stays at the start
+    assert hill_climb([noise], y, loss, 50) == [0]
+
+
+def test_hill_climb_ensemble_is_scored_on_folds_it_was_not_fit_on(run_a):
+    from pipeline.stages.ensemble import candidates, hill_climb, multiset_weights, objective
+
+    cfg = cfg_of(run_a.data.root, "a", "infer.heads=[crt,tau]", "infer.views=[orig,hflip]")
+    infer_stage.run(cfg)
+    climb = cfg_of(run_a.data.root, "a", "infer.heads=[crt,tau]", "infer.views=[orig,hflip]",
+                   "ensemble.method=hill_climb", "ensemble.name=climb")
+    result = ens_stage.run(climb)
+    rec = result["hill_climb"]
+    # every head stage 4 predicted, with its policy and without TTA
+    assert sorted(rec["candidates"]) == sorted(["a:crt", "a:crt:plain", "a:tau", "a:tau:plain", "a:joint",
+                                                "a:joint:plain"])
+    assert set(result["members"]) <= set(rec["candidates"]) and np.isclose(sum(result["weights"].values()), 1)
+    pool = candidates(climb)
+    probs = [c["oof_probs"] for c in pool]
+    y, fold = pool[0]["oof"]["y"], pool[0]["oof"]["fold"]
+    for k, picked in enumerate(rec["per_fold_chosen"]):
+        # fold k's multiset is climbed on the other folds only: changing fold k's predictions cannot move it
+        scrambled = [p.copy() for p in probs]
+        for p in scrambled:
+            p[fold == k] = np.roll(p[fold == k], 1, axis=1)
+        again = hill_climb([p[fold != k] for p in scrambled], y[fold != k], objective(climb), 100)
+        assert [pool[i]["candidate"] for i in again] == picked
+    assert rec["fit_loss_end"] <= rec["fit_loss_start"]
+    table = {r["member"]: r for r in result["table"]}
+    assert np.isclose(rec["cv_gain_over_mean"], table["ensemble (hill_climb)"]["cv_mean"] - rec["mean_cv"])
+    w = multiset_weights([rec["candidates"].index(n) for n in rec["chosen"]], len(pool))
+    keep = [i for i in range(len(pool)) if w[i] > 0]
+    test = combine([pool[i]["test_probs"] for i in keep], "weighted", w[keep])
+    sub = pd.read_csv(result["submission"], dtype=str)
+    assert sub["label"].tolist() == [["a", "b", "c"][i] for i in test.argmax(1)]

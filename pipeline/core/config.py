@@ -174,8 +174,9 @@ class InferCfg:
 class EnsembleCfg:
     name: str = ""  # submissions/<name>.csv; empty: the experiment name
     members: list[str] = field(default_factory=list)  # "experiment" or "experiment:head"; empty: this experiment
-    method: Literal["mean", "weighted", "geo_mean", "rank"] = "mean"
-    weight_metric: Literal["log_loss", "metric"] = "log_loss"  # what the weighted mean optimises on OOF
+    method: Literal["mean", "weighted", "geo_mean", "rank", "hill_climb"] = "mean"  # hill_climb: Caruana et al. 2004
+    weight_metric: Literal["log_loss", "metric"] = "log_loss"  # what weighted / hill_climb optimise on OOF
+    hill_climb_steps: int = 100  # hill_climb: at most this many additions (with replacement) after the start
     submission: Literal["label", "proba"] = "label"  # one label column, or one probability column per class
 
 
@@ -291,6 +292,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "infer.scales": (0.25, 4, True, True),
     "infer.batch_size": (1, 65_536, True, True),
     "infer.full_fit_weight": (0, 100, True, True),
+    "ensemble.hill_climb_steps": (1, 100_000, True, True),
     "infer.fixres.size": (0.25, 4, True, True),
     "infer.fixres.epochs": (1, 1000, True, True),
     "infer.fixres.lr": (0, 10, False, True),

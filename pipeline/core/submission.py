@@ -12,7 +12,7 @@ from scipy.stats import rankdata
 
 from .errors import PipelineError
 
-METHODS = ("mean", "weighted", "geo_mean", "rank")
+METHODS = ("mean", "weighted", "geo_mean", "rank", "hill_climb")  # hill_climb: a weighted mean (counts / steps)
 
 
 def parse_members(cfg) -> list[tuple[str, str | None]]:
@@ -28,7 +28,7 @@ def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = N
     """N x C probabilities of members (weights: non-negative, summing to 1; default equal)."""
     p = np.stack([np.clip(x, 1e-12, 1) for x in probs]).astype(np.float64)
     w = np.full(len(probs), 1.0 / len(probs)) if weights is None else np.asarray(weights, float)
-    if method in ("mean", "weighted"):
+    if method in ("mean", "weighted", "hill_climb"):
         out = np.tensordot(w, p, axes=1)
     elif method == "geo_mean":
         out = np.exp(np.tensordot(w, np.log(p), axes=1))

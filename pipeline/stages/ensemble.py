@@ -23,7 +23,9 @@ from ..core.artifacts import read_json, read_npz, sha256_obj, write_csv, write_j
 from ..core.config import Config, load_config
 from ..core.data import private_score, read_sample_submission, read_test_table
 from ..core.errors import PipelineError
+from ..core.inference import policy_probs
 from ..core.metrics import GREATER_IS_BETTER, cv, score
+from ..core.tta import BASELINE
 from ..core.submission import build_submission, combine, parse_members
 from ..core.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded, refuse_stale,
                                stale_reasons, up_to_date)
@@ -139,6 +141,106 @@ def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_
     return m
 
 
+# ----------------------------------------------------------------------------- hill climbing
+PLAIN = ":plain"  # a candidate's suffix for its no-TTA view (the stage-4 policy otherwise)
+
+
+def candidates(cfg: Config) -> list[dict]:
+    """hill_climb's pool: every (member experiment, head, TTA policy) stage 4 scored on OOF. A member named
+    `exp` offers every head stage 4 predicted, `exp:head` that head; each with its policy and without TTA."""
+    out = []
+    for exp, head in parse_members(cfg):
+        s = load_member(exp, None)["summary"]
+        for h in ([head] if head else s["heads"]):
+            m = load_member(exp, h)
+            if "oof" not in m:
+                raise PipelineError("ensemble.method=hill_climb needs OOF predictions (stage 4 with infer.oof on)")
+            out.append({**m, "candidate": m["name"], "oof_probs": m["oof"]["probs"], "test_probs": m["test"]["probs"]})
+            if s["policy"] != [BASELINE]:
+                names = list(m["test"]["views"])
+                plain = [policy_probs(m[p]["view_logits"].astype(np.float32), names, [BASELINE], s["merge"])
+                         for p in ("oof", "test")]
+                out.append({**m, "candidate": m["name"] + PLAIN, "oof_probs": plain[0], "test_probs": plain[1]})
+    return out
+
+
+def objective(cfg: Config) -> callable:
+    """Lower is better: log-loss, or the metric (negated when greater is better)."""
+    metric = cfg.eval.metric
+    if cfg.ensemble.weight_metric == "log_loss":
+        return lambda y, p: -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1))))
+    sign = -1.0 if GREATER_IS_BETTER[metric] else 1.0
+    return lambda y, p: sign * score(metric, y, p)
+
+
+def hill_climb(probs: list[np.ndarray], y: np.ndarray, loss, steps: int) -> list[int]:
+    """Caruana et al. 2004: forward selection with replacement. Start from the best single candidate, then
+    add the candidate whose inclusion most lowers the loss of the running mean; stop when none lowers it.
+    Returns the chosen multiset as candidate indices, in the order added."""
+    values = [loss(y, p) for p in probs]
+    chosen = [int(np.argmin(values))]
+    mix, best = probs[chosen[0]].astype(np.float64), values[chosen[0]]
+    for _ in range(steps):
+        n = len(chosen)
+        trials = [loss(y, (mix * n + p) / (n + 1)) for p in probs]
+        j = int(np.argmin(trials))
+        if not trials[j] < best - 1e-12:
+            break
+        chosen.append(j)
+        mix, best = (mix * n + probs[j]) / (n + 1), trials[j]
+    return chosen
+
+
+def multiset_weights(chosen: list[int], n: int) -> np.ndarray:
+    return np.bincount(chosen, minlength=n) / len(chosen)
+
+
+def honest_hill_climb(cfg: Config, probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray) -> tuple[list, list]:
+    """Per fold k: the multiset climbed on the other folds' OOF rows, scored on fold k's. (per-fold metric,
+    per-fold chosen multisets)."""
+    loss, vals, picks = objective(cfg), [], []
+    for k in np.unique(fold):
+        tr, te = fold != k, fold == k
+        chosen = hill_climb([p[tr] for p in probs], y[tr], loss, cfg.ensemble.hill_climb_steps)
+        w = multiset_weights(chosen, len(probs))
+        vals.append(score(cfg.eval.metric, y[te], combine([p[te] for p in probs], "weighted", w)))
+        picks.append(chosen)
+    return vals, picks
+
+
+def run_hill_climb(cfg: Config, configured: list[dict]) -> tuple[list[dict], np.ndarray, list[dict], dict]:
+    """ensemble.method=hill_climb: the candidates with a non-zero weight, their weights (counts / size of the
+    multiset climbed on every OOF row), the report rows (each candidate, the plain mean of the configured
+    members, the honest hill-climbing CV) and what to record."""
+    pool = candidates(cfg)
+    check_compatible(pool)
+    y, fold = pool[0]["oof"]["y"], pool[0]["oof"]["fold"]
+    probs = [c["oof_probs"] for c in pool]
+    rows = [{"member": c["candidate"], **oof_cv(cfg, c["oof_probs"], y, fold), "_test": c["test_probs"]} for c in pool]
+    mean_probs = [m["oof"]["probs"] for m in configured]
+    mean = oof_cv(cfg, combine(mean_probs, "mean"), y, fold)
+    rows.append({"member": "mean of the members (reference)", **mean,
+                 "_test": combine([m["test"]["probs"] for m in configured], "mean")})
+    chosen = hill_climb(probs, y, objective(cfg), cfg.ensemble.hill_climb_steps)
+    w = multiset_weights(chosen, len(pool))
+    per_fold, picks = honest_hill_climb(cfg, probs, y, fold)
+    ens = oof_cv(cfg, combine(probs, "weighted", w), y, fold, per_fold)
+    keep = [i for i in range(len(pool)) if w[i] > 0]
+    rows.append({"member": "ensemble (hill_climb)", **ens, "_test": combine([pool[i]["test_probs"] for i in keep],
+                                                                             "weighted", w[keep])})
+    fit_loss = objective(cfg)
+    climb = {"chosen": [pool[i]["candidate"] for i in chosen], "start": pool[chosen[0]]["candidate"],
+             "candidates": [c["candidate"] for c in pool],
+             "per_fold_chosen": [[pool[i]["candidate"] for i in p] for p in picks],
+             "cv_gain_over_mean": float(ens["cv_mean"] - mean["cv_mean"]), "mean_cv": mean["cv_mean"],
+             "fit_loss_start": fit_loss(y, probs[chosen[0]]), "fit_loss_end": fit_loss(y, combine(probs, "weighted", w))}
+    counts = {n: climb["chosen"].count(n) for n in dict.fromkeys(climb["chosen"])}
+    log.info("hill climbing chose %d step(s) from %d candidates: %s; honest CV %.4f vs mean of the members %.4f "
+             "(%+.4f)", len(chosen), len(pool), ", ".join(f"{n} x{c}" for n, c in counts.items()), ens["cv_mean"],
+             mean["cv_mean"], climb["cv_gain_over_mean"])
+    return [pool[i] for i in keep], w[keep], rows, climb
+
+
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, force: bool = False) -> dict:
     e = cfg.ensemble
@@ -160,7 +262,10 @@ def run(cfg: Config, force: bool = False) -> dict:
     has_oof = "oof" in members[0]
     rows = []
     weights = np.full(len(members), 1.0 / len(members))
-    if has_oof:
+    climb = None
+    if method == "hill_climb":
+        members, weights, rows, climb = run_hill_climb(cfg, members)
+    elif has_oof:
         y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
         oofs = [m["oof"]["probs"] for m in members]
         for m, p in zip(members, oofs):
@@ -173,18 +278,20 @@ def run(cfg: Config, force: bool = False) -> dict:
         rows.append({"member": f"ensemble ({method})", **ens})
     elif method == "weighted":
         raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
-    test_probs = combine([m["test"]["probs"] for m in members], method, weights)
+    test_probs = combine([m.get("test_probs", m["test"]["probs"]) for m in members], method, weights)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
         where = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else cfg.data_path(cfg.data.test_dir)
         raise PipelineError(f"the test ids of {where} differ from the members' predictions (order or set): "
                             f"re-run ./run.sh infer, or check the sample submission")
     private = private_score(cfg, members[0]["test"]["ids"], test_probs, classes)
-    members_private = {m["name"]: private_score(cfg, m["test"]["ids"], m["test"]["probs"], classes) for m in members}
     table = pd.DataFrame(rows)
+    row_tests = table.pop("_test").tolist() if "_test" in table else (  # each row's test probabilities
+        [m["test"]["probs"] for m in members] + [test_probs])
     if private is not None and not table.empty:
-        table["private"] = [members_private[m["name"]] for m in members] + [private]
-    result = {"name": name, "members": [m["name"] for m in members], "method": method,
-              "weights": dict(zip([m["name"] for m in members], weights.tolist())), "metric": metric,
+        table["private"] = [private_score(cfg, members[0]["test"]["ids"], p, classes) for p in row_tests]
+    names = [m.get("candidate", m["name"]) for m in members]
+    result = {"name": name, "members": names, "method": method,
+              "weights": dict(zip(names, weights.tolist())), "metric": metric, "hill_climb": climb,
               "table": table.to_dict(orient="records"), "private": private,
               "made_from": made_from, "env": environment()}
     if sample is not None:

@@ -13,6 +13,10 @@ Output:  runs/<exp>/infer/<head>/test.npz  ids, classes, probs (fold mean of the
          runs/<exp>/infer/summary.json     written last: heads, primary head, policy, CV, provenance
 Every fold's model predicts the test images (its probabilities are averaged over folds) and its
 own held-out rows, so the CV with TTA is measured on OOF exactly like the CV without it.
+train.full_fit: the full-data model (runs/<exp>/full/) joins the test mean with weight
+infer.full_fit_weight (OOF rows stay the folds'). infer.fixres: a copy of each model with its norm
+layers and classifier tuned at the FixRes size on its own training rows (runs/<exp>/infer/fixres/)
+predicts `fixres:<view>@<size>` views, scored on OOF like the others.
 """
 from __future__ import annotations
 
@@ -304,12 +308,12 @@ def write_predictions(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: d
     for h in inp.heads:
         write_npz(cfg.run.infer_test(h), ids=inp.test["id"].values, classes=classes,
                   probs=policy_probs(test_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
-                  view_logits=test_logits[h].astype(np.float16), views=np.array(names))
+                  view_logits=test_logits[h].astype(np.float32), views=np.array(names))
         if inp.oof_df is not None:
             write_npz(cfg.run.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
                       fold=inp.oof_df["fold"].values, classes=classes,
                       probs=policy_probs(oof_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
-                      view_logits=oof_logits[h].astype(np.float16), views=np.array(names))
+                      view_logits=oof_logits[h].astype(np.float32), views=np.array(names))
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:

@@ -11,6 +11,8 @@ Output:  runs/<exp>/config.yaml, runs/<exp>/classes.json
                                                 EMA, epoch, RNG), rewritten atomically every epoch
                             best_raw.safetensors, best_ema.safetensors, oof_raw.npz, oof_ema.npz
                             summary.json        written last: the fold is complete
+         runs/<exp>/full/...    train.full_fit: the same files for the model of every row (no OOF, no score),
+                                trained after the folds for their median chosen epoch
 A fold whose summary matches the config is skipped (--force retrains it); a fold trained from
 other settings or another folds file is stale and retrained (`status` lists them). A killed run resumes
 from last.pt and, on CPU with a fixed seed, ends bit-identical to an uninterrupted one: every
@@ -598,9 +600,11 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
     if fold is not None and not 0 <= fold < n_splits:
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
     folds = [fold] if fold is not None else list(range(n_splits))
-    if gpus:
-        return _run_parallel(cfg, folds, force, gpus)
     dist = Dist.from_env(torch.cuda.is_available() and cfg.device != "cpu")
+    if gpus:
+        summaries = _run_parallel(cfg, folds, force, gpus)
+        _maybe_full(cfg, df, classes, force, dist)  # one model: trained here, on the first GPU
+        return summaries
     if cfg.model.pretrained_path:  # refused (a pickle that is not plain tensors, weights of another model)
         create_model(cfg, len(classes))  # before anything is written
     train_record(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
@@ -615,16 +619,21 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
             summaries.append(train_fold(cfg, df, classes, k, force, dist))
     if dist.main:
         print_fold_table(cfg, summaries)
-    if cfg.train.full_fit:
-        choices = fold_choices(cfg)
-        if choices is None:
-            if dist.main:
-                log.info("full fit waits for every fold to finish (./run.sh train without --fold trains it)")
-        else:
-            lock = experiment_lock(cfg.run.full.dir) if dist.main else nullcontext()
-            with lock:
-                train_full(cfg, df, classes, choices, force, dist)
+    _maybe_full(cfg, df, classes, force, dist)
     return summaries
+
+
+def _maybe_full(cfg: Config, df: pd.DataFrame, classes: list, force: bool, dist: Dist) -> None:
+    """train.full_fit: the full-data model, once every fold is finished from the current settings."""
+    if not cfg.train.full_fit:
+        return
+    choices = fold_choices(cfg)
+    if choices is None:
+        if dist.main:
+            log.info("full fit waits for every fold to finish (./run.sh train without --fold trains it)")
+        return
+    with experiment_lock(cfg.run.full.dir) if dist.main else nullcontext():
+        train_full(cfg, df, classes, choices, force, dist)
 
 
 def print_fold_table(cfg: Config, summaries: list[dict]) -> None:

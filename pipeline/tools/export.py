@@ -47,6 +47,7 @@ from ..core.heads import Head
 from ..core.inference import joint_head, parse_view
 from ..core.provenance import environment
 from ..core.submission import parse_members
+from ..core.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 
@@ -64,8 +65,12 @@ def stage5_record(cfg: Config) -> tuple[str, dict]:
     rec = read_json(path)
     want = [f"{e}:{h}" if h else e for e, h in parse_members(cfg)]
     have = rec["members"]
-    if [w.split(":")[0] for w in want] != [h.split(":")[0] for h in have] or any(
-            ":" in w and w != h for w, h in zip(want, have)):
+    if rec["method"] == "hill_climb":  # the candidates it kept: heads and policies of the configured experiments
+        wrong = not set(h.split(":")[0] for h in have) <= set(w.split(":")[0] for w in want)
+    else:
+        wrong = [w.split(":")[0] for w in want] != [h.split(":")[0] for h in have] or any(
+            ":" in w and w != h for w, h in zip(want, have))
+    if wrong:
         raise PipelineError(f"{path} was made from members {have}, the config names {want}: re-run "
                             f"./run.sh ensemble")
     return name, rec
@@ -74,12 +79,13 @@ def stage5_record(cfg: Config) -> tuple[str, dict]:
 def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
     """The member's run folder and stage-4 summary, refused unless stage 5 was made from exactly this
     stage-4 output and the weights and heads on disk are the ones stage 4 predicted with."""
-    exp, head = name.split(":")
+    exp, head = name.split(":")[:2]  # a third part (hill_climb's ":plain"): the member's no-TTA view
     run = layout.RunDir.of(exp)
     if not run.infer_summary.exists():
         raise PipelineError(f"{run.infer_summary} not found: run ./run.sh infer for '{exp}'")
     s4 = read_json(run.infer_summary)
-    if s4["made_from"] != rec["made_from"]["members"].get(name):
+    made_then = [v for k, v in rec["made_from"]["members"].items() if k.split(":")[0] == exp]
+    if [s4["made_from"]] != made_then:
         raise PipelineError(f"the ensemble was made before stage 4 of '{exp}' last ran ({run.infer_summary}): "
                             f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
     made = s4["made_from"]
@@ -140,7 +146,8 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     mcfg = load_config(run.config)
     classes = read_json(run.classes)
     C, K = len(classes), len(s4["made_from"]["weights"])
-    fixres = any(parse_view(v)[2] for v in s4["policy"])
+    policy = [BASELINE] if name.endswith(":plain") else s4["policy"]
+    fixres = any(parse_view(v)[2] for v in policy)
     full_weight = s4.get("full_fit_weight", 0.0)
     folds, full, normalised = [], None, False
     for k in list(range(K)) + ([layout.FULL] if full_weight > 0 else []):
@@ -171,7 +178,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
         else:
             folds.append({"fold": k, "mean": s2["mean"], "std": s2["std"], "score": s2["score"], "epoch": s2["epoch"]})
     info = {"name": name, "experiment": run.name, "head": head, "arch": mcfg.model.arch, "classes": classes,
-            "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": s4["policy"], "merge": s4["merge"],
+            "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": policy, "merge": s4["merge"],
             "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,
             "plain_timm": mcfg.model.pool != "gem",
             "plain_timm_note": ("timm.create_model(arch, num_classes=C, checkpoint_path=fold<k>/model.safetensors) "
