@@ -27,6 +27,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core import layout  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.inference import tta_names  # noqa: E402
 from pipeline.core.submission import combine  # noqa: E402
 from pipeline.stages import infer  # noqa: E402
 from pipeline.tools import export, predict  # noqa: E402
@@ -72,7 +73,7 @@ def main() -> None:
         for m in manifest["members"]:
             exp = m.split(":")[0]
             mcfg = load_config(layout.RunDir.of(exp).config, ["infer.oof=off", "infer.search=false"])
-            views[m] = infer.tta_names(mcfg)
+            views[m] = tta_names(mcfg)
             folds[m] = mcfg.folds.n_splits
             s4_rates[m] = max(infer.run(mcfg, force=True)["images_per_s"] for _ in range(args.repeat))
         os.chdir(project)

@@ -82,6 +82,22 @@ class AugCfg:
 
 
 @dataclass
+class PseudoCfg:
+    teacher: str = ""  # an ensemble (submissions/<name>.json) or experiment whose test predictions label test images; "": off
+    threshold: float = 0.9  # a test image joins when the teacher's top probability reaches this
+    soft: bool = True  # targets: the teacher's probabilities (true) or its top class (false)
+    weight: float = 0.5  # loss weight of a pseudo-labelled image against a labelled one
+
+
+@dataclass
+class DistillCfg:
+    teacher: str = ""  # an ensemble or experiment whose predictions are soft targets (knowledge distillation); "": off
+    alpha: float = 0.5  # loss = (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)
+    temperature: float = 4.0  # T: softens both distributions
+    leaky_oof: bool = False  # LEAKY shortcut: train rows' targets are the teacher's OOF probabilities (see README)
+
+
+@dataclass
 class TrainCfg:
     epochs: int = 10
     batch_size: int = 64  # images per optimiser step per process, before accumulation
@@ -94,6 +110,8 @@ class TrainCfg:
     freeze_bn: bool = False  # during those epochs also keep the backbone's BatchNorm statistics fixed
     patience: Optional[int] = None  # early stopping: end the fold after N epochs without a better metric; null: off
     full_fit: bool = False  # after the folds, one more model on every row for the epoch count the folds chose (no CV)
+    pseudo: PseudoCfg = field(default_factory=PseudoCfg)  # pseudo-labels; fold k's from the teacher's fold-k models
+    distill: DistillCfg = field(default_factory=DistillCfg)  # distillation; fold k's targets from teacher fold k
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd only
     scheduler: str = "cosine"  # any timm scheduler name (cosine, step, plateau, ...)
@@ -261,6 +279,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.layer_decay": (0, 1, False, True),
     "train.freeze_epochs": (0, 100_000, True, True),
     "train.patience": (1, 100_000, True, True),
+    "train.pseudo.threshold": (0, 1, True, True),
+    "train.pseudo.weight": (0, 100, False, True),
+    "train.distill.alpha": (0, 1, True, True),
+    "train.distill.temperature": (0, 100, False, True),
     "train.weight_decay": (0, 10, True, True),
     "train.momentum": (0, 1, True, False),
     "train.warmup_epochs": (0, 100_000, True, True),
@@ -323,7 +345,7 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
                 continue
             ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
             check(ok, key, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
-    for key in ("experiment", "folds.name", "ensemble.name"):
+    for key in ("experiment", "folds.name", "ensemble.name", "train.pseudo.teacher", "train.distill.teacher"):
         if flat[key] or key == "experiment":
             layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
     sched = cfg.aug.size_schedule
@@ -336,6 +358,9 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     check(cfg.train.freeze_epochs < cfg.train.epochs, "train.freeze_epochs",
           f"must be < train.epochs ({cfg.train.epochs}): at least one epoch trains the backbone")
     check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"must be <= train.lr ({cfg.train.lr:g})")
+    for key in ("pseudo", "distill"):
+        check(getattr(cfg.train, key).teacher != cfg.experiment, f"train.{key}.teacher",
+              "names this experiment itself: a teacher must be another experiment or an ensemble")
     check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
     for k in ("mean", "std"):
         v = getattr(cfg.model, k)

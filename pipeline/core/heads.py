@@ -172,3 +172,44 @@ def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, score: Callabl
     curve = {p: score(y, candidates[p]) for p in params}
     final = params[pick([curve[p] for p in params])]
     return out, final, per_split, curve
+
+
+# ----------------------------------------------------------------------------- heads from given choices
+TUNED = {"tau": "tau", "logit_adjust": "scale", "ncm": "scale", "crt": "epochs", "lws": "epochs"}  # variant: value
+
+
+def low_median(values: list):
+    """The lower middle value (always one of the values: a checkpoint epoch, a grid point)."""
+    v = sorted(values)
+    return v[(len(v) - 1) // 2]
+
+
+def median_choices(variants: list[str], summaries: list[dict]) -> dict:
+    """{variant: the (low) median of the values the given folds' stage 3 chose}: for a model with no held-out
+    rows of its own (the full-data fit), or a fold's head that must not depend on that fold (a teacher's)."""
+    return {v: low_median([s["variants"][v][TUNED[v]] for s in summaries]) for v in variants if v in TUNED}
+
+
+def heads_with_choices(r, feats: dict, n_classes: int, chosen: dict, seed: int) -> dict[str, Head]:
+    """Every variant of `r` (the rebalance config section) fit on the training features `feats` (stage 3's
+    cache: train, train_y, views, joint_weight, joint_bias) with a given value per tuned variant."""
+    w, b, y = feats["joint_weight"], feats["joint_bias"], feats["train_y"]
+    counts = np.bincount(y, minlength=n_classes)
+    out = {}
+    for v in r.variants:
+        if v == "joint":
+            out[v] = Head(w, b)
+        elif v == "tau":
+            out[v] = tau_head(w, b, chosen[v])
+        elif v == "logit_adjust":
+            out[v] = logit_adjust_head(w, b, counts / counts.sum(), chosen[v])
+        elif v == "ncm":
+            base = ncm_head(feats["train"], y, n_classes, center=r.ncm_center)
+            out[v] = Head(base.weight * chosen[v], base.bias, base.center, True)
+        elif v in ("crt", "lws"):
+            x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
+            y_all = np.concatenate([y] * (1 + len(feats["views"])))
+            epochs, lr = (r.crt_epochs, r.crt_lr) if v == "crt" else (r.lws_epochs, r.lws_lr)
+            out[v] = train_linear(x_tr, y_all, n_classes, epochs, lr, r.crt_weight_decay, seed, [chosen[v]],
+                                  init=(w, b), scales_only=v == "lws")[chosen[v]]
+    return out

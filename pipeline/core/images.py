@@ -238,6 +238,21 @@ class StoreView:
         return self.store[int(self.rows[i])]
 
 
+class ConcatView:
+    """Rows of several stores one after another (a fold's training rows, then pseudo-labelled test images)."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        j = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[j][i - int(self.offsets[j])]
+
+
 # ----------------------------------------------------------------------------- cache management
 def cache_report(cache_dir: str | Path = layout.CACHE) -> list[dict]:
     """Every store under `cache_dir` (and files of the old format), least recently used first."""

@@ -28,6 +28,25 @@ def view_label(view: str, scale: float, fixres: bool = False) -> str:
     return (FIXRES if fixres else "") + view_name(view, scale)
 
 
+def tta_names(cfg: Config) -> list[str]:
+    """Every view to predict: the configured views at each scale (always with the no-TTA baseline), then with
+    infer.fixres the configured views at its size with the FixRes-tuned models."""
+    pairs = [(s, v) for s in cfg.infer.scales for v in cfg.infer.views]
+    pairs = pairs if (1.0, "orig") in pairs else [(1.0, "orig")] + pairs
+    names = [view_label(v, s) for s, v in pairs]
+    if cfg.infer.fixres.size is not None:
+        names += [view_label(v, cfg.infer.fixres.size, fixres=True) for v in cfg.infer.views]
+    return names
+
+
+def default_policy(cfg: Config, names: list[str]) -> list[str]:
+    """The configured views at the configured scales, and every FixRes view (the baseline is there for the report
+    only, unless configured)."""
+    def wanted(view, scale, fixres):
+        return fixres or (scale in cfg.infer.scales and view in cfg.infer.views)
+    return [n for n in names if wanted(*parse_view(n))]
+
+
 def parse_view(name: str) -> tuple[str, float, bool]:
     """`hflip@1.15` -> ("hflip", 1.15, False); `fixres:orig@1.15` -> ("orig", 1.15, True): the inverse of
     view_label."""

@@ -94,6 +94,14 @@ class FoldDir:
     def oof_of(self, source: str) -> Path:
         return self.dir / f"oof_{source}.npz"
 
+    @property
+    def teacher_targets(self) -> Path:  # train.pseudo / train.distill: the teacher's fold-k probabilities
+        return self.dir / "teacher.npz"
+
+    @property
+    def teacher_meta(self) -> Path:  # what they were made from (written after them)
+        return self.dir / "teacher.json"
+
     # stage 3
     @property
     def rebalance(self) -> Path:

@@ -22,11 +22,14 @@ class SoftTargetLoss(nn.Module):
         w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("w", w, persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float(), dim=1)
         term = -target * logp
         if self.kind == "focal":
             term = term * (1.0 - logp.exp()).pow(self.gamma)
         if self.w is not None:
             term = term * self.w
-        return term.sum(1).mean()
+        return term.sum(1)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.per_sample(logits, target).mean()

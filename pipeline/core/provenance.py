@@ -11,6 +11,7 @@ upgrading numpy should not retrain a model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import logging
@@ -25,6 +26,7 @@ from .augment import pixel_record
 from .config import Config
 from .data import read_folds, read_table, read_test_table
 from .errors import PipelineError
+from .heads import low_median
 
 log = logging.getLogger("pipeline")
 
@@ -228,8 +230,34 @@ def train_record(cfg: Config) -> dict:
     for k in ("workers", "tracker", "tracker_dir"):  # how the run is watched, not what it learns
         rec["train"].pop(k, None)
     rec["train"].pop("full_fit")  # the extra full-data model; the folds are the same with or without it
+    rec["train"].pop("pseudo")
+    rec["train"].pop("distill")
+    teacher = teacher_section(cfg)
+    if teacher is not None:  # only then: records without a teacher stay as they were
+        rec["teacher"] = teacher
     rec["folds"].pop("rare_classes", None)  # a permission, not a change of the folds
     return rec
+
+
+def teacher_section(cfg: Config) -> dict | None:
+    """train.pseudo / train.distill: their settings and what the teachers' targets are made from."""
+    from .teacher import load_teacher, teacher_record
+
+    out = {}
+    test = None
+    for key in ("pseudo", "distill"):
+        part = getattr(cfg.train, key)
+        if not part.teacher:
+            continue
+        out[key] = {**dataclasses.asdict(part), "record": teacher_record(load_teacher(part.teacher),
+                                                                          cfg.folds.n_splits)}
+        if key == "distill" and part.leaky_oof:
+            out[key]["leaky"] = True
+    if cfg.train.pseudo.teacher:  # the test images are training images now
+        test = read_test_table(cfg)
+        out["test_ids"] = sha256_obj([str(i) for i in test["id"]])
+        out["test_images"] = image_record(cfg, test["path"])
+    return out or None
 
 
 def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True) -> dict:
@@ -262,12 +290,6 @@ def fold_choices(cfg: Config) -> list[dict] | None:
         s = read_json(path)
         out.append({"epoch": s["epoch"], "chosen": s["chosen"]})
     return out
-
-
-def low_median(values: list):
-    """The lower middle value (always one of the values: a checkpoint epoch, a grid point)."""
-    v = sorted(values)
-    return v[(len(v) - 1) // 2]
 
 
 def full_plan(choices: list[dict]) -> dict:

@@ -121,14 +121,16 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, objective: str, metric: 
     return w / w.sum()
 
 
-def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Config) -> list[float]:
-    """Per-fold metric of the weighted ensemble, each fold scored with weights fit on the others."""
-    vals = []
+def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Config) -> tuple[list[float], list]:
+    """Per-fold metric of the weighted ensemble, each fold scored with weights fit on the others, and those
+    per-fold weights (a distillation or pseudo-label teacher uses fold k's for its fold-k targets)."""
+    vals, weights = [], []
     for k in np.unique(fold):
         tr, te = fold != k, fold == k
         w = fit_weights([p[tr] for p in probs], y[tr], cfg.ensemble.weight_metric, cfg.eval.metric)
         vals.append(score(cfg.eval.metric, y[te], combine([p[te] for p in probs], "weighted", w)))
-    return vals
+        weights.append(w)
+    return vals, weights
 
 
 def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_fold: list[float] | None = None) -> dict:
@@ -229,7 +231,10 @@ def run_hill_climb(cfg: Config, configured: list[dict]) -> tuple[list[dict], np.
     rows.append({"member": "ensemble (hill_climb)", **ens, "_test": combine([pool[i]["test_probs"] for i in keep],
                                                                              "weighted", w[keep])})
     fit_loss = objective(cfg)
+    fold_weights = [{pool[i]["candidate"]: float(c) / len(p) for i, c in zip(*np.unique(p, return_counts=True))}
+                    for p in picks]
     climb = {"chosen": [pool[i]["candidate"] for i in chosen], "start": pool[chosen[0]]["candidate"],
+             "fold_weights": fold_weights,
              "candidates": [c["candidate"] for c in pool],
              "per_fold_chosen": [[pool[i]["candidate"] for i in p] for p in picks],
              "cv_gain_over_mean": float(ens["cv_mean"] - mean["cv_mean"]), "mean_cv": mean["cv_mean"],
@@ -262,9 +267,10 @@ def run(cfg: Config, force: bool = False) -> dict:
     has_oof = "oof" in members[0]
     rows = []
     weights = np.full(len(members), 1.0 / len(members))
-    climb = None
+    climb, fold_weights = None, None  # fold_weights: per fold, the weights fit without that fold
     if method == "hill_climb":
         members, weights, rows, climb = run_hill_climb(cfg, members)
+        fold_weights = climb.pop("fold_weights")
     elif has_oof:
         y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
         oofs = [m["oof"]["probs"] for m in members]
@@ -272,7 +278,9 @@ def run(cfg: Config, force: bool = False) -> dict:
             rows.append({"member": m["name"], **oof_cv(cfg, p, y, fold)})
         if method == "weighted":
             weights = fit_weights(oofs, y, e.weight_metric, metric)
-            ens = oof_cv(cfg, combine(oofs, "weighted", weights), y, fold, honest_cv(oofs, y, fold, cfg))
+            per_fold, fw = honest_cv(oofs, y, fold, cfg)
+            fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
+            ens = oof_cv(cfg, combine(oofs, "weighted", weights), y, fold, per_fold)
         else:
             ens = oof_cv(cfg, combine(oofs, method), y, fold)
         rows.append({"member": f"ensemble ({method})", **ens})
@@ -291,7 +299,8 @@ def run(cfg: Config, force: bool = False) -> dict:
         table["private"] = [private_score(cfg, members[0]["test"]["ids"], p, classes) for p in row_tests]
     names = [m.get("candidate", m["name"]) for m in members]
     result = {"name": name, "members": names, "method": method,
-              "weights": dict(zip(names, weights.tolist())), "metric": metric, "hill_climb": climb,
+              "weights": dict(zip(names, weights.tolist())), "fold_weights": fold_weights, "metric": metric,
+              "hill_climb": climb,
               "table": table.to_dict(orient="records"), "private": private,
               "made_from": made_from, "env": environment()}
     if sample is not None:

@@ -20,7 +20,6 @@ predicts `fixres:<view>@<size>` views, scored on OOF like the others.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from ..core.errors import PipelineError
 from ..core.heads import Head
 from ..core.augment import open_store, pixel_record, valid_transform
 from ..core.images import ImageDataset
-from ..core.inference import TestMean, joint_head, parse_view, policy_probs, predict_policy, view_label
+from ..core.inference import (TestMean, default_policy, joint_head, parse_view, policy_probs, predict_policy,
+                              tta_names)
 from ..core.layout import FULL
 from ..core.metrics import GREATER_IS_BETTER, cv
 from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
@@ -94,25 +94,6 @@ def load_inputs(cfg: Config) -> Inputs:
     test = read_test_table(cfg)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
-
-
-def tta_names(cfg: Config) -> list[str]:
-    """Every view to predict: the configured views at each scale (always with the no-TTA baseline), then with
-    infer.fixres the configured views at its size with the FixRes-tuned models."""
-    pairs = list(itertools.product(cfg.infer.scales, cfg.infer.views))
-    pairs = pairs if (1.0, "orig") in pairs else [(1.0, "orig")] + pairs
-    names = [view_label(v, s) for s, v in pairs]
-    if cfg.infer.fixres.size is not None:
-        names += [view_label(v, cfg.infer.fixres.size, fixres=True) for v in cfg.infer.views]
-    return names
-
-
-def default_policy(cfg: Config, names: list[str]) -> list[str]:
-    """The configured views at the configured scales, and every FixRes view (the baseline is there for the report
-    only, unless configured)."""
-    def wanted(view, scale, fixres):
-        return fixres or (scale in cfg.infer.scales and view in cfg.infer.views)
-    return [n for n in names if wanted(*parse_view(n))]
 
 
 def units(cfg: Config, inp: Inputs) -> list[Unit]:

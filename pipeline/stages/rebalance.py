@@ -36,12 +36,13 @@ from ..core.augment import open_store, train_transform, valid_transform
 from ..core.config import Config
 from ..core.data import read_folds
 from ..core.errors import PipelineError
-from ..core.heads import (Head, checkpoint_epochs, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear)
+from ..core.heads import (Head, checkpoint_epochs, cross_fit, heads_with_choices, logit_adjust_head, median_choices,
+                          ncm_head, tau_head, train_linear)
 from ..core.images import ImageDataset
 from ..core.layout import FULL
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
-from ..core.provenance import (environment, feature_record, full_summary, keep_image_snapshots, low_median,
-                               rebalance_record, stage2_summary, stale_reasons, up_to_date)
+from ..core.provenance import (environment, feature_record, full_summary, keep_image_snapshots, rebalance_record,
+                               stage2_summary, stale_reasons, up_to_date)
 from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.distributed import Dist
 
@@ -222,42 +223,10 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
 
 
 # ----------------------------------------------------------------------------- the full-data model
-FULL_PARAM = {"tau": "tau", "logit_adjust": "scale", "ncm": "scale", "crt": "epochs", "lws": "epochs"}
-
-
 def full_choices(cfg: Config, summaries: list[dict]) -> dict:
     """The value each tuned variant uses on the full-data model: the folds' (low) median choice. The full
     model holds no rows out to tune on; the folds' choices were each made on held-out rows."""
-    out = {}
-    for v in cfg.rebalance.variants:
-        if v in FULL_PARAM:
-            out[v] = low_median([s["variants"][v][FULL_PARAM[v]] for s in summaries])
-    return out
-
-
-def full_heads(cfg: Config, feats: dict, n_classes: int, chosen: dict) -> dict[str, Head]:
-    """Every configured variant fit on all rows' features with the folds' choices."""
-    r = cfg.rebalance
-    w, b, y = feats["joint_weight"], feats["joint_bias"], feats["train_y"]
-    counts = np.bincount(y, minlength=n_classes)
-    out = {}
-    for v in r.variants:
-        if v == "joint":
-            out[v] = Head(w, b)
-        elif v == "tau":
-            out[v] = tau_head(w, b, chosen[v])
-        elif v == "logit_adjust":
-            out[v] = logit_adjust_head(w, b, counts / counts.sum(), chosen[v])
-        elif v == "ncm":
-            base = ncm_head(feats["train"], y, n_classes, center=r.ncm_center)
-            out[v] = Head(base.weight * chosen[v], base.bias, base.center, True)
-        elif v in ("crt", "lws"):
-            x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
-            y_all = np.concatenate([y] * (1 + len(feats["views"])))
-            epochs, lr = (r.crt_epochs, r.crt_lr) if v == "crt" else (r.lws_epochs, r.lws_lr)
-            out[v] = train_linear(x_tr, y_all, n_classes, epochs, lr, r.crt_weight_decay, cfg.seed + 1000,
-                                  [chosen[v]], init=(w, b), scales_only=v == "lws")[chosen[v]]
-    return out
+    return median_choices(cfg.rebalance.variants, summaries)
 
 
 def rebalance_full(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict], force: bool) -> dict:
@@ -272,7 +241,7 @@ def rebalance_full(cfg: Config, df: pd.DataFrame, classes: list, summaries: list
         return read_json(fd.rebalance_summary)
     feats = fold_features(cfg, df, classes, FULL, s2)
     t0 = time.perf_counter()
-    for v, h in full_heads(cfg, feats, len(classes), chosen).items():
+    for v, h in heads_with_choices(cfg.rebalance, feats, len(classes), chosen, cfg.seed + 1000).items():
         h.save(fd.head(v), {"variant": v, "fold": "full", "classes": classes, "from_folds": chosen.get(v)})
     summary = {"fold": "full", "variants": {v: {"from_folds": chosen.get(v)} for v in cfg.rebalance.variants},
                "seconds": time.perf_counter() - t0, "made_from": made_from, "env": environment()}

@@ -35,14 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json, write_npz,
-                         write_text)
+from ..core.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, read_npz, sha256_file,
+                              write_csv, write_json, write_npz, write_text)
 from ..core.augment import EpochTransforms, open_store, train_transform, valid_transform
 from ..core.config import Config, config_to_yaml
-from ..core.data import read_folds
+from ..core.data import read_folds, read_test_table
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
-from ..core.images import EpochBatches, ImageDataset
+from ..core.images import ConcatView, EpochBatches, ImageDataset
 from ..core.losses import SoftTargetLoss, effective_number_weights
 from ..core.metrics import better, compute, softmax
 from ..core import models
@@ -158,6 +158,7 @@ class FoldRun:
     frozen: bool = False  # this epoch trains the classifier only (train.freeze_epochs)
     stopped_epoch: int | None = None  # early stopping (train.patience): the last epoch trained
     plan_epochs: int = 0  # the full-data model: epochs to train (of train.epochs scheduled)
+    targets: "Targets | None" = None  # train.pseudo / train.distill: per-row targets (batches carry row indices)
     num_updates: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"raw": {"score": None, "epoch": -1}, "ema": {"score": None, "epoch": -1}})
@@ -206,6 +207,117 @@ def judge(paths: FoldDir, rec: dict, label: str, force: bool, dist: Dist) -> tup
     return None, resume
 
 
+# ----------------------------------------------------------------------------- teachers
+@dataclass
+class Targets:
+    """train.pseudo / train.distill: every training row's targets (labelled rows first, then the pseudo-labelled
+    test images), looked up on the device by the row index each batch carries instead of a label."""
+    hard: np.ndarray  # N: a class per row (labels; a pseudo-label's top class), for the sampler
+    t0: torch.Tensor  # N x C: the label target (one-hot, smoothed) or the pseudo-label (teacher probs or one-hot)
+    t1: torch.Tensor | None  # N x C: the distillation target at temperature T (None: no distillation)
+    w: torch.Tensor  # N: loss weight (1, or train.pseudo.weight)
+    alpha: float
+    temperature: float
+    n_pseudo: int
+    pseudo_rows: np.ndarray  # indices into the test table
+
+
+def teacher_probs(cfg: Config, df: pd.DataFrame, k: int, test: pd.DataFrame | None, dist: Dist) -> dict:
+    """The teachers' fold-k probabilities (see core/teacher.py): pseudo_test, distill_train, distill_test, as
+    needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record."""
+    from ..core import teacher as T
+
+    fd = cfg.run.unit(k)
+    rec = {"teacher": train_record(cfg)["teacher"], "fold": k}
+    if dist.main and not up_to_date(fd.teacher_meta, rec):
+        t0 = time.perf_counter()
+        tr_paths = list(df["path"][df["fold"] != k])
+        test_paths = list(test["path"]) if test is not None else []
+        out = {}
+        p, d = cfg.train.pseudo, cfg.train.distill
+        folds_sha = sha256_file(cfg.folds_csv)
+        def by_id(ids_probs, want):  # rows of (ids, probs) in the order of `want`
+            where = {str(i): n for n, i in enumerate(ids_probs[0])}
+            return ids_probs[1][[where[str(i)] for i in want]]
+
+        # the full-data model has no held-out rows to leak into: the teacher's stage-4/5 predictions serve it
+        if p.teacher:
+            tp = T.load_teacher(p.teacher)
+            T.check_folds(tp, folds_sha)
+            out["pseudo_test"] = (by_id(T.stage4_probs(tp, "test"), test["id"]) if k == FULL
+                                  else T.fold_probs(tp, k, {"test": test_paths})["test"])
+        if d.teacher:
+            td = T.load_teacher(d.teacher)
+            T.check_folds(td, folds_sha)
+            if k == FULL:
+                got = {"train": by_id(T.stage4_probs(td, "oof"), df["id"]),
+                       "test": by_id(T.stage4_probs(td, "test"), test["id"]) if test is not None else np.zeros(0)}
+            else:
+                got = T.fold_probs(td, k, {"train": [] if d.leaky_oof else tr_paths, "test": test_paths})
+                if d.leaky_oof:  # the popular shortcut, marked leaky: train rows' OOF probabilities
+                    got["train"] = by_id(T.leaky_oof_probs(td), df["id"][df["fold"] != k])
+            out["distill_train"], out["distill_test"] = got["train"], got["test"]
+        write_npz(fd.teacher_targets, **{n: v.astype(np.float32) for n, v in out.items()})
+        write_json(fd.teacher_meta, {"made_from": rec, "seconds": time.perf_counter() - t0})
+        log.info("%s: teacher targets from its fold-%s models in %.1fs (%s)", fd.name, k, time.perf_counter() - t0,
+                 ", ".join(f"{n} {v.shape}" for n, v in out.items()))
+    dist.barrier()
+    return read_npz(fd.teacher_targets)
+
+
+def build_targets(cfg: Config, y_tr: np.ndarray, n_classes: int, probs: dict, device) -> Targets:
+    p, d, s = cfg.train.pseudo, cfg.train.distill, cfg.train.label_smoothing
+    one_hot = np.full((len(y_tr), n_classes), s / n_classes, np.float32)
+    one_hot[np.arange(len(y_tr)), y_tr] += 1 - s
+    rows = np.zeros(0, np.int64)
+    t0, hard, w = [one_hot], [y_tr], [np.ones(len(y_tr), np.float32)]
+    if p.teacher:
+        pt = probs["pseudo_test"]
+        rows = np.flatnonzero(pt.max(1) >= p.threshold)
+        top = pt[rows].argmax(1)
+        t0.append(pt[rows] / pt[rows].sum(1, keepdims=True) if p.soft else np.eye(n_classes, dtype=np.float32)[top])
+        hard.append(top)
+        w.append(np.full(len(rows), p.weight, np.float32))
+    t1 = None
+    if d.teacher:
+        t1 = np.concatenate([probs["distill_train"], probs["distill_test"][rows]]) if p.teacher else probs["distill_train"]
+        from ..core.teacher import sharpen
+
+        t1 = torch.as_tensor(sharpen(t1, d.temperature), dtype=torch.float32, device=device)
+    return Targets(hard=np.concatenate(hard), t0=torch.as_tensor(np.concatenate(t0), device=device),
+                   t1=t1, w=torch.as_tensor(np.concatenate(w), device=device), alpha=d.alpha if d.teacher else 0.0,
+                   temperature=d.temperature, n_pseudo=len(rows), pseudo_rows=rows)
+
+
+def teacher_loss(r: FoldRun, logits: torch.Tensor, idx: torch.Tensor, lam) -> torch.Tensor:
+    """(1 - alpha) * weighted CE on the label / pseudo-label targets + alpha * T^2 * KL(teacher_T || student_T),
+    every target mixed with the batch's mixup/cutmix lambda (lam: 1 when not mixing)."""
+    tg = r.targets
+
+    def mixed(t):
+        return t * lam + t.flip(0) * (1 - lam)
+
+    w = mixed(tg.w[idx][:, None])[:, 0]
+    ce = r.criterion.per_sample(logits, mixed(tg.t0[idx]))
+    loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+    if tg.t1 is not None and tg.alpha > 0:
+        T = tg.temperature
+        t1 = mixed(tg.t1[idx])
+        kl = (t1 * (t1.clamp_min(1e-12).log() - torch.log_softmax(logits.float() / T, dim=1))).sum(1).mean()
+        loss = (1 - tg.alpha) * loss + tg.alpha * T * T * kl
+    return loss
+
+
+def mix_lambda(mixup, x: torch.Tensor):
+    """timm's Mixup applied to the images only (its own dispatch), returning the lambda it used: a number, or a
+    column per element ('pair' / 'elem' modes); the targets are mixed by the caller (teacher_loss)."""
+    if mixup.mode == "elem":
+        return mixup._mix_elem(x)
+    if mixup.mode == "pair":
+        return mixup._mix_pair(x)
+    return mixup._mix_batch(x)
+
+
 def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths: FoldDir | None = None,
            rec: dict | None = None) -> FoldRun:
     """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k (k = FULL: every row trains)."""
@@ -242,11 +354,19 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
     if not dist.main:
         store = open_store(cfg, df["path"])
     in_fold = df["fold"].values == k  # every fold reads the one store of the train images
-    tr_ds = ImageDataset(store.subset(np.flatnonzero(~in_fold)), y_tr, train_transform(cfg), seed=cfg.seed,
+    rows_store, labels, targets = store.subset(np.flatnonzero(~in_fold)), y_tr, None
+    if t.pseudo.teacher or t.distill.teacher:
+        test = read_test_table(cfg) if t.pseudo.teacher else None
+        targets = build_targets(cfg, y_tr, n_classes, teacher_probs(cfg, df, k, test, dist), device)
+        if targets.n_pseudo:
+            rows_store = ConcatView(rows_store, open_store(cfg, test["path"]).subset(targets.pseudo_rows))
+        labels = np.arange(len(targets.hard))  # batches carry row indices; targets are looked up on the device
+    sampled = targets.hard if targets is not None else y_tr
+    tr_ds = ImageDataset(rows_store, labels, train_transform(cfg), seed=cfg.seed,
                          by_epoch=EpochTransforms(cfg) if cfg.aug.size_schedule else None)
     va_ds = ImageDataset(store.subset(np.flatnonzero(in_fold)), y_va, valid_transform(cfg))
-    batches = EpochBatches(lambda e: epoch_indices(t.sampler, y_tr, n_classes, cfg.seed, e, t.epochs),
-                           len(y_tr), t.batch_size, dist.world, dist.rank)
+    batches = EpochBatches(lambda e: epoch_indices(t.sampler, sampled, n_classes, cfg.seed, e, t.epochs),
+                           len(sampled), t.batch_size, dist.world, dist.rank)
     if len(batches) < t.accum_steps:
         raise PipelineError(f"{'full fit' if k == FULL else f'fold {k}'}: {len(y_tr)} training images make {len(batches)} batch(es) of "
                             f"{t.batch_size} x {dist.world} process(es); lower train.batch_size or accum_steps")
@@ -272,7 +392,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
         batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(cfg), cuda=cuda),
         valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(cfg), cuda=cuda,
                                  indices=va_idx, persistent=True),
-        va_idx=va_idx)
+        va_idx=va_idx, targets=targets)
 
 
 def restore(r: FoldRun, state: dict) -> None:
@@ -319,13 +439,16 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
         x = r.norm(x.to(r.device, non_blocking=True))
         y = y.to(r.device, non_blocking=True)
         x = x.contiguous(memory_format=memory_format(cfg, r.device))
-        if mixing:
+        if r.targets is not None:  # y holds row indices: label, pseudo-label and teacher targets per row
+            lam = mix_lambda(r.mixup, x) if mixing else 1.0
+        elif mixing:
             x, target = r.mixup(x, y)
         else:
             target = mixup_target(y, n_classes, smoothing=t.label_smoothing)
         fault_point(f"train:step:{epoch}")
         with torch.autocast(r.device.type, dtype=r.dtype, enabled=r.dtype is not None):
-            loss = r.criterion(r.net(x), target)
+            out = r.net(x)
+            loss = teacher_loss(r, out, y, lam) if r.targets is not None else r.criterion(out, target)
         if fault_flag(f"nan-loss:{epoch}"):
             loss = loss * float("nan")
         loss_sum += loss.detach() * len(x)
@@ -441,6 +564,10 @@ def finish(r: FoldRun) -> dict:
                "arch": cfg.model.arch, "num_classes": len(r.counts), "img_size": cfg.aug.img_size,
                "mean": r.stats[0], "std": r.stats[1], "epochs_trained": len(r.history),
                "stopped_early_after": r.stopped_epoch,
+               "teacher": None if r.targets is None else {
+                   "pseudo_images": r.targets.n_pseudo, "pseudo_from": r.cfg.train.pseudo.teacher or None,
+                   "distill_from": r.cfg.train.distill.teacher or None,
+                   "leaky": bool(r.cfg.train.distill.teacher and r.cfg.train.distill.leaky_oof)},
                "n_train": int(len(r.y_tr)), "n_valid": int(len(r.y_va)), "train_counts": r.counts.tolist(),
                "seconds": float(sum(h["seconds"] for h in r.history)), "made_from": r.rec,
                "env": environment()}
@@ -461,8 +588,9 @@ def train_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
     if resume is not None:
         restore(r, resume)
     if dist.main:
-        log.info("fold %d: %s, %d train / %d valid images, %d classes, %d steps/epoch, device %s%s%s",
-                 k, cfg.model.arch, len(r.y_tr), len(r.y_va), len(classes), len(r.batches) // cfg.train.accum_steps,
+        extra = f" + {r.targets.n_pseudo} pseudo-labelled test images" if r.targets is not None else ""
+        log.info("fold %d: %s, %d train%s / %d valid images, %d classes, %d steps/epoch, device %s%s%s",
+                 k, cfg.model.arch, len(r.y_tr), extra, len(r.y_va), len(classes), len(r.batches) // cfg.train.accum_steps,
                  r.device, f", AMP {r.dtype}" if r.dtype else "", f", {dist.world} processes" if dist.world > 1 else "")
     tracker = Tracker(cfg, k) if dist.main and cfg.train.tracker != "none" else None
     for epoch in range(r.start_epoch, cfg.train.epochs):

@@ -34,6 +34,7 @@ COLUMNS = ["rank", "experiment", "model", "img_size", "epochs", "recipe", "head"
            "cv_pooled", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds",
            "members", "note"]
 NOT_COMPARABLE = "folds differ"
+LEAKY = "leaky targets (train.distill.leaky_oof): CV optimistic"
 
 
 # ----------------------------------------------------------------------------- one experiment
@@ -101,6 +102,14 @@ def recipe(cfg: Config, summaries: list[dict], s4: dict | None, tta: bool) -> st
         out.append(f"early stop p{t.patience} (ran {min(ran)}-{max(ran)} ep)")
     if cfg.aug.size_schedule:
         out.append("sizes " + " ".join(f"{side}@{e}" for e, side in cfg.aug.size_schedule))
+    if t.pseudo.teacher:
+        n = [s["teacher"]["pseudo_images"] for s in summaries if s.get("teacher")]
+        out.append(f"pseudo-labels from {t.pseudo.teacher} (p>={t.pseudo.threshold:g}, "
+                   f"{'soft' if t.pseudo.soft else 'hard'}, x{t.pseudo.weight:g}; {min(n, default=0)}-{max(n, default=0)} "
+                   f"images/fold)")
+    if t.distill.teacher:
+        out.append(f"distilled from {t.distill.teacher} (T={t.distill.temperature:g}, alpha={t.distill.alpha:g}"
+                   f"{', LEAKY OOF targets' if t.distill.leaky_oof else ''})")
     if s4 is not None and s4.get("full_fit_weight", 0) > 0:
         out.append(f"+ full fit x{s4['full_fit_weight']:g} (test only, no CV of its own)")
     if tta and s4 is not None and any(v.startswith(FIXRES) for v in s4["policy"]):
@@ -130,7 +139,8 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
                      "tta": "on" if tta else "off", "metric": cfg.eval.metric, **ev,
                      "private": private_score(cfg, test["ids"], test["probs"], classes) if test else None,
                      "folds": f"{cfg.folds_csv.stem}@{folds_hash[:8]}", "folds_sha256": folds_hash,
-                     "members": "", "kind": "model"})
+                     "members": "", "kind": "model", "leaky": bool(cfg.train.distill.teacher and
+                                                                    cfg.train.distill.leaky_oof)})
     return rows
 
 
@@ -170,6 +180,7 @@ def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
     t = pd.DataFrame(rows)
     if t.empty:
         return pd.DataFrame(columns=COLUMNS)
+    t["leaky"] = t["leaky"].fillna(False).astype(bool) if "leaky" in t else False
     ref_folds = t["folds_sha256"].value_counts().idxmax()
     ref_metric = t["metric"].value_counts().idxmax()
     notes = []
@@ -179,6 +190,8 @@ def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
             n.append(NOT_COMPARABLE)
         if r["metric"] != ref_metric:
             n.append("other metric")
+        if r["leaky"]:
+            n.append(LEAKY)
         notes.append(", ".join(n))
     t["note"] = notes
     return t.astype({"img_size": "Int64", "epochs": "Int64"})

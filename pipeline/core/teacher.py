@@ -1,0 +1,203 @@
+"""Teachers for pseudo-labels and knowledge distillation (`train.pseudo`, `train.distill`), without leaks.
+
+A teacher is an ensemble (submissions/<name>.json) or one experiment's stage-4 output. The leak to avoid:
+the student's fold k is scored on fold k's rows, so nothing it trains on may carry information from them.
+A teacher's fold-mean test prediction does (every fold model but one trained on fold k), and so does a
+train row's OOF probability (it comes from a model that trained on the student's fold-k rows). So for
+the student's fold k every target comes from the teacher's **fold-k models** (trained on exactly the
+student's training rows), each applied as stage 4 applies it, with three more precautions:
+
+- a tuned stage-3 head (tau, logit-adjust scale, NCM temperature, cRT/LWS epoch) uses the (low) median of
+  the values the *other* folds chose, refit on fold k's training features (stage 3's choice for fold k was
+  made on fold k's held-out rows);
+- a TTA policy chosen by `infer.search` (on every OOF row) is replaced by the configured views;
+- weighted and hill-climbing ensembles use the weights fit without fold k (stage 5's `fold_weights`).
+
+The full-data model never takes part (it trained on every row). `train.distill.leaky_oof` offers the
+popular shortcut (train rows' OOF probabilities) for comparison; it is marked leaky everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import layout, models
+from .artifacts import read_json, read_npz, sha256_obj
+from .augment import open_store
+from .config import Config, load_config
+from .errors import PipelineError
+from .heads import Head, heads_with_choices, median_choices
+from .inference import default_policy, joint_head, parse_view, policy_probs, predict_policy, tta_names
+from .metrics import softmax
+from .submission import combine
+from .tta import BASELINE
+
+log = logging.getLogger("pipeline")
+
+@dataclass
+class Teacher:
+    name: str
+    kind: str  # "ensemble" or "experiment"
+    method: str
+    weights: dict[str, float]  # candidate -> weight, fit on every OOF row (the leaky shortcut and test means)
+    fold_weights: list[dict[str, float]] | None  # per fold: fit without that fold (None: fixed weights)
+    stage4: dict[str, dict]  # experiment -> its stage-4 summary
+
+    def weights_for(self, k: int) -> dict[str, float]:
+        return self.fold_weights[k] if self.fold_weights else self.weights
+
+    @property
+    def candidates(self) -> list[str]:
+        names = list(self.weights)
+        for fw in self.fold_weights or []:
+            names += [n for n in fw if n not in names]
+        return names
+
+
+def load_teacher(name: str) -> Teacher:
+    """The ensemble of that name, else the experiment (its stage-4 primary head); refused when neither is finished."""
+    rec_path = layout.submission_record(name)
+    if rec_path.exists():
+        rec = read_json(rec_path)
+        weights, fold_weights, kind, method = rec["weights"], rec.get("fold_weights"), "ensemble", rec["method"]
+        if method in ("weighted", "hill_climb") and not fold_weights:
+            raise PipelineError(f"teacher '{name}': {rec_path} has no per-fold weights (made before they were kept); "
+                                f"re-run ./run.sh ensemble for it")
+    elif layout.RunDir.of(name).infer_summary.exists():
+        s4 = read_json(layout.RunDir.of(name).infer_summary)
+        weights, fold_weights, kind, method = {f"{name}:{s4['primary']}": 1.0}, None, "experiment", "mean"
+    else:
+        raise PipelineError(f"teacher '{name}': neither {rec_path} (an ensemble) nor "
+                            f"{layout.RunDir.of(name).infer_summary} (an experiment's stage 4) exists; run "
+                            f"./run.sh all for it first")
+    t = Teacher(name, kind, method, weights, fold_weights, {})
+    for c in t.candidates:
+        exp = c.split(":")[0]
+        path = layout.RunDir.of(exp).infer_summary
+        if not path.exists():
+            raise PipelineError(f"teacher '{name}': member '{exp}' has no stage-4 output ({path})")
+        t.stage4[exp] = read_json(path)
+    return t
+
+
+def teacher_record(t: Teacher, k_folds: int) -> dict:
+    """What a student's targets from this teacher depend on (a change makes the student's stage 2 stale)."""
+    members = {}
+    for exp, s4 in t.stage4.items():
+        run = layout.RunDir.of(exp)
+        heads = {c.split(":")[1] for c in t.candidates if c.split(":")[0] == exp}
+        choices = [read_json(run.fold(k).rebalance_summary)["variants"] if run.fold(k).rebalance_summary.exists()
+                   else None for k in range(k_folds)] if heads - {"joint"} else None
+        members[exp] = sha256_obj({"stage4": s4["made_from"], "fixres": s4.get("fixres_files"), "policy": s4["policy"],
+                                   "searched": s4.get("searched"), "merge": s4["merge"], "stage3": choices})
+    return {"name": t.name, "kind": t.kind, "method": t.method, "weights": t.weights, "fold_weights": t.fold_weights,
+            "members": members}
+
+
+def check_folds(t: Teacher, folds_sha: str) -> None:
+    """The student's fold k may only learn from the teacher's fold-k models if both use the same folds."""
+    for exp in t.stage4:
+        s2 = layout.RunDir.of(exp).fold(0).summary
+        theirs = read_json(s2)["made_from"]["folds_file"] if s2.exists() else None
+        if theirs != folds_sha:
+            raise PipelineError(f"teacher '{t.name}': member '{exp}' was trained on another folds file than this "
+                                f"experiment ({s2}); fold k's targets must come from models that never saw fold k, so "
+                                f"student and teacher need the same folds (set folds.name, or retrain one of them)")
+
+
+# ----------------------------------------------------------------------------- fold-k predictions
+def leak_free_head(mcfg: Config, run: layout.RunDir, k: int, variant: str, model, n_classes: int) -> Head:
+    """Fold k's head of a variant with its tuned value taken from the other folds' choices (see above)."""
+    if variant == "joint":
+        return joint_head(model)
+    others = [read_json(run.fold(j).rebalance_summary) for j in range(mcfg.folds.n_splits) if j != k]
+    chosen = median_choices([variant], others)
+    r = dataclasses.replace(mcfg.rebalance, variants=[variant])
+    feats = read_npz(run.fold(k).features)
+    return heads_with_choices(r, feats, n_classes, chosen, mcfg.seed + k)[variant]
+
+
+def member_policy(mcfg: Config, s4: dict, plain: bool) -> list[str]:
+    if plain:
+        return [BASELINE]
+    if s4.get("searched"):  # chosen on every OOF row: use the configured views instead
+        return default_policy(mcfg, tta_names(mcfg))
+    return list(s4["policy"])
+
+
+def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], device) -> dict[str, np.ndarray]:
+    """{part: N x C probabilities} of one teacher candidate's fold-k models on each image set."""
+    exp, head, *rest = candidate.split(":")
+    run = layout.RunDir.of(exp)
+    mcfg = load_config(run.config)
+    classes = read_json(run.classes)
+    C = len(classes)
+    s2 = read_json(run.fold(k).summary)
+    policy = member_policy(mcfg, s4, bool(rest))
+    norm = models.Normalize(s2["mean"], s2["std"]).to(device)
+    dtype = None  # fp32: targets do not depend on the machine's autocast support
+    out = {part: np.zeros((len(policy), len(p), C), np.float64) for part, p in paths.items()}
+    for fixres in (False, True):
+        at = [i for i, v in enumerate(policy) if parse_view(v)[2] == fixres]
+        if not at:
+            continue
+        weights = run.fixres(f"fold{k}") if fixres else run.fold(k).weights
+        if not weights.exists():
+            raise PipelineError(f"teacher member '{exp}': {weights} not found (re-run ./run.sh infer for it)")
+        model = models.load_trained(mcfg, weights, C).to(device).eval()
+        heads = {head: leak_free_head(mcfg, run, k, head, model, C)}
+        for part, p in paths.items():
+            if len(p):
+                store = open_store(mcfg, p)
+                out[part][at] = predict_policy(mcfg, model, norm, heads, store, [policy[i] for i in at], device,
+                                               dtype)[head]
+    return {part: policy_probs(lg, policy, policy, s4["merge"]) if lg.shape[1] else np.zeros((0, C))
+            for part, lg in out.items()}
+
+
+def fold_probs(t: Teacher, k: int, paths: dict[str, list], device=None) -> dict[str, np.ndarray]:
+    """{part: N x C}: the teacher's fold-k prediction of each image set, members combined by its method with the
+    weights fit without fold k."""
+    device = device or torch.device("cpu")
+    w = t.weights_for(k)
+    names = [n for n in t.candidates if w.get(n, 0) > 0]
+    per = [member_fold_probs(n, t.stage4[n.split(":")[0]], k, paths, device) for n in names]
+    ws = np.array([w[n] for n in names]) / sum(w[n] for n in names)
+    return {part: combine([p[part] for p in per], t.method, ws) if len(paths[part]) else
+            np.zeros((0, per[0][part].shape[1])) for part in paths}
+
+
+def stage4_probs(t: Teacher, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, N x C): the teacher's stage-4 probabilities of `part` ("oof" or "test"), members combined with the
+    weights fit on every row."""
+    names = list(t.weights)
+    parts, ids = [], None
+    for n in names:
+        exp, head, *rest = n.split(":")
+        run = layout.RunDir.of(exp)
+        path = run.infer_oof(head) if part == "oof" else run.infer_test(head)
+        if not path.exists():
+            raise PipelineError(f"teacher '{t.name}': {path} not found (re-run ./run.sh infer for '{exp}')")
+        o = read_npz(path)
+        ids = o["ids"] if ids is None else ids
+        parts.append(softmax(o["view_logits"][list(o["views"]).index(BASELINE)].astype(np.float64))
+                     if rest else o["probs"])
+    return ids, combine(parts, t.method, np.array([t.weights[n] for n in names]))
+
+
+def leaky_oof_probs(t: Teacher) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, N x C): the teacher's OOF probabilities of every train row, members combined with the weights fit on
+    every row. LEAKY as distillation targets: a row's OOF prediction comes from a model that trained on the
+    student's fold-k rows (train.distill.leaky_oof, for comparison only)."""
+    return stage4_probs(t, "oof")
+
+
+def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): the teacher distribution at temperature T (its logits divided by T for one view)."""
+    logp = np.log(np.clip(probs, 1e-12, 1)) / temperature
+    return softmax(logp)
+

@@ -1,0 +1,164 @@
+"""train.pseudo and train.distill: a student's fold-k targets come from its teacher's fold-k models only."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_competition
+from pipeline.core.artifacts import read_json
+from pipeline.core.config import load_config
+from pipeline.core.data import read_folds, read_test_table
+from pipeline.core.errors import PipelineError
+from pipeline.core.losses import SoftTargetLoss
+from pipeline.stages import ensemble as ens_stage
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import infer as infer_stage
+from pipeline.stages import rebalance as rebalance_stage
+from pipeline.stages import train as train_stage
+from pipeline.core.distributed import Dist
+from pipeline.tools import leaderboard
+
+BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off", "train.batch_size=8",
+        "train.epochs=2", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "train.lr=0.01",
+        "rebalance.variants=[joint,tau]", "infer.views=[orig,hflip]", "infer.batch_size=8"]
+
+
+TEACHER = ["infer.heads=[tau]", "infer.search=true", "train.select=last", "train.ema=false"]
+
+
+def cfg_of(root, exp, *extra):
+    return load_config(None, [f"data.root={root}", f"experiment={exp}", *BASE, *extra])
+
+
+@pytest.fixture
+def teacher(workdir):
+    """A finished teacher experiment with a tuned head (tau) and a searched TTA policy."""
+    root = make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24, n_test=8)
+    cfg = cfg_of(root, "t", *TEACHER)
+    folds_stage.run(cfg)
+    train_stage.run(cfg)
+    rebalance_stage.run(cfg)
+    infer_stage.run(cfg)
+    return cfg
+
+
+def student(teacher, *extra):
+    return cfg_of(teacher.data.root, "s", "train.pseudo.teacher=t", "train.pseudo.threshold=0", "train.distill.teacher=t",
+                  *extra)
+
+
+def fold_targets(cfg, k):
+    df, _ = read_folds(cfg)
+    return dict(train_stage.teacher_probs(cfg, df, k, read_test_table(cfg), Dist()))
+
+
+def test_fold_k_targets_never_move_when_a_held_out_image_of_fold_k_changes(teacher):
+    s = student(teacher)
+    before = {k: fold_targets(s, k) for k in (0, 1)}
+    assert before[0]["distill_train"].shape[0] == (read_folds(s)[0]["fold"] != 0).sum()
+    assert not np.allclose(before[0]["pseudo_test"], before[1]["pseudo_test"])  # each fold its own teacher model
+    # replace one of fold 0's held-out images and re-run the teacher's stages 2-4 on it: every fold retrains,
+    # fold 1 with the new image among its training rows; fold 0's tau choice, the TTA search and the OOF
+    # predictions see it too. (The teacher keeps the last epoch's raw weights: `select: best` and the EMA
+    # choice are made on the held-out fold, see README.)
+    df, _ = read_folds(s)
+    path = df["path"][df["fold"] == 0].iloc[0]
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+    folds_stage.run(teacher)
+    train_stage.run(teacher)
+    rebalance_stage.run(teacher)
+    infer_stage.run(teacher)
+    after = {k: fold_targets(s, k) for k in (0, 1)}
+    for name in ("distill_train", "pseudo_test", "distill_test"):
+        assert np.array_equal(after[0][name], before[0][name]), name  # fold 0's targets: untouched
+    # fold 1 trains on that image: its teacher target for it moves (the check above can fail)
+    assert not np.array_equal(after[1]["distill_train"], before[1]["distill_train"])
+
+
+def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teacher(teacher):
+    s = student(teacher, "train.pseudo.soft=false", "train.mixup_alpha=0.4")
+    summaries = train_stage.run(s)
+    test = read_test_table(s)
+    for k, summ in enumerate(summaries):
+        assert summ["teacher"] == {"pseudo_images": len(test), "pseudo_from": "t", "distill_from": "t", "leaky": False}
+    # a pseudo-labelled row is a test image, never a train row: the extra rows of the dataset are test files
+    df, classes = read_folds(s)
+    targets = train_stage.build_targets(s, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0), "cpu")
+    assert targets.n_pseudo == len(test) and set(targets.pseudo_rows) <= set(range(len(test)))
+    assert len(targets.hard) == (df["fold"] != 0).sum() + len(test)
+    hard = targets.t0[-len(test):].numpy()
+    assert set(np.unique(hard)) <= {0.0, 1.0}  # hard pseudo-labels: one-hot of the teacher's top class
+    # a higher threshold keeps fewer images
+    strict = student(teacher, "train.pseudo.threshold=0.99")
+    assert train_stage.build_targets(strict, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0),
+                                     "cpu").n_pseudo < len(test)
+    # the teacher is part of the student's record: a changed teacher makes the student stale
+    assert train_stage.status(s) == []
+    infer_stage.run(cfg_of(teacher.data.root, "t", *TEACHER, "infer.search=false"))
+    assert any("teacher" in r for r in train_stage.status(s))
+    rows = leaderboard.experiment_rows(s.run)
+    assert all("pseudo-labels from t" in r["recipe"] and "distilled from t" in r["recipe"] for r in rows)
+
+
+def test_leaky_shortcut_is_marked_and_wrong_teachers_are_refused(teacher, workdir):
+    leaky = student(teacher, "train.distill.leaky_oof=true", "train.pseudo.teacher=")
+    train_stage.run(leaky)
+    t = leaderboard.build(workdir / "runs")
+    assert all(leaderboard.LEAKY in n for n in t[t["experiment"] == "s"]["note"])
+    assert not any(leaderboard.LEAKY in n for n in t[t["experiment"] == "t"]["note"])
+    with pytest.raises(PipelineError, match="teacher 'nobody'"):
+        train_stage.run(student(teacher, "experiment=s2", "train.distill.teacher=nobody"))
+    with pytest.raises(PipelineError, match="train.distill.teacher"):
+        cfg_of(teacher.data.root, "t", *TEACHER, "train.distill.teacher=t")
+    other = student(teacher, "experiment=s3", "folds.seed=7")
+    folds_stage.run(other)
+    with pytest.raises(PipelineError, match="another folds file"):
+        train_stage.run(other)
+
+
+def test_distillation_loss_is_kl_at_temperature_and_pseudo_rows_are_weighted():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)
+    idx = torch.arange(4)
+    t0 = torch.eye(3)[torch.tensor([0, 1, 2, 0])]
+    t1 = torch.softmax(torch.randn(4, 3), 1)
+    r = type("R", (), {})()
+    r.criterion = SoftTargetLoss()
+    r.targets = train_stage.Targets(hard=np.zeros(4), t0=t0, t1=t1, w=torch.tensor([1.0, 1.0, 0.5, 0.5]), alpha=1.0,
+                                    temperature=2.0, n_pseudo=2, pseudo_rows=np.arange(2))
+    kl = (t1 * (t1.log() - torch.log_softmax(logits / 2, 1))).sum(1).mean() * 4
+    assert torch.allclose(train_stage.teacher_loss(r, logits, idx, 1.0), kl)
+    r.targets.alpha = 0.0
+    ce = -(t0 * torch.log_softmax(logits, 1)).sum(1)
+    w = torch.tensor([1.0, 1.0, 0.5, 0.5])
+    assert torch.allclose(train_stage.teacher_loss(r, logits, idx, 1.0), (ce * w).sum() / w.sum())
+    # mixing: targets and weights mixed with the images' partner (the reversed batch)
+    lam = 0.3
+    mixed = t0 * lam + t0.flip(0) * (1 - lam)
+    wm = w * lam + w.flip(0) * (1 - lam)
+    ce_m = -(mixed * torch.log_softmax(logits, 1)).sum(1)
+    assert torch.allclose(train_stage.teacher_loss(r, logits, idx, lam), (ce_m * wm).sum() / wm.sum())
+
+
+def test_pseudo_labels_from_a_weighted_ensemble_use_the_weights_fit_without_that_fold(teacher):
+    t2 = cfg_of(teacher.data.root, "t2", "infer.heads=[joint]", "train.epochs=1")
+    train_stage.run(t2)
+    infer_stage.run(t2)
+    ens = cfg_of(teacher.data.root, "t", *TEACHER, "ensemble.members=[t,t2]", "ensemble.method=weighted", "ensemble.name=duo")
+    rec = ens_stage.run(ens)
+    assert len(rec["fold_weights"]) == 2
+    from pipeline.core import teacher as T
+
+    tch = T.load_teacher("duo")
+    assert tch.weights_for(0) == rec["fold_weights"][0] and tch.weights_for(1) == rec["fold_weights"][1]
+    s = cfg_of(teacher.data.root, "s", "train.pseudo.teacher=duo", "train.pseudo.threshold=0")
+    got = fold_targets(s, 0)["pseudo_test"]
+    paths = {"test": list(read_test_table(s)["path"])}
+    parts = [T.member_fold_probs(n, tch.stage4[n.split(":")[0]], 0, paths, torch.device("cpu"))["test"]
+             for n in rec["fold_weights"][0]]
+    w = np.array(list(rec["fold_weights"][0].values()))
+    expected = sum(wi * p for wi, p in zip(w / w.sum(), parts))
+    assert np.allclose(got, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    assert np.allclose(got.sum(1), 1, atol=1e-5) and isinstance(pd.DataFrame(got), pd.DataFrame)
+    assert read_json(s.run.fold(0).teacher_meta)["made_from"]["fold"] == 0
