@@ -135,3 +135,25 @@ def test_fixres_without_train_images_uses_the_tuned_copies_or_refuses(comp):
     Path(cfg.folds_csv).rename(Path(cfg.folds_csv).with_suffix(".bak"))  # as in a kernel: no folds, no train rows
     infer_stage.run(kernel, force=True)
     assert np.allclose(read_npz(cfg.run.infer_test("joint"))["probs"], test, atol=1e-6)
+
+
+def test_a_killed_full_fit_resumes_to_the_same_weights(workdir):
+    from conftest import run_cli
+    from test_train import write_cfg
+
+    out = {}
+    for name, fault in (("clean", None), ("killed", "train:full-step:1")):
+        d = workdir / name
+        d.mkdir()
+        root = make_competition(d / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
+        cfgfile = write_cfg(d / "c.yaml", root, "train.full_fit=true", "train.epochs=3", "train.workers=1")
+        assert run_cli(["folds", "--config", str(cfgfile)], d).returncode == 0
+        if fault:
+            r = run_cli(["train", "--config", str(cfgfile)], d, env={"PIPELINE_FAULT": fault})
+            assert r.returncode == -9 and (d / "runs/tiny/fold1/summary.json").exists()
+            assert (d / "runs/tiny/full/last.pt").exists() and not (d / "runs/tiny/full/summary.json").exists()
+        r = run_cli(["train", "--config", str(cfgfile)], d)
+        assert r.returncode == 0, r.stderr
+        assert ("full fit: resuming" in r.stderr) == bool(fault)
+        out[name] = d / "runs/tiny/full/model.safetensors"
+    assert out["clean"].read_bytes() == out["killed"].read_bytes()

@@ -445,7 +445,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
             x, target = r.mixup(x, y)
         else:
             target = mixup_target(y, n_classes, smoothing=t.label_smoothing)
-        fault_point(f"train:step:{epoch}")
+        fault_point(f"train:{'full-' if r.full else ''}step:{epoch}")
         with torch.autocast(r.device.type, dtype=r.dtype, enabled=r.dtype is not None):
             out = r.net(x)
             loss = teacher_loss(r, out, y, lam) if r.targets is not None else r.criterion(out, target)
