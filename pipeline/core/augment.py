@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import albumentations as A
+import numpy as np
 
 from .config import Config
 from .images import ImageStore, resize_short, squash
@@ -43,6 +44,57 @@ class Squash(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self):
         return ("side",)
+
+
+def policy_transform(spec: str, size: int):
+    """timm's own AutoAugment / RandAugment / AugMix from its spec string (`rand-m9-mstd0.5-inc1`,
+    `original-mstd0.5`, `v0`, `augmix-m5-w4-d2`; `trivial` is RandAugment with one op at a uniformly drawn
+    magnitude, as TrivialAugment), on PIL images. Raises ValueError for a spec timm cannot read."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    spec = {"trivial": "rand-n1-mstd101-inc1"}.get(spec, spec)
+    hparams = {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)}  # timm's defaults for ImageNet
+    try:
+        if spec.startswith("rand"):
+            return rand_augment_transform(spec, hparams)
+        if spec.startswith("augmix"):
+            return augment_and_mix_transform(spec, hparams)
+        return auto_augment_transform(spec, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"timm cannot read the augmentation policy '{spec}': {str(e) or 'not a timm spec'}") from None
+
+
+class TimmPolicy(A.ImageOnlyTransform):
+    """A timm policy (see `policy_transform`) inside the albumentations pipeline: uint8 array -> PIL -> array.
+    timm draws from Python's and NumPy's global generators; each call seeds both from this transform's own
+    generator (seeded per image and epoch by the dataset) and restores them after, so the result depends only on
+    (seed, epoch, index), in any worker and after a resume."""
+
+    def __init__(self, spec: str, size: int, p: float = 1.0):
+        super().__init__(p=p)
+        self.spec, self.size = spec, size
+        self.tf = policy_transform(spec, size)
+
+    def get_params(self):
+        return {"policy_seed": self.py_random.randrange(2 ** 31)}
+
+    def apply(self, img, policy_seed: int = 0, **params):
+        import random
+
+        from PIL import Image
+
+        py, npy = random.getstate(), np.random.get_state()
+        random.seed(policy_seed)
+        np.random.seed(policy_seed)
+        try:
+            out = np.array(self.tf(Image.fromarray(img)), dtype=np.uint8)  # a writable copy
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+        return np.ascontiguousarray(out)
+
+    def get_transform_init_args_names(self):
+        return ("spec", "size")
 
 
 _CROP_PCT = {}
@@ -127,6 +179,8 @@ def train_transform(cfg: Config, size: int | None = None) -> A.Compose:
         ops.append(A.HorizontalFlip(p=a.hflip))
     if a.vflip:
         ops.append(A.VerticalFlip(p=a.vflip))
+    if a.policy:  # where timm's create_transform puts it: after the crop and flips
+        ops.append(TimmPolicy(a.policy, s))
     if a.shift_scale_p:
         ops.append(A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-a.rotate, a.rotate),
                             p=a.shift_scale_p))

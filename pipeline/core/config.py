@@ -55,7 +55,7 @@ class ModelCfg:
     pretrained_path: Optional[str] = None  # local .safetensors/.pth weights, for offline machines and kernels
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth
-    pool: Literal["avg", "gem"] = "avg"  # gem: generalised mean pooling, a fine-grained favourite
+    pool: Literal["avg", "gem", "attn"] = "avg"  # gem: generalised mean pooling; attn: timm's attention pooling
     gem_p: float = 3.0  # GeM initial exponent (learned); p=1 is average pooling
     mean: Optional[list[float]] = None  # input normalisation; null: from the model's pretrained config
     std: Optional[list[float]] = None
@@ -64,6 +64,7 @@ class ModelCfg:
 @dataclass
 class AugCfg:
     img_size: int = 224  # training and validation crop side, pixels
+    policy: str = ""  # timm AutoAugment / RandAugment / AugMix spec, e.g. rand-m9-mstd0.5-inc1, original, augmix-m5-w4-d2, trivial
     size_schedule: list[list[int]] = field(default_factory=list)  # progressive resizing: [[epoch, side], ...] from epoch 0
     crop: Literal["rrc", "resize_crop"] = "rrc"  # rrc: RandomResizedCrop; resize_crop: resize then random crop
     rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
@@ -108,6 +109,8 @@ class TrainCfg:
     layer_decay: Optional[float] = None  # layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.75; null: off
     freeze_epochs: int = 0  # head warm-up: the first N epochs train the classifier only
     freeze_bn: bool = False  # during those epochs also keep the backbone's BatchNorm statistics fixed
+    freeze_backbone: bool = False  # linear probe: only the classifier (and pooling) ever trains; BN statistics fixed
+    trainable_stages: Optional[int] = None  # partial fine-tuning: the last N stages (timm's coarse groups) + head train
     patience: Optional[int] = None  # early stopping: end the fold after N epochs without a better metric; null: off
     full_fit: bool = False  # after the folds, one more model on every row for the epoch count the folds chose (no CV)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)  # pseudo-labels; fold k's from the teacher's fold-k models
@@ -120,10 +123,13 @@ class TrainCfg:
     min_lr: float = 1e-6
     clip_grad: Optional[float] = None  # max gradient norm; null: no clipping
     sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
-    loss: Literal["ce", "focal"] = "ce"
+    loss: Literal["ce", "focal", "ldam"] = "ce"  # ldam: Cao et al. 2019, class margins C / n_c^(1/4)
     focal_gamma: float = 2.0
+    ldam_max_margin: float = 0.5  # the rarest class's margin (in logit units before ldam_scale)
+    ldam_scale: float = 1.0  # s: logits x s (the paper's 30 goes with a cosine classifier; ours is linear)
     class_weights: Literal["none", "effective_number"] = "none"  # Cui et al. 2019 class-balanced loss
     cb_beta: float = 0.999  # effective-number beta
+    drw_epoch: Optional[int] = None  # deferred re-weighting: effective-number class weights from this epoch (0-based) on
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0  # 0 disables mixup
     cutmix_alpha: float = 0.0  # 0 disables cutmix
@@ -278,6 +284,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.backbone_lr_mult": (0, 100, True, True),
     "train.layer_decay": (0, 1, False, True),
     "train.freeze_epochs": (0, 100_000, True, True),
+    "train.trainable_stages": (0, 1000, True, True),
     "train.patience": (1, 100_000, True, True),
     "train.pseudo.threshold": (0, 1, True, True),
     "train.pseudo.weight": (0, 100, False, True),
@@ -291,6 +298,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.clip_grad": (0, 1e6, False, True),
     "train.focal_gamma": (0, 20, True, True),
     "train.cb_beta": (0, 1, False, False),
+    "train.ldam_max_margin": (0, 10, False, True),
+    "train.ldam_scale": (0, 100, False, True),
+    "train.drw_epoch": (0, 100_000, True, True),
     "train.label_smoothing": (0, 1, True, False),
     "train.mixup_alpha": (0, 100, True, True),
     "train.cutmix_alpha": (0, 100, True, True),
@@ -353,8 +363,21 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
                         and all(a[0] < b[0] for a, b in zip(sched, sched[1:]))
                         and all(16 <= x[1] <= 4096 for x in sched)), "aug.size_schedule",
           "must be [[0, side], [epoch, side], ...]: epochs rising from 0, sides 16-4096 (e.g. [[0, 128], [6, 224]])")
+    if cfg.aug.policy:
+        from .augment import policy_transform  # timm parses its own specs
+
+        try:
+            policy_transform(cfg.aug.policy, cfg.aug.img_size)
+        except ValueError as e:
+            check(False, "aug.policy", f"{e} (examples: rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, trivial)")
     check(len(cfg.aug.rrc_scale) == 2 and cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1],
           "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
+    check(cfg.train.drw_epoch is None or cfg.train.class_weights == "none", "train.drw_epoch",
+          "defers the class weights itself: set train.class_weights=none (weights from the start) or drop drw_epoch")
+    check(cfg.train.drw_epoch is None or cfg.train.drw_epoch < cfg.train.epochs, "train.drw_epoch",
+          f"must be < train.epochs ({cfg.train.epochs}), or re-weighting never starts")
+    check(not (cfg.train.freeze_backbone and cfg.train.trainable_stages is not None), "train.trainable_stages",
+          "and train.freeze_backbone both say what trains: set one (freeze_backbone is trainable_stages=0)")
     check(cfg.train.freeze_epochs < cfg.train.epochs, "train.freeze_epochs",
           f"must be < train.epochs ({cfg.train.epochs}): at least one epoch trains the backbone")
     check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"must be <= train.lr ({cfg.train.lr:g})")

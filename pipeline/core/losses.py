@@ -1,5 +1,6 @@
-"""Losses on soft targets (one-hot, smoothed or mixed): cross-entropy or focal, optionally with
-class-balanced weights from the effective number of samples (Cui et al. 2019)."""
+"""Losses on soft targets (one-hot, smoothed or mixed): cross-entropy, focal or LDAM (Cao et al. 2019,
+label-distribution-aware margins), optionally with class-balanced weights from the effective number of
+samples (Cui et al. 2019), from the start or deferred to a later epoch (DRW, Cao et al. 2019)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,15 +16,38 @@ def effective_number_weights(counts: np.ndarray, beta: float) -> np.ndarray:
     return w / w.sum() * len(counts)
 
 
+def ldam_margins(counts: np.ndarray, max_margin: float) -> np.ndarray:
+    """m_c proportional to n_c^(-1/4), the rarest class's equal to `max_margin` (classes without images: max)."""
+    m = 1.0 / np.power(np.maximum(counts.astype(float), 1.0), 0.25)
+    return (m * (max_margin / m.max())).astype(np.float32)
+
+
 class SoftTargetLoss(nn.Module):
-    def __init__(self, kind: str = "ce", gamma: float = 2.0, class_weights: np.ndarray | None = None):
+    """`kind`: ce, focal or ldam (then `margins`, one per class, and `scale`). With a soft target t (label
+    smoothing, mixup) LDAM subtracts t_c * m_c from every logit: exactly the paper's margin on the true class
+    for a one-hot target, and the mixed margin for a mixed one."""
+
+    def __init__(self, kind: str = "ce", gamma: float = 2.0, class_weights: np.ndarray | None = None,
+                 margins: np.ndarray | None = None, scale: float = 1.0):
         super().__init__()
-        self.kind, self.gamma = kind, gamma
-        w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        self.register_buffer("w", w, persistent=False)
+        self.kind, self.gamma, self.scale = kind, gamma, scale
+        self.register_buffer("w", None, persistent=False)
+        self.set_class_weights(class_weights)
+        m = torch.as_tensor(margins, dtype=torch.float32) if margins is not None else None
+        self.register_buffer("m", m, persistent=False)
+        if kind == "ldam" and m is None:
+            raise ValueError("the LDAM loss needs per-class margins")
+
+    def set_class_weights(self, class_weights: np.ndarray | None, device=None) -> None:
+        """Class weights from now on (DRW switches them on at an epoch); None: unweighted."""
+        self.w = (torch.as_tensor(class_weights, dtype=torch.float32, device=device)
+                  if class_weights is not None else None)
 
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=1)
+        logits = logits.float()
+        if self.kind == "ldam":
+            logits = self.scale * (logits - target * self.m)
+        logp = F.log_softmax(logits, dim=1)
         term = -target * logp
         if self.kind == "focal":
             term = term * (1.0 - logp.exp()).pow(self.gamma)

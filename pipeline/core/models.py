@@ -1,4 +1,4 @@
-"""Models: timm architectures by name, GeM pooling, local pretrained weights, plain state dicts.
+"""Models: timm architectures by name, GeM or attention pooling, local pretrained weights, plain state dicts.
 
 The model is the timm model itself (no wrapper), so its state dict has timm's own keys and loads
 anywhere timm does. Stage 3 needs its two halves: `features` (pre-classifier, pooled) and the
@@ -47,15 +47,43 @@ class GeM(nn.Module):
         return False
 
 
-def _install_gem(model: nn.Module, p: float, arch: str) -> None:
+class AttnPool(nn.Module):
+    """Attention pooling before the classifier (`model.pool: attn`): timm's RotAttentionPool2d (multi-head
+    attention of a pooled query over every position, rotary position embeddings, so any input size works:
+    progressive resizing, FixRes, multi-scale TTA). Its output has the input's channels, so the classifier,
+    stage 3's features and every head stay as they are."""
+
+    def __init__(self, channels: int, flatten: bool = True):
+        super().__init__()
+        from timm.layers import RotAttentionPool2d
+
+        heads = channels // 64 if channels % 64 == 0 else 1
+        self.pool = RotAttentionPool2d(channels, out_features=channels, num_heads=heads)
+        self.flatten = flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(x)
+        return y if self.flatten else y[:, :, None, None]
+
+    def feat_mult(self) -> int:
+        return 1
+
+    def is_identity(self) -> bool:
+        return False
+
+
+def _install_pool(model: nn.Module, kind: str, p: float, arch: str) -> None:
+    """Replace timm's global pooling (SelectAdaptivePool2d) with GeM or attention pooling."""
     from timm.layers import SelectAdaptivePool2d
 
     for name, mod in model.named_modules():
         if isinstance(mod, SelectAdaptivePool2d):
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], GeM(p, flatten=bool(mod.flatten.__class__.__name__ == "Flatten")))
+            flatten = bool(mod.flatten.__class__.__name__ == "Flatten")
+            new = GeM(p, flatten=flatten) if kind == "gem" else AttnPool(model.num_features, flatten=flatten)
+            setattr(parent, name.rpartition(".")[2], new)
             return
-    raise PipelineError(f"model.pool=gem needs a CNN whose timm head pools with SelectAdaptivePool2d; "
+    raise PipelineError(f"model.pool={kind} needs a CNN whose timm head pools with SelectAdaptivePool2d; "
                         f"'{arch}' has none (use model.pool=avg)")
 
 
@@ -74,8 +102,8 @@ def create_model(cfg: Config, num_classes: int, pretrained: bool | None = None) 
         raise
     if m.pretrained_path and (pretrained is None or pretrained):
         load_pretrained(model, m.pretrained_path)
-    if m.pool == "gem":
-        _install_gem(model, m.gem_p, m.arch)
+    if m.pool != "avg":
+        _install_pool(model, m.pool, m.gem_p, m.arch)
     return model
 
 
@@ -210,3 +238,33 @@ def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.de
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(features(model, x).float().cpu())
     return torch.cat(out).numpy()
+
+
+def head_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters after the backbone: the classifier and a learned pooling (GeM's p, attention)."""
+    ids = {id(p) for p in model.get_classifier().parameters()}
+    for m in model.modules():
+        if isinstance(m, (GeM, AttnPool)):
+            ids |= {id(p) for p in m.parameters()}
+    return ids
+
+
+def frozen_parameters(model: nn.Module, freeze_backbone: bool, trainable_stages: int | None) -> tuple[set[int], list[str]]:
+    """ids of the parameters that never train (a linear probe: every backbone parameter; partial fine-tuning:
+    all but the last `trainable_stages` of timm's coarse parameter groups, stem included) and the frozen group
+    names, from timm's group matcher (model.group_matcher), not parameter-name substrings."""
+    head = head_parameters(model)
+    if freeze_backbone or trainable_stages == 0:
+        return {id(p) for p in model.parameters() if id(p) not in head}, ["backbone"]
+    if trainable_stages is None:
+        return set(), []
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise PipelineError(f"train.trainable_stages: timm model '{type(model).__name__}' has no group matcher")
+    named = dict(model.named_parameters())
+    groups = group_parameters(model, model.group_matcher(coarse=True))  # {group id: names}, input side first
+    stages = [(g, [named[n] for n in groups[g]]) for g in sorted(groups)]
+    stages = [(g, ps) for g, ps in stages if not any(id(p) in head for p in ps)]
+    frozen = stages[:max(0, len(stages) - trainable_stages)]
+    return {id(p) for _, ps in frozen for p in ps}, [str(g) for g, _ in frozen]

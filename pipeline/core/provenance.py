@@ -216,8 +216,26 @@ def train_images(cfg: Config) -> dict:
     return image_record(cfg, _fold_paths(str(cfg.folds_csv), sha256_file(cfg.folds_csv)))
 
 
+# keys added after outputs already existed: at their default they are left out of records, so upgrading the
+# pipeline does not make finished work stale (a non-default value is recorded and compared as usual)
+LATER_KEYS = {"train": ("layer_decay", "freeze_epochs", "freeze_bn", "patience", "freeze_backbone", "trainable_stages",
+                        "ldam_max_margin", "ldam_scale", "drw_epoch"),
+              "aug": ("size_schedule", "policy"), "ensemble": ("hill_climb_steps",)}
+
+
+def _drop_later_defaults(d: dict) -> dict:
+    """`d`: config sections (a copy of cfg.to_dict()'s); keys of LATER_KEYS at their defaults removed."""
+    defaults = Config().to_dict()
+    for section, keys in LATER_KEYS.items():
+        if section in d:
+            for k in keys:
+                if d[section].get(k, object()) == defaults[section][k]:
+                    d[section].pop(k)
+    return d
+
+
 def train_record(cfg: Config) -> dict:
-    d = cfg.to_dict()
+    d = _drop_later_defaults(cfg.to_dict())
     rec = {s: d[s] for s in TRAIN_SECTIONS}
     for k in TEST_SIDE:  # test-side settings belong to stages 4-5: changing them retrains nothing
         rec["data"].pop(k)
@@ -423,7 +441,7 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
 def ensemble_record(cfg: Config, members: dict[str, dict]) -> dict:
     """What an ensemble's submission is made from: its settings, the sample submission, and the
     record of each member's stage-4 output ({"exp:head": made_from})."""
-    d = cfg.to_dict()
+    d = _drop_later_defaults(cfg.to_dict())
     sample = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else None
     return {"ensemble": d["ensemble"], "eval": d["eval"],
             "sample_submission": sha256_file(sample) if sample and sample.exists() else None,

@@ -43,7 +43,7 @@ from ..core.data import read_folds, read_test_table
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.images import ConcatView, EpochBatches, ImageDataset
-from ..core.losses import SoftTargetLoss, effective_number_weights
+from ..core.losses import SoftTargetLoss, effective_number_weights, ldam_margins
 from ..core.metrics import better, compute, softmax
 from ..core import models
 from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, write_state_dict
@@ -159,6 +159,7 @@ class FoldRun:
     stopped_epoch: int | None = None  # early stopping (train.patience): the last epoch trained
     plan_epochs: int = 0  # the full-data model: epochs to train (of train.epochs scheduled)
     targets: "Targets | None" = None  # train.pseudo / train.distill: per-row targets (batches carry row indices)
+    frozen_bn: list = field(default_factory=list)  # BatchNorm layers of never-trained stages: statistics kept too
     num_updates: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"raw": {"score": None, "epoch": -1}, "ema": {"score": None, "epoch": -1}})
@@ -335,6 +336,12 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
 
     seed_epoch(cfg.seed, -1)  # the initial weights
     model = create_model(cfg, n_classes)
+    frozen, _ = models.frozen_parameters(model, t.freeze_backbone, t.trainable_stages)
+    for p in model.parameters():  # a linear probe / partial fine-tuning: these never get a gradient
+        if id(p) in frozen:
+            p.requires_grad_(False)
+    frozen_bn = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and any(id(p) in frozen for p in m.parameters(recurse=False))]
     stats = norm_stats(cfg, model)
     norm = Normalize(*stats).to(device)
     prepare_model(cfg, model, device)
@@ -376,6 +383,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
     dtype = amp_dtype(cfg, device)
     va_idx = np.arange(len(va_ds))[dist.rank::dist.world]
     weights = effective_number_weights(counts, t.cb_beta) if t.class_weights == "effective_number" else None
+    margins = ldam_margins(counts, t.ldam_max_margin) if t.loss == "ldam" else None
     net = model
     if dist.world > 1:
         # batch statistics over the global batch (GPU only: on CPU each process keeps its own)
@@ -388,11 +396,12 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
         y_tr=y_tr, y_va=y_va, valid_ids=valid_df["id"].values, counts=counts, model=model, net=net, ema=ema,
         norm=norm, stats=stats, optimizer=optimizer, scheduler=scheduler,
         scaler=grad_scaler(dtype, device),
-        criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights).to(device), mixup=build_mixup(cfg, n_classes),
+        criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights, margins, t.ldam_scale).to(device),
+        mixup=build_mixup(cfg, n_classes),
         batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(cfg), cuda=cuda),
         valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(cfg), cuda=cuda,
                                  indices=va_idx, persistent=True),
-        va_idx=va_idx, targets=targets)
+        va_idx=va_idx, targets=targets, frozen_bn=frozen_bn)
 
 
 def restore(r: FoldRun, state: dict) -> None:
@@ -418,6 +427,11 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
     seed_epoch(cfg.seed, epoch)
     r.batches.set_epoch(epoch)
     r.net.train()
+    if t.drw_epoch is not None:  # deferred re-weighting: a function of the epoch, so a resume agrees
+        r.criterion.set_class_weights(effective_number_weights(r.counts, t.cb_beta) if epoch >= t.drw_epoch else None,
+                                      r.device)
+    for m in r.frozen_bn:  # a linear probe / frozen stages: their BatchNorm statistics stay as they are
+        m.eval()
     r.frozen = epoch < t.freeze_epochs
     if r.frozen and t.freeze_bn:  # the backbone's BatchNorm statistics stay as they are
         head = set(r.model.get_classifier().modules())

@@ -26,7 +26,7 @@ from ..core.data import read_folds
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.images import ImageDataset
-from ..core.losses import SoftTargetLoss
+from ..core.losses import SoftTargetLoss, ldam_margins
 from ..core.models import Normalize, create_model, norm_stats
 from ..core.progress import Progress
 from ..core.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
@@ -78,7 +78,9 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
                                          pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {cfg.train.batch_size}")
-    criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma).to(device)
+    counts = np.bincount(df["y"].values[rows], minlength=len(classes)) if cfg.train.loss == "ldam" else None
+    criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma, margins=ldam_margins(
+        counts, cfg.train.ldam_max_margin) if counts is not None else None, scale=cfg.train.ldam_scale).to(device)
     lrs, losses, best, avg = [], [], float("inf"), 0.0
     factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
     with Progress(steps, "lr-find", "step") as bar:

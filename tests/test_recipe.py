@@ -1,0 +1,138 @@
+"""The fine-grained recipe's training options: timm policy augmentation, LDAM with deferred re-weighting,
+linear probe and partial fine-tuning, attention pooling."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_competition
+from pipeline.core import models
+from pipeline.core.augment import TimmPolicy, train_transform
+from pipeline.core.config import load_config
+from pipeline.core.data import read_folds
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import PipelineError
+from pipeline.core.images import ImageDataset
+from pipeline.core.losses import SoftTargetLoss, effective_number_weights, ldam_margins
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import train as train_stage
+
+TINY = ["data.image_ext=.png", "experiment=tiny", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
+        "train.batch_size=8", "train.epochs=2", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",
+        "train.lr=0.01", "train.ema=false"]
+
+
+def cfg_of(root, *extra):
+    return load_config(None, [f"data.root={root}", *TINY, *extra])
+
+
+@pytest.fixture
+def comp(workdir):
+    return make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
+
+
+class _Store:
+    def __init__(self, imgs):
+        self.imgs = imgs
+
+    def __len__(self):
+        return len(self.imgs)
+
+    def __getitem__(self, i):
+        return self.imgs[i]
+
+
+def test_timm_policy_changes_images_per_epoch_and_replays_them_after_a_resume():
+    cfg = load_config(None, ["aug.img_size=32", "aug.policy=rand-m9-mstd0.5-inc1", "aug.crop=resize_crop"])
+    plain = load_config(None, ["aug.img_size=32", "aug.crop=resize_crop"])
+    assert any(isinstance(t, TimmPolicy) for t in train_transform(cfg).transforms)
+    imgs = [(np.random.default_rng(i).random((40, 48, 3)) * 255).astype(np.uint8) for i in range(4)]
+    ds = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(cfg), seed=7)
+    again = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(cfg), seed=7)  # a resumed process
+    base = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(plain), seed=7)
+    for i in range(4):
+        e0, e1 = ds[(i, 0)][0], ds[(i, 1)][0]
+        assert not torch.equal(e0, e1)  # another epoch, another augmentation
+        assert torch.equal(e0, again[(i, 0)][0]) and torch.equal(e1, again[(i, 1)][0])  # replayed exactly
+    assert sum(not torch.equal(ds[(i, 0)][0], base[(i, 0)][0]) for i in range(4)) >= 3  # the policy acts
+    # the global generators timm draws from are left as they were
+    state = np.random.get_state()[1].copy()
+    ds[(0, 3)]
+    assert np.array_equal(np.random.get_state()[1], state)
+    with pytest.raises(PipelineError, match="aug.policy.*timm cannot read"):
+        load_config(None, ["aug.policy=rand-q9"])
+
+
+def test_ldam_margins_follow_n_to_the_minus_quarter_and_the_loss_subtracts_them():
+    counts = np.array([160, 10, 1])
+    m = ldam_margins(counts, 0.5)
+    assert np.isclose(m.max(), 0.5) and m.argmax() == 2
+    assert np.allclose(m / m[2], (counts / counts[2]) ** -0.25)
+    loss = SoftTargetLoss("ldam", margins=m, scale=2.0)
+    z = torch.randn(5, 3)
+    y = torch.tensor([0, 1, 2, 2, 0])
+    target = F.one_hot(y, 3).float()
+    manual = F.cross_entropy(2.0 * (z - torch.as_tensor(m)[y][:, None] * target), y)
+    assert torch.allclose(loss(z, target), manual)
+    # soft (mixed) targets: each class's margin weighted by its share of the target
+    soft = 0.7 * target + 0.3 * target.flip(0)
+    assert torch.allclose(loss(z, soft), -(soft * F.log_softmax(2.0 * (z - soft * torch.as_tensor(m)), 1)).sum(1).mean())
+
+
+def test_drw_switches_class_weights_on_at_its_epoch(comp):
+    cfg = cfg_of(comp, "train.loss=ldam", "train.drw_epoch=1", "train.epochs=3")
+    folds_stage.run(cfg)
+    df, classes = read_folds(cfg)
+    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    seen = []
+    for epoch in range(3):
+        train_stage.train_epoch(r, epoch)
+        seen.append(None if r.criterion.w is None else r.criterion.w.numpy().copy())
+    assert seen[0] is None
+    want = effective_number_weights(r.counts, cfg.train.cb_beta)
+    assert np.allclose(seen[1], want) and np.allclose(seen[2], want)
+    with pytest.raises(PipelineError, match="train.drw_epoch"):
+        cfg_of(comp, "train.drw_epoch=1", "train.class_weights=effective_number")
+
+
+def _trained_and_initial(comp, *extra):
+    cfg = cfg_of(comp, *extra)
+    folds_stage.run(cfg)
+    df, classes = read_folds(cfg)
+    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    initial = {k: v.clone() for k, v in r.model.state_dict().items()}
+    for epoch in range(2):
+        train_stage.train_epoch(r, epoch)
+    return r.model, initial
+
+
+def test_linear_probe_moves_only_the_classifier(comp):
+    model, initial = _trained_and_initial(comp, "train.freeze_backbone=true")
+    after = model.state_dict()
+    moved = [k for k in after if not torch.equal(after[k], initial[k]) and "num_batches_tracked" not in k]
+    assert moved and all(k.startswith("fc.") for k in moved)  # BN statistics of the backbone included
+
+
+def test_trainable_stages_freezes_exactly_the_earlier_stages(comp):
+    model, initial = _trained_and_initial(comp, "model.arch=resnet10t", "train.trainable_stages=1")
+    after = model.state_dict()
+    moved = {k.split(".")[0] for k in after if not torch.equal(after[k], initial[k]) and "num_batches" not in k}
+    assert moved == {"layer4", "fc"}  # timm's coarse groups of a ResNet: stem, layer1-4; the last one trains
+    frozen, names = models.frozen_parameters(models.create_model(cfg_of(comp, "model.arch=resnet10t"), 3), False, 2)
+    assert names == ["0", "1", "2"]  # stem, layer1, layer2 frozen; layer3, layer4 (and the head) train
+    with pytest.raises(PipelineError, match="trainable_stages"):
+        cfg_of(comp, "train.freeze_backbone=true", "train.trainable_stages=1")
+
+
+def test_attention_pooling_replaces_timm_pooling_at_any_size(comp):
+    cfg = cfg_of(comp, "model.pool=attn", "model.arch=resnet10t")
+    model = models.create_model(cfg, 3).eval()
+    assert any(isinstance(m, models.AttnPool) for m in model.modules())
+    for side in (32, 48, 40):  # progressive resizing, FixRes and TTA scales feed other sizes
+        assert model(torch.randn(2, 3, side, side)).shape == (2, 3)
+        assert models.features(model, torch.randn(2, 3, side, side)).shape == (2, model.num_features)
+    # it trains end to end, and its parameters count as the head (a linear probe trains them too)
+    assert {id(p) for p in model.global_pool.parameters()} <= models.head_parameters(model)
+    folds_stage.run(cfg)
+    summaries = train_stage.run(cfg)
+    assert all(np.isfinite(s["score"]) for s in summaries)
