@@ -136,3 +136,54 @@ def test_attention_pooling_replaces_timm_pooling_at_any_size(comp):
     folds_stage.run(cfg)
     summaries = train_stage.run(cfg)
     assert all(np.isfinite(s["score"]) for s in summaries)
+
+
+def test_knn_with_k1_is_the_brute_force_nearest_neighbour_and_survives_a_save(tmp_path):
+    from pipeline.core.heads import Head, knn_head
+
+    rng = np.random.default_rng(0)
+    tr, y = rng.normal(size=(60, 8)).astype(np.float32), rng.integers(0, 4, 60)
+    va = rng.normal(size=(25, 8)).astype(np.float32)
+    h = knn_head(tr, y, 4, k=1, temperature=0.05)
+    c = tr.mean(0)
+    unit = lambda a: (a - c) / np.linalg.norm(a - c, axis=1, keepdims=True)  # noqa: E731
+    nearest = y[(unit(va) @ unit(tr).T).argmax(1)]
+    assert np.array_equal(h.logits(va).argmax(1), nearest)
+    h.save(tmp_path / "knn.safetensors", {"variant": "knn"})
+    back, _ = Head.load(tmp_path / "knn.safetensors")
+    assert back.k == 1 and np.allclose(back.logits(va), h.logits(va))
+    assert np.allclose(back.torch_logits(torch.as_tensor(va)).numpy(), h.logits(va), atol=1e-5)
+    # more neighbours vote: with k = all and a large T every class's score is its share of the bank
+    wide = knn_head(tr, y, 4, k=60, temperature=100.0)
+    share = np.bincount(y, minlength=4) / 60
+    assert np.allclose(np.exp(wide.logits(va[:1]))[0] / np.exp(wide.logits(va[:1]))[0].sum(), share, atol=0.02)
+
+
+def test_pca_whitening_gives_identity_covariance_on_the_training_features():
+    from pipeline.core.heads import ncm_head, pca_whitening
+
+    rng = np.random.default_rng(1)
+    tr = (rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6)) + 3).astype(np.float32)
+    c, proj = pca_whitening(tr)
+    white = (tr - c) @ proj
+    assert np.allclose(np.cov(white, rowvar=False), np.eye(6), atol=1e-3)
+    head = ncm_head(tr, rng.integers(0, 3, 500), 3, whiten=True)
+    assert head.proj is not None and head.weight.shape == (3, 6)
+
+
+def test_knn_and_pca_heads_in_stage3_are_tuned_honestly_and_used_by_stage4(comp):
+    from pipeline.core.artifacts import read_json
+    from pipeline.stages import infer as infer_stage
+    from pipeline.stages import rebalance as rebalance_stage
+
+    cfg = cfg_of(comp, "rebalance.variants=[joint,ncm,ncm_pca,knn,knn_pca]", "rebalance.knn_k_grid=[1,3]",
+                 "infer.heads=[knn,ncm_pca]", "infer.views=[orig]")
+    folds_stage.run(cfg)
+    train_stage.run(cfg)
+    rebalance_stage.run(cfg)
+    for k in range(2):
+        v = read_json(cfg.run.fold(k).rebalance_summary)["variants"]
+        assert v["knn"]["k_t"][0] in (1, 3) and v["knn"]["tuned"] and len(v["knn"]["chosen_per_inner_fold"]) == 2
+        assert np.isfinite(v["knn_pca"]["metrics"]["score"]) and np.isfinite(v["ncm_pca"]["metrics"]["score"])
+    s4 = infer_stage.run(cfg)
+    assert {"knn", "ncm_pca"} <= set(s4["heads"])

@@ -171,7 +171,10 @@ class RebalanceCfg:
     tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
     la_grid: list[float] = field(default_factory=lambda: [round(0.25 * i, 2) for i in range(13)])
     inner_folds: int = 2  # tuned choices are made on one half of a held-out fold and scored on the other
-    ncm_center: bool = True  # subtract the training feature mean before L2 normalisation
+    ncm_center: bool = True  # subtract the training feature mean before L2 normalisation (NCM and kNN)
+    knn_k_grid: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])  # knn: neighbours, chosen like tau
+    knn_t_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # knn: vote temperature exp(cos / T)
+    pca_dim: Optional[int] = None  # ncm_pca / knn_pca: PCA-whitened dimensions kept; null: every non-degenerate one
 
 
 @dataclass
@@ -321,6 +324,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "rebalance.tau_grid": (0, 5, True, True),
     "rebalance.la_grid": (0, 10, True, True),
     "rebalance.inner_folds": (2, 20, True, True),
+    "rebalance.knn_k_grid": (1, 10_000, True, True),
+    "rebalance.knn_t_grid": (0, 10, False, True),
+    "rebalance.pca_dim": (1, 100_000, True, True),
     "infer.scales": (0.25, 4, True, True),
     "infer.batch_size": (1, 65_536, True, True),
     "infer.full_fit_weight": (0, 100, True, True),
@@ -388,7 +394,7 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     for k in ("mean", "std"):
         v = getattr(cfg.model, k)
         check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
-    known = {"joint", "crt", "tau", "lws", "ncm", "logit_adjust"}
+    known = {"joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"}
     bad = [v for v in cfg.rebalance.variants if v not in known]
     check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
     check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")

@@ -8,6 +8,8 @@ Every variant is the same kind of object, so stage 4 applies any of them the sam
   tau           W_c / |W_c|^tau (bias dropped, as in the paper, unless keep_bias)
   lws           learnable per-class scales f_c of the joint classifier: f_c (W_c x + b_c)
   ncm           cosine similarity to L2-normalised class means of centred, normalised features
+  ncm_pca       the same after PCA whitening (fit on the fold's training features only)
+  knn, knn_pca  cosine k-nearest neighbours over the training features (votes exp(cos / T)), k and T tuned
   logit_adjust  joint logits - s * log(class prior)
 """
 from __future__ import annotations
@@ -27,25 +29,48 @@ from .samplers import epoch_indices
 
 @dataclass
 class Head:
-    weight: np.ndarray  # C x D
+    """logits = W g(x) + b with g(x) = x, or when `normalize`: ((x - center) P) / |(x - center) P| (P: an optional
+    PCA-whitening projection). A kNN head (`bank` set) scores instead by the k most similar bank features:
+    logit_c = log(sum over those of class c of exp(cos / T) + eps)."""
+    weight: np.ndarray  # C x D (C x d with a projection; C x 0 for kNN)
     bias: np.ndarray  # C
     center: np.ndarray | None = None  # D, used when normalize
     normalize: bool = False
+    proj: np.ndarray | None = None  # D x d PCA whitening, applied after centring, before L2 normalisation
+    bank: np.ndarray | None = None  # N x d normalised training features (kNN)
+    bank_y: np.ndarray | None = None  # N labels of the bank
+    k: int = 0
+    temperature: float = 1.0
 
-    def logits(self, feats: np.ndarray) -> np.ndarray:
+    KNN_EPS = 1e-6  # keeps a class with no neighbour finite (log-loss), far below any vote
+
+    def embed(self, feats: np.ndarray) -> np.ndarray:
         x = feats.astype(np.float32)
         if self.normalize:
             if self.center is not None:
                 x = x - self.center
+            if self.proj is not None:
+                x = x @ self.proj
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return x @ self.weight.T + self.bias
+        return x
+
+    def logits(self, feats: np.ndarray) -> np.ndarray:
+        if self.bank is not None:
+            return self.torch_logits(torch.as_tensor(feats)).numpy()
+        return self.embed(feats) @ self.weight.T + self.bias
 
     def torch_logits(self, feats: torch.Tensor) -> torch.Tensor:
         x = feats.float()
         if self.normalize:
             if self.center is not None:
                 x = x - torch.as_tensor(self.center, device=x.device)
+            if self.proj is not None:
+                x = x @ torch.as_tensor(self.proj, device=x.device)
             x = F.normalize(x, dim=1)
+        if self.bank is not None:
+            return knn_logits(x, torch.as_tensor(self.bank, device=x.device),
+                              torch.as_tensor(self.bank_y, device=x.device), len(self.bias), self.k,
+                              self.temperature)
         return x @ torch.as_tensor(self.weight, device=x.device).T + torch.as_tensor(self.bias, device=x.device)
 
     def save(self, path: str | Path, record: dict) -> None:
@@ -55,10 +80,16 @@ class Head:
 
         arrays = {"weight": np.ascontiguousarray(self.weight, np.float32),
                   "bias": np.ascontiguousarray(self.bias, np.float32)}
-        if self.center is not None:
-            arrays["center"] = np.ascontiguousarray(self.center, np.float32)
+        for name in ("center", "proj", "bank"):
+            if getattr(self, name) is not None:
+                arrays[name] = np.ascontiguousarray(getattr(self, name), np.float32)
+        if self.bank_y is not None:
+            arrays["bank_y"] = np.ascontiguousarray(self.bank_y, np.int64)
         # one metadata key: safetensors writes several in hash order, and files must be byte-reproducible
-        meta = {"pipeline": json.dumps({"normalize": self.normalize, "record": record}, sort_keys=True)}
+        info = {"normalize": self.normalize, "record": record}
+        if self.bank is not None:
+            info.update(k=int(self.k), temperature=float(self.temperature))
+        meta = {"pipeline": json.dumps(info, sort_keys=True)}
         with atomic_path(path, suffix=".safetensors") as tmp:
             save_file(arrays, str(tmp), metadata=meta)
 
@@ -72,12 +103,14 @@ class Head:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
+        m = {}
         if "pipeline" in meta:
             m = json.loads(meta["pipeline"])
             normalize, record = m["normalize"], m["record"]
         else:  # written before the single-key format
             normalize, record = meta.get("normalize") == "True", json.loads(meta.get("record", "{}"))
-        return cls(arrays["weight"], arrays["bias"], arrays.get("center"), normalize), record
+        return cls(arrays["weight"], arrays["bias"], arrays.get("center"), normalize, arrays.get("proj"),
+                   arrays.get("bank"), arrays.get("bank_y"), int(m.get("k", 0)), float(m.get("temperature", 1.0))), record
 
 
 # ----------------------------------------------------------------------------- variants
@@ -90,16 +123,73 @@ def logit_adjust_head(w: np.ndarray, b: np.ndarray, prior: np.ndarray, scale: fl
     return Head(w.copy(), b - scale * np.log(np.maximum(prior, 1e-12)))
 
 
-def ncm_head(feats: np.ndarray, y: np.ndarray, n_classes: int, center: bool = True, scale: float = 1.0) -> Head:
-    c = feats.mean(0) if center else np.zeros(feats.shape[1], np.float32)
-    x = feats - c
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    means = np.zeros((n_classes, feats.shape[1]), np.float32)
+def pca_whitening(feats: np.ndarray, dim: int | None = None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """(center, D x d projection) whitening the given (training) features: their covariance after the
+    projection is the identity (top `dim` components; default all with non-negligible variance)."""
+    x = feats.astype(np.float64)
+    c = x.mean(0)
+    cov = np.cov(x - c, rowvar=False)
+    vals, vecs = np.linalg.eigh(np.atleast_2d(cov))
+    order = np.argsort(vals)[::-1]
+    vals, vecs = vals[order], vecs[:, order]
+    keep = int((vals > eps * max(vals[0], eps)).sum())
+    keep = min(keep, dim) if dim else keep
+    return c.astype(np.float32), (vecs[:, :keep] / np.sqrt(vals[:keep] + eps)).astype(np.float32)
+
+
+def _space(feats: np.ndarray, center: bool, whiten: bool, pca_dim: int | None) -> Head:
+    """A Head holding the feature normalisation (centring, PCA whitening, L2) fit on training features."""
+    if whiten:
+        c, proj = pca_whitening(feats, pca_dim)
+    else:
+        c, proj = (feats.mean(0) if center else np.zeros(feats.shape[1])).astype(np.float32), None
+    return Head(np.zeros((0, 0), np.float32), np.zeros(0, np.float32), c, True, proj)
+
+
+def ncm_head(feats: np.ndarray, y: np.ndarray, n_classes: int, center: bool = True, scale: float = 1.0,
+             whiten: bool = False, pca_dim: int | None = None) -> Head:
+    """Nearest class mean (cosine) in the normalised feature space (`whiten`: PCA-whitened first)."""
+    space = _space(feats, center, whiten, pca_dim)
+    x = space.embed(feats)
+    means = np.zeros((n_classes, x.shape[1]), np.float32)
     for k in range(n_classes):
         if (y == k).any():
             m = x[y == k].mean(0)
             means[k] = m / max(np.linalg.norm(m), 1e-12)
-    return Head(scale * means, np.zeros(n_classes, np.float32), c.astype(np.float32), normalize=True)
+    return Head(scale * means, np.zeros(n_classes, np.float32), space.center, True, space.proj)
+
+
+def knn_head(feats: np.ndarray, y: np.ndarray, n_classes: int, k: int, temperature: float, center: bool = True,
+             whiten: bool = False, pca_dim: int | None = None) -> Head:
+    """Cosine k-nearest neighbours over the training features (the bank), votes exp(cos / T)."""
+    space = _space(feats, center, whiten, pca_dim)
+    return Head(np.zeros((n_classes, 0), np.float32), np.zeros(n_classes, np.float32), space.center, True,
+                space.proj, space.embed(feats), y.astype(np.int64), int(k), float(temperature))
+
+
+def knn_logits(x: torch.Tensor, bank: torch.Tensor, bank_y: torch.Tensor, n_classes: int, k: int,
+               temperature: float) -> torch.Tensor:
+    """log of the exp(cos / T) votes of the k most similar bank rows per class (x and bank L2-normalised)."""
+    sims = x @ bank.T
+    top, idx = sims.topk(min(k, bank.shape[0]), dim=1)
+    votes = torch.zeros(x.shape[0], n_classes, device=x.device, dtype=x.dtype)
+    votes.scatter_add_(1, bank_y[idx], torch.exp((top - 1.0) / temperature))  # -1: no overflow at small T
+    return torch.log(votes + Head.KNN_EPS)
+
+
+def knn_candidates(feats_tr: np.ndarray, y_tr: np.ndarray, feats_va: np.ndarray, n_classes: int, ks: list[int],
+                   temps: list[float], center: bool, whiten: bool, pca_dim: int | None) -> tuple[dict, dict]:
+    """({(k, T): head}, {(k, T): held-out logits}) for every grid point, the similarities computed once."""
+    base = knn_head(feats_tr, y_tr, n_classes, max(ks), temps[0], center, whiten, pca_dim)
+    x = torch.as_tensor(base.embed(feats_va))
+    bank, bank_y = torch.as_tensor(base.bank), torch.as_tensor(base.bank_y)
+    heads, logits = {}, {}
+    for k in ks:
+        for t in temps:
+            key = (int(k), float(t))
+            heads[key] = Head(base.weight, base.bias, base.center, True, base.proj, base.bank, base.bank_y, *key)
+            logits[key] = knn_logits(x, bank, bank_y, n_classes, k, t).numpy()
+    return heads, logits
 
 
 def _balanced_batches(y: np.ndarray, n_classes: int, seed: int, epoch: int, batch: int):
@@ -175,7 +265,8 @@ def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, score: Callabl
 
 
 # ----------------------------------------------------------------------------- heads from given choices
-TUNED = {"tau": "tau", "logit_adjust": "scale", "ncm": "scale", "crt": "epochs", "lws": "epochs"}  # variant: value
+TUNED = {"tau": "tau", "logit_adjust": "scale", "ncm": "scale", "crt": "epochs", "lws": "epochs",
+         "ncm_pca": "scale", "knn": "k_t", "knn_pca": "k_t"}  # variant: the value stage 3 tunes
 
 
 def low_median(values: list):
@@ -203,9 +294,13 @@ def heads_with_choices(r, feats: dict, n_classes: int, chosen: dict, seed: int) 
             out[v] = tau_head(w, b, chosen[v])
         elif v == "logit_adjust":
             out[v] = logit_adjust_head(w, b, counts / counts.sum(), chosen[v])
-        elif v == "ncm":
-            base = ncm_head(feats["train"], y, n_classes, center=r.ncm_center)
-            out[v] = Head(base.weight * chosen[v], base.bias, base.center, True)
+        elif v in ("ncm", "ncm_pca"):
+            base = ncm_head(feats["train"], y, n_classes, center=r.ncm_center, whiten=v == "ncm_pca",
+                            pca_dim=r.pca_dim)
+            out[v] = Head(base.weight * chosen[v], base.bias, base.center, True, base.proj)
+        elif v in ("knn", "knn_pca"):
+            out[v] = knn_head(feats["train"], y, n_classes, *chosen[v], center=r.ncm_center, whiten=v == "knn_pca",
+                              pca_dim=r.pca_dim)
         elif v in ("crt", "lws"):
             x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
             y_all = np.concatenate([y] * (1 + len(feats["views"])))

@@ -220,7 +220,8 @@ def train_images(cfg: Config) -> dict:
 # pipeline does not make finished work stale (a non-default value is recorded and compared as usual)
 LATER_KEYS = {"train": ("layer_decay", "freeze_epochs", "freeze_bn", "patience", "freeze_backbone", "trainable_stages",
                         "ldam_max_margin", "ldam_scale", "drw_epoch"),
-              "aug": ("size_schedule", "policy"), "ensemble": ("hill_climb_steps",)}
+              "aug": ("size_schedule", "policy"), "ensemble": ("hill_climb_steps",),
+              "rebalance": ("knn_k_grid", "knn_t_grid", "pca_dim")}
 
 
 def _drop_later_defaults(d: dict) -> dict:
@@ -358,7 +359,7 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
 
 def rebalance_record(cfg: Config, k: int, classes: list, fold_choices: dict | None = None) -> dict:
     """Fold k's heads; for the full-data model (k = FULL) also the folds' choices it repeats."""
-    d = cfg.to_dict()
+    d = _drop_later_defaults(cfg.to_dict())
     rec = {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes)}
     return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}
 

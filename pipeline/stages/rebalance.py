@@ -36,8 +36,8 @@ from ..core.augment import open_store, train_transform, valid_transform
 from ..core.config import Config
 from ..core.data import read_folds
 from ..core.errors import PipelineError
-from ..core.heads import (Head, checkpoint_epochs, cross_fit, heads_with_choices, logit_adjust_head, median_choices,
-                          ncm_head, tau_head, train_linear)
+from ..core.heads import (Head, checkpoint_epochs, cross_fit, heads_with_choices, knn_candidates, logit_adjust_head,
+                          median_choices, ncm_head, tau_head, train_linear)
 from ..core.images import ImageDataset
 from ..core.layout import FULL
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
@@ -156,10 +156,19 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
             out[v] = tune({t: tau_head(w, b, t) for t in grid}, "tau", fixed=r.tau)
         elif v == "logit_adjust":
             out[v] = tune({s: logit_adjust_head(w, b, prior, s) for s in r.la_grid}, "scale")
-        elif v == "ncm":  # the temperature is a calibration choice: chosen by log-loss
-            base = ncm_head(feats["train"], y_tr, n_classes, center=r.ncm_center)
-            heads = {s: Head(base.weight * s, base.bias, base.center, True) for s in NCM_SCALES}
+        elif v in ("ncm", "ncm_pca"):  # the temperature is a calibration choice: chosen by log-loss
+            base = ncm_head(feats["train"], y_tr, n_classes, center=r.ncm_center, whiten=v == "ncm_pca",
+                            pca_dim=r.pca_dim)
+            heads = {s: Head(base.weight * s, base.bias, base.center, True, base.proj) for s in NCM_SCALES}
             out[v] = tune(heads, "scale", metric="log_loss")
+        elif v in ("knn", "knn_pca"):  # k and the vote temperature, cross-fitted like tau
+            heads, _ = knn_candidates(feats["train"], y_tr, x_va[:0], n_classes, r.knn_k_grid, r.knn_t_grid,
+                                      r.ncm_center, v == "knn_pca", r.pca_dim)
+            o = tune(heads, "k_t")
+            o["record"]["k_t"] = list(o["record"]["k_t"])
+            o["record"]["chosen_per_inner_fold"] = [list(c) for c in o["record"].get("chosen_per_inner_fold", [])]
+            o["record"]["curve"] = {f"k={a},T={b:g}": c for (a, b), c in o["record"].get("curve", {}).items()}
+            out[v] = o
         elif v in ("crt", "lws"):
             x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
             y_all = np.concatenate([y_tr] * (1 + len(feats["views"])))

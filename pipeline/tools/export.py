@@ -196,6 +196,9 @@ def export_onnx(cfg: Config, model, head: Head, path: Path) -> None:
     """Backbone + head as ONNX: input normalised float32 N x 3 x S x S (S = aug.img_size), output logits."""
     if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it
         raise PipelineError("export --onnx needs the onnx package (pip install onnx); the bundle itself does not")
+    if head.bank is not None:
+        raise PipelineError("export --onnx: a kNN head is a search over the training features, not a layer; export "
+                            "without --onnx (predict applies it), or choose another head")
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -205,12 +208,16 @@ def export_onnx(cfg: Config, model, head: Head, path: Path) -> None:
             self.bias = torch.nn.Parameter(torch.as_tensor(head.bias), requires_grad=False)
             self.center = (torch.nn.Parameter(torch.as_tensor(head.center), requires_grad=False)
                            if head.center is not None else None)
+            self.proj = (torch.nn.Parameter(torch.as_tensor(head.proj), requires_grad=False)
+                         if head.proj is not None else None)
 
         def forward(self, x):
             f = models.features(self.model, x).float()
             if head.normalize:
                 if self.center is not None:
                     f = f - self.center
+                if self.proj is not None:
+                    f = f @ self.proj
                 f = torch.nn.functional.normalize(f, dim=1)
             return f @ self.weight.T + self.bias
 
