@@ -268,3 +268,23 @@ def frozen_parameters(model: nn.Module, freeze_backbone: bool, trainable_stages:
     stages = [(g, ps) for g, ps in stages if not any(id(p) in head for p in ps)]
     frozen = stages[:max(0, len(stages) - trainable_stages)]
     return {id(p) for _, ps in frozen for p in ps}, [str(g) for g, _ in frozen]
+
+
+@torch.no_grad()
+def class_activation_maps(model: nn.Module, x: torch.Tensor, classes: torch.Tensor,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Class activation maps (Zhou et al. 2016): the classifier row of each image's class applied to every
+    position of the last feature map, upsampled to the input size and scaled to [0, 1] per image (B x H x W).
+    Exact for average pooling; with GeM or attention pooling it shows the same linear read-out per position."""
+    fm = model.forward_features(x)
+    if fm.ndim != 4:
+        raise PipelineError("class activation maps need a CNN's spatial feature map (B x C x H x W)")
+    if fm.shape[2] * fm.shape[3] < 4:
+        raise PipelineError(f"the feature map is {fm.shape[2]}x{fm.shape[3]} at {x.shape[-1]} px: too coarse for class "
+                            f"activation maps (they need a larger aug.img_size for this model's stride)")
+    w = (weight if weight is not None else model.get_classifier().weight).to(fm.device).float()
+    cam = torch.einsum("bchw,bc->bhw", fm.float(), w[classes])
+    cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    lo = cam.flatten(1).min(1).values[:, None, None]
+    hi = cam.flatten(1).max(1).values[:, None, None]
+    return (cam - lo) / (hi - lo).clamp_min(1e-12)

@@ -127,3 +127,10 @@ def lr_curve(path, lrs: np.ndarray, losses: np.ndarray, smooth: np.ndarray, sugg
     ax.set_ylim(min(smooth.min(), losses.min()) * 0.9, min(losses.max(), smooth[0] * 4) * 1.05)
     ax.legend()
     _save(fig, path)
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """An RGB uint8 image with a class activation map (H x W in [0, 1]) laid over it as a heat map."""
+    heat = plt.get_cmap("jet")(cam)[..., :3] * 255
+    img = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    return ((1 - alpha) * img.astype(np.float32) + alpha * heat).clip(0, 255).astype(np.uint8)

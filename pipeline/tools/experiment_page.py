@@ -7,6 +7,7 @@ Pictures (matplotlib PNGs, from the stages' files under runs/<exp>/):
   tau_sweep.png             the held-out metric against tau, per fold (when stage 3 tuned tau)
   tta_gain.png              CV gain of each TTA view and of the policy over no TTA (stage 4)
   confidently_wrong.png     the OOF images predicted wrong with the highest confidence
+  cam.png                   class activation maps over those and the most confident correct ones per class
 """
 from __future__ import annotations
 
@@ -88,6 +89,10 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
 
     if _confidently_wrong(cfg, p, classes, out / "confidently_wrong.png"):
         pics.append(("Most confidently wrong OOF images (true -> predicted, confidence)", "confidently_wrong.png"))
+    if _cams(cfg, run, summaries, p, classes, out / "cam.png"):
+        pics.append(("Class activation maps of the predicted class: the most confidently wrong OOF images, then the "
+                     "two most confident correct ones per class (stage-2 classifier of the image's own fold)",
+                     "cam.png"))
 
     fold_table = pd.DataFrame([{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"],
                                 cfg.eval.metric: s["score"], "minutes": s["seconds"] / 60} for s in summaries])
@@ -122,4 +127,48 @@ def _confidently_wrong(cfg, pred: dict, classes: list, path: Path) -> bool:
     if not images:
         return False
     plots.contact_sheet(path, images, captions, "most confidently wrong OOF predictions")
+    return True
+
+
+N_CAM_WRONG, N_CAM_PER_CLASS = 8, 2
+
+
+def _cams(cfg, run: RunDir, summaries: list[dict], pred: dict, classes: list, path: Path) -> bool:
+    """cam.png: class activation maps (models.class_activation_maps) over OOF images, each from the fold model
+    that held it out, for the class it predicted. Skipped (False) without the train images or a CNN map."""
+    import torch
+
+    from ..core import models
+    from ..core.augment import valid_transform
+
+    probs, y = pred["probs"], pred["y"]
+    top, conf = probs.argmax(1), probs.max(1)
+    wrong = np.flatnonzero(top != y)
+    picks = list(wrong[np.argsort(-conf[wrong])][:N_CAM_WRONG])
+    for c in range(len(classes)):
+        right = np.flatnonzero((top == y) & (y == c))
+        picks += list(right[np.argsort(-conf[right])][:N_CAM_PER_CLASS])
+    if not picks or not cfg.folds_csv.exists():
+        return False
+    paths = pd.read_csv(cfg.folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
+    tf = valid_transform(cfg)
+    images, captions, loaded = [], [], {}
+    try:
+        for i in picks:
+            k = int(pred["fold"][i])
+            if k not in loaded:
+                model = models.load_trained(cfg, run.fold(k).weights, len(classes)).eval()
+                loaded[k] = (model, models.Normalize(summaries[k]["mean"], summaries[k]["std"]))
+            model, norm = loaded[k]
+            image_id = str(pred["ids"][i])
+            img = tf(image=read_image(paths[image_id]))["image"]
+            x = norm(torch.from_numpy(np.ascontiguousarray(img))[None])
+            cam = models.class_activation_maps(model, x, torch.tensor([int(top[i])]))[0].numpy()
+            images.append(plots.cam_overlay(img, cam))
+            mark = "" if top[i] == y[i] else "WRONG "
+            captions.append(f"{mark}{image_id}\n{classes[y[i]]} -> {classes[top[i]]} ({conf[i]:.2f})")
+    except (KeyError, PipelineError, OSError) as e:
+        log.info("report: no class activation maps (%s)", e)
+        return False
+    plots.contact_sheet(path, images, captions, "class activation maps (predicted class)", cols=6)
     return True
