@@ -286,15 +286,19 @@ def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True
     if not path.exists():
         raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output ({path}); "
                             f"run ./run.sh train --fold {k}")
+    return _trained(cfg, path, n_classes, train_record(cfg) if check_stale else None, "the fold's stage-2 weights")
+
+
+def _trained(cfg: Config, path: Path, n_classes: int, rec: dict | None, what: str) -> dict:
+    """A finished stage-2 summary, refused when of another architecture or class count, or (`rec`) when made
+    from other inputs than `rec`."""
     s = read_json(path)
     if s["num_classes"] != n_classes or s["arch"] != cfg.model.arch:
         raise PipelineError(f"{path}: trained as {s['arch']} with {s['num_classes']} classes, but the config "
                             f"says {cfg.model.arch} with {n_classes} classes")
-    if check_stale:
-        rec = train_record(cfg)
-        if not up_to_date(path, rec):
-            refuse_stale(f"{path} (the fold's stage-2 weights)", describe_changes(s.get("made_from", {}), rec),
-                         "re-run ./run.sh train (or ./run.sh all), or restore the config")
+    if rec is not None and not up_to_date(path, rec):
+        refuse_stale(f"{path} ({what})", describe_changes(s.get("made_from", {}), rec),
+                     "re-run ./run.sh train (or ./run.sh all), or restore the config")
     return s
 
 
@@ -332,15 +336,7 @@ def full_summary(cfg: Config, n_classes: int) -> dict | None:
     if not path.exists() or choices is None:
         raise PipelineError(f"train.full_fit is on but the full-data model of '{cfg.experiment}' is not finished "
                             f"({path}); run ./run.sh train")
-    s = read_json(path)
-    if s["num_classes"] != n_classes or s["arch"] != cfg.model.arch:
-        raise PipelineError(f"{path}: trained as {s['arch']} with {s['num_classes']} classes, but the config says "
-                            f"{cfg.model.arch} with {n_classes} classes")
-    rec = full_record(cfg, choices)
-    if not up_to_date(path, rec):
-        refuse_stale(f"{path} (the full-data model)", describe_changes(s.get("made_from", {}), rec),
-                     "re-run ./run.sh train (or ./run.sh all), or restore the config")
-    return s
+    return _trained(cfg, path, n_classes, full_record(cfg, choices), "the full-data model")
 
 
 # ----------------------------------------------------------------------------- stage 3

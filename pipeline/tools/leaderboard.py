@@ -102,6 +102,15 @@ def recipe(cfg: Config, summaries: list[dict], s4: dict | None, tta: bool) -> st
         out.append(f"early stop p{t.patience} (ran {min(ran)}-{max(ran)} ep)")
     if cfg.aug.size_schedule:
         out.append("sizes " + " ".join(f"{side}@{e}" for e, side in cfg.aug.size_schedule))
+    if cfg.aug.policy:
+        out.append(f"policy {cfg.aug.policy}")
+    if t.loss != "ce" or t.class_weights != "none" or t.drw_epoch is not None:
+        out.append(t.loss + (" + CB weights" if t.class_weights != "none" else "")
+                   + (f" + DRW@{t.drw_epoch}" if t.drw_epoch is not None else ""))
+    if t.freeze_backbone:
+        out.append("linear probe")
+    if t.trainable_stages is not None:
+        out.append(f"last {t.trainable_stages} stage(s) trained")
     if t.pseudo.teacher:
         n = [s["teacher"]["pseudo_images"] for s in summaries if s.get("teacher")]
         out.append(f"pseudo-labels from {t.pseudo.teacher} (p>={t.pseudo.threshold:g}, "
