@@ -223,7 +223,8 @@ class Targets:
     pseudo_rows: np.ndarray  # indices into the test table
 
 
-def teacher_probs(cfg: Config, df: pd.DataFrame, k: int, test: pd.DataFrame | None, dist: Dist) -> dict:
+def teacher_probs(cfg: Config, df: pd.DataFrame, k: int, test: pd.DataFrame | None, dist: Dist,
+                  device: torch.device | None = None) -> dict:
     """The teachers' fold-k probabilities (see core/teacher.py): pseudo_test, distill_train, distill_test, as
     needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record."""
     from ..core import teacher as T
@@ -246,7 +247,7 @@ def teacher_probs(cfg: Config, df: pd.DataFrame, k: int, test: pd.DataFrame | No
             tp = T.load_teacher(p.teacher)
             T.check_folds(tp, folds_sha)
             out["pseudo_test"] = (by_id(T.stage4_probs(tp, "test"), test["id"]) if k == FULL
-                                  else T.fold_probs(tp, k, {"test": test_paths})["test"])
+                                  else T.fold_probs(tp, k, {"test": test_paths}, device)["test"])
         if d.teacher:
             td = T.load_teacher(d.teacher)
             T.check_folds(td, folds_sha)
@@ -254,7 +255,7 @@ def teacher_probs(cfg: Config, df: pd.DataFrame, k: int, test: pd.DataFrame | No
                 got = {"train": by_id(T.stage4_probs(td, "oof"), df["id"]),
                        "test": by_id(T.stage4_probs(td, "test"), test["id"]) if test is not None else np.zeros(0)}
             else:
-                got = T.fold_probs(td, k, {"train": [] if d.leaky_oof else tr_paths, "test": test_paths})
+                got = T.fold_probs(td, k, {"train": [] if d.leaky_oof else tr_paths, "test": test_paths}, device)
                 if d.leaky_oof:  # the popular shortcut, marked leaky: train rows' OOF probabilities
                     got["train"] = by_id(T.leaky_oof_probs(td), df["id"][df["fold"] != k])
             out["distill_train"], out["distill_test"] = got["train"], got["test"]
@@ -364,7 +365,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
     rows_store, labels, targets = store.subset(np.flatnonzero(~in_fold)), y_tr, None
     if t.pseudo.teacher or t.distill.teacher:
         test = read_test_table(cfg) if t.pseudo.teacher else None
-        targets = build_targets(cfg, y_tr, n_classes, teacher_probs(cfg, df, k, test, dist), device)
+        targets = build_targets(cfg, y_tr, n_classes, teacher_probs(cfg, df, k, test, dist, device), device)
         if targets.n_pseudo:
             rows_store = ConcatView(rows_store, open_store(cfg, test["path"]).subset(targets.pseudo_rows))
         labels = np.arange(len(targets.hard))  # batches carry row indices; targets are looked up on the device
