@@ -15,6 +15,7 @@ import albumentations as A
 import numpy as np
 
 from .config import Config
+from .policy import policy_transform
 from .images import ImageStore, resize_short, squash
 
 
@@ -44,24 +45,6 @@ class Squash(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self):
         return ("side",)
-
-
-def policy_transform(spec: str, size: int):
-    """timm's own AutoAugment / RandAugment / AugMix from its spec string (`rand-m9-mstd0.5-inc1`,
-    `original-mstd0.5`, `v0`, `augmix-m5-w4-d2`; `trivial` is RandAugment with one op at a uniformly drawn
-    magnitude, as TrivialAugment), on PIL images. Raises ValueError for a spec timm cannot read."""
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-
-    spec = {"trivial": "rand-n1-mstd101-inc1"}.get(spec, spec)
-    hparams = {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)}  # timm's defaults for ImageNet
-    try:
-        if spec.startswith("rand"):
-            return rand_augment_transform(spec, hparams)
-        if spec.startswith("augmix"):
-            return augment_and_mix_transform(spec, hparams)
-        return auto_augment_transform(spec, hparams)
-    except (AssertionError, KeyError, ValueError, IndexError) as e:
-        raise ValueError(f"timm cannot read the augmentation policy '{spec}': {str(e) or 'not a timm spec'}") from None
 
 
 class TimmPolicy(A.ImageOnlyTransform):

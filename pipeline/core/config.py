@@ -370,7 +370,7 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
                         and all(16 <= x[1] <= 4096 for x in sched)), "aug.size_schedule",
           "must be [[0, side], [epoch, side], ...]: epochs rising from 0, sides 16-4096 (e.g. [[0, 128], [6, 224]])")
     if cfg.aug.policy:
-        from .augment import policy_transform  # timm parses its own specs
+        from .policy import policy_transform  # timm parses its own specs
 
         try:
             policy_transform(cfg.aug.policy, cfg.aug.img_size)
