@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _stages import stages_1_to_4  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.layout import RunDir  # noqa: E402
-from pipeline.core.provenance import one_look  # noqa: E402
-from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
+from pipeline.stages import infer  # noqa: E402
 from pipeline.tools import leaderboard  # noqa: E402
 
 CONTROLS = {  # name: (overrides, copy the baseline's run folder first)
@@ -43,11 +43,7 @@ def run_one(config: str, name: str, overrides: list[str], copy: bool) -> dict:
     if copy and not cfg.run.dir.exists():
         shutil.copytree(RunDir.of("ctl-base").dir, cfg.run.dir, ignore=shutil.ignore_patterns("infer", "logs"))
     t0 = time.perf_counter()
-    with one_look():
-        folds.run(cfg)
-        train.run(cfg)
-        rebalance.run(cfg)
-        infer.run(cfg)
+    stages_1_to_4(cfg)
     minutes = (time.perf_counter() - t0) / 60
     rows = {(r["head"], r["tta"]): r for r in leaderboard.experiment_rows(cfg.run)}
     best = infer.load_inputs(cfg).heads[0]

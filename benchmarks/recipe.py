@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _stages import stages_1_to_4  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.provenance import one_look  # noqa: E402
-from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
+
 from pipeline.tools import leaderboard  # noqa: E402
 
 LOSSES = {"ce": [], "cb-focal": ["train.loss=focal", "train.class_weights=effective_number"],
@@ -75,11 +75,7 @@ def run_competition(name: str, config: str, extra: list[str]) -> list[dict]:
     for loss, over in LOSSES.items():
         cfg = load_config(config, [f"experiment=rc-{name}-{loss}", *COMMON, *extra, *over])
         t0 = time.perf_counter()
-        with one_look():
-            folds.run(cfg)
-            train.run(cfg)
-            rebalance.run(cfg)
-            infer.run(cfg)
+        stages_1_to_4(cfg)
         lb = {r["head"]: r for r in leaderboard.experiment_rows(cfg.run) if r["tta"] == "off"}
         for h in HEADS:
             rows.append({"data": name, "loss": loss, "head": h, "cv": lb[h]["cv_mean"], "cv_std": lb[h]["cv_std"],

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _stages import stages_1_to_4  # noqa: E402
 from pipeline.core import layout, models  # noqa: E402
 from pipeline.core.artifacts import read_json  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.provenance import one_look  # noqa: E402
-from pipeline.stages import ensemble, folds, infer, rebalance, train  # noqa: E402
+from pipeline.stages import ensemble  # noqa: E402
 from pipeline.tools import leaderboard  # noqa: E402
 
 STUDENTS = {  # name: overrides (the teacher is the config's ensemble)
@@ -60,8 +60,7 @@ def main() -> None:
     mean = ensemble_row(ens_name)
     hc_cfg = load_config(args.config, ["ensemble.method=hill_climb", "ensemble.name=sr-hill-climb",
                                        "ensemble.weight_metric=log_loss"])
-    with one_look():
-        hc_rec = ensemble.run(hc_cfg)
+    hc_rec = ensemble.run(hc_cfg)
     hc = ensemble_row("sr-hill-climb")
     print(f"ensemble mean        CV {mean['cv']:.4f}  private {mean['private']:.4f}")
     print(f"ensemble hill_climb  CV {hc['cv']:.4f}  private {hc['private']:.4f}  (gain over the members' mean on OOF "
@@ -79,11 +78,7 @@ def main() -> None:
                 *[e.format(ens=ens_name) for e in extra]]
         cfg = load_config(args.config, over)
         t0 = time.perf_counter()
-        with one_look():
-            folds.run(cfg)
-            train.run(cfg)
-            rebalance.run(cfg)
-            s4 = infer.run(cfg)
+        s4 = stages_1_to_4(cfg)
         best = s4["heads"][0]
         lb = {(r["head"], r["tta"]): r for r in leaderboard.experiment_rows(cfg.run)}
         r = lb.get((best, "on")) or lb[(best, "off")]

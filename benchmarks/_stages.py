@@ -1,0 +1,18 @@
+"""Shared by the benchmark scripts: stages 1-4 of one experiment, as `./run.sh all` runs them (no ensemble)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.core.provenance import one_look  # noqa: E402
+from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
+
+
+def stages_1_to_4(cfg) -> dict:
+    """Run (or skip, when up to date) folds, train, rebalance and infer; returns stage 4's summary."""
+    with one_look():
+        folds.run(cfg)
+        train.run(cfg)
+        rebalance.run(cfg)
+        return infer.run(cfg)
