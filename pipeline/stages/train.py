@@ -238,6 +238,7 @@ def teacher_probs(cfg: Config, df: pd.DataFrame, k: int, test: pd.DataFrame | No
         out = {}
         p, d = cfg.train.pseudo, cfg.train.distill
         folds_sha = sha256_file(cfg.folds_csv)
+
         def by_id(ids_probs, want):  # rows of (ids, probs) in the order of `want`
             where = {str(i): n for n, i in enumerate(ids_probs[0])}
             return ids_probs[1][[where[str(i)] for i in want]]
@@ -376,8 +377,9 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
     batches = EpochBatches(lambda e: epoch_indices(t.sampler, sampled, n_classes, cfg.seed, e, t.epochs),
                            len(sampled), t.batch_size, dist.world, dist.rank)
     if len(batches) < t.accum_steps:
-        raise PipelineError(f"{'full fit' if k == FULL else f'fold {k}'}: {len(y_tr)} training images make {len(batches)} batch(es) of "
-                            f"{t.batch_size} x {dist.world} process(es); lower train.batch_size or accum_steps")
+        raise PipelineError(f"{'full fit' if k == FULL else f'fold {k}'}: {len(y_tr)} training images make "
+                            f"{len(batches)} batch(es) of {t.batch_size} x {dist.world} process(es); lower "
+                            f"train.batch_size or accum_steps")
     scheduler, _ = create_scheduler_v2(optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
                                        warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
                                        updates_per_epoch=len(batches) // t.accum_steps, plateau_mode="max")
