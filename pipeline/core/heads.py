@@ -59,7 +59,7 @@ class Head:
             return self.torch_logits(torch.as_tensor(feats)).numpy()
         return self.embed(feats) @ self.weight.T + self.bias
 
-    def torch_logits(self, feats: torch.Tensor) -> torch.Tensor:
+    def torch_embed(self, feats: torch.Tensor) -> torch.Tensor:
         x = feats.float()
         if self.normalize:
             if self.center is not None:
@@ -67,6 +67,10 @@ class Head:
             if self.proj is not None:
                 x = x @ torch.as_tensor(self.proj, device=x.device)
             x = F.normalize(x, dim=1)
+        return x
+
+    def torch_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.torch_embed(feats)
         if self.bank is not None:
             return knn_logits(x, torch.as_tensor(self.bank, device=x.device),
                               torch.as_tensor(self.bank_y, device=x.device), len(self.bias), self.k,
@@ -181,7 +185,7 @@ def knn_candidates(feats_tr: np.ndarray, y_tr: np.ndarray, feats_va: np.ndarray,
                    temps: list[float], center: bool, whiten: bool, pca_dim: int | None) -> tuple[dict, dict]:
     """({(k, T): head}, {(k, T): held-out logits}) for every grid point, the similarities computed once."""
     base = knn_head(feats_tr, y_tr, n_classes, max(ks), temps[0], center, whiten, pca_dim)
-    x = torch.as_tensor(base.embed(feats_va))
+    x = base.torch_embed(torch.as_tensor(feats_va))  # as Head.torch_logits does: the same numbers
     bank, bank_y = torch.as_tensor(base.bank), torch.as_tensor(base.bank_y)
     heads, logits = {}, {}
     for k in ks:

@@ -17,7 +17,7 @@ from .errors import PipelineError
 from .heads import Head
 from .images import ImageDataset
 from .runtime import make_loader, memory_format, workers
-from .tta import VIEWS, merge, sizes, view_name
+from .tta import BASELINE, VIEWS, merge, sizes, view_name
 
 
 FIXRES = "fixres:"  # names a view of the FixRes-tuned model (infer.fixres): `fixres:orig@1.15`
@@ -136,6 +136,23 @@ class TestMean:
         if (self.weight <= 0).any():
             raise PipelineError("a TTA view was predicted by no model")
         return self.sum / self.weight[:, None, None]
+
+
+PLAIN = ":plain"  # an ensemble candidate's suffix (hill_climb): the member without TTA, its no-TTA view
+
+
+def split_candidate(name: str) -> tuple[str, str, bool]:
+    """`exp:head` or `exp:head:plain` -> (experiment, head, plain)."""
+    exp, head, *rest = name.split(":")
+    return exp, head, bool(rest)
+
+
+def candidate_probs(pred, plain: bool, how: str) -> np.ndarray:
+    """A stage-4 prediction file's (test.npz / oof.npz) probabilities: its policy's, or with `plain` its no-TTA
+    view's."""
+    if not plain:
+        return pred["probs"]
+    return policy_probs(pred["view_logits"].astype(np.float32), list(pred["views"]), [BASELINE], how)
 
 
 def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], list[str]]]:

@@ -31,7 +31,8 @@ from .augment import open_store
 from .config import Config, load_config
 from .errors import PipelineError
 from .heads import Head, heads_with_choices, median_choices
-from .inference import default_policy, joint_head, parse_view, policy_probs, predict_policy, tta_names
+from .inference import (candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy,
+                        split_candidate, tta_names)
 from .metrics import softmax
 from .submission import combine
 from .tta import BASELINE
@@ -110,10 +111,9 @@ def check_folds(t: Teacher, folds_sha: str) -> None:
 
 
 # ----------------------------------------------------------------------------- fold-k predictions
-def leak_free_head(mcfg: Config, run: layout.RunDir, k: int, variant: str, model, n_classes: int) -> Head:
-    """Fold k's head of a variant with its tuned value taken from the other folds' choices (see above)."""
-    if variant == "joint":
-        return joint_head(model)
+def leak_free_head(mcfg: Config, run: layout.RunDir, k: int, variant: str, n_classes: int) -> Head:
+    """Fold k's head of a stage-3 variant (not joint: that is the model's own classifier) with its tuned value
+    taken from the other folds' choices (see above), refit on fold k's training features."""
     others = [read_json(run.fold(j).rebalance_summary) for j in range(mcfg.folds.n_splits) if j != k]
     chosen = median_choices([variant], others)
     r = dataclasses.replace(mcfg.rebalance, variants=[variant])
@@ -131,30 +131,30 @@ def member_policy(mcfg: Config, s4: dict, plain: bool) -> list[str]:
 
 def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], device) -> dict[str, np.ndarray]:
     """{part: N x C probabilities} of one teacher candidate's fold-k models on each image set."""
-    exp, head, *rest = candidate.split(":")
+    exp, head, plain = split_candidate(candidate)
     run = layout.RunDir.of(exp)
     mcfg = load_config(run.config)
     classes = read_json(run.classes)
     C = len(classes)
     s2 = read_json(run.fold(k).summary)
-    policy = member_policy(mcfg, s4, bool(rest))
+    policy = member_policy(mcfg, s4, plain)
     norm = models.Normalize(s2["mean"], s2["std"]).to(device)
     dtype = None  # fp32: targets do not depend on the machine's autocast support
     out = {part: np.zeros((len(policy), len(p), C), np.float64) for part, p in paths.items()}
+    stores = {part: open_store(mcfg, p) for part, p in paths.items() if len(p)}
+    fitted = None if head == "joint" else leak_free_head(mcfg, run, k, head, C)  # the same for plain and FixRes
     for fixres in (False, True):
         at = [i for i, v in enumerate(policy) if parse_view(v)[2] == fixres]
         if not at:
             continue
-        weights = run.fixres(f"fold{k}") if fixres else run.fold(k).weights
+        weights = run.fixres(run.fold(k).name) if fixres else run.fold(k).weights
         if not weights.exists():
             raise PipelineError(f"teacher member '{exp}': {weights} not found (re-run ./run.sh infer for it)")
         model = models.load_trained(mcfg, weights, C).to(device).eval()
-        heads = {head: leak_free_head(mcfg, run, k, head, model, C)}
-        for part, p in paths.items():
-            if len(p):
-                store = open_store(mcfg, p)
-                out[part][at] = predict_policy(mcfg, model, norm, heads, store, [policy[i] for i in at], device,
-                                               dtype)[head]
+        heads = {head: fitted if fitted is not None else joint_head(model)}
+        for part, store in stores.items():
+            out[part][at] = predict_policy(mcfg, model, norm, heads, store, [policy[i] for i in at], device,
+                                           dtype)[head]
     return {part: policy_probs(lg, policy, policy, s4["merge"]) if lg.shape[1] else np.zeros((0, C))
             for part, lg in out.items()}
 
@@ -177,15 +177,14 @@ def stage4_probs(t: Teacher, part: str) -> tuple[np.ndarray, np.ndarray]:
     names = list(t.weights)
     parts, ids = [], None
     for n in names:
-        exp, head, *rest = n.split(":")
+        exp, head, plain = split_candidate(n)
         run = layout.RunDir.of(exp)
         path = run.infer_oof(head) if part == "oof" else run.infer_test(head)
         if not path.exists():
             raise PipelineError(f"teacher '{t.name}': {path} not found (re-run ./run.sh infer for '{exp}')")
         o = read_npz(path)
         ids = o["ids"] if ids is None else ids
-        parts.append(softmax(o["view_logits"][list(o["views"]).index(BASELINE)].astype(np.float64))
-                     if rest else o["probs"])
+        parts.append(candidate_probs(o, plain, t.stage4[exp]["merge"]))
     return ids, combine(parts, t.method, np.array([t.weights[n] for n in names]))
 
 

@@ -23,7 +23,7 @@ from ..core.artifacts import read_json, read_npz, sha256_obj, write_csv, write_j
 from ..core.config import Config, load_config
 from ..core.data import private_score, read_sample_submission, read_test_table
 from ..core.errors import PipelineError
-from ..core.inference import policy_probs
+from ..core.inference import PLAIN, candidate_probs
 from ..core.metrics import GREATER_IS_BETTER, cv, score
 from ..core.tta import BASELINE
 from ..core.submission import build_submission, combine, parse_members
@@ -144,9 +144,6 @@ def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_
 
 
 # ----------------------------------------------------------------------------- hill climbing
-PLAIN = ":plain"  # a candidate's suffix for its no-TTA view (the stage-4 policy otherwise)
-
-
 def candidates(cfg: Config) -> list[dict]:
     """hill_climb's pool: every (member experiment, head, TTA policy) stage 4 scored on OOF. A member named
     `exp` offers every head stage 4 predicted, `exp:head` that head; each with its policy and without TTA."""
@@ -159,10 +156,9 @@ def candidates(cfg: Config) -> list[dict]:
                 raise PipelineError("ensemble.method=hill_climb needs OOF predictions (stage 4 with infer.oof on)")
             out.append({**m, "candidate": m["name"], "oof_probs": m["oof"]["probs"], "test_probs": m["test"]["probs"]})
             if s["policy"] != [BASELINE]:
-                names = list(m["test"]["views"])
-                plain = [policy_probs(m[p]["view_logits"].astype(np.float32), names, [BASELINE], s["merge"])
-                         for p in ("oof", "test")]
-                out.append({**m, "candidate": m["name"] + PLAIN, "oof_probs": plain[0], "test_probs": plain[1]})
+                out.append({**m, "candidate": m["name"] + PLAIN,
+                            "oof_probs": candidate_probs(m["oof"], True, s["merge"]),
+                            "test_probs": candidate_probs(m["test"], True, s["merge"])})
     return out
 
 

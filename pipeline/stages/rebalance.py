@@ -126,10 +126,11 @@ def logit_score(metric: str, y: np.ndarray, logits: np.ndarray) -> float:
 
 
 def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: np.ndarray, metric: str,
-           fixed=None) -> dict:
+           fixed=None, cands: dict | None = None) -> dict:
     """One tuned variant: {param value: head} -> the head chosen on the whole held-out fold, the
-    honest (cross-fitted) held-out logits, and the record of the choice. `fixed`: no tuning."""
-    cands = {p: h.logits(x_va) for p, h in heads.items()}
+    honest (cross-fitted) held-out logits, and the record of the choice. `fixed`: no tuning; `cands`: the
+    held-out logits of every head when already computed."""
+    cands = cands if cands is not None else {p: h.logits(x_va) for p, h in heads.items()}
     if fixed is not None:
         return {"head": heads[fixed], "logits": cands[fixed], "record": {param: fixed, "tuned": False}}
     logits, final, per_split, curve = cross_fit(cands, y_va, inner, partial(logit_score, metric),
@@ -162,9 +163,9 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
             heads = {s: Head(base.weight * s, base.bias, base.center, True, base.proj) for s in NCM_SCALES}
             out[v] = tune(heads, "scale", metric="log_loss")
         elif v in ("knn", "knn_pca"):  # k and the vote temperature, cross-fitted like tau
-            heads, _ = knn_candidates(feats["train"], y_tr, x_va[:0], n_classes, r.knn_k_grid, r.knn_t_grid,
-                                      r.ncm_center, v == "knn_pca", r.pca_dim)
-            o = tune(heads, "k_t")
+            heads, cands = knn_candidates(feats["train"], y_tr, x_va, n_classes, r.knn_k_grid, r.knn_t_grid,
+                                          r.ncm_center, v == "knn_pca", r.pca_dim)  # similarities computed once
+            o = tune(heads, "k_t", cands=cands)
             o["record"]["k_t"] = list(o["record"]["k_t"])
             o["record"]["chosen_per_inner_fold"] = [list(c) for c in o["record"].get("chosen_per_inner_fold", [])]
             o["record"]["curve"] = {f"k={a},T={b:g}": c for (a, b), c in o["record"].get("curve", {}).items()}

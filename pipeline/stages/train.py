@@ -224,13 +224,14 @@ class Targets:
 
 
 def teacher_probs(cfg: Config, df: pd.DataFrame, k: int, test: pd.DataFrame | None, dist: Dist,
-                  device: torch.device | None = None) -> dict:
+                  device: torch.device | None = None, train_rec: dict | None = None) -> dict:
     """The teachers' fold-k probabilities (see core/teacher.py): pseudo_test, distill_train, distill_test, as
-    needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record."""
+    needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record
+    (`train_rec`: the fold's stage-2 record when already at hand)."""
     from ..core import teacher as T
 
     fd = cfg.run.unit(k)
-    rec = {"teacher": train_record(cfg)["teacher"], "fold": k}
+    rec = {"teacher": (train_rec or train_record(cfg))["teacher"], "fold": k}
     if dist.main and not up_to_date(fd.teacher_meta, rec):
         t0 = time.perf_counter()
         tr_paths = list(df["path"][df["fold"] != k])
@@ -366,7 +367,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
     rows_store, labels, targets = store.subset(np.flatnonzero(~in_fold)), y_tr, None
     if t.pseudo.teacher or t.distill.teacher:
         test = read_test_table(cfg) if t.pseudo.teacher else None
-        targets = build_targets(cfg, y_tr, n_classes, teacher_probs(cfg, df, k, test, dist, device), device)
+        targets = build_targets(cfg, y_tr, n_classes, teacher_probs(cfg, df, k, test, dist, device, rec), device)
         if targets.n_pseudo:
             rows_store = ConcatView(rows_store, open_store(cfg, test["path"]).subset(targets.pseudo_rows))
         labels = np.arange(len(targets.hard))  # batches carry row indices; targets are looked up on the device

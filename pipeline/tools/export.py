@@ -44,7 +44,7 @@ from ..core.augment import crop_pct, store_side
 from ..core.config import Config, load_config
 from ..core.errors import PipelineError
 from ..core.heads import Head
-from ..core.inference import joint_head, parse_view
+from ..core.inference import joint_head, parse_view, split_candidate
 from ..core.provenance import environment
 from ..core.submission import parse_members
 from ..core.tta import BASELINE
@@ -79,7 +79,7 @@ def stage5_record(cfg: Config) -> tuple[str, dict]:
 def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
     """The member's run folder and stage-4 summary, refused unless stage 5 was made from exactly this
     stage-4 output and the weights and heads on disk are the ones stage 4 predicted with."""
-    exp, head = name.split(":")[:2]  # a third part (hill_climb's ":plain"): the member's no-TTA view
+    exp, head, _ = split_candidate(name)  # hill_climb's `exp:head:plain`: the member's no-TTA view
     run = layout.RunDir.of(exp)
     if not run.infer_summary.exists():
         raise PipelineError(f"{run.infer_summary} not found: run ./run.sh infer for '{exp}'")
@@ -146,7 +146,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     mcfg = load_config(run.config)
     classes = read_json(run.classes)
     C, K = len(classes), len(s4["made_from"]["weights"])
-    policy = [BASELINE] if name.endswith(":plain") else s4["policy"]
+    policy = [BASELINE] if split_candidate(name)[2] else s4["policy"]
     fixres = any(parse_view(v)[2] for v in policy)
     full_weight = s4.get("full_fit_weight", 0.0)
     folds, full, normalised = [], None, False
