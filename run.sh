@@ -32,6 +32,15 @@ cmd="${1:-help}"
 case "$cmd" in
   test)
     shift
+    if [[ "${PIPELINE_NO_VENV:-0}" != "1" ]]; then
+      # the test-only packages (requirements-test.txt), with their own stamp
+      want_test="$(sha256sum requirements-test.txt | cut -d' ' -f1)"
+      stamp_test="$venv/.pipeline-test"
+      if [[ ! -f "$stamp_test" || "$(cat "$stamp_test")" != "$want_test" ]]; then
+        "$py" -m pip install --disable-pip-version-check -q --no-deps -r requirements-test.txt
+        echo "$want_test" > "$stamp_test"
+      fi
+    fi
     exec "$py" -m pytest "$@" ;;
   *)
     script="$(dirname "$py")/pipeline"

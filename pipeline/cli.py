@@ -64,6 +64,8 @@ EXTRA = {
               "[--out DIR] [--zip] [--onnx]",
     "predict": "the submission from a bundle alone: --bundle DIR --test-dir DIR [--sample-submission FILE] "
                "--out FILE [--batch-size N] [--device auto|cpu|cuda] [--time-budget MIN] [--tmp-dir DIR]",
+    "weights": "weights import SRC --arch NAME --out FILE: a checkpoint in another naming -> timm-named "
+               ".safetensors for model.pretrained_path (+ its record: source sha256, mapping, mean/std)",
     "help": "show this help",
 }
 
@@ -110,6 +112,10 @@ COMMAND_HELP = {  # command -> (module whose docstring says what it reads and wr
               "./run.sh cache --clear"),
     "doctor": ("pipeline.tools.doctor", COMMON + ["--quick         no torch.compile"], "./run.sh doctor --quick"),
     "selfcheck": ("pipeline.tools.selfcheck", ["--quick         one kill point per stage"], "./run.sh selfcheck --quick"),
+    "weights": ("pipeline.tools.weights", ["import SRC      the checkpoint to convert (torch file or .safetensors)",
+                "--arch NAME     the timm architecture it is for", "--out FILE      the .safetensors to write",
+                "--mean R,G,B, --std R,G,B, --crop-pct F   the weights' preprocessing (default: timm's for --arch)"],
+                "./run.sh weights import lite0.pth --arch tf_efficientnet_lite0 --out weights/lite0.safetensors"),
 }
 
 
@@ -179,6 +185,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tmp-dir", default=None)
     p.add_argument("--root", default=None)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--arch", default=None)
+    p.add_argument("--mean", default=None)
+    p.add_argument("--std", default=None)
+    p.add_argument("--crop-pct", type=float, default=None)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("overrides", nargs="*")
     args, unknown = p.parse_known_args(argv)
@@ -194,6 +204,10 @@ def prepare(cfg: Config) -> None:
         from .tools.demo import ensure_demo
 
         ensure_demo(cfg.data.root, seed=cfg.folds.seed)
+    if cfg.data.holdout_from:
+        from .tools.demo import ensure_holdout
+
+        ensure_holdout(cfg.data.holdout_from, cfg.data.root, cfg.data.holdout_frac, seed=cfg.folds.seed)
 
 
 def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: str | None = None):
@@ -359,6 +373,8 @@ def enter_project(args: argparse.Namespace, root: Path) -> None:
     that exist where the command was typed keep meaning those files."""
     if not root.is_dir():
         raise PipelineError(f"--root {root}: no such folder")
+    if args.command == "weights" and len(args.overrides) == 2 and Path(args.overrides[1]).exists():
+        args.overrides[1] = str(Path(args.overrides[1]).resolve())
     for name in ("config", "bundle", "test_dir", "sample_submission", "out", "tmp_dir"):
         v = getattr(args, name)
         if v and not Path(v).is_absolute() and (Path(v).exists() or name in ("out", "tmp_dir")):
@@ -399,6 +415,11 @@ def _main(argv: list[str]) -> int:
         return run_report_command(args)
     if args.command == "predict":
         return run_predict(args)
+    if args.command == "weights":
+        from .tools import weights
+
+        weights.run(args.overrides, args.arch, args.out, args.mean, args.std, args.crop_pct)
+        return 0
     if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
         args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
     cfg = load_config(args.config, args.overrides)

@@ -84,9 +84,15 @@ _CROP_PCT = {}
 
 
 def crop_pct(cfg: Config) -> float:
-    """`aug.crop_pct`, else the model's pretrained config's (timm), else timm's default 0.875."""
+    """`aug.crop_pct`, else the imported weights' (their record), else the model's pretrained config's (timm),
+    else timm's default 0.875."""
     if cfg.aug.crop_pct is not None:
         return cfg.aug.crop_pct
+    from .models import weights_record
+
+    rec = weights_record(cfg.model.pretrained_path)
+    if rec and rec.get("pretrained_cfg", {}).get("crop_pct"):
+        return float(rec["pretrained_cfg"]["crop_pct"])
     arch = cfg.model.arch
     if arch not in _CROP_PCT:
         import timm

@@ -317,3 +317,11 @@ def lr_find_csv(experiment: str, reports: Path = REPORTS) -> Path:
 
 def lr_find_png(experiment: str, reports: Path = REPORTS) -> Path:
     return experiment_report(experiment, reports) / "lr_find.png"
+
+
+# ----------------------------------------------------------------------------- weights from elsewhere
+def weights_record(weights: str | Path) -> Path:
+    """The record `weights import` writes beside a converted weights file (source, sha256, mapping, the
+    weights' pretrained config): <file without suffix>.json, e.g. weights/lite0.safetensors -> weights/lite0.json."""
+    return Path(weights).with_suffix(".json")
+

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import layout
 from .config import Config
 from .errors import PipelineError
 from .progress import progress
@@ -100,17 +101,60 @@ def create_model(cfg: Config, num_classes: int, pretrained: bool | None = None) 
         if "Unknown model" in str(e) or "Invalid model" in str(e):
             raise PipelineError(f"config model.arch: unknown timm model '{m.arch}'") from None
         raise
+    new_head = True  # the classifier is freshly initialised (not pretrained weights of the same class count)
     if m.pretrained_path and (pretrained is None or pretrained):
-        load_pretrained(model, m.pretrained_path)
+        new_head = bool(load_pretrained(model, m.pretrained_path))
+    elif use_hub:
+        new_head = num_classes != (model.pretrained_cfg or {}).get("num_classes")
     if m.pool != "avg":
         _install_pool(model, m.pool, m.gem_p, m.arch)
+    if new_head:
+        init_head(model, m.head_init_scale, m.head_init_bias)
     return model
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
+def init_head(model: nn.Module, scale: float | None, bias: float | None) -> None:
+    """timm train.py's --head-init-scale / --head-init-bias on the classifier. timm's EfficientNet init draws
+    a new 5-way head from U(+-1/sqrt(5)): logits of several units from pretrained features, an epoch-1 loss
+    far above log(C) and big gradients into the backbone; a small scale starts near uniform predictions."""
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        if scale is not None or bias is not None:
+            raise PipelineError(f"model.head_init_scale / head_init_bias need a linear classifier; "
+                                f"'{type(model).__name__}' has {type(head).__name__}")
+        return
+    with torch.no_grad():
+        if scale is not None:
+            head.weight.mul_(scale)
+            if head.bias is not None:
+                head.bias.mul_(scale)
+        if bias is not None and head.bias is not None:
+            head.bias.fill_(bias)
+
+
+def weights_record(path: str | Path | None) -> dict | None:
+    """What `weights import` recorded beside a weights file (source, sha256, mapping, the weights' own
+    pretrained config: mean, std, crop_pct), or None for a file without one."""
+    if not path:
+        return None
+    rec_path = layout.weights_record(path)
+    if not rec_path.is_file():
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{rec_path}: the record beside {path} is unreadable ({e}); re-run ./run.sh weights "
+                            f"import, or remove it to use the architecture's defaults") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("pretrained_cfg", {}), dict):
+        raise PipelineError(f"{rec_path}: not a weights record (a JSON object with pretrained_cfg)")
+    return rec
+
+
+def load_pretrained(model: nn.Module, path: str) -> list[str]:
     """Load local weights (safetensors or a torch file, loaded with weights_only=True).
 
-    A classifier of another shape (ImageNet's 1000 classes) is dropped and stays freshly initialised.
+    A classifier of another shape (ImageNet's 1000 classes) is dropped and stays freshly initialised;
+    returns the dropped keys.
     """
     sd = read_state_dict(path)
     own = model.state_dict()
@@ -126,6 +170,7 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     if missing or unexpected:
         raise PipelineError(f"{path}: does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     log.info("loaded pretrained weights from %s%s", path, f" (new classifier: {dropped})" if dropped else "")
+    return dropped
 
 
 def clean_state_dict(sd: dict) -> dict:
@@ -177,8 +222,10 @@ def write_state_dict(path: str | Path, sd: dict, meta: dict | None = None) -> No
 
 
 def norm_stats(cfg: Config, model: nn.Module) -> tuple[list[float], list[float]]:
-    """Input mean/std: the config's, else the model's pretrained config's, else ImageNet's."""
-    pc = getattr(model, "pretrained_cfg", {}) or {}
+    """Input mean/std: the config's, else the imported weights' (their record), else the model's pretrained
+    config's (timm), else ImageNet's."""
+    pc = dict(getattr(model, "pretrained_cfg", {}) or {})
+    pc.update((weights_record(cfg.model.pretrained_path) or {}).get("pretrained_cfg", {}))
     mean = cfg.model.mean or list(pc.get("mean", (0.485, 0.456, 0.406)))
     std = cfg.model.std or list(pc.get("std", (0.229, 0.224, 0.225)))
     return [float(x) for x in mean], [float(x) for x in std]

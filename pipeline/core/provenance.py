@@ -202,7 +202,8 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 2
-TEST_SIDE = ("test_dir", "sample_submission", "test_labels", "demo", "check_images")  # not read by stages 2-3
+# not read by stages 2-3 (holdout_*: how the competition folder was built; its files are recorded instead)
+TEST_SIDE = ("test_dir", "sample_submission", "test_labels", "demo", "check_images", "holdout_from", "holdout_frac")
 
 
 @functools.lru_cache(maxsize=4)
@@ -221,6 +222,7 @@ def train_images(cfg: Config) -> dict:
 LATER_KEYS = {"train": ("layer_decay", "freeze_epochs", "freeze_bn", "patience", "freeze_backbone", "trainable_stages",
                         "ldam_max_margin", "ldam_scale", "drw_epoch"),
               "aug": ("size_schedule", "policy"), "ensemble": ("hill_climb_steps",),
+              "model": ("head_init_scale", "head_init_bias"), "data": ("holdout_from", "holdout_frac"),
               "rebalance": ("knn_k_grid", "knn_t_grid", "pca_dim")}
 
 
@@ -239,7 +241,7 @@ def train_record(cfg: Config) -> dict:
     d = _drop_later_defaults(cfg.to_dict())
     rec = {s: d[s] for s in TRAIN_SECTIONS}
     for k in TEST_SIDE:  # test-side settings belong to stages 4-5: changing them retrains nothing
-        rec["data"].pop(k)
+        rec["data"].pop(k, None)
     rec["seed"] = cfg.seed
     rec["folds_file"] = sha256_file(cfg.folds_csv)
     rec["train_images"] = train_images(cfg)
@@ -255,6 +257,9 @@ def train_record(cfg: Config) -> dict:
     if teacher is not None:  # only then: records without a teacher stay as they were
         rec["teacher"] = teacher
     rec["folds"].pop("rare_classes", None)  # a permission, not a change of the folds
+    if cfg.model.pretrained_path:  # the weights' bytes, not only their file name (only then: older records stay)
+        path = Path(cfg.model.pretrained_path)
+        rec["pretrained_weights"] = {"name": path.name, "sha256": sha256_file(path) if path.is_file() else "missing"}
     return rec
 
 

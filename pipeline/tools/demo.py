@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..core.artifacts import atomic_path, write_csv
+from ..core.artifacts import atomic_path, read_json, write_csv, write_json
+from ..core.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 
@@ -76,6 +77,79 @@ def build_demo(root: str | Path, seed: int = 0, size: int = 32, test_per_class: 
 def ensure_demo(root: str | Path, seed: int = 0) -> None:
     if not (Path(root) / "train.csv").exists():
         build_demo(root, seed=seed)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def build_holdout(src: str | Path, root: str | Path, frac: float, seed: int) -> Path:
+    """A csv competition in `root` from a folder-per-class photo set `src` (`data.holdout_from`): a stratified
+    `frac` of every class (at least one image) becomes the test set, in a shuffled order under anonymous names,
+    its labels kept in `<root>-private/test_labels.csv`; the rest is train.csv + train/. Files are copied byte for
+    byte. Written to a temporary folder and renamed, so a crash leaves no half-built competition; `<root>-private/
+    holdout.json` records what it was made from."""
+    import shutil
+
+    src, root = Path(src), Path(root)
+    if not src.is_dir():
+        raise PipelineError(f"data.holdout_from: {src} is not a folder (a folder-per-class photo set: <dir>/<class>/*.jpg)")
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = {c: sorted(f for f in (src / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
+    files = {c: fs for c, fs in files.items() if fs}
+    if len(files) < 2:
+        raise PipelineError(f"data.holdout_from: {src} has {len(files)} class folder(s) with images; a competition "
+                            f"needs at least 2 (<dir>/<class>/*.jpg)")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c, fs in files.items():
+        order = rng.permutation(len(fs))
+        n_test = max(1, int(round(frac * len(fs))))
+        test += [(fs[i], c) for i in order[:n_test]]
+        train += [(fs[i], c) for i in order[n_test:]]
+    private = root.parent / f"{root.name}-private"
+    tmp = root.parent / f".{root.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("building the competition %s from %s: %d train, %d held-out test images (%.0f%% of each class, seed %d)",
+             root, src, len(train), len(test), 100 * frac, seed)
+    rows = {"train": [], "test": []}
+    for split, items in (("train", train), ("test", test)):
+        (tmp / split).mkdir(parents=True)
+        for n, i in enumerate(rng.permutation(len(items))):
+            f, c = items[i]
+            image_id = f"{split}_{n:05d}{f.suffix.lower()}"
+            shutil.copyfile(f, tmp / split / image_id)
+            rows[split].append((image_id, c))
+    test_df = pd.DataFrame(rows["test"], columns=["image_id", "label"])
+    write_csv(private / "test_labels.csv", test_df)
+    write_csv(tmp / "sample_submission.csv", test_df.assign(label=classes[0]))
+    write_csv(tmp / "train.csv", pd.DataFrame(rows["train"], columns=["image_id", "label"]))
+    from ..core.artifacts import write_json
+
+    write_json(private / "holdout.json", holdout_spec(src, frac, seed))
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root
+
+
+def holdout_spec(src: Path, frac: float, seed: int) -> dict:
+    return {"holdout_from": str(Path(src).resolve()), "holdout_frac": frac, "seed": seed}
+
+
+def ensure_holdout(src: str | Path, root: str | Path, frac: float, seed: int) -> None:
+    """Build `root` from `src` unless it exists; refuse one built from another source, share or seed."""
+    root = Path(root)
+    spec = root.parent / f"{root.name}-private" / "holdout.json"
+    if (root / "train.csv").exists():
+        if not spec.exists():
+            raise PipelineError(f"data.holdout_from is set but {root} already holds a competition that it did not build "
+                                f"(no {spec}); point data.root at a new folder")
+        old, new = read_json(spec), holdout_spec(Path(src), frac, seed)
+        if old != new:
+            raise PipelineError(f"{root} was built from {old}, the config asks for {new}: remove {root} (and "
+                                f"{spec.parent}) to rebuild it, or use another data.root")
+        return
+    build_holdout(src, root, frac, seed)
 
 
 def synthetic_competition(root: Path, counts: dict, size: int = 16, ext: str = ".png", n_test: int = 6,
