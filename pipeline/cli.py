@@ -200,14 +200,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def prepare(cfg: Config) -> None:
-    if cfg.data.demo:
-        from .tools.demo import ensure_demo
+    from .tools.demo import prepare_data
 
-        ensure_demo(cfg.data.root, seed=cfg.folds.seed)
-    if cfg.data.holdout_from:
-        from .tools.demo import ensure_holdout
-
-        ensure_holdout(cfg.data.holdout_from, cfg.data.root, cfg.data.holdout_frac, seed=cfg.folds.seed)
+    prepare_data(cfg)
 
 
 def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: str | None = None):
@@ -308,14 +303,17 @@ def final_words(cfg: Config, configs: list[Config]) -> str:
     from .core.artifacts import read_json
 
     name = cfg.ensemble.name or cfg.experiment
-    rec = read_json(layout.submission_record(name)) if layout.submission_record(name).exists() else None
-    lines = [""]
-    if rec:
-        ens = next((r for r in rec["table"] if str(r["member"]).startswith("ensemble")), None)
-        cv = f"CV {rec['metric']} {ens['cv_mean']:.4f} +- {ens['cv_std']:.4f} over the folds" if ens else "no CV"
-        private = f"; private score {rec['private']:.4f}" if rec.get("private") is not None else ""
-        where = rec.get("submission") or "no file (the competition has no sample submission)"
-        lines.append(f"Your submission: {where} ({len(rec['members'])} member(s), {rec['method']}): {cv}{private}.")
+    if not layout.submission_record(name).exists():
+        raise PipelineError(f"stage 5 wrote no {layout.submission_record(name)}: no submission was made")
+    rec = read_json(layout.submission_record(name))
+    where = rec.get("submission")
+    if not where or not Path(where).is_file():
+        raise PipelineError(f"stage 5 finished but wrote no submission file ({layout.submission_csv(name)} is "
+                            f"missing): re-run ./run.sh ensemble --force")
+    ens = next((r for r in rec["table"] if str(r["member"]).startswith("ensemble")), None)
+    cv = f"CV {rec['metric']} {ens['cv_mean']:.4f} +- {ens['cv_std']:.4f} over the folds" if ens else "no CV"
+    private = f"; private score {rec['private']:.4f}" if rec.get("private") is not None else ""
+    lines = ["", f"Your submission: {where} ({len(rec['members'])} member(s), {rec['method']}): {cv}{private}."]
     lines.append(f"Reports: {layout.leaderboard_md()}, " +
                  ", ".join(str(layout.experiment_page(c.experiment)) for c in configs))
     lines.append(f"Next: `./run.sh leaderboard` ranks every experiment; `./run.sh export --zip` packs this one for a "
@@ -325,6 +323,10 @@ def final_words(cfg: Config, configs: list[Config]) -> str:
 
 
 def print_status(cfg: Config, overrides: list[str]) -> None:
+    from .tools import plan
+
+    p = plan.build(cfg, overrides, "status")
+    print(p.text())
     for c in all_configs(cfg, overrides):
         upstream_stale = None
         print(f"experiment {c.experiment}:")
@@ -448,6 +450,9 @@ def _main(argv: list[str]) -> int:
     if args.command == "all":
         if args.fold is not None:
             raise PipelineError("--fold does not apply to 'all'")
+        from .tools import plan
+
+        plan.check(cfg, args.overrides, "all")
         run_all(cfg, args.force, args.overrides)
         return 0
     if args.command == "status":
@@ -457,7 +462,9 @@ def _main(argv: list[str]) -> int:
     stage = _find_stage(args.command)
     if stage is None:
         raise PipelineError(f"unknown command '{args.command}'; see ./run.sh help")
-    prepare(cfg)
+    from .tools import plan
+
+    plan.check(cfg, args.overrides, stage.name)
     run_stage(stage, cfg, args.fold, args.force, args.gpus)
     return 0
 

@@ -4,7 +4,8 @@ Usage:   ./run.sh ensemble [--force] [key=value ...]
 Input:   for each member "experiment[:head]" of `ensemble.members` (default: this experiment):
          runs/<exp>/infer/<head>/oof.npz, test.npz and runs/<exp>/infer/summary.json (stage 4);
          the competition's sample_submission.csv
-Output:  submissions/<name>.csv    exactly the sample submission's ids, order and columns
+Output:  submissions/<name>.csv    exactly the sample submission's ids, order and columns (without one:
+                                   every image of test_dir, sorted, with the id and label columns)
          submissions/<name>.json   members, method, weights, CV of the ensemble and of each member,
                                    and (when test labels are known, as on the demo) the private score
 Methods: mean of probabilities; weighted mean with non-negative weights summing to 1, fit on OOF
@@ -26,7 +27,7 @@ from ..core.errors import PipelineError
 from ..core.inference import PLAIN, candidate_probs
 from ..core.metrics import GREATER_IS_BETTER, cv, score
 from ..core.tta import BASELINE
-from ..core.submission import build_submission, combine, parse_members
+from ..core.submission import build_submission, combine, parse_members, plain_submission
 from ..core.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded, refuse_stale,
                                stale_reasons, up_to_date)
 
@@ -251,8 +252,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     check_current(cfg, members)
     made_from = ensemble_record(cfg, made_of(members))
     out, csv = layout.submission_record(name), layout.submission_csv(name)
-    complete = not cfg.data.sample_submission or csv.exists()
-    if complete and not force and up_to_date(out, made_from):
+    if csv.exists() and not force and up_to_date(out, made_from):
         log.info("ensemble %s is up to date, skipped (--force redoes it)", name)
         return read_json(out)
     classes = members[0]["summary"]["classes"]
@@ -302,9 +302,12 @@ def run(cfg: Config, force: bool = False) -> dict:
     if sample is not None:
         sub = build_submission(sample, members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
                                cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)))
-        write_csv(csv, sub)
-        result["submission"] = str(csv)
-        result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
+    else:  # no sample submission: every image of test_dir, sorted (as predict writes it)
+        sub = plain_submission(members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
+                               cfg.data.id_col, cfg.data.label_col)
+    write_csv(csv, sub)
+    result["submission"] = str(csv)
+    result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
     write_json(out, result)
     if not table.empty:
         final = {"cv": float(table["cv_mean"].iloc[-1]), "cv_std": float(table["cv_std"].iloc[-1])}
@@ -315,6 +318,5 @@ def run(cfg: Config, force: bool = False) -> dict:
                  table.drop(columns="per_fold").to_string(index=False, float_format="%.4f"))
     if private is not None:
         log.info("private leaderboard (held-out test labels): %s %.4f", metric, private)
-    if sample is not None:
-        log.info("wrote %s", result["submission"])
+    log.info("wrote %s", result["submission"])
     return result

@@ -152,6 +152,14 @@ def ensure_holdout(src: str | Path, root: str | Path, frac: float, seed: int) ->
     build_holdout(src, root, frac, seed)
 
 
+def prepare_data(cfg) -> None:
+    """Build the competition folder a config asks to be built (the digits demo, a hold-out split), once."""
+    if cfg.data.demo:
+        ensure_demo(cfg.data.root, seed=cfg.folds.seed)
+    if cfg.data.holdout_from:
+        ensure_holdout(cfg.data.holdout_from, cfg.data.root, cfg.data.holdout_frac, seed=cfg.folds.seed)
+
+
 def synthetic_competition(root: Path, counts: dict, size: int = 16, ext: str = ".png", n_test: int = 6,
                           groups_per_class: int | None = None, seed: int = 0, with_ext_in_id: bool = False) -> Path:
     """Write a tiny Kaggle-layout competition under `root` (tests and `./run.sh selfcheck`): each

@@ -93,6 +93,14 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
 def recipe(cfg: Config, summaries: list[dict], s4: dict | None, tta: bool) -> str:
     """The fine-tuning controls in use, in a few words (empty: the plain recipe)."""
     t, out = cfg.train, []
+    pw = summaries[0].get("made_from", {}).get("pretrained_weights") if summaries else None
+    if pw:  # local weights: their file and the first digits of their sha256 (what stage 2 recorded)
+        out.append(f"weights {pw['name']}@{pw['sha256'][:8]}")
+    elif cfg.model.pretrained:
+        out.append("weights: timm hub")
+    if cfg.model.head_init_scale is not None or cfg.model.head_init_bias is not None:
+        out.append("head init" + (f" x{cfg.model.head_init_scale:g}" if cfg.model.head_init_scale is not None else "")
+                   + (f" bias {cfg.model.head_init_bias:g}" if cfg.model.head_init_bias is not None else ""))
     if t.layer_decay is not None:
         out.append(f"layer decay {t.layer_decay:g}")
     if t.freeze_epochs:
