@@ -242,3 +242,22 @@ def test_holdout_competition_is_stratified_and_keeps_labels_aside(tmp_path):
     ensure_holdout(src, root, 0.2, seed=1)  # the same spec: nothing rebuilt
     with pytest.raises(PipelineError, match="was built from"):
         ensure_holdout(src, root, 0.3, seed=1)
+
+
+def test_lr_find_starts_from_imported_weights(tmp_path, monkeypatch, caplog):
+    from conftest import make_competition
+
+    monkeypatch.chdir(tmp_path)
+    make_competition(tmp_path / "comp", {"a": 8, "b": 8})
+    torch.save(_renamed(_tiny_state()), tmp_path / "foreign.pth")
+    assert main(["weights", "import", "foreign.pth", "--arch", "test_resnet", "--out", "w.safetensors",
+                 "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"]) == 0
+    caplog.set_level("INFO", logger="pipeline")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "experiment": "lf", "data": {"root": "comp", "image_ext": ".png"}, "folds": {"n_splits": 2},
+        "model": {"arch": "test_resnet", "pretrained_path": "w.safetensors"}, "aug": {"img_size": 16, "cache": "off"},
+        "train": {"batch_size": 4, "workers": 0}}))
+    assert main(["folds", "--config", "c.yaml"]) == 0
+    assert main(["lr-find", "--config", "c.yaml", "--steps", "6"]) == 0
+    assert "loaded pretrained weights from w.safetensors" in caplog.text
+    assert layout.lr_find_csv("lf").exists()

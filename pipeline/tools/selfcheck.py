@@ -271,8 +271,12 @@ def _edit_csv(path: Path, fn) -> None:
     fn(t).to_csv(path, index=False)
 
 
-def _yaml(text: str):
-    return lambda d: (d / "c.yaml").write_text(text)
+def _yaml(text: str, others: dict | None = None):
+    def setup(d: Path) -> None:
+        (d / "c.yaml").write_text(text)
+        for name, body in (others or {}).items():
+            (d / name).write_text(body)
+    return setup
 
 
 def _relabel_rare(t):
@@ -418,6 +422,18 @@ BAD_INPUTS = [
     ("data", "sample_submission with unknown columns", "infer",
      lambda d: _edit_csv(d / "comp/sample_submission.csv", lambda t: t.assign(extra="1")), ["ensemble"],
      r"sample_submission.csv.*columns"),
+    # the plan (tools/plan.py): refused by `all` before stage 1 writes anything, every problem named
+    ("plan", "sample_submission with a header and no rows (all)", "empty",
+     _bytes("comp/sample_submission.csv", b"image_id,label\n"), ["all"], r"nothing was written.*no test images"),
+    ("plan", "sample_submission ids without images (all)", "empty",
+     lambda d: _edit_csv(d / "comp/sample_submission.csv", lambda t: t.assign(image_id=[f"q{i}" for i in range(len(t))])),
+     ["all"], r"nothing was written.*have no image"),
+    ("plan", "ensemble member that does not exist (all)", "empty", None, ["all", "ensemble.members=[sc,sc2]"],
+     r"ensemble.members: 'sc2' is neither.*did you mean 'sc'"),
+    ("plan", "unknown model.arch (folds)", "empty", None, ["folds", "model.arch=resnet10tt"],
+     r"unknown timm model 'resnet10tt'"),
+    ("plan", "run_also config with a typo'd key (all)", "empty", _yaml(BASE + "run_also: [b.yaml]\n", {"b.yaml": "experiment: sb\nmodle: {arch: x}\n"}),
+     ["all"], r"run_also 'b.yaml'.*unknown config key 'modle'"),
     ("artifacts", "infer before train", "folds", None, ["infer"], r"has not been trained"),
     ("artifacts", "rebalance before train", "folds", None, ["rebalance"], r"no finished stage-2 output"),
     ("artifacts", "stage-2 weights of another architecture", "rebalance", None, ["infer", "model.arch=resnet10t"],
