@@ -13,6 +13,7 @@ not read it; a code competition may train before its test folder exists) and sta
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .demo import prepare_data
 log = logging.getLogger("pipeline")
 
 TEST_SIDE_ERROR = ("all", "infer", "ensemble", "status")  # commands for which a broken test side is an error
+CHECK_ORDER = ["none", "header", "full"]
 KNOWN_HEADS = {"joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"}
 
 
@@ -140,11 +142,15 @@ def build(cfg: Config, overrides: list[str], command: str) -> Plan:
         d = c.data
         train_key = (d.root, d.layout, d.train_csv, d.train_dir, d.id_col, d.label_col, d.group_col, d.image_ext,
                      d.check_images)
-        table, err = _once(seen_train, train_key, lambda: read_train_table(c))
+        # headers only: a full decode of every image (check_images: full) is stage 1's, which also refuses before
+        # writing; the plan is there for what would otherwise surface after training
+        quick = dataclasses.replace(c, data=dataclasses.replace(d, check_images=min(d.check_images, "header",
+                                                                                      key=CHECK_ORDER.index)))
+        table, err = _once(seen_train, train_key, lambda: read_train_table(quick))
         if err:
             plan.problems.append(f"experiment {c.experiment}: {err}")
         test_key = (d.root, d.test_dir, d.sample_submission, d.image_ext, d.id_col, d.check_images)
-        test, err = _once(seen_test, test_key, lambda: read_test_table(c))
+        test, err = _once(seen_test, test_key, lambda: read_test_table(quick))
         if err:
             (plan.problems if command in TEST_SIDE_ERROR else plan.warnings).append(
                 f"experiment {c.experiment}: test side: {err}")
