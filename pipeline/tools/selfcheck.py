@@ -464,7 +464,7 @@ BAD_INPUTS = [
      lambda d: shutil.copy(d / "comp/test/t000.png", d / "comp/test/extra.png"), ["infer"],
      r"not in the sample submission.*extra.png"),
     ("data", "image removed after stage 1 (cache on)", "folds", lambda d: (d / "comp/train/img0005.png").unlink(),
-     ["train", "aug.cache=on"], r"img0005.png cannot be read"),
+     ["train", "aug.cache=on"], r"image file\(s\) missing: \S*img0005.png"),  # the plan, before any stage
     # fuzz: every external input truncated, empty, of the wrong kind and oversized
     ("fuzz", "train.csv truncated mid-row", "empty", _cut("comp/train.csv", 0.55), ["folds"], r"train.csv"),
     ("fuzz", "train.csv empty", "empty", _bytes("comp/train.csv", b""), ["folds"], r"train.csv"),
