@@ -147,6 +147,9 @@ def test_same_names_and_cli(tmp_path, monkeypatch, capsys):
     assert main(["weights", "import", "dp.pth", "--arch", "test_resnet", "--out", "w/x.pth"]) == 2
     assert main(["weights", "import", "nope.pth", "--arch", "test_resnet", "--out", "w/x.safetensors"]) == 2
     assert main(["weights", "import", "dp.pth", "--arch", "no_such_net", "--out", "w/x.safetensors"]) == 2
+    torch.save({"epoch": 3, "conv.weight": torch.zeros(2)}, tmp_path / "mixed.pth")
+    assert main(["weights", "import", "mixed.pth", "--arch", "test_resnet", "--out", "w/x.safetensors"]) == 2
+    assert "not tensors" in capsys.readouterr().err
     assert not list((tmp_path / "w").glob("x*"))
 
 

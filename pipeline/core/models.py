@@ -208,6 +208,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise PipelineError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise PipelineError(f"{path}: entries that are not tensors ({odd[:3]}): not a plain state dict")
     return clean_state_dict(obj)
 
 
