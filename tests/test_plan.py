@@ -94,6 +94,10 @@ def test_a_stage_command_warns_about_the_test_side_and_refuses_a_bad_model(workd
     assert "test side" in caplog.text and (workdir / "folds").exists()
     assert cli.main(["infer", "--config", str(cfg)]) == 2  # stage 4 does: refused, before anything
     assert "no test images" in capsys.readouterr().err
+    typo = write_config(workdir / "typo.yaml", root, "ensemble.members=[pf,pfx]")
+    caplog.clear()
+    assert cli.main(["folds", "--config", str(typo)]) == 0  # a member trained later: a warning before stage 5
+    assert "'pfx' is neither" in caplog.text and "stage 5 will refuse this" in caplog.text
     bad = write_config(workdir / "bad.yaml", root, "model.arch=nonet", experiment="other")
     before = written(workdir)
     assert cli.main(["folds", "--config", str(bad)]) == 2

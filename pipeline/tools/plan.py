@@ -8,8 +8,9 @@ finished one under runs/). Every problem found is reported at once, naming the k
 and nothing is written (exit 2). `status` prints the same plan.
 
 Which command reports what: `all` checks everything; a stage command checks its own experiment (no
-run_also); `ensemble` also checks the members; stages 1-3 report a broken test side as a warning (they do
-not read it; a code competition may train before its test folder exists) and stage 4 as an error.
+run_also); `ensemble` also checks the members (stages 1-4 name member problems as warnings: the members
+may be trained later); stages 1-3 report a broken test side as a warning (they do not read it; a code
+competition may train before its test folder exists), stages 4-5 as an error.
 """
 from __future__ import annotations
 
@@ -163,6 +164,11 @@ def build(cfg: Config, overrides: list[str], command: str) -> Plan:
                           f"{len(test) if test is not None else '?'} ids from {where}")
     if command in ("all", "ensemble", "status"):
         _check_members(cfg, experiments, plan)
+    else:  # stages 1-4 do not read the members (they may be trained later): said, not refused
+        side = Plan(command)
+        _check_members(cfg, experiments, side)
+        plan.warnings += [f"{p} (stage 5 will refuse this)" for p in side.problems]
+    if command in ("all", "ensemble", "status"):
         plan.lines.append(f"ensemble {cfg.ensemble.name or cfg.experiment}: {cfg.ensemble.method} of "
                           f"{', '.join(cfg.ensemble.members or [cfg.experiment])} -> "
                           f"{layout.submission_csv(cfg.ensemble.name or cfg.experiment)}")
