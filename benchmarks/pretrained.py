@@ -13,7 +13,7 @@ photos, a stratified 20 % = 865 held out as the private test, 5 classes, 128x128
   CV = mean over the 2 folds' held-out rows; hold-out = accuracy of the 2-fold mean on the 865 test photos;
   minutes per fold = stage 2 wall time / folds (stages 3-4 add about 0.3 min a fold). FixRes, TTA and full
   fit start from a copy of the `finetune` run (stages 2-3 up to date), so only what they add runs.
-- final: the config as it is (5 folds, 96 px, 3 epochs, pretrained defaults, heads: best, TTA [orig, hflip]),
+- final: the config as it is (5 folds, 96 px, 4 epochs, pretrained defaults, heads: best, TTA [orig, hflip]),
   stages 1-5: CV and hold-out of joint without TTA, of the best head with TTA and of the submission.
 - peer: timm's train.py fine-tuning the same weights on all 3,454 train photos with the same size, epochs,
   batch, optimizer and lr (its other defaults as they are: label smoothing 0.1, RRC scale 0.08-1, colour
