@@ -156,11 +156,15 @@ def run_peer(train_py: str, head_init: float | None) -> dict:
             "holdout": float(hist["eval_top1"].iloc[-1]) / 100, "min_per_fold": minutes, "wall_min": minutes}
 
 
+def _f(x) -> str:
+    return "-" if x is None or x != x else f"{x:.4f}"
+
+
 def show(rows: list[dict]) -> None:
     print("\n| row | what | head | TTA | CV | hold-out | min/fold | wall min |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | {r['what']} | {r['head']} | {r['tta']} | {r['cv']:.4f} | {r['holdout']:.4f} | "
+        print(f"| {r['row']} | {r['what']} | {r['head']} | {r['tta']} | {_f(r['cv'])} | {_f(r['holdout'])} | "
               f"{r['min_per_fold']:.2f} | {r['wall_min']:.1f} |", flush=True)
 
 
@@ -169,6 +173,8 @@ def main() -> None:
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"])
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
     ap.add_argument("--timm-train", default="/tmp/timm_train.py", help="timm's train.py (the peer)")
+    ap.add_argument("--peer-head-init", nargs="*", type=float, default=[None, 0.01],
+                    help="peer runs: --head-init-scale values (default: timm's init, then 0.01)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch_threads = os.environ.get("OMP_NUM_THREADS")
@@ -183,7 +189,7 @@ def main() -> None:
         rows += run_final()
         show(rows[-4:])
     if "peer" in args.part:
-        for h in (None, 0.01):
+        for h in args.peer_head_init:
             rows.append(run_peer(args.timm_train, h))
             show(rows[-1:])
     show(rows)
