@@ -98,7 +98,8 @@ def _check_teachers(c: Config, earlier: list[str], ensemble_name: str, plan: Pla
             why = "is the ensemble this command makes last, after every experiment's training"
         else:
             why = (f"is neither a finished ensemble ({layout.submission_record(name)}) nor an experiment with stage-4 "
-                   f"output ({layout.RunDir.of(name).infer_summary}) nor one this command runs before it")
+                   f"output ({layout.RunDir.of(name).infer_summary}) nor one this command runs before it; run "
+                   f"./run.sh all for it first")
         plan.problems.append(f"experiment {c.experiment}: config train.{key}.teacher '{name}' {why}")
 
 
