@@ -401,6 +401,14 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_weights(args: argparse.Namespace) -> int:
+    """weights import: a checkpoint file in, a timm-named one out; no config, no project outputs."""
+    from .tools import weights
+
+    weights.run(args.overrides, args.arch, args.out, args.mean, args.std, args.crop_pct)
+    return 0
+
+
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.help or args.command == "help":
@@ -418,10 +426,7 @@ def _main(argv: list[str]) -> int:
     if args.command == "predict":
         return run_predict(args)
     if args.command == "weights":
-        from .tools import weights
-
-        weights.run(args.overrides, args.arch, args.out, args.mean, args.std, args.crop_pct)
-        return 0
+        return run_weights(args)
     if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
         args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
     cfg = load_config(args.config, args.overrides)

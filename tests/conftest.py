@@ -32,3 +32,16 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def config_from_items(path: Path, items: list[str]) -> Path:
+    """A config file from key=value items (a later item replaces an earlier one; dotted keys become sections)."""
+    sections = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        sec, _, name = key.rpartition(".")
+        sections.setdefault(sec, {})[name] = value
+    text = "".join(f"{k}: {v}\n" for k, v in sections.pop("", {}).items())
+    text += "".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in kv.items()) for s, kv in sections.items())
+    path.write_text(text)
+    return path

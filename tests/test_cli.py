@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from conftest import REPO, make_competition, run_cli
+from conftest import config_from_items, REPO, make_competition, run_cli
 from pipeline import cli
 from pipeline.core.config import load_config
 from pipeline.stages import ensemble as ens_stage
@@ -21,15 +21,7 @@ TINY = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug
 
 
 def write_config(path, root, *extra):
-    sections = {}
-    for item in [f"data.root={root}", "experiment=kb", *TINY, *extra]:
-        key, value = item.split("=", 1)
-        sec, _, name = key.rpartition(".")
-        sections.setdefault(sec, {})[name] = value
-    text = "".join(f"{k}: {v}\n" for k, v in sections.pop("", {}).items())
-    text += "".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in kv.items()) for s, kv in sections.items())
-    path.write_text(text)
-    return path
+    return config_from_items(path, [f"data.root={root}", "experiment=kb", *TINY, *extra])
 
 
 @pytest.mark.parametrize("command", list(cli.COMMAND_HELP))

@@ -3,7 +3,7 @@ submission is always written, with or without a sample submission (stage 5 and p
 import pandas as pd
 import pytest
 
-from conftest import make_competition
+from conftest import config_from_items, make_competition
 from pipeline import cli
 from pipeline.tools import export, predict
 
@@ -13,15 +13,7 @@ TINY = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=16", "aug
 
 
 def write_config(path, root, *extra, experiment="pf"):
-    sections = {}
-    for item in [f"data.root={root}", f"experiment={experiment}", *TINY, *extra]:
-        key, value = item.split("=", 1)
-        sec, _, name = key.rpartition(".")
-        sections.setdefault(sec, {})[name] = value
-    text = "".join(f"{k}: {v}\n" for k, v in sections.pop("", {}).items())
-    text += "".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in kv.items()) for s, kv in sections.items())
-    path.write_text(text)
-    return path
+    return config_from_items(path, [f"data.root={root}", f"experiment={experiment}", *TINY, *extra])
 
 
 def written(workdir):
