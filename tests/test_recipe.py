@@ -87,9 +87,9 @@ def test_drw_switches_class_weights_on_at_its_epoch(comp):
     seen = []
     for epoch in range(3):
         train_stage.train_epoch(r, epoch)
-        seen.append(None if r.criterion.w is None else r.criterion.w.numpy().copy())
+        seen.append(None if r.nets.criterion.w is None else r.nets.criterion.w.numpy().copy())
     assert seen[0] is None
-    want = effective_number_weights(r.counts, cfg.train.cb_beta)
+    want = effective_number_weights(r.data.counts, cfg.train.cb_beta)
     assert np.allclose(seen[1], want) and np.allclose(seen[2], want)
     with pytest.raises(PipelineError, match="train.drw_epoch"):
         cfg_of(comp, "train.drw_epoch=1", "train.class_weights=effective_number")
@@ -100,10 +100,10 @@ def _trained_and_initial(comp, *extra):
     folds_stage.run(cfg)
     df, classes = read_folds(cfg)
     r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
-    initial = {k: v.clone() for k, v in r.model.state_dict().items()}
+    initial = {k: v.clone() for k, v in r.nets.model.state_dict().items()}
     for epoch in range(2):
         train_stage.train_epoch(r, epoch)
-    return r.model, initial
+    return r.nets.model, initial
 
 
 def test_linear_probe_moves_only_the_classifier(comp):

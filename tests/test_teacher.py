@@ -10,7 +10,9 @@ from pipeline.core.artifacts import read_json
 from pipeline.core.config import load_config
 from pipeline.core.data import read_folds, read_test_table
 from pipeline.core.errors import PipelineError
+from pipeline.core import teacher as teacher_mod
 from pipeline.core.losses import SoftTargetLoss
+from pipeline.core.provenance import train_record
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
@@ -48,9 +50,14 @@ def student(teacher, *extra):
                   *extra)
 
 
+def build_targets(cfg, y_tr, n_classes, probs):
+    t = cfg.train
+    return teacher_mod.build_targets(y_tr, n_classes, probs, t.pseudo, t.distill, t.label_smoothing, "cpu")
+
+
 def fold_targets(cfg, k):
     df, _ = read_folds(cfg)
-    return dict(train_stage.teacher_probs(cfg, df, k, read_test_table(cfg), Dist()))
+    return dict(teacher_mod.fold_targets(cfg, df, k, read_test_table(cfg), Dist(), None, train_record(cfg)["teacher"]))
 
 
 def test_fold_k_targets_never_move_when_a_held_out_image_of_fold_k_changes(teacher):
@@ -84,15 +91,14 @@ def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teac
         assert summ["teacher"] == {"pseudo_images": len(test), "pseudo_from": "t", "distill_from": "t", "leaky": False}
     # a pseudo-labelled row is a test image, never a train row: the extra rows of the dataset are test files
     df, classes = read_folds(s)
-    targets = train_stage.build_targets(s, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0), "cpu")
+    targets = build_targets(s, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0))
     assert targets.n_pseudo == len(test) and set(targets.pseudo_rows) <= set(range(len(test)))
     assert len(targets.hard) == (df["fold"] != 0).sum() + len(test)
     hard = targets.t0[-len(test):].numpy()
     assert set(np.unique(hard)) <= {0.0, 1.0}  # hard pseudo-labels: one-hot of the teacher's top class
     # a higher threshold keeps fewer images
     strict = student(teacher, "train.pseudo.threshold=0.99")
-    assert train_stage.build_targets(strict, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0),
-                                     "cpu").n_pseudo < len(test)
+    assert build_targets(strict, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0)).n_pseudo < len(test)
     # the teacher is part of the student's record: a changed teacher makes the student stale
     assert train_stage.status(s) == []
     infer_stage.run(cfg_of(teacher.data.root, "t", *TEACHER, "infer.search=false"))
@@ -125,20 +131,20 @@ def test_distillation_loss_is_kl_at_temperature_and_pseudo_rows_are_weighted():
     t1 = torch.softmax(torch.randn(4, 3), 1)
     r = type("R", (), {})()
     r.criterion = SoftTargetLoss()
-    r.targets = train_stage.Targets(hard=np.zeros(4), t0=t0, t1=t1, w=torch.tensor([1.0, 1.0, 0.5, 0.5]), alpha=1.0,
+    r.targets = teacher_mod.Targets(hard=np.zeros(4), t0=t0, t1=t1, w=torch.tensor([1.0, 1.0, 0.5, 0.5]), alpha=1.0,
                                     temperature=2.0, n_pseudo=2, pseudo_rows=np.arange(2))
     kl = (t1 * (t1.log() - torch.log_softmax(logits / 2, 1))).sum(1).mean() * 4
-    assert torch.allclose(train_stage.teacher_loss(r, logits, idx, 1.0), kl)
+    assert torch.allclose(teacher_mod.distill_loss(r.targets, r.criterion, logits, idx, 1.0), kl)
     r.targets.alpha = 0.0
     ce = -(t0 * torch.log_softmax(logits, 1)).sum(1)
     w = torch.tensor([1.0, 1.0, 0.5, 0.5])
-    assert torch.allclose(train_stage.teacher_loss(r, logits, idx, 1.0), (ce * w).sum() / w.sum())
+    assert torch.allclose(teacher_mod.distill_loss(r.targets, r.criterion, logits, idx, 1.0), (ce * w).sum() / w.sum())
     # mixing: targets and weights mixed with the images' partner (the reversed batch)
     lam = 0.3
     mixed = t0 * lam + t0.flip(0) * (1 - lam)
     wm = w * lam + w.flip(0) * (1 - lam)
     ce_m = -(mixed * torch.log_softmax(logits, 1)).sum(1)
-    assert torch.allclose(train_stage.teacher_loss(r, logits, idx, lam), (ce_m * wm).sum() / wm.sum())
+    assert torch.allclose(teacher_mod.distill_loss(r.targets, r.criterion, logits, idx, lam), (ce_m * wm).sum() / wm.sum())
 
 
 def test_pseudo_labels_from_a_weighted_ensemble_use_the_weights_fit_without_that_fold(teacher):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, make_competition, run_cli
+from pipeline.core import training
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.models import GeM, create_model, read_state_dict, write_state_dict
@@ -101,7 +102,7 @@ def test_resume_after_kill_equals_uninterrupted_run(workdir):
 
 def test_mixup_targets_sum_to_one_and_mix_images():
     cfg = load_config(None, ["train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.label_smoothing=0.1"])
-    mix = train_stage.build_mixup(cfg, 5)
+    mix = training.build_mixup(cfg.train, 5)
     torch.manual_seed(0)
     np.random.seed(0)
     x = torch.rand(8, 3, 16, 16)
@@ -109,9 +110,9 @@ def test_mixup_targets_sum_to_one_and_mix_images():
     x2, t = mix(x.clone(), y)
     assert t.shape == (8, 5) and torch.allclose(t.sum(1), torch.ones(8))
     assert not torch.equal(x2, x)
-    assert train_stage.build_mixup(load_config(None), 5) is None
+    assert training.build_mixup(load_config(None).train, 5) is None
     with pytest.raises(PipelineError, match="even"):
-        train_stage.build_mixup(load_config(None, ["train.mixup_alpha=1", "train.batch_size=7"]), 5)
+        training.build_mixup(load_config(None, ["train.mixup_alpha=1", "train.batch_size=7"]).train, 5)
 
 
 @pytest.mark.parametrize("kind", ["instance", "class_balanced", "sqrt", "progressive"])
@@ -246,7 +247,7 @@ def test_layer_decay_uses_timm_groups_and_the_scheduler_applies_them(comp):
 
     cfg = tiny_cfg(comp, "train.layer_decay=0.5", "train.backbone_lr_mult=0.1", "train.warmup_epochs=0")
     model = create_model(cfg, 3)
-    groups = train_stage.param_groups(model, cfg)
+    groups = training.param_groups(model, cfg.train)
     head = {id(p) for p in model.get_classifier().parameters()}
     head_scales = {g["lr_scale"] for g in groups if all(id(p) in head for p in g["params"])}
     body_scales = sorted({round(g["lr_scale"], 12) for g in groups if not any(id(p) in head for p in g["params"])})
@@ -272,13 +273,13 @@ def test_frozen_epochs_train_the_classifier_only(comp, freeze_bn):
     folds_stage.run(cfg)
     df, classes = read_folds(cfg)
     r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
-    head = {id(p) for p in r.model.get_classifier().parameters()}
-    params = lambda: {n: p.detach().clone() for n, p in r.model.named_parameters()}  # noqa: E731
-    bn = lambda: {n: b.clone() for n, b in r.model.named_buffers() if "running" in n}  # noqa: E731
+    head = {id(p) for p in r.nets.model.get_classifier().parameters()}
+    params = lambda: {n: p.detach().clone() for n, p in r.nets.model.named_parameters()}  # noqa: E731
+    bn = lambda: {n: b.clone() for n, b in r.nets.model.named_buffers() if "running" in n}  # noqa: E731
     p0, b0 = params(), bn()
     train_stage.train_epoch(r, 0)
     p1, b1 = params(), bn()
-    names = dict(r.model.named_parameters())
+    names = dict(r.nets.model.named_parameters())
     assert all(torch.equal(p0[n], p1[n]) for n in p0 if id(names[n]) not in head)       # backbone frozen
     assert any(not torch.equal(p0[n], p1[n]) for n in p0 if id(names[n]) in head)        # the head learned
     assert all(torch.equal(b0[n], b1[n]) for n in b0) is freeze_bn                        # BN stats as asked
@@ -310,13 +311,13 @@ def test_progressive_resizing_follows_the_schedule_and_validation_stays(comp):
     folds_stage.run(cfg)
     df, classes = read_folds(cfg)
     r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
-    ds = r.train_loader.dataset
+    ds = r.data.train_loader.dataset
     assert [ds[(0, e)][0].shape[0] for e in range(5)] == [16, 16, 24, 32, 32]
     for epoch, side in ((0, 16), (2, 24)):      # through the real loader (a worker process), a whole batch
-        r.batches.set_epoch(epoch)
-        x, _ = next(iter(r.train_loader))
+        r.data.batches.set_epoch(epoch)
+        x, _ = next(iter(r.data.train_loader))
         assert tuple(x.shape[1:3]) == (side, side)
-    x, _ = next(iter(r.valid_loader))
+    x, _ = next(iter(r.data.valid_loader))
     assert tuple(x.shape[1:3]) == (32, 32)
     s = train_stage.run(cfg, fold=0)[0]
     assert s["img_size"] == 32 and s["epochs_trained"] == 4

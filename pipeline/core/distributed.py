@@ -78,3 +78,27 @@ class Dist:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def run_per_device(jobs: list[tuple[object, list[str]]], devices: list[str], on_start=None, poll_s: float = 0.5) -> list:
+    """Independent jobs (key, command line), one per device at a time, each in its own process with only
+    its device visible (CUDA_VISIBLE_DEVICES); `on_start(key, device)` as each starts. Returns the keys of the
+    jobs that failed."""
+    import subprocess
+    import time
+
+    queue, running, failed = list(jobs), [], []
+    while queue or running:
+        while queue and len(running) < len(devices):
+            free = [d for d in devices if d not in {r[1] for r in running}][0]
+            key, cmd = queue.pop(0)
+            if on_start is not None:
+                on_start(key, free)
+            running.append((subprocess.Popen(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES=free)), free, key))
+        time.sleep(poll_s)
+        for r in list(running):
+            if r[0].poll() is not None:
+                running.remove(r)
+                if r[0].returncode != 0:
+                    failed.append(r[2])
+    return failed

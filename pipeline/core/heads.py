@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PipelineError
+from .loop import Step, run_epoch
 from .samplers import epoch_indices
 
 
@@ -222,14 +223,14 @@ def train_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, epochs: int, 
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0 if scales_only else weight_decay)
     steps = epochs * max(1, -(-len(y) // batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    step = Step(None, opt, torch.device("cpu"), on_update=lambda n: sched.step())  # stage 2's step, fp32 on CPU
+
+    def loss(idx):
+        return F.cross_entropy(forward(x_all[idx]), y_all[idx]), len(idx)
+
     out = {}
     for epoch in range(1, epochs + 1):
-        for idx in _balanced_batches(y, n_classes, seed, epoch, batch):
-            loss = F.cross_entropy(forward(x_all[idx]), y_all[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+        run_epoch(step, _balanced_batches(y, n_classes, seed, epoch, batch), loss, sync_every=None)
         if epoch in checkpoints:
             with torch.no_grad():
                 if scales_only:

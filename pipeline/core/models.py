@@ -248,6 +248,12 @@ def logits(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> torc
     return model.get_classifier()(f.float()).float()
 
 
+def to_input(x: torch.Tensor, norm: torch.nn.Module, device: torch.device,
+             fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A loader's uint8 batch -> the model's input: on the device, normalised, in its memory format."""
+    return norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+
+
 class Normalize(nn.Module):
     """uint8 NHWC batches -> normalised float NCHW on the model's device (cheap host->device copies)."""
 
@@ -284,7 +290,7 @@ def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.de
     model.eval()
     out = []
     for x, _ in progress(loader, len(loader), "features", "batch"):
-        x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+        x = to_input(x, norm, device, fmt)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out.append(features(model, x).float().cpu())
     return torch.cat(out).numpy()

@@ -200,3 +200,116 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
     logp = np.log(np.clip(probs, 1e-12, 1)) / temperature
     return softmax(logp)
 
+
+
+# ----------------------------------------------------------------------------- a student's targets
+def fold_targets(cfg: Config, df, k: int, test, dist, device, teacher_rec: dict) -> dict:
+    """The teachers' fold-k probabilities for the student's fold k: pseudo_test, distill_train, distill_test,
+    as needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record
+    (`teacher_rec`: the stage-2 record's "teacher" entry). The full-data model (k = FULL) has no held-out rows
+    to leak into: the teachers' stage-4/5 predictions serve it."""
+    import time
+
+    from .artifacts import sha256_file, write_json, write_npz
+
+    fd = cfg.run.unit(k)
+    rec = {"teacher": teacher_rec, "fold": k}
+    done = fd.teacher_meta.exists() and read_json(fd.teacher_meta).get("made_from") == rec  # provenance.up_to_date
+    if dist.main and not done:
+        t0 = time.perf_counter()
+        out = _teacher_targets(cfg, df, k, test, device, sha256_file(cfg.folds_csv))
+        write_npz(fd.teacher_targets, **{n: v.astype(np.float32) for n, v in out.items()})
+        write_json(fd.teacher_meta, {"made_from": rec, "seconds": time.perf_counter() - t0})
+        log.info("%s: teacher targets from its fold-%s models in %.1fs (%s)", fd.name, k, time.perf_counter() - t0,
+                 ", ".join(f"{n} {v.shape}" for n, v in out.items()))
+    dist.barrier()
+    return read_npz(fd.teacher_targets)
+
+
+def _teacher_targets(cfg: Config, df, k: int, test, device, folds_sha: str) -> dict[str, np.ndarray]:
+    full = k == layout.FULL
+    tr_paths = list(df["path"][df["fold"] != k])
+    test_paths = list(test["path"]) if test is not None else []
+    p, d = cfg.train.pseudo, cfg.train.distill
+    out = {}
+
+    def by_id(ids_probs, want):  # rows of (ids, probs) in the order of `want`
+        where = {str(i): n for n, i in enumerate(ids_probs[0])}
+        return ids_probs[1][[where[str(i)] for i in want]]
+
+    if p.teacher:
+        tp = load_teacher(p.teacher)
+        check_folds(tp, folds_sha)
+        out["pseudo_test"] = (by_id(stage4_probs(tp, "test"), test["id"]) if full
+                              else fold_probs(tp, k, {"test": test_paths}, device)["test"])
+    if d.teacher:
+        td = load_teacher(d.teacher)
+        check_folds(td, folds_sha)
+        if full:
+            got = {"train": by_id(stage4_probs(td, "oof"), df["id"]),
+                   "test": by_id(stage4_probs(td, "test"), test["id"]) if test is not None else np.zeros(0)}
+        else:
+            got = fold_probs(td, k, {"train": [] if d.leaky_oof else tr_paths, "test": test_paths}, device)
+            if d.leaky_oof:  # the popular shortcut, marked leaky: train rows' OOF probabilities
+                got["train"] = by_id(leaky_oof_probs(td), df["id"][df["fold"] != k])
+        out["distill_train"], out["distill_test"] = got["train"], got["test"]
+    return out
+
+
+@dataclass
+class Targets:
+    """train.pseudo / train.distill: every training row's targets (labelled rows first, then the pseudo-labelled
+    test images), looked up on the device by the row index each batch carries instead of a label."""
+    hard: np.ndarray  # N: a class per row (labels; a pseudo-label's top class), for the sampler
+    t0: torch.Tensor  # N x C: the label target (one-hot, smoothed) or the pseudo-label (teacher probs or one-hot)
+    t1: torch.Tensor | None  # N x C: the distillation target at temperature T (None: no distillation)
+    w: torch.Tensor  # N: loss weight (1, or train.pseudo.weight)
+    alpha: float
+    temperature: float
+    n_pseudo: int
+    pseudo_rows: np.ndarray  # indices into the test table
+
+
+def build_targets(y_tr: np.ndarray, n_classes: int, probs: dict, pseudo, distill, smoothing: float,
+                  device) -> Targets:
+    """Per-row targets from the labels (smoothed one-hot) and the teachers' probabilities (`fold_targets`);
+    `pseudo` / `distill`: the train.pseudo / train.distill sections."""
+    one_hot = np.full((len(y_tr), n_classes), smoothing / n_classes, np.float32)
+    one_hot[np.arange(len(y_tr)), y_tr] += 1 - smoothing
+    rows = np.zeros(0, np.int64)
+    t0, hard, w = [one_hot], [y_tr], [np.ones(len(y_tr), np.float32)]
+    if pseudo.teacher:
+        pt = probs["pseudo_test"]
+        rows = np.flatnonzero(pt.max(1) >= pseudo.threshold)
+        top = pt[rows].argmax(1)
+        t0.append(pt[rows] / pt[rows].sum(1, keepdims=True) if pseudo.soft
+                  else np.eye(n_classes, dtype=np.float32)[top])
+        hard.append(top)
+        w.append(np.full(len(rows), pseudo.weight, np.float32))
+    t1 = None
+    if distill.teacher:
+        t1 = (np.concatenate([probs["distill_train"], probs["distill_test"][rows]]) if pseudo.teacher
+              else probs["distill_train"])
+        t1 = torch.as_tensor(sharpen(t1, distill.temperature), dtype=torch.float32, device=device)
+    return Targets(hard=np.concatenate(hard), t0=torch.as_tensor(np.concatenate(t0), device=device),
+                   t1=t1, w=torch.as_tensor(np.concatenate(w), device=device),
+                   alpha=distill.alpha if distill.teacher else 0.0, temperature=distill.temperature,
+                   n_pseudo=len(rows), pseudo_rows=rows)
+
+
+def distill_loss(tg: Targets, criterion, logits: torch.Tensor, idx: torch.Tensor, lam) -> torch.Tensor:
+    """(1 - alpha) * weighted CE on the label / pseudo-label targets + alpha * T^2 * KL(teacher_T || student_T),
+    every target mixed with the batch's mixup/cutmix lambda (lam: 1 when not mixing, else a column per row).
+    `criterion`: stage 2's SoftTargetLoss (its per-sample loss)."""
+    def mixed(t):
+        return t * lam + t.flip(0) * (1 - lam)
+
+    w = mixed(tg.w[idx][:, None])[:, 0]
+    ce = criterion.per_sample(logits, mixed(tg.t0[idx]))
+    loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+    if tg.t1 is not None and tg.alpha > 0:
+        T = tg.temperature
+        t1 = mixed(tg.t1[idx])
+        kl = (t1 * (t1.clamp_min(1e-12).log() - torch.log_softmax(logits.float() / T, dim=1))).sum(1).mean()
+        loss = (1 - tg.alpha) * loss + tg.alpha * T * T * kl
+    return loss

@@ -40,6 +40,7 @@ from ..core.images import ImageDataset
 from ..core.inference import (TestMean, default_policy, joint_head, parse_view, policy_probs, predict_policy,
                               tta_names)
 from ..core.layout import FULL
+from ..core.loop import Step, run_epoch
 from ..core.metrics import GREATER_IS_BETTER, cv
 from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
                                rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
@@ -161,26 +162,23 @@ def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: Unit, n_classes: int
     steps = fx.epochs * (-(-len(rows) // cfg.train.batch_size))
     opt = torch.optim.AdamW(tuned, lr=fixres_lr(cfg), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    step = Step(model, opt, device, dtype, on_update=lambda n: sched.step())  # fp16: loss scaling too
     fmt = memory_format(cfg, device)
+
+    def loss(batch):
+        x, y = batch
+        x = models.to_input(x, norm, device, fmt)
+        flip = torch.rand(len(x), generator=gen) < cfg.aug.hflip
+        x[flip.to(device)] = x[flip.to(device)].flip(3)
+        return torch.nn.functional.cross_entropy(model(x).float(), y.to(device)), len(x)
+
     model.train()
     bar = Progress(steps, f"FixRes {u.name.removesuffix(' (FixRes)')} at {crop} px", "step")
     for epoch in range(fx.epochs):
         order = torch.randperm(len(rows), generator=gen).numpy()
         loader = make_loader(torch.utils.data.Subset(ds, order), batch_size=cfg.train.batch_size,
                              n_workers=workers(cfg), cuda=device.type == "cuda")
-        for x, y in loader:
-            x = norm(x.to(device, non_blocking=True))
-            flip = torch.rand(len(x), generator=gen) < cfg.aug.hflip
-            x[flip.to(device)] = x[flip.to(device)].flip(3)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=fmt)).float(),
-                                                         y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.postfix(loss=f"{loss.item():.4f}")
+        run_epoch(step, loader, loss, bar=bar, on_sync=lambda i, total, seen: bar.postfix(loss=f"{total / seen:.4f}"))
     bar.close()
     model.eval()
     models.write_state_dict(path, model.state_dict(), {"fixres": fx.size, "crop": crop, "unit": fd.name})

@@ -123,8 +123,6 @@ def build_holdout(src: str | Path, root: str | Path, frac: float, seed: int) -> 
     write_csv(private / "test_labels.csv", test_df)
     write_csv(tmp / "sample_submission.csv", test_df.assign(label=classes[0]))
     write_csv(tmp / "train.csv", pd.DataFrame(rows["train"], columns=["image_id", "label"]))
-    from ..core.artifacts import write_json
-
     write_json(private / "holdout.json", holdout_spec(src, frac, seed))
     if root.exists():
         shutil.rmtree(root)

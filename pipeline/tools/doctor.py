@@ -14,6 +14,7 @@ augmentation, so the data-wait share is real), else from random pixels.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import resource
@@ -29,8 +30,9 @@ import torch
 from ..core.progress import progress
 from ..core.config import Config, config_to_yaml
 from ..core.distributed import Dist
-from ..core.models import Normalize, create_model, logits, norm_stats
-from ..core.runtime import (amp_dtype, grad_scaler, make_loader, maybe_compile, memory_format, pick_device,
+from ..core.loop import Step, run_epoch, sync_interval
+from ..core.models import Normalize, create_model, logits, norm_stats, to_input
+from ..core.runtime import (amp_dtype, make_loader, maybe_compile, memory_format, pick_device,
                             prepare_model, workers)
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.15, "fp16": 0.05}  # max |logit - fp32 logit| / max(1, max |fp32 logit|)
@@ -114,39 +116,31 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
     with torch.no_grad():  # the untrained weights through this mode (compiled too): compared with fp32's
         net.eval()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            first = net(norm(probe.to(device)).contiguous(memory_format=fmt)).float().cpu()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = grad_scaler(dtype, device)
+            first = net(to_input(probe, norm, device, fmt)).float().cpu()
+    step = Step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), device, dtype)  # stage 2's step and loop
     before = [p.detach().clone() for p in model.parameters()]
+    losses = []
+
+    def loss(batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(net(to_input(x, norm, device, fmt)).float(),
+                                                 y.to(device, non_blocking=True)), len(y)
+
+    def keep(i, value) -> bool:
+        losses.append(value)
+        return False
+
     net.train()
-    losses, seen, wait, t0 = [], 0, 0.0, None
-    t_wait = time.perf_counter()
-    for i, (x, y) in enumerate(data):
-        if i == 2:  # after warm-up (compilation, cuDNN autotuning)
-            _sync(device)
-            t0, seen, wait = time.perf_counter(), 0, 0.0
-        wait += time.perf_counter() - t_wait
-        x = norm(x.to(device, non_blocking=True)).contiguous(memory_format=fmt)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        losses.append(loss.detach())
-        seen += len(x)
-        t_wait = time.perf_counter()
-    _sync(device)
-    train_s = time.perf_counter() - t0
+    it = iter(data)
+    every = sync_interval(device)  # as stage 2 syncs
+    run_epoch(step, itertools.islice(it, 2), loss, after_batch=keep, sync_every=every)  # warm-up: compile, autotune
+    timed = run_epoch(step, it, loss, after_batch=keep, sync_every=every)
+    train_s, seen, wait = timed.seconds, timed.seen, timed.wait
     finite = not dist.any(not all(torch.isfinite(v).item() for v in losses))
     changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
     total_seen = dist.sum([seen])[0]
     model.eval()
-    xb = norm(next(iter(data))[0].to(device)).contiguous(memory_format=fmt)
+    xb = to_input(next(iter(data))[0], norm, device, fmt)
     with torch.no_grad():
         for _ in range(2):
             logits(model, xb, dtype)

@@ -26,8 +26,9 @@ from ..core.data import read_folds
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.images import ImageDataset
+from ..core.loop import Step, run_epoch
 from ..core.losses import SoftTargetLoss, ldam_margins
-from ..core.models import Normalize, create_model, norm_stats
+from ..core.models import Normalize, create_model, norm_stats, to_input
 from ..core.progress import Progress
 from ..core.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
 
@@ -81,34 +82,37 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
     counts = np.bincount(df["y"].values[rows], minlength=len(classes)) if cfg.train.loss == "ldam" else None
     criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma, margins=ldam_margins(
         counts, cfg.train.ldam_max_margin) if counts is not None else None, scale=cfg.train.ldam_scale).to(device)
-    lrs, losses, best, avg = [], [], float("inf"), 0.0
+    lrs, losses = [], []
     factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
+    fmt = memory_format(cfg, device)
+
+    def set_lr(n: int) -> None:  # after update n, the lr of step n + 1 (the optimiser starts at START_LR)
+        for g in opt.param_groups:
+            g["lr"] = START_LR * factor ** n
+
+    step = Step(model, opt, device, dtype, on_update=set_lr)  # the training step of stage 2 (fp16: scaled)
+
+    def loss(batch):
+        x, y = batch
+        target = torch.nn.functional.one_hot(y.to(device), len(classes)).float()
+        return criterion(model(to_input(x, norm, device, fmt)), target), len(y)
+
+    state = {"avg": 0.0, "best": float("inf"), "stop": False}
+
+    def after_batch(i: int, value: torch.Tensor) -> bool:
+        v = float(value.item())
+        lrs.append(START_LR * factor ** len(losses))
+        losses.append(v if np.isfinite(v) else float("inf"))
+        state["avg"] = BETA * state["avg"] + (1 - BETA) * losses[-1]  # smooth()'s running value, step by step
+        sm = state["avg"] / (1 - BETA ** len(losses))
+        state["best"] = min(state["best"], sm)
+        bar.postfix(lr=f"{lrs[-1]:.1e}", loss=f"{sm:.3f}")
+        state["stop"] = len(losses) >= steps or not np.isfinite(sm) or (len(losses) > 10 and sm > DIVERGE * state["best"])
+        return state["stop"]
+
     with Progress(steps, "lr-find", "step") as bar:
-        step = 0
-        while step < steps:
-            for x, y in loader:
-                lr = START_LR * factor ** step
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x = norm(x.to(device)).contiguous(memory_format=memory_format(cfg, device))
-                target = torch.nn.functional.one_hot(y.to(device), len(classes)).float()
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = criterion(model(x), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                v = float(loss.item())
-                lrs.append(lr)
-                losses.append(v if np.isfinite(v) else float("inf"))
-                avg = BETA * avg + (1 - BETA) * losses[-1]  # smooth()'s running value, kept step by step
-                sm = avg / (1 - BETA ** len(losses))
-                best = min(best, sm)
-                step += 1
-                bar.update()
-                bar.postfix(lr=f"{lr:.1e}", loss=f"{sm:.3f}")
-                if step >= steps or not np.isfinite(sm) or (step > 10 and sm > DIVERGE * best):
-                    step = steps
-                    break
+        while not state["stop"]:  # epochs until all steps are done or the loss diverged
+            run_epoch(step, loader, loss, bar=bar, after_batch=after_batch, sync_every=None)
     lrs_a = np.array(lrs)
     sm = smooth([v if np.isfinite(v) else max(x for x in losses if np.isfinite(x)) * DIVERGE for v in losses])
     lr = suggest(lrs_a, sm)
