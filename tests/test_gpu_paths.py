@@ -15,7 +15,8 @@ from pipeline.core.artifacts import experiment_lock
 from pipeline.core.config import load_config
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import PipelineError
-from pipeline.core.runtime import amp_dtype, grad_scaler, memory_format
+from pipeline.core.loop import grad_scaler
+from pipeline.core.runtime import amp_dtype, memory_format
 from pipeline.tools import doctor
 
 TINY = ["model.arch=test_resnet", "aug.img_size=32", "train.batch_size=8", "train.workers=0"]

@@ -404,7 +404,9 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     for k in ("mean", "std"):
         v = getattr(cfg.model, k)
         check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
-    known = {"joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"}
+    from .heads import VARIANTS
+
+    known = set(VARIANTS)
     bad = [v for v in cfg.rebalance.variants if v not in known]
     check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
     check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")

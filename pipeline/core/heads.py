@@ -269,9 +269,93 @@ def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, score: Callabl
     return out, final, per_split, curve
 
 
-# ----------------------------------------------------------------------------- heads from given choices
-TUNED = {"tau": "tau", "logit_adjust": "scale", "ncm": "scale", "crt": "epochs", "lws": "epochs",
-         "ncm_pca": "scale", "knn": "k_t", "knn_pca": "k_t"}  # variant: the value stage 3 tunes
+# ----------------------------------------------------------------------------- the variants
+NCM_SCALES = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0]  # cosine -> logit temperature (chosen by log-loss)
+
+
+@dataclass
+class FitInputs:
+    """What a variant's heads are fit from: stage 3's feature cache of one model's training rows."""
+    w: np.ndarray  # the joint (stage-2) classifier
+    b: np.ndarray
+    train: np.ndarray  # training features
+    train_y: np.ndarray
+    views: list  # extra augmented views of the training features (cRT / LWS)
+    n_classes: int
+    seed: int
+    valid: np.ndarray | None = None  # held-out features, when tuning (kNN scores its candidates on them at once)
+
+    @property
+    def prior(self) -> np.ndarray:
+        counts = np.bincount(self.train_y, minlength=self.n_classes)
+        return counts / counts.sum()
+
+
+def _joint(r, f: FitInputs, values=None):
+    return {None: Head(f.w, f.b)}, None
+
+
+def _tau(r, f: FitInputs, values=None):
+    grid = values or ([r.tau] if r.tau is not None else r.tau_grid)
+    return {t: tau_head(f.w, f.b, t) for t in grid}, None
+
+
+def _logit_adjust(r, f: FitInputs, values=None):
+    return {s: logit_adjust_head(f.w, f.b, f.prior, s) for s in values or r.la_grid}, None
+
+
+def _ncm(whiten: bool):
+    def fit(r, f: FitInputs, values=None):
+        base = ncm_head(f.train, f.train_y, f.n_classes, center=r.ncm_center, whiten=whiten, pca_dim=r.pca_dim)
+        return {s: Head(base.weight * s, base.bias, base.center, True, base.proj) for s in values or NCM_SCALES}, None
+    return fit
+
+
+def _knn(whiten: bool):
+    def fit(r, f: FitInputs, values=None):
+        if values is not None:
+            return {tuple(v): knn_head(f.train, f.train_y, f.n_classes, *v, center=r.ncm_center, whiten=whiten,
+                                       pca_dim=r.pca_dim) for v in values}, None
+        # every (k, T) at once: the similarities to the held-out rows are computed once
+        return knn_candidates(f.train, f.train_y, f.valid, f.n_classes, r.knn_k_grid, r.knn_t_grid, r.ncm_center,
+                              whiten, r.pca_dim)
+    return fit
+
+
+def _linear(scales_only: bool):
+    def fit(r, f: FitInputs, values=None):
+        x = np.concatenate([f.train, *f.views]) if len(f.views) else f.train
+        y = np.concatenate([f.train_y] * (1 + len(f.views)))
+        epochs, lr = (r.lws_epochs, r.lws_lr) if scales_only else (r.crt_epochs, r.crt_lr)
+        return train_linear(x, y, f.n_classes, epochs, lr, r.crt_weight_decay, f.seed,
+                            values or checkpoint_epochs(epochs), init=(f.w, f.b), scales_only=scales_only), None
+    return fit
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A stage-3 head: `fit(rebalance section, FitInputs, values)` -> ({value: head}, held-out logits of each or
+    None); values None: every candidate of the configured grid, else those values only. `tuned`: the name of
+    the value stage 3 chooses (None: nothing to choose); `rule`: what chooses it ("metric": the competition
+    metric; "log_loss": a calibration choice)."""
+    fit: Callable
+    tuned: str | None
+    rule: str = "metric"
+    help: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "joint": Variant(_joint, None, help="the stage-2 classifier as trained (the baseline)"),
+    "crt": Variant(_linear(False), "epochs", help="classifier re-trained with class-balanced sampling (Kang et al. 2020)"),
+    "tau": Variant(_tau, "tau", help="classifier weights divided by their norm^tau"),
+    "lws": Variant(_linear(True), "epochs", help="learnable per-class weight scaling"),
+    "ncm": Variant(_ncm(False), "scale", "log_loss", help="nearest class mean (cosine)"),
+    "logit_adjust": Variant(_logit_adjust, "scale", help="logits minus scale x log prior (Menon et al. 2021)"),
+    "ncm_pca": Variant(_ncm(True), "scale", "log_loss", help="NCM on PCA-whitened features"),
+    "knn": Variant(_knn(False), "k_t", help="k nearest neighbours, cosine votes exp(cos / T)"),
+    "knn_pca": Variant(_knn(True), "k_t", help="kNN on PCA-whitened features"),
+}
+TUNED = {v: spec.tuned for v, spec in VARIANTS.items() if spec.tuned}  # variant: the value stage 3 tunes
 
 
 def low_median(values: list):
@@ -289,27 +373,11 @@ def median_choices(variants: list[str], summaries: list[dict]) -> dict:
 def heads_with_choices(r, feats: dict, n_classes: int, chosen: dict, seed: int) -> dict[str, Head]:
     """Every variant of `r` (the rebalance config section) fit on the training features `feats` (stage 3's
     cache: train, train_y, views, joint_weight, joint_bias) with a given value per tuned variant."""
-    w, b, y = feats["joint_weight"], feats["joint_bias"], feats["train_y"]
-    counts = np.bincount(y, minlength=n_classes)
+    f = FitInputs(w=feats["joint_weight"], b=feats["joint_bias"], train=feats["train"], train_y=feats["train_y"],
+                  views=list(feats["views"]), n_classes=n_classes, seed=seed)
     out = {}
     for v in r.variants:
-        if v == "joint":
-            out[v] = Head(w, b)
-        elif v == "tau":
-            out[v] = tau_head(w, b, chosen[v])
-        elif v == "logit_adjust":
-            out[v] = logit_adjust_head(w, b, counts / counts.sum(), chosen[v])
-        elif v in ("ncm", "ncm_pca"):
-            base = ncm_head(feats["train"], y, n_classes, center=r.ncm_center, whiten=v == "ncm_pca",
-                            pca_dim=r.pca_dim)
-            out[v] = Head(base.weight * chosen[v], base.bias, base.center, True, base.proj)
-        elif v in ("knn", "knn_pca"):
-            out[v] = knn_head(feats["train"], y, n_classes, *chosen[v], center=r.ncm_center, whiten=v == "knn_pca",
-                              pca_dim=r.pca_dim)
-        elif v in ("crt", "lws"):
-            x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
-            y_all = np.concatenate([y] * (1 + len(feats["views"])))
-            epochs, lr = (r.crt_epochs, r.crt_lr) if v == "crt" else (r.lws_epochs, r.lws_lr)
-            out[v] = train_linear(x_tr, y_all, n_classes, epochs, lr, r.crt_weight_decay, seed, [chosen[v]],
-                                  init=(w, b), scales_only=v == "lws")[chosen[v]]
+        spec = VARIANTS[v]
+        heads, _ = spec.fit(r, f, None if spec.tuned is None else [chosen[v]])
+        out[v] = next(iter(heads.values()))
     return out

@@ -18,7 +18,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from .runtime import grad_scaler
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (on CPU too); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def sync_interval(device: torch.device) -> int:

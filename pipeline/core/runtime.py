@@ -39,11 +39,6 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
-    """fp16 needs loss scaling (on CPU too); bf16 and fp32 do not."""
-    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
-
 def memory_format(cfg: Config, device: torch.device | None = None) -> torch.memory_format:
     """channels_last on GPU by default; on CPU only when asked (fp32 convolutions are slower in NHWC
     there, and bf16 + NHWC is not bit-identical from run to run)."""

@@ -36,8 +36,7 @@ from ..core.augment import open_store, train_transform, valid_transform
 from ..core.config import Config
 from ..core.data import read_folds
 from ..core.errors import PipelineError
-from ..core.heads import (Head, checkpoint_epochs, cross_fit, heads_with_choices, knn_candidates, logit_adjust_head,
-                          median_choices, ncm_head, tau_head, train_linear)
+from ..core.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
 from ..core.images import ImageDataset
 from ..core.layout import FULL
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
@@ -48,7 +47,6 @@ from ..core.distributed import Dist
 
 log = logging.getLogger("pipeline")
 
-NCM_SCALES = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0]  # cosine -> logit temperature (chosen by log-loss)
 
 
 # ----------------------------------------------------------------------------- features
@@ -140,44 +138,30 @@ def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: n
 
 
 def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int) -> dict:
-    """Every configured variant: its head, honest held-out logits, and how it was chosen."""
+    """Every configured variant (core/heads.VARIANTS): its head, honest held-out logits, and how it was chosen."""
     r = cfg.rebalance
     metric = cfg.eval.metric
     y_tr, y_va, x_va = feats["train_y"], feats["valid_y"], feats["valid"]
     counts = np.bincount(y_tr, minlength=n_classes)
-    prior = counts / counts.sum()
-    tune = partial(choose, x_va=x_va, y_va=y_va, inner=inner_split(y_va, r.inner_folds, seed), metric=metric)
+    f = FitInputs(w=w, b=b, train=feats["train"], train_y=y_tr, views=list(feats["views"]), n_classes=n_classes,
+                  seed=seed, valid=x_va)
+    inner = inner_split(y_va, r.inner_folds, seed)
     out = {}
     for v in r.variants:
-        if v == "joint":
-            h = Head(w, b)
+        spec = VARIANTS[v]
+        heads, cands = spec.fit(r, f)
+        if spec.tuned is None:
+            h = heads[None]
             out[v] = {"head": h, "logits": h.logits(x_va), "record": {}}
-        elif v == "tau":
-            grid = [r.tau] if r.tau is not None else r.tau_grid
-            out[v] = tune({t: tau_head(w, b, t) for t in grid}, "tau", fixed=r.tau)
-        elif v == "logit_adjust":
-            out[v] = tune({s: logit_adjust_head(w, b, prior, s) for s in r.la_grid}, "scale")
-        elif v in ("ncm", "ncm_pca"):  # the temperature is a calibration choice: chosen by log-loss
-            base = ncm_head(feats["train"], y_tr, n_classes, center=r.ncm_center, whiten=v == "ncm_pca",
-                            pca_dim=r.pca_dim)
-            heads = {s: Head(base.weight * s, base.bias, base.center, True, base.proj) for s in NCM_SCALES}
-            out[v] = tune(heads, "scale", metric="log_loss")
-        elif v in ("knn", "knn_pca"):  # k and the vote temperature, cross-fitted like tau
-            heads, cands = knn_candidates(feats["train"], y_tr, x_va, n_classes, r.knn_k_grid, r.knn_t_grid,
-                                          r.ncm_center, v == "knn_pca", r.pca_dim)  # similarities computed once
-            o = tune(heads, "k_t", cands=cands)
-            o["record"]["k_t"] = list(o["record"]["k_t"])
-            o["record"]["chosen_per_inner_fold"] = [list(c) for c in o["record"].get("chosen_per_inner_fold", [])]
-            o["record"]["curve"] = {f"k={a},T={b:g}": c for (a, b), c in o["record"].get("curve", {}).items()}
-            out[v] = o
-        elif v in ("crt", "lws"):
-            x_tr = np.concatenate([feats["train"], *feats["views"]]) if len(feats["views"]) else feats["train"]
-            y_all = np.concatenate([y_tr] * (1 + len(feats["views"])))
-            epochs = r.crt_epochs if v == "crt" else r.lws_epochs
-            lr = r.crt_lr if v == "crt" else r.lws_lr
-            heads = train_linear(x_tr, y_all, n_classes, epochs, lr, r.crt_weight_decay, seed,
-                                 checkpoint_epochs(epochs), init=(w, b), scales_only=v == "lws")
-            out[v] = tune(heads, "epochs")
+            continue
+        fixed = r.tau if v == "tau" else None  # a fixed tau: no tuning
+        out[v] = choose(heads, spec.tuned, x_va, y_va, inner, "log_loss" if spec.rule == "log_loss" else metric,
+                        fixed=fixed, cands=cands)
+        if spec.tuned == "k_t":  # tuples -> JSON lists and readable curve keys
+            rec = out[v]["record"]
+            rec["k_t"] = list(rec["k_t"])
+            rec["chosen_per_inner_fold"] = [list(c) for c in rec.get("chosen_per_inner_fold", [])]
+            rec["curve"] = {f"k={a},T={b:g}": c for (a, b), c in rec.get("curve", {}).items()}
     for v, o in out.items():
         o["metrics"] = compute(y_va, softmax(o["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, metric)
     return out

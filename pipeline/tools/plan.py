@@ -24,6 +24,7 @@ from ..core import layout
 from ..core.config import Config, load_config
 from ..core.data import read_test_table, read_train_table
 from ..core.errors import PipelineError
+from ..core.heads import VARIANTS
 from ..core.submission import parse_members
 from .demo import prepare_data
 
@@ -31,7 +32,7 @@ log = logging.getLogger("pipeline")
 
 TEST_SIDE_ERROR = ("all", "infer", "ensemble", "status")  # commands for which a broken test side is an error
 CHECK_ORDER = ["none", "header", "full"]
-KNOWN_HEADS = {"joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"}
+KNOWN_HEADS = set(VARIANTS)
 
 
 @dataclass
