@@ -69,7 +69,7 @@ def main() -> None:
         cfg = load_config(None, [*common, f"experiment=bench-{cache}", f"aug.cache={cache}"])
         t0 = time.perf_counter()
         train.run(cfg, fold=0)
-        h = pd.read_csv(cfg.run.fold(0).history).iloc[-1]
+        h = pd.read_csv(cfg.run_dir.fold(0).history).iloc[-1]
         rows.append({"cache": cache, "images/s": h["images_per_s"], "data wait": h["data_wait"],
                      "epoch s": h["seconds"], "stage s (incl. cache build)": time.perf_counter() - t0})
     print(pd.DataFrame(rows).to_string(index=False, float_format="%.2f"))
@@ -79,15 +79,15 @@ def main() -> None:
     t0 = time.perf_counter()
     rebalance.run(cfg, fold=0)
     total = time.perf_counter() - t0
-    feat = json.loads((cfg.run.fold(0).features_meta).read_text())["seconds"]
-    var = json.loads((cfg.run.fold(0).rebalance_summary).read_text())["seconds"]
-    epoch = pd.read_csv(cfg.run.fold(0).history)["seconds"].iloc[-1]
+    feat = json.loads((cfg.run_dir.fold(0).features_meta).read_text())["seconds"]
+    var = json.loads((cfg.run_dir.fold(0).rebalance_summary).read_text())["seconds"]
+    epoch = pd.read_csv(cfg.run_dir.fold(0).history)["seconds"].iloc[-1]
     print(f"features {feat:.2f}s + variants {var:.2f}s (stage total {total:.2f}s) vs one epoch {epoch:.2f}s: "
           f"{(feat + var) / epoch:.2f} epochs")
 
     print("\n## 3. TTA views vs plain forward (batch 64, fold 0 model, images already on device)")
-    model = models.load_trained(cfg, cfg.run.fold(0).weights,
-                                len(json.loads((cfg.run.classes).read_text()))).to(device)
+    model = models.load_trained(cfg, cfg.run_dir.fold(0).weights,
+                                len(json.loads((cfg.run_dir.classes).read_text()))).to(device)
     rows = []
     for scale in (1.0, 1.15):
         load, crop = sizes(args.size, crop_pct(cfg), scale)

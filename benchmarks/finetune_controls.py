@@ -40,12 +40,12 @@ CONTROLS = {  # name: (overrides, copy the baseline's run folder first)
 def run_one(config: str, name: str, overrides: list[str], copy: bool) -> dict:
     exp = f"ctl-{name}"
     cfg = load_config(config, [f"experiment={exp}", "run_also=[]", "ensemble.members=[]", *overrides])
-    if copy and not cfg.run.dir.exists():
-        shutil.copytree(RunDir.of("ctl-base").dir, cfg.run.dir, ignore=shutil.ignore_patterns("infer", "logs"))
+    if copy and not cfg.run_dir.dir.exists():
+        shutil.copytree(RunDir.of("ctl-base").dir, cfg.run_dir.dir, ignore=shutil.ignore_patterns("infer", "logs"))
     t0 = time.perf_counter()
     stages_1_to_4(cfg)
     minutes = (time.perf_counter() - t0) / 60
-    rows = {(r["head"], r["tta"]): r for r in leaderboard.experiment_rows(cfg.run)}
+    rows = {(r["head"], r["tta"]): r for r in leaderboard.experiment_rows(cfg.run_dir)}
     best = infer.load_inputs(cfg).heads[0]
     joint, head = rows[("joint", "off")], rows.get((best, "on")) or rows[(best, "off")]
     return {"control": name, "change": " ".join(overrides) or "(the demo config)", "head": best,

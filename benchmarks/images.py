@@ -121,7 +121,7 @@ def speed(args, data: Path) -> None:
         n = sum(len(x) for x, _ in loader)
         loader_rate = n / (time.perf_counter() - t0)
         train.run(cfg, fold=0)
-        h = pd.read_csv(cfg.run.fold(0).history).iloc[-1]
+        h = pd.read_csv(cfg.run_dir.fold(0).history).iloc[-1]
         rows.append({"store": cache, "build s": build if cache == "on" else 0.0, "loader img/s": loader_rate,
                      "train img/s": h["images_per_s"], "data wait": h["data_wait"], "epoch s": h["seconds"]})
     t = pd.DataFrame(rows)

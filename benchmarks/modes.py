@@ -67,7 +67,7 @@ def score_check(cfg_args: list[str], epochs: int) -> None:
         cfg = load_config(None, [*cfg_args, f"train.epochs={epochs}", "eval.metric=balanced_accuracy",
                                  f"experiment=score-{len(rows)}", *extra])
         s = train.run(cfg, fold=0)[0]
-        h = pd.read_csv(cfg.run.fold(0).history)
+        h = pd.read_csv(cfg.run_dir.fold(0).history)
         rows.append({"run": name, "bal. acc fold 0": s["metrics"]["balanced_accuracy"],
                      "accuracy": s["metrics"]["accuracy"], "train img/s": h["images_per_s"].median()})
     t = pd.DataFrame(rows)

@@ -71,7 +71,7 @@ ROWS = {  # name: (what it is, overrides, start from a copy of this row's run)
 
 
 def fold_minutes(cfg) -> float:
-    secs = [read_json(cfg.run.fold(k).summary)["seconds"] for k in range(cfg.folds.n_splits)]
+    secs = [read_json(cfg.run_dir.fold(k).summary)["seconds"] for k in range(cfg.folds.n_splits)]
     return sum(secs) / len(secs) / 60
 
 
@@ -79,13 +79,13 @@ def run_row(name: str) -> list[dict]:
     what, overrides, copy = ROWS[name]
     cfg = load_config(CONFIG, [*ABLATION, f"experiment=pt-{name}", "ensemble.members=[]", *overrides])
     prepare(cfg)
-    if copy and not cfg.run.dir.exists():
-        shutil.copytree(RunDir.of(f"pt-{copy}").dir, cfg.run.dir, ignore=shutil.ignore_patterns("infer", "logs"))
+    if copy and not cfg.run_dir.dir.exists():
+        shutil.copytree(RunDir.of(f"pt-{copy}").dir, cfg.run_dir.dir, ignore=shutil.ignore_patterns("infer", "logs"))
     t0 = time.perf_counter()
     stages_1_to_4(cfg)
     wall = (time.perf_counter() - t0) / 60
     out = []
-    for r in leaderboard.experiment_rows(cfg.run):
+    for r in leaderboard.experiment_rows(cfg.run_dir):
         if name in ("tta", "fixres") and r["tta"] != "on":
             continue
         if name not in ("tta", "fixres") and r["tta"] == "on":
@@ -104,7 +104,7 @@ def run_final() -> list[dict]:
     sub = ensemble.run(cfg)
     wall = (time.perf_counter() - t0) / 60
     rows = []
-    for r in leaderboard.experiment_rows(cfg.run):
+    for r in leaderboard.experiment_rows(cfg.run_dir):
         rows.append({"row": "final", "what": f"{cfg.folds.n_splits} folds, {cfg.aug.img_size} px, {cfg.train.epochs} ep",
                      "head": r["head"], "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"],
                      "min_per_fold": fold_minutes(cfg), "wall_min": wall})

@@ -76,7 +76,7 @@ def run_competition(name: str, config: str, extra: list[str]) -> list[dict]:
         cfg = load_config(config, [f"experiment=rc-{name}-{loss}", *COMMON, *extra, *over])
         t0 = time.perf_counter()
         stages_1_to_4(cfg)
-        lb = {r["head"]: r for r in leaderboard.experiment_rows(cfg.run) if r["tta"] == "off"}
+        lb = {r["head"]: r for r in leaderboard.experiment_rows(cfg.run_dir) if r["tta"] == "off"}
         for h in HEADS:
             rows.append({"data": name, "loss": loss, "head": h, "cv": lb[h]["cv_mean"], "cv_std": lb[h]["cv_std"],
                          "few_acc": lb[h]["few_acc"], "private": lb[h]["private"]})

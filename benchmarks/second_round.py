@@ -80,7 +80,7 @@ def main() -> None:
         t0 = time.perf_counter()
         s4 = stages_1_to_4(cfg)
         best = s4["heads"][0]
-        lb = {(r["head"], r["tta"]): r for r in leaderboard.experiment_rows(cfg.run)}
+        lb = {(r["head"], r["tta"]): r for r in leaderboard.experiment_rows(cfg.run_dir)}
         r = lb.get((best, "on")) or lb[(best, "off")]
         j = lb[("joint", "off")]
         rows.append({"student": name, "cv_joint": j["cv_mean"], "private_joint": j["private"], "head": best,

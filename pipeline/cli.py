@@ -232,7 +232,7 @@ def stage_log(cfg: Config, stage: str):
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    path = cfg.run.log(stage, time.strftime("%Y%m%d-%H%M%S"))
+    path = cfg.run_dir.log(stage, time.strftime("%Y%m%d-%H%M%S"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")
@@ -245,7 +245,7 @@ def stage_log(cfg: Config, stage: str):
     logger.addHandler(handler)
     try:
         log.info("command: %s", " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]))
-        log.info("config: %s (resolved: %s); working folder %s", cfg.source, cfg.run.config, Path.cwd())
+        log.info("config: %s (resolved: %s); working folder %s", cfg.source, cfg.run_dir.config, Path.cwd())
         yield
     except BaseException as e:  # in the file only: the terminal gets the error from main()
         handler.stream.write(f"{time.strftime('%H:%M:%S')} stage {stage} failed: {type(e).__name__}: {e}\n")

@@ -35,10 +35,10 @@ def comp(workdir):
     return make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24, n_test=9)
 
 
-def baseline_logits(cfg, weights, s2, n_classes):
+def baseline_logits(cfg, weights, stage2, n_classes):
     """One model's plain-view (orig@1) test logits, predicted directly."""
     model = models.load_trained(cfg, weights, n_classes).eval()
-    norm = models.Normalize(s2["mean"], s2["std"])
+    norm = models.Normalize(stage2["mean"], stage2["std"])
     store = open_store(cfg, read_test_table(cfg)["path"])
     return predict_policy(cfg, model, norm, {"joint": joint_head(model)}, store, ["orig@1"], torch.device("cpu"),
                           None)["joint"][0]
@@ -50,7 +50,7 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
     folds_stage.run(cfg)
     summaries = train_stage.run(cfg)
     df, classes = read_folds(cfg)
-    full = read_json(cfg.run.full.summary)
+    full = read_json(cfg.run_dir.full.summary)
     chosen = sorted(s["epoch"] for s in summaries)
     assert full["n_train"] == len(df) and full["n_valid"] == 0 and full["score"] is None
     assert full["epoch"] == chosen[0] == full["epochs_trained"]  # the low median of two folds
@@ -59,19 +59,19 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
     assert train_stage.status(cfg_of(comp, "train.full_fit=false")) == [] and train_stage.status(cfg) == []
 
     rebalance_stage.run(cfg)
-    taus = sorted(read_json(cfg.run.fold(k).rebalance_summary)["variants"]["tau"]["tau"] for k in range(2))
-    assert read_json(cfg.run.full.rebalance_summary)["variants"]["tau"]["from_folds"] == taus[0]
-    assert cfg.run.full.head("crt").exists() and rebalance_stage.status(cfg) == []
+    taus = sorted(read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"]["tau"]["tau"] for k in range(2))
+    assert read_json(cfg.run_dir.full.rebalance_summary)["variants"]["tau"]["from_folds"] == taus[0]
+    assert cfg.run_dir.full.head("crt").exists() and rebalance_stage.status(cfg) == []
 
     infer_stage.run(cfg)
-    test = read_npz(cfg.run.infer_test("joint"))
-    parts = [baseline_logits(cfg, cfg.run.fold(k).weights, summaries[k], len(classes)) for k in range(2)]
-    parts.append(2 * baseline_logits(cfg, cfg.run.full.weights, full, len(classes)))
+    test = read_npz(cfg.run_dir.infer_test("joint"))
+    parts = [baseline_logits(cfg, cfg.run_dir.fold(k).weights, summaries[k], len(classes)) for k in range(2)]
+    parts.append(2 * baseline_logits(cfg, cfg.run_dir.full.weights, full, len(classes)))
     expected = sum(parts) / 4  # two fold models and the full model at weight 2
     got = test["view_logits"][list(test["views"]).index("orig@1")].astype(np.float64)
     assert np.allclose(got, expected, atol=2e-2), np.abs(got - expected).max()
-    oof_with = read_npz(cfg.run.infer_oof("tau"))["probs"]
-    rows = leaderboard.experiment_rows(cfg.run)
+    oof_with = read_npz(cfg.run_dir.infer_oof("tau"))["probs"]
+    rows = leaderboard.experiment_rows(cfg.run_dir)
     assert all("full fit x2 (test only, no CV of its own)" in r["recipe"] for r in rows if r["head"] == "tau")
 
     # weight 0: the test mean is the folds' alone; OOF (and so the CV) is the same either way
@@ -79,9 +79,9 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
                   "infer.heads=[tau]", "infer.full_fit_weight=0")
     assert infer_stage.status(cfg0)  # the weight is a stage-4 setting
     infer_stage.run(cfg0)
-    test0 = read_npz(cfg.run.infer_test("joint"))
+    test0 = read_npz(cfg.run_dir.infer_test("joint"))
     assert np.allclose(test0["view_logits"][0].astype(np.float64), sum(parts[:2]) / 2, atol=2e-2)
-    assert np.array_equal(read_npz(cfg.run.infer_oof("tau"))["probs"], oof_with)
+    assert np.array_equal(read_npz(cfg.run_dir.infer_oof("tau"))["probs"], oof_with)
 
 
 def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp, tmp_path):
@@ -94,22 +94,22 @@ def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp,
     report = {(r["head"], r["views"]): r for r in s4["cv"]}
     assert np.isfinite(report[("joint", "fixres:orig@1.5 alone")]["cv_mean"])  # scored on OOF like any view
     df, classes = read_folds(cfg)
-    meta = read_json(cfg.run.fixres_meta("fold0"))
+    meta = read_json(cfg.run_dir.fixres_meta("fold0"))
     assert meta["crop"] == 48 and meta["rows"] == int((df["fold"] != 0).sum())
-    plain = models.read_state_dict(cfg.run.fold(0).weights)
-    tuned = models.read_state_dict(cfg.run.fixres("fold0"))
-    net = models.load_trained(cfg, cfg.run.fold(0).weights, len(classes))
+    plain = models.read_state_dict(cfg.run_dir.fold(0).weights)
+    tuned = models.read_state_dict(cfg.run_dir.fixres("fold0"))
+    net = models.load_trained(cfg, cfg.run_dir.fold(0).weights, len(classes))
     conv_keys = [f"{n}.weight" for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
     bn_keys = [f"{n}.running_mean" for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert conv_keys and all(torch.equal(plain[k], tuned[k]) for k in conv_keys)  # the backbone's filters stay
     assert bn_keys and all(not torch.equal(plain[k], tuned[k]) for k in bn_keys)  # BN re-estimated at 48 px
     assert not torch.equal(plain["fc.weight"], tuned["fc.weight"])  # the classifier moved
-    rows = leaderboard.experiment_rows(cfg.run)
+    rows = leaderboard.experiment_rows(cfg.run_dir)
     assert [r["recipe"] for r in rows if r["tta"] == "on"] == ["FixRes 1.5"]
 
     # the held-out rows of fold 0 never reach its FixRes copy: change their pixels and it is byte-identical,
     # while fold 1's copy (which trains on those rows) moves
-    before = {u: cfg.run.fixres(u).read_bytes() for u in ("fold0", "fold1")}
+    before = {u: cfg.run_dir.fixres(u).read_bytes() for u in ("fold0", "fold1")}
     rng = np.random.default_rng(0)
     for p in df["path"][df["fold"] == 0]:
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(p)
@@ -118,8 +118,8 @@ def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp,
         infer_stage.run(cfg)
     finally:
         provenance.allow_stale(False)
-    assert cfg.run.fixres("fold0").read_bytes() == before["fold0"]
-    assert cfg.run.fixres("fold1").read_bytes() != before["fold1"]
+    assert cfg.run_dir.fixres("fold0").read_bytes() == before["fold0"]
+    assert cfg.run_dir.fixres("fold1").read_bytes() != before["fold1"]
 
 
 def test_fixres_without_train_images_uses_the_tuned_copies_or_refuses(comp):
@@ -131,10 +131,10 @@ def test_fixres_without_train_images_uses_the_tuned_copies_or_refuses(comp):
     with pytest.raises(Exception, match="infer.fixres needs .*fold0.safetensors"):
         infer_stage.run(kernel)
     infer_stage.run(cfg)
-    test = read_npz(cfg.run.infer_test("joint"))["probs"]
+    test = read_npz(cfg.run_dir.infer_test("joint"))["probs"]
     Path(cfg.folds_csv).rename(Path(cfg.folds_csv).with_suffix(".bak"))  # as in a kernel: no folds, no train rows
     infer_stage.run(kernel, force=True)
-    assert np.allclose(read_npz(cfg.run.infer_test("joint"))["probs"], test, atol=1e-6)
+    assert np.allclose(read_npz(cfg.run_dir.infer_test("joint"))["probs"], test, atol=1e-6)
 
 
 def test_an_interrupted_full_fit_resumes_to_the_same_weights(comp, monkeypatch, caplog):
@@ -143,7 +143,7 @@ def test_an_interrupted_full_fit_resumes_to_the_same_weights(comp, monkeypatch, 
     cfg = cfg_of(comp, "train.full_fit=true")
     folds_stage.run(cfg)
     train_stage.run(cfg)  # the folds, then the full fit
-    full = cfg.run.full.dir
+    full = cfg.run_dir.full.dir
     clean = (full / "model.safetensors").read_bytes()
     shutil.rmtree(full)  # again, the folds up to date: interrupted in the full fit's second epoch (the SIGKILL
     monkeypatch.setenv("PIPELINE_FAULT", "oom@train:full-step:1")  # variant is the fold test in test_train)

@@ -50,19 +50,19 @@ def run_a(workdir):
 def test_identity_policy_equals_plain_inference(run_a):
     cfg = cfg_of(run_a.data.root, "a", "infer.views=[orig]", "infer.scales=[1.0]", "infer.heads=[joint]")
     infer_stage.run(cfg)
-    oof = np.load(cfg.run.dir / "infer/joint/oof.npz")
-    test = np.load(cfg.run.dir / "infer/joint/test.npz")
+    oof = np.load(cfg.run_dir.dir / "infer/joint/oof.npz")
+    test = np.load(cfg.run_dir.dir / "infer/joint/test.npz")
     folds = pd.read_csv(cfg.folds_csv)
     for k in (0, 1):
-        stage2 = np.load(cfg.run.fold(k).dir / "oof.npz")
+        stage2 = np.load(cfg.run_dir.fold(k).dir / "oof.npz")
         rows = folds["fold"].values == k
         assert np.allclose(oof["probs"][rows], softmax(stage2["logits"]), atol=1e-5)
     # the test images through each fold's model with the validation transform, averaged over folds
     paths = sorted(str(p) for p in (cfg.data_path("test")).iterdir())
     expected = 0
     for k in (0, 1):
-        model = models.load_trained(cfg, cfg.run.fold(k).dir / "model.safetensors", 3)
-        s = json.loads((cfg.run.fold(k).dir / "summary.json").read_text())
+        model = models.load_trained(cfg, cfg.run_dir.fold(k).dir / "model.safetensors", 3)
+        s = json.loads((cfg.run_dir.fold(k).dir / "summary.json").read_text())
         norm = models.Normalize(s["mean"], s["std"])
         ds = ImageDataset(open_store(cfg, paths), None, valid_transform(cfg))
         with torch.no_grad():
@@ -103,7 +103,7 @@ def test_ensemble_of_one_equals_member_and_writes_matching_submission(run_a):
     cfg = run_a
     infer_stage.run(cfg)
     result = ens_stage.run(cfg)
-    member = np.load(cfg.run.dir / "infer" / result["members"][0].split(":")[1] / "test.npz")
+    member = np.load(cfg.run_dir.dir / "infer" / result["members"][0].split(":")[1] / "test.npz")
     for method in ("mean", "weighted", "geo_mean"):
         assert np.allclose(combine([member["probs"]], method, np.ones(1)), member["probs"], atol=1e-6)
     sub = pd.read_csv(result["submission"], dtype=str)
@@ -161,7 +161,7 @@ def test_weights_fit_on_oof_are_nonnegative_and_sum_to_one():
 def test_ensemble_refuses_incompatible_members(run_a, workdir):
     cfg = run_a
     infer_stage.run(cfg)
-    shutil.copytree(cfg.run.dir, workdir / "runs" / "b")
+    shutil.copytree(cfg.run_dir.dir, workdir / "runs" / "b")
     two = load_config(None, [f"data.root={cfg.data.root}", "experiment=a", *BASE, "ensemble.members=[a, b]"])
     ens_stage.run(two)                                                   # compatible: fine
     s = json.loads((workdir / "runs/b/infer/summary.json").read_text())
@@ -185,7 +185,7 @@ def test_infer_without_training_data_like_a_kaggle_kernel(run_a, workdir):
     os.remove(cfg.folds_csv)
     kernel = cfg_of(cfg.data.root, "a", "infer.oof=off", "infer.heads=[joint]")
     summary = infer_stage.run(kernel)
-    assert (cfg.run.dir / "infer/joint/test.npz").exists() and summary["cv"] == []
+    assert (cfg.run_dir.dir / "infer/joint/test.npz").exists() and summary["cv"] == []
     with pytest.raises(PipelineError, match="infer.oof=on needs"):
         infer_stage.run(cfg_of(cfg.data.root, "a", "infer.oof=on"))
 

@@ -123,14 +123,14 @@ def test_stage_writes_heads_oof_report_and_caches_features(trained, monkeypatch)
     assert calls["n"] > 0
     assert summary["best"] in cfg.rebalance.variants
     for k in (0, 1):
-        d = cfg.run.fold(k).dir / "rebalance"
+        d = cfg.run_dir.fold(k).dir / "rebalance"
         for v in cfg.rebalance.variants:
             head, record = Head.load(d / "heads" / f"{v}.safetensors")
             assert record["variant"] == v and head.weight.shape[0] == 3
             assert (d / f"oof_{v}.npz").exists()
         joint = np.load(d / "oof_joint.npz")["logits"]
-        assert np.allclose(joint, np.load(cfg.run.fold(k).dir / "oof.npz")["logits"], atol=1e-4)
-    rd = cfg.run.dir / "rebalance"
+        assert np.allclose(joint, np.load(cfg.run_dir.fold(k).dir / "oof.npz")["logits"], atol=1e-4)
+    rd = cfg.run_dir.dir / "rebalance"
     for name in ("report.csv", "report.md", "summary.json"):
         assert (rd / name).exists(), name
     md = (rd / "report.md").read_text()
@@ -141,7 +141,7 @@ def test_stage_writes_heads_oof_report_and_caches_features(trained, monkeypatch)
     cfg2 = load_config(None, [*_overrides(cfg), "rebalance.tau=1.0", "rebalance.crt_epochs=2"])
     rebalance_stage.run(cfg2)
     assert calls["n"] == 0
-    _, rec = Head.load(cfg.run.fold(0).dir / "rebalance" / "heads" / "tau.safetensors")
+    _, rec = Head.load(cfg.run_dir.fold(0).dir / "rebalance" / "heads" / "tau.safetensors")
     assert rec["tau"] == 1.0
 
 
@@ -154,7 +154,7 @@ def _overrides(cfg):
 def test_augmented_views_feed_crt(trained):
     cfg = load_config(None, [*_overrides(trained), "rebalance.aug_views=2", "rebalance.variants=[joint, crt]"])
     rebalance_stage.run(cfg, fold=0)
-    f = np.load(cfg.run.fold(0).dir / "rebalance" / "features.npz")
+    f = np.load(cfg.run_dir.fold(0).dir / "rebalance" / "features.npz")
     assert f["views"].shape == (2, *f["train"].shape)
     assert not np.allclose(f["views"][0], f["views"][1])                 # two different augmented views
     assert not np.allclose(f["views"][0], f["train"])
@@ -162,7 +162,7 @@ def test_augmented_views_feed_crt(trained):
 
 def test_missing_fold_and_stale_weights_are_refused(trained):
     cfg = trained
-    (cfg.run.fold(1).dir / "summary.json").unlink()
+    (cfg.run_dir.fold(1).dir / "summary.json").unlink()
     with pytest.raises(PipelineError, match=r"fold 1 of experiment 'rb' has no finished stage-2 output"):
         rebalance_stage.run(cfg, fold=1)
     stale = load_config(None, [*_overrides(cfg), "train.lr=0.5"])
@@ -177,7 +177,7 @@ def test_weights_of_another_architecture_are_refused(trained, tmp_path):
     models.write_state_dict(path, other.state_dict())
     with pytest.raises(PipelineError, match="does not fit model.arch=test_resnet with 3 classes"):
         models.load_trained(cfg, path, 3)
-    ours = models.read_state_dict(cfg.run.fold(0).dir / "model.safetensors")
+    ours = models.read_state_dict(cfg.run_dir.fold(0).dir / "model.safetensors")
     models.write_state_dict(path, ours)
     with pytest.raises(PipelineError, match="with 5 classes"):
         models.load_trained(cfg, path, 5)

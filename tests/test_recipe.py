@@ -182,7 +182,7 @@ def test_knn_and_pca_heads_in_stage3_are_tuned_honestly_and_used_by_stage4(comp)
     train_stage.run(cfg)
     rebalance_stage.run(cfg)
     for k in range(2):
-        v = read_json(cfg.run.fold(k).rebalance_summary)["variants"]
+        v = read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"]
         assert v["knn"]["k_t"][0] in (1, 3) and v["knn"]["tuned"] and len(v["knn"]["chosen_per_inner_fold"]) == 2
         assert np.isfinite(v["knn_pca"]["metrics"]["score"]) and np.isfinite(v["ncm_pca"]["metrics"]["score"])
     s4 = infer_stage.run(cfg)

@@ -103,7 +103,7 @@ def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teac
     assert train_stage.status(s) == []
     infer_stage.run(cfg_of(teacher.data.root, "t", *TEACHER, "infer.search=false"))
     assert any("teacher" in r for r in train_stage.status(s))
-    rows = leaderboard.experiment_rows(s.run)
+    rows = leaderboard.experiment_rows(s.run_dir)
     assert all("pseudo-labels from t" in r["recipe"] and "distilled from t" in r["recipe"] for r in rows)
 
 
@@ -114,7 +114,7 @@ def test_leaky_shortcut_is_marked_and_wrong_teachers_are_refused(teacher, workdi
     assert all(leaderboard.LEAKY in n for n in t[t["experiment"] == "s"]["note"])
     assert not any(leaderboard.LEAKY in n for n in t[t["experiment"] == "t"]["note"])
     with pytest.raises(PipelineError, match="teacher 'nobody'"):
-        train_stage.run(student(teacher, "experiment=s2", "train.distill.teacher=nobody"))
+        train_stage.run(student(teacher, "experiment=stage2", "train.distill.teacher=nobody"))
     with pytest.raises(PipelineError, match="train.distill.teacher"):
         cfg_of(teacher.data.root, "t", *TEACHER, "train.distill.teacher=t")
     other = student(teacher, "experiment=s3", "folds.seed=7")
@@ -167,4 +167,4 @@ def test_pseudo_labels_from_a_weighted_ensemble_use_the_weights_fit_without_that
     expected = sum(wi * p for wi, p in zip(w / w.sum(), parts))
     assert np.allclose(got, expected / expected.sum(1, keepdims=True), atol=1e-5)
     assert np.allclose(got.sum(1), 1, atol=1e-5) and isinstance(pd.DataFrame(got), pd.DataFrame)
-    assert read_json(s.run.fold(0).teacher_meta)["made_from"]["fold"] == 0
+    assert read_json(s.run_dir.fold(0).teacher_meta)["made_from"]["fold"] == 0

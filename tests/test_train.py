@@ -50,7 +50,7 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
     folds_stage.run(cfg)
     (s0, s1) = train_stage.run(cfg)
     for k in (0, 1):
-        fd = cfg.run.fold(k).dir
+        fd = cfg.run_dir.fold(k).dir
         for name in ("model.safetensors", "oof.npz", "history.csv", "last.pt", "summary.json"):
             assert (fd / name).exists(), name
         h = pd.read_csv(fd / "history.csv")
@@ -62,15 +62,15 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
         assert oof["logits"].shape == (len(oof["ids"]), 3)
         sd = read_state_dict(fd / "model.safetensors")
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in sd)
-    assert (cfg.run.dir / "config.yaml").exists() and (cfg.run.dir / "classes.json").read_text().count('"') == 6
-    mtime = (cfg.run.fold(0).dir / "summary.json").stat().st_mtime_ns
+    assert (cfg.run_dir.dir / "config.yaml").exists() and (cfg.run_dir.dir / "classes.json").read_text().count('"') == 6
+    mtime = (cfg.run_dir.fold(0).dir / "summary.json").stat().st_mtime_ns
     train_stage.run(cfg)                                           # done: skipped
-    assert (cfg.run.fold(0).dir / "summary.json").stat().st_mtime_ns == mtime
+    assert (cfg.run_dir.fold(0).dir / "summary.json").stat().st_mtime_ns == mtime
     changed = tiny_cfg(comp, "train.epochs=1", "train.lr=0.5")
     assert train_stage.status(changed) == ["fold 0: changed train.lr", "fold 1: changed train.lr"]
     train_stage.run(changed, fold=1)                               # stale: retrained, fold 0 untouched
-    assert "0.5" in str(pd.read_json(cfg.run.fold(1).dir / "summary.json", typ="series")["made_from"]["train"]["lr"])
-    assert (cfg.run.fold(0).dir / "summary.json").stat().st_mtime_ns == mtime
+    assert "0.5" in str(pd.read_json(cfg.run_dir.fold(1).dir / "summary.json", typ="series")["made_from"]["train"]["lr"])
+    assert (cfg.run_dir.fold(0).dir / "summary.json").stat().st_mtime_ns == mtime
     assert train_stage.status(changed) == ["fold 0: changed train.lr"]
 
 
@@ -183,7 +183,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(comp, monkeypatch):
     monkeypatch.setenv("PIPELINE_FAULT", "nan-loss:0")  # a diverged step (train.lr is bounded by the config)
     with pytest.raises(PipelineError, match=r"non-finite (loss|outputs) at epoch 1, (step \d+|validation)"):
         train_stage.run(cfg, fold=0)
-    assert not (cfg.run.fold(0).dir / "summary.json").exists()
+    assert not (cfg.run_dir.fold(0).dir / "summary.json").exists()
 
 
 def test_ddp_two_gloo_processes_match_single_process(workdir):
@@ -237,7 +237,7 @@ def test_tracker_logs_each_epoch_and_is_optional(comp, workdir, monkeypatch, cap
     caplog.set_level("WARNING", logger="pipeline")
     train_stage.run(tiny_cfg(comp, "train.epochs=1", "train.tracker=tensorboard"), fold=1)
     assert "train.tracker=tensorboard but it is not installed" in caplog.text
-    assert (cfg.run.fold(1).dir / "summary.json").exists()
+    assert (cfg.run_dir.fold(1).dir / "summary.json").exists()
 
 
 # ----------------------------------------------------------------------------- fine-tuning controls
@@ -294,7 +294,7 @@ def test_patience_stops_the_fold_and_the_summary_says_when(comp, monkeypatch):
     monkeypatch.setattr(train_stage, "better", lambda a, b, metric: b is None)  # only epoch 1 is ever "better"
     s = train_stage.run(cfg, fold=0)[0]
     assert s["epoch"] == 1 and s["epochs_trained"] == 3 and s["stopped_early_after"] == 3
-    hist = pd.read_csv(cfg.run.fold(0).dir / "history.csv")
+    hist = pd.read_csv(cfg.run_dir.fold(0).dir / "history.csv")
     assert list(hist["epoch"]) == [1, 2, 3]
     monkeypatch.setattr(train_stage, "better", real)
     s = train_stage.run(tiny_cfg(comp, "train.epochs=2", "train.ema=false"), fold=1)[0]

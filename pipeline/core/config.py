@@ -252,7 +252,7 @@ class Config:
         return layout.folds_record(self.folds_name)
 
     @property
-    def run(self) -> layout.RunDir:
+    def run_dir(self) -> layout.RunDir:
         """runs/<experiment>/ and the files in it."""
         return layout.RunDir.of(self.experiment)
 

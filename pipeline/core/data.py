@@ -262,7 +262,7 @@ def encode(labels: pd.Series, classes: list, what: str) -> np.ndarray:
     return np.array([index[v] for v in labels], dtype=np.int64)
 
 
-def plain(v):
+def to_builtin(v):
     """numpy scalars to Python ones, for JSON."""
     return v.item() if hasattr(v, "item") else v
 

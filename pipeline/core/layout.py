@@ -33,7 +33,7 @@ REPORTS = Path("reports")
 EXPORTS = Path("exports")
 CACHE = RUNS / ".cache"
 STATS = RUNS / ".stats"
-FULL = -1  # the index that stands for the full-data model (train.full_fit) where a fold index is expected
+FULL_FIT = -1  # the index that stands for the full-data model (train.full_fit) where a fold index is expected
 
 
 # ----------------------------------------------------------------------------- names
@@ -169,8 +169,8 @@ class RunDir:
     def full(self) -> FoldDir:  # train.full_fit: the model of every row (stages 2 and 3 as for a fold, no OOF)
         return FoldDir(self.dir / "full")
 
-    def unit(self, k: int) -> FoldDir:  # fold k, or the full-data model for k = FULL
-        return self.full if k == FULL else self.fold(k)
+    def unit(self, k: int) -> FoldDir:  # fold k, or the full-data model for k = FULL_FIT
+        return self.full if k == FULL_FIT else self.fold(k)
 
     # stage 3 report
     @property
@@ -272,8 +272,8 @@ class BundleMember:
     def info(self) -> Path:  # classes, head, TTA policy, per-fold normalisation, expected CV
         return self.dir / "member.json"
 
-    def unit(self, k: int) -> Path:  # fold<k>/, or full/ for the full-data model (k = FULL)
-        return self.dir / ("full" if k == FULL else f"fold{k}")
+    def unit(self, k: int) -> Path:  # fold<k>/, or full/ for the full-data model (k = FULL_FIT)
+        return self.dir / ("full" if k == FULL_FIT else f"fold{k}")
 
     def weights(self, k: int) -> Path:  # a plain timm checkpoint (the head folded in where it is linear)
         return self.unit(k) / "model.safetensors"

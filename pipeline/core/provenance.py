@@ -287,7 +287,7 @@ def teacher_section(cfg: Config) -> dict | None:
 def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True) -> dict:
     """Fold k's finished stage-2 record, refused when missing, of another architecture or class
     count, or (when the folds file is at hand to compare with) trained from other inputs."""
-    path = cfg.run.fold(k).summary
+    path = cfg.run_dir.fold(k).summary
     if not path.exists():
         raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output ({path}); "
                             f"run ./run.sh train --fold {k}")
@@ -312,7 +312,7 @@ def fold_choices(cfg: Config) -> list[dict] | None:
     is finished from the current settings."""
     rec, out = train_record(cfg), []
     for k in range(cfg.folds.n_splits):
-        path = cfg.run.fold(k).summary
+        path = cfg.run_dir.fold(k).summary
         if not up_to_date(path, rec):
             return None
         s = read_json(path)
@@ -336,7 +336,7 @@ def full_summary(cfg: Config, n_classes: int) -> dict | None:
     Refused (like a stale fold) when on but missing or made from other settings."""
     if not cfg.train.full_fit:
         return None
-    path = cfg.run.full.summary
+    path = cfg.run_dir.full.summary
     choices = fold_choices(cfg)
     if not path.exists() or choices is None:
         raise PipelineError(f"train.full_fit is on but the full-data model of '{cfg.experiment}' is not finished "
@@ -348,7 +348,7 @@ def full_summary(cfg: Config, n_classes: int) -> dict | None:
 def feature_record(cfg: Config, k: int, classes: list) -> dict:
     """What fold k's cached backbone features depend on: the weights and the pixels fed to them."""
     a = cfg.aug
-    rec = {"format": 3, "weights": sha256_file(cfg.run.unit(k).weights), "classes": classes,
+    rec = {"format": 3, "weights": sha256_file(cfg.run_dir.unit(k).weights), "classes": classes,
            "img_size": a.img_size, "resize": a.resize, **pixel_record(cfg), "aug_views": cfg.rebalance.aug_views,
            "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed,
            "train_images": train_images(cfg)}
@@ -359,7 +359,7 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
 
 
 def rebalance_record(cfg: Config, k: int, classes: list, fold_choices: dict | None = None) -> dict:
-    """Fold k's heads; for the full-data model (k = FULL) also the folds' choices it repeats."""
+    """Fold k's heads; for the full-data model (k = FULL_FIT) also the folds' choices it repeats."""
     d = _drop_later_defaults(cfg.to_dict())
     rec = {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes)}
     return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}
@@ -367,7 +367,7 @@ def rebalance_record(cfg: Config, k: int, classes: list, fold_choices: dict | No
 
 def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
     """Fold k's finished stage-3 record, refused when missing or made from other settings/weights."""
-    path = cfg.run.fold(k).rebalance_summary
+    path = cfg.run_dir.fold(k).rebalance_summary
     if not path.exists():
         raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no rebalanced heads ({path}); "
                             f"run ./run.sh rebalance")
@@ -385,7 +385,7 @@ def resolve_heads(cfg: Config) -> list[str]:
     out = []
     for h in cfg.infer.heads:
         if h == "best":
-            path = cfg.run.rebalance_summary
+            path = cfg.run_dir.rebalance_summary
             if not path.exists():
                 raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
             h = read_json(path)["best"]
@@ -401,7 +401,7 @@ def oof_rows(cfg: Config, classes: list):
     if cfg.infer.oof != "off" and cfg.folds_csv.exists():
         df, fclasses = read_folds(cfg)
         if fclasses != classes:
-            raise PipelineError(f"{cfg.folds_csv} and {cfg.run.classes} have different class lists")
+            raise PipelineError(f"{cfg.folds_csv} and {cfg.run_dir.classes} have different class lists")
         if Path(df["path"].iloc[0]).exists():
             oof_df = df
     if oof_df is None and cfg.infer.oof == "on":
@@ -420,7 +420,7 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
     if test is None:
         test = read_test_table(cfg)
     if oof is None:
-        oof = oof_rows(cfg, read_json(cfg.run.classes)) is not None
+        oof = oof_rows(cfg, read_json(cfg.run_dir.classes)) is not None
     d = cfg.to_dict()["infer"]
     if not cfg.train.full_fit:
         d.pop("full_fit_weight")  # not read without a full-data model
@@ -429,11 +429,11 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
     rec = {"infer": d, "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
            "test_images": image_record(cfg, test["path"]),
            "train_images": train_images(cfg) if oof else None,  # OOF rows, and FixRes tuning, read them
-           "weights": [sha256_file(cfg.run.fold(k).weights) for k in range(n)],
-           "head_files": {h: [sha256_file(cfg.run.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
+           "weights": [sha256_file(cfg.run_dir.fold(k).weights) for k in range(n)],
+           "head_files": {h: [sha256_file(cfg.run_dir.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
            "oof": oof}
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:  # the full-data model joins the test mean
-        full = cfg.run.full
+        full = cfg.run_dir.full
         sha = lambda p: sha256_file(p) if p.exists() else "missing"  # noqa: E731
         rec["full"] = {"weights": sha(full.weights), "head_files": {h: sha(full.head(h)) for h in heads if h != "joint"}}
     return rec

@@ -65,7 +65,7 @@ def build_submission(sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, c
     return sub
 
 
-def plain_submission(ids: np.ndarray, probs: np.ndarray, classes: list, kind: str, id_col: str,
+def submission_without_sample(ids: np.ndarray, probs: np.ndarray, classes: list, kind: str, id_col: str,
                      label_col: str) -> pd.DataFrame:
     """A submission without a sample submission: the ids in test-folder order."""
     if kind == "label":

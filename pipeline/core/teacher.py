@@ -102,11 +102,11 @@ def teacher_record(t: Teacher, k_folds: int) -> dict:
 def check_folds(t: Teacher, folds_sha: str) -> None:
     """The student's fold k may only learn from the teacher's fold-k models if both use the same folds."""
     for exp in t.stage4:
-        s2 = layout.RunDir.of(exp).fold(0).summary
-        theirs = read_json(s2)["made_from"]["folds_file"] if s2.exists() else None
+        stage2 = layout.RunDir.of(exp).fold(0).summary
+        theirs = read_json(stage2)["made_from"]["folds_file"] if stage2.exists() else None
         if theirs != folds_sha:
             raise PipelineError(f"teacher '{t.name}': member '{exp}' was trained on another folds file than this "
-                                f"experiment ({s2}); fold k's targets must come from models that never saw fold k, so "
+                                f"experiment ({stage2}); fold k's targets must come from models that never saw fold k, so "
                                 f"student and teacher need the same folds (set folds.name, or retrain one of them)")
 
 
@@ -136,9 +136,9 @@ def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], 
     mcfg = load_config(run.config)
     classes = read_json(run.classes)
     C = len(classes)
-    s2 = read_json(run.fold(k).summary)
+    stage2 = read_json(run.fold(k).summary)
     policy = member_policy(mcfg, s4, plain)
-    norm = models.Normalize(s2["mean"], s2["std"]).to(device)
+    norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     dtype = None  # fp32: targets do not depend on the machine's autocast support
     out = {part: np.zeros((len(policy), len(p), C), np.float64) for part, p in paths.items()}
     stores = {part: open_store(mcfg, p) for part, p in paths.items() if len(p)}
@@ -206,13 +206,13 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 def fold_targets(cfg: Config, df, k: int, test, dist, device, teacher_rec: dict) -> dict:
     """The teachers' fold-k probabilities for the student's fold k: pseudo_test, distill_train, distill_test,
     as needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record
-    (`teacher_rec`: the stage-2 record's "teacher" entry). The full-data model (k = FULL) has no held-out rows
+    (`teacher_rec`: the stage-2 record's "teacher" entry). The full-data model (k = FULL_FIT) has no held-out rows
     to leak into: the teachers' stage-4/5 predictions serve it."""
     import time
 
     from .artifacts import sha256_file, write_json, write_npz
 
-    fd = cfg.run.unit(k)
+    fd = cfg.run_dir.unit(k)
     rec = {"teacher": teacher_rec, "fold": k}
     done = fd.teacher_meta.exists() and read_json(fd.teacher_meta).get("made_from") == rec  # provenance.up_to_date
     if dist.main and not done:
@@ -227,7 +227,7 @@ def fold_targets(cfg: Config, df, k: int, test, dist, device, teacher_rec: dict)
 
 
 def _teacher_targets(cfg: Config, df, k: int, test, device, folds_sha: str) -> dict[str, np.ndarray]:
-    full = k == layout.FULL
+    full = k == layout.FULL_FIT
     tr_paths = list(df["path"][df["fold"] != k])
     test_paths = list(test["path"]) if test is not None else []
     p, d = cfg.train.pseudo, cfg.train.distill

@@ -28,7 +28,7 @@ class Tracker:
     def __init__(self, cfg: Config, fold: int | str):
         name = f"fold{fold}" if isinstance(fold, int) else fold  # "full": the full-data model
         self.backend, self._run, self._writer = cfg.train.tracker, None, None
-        where = Path(cfg.train.tracker_dir or cfg.run.tracking).resolve()
+        where = Path(cfg.train.tracker_dir or cfg.run_dir.tracking).resolve()
         params = {k: str(v)[:250] for k, v in flatten(cfg.to_dict()).items()}
         try:
             if self.backend == "mlflow":
@@ -90,7 +90,7 @@ def wandb_run(cfg: Config, name: str, job: str):
     separate processes add to the same run)."""
     import wandb
 
-    where = Path(cfg.train.tracker_dir or cfg.run.tracking).resolve()
+    where = Path(cfg.train.tracker_dir or cfg.run_dir.tracking).resolve()
     where.mkdir(parents=True, exist_ok=True)
     mode = os.environ.get("WANDB_MODE") or ("online" if wandb_online() else "offline")
     key = f"{cfg.experiment}-{name}"

@@ -27,7 +27,7 @@ from ..core.errors import PipelineError
 from ..core.inference import PLAIN, candidate_probs
 from ..core.metrics import GREATER_IS_BETTER, cv, score
 from ..core.tta import BASELINE
-from ..core.submission import build_submission, combine, parse_members, plain_submission
+from ..core.submission import build_submission, combine, parse_members, submission_without_sample
 from ..core.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded, refuse_stale,
                                stale_reasons, up_to_date)
 
@@ -52,7 +52,7 @@ def made_of(members: list[dict]) -> dict:
     return {m["name"]: m["summary"]["made_from"] for m in members}
 
 
-def member_config(cfg: Config, exp: str) -> Config | None:
+def member_experiment_config(cfg: Config, exp: str) -> Config | None:
     """The config a member was last trained with (runs/<exp>/config.yaml), to check its stage-4
     output is current; None where it is not at hand (e.g. predictions copied into a kernel)."""
     if exp == cfg.experiment:
@@ -64,11 +64,11 @@ def member_config(cfg: Config, exp: str) -> Config | None:
 def check_current(cfg: Config, members: list[dict]) -> None:
     for m in members:
         exp = m["name"].split(":")[0]
-        mcfg = member_config(cfg, exp)
+        mcfg = member_experiment_config(cfg, exp)
         if mcfg is None or not mcfg.folds_csv.exists():
             continue
         rec = infer_record(mcfg)
-        path = mcfg.run.infer_summary
+        path = mcfg.run_dir.infer_summary
         if not up_to_date(path, rec):
             refuse_stale(path, describe_changes(recorded(path) or {}, rec),
                          f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)")
@@ -303,7 +303,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         sub = build_submission(sample, members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
                                cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)))
     else:  # no sample submission: every image of test_dir, sorted (as predict writes it)
-        sub = plain_submission(members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
+        sub = submission_without_sample(members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
                                cfg.data.id_col, cfg.data.label_col)
     write_csv(csv, sub)
     result["submission"] = str(csv)

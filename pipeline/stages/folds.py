@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..core.artifacts import read_json, sha256_obj, write_csv, write_json
 from ..core.config import Config
-from ..core.data import encode, make_classes, plain, read_train_table
+from ..core.data import encode, make_classes, to_builtin, read_train_table
 from ..core.errors import PipelineError
 from ..core.provenance import environment, stale_reasons, up_to_date
 
@@ -102,7 +102,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                                                         if cfg.data.layout == "csv" else cfg.data_path(cfg.data.train_dir)))
     encode(df["label"], classes, str(cfg.folds_csv))  # sanity: every label is encodable
     write_csv(cfg.folds_csv, df)
-    record = {"classes": [plain(c) for c in classes], "n_splits": cfg.folds.n_splits, "n_rows": len(df),
+    record = {"classes": [to_builtin(c) for c in classes], "n_splits": cfg.folds.n_splits, "n_rows": len(df),
               "made_from": made_from, "env": environment()}
     write_json(cfg.folds_record, record)
     log.info("wrote %s (%d rows, %d classes, %d folds); images per class and fold:\n%s",

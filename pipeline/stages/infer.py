@@ -39,7 +39,7 @@ from ..core.augment import open_store, pixel_record, valid_transform
 from ..core.images import ImageDataset
 from ..core.inference import (TestMean, default_policy, joint_head, parse_view, policy_probs, predict_policy,
                               tta_names)
-from ..core.layout import FULL
+from ..core.layout import FULL_FIT
 from ..core.loop import Step, run_epoch
 from ..core.metrics import GREATER_IS_BETTER, cv
 from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
@@ -64,30 +64,30 @@ class Inputs:
 
 
 @dataclass
-class Unit:
-    """One model stage 4 runs: fold k's (or the full-data model's, k = FULL) weights, plain or FixRes-tuned,
+class TtaModel:
+    """One model stage 4 runs: fold k's (or the full-data model's, k = FULL_FIT) weights, plain or FixRes-tuned,
     with its share of the test mean (OOF rows are predicted by their own fold's models only)."""
     k: int
     fixres: bool
     weight: float
-    s2: dict
+    stage2: dict
 
     @property
     def name(self) -> str:
-        return ("full fit" if self.k == FULL else f"fold {self.k}") + (" (FixRes)" if self.fixres else "")
+        return ("full fit" if self.k == FULL_FIT else f"fold {self.k}") + (" (FixRes)" if self.fixres else "")
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    if not cfg.run.classes.exists():
-        raise PipelineError(f"{cfg.run.classes} not found: experiment '{cfg.experiment}' has not been trained "
+    if not cfg.run_dir.classes.exists():
+        raise PipelineError(f"{cfg.run_dir.classes} not found: experiment '{cfg.experiment}' has not been trained "
                             f"(run ./run.sh train first)")
-    classes = read_json(cfg.run.classes)
+    classes = read_json(cfg.run_dir.classes)
     has_folds = cfg.folds_csv.exists()
     oof_df = oof_rows(cfg, classes)
     summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
     full = None
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:
-        full = full_summary(cfg, len(classes)) if has_folds else read_json(cfg.run.full.summary)
+        full = full_summary(cfg, len(classes)) if has_folds else read_json(cfg.run_dir.full.summary)
     heads = resolve_heads(cfg)
     if has_folds and any(h != "joint" for h in heads):
         for k in range(len(summaries)):
@@ -97,17 +97,17 @@ def load_inputs(cfg: Config) -> Inputs:
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
 
 
-def units(cfg: Config, inp: Inputs) -> list[Unit]:
+def units(cfg: Config, inp: Inputs) -> list[TtaModel]:
     fx = cfg.infer.fixres.size is not None
-    out = [Unit(k, f, 1.0, s2) for k, s2 in enumerate(inp.summaries) for f in ((False, True) if fx else (False,))]
+    out = [TtaModel(k, f, 1.0, stage2) for k, stage2 in enumerate(inp.summaries) for f in ((False, True) if fx else (False,))]
     if inp.full is not None:
-        out += [Unit(FULL, f, cfg.infer.full_fit_weight, inp.full) for f in ((False, True) if fx else (False,))]
+        out += [TtaModel(FULL_FIT, f, cfg.infer.full_fit_weight, inp.full) for f in ((False, True) if fx else (False,))]
     return out
 
 
 def status(cfg: Config) -> list[str]:
     """Why stage 4 would do work now (empty: up to date)."""
-    return stale_reasons(cfg.run.infer_summary, load_inputs(cfg).made_from)
+    return stale_reasons(cfg.run_dir.infer_summary, load_inputs(cfg).made_from)
 
 
 # ----------------------------------------------------------------------------- FixRes
@@ -115,7 +115,7 @@ def fixres_record(cfg: Config, k: int) -> dict:
     """What a FixRes-tuned copy of fold k's (or the full model's) weights is made from."""
     d = cfg.to_dict()
     aug = {x: v for x, v in d["aug"].items() if x not in ("cache", "cache_dir", "cache_max_gb")}
-    return {"fixres": d["infer"]["fixres"], "lr": fixres_lr(cfg), "weights": sha256_file(cfg.run.unit(k).weights),
+    return {"fixres": d["infer"]["fixres"], "lr": fixres_lr(cfg), "weights": sha256_file(cfg.run_dir.unit(k).weights),
             "folds_file": sha256_file(cfg.folds_csv), "train_images": train_images(cfg), "aug": aug,
             **pixel_record(cfg), "batch_size": cfg.train.batch_size, "seed": cfg.seed,
             "amp": d["train"]["amp"], "channels_last": d["train"]["channels_last"]}
@@ -125,13 +125,13 @@ def fixres_lr(cfg: Config) -> float:
     return cfg.infer.fixres.lr if cfg.infer.fixres.lr is not None else cfg.train.lr / 10
 
 
-def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: Unit, n_classes: int, device, dtype):
+def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: TtaModel, n_classes: int, device, dtype):
     """FixRes (Touvron et al. 2019): the model with its normalisation layers and classifier fine-tuned at the
     test size on its own training rows (fold k: the rows it trained on, never its held-out ones; the full
     model: every row). BatchNorm statistics are re-estimated there (a cumulative average over the epoch, not
     a decayed one). Kept in runs/<exp>/infer/fixres/<unit>.safetensors with its record."""
-    fd = cfg.run.unit(u.k)
-    path, meta = cfg.run.fixres(fd.name), cfg.run.fixres_meta(fd.name)
+    fd = cfg.run_dir.unit(u.k)
+    path, meta = cfg.run_dir.fixres(fd.name), cfg.run_dir.fixres_meta(fd.name)
     if df is None:  # test-only inference (infer.oof=off without the train data): use what was tuned before
         if not path.exists():
             raise PipelineError(f"infer.fixres needs {path}: tune it where the train images are (stage 4 with "
@@ -145,7 +145,7 @@ def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: Unit, n_classes: int
     crop = int(round(cfg.aug.img_size * fx.size))
     model = models.load_trained(cfg, fd.weights, n_classes).to(device)
     prepare_model(cfg, model, device)
-    norm = models.Normalize(u.s2["mean"], u.s2["std"]).to(device)
+    norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
     tuned = [p for p in model.get_classifier().parameters()]
     norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
     for m in norms:
@@ -211,9 +211,9 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
     bar = Progress(n_images, f"stage 4 of {cfg.experiment}", "view-img")
     for u, sel in plan:
         model = (fixres_weights(cfg, inp.oof_df, u, C, device, dtype) if u.fixres
-                 else models.load_trained(cfg, cfg.run.unit(u.k).weights, C)).to(device)
+                 else models.load_trained(cfg, cfg.run_dir.unit(u.k).weights, C)).to(device)
         prepare_model(cfg, model, device)
-        norm = models.Normalize(u.s2["mean"], u.s2["std"]).to(device)
+        norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
         heads = {h: _load_head(cfg, u.k, h, model) for h in inp.heads}
         views = [names[i] for i in sel]
         for h, lg in predict_policy(cfg, model, norm, heads, test_store, views, device, dtype,
@@ -225,7 +225,7 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
                                         on_batch=bar.update).items():
                 oof_logits[h][np.ix_(sel, rows)] = lg
         log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
-        fault_point(f"infer:after-fold:{u.k if u.k != FULL else 'full'}{':fixres' if u.fixres else ''}")
+        fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
     bar.close()
     return {h: m.result() for h, m in test_mean.items()}, oof_logits, n_images
 
@@ -233,11 +233,11 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, force: bool = False) -> dict:
     inp = load_inputs(cfg)
-    if not force and up_to_date(cfg.run.infer_summary, inp.made_from):
+    if not force and up_to_date(cfg.run_dir.infer_summary, inp.made_from):
         log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)
-        return read_json(cfg.run.infer_summary)
+        return read_json(cfg.run_dir.infer_summary)
     names = tta_names(cfg)
-    with experiment_lock(cfg.run.infer):
+    with experiment_lock(cfg.run_dir.infer):
         t0 = time.perf_counter()
         test_logits, oof_logits, n_images = predict_all(cfg, inp, names)
         seconds = time.perf_counter() - t0
@@ -249,18 +249,18 @@ def run(cfg: Config, force: bool = False) -> dict:
             report = tta_report(cfg, inp, oof_logits, names, policy)
         write_predictions(cfg, inp, test_logits, oof_logits, names, policy)
         if not report.empty:
-            write_csv(cfg.run.infer_report, report)
+            write_csv(cfg.run_dir.infer_report, report)
         summary = {"experiment": cfg.experiment, "heads": inp.heads, "primary": inp.heads[0], "policy": policy,
                    "searched": searched, "merge": cfg.infer.merge, "classes": inp.classes,
                    "folds_file": sha256_file(cfg.folds_csv) if cfg.folds_csv.exists() else None,
                    "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
                    "images_per_s": n_images / seconds, "seconds": seconds, "made_from": inp.made_from,
                    "full_fit_weight": cfg.infer.full_fit_weight if inp.full is not None else 0.0,
-                   "fixres_files": {fd.name: sha256_file(cfg.run.fixres(fd.name)) for fd in
-                                    (cfg.run.unit(u.k) for u in units(cfg, inp) if u.fixres)},
+                   "fixres_files": {fd.name: sha256_file(cfg.run_dir.fixres(fd.name)) for fd in
+                                    (cfg.run_dir.unit(u.k) for u in units(cfg, inp) if u.fixres)},
                    "env": environment()}
         keep_image_snapshots(inp.made_from)
-        write_json(cfg.run.infer_summary, summary)
+        write_json(cfg.run_dir.infer_summary, summary)
     if not report.empty:
         pol = report[(report["head"] == inp.heads[0]) & (report["views"] == "policy")]
         tracking.report(cfg, "infer", report, {"policy": " ".join(policy), "cv_policy": float(pol["cv_mean"].iloc[0])})
@@ -285,18 +285,18 @@ def write_predictions(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: d
                       policy: list[str]) -> None:
     classes = np.array([str(c) for c in inp.classes])
     for h in inp.heads:
-        write_npz(cfg.run.infer_test(h), ids=inp.test["id"].values, classes=classes,
+        write_npz(cfg.run_dir.infer_test(h), ids=inp.test["id"].values, classes=classes,
                   probs=policy_probs(test_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
                   view_logits=test_logits[h].astype(np.float32), views=np.array(names))
         if inp.oof_df is not None:
-            write_npz(cfg.run.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
+            write_npz(cfg.run_dir.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
                       fold=inp.oof_df["fold"].values, classes=classes,
                       probs=policy_probs(oof_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
                       view_logits=oof_logits[h].astype(np.float32), views=np.array(names))
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
-    return joint_head(model) if variant == "joint" else Head.load(cfg.run.unit(k).head(variant))[0]
+    return joint_head(model) if variant == "joint" else Head.load(cfg.run_dir.unit(k).head(variant))[0]
 
 
 def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarray) -> dict:

@@ -38,7 +38,7 @@ from ..core.data import read_folds
 from ..core.errors import PipelineError
 from ..core.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
 from ..core.images import ImageDataset
-from ..core.layout import FULL
+from ..core.layout import FULL_FIT
 from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
 from ..core.provenance import (environment, feature_record, full_summary, keep_image_snapshots, rebalance_record,
                                stage2_summary, stale_reasons, up_to_date)
@@ -50,10 +50,10 @@ log = logging.getLogger("pipeline")
 
 
 # ----------------------------------------------------------------------------- features
-def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict) -> dict[str, np.ndarray]:
-    """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows (k = FULL: the
+def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, stage2: dict) -> dict[str, np.ndarray]:
+    """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows (k = FULL_FIT: the
     full-data model, every row a train row, none held out)."""
-    fd = cfg.run.unit(k)
+    fd = cfg.run_dir.unit(k)
     weights = fd.weights
     record = feature_record(cfg, k, classes)
     if fd.features.exists() and up_to_date(fd.features_meta, record):
@@ -63,7 +63,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     device = pick_device(cfg, Dist())
     dtype = amp_dtype(cfg, device)
     model = prepare_model(cfg, models.load_trained(cfg, weights, len(classes)), device)
-    norm = models.Normalize(s2["mean"], s2["std"]).to(device)
+    norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     in_fold = df["fold"].values == k
     tr, va = df[~in_fold], df[in_fold]
     store = open_store(cfg, df["path"])  # the store stage 2 read: every fold's rows in one file
@@ -94,7 +94,7 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, s2: dict
     feats["joint_weight"] = clf.weight.detach().cpu().numpy()
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
     joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
-    oof = read_npz(fd.oof) if k != FULL else {"logits": joint}  # the full-data model holds nothing out
+    oof = read_npz(fd.oof) if k != FULL_FIT else {"logits": joint}  # the full-data model holds nothing out
     tol = 1e-3 if dtype is None else 2e-2  # the classifier runs in fp32 in both; bf16 backbones round a little
     if not np.allclose(joint, oof["logits"], atol=tol, rtol=tol):
         raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
@@ -191,9 +191,9 @@ def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- per fold
 def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool) -> dict:
-    s2 = stage2_summary(cfg, k, len(classes))
-    fd = cfg.run.fold(k)
-    feats = fold_features(cfg, df, classes, k, s2)
+    stage2 = stage2_summary(cfg, k, len(classes))
+    fd = cfg.run_dir.fold(k)
+    feats = fold_features(cfg, df, classes, k, stage2)
     made_from = rebalance_record(cfg, k, classes)
     if not force and up_to_date(fd.rebalance_summary, made_from):
         log.info("fold %d: rebalanced heads up to date, skipped", k)
@@ -226,14 +226,14 @@ def full_choices(cfg: Config, summaries: list[dict]) -> dict:
 def rebalance_full(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict], force: bool) -> dict:
     """Stage 3 of the full-data model (train.full_fit): each variant's head on every row's features, with
     the value the folds chose (no CV of its own; stage 4 uses the heads on test images only)."""
-    fd = cfg.run.full
-    s2 = full_summary(cfg, len(classes))
+    fd = cfg.run_dir.full
+    stage2 = full_summary(cfg, len(classes))
     chosen = full_choices(cfg, summaries)
-    made_from = rebalance_record(cfg, FULL, classes, chosen)
+    made_from = rebalance_record(cfg, FULL_FIT, classes, chosen)
     if not force and up_to_date(fd.rebalance_summary, made_from):
         log.info("full fit: rebalanced heads up to date, skipped")
         return read_json(fd.rebalance_summary)
-    feats = fold_features(cfg, df, classes, FULL, s2)
+    feats = fold_features(cfg, df, classes, FULL_FIT, stage2)
     t0 = time.perf_counter()
     for v, h in heads_with_choices(cfg.rebalance, feats, len(classes), chosen, cfg.seed + 1000).items():
         h.save(fd.head(v), {"variant": v, "fold": "full", "classes": classes, "from_folds": chosen.get(v)})
@@ -255,7 +255,7 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
     counts = np.bincount(df["y"].values, minlength=len(classes))
     for v in variants:
         per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
-        oofs = [read_npz(cfg.run.fold(s["fold"]).head_oof(v)) for s in summaries]
+        oofs = [read_npz(cfg.run_dir.fold(s["fold"]).head_oof(v)) for s in summaries]
         pooled = compute(np.concatenate([o["y"] for o in oofs]), softmax(np.concatenate([o["logits"] for o in oofs])),
                          counts * (cfg.folds.n_splits - 1) / cfg.folds.n_splits, cfg.eval.many_shot, cfg.eval.few_shot,
                          metric)
@@ -268,7 +268,7 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
     asc = not GREATER_IS_BETTER[metric]
     table = table.sort_values(f"{metric}_mean", ascending=asc, kind="stable").reset_index(drop=True)
     best = table["variant"].iloc[0]
-    run = cfg.run
+    run = cfg.run_dir
     write_csv(run.rebalance_csv, table)
     md = [f"# Rebalancing report: {cfg.experiment}", "",
           f"CV over {len(summaries)} folds (mean and std of per-fold {metric}; pooled = on all OOF rows). "
@@ -297,21 +297,21 @@ def status(cfg: Config) -> list[str]:
     df, classes = read_folds(cfg)
     reasons, summaries = [], []
     for k in range(int(df["fold"].max()) + 1):
-        fd = cfg.run.fold(k)
+        fd = cfg.run_dir.fold(k)
         if not fd.weights.exists():
             reasons.append(f"fold {k}: waits for stage-2 weights")
             continue
         reasons += stale_reasons(fd.rebalance_summary, rebalance_record(cfg, k, classes), f"fold {k}: ")
         if fd.rebalance_summary.exists():
             summaries.append(read_json(fd.rebalance_summary))
-    if not reasons and not up_to_date(cfg.run.rebalance_summary, _report_record(summaries)):
+    if not reasons and not up_to_date(cfg.run_dir.rebalance_summary, _report_record(summaries)):
         reasons.append("report: out of date")
     if not reasons and cfg.train.full_fit:
-        if not cfg.run.full.weights.exists():
+        if not cfg.run_dir.full.weights.exists():
             reasons.append("full fit: waits for its stage-2 weights")
         else:
-            reasons += stale_reasons(cfg.run.full.rebalance_summary,
-                                     rebalance_record(cfg, FULL, classes, full_choices(cfg, summaries)), "full fit: ")
+            reasons += stale_reasons(cfg.run_dir.full.rebalance_summary,
+                                     rebalance_record(cfg, FULL_FIT, classes, full_choices(cfg, summaries)), "full fit: ")
     return reasons
 
 
@@ -325,21 +325,21 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
     folds = [fold] if fold is not None else list(range(n_splits))
     check_inner_folds(cfg, df, folds)
     for k in folds:
-        with experiment_lock(cfg.run.fold(k).dir):
+        with experiment_lock(cfg.run_dir.fold(k).dir):
             rebalance_fold(cfg, df, classes, k, force)
-    done = [k for k in range(n_splits) if cfg.run.fold(k).rebalance_summary.exists()]
+    done = [k for k in range(n_splits) if cfg.run_dir.fold(k).rebalance_summary.exists()]
     if len(done) < n_splits:
         log.info("report waits for every fold: rebalanced %s of %d", done, n_splits)
         return None
-    summaries = [read_json(cfg.run.fold(k).rebalance_summary) for k in range(n_splits)]
+    summaries = [read_json(cfg.run_dir.fold(k).rebalance_summary) for k in range(n_splits)]
     stale = [s["fold"] for s in summaries if s["made_from"] != rebalance_record(cfg, s["fold"], classes)]
     if stale:
         log.info("report waits: fold(s) %s were rebalanced with other settings or weights", stale)
         return None
     if cfg.train.full_fit:
-        with experiment_lock(cfg.run.full.dir):
+        with experiment_lock(cfg.run_dir.full.dir):
             rebalance_full(cfg, df, classes, summaries, force)
-    if not force and up_to_date(cfg.run.rebalance_summary, _report_record(summaries)):
+    if not force and up_to_date(cfg.run_dir.rebalance_summary, _report_record(summaries)):
         log.info("stage-3 report of '%s' is up to date", cfg.experiment)
-        return read_json(cfg.run.rebalance_summary)
+        return read_json(cfg.run_dir.rebalance_summary)
     return report(cfg, df, classes, summaries)

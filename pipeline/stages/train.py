@@ -42,7 +42,7 @@ from ..core.data import read_folds, read_test_table
 from ..core.distributed import Dist, run_per_device
 from ..core.errors import PipelineError
 from ..core.images import ConcatView, EpochBatches, ImageDataset
-from ..core.layout import FULL, FoldDir  # FULL: the full-data model's fold index; `fold != FULL` is every row
+from ..core.layout import FULL_FIT, FoldDir  # FULL_FIT: the full-data model's fold index; `fold != FULL_FIT` is every row
 from ..core.loop import EpochResult, Step, run_epoch, sync_interval
 from ..core.losses import SoftTargetLoss, effective_number_weights, ldam_margins
 from ..core.metrics import better, compute, softmax
@@ -110,7 +110,7 @@ class FoldState:
 
 @dataclass
 class FoldRun:
-    """One trained unit: fold k, or the full-data model (k = FULL: every row trains, none is held out)."""
+    """One trained unit: fold k, or the full-data model (k = FULL_FIT: every row trains, none is held out)."""
     cfg: Config
     k: int
     dist: Dist
@@ -129,7 +129,7 @@ class FoldRun:
 
     @property
     def full(self) -> bool:
-        return self.k == FULL
+        return self.k == FULL_FIT
 
     @property
     def label(self) -> str:
@@ -168,12 +168,12 @@ def resume_or_skip(paths: FoldDir, rec: dict, label: str, force: bool, dist: Dis
 # ----------------------------------------------------------------------------- set-up
 def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths: FoldDir | None = None,
            rec: dict | None = None) -> FoldRun:
-    """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k (k = FULL: every row trains)."""
-    paths = paths or cfg.run.unit(k)
+    """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k (k = FULL_FIT: every row trains)."""
+    paths = paths or cfg.run_dir.unit(k)
     rec = rec or train_record(cfg)
     device = pick_device(cfg, dist)
     set_backend_flags(cfg, device)
-    if k != FULL and not (df["fold"] == k).any():
+    if k != FULL_FIT and not (df["fold"] == k).any():
         raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
     training.seed_epoch(cfg.seed, -1)  # the initial weights
     model = create_model(cfg, n_classes)
@@ -213,7 +213,7 @@ def _fold_data(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist
     batches = EpochBatches(lambda e: epoch_indices(t.sampler, sampled, n_classes, cfg.seed, e, t.epochs),
                            len(sampled), t.batch_size, dist.world, dist.rank)
     if len(batches) < t.accum_steps:
-        raise PipelineError(f"{'full fit' if k == FULL else f'fold {k}'}: {len(y_tr)} training images make "
+        raise PipelineError(f"{'full fit' if k == FULL_FIT else f'fold {k}'}: {len(y_tr)} training images make "
                             f"{len(batches)} batch(es) of {t.batch_size} x {dist.world} process(es); lower "
                             f"train.batch_size or accum_steps")
     va_idx = np.arange(len(va_ds))[dist.rank::dist.world]
@@ -408,12 +408,12 @@ def stop_early(r: FoldRun, epoch: int) -> bool:
 
 # ----------------------------------------------------------------------------- a unit from start to end
 def train_unit(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
-    """Fold k, or the full-data model (k = FULL): skip when up to date, resume when interrupted, train its
+    """Fold k, or the full-data model (k = FULL_FIT): skip when up to date, resume when interrupted, train its
     epochs (a fold validates each and may stop early), then write its weights and summary (main process)."""
-    choices = fold_choices(cfg) if k == FULL else None
-    paths = cfg.run.unit(k)
-    rec = full_record(cfg, choices) if k == FULL else train_record(cfg)
-    done, resume = resume_or_skip(paths, rec, "full fit" if k == FULL else f"fold {k}", force, dist)
+    choices = fold_choices(cfg) if k == FULL_FIT else None
+    paths = cfg.run_dir.unit(k)
+    rec = full_record(cfg, choices) if k == FULL_FIT else train_record(cfg)
+    done, resume = resume_or_skip(paths, rec, "full fit" if k == FULL_FIT else f"fold {k}", force, dist)
     if done is not None:
         return done
     r = set_up(cfg, df, len(classes), k, dist, paths, rec)
@@ -550,7 +550,7 @@ def status(cfg: Config) -> list[str]:
     df, _ = read_folds(cfg)
     rec, reasons = train_record(cfg), []
     for k in range(int(df["fold"].max()) + 1):
-        fd = cfg.run.fold(k)
+        fd = cfg.run_dir.fold(k)
         if not fd.summary.exists() and fd.checkpoint.exists():
             reasons.append(f"fold {k}: interrupted, resumes from {fd.checkpoint.name}")
         else:
@@ -560,7 +560,7 @@ def status(cfg: Config) -> list[str]:
         if choices is None:
             reasons.append("full fit: waits for every fold")
         else:
-            reasons += stale_reasons(cfg.run.full.summary, full_record(cfg, choices), "full fit: ")
+            reasons += stale_reasons(cfg.run_dir.full.summary, full_record(cfg, choices), "full fit: ")
     return reasons
 
 
@@ -579,12 +579,12 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
         create_model(cfg, len(classes))  # before anything is written
     train_record(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
     if dist.main:
-        write_text(cfg.run.config, config_to_yaml(cfg))
-        write_json(cfg.run.classes, classes)
+        write_text(cfg.run_dir.config, config_to_yaml(cfg))
+        write_json(cfg.run_dir.classes, classes)
     dist.barrier()
     summaries = []
     for k in folds:
-        lock = experiment_lock(cfg.run.fold(k).dir) if dist.main else nullcontext()
+        lock = experiment_lock(cfg.run_dir.fold(k).dir) if dist.main else nullcontext()
         with lock:
             summaries.append(train_unit(cfg, df, classes, k, force, dist))
     if dist.main:
@@ -602,8 +602,8 @@ def _maybe_full(cfg: Config, df: pd.DataFrame, classes: list, force: bool, dist:
         if dist.main:
             log.info("full fit waits for every fold to finish (./run.sh train without --fold trains it)")
         return
-    with experiment_lock(cfg.run.full.dir) if dist.main else nullcontext():
-        train_unit(cfg, df, classes, FULL, force, dist)
+    with experiment_lock(cfg.run_dir.full.dir) if dist.main else nullcontext():
+        train_unit(cfg, df, classes, FULL_FIT, force, dist)
 
 
 def print_fold_table(cfg: Config, summaries: list[dict]) -> None:
@@ -633,6 +633,6 @@ def _run_parallel(cfg: Config, folds: list[int], force: bool, gpus: str) -> list
         Path(resolved).unlink()
     if failed:
         raise PipelineError(f"fold(s) {failed} failed; see their messages above")
-    summaries = [read_json(cfg.run.fold(k).summary) for k in folds]
+    summaries = [read_json(cfg.run_dir.fold(k).summary) for k in folds]
     print_fold_table(cfg, summaries)
     return summaries

@@ -113,7 +113,7 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
 
 
 # ----------------------------------------------------------------------------- one member
-def member_config(mcfg: Config, s4: dict, submission: str) -> dict:
+def bundle_member_config(mcfg: Config, s4: dict, submission: str) -> dict:
     """The config sections inference reads, with every derived pixel setting resolved (so a bundle does
     not depend on timm's pretrained defaults of another version)."""
     d = mcfg.to_dict()
@@ -150,9 +150,9 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     fixres = any(parse_view(v)[2] for v in policy)
     full_weight = s4.get("full_fit_weight", 0.0)
     folds, full, normalised = [], None, False
-    for k in list(range(K)) + ([layout.FULL] if full_weight > 0 else []):
+    for k in list(range(K)) + ([layout.FULL_FIT] if full_weight > 0 else []):
         unit = run.unit(k)
-        s2 = read_json(unit.summary)
+        stage2 = read_json(unit.summary)
         h = Head.load(unit.head(head))[0] if head != "joint" else None
         if h is not None and h.normalize:  # cosine heads are not a linear layer: kept as a file, applied by predict
             normalised = True
@@ -173,10 +173,10 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
             if onnx and src == unit.weights:
                 export_onnx(mcfg, model, Head.load(target.head(k))[0] if normalised else joint_head(model),
                             target.onnx(k))
-        if k == layout.FULL:
-            full = {"weight": full_weight, "mean": s2["mean"], "std": s2["std"], "epoch": s2["epoch"]}
+        if k == layout.FULL_FIT:
+            full = {"weight": full_weight, "mean": stage2["mean"], "std": stage2["std"], "epoch": stage2["epoch"]}
         else:
-            folds.append({"fold": k, "mean": s2["mean"], "std": s2["std"], "score": s2["score"], "epoch": s2["epoch"]})
+            folds.append({"fold": k, "mean": stage2["mean"], "std": stage2["std"], "score": stage2["score"], "epoch": stage2["epoch"]})
     info = {"name": name, "experiment": run.name, "head": head, "arch": mcfg.model.arch, "classes": classes,
             "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": policy, "merge": s4["merge"],
             "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,
@@ -187,7 +187,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
                                 if mcfg.model.pool == "avg" else
                                 f"model.pool={mcfg.model.pool} replaces timm's pooling layer: load with "
                                 f"pipeline.core.models.create_model")}
-    write_text(target.config, yaml.safe_dump(member_config(mcfg, s4, submission), sort_keys=False))
+    write_text(target.config, yaml.safe_dump(bundle_member_config(mcfg, s4, submission), sort_keys=False))
     write_json(target.info, info)
     return info
 

@@ -171,8 +171,8 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
         r = ens[0]
         folds = set()
         for m in s["members"]:
-            s2 = RunDir.of(m.split(":")[0], runs).fold(0).summary
-            folds.add(read_json(s2)["made_from"].get("folds_file") if s2.exists() else None)
+            stage2 = RunDir.of(m.split(":")[0], runs).fold(0).summary
+            folds.add(read_json(stage2)["made_from"].get("folds_file") if stage2.exists() else None)
         fh = folds.pop() if len(folds) == 1 else None
         rows.append({"experiment": s["name"], "model": f"ensemble ({s['method']})", "img_size": None, "epochs": None,
                      "recipe": "",

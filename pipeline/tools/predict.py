@@ -37,7 +37,7 @@ from ..core.inference import TestMean, joint_head, parse_view, policy_probs, pre
 from ..core.metrics import GREATER_IS_BETTER
 from ..core.progress import Progress
 from ..core.runtime import amp_dtype, pick_device, prepare_model
-from ..core.submission import build_submission, combine, plain_submission
+from ..core.submission import build_submission, combine, submission_without_sample
 
 log = logging.getLogger("pipeline")
 
@@ -56,9 +56,9 @@ class Member:
         return len(self.info["folds"])
 
     def units(self) -> list[tuple[int, float]]:
-        """(fold index or FULL, share of the test mean) of every model of the member."""
+        """(fold index or FULL_FIT, share of the test mean) of every model of the member."""
         full = self.info.get("full")
-        return [(k, 1.0) for k in range(self.folds)] + ([(layout.FULL, full["weight"])] if full else [])
+        return [(k, 1.0) for k in range(self.folds)] + ([(layout.FULL_FIT, full["weight"])] if full else [])
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -95,7 +95,7 @@ def fold_model(m: Member, k: int, device, fixres: bool = False) -> tuple[torch.n
     weights = m.files.fixres_weights(k) if fixres else m.files.weights(k)
     model = models.load_trained(m.cfg, weights, m.info["num_classes"]).to(device)
     prepare_model(m.cfg, model, device)
-    f = m.info["full"] if k == layout.FULL else m.info["folds"][k]
+    f = m.info["full"] if k == layout.FULL_FIT else m.info["folds"][k]
     norm = models.Normalize(f["mean"], f["std"]).to(device)
     head = joint_head(model) if m.info["head_in_weights"] else Head.load(m.files.head(k))[0]
     return model, norm, {m.info["head"]: head}
@@ -215,7 +215,7 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
             sub = build_submission(read_sample_submission(cfg0), ids, ens, classes, manifest["submission"],
                                    manifest["data"]["label_col"], str(sample))
         else:
-            sub = plain_submission(ids, ens, classes, manifest["submission"], manifest["data"]["id_col"],
+            sub = submission_without_sample(ids, ens, classes, manifest["submission"], manifest["data"]["id_col"],
                                    manifest["data"]["label_col"])
         write_csv(out, sub)
     finally:
