@@ -46,156 +46,187 @@ STAGES = [
     Stage("4", "infer", "pipeline.stages.infer", "multi-scale TTA on OOF rows and test images -> runs/<exp>/infer/", False),
     Stage("5", "ensemble", "pipeline.stages.ensemble", "combine experiments, write submissions/<name>.csv", False),
 ]
-EXTRA = {
-    "all": "run what is stale of stages 1-5 (and of the experiments in run_also), skip what is up to date, "
-           "then print the score table and write reports/",
-    "status": "say, per stage, whether its outputs are up to date and if not why (what changed)",
-    "leaderboard": "rank every experiment under runs/ by CV -> reports/leaderboard.{csv,md} "
-                   "[--sort COL] [--filter GLOB] [--best]",
-    "compare": "compare A B: config differences next to per-fold metric differences",
-    "report": "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
-    "cache": "the decoded-image stores: images, side, size on disk, last use [--clear: remove them]",
-    "doctor": "a one-minute check of this machine: a few training and inference steps in every mode "
-              "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode [--quick]",
-    "selfcheck": "the fault-injection and bad-input matrix on a tiny competition, as a table [--quick]",
-    "lr-find": "the learning-rate range test on one fold -> reports/<exp>/lr_find.{png,csv} and a suggested "
-               "train.lr [--fold K] [--steps N]",
-    "export": "pack the ensemble for offline inference (a Kaggle code competition) -> exports/<name>/ "
-              "[--out DIR] [--zip] [--onnx]",
-    "predict": "the submission from a bundle alone: --bundle DIR --test-dir DIR [--sample-submission FILE] "
-               "--out FILE [--batch-size N] [--device auto|cpu|cuda] [--time-budget MIN] [--tmp-dir DIR]",
-    "weights": "weights import SRC --arch NAME --out FILE: a checkpoint in another naming -> timm-named "
-               ".safetensors for model.pretrained_path (+ its record: source sha256, mapping, mean/std)",
-    "help": "show this help",
+
+# ----------------------------------------------------------------------------- options and commands
+# Every option once: its flags and argparse settings (the help text included). A command lists the options it
+# takes; any other option is an error for it.
+OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "config": (("--config",), dict(default=DEFAULT_CONFIG, metavar="FILE",
+                                   help=f"experiment config (default: {DEFAULT_CONFIG})")),
+    "root": (("--root",), dict(default=argparse.SUPPRESS, metavar="DIR",
+                               help="the project folder (default: $PIPELINE_ROOT, else the current folder)")),
+    "force": (("--force",), dict(action="store_true", help="redo work that is already done")),
+    "allow-stale": (("--allow-stale",), dict(action="store_true",
+                                             help="use inputs made from other settings (warns instead of refusing)")),
+    "fold": (("--fold",), dict(type=int, default=None, metavar="K", help="only fold K")),
+    "gpus": (("--gpus",), dict(default=None, metavar="0,1,..", help="one fold per GPU in parallel")),
+    "sort": (("--sort",), dict(default=None, metavar="COL", help="the column to rank by (default: CV)")),
+    "filter": (("--filter",), dict(default=None, metavar="GLOB", help="experiment name GLOB, or COL=GLOB")),
+    "best": (("--best",), dict(action="store_true", help="one row per experiment")),
+    "clear": (("--clear",), dict(action="store_true", help="remove the stores")),
+    "quick": (("--quick",), dict(action="store_true", help="the short version (see above)")),
+    "out": (("--out",), dict(default=None, metavar="PATH", help="where to write (see above)")),
+    "zip": (("--zip",), dict(action="store_true", help="also <out>.zip")),
+    "onnx": (("--onnx",), dict(action="store_true", help="also fold<k>/model.onnx (needs onnx)")),
+    "bundle": (("--bundle",), dict(default=None, metavar="DIR|ZIP", help="an export bundle (required)")),
+    "test-dir": (("--test-dir",), dict(default=None, metavar="DIR", help="the test images (required)")),
+    "sample-submission": (("--sample-submission",), dict(default=None, metavar="FILE",
+                                                         help="fixes the ids, their order and the columns")),
+    "batch-size": (("--batch-size",), dict(type=int, default=None, metavar="N", help="images per batch")),
+    "device": (("--device",), dict(default="auto", choices=["auto", "cpu", "cuda"], help="where to run")),
+    "time-budget": (("--time-budget",), dict(type=float, default=None, metavar="MIN",
+                                             help="drop the least useful TTA views to finish in time")),
+    "tmp-dir": (("--tmp-dir",), dict(default=None, metavar="DIR", help="where to unpack a zipped bundle")),
+    "steps": (("--steps",), dict(type=int, default=100, metavar="N", help="at most N steps (default 100)")),
+    "arch": (("--arch",), dict(default=None, metavar="NAME", help="the timm architecture the weights are for")),
+    "mean": (("--mean",), dict(default=None, metavar="R,G,B", help="the weights' input mean (default: timm's)")),
+    "std": (("--std",), dict(default=None, metavar="R,G,B", help="the weights' input std (default: timm's)")),
+    "crop-pct": (("--crop-pct",), dict(type=float, default=None, metavar="F", help="the weights' crop_pct")),
 }
+CONFIG_OPTS = ("config", "root")
+STAGE_OPTS = CONFIG_OPTS + ("force", "allow-stale")
+OVERRIDES = ("overrides", "key=value", "override any config entry, e.g. train.epochs=3")
 
 
-COMMON = ["--config FILE   experiment config (default: configs/demo.yaml)",
-          "--root DIR      the project folder (default: $PIPELINE_ROOT, else the current folder)",
-          "key=value       override any config entry, e.g. train.epochs=3"]
-STAGE_OPTS = ["--force         redo work that is already done",
-              "--allow-stale   use inputs made from other settings (warns instead of refusing)"]
-COMMAND_HELP = {  # command -> (module whose docstring says what it reads and writes, or a text; options; example)
-    "folds": ("pipeline.stages.folds", COMMON + STAGE_OPTS, "./run.sh folds folds.n_splits=5"),
-    "train": ("pipeline.stages.train", COMMON + STAGE_OPTS + ["--fold K        only fold K",
-              "--gpus 0,1,...  one fold per GPU in parallel"], "./run.sh train --fold 0 train.epochs=3"),
-    "rebalance": ("pipeline.stages.rebalance", COMMON + STAGE_OPTS + ["--fold K        only fold K"],
-                  "./run.sh rebalance rebalance.variants=[joint,crt,tau]"),
-    "infer": ("pipeline.stages.infer", COMMON + STAGE_OPTS, "./run.sh infer infer.views=[orig,hflip] infer.scales=[1,1.15]"),
-    "ensemble": ("pipeline.stages.ensemble", COMMON + STAGE_OPTS,
-                 "./run.sh ensemble ensemble.members=[exp_a,exp_b:crt] ensemble.method=weighted"),
-    "lr-find": ("pipeline.tools.lr_find", COMMON + ["--fold K        the fold whose training rows it uses (default 0)",
-                "--steps N       at most N steps (default 100)"], "./run.sh lr-find model.arch=convnext_tiny"),
-    "export": ("pipeline.tools.export", COMMON + ["--out DIR       the bundle folder (default exports/<name>/)",
-               "--zip           also <out>.zip", "--onnx          also fold<k>/model.onnx (needs onnx)"],
-               "./run.sh export --zip"),
-    "predict": ("pipeline.tools.predict", ["--bundle DIR|ZIP, --test-dir DIR, --out FILE (required)",
-                "--sample-submission FILE", "--batch-size N", "--device auto|cpu|cuda",
-                "--time-budget MIN  drop the least useful TTA views to finish in time", "--tmp-dir DIR"],
-                "pipeline predict --bundle /kaggle/input/b --test-dir /kaggle/input/c/test "
-                "--sample-submission /kaggle/input/c/sample_submission.csv --out /kaggle/working/submission.csv"),
-    "all": ("Runs what is stale of stages 1-5 for the config's experiment and those of its run_also, in order, "
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str  # one line, for the command list
+    doc: str  # "pipeline.<module>": its docstring is the long help; else the text itself
+    options: tuple[str, ...]
+    positional: tuple[str, str, str] | None  # (dest, metavar, help), nargs="*"
+    example: str
+    stage: Stage | None = None
+
+
+def _stage_command(s: Stage, extra: tuple[str, ...], example: str) -> Command:
+    return Command(s.name, s.summary, s.module, STAGE_OPTS + extra, OVERRIDES, example, s)
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("all", "run what is stale of stages 1-5 (and of the experiments in run_also), skip what is up to date, "
+                   "then print the score table and write reports/",
+            "Runs what is stale of stages 1-5 for the config's experiment and those of its run_also, in order, "
             "skipping what is up to date; then prints the score table and writes reports/ and the leaderboard.\n"
-            "Reads: the competition data and every earlier output. Writes: what stages 1-5 write (the folds file, the "
-            "experiment's run folder, the submission) and the reports.", COMMON + ["--force         redo every stage"], "./run.sh all --config configs/my.yaml"),
-    "status": ("Says per stage whether its outputs are up to date, and if not why (the config keys or input "
-               "files that changed, replaced images named). Reads only; writes nothing.", COMMON,
-               "./run.sh status train.lr=0.01"),
-    "leaderboard": ("pipeline.tools.leaderboard", ["--sort COL", "--filter GLOB or COL=GLOB", "--best  one row per "
-                    "experiment", "--root DIR"], "./run.sh leaderboard --filter 'convnext*' --best"),
-    "compare": ("Config differences of two experiments next to their per-fold metric differences and whether each "
-                "exceeds fold-to-fold noise. Reads runs/<a>/, runs/<b>/; writes nothing.", ["--root DIR"],
-                "./run.sh compare exp_a exp_b"),
-    "report": ("pipeline.tools.experiment_page", ["EXP ... (default: every experiment)", "--root DIR"],
-               "./run.sh report demo-resnet10t"),
-    "cache": ("pipeline.tools.image_cache", ["--clear         remove the stores", "aug.cache_dir=DIR"],
-              "./run.sh cache --clear"),
-    "doctor": ("pipeline.tools.doctor", COMMON + ["--quick         no torch.compile"], "./run.sh doctor --quick"),
-    "selfcheck": ("pipeline.tools.selfcheck", ["--quick         one kill point per stage"], "./run.sh selfcheck --quick"),
-    "weights": ("pipeline.tools.weights", ["import SRC      the checkpoint to convert (torch file or .safetensors)",
-                "--arch NAME     the timm architecture it is for", "--out FILE      the .safetensors to write",
-                "--mean R,G,B, --std R,G,B, --crop-pct F   the weights' preprocessing (default: timm's for --arch)"],
-                "./run.sh weights import lite0.pth --arch tf_efficientnet_lite0 --out weights/lite0.safetensors"),
-}
+            "Reads: the competition data and every earlier output. Writes: what stages 1-5 write (the folds file, "
+            "the experiment's run folder, the submission) and the reports.", STAGE_OPTS, OVERRIDES,
+            "./run.sh all --config configs/my.yaml"),
+    Command("status", "say, per stage, whether its outputs are up to date and if not why (what changed)",
+            "Says per stage whether its outputs are up to date, and if not why (the config keys or input files that "
+            "changed, replaced images named), after the plan of `all`. Reads only; writes nothing.",
+            CONFIG_OPTS, OVERRIDES, "./run.sh status train.lr=0.01"),
+    _stage_command(STAGES[0], (), "./run.sh folds folds.n_splits=5"),
+    _stage_command(STAGES[1], ("fold", "gpus"), "./run.sh train --fold 0 train.epochs=3"),
+    _stage_command(STAGES[2], ("fold",), "./run.sh rebalance rebalance.variants=[joint,crt,tau]"),
+    _stage_command(STAGES[3], (), "./run.sh infer infer.views=[orig,hflip] infer.scales=[1,1.15]"),
+    _stage_command(STAGES[4], (), "./run.sh ensemble ensemble.members=[exp_a,exp_b:crt] ensemble.method=weighted"),
+    Command("leaderboard", "rank every experiment under runs/ by CV -> reports/leaderboard.{csv,md}",
+            "pipeline.tools.leaderboard", ("root", "sort", "filter", "best"), None,
+            "./run.sh leaderboard --filter 'convnext*' --best"),
+    Command("compare", "compare A B: config differences next to per-fold metric differences",
+            "Config differences of two experiments next to their per-fold metric differences and whether each "
+            "exceeds fold-to-fold noise. Reads runs/<a>/, runs/<b>/; writes nothing.", ("root",),
+            ("names", "EXP", "the two experiments"), "./run.sh compare exp_a exp_b"),
+    Command("report", "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
+            "pipeline.tools.experiment_page", ("root",), ("names", "EXP", "experiments (default: every one)"),
+            "./run.sh report demo-resnet10t"),
+    Command("cache", "the decoded-image stores: images, side, size on disk, last use [--clear: remove them]",
+            "pipeline.tools.image_cache", CONFIG_OPTS + ("clear",), OVERRIDES, "./run.sh cache --clear"),
+    Command("doctor", "a one-minute check of this machine: a few training and inference steps in every mode "
+                      "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode",
+            "pipeline.tools.doctor", CONFIG_OPTS + ("quick",), OVERRIDES, "./run.sh doctor --quick"),
+    Command("selfcheck", "the fault-injection and bad-input matrix on a tiny competition, as a table",
+            "pipeline.tools.selfcheck", ("quick",), None, "./run.sh selfcheck --quick"),
+    Command("lr-find", "the learning-rate range test on one fold -> reports/<exp>/lr_find.{png,csv} and a "
+                       "suggested train.lr", "pipeline.tools.lr_find", CONFIG_OPTS + ("fold", "steps"), OVERRIDES,
+            "./run.sh lr-find model.arch=convnext_tiny"),
+    Command("export", "pack the ensemble for offline inference (a Kaggle code competition) -> exports/<name>/",
+            "pipeline.tools.export", CONFIG_OPTS + ("out", "zip", "onnx"), OVERRIDES, "./run.sh export --zip"),
+    Command("predict", "the submission from a bundle alone (no project, config or train images)",
+            "pipeline.tools.predict", ("bundle", "test-dir", "sample-submission", "out", "batch-size", "device",
+                                       "time-budget", "tmp-dir"), None,
+            "pipeline predict --bundle /kaggle/input/b --test-dir /kaggle/input/c/test "
+            "--sample-submission /kaggle/input/c/sample_submission.csv --out /kaggle/working/submission.csv"),
+    Command("weights", "weights import SRC --arch NAME --out FILE: a checkpoint in another naming -> timm-named "
+                       ".safetensors for model.pretrained_path (+ its record)",
+            "pipeline.tools.weights", ("root", "arch", "out", "mean", "std", "crop-pct"),
+            ("words", "import SRC", "the checkpoint to convert (torch file or .safetensors)"),
+            "./run.sh weights import lite0.pth --arch tf_efficientnet_lite0 --out weights/lite0.safetensors"),
+]}
+
+
+def find_command(name: str) -> Command | None:
+    """A command by name, or a stage by its number (`./run.sh 2` is `train`)."""
+    stage = next((s for s in STAGES if s.number == name), None)
+    return COMMANDS.get(stage.name if stage else name)
+
+
+def command_parser(c: Command) -> argparse.ArgumentParser:
+    """The command's own parser: only its options (any other is an error), its positional words."""
+    p = argparse.ArgumentParser(prog=f"./run.sh {c.name}", add_help=False)
+    for name in c.options:
+        flags, kw = OPTIONS[name]
+        p.add_argument(*flags, **kw)
+    if c.positional:
+        dest, metavar, text = c.positional
+        p.add_argument(dest, nargs="*", metavar=metavar, help=text)
+    p.add_argument("-h", "--help", action="store_true", help="this help")
+    return p
 
 
 def command_help(name: str) -> str:
-    """`<command> --help`: what it reads and writes, its options, one example."""
-    import importlib
-
-    text, options, example = COMMAND_HELP[name]
-    if text.startswith("pipeline."):
-        text = (importlib.import_module(text).__doc__ or "").strip()
-    lines = [f"{name}: {EXTRA.get(name) or next(s.summary for s in STAGES if s.name == name)}", "", text, "",
-             "options:"] + [f"  {o}" for o in options] + ["", "example:", f"  {example}"]
-    return "\n".join(lines)
-
-
-def _find_stage(name: str) -> Stage | None:
-    for s in STAGES:
-        if name in (s.name, s.number):
-            return s
-    return None
+    """`<command> --help`: what it reads and writes (its module's docstring), its options, one example."""
+    c = COMMANDS[name]
+    text = (importlib.import_module(c.doc).__doc__ or "").strip() if c.doc.startswith("pipeline.") else c.doc
+    usage_and_options = command_parser(c).format_help().strip()  # argparse's: generated from OPTIONS
+    return "\n".join([f"{name}: {c.summary}", "", text, "", usage_and_options, "", "example:", f"  {c.example}"])
 
 
 def help_text() -> str:
-    lines = ["usage: ./run.sh <command> [--config FILE] [--fold K] [--force] [key=value ...]", "",
-             "stages:"]
+    lines = ["usage: ./run.sh [--root DIR] <command> [options] [key=value ...]", "", "stages:"]
     for s in STAGES:
         lines.append(f"  {s.number} {s.name:<10} {s.summary}")
-    lines.append("")
-    lines.append("other commands:")
-    for k, v in EXTRA.items():
-        lines.append(f"  {k:<12} {v}")
+    lines += ["", "other commands:"]
+    for c in COMMANDS.values():
+        if c.stage is None:
+            lines.append(f"  {c.name:<12} {c.summary}")
     lines.append(f"  {'test':<12} run the test suite (run.sh only: pytest)")
+    lines.append(f"  {'help':<12} show this help")
     lines += ["", "<command> --help (or help <command>): what it reads and writes, its options, an example"]
-    lines += ["", "options:",
-              f"  --config FILE   experiment config (default: {DEFAULT_CONFIG})",
-              "  --fold K        only fold K (train, rebalance)",
-              "  --force         redo work that is already done",
-              "  --allow-stale   use inputs made from other settings (warns instead of refusing)",
-              "  --gpus 0,1,...  train: run folds in parallel, one process per GPU",
-              "  --root DIR      the project folder (default: $PIPELINE_ROOT, else the current folder)",
-              "  key=value       override any config entry, e.g. train.epochs=3"]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline", add_help=False)
-    p.add_argument("command", nargs="?", default="help")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--fold", type=int, default=None)
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--allow-stale", action="store_true")
-    p.add_argument("--sort", default=None)
-    p.add_argument("--filter", default=None)
-    p.add_argument("--best", action="store_true")
-    p.add_argument("--clear", action="store_true")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--gpus", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--zip", action="store_true")
-    p.add_argument("--onnx", action="store_true")
-    p.add_argument("--bundle", default=None)
-    p.add_argument("--test-dir", default=None)
-    p.add_argument("--sample-submission", default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--time-budget", type=float, default=None)
-    p.add_argument("--tmp-dir", default=None)
-    p.add_argument("--root", default=None)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--arch", default=None)
-    p.add_argument("--mean", default=None)
-    p.add_argument("--std", default=None)
-    p.add_argument("--crop-pct", type=float, default=None)
-    p.add_argument("-h", "--help", action="store_true")
-    p.add_argument("overrides", nargs="*")
-    args, unknown = p.parse_known_args(argv)
-    bad = [u for u in unknown if u.startswith("-")]
-    if bad:
-        raise PipelineError(f"unknown option(s) {bad}; see ./run.sh help")
-    args.overrides += unknown
+    """`[--root DIR] <command> [its options] [key=value ...]`: options and words may come in any order."""
+    root = None
+    argv = list(argv)
+    while argv[:1] and argv[0] in ("--root",) or argv[:1] and argv[0].startswith("--root="):
+        if argv[0] == "--root":
+            if len(argv) < 2:
+                raise PipelineError("--root needs a folder")
+            root, argv = argv[1], argv[2:]
+        else:
+            root, argv = argv[0].split("=", 1)[1], argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        return argparse.Namespace(command="help", words=[], help=False, root=root)
+    name = argv[0]
+    if name == "help":
+        return argparse.Namespace(command="help", words=argv[1:], help=False, root=root)
+    c = find_command(name)
+    if c is None:
+        raise PipelineError(f"unknown command '{name}'; see ./run.sh help")
+    parser = command_parser(c)
+    if {"-h", "--help"} & set(argv[1:]):
+        return argparse.Namespace(command=c.name, help=True, root=root)
+    args, unknown = parser.parse_known_intermixed_args(argv[1:])
+    if unknown:
+        takes = ", ".join(OPTIONS[o][0][0] for o in c.options) or "no options"
+        raise PipelineError(f"{c.name} does not take {' '.join(unknown)} (it takes {takes}; "
+                            f"./run.sh {c.name} --help)")
+    args.command = c.name
+    args.root = getattr(args, "root", None) or root
+    for dest in ("overrides", "names", "words"):
+        setattr(args, dest, getattr(args, dest, []))
     return args
 
 
@@ -276,7 +307,7 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
     skipped. Stages run in order, so a stage is judged after everything upstream is current."""
     configs = all_configs(cfg, overrides)
     ran, skipped = [], []
-    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble"] + [(cfg, _find_stage("ensemble"))]
+    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble"] + [(cfg, STAGES[4])]
     for c, stage in jobs:
         prepare(c)
         tag = f"{c.experiment}:{stage.name}"
@@ -352,17 +383,15 @@ def run_report_command(args: argparse.Namespace) -> int:
 
     runs, reports = layout.RUNS, layout.REPORTS
     if args.command == "leaderboard":
-        if args.overrides:
-            raise PipelineError(f"leaderboard takes options only (--sort, --filter, --best), not {args.overrides}")
         table = leaderboard.write(runs, reports, sort=args.sort, pattern=args.filter, best=args.best)
         print(leaderboard.to_text(table))
         return 0
     if args.command == "compare":
-        if len(args.overrides) != 2:
+        if len(args.names) != 2:
             raise PipelineError("usage: ./run.sh compare EXP_A EXP_B")
-        print(leaderboard.compare(runs, *args.overrides))
+        print(leaderboard.compare(runs, *args.names))
         return 0
-    names = args.overrides or layout.experiments(runs)
+    names = args.names or layout.experiments(runs)
     if not names:
         raise PipelineError("no experiments under runs/ to report on")
     for name in names:
@@ -375,10 +404,10 @@ def enter_project(args: argparse.Namespace, root: Path) -> None:
     that exist where the command was typed keep meaning those files."""
     if not root.is_dir():
         raise PipelineError(f"--root {root}: no such folder")
-    if args.command == "weights" and len(args.overrides) == 2 and Path(args.overrides[1]).exists():
-        args.overrides[1] = str(Path(args.overrides[1]).resolve())
+    if args.command == "weights" and len(args.words) == 2 and Path(args.words[1]).exists():
+        args.words[1] = str(Path(args.words[1]).resolve())
     for name in ("config", "bundle", "test_dir", "sample_submission", "out", "tmp_dir"):
-        v = getattr(args, name)
+        v = getattr(args, name, None)
         if v and not Path(v).is_absolute() and (Path(v).exists() or name in ("out", "tmp_dir")):
             setattr(args, name, str(Path(v).resolve()))
     os.chdir(root)
@@ -389,9 +418,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from .tools import predict
 
     missing = [o for o, v in (("--bundle", args.bundle), ("--test-dir", args.test_dir), ("--out", args.out)) if not v]
-    if missing or args.overrides:
+    if missing:
         raise PipelineError(f"usage: predict --bundle DIR --test-dir DIR [--sample-submission FILE] --out FILE "
-                            f"(missing {missing}{', unexpected ' + str(args.overrides) if args.overrides else ''})")
+                            f"(missing {missing})")
     if args.batch_size is not None and args.batch_size < 1:
         raise PipelineError("--batch-size must be at least 1")
     if args.time_budget is not None and args.time_budget <= 0:
@@ -405,22 +434,20 @@ def run_weights(args: argparse.Namespace) -> int:
     """weights import: a checkpoint file in, a timm-named one out; no config, no project outputs."""
     from .tools import weights
 
-    weights.run(args.overrides, args.arch, args.out, args.mean, args.std, args.crop_pct)
+    weights.run(args.words, args.arch, args.out, args.mean, args.std, args.crop_pct)
     return 0
 
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if args.help or args.command == "help":
-        name = args.command if args.command != "help" else (args.overrides[0] if args.overrides else None)
-        stage = _find_stage(name) if name else None
-        name = stage.name if stage else name
-        print(command_help(name) if name in COMMAND_HELP else help_text())
+    if args.command == "help" or args.help:
+        c = find_command(args.words[0]) if args.command == "help" and args.words else COMMANDS.get(args.command)
+        print(command_help(c.name) if c else help_text())
         return 0
     root = args.root or os.environ.get("PIPELINE_ROOT")
     if root:
         enter_project(args, Path(root))
-    provenance.allow_stale(args.allow_stale)
+    provenance.allow_stale(getattr(args, "allow_stale", False))
     if args.command in ("leaderboard", "compare", "report"):
         return run_report_command(args)
     if args.command == "predict":
@@ -430,47 +457,42 @@ def _main(argv: list[str]) -> int:
     if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
         args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
     cfg = load_config(args.config, args.overrides)
+    return run_config_command(args, cfg)
+
+
+def run_config_command(args: argparse.Namespace, cfg: Config) -> int:
+    """The commands that read an experiment config."""
+    from .tools import plan
+
     if args.command == "cache":
         from .tools import image_cache
 
         print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
-        return 0
-    if args.command == "export":
+    elif args.command == "export":
         from .tools import export
 
         export.run(cfg, out=args.out, zip_=args.zip, onnx=args.onnx)
-        return 0
-    if args.command == "lr-find":
+    elif args.command == "lr-find":
         from .tools import lr_find
 
         if args.steps < 5:
             raise PipelineError("--steps must be at least 5")
         prepare(cfg)
         lr_find.run(cfg, fold=args.fold or 0, steps=args.steps)
-        return 0
-    if args.command == "doctor":
+    elif args.command == "doctor":
         from .tools import doctor
 
         return doctor.main(cfg, quick=args.quick)
-    if args.command == "all":
-        if args.fold is not None:
-            raise PipelineError("--fold does not apply to 'all'")
-        from .tools import plan
-
+    elif args.command == "all":
         plan.check(cfg, args.overrides, "all")
         run_all(cfg, args.force, args.overrides)
-        return 0
-    if args.command == "status":
+    elif args.command == "status":
         prepare(cfg)
         print_status(cfg, args.overrides)
-        return 0
-    stage = _find_stage(args.command)
-    if stage is None:
-        raise PipelineError(f"unknown command '{args.command}'; see ./run.sh help")
-    from .tools import plan
-
-    plan.check(cfg, args.overrides, stage.name)
-    run_stage(stage, cfg, args.fold, args.force, args.gpus)
+    else:
+        stage = COMMANDS[args.command].stage
+        plan.check(cfg, args.overrides, stage.name)
+        run_stage(stage, cfg, getattr(args, "fold", None), args.force, getattr(args, "gpus", None))
     return 0
 
 

@@ -24,7 +24,7 @@ def write_config(path, root, *extra):
     return config_from_items(path, [f"data.root={root}", "experiment=kb", *TINY, *extra])
 
 
-@pytest.mark.parametrize("command", list(cli.COMMAND_HELP))
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_every_command_has_its_own_help(command, capsys):
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -37,7 +37,7 @@ def test_every_command_has_its_own_help(command, capsys):
 def test_help_lists_every_command_with_help(capsys):
     assert cli.main(["help"]) == 0
     out = capsys.readouterr().out
-    for command in cli.COMMAND_HELP:
+    for command in cli.COMMANDS:
         assert f" {command} " in out
     assert cli.main(["help", "train"]) == 0 and capsys.readouterr().out.startswith("train: ")
 

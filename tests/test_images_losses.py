@@ -31,4 +31,4 @@ def test_gpus_option_trains_folds_in_parallel_processes(workdir):
     for k in (0, 1):
         assert (workdir / f"runs/par/fold{k}/summary.json").exists()
     r = run_cli(["folds", "--config", str(cfg), "--gpus", "0"], workdir)
-    assert r.returncode == 2 and "--gpus applies to train only" in r.stderr
+    assert r.returncode == 2 and "folds does not take --gpus" in r.stderr
