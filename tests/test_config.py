@@ -173,3 +173,23 @@ def test_bad_config_files_are_refused_naming_them(tmp_path, content, why):
     (tmp_path / "c.yaml").write_bytes(content)
     with pytest.raises(PipelineError, match=rf"c.yaml.*{why}|{why}.*c.yaml"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_the_schema_is_the_one_source():
+    """Records, ranges and the reference all come from the schema: a key declared with stage "-" is left out of
+    the training record, a key with `added` is in LATER_KEYS, and docs/config.md is what the schema generates."""
+    from pathlib import Path
+
+    from pipeline.core import provenance
+    from pipeline.core.config import RANGES, keys_without_output, later_keys, schema
+    from pipeline.tools.config_reference import reference
+
+    info = {k.name: k for k in schema()}
+    assert set(RANGES) == {n for n, k in info.items() if k.range is not None}
+    assert keys_without_output("aug") == ("cache", "cache_dir", "cache_max_gb")
+    assert set(keys_without_output("train")) == {"workers", "tracker", "tracker_dir"}
+    assert provenance.LATER_KEYS == later_keys() and "head_init_scale" in later_keys()["model"]
+    assert set(provenance.TEST_SIDE) >= {"test_dir", "sample_submission", "test_labels", "holdout_from"}
+    assert all(k.help for k in schema()), [k.name for k in schema() if not k.help]
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == reference(), "docs/config.md is stale: python -m pipeline.tools.config_reference > docs/config.md"

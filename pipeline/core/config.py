@@ -20,215 +20,341 @@ from . import layout
 from .errors import PipelineError
 
 
+# ----------------------------------------------------------------------------- the schema
+# Each key is declared once, below, with everything known about it: default, type (the annotation), help,
+# range, the first stage whose outputs it changes, the date it was added. RANGES, the records' key lists
+# (provenance), the README/docs config reference and `./run.sh <command> --help` all read it from here.
+STAGES = ("setup", "1", "2", "3", "4", "5", "-")  # "setup": how the competition folder is built; "-": no output
+SECTION_STAGE = {"data": "1", "folds": "1", "model": "2", "aug": "2", "train": "2", "eval": "2", "rebalance": "3",
+                 "infer": "4", "ensemble": "5", "": "2"}  # the stage of a key that does not name its own
+BIG = 2 ** 31 - 1
+SEED_MAX = 2 ** 32 - 1
+
+
+def key(default: Any = dataclasses.MISSING, *, factory: Any = None, help: str = "",
+        range: tuple[float, float, bool, bool] | None = None, stage: str | None = None, added: str | None = None):
+    """A config key: its default (or `factory` for a list), one line of help, its range (low, high, low included,
+    high included; a list is checked element by element), the first stage whose outputs it changes (default: its
+    section's; "-": none: where or how work runs, not what it computes) and, for keys added after outputs existed,
+    the date: at their default such keys are left out of records, so upgrading does not make finished work stale."""
+    assert stage is None or stage in STAGES, stage
+    meta = {"help": help, "range": range, "stage": stage, "added": added}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, help: str = ""):
+    return field(default_factory=cls, metadata={"help": help, "section": True})
+
+
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class DataCfg:
-    root: str = "data/demo"  # competition folder; the paths below are relative to it
-    layout: Literal["csv", "folders"] = "csv"  # csv: train.csv + image folder; folders: train/<class>/*
-    train_csv: str = "train.csv"  # the id/label table (layout csv)
-    train_dir: str = "train"  # train images (layout csv) or class folders (layout folders)
-    test_dir: str = "test"  # test images, flat
-    sample_submission: Optional[str] = "sample_submission.csv"  # fixes test ids, order and columns; null: use test_dir
-    id_col: str = "image_id"  # image id column; an id is a path relative to train_dir
-    label_col: str = "label"  # label column; strings or integers
-    group_col: Optional[str] = None  # rows sharing a group never straddle folds (patient, site, individual)
-    image_ext: str = ""  # appended to ids that lack it, e.g. ".jpg" when train.csv ids have no extension
-    check_images: Literal["none", "header", "full"] = "header"  # header: open each file; full: decode it
-    hash_images: bool = False  # records hold each image's sha256 (else size + mtime): for copies that keep mtimes
-    test_labels: Optional[str] = None  # private test labels (the demo's): score the submission like a leaderboard
-    demo: bool = False  # build the digits demo competition into `root` if it is missing
-    holdout_from: Optional[str] = None  # a folder-per-class photo set: build `root` from it once, a stratified
-    # holdout_frac of every class becoming the test set (labels kept in <root>-private/test_labels.csv)
-    holdout_frac: float = 0.2  # share of each class held out as the private test (holdout_from)
+    root: str = key("data/demo", help="competition folder; the paths below are relative to it")
+    layout: Literal["csv", "folders"] = key("csv", help="csv: train.csv + image folder; folders: train/<class>/*")
+    train_csv: str = key("train.csv", help="the id/label table (layout csv)")
+    train_dir: str = key("train", help="train images (layout csv) or class folders (layout folders)")
+    test_dir: str = key("test", stage="4", help="test images, flat")
+    sample_submission: Optional[str] = key("sample_submission.csv", stage="4",
+                                           help="fixes test ids, order and columns; null: use test_dir")
+    id_col: str = key("image_id", help="image id column; an id is a path relative to train_dir")
+    label_col: str = key("label", help="label column; strings or integers")
+    group_col: Optional[str] = key(None, help="rows sharing a group never straddle folds (patient, site, individual)")
+    image_ext: str = key("", help="appended to ids that lack it, e.g. \".jpg\" when train.csv ids have no extension")
+    check_images: Literal["none", "header", "full"] = key("header", stage="-",
+                                                          help="header: open each file; full: decode it")
+    hash_images: bool = key(False, stage="1",
+                            help="records hold each image's sha256 (else size + mtime): for copies that keep mtimes")
+    test_labels: Optional[str] = key(None, stage="5",
+                                     help="private test labels (the demo's): score the submission like a leaderboard")
+    demo: bool = key(False, stage="setup", help="build the digits demo competition into `root` if it is missing")
+    holdout_from: Optional[str] = key(None, stage="setup", added="2026-12-01",
+                                      help="a folder-per-class photo set: build `root` from it once, a stratified "
+                                           "holdout_frac of every class becoming the test set (labels kept in "
+                                           "<root>-private/test_labels.csv)")
+    holdout_frac: float = key(0.2, range=(0, 1, False, False), stage="setup", added="2026-12-01",
+                              help="share of each class held out as the private test (holdout_from)")
 
 
 @dataclass
 class FoldsCfg:
-    n_splits: int = 5  # K of stratified K-fold
-    seed: int = 42  # shuffling seed; with the same data it gives a byte-identical folds file
-    name: str = ""  # folds/<name>.csv; empty: <data folder>_k<K>_s<seed>
-    rare_classes: Literal["error", "allow"] = "error"  # a class with fewer images than folds: refuse, or
-    # allow it (it is missing from the validation of some folds, so those folds cannot score it)
+    n_splits: int = key(5, range=(2, 100, True, True), help="K of stratified K-fold")
+    seed: int = key(42, range=(0, SEED_MAX, True, True),
+                    help="shuffling seed; with the same data it gives a byte-identical folds file")
+    name: str = key("", help="the folds file is folds/<name>.csv; empty: <data folder>_k<K>_s<seed>")
+    rare_classes: Literal["error", "allow"] = key("error", stage="-",
+                                                  help="a class with fewer images than folds: refuse, or allow it (it"
+                                                       " is missing from the validation of some folds, so those folds"
+                                                       " cannot score it)")
 
 
 @dataclass
 class ModelCfg:
-    arch: str = "resnet10t"  # any timm model name
-    pretrained: bool = False  # load timm hub weights (needs internet)
-    pretrained_path: Optional[str] = None  # local .safetensors/.pth weights, for offline machines and kernels
-    # (`./run.sh weights import` converts another naming; its <file>.json gives mean/std/crop_pct)
-    head_init_scale: Optional[float] = None  # the new classifier's initial weights and bias x this (timm train.py
-    # --head-init-scale); a small head keeps short fine-tunes from wrecking pretrained features; null: timm's init
-    head_init_bias: Optional[float] = None  # the new classifier's initial bias (timm --head-init-bias); null: timm's
-    drop_rate: float = 0.0  # dropout before the classifier
-    drop_path_rate: float = 0.0  # stochastic depth
-    pool: Literal["avg", "gem", "attn"] = "avg"  # gem: generalised mean pooling; attn: timm's attention pooling
-    gem_p: float = 3.0  # GeM initial exponent (learned); p=1 is average pooling
-    mean: Optional[list[float]] = None  # input normalisation; null: from the model's pretrained config
-    std: Optional[list[float]] = None
+    arch: str = key("resnet10t", help="any timm model name")
+    pretrained: bool = key(False, help="load timm hub weights (needs internet)")
+    pretrained_path: Optional[str] = key(None,
+                                         help="local .safetensors/.pth weights, for offline machines and kernels "
+                                              "(`./run.sh weights import` converts another naming; its <file>.json "
+                                              "gives mean/std/crop_pct)")
+    head_init_scale: Optional[float] = key(None, range=(0, 100, True, True), added="2026-12-01",
+                                           help="the new classifier's initial weights and bias x this (timm train.py "
+                                                "--head-init-scale); a small head keeps short fine-tunes from "
+                                                "wrecking pretrained features; null: timm's init")
+    head_init_bias: Optional[float] = key(None, range=(-100, 100, True, True), added="2026-12-01",
+                                          help="the new classifier's initial bias (timm --head-init-bias); null: "
+                                               "timm's")
+    drop_rate: float = key(0.0, range=(0, 1, True, False), help="dropout before the classifier")
+    drop_path_rate: float = key(0.0, range=(0, 1, True, False), help="stochastic depth")
+    pool: Literal["avg", "gem", "attn"] = key("avg",
+                                              help="gem: generalised mean pooling; attn: timm's attention pooling")
+    gem_p: float = key(3.0, range=(0, 100, False, True),
+                       help="GeM initial exponent (learned); p=1 is average pooling")
+    mean: Optional[list[float]] = key(None, range=(0, 1, True, True),
+                                      help="input normalisation; null: from the model's pretrained config")
+    std: Optional[list[float]] = key(None, range=(0, 10, False, True), help="input std (RGB); null: as mean")
 
 
 @dataclass
 class AugCfg:
-    img_size: int = 224  # training and validation crop side, pixels
-    policy: str = ""  # timm AutoAugment / RandAugment / AugMix spec, e.g. rand-m9-mstd0.5-inc1, original, augmix-m5-w4-d2, trivial
-    size_schedule: list[list[int]] = field(default_factory=list)  # progressive resizing: [[epoch, side], ...] from epoch 0
-    crop: Literal["rrc", "resize_crop"] = "rrc"  # rrc: RandomResizedCrop; resize_crop: resize then random crop
-    rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
-    resize: Literal["keep_ratio", "squash"] = "keep_ratio"  # keep_ratio: as timm; squash: every image to a square first
-    crop_pct: Optional[float] = None  # validation/TTA: shorter side to img_size/crop_pct, centre crop; null: the model's (timm)
-    hflip: float = 0.5  # probability
-    vflip: float = 0.0  # probability; for images with no "up" (leaves, microscopy)
-    rotate: float = 15.0  # shift-scale-rotate: max rotation, degrees (0 disables the transform)
-    shift_scale_p: float = 0.5  # shift-scale-rotate probability
-    color_jitter: float = 0.2  # brightness/contrast/saturation strength (0 disables)
-    coarse_dropout: float = 0.0  # probability of cutting up to 8 holes of <=1/8 of the side
-    store_side: Optional[int] = None  # shorter side of the stored copies; null: 1.5 x the largest side read, /64
-    cache: Literal["auto", "on", "off"] = "auto"  # keep the stored copies on disk (one per image set); auto: if it fits
-    cache_dir: str = str(layout.CACHE)  # where the image caches live (shared by experiments)
-    cache_max_gb: Optional[float] = None  # after a build, least recently used caches go until all fit; null: no bound
+    img_size: int = key(224, range=(16, 4096, True, True), help="training and validation crop side, pixels")
+    policy: str = key("", added="2026-11-24",
+                      help="timm AutoAugment / RandAugment / AugMix spec, e.g. rand-m9-mstd0.5-inc1, original, "
+                           "augmix-m5-w4-d2, trivial")
+    size_schedule: list[list[int]] = key(factory=list, added="2026-11-24",
+                                         help="progressive resizing: [[epoch, side], ...] from epoch 0")
+    crop: Literal["rrc", "resize_crop"] = key("rrc",
+                                              help="rrc: RandomResizedCrop; resize_crop: resize then random crop")
+    rrc_scale: list[float] = key(factory=lambda: [0.35, 1.0], range=(0, 1, False, True),
+                                 help="RandomResizedCrop area range")
+    resize: Literal["keep_ratio", "squash"] = key("keep_ratio",
+                                                  help="keep_ratio: as timm; squash: every image to a square first")
+    crop_pct: Optional[float] = key(None, range=(0.3, 1, True, True),
+                                    help="validation/TTA: shorter side to img_size/crop_pct, centre crop; null: the "
+                                         "model's (timm)")
+    hflip: float = key(0.5, range=(0, 1, True, True), help="probability")
+    vflip: float = key(0.0, range=(0, 1, True, True),
+                       help="probability; for images with no \"up\" (leaves, microscopy)")
+    rotate: float = key(15.0, range=(0, 180, True, True),
+                        help="shift-scale-rotate: max rotation, degrees (0 disables the transform)")
+    shift_scale_p: float = key(0.5, range=(0, 1, True, True), help="shift-scale-rotate probability")
+    color_jitter: float = key(0.2, range=(0, 1, True, True),
+                              help="brightness/contrast/saturation strength (0 disables)")
+    coarse_dropout: float = key(0.0, range=(0, 1, True, True),
+                                help="probability of cutting up to 8 holes of <=1/8 of the side")
+    store_side: Optional[int] = key(None, range=(16, 16384, True, True),
+                                    help="shorter side of the stored copies; null: 1.5 x the largest side read, /64")
+    cache: Literal["auto", "on", "off"] = key("auto", stage="-",
+                                              help="keep the stored copies on disk (one per image set); auto: if it "
+                                                   "fits")
+    cache_dir: str = key(str(layout.CACHE), stage="-", help="where the image caches live (shared by experiments)")
+    cache_max_gb: Optional[float] = key(None, range=(0, 1000000.0, False, True), stage="-",
+                                        help="after a build, least recently used caches go until all fit; null: no "
+                                             "bound")
 
 
 @dataclass
 class PseudoCfg:
-    teacher: str = ""  # an ensemble (submissions/<name>.json) or experiment whose test predictions label test images; "": off
-    threshold: float = 0.9  # a test image joins when the teacher's top probability reaches this
-    soft: bool = True  # targets: the teacher's probabilities (true) or its top class (false)
-    weight: float = 0.5  # loss weight of a pseudo-labelled image against a labelled one
+    teacher: str = key("",
+                       help="an ensemble (submissions/<name>.json) or experiment whose test predictions label test "
+                            "images; \"\": off")
+    threshold: float = key(0.9, range=(0, 1, True, True),
+                           help="a test image joins when the teacher's top probability reaches this")
+    soft: bool = key(True, help="targets: the teacher's probabilities (true) or its top class (false)")
+    weight: float = key(0.5, range=(0, 100, False, True),
+                        help="loss weight of a pseudo-labelled image against a labelled one")
 
 
 @dataclass
 class DistillCfg:
-    teacher: str = ""  # an ensemble or experiment whose predictions are soft targets (knowledge distillation); "": off
-    alpha: float = 0.5  # loss = (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)
-    temperature: float = 4.0  # T: softens both distributions
-    leaky_oof: bool = False  # LEAKY shortcut: train rows' targets are the teacher's OOF probabilities (see README)
+    teacher: str = key("",
+                       help="an ensemble or experiment whose predictions are soft targets (knowledge distillation); "
+                            "\"\": off")
+    alpha: float = key(0.5, range=(0, 1, True, True),
+                       help="loss = (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)")
+    temperature: float = key(4.0, range=(0, 100, False, True), help="T: softens both distributions")
+    leaky_oof: bool = key(False,
+                          help="LEAKY shortcut: train rows' targets are the teacher's OOF probabilities (see README)")
 
 
 @dataclass
 class TrainCfg:
-    epochs: int = 10
-    batch_size: int = 64  # images per optimiser step per process, before accumulation
-    accum_steps: int = 1  # gradient accumulation: effective batch = batch_size * accum_steps * processes
-    optimizer: str = "adamw"  # any timm optimizer name (adamw, sgd, lamb, ...)
-    lr: float = 1e-3  # peak learning rate of the head, per effective batch (no automatic scaling)
-    backbone_lr_mult: float = 1.0  # backbone lr = lr * this; <1 protects pretrained features
-    layer_decay: Optional[float] = None  # layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.75; null: off
-    freeze_epochs: int = 0  # head warm-up: the first N epochs train the classifier only
-    freeze_bn: bool = False  # during those epochs also keep the backbone's BatchNorm statistics fixed
-    freeze_backbone: bool = False  # linear probe: only the classifier (and pooling) ever trains; BN statistics fixed
-    trainable_stages: Optional[int] = None  # partial fine-tuning: the last N stages (timm's coarse groups) + head train
-    patience: Optional[int] = None  # early stopping: end the fold after N epochs without a better metric; null: off
-    full_fit: bool = False  # after the folds, one more model on every row for the epoch count the folds chose (no CV)
-    pseudo: PseudoCfg = field(default_factory=PseudoCfg)  # pseudo-labels; fold k's from the teacher's fold-k models
-    distill: DistillCfg = field(default_factory=DistillCfg)  # distillation; fold k's targets from teacher fold k
-    weight_decay: float = 0.05
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # any timm scheduler name (cosine, step, plateau, ...)
-    warmup_epochs: float = 1.0  # linear warmup, epochs (fractions allowed; stepped per iteration)
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-6
-    clip_grad: Optional[float] = None  # max gradient norm; null: no clipping
-    sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
-    loss: Literal["ce", "focal", "ldam"] = "ce"  # ldam: Cao et al. 2019, class margins C / n_c^(1/4)
-    focal_gamma: float = 2.0
-    ldam_max_margin: float = 0.5  # the rarest class's margin (in logit units before ldam_scale)
-    ldam_scale: float = 1.0  # s: logits x s (the paper's 30 goes with a cosine classifier; ours is linear)
-    class_weights: Literal["none", "effective_number"] = "none"  # Cui et al. 2019 class-balanced loss
-    cb_beta: float = 0.999  # effective-number beta
-    drw_epoch: Optional[int] = None  # deferred re-weighting: effective-number class weights from this epoch (0-based) on
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0  # 0 disables mixup
-    cutmix_alpha: float = 0.0  # 0 disables cutmix
-    mix_prob: float = 1.0  # probability of mixing a batch
-    mix_switch_prob: float = 0.5  # probability of cutmix when both are on
-    mix_mode: Literal["batch", "pair", "elem"] = "batch"
-    mix_off_epoch: Optional[int] = None  # stop mixing from this epoch on (0-based); null: never
-    ema: bool = True  # keep an EMA of weights next to the raw ones; the better is used downstream
-    ema_decay: float = 0.998  # per optimiser step
-    ema_warmup: bool = True  # decay ramps up from 0 (timm's warmup): short or from-scratch runs need it
-    select: Literal["best", "last"] = "best"  # which epoch's weights to keep: best valid metric or the last
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast, CPU and GPU; auto: GPU bf16 (fp16 where unsupported), CPU fp32
-    channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format, CPU and GPU; auto: GPU on, CPU off
-    compile: bool = False  # torch.compile the model (CPU: needs a C++ compiler; GPU: Triton)
-    tf32: bool = True  # GPU: TF32 matmuls/convolutions in fp32 layers (Ampere and later); no effect on CPU
-    workers: Optional[int] = None  # DataLoader workers; null: min(8, cpu count - 1)
-    deterministic: Literal["auto", "on", "off"] = "auto"  # auto: bit-identical on CPU, cudnn.benchmark on GPU; on: deterministic cuDNN
-    tracker: Literal["none", "mlflow", "tensorboard", "wandb"] = "none"  # also log there, when installed
-    tracker_dir: Optional[str] = None  # MLflow file store / TensorBoard / W&B folder; null: runs/<exp>/tracking
+    epochs: int = key(10, range=(1, 100000, True, True), help="epochs per fold (the schedule's length)")
+    batch_size: int = key(64, range=(1, 65536, True, True),
+                          help="images per optimiser step per process, before accumulation")
+    accum_steps: int = key(1, range=(1, 4096, True, True),
+                           help="gradient accumulation: effective batch = batch_size * accum_steps * processes")
+    optimizer: str = key("adamw", help="any timm optimizer name (adamw, sgd, lamb, ...)")
+    lr: float = key(1e-3, range=(0, 10, False, True),
+                    help="peak learning rate of the head, per effective batch (no automatic scaling)")
+    backbone_lr_mult: float = key(1.0, range=(0, 100, True, True),
+                                  help="backbone lr = lr * this; <1 protects pretrained features")
+    layer_decay: Optional[float] = key(None, range=(0, 1, False, True), added="2026-11-24",
+                                       help="layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.75; null: "
+                                            "off")
+    freeze_epochs: int = key(0, range=(0, 100000, True, True), added="2026-11-24",
+                             help="head warm-up: the first N epochs train the classifier only")
+    freeze_bn: bool = key(False, added="2026-11-24",
+                          help="during those epochs also keep the backbone's BatchNorm statistics fixed")
+    freeze_backbone: bool = key(False, added="2026-11-24",
+                                help="linear probe: only the classifier (and pooling) ever trains; BN statistics "
+                                     "fixed")
+    trainable_stages: Optional[int] = key(None, range=(0, 1000, True, True), added="2026-11-24",
+                                          help="partial fine-tuning: the last N stages (timm's coarse groups) + head "
+                                               "train")
+    patience: Optional[int] = key(None, range=(1, 100000, True, True), added="2026-11-24",
+                                  help="early stopping: end the fold after N epochs without a better metric; null: "
+                                       "off")
+    full_fit: bool = key(False,
+                         help="after the folds, one more model on every row for the epoch count the folds chose (no "
+                              "CV)")
+    pseudo: PseudoCfg = section(PseudoCfg, "pseudo-labels; fold k's from the teacher's fold-k models")
+    distill: DistillCfg = section(DistillCfg, "distillation; fold k's targets from teacher fold k")
+    weight_decay: float = key(0.05, range=(0, 10, True, True), help="weight decay; none on biases, norms, GeM's p")
+    momentum: float = key(0.9, range=(0, 1, True, False), help="sgd only")
+    scheduler: str = key("cosine", help="any timm scheduler name (cosine, step, plateau, ...)")
+    warmup_epochs: float = key(1.0, range=(0, 100000, True, True),
+                               help="linear warmup, epochs (fractions allowed; stepped per iteration)")
+    warmup_lr: float = key(1e-5, range=(0, 10, True, True), help="the learning rate the warm-up starts from")
+    min_lr: float = key(1e-6, range=(0, 10, True, True), help="the learning rate the schedule ends at")
+    clip_grad: Optional[float] = key(None, range=(0, 1000000.0, False, True),
+                                     help="max gradient norm; null: no clipping")
+    sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = key(
+        "instance", help="how batches draw rows: as they come, classes equally, by sqrt(count), or moving from the "
+                         "first to the second over the epochs (Kang et al. 2020)")
+    loss: Literal["ce", "focal", "ldam"] = key("ce", help="ldam: Cao et al. 2019, class margins C / n_c^(1/4)")
+    focal_gamma: float = key(2.0, range=(0, 20, True, True), help="focal loss focusing exponent (loss focal)")
+    ldam_max_margin: float = key(0.5, range=(0, 10, False, True), added="2026-11-24",
+                                 help="the rarest class's margin (in logit units before ldam_scale)")
+    ldam_scale: float = key(1.0, range=(0, 100, False, True), added="2026-11-24",
+                            help="s: logits x s (the paper's 30 goes with a cosine classifier; ours is linear)")
+    class_weights: Literal["none", "effective_number"] = key("none", help="Cui et al. 2019 class-balanced loss")
+    cb_beta: float = key(0.999, range=(0, 1, False, False), help="effective-number beta")
+    drw_epoch: Optional[int] = key(None, range=(0, 100000, True, True), added="2026-11-24",
+                                   help="deferred re-weighting: effective-number class weights from this epoch "
+                                        "(0-based) on")
+    label_smoothing: float = key(0.0, range=(0, 1, True, False), help="share of the target spread over all classes")
+    mixup_alpha: float = key(0.0, range=(0, 100, True, True), help="0 disables mixup")
+    cutmix_alpha: float = key(0.0, range=(0, 100, True, True), help="0 disables cutmix")
+    mix_prob: float = key(1.0, range=(0, 1, True, True), help="probability of mixing a batch")
+    mix_switch_prob: float = key(0.5, range=(0, 1, True, True), help="probability of cutmix when both are on")
+    mix_mode: Literal["batch", "pair", "elem"] = key("batch", help="one lambda per batch, per pair or per image")
+    mix_off_epoch: Optional[int] = key(None, range=(0, 100000, True, True),
+                                       help="stop mixing from this epoch on (0-based); null: never")
+    ema: bool = key(True, help="keep an EMA of weights next to the raw ones; the better is used downstream")
+    ema_decay: float = key(0.998, range=(0, 1, False, False), help="per optimiser step")
+    ema_warmup: bool = key(True, help="decay ramps up from 0 (timm's warmup): short or from-scratch runs need it")
+    select: Literal["best", "last"] = key("best", help="which epoch's weights to keep: best valid metric or the last")
+    amp: Literal["auto", "bf16", "fp16", "off"] = key("auto",
+                                                      help="autocast, CPU and GPU; auto: GPU bf16 (fp16 where "
+                                                           "unsupported), CPU fp32")
+    channels_last: Literal["auto", "on", "off"] = key("auto",
+                                                      help="NHWC memory format, CPU and GPU; auto: GPU on, CPU off")
+    compile: bool = key(False, help="torch.compile the model (CPU: needs a C++ compiler; GPU: Triton)")
+    tf32: bool = key(True, help="GPU: TF32 matmuls/convolutions in fp32 layers (Ampere and later); no effect on CPU")
+    workers: Optional[int] = key(None, range=(0, 256, True, True), stage="-",
+                                 help="DataLoader workers; null: min(8, cpu count - 1)")
+    deterministic: Literal["auto", "on", "off"] = key("auto",
+                                                      help="auto: bit-identical on CPU, cudnn.benchmark on GPU; on: "
+                                                           "deterministic cuDNN")
+    tracker: Literal["none", "mlflow", "tensorboard", "wandb"] = key("none", stage="-",
+                                                                     help="also log there, when installed")
+    tracker_dir: Optional[str] = key(None, stage="-",
+                                     help="MLflow file store / TensorBoard / W&B folder; null: runs/<exp>/tracking")
 
 
 @dataclass
 class EvalCfg:
-    metric: Literal["accuracy", "macro_f1", "balanced_accuracy", "log_loss", "qwk"] = "accuracy"  # the competition metric
-    many_shot: int = 100  # classes with more training images than this are "many-shot"
-    few_shot: int = 20  # fewer than this: "few-shot"; in between: "medium"
+    metric: Literal["accuracy", "macro_f1", "balanced_accuracy", "log_loss", "qwk"] = key("accuracy",
+                                                                                          help="the competition "
+                                                                                               "metric")
+    many_shot: int = key(100, range=(0, BIG, True, True),
+                         help="classes with more training images than this are \"many-shot\"")
+    few_shot: int = key(20, range=(0, BIG, True, True), help="fewer than this: \"few-shot\"; in between: \"medium\"")
 
 
 @dataclass
 class RebalanceCfg:
-    variants: list[str] = field(default_factory=lambda: ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"])
-    aug_views: int = 0  # extra augmented views of each training image for cRT/LWS features (0: centre crop only)
-    crt_epochs: int = 30
-    crt_lr: float = 0.01  # per batch of 256 features
-    crt_weight_decay: float = 5e-4
-    lws_epochs: int = 30
-    lws_lr: float = 0.01
-    tau: Optional[float] = None  # fixed tau; null: chosen by a sweep over tau_grid
-    tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
-    la_grid: list[float] = field(default_factory=lambda: [round(0.25 * i, 2) for i in range(13)])
-    inner_folds: int = 2  # tuned choices are made on one half of a held-out fold and scored on the other
-    ncm_center: bool = True  # subtract the training feature mean before L2 normalisation (NCM and kNN)
-    knn_k_grid: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])  # knn: neighbours, chosen like tau
-    knn_t_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # knn: vote temperature exp(cos / T)
-    pca_dim: Optional[int] = None  # ncm_pca / knn_pca: PCA-whitened dimensions kept; null: every non-degenerate one
+    variants: list[str] = key(factory=lambda: ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"],
+                              help="heads fit on the frozen features (core/heads.VARIANTS; joint is required)")
+    aug_views: int = key(0, range=(0, 100, True, True),
+                         help="extra augmented views of each training image for cRT/LWS features (0: centre crop "
+                              "only)")
+    crt_epochs: int = key(30, range=(1, 10000, True, True), help="cRT epochs (the checkpoint epoch is tuned)")
+    crt_lr: float = key(0.01, range=(0, 10, False, True), help="per batch of 256 features")
+    crt_weight_decay: float = key(5e-4, range=(0, 10, True, True), help="cRT weight decay")
+    lws_epochs: int = key(30, range=(1, 10000, True, True), help="LWS epochs (the checkpoint epoch is tuned)")
+    lws_lr: float = key(0.01, range=(0, 10, False, True), help="LWS learning rate, per batch of 256 features")
+    tau: Optional[float] = key(None, range=(0, 5, True, True),
+                               help="fixed tau; null: chosen by a sweep over tau_grid")
+    tau_grid: list[float] = key(factory=lambda: [round(0.1 * i, 1) for i in range(21)], range=(0, 5, True, True),
+                                help="tau values tried (rebalance.tau null)")
+    la_grid: list[float] = key(factory=lambda: [round(0.25 * i, 2) for i in range(13)], range=(0, 10, True, True),
+                               help="logit-adjustment scales tried")
+    inner_folds: int = key(2, range=(2, 20, True, True),
+                           help="tuned choices are made on one half of a held-out fold and scored on the other")
+    ncm_center: bool = key(True, help="subtract the training feature mean before L2 normalisation (NCM and kNN)")
+    knn_k_grid: list[int] = key(factory=lambda: [1, 3, 5, 10, 20], range=(1, 10000, True, True), added="2026-11-24",
+                                help="knn: neighbours, chosen like tau")
+    knn_t_grid: list[float] = key(factory=lambda: [0.02, 0.05, 0.1], range=(0, 10, False, True), added="2026-11-24",
+                                  help="knn: vote temperature exp(cos / T)")
+    pca_dim: Optional[int] = key(None, range=(1, 100000, True, True), added="2026-11-24",
+                                 help="ncm_pca / knn_pca: PCA-whitened dimensions kept; null: every non-degenerate "
+                                      "one")
 
 
 @dataclass
 class FixResCfg:
-    size: Optional[float] = None  # test crop = img_size x this, after fine-tuning BN + classifier there; null: off
-    epochs: int = 1  # fine-tuning epochs over the fold's own training rows
-    lr: Optional[float] = None  # fine-tuning peak lr (cosine to 0); null: train.lr / 10
+    size: Optional[float] = key(None, range=(0.25, 4, True, True),
+                                help="test crop = img_size x this, after fine-tuning BN + classifier there; null: off")
+    epochs: int = key(1, range=(1, 1000, True, True), help="fine-tuning epochs over the fold's own training rows")
+    lr: Optional[float] = key(None, range=(0, 10, False, True),
+                              help="fine-tuning peak lr (cosine to 0); null: train.lr / 10")
 
 
 @dataclass
 class InferCfg:
-    heads: list[str] = field(default_factory=lambda: ["best"])  # stage-3 variants to predict with; best: the CV winner
-    views: list[str] = field(default_factory=lambda: ["orig", "hflip"])  # named TTA views, see pipeline/core/tta.py
-    scales: list[float] = field(default_factory=lambda: [1.0])  # x img_size (FixRes: >1 often helps); each view at each scale
-    merge: Literal["mean_prob", "mean_logit", "geo_mean"] = "mean_prob"
-    search: bool = False  # choose the TTA policy greedily on OOF from views x scales; recorded
-    oof: Literal["auto", "on", "off"] = "auto"  # TTA on held-out rows too; auto: when the train images exist
-    full_fit_weight: float = 1.0  # the full-data model's share of the test mean, in fold models (0: not used)
-    fixres: FixResCfg = field(default_factory=FixResCfg)  # Touvron et al. 2019: views at a larger size, BN + head tuned there
-    batch_size: int = 128
+    heads: list[str] = key(factory=lambda: ["best"], help="stage-3 variants to predict with; best: the CV winner")
+    views: list[str] = key(factory=lambda: ["orig", "hflip"], help="named TTA views, see pipeline/core/tta.py")
+    scales: list[float] = key(factory=lambda: [1.0], range=(0.25, 4, True, True),
+                              help="x img_size (FixRes: >1 often helps); each view at each scale")
+    merge: Literal["mean_prob", "mean_logit", "geo_mean"] = key("mean_prob", help="how TTA views combine")
+    search: bool = key(False, help="choose the TTA policy greedily on OOF from views x scales; recorded")
+    oof: Literal["auto", "on", "off"] = key("auto",
+                                            help="TTA on held-out rows too; auto: when the train images exist")
+    full_fit_weight: float = key(1.0, range=(0, 100, True, True),
+                                 help="the full-data model's share of the test mean, in fold models (0: not used)")
+    fixres: FixResCfg = section(FixResCfg, "Touvron et al. 2019: views at a larger size, BN + head tuned there")
+    batch_size: int = key(128, range=(1, 65536, True, True), help="images per inference batch (stages 3-4)")
 
 
 @dataclass
 class EnsembleCfg:
-    name: str = ""  # submissions/<name>.csv; empty: the experiment name
-    members: list[str] = field(default_factory=list)  # "experiment" or "experiment:head"; empty: this experiment
-    method: Literal["mean", "weighted", "geo_mean", "rank", "hill_climb"] = "mean"  # hill_climb: Caruana et al. 2004
-    weight_metric: Literal["log_loss", "metric"] = "log_loss"  # what weighted / hill_climb optimise on OOF
-    hill_climb_steps: int = 100  # hill_climb: at most this many additions (with replacement) after the start
-    submission: Literal["label", "proba"] = "label"  # one label column, or one probability column per class
+    name: str = key("", help="the submission is submissions/<name>.csv; empty: the experiment name")
+    members: list[str] = key(factory=list, help="\"experiment\" or \"experiment:head\"; empty: this experiment")
+    method: Literal["mean", "weighted", "geo_mean", "rank", "hill_climb"] = key("mean",
+                                                                                help="hill_climb: Caruana et al. 2004")
+    weight_metric: Literal["log_loss", "metric"] = key("log_loss", help="what weighted / hill_climb optimise on OOF")
+    hill_climb_steps: int = key(100, range=(1, 100000, True, True), added="2026-11-24",
+                                help="hill_climb: at most this many additions (with replacement) after the start")
+    submission: Literal["label", "proba"] = key("label", help="one label column, or one probability column per class")
 
 
 @dataclass
 class Config:
-    experiment: str = "demo"  # run folder: runs/<experiment>/
-    seed: int = 42  # training seed
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    run_also: list[str] = field(default_factory=list)  # other experiment configs `all` runs before the ensemble
-    data: DataCfg = field(default_factory=DataCfg)
-    folds: FoldsCfg = field(default_factory=FoldsCfg)
-    model: ModelCfg = field(default_factory=ModelCfg)
-    aug: AugCfg = field(default_factory=AugCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
-    rebalance: RebalanceCfg = field(default_factory=RebalanceCfg)
-    infer: InferCfg = field(default_factory=InferCfg)
-    ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
+    experiment: str = key("demo", stage="-", help="run folder: runs/<experiment>/")
+    seed: int = key(42, range=(0, SEED_MAX, True, True), help="training seed")
+    device: Literal["auto", "cpu", "cuda"] = key("auto", help="auto: the GPU when there is one, else the CPU")
+    run_also: list[str] = key(factory=list, stage="-", help="other experiment configs `all` runs before the ensemble")
+    data: DataCfg = section(DataCfg, "the competition: where its files are and how to read them")
+    folds: FoldsCfg = section(FoldsCfg, "stage 1: the K folds every later stage reads")
+    model: ModelCfg = section(ModelCfg, "the timm model and its starting weights")
+    aug: AugCfg = section(AugCfg, "pixels: sizes, crops, augmentation, the image store")
+    train: TrainCfg = section(TrainCfg, "stage 2: optimiser, schedule, loss, sampler, mixing, EMA, precision")
+    eval: EvalCfg = section(EvalCfg, "the competition metric and the long-tail bins")
+    rebalance: RebalanceCfg = section(RebalanceCfg, "stage 3: decoupled classifier retraining on frozen features")
+    infer: InferCfg = section(InferCfg, "stage 4: test-time augmentation on OOF rows and test images")
+    ensemble: EnsembleCfg = section(EnsembleCfg, "stage 5: combining experiments into the submission")
     # not config keys: where it came from
     source: str = field(default="", metadata={"internal": True})
 
@@ -262,89 +388,68 @@ class Config:
         return d
 
 
-# ----------------------------------------------------------------------------- validation
-BIG = 2 ** 31 - 1
-# Every number of the config with the smallest and largest values that make sense: (low, high, low
-# included, high included). A list of numbers is checked element by element. tests/test_config.py
-# fails when a numeric key has no entry here.
-RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "seed": (0, 2 ** 32 - 1, True, True),
-    "folds.n_splits": (2, 100, True, True),
-    "folds.seed": (0, 2 ** 32 - 1, True, True),
-    "model.drop_rate": (0, 1, True, False),
-    "model.drop_path_rate": (0, 1, True, False),
-    "model.gem_p": (0, 100, False, True),
-    "model.head_init_scale": (0, 100, True, True),
-    "model.head_init_bias": (-100, 100, True, True),
-    "data.holdout_frac": (0, 1, False, False),
-    "model.mean": (0, 1, True, True),
-    "model.std": (0, 10, False, True),
-    "aug.img_size": (16, 4096, True, True),
-    "aug.rrc_scale": (0, 1, False, True),
-    "aug.crop_pct": (0.3, 1, True, True),
-    "aug.hflip": (0, 1, True, True),
-    "aug.vflip": (0, 1, True, True),
-    "aug.rotate": (0, 180, True, True),
-    "aug.shift_scale_p": (0, 1, True, True),
-    "aug.color_jitter": (0, 1, True, True),
-    "aug.coarse_dropout": (0, 1, True, True),
-    "aug.store_side": (16, 16384, True, True),
-    "aug.cache_max_gb": (0, 1e6, False, True),
-    "train.epochs": (1, 100_000, True, True),
-    "train.batch_size": (1, 65_536, True, True),
-    "train.accum_steps": (1, 4096, True, True),
-    "train.lr": (0, 10, False, True),
-    "train.backbone_lr_mult": (0, 100, True, True),
-    "train.layer_decay": (0, 1, False, True),
-    "train.freeze_epochs": (0, 100_000, True, True),
-    "train.trainable_stages": (0, 1000, True, True),
-    "train.patience": (1, 100_000, True, True),
-    "train.pseudo.threshold": (0, 1, True, True),
-    "train.pseudo.weight": (0, 100, False, True),
-    "train.distill.alpha": (0, 1, True, True),
-    "train.distill.temperature": (0, 100, False, True),
-    "train.weight_decay": (0, 10, True, True),
-    "train.momentum": (0, 1, True, False),
-    "train.warmup_epochs": (0, 100_000, True, True),
-    "train.warmup_lr": (0, 10, True, True),
-    "train.min_lr": (0, 10, True, True),
-    "train.clip_grad": (0, 1e6, False, True),
-    "train.focal_gamma": (0, 20, True, True),
-    "train.cb_beta": (0, 1, False, False),
-    "train.ldam_max_margin": (0, 10, False, True),
-    "train.ldam_scale": (0, 100, False, True),
-    "train.drw_epoch": (0, 100_000, True, True),
-    "train.label_smoothing": (0, 1, True, False),
-    "train.mixup_alpha": (0, 100, True, True),
-    "train.cutmix_alpha": (0, 100, True, True),
-    "train.mix_prob": (0, 1, True, True),
-    "train.mix_switch_prob": (0, 1, True, True),
-    "train.mix_off_epoch": (0, 100_000, True, True),
-    "train.ema_decay": (0, 1, False, False),
-    "train.workers": (0, 256, True, True),
-    "eval.many_shot": (0, BIG, True, True),
-    "eval.few_shot": (0, BIG, True, True),
-    "rebalance.aug_views": (0, 100, True, True),
-    "rebalance.crt_epochs": (1, 10_000, True, True),
-    "rebalance.crt_lr": (0, 10, False, True),
-    "rebalance.crt_weight_decay": (0, 10, True, True),
-    "rebalance.lws_epochs": (1, 10_000, True, True),
-    "rebalance.lws_lr": (0, 10, False, True),
-    "rebalance.tau": (0, 5, True, True),
-    "rebalance.tau_grid": (0, 5, True, True),
-    "rebalance.la_grid": (0, 10, True, True),
-    "rebalance.inner_folds": (2, 20, True, True),
-    "rebalance.knn_k_grid": (1, 10_000, True, True),
-    "rebalance.knn_t_grid": (0, 10, False, True),
-    "rebalance.pca_dim": (1, 100_000, True, True),
-    "infer.scales": (0.25, 4, True, True),
-    "infer.batch_size": (1, 65_536, True, True),
-    "infer.full_fit_weight": (0, 100, True, True),
-    "ensemble.hill_climb_steps": (1, 100_000, True, True),
-    "infer.fixres.size": (0.25, 4, True, True),
-    "infer.fixres.epochs": (1, 1000, True, True),
-    "infer.fixres.lr": (0, 10, False, True),
-}
+# ----------------------------------------------------------------------------- the schema, read
+@dataclasses.dataclass(frozen=True)
+class KeyInfo:
+    name: str  # dotted
+    type: Any
+    default: Any
+    help: str
+    range: tuple[float, float, bool, bool] | None
+    stage: str
+    added: str | None
+
+
+def schema(cls: type = None, prefix: str = "") -> list[KeyInfo]:
+    """Every config key, in declaration order, with what the schema says of it."""
+    cls = cls or Config
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        name = f"{prefix}{f.name}"
+        if f.metadata.get("section"):
+            out += schema(hints[f.name], name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        top = name.split(".")[0] if "." in name else ""
+        out.append(KeyInfo(name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("range"),
+                           f.metadata.get("stage") or SECTION_STAGE[top], f.metadata.get("added")))
+    return out
+
+
+def section_help(cls: type = None, prefix: str = "") -> dict[str, str]:
+    """{section name: its help} (train.pseudo, infer.fixres, ...)."""
+    cls = cls or Config
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("section"):
+            out[f"{prefix}{f.name}"] = f.metadata.get("help", "")
+            out.update(section_help(hints[f.name], f"{prefix}{f.name}."))
+    return out
+
+
+# Every number of the config with the smallest and largest values that make sense (from the schema).
+# tests/test_config.py fails when a numeric key has none.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {k.name: k.range for k in schema() if k.range is not None}
+
+
+def keys_without_output(section: str) -> tuple[str, ...]:
+    """Keys of a section (e.g. "aug") that change no output (stage "-": where or how work runs): records leave
+    them out."""
+    return tuple(k.name.removeprefix(section + ".") for k in schema() if k.stage == "-"
+                 and k.name.rpartition(".")[0] == section)
+
+
+def later_keys() -> dict[str, tuple[str, ...]]:
+    """{section: keys added after outputs already existed} (the schema's `added`)."""
+    out: dict[str, list[str]] = {}
+    for k in schema():
+        if k.added:
+            sec, _, name = k.name.rpartition(".")
+            out.setdefault(sec, []).append(name)
+    return {s: tuple(v) for s, v in out.items()}
 
 
 SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")  # timm's
@@ -364,13 +469,13 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
             raise PipelineError(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
 
     flat = flatten(cfg.to_dict())
-    for key, (lo, hi, lo_in, hi_in) in RANGES.items():
-        value = flat[key]
+    for name, (lo, hi, lo_in, hi_in) in RANGES.items():
+        value = flat[name]
         for v in (value if isinstance(value, list) else [value]):
             if v is None:
                 continue
             ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
-            check(ok, key, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
+            check(ok, name, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
     for key in ("experiment", "folds.name", "ensemble.name", "train.pseudo.teacher", "train.distill.teacher"):
         if flat[key] or key == "experiment":
             layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import layout
 from .artifacts import read_json, sha256_file, sha256_obj, write_json
 from .augment import pixel_record
-from .config import Config
+from .config import Config, keys_without_output, later_keys, schema
 from .data import read_folds, read_table, read_test_table
 from .errors import PipelineError
 from .heads import low_median
@@ -202,8 +202,10 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 2
-# not read by stages 2-3 (holdout_*: how the competition folder was built; its files are recorded instead)
-TEST_SIDE = ("test_dir", "sample_submission", "test_labels", "demo", "check_images", "holdout_from", "holdout_frac")
+# data keys not read by stages 2-3 (the schema's stage "setup", "4", "5" or "-"; setup: how the competition
+# folder was built; its files are recorded instead)
+TEST_SIDE = tuple(k.name.removeprefix("data.") for k in schema() if k.name.startswith("data.")
+                  and k.stage in ("setup", "4", "5", "-"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -217,13 +219,9 @@ def train_images(cfg: Config) -> dict:
     return image_record(cfg, _fold_paths(str(cfg.folds_csv), sha256_file(cfg.folds_csv)))
 
 
-# keys added after outputs already existed: at their default they are left out of records, so upgrading the
-# pipeline does not make finished work stale (a non-default value is recorded and compared as usual)
-LATER_KEYS = {"train": ("layer_decay", "freeze_epochs", "freeze_bn", "patience", "freeze_backbone", "trainable_stages",
-                        "ldam_max_margin", "ldam_scale", "drw_epoch"),
-              "aug": ("size_schedule", "policy"), "ensemble": ("hill_climb_steps",),
-              "model": ("head_init_scale", "head_init_bias"), "data": ("holdout_from", "holdout_frac"),
-              "rebalance": ("knn_k_grid", "knn_t_grid", "pca_dim")}
+# keys added after outputs already existed (the schema's `added`): at their default they are left out of records,
+# so upgrading the pipeline does not make finished work stale (a non-default value is recorded as usual)
+LATER_KEYS = later_keys()
 
 
 def _drop_later_defaults(d: dict) -> dict:
@@ -246,17 +244,17 @@ def train_record(cfg: Config) -> dict:
     rec["folds_file"] = sha256_file(cfg.folds_csv)
     rec["train_images"] = train_images(cfg)
     rec["pixels"] = pixel_record(cfg)
-    for k in ("cache", "cache_dir", "cache_max_gb"):  # where pixels come from, not what they are
-        rec["aug"].pop(k, None)
-    for k in ("workers", "tracker", "tracker_dir"):  # how the run is watched, not what it learns
-        rec["train"].pop(k, None)
+    for section in ("aug", "train"):  # where pixels come from, how the run is watched: not what it learns
+        for k in keys_without_output(section):
+            rec[section].pop(k, None)
     rec["train"].pop("full_fit")  # the extra full-data model; the folds are the same with or without it
     rec["train"].pop("pseudo")
     rec["train"].pop("distill")
     teacher = teacher_section(cfg)
     if teacher is not None:  # only then: records without a teacher stay as they were
         rec["teacher"] = teacher
-    rec["folds"].pop("rare_classes", None)  # a permission, not a change of the folds
+    for k in keys_without_output("folds"):  # rare_classes: a permission, not a change of the folds
+        rec["folds"].pop(k, None)
     if cfg.model.pretrained_path:  # the weights' bytes, not only their file name (only then: older records stay)
         path = Path(cfg.model.pretrained_path)
         rec["pretrained_weights"] = {"name": path.name, "sha256": sha256_file(path) if path.is_file() else "missing"}
@@ -353,7 +351,7 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
            "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed,
            "train_images": train_images(cfg)}
     if rec["aug"]:
-        for x in ("cache", "cache_dir", "cache_max_gb"):
+        for x in keys_without_output("aug"):
             rec["aug"].pop(x)
     return rec
 

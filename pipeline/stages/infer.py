@@ -30,7 +30,7 @@ import torch
 
 from ..core import models, tracking
 from ..core.artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
-from ..core.config import Config
+from ..core.config import Config, keys_without_output
 from ..core.data import read_test_table
 from ..core.distributed import Dist
 from ..core.errors import PipelineError
@@ -114,7 +114,7 @@ def status(cfg: Config) -> list[str]:
 def fixres_record(cfg: Config, k: int) -> dict:
     """What a FixRes-tuned copy of fold k's (or the full model's) weights is made from."""
     d = cfg.to_dict()
-    aug = {x: v for x, v in d["aug"].items() if x not in ("cache", "cache_dir", "cache_max_gb")}
+    aug = {x: v for x, v in d["aug"].items() if x not in keys_without_output("aug")}
     return {"fixres": d["infer"]["fixres"], "lr": fixres_lr(cfg), "weights": sha256_file(cfg.run_dir.unit(k).weights),
             "folds_file": sha256_file(cfg.folds_csv), "train_images": train_images(cfg), "aug": aug,
             **pixel_record(cfg), "batch_size": cfg.train.batch_size, "seed": cfg.seed,

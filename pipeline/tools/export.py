@@ -41,7 +41,7 @@ from ..core import bundle as bundle_io
 from ..core import layout, models
 from ..core.artifacts import read_json, sha256_file, write_json, write_text
 from ..core.augment import crop_pct, store_side
-from ..core.config import Config, load_config
+from ..core.config import Config, keys_without_output, load_config
 from ..core.errors import PipelineError
 from ..core.heads import Head
 from ..core.inference import joint_head, parse_view, split_candidate
@@ -118,8 +118,9 @@ def bundle_member_config(mcfg: Config, s4: dict, submission: str) -> dict:
     not depend on timm's pretrained defaults of another version)."""
     d = mcfg.to_dict()
     aug = dict(d["aug"], crop_pct=crop_pct(mcfg), store_side=store_side(mcfg), cache="on")
-    aug.pop("cache_dir")
-    aug.pop("cache_max_gb")
+    for k in keys_without_output("aug"):  # this machine's store settings; the bundle keeps its own store
+        if k != "cache":
+            aug.pop(k)
     return {"experiment": mcfg.experiment, "device": d["device"],
             "data": {k: d["data"][k] for k in DATA_KEYS},
             "model": dict(d["model"], pretrained=False, pretrained_path=None),

@@ -1,0 +1,81 @@
+"""The config reference (docs/config.md), generated from the schema in core/config.py: every key with its type,
+default, range, the first stage whose outputs it changes, and its help.
+
+Usage:   python -m pipeline.tools.config_reference > docs/config.md
+tests/test_config.py fails when docs/config.md differs from what this prints (a key added without
+regenerating it).
+"""
+from __future__ import annotations
+
+import typing
+
+from ..core.config import PRETRAINED_DEFAULTS, RENAMED, schema, section_help
+
+STAGE_WORDS = {"setup": "setup", "1": "1+", "2": "2+", "3": "3+", "4": "4+", "5": "5", "-": "none"}
+
+
+def _type(t) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is typing.Union or type(t).__name__ == "UnionType":
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type(inner[0])} or null"
+    if origin is list:
+        return f"list of {_type(args[0])}"
+    return getattr(t, "__name__", str(t))
+
+
+def _range(r) -> str:
+    if r is None:
+        return ""
+    lo, hi, lo_in, hi_in = r
+    num = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
+    return f"{'[' if lo_in else '('}{num(lo)}, {num(hi)}{']' if hi_in else ')'}"
+
+
+def _default(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list) and len(str(v)) > 40:
+        return f"{len(v)} values, {v[0]} .. {v[-1]}"
+    return f"`{v}`" if v != "" else '`""`'
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def reference() -> str:
+    sections = section_help()
+    lines = ["# Config reference", "",
+             "Generated from `pipeline/core/config.py` by `python -m pipeline.tools.config_reference`; do not edit.",
+             "A config file sets any of these keys (YAML sections, `base:` to extend another file); `key=value` on the",
+             "command line overrides them. *Stage*: the first stage whose outputs the key changes (2+: stages 2-5 "
+             "re-run when it changes; none: where or how work runs, not what it computes). *Added*: keys added after "
+             "outputs existed are left out of records at their default, so an upgrade keeps finished work.", ""]
+    current = None
+    for k in schema():
+        sec = k.name.rpartition(".")[0]
+        if sec != current:
+            current = sec
+            title = f"`{sec}`" if sec else "top level"
+            lines += ["", f"## {title}", ""]
+            if sections.get(sec):
+                lines += [_md(sections[sec]), ""]
+            lines += ["| key | type | default | range | stage | added | what it is |", "|---|---|---|---|---|---|---|"]
+        name = k.name.rpartition(".")[2]
+        lines.append(f"| `{name}` | {_type(k.type)} | {_default(k.default)} | {_range(k.range)} | "
+                     f"{STAGE_WORDS[k.stage]} | {k.added or ''} | {_md(k.help)} |")
+    lines += ["", "## Defaults of a fine-tune", "",
+              "With `model.pretrained` or `model.pretrained_path` set, keys the files and command line leave unset "
+              "take these values (`config.PRETRAINED_DEFAULTS`, measured in benchmarks/pretrained.py):", ""]
+    lines += [f"- `{k}`: {v}" for k, v in PRETRAINED_DEFAULTS.items()]
+    lines += ["", "## Renamed keys", ""] + [f"- `{k}`{v}" for k, v in RENAMED.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")
