@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): prints figures for README.md.
+"""Benchmarks (not tests): prints the figures of docs/benchmarks/bench.md.
 
     python benchmarks/bench.py [--data ../shared/data/flowers5] [--size 64] [--arch resnet10t] [--epochs 2]
 

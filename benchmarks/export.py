@@ -1,4 +1,4 @@
-"""Benchmark of `export` and `predict` (not a test): prints the figures README.md quotes.
+"""Benchmark of `export` and `predict` (not a test): prints the figures docs/benchmarks/export.md quotes.
 
     ./run.sh all                      # the demo, once (or any finished project with --config)
     python benchmarks/export.py [--config configs/demo.yaml] [--repeat 3]

@@ -1,4 +1,4 @@
-"""Benchmark of the fine-tuning controls (not a test): prints the table README.md quotes.
+"""Benchmark of the fine-tuning controls (not a test): prints the table docs/benchmarks/finetune_controls.md quotes.
 
     ./run.sh all                                   # the demo, once (builds data/demo and its folds)
     python benchmarks/finetune_controls.py [--config configs/demo.yaml] [--only NAME ...]

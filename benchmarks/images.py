@@ -1,4 +1,4 @@
-"""Benchmarks of the image path (not tests): prints the figures README.md quotes.
+"""Benchmarks of the image path (not tests): prints the figures docs/benchmarks/images.md quotes.
 
     python benchmarks/images.py [--data DIR] [--only accuracy,speed,disk,draft] [--size 64] [--epochs 8]
 

@@ -1,4 +1,4 @@
-"""Benchmark of the training modes (not a test): prints the figures README.md quotes.
+"""Benchmark of the training modes (not a test): prints the figures docs/benchmarks/modes.md quotes.
 
     python benchmarks/modes.py [--data DIR] [--size 64] [--arch resnet10t] [--batch 64] [--steps 30] [--score-epochs 8]
                                [--timm-train PATH/TO/timm/train.py]

@@ -1,5 +1,5 @@
 """Benchmark: fine-tuning real ImageNet weights (EfficientNet-Lite0) on real photos (flowers5), which controls
-pay off, and timm's train.py side by side (not a test): prints the tables README.md quotes.
+pay off, and timm's train.py side by side (not a test): prints the tables docs/benchmarks/pretrained.md quotes.
 
     ./run.sh weights import <efficientnet-lite0-57934424.pth> --arch tf_efficientnet_lite0 \
         --out weights/tf_efficientnet_lite0.safetensors          # once (see configs/flowers5_pretrained.yaml)

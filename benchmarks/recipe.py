@@ -1,4 +1,4 @@
-"""Benchmark of the fine-grained recipe's losses and heads (not a test): prints the tables README.md quotes.
+"""Benchmark of the fine-grained recipe's losses and heads (not a test): prints the tables docs/benchmarks/recipe.md quotes.
 
     ./run.sh all                                      # the demo, once
     python benchmarks/recipe.py [--config configs/demo.yaml] [--flowers ../shared/data/flowers5]

@@ -1,4 +1,4 @@
-"""Benchmark of the second-round techniques (not a test): prints the table README.md quotes.
+"""Benchmark of the second-round techniques (not a test): prints the table docs/benchmarks/second_round.md quotes.
 
     ./run.sh all                                   # the demo, once (its two experiments and ensemble)
     python benchmarks/second_round.py [--config configs/demo.yaml] [--student-arch test_resnet]

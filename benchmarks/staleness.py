@@ -1,4 +1,4 @@
-"""What the image records cost (not a test): prints the figures README.md quotes.
+"""What the image records cost (not a test): prints the figures docs/benchmarks/staleness.md quotes.
 
     python benchmarks/staleness.py [--files 100000] [--kb 20]
 

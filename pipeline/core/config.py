@@ -23,7 +23,7 @@ from .errors import PipelineError
 # ----------------------------------------------------------------------------- the schema
 # Each key is declared once, below, with everything known about it: default, type (the annotation), help,
 # range, the first stage whose outputs it changes, the date it was added. RANGES, the records' key lists
-# (provenance), the README/docs config reference and `./run.sh <command> --help` all read it from here.
+# (provenance) and the config reference docs/config.md all read it from here.
 STAGES = ("setup", "1", "2", "3", "4", "5", "-")  # "setup": how the competition folder is built; "-": no output
 SECTION_STAGE = {"data": "1", "folds": "1", "model": "2", "aug": "2", "train": "2", "eval": "2", "rebalance": "3",
                  "infer": "4", "ensemble": "5", "": "2"}  # the stage of a key that does not name its own
@@ -174,7 +174,7 @@ class DistillCfg:
                        help="loss = (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)")
     temperature: float = key(4.0, range=(0, 100, False, True), help="T: softens both distributions")
     leaky_oof: bool = key(False,
-                          help="LEAKY shortcut: train rows' targets are the teacher's OOF probabilities (see README)")
+                          help="LEAKY shortcut: train rows' targets are the teacher's OOF probabilities (docs/stages.md)")
 
 
 @dataclass
@@ -635,7 +635,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 # The defaults of a fine-tune from pretrained weights (`model.pretrained` or `model.pretrained_path` set), for
 # every key the config files and command line leave unset: the best combination measured by
 # benchmarks/pretrained.py (EfficientNet-Lite0 ImageNet weights on flowers5, 2 folds x 2 epochs at 64 px,
-# 2026-12-01; README "Pretrained fine-tuning on flowers5"). Keys not listed keep the defaults above, which
+# 2026-12-01; docs/benchmarks/pretrained.md). Keys not listed keep the defaults above, which
 # measured best too: lr 1e-3 (CV 0.685; 3e-3: 0.659), no layer decay (0.9: 0.657), no head warm-up
 # (freeze_epochs 1: 0.619; with freeze_bn: 0.634); mean/std and crop_pct come from the weights' record.
 # From-scratch runs keep the dataclass defaults.

@@ -28,7 +28,7 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: fp32). auto: bf16 on GPUs that support it, else fp16; fp32 on CPU.
     bf16 on CPU runs (and is tested) but is opt-in: on this project's CPUs (AVX512-BF16) it trains
     1.4x faster than fp32 and scores within seed noise of it, yet oneDNN's bf16 kernels do not give
-    bit-identical weights from run to run, which the CPU resume guarantee needs (README)."""
+    bit-identical weights from run to run, which the CPU resume guarantee needs (docs/reliability.md)."""
     amp = cfg.train.amp
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None

@@ -11,6 +11,14 @@ import typing
 
 from ..core.config import PRETRAINED_DEFAULTS, RENAMED, schema, section_help
 
+INTRO = """A YAML file is an experiment sheet; `base: other.yaml` extends another file (keys merge one by one);
+`key=value` on the command line comes last. Unknown keys (with a "did you mean"), wrong types and out-of-range
+values are errors naming the key and the file that set it. A key given twice in one file is an error naming both
+lines (plain YAML keeps the second silently); an empty or over-1-MB config file is refused. Names that become paths
+(`experiment`, `ensemble.name`, `folds.name`, report and export names) are one plain path component: no `/`, `\\`,
+`:`, leading `.`, `-` or `~`. YAML 1.1 quirks are handled: `cache: off` is the choice "off", `lr: 1e-3` a number.
+`runs/<exp>/config.yaml` and every stage record hold the resolved values."""
+
 STAGE_WORDS = {"setup": "setup", "1": "1+", "2": "2+", "3": "3+", "4": "4+", "5": "5", "-": "none"}
 
 
@@ -51,11 +59,12 @@ def _md(text: str) -> str:
 def reference() -> str:
     sections = section_help()
     lines = ["# Config reference", "",
-             "Generated from `pipeline/core/config.py` by `python -m pipeline.tools.config_reference`; do not edit.",
-             "A config file sets any of these keys (YAML sections, `base:` to extend another file); `key=value` on the",
-             "command line overrides them. *Stage*: the first stage whose outputs the key changes (2+: stages 2-5 "
-             "re-run when it changes; none: where or how work runs, not what it computes). *Added*: keys added after "
-             "outputs existed are left out of records at their default, so an upgrade keeps finished work.", ""]
+             "Generated from the schema in `pipeline/core/config.py` by `python -m pipeline.tools.config_reference`;",
+             "do not edit (a test fails when this page and the schema differ).", "", INTRO, "",
+             "*Stage*: the first stage whose outputs the key changes (2+: stages 2-5 re-run when it changes; setup: "
+             "how the competition folder is built; none: where or how work runs, not what it computes). *Added*: "
+             "keys added after outputs existed are left out of records at their default, so an upgrade keeps "
+             "finished work."]
     current = None
     for k in schema():
         sec = k.name.rpartition(".")[0]
