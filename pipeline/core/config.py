@@ -464,6 +464,7 @@ def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
 
 
 def _validate(cfg: Config, origin: dict[str, str]) -> None:
+    """Ranges and names, then the checks that relate keys to each other, section by section."""
     def check(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise PipelineError(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
@@ -479,6 +480,16 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     for key in ("experiment", "folds.name", "ensemble.name", "train.pseudo.teacher", "train.distill.teacher"):
         if flat[key] or key == "experiment":
             layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
+    _validate_aug(cfg, check)
+    _validate_train(cfg, check)
+    check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
+    for k in ("mean", "std"):
+        v = getattr(cfg.model, k)
+        check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
+    _validate_heads_and_views(cfg, check)
+
+
+def _validate_aug(cfg: Config, check) -> None:
     sched = cfg.aug.size_schedule
     check(not sched or (all(len(x) == 2 for x in sched) and sched[0][0] == 0
                         and all(a[0] < b[0] for a, b in zip(sched, sched[1:]))
@@ -493,6 +504,9 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
             check(False, "aug.policy", f"{e} (examples: rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, trivial)")
     check(len(cfg.aug.rrc_scale) == 2 and cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1],
           "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
+
+
+def _validate_train(cfg: Config, check) -> None:
     check(cfg.train.drw_epoch is None or cfg.train.class_weights == "none", "train.drw_epoch",
           "defers the class weights itself: set train.class_weights=none (weights from the start) or drop drw_epoch")
     check(cfg.train.drw_epoch is None or cfg.train.drw_epoch < cfg.train.epochs, "train.drw_epoch",
@@ -505,16 +519,6 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
     for key in ("pseudo", "distill"):
         check(getattr(cfg.train, key).teacher != cfg.experiment, f"train.{key}.teacher",
               "names this experiment itself: a teacher must be another experiment or an ensemble")
-    check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
-    for k in ("mean", "std"):
-        v = getattr(cfg.model, k)
-        check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
-    from .heads import VARIANTS
-
-    known = set(VARIANTS)
-    bad = [v for v in cfg.rebalance.variants if v not in known]
-    check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
-    check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
     check(cfg.train.scheduler in SCHEDULERS, "train.scheduler", f"one of timm's schedulers {list(SCHEDULERS)}")
     opt = cfg.train.optimizer.lower()
     if opt.removeprefix("lookahead_") not in COMMON_OPTIMIZERS:
@@ -523,10 +527,18 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
         check(opt.removeprefix("lookahead_") in list_optimizers(), "train.optimizer",
               f"'{cfg.train.optimizer}' is not a timm optimizer (e.g. adamw, sgd, lamb, lion; "
               f"timm.optim.list_optimizers() lists them)")
-    check(bool(cfg.rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
-    check(bool(cfg.rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
+
+
+def _validate_heads_and_views(cfg: Config, check) -> None:
+    from .heads import VARIANTS
     from .tta import VIEWS
 
+    known = set(VARIANTS)
+    bad = [v for v in cfg.rebalance.variants if v not in known]
+    check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
+    check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
+    check(bool(cfg.rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
+    check(bool(cfg.rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
     bad = [h for h in cfg.infer.heads if h != "best" and h not in known]
     check(bool(cfg.infer.heads) and not bad, "infer.heads", f"'best' or variants of {sorted(known)}; got {bad}")
     bad = [v for v in cfg.infer.views if v not in VIEWS]

@@ -245,8 +245,7 @@ def run_hill_climb(cfg: Config, configured: list[dict]) -> tuple[list[dict], np.
 
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, force: bool = False) -> dict:
-    e = cfg.ensemble
-    name = e.name or cfg.experiment
+    name = cfg.ensemble.name or cfg.experiment
     members = [load_member(exp, head) for exp, head in parse_members(cfg)]
     check_compatible(members)
     check_current(cfg, members)
@@ -257,32 +256,8 @@ def run(cfg: Config, force: bool = False) -> dict:
         return read_json(out)
     classes = members[0]["summary"]["classes"]
     test = read_test_table(cfg, require_images=False)
-    sample = read_sample_submission(cfg) if cfg.data.sample_submission else None
-    metric = cfg.eval.metric
-    method = e.method
-    has_oof = "oof" in members[0]
-    rows = []
-    weights = np.full(len(members), 1.0 / len(members))
-    climb, fold_weights = None, None  # fold_weights: per fold, the weights fit without that fold
-    if method == "hill_climb":
-        members, weights, rows, climb = run_hill_climb(cfg, members)
-        fold_weights = climb.pop("fold_weights")
-    elif has_oof:
-        y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
-        oofs = [m["oof"]["probs"] for m in members]
-        for m, p in zip(members, oofs):
-            rows.append({"member": m["name"], **oof_cv(cfg, p, y, fold)})
-        if method == "weighted":
-            weights = fit_weights(oofs, y, e.weight_metric, metric)
-            per_fold, fw = honest_cv(oofs, y, fold, cfg)
-            fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
-            ens = oof_cv(cfg, combine(oofs, "weighted", weights), y, fold, per_fold)
-        else:
-            ens = oof_cv(cfg, combine(oofs, method), y, fold)
-        rows.append({"member": f"ensemble ({method})", **ens})
-    elif method == "weighted":
-        raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
-    test_probs = combine([m.get("test_probs", m["test"]["probs"]) for m in members], method, weights)
+    members, weights, rows, climb, fold_weights = combine_oof(cfg, members)
+    test_probs = combine([m.get("test_probs", m["test"]["probs"]) for m in members], cfg.ensemble.method, weights)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
         where = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else cfg.data_path(cfg.data.test_dir)
         raise PipelineError(f"the test ids of {where} differ from the members' predictions (order or set): "
@@ -294,29 +269,69 @@ def run(cfg: Config, force: bool = False) -> dict:
     if private is not None and not table.empty:
         table["private"] = [private_score(cfg, members[0]["test"]["ids"], p, classes) for p in row_tests]
     names = [m.get("candidate", m["name"]) for m in members]
-    result = {"name": name, "members": names, "method": method,
-              "weights": dict(zip(names, weights.tolist())), "fold_weights": fold_weights, "metric": metric,
+    result = {"name": name, "members": names, "method": cfg.ensemble.method,
+              "weights": dict(zip(names, weights.tolist())), "fold_weights": fold_weights, "metric": cfg.eval.metric,
               "hill_climb": climb,
               "table": table.to_dict(orient="records"), "private": private,
               "made_from": made_from, "env": environment()}
-    if sample is not None:
-        sub = build_submission(sample, members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
-                               cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)))
-    else:  # no sample submission: every image of test_dir, sorted (as predict writes it)
-        sub = submission_without_sample(members[0]["test"]["ids"], test_probs, classes, cfg.ensemble.submission,
-                               cfg.data.id_col, cfg.data.label_col)
-    write_csv(csv, sub)
+    sub = write_submission(cfg, csv, members[0]["test"]["ids"], test_probs, classes)
     result["submission"] = str(csv)
     result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
     write_json(out, result)
+    report(cfg, name, table, private)
+    log.info("wrote %s", result["submission"])
+    return result
+
+
+def combine_oof(cfg: Config, members: list[dict]) -> tuple[list[dict], np.ndarray, list[dict], dict | None, list | None]:
+    """The members' combination chosen on OOF rows: (members, weights, a CV row per member and the ensemble,
+    the hill climb's record, per-fold weights fit without that fold (weighted, hill_climb) or None)."""
+    e, method = cfg.ensemble, cfg.ensemble.method
+    rows, climb, fold_weights = [], None, None
+    weights = np.full(len(members), 1.0 / len(members))
+    if method == "hill_climb":
+        members, weights, rows, climb = run_hill_climb(cfg, members)
+        fold_weights = climb.pop("fold_weights")
+    elif "oof" in members[0]:
+        y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
+        oofs = [m["oof"]["probs"] for m in members]
+        for m, p in zip(members, oofs):
+            rows.append({"member": m["name"], **oof_cv(cfg, p, y, fold)})
+        if method == "weighted":
+            weights = fit_weights(oofs, y, e.weight_metric, cfg.eval.metric)
+            per_fold, fw = honest_cv(oofs, y, fold, cfg)
+            fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
+            ens = oof_cv(cfg, combine(oofs, "weighted", weights), y, fold, per_fold)
+        else:
+            ens = oof_cv(cfg, combine(oofs, method), y, fold)
+        rows.append({"member": f"ensemble ({method})", **ens})
+    elif method == "weighted":
+        raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
+    return members, weights, rows, climb, fold_weights
+
+
+def write_submission(cfg: Config, csv, ids: np.ndarray, probs: np.ndarray, classes: list) -> pd.DataFrame:
+    """submissions/<name>.csv: the sample submission's ids, order and columns; without one, every image of
+    test_dir, sorted (as predict writes it)."""
+    if cfg.data.sample_submission:
+        sub = build_submission(read_sample_submission(cfg), ids, probs, classes, cfg.ensemble.submission,
+                               cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)))
+    else:
+        sub = submission_without_sample(ids, probs, classes, cfg.ensemble.submission, cfg.data.id_col,
+                                        cfg.data.label_col)
+    write_csv(csv, sub)
+    return sub
+
+
+def report(cfg: Config, name: str, table: pd.DataFrame, private: float | None) -> None:
+    """The CV table in the log (and the tracker), and the private score when the test labels are known."""
+    metric = cfg.eval.metric
     if not table.empty:
         final = {"cv": float(table["cv_mean"].iloc[-1]), "cv_std": float(table["cv_std"].iloc[-1])}
         if private is not None:
             final["private"] = private
         tracking.report(cfg, "ensemble", table.drop(columns="per_fold"), final)
-        log.info("ensemble %s (%s), %s:\n%s", name, method, metric,
+        log.info("ensemble %s (%s), %s:\n%s", name, cfg.ensemble.method, metric,
                  table.drop(columns="per_fold").to_string(index=False, float_format="%.4f"))
     if private is not None:
         log.info("private leaderboard (held-out test labels): %s %.4f", metric, private)
-    log.info("wrote %s", result["submission"])
-    return result
