@@ -146,20 +146,45 @@ def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: TtaModel, n_classes:
     model = models.load_trained(cfg, fd.weights, n_classes).to(device)
     prepare_model(cfg, model, device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
+    tuned = fixres_trainable(model)
+    rows = np.flatnonzero(df["fold"].values != u.k)
+    ds = ImageDataset(open_store(cfg, df["path"]).subset(rows), df["y"].values[rows], valid_transform(cfg, crop))
+    desc = f"FixRes {u.name.removesuffix(' (FixRes)')} at {crop} px"
+    fixres_tune(cfg, model, tuned, norm, ds, torch.Generator().manual_seed(cfg.seed * 7919 + u.k + 1), device,
+                dtype, desc)
+    model.eval()
+    models.write_state_dict(path, model.state_dict(), {"fixres": fx.size, "crop": crop, "unit": fd.name})
+    keep_image_snapshots(rec)
+    write_json(meta, {"made_from": rec, "crop": crop, "rows": int(len(rows)), "seconds": time.perf_counter() - t0})
+    log.info("%s: FixRes-tuned at %d px on %d training rows (%d epoch(s), BN re-estimated) in %.1fs", u.name, crop,
+             len(rows), fx.epochs, time.perf_counter() - t0)
+    return model.cpu()
+
+
+NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+def fixres_trainable(model: torch.nn.Module) -> list:
+    """The classifier and every normalisation layer train; BatchNorm statistics restart as a cumulative
+    average (the exact mean over the tuning batches); everything else is frozen."""
     tuned = [p for p in model.get_classifier().parameters()]
-    norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
-    for m in norms:
-        tuned += [p for p in m.parameters(recurse=False)]
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: the exact mean over the tuning batches
+    for m in model.modules():
+        if isinstance(m, NORM_LAYERS):
+            tuned += [p for p in m.parameters(recurse=False)]
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
     ids = {id(p) for p in tuned}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
-    rows = np.flatnonzero(df["fold"].values != u.k)
-    ds = ImageDataset(open_store(cfg, df["path"]).subset(rows), df["y"].values[rows], valid_transform(cfg, crop))
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + u.k + 1)
-    steps = fx.epochs * (-(-len(rows) // cfg.train.batch_size))
+    return tuned
+
+
+def fixres_tune(cfg: Config, model, tuned: list, norm, ds, gen: torch.Generator, device, dtype, desc: str) -> None:
+    """infer.fixres.epochs over `ds` (shuffled and flipped by `gen`) with AdamW and a cosine schedule to 0,
+    through stage 2's step and loop."""
+    fx = cfg.infer.fixres
+    steps = fx.epochs * (-(-len(ds) // cfg.train.batch_size))
     opt = torch.optim.AdamW(tuned, lr=fixres_lr(cfg), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     step = Step(model, opt, device, dtype, on_update=lambda n: sched.step())  # fp16: loss scaling too
@@ -173,23 +198,13 @@ def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: TtaModel, n_classes:
         return torch.nn.functional.cross_entropy(model(x).float(), y.to(device)), len(x)
 
     model.train()
-    bar = Progress(steps, f"FixRes {u.name.removesuffix(' (FixRes)')} at {crop} px", "step")
-    for epoch in range(fx.epochs):
-        order = torch.randperm(len(rows), generator=gen).numpy()
+    bar = Progress(steps, desc, "step")
+    for _ in range(fx.epochs):
+        order = torch.randperm(len(ds), generator=gen).numpy()
         loader = make_loader(torch.utils.data.Subset(ds, order), batch_size=cfg.train.batch_size,
                              n_workers=workers(cfg), cuda=device.type == "cuda")
         run_epoch(step, loader, loss, bar=bar, on_sync=lambda i, total, seen: bar.postfix(loss=f"{total / seen:.4f}"))
     bar.close()
-    model.eval()
-    models.write_state_dict(path, model.state_dict(), {"fixres": fx.size, "crop": crop, "unit": fd.name})
-    keep_image_snapshots(rec)
-    write_json(meta, {"made_from": rec, "crop": crop, "rows": int(len(rows)), "seconds": time.perf_counter() - t0})
-    log.info("%s: FixRes-tuned at %d px on %d training rows (%d epoch(s), BN re-estimated) in %.1fs", u.name, crop,
-             len(rows), fx.epochs, time.perf_counter() - t0)
-    return model.cpu()
-
-
-NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
 
 
 # ----------------------------------------------------------------------------- predicting

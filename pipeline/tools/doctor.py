@@ -140,16 +140,7 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
     changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
     total_seen = dist.sum([seen])[0]
     model.eval()
-    xb = to_input(next(iter(data))[0], norm, device, fmt)
-    with torch.no_grad():
-        for _ in range(2):
-            logits(model, xb, dtype)
-        _sync(device)
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            logits(model, xb, dtype)
-        _sync(device)
-    infer_rate = steps * len(xb) / (time.perf_counter() - t1)
+    infer_rate = _inference_rate(model, to_input(next(iter(data))[0], norm, device, fmt), dtype, steps, device)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"mode": mode.name, "ok": bool(finite and changed), "error": "" if finite and changed else
@@ -157,6 +148,19 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
             "train_img_s": total_seen / train_s, "infer_img_s": infer_rate * dist.world, "peak_mb": peak / 1e6,
             "data_wait": wait / train_s, "loss": float(torch.stack(losses).float().mean()),
             "first_logits": first.numpy().tolist()}
+
+
+@torch.no_grad()
+def _inference_rate(model, xb: torch.Tensor, dtype, steps: int, device: torch.device) -> float:
+    """Images/s of evaluation logits on one batch, after 2 warm-up passes."""
+    for _ in range(2):
+        logits(model, xb, dtype)
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        logits(model, xb, dtype)
+    _sync(device)
+    return steps * len(xb) / (time.perf_counter() - t1)
 
 
 def _sync(device: torch.device) -> None:

@@ -57,6 +57,22 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> float:
     return float(lrs[start + int(np.argmin(slope[start:end]))])
 
 
+def _data_and_loss(cfg: Config, df: pd.DataFrame, rows: np.ndarray, n_classes: int, device):
+    """A shuffled loader of the fold's training rows (stage 2's augmentation) and stage 2's loss."""
+    store = open_store(cfg, df["path"])
+    ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(cfg), seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                                         generator=gen, num_workers=workers(cfg),
+                                         pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {cfg.train.batch_size}")
+    counts = np.bincount(df["y"].values[rows], minlength=n_classes) if cfg.train.loss == "ldam" else None
+    criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma, margins=ldam_margins(
+        counts, cfg.train.ldam_max_margin) if counts is not None else None, scale=cfg.train.ldam_scale).to(device)
+    return loader, criterion
+
+
 def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
     df, classes = read_folds(cfg)
     rows = np.flatnonzero(df["fold"].values != fold)
@@ -71,17 +87,7 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
 
     opt = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=START_LR, weight_decay=cfg.train.weight_decay,
                               momentum=cfg.train.momentum)
-    store = open_store(cfg, df["path"])
-    ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(cfg), seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                                         generator=gen, num_workers=workers(cfg),
-                                         pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {cfg.train.batch_size}")
-    counts = np.bincount(df["y"].values[rows], minlength=len(classes)) if cfg.train.loss == "ldam" else None
-    criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma, margins=ldam_margins(
-        counts, cfg.train.ldam_max_margin) if counts is not None else None, scale=cfg.train.ldam_scale).to(device)
+    loader, criterion = _data_and_loss(cfg, df, rows, len(classes), device)
     lrs, losses = [], []
     factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
     fmt = memory_format(cfg, device)
