@@ -138,3 +138,16 @@ def test_wandb_tracker_logs_every_stage_offline_and_is_optional(workdir, monkeyp
     caplog.set_level("WARNING", logger="pipeline")
     ens_stage.run(cfg, force=True)
     assert "train.tracker=wandb but it is not installed" in caplog.text
+
+
+def test_the_command_list_in_the_docs_is_the_generated_one():
+    """docs/commands.md shows `./run.sh help` verbatim: the one command table in cli.py is its only source."""
+    assert cli.help_text() in (REPO / "docs" / "commands.md").read_text()
+
+
+def test_an_option_a_command_does_not_take_is_refused_naming_those_it_takes(capsys):
+    assert cli.main(["train", "--zip", "--sort", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "train does not take --zip --sort" in err and "--fold" in err and "--gpus" in err
+    assert cli.main(["leaderboard", "train.epochs=3"]) == 2      # no key=value where no config is read
+    assert cli.main(["2", "--help"]) == 0 and capsys.readouterr().out.startswith("train: ")   # a stage by number
