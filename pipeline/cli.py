@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import layout, provenance
+from .core import layout
 from .core.artifacts import fault_point
 from .core.config import Config, load_config
 from .core.errors import PipelineError
@@ -444,10 +444,17 @@ def _main(argv: list[str]) -> int:
         c = find_command(args.words[0]) if args.command == "help" and args.words else COMMANDS.get(args.command)
         print(command_help(c.name) if c else help_text())
         return 0
+    from .core import provenance  # not for help: `./run.sh help` starts without torch
+
     root = args.root or os.environ.get("PIPELINE_ROOT")
     if root:
         enter_project(args, Path(root))
     provenance.allow_stale(getattr(args, "allow_stale", False))
+    with provenance.one_look():  # each image set is stat'ed once per command
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command in ("leaderboard", "compare", "report"):
         return run_report_command(args)
     if args.command == "predict":
@@ -504,8 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return selfcheck.main(argv[1:], entry=main)
     try:
-        with provenance.one_look():  # each image set is stat'ed once per command
-            return _main(argv)
+        return _main(argv)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

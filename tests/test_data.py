@@ -5,7 +5,7 @@ import os
 import pandas as pd
 import pytest
 
-from conftest import make_competition, run_cli
+from conftest import cli, make_competition
 from pipeline.core.config import load_config
 from pipeline.core.data import read_test_table, read_train_table
 from pipeline.core.errors import PipelineError
@@ -151,11 +151,11 @@ def test_empty_test_folder(comp):
 
 def test_cli_bad_data_exits_nonzero_and_writes_nothing(comp, workdir):
     (comp / "train" / "img0003.png").unlink()
-    r = run_cli(["folds", "--config", "none.yaml"], workdir)
+    r = cli(["folds", "--config", "none.yaml"], workdir)
     assert r.returncode == 2 and "config file not found" in r.stderr
     cfgfile = workdir / "c.yaml"
     cfgfile.write_text(f"data:\n  root: {comp}\n  image_ext: .png\nfolds:\n  n_splits: 2\n")
-    r = run_cli(["folds", "--config", str(cfgfile)], workdir)
+    r = cli(["folds", "--config", str(cfgfile)], workdir)
     assert r.returncode == 2
     assert "img0003.png" in r.stderr and "Traceback" not in r.stderr
     assert not list((workdir).glob("folds/*.csv"))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli
 from pipeline.core.artifacts import write_npz
 from pipeline.core.config import config_to_yaml, load_config
 from pipeline.tools.leaderboard import build, rank
@@ -47,7 +47,7 @@ def test_leaderboard_ranks_runs_and_flags_other_folds(workdir):
     assert (np.diff(t["cv_mean"].values[:3]) < 0).all()
     assert t.loc[1, "members"] == "strong:joint + weak:joint"
 
-    r = run_cli(["leaderboard", "--filter", "model=resnet*", "--sort", "few_acc"], workdir)
+    r = cli(["leaderboard", "--filter", "model=resnet*", "--sort", "few_acc"], workdir)
     assert r.returncode == 0, r.stderr
     csv = pd.read_csv(workdir / "reports" / "leaderboard.csv")
     assert set(csv["experiment"]) == {"strong", "weak", "other-folds"}               # filter dropped the ensemble
@@ -55,9 +55,9 @@ def test_leaderboard_ranks_runs_and_flags_other_folds(workdir):
     assert comparable["few_acc"].is_monotonic_decreasing and csv["note"].iloc[-1] == "folds differ"
     md = (workdir / "reports" / "leaderboard.md").read_text()
     assert "| rank | experiment |" in md and "folds differ" in md
-    r = run_cli(["leaderboard", "--filter", "w*"], workdir)
+    r = cli(["leaderboard", "--filter", "w*"], workdir)
     assert r.returncode == 0 and pd.read_csv(workdir / "reports" / "leaderboard.csv")["experiment"].tolist() == ["weak"]
-    r = run_cli(["leaderboard", "--sort", "nope"], workdir)
+    r = cli(["leaderboard", "--sort", "nope"], workdir)
     assert r.returncode == 2 and "--sort nope: no such column" in r.stderr
 
 
@@ -65,14 +65,14 @@ def test_compare_shows_config_and_metric_differences_against_fold_noise(workdir)
     fake_run(workdir, "a", 3.0, arch="resnet10t")
     fake_run(workdir, "b", 0.3, arch="resnet18", seed=1)
     fake_run(workdir, "a2", 3.0, seed=0)                                   # same predictions as a
-    r = run_cli(["compare", "a", "b"], workdir)
+    r = cli(["compare", "a", "b"], workdir)
     assert r.returncode == 0, r.stderr
     assert "model.arch: 'resnet10t' -> 'resnet18'" in r.stdout
     row = [line for line in r.stdout.splitlines() if line.strip().startswith("joint")][0]
     assert "A better" in row and "fold0" in r.stdout
-    r = run_cli(["compare", "a", "a2"], workdir)
+    r = cli(["compare", "a", "a2"], workdir)
     assert "(none besides the name)" in r.stdout and "within fold noise" in r.stdout
-    assert run_cli(["compare", "a", "missing"], workdir).returncode == 2
+    assert cli(["compare", "a", "missing"], workdir).returncode == 2
 
 
 def ran(stderr: str) -> list[str]:
@@ -82,28 +82,28 @@ def ran(stderr: str) -> list[str]:
 
 def test_all_reruns_exactly_the_stale_stages_and_refuses_stale_inputs(workdir):
     cfg = ["--config", str(REPO / "configs" / "debug.yaml")]
-    r = run_cli(["all", *cfg], workdir)
+    r = cli(["all", *cfg], workdir)
     assert r.returncode == 0, r.stderr
     every = ["debug:ensemble", "debug:folds", "debug:infer", "debug:rebalance", "debug:train"]
     assert ran(r.stderr) == every
-    assert ran(run_cli(["all", *cfg], workdir).stderr) == []                           # all up to date
-    assert ran(run_cli(["all", *cfg, "train.workers=1"], workdir).stderr) == []        # nothing depends on it
-    r = run_cli(["all", *cfg, "infer.merge=mean_logit"], workdir)
+    assert ran(cli(["all", *cfg], workdir).stderr) == []                           # all up to date
+    assert ran(cli(["all", *cfg, "train.workers=1"], workdir).stderr) == []        # nothing depends on it
+    r = cli(["all", *cfg, "infer.merge=mean_logit"], workdir)
     assert ran(r.stderr) == ["debug:ensemble", "debug:infer"]
     assert "stage 4 (infer) of 'debug' is stale: changed infer.merge" in r.stderr
-    r = run_cli(["all", *cfg, "infer.merge=mean_logit", "train.lr=0.002"], workdir)
+    r = cli(["all", *cfg, "infer.merge=mean_logit", "train.lr=0.002"], workdir)
     assert ran(r.stderr) == ["debug:ensemble", "debug:infer", "debug:rebalance", "debug:train"]
 
     # back to the default lr: stage 2's weights are stale for this config; later stages refuse them
     for stage in ("rebalance", "infer"):
-        r = run_cli([stage, *cfg, "infer.merge=mean_logit"], workdir)
+        r = cli([stage, *cfg, "infer.merge=mean_logit"], workdir)
         assert r.returncode == 2
         assert re.search(r"runs/debug/fold0/summary.json \(the fold's stage-2 weights\) is stale.*changed: train.lr",
                          r.stderr), r.stderr
-    r = run_cli(["status", *cfg, "infer.merge=mean_logit"], workdir)
+    r = cli(["status", *cfg, "infer.merge=mean_logit"], workdir)
     assert "2 train      stale: fold 0: changed train.lr" in r.stdout and "waits for stage 2" in r.stdout
     before = (workdir / "runs/debug/infer/summary.json").read_bytes()
-    r = run_cli(["infer", *cfg, "--allow-stale"], workdir)                     # told to proceed
+    r = cli(["infer", *cfg, "--allow-stale"], workdir)                     # told to proceed
     assert r.returncode == 0 and "used anyway (--allow-stale)" in r.stderr
     assert (workdir / "runs/debug/infer/summary.json").read_bytes() != before
 

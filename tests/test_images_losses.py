@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from conftest import make_competition, run_cli
+from conftest import cli, make_competition, run_cli
 from pipeline.core.losses import SoftTargetLoss, effective_number_weights
 
 
@@ -24,11 +24,11 @@ def test_gpus_option_trains_folds_in_parallel_processes(workdir):
     cfg.write_text(f"experiment: par\ndevice: cpu\ndata:\n  root: {root}\n  image_ext: .png\nfolds:\n  n_splits: 2\n"
                    "model:\n  arch: test_resnet\naug:\n  img_size: 32\n  cache: off\n"
                    "train:\n  epochs: 1\n  batch_size: 8\n  workers: 0\n  warmup_epochs: 0\n")
-    assert run_cli(["folds", "--config", str(cfg)], workdir).returncode == 0
+    assert cli(["folds", "--config", str(cfg)], workdir).returncode == 0
     r = run_cli(["train", "--config", str(cfg), "--gpus", "0,1"], workdir)
     assert r.returncode == 0, r.stderr
     assert "fold 0 -> GPU 0" in r.stderr and "fold 1 -> GPU 1" in r.stderr
     for k in (0, 1):
         assert (workdir / f"runs/par/fold{k}/summary.json").exists()
-    r = run_cli(["folds", "--config", str(cfg), "--gpus", "0"], workdir)
+    r = cli(["folds", "--config", str(cfg), "--gpus", "0"], workdir)
     assert r.returncode == 2 and "folds does not take --gpus" in r.stderr

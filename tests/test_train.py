@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, make_competition, run_cli
+from conftest import REPO, cli, make_competition, run_cli
 from pipeline.core import training
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
@@ -82,13 +82,13 @@ def test_resume_after_kill_equals_uninterrupted_run(workdir):
         root = make_competition(d / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
         cfgfile = write_cfg(d / "c.yaml", root, "train.workers=1", "train.mixup_alpha=0.4", "train.epochs=3",
                             "model.drop_rate=0.2")
-        assert run_cli(["folds", "--config", str(cfgfile)], d).returncode == 0
-        if fault:
+        assert cli(["folds", "--config", str(cfgfile)], d).returncode == 0
+        if fault:  # a real process to kill; everything else in this one
             r = run_cli(["train", "--config", str(cfgfile), "--fold", "0"], d, env={"PIPELINE_FAULT": fault})
             assert r.returncode == -9                                  # SIGKILLed mid-epoch 2
             assert not (d / "runs/tiny/fold0/summary.json").exists()
             assert (d / "runs/tiny/fold0/last.pt").exists()
-        r = run_cli(["train", "--config", str(cfgfile), "--fold", "0"], d)
+        r = cli(["train", "--config", str(cfgfile), "--fold", "0"], d)
         assert r.returncode == 0, r.stderr
         if fault:
             assert "resuming" in r.stderr
@@ -192,8 +192,8 @@ def test_ddp_two_gloo_processes_match_single_process(workdir):
     common = ("model.arch=test_convnext", "train.ema=false", "train.amp=off")  # equivalence holds in fp32 math
     single = write_cfg(workdir / "single.yaml", root, "train.batch_size=8", "experiment=single", *common)
     ddp = write_cfg(workdir / "ddp.yaml", root, "train.batch_size=4", "experiment=ddp", *common)
-    assert run_cli(["folds", "--config", str(single)], workdir).returncode == 0
-    assert run_cli(["train", "--config", str(single), "--fold", "0"], workdir).returncode == 0
+    assert cli(["folds", "--config", str(single)], workdir).returncode == 0
+    assert cli(["train", "--config", str(single), "--fold", "0"], workdir).returncode == 0
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                         "-m", "pipeline", "train", "--config", str(ddp), "--fold", "0"],

@@ -171,8 +171,8 @@ class Sandbox:
         (start / "c.yaml").write_text(CONFIG)
         self.snap["empty"] = start
         work = self.copy("empty", "reference")
-        for stage in STAGES:
-            r = self.cli(work, [stage])
+        for stage in STAGES:  # in this process: a process start (torch + timm imports) is ~9 s on 2 cores
+            r = cli_inprocess(self, work, [stage])
             if r.returncode != 0:
                 raise RuntimeError(f"the reference run failed at {stage}:\n{r.stderr[-3000:]}")
             self.snap[stage] = self.base / f"snap-{stage}"
@@ -223,6 +223,46 @@ def _inside(folder: Path, env: dict | None = None):
         quiet.setLevel(level)
 
 
+def inprocess(entry: Callable[[list[str]], int], folder: Path, argv: list[str],
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGV` run in this process from `folder`: exit code, stdout and stderr (the log lines
+    included) captured as a subprocess's would be. Kills and resource limits need a real process
+    (`Sandbox.cli`); a plain run or a rerun does not, and saves a process start (torch and timm imports:
+    ~9 s on 2 cores)."""
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("pipeline")
+    old_cwd, old_env, old = os.getcwd(), dict(os.environ), (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    os.chdir(folder)
+    os.environ.pop("PIPELINE_FAULT", None)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                rc = entry(list(argv))
+            except Exception:  # as a subprocess would: exit 1 with the traceback on stderr
+                import traceback
+
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        logger.removeHandler(handler)
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+
+
+def cli_inprocess(sb: Sandbox, folder: Path, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return inprocess(sb.entry, folder, [*args, "--config", "c.yaml"], env)
+
+
 def run_inprocess(sb: Sandbox, folder: Path, args: list[str], env: dict | None = None) -> tuple[int, str]:
     """`python -m pipeline ARGS --config c.yaml` in this process: (exit code, stderr)."""
     err = io.StringIO()
@@ -253,7 +293,7 @@ def kill_case(sb: Sandbox, stage: str, point: str) -> Result:
         refused = rc == 2 and tree_digest(d) == snapshot
         notes.append(f"{STAGES[i + 1]} refused (exit {rc})" if refused else f"{STAGES[i + 1]} exit {rc}: {err[-200:]}")
         ok &= refused
-    r2 = sb.cli(d, [stage])
+    r2 = cli_inprocess(sb, d, [stage])  # the killed process's files, rerun (no kill needed: in this process)
     final = tree_digest(d)
     diff = sorted(f for f in set(final) | set(sb.ref[stage]) if final.get(f) != sb.ref[stage].get(f))
     lost += sum(1 for f in sb.ref[stage] if f not in final)
@@ -552,7 +592,7 @@ def disk_full_case(sb: Sandbox) -> Result:
     lost = sum(1 for f, h in sb.ref["folds"].items() if tree_digest(d).get(f) != h)
     partial = partial_files(d)
     clear = r.returncode == 2 and re.search(r"error: cannot write runs/sc/", r.stderr) is not None
-    r2 = sb.cli(d, ["train"])
+    r2 = cli_inprocess(sb, d, ["train"])
     final = tree_digest(d)
     equal = r2.returncode == 0 and final == sb.ref["train"]
     shutil.rmtree(d, ignore_errors=True)
@@ -587,10 +627,10 @@ def stale_pixels_case(sb: Sandbox) -> Result:
     """A test image replaced under its name after `all`: status names it, stage 4 and 5 re-run, 1-3 stay."""
     d = sb.copy("ensemble", "stale-pixels")
     _replace_image(d, "comp/test/t001.png")
-    st = sb.cli(d, ["status"])
+    st = cli_inprocess(sb, d, ["status"])
     lines = {ln.split()[1]: ln for ln in st.stdout.splitlines() if ln.startswith("  ")}
     named = "t001.png" in lines.get("infer", "") and all("up to date" in lines.get(s, "") for s in STAGES[:3])
-    r = sb.cli(d, ["all"])
+    r = cli_inprocess(sb, d, ["all"])
     ran = re.findall(r"stage \d \((\w+)\) of 'sc' is stale", r.stderr)
     ok = st.returncode == 0 and named and r.returncode == 0 and ran == ["infer", "ensemble"]
     shutil.rmtree(d, ignore_errors=True)
@@ -603,7 +643,7 @@ def test_side_case(sb: Sandbox) -> Result:
     """A new sample submission path (same content) must not make stage-2 weights stale."""
     d = sb.copy("ensemble", "test-side")
     shutil.copy(d / "comp/sample_submission.csv", d / "comp/sample_copy.csv")
-    st = sb.cli(d, ["status", "data.sample_submission=sample_copy.csv"])
+    st = cli_inprocess(sb, d, ["status", "data.sample_submission=sample_copy.csv"])
     lines = {ln.split()[1]: ln for ln in st.stdout.splitlines() if ln.startswith("  ")}
     ok = st.returncode == 0 and all("up to date" in lines.get(s, "") for s in STAGES[:4])
     shutil.rmtree(d, ignore_errors=True)
@@ -622,9 +662,9 @@ def lock_case(sb: Sandbox) -> Result:
     named = f"held by pid {first.pid}" in err
     first.send_signal(signal.SIGKILL)
     first.wait()
-    r2 = sb.cli(d, ["train", "--fold", "1", "train.epochs=1"])  # a killed holder's lock is taken over
+    r2 = cli_inprocess(sb, d, ["train", "--fold", "1", "train.epochs=1"])  # a killed holder's lock is taken over
     took_over = r2.returncode == 0
-    r3 = sb.cli(d, ["train", "--fold", "0", "train.epochs=1"])
+    r3 = cli_inprocess(sb, d, ["train", "--fold", "0", "train.epochs=1"])
     shutil.rmtree(d, ignore_errors=True)
     ok = rc == 2 and named and took_over and r3.returncode == 0
     return Result("storage", "two runs of one experiment at once", "second refuses naming the holder's pid; "
