@@ -52,6 +52,7 @@ def test_the_console_script_is_declared():
     assert eps["pipeline"] == "pipeline.cli:main"
 
 
+@pytest.mark.slow
 def test_root_from_another_folder_logs_per_stage_and_progress_lines(workdir):
     project = workdir / "project"
     project.mkdir()
@@ -84,6 +85,7 @@ def test_progress_lines_when_the_output_is_not_a_terminal(caplog):
     assert len(lines) == 10 and "20/20 step (100%)" in lines[-1] and "left, loss 0.5" in lines[-1]
 
 
+@pytest.mark.slow
 def test_all_ends_by_saying_where_the_submission_is_and_what_next(workdir, capsys):
     root = make_competition(workdir / "comp", {"a": 10, "b": 8}, size=24, n_test=4)
     cfg_path = write_config(workdir / "c.yaml", root)

@@ -3,6 +3,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 from PIL import Image
+import pytest
 
 from pipeline.tools.demo import build_demo
 
@@ -15,6 +16,7 @@ def digest(root):
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_demo_is_long_tailed_balanced_test_and_deterministic(tmp_path):
     root = build_demo(tmp_path / "a" / "demo", seed=1)
     train = pd.read_csv(root / "train.csv")

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pandas as pd
 from PIL import Image
+import pytest
 
 from conftest import REPO, cli
 from pipeline.core.artifacts import write_npz
@@ -80,6 +81,7 @@ def ran(stderr: str) -> list[str]:
     return sorted(re.match(r"all: ran (.*); up to date", line).group(1).replace("nothing", "").split())
 
 
+@pytest.mark.slow
 def test_all_reruns_exactly_the_stale_stages_and_refuses_stale_inputs(workdir):
     cfg = ["--config", str(REPO / "configs" / "debug.yaml")]
     r = cli(["all", *cfg], workdir)

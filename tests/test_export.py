@@ -88,6 +88,7 @@ def writable(path: Path) -> None:
         p.chmod(p.stat().st_mode | stat.S_IWUSR)
 
 
+@pytest.mark.slow
 def test_bundle_holds_only_what_inference_needs(project):
     files = sorted(p.relative_to(project["bundle"]).as_posix() for p in project["bundle"].rglob("*") if p.is_file())
     allowed = ("manifest.json", "README.md", "wheels/pipeline-", "/config.yaml", "/member.json", "/model.safetensors",
@@ -155,6 +156,7 @@ def test_predict_reproduces_stage5_offline_and_leaves_inputs_untouched(project, 
     assert np.abs(res["probs"] - expected).max() < 1e-6
 
 
+@pytest.mark.slow
 def test_predict_cli_from_the_zip_without_a_project(project, tmp_path):
     _, test_dir, sample = kaggle_inputs(project, tmp_path)
     zip_copy = tmp_path / "input" / "duo.zip"
@@ -262,6 +264,7 @@ def test_export_refuses_an_ensemble_older_than_its_members(project, tmp_path, mo
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_the_member(project, tmp_path, monkeypatch):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in requirements-lock.txt; absent here")
     monkeypatch.chdir(project["home"])
@@ -293,6 +296,7 @@ def test_time_budget_end_to_end_keeps_one_view_per_member_and_says_so(project, t
     assert len(pd.read_csv(tmp_path / "sub.csv")) == 10
 
 
+@pytest.mark.slow
 def test_hill_climb_ensemble_exports_its_candidates_and_predict_reproduces_it(project, tmp_path, monkeypatch):
     monkeypatch.chdir(project["home"])
     cfg = cfg_of(project["root"], "a", "ensemble.members=[a,b]", "ensemble.method=hill_climb", "ensemble.name=climb",

@@ -69,6 +69,7 @@ def test_stage_writes_byte_identical_file_and_class_list(workdir):
     assert cfg.folds_csv.read_bytes() == first
 
 
+@pytest.mark.slow
 def test_run_sh_folds_end_to_end(tmp_path):
     """The real entry point on the real demo: ./run.sh folds in a copy of the project."""
     for name in ("run.sh", "pyproject.toml", "requirements-lock.txt"):

@@ -44,6 +44,7 @@ def baseline_logits(cfg, weights, stage2, n_classes):
                           None)["joint"][0]
 
 
+@pytest.mark.slow
 def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(comp):
     cfg = cfg_of(comp, "train.full_fit=true", "rebalance.variants=[joint,tau,crt]", "rebalance.crt_epochs=4",
                  "infer.heads=[tau]", "infer.full_fit_weight=2")
@@ -84,6 +85,7 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
     assert np.array_equal(read_npz(cfg.run_dir.infer_oof("tau"))["probs"], oof_with)
 
 
+@pytest.mark.slow
 def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp, tmp_path):
     cfg = cfg_of(comp, "infer.fixres.size=1.5", "infer.fixres.epochs=2", "infer.heads=[joint]",
                  "rebalance.variants=[joint]")

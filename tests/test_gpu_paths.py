@@ -35,6 +35,7 @@ def test_config_means_the_same_on_cpu_and_gpu():
     assert Dist().device == cpu and Dist(world=2, backend="nccl", local_rank=1).device == torch.device("cuda", 1)
 
 
+@pytest.mark.slow
 def test_doctor_trains_every_cpu_mode_and_outputs_agree_with_fp32():
     cfg = load_config(None, TINY)
     only = ["fp32", "bf16", "fp16", "channels_last", "bf16+channels_last", "compile"]
@@ -64,6 +65,7 @@ def test_doctor_exits_non_zero_when_the_configured_mode_fails(monkeypatch):
     assert not row["ok"] and "no C++ compiler" in row["error"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_through_the_collective_helper():
     r = doctor.run_processes(load_config(None, TINY), doctor.Mode("ddp x2", processes=2), steps=2, timeout=300)
     assert r["ok"], r.get("error")
@@ -79,6 +81,7 @@ def _holder(folder, host, beat):
     return p
 
 
+@pytest.mark.slow
 def test_fold_lock_held_on_another_host_is_taken_over_only_after_its_heartbeat_stops(tmp_path, monkeypatch):
     folder = tmp_path / "runs" / "exp" / "fold0"
     holder = _holder(folder, "node-a", 0.2)

@@ -1,4 +1,5 @@
 """Losses and fold-parallel training."""
+import pytest
 import numpy as np
 import torch
 
@@ -18,6 +19,7 @@ def test_losses():
     assert np.isclose(w.sum(), 3) and w[0] < w[1] < w[2]                              # rare classes weigh more
 
 
+@pytest.mark.slow
 def test_gpus_option_trains_folds_in_parallel_processes(workdir):
     root = make_competition(workdir / "comp", {"a": 8, "b": 8}, size=24)
     cfg = workdir / "c.yaml"

@@ -196,6 +196,7 @@ def test_infer_before_train_is_refused(workdir):
         infer_stage.run(cfg_of(root, "never"))
 
 
+@pytest.mark.slow
 def test_run_sh_all_on_debug_config(tmp_path):
     for name in ("run.sh", "pyproject.toml", "requirements-lock.txt"):
         shutil.copy(REPO / name, tmp_path / name)

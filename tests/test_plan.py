@@ -22,6 +22,7 @@ def written(workdir):
                   for p in (workdir / d).rglob("*") if p.is_file()) if workdir.exists() else []
 
 
+@pytest.mark.slow
 def test_no_sample_submission_end_to_end_with_predict(workdir, capsys):
     root = make_competition(workdir / "comp", {"a": 8, "b": 8}, n_test=5)
     (root / "sample_submission.csv").unlink()

@@ -189,6 +189,7 @@ def test_knn_and_pca_heads_in_stage3_are_tuned_honestly_and_used_by_stage4(comp)
     assert {"knn", "ncm_pca"} <= set(s4["heads"])
 
 
+@pytest.mark.slow
 def test_class_activation_maps_highlight_the_patch_that_defines_the_class():
     import timm
 
@@ -228,6 +229,7 @@ def test_class_activation_maps_highlight_the_patch_that_defines_the_class():
     assert np.mean(hits) >= 0.8, hits
 
 
+@pytest.mark.slow
 def test_report_draws_class_activation_maps_when_the_feature_map_allows(comp, workdir):
     from PIL import Image
 

@@ -19,6 +19,7 @@ def sandbox(tmp_path_factory):
 KILLS = [(stage, point) for stage, points in selfcheck.QUICK_KILLS.items() for point in points]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,point", KILLS, ids=[f"{s}@{p}" for s, p in KILLS])
 def test_kill_then_rerun_equals_uninterrupted_run(sandbox, stage, point):
     r = selfcheck.kill_case(sandbox, stage, point)
@@ -36,6 +37,7 @@ def test_bad_input_is_rejected_cleanly(sandbox, case):
                                 selfcheck.test_side_case],
                          ids=["non-finite loss", "oom", "disk full", "unwritable", "concurrent runs",
                               "replaced test image", "test-side setting"])
+@pytest.mark.slow
 def test_training_and_storage_faults(sandbox, fn):
     r = fn(sandbox)
     assert r.passed and r.lost == 0, r.observed

@@ -60,6 +60,7 @@ def done(workdir):
     return cfg
 
 
+@pytest.mark.slow
 def test_a_replaced_test_image_makes_stage_4_stale_naming_it(done):
     replace_image(done.data_path("test") / "t001.png")
     s = stale(done)

@@ -60,6 +60,7 @@ def fold_targets(cfg, k):
     return dict(teacher_mod.fold_targets(cfg, df, k, read_test_table(cfg), Dist(), None, train_record(cfg)["teacher"]))
 
 
+@pytest.mark.slow
 def test_fold_k_targets_never_move_when_a_held_out_image_of_fold_k_changes(teacher):
     s = student(teacher)
     before = {k: fold_targets(s, k) for k in (0, 1)}
@@ -83,6 +84,7 @@ def test_fold_k_targets_never_move_when_a_held_out_image_of_fold_k_changes(teach
     assert not np.array_equal(after[1]["distill_train"], before[1]["distill_train"])
 
 
+@pytest.mark.slow
 def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teacher(teacher):
     s = student(teacher, "train.pseudo.soft=false", "train.mixup_alpha=0.4")
     summaries = train_stage.run(s)
@@ -107,6 +109,7 @@ def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teac
     assert all("pseudo-labels from t" in r["recipe"] and "distilled from t" in r["recipe"] for r in rows)
 
 
+@pytest.mark.slow
 def test_leaky_shortcut_is_marked_and_wrong_teachers_are_refused(teacher, workdir):
     leaky = student(teacher, "train.distill.leaky_oof=true", "train.pseudo.teacher=")
     train_stage.run(leaky)
@@ -147,6 +150,7 @@ def test_distillation_loss_is_kl_at_temperature_and_pseudo_rows_are_weighted():
     assert torch.allclose(teacher_mod.distill_loss(r.targets, r.criterion, logits, idx, lam), (ce_m * wm).sum() / wm.sum())
 
 
+@pytest.mark.slow
 def test_pseudo_labels_from_a_weighted_ensemble_use_the_weights_fit_without_that_fold(teacher):
     t2 = cfg_of(teacher.data.root, "t2", "infer.heads=[joint]", "train.epochs=1")
     train_stage.run(t2)

@@ -74,6 +74,7 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
     assert train_stage.status(changed) == ["fold 0: changed train.lr"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(workdir):
     results = {}
     for name, fault in (("clean", None), ("killed", "train:mid-epoch:1")):
@@ -186,6 +187,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(comp, monkeypatch):
     assert not (cfg.run_dir.fold(0).dir / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_single_process(workdir):
     root = make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
     # a LayerNorm model: on CPU, BatchNorm statistics are per process (SyncBatchNorm is GPU-only)
