@@ -317,3 +317,21 @@ def test_hill_climb_ensemble_exports_its_candidates_and_predict_reproduces_it(pr
     pool = {c["candidate"]: c["test_probs"] for c in ens_stage.candidates(cfg)}
     expected = combine([pool[m] for m in rec["members"]], "weighted", np.array(list(rec["weights"].values())))
     assert np.abs(res["probs"] - expected).max() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mean", "geo_mean", "rank"])
+def test_predict_reproduces_stage5_exactly_for_every_method(project, tmp_path, monkeypatch, method):
+    """One dtype on both sides: predict combines its members' probabilities as float32, the values stage 4 stored
+    and stage 5 combined, so the ensemble's probabilities agree bit for bit (rank ties included)."""
+    monkeypatch.chdir(project["home"])
+    cfg = cfg_of(project["root"], "a", "ensemble.members=[a:tau,b:ncm]", f"ensemble.method={method}",
+                 f"ensemble.name=m-{method}")
+    rec = ens_stage.run(cfg)
+    out = export.run(cfg, out=str(tmp_path / method))
+    res = predict.run(Path(out["bundle"]), project["root"] / "test", tmp_path / "sub.csv",
+                      project["root"] / "sample_submission.csv", tmp_dir=tmp_path)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype=str),
+                                  pd.read_csv(f"submissions/m-{method}.csv", dtype=str))
+    tests = [np.load(f"runs/{m.split(':')[0]}/infer/{m.split(':')[1]}/test.npz")["probs"] for m in rec["members"]]
+    assert np.array_equal(res["probs"], combine(tests, method, np.array(list(rec["weights"].values()))))

@@ -118,8 +118,15 @@ class FoldDir:
     def head(self, variant: str) -> Path:
         return self.rebalance / "heads" / f"{variant}.safetensors"
 
-    def head_oof(self, variant: str) -> Path:
+    def head_oof(self, variant: str) -> Path:  # cross-fitted held-out logits (+ each row's inner split)
         return self.rebalance / f"oof_{variant}.npz"
+
+    def inner_head(self, variant: str, j: int) -> Path:  # the head chosen without inner split j: for its rows
+        return self.rebalance / "heads" / f"{variant}.inner{j}.safetensors"
+
+    def inner_heads(self, variant: str) -> list[Path]:  # every inner split's head of a variant, in split order
+        return sorted((self.rebalance / "heads").glob(f"{variant}.inner*.safetensors"),
+                      key=lambda p: int(p.name.rsplit(".inner", 1)[1].split(".")[0]))
 
     @property
     def rebalance_summary(self) -> Path:  # written last

@@ -359,7 +359,8 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
 def rebalance_record(cfg: Config, k: int, classes: list, fold_choices: dict | None = None) -> dict:
     """Fold k's heads; for the full-data model (k = FULL_FIT) also the folds' choices it repeats."""
     d = _drop_later_defaults(cfg.to_dict())
-    rec = {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes)}
+    rec = {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes),
+           "outputs": 2}  # 2: also the head of each inner split (stage 4 scores held-out rows nested)
     return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}
 
 
@@ -429,6 +430,8 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
            "train_images": train_images(cfg) if oof else None,  # OOF rows, and FixRes tuning, read them
            "weights": [sha256_file(cfg.run_dir.fold(k).weights) for k in range(n)],
            "head_files": {h: [sha256_file(cfg.run_dir.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
+           "inner_head_files": {h: [[sha256_file(p) for p in cfg.run_dir.fold(k).inner_heads(h)] for k in range(n)]
+                                for h in heads if h != "joint"},  # what scores the held-out rows (nested)
            "oof": oof}
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:  # the full-data model joins the test mean
         full = cfg.run_dir.full

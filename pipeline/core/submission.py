@@ -32,8 +32,9 @@ def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = N
         out = np.tensordot(w, p, axes=1)
     elif method == "geo_mean":
         out = np.exp(np.tensordot(w, np.log(p), axes=1))
-    elif method == "rank":
-        r = np.stack([rankdata(x, axis=0) / len(x) for x in p])  # per class, across images
+    elif method == "rank":  # per class, across images; on float32 values, as stage 4 stores them, so predict
+        # (whose probabilities are float64) ties exactly where stage 5 does
+        r = np.stack([rankdata(x.astype(np.float32), axis=0) / len(x) for x in p])
         out = np.tensordot(w, r, axes=1)
     else:
         raise PipelineError(f"unknown ensemble method '{method}' (one of {list(METHODS)})")

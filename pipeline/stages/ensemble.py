@@ -134,6 +134,16 @@ def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Con
     return vals, weights
 
 
+def nested_combine(probs: list[np.ndarray], fold: np.ndarray, fold_weights: list[np.ndarray]) -> np.ndarray:
+    """OOF probabilities of a weighted ensemble, fold k's rows combined with the weights fit without them: every
+    CV column (per fold and pooled, macro-F1, many/medium/few) is then scored on rows that chose nothing."""
+    out = np.zeros(probs[0].shape, np.float64)
+    for k, w in enumerate(fold_weights):
+        rows = fold == k
+        out[rows] = combine([p[rows] for p in probs], "weighted", w)
+    return out
+
+
 def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_fold: list[float] | None = None) -> dict:
     """The shared CV of OOF probabilities; fold k trained on the OOF rows of the other folds.
     `per_fold` replaces the per-fold values (the weighted ensemble's honest ones)."""
@@ -222,8 +232,8 @@ def run_hill_climb(cfg: Config, configured: list[dict]) -> tuple[list[dict], np.
                  "_test": combine([m["test"]["probs"] for m in configured], "mean")})
     chosen = hill_climb(probs, y, objective(cfg), cfg.ensemble.hill_climb_steps)
     w = multiset_weights(chosen, len(pool))
-    per_fold, picks = honest_hill_climb(cfg, probs, y, fold)
-    ens = oof_cv(cfg, combine(probs, "weighted", w), y, fold, per_fold)
+    _, picks = honest_hill_climb(cfg, probs, y, fold)
+    ens = oof_cv(cfg, nested_combine(probs, fold, [multiset_weights(p, len(pool)) for p in picks]), y, fold)
     keep = [i for i in range(len(pool)) if w[i] > 0]
     rows.append({"member": "ensemble (hill_climb)", **ens, "_test": combine([pool[i]["test_probs"] for i in keep],
                                                                              "weighted", w[keep])})
@@ -299,9 +309,9 @@ def combine_oof(cfg: Config, members: list[dict]) -> tuple[list[dict], np.ndarra
             rows.append({"member": m["name"], **oof_cv(cfg, p, y, fold)})
         if method == "weighted":
             weights = fit_weights(oofs, y, e.weight_metric, cfg.eval.metric)
-            per_fold, fw = honest_cv(oofs, y, fold, cfg)
+            _, fw = honest_cv(oofs, y, fold, cfg)
             fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
-            ens = oof_cv(cfg, combine(oofs, "weighted", weights), y, fold, per_fold)
+            ens = oof_cv(cfg, nested_combine(oofs, fold, fw), y, fold)  # every column from per-fold weights
         else:
             ens = oof_cv(cfg, combine(oofs, method), y, fold)
         rows.append({"member": f"ensemble ({method})", **ens})

@@ -236,9 +236,12 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
             test_mean[h].add(sel, lg, u.weight)
         rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
         if len(rows):
-            for h, lg in predict_policy(cfg, model, norm, heads, train_store.subset(rows), views, device, dtype,
-                                        on_batch=bar.update).items():
-                oof_logits[h][np.ix_(sel, rows)] = lg
+            inner = {h: inner_heads(cfg, u.k, h, inp.oof_df["id"].values[rows]) for h in inp.heads}
+            extra = {f"{h}@{j}": head for h, got in inner.items() if got for j, head in enumerate(got[0])}
+            out = predict_policy(cfg, model, norm, {**heads, **extra}, train_store.subset(rows), views, device, dtype,
+                                 on_batch=bar.update)
+            for h in inp.heads:
+                oof_logits[h][np.ix_(sel, rows)] = nested_logits(out, h, inner[h])
         log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
     bar.close()
@@ -257,16 +260,17 @@ def run(cfg: Config, force: bool = False) -> dict:
         test_logits, oof_logits, n_images = predict_all(cfg, inp, names)
         seconds = time.perf_counter() - t0
         policy = default_policy(cfg, names)
-        report, searched = pd.DataFrame(), False
+        report, searched, fold_policies = pd.DataFrame(), False, None
         if inp.oof_df is not None:
-            if cfg.infer.search:
-                policy, searched = greedy_policy(cfg, inp.oof_df, inp.summaries, oof_logits[inp.heads[0]], names), True
-            report = tta_report(cfg, inp, oof_logits, names, policy)
-        write_predictions(cfg, inp, test_logits, oof_logits, names, policy)
+            if cfg.infer.search:  # test images: chosen on every OOF row; fold k's rows: on the other folds' rows
+                policy, fold_policies = search_policies(cfg, inp, oof_logits[inp.heads[0]], names)
+                searched = True
+            report = tta_report(cfg, inp, oof_logits, names, policy, fold_policies)
+        write_predictions(cfg, inp, test_logits, oof_logits, names, policy, fold_policies)
         if not report.empty:
             write_csv(cfg.run_dir.infer_report, report)
         summary = {"experiment": cfg.experiment, "heads": inp.heads, "primary": inp.heads[0], "policy": policy,
-                   "searched": searched, "merge": cfg.infer.merge, "classes": inp.classes,
+                   "fold_policies": fold_policies, "searched": searched, "merge": cfg.infer.merge, "classes": inp.classes,
                    "folds_file": sha256_file(cfg.folds_csv) if cfg.folds_csv.exists() else None,
                    "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
                    "images_per_s": n_images / seconds, "seconds": seconds, "made_from": inp.made_from,
@@ -285,29 +289,83 @@ def run(cfg: Config, force: bool = False) -> dict:
     return summary
 
 
-def tta_report(cfg: Config, inp: Inputs, oof_logits: dict, names: list[str], policy: list[str]) -> pd.DataFrame:
-    """CV of each head without TTA, with each view alone and with the policy (all on OOF)."""
+def tta_report(cfg: Config, inp: Inputs, oof_logits: dict, names: list[str], policy: list[str],
+               fold_policies: list[list[str]] | None) -> pd.DataFrame:
+    """CV of each head without TTA, with each view alone and with the policy (all on OOF). A searched policy is
+    scored nested (fold k's rows with the views chosen on the other folds); the policy chosen on every row is
+    shown too, labelled as optimistic (it was chosen on the rows it is scored on)."""
     rows = []
     selections = [("no TTA", [BASELINE])] + [(f"{n} alone", [n]) for n in names] + [("policy", policy)]
+    fold = inp.oof_df["fold"].values
     for h in inp.heads:
         for label, sel in selections:
+            if label == "policy" and fold_policies is not None:
+                probs = nested_policy_probs(oof_logits[h], names, fold_policies, fold, cfg.infer.merge)
+                rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, probs)})
+                label = SELECTED_ON_ALL
             probs = policy_probs(oof_logits[h], names, sel, cfg.infer.merge)
             rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, probs)})
     return pd.DataFrame(rows)
 
 
+SELECTED_ON_ALL = "policy chosen on all OOF rows (optimistic: not ranked)"
+
+
+def nested_policy_probs(logits: np.ndarray, names: list[str], fold_policies: list[list[str]], fold: np.ndarray,
+                        merge: str) -> np.ndarray:
+    """OOF probabilities, fold k's rows merged over fold k's policy (chosen without them)."""
+    out = np.zeros(logits.shape[1:], np.float64)
+    for k, pol in enumerate(fold_policies):
+        rows = fold == k
+        out[rows] = policy_probs(logits[:, rows], names, pol, merge)
+    return out
+
+
 def write_predictions(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict, names: list[str],
-                      policy: list[str]) -> None:
+                      policy: list[str], fold_policies: list[list[str]] | None = None) -> None:
     classes = np.array([str(c) for c in inp.classes])
     for h in inp.heads:
         write_npz(cfg.run_dir.infer_test(h), ids=inp.test["id"].values, classes=classes,
                   probs=policy_probs(test_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
                   view_logits=test_logits[h].astype(np.float32), views=np.array(names))
         if inp.oof_df is not None:
+            fold = inp.oof_df["fold"].values
+            probs = (nested_policy_probs(oof_logits[h], names, fold_policies, fold, cfg.infer.merge)
+                     if fold_policies is not None else policy_probs(oof_logits[h], names, policy, cfg.infer.merge))
             write_npz(cfg.run_dir.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
-                      fold=inp.oof_df["fold"].values, classes=classes,
-                      probs=policy_probs(oof_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
+                      fold=fold, classes=classes, probs=probs.astype(np.float32),
                       view_logits=oof_logits[h].astype(np.float32), views=np.array(names))
+
+
+def inner_heads(cfg: Config, k: int, variant: str, ids: np.ndarray) -> tuple[list[Head], np.ndarray] | None:
+    """A tuned stage-3 head of fold k, nested: (the head chosen without inner split j, for each j; each held-out
+    row's inner split, in the order of `ids`), so a held-out row is scored by a head it took no part in choosing
+    (its value was chosen on the other inner splits, as stage 3's cross-fitted CV). None: nothing was tuned
+    (joint, a fixed tau)."""
+    if variant == "joint":
+        return None
+    fd = cfg.run_dir.fold(k)
+    rec = read_json(fd.rebalance_summary)["variants"][variant]
+    if not rec.get("tuned"):
+        return None
+    oof = np.load(fd.head_oof(variant))
+    if "inner" not in oof.files:
+        raise PipelineError(f"{fd.head_oof(variant)} has no inner splits (made by an older version): re-run "
+                            f"./run.sh rebalance --force")
+    where = {str(i): n for n, i in enumerate(oof["ids"])}
+    inner = oof["inner"][[where[str(i)] for i in ids]]
+    heads = [Head.load(fd.inner_head(variant, j))[0] for j in range(len(rec["chosen_per_inner_fold"]))]
+    return heads, inner
+
+
+def nested_logits(out: dict[str, np.ndarray], h: str, inner: tuple[list[Head], np.ndarray] | None) -> np.ndarray:
+    """Head h's held-out logits (V x N x C), each row from the head of its inner split when nested."""
+    if inner is None:
+        return out[h]
+    lg = out[h].copy()
+    for j in range(len(inner[0])):
+        lg[:, inner[1] == j] = out[f"{h}@{j}"][:, inner[1] == j]
+    return lg
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
@@ -323,12 +381,31 @@ def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarra
     return m
 
 
-def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[str]) -> list[str]:
-    """Forward selection of views on OOF: start from the baseline view, add the view that helps most, stop
-    when none helps. Chosen on the same OOF rows it is scored on (a mild optimism: say so)."""
+def search_policies(cfg: Config, inp: Inputs, logits: np.ndarray, names: list[str]) -> tuple[list[str], list]:
+    """infer.search: the policy chosen on every OOF row (for the test images) and, for each fold k, the one chosen
+    on the other folds' rows (for fold k's rows, so their CV took no part in the choice)."""
+    folds = list(range(len(inp.summaries)))
+    policy = greedy_policy(cfg, inp.oof_df, inp.summaries, logits, names, folds)
+    per_fold = [greedy_policy(cfg, inp.oof_df, inp.summaries, logits, names, [f for f in folds if f != k])
+                for k in folds]
+    log.info("TTA search per fold (fold k's rows get the views chosen without them): %s", per_fold)
+    return policy, per_fold
+
+
+def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[str], folds: list[int]) -> list[str]:
+    """Forward selection of views on the OOF rows of `folds`: start from the baseline view, add the view that
+    helps most (the mean of those folds' metric), stop when none helps."""
+    from ..core.metrics import compute
+
     gib = GREATER_IS_BETTER[cfg.eval.metric]
+    y, fold, e = df["y"].values, df["fold"].values, cfg.eval
+
+    def value(sel: list[str]) -> float:
+        probs = policy_probs(logits, names, sel, cfg.infer.merge)
+        return float(np.mean([compute(y[fold == k], probs[fold == k], np.asarray(summaries[k]["train_counts"]),
+                                      e.many_shot, e.few_shot, e.metric)["score"] for k in folds]))
+
     chosen = [BASELINE]
-    value = lambda sel: cv_of(cfg, df, summaries, policy_probs(logits, names, sel, cfg.infer.merge))["cv_mean"]  # noqa: E731
     best = value(chosen)
     while True:
         trials = {n: value(chosen + [n]) for n in names if n not in chosen}
@@ -339,5 +416,5 @@ def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[st
             break
         chosen.append(n)
         best = v
-    log.info("TTA search on OOF chose %s (%s %.4f)", chosen, cfg.eval.metric, best)
+    log.info("TTA search on the OOF rows of folds %s chose %s (%s %.4f)", folds, chosen, cfg.eval.metric, best)
     return chosen

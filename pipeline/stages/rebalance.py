@@ -34,7 +34,7 @@ from ..core.artifacts import experiment_lock, fault_point, read_json, read_npz, 
     write_npz, write_text
 from ..core.augment import open_store, train_transform, valid_transform
 from ..core.config import Config
-from ..core.data import read_folds
+from ..core.data import read_folds, to_builtin
 from ..core.errors import PipelineError
 from ..core.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
 from ..core.images import ImageDataset
@@ -133,7 +133,7 @@ def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: n
         return {"head": heads[fixed], "logits": cands[fixed], "record": {param: fixed, "tuned": False}}
     logits, final, per_split, curve = cross_fit(cands, y_va, inner, partial(logit_score, metric),
                                                 GREATER_IS_BETTER[metric])
-    return {"head": heads[final], "logits": logits,
+    return {"head": heads[final], "logits": logits, "inner_heads": [heads[c] for c in per_split],
             "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
 
 
@@ -164,6 +164,7 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
             rec["curve"] = {f"k={a},T={b:g}": c for (a, b), c in rec.get("curve", {}).items()}
     for v, o in out.items():
         o["metrics"] = compute(y_va, softmax(o["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, metric)
+        o["inner"] = inner  # each held-out row's inner split
     return out
 
 
@@ -206,7 +207,11 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
         record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
         record.pop("curve", None)
         o["head"].save(fd.head(v), record)
-        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], logits=o["logits"].astype(np.float32))
+        for j, h in enumerate(o.get("inner_heads", [])):  # stage 4 scores inner split j's rows with head j
+            h.save(fd.inner_head(v, j), {**record, "inner_split": j, "chosen_without_it": to_builtin(
+                o["record"]["chosen_per_inner_fold"][j])})
+        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], logits=o["logits"].astype(np.float32),
+                  inner=o["inner"])
         variants[v] = {"metrics": o["metrics"], **o["record"]}
     summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from,
                "env": environment()}

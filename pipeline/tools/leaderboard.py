@@ -73,7 +73,8 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
                 out[(v, False)] = p
     if run.infer_summary.exists():
         s = read_json(run.infer_summary)
-        tta = s["policy"] != [BASELINE]
+        # TTA rows: the OOF probabilities of a searched policy come from each fold's own (nested) choice
+        tta = any(p != [BASELINE] for p in [s["policy"], *(s.get("fold_policies") or [])])
         for h in s["heads"]:
             test = read_npz(run.infer_test(h)) if run.infer_test(h).exists() else None
             plain = None

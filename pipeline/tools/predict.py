@@ -205,7 +205,8 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
         n_views = sum(len(m.policy) * len(m.units()) for m in members) * len(test)
         t0 = time.perf_counter()
         with Progress(n_views, f"predict {manifest['name']}", "view-img") as bar:
-            probs = [predict_member(m, stores[m.cfg.aug.store_side], dev, bar) for m in members]
+            # float32, as stage 4 stores them: stage 5 combined exactly these values (rank ties included)
+            probs = [predict_member(m, stores[m.cfg.aug.store_side], dev, bar).astype(np.float32) for m in members]
         seconds = time.perf_counter() - t0
         seconds_with_decode = seconds + (t_budget0 - t_images)
         ens = combine(probs, manifest["method"], np.array([m.weight for m in members]))

@@ -1,0 +1,115 @@
+"""Honest CV: a CV number is computed only on rows that took no part in any choice behind it. Stage 4 scores
+a fold's held-out rows with the stage-3 head chosen without them (per inner split) and with the TTA views
+chosen on the other folds; stage 5's pooled columns come from per-fold weights. On labels that carry no
+signal every number the leaderboard ranks stays at chance."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_competition
+from pipeline.core.artifacts import read_json
+from pipeline.core.config import load_config
+from pipeline.stages import ensemble as ens_stage
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import infer as infer_stage
+from pipeline.stages import rebalance as rebalance_stage
+from pipeline.stages import train as train_stage
+from pipeline.tools import leaderboard
+
+HEADS = ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"]
+BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=16", "aug.cache=off", "train.batch_size=16",
+        "train.workers=0", "train.warmup_epochs=0", "folds.n_splits=3", "rebalance.crt_epochs=4",
+        "rebalance.lws_epochs=4", f"rebalance.variants=[{','.join(HEADS)}]", f"infer.heads=[{','.join(HEADS)}]",
+        "infer.views=[orig,hflip,vflip,rot90]", "infer.scales=[1.0,1.25]", "infer.search=true",
+        "infer.batch_size=64", "eval.metric=balanced_accuracy"]
+
+
+def run_experiment(root, exp, *extra):
+    cfg = load_config(None, [f"data.root={root}", f"experiment={exp}", *BASE, *extra])
+    for stage in (folds_stage, train_stage, rebalance_stage, infer_stage):
+        stage.run(cfg)
+    return cfg
+
+
+def stage3_cv(cfg) -> dict:
+    t = read_json(cfg.run_dir.rebalance_summary)["table"]
+    return {r["variant"]: r[f"{cfg.eval.metric}_mean"] for r in t}
+
+
+def stage4_cv(cfg, views: str) -> dict:
+    rows = read_json(cfg.run_dir.infer_summary)["cv"]
+    return {r["head"]: r["cv_mean"] for r in rows if r["views"] == views}
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    home = tmp_path_factory.mktemp("honest")
+    import os
+
+    old = os.getcwd()
+    os.chdir(home)
+    try:
+        root = make_competition(home / "comp", {"a": 14, "b": 12, "c": 10, "d": 8}, size=20, n_test=8)
+        cfg = run_experiment(root, "h", "train.epochs=2")
+    finally:
+        os.chdir(old)
+    return home, cfg
+
+
+def test_stage4_without_tta_scores_every_head_as_stage3_cross_fitted_it(learnable, monkeypatch):
+    """Stage 4's "no TTA" CV of each head equals stage 3's cross-fitted CV of that head: the tuned value (tau,
+    scale, cRT/LWS epoch) applied to a held-out row was chosen on the other inner split."""
+    home, cfg = learnable
+    monkeypatch.chdir(home)
+    s3, s4 = stage3_cv(cfg), stage4_cv(cfg, "no TTA")
+    assert set(s4) == set(HEADS)
+    for h in HEADS:
+        assert s4[h] == pytest.approx(s3[h], abs=1e-9), (h, s3, s4)
+    fd = cfg.run_dir.fold(0)
+    tuned = read_json(fd.rebalance_summary)["variants"]["tau"]
+    assert len(fd.inner_heads("tau")) == len(tuned["chosen_per_inner_fold"]) == cfg.rebalance.inner_folds
+
+
+def test_a_searched_tta_policy_is_chosen_per_fold_without_its_rows(learnable, monkeypatch):
+    home, cfg = learnable
+    monkeypatch.chdir(home)
+    s = read_json(cfg.run_dir.infer_summary)
+    assert s["searched"] and len(s["fold_policies"]) == cfg.folds.n_splits
+    rows = pd.DataFrame(s["cv"])
+    assert (rows["views"] == infer_stage.SELECTED_ON_ALL).sum() == len(HEADS)   # shown, labelled, not ranked
+    oof = np.load(cfg.run_dir.infer_oof(s["primary"]))
+    fold = oof["fold"]
+    names = list(oof["views"])
+    for k, pol in enumerate(s["fold_policies"]):  # fold k's stored probabilities merge fold k's own policy
+        want = infer_stage.policy_probs(oof["view_logits"][:, fold == k].astype(np.float64), names, pol,
+                                        cfg.infer.merge)
+        assert np.allclose(oof["probs"][fold == k], want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_on_permuted_labels_every_ranked_cv_stays_at_chance(tmp_path, monkeypatch):
+    """Train labels that are a random permutation carry no signal: every CV the leaderboard ranks (each head
+    with and without TTA, scales and a searched policy, a 2-member hill-climbing ensemble) must stay at chance,
+    0.25 balanced accuracy for 4 classes. Noise: each class has 30 rows, so one class's recall has a standard
+    deviation of about sqrt(0.25 * 0.75 / 30) = 0.079 and the mean over 4 classes 0.040; the bound is chance
+    + 3.5 standard deviations (0.39), which a selection on the scored rows among ~30 choices would exceed."""
+    monkeypatch.chdir(tmp_path)
+    root = make_competition(tmp_path / "comp", {"a": 30, "b": 30, "c": 30, "d": 30}, size=16, n_test=8, seed=1)
+    t = pd.read_csv(root / "train.csv")
+    t["label"] = np.random.default_rng(0).permutation(t["label"].values)
+    t.to_csv(root / "train.csv", index=False)
+    a = run_experiment(root, "p1", "train.epochs=2")
+    run_experiment(root, "p2", "train.epochs=2", "model.pool=gem", "seed=7")
+    ens = load_config(None, [f"data.root={root}", "experiment=p1", *BASE, "ensemble.members=[p1,p2]",
+                             "ensemble.method=hill_climb", "ensemble.name=pp"])
+    rec = ens_stage.run(ens)
+    table = leaderboard.build(a.run_dir.dir.parent, tmp_path / "submissions")
+    ranked = table[table["cv_mean"].notna()]
+    assert len(ranked) >= 2 * len(HEADS)
+    bound = 0.25 + 3.5 * 0.040
+    assert (ranked["cv_mean"] < bound).all(), ranked[["experiment", "head", "tta", "cv_mean"]].to_string()
+    ens_row = next(r for r in rec["table"] if str(r["member"]).startswith("ensemble"))
+    assert ens_row["cv_mean"] < bound and ens_row["cv_pooled"] < bound
+    for cfg in (a,):
+        s3, s4 = stage3_cv(cfg), stage4_cv(cfg, "no TTA")
+        assert all(s4[h] == pytest.approx(s3[h], abs=1e-9) for h in HEADS)
