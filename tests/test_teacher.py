@@ -172,3 +172,21 @@ def test_pseudo_labels_from_a_weighted_ensemble_use_the_weights_fit_without_that
     assert np.allclose(got, expected / expected.sum(1, keepdims=True), atol=1e-5)
     assert np.allclose(got.sum(1), 1, atol=1e-5) and isinstance(pd.DataFrame(got), pd.DataFrame)
     assert read_json(s.run_dir.fold(0).teacher_meta)["made_from"]["fold"] == 0
+
+
+def test_a_teacher_is_read_as_its_stage_3_and_4_were_made_not_from_config_yaml(teacher):
+    """config.yaml is stage 2's: after stages 3-4 re-run with other settings it is stale. The teacher's cRT
+    refit uses the epochs stage 3 used (a chosen epoch past the old crt_epochs was a KeyError), its views those
+    of stage 4, and fold k's views the searched policy chosen without fold k."""
+    t2 = cfg_of(teacher.data.root, "t", *TEACHER, "rebalance.variants=[joint,crt]", "rebalance.crt_epochs=8",
+                "infer.heads=[crt]", "infer.views=[orig,vflip]")
+    rebalance_stage.run(t2)
+    infer_stage.run(t2)
+    assert "crt_epochs: 30" in t2.run_dir.config.read_text()   # stage 2's file still has the default
+    s4 = read_json(t2.run_dir.infer_summary)
+    got = teacher_mod.recorded_config(t2.run_dir, s4)
+    assert got.rebalance.crt_epochs == 8 and got.rebalance.variants == ["joint", "crt"]
+    assert got.infer.views == ["orig", "vflip"]
+    assert teacher_mod.member_policy(got, s4, False, 1) == s4["fold_policies"][1]
+    probs = teacher_mod.fold_probs(teacher_mod.load_teacher("t"), 0, {"test": list(read_test_table(t2)["path"])})
+    assert probs["test"].shape == (len(read_test_table(t2)), 3) and np.allclose(probs["test"].sum(1), 1)

@@ -94,7 +94,8 @@ def teacher_record(t: Teacher, k_folds: int) -> dict:
         choices = [read_json(run.fold(k).rebalance_summary)["variants"] if run.fold(k).rebalance_summary.exists()
                    else None for k in range(k_folds)] if heads - {"joint"} else None
         members[exp] = sha256_obj({"stage4": s4["made_from"], "fixres": s4.get("fixres_files"), "policy": s4["policy"],
-                                   "searched": s4.get("searched"), "merge": s4["merge"], "stage3": choices})
+                                   "searched": s4.get("searched"), "merge": s4["merge"], "stage3": choices,
+                                   **({"fold_policies": s4["fold_policies"]} if s4.get("fold_policies") else {})})
     return {"name": t.name, "kind": t.kind, "method": t.method, "weights": t.weights, "fold_weights": t.fold_weights,
             "members": members}
 
@@ -121,23 +122,41 @@ def leak_free_head(mcfg: Config, run: layout.RunDir, k: int, variant: str, n_cla
     return heads_with_choices(r, feats, n_classes, chosen, mcfg.seed + k)[variant]
 
 
-def member_policy(mcfg: Config, s4: dict, plain: bool) -> list[str]:
+def member_policy(mcfg: Config, s4: dict, plain: bool, k: int) -> list[str]:
+    """The views of fold k's targets: a searched policy as chosen without fold k's rows (stage 4's per-fold
+    choice; outputs older than it fall back to the configured views), else the policy."""
     if plain:
         return [BASELINE]
+    if s4.get("fold_policies"):
+        return list(s4["fold_policies"][k])
     if s4.get("searched"):  # chosen on every OOF row: use the configured views instead
         return default_policy(mcfg, tta_names(mcfg))
     return list(s4["policy"])
+
+
+def recorded_config(run: layout.RunDir, s4: dict) -> Config:
+    """A member's config as its stage-3 and stage-4 outputs were made: runs/<exp>/config.yaml is written by stage 2
+    only, so after `./run.sh all rebalance.crt_epochs=60` it still says 30; the rebalance section is taken from
+    the stage-3 record of fold 0 and the infer section from the stage-4 record instead."""
+    import json
+
+    from .config import flatten
+
+    sections = {"infer": s4["made_from"]["infer"]}
+    if run.fold(0).rebalance_summary.exists():  # a joint-only member may have no stage 3
+        sections["rebalance"] = read_json(run.fold(0).rebalance_summary)["made_from"]["rebalance"]
+    return load_config(run.config, [f"{k}={json.dumps(v)}" for k, v in flatten(sections).items()])
 
 
 def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], device) -> dict[str, np.ndarray]:
     """{part: N x C probabilities} of one teacher candidate's fold-k models on each image set."""
     exp, head, plain = split_candidate(candidate)
     run = layout.RunDir.of(exp)
-    mcfg = load_config(run.config)
+    mcfg = recorded_config(run, s4)
     classes = read_json(run.classes)
     C = len(classes)
     stage2 = read_json(run.fold(k).summary)
-    policy = member_policy(mcfg, s4, plain)
+    policy = member_policy(mcfg, s4, plain, k)
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     dtype = None  # fp32: targets do not depend on the machine's autocast support
     out = {part: np.zeros((len(policy), len(p), C), np.float64) for part, p in paths.items()}
