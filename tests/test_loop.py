@@ -8,6 +8,7 @@ import torch
 from conftest import make_competition
 from pipeline.core import loop, training
 from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 from pipeline.core.loop import Step, run_epoch
 
 
@@ -83,7 +84,10 @@ def test_every_trainer_goes_through_the_step_so_fp16_is_loss_scaled(workdir, mon
                              "rebalance.variants=[joint,crt]", "rebalance.crt_epochs=2", "infer.views=[orig]",
                              "infer.fixres.size=1.25", "infer.heads=[joint]"])
     folds_stage.run(cfg)
-    lr_find.run(cfg, steps=6)
+    try:
+        lr_find.run(cfg, steps=6)
+    except PipelineError as e:  # 6 fp16 steps of a tiny model: there may be no falling stretch to suggest from
+        assert "never fell" in str(e)
     train_stage.run(cfg)
     rebalance_stage.run(cfg)
     infer_stage.run(cfg)
