@@ -380,15 +380,17 @@ def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
 
 # ----------------------------------------------------------------------------- stage 4
 def resolve_heads(cfg: Config) -> list[str]:
-    """The configured heads with 'best' resolved; joint is always added (the baseline)."""
+    """The stage-3 heads stage 4 predicts: the configured ones, every variant for 'best' (stage 4 chooses among
+    them per fold, nested); joint is always added (the baseline)."""
     out = []
     for h in cfg.infer.heads:
         if h == "best":
             path = cfg.run_dir.rebalance_summary
             if not path.exists():
                 raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
-            h = read_json(path)["best"]
-        if h not in out:
+            table = read_json(path)["table"]  # best first
+            out += [r["variant"] for r in table if r["variant"] not in out]
+        elif h not in out:
             out.append(h)
     return out + (["joint"] if "joint" not in out else [])
 

@@ -161,6 +161,8 @@ def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], 
     dtype = None  # fp32: targets do not depend on the machine's autocast support
     out = {part: np.zeros((len(policy), len(p), C), np.float64) for part, p in paths.items()}
     stores = {part: open_store(mcfg, p) for part, p in paths.items() if len(p)}
+    if head == "best":  # fold k's best head, chosen on the other folds (stage 4's nested choice)
+        head = s4["best"]["per_fold"][k]
     fitted = None if head == "joint" else leak_free_head(mcfg, run, k, head, C)  # the same for plain and FixRes
     for fixres in (False, True):
         at = [i for i, v in enumerate(policy) if parse_view(v)[2] == fixres]

@@ -259,17 +259,19 @@ def run(cfg: Config, force: bool = False) -> dict:
         t0 = time.perf_counter()
         test_logits, oof_logits, n_images = predict_all(cfg, inp, names)
         seconds = time.perf_counter() - t0
+        best = add_best(cfg, inp, test_logits, oof_logits) if "best" in cfg.infer.heads else None
+        heads = (["best"] if best else []) + inp.heads
         policy = default_policy(cfg, names)
         report, searched, fold_policies = pd.DataFrame(), False, None
         if inp.oof_df is not None:
             if cfg.infer.search:  # test images: chosen on every OOF row; fold k's rows: on the other folds' rows
-                policy, fold_policies = search_policies(cfg, inp, oof_logits[inp.heads[0]], names)
+                policy, fold_policies = search_policies(cfg, inp, oof_logits[heads[0]], names)
                 searched = True
-            report = tta_report(cfg, inp, oof_logits, names, policy, fold_policies)
-        write_predictions(cfg, inp, test_logits, oof_logits, names, policy, fold_policies)
+            report = tta_report(cfg, inp, heads, oof_logits, names, policy, fold_policies)
+        write_predictions(cfg, inp, heads, test_logits, oof_logits, names, policy, fold_policies)
         if not report.empty:
             write_csv(cfg.run_dir.infer_report, report)
-        summary = {"experiment": cfg.experiment, "heads": inp.heads, "primary": inp.heads[0], "policy": policy,
+        summary = {"experiment": cfg.experiment, "heads": heads, "primary": heads[0], "best": best, "policy": policy,
                    "fold_policies": fold_policies, "searched": searched, "merge": cfg.infer.merge, "classes": inp.classes,
                    "folds_file": sha256_file(cfg.folds_csv) if cfg.folds_csv.exists() else None,
                    "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
@@ -281,7 +283,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         keep_image_snapshots(inp.made_from)
         write_json(cfg.run_dir.infer_summary, summary)
     if not report.empty:
-        pol = report[(report["head"] == inp.heads[0]) & (report["views"] == "policy")]
+        pol = report[(report["head"] == heads[0]) & (report["views"] == "policy")]
         tracking.report(cfg, "infer", report, {"policy": " ".join(policy), "cv_policy": float(pol["cv_mean"].iloc[0])})
         log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.metric,
                  report.to_string(index=False, float_format="%.4f"))
@@ -289,7 +291,33 @@ def run(cfg: Config, force: bool = False) -> dict:
     return summary
 
 
-def tta_report(cfg: Config, inp: Inputs, oof_logits: dict, names: list[str], policy: list[str],
+def add_best(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict) -> dict:
+    """infer.heads: [best] as a head of its own, nested like every other choice: fold k's held-out rows are scored
+    by the variant with the best stage-3 CV on the other folds (their cross-fitted per-fold scores), the test
+    images by the variant best on all folds (stage 3's winner). Adds "best" to both logit tables; returns the
+    choices."""
+    folds = [read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
+    variants = [h for h in inp.heads if all(h in f for f in folds)]
+    pick = max if GREATER_IS_BETTER[cfg.eval.metric] else min
+
+    def winner(ks: list[int]) -> str:  # ties: stage 3's report order (its winner first)
+        return pick(variants, key=lambda v: (np.mean([folds[k][v]["metrics"]["score"] for k in ks]),
+                                             -variants.index(v) if pick is max else variants.index(v)))
+
+    choice = {"all": read_json(cfg.run_dir.rebalance_summary)["best"],
+              "per_fold": [winner([j for j in range(len(folds)) if j != k]) for k in range(len(folds))]}
+    test_logits["best"] = test_logits[choice["all"]]
+    if inp.oof_df is not None:
+        fold = inp.oof_df["fold"].values
+        oof_logits["best"] = np.zeros_like(oof_logits[choice["all"]])
+        for k, v in enumerate(choice["per_fold"]):
+            oof_logits["best"][:, fold == k] = oof_logits[v][:, fold == k]
+    log.info("best head: %s for the test images (all folds), per fold (chosen without it) %s", choice["all"],
+             choice["per_fold"])
+    return choice
+
+
+def tta_report(cfg: Config, inp: Inputs, heads: list[str], oof_logits: dict, names: list[str], policy: list[str],
                fold_policies: list[list[str]] | None) -> pd.DataFrame:
     """CV of each head without TTA, with each view alone and with the policy (all on OOF). A searched policy is
     scored nested (fold k's rows with the views chosen on the other folds); the policy chosen on every row is
@@ -297,7 +325,7 @@ def tta_report(cfg: Config, inp: Inputs, oof_logits: dict, names: list[str], pol
     rows = []
     selections = [("no TTA", [BASELINE])] + [(f"{n} alone", [n]) for n in names] + [("policy", policy)]
     fold = inp.oof_df["fold"].values
-    for h in inp.heads:
+    for h in heads:
         for label, sel in selections:
             if label == "policy" and fold_policies is not None:
                 probs = nested_policy_probs(oof_logits[h], names, fold_policies, fold, cfg.infer.merge)
@@ -321,10 +349,10 @@ def nested_policy_probs(logits: np.ndarray, names: list[str], fold_policies: lis
     return out
 
 
-def write_predictions(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict, names: list[str],
-                      policy: list[str], fold_policies: list[list[str]] | None = None) -> None:
+def write_predictions(cfg: Config, inp: Inputs, heads: list[str], test_logits: dict, oof_logits: dict,
+                      names: list[str], policy: list[str], fold_policies: list[list[str]] | None = None) -> None:
     classes = np.array([str(c) for c in inp.classes])
-    for h in inp.heads:
+    for h in heads:
         write_npz(cfg.run_dir.infer_test(h), ids=inp.test["id"].values, classes=classes,
                   probs=policy_probs(test_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
                   view_logits=test_logits[h].astype(np.float32), views=np.array(names))

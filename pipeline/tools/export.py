@@ -89,18 +89,19 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
         raise PipelineError(f"the ensemble was made before stage 4 of '{exp}' last ran ({run.infer_summary}): "
                             f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
     made = s4["made_from"]
+    files = s4["best"]["all"] if head == "best" else head  # the head files behind the test predictions
     for k, want in enumerate(made["weights"]):
         if sha256_file(run.fold(k).weights) != want:
             raise PipelineError(f"{run.fold(k).weights} changed after stage 4 predicted with it: re-run "
                                 f"./run.sh all before exporting")
-    for k, want in enumerate(made["head_files"].get(head, [])):
-        if sha256_file(run.fold(k).head(head)) != want:
-            raise PipelineError(f"{run.fold(k).head(head)} changed after stage 4 predicted with it: re-run "
+    for k, want in enumerate(made["head_files"].get(files, [])):
+        if sha256_file(run.fold(k).head(files)) != want:
+            raise PipelineError(f"{run.fold(k).head(files)} changed after stage 4 predicted with it: re-run "
                                 f"./run.sh all before exporting")
     full = made.get("full")
     if full and s4.get("full_fit_weight", 0) > 0:
         for path, want in [(run.full.weights, full["weights"])] + (
-                [(run.full.head(head), full["head_files"][head])] if head != "joint" else []):
+                [(run.full.head(files), full["head_files"][files])] if files != "joint" else []):
             if not path.exists() or sha256_file(path) != want:
                 raise PipelineError(f"{path} changed after stage 4 predicted with it: re-run ./run.sh all before "
                                     f"exporting")
@@ -150,11 +151,12 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     policy = [BASELINE] if split_candidate(name)[2] else s4["policy"]
     fixres = any(parse_view(v)[2] for v in policy)
     full_weight = s4.get("full_fit_weight", 0.0)
+    variant = s4["best"]["all"] if head == "best" else head  # the test images' choice of infer.heads: [best]
     folds, full, normalised = [], None, False
     for k in list(range(K)) + ([layout.FULL_FIT] if full_weight > 0 else []):
         unit = run.unit(k)
         stage2 = read_json(unit.summary)
-        h = Head.load(unit.head(head))[0] if head != "joint" else None
+        h = Head.load(unit.head(variant))[0] if variant != "joint" else None
         if h is not None and h.normalize:  # cosine heads are not a linear layer: kept as a file, applied by predict
             normalised = True
             h.save(target.head(k), {"variant": head, "fold": unit.name})

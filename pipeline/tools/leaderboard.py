@@ -81,6 +81,11 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
             if test is not None:
                 i = list(test["views"]).index(BASELINE)
                 plain = {"ids": test["ids"], "probs": softmax(test["view_logits"][i].astype(np.float64))}
+            if h == "best" and run.infer_oof(h).exists():  # nested per fold: its no-TTA row is stage 4's plain view
+                o = read_npz(run.infer_oof(h))
+                j = list(o["views"]).index(BASELINE)
+                out[(h, False)] = {"ids": o["ids"], "y": o["y"], "fold": o["fold"],
+                                   "probs": softmax(o["view_logits"][j].astype(np.float64))}
             if (h, False) in out and plain is not None:
                 out[(h, False)]["test"] = plain
             if tta and run.infer_oof(h).exists():
