@@ -19,7 +19,7 @@ from pipeline.tools import leaderboard
 HEADS = ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"]
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=16", "aug.cache=off", "train.batch_size=16",
         "train.workers=0", "train.warmup_epochs=0", "folds.n_splits=3", "rebalance.crt_epochs=4",
-        "rebalance.lws_epochs=4", f"rebalance.variants=[{','.join(HEADS)}]", f"infer.heads=[{','.join(HEADS)}]",
+        "rebalance.lws_epochs=4", f"rebalance.variants=[{','.join(HEADS)}]", "infer.heads=[best]",
         "infer.views=[orig,hflip,vflip,rot90]", "infer.scales=[1.0,1.25]", "infer.search=true",
         "infer.batch_size=64", "eval.metric=balanced_accuracy"]
 
@@ -62,12 +62,40 @@ def test_stage4_without_tta_scores_every_head_as_stage3_cross_fitted_it(learnabl
     home, cfg = learnable
     monkeypatch.chdir(home)
     s3, s4 = stage3_cv(cfg), stage4_cv(cfg, "no TTA")
-    assert set(s4) == set(HEADS)
+    assert set(s4) == set(HEADS) | {"best"}     # [best]: every variant is predicted, and best is one more head
     for h in HEADS:
         assert s4[h] == pytest.approx(s3[h], abs=1e-9), (h, s3, s4)
     fd = cfg.run_dir.fold(0)
     tuned = read_json(fd.rebalance_summary)["variants"]["tau"]
     assert len(fd.inner_heads("tau")) == len(tuned["chosen_per_inner_fold"]) == cfg.rebalance.inner_folds
+
+
+def test_the_best_head_of_fold_k_is_chosen_on_the_other_folds(learnable, monkeypatch):
+    home, cfg = learnable
+    monkeypatch.chdir(home)
+    s = read_json(cfg.run_dir.infer_summary)
+    assert s["primary"] == "best" and s["best"]["all"] == read_json(cfg.run_dir.rebalance_summary)["best"]
+    folds = [read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"] for k in range(cfg.folds.n_splits)]
+    best = np.load(cfg.run_dir.infer_oof("best"))
+    for k, v in enumerate(s["best"]["per_fold"]):
+        others = {h: np.mean([folds[j][h]["metrics"]["score"] for j in range(len(folds)) if j != k]) for h in HEADS}
+        assert others[v] == max(others.values())                       # the winner without fold k
+        chosen = np.load(cfg.run_dir.infer_oof(v))
+        rows = best["fold"] == k
+        assert np.array_equal(best["view_logits"][:, rows], chosen["view_logits"][:, rows])
+    test = np.load(cfg.run_dir.infer_test("best"))
+    assert np.array_equal(test["view_logits"], np.load(cfg.run_dir.infer_test(s["best"]["all"]))["view_logits"])
+
+
+def test_ensemble_oof_rows_of_fold_k_use_the_weights_fit_without_fold_k():
+    rng = np.random.default_rng(0)
+    p = [rng.dirichlet(np.ones(3), 12) for _ in range(2)]
+    fold = np.repeat([0, 1, 2], 4)
+    w = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.5, 0.5])]
+    got = ens_stage.nested_combine(p, fold, w)
+    assert np.allclose(got[fold == 0], p[0][fold == 0] / p[0][fold == 0].sum(1, keepdims=True))
+    assert np.allclose(got[fold == 1], p[1][fold == 1] / p[1][fold == 1].sum(1, keepdims=True))
+    assert np.allclose(got[fold == 2], ens_stage.combine([x[fold == 2] for x in p], "weighted", w[2]))
 
 
 def test_a_searched_tta_policy_is_chosen_per_fold_without_its_rows(learnable, monkeypatch):
@@ -76,7 +104,7 @@ def test_a_searched_tta_policy_is_chosen_per_fold_without_its_rows(learnable, mo
     s = read_json(cfg.run_dir.infer_summary)
     assert s["searched"] and len(s["fold_policies"]) == cfg.folds.n_splits
     rows = pd.DataFrame(s["cv"])
-    assert (rows["views"] == infer_stage.SELECTED_ON_ALL).sum() == len(HEADS)   # shown, labelled, not ranked
+    assert (rows["views"] == infer_stage.SELECTED_ON_ALL).sum() == len(HEADS) + 1  # shown, labelled, not ranked
     oof = np.load(cfg.run_dir.infer_oof(s["primary"]))
     fold = oof["fold"]
     names = list(oof["views"])
