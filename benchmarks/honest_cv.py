@@ -40,8 +40,11 @@ def main(before: str, after: str) -> int:
     pd.set_option("display.width", 200)
     print(t[key + ["cv_mean_before", "cv_mean_after", "cv_change", "private_before", "private_after"]]
           .to_string(index=False, float_format="%.4f"))
-    for name, df, cv, priv in (("before", t, "cv_mean_before", "private_before"),
-                               ("after", t, "cv_mean_after", "private_after")):
+    common = t.dropna(subset=["cv_mean_before", "cv_mean_after", "private_before", "private_after"])
+    for name, df, cv, priv in (("before, all its rows", t, "cv_mean_before", "private_before"),
+                               ("after, all its rows", t, "cv_mean_after", "private_after"),
+                               ("before, rows in both", common, "cv_mean_before", "private_before"),
+                               ("after, rows in both", common, "cv_mean_after", "private_after")):
         ok = df[[cv, priv]].dropna()
         rho = spearmanr(ok[cv], ok[priv]).statistic if len(ok) > 2 else float("nan")
         gap = float((ok[cv] - ok[priv]).mean())
