@@ -279,7 +279,9 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
           f"CV over {len(summaries)} folds (mean and std of per-fold {metric}; pooled = on all OOF rows). "
           f"Tuned values are cross-fitted inside each held-out fold: every reported score is out-of-sample.", "",
           "```", table.to_string(index=False, float_format="%.4f"), "```", "",
-          f"Best variant: **{best}**", "",
+          f"Best variant on all folds: **{best}** (selected on the rows it is scored on: the test images' choice "
+          f"for infer.heads=[best]; its nested CV, each fold's winner chosen on the other folds, is stage 4's "
+          f"`best` head)", "",
           "Pictures (per-class recall against frequency, the tau sweep): `./run.sh report` -> reports/<exp>/.", ""]
     write_text(run.rebalance_md, "\n".join(md))
     summary = {"best": best, "metric": metric, "table": table.to_dict(orient="records"),
@@ -288,7 +290,8 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
                "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
     write_json(run.rebalance_summary, summary)
     tracking.report(cfg, "rebalance", table, {"best": best, f"{best}_cv": float(table[f"{metric}_mean"].iloc[0])})
-    log.info("experiment %s, stage 3 CV by head variant (%s):\n%s\nbest: %s", cfg.experiment, metric,
+    log.info("experiment %s, stage 3 CV by head variant (%s):\n%s\nbest on all folds (selected on these rows; "
+             "nested: stage 4's best head): %s", cfg.experiment, metric,
              table.to_string(index=False, float_format="%.4f"), best)
     return summary
 
