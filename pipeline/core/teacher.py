@@ -10,7 +10,8 @@ student's training rows), each applied as stage 4 applies it, with three more pr
 - a tuned stage-3 head (tau, logit-adjust scale, NCM temperature, cRT/LWS epoch) uses the (low) median of
   the values the *other* folds chose, refit on fold k's training features (stage 3's choice for fold k was
   made on fold k's held-out rows);
-- a TTA policy chosen by `infer.search` (on every OOF row) is replaced by the configured views;
+- a TTA policy chosen by `infer.search` is the one chosen without fold k's rows (stage 4's `fold_policies[k]`;
+  outputs older than those fall back to the configured views), and the `best` head fold k's nested choice;
 - weighted and hill-climbing ensembles use the weights fit without fold k (stage 5's `fold_weights`).
 
 The full-data model never takes part (it trained on every row). `train.distill.leaky_oof` offers the
