@@ -198,15 +198,11 @@ def help_text() -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """`[--root DIR] <command> [its options] [key=value ...]`: options and words may come in any order."""
-    root = None
-    argv = list(argv)
-    while argv[:1] and argv[0] in ("--root",) or argv[:1] and argv[0].startswith("--root="):
-        if argv[0] == "--root":
-            if len(argv) < 2:
-                raise PipelineError("--root needs a folder")
-            root, argv = argv[1], argv[2:]
-        else:
-            root, argv = argv[0].split("=", 1)[1], argv[1:]
+    front = argparse.ArgumentParser(prog="./run.sh", add_help=False)
+    front.add_argument("--root", default=None)
+    front.add_argument("argv", nargs=argparse.REMAINDER)  # the command and everything after it
+    head, before = front.parse_known_args(argv)  # before: e.g. a lone --help
+    root, argv = head.root, before + head.argv
     if not argv or argv[0] in ("-h", "--help"):
         return argparse.Namespace(command="help", words=[], help=False, root=root)
     name = argv[0]

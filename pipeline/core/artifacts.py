@@ -123,6 +123,17 @@ def read_json(path: str | os.PathLike) -> Any:
         raise PipelineError(f"{path} is not valid JSON: {e}") from None
 
 
+def recorded(path: Path) -> dict | None:
+    """The record stored in an output's summary (`made_from`), or None when the output is missing."""
+    return read_json(path).get("made_from") or {} if path.exists() else None
+
+
+def up_to_date(path: Path, rec: dict) -> bool:
+    """Was the output whose summary is `path` made from `rec`? The one comparison behind every
+    stage's skip decision and status (provenance builds the records)."""
+    return recorded(path) == rec
+
+
 def write_csv(path: str | os.PathLike, df) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")

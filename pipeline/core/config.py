@@ -8,6 +8,7 @@ the file that set it: a typo is never ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -400,10 +401,11 @@ class KeyInfo:
     added: str | None
 
 
-def schema(cls: type = None, prefix: str = "") -> list[KeyInfo]:
-    """Every config key, in declaration order, with what the schema says of it."""
+@functools.lru_cache(maxsize=None)
+def schema(cls: type = None, prefix: str = "") -> tuple[KeyInfo, ...]:
+    """Every config key, in declaration order, with what the schema says of it (read once: records ask often)."""
     cls = cls or Config
-    out = []
+    out: list[KeyInfo] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("internal"):
@@ -416,7 +418,7 @@ def schema(cls: type = None, prefix: str = "") -> list[KeyInfo]:
         top = name.split(".")[0] if "." in name else ""
         out.append(KeyInfo(name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("range"),
                            f.metadata.get("stage") or SECTION_STAGE[top], f.metadata.get("added")))
-    return out
+    return tuple(out)
 
 
 def section_help(cls: type = None, prefix: str = "") -> dict[str, str]:
@@ -435,6 +437,7 @@ def section_help(cls: type = None, prefix: str = "") -> dict[str, str]:
 RANGES: dict[str, tuple[float, float, bool, bool]] = {k.name: k.range for k in schema() if k.range is not None}
 
 
+@functools.lru_cache(maxsize=None)
 def keys_without_output(section: str) -> tuple[str, ...]:
     """Keys of a section (e.g. "aug") that change no output (stage "-": where or how work runs): records leave
     them out."""

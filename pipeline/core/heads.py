@@ -337,23 +337,33 @@ class Variant:
     """A stage-3 head: `fit(rebalance section, FitInputs, values)` -> ({value: head}, held-out logits of each or
     None); values None: every candidate of the configured grid, else those values only. `tuned`: the name of
     the value stage 3 chooses (None: nothing to choose); `rule`: what chooses it ("metric": the competition
-    metric; "log_loss": a calibration choice)."""
+    metric; "log_loss": a calibration choice); `fixed(r)`: a value the config fixes (no tuning) or None;
+    `record(rec)`: the choice's record made JSON-ready (tuple values)."""
     fit: Callable
     tuned: str | None
     rule: str = "metric"
     help: str = ""
+    fixed: Callable | None = None
+    record: Callable | None = None
+
+
+def _knn_record(rec: dict) -> None:
+    """(k, T) tuples -> JSON lists, and readable curve keys."""
+    rec["k_t"] = list(rec["k_t"])
+    rec["chosen_per_inner_fold"] = [list(c) for c in rec.get("chosen_per_inner_fold", [])]
+    rec["curve"] = {f"k={a},T={b:g}": c for (a, b), c in rec.get("curve", {}).items()}
 
 
 VARIANTS: dict[str, Variant] = {
     "joint": Variant(_joint, None, help="the stage-2 classifier as trained (the baseline)"),
-    "crt": Variant(_linear(False), "epochs", help="classifier re-trained with class-balanced sampling (Kang et al. 2020)"),
-    "tau": Variant(_tau, "tau", help="classifier weights divided by their norm^tau"),
+    "crt": Variant(_linear(False), "epochs", help="classifier re-trained class-balanced (Kang et al. 2020)"),
+    "tau": Variant(_tau, "tau", help="classifier weights divided by their norm^tau", fixed=lambda r: r.tau),
     "lws": Variant(_linear(True), "epochs", help="learnable per-class weight scaling"),
     "ncm": Variant(_ncm(False), "scale", "log_loss", help="nearest class mean (cosine)"),
     "logit_adjust": Variant(_logit_adjust, "scale", help="logits minus scale x log prior (Menon et al. 2021)"),
     "ncm_pca": Variant(_ncm(True), "scale", "log_loss", help="NCM on PCA-whitened features"),
-    "knn": Variant(_knn(False), "k_t", help="k nearest neighbours, cosine votes exp(cos / T)"),
-    "knn_pca": Variant(_knn(True), "k_t", help="kNN on PCA-whitened features"),
+    "knn": Variant(_knn(False), "k_t", help="k nearest neighbours, cosine votes exp(cos / T)", record=_knn_record),
+    "knn_pca": Variant(_knn(True), "k_t", help="kNN on PCA-whitened features", record=_knn_record),
 }
 TUNED = {v: spec.tuned for v, spec in VARIANTS.items() if spec.tuned}  # variant: the value stage 3 tunes
 

@@ -98,10 +98,6 @@ class EpochResult:
     seconds: float
     wait: float  # seconds spent waiting for the loader
 
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.seen, 1)
-
 
 def run_epoch(step: Step, batches: Iterable, loss: Callable[[object], tuple[torch.Tensor, int]], *,
               n_batches: int | None = None, sync_every: int | None = 1, bar=None,

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from . import layout
-from .artifacts import read_json, sha256_file, sha256_obj, write_json
+from .artifacts import read_json, recorded, sha256_file, sha256_obj, up_to_date, write_json  # noqa: F401 (re-exported)
 from .augment import pixel_record
 from .config import Config, keys_without_output, later_keys, schema
 from .data import read_folds, read_table, read_test_table
@@ -158,17 +158,6 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{k}")
     return keys
-
-
-def recorded(path: Path) -> dict | None:
-    """The record stored in an output's summary (`made_from`), or None when the output is missing."""
-    return read_json(path).get("made_from") or {} if path.exists() else None
-
-
-def up_to_date(path: Path, rec: dict) -> bool:
-    """Was the output whose summary is `path` made from `rec`? The one comparison behind every
-    stage's skip decision and status."""
-    return recorded(path) == rec
 
 
 def stale_reasons(path: Path, rec: dict, what: str = "") -> list[str]:

@@ -20,16 +20,18 @@ popular shortcut (train rows' OOF probabilities) for comparison; it is marked le
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import layout, models
-from .artifacts import read_json, read_npz, sha256_obj
+from .artifacts import read_json, read_npz, sha256_file, sha256_obj, up_to_date, write_json, write_npz
 from .augment import open_store
-from .config import Config, load_config
+from .config import Config, flatten, load_config
 from .errors import PipelineError
 from .heads import Head, heads_with_choices, median_choices
 from .inference import (candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy,
@@ -139,10 +141,6 @@ def recorded_config(run: layout.RunDir, s4: dict) -> Config:
     """A member's config as its stage-3 and stage-4 outputs were made: runs/<exp>/config.yaml is written by stage 2
     only, so after `./run.sh all rebalance.crt_epochs=60` it still says 30; the rebalance section is taken from
     the stage-3 record of fold 0 and the infer section from the stage-4 record instead."""
-    import json
-
-    from .config import flatten
-
     sections = {"infer": s4["made_from"]["infer"]}
     if run.fold(0).rebalance_summary.exists():  # a joint-only member may have no stage 3
         sections["rebalance"] = read_json(run.fold(0).rebalance_summary)["made_from"]["rebalance"]
@@ -230,14 +228,9 @@ def fold_targets(cfg: Config, df, k: int, test, dist, device, teacher_rec: dict)
     as needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record
     (`teacher_rec`: the stage-2 record's "teacher" entry). The full-data model (k = FULL_FIT) has no held-out rows
     to leak into: the teachers' stage-4/5 predictions serve it."""
-    import time
-
-    from .artifacts import sha256_file, write_json, write_npz
-
     fd = cfg.run_dir.unit(k)
     rec = {"teacher": teacher_rec, "fold": k}
-    done = fd.teacher_meta.exists() and read_json(fd.teacher_meta).get("made_from") == rec  # provenance.up_to_date
-    if dist.main and not done:
+    if dist.main and not up_to_date(fd.teacher_meta, rec):
         t0 = time.perf_counter()
         out = _teacher_targets(cfg, df, k, test, device, sha256_file(cfg.folds_csv))
         write_npz(fd.teacher_targets, **{n: v.astype(np.float32) for n, v in out.items()})

@@ -41,7 +41,7 @@ from ..core.inference import (TestMean, default_policy, joint_head, parse_view, 
                               tta_names)
 from ..core.layout import FULL_FIT
 from ..core.loop import Step, run_epoch
-from ..core.metrics import GREATER_IS_BETTER, cv
+from ..core.metrics import GREATER_IS_BETTER, cv, score
 from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
                                rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
                                up_to_date)
@@ -413,25 +413,22 @@ def search_policies(cfg: Config, inp: Inputs, logits: np.ndarray, names: list[st
     """infer.search: the policy chosen on every OOF row (for the test images) and, for each fold k, the one chosen
     on the other folds' rows (for fold k's rows, so their CV took no part in the choice)."""
     folds = list(range(len(inp.summaries)))
-    policy = greedy_policy(cfg, inp.oof_df, inp.summaries, logits, names, folds)
-    per_fold = [greedy_policy(cfg, inp.oof_df, inp.summaries, logits, names, [f for f in folds if f != k])
+    policy = greedy_policy(cfg, inp.oof_df, logits, names, folds)
+    per_fold = [greedy_policy(cfg, inp.oof_df, logits, names, [f for f in folds if f != k])
                 for k in folds]
     log.info("TTA search per fold (fold k's rows get the views chosen without them): %s", per_fold)
     return policy, per_fold
 
 
-def greedy_policy(cfg: Config, df, summaries, logits: np.ndarray, names: list[str], folds: list[int]) -> list[str]:
+def greedy_policy(cfg: Config, df, logits: np.ndarray, names: list[str], folds: list[int]) -> list[str]:
     """Forward selection of views on the OOF rows of `folds`: start from the baseline view, add the view that
     helps most (the mean of those folds' metric), stop when none helps."""
-    from ..core.metrics import compute
-
     gib = GREATER_IS_BETTER[cfg.eval.metric]
-    y, fold, e = df["y"].values, df["fold"].values, cfg.eval
+    y, fold = df["y"].values, df["fold"].values
 
-    def value(sel: list[str]) -> float:
+    def value(sel: list[str]) -> float:  # the CV of those folds: the mean of their metric (the cheap one)
         probs = policy_probs(logits, names, sel, cfg.infer.merge)
-        return float(np.mean([compute(y[fold == k], probs[fold == k], np.asarray(summaries[k]["train_counts"]),
-                                      e.many_shot, e.few_shot, e.metric)["score"] for k in folds]))
+        return float(np.mean([score(cfg.eval.metric, y[fold == k], probs[fold == k]) for k in folds]))
 
     chosen = [BASELINE]
     best = value(chosen)

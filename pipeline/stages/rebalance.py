@@ -154,14 +154,10 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
             h = heads[None]
             out[v] = {"head": h, "logits": h.logits(x_va), "record": {}}
             continue
-        fixed = r.tau if v == "tau" else None  # a fixed tau: no tuning
         out[v] = choose(heads, spec.tuned, x_va, y_va, inner, "log_loss" if spec.rule == "log_loss" else metric,
-                        fixed=fixed, cands=cands)
-        if spec.tuned == "k_t":  # tuples -> JSON lists and readable curve keys
-            rec = out[v]["record"]
-            rec["k_t"] = list(rec["k_t"])
-            rec["chosen_per_inner_fold"] = [list(c) for c in rec.get("chosen_per_inner_fold", [])]
-            rec["curve"] = {f"k={a},T={b:g}": c for (a, b), c in rec.get("curve", {}).items()}
+                        fixed=spec.fixed(r) if spec.fixed else None, cands=cands)
+        if spec.record:
+            spec.record(out[v]["record"])
     for v, o in out.items():
         o["metrics"] = compute(y_va, softmax(o["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, metric)
         o["inner"] = inner  # each held-out row's inner split

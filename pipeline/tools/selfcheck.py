@@ -206,27 +206,10 @@ class Sandbox:
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=pre)
 
 
-@contextlib.contextmanager
-def _inside(folder: Path, env: dict | None = None):
-    old_cwd, old_env = os.getcwd(), dict(os.environ)
-    os.chdir(folder)
-    os.environ.update(env or {})
-    quiet = logging.getLogger("pipeline")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        os.chdir(old_cwd)
-        os.environ.clear()
-        os.environ.update(old_env)
-        quiet.setLevel(level)
-
-
-def inprocess(entry: Callable[[list[str]], int], folder: Path, argv: list[str],
-              env: dict | None = None) -> subprocess.CompletedProcess:
+def inprocess(entry: Callable[[list[str]], int], folder: Path, argv: list[str], env: dict | None = None,
+              level: int = logging.INFO) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGV` run in this process from `folder`: exit code, stdout and stderr (the log lines
-    included) captured as a subprocess's would be. Kills and resource limits need a real process
+    from `level` up included) captured as a subprocess's would be. Kills and resource limits need a real process
     (`Sandbox.cli`); a plain run or a rerun does not, and saves a process start (torch and timm imports:
     ~9 s on 2 cores)."""
     out, err = io.StringIO(), io.StringIO()
@@ -235,7 +218,7 @@ def inprocess(entry: Callable[[list[str]], int], folder: Path, argv: list[str],
     logger = logging.getLogger("pipeline")
     old_cwd, old_env, old = os.getcwd(), dict(os.environ), (logger.level, logger.propagate)
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.propagate = False
     os.chdir(folder)
     os.environ.pop("PIPELINE_FAULT", None)
@@ -264,11 +247,9 @@ def cli_inprocess(sb: Sandbox, folder: Path, args: list[str], env: dict | None =
 
 
 def run_inprocess(sb: Sandbox, folder: Path, args: list[str], env: dict | None = None) -> tuple[int, str]:
-    """`python -m pipeline ARGS --config c.yaml` in this process: (exit code, stderr)."""
-    err = io.StringIO()
-    with _inside(folder, env), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = sb.entry([*args, "--config", "c.yaml"])
-    return rc, err.getvalue()
+    """`python -m pipeline ARGS --config c.yaml` in this process, quiet: (exit code, stderr: the errors only)."""
+    r = inprocess(sb.entry, folder, [*args, "--config", "c.yaml"], env, level=logging.ERROR)
+    return r.returncode, r.stderr
 
 
 # ----------------------------------------------------------------------------- kills
