@@ -303,7 +303,7 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
     skipped. Stages run in order, so a stage is judged after everything upstream is current."""
     configs = all_configs(cfg, overrides)
     ran, skipped = [], []
-    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble"] + [(cfg, STAGES[4])]
+    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble"] + [(cfg, COMMANDS["ensemble"].stage)]
     for c, stage in jobs:
         prepare(c)
         tag = f"{c.experiment}:{stage.name}"

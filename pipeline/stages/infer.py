@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 
 from ..core import models, tracking
-from ..core.artifacts import experiment_lock, fault_point, read_json, sha256_file, write_csv, write_json, write_npz
+from ..core.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv, write_json,
+                              write_npz)
 from ..core.config import Config, keys_without_output
 from ..core.data import read_test_table
 from ..core.distributed import Dist
@@ -376,8 +377,8 @@ def inner_heads(cfg: Config, k: int, variant: str, ids: np.ndarray) -> tuple[lis
     rec = read_json(fd.rebalance_summary)["variants"][variant]
     if not rec.get("tuned"):
         return None
-    oof = np.load(fd.head_oof(variant))
-    if "inner" not in oof.files:
+    oof = read_npz(fd.head_oof(variant))
+    if "inner" not in oof:
         raise PipelineError(f"{fd.head_oof(variant)} has no inner splits (made by an older version): re-run "
                             f"./run.sh rebalance --force")
     where = {str(i): n for n, i in enumerate(oof["ids"])}

@@ -76,6 +76,11 @@ def stage5_record(cfg: Config) -> tuple[str, dict]:
     return name, rec
 
 
+def test_variant(s4: dict, head: str) -> str:
+    """The stage-3 variant behind a head's test predictions: for `best`, the variant best on all folds."""
+    return s4["best"]["all"] if head == "best" else head
+
+
 def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
     """The member's run folder and stage-4 summary, refused unless stage 5 was made from exactly this
     stage-4 output and the weights and heads on disk are the ones stage 4 predicted with."""
@@ -89,7 +94,7 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
         raise PipelineError(f"the ensemble was made before stage 4 of '{exp}' last ran ({run.infer_summary}): "
                             f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
     made = s4["made_from"]
-    files = s4["best"]["all"] if head == "best" else head  # the head files behind the test predictions
+    files = test_variant(s4, head)  # the head files behind the test predictions
     for k, want in enumerate(made["weights"]):
         if sha256_file(run.fold(k).weights) != want:
             raise PipelineError(f"{run.fold(k).weights} changed after stage 4 predicted with it: re-run "
@@ -151,7 +156,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     policy = [BASELINE] if split_candidate(name)[2] else s4["policy"]
     fixres = any(parse_view(v)[2] for v in policy)
     full_weight = s4.get("full_fit_weight", 0.0)
-    variant = s4["best"]["all"] if head == "best" else head  # the test images' choice of infer.heads: [best]
+    variant = test_variant(s4, head)
     folds, full, normalised = [], None, False
     for k in list(range(K)) + ([layout.FULL_FIT] if full_weight > 0 else []):
         unit = run.unit(k)
