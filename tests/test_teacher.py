@@ -190,3 +190,131 @@ def test_a_teacher_is_read_as_its_stage_3_and_4_were_made_not_from_config_yaml(t
     assert teacher_mod.member_policy(got, s4, False, 1) == s4["fold_policies"][1]
     probs = teacher_mod.fold_probs(teacher_mod.load_teacher("t"), 0, {"test": list(read_test_table(t2)["path"])})
     assert probs["test"].shape == (len(read_test_table(t2)), 3) and np.allclose(probs["test"].sum(1), 1)
+
+
+# ----------------------------------------------------------------------------- every teacher kind, 3 folds
+KINDS = {  # teacher name -> the ensemble config that makes it ("t" itself: the experiment, its primary head `best`)
+    "e_tau": ["ensemble.members=[t:tau]", "ensemble.method=mean"],
+    "e_crt": ["ensemble.members=[t:crt]", "ensemble.method=mean"],
+    "e_weighted": ["ensemble.members=[t:crt,t:tau]", "ensemble.method=weighted"],
+    "e_climb": ["ensemble.members=[t]", "ensemble.method=hill_climb"],
+}
+
+
+T3 = ["folds.n_splits=3", "rebalance.variants=[joint,tau,crt]", "rebalance.crt_epochs=3", "infer.heads=[best]",
+      "infer.search=true", "ensemble.weight_metric=log_loss"]
+
+
+@pytest.fixture
+def teachers3(workdir):
+    """A 3-fold teacher experiment (tuned tau and cRT heads, the nested `best` head, a searched TTA policy) and an
+    ensemble teacher of each kind over it."""
+    root = make_competition(workdir / "comp", {"a": 12, "b": 12, "c": 12}, size=24, n_test=6)
+    cfg = cfg_of(root, "t", *T3)
+    folds_stage.run(cfg)
+    train_stage.run(cfg)
+    rebalance_stage.run(cfg)
+    infer_stage.run(cfg)
+    for name, extra in KINDS.items():
+        ens_stage.run(cfg_of(root, "t", *T3, f"ensemble.name={name}", *extra))
+    return cfg
+
+
+def scramble(path, rows, seed=0, keys=("logits", "view_logits", "probs")):
+    """Replace the predictions of `rows` (a mask, or None: every row) in an npz with noise."""
+    d = dict(np.load(path))
+    rng = np.random.default_rng(seed)
+    for key in keys:
+        if key in d:
+            a = d[key]
+            sel = (slice(None),) * (a.ndim - 2) + (rows if rows is not None else slice(None),)
+            a[sel] = rng.normal(0, 5, a[sel].shape).astype(a.dtype)
+    np.savez(path, **d)
+
+
+@pytest.mark.slow
+def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held_out_rows(teachers3):
+    """What stays byte-identical when fold 0's held-out rows change (docs/stages.md): fold 0's targets read no
+    prediction or choice made on fold 0's held-out rows, for every teacher kind (tau, cRT, the nested best head with
+    a searched policy, weighted ensemble, hill climbing), and each choice they use for fold 0 (the tuned value, the
+    best head, the TTA policy, the ensemble weights) is a function of the other folds' rows only: changing fold
+    0's rows leaves it as it was, changing the other folds' rows moves it."""
+    cfg = teachers3
+    run = cfg.run_dir
+    df, classes = read_folds(cfg)
+    paths = {"train": list(df["path"][df["fold"] != 0]), "test": list(read_test_table(cfg)["path"])}
+    names = ["t", *KINDS]
+    before = {n: teacher_mod.fold_probs(teacher_mod.load_teacher(n), 0, paths) for n in names}
+    assert teacher_mod.load_teacher("e_weighted").fold_weights and teacher_mod.load_teacher("e_climb").fold_weights
+    assert read_json(run.infer_summary)["fold_policies"] is not None
+
+    # 1. every file holding a prediction or choice made on fold 0's held-out rows, replaced by noise
+    s3 = read_json(run.fold(0).rebalance_summary)
+    for v, grid_value in (("tau", 0.0), ("crt", 1)):
+        key = "tau" if v == "tau" else "epochs"
+        assert key in s3["variants"][v], s3["variants"][v]
+        s3["variants"][v][key] = grid_value
+    for v in s3["variants"]:
+        s3["variants"][v]["metrics"]["score"] = 1.0 if v == "joint" else 0.0
+    run.fold(0).rebalance_summary.write_text(pd.Series(s3).to_json())
+    scramble(run.fold(0).oof, None)
+    for v in ("joint", "tau", "crt"):
+        scramble(run.fold(0).head_oof(v), None)
+    for h in read_json(run.infer_summary)["heads"]:
+        o = np.load(run.infer_oof(h))
+        scramble(run.infer_oof(h), o["fold"] == 0)
+    after = {n: teacher_mod.fold_probs(teacher_mod.load_teacher(n), 0, paths) for n in names}
+    for n in names:
+        for part in paths:
+            assert np.array_equal(after[n][part], before[n][part]), (n, part)
+
+    # 2. the choices behind fold 0: computed again from the OOF rows, fold 0's rows changed or the others'
+    o = dict(np.load(run.infer_oof("best")))
+    views = [str(v) for v in o["views"]]
+    assert views == ["orig@1", "hflip@1"]
+    inp = type("Inp", (), {"summaries": [None] * 3, "oof_df": pd.DataFrame({"y": o["y"], "fold": o["fold"]})})()
+    y, fold = o["y"], o["fold"]
+    C = len(classes)
+
+    def hflip(good: bool, where: np.ndarray) -> np.ndarray:
+        lg = o["view_logits"].copy()
+        target = y if good else (y + 1) % C
+        lg[1, where] = 10.0 * np.eye(C)[target[where]]
+        return lg
+
+    policy0 = infer_stage.search_policies(cfg, inp, o["view_logits"], views)[1][0]
+    for good in (True, False):
+        assert infer_stage.search_policies(cfg, inp, hflip(good, fold == 0), views)[1][0] == policy0
+        assert infer_stage.search_policies(cfg, inp, hflip(good, fold != 0), views)[1][0] == (
+            ["orig@1", "hflip@1"] if good else ["orig@1"])
+
+    # the best head: fold 0's choice reads the other folds' stage-3 scores (fold 0's are now rigged for joint)
+    heads_inp = type("Inp", (), {"summaries": [None] * 3, "heads": ["joint", "tau", "crt"], "oof_df": None})()
+    best = infer_stage.add_best(cfg, heads_inp, {h: None for h in ("joint", "tau", "crt")}, {})
+    assert best["per_fold"][0] == read_json(run.infer_summary)["best"]["per_fold"][0]
+    assert best["per_fold"][1] == best["per_fold"][2] == "joint"  # fold 0's rigged scores reach the others
+    # the tuned values: fold 0's teacher head takes the median of folds 1 and 2 (fold 0's rigged value is ignored)
+    others = [read_json(run.fold(j).rebalance_summary) for j in (1, 2)]
+    other_tau = 2.0 if min(sj["variants"]["tau"]["tau"] for sj in others) < 2.0 else 0.0
+    for j, sj in zip((1, 2), others):
+        sj["variants"]["tau"]["tau"] = other_tau
+        run.fold(j).rebalance_summary.write_text(pd.Series(sj).to_json())
+    moved = teacher_mod.fold_probs(teacher_mod.load_teacher("e_tau"), 0, paths)
+    assert not np.array_equal(moved["test"], before["e_tau"]["test"])
+
+    # ensemble weights (weighted, hill climbing) for fold 0: fit without fold 0's rows
+    members = [ens_stage.load_member("t", h)["oof"]["probs"] for h in ("crt", "tau")]
+    ycfg = cfg_of(cfg.data.root, "t", *T3)
+
+    def perfect(i: int, where: np.ndarray) -> list[np.ndarray]:
+        out = [p.copy() for p in members]
+        out[i][where] = np.eye(C)[y[where]] * 0.98 + 0.02 / C
+        return out
+
+    w0 = ens_stage.honest_cv(members, y, fold, ycfg)[1][0]
+    c0 = ens_stage.honest_hill_climb(ycfg, members, y, fold)[1][0]
+    for i in (0, 1):
+        assert np.array_equal(ens_stage.honest_cv(perfect(i, fold == 0), y, fold, ycfg)[1][0], w0)
+        assert ens_stage.honest_hill_climb(ycfg, perfect(i, fold == 0), y, fold)[1][0] == c0
+        assert ens_stage.honest_cv(perfect(i, fold != 0), y, fold, ycfg)[1][0][i] > 0.9
+        assert ens_stage.honest_hill_climb(ycfg, perfect(i, fold != 0), y, fold)[1][0][0] == i

@@ -74,6 +74,36 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
     assert train_stage.status(changed) == ["fold 0: changed train.lr"]
 
 
+def test_select_last_keeps_the_fixed_source_and_best_is_marked_as_chosen_on_held_out_rows(comp, workdir):
+    from pipeline.core.provenance import train_record, up_to_date
+    from pipeline.tools.leaderboard import build, rank
+
+    cfg = tiny_cfg(comp, "train.epochs=2", "train.ema_decay=0.5")       # the default: select=last, EMA on
+    folds_stage.run(cfg)
+    s = train_stage.run(cfg, fold=0)[0]
+    fd = cfg.run_dir.fold(0)
+    hist = pd.read_csv(fd.history)
+    # the EMA weights of the last epoch, whichever source scored better on the held-out rows
+    assert s["chosen"] == "ema" and s["epoch"] == 2 and s["chosen_on_held_out"] == []
+    assert np.isclose(s["score"], hist["ema_score"].iloc[-1])
+    assert not fd.best("raw").exists()                                   # only the source it may output is kept
+    ema = read_state_dict(fd.best("ema"))
+    assert all(torch.equal(ema[k], v) for k, v in read_state_dict(fd.weights).items())
+    # an output of the older rule (last epoch, the better of raw and EMA) is stale for the fixed rule
+    old = train_record(cfg)
+    old["train"]["select"] = "last"
+    summary = pd.read_json(fd.summary, typ="series").to_dict()
+    fd.summary.write_text(pd.Series({**summary, "made_from": old}).to_json())
+    assert not up_to_date(fd.summary, train_record(cfg))
+    assert any("train.select" in r for r in train_stage.status(cfg))
+
+    best = tiny_cfg(comp, "train.epochs=2", "train.select=best", "train.ema=false")
+    assert train_stage.run(best, fold=0)[0]["chosen_on_held_out"] == ["epoch"]
+    train_stage.run(best, fold=1)
+    rows = rank(build(workdir / "runs"))
+    assert rows["note"].str.contains("stage 2 chose epoch on the scored rows: CV optimistic").all()
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(workdir):
     results = {}
@@ -295,12 +325,14 @@ def test_patience_stops_the_fold_and_the_summary_says_when(comp, monkeypatch):
     real = train_stage.better
     monkeypatch.setattr(train_stage, "better", lambda a, b, metric: b is None)  # only epoch 1 is ever "better"
     s = train_stage.run(cfg, fold=0)[0]
-    assert s["epoch"] == 1 and s["epochs_trained"] == 3 and s["stopped_early_after"] == 3
+    # select=last keeps the last trained epoch; stopping there is itself a choice made on the held-out rows
+    assert s["epoch"] == 3 and s["epochs_trained"] == 3 and s["stopped_early_after"] == 3
+    assert s["chosen_on_held_out"] == ["early stop (patience 2)"]
     hist = pd.read_csv(cfg.run_dir.fold(0).dir / "history.csv")
     assert list(hist["epoch"]) == [1, 2, 3]
     monkeypatch.setattr(train_stage, "better", real)
     s = train_stage.run(tiny_cfg(comp, "train.epochs=2", "train.ema=false"), fold=1)[0]
-    assert s["stopped_early_after"] is None and s["epochs_trained"] == 2
+    assert s["stopped_early_after"] is None and s["epochs_trained"] == 2 and s["chosen_on_held_out"] == []
 
 
 def test_progressive_resizing_follows_the_schedule_and_validation_stays(comp):

@@ -53,15 +53,26 @@ def section(cls: type, help: str = ""):
 @dataclass
 class DataCfg:
     root: str = key("data/demo", help="competition folder; the paths below are relative to it")
-    layout: Literal["csv", "folders"] = key("csv", help="csv: train.csv + image folder; folders: train/<class>/*")
+    layout: Literal["csv", "folders", "coco"] = key("csv", help="csv: train.csv + image folder; folders: "
+                                                              "train/<class>/*; coco: COCO-style JSON (train_json)")
     train_csv: str = key("train.csv", help="the id/label table (layout csv)")
     train_dir: str = key("train", help="train images (layout csv) or class folders (layout folders)")
+    train_json: str = key("train.json", added="2026-12-02",
+                          help="layout coco: images (id, file_name relative to data.root), annotations (image_id, "
+                               "category_id), categories (id, name, ...)")
+    test_json: Optional[str] = key(None, stage="4", added="2026-12-02",
+                                   help="layout coco: the test images' JSON (images: id, file_name); the submission's "
+                                        "ids are their ids (null: sample_submission / test_dir)")
+    category_label: Literal["id", "name"] = key("id", added="2026-12-02",
+                                                help="layout coco: a class is its category id (what iNaturalist's "
+                                                     "submission expects) or its category name")
     test_dir: str = key("test", stage="4", help="test images, flat")
     sample_submission: Optional[str] = key("sample_submission.csv", stage="4",
                                            help="fixes test ids, order and columns; null: use test_dir")
     id_col: str = key("image_id", help="image id column; an id is a path relative to train_dir")
     label_col: str = key("label", help="label column; strings or integers")
-    group_col: Optional[str] = key(None, help="rows sharing a group never straddle folds (patient, site, individual)")
+    group_col: Optional[str] = key(None, help="rows sharing a group never straddle folds (patient, site, individual); "
+                                              "layout coco: a field of the image (or of its annotation)")
     image_ext: str = key("", help="appended to ids that lack it, e.g. \".jpg\" when train.csv ids have no extension")
     check_images: Literal["none", "header", "full"] = key("header", stage="-",
                                                           help="header: open each file; full: decode it")
@@ -204,8 +215,9 @@ class TrainCfg:
                                           help="partial fine-tuning: the last N stages (timm's coarse groups) + head "
                                                "train")
     patience: Optional[int] = key(None, range=(1, 100000, True, True), added="2026-11-24",
-                                  help="early stopping: end the fold after N epochs without a better metric; null: "
-                                       "off")
+                                  help="early stopping: end the fold after N epochs without a better metric on "
+                                       "its held-out rows (a choice on the scored rows: CV marked, not ranked); "
+                                       "null: off")
     full_fit: bool = key(False,
                          help="after the folds, one more model on every row for the epoch count the folds chose (no "
                               "CV)")
@@ -242,10 +254,14 @@ class TrainCfg:
     mix_mode: Literal["batch", "pair", "elem"] = key("batch", help="one lambda per batch, per pair or per image")
     mix_off_epoch: Optional[int] = key(None, range=(0, 100000, True, True),
                                        help="stop mixing from this epoch on (0-based); null: never")
-    ema: bool = key(True, help="keep an EMA of weights next to the raw ones; the better is used downstream")
+    ema: bool = key(True, help="keep an EMA of the weights; with select=last the EMA weights are the fold's output "
+                               "(raw ones when off)")
     ema_decay: float = key(0.998, range=(0, 1, False, False), help="per optimiser step")
     ema_warmup: bool = key(True, help="decay ramps up from 0 (timm's warmup): short or from-scratch runs need it")
-    select: Literal["best", "last"] = key("best", help="which epoch's weights to keep: best valid metric or the last")
+    select: Literal["best", "last"] = key("last", help="last: the last epoch's weights (EMA when train.ema), no choice "
+                                                      "made on held-out rows; best: the epoch and raw/EMA weights "
+                                                      "with the best metric on the fold's held-out rows (its CV is "
+                                                      "then selected on the rows it scores: marked, not ranked)")
     amp: Literal["auto", "bf16", "fp16", "off"] = key("auto",
                                                       help="autocast, CPU and GPU; auto: GPU bf16 (fp16 where "
                                                            "unsupported), CPU fp32")
@@ -266,12 +282,20 @@ class TrainCfg:
 
 @dataclass
 class EvalCfg:
-    metric: Literal["accuracy", "macro_f1", "balanced_accuracy", "log_loss", "qwk"] = key("accuracy",
-                                                                                          help="the competition "
-                                                                                               "metric")
+    metric: Literal["accuracy", "macro_f1", "balanced_accuracy", "log_loss", "qwk", "top_k_accuracy",
+                    "map_at_k"] = key("accuracy", help="the competition metric; top_k_accuracy and map_at_k (MAP@k, "
+                                                       "Happywhale's) take eval.top_k")
+    top_k: int = key(5, range=(1, 1000, True, True), added="2026-12-02",
+                     help="k of eval.metric top_k_accuracy / map_at_k")
     many_shot: int = key(100, range=(0, BIG, True, True),
                          help="classes with more training images than this are \"many-shot\"")
     few_shot: int = key(20, range=(0, BIG, True, True), help="fewer than this: \"few-shot\"; in between: \"medium\"")
+
+    @property
+    def scorer(self) -> str:
+        """The metric as every scoring call names it (a top-k metric with its k: "map_at_k@5")."""
+        from .metrics import scorer  # lazily: reading a config imports no scikit-learn
+        return scorer(self.metric, self.top_k)
 
 
 @dataclass
@@ -338,7 +362,11 @@ class EnsembleCfg:
     weight_metric: Literal["log_loss", "metric"] = key("log_loss", help="what weighted / hill_climb optimise on OOF")
     hill_climb_steps: int = key(100, range=(1, 100000, True, True), added="2026-11-24",
                                 help="hill_climb: at most this many additions (with replacement) after the start")
-    submission: Literal["label", "proba"] = key("label", help="one label column, or one probability column per class")
+    submission: Literal["label", "proba", "topk"] = key("label", help="one label column, one probability column "
+                                                                     "per class, or topk: the top_k labels "
+                                                                     "space-separated, best first (iNaturalist, "
+                                                                     "Happywhale)")
+    top_k: int = key(5, range=(1, 1000, True, True), added="2026-12-02", help="labels per row of a topk submission")
 
 
 @dataclass

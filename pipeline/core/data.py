@@ -1,16 +1,21 @@
 """The competition data contract: reading and validating train/test tables, label encoding, images.
 
-Two train layouts are accepted (config `data.layout`):
+Three train layouts are accepted (config `data.layout`):
 - csv: `train.csv` with an id column (a path relative to `train_dir`, extension optional via
   `data.image_ext`), a label column and optionally a group column;
-- folders: `train_dir/<class>/*.<ext>`, the FGVC habit; ids become `<class>/<file>`.
+- folders: `train_dir/<class>/*.<ext>`, the FGVC habit; ids become `<class>/<file>`;
+- coco: COCO-style JSON as iNaturalist, Herbarium and FGVCx ship it (`data.train_json`): `images` (id,
+  file_name relative to `data.root`), one `annotations` entry per image (image_id, category_id),
+  `categories` (id, name, taxonomy); ids are the image ids, a class is the category id (or name).
 Test images are the ids of `sample_submission.csv` (their order is the submission's order) or,
-without one, every image file in `test_dir`, sorted.
+without one, every image file in `test_dir`, sorted; with `data.test_json` (layout coco) the images of
+that JSON in its order (a sample submission, when given, fixes the order and must list the same ids).
 
 Every check runs before any work and raises PipelineError naming the file and rows at fault.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -84,8 +89,9 @@ def _same_files(df: pd.DataFrame, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------- ids and paths
-def _resolve_ids(ids: pd.Series, image_dir: Path, ext: str, what: str) -> list[Path]:
-    """Map ids to files inside image_dir, refusing any id that would leave it."""
+def _resolve_ids(ids: pd.Series, image_dir: Path, ext: str, what: str, row=lambda i: f"row {i + 2}") -> list[Path]:
+    """Map ids to files inside image_dir, refusing any id that would leave it (`row`: how an error names the
+    i-th id's place in `what`)."""
     root = image_dir.resolve()
     paths, escaping, invalid = [], [], []
     for i, raw in enumerate(ids):
@@ -105,10 +111,10 @@ def _resolve_ids(ids: pd.Series, image_dir: Path, ext: str, what: str) -> list[P
             continue
         paths.append(full)
     if escaping:
-        rows = _first(f"row {i + 2}: {r}" for i, r in escaping)
+        rows = _first(f"{row(i)}: {r}" for i, r in escaping)
         raise PipelineError(f"{what}: {len(escaping)} id(s) point outside {image_dir}: {rows}")
     if invalid:
-        rows = _first(f"row {i + 2}: {r}" for i, r in invalid)
+        rows = _first(f"{row(i)}: {r}" for i, r in invalid)
         raise PipelineError(f"{what}: {len(invalid)} id(s) cannot be file names (too long, or a NUL byte): {rows}")
     return paths
 
@@ -143,6 +149,8 @@ def _check_images(paths: list[Path], mode: str, what: str) -> None:
 def read_train_table(cfg: Config) -> pd.DataFrame:
     """The validated training table with columns id, label (original values), [group], path."""
     d = cfg.data
+    if d.layout == "coco":
+        return _checked(read_coco_train(cfg), str(cfg.data_path(d.train_json)), d.check_images)
     train_dir = cfg.data_path(d.train_dir)
     if not train_dir.is_dir():
         raise PipelineError(f"train image folder not found: {train_dir} (config data.root / data.train_dir)")
@@ -174,6 +182,13 @@ def read_train_table(cfg: Config) -> pd.DataFrame:
         df["label"] = _normalise_labels(df["label"])
     if df.empty:
         raise PipelineError(f"{what}: no training images (empty class list)")
+    df["path"] = [str(p) for p in _resolve_ids(df["id"], train_dir, d.image_ext if d.layout == "csv" else "", what)]
+    return _checked(df, what, d.check_images)
+
+
+def _checked(df: pd.DataFrame, what: str, check_images: str) -> pd.DataFrame:
+    """The checks every layout's train table passes: unique ids, two classes or more, readable image files,
+    each file once."""
     dup = df["id"][df["id"].duplicated()].unique()
     if len(dup):
         raise PipelineError(f"{what}: {len(dup)} duplicate id(s): {_first(dup)}")
@@ -181,10 +196,121 @@ def read_train_table(cfg: Config) -> pd.DataFrame:
     if n_classes < 2:
         raise PipelineError(f"{what}: found {n_classes} class(es) {_first(df['label'].unique())}; "
                             f"classification needs at least 2")
-    df["path"] = [str(p) for p in _resolve_ids(df["id"], train_dir, d.image_ext if d.layout == "csv" else "", what)]
-    _check_images([Path(p) for p in df["path"]], d.check_images, what)
+    _check_images([Path(p) for p in df["path"]], check_images, what)
     _same_files(df, what)
     return df.reset_index(drop=True)
+
+
+def train_source(cfg: Config) -> Path:
+    """Where the train labels come from (for messages): the csv, the JSON or the class folders."""
+    d = cfg.data
+    return cfg.data_path({"csv": d.train_csv, "coco": d.train_json}.get(d.layout, d.train_dir))
+
+
+def test_source(cfg: Config) -> str:
+    """Where the test ids come from (for messages)."""
+    d = cfg.data
+    if d.layout == "coco" and d.test_json:
+        return f"the images of {cfg.data_path(d.test_json)}"
+    return (f"sample submission {cfg.data_path(d.sample_submission)}" if d.sample_submission
+            else f"every image of {cfg.data_path(d.test_dir)}")
+
+
+# ----------------------------------------------------------------------------- layout coco
+def read_json_file(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PipelineError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise PipelineError(f"{path}: a COCO-style file needs an 'images' list (of {{id, file_name}}); it has "
+                            f"{list(data)[:8] if isinstance(data, dict) else type(data).__name__}")
+    return data
+
+
+def coco_images(cfg: Config, path: Path) -> pd.DataFrame:
+    """The `images` of a COCO-style JSON: id (as text), path (file_name under data.root, refused when it leaves
+    it), and every other field of the entries (grouping fields)."""
+    data = read_json_file(path, "COCO JSON (config data.train_json / data.test_json)")
+    images = data["images"]
+    bad = [i for i, im in enumerate(images) if not isinstance(im, dict) or "id" not in im or not im.get("file_name")]
+    if bad:
+        raise PipelineError(f"{path}: {len(bad)} image entr(ies) lack an id or a file_name: "
+                            f"{_first(f'images[{i}]' for i in bad)}")
+    df = pd.DataFrame(images)
+    df["id"] = df["id"].astype(str)
+    dup = df["id"][df["id"].duplicated()].unique()
+    if len(dup):
+        raise PipelineError(f"{path}: {len(dup)} duplicate image id(s): {_first(dup)}")
+    names = df["file_name"].astype(str)
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        raise PipelineError(f"{path}: {len(dup)} file_name(s) listed twice: {_first(dup)}")
+    df["path"] = [str(p) for p in _resolve_ids(names, Path(cfg.data.root), "", str(path), lambda i: f"images[{i}]")]
+    return df
+
+
+def read_coco_train(cfg: Config) -> pd.DataFrame:
+    """Layout coco: id, label (category id, or name with data.category_label=name), [group], path. Refused: an
+    annotation of an unknown image or category, an image without annotation, an image annotated with two
+    categories (multi-label)."""
+    d = cfg.data
+    path = cfg.data_path(d.train_json)
+    data = read_json_file(path, "train annotations (config data.root / data.train_json)")
+    images = coco_images(cfg, path)
+    anns = data.get("annotations")
+    if not isinstance(anns, list) or not anns:
+        raise PipelineError(f"{path}: no 'annotations' list (image_id, category_id): nothing to train on")
+    bad = [i for i, a in enumerate(anns) if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a]
+    if bad:
+        raise PipelineError(f"{path}: {len(bad)} annotation(s) lack image_id or category_id: "
+                            f"{_first(f'annotations[{i}]' for i in bad)}")
+    ann = pd.DataFrame(anns)
+    ann["image_id"] = ann["image_id"].astype(str)
+    unknown = sorted(set(ann["image_id"]) - set(images["id"]))
+    if unknown:
+        raise PipelineError(f"{path}: {len(unknown)} annotation(s) name image ids not in 'images': {_first(unknown)}")
+    cats = {str(c["id"]): c for c in data.get("categories") or [] if isinstance(c, dict) and "id" in c}
+    if cats:
+        stray = sorted({str(c) for c in ann["category_id"]} - set(cats))
+        if stray:
+            raise PipelineError(f"{path}: {len(stray)} category id(s) used by annotations are not in 'categories': "
+                                f"{_first(stray)}")
+    per_image = ann.groupby("image_id")["category_id"].nunique()
+    multi = per_image.index[per_image > 1].tolist()
+    if multi:
+        raise PipelineError(f"{path}: {len(multi)} image(s) carry annotations of several categories, e.g. image id(s) "
+                            f"{_first(multi)}: multi-label; {SUPPORTED}")
+    ann = ann.drop_duplicates("image_id")  # several boxes of one category: one label
+    missing = images["id"][~images["id"].isin(ann["image_id"])].tolist()
+    if missing:
+        raise PipelineError(f"{path}: {len(missing)} image(s) have no annotation: {_first(missing)} (test images "
+                            f"belong in data.test_json; unlabelled ones must be left out)")
+    df = images.merge(ann, left_on="id", right_on="image_id", how="left", suffixes=("", "_annotation"))
+    if d.category_label == "name":
+        if not cats or any("name" not in c for c in cats.values()):
+            raise PipelineError(f"{path}: data.category_label=name needs 'categories' with a name for every id")
+        names = pd.Series([c["name"] for c in cats.values()])
+        if names.duplicated().any():
+            raise PipelineError(f"{path}: category names repeat ({_first(names[names.duplicated()].unique())}): "
+                                f"use data.category_label=id")
+        label = df["category_id"].astype(str).map(lambda c: cats[c]["name"])
+    else:
+        label = df["category_id"]
+    out = pd.DataFrame({"id": df["id"], "label": _normalise_labels(label.reset_index(drop=True))})
+    if d.group_col:
+        col = d.group_col if d.group_col in df else f"{d.group_col}_annotation"
+        if col not in df:
+            raise PipelineError(f"{path}: data.group_col '{d.group_col}' is neither a field of the images nor of "
+                                f"the annotations (image fields: {[c for c in images.columns if c != 'path']})")
+        empty = df["id"][df[col].isna()].tolist()
+        if empty:
+            raise PipelineError(f"{path}: {len(empty)} image(s) have no '{d.group_col}': {_first(empty)}")
+        out["group"] = df[col].astype(str).values
+    out["path"] = df["path"].values
+    return out
 
 
 SUPPORTED = ("the pipeline trains single-label classification: one class per row, a string or an integer "
@@ -271,6 +397,8 @@ def to_builtin(v):
 def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
     """Test ids (submission order) and image paths. Columns: id, path."""
     d = cfg.data
+    if d.layout == "coco" and d.test_json:
+        return _coco_test_table(cfg, require_images)
     test_dir = cfg.data_path(d.test_dir)
     if d.sample_submission:
         sub_path = cfg.data_path(d.sample_submission)
@@ -301,6 +429,27 @@ def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
     return pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
 
 
+def _coco_test_table(cfg: Config, require_images: bool) -> pd.DataFrame:
+    """Layout coco with data.test_json: its images in its order, or in the sample submission's order (which must
+    list the same ids)."""
+    path = cfg.data_path(cfg.data.test_json)
+    images = coco_images(cfg, path)
+    if images.empty:
+        raise PipelineError(f"{path}: no test images")
+    table = images[["id", "path"]]
+    if cfg.data.sample_submission:
+        ids = read_sample_submission(cfg).iloc[:, 0].astype(str)
+        where = cfg.data_path(cfg.data.sample_submission)
+        absent, extra = sorted(set(ids) - set(table["id"])), sorted(set(table["id"]) - set(ids))
+        if absent or extra:
+            raise PipelineError(f"{where} and {path} list different test images: {len(absent)} id(s) only in the "
+                                f"sample submission {_first(absent)}, {len(extra)} only in the JSON {_first(extra)}")
+        table = table.set_index("id").loc[ids.values].reset_index()
+    if require_images:
+        _check_images([Path(p) for p in table["path"]], cfg.data.check_images, str(path))
+    return table.reset_index(drop=True)
+
+
 def check_test_folder(cfg: Config, test: pd.DataFrame) -> None:
     """Refuse image files in the test folder that the sample submission does not list: a hidden test set
     that does not match its sample submission (a Kaggle code competition's rerun) would be scored short."""
@@ -328,7 +477,7 @@ def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list
     if labels is None:
         return None
     names = [str(c) for c in classes]
-    return score(cfg.eval.metric, np.array([names.index(str(labels[i])) for i in ids]), probs)
+    return score(cfg.eval.scorer, np.array([names.index(str(labels[i])) for i in ids]), probs)
 
 
 def read_sample_submission(cfg: Config) -> pd.DataFrame:

@@ -5,7 +5,48 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, f1_score, log_loss
 
-GREATER_IS_BETTER = {"accuracy": True, "macro_f1": True, "balanced_accuracy": True, "log_loss": False, "qwk": True}
+
+
+class _ByBase(dict):
+    """{metric: bool}; a top-k metric's name carries its k ("map_at_k@5"), looked up by its base name."""
+
+    def __missing__(self, key):
+        base = str(key).partition("@")[0]
+        if base == key:
+            raise KeyError(key)
+        return self[base]
+
+
+GREATER_IS_BETTER = _ByBase({"accuracy": True, "macro_f1": True, "balanced_accuracy": True, "log_loss": False,
+                             "qwk": True, "top_k_accuracy": True, "map_at_k": True})
+TOP_K = ("top_k_accuracy", "map_at_k")  # eval.metric values that take eval.top_k: scored as "<metric>@<k>"
+_CHUNK = 2048  # rows per block where an N x C temporary is needed: memory grows with rows + classes
+
+
+def scorer(metric: str, k: int) -> str:
+    """The name every scoring call uses: the metric, with its k for a top-k metric ("top_k_accuracy@5")."""
+    return f"{metric}@{k}" if metric in TOP_K else metric
+
+
+def true_rank(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """1-based place of each row's true class when its classes are listed by probability, best first, ties by
+    class index: the order `top_k` lists them in a submission."""
+    out = np.empty(len(y), np.int64)
+    cls = np.arange(probs.shape[1])
+    for a in range(0, len(y), _CHUNK):
+        p, t = probs[a:a + _CHUNK], y[a:a + _CHUNK]
+        pt = p[np.arange(len(t)), t][:, None]
+        out[a:a + _CHUNK] = (p > pt).sum(1) + ((p == pt) & (cls[None, :] < t[:, None])).sum(1) + 1
+    return out
+
+
+def top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """N x k class indices, most probable first, ties by class index (stable), computed in row blocks."""
+    k = min(k, probs.shape[1])
+    out = np.empty((len(probs), k), np.int64)
+    for a in range(0, len(probs), _CHUNK):
+        out[a:a + _CHUNK] = np.argsort(-probs[a:a + _CHUNK], axis=1, kind="stable")[:, :k]
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,7 +73,8 @@ def shot_groups(train_counts: np.ndarray, many: int, few: int) -> dict[str, np.n
 def compute(y: np.ndarray, probs: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20,
             metric: str = "accuracy") -> dict[str, float]:
     """All metrics for probabilities `probs` (N x C); `score` is the configured competition metric."""
-    names = ["accuracy", "macro_f1", "balanced_accuracy", "log_loss"] + (["qwk"] if metric == "qwk" else [])
+    names = ["accuracy", "macro_f1", "balanced_accuracy", "log_loss"]
+    names += [metric] if metric not in names else []
     out = {n: score(n, y, probs) for n in names}
     rec = per_class_recall(y, probs.argmax(1), probs.shape[1])
     for name, mask in shot_groups(train_counts, many, few).items():
@@ -61,7 +103,16 @@ def better(a: float, b: float | None, metric: str) -> bool:
 
 
 def score(name: str, y: np.ndarray, probs: np.ndarray) -> float:
-    """One metric, cheaply (used inside hyper-parameter sweeps)."""
+    """One metric, cheaply (used inside hyper-parameter sweeps). Top-k metrics carry their k: "map_at_k@5" is
+    MAP@5 (single label: 1 / the true class's place when within the first 5, else 0), "top_k_accuracy@5" the share
+    of rows whose true class is among the 5 most probable."""
+    base, _, k = name.partition("@")
+    if base in TOP_K:
+        if not k:
+            raise ValueError(f"{name}: a top-k metric needs its k ({base}@5)")
+        r = true_rank(np.asarray(y), probs)
+        hit = r <= int(k)
+        return float(hit.mean() if base == "top_k_accuracy" else np.where(hit, 1.0 / r, 0.0).mean())
     pred = probs.argmax(1)
     n = probs.shape[1]
     if name == "accuracy":

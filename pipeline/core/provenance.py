@@ -236,6 +236,8 @@ def train_record(cfg: Config) -> dict:
     for section in ("aug", "train"):  # where pixels come from, how the run is watched: not what it learns
         for k in keys_without_output(section):
             rec[section].pop(k, None)
+    if cfg.train.select == "last":  # since 2026-12-02 a fixed source, no longer the better one on held-out rows
+        rec["train"]["select"] = "last (EMA weights when train.ema)"
     rec["train"].pop("full_fit")  # the extra full-data model; the folds are the same with or without it
     rec["train"].pop("pseudo")
     rec["train"].pop("distill")

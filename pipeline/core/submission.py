@@ -1,8 +1,8 @@
 """Ensemble combination and the submission file: shared by stage 5 and `./run.sh predict`.
 
 `combine` merges members' probabilities by the ensemble method; `build_submission` turns probabilities
-into exactly the sample submission's ids, order and columns (one label column, or one probability
-column per class) and `validate_submission` checks the result before anything is written.
+into exactly the sample submission's ids, order and columns (one label column, the top k labels
+space-separated in one column, or one probability column per class) and `validate_submission` checks the result before anything is written.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from .errors import PipelineError
+from .metrics import top_k
 
 METHODS = ("mean", "weighted", "geo_mean", "rank", "hill_climb")  # hill_climb: a weighted mean (counts / steps)
 
@@ -41,13 +42,24 @@ def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = N
     return out / out.sum(1, keepdims=True)
 
 
+def top_labels(probs: np.ndarray, classes: list, k: int) -> list[str]:
+    """Each row's k most probable classes, best first (ties by class order), space-separated."""
+    names = np.array([str(c) for c in classes], dtype=object)
+    return [" ".join(row) for row in names[top_k(probs, k)]]
+
+
 def build_submission(sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, classes: list, kind: str,
-                     label_col: str, where: str) -> pd.DataFrame:
-    """The submission table for `sample` (the sample submission read from `where`)."""
+                     label_col: str, where: str, k: int = 5) -> pd.DataFrame:
+    """The submission table for `sample` (the sample submission read from `where`); `k`: labels per row of a
+    topk submission."""
     if not np.array_equal(sample.iloc[:, 0].astype(str).values, np.asarray(ids).astype(str)):
         raise PipelineError(f"{where}: its ids differ from the predicted test ids (order or set)")
     cols = list(sample.columns)
-    if kind == "label":
+    if kind == "topk":  # the prediction column keeps the sample's name (Predicted, predictions, ...)
+        if len(cols) != 2:
+            raise PipelineError(f"{where}: a topk submission has an id and one prediction column, found {cols}")
+        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values, cols[1]: top_labels(probs, classes, k)})
+    elif kind == "label":
         if cols[1:] != [label_col]:
             raise PipelineError(f"{where}: expected columns [{cols[0]}, {label_col}] for a label submission, found "
                                 f"{cols} (ensemble.submission=proba writes one column per class)")
@@ -67,8 +79,10 @@ def build_submission(sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, c
 
 
 def submission_without_sample(ids: np.ndarray, probs: np.ndarray, classes: list, kind: str, id_col: str,
-                     label_col: str) -> pd.DataFrame:
-    """A submission without a sample submission: the ids in test-folder order."""
+                              label_col: str, k: int = 5) -> pd.DataFrame:
+    """A submission without a sample submission: the ids in test-folder (or test JSON) order."""
+    if kind == "topk":
+        return pd.DataFrame({id_col: ids, label_col: top_labels(probs, classes, k)})
     if kind == "label":
         return pd.DataFrame({id_col: ids, label_col: [classes[i] for i in probs.argmax(1)]})
     sub = pd.DataFrame({id_col: ids})

@@ -22,7 +22,7 @@ from scipy.optimize import minimize
 from ..core import layout, tracking
 from ..core.artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
 from ..core.config import Config, load_config
-from ..core.data import private_score, read_sample_submission, read_test_table
+from ..core.data import private_score, read_sample_submission, read_test_table, test_source
 from ..core.errors import PipelineError
 from ..core.inference import PLAIN, candidate_probs
 from ..core.metrics import GREATER_IS_BETTER, cv, score
@@ -128,8 +128,8 @@ def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Con
     vals, weights = [], []
     for k in np.unique(fold):
         tr, te = fold != k, fold == k
-        w = fit_weights([p[tr] for p in probs], y[tr], cfg.ensemble.weight_metric, cfg.eval.metric)
-        vals.append(score(cfg.eval.metric, y[te], combine([p[te] for p in probs], "weighted", w)))
+        w = fit_weights([p[tr] for p in probs], y[tr], cfg.ensemble.weight_metric, cfg.eval.scorer)
+        vals.append(score(cfg.eval.scorer, y[te], combine([p[te] for p in probs], "weighted", w)))
         weights.append(w)
     return vals, weights
 
@@ -148,7 +148,7 @@ def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_
     """The shared CV of OOF probabilities; fold k trained on the OOF rows of the other folds.
     `per_fold` replaces the per-fold values (the weighted ensemble's honest ones)."""
     counts = [np.bincount(y[fold != k], minlength=probs.shape[1]) for k in range(int(fold.max()) + 1)]
-    m = cv(y, probs, fold, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+    m = cv(y, probs, fold, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.scorer)
     if per_fold is not None:
         m.update(cv_mean=float(np.mean(per_fold)), cv_std=float(np.std(per_fold)), per_fold=[float(v) for v in per_fold])
     return m
@@ -175,7 +175,7 @@ def candidates(cfg: Config) -> list[dict]:
 
 def objective(cfg: Config) -> callable:
     """Lower is better: log-loss, or the metric (negated when greater is better)."""
-    metric = cfg.eval.metric
+    metric = cfg.eval.scorer
     if cfg.ensemble.weight_metric == "log_loss":
         return lambda y, p: -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1))))
     sign = -1.0 if GREATER_IS_BETTER[metric] else 1.0
@@ -212,7 +212,7 @@ def honest_hill_climb(cfg: Config, probs: list[np.ndarray], y: np.ndarray, fold:
         tr, te = fold != k, fold == k
         chosen = hill_climb([p[tr] for p in probs], y[tr], loss, cfg.ensemble.hill_climb_steps)
         w = multiset_weights(chosen, len(probs))
-        vals.append(score(cfg.eval.metric, y[te], combine([p[te] for p in probs], "weighted", w)))
+        vals.append(score(cfg.eval.scorer, y[te], combine([p[te] for p in probs], "weighted", w)))
         picks.append(chosen)
     return vals, picks
 
@@ -269,8 +269,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     members, weights, rows, climb, fold_weights = combine_oof(cfg, members)
     test_probs = combine([m.get("test_probs", m["test"]["probs"]) for m in members], cfg.ensemble.method, weights)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
-        where = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else cfg.data_path(cfg.data.test_dir)
-        raise PipelineError(f"the test ids of {where} differ from the members' predictions (order or set): "
+        raise PipelineError(f"the test ids of {test_source(cfg)} differ from the members' predictions (order or set): "
                             f"re-run ./run.sh infer, or check the sample submission")
     private = private_score(cfg, members[0]["test"]["ids"], test_probs, classes)
     table = pd.DataFrame(rows)
@@ -280,7 +279,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         table["private"] = [private_score(cfg, members[0]["test"]["ids"], p, classes) for p in row_tests]
     names = [m.get("candidate", m["name"]) for m in members]
     result = {"name": name, "members": names, "method": cfg.ensemble.method,
-              "weights": dict(zip(names, weights.tolist())), "fold_weights": fold_weights, "metric": cfg.eval.metric,
+              "weights": dict(zip(names, weights.tolist())), "fold_weights": fold_weights, "metric": cfg.eval.scorer,
               "hill_climb": climb,
               "table": table.to_dict(orient="records"), "private": private,
               "made_from": made_from, "env": environment()}
@@ -308,7 +307,7 @@ def combine_oof(cfg: Config, members: list[dict]) -> tuple[list[dict], np.ndarra
         for m, p in zip(members, oofs):
             rows.append({"member": m["name"], **oof_cv(cfg, p, y, fold)})
         if method == "weighted":
-            weights = fit_weights(oofs, y, e.weight_metric, cfg.eval.metric)
+            weights = fit_weights(oofs, y, e.weight_metric, cfg.eval.scorer)
             _, fw = honest_cv(oofs, y, fold, cfg)
             fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
             ens = oof_cv(cfg, nested_combine(oofs, fold, fw), y, fold)  # every column from per-fold weights
@@ -325,17 +324,17 @@ def write_submission(cfg: Config, csv, ids: np.ndarray, probs: np.ndarray, class
     test_dir, sorted (as predict writes it)."""
     if cfg.data.sample_submission:
         sub = build_submission(read_sample_submission(cfg), ids, probs, classes, cfg.ensemble.submission,
-                               cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)))
+                               cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)), cfg.ensemble.top_k)
     else:
         sub = submission_without_sample(ids, probs, classes, cfg.ensemble.submission, cfg.data.id_col,
-                                        cfg.data.label_col)
+                                        cfg.data.label_col, cfg.ensemble.top_k)
     write_csv(csv, sub)
     return sub
 
 
 def report(cfg: Config, name: str, table: pd.DataFrame, private: float | None) -> None:
     """The CV table in the log (and the tracker), and the private score when the test labels are known."""
-    metric = cfg.eval.metric
+    metric = cfg.eval.scorer
     if not table.empty:
         final = {"cv": float(table["cv_mean"].iloc[-1]), "cv_std": float(table["cv_std"].iloc[-1])}
         if private is not None:

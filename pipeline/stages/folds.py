@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..core.artifacts import read_json, sha256_obj, write_csv, write_json
 from ..core.config import Config
-from ..core.data import encode, make_classes, to_builtin, read_train_table
+from ..core.data import encode, make_classes, read_train_table, to_builtin, train_source
 from ..core.errors import PipelineError
 from ..core.provenance import environment, stale_reasons, up_to_date
 
@@ -98,8 +98,7 @@ def run(cfg: Config, force: bool = False) -> dict:
             f"{cfg.folds_csv} exists but was made from different inputs (changed: {', '.join(changed)}); "
             f"rebuilding it invalidates every run trained on it: re-run with --force, or set folds.name")
     df["fold"] = make_folds(df, cfg.folds.n_splits, cfg.folds.seed, cfg.data.group_col is not None,
-                            cfg.folds.rare_classes, str(cfg.data_path(cfg.data.train_csv)
-                                                        if cfg.data.layout == "csv" else cfg.data_path(cfg.data.train_dir)))
+                            cfg.folds.rare_classes, str(train_source(cfg)))
     encode(df["label"], classes, str(cfg.folds_csv))  # sanity: every label is encodable
     write_csv(cfg.folds_csv, df)
     record = {"classes": [to_builtin(c) for c in classes], "n_splits": cfg.folds.n_splits, "n_rows": len(df),

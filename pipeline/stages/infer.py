@@ -275,7 +275,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         summary = {"experiment": cfg.experiment, "heads": heads, "primary": heads[0], "best": best, "policy": policy,
                    "fold_policies": fold_policies, "searched": searched, "merge": cfg.infer.merge, "classes": inp.classes,
                    "folds_file": sha256_file(cfg.folds_csv) if cfg.folds_csv.exists() else None,
-                   "metric": cfg.eval.metric, "cv": report.to_dict(orient="records"),
+                   "metric": cfg.eval.scorer, "cv": report.to_dict(orient="records"),
                    "images_per_s": n_images / seconds, "seconds": seconds, "made_from": inp.made_from,
                    "full_fit_weight": cfg.infer.full_fit_weight if inp.full is not None else 0.0,
                    "fixres_files": {fd.name: sha256_file(cfg.run_dir.fixres(fd.name)) for fd in
@@ -286,7 +286,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     if not report.empty:
         pol = report[(report["head"] == heads[0]) & (report["views"] == "policy")]
         tracking.report(cfg, "infer", report, {"policy": " ".join(policy), "cv_policy": float(pol["cv_mean"].iloc[0])})
-        log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.metric,
+        log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.scorer,
                  report.to_string(index=False, float_format="%.4f"))
     log.info("TTA policy %s, %.0f view-images/s", policy, summary["images_per_s"])
     return summary
@@ -299,7 +299,7 @@ def add_best(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict) -> d
     choices."""
     folds = [read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
     variants = [h for h in inp.heads if all(h in f for f in folds)]
-    pick = max if GREATER_IS_BETTER[cfg.eval.metric] else min
+    pick = max if GREATER_IS_BETTER[cfg.eval.scorer] else min
 
     def winner(ks: list[int]) -> str:  # ties: stage 3's report order (its winner first)
         return pick(variants, key=lambda v: (np.mean([folds[k][v]["metrics"]["score"] for k in ks]),
@@ -405,7 +405,7 @@ def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarra
     """CV of OOF probabilities (one report.csv row: per-fold values left out)."""
     e = cfg.eval
     m = cv(df["y"].values, probs, df["fold"].values, [s["train_counts"] for s in summaries], e.many_shot,
-           e.few_shot, e.metric)
+           e.few_shot, e.scorer)
     m.pop("per_fold")
     return m
 
@@ -424,12 +424,12 @@ def search_policies(cfg: Config, inp: Inputs, logits: np.ndarray, names: list[st
 def greedy_policy(cfg: Config, df, logits: np.ndarray, names: list[str], folds: list[int]) -> list[str]:
     """Forward selection of views on the OOF rows of `folds`: start from the baseline view, add the view that
     helps most (the mean of those folds' metric), stop when none helps."""
-    gib = GREATER_IS_BETTER[cfg.eval.metric]
+    gib = GREATER_IS_BETTER[cfg.eval.scorer]
     y, fold = df["y"].values, df["fold"].values
 
     def value(sel: list[str]) -> float:  # the CV of those folds: the mean of their metric (the cheap one)
         probs = policy_probs(logits, names, sel, cfg.infer.merge)
-        return float(np.mean([score(cfg.eval.metric, y[fold == k], probs[fold == k]) for k in folds]))
+        return float(np.mean([score(cfg.eval.scorer, y[fold == k], probs[fold == k]) for k in folds]))
 
     chosen = [BASELINE]
     best = value(chosen)
@@ -442,5 +442,5 @@ def greedy_policy(cfg: Config, df, logits: np.ndarray, names: list[str], folds: 
             break
         chosen.append(n)
         best = v
-    log.info("TTA search on the OOF rows of folds %s chose %s (%s %.4f)", folds, chosen, cfg.eval.metric, best)
+    log.info("TTA search on the OOF rows of folds %s chose %s (%s %.4f)", folds, chosen, cfg.eval.scorer, best)
     return chosen

@@ -140,7 +140,7 @@ def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: n
 def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int) -> dict:
     """Every configured variant (core/heads.VARIANTS): its head, honest held-out logits, and how it was chosen."""
     r = cfg.rebalance
-    metric = cfg.eval.metric
+    metric = cfg.eval.scorer
     y_tr, y_va, x_va = feats["train_y"], feats["valid_y"], feats["valid"]
     counts = np.bincount(y_tr, minlength=n_classes)
     f = FitInputs(w=w, b=b, train=feats["train"], train_y=y_tr, views=list(feats["views"]), n_classes=n_classes,
@@ -213,7 +213,7 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
                "env": environment()}
     write_json(fd.rebalance_summary, summary)
     line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in res.items())
-    log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.metric, line)
+    log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.scorer, line)
     return summary
 
 
@@ -251,7 +251,7 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
     """The CV of every variant over the folds (report.csv, report.md, summary.json). Its pictures
     (recall vs frequency, the tau sweep) are drawn by `./run.sh report` into reports/<exp>/."""
     variants = list(summaries[0]["variants"])
-    metric = cfg.eval.metric
+    metric = cfg.eval.scorer
     rows = []
     counts = np.bincount(df["y"].values, minlength=len(classes))
     for v in variants:

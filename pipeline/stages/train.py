@@ -4,15 +4,19 @@ Usage:   ./run.sh train [--fold K] [--force] [--gpus 0,1,...] [key=value ...]
          torchrun --nproc_per_node=N -m pipeline train --fold K      (data parallel, one fold)
 Input:   folds/<name>.csv + folds/<name>.json (stage 1), the train images
 Output:  runs/<exp>/config.yaml, runs/<exp>/classes.json
-         runs/<exp>/fold<k>/model.safetensors   chosen weights (raw or EMA, by the validation metric)
+         runs/<exp>/fold<k>/model.safetensors   the fold's weights: train.select=last (default): the last
+                                                epoch's, EMA when train.ema (fixed before training: no
+                                                choice on the held-out rows); best: the epoch and raw/EMA
+                                                weights best on the held-out rows (CV marked optimistic)
                             oof.npz             held-out logits of those weights: ids, y, logits
-                            history.csv         one row per epoch
+                            history.csv         one row per epoch (raw and EMA metrics)
                             last.pt             resume checkpoint (model, optimiser, scheduler, scaler,
                                                 EMA, epoch, RNG), rewritten atomically every epoch
-                            best_raw.safetensors, best_ema.safetensors, oof_raw.npz, oof_ema.npz
+                            best_<src>.safetensors, oof_<src>.npz   the kept weights of each source the
+                                                fold may output (src: raw, ema)
                             summary.json        written last: the fold is complete
          runs/<exp>/full/...    train.full_fit: the same files for the model of every row (no OOF, no score),
-                                trained after the folds for their median chosen epoch
+                                trained after the folds for their median epoch count
 A fold whose summary matches the config is skipped (--force retrains it); a fold trained from
 other settings or another folds file is stale and retrained (`status` lists them). A killed run resumes
 from last.pt and, on CPU with a fixed seed, ends bit-identical to an uninterrupted one: every
@@ -342,8 +346,24 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
             "images_per_s": res.seen * r.dist.world / res.seconds, "data_wait": res.wait / res.seconds}
 
 
+def kept_sources(cfg: Config, has_ema: bool) -> tuple[str, ...]:
+    """The weights a fold may output. select=last: one, fixed before training (EMA when train.ema), so no
+    choice is made on the held-out rows; select=best: raw and EMA, the better on the held-out rows."""
+    if cfg.train.select == "last":
+        return ("ema",) if has_ema else ("raw",)
+    return ("raw", "ema") if has_ema else ("raw",)
+
+
+def held_out_choices(cfg: Config) -> list[str]:
+    """What stage 2 chooses on a fold's held-out rows, the rows its CV is then scored on (empty: nothing)."""
+    t = cfg.train
+    return ((["epoch"] + (["raw/EMA weights"] if t.ema else []) if t.select == "best" else [])
+            + ([f"early stop (patience {t.patience})"] if t.patience is not None else []))
+
+
 def validate(r: FoldRun, epoch: int, row: dict) -> None:
-    """Score the raw and the EMA weights on the held-out rows; keep the best of each source."""
+    """Score the raw and the EMA weights on the held-out rows (history); keep the weights the fold may output:
+    each epoch's (select=last) or the best epoch's (select=best)."""
     cfg, n, d = r.cfg, r.nets, r.data
     fmt = memory_format(cfg, r.device)
     logits = {"raw": predict(n.model, d.valid_loader, n.norm, r.device, r.dtype, fmt)}
@@ -352,14 +372,17 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
     logits = {s: _gather_rows(r.dist, d.va_idx, v, len(d.y_va)) for s, v in logits.items()}
     if not np.isfinite(logits["raw"]).all():
         raise _diverged(r.label, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
+    kept = kept_sources(cfg, n.ema is not None)
     for src, lg in logits.items():
-        m = compute(d.y_va, softmax(lg), d.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.metric)
+        m = compute(d.y_va, softmax(lg), d.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.scorer)
         prefix = "" if src == "raw" else "ema_"
         if src == "raw":
             row["valid_loss"] = m["log_loss"]
         row.update({f"{prefix}{k}": v for k, v in m.items() if k != "log_loss" or src == "ema"})
         best = r.state.best
-        if r.dist.main and (cfg.train.select == "last" or better(m["score"], best[src]["score"], cfg.eval.metric)):
+        if not r.dist.main or src not in kept:
+            continue
+        if cfg.train.select == "last" or better(m["score"], best[src]["score"], cfg.eval.scorer):
             best[src] = {"score": m["score"], "epoch": epoch + 1}
             state = n.ema.module.state_dict() if src == "ema" else n.model.state_dict()
             write_state_dict(r.paths.best(src), state, {"epoch": epoch + 1, "source": src})
@@ -381,7 +404,7 @@ def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
         log.info("full fit epoch %d/%d (of %d scheduled)  lr %.2e  train loss %.4f  %.0f img/s  %.1fs", epoch + 1,
                  r.epochs, t.epochs, row["lr"], row["train_loss"], row["images_per_s"], row["seconds"])
         return
-    metric = cfg.eval.metric
+    metric = cfg.eval.scorer
     extra = f" ema {row['ema_score']:.4f}" if r.nets.ema is not None else ""
     if metric != "balanced_accuracy":
         extra += f"  bal.acc {row['balanced_accuracy']:.4f}"
@@ -396,14 +419,26 @@ def stop_early(r: FoldRun, epoch: int) -> bool:
     p = r.cfg.train.patience
     if p is None or epoch == 0 or r.full:
         return False
-    last_better = max(b["epoch"] for b in r.state.best.values()) if r.dist.main else 0
+    last_better = best_epoch(r.state.history, r.cfg.eval.scorer) if r.dist.main else 0
     stop = bool(r.dist.broadcast(r.dist.main and epoch - last_better >= p))
     if stop:
         r.state.stopped_epoch = epoch
         if r.dist.main:
             log.info("fold %d: early stop after epoch %d of %d (no better %s for %d epochs; best at epoch %d)", r.k,
-                     epoch, r.cfg.train.epochs, r.cfg.eval.metric, p, last_better)
+                     epoch, r.cfg.train.epochs, r.cfg.eval.scorer, p, last_better)
     return stop
+
+
+def best_epoch(history: list[dict], metric: str) -> int:
+    """The last epoch (1-based) at which the raw or the EMA weights reached their best held-out metric so far."""
+    out = 0
+    for col in ("score", "ema_score"):
+        top = None
+        for row in history:
+            v = row.get(col)
+            if v is not None and not pd.isna(v) and better(v, top, metric):
+                top, out = v, max(out, row["epoch"])
+    return out
 
 
 # ----------------------------------------------------------------------------- a unit from start to end
@@ -472,24 +507,26 @@ def _teacher_summary(r: FoldRun) -> dict | None:
 
 
 def finish(r: FoldRun) -> dict:
-    """Keep the better of the raw and EMA weights as the fold's output; write the summary last."""
+    """Keep the fold's output weights (select=last: the fixed source; best: the better of raw and EMA on the
+    held-out rows); write the summary last."""
     cfg, best = r.cfg, r.state.best
-    scored = {s: b for s, b in best.items() if b["score"] is not None}
-    chosen = "raw"
-    if "ema" in scored and better(scored["ema"]["score"], scored["raw"]["score"], cfg.eval.metric):
+    kept = kept_sources(cfg, r.nets.ema is not None)
+    chosen = kept[0]
+    if len(kept) == 2 and better(best["ema"]["score"], best["raw"]["score"], cfg.eval.scorer):
         chosen = "ema"
     for src, dst in ((r.paths.best(chosen), r.paths.weights), (r.paths.oof_of(chosen), r.paths.oof)):
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
     oof = np.load(r.paths.oof)
     final = compute(r.data.y_va, softmax(oof["logits"]), r.data.counts, cfg.eval.many_shot, cfg.eval.few_shot,
-                    cfg.eval.metric)
+                    cfg.eval.scorer)
     summary = _summary(r, fold=r.k, chosen=chosen, epoch=best[chosen]["epoch"], score=final["score"],
-                       metric=cfg.eval.metric, metrics=final, best=best)
+                       metric=cfg.eval.scorer, metrics=final, best=best,
+                       chosen_on_held_out=held_out_choices(cfg))
     fault_point("train:before-summary")
     keep_image_snapshots(r.rec)
     write_json(r.paths.summary, summary)
-    log.info("fold %d done: %s weights of epoch %d, %s %.4f", r.k, chosen, summary["epoch"], cfg.eval.metric,
+    log.info("fold %d done: %s weights of epoch %d, %s %.4f", r.k, chosen, summary["epoch"], cfg.eval.scorer,
              summary["score"])
     return summary
 
@@ -500,7 +537,7 @@ def finish_full(r: FoldRun) -> dict:
     model = n.ema.module if plan["source"] == "ema" and n.ema is not None else n.model
     write_state_dict(r.paths.weights, model.state_dict(), {"epoch": plan["epochs"], "source": plan["source"]})
     summary = _summary(r, fold="full", chosen=plan["source"], epoch=plan["epochs"], score=None,
-                       metric=r.cfg.eval.metric, cv="none: trained on every row")
+                       metric=r.cfg.eval.scorer, cv="none: trained on every row")
     fault_point("train:before-full-summary")
     keep_image_snapshots(r.rec)
     write_json(r.paths.summary, summary)
@@ -607,7 +644,7 @@ def _maybe_full(cfg: Config, df: pd.DataFrame, classes: list, force: bool, dist:
 
 
 def print_fold_table(cfg: Config, summaries: list[dict]) -> None:
-    rows = [{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"], cfg.eval.metric: s["score"],
+    rows = [{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"], cfg.eval.scorer: s["score"],
              "macro_f1": s["metrics"]["macro_f1"], "bal_acc": s["metrics"]["balanced_accuracy"],
              "few_acc": s["metrics"]["few_acc"], "minutes": s["seconds"] / 60} for s in summaries]
     t = pd.DataFrame(rows).astype({"fold": str})
@@ -617,6 +654,12 @@ def print_fold_table(cfg: Config, summaries: list[dict]) -> None:
                  {"fold": "std", "weights": "", **num.std(ddof=0).to_dict()}]
         t = pd.concat([t, pd.DataFrame(extra)], ignore_index=True)
     log.info("experiment %s, stage 2 per fold:\n%s", cfg.experiment, t.to_string(index=False, float_format="%.4f"))
+    chosen = held_out_choices(cfg)
+    if chosen:
+        log.warning("experiment %s: %s chosen on each fold's held-out rows, the rows its CV is scored on: this CV "
+                    "and every later one of the experiment are optimistic (the leaderboard marks them and ranks them "
+                    "last); train.select=last without train.patience chooses nothing there", cfg.experiment,
+                    " and ".join(chosen))
 
 
 def _run_parallel(cfg: Config, folds: list[int], force: bool, gpus: str) -> list[dict]:

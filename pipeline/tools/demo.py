@@ -12,6 +12,7 @@ leaderboard. Everything is deterministic given the seed.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -188,4 +189,44 @@ def synthetic_competition(root: Path, counts: dict, size: int = 16, ext: str = "
         Image.fromarray(img).save(root / "test" / f"t{i:03d}{ext}")
         test_rows.append({"image_id": f"t{i:03d}", "label": classes[0]})
     pd.DataFrame(test_rows).to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+def coco_competition(root: Path, counts: list[int], size: int = 16, n_test: int = 6, locations: int = 0,
+                     seed: int = 0, first_id: int = 1000) -> Path:
+    """Write a tiny iNaturalist-style competition under `root` (tests, benchmarks/scale.py): `counts[i]` images
+    of category `first_id + i` (a colour plus noise) in train/<category>/, train.json and test.json in COCO
+    style (images, annotations, categories with a taxonomy; `locations` > 0 adds a `location` per image),
+    test/ with `n_test` images and no sample submission (the submission's ids are test.json's)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    palette = rng.integers(0, 256, (len(counts), 3))
+    images, anns, cats = [], [], []
+
+    def picture(c: int) -> Image.Image:
+        return Image.fromarray(np.clip(palette[c] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8))
+
+    n = 0
+    for c, k in enumerate(counts):
+        cid = first_id + c
+        cats.append({"id": cid, "name": f"Species {cid}", "supercategory": "Plants", "kingdom": "Plantae",
+                     "genus": f"Genus{c // 10}"})
+        (root / "train" / str(cid)).mkdir(parents=True, exist_ok=True)
+        for j in range(k):
+            name = f"train/{cid}/{n:07d}.png"
+            picture(c).save(root / name)
+            image = {"id": n, "file_name": name, "width": size, "height": size}
+            if locations:
+                image["location"] = int(j % locations)
+            images.append(image)
+            anns.append({"id": n, "image_id": n, "category_id": cid})
+            n += 1
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    tests = []
+    for i in range(n_test):
+        name = f"test/{i:07d}.png"
+        picture(i % len(counts)).save(root / name)
+        tests.append({"id": 10_000_000 + i, "file_name": name, "width": size, "height": size})
+    (root / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (root / "test.json").write_text(json.dumps({"images": tests, "categories": cats}))
     return root

@@ -74,7 +74,7 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
         tau = [read_json(f)["variants"].get("tau", {}) for f in rb]
         if all(t.get("curve") for t in tau):
             plots.sweep(out / "tau_sweep.png", [{float(a): v for a, v in t["curve"].items()} for t in tau], "tau",
-                        f"{cfg.eval.metric} on the held-out fold", [t["tau"] for t in tau])
+                        f"{cfg.eval.scorer} on the held-out fold", [t["tau"] for t in tau])
             pics.append(("Tau sweep (dotted: the value chosen per fold)", "tau_sweep.png"))
 
     if run.infer_report.exists():
@@ -84,7 +84,7 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
         base = float(r.loc[r["views"] == "no TTA", "cv_mean"].iloc[0])
         r = r[r["views"] != "no TTA"]
         plots.bars(out / "tta_gain.png", r["views"].tolist(), (r["cv_mean"] - base).tolist(),
-                   f"CV {cfg.eval.metric} gain over no TTA", f"TTA views, head {primary}")
+                   f"CV {cfg.eval.scorer} gain over no TTA", f"TTA views, head {primary}")
         pics.append(("TTA gain per view and for the policy", "tta_gain.png"))
 
     if _confidently_wrong(cfg, p, classes, out / "confidently_wrong.png"):
@@ -95,10 +95,10 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
                      "cam.png"))
 
     fold_table = pd.DataFrame([{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"],
-                                cfg.eval.metric: s["score"], "minutes": s["seconds"] / 60} for s in summaries])
+                                cfg.eval.scorer: s["score"], "minutes": s["seconds"] / 60} for s in summaries])
     md = [f"# Experiment {name}", "",
           f"{cfg.model.arch} at {cfg.aug.img_size} px, {cfg.train.epochs} epochs, {len(summaries)} folds "
-          f"({cfg.folds_csv.name}); metric {cfg.eval.metric}. Config: `{run.config}`.", "",
+          f"({cfg.folds_csv.name}); metric {cfg.eval.scorer}. Config: `{run.config}`.", "",
           "## CV by head and TTA (best first)", "", "```", to_text(rows), "```", "",
           "## Stage 2 per fold", "", "```", fold_table.to_string(index=False, float_format="%.4f"), "```", ""]
     for title, f in pics:

@@ -314,7 +314,7 @@ def run(cfg: Config, out: str | None = None, zip_: bool = False, onnx: bool = Fa
             "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "members": [i["name"] for i in infos], "method": rec["method"], "weights": rec["weights"],
             "metric": rec["metric"], "expected_cv": {"cv_mean": ens_row["cv_mean"], "cv_std": ens_row["cv_std"]},
-            "private": rec.get("private"), "submission": cfg.ensemble.submission,
+            "private": rec.get("private"), "submission": cfg.ensemble.submission, "top_k": cfg.ensemble.top_k,
             "data": {k: d["data"][k] for k in ("id_col", "label_col", "image_ext")},
             "made_with": environment(),
             "source_bytes": sum(folder_bytes(run.dir) for _, run, _, _ in members),

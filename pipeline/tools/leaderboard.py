@@ -35,6 +35,19 @@ COLUMNS = ["rank", "experiment", "model", "img_size", "epochs", "recipe", "head"
            "members", "note"]
 NOT_COMPARABLE = "folds differ"
 LEAKY = "leaky targets (train.distill.leaky_oof): CV optimistic"
+SELECTED = "stage 2 chose {} on the scored rows: CV optimistic"
+
+
+def stage2_held_out_choices(summary: dict) -> list[str]:
+    """What a fold's stage 2 chose on its held-out rows (summaries before 2026-12-02 lack the field: they kept
+    the better of raw and EMA, and with select=best the epoch too)."""
+    if "chosen_on_held_out" in summary:
+        return summary["chosen_on_held_out"]
+    t = summary.get("made_from", {}).get("train")
+    if t is None:
+        return []
+    return ((["epoch"] if t.get("select", "best") == "best" else []) + (["raw/EMA weights"] if t.get("ema") else [])
+            + (["early stop"] if t.get("patience") is not None else []))
 
 
 # ----------------------------------------------------------------------------- one experiment
@@ -153,17 +166,18 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     s4 = read_json(run.infer_summary) if run.infer_summary.exists() else None
     rows = []
     for (head, tta), pred in (predictions(cfg, run) if preds is None else preds).items():
-        ev = cv(pred["y"], pred["probs"], pred["fold"], counts, e.many_shot, e.few_shot, e.metric)
+        ev = cv(pred["y"], pred["probs"], pred["fold"], counts, e.many_shot, e.few_shot, e.scorer)
         test = pred.get("test")
         rows.append({"experiment": cfg.experiment, "model": cfg.model.arch + (f" ({cfg.model.pool})"
                                                                               if cfg.model.pool != "avg" else ""),
                      "img_size": cfg.aug.img_size, "epochs": cfg.train.epochs,
                      "recipe": recipe(cfg, summaries, s4 if "test" in pred else None, tta), "head": head,
-                     "tta": "on" if tta else "off", "metric": cfg.eval.metric, **ev,
+                     "tta": "on" if tta else "off", "metric": cfg.eval.scorer, **ev,
                      "private": private_score(cfg, test["ids"], test["probs"], classes) if test else None,
                      "folds": f"{cfg.folds_csv.stem}@{folds_hash[:8]}", "folds_sha256": folds_hash,
                      "members": "", "kind": "model", "leaky": bool(cfg.train.distill.teacher and
-                                                                    cfg.train.distill.leaky_oof)})
+                                                                    cfg.train.distill.leaky_oof),
+                     "selected": ", ".join(stage2_held_out_choices(summaries[0]))})
     return rows
 
 
@@ -175,10 +189,12 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
         if not ens:
             continue
         r = ens[0]
-        folds = set()
+        folds, selected = set(), []
         for m in s["members"]:
             stage2 = RunDir.of(m.split(":")[0], runs).fold(0).summary
-            folds.add(read_json(stage2)["made_from"].get("folds_file") if stage2.exists() else None)
+            s2 = read_json(stage2) if stage2.exists() else {}
+            folds.add(s2.get("made_from", {}).get("folds_file"))
+            selected += [c for c in stage2_held_out_choices(s2) if c not in selected] if s2 else []
         fh = folds.pop() if len(folds) == 1 else None
         rows.append({"experiment": s["name"], "model": f"ensemble ({s['method']})", "img_size": None, "epochs": None,
                      "recipe": "",
@@ -186,7 +202,7 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
                      "per_fold": r.get("per_fold"), "cv_pooled": r["cv_pooled"],
                      **{m: r.get(m) for m in ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc")},
                      "private": s.get("private"), "folds": f"@{fh[:8]}" if fh else "?", "folds_sha256": fh,
-                     "members": " + ".join(s["members"]), "kind": "ensemble"})
+                     "members": " + ".join(s["members"]), "kind": "ensemble", "selected": ", ".join(selected)})
     return rows
 
 
@@ -215,6 +231,8 @@ def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
             n.append("other metric")
         if r["leaky"]:
             n.append(LEAKY)
+        if isinstance(r.get("selected"), str) and r["selected"]:
+            n.append(SELECTED.format(r["selected"]))
         notes.append(", ".join(n))
     t["note"] = notes
     return t.astype({"img_size": "Int64", "epochs": "Int64"})
@@ -268,7 +286,8 @@ def write(runs: Path, reports: Path, sort: str | None = None, pattern: str | Non
     write_csv(layout.leaderboard_csv(reports), out)
     lines = ["# Leaderboard", "",
              "CV = mean ± std of the per-fold metric; pooled = the metric on all OOF rows at once. "
-             f"Rows marked '{NOT_COMPARABLE}' use another folds file than most rows: their CV is not comparable.",
+             f"Rows marked '{NOT_COMPARABLE}' use another folds file than most rows: their CV is not comparable. "
+             "Rows with a note come last: their CV is not comparable or was selected on the rows it scores.",
              "", "| " + " | ".join(out.columns) + " |", "|" + "---|" * len(out.columns)]
     for _, r in out.iterrows():
         lines.append("| " + " | ".join(_cell(v) for v in r.values) + " |")
@@ -298,7 +317,7 @@ def compare(runs: Path, a: str, b: str) -> str:
             raise PipelineError(f"experiment '{n}' has unfinished folds: nothing to compare yet")
     common = [k for k in rows[a] if k in rows[b]]
     same_folds = next(iter(rows[a].values()))["folds_sha256"] == next(iter(rows[b].values()))["folds_sha256"]
-    metric = cfgs[a].eval.metric
+    metric = cfgs[a].eval.scorer
     out += ["", f"## Metric differences ({metric}, B - A)", ""]
     if not same_folds:
         out += ["  warning: the two experiments use different folds files; per-fold differences are not paired "

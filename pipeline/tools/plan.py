@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..core import layout
 from ..core.config import Config, load_config
-from ..core.data import read_test_table, read_train_table
+from ..core.data import read_test_table, read_train_table, test_source
 from ..core.errors import PipelineError
 from ..core.heads import VARIANTS
 from ..core.submission import parse_members
@@ -143,8 +143,8 @@ def build(cfg: Config, overrides: list[str], command: str) -> Plan:
     seen_train, seen_test = {}, {}
     for i, c in enumerate(plan.configs):
         d = c.data
-        train_key = (d.root, d.layout, d.train_csv, d.train_dir, d.id_col, d.label_col, d.group_col, d.image_ext,
-                     d.check_images)
+        train_key = (d.root, d.layout, d.train_csv, d.train_dir, d.train_json, d.category_label, d.id_col, d.label_col,
+                     d.group_col, d.image_ext, d.check_images)
         # headers only: a full decode of every image (check_images: full) is stage 1's, which also refuses before
         # writing; the plan is there for what would otherwise surface after training
         quick = dataclasses.replace(c, data=dataclasses.replace(d, check_images=min(d.check_images, "header",
@@ -152,7 +152,8 @@ def build(cfg: Config, overrides: list[str], command: str) -> Plan:
         table, err = _once(seen_train, train_key, lambda: read_train_table(quick))
         if err:
             plan.problems.append(f"experiment {c.experiment}: {err}")
-        test_key = (d.root, d.test_dir, d.sample_submission, d.image_ext, d.id_col, d.check_images)
+        test_key = (d.root, d.layout, d.test_dir, d.test_json, d.sample_submission, d.image_ext, d.id_col,
+                    d.check_images)
         test, err = _once(seen_test, test_key, lambda: read_test_table(quick))
         if err:
             (plan.problems if command in TEST_SIDE_ERROR else plan.warnings).append(
@@ -160,8 +161,7 @@ def build(cfg: Config, overrides: list[str], command: str) -> Plan:
         _check_model(c, plan)
         _check_teachers(c, experiments[:i], cfg.ensemble.name or cfg.experiment, plan)
         what = f"{len(table)} train images" if table is not None else "train table unreadable"
-        where = (f"sample submission {c.data_path(d.sample_submission)}" if d.sample_submission
-                 else f"every image of {c.data_path(d.test_dir)}")
+        where = test_source(c)
         plan.lines.append(f"experiment {c.experiment}: {c.model.arch}, {what}; test: "
                           f"{len(test) if test is not None else '?'} ids from {where}")
     if command in ("all", "ensemble", "status"):

@@ -214,10 +214,10 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
         ids = test["id"].values
         if sample:
             sub = build_submission(read_sample_submission(cfg0), ids, ens, classes, manifest["submission"],
-                                   manifest["data"]["label_col"], str(sample))
+                                   manifest["data"]["label_col"], str(sample), manifest.get("top_k", 5))
         else:
             sub = submission_without_sample(ids, ens, classes, manifest["submission"], manifest["data"]["id_col"],
-                                   manifest["data"]["label_col"])
+                                            manifest["data"]["label_col"], manifest.get("top_k", 5))
         write_csv(out, sub)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -49,5 +49,5 @@ def summary_table(cfg: Config) -> pd.DataFrame:
 def print_summary(cfg: Config) -> pd.DataFrame:
     t = summary_table(cfg)
     log.info("\n=== %s: CV (%s, mean over folds) and private score ===\n%s", cfg.ensemble.name or cfg.experiment,
-             cfg.eval.metric, t.to_string(index=False, float_format="%.4f", na_rep=""))
+             cfg.eval.scorer, t.to_string(index=False, float_format="%.4f", na_rep=""))
     return t

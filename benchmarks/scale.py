@@ -1,0 +1,107 @@
+"""FGVC scale (#27): time, peak resident memory and disk of every stage of `./run.sh all` on generated
+iNaturalist-style competitions (COCO-style JSON, thousands of classes, a top-5 submission). Not a test.
+
+    python benchmarks/scale.py [--sizes 1000x4000,5000x20000,10000x20000] [--work DIR] [--variants joint,tau]
+
+Each size CLASSESxIMAGES is a competition of tiny pictures (16 px, a colour per class plus noise; images spread
+evenly over the classes, a tenth as many test images) in COCO layout, trained with timm's `test_resnet` at
+16 px, 2 folds, 1 epoch (`folds.rare_classes: allow`: 2 images per class is below the fold count's comfort),
+metric top-5 accuracy, a top-5 submission. Every stage runs in its own process under /usr/bin/time -v: its
+peak RSS is that process's. Figures in docs/benchmarks/scale.md.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.tools.demo import coco_competition  # noqa: E402
+
+STAGES = ["folds", "train", "rebalance", "infer", "ensemble"]
+
+
+def config(root: Path, variants: list[str]) -> str:
+    return f"""experiment: scale
+data: {{root: {root}, layout: coco, train_json: train.json, test_json: test.json, sample_submission: null,
+       id_col: Id, label_col: Predicted, check_images: none}}
+folds: {{n_splits: 2, rare_classes: allow}}
+model: {{arch: test_resnet}}
+aug: {{img_size: 16, cache: "on"}}
+train: {{epochs: 1, batch_size: 256, lr: 0.01, warmup_epochs: 0, workers: 0}}
+rebalance: {{variants: [{", ".join(variants)}], crt_epochs: 5, lws_epochs: 5}}
+infer: {{heads: [best], views: [orig, hflip], batch_size: 512}}
+eval: {{metric: top_k_accuracy, top_k: 5}}
+ensemble: {{submission: topk, top_k: 5}}
+"""
+
+
+def folder_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+
+
+def run_stage(work: Path, stage: str) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "pipeline", stage, "--config", "scale.yaml"],
+                       cwd=work, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    seconds = time.perf_counter() - t0
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{stage} failed (exit {r.returncode})")
+    return {"stage": stage, "seconds": seconds, "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else float("nan")}
+
+
+def one(work_root: Path, n_classes: int, n_images: int, variants: list[str]) -> list[dict]:
+    work = work_root / f"c{n_classes}_n{n_images}"
+    root = work / "data"
+    if not (root / "train.json").exists():
+        shutil.rmtree(work, ignore_errors=True)
+        per, extra = divmod(n_images, n_classes)
+        t0 = time.perf_counter()
+        coco_competition(root, [per + (i < extra) for i in range(n_classes)], size=16, n_test=max(n_images // 10, 10))
+        print(f"generated {n_classes} classes x {n_images} images in {time.perf_counter() - t0:.0f}s", flush=True)
+    for d in ("runs", "folds", "submissions", "reports"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    (work / "scale.yaml").write_text(config(root.resolve(), variants))
+    out = []
+    for stage in STAGES:
+        row = {"classes": n_classes, "images": n_images, **run_stage(work, stage)}
+        row["disk_gb"] = sum(folder_bytes(work / d) for d in ("runs", "folds", "submissions")) / 2**30
+        print(f"{n_classes:>6} classes {n_images:>6} images  {stage:<10} {row['seconds']:7.1f}s  peak RSS "
+              f"{row['peak_rss_gb']:.2f} GB  outputs {row['disk_gb']:.2f} GB", flush=True)
+        out.append(row)
+    sub = (work / "submissions" / "scale.csv").read_text().splitlines()
+    print(f"submission: {len(sub) - 1} rows, header {sub[0]!r}, first row {sub[1]!r}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000x4000,5000x20000,10000x20000")
+    ap.add_argument("--work", default="/tmp/pipeline-scale")
+    ap.add_argument("--variants", default="joint,tau,crt,logit_adjust")
+    a = ap.parse_args()
+    rows = []
+    for size in a.sizes.split(","):
+        c, n = (int(v) for v in size.lower().split("x"))
+        rows += one(Path(a.work), c, n, a.variants.split(","))
+    print("\nclasses images stage      seconds peak_RSS_GB outputs_GB")
+    for r in rows:
+        print(f"{r['classes']:>7} {r['images']:>6} {r['stage']:<10} {r['seconds']:7.1f} {r['peak_rss_gb']:11.2f} "
+              f"{r['disk_gb']:10.2f}")
+    for c in sorted({r["classes"] for r in rows}):
+        mine = [r for r in rows if r["classes"] == c]
+        print(f"{c} classes: all stages {sum(r['seconds'] for r in mine):.0f}s, peak RSS "
+              f"{max(r['peak_rss_gb'] for r in mine):.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
