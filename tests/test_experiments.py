@@ -122,3 +122,16 @@ def test_all_reruns_exactly_the_stale_stages_and_refuses_stale_inputs(workdir):
     env = json.loads((workdir / "runs/debug/fold0/summary.json").read_text())["env"]
     assert env["torch"] and env["timm"] and "git_commit" in env
     assert (workdir / "reports" / "leaderboard.csv").exists()
+
+
+def test_many_classes_are_reported_as_most_confused_pairs_and_recall_by_frequency_bin():
+    from pipeline.tools.experiment_page import most_confused, recall_by_frequency
+
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    pred = np.array([0, 1, 1, 0, 1, 3, 3, 2, 1, 3])
+    t = most_confused(y, pred, ["a", "b", "c", "d"], n=2)
+    assert t[["true", "predicted", "images"]].values.tolist() == [["a", "b", 2], ["c", "d", 2]]
+    assert t["share_of_true"].tolist() == [2 / 3, 2 / 4]
+    bins = recall_by_frequency(y, pred, np.array([1, 3, 30, 150]))
+    assert bins["train_images"].tolist() == ["1", "2-4", "20-99", "100+"]
+    assert bins["mean_recall"].tolist() == [1 / 3, 1 / 2, 1 / 4, 1.0]

@@ -472,10 +472,12 @@ def read_test_labels(cfg: Config) -> pd.Series | None:
 
 
 def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
-    """The metric against the private test labels (`data.test_labels`, the demo's), or None."""
+    """The metric against the private test labels (`data.test_labels`, the demo's), or None. `probs` may be a
+    function returning them (read only when there are labels)."""
     labels = read_test_labels(cfg)
     if labels is None:
         return None
+    probs = probs() if callable(probs) else probs
     names = [str(c) for c in classes]
     return score(cfg.eval.scorer, np.array([names.index(str(labels[i])) for i in ids]), probs)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .errors import PipelineError
 from .loop import Step, run_epoch
+from .metrics import GREATER_IS_BETTER, row_scores, score_rows
 from .samplers import epoch_indices
 
 
@@ -184,16 +185,28 @@ def knn_logits(x: torch.Tensor, bank: torch.Tensor, bank_y: torch.Tensor, n_clas
 
 def knn_candidates(feats_tr: np.ndarray, y_tr: np.ndarray, feats_va: np.ndarray, n_classes: int, ks: list[int],
                    temps: list[float], center: bool, whiten: bool, pca_dim: int | None) -> tuple[dict, dict]:
-    """({(k, T): head}, {(k, T): held-out logits}) for every grid point, the similarities computed once."""
+    """({(k, T): head}, {(k, T): a function computing its held-out logits}) for every grid point; the held-out
+    rows' max(k) nearest bank rows are found once (in blocks of rows), each candidate's votes when asked."""
     base = knn_head(feats_tr, y_tr, n_classes, max(ks), temps[0], center, whiten, pca_dim)
     x = base.torch_embed(torch.as_tensor(feats_va))  # as Head.torch_logits does: the same numbers
     bank, bank_y = torch.as_tensor(base.bank), torch.as_tensor(base.bank_y)
+    kmax = min(max(ks), bank.shape[0])
+    parts = [(x[a:a + 2048] @ bank.T).topk(kmax, dim=1) for a in range(0, len(x), 2048)]
+    top = torch.cat([t for t, _ in parts]) if parts else torch.zeros(0, kmax)
+    idx = torch.cat([i for _, i in parts]) if parts else torch.zeros(0, kmax, dtype=torch.int64)
+
+    def votes(k: int, t: float) -> np.ndarray:
+        k = min(k, kmax)
+        v = torch.zeros(x.shape[0], n_classes, dtype=x.dtype)
+        v.scatter_add_(1, bank_y[idx[:, :k]], torch.exp((top[:, :k] - 1.0) / t))
+        return torch.log(v + Head.KNN_EPS).numpy()
+
     heads, logits = {}, {}
     for k in ks:
         for t in temps:
             key = (int(k), float(t))
             heads[key] = Head(base.weight, base.bias, base.center, True, base.proj, base.bank, base.bank_y, *key)
-            logits[key] = knn_logits(x, bank, bank_y, n_classes, k, t).numpy()
+            logits[key] = lambda key=key: votes(*key)
     return heads, logits
 
 
@@ -245,27 +258,38 @@ def checkpoint_epochs(epochs: int, n: int = 4) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- honest tuning
-def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, score: Callable[[np.ndarray, np.ndarray], float],
-              greater_is_better: bool = True) -> tuple[np.ndarray, object, list, dict]:
+def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str) -> tuple[np.ndarray, object, list, dict]:
     """Choose a hyper-parameter without scoring on the rows that chose it.
 
-    candidates: {param: logits of the held-out rows}. `inner` gives each held-out row an inner fold.
-    Each inner fold's logits come from the param chosen on the other inner folds (cross-fitting),
-    so the assembled logits are an honest out-of-fold estimate. Also returns the param chosen on
-    all held-out rows (what the saved head uses), the per-inner-fold choices, and the curve of
-    score on all rows against param.
+    candidates: {param: logits of the held-out rows, or a function computing them}. `inner` gives each held-out
+    row an inner fold. Each inner fold's logits come from the param chosen on the other inner folds
+    (cross-fitting), so the assembled logits are an honest out-of-fold estimate. Also returns the param chosen
+    on all held-out rows (what the saved head uses), the per-inner-fold choices, and the curve of `metric` on
+    all rows against param. Each candidate is reduced to per-row scores (metrics.RowScores) as it comes: memory
+    holds one candidate's rows x classes at a time, not every candidate's.
     """
     params = list(candidates)
-    pick = (lambda vals: int(np.argmax(vals))) if greater_is_better else (lambda vals: int(np.argmin(vals)))
-    out = np.zeros_like(next(iter(candidates.values())))
+
+    def logits(p):
+        c = candidates[p]
+        return c() if callable(c) else c
+
+    rows = {p: row_scores(y, logits=logits(p)) for p in params}
+    pick = (lambda vals: int(np.argmax(vals))) if GREATER_IS_BETTER[metric] else (lambda vals: int(np.argmin(vals)))
+    splits = np.unique(inner)
     per_split = []
-    for j in np.unique(inner):
+    for j in splits:
         tune = inner != j
-        best = params[pick([score(y[tune], candidates[p][tune]) for p in params])]
-        out[inner == j] = candidates[best][inner == j]
-        per_split.append(best)
-    curve = {p: score(y, candidates[p]) for p in params}
+        per_split.append(params[pick([score_rows(metric, y[tune], rows[p].take(tune)) for p in params])])
+    curve = {p: score_rows(metric, y, rows[p]) for p in params}
     final = params[pick([curve[p] for p in params])]
+    out = None
+    for p in dict.fromkeys(per_split):
+        lg = logits(p)
+        out = np.zeros_like(lg) if out is None else out
+        for j, chosen in zip(splits, per_split):
+            if chosen == p:
+                out[inner == j] = lg[inner == j]
     return out, final, per_split, curve
 
 

@@ -107,15 +107,15 @@ def predict_views(cfg: Config, model, norm, heads: dict[str, Head], store, scale
 
 def predict_policy(cfg: Config, model, norm, heads: dict[str, Head], store, views: list[str], device, dtype,
                    batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Logits (V x N x C, float64) of every head for the named views (all of one model: plain or FixRes-tuned),
-    one loader per scale."""
+    """Logits (V x N x C, float32: the heads' own precision) of every head for the named views (all of one model:
+    plain or FixRes-tuned), one loader per scale."""
     pairs = [(s, v) for v, s, _ in map(parse_view, views)]
     out = {}
     for scale, at, vs in by_scale(pairs):
         for h, lg in predict_views(cfg, model, norm, heads, store, scale, vs, device, dtype, batch_size,
                                    on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k))).items():
             if h not in out:
-                out[h] = np.zeros((len(views), lg.shape[1], lg.shape[2]), np.float64)
+                out[h] = np.zeros((len(views), lg.shape[1], lg.shape[2]), np.float32)
             out[h][at] = lg
     return out
 
@@ -129,7 +129,7 @@ class TestMean:
         self.weight = np.zeros(n_views, np.float64)
 
     def add(self, at: list[int], logits: np.ndarray, weight: float) -> None:
-        self.sum[at] += weight * logits
+        self.sum[at] += weight * logits.astype(np.float64)
         self.weight[at] += weight
 
     def result(self) -> np.ndarray:

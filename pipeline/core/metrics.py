@@ -2,8 +2,10 @@
 many/medium/few-shot accuracy groups classes by their number of training images (Kang et al. 2020)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from sklearn.metrics import cohen_kappa_score, f1_score, log_loss
+from sklearn.metrics import cohen_kappa_score, f1_score
 
 
 
@@ -28,16 +30,53 @@ def scorer(metric: str, k: int) -> str:
     return f"{metric}@{k}" if metric in TOP_K else metric
 
 
+@dataclass
+class RowScores:
+    """Per row, everything a metric here reads of a prediction: the predicted class, the log-probability of the
+    true class (clipped at 1e-15, as log-loss is) and the true class's place when the classes are listed by
+    probability, best first, ties by class index (1: first; the order `top_k` writes a submission in). A
+    metric of any subset of rows is a metric of these rows: a sweep over candidates keeps O(rows) per candidate
+    instead of rows x classes."""
+    pred: np.ndarray
+    logp: np.ndarray
+    place: np.ndarray
+    conf: np.ndarray  # the predicted class's probability (reports: the most confidently wrong rows)
+    n_classes: int
+
+    FIELDS = ("pred", "logp", "place", "conf")
+
+    def take(self, rows) -> "RowScores":
+        return RowScores(*(getattr(self, f)[rows] for f in self.FIELDS), self.n_classes)
+
+    @staticmethod
+    def concat(parts: list["RowScores"]) -> "RowScores":
+        return RowScores(*(np.concatenate([getattr(p, f) for p in parts]) for f in RowScores.FIELDS),
+                         parts[0].n_classes)
+
+
+def row_scores(y: np.ndarray, probs: np.ndarray | None = None, logits: np.ndarray | None = None,
+               dtype=None) -> RowScores:
+    """RowScores of probabilities, or of logits (softmax taken per block of rows, in `dtype` when given: N x C
+    temporaries stay small)."""
+    src = probs if probs is not None else logits
+    n = len(y)
+    pred, logp, place, conf = np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64), np.empty(n)
+    cls = np.arange(src.shape[1])
+    for a in range(0, n, _CHUNK):
+        p = src[a:a + _CHUNK] if probs is not None else softmax(src[a:a + _CHUNK].astype(dtype or src.dtype))
+        t = y[a:a + _CHUNK]
+        pt = p[np.arange(len(t)), t]
+        pred[a:a + _CHUNK] = p.argmax(1)
+        conf[a:a + _CHUNK] = p.max(1)
+        logp[a:a + _CHUNK] = np.log(np.clip(pt.astype(np.float64), 1e-15, 1))
+        place[a:a + _CHUNK] = (p > pt[:, None]).sum(1) + ((p == pt[:, None]) & (cls[None, :] < t[:, None])).sum(1) + 1
+    return RowScores(pred, logp, place, conf, src.shape[1])
+
+
 def true_rank(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """1-based place of each row's true class when its classes are listed by probability, best first, ties by
     class index: the order `top_k` lists them in a submission."""
-    out = np.empty(len(y), np.int64)
-    cls = np.arange(probs.shape[1])
-    for a in range(0, len(y), _CHUNK):
-        p, t = probs[a:a + _CHUNK], y[a:a + _CHUNK]
-        pt = p[np.arange(len(t)), t][:, None]
-        out[a:a + _CHUNK] = (p > pt).sum(1) + ((p == pt) & (cls[None, :] < t[:, None])).sum(1) + 1
-    return out
+    return row_scores(y, probs).place
 
 
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:
@@ -56,13 +95,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def per_class_recall(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Recall per class; NaN for classes absent from y."""
-    rec = np.full(n_classes, np.nan)
-    for c in range(n_classes):
-        m = y == c
-        if m.any():
-            rec[c] = (pred[m] == c).mean()
-    return rec
+    """Recall per class; NaN for classes absent from y (counted, not looped: thousands of classes are cheap)."""
+    n = np.bincount(y, minlength=n_classes).astype(np.float64)
+    hits = np.bincount(y[pred == y], minlength=n_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, hits / n, np.nan)
 
 
 def shot_groups(train_counts: np.ndarray, many: int, few: int) -> dict[str, np.ndarray]:
@@ -71,12 +108,14 @@ def shot_groups(train_counts: np.ndarray, many: int, few: int) -> dict[str, np.n
 
 
 def compute(y: np.ndarray, probs: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20,
-            metric: str = "accuracy") -> dict[str, float]:
-    """All metrics for probabilities `probs` (N x C); `score` is the configured competition metric."""
+            metric: str = "accuracy", rows: RowScores | None = None) -> dict[str, float]:
+    """All metrics for probabilities `probs` (N x C; or `rows`, their RowScores); `score` is the configured
+    competition metric."""
+    rs = rows if rows is not None else row_scores(y, probs)
     names = ["accuracy", "macro_f1", "balanced_accuracy", "log_loss"]
     names += [metric] if metric not in names else []
-    out = {n: score(n, y, probs) for n in names}
-    rec = per_class_recall(y, probs.argmax(1), probs.shape[1])
+    out = {n: score_rows(n, y, rs) for n in names}
+    rec = per_class_recall(y, rs.pred, rs.n_classes)
     for name, mask in shot_groups(train_counts, many, few).items():
         r = rec[mask]
         out[f"{name}_acc"] = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
@@ -84,13 +123,15 @@ def compute(y: np.ndarray, probs: np.ndarray, train_counts: np.ndarray, many: in
     return out
 
 
-def cv(y: np.ndarray, probs: np.ndarray, fold: np.ndarray, train_counts: list, many: int, few: int,
-       metric: str) -> dict:
-    """CV of OOF probabilities: the metric per fold (values, mean, std) and every metric on the pooled
-    rows. `train_counts[k]`: the class counts fold k's model was trained on (pooled: their mean)."""
-    per = [compute(y[fold == k], probs[fold == k], np.asarray(c), many, few, metric)["score"]
+def cv(y: np.ndarray, probs: np.ndarray | None, fold: np.ndarray, train_counts: list, many: int, few: int,
+       metric: str, rows: RowScores | None = None) -> dict:
+    """CV of OOF probabilities (or `rows`, their RowScores): the metric per fold (values, mean, std) and every
+    metric on the pooled rows. `train_counts[k]`: the class counts fold k's model was trained on (pooled: their
+    mean). Per-row scores are computed once: no fold's rows x classes is copied."""
+    rs = rows if rows is not None else row_scores(y, probs)
+    per = [compute(y[fold == k], None, np.asarray(c), many, few, metric, rows=rs.take(fold == k))["score"]
            for k, c in enumerate(train_counts)]
-    pooled = compute(y, probs, np.mean(train_counts, axis=0), many, few, metric)
+    pooled = compute(y, None, np.mean(train_counts, axis=0), many, few, metric, rows=rs)
     return {"cv_mean": float(np.mean(per)), "cv_std": float(np.std(per)), "per_fold": [float(v) for v in per],
             "cv_pooled": pooled["score"], **{k: v for k, v in pooled.items() if k != "score"}}
 
@@ -103,18 +144,21 @@ def better(a: float, b: float | None, metric: str) -> bool:
 
 
 def score(name: str, y: np.ndarray, probs: np.ndarray) -> float:
-    """One metric, cheaply (used inside hyper-parameter sweeps). Top-k metrics carry their k: "map_at_k@5" is
-    MAP@5 (single label: 1 / the true class's place when within the first 5, else 0), "top_k_accuracy@5" the share
-    of rows whose true class is among the 5 most probable."""
+    """One metric, cheaply (used inside hyper-parameter sweeps)."""
+    return score_rows(name, y, row_scores(y, probs))
+
+
+def score_rows(name: str, y: np.ndarray, rs: RowScores) -> float:
+    """One metric of RowScores. Top-k metrics carry their k: "map_at_k@5" is MAP@5 (single label: 1 / the true
+    class's place when within the first 5, else 0), "top_k_accuracy@5" the share of rows whose true class is
+    among the 5 most probable."""
     base, _, k = name.partition("@")
     if base in TOP_K:
         if not k:
             raise ValueError(f"{name}: a top-k metric needs its k ({base}@5)")
-        r = true_rank(np.asarray(y), probs)
-        hit = r <= int(k)
-        return float(hit.mean() if base == "top_k_accuracy" else np.where(hit, 1.0 / r, 0.0).mean())
-    pred = probs.argmax(1)
-    n = probs.shape[1]
+        hit = rs.place <= int(k)
+        return float(hit.mean() if base == "top_k_accuracy" else np.where(hit, 1.0 / rs.place, 0.0).mean())
+    pred, n = rs.pred, rs.n_classes
     if name == "accuracy":
         return float((pred == y).mean())
     if name == "balanced_accuracy":
@@ -122,8 +166,7 @@ def score(name: str, y: np.ndarray, probs: np.ndarray) -> float:
     if name == "macro_f1":
         return float(f1_score(y, pred, labels=np.arange(n), average="macro", zero_division=0))
     if name == "log_loss":
-        return float(log_loss(y, np.clip(probs, 1e-15, 1), labels=np.arange(n)))
+        return float(-rs.logp.mean())
     if name == "qwk":
         return float(cohen_kappa_score(y, pred, weights="quadratic"))
     raise ValueError(name)
-

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -39,7 +38,7 @@ from ..core.errors import PipelineError
 from ..core.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
 from ..core.images import ImageDataset
 from ..core.layout import FULL_FIT
-from ..core.metrics import GREATER_IS_BETTER, compute, score, softmax
+from ..core.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
 from ..core.provenance import (environment, feature_record, full_summary, keep_image_snapshots, rebalance_record,
                                stage2_summary, stale_reasons, up_to_date)
 from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
@@ -119,20 +118,17 @@ class _Keyed(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- variants
-def logit_score(metric: str, y: np.ndarray, logits: np.ndarray) -> float:
-    return score(metric, y, softmax(logits))
-
-
 def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: np.ndarray, metric: str,
            fixed=None, cands: dict | None = None) -> dict:
     """One tuned variant: {param value: head} -> the head chosen on the whole held-out fold, the
     honest (cross-fitted) held-out logits, and the record of the choice. `fixed`: no tuning; `cands`: the
-    held-out logits of every head when already computed."""
-    cands = cands if cands is not None else {p: h.logits(x_va) for p, h in heads.items()}
+    held-out logits of every head (or functions computing them) when the variant provides them."""
+    cands = cands if cands is not None else {p: (lambda h=h: h.logits(x_va)) for p, h in heads.items()}
     if fixed is not None:
-        return {"head": heads[fixed], "logits": cands[fixed], "record": {param: fixed, "tuned": False}}
-    logits, final, per_split, curve = cross_fit(cands, y_va, inner, partial(logit_score, metric),
-                                                GREATER_IS_BETTER[metric])
+        lg = cands[fixed]
+        return {"head": heads[fixed], "logits": lg() if callable(lg) else lg,
+                "record": {param: fixed, "tuned": False}}
+    logits, final, per_split, curve = cross_fit(cands, y_va, inner, metric)
     return {"head": heads[final], "logits": logits, "inner_heads": [heads[c] for c in per_split],
             "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
 
@@ -159,7 +155,8 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
         if spec.record:
             spec.record(out[v]["record"])
     for v, o in out.items():
-        o["metrics"] = compute(y_va, softmax(o["logits"]), counts, cfg.eval.many_shot, cfg.eval.few_shot, metric)
+        o["metrics"] = compute(y_va, None, counts, cfg.eval.many_shot, cfg.eval.few_shot, metric,
+                               rows=row_scores(y_va, logits=o["logits"]))
         o["inner"] = inner  # each held-out row's inner split
     return out
 
@@ -256,10 +253,13 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
     counts = np.bincount(df["y"].values, minlength=len(classes))
     for v in variants:
         per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
-        oofs = [read_npz(cfg.run_dir.fold(s["fold"]).head_oof(v)) for s in summaries]
-        pooled = compute(np.concatenate([o["y"] for o in oofs]), softmax(np.concatenate([o["logits"] for o in oofs])),
-                         counts * (cfg.folds.n_splits - 1) / cfg.folds.n_splits, cfg.eval.many_shot, cfg.eval.few_shot,
-                         metric)
+        ys, parts = [], []
+        for s in summaries:  # one fold's logits in memory at a time
+            o = read_npz(cfg.run_dir.fold(s["fold"]).head_oof(v))
+            ys.append(o["y"])
+            parts.append(row_scores(o["y"], logits=o["logits"]))
+        pooled = compute(np.concatenate(ys), None, counts * (cfg.folds.n_splits - 1) / cfg.folds.n_splits,
+                         cfg.eval.many_shot, cfg.eval.few_shot, metric, rows=RowScores.concat(parts))
         row = {"variant": v, f"{metric}_mean": per["score"].mean(), f"{metric}_std": per["score"].std(ddof=0),
                f"{metric}_pooled": pooled["score"]}
         for m in ("accuracy", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc"):

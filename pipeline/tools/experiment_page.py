@@ -49,23 +49,26 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
     pics.append(("Training curves", "training_curves.png"))
 
     p = preds[best_key]
-    y, pred = p["y"], p["probs"].argmax(1)
+    y, pred = p["y"], p["rows"].pred
     C = len(classes)
-    cm = np.zeros((C, C))
-    np.add.at(cm, (y, pred), 1)
-    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    plots.confusion(out / "confusion.png", cm, classes,
-                    f"pooled OOF, head {best_key[0]}, TTA {'on' if best_key[1] else 'off'} (rows: true class)")
-    pics.append(("Confusion matrix (normalised per true class)", "confusion.png"))
+    what = f"pooled OOF, head {best_key[0]}, TTA {'on' if best_key[1] else 'off'}"
+    confused = None
+    if C <= MAX_MATRIX:
+        cm = np.zeros((C, C))
+        np.add.at(cm, (y, pred), 1)
+        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        plots.confusion(out / "confusion.png", cm, classes, f"{what} (rows: true class)")
+        pics.append(("Confusion matrix (normalised per true class)", "confusion.png"))
+    else:  # thousands of classes: the pairs confused most often, not a C x C picture
+        confused = most_confused(y, pred, classes)
 
     counts = np.mean([s["train_counts"] for s in summaries], axis=0)
     heads = [r for r in rows["head"].unique() if r != "joint"]
-    recalls = {"joint": per_class_recall(preds[("joint", False)]["y"], preds[("joint", False)]["probs"].argmax(1), C)}
+    recalls = {"joint": per_class_recall(preds[("joint", False)]["y"], preds[("joint", False)]["rows"].pred, C)}
     if heads:
         h = rows[rows["head"] != "joint"].iloc[0]
         key = (h["head"], h["tta"] == "on")
-        recalls[f"{key[0]}{' + TTA' if key[1] else ''}"] = per_class_recall(preds[key]["y"],
-                                                                           preds[key]["probs"].argmax(1), C)
+        recalls[f"{key[0]}{' + TTA' if key[1] else ''}"] = per_class_recall(preds[key]["y"], preds[key]["rows"].pred, C)
     plots.recall_vs_frequency(out / "recall_vs_frequency.png", counts, recalls, classes)
     pics.append(("Per-class recall against training frequency", "recall_vs_frequency.png"))
 
@@ -101,6 +104,11 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
           f"({cfg.folds_csv.name}); metric {cfg.eval.scorer}. Config: `{run.config}`.", "",
           "## CV by head and TTA (best first)", "", "```", to_text(rows), "```", "",
           "## Stage 2 per fold", "", "```", fold_table.to_string(index=False, float_format="%.4f"), "```", ""]
+    if confused is not None:
+        md += [f"## Most confused pairs ({what}; {C} classes: no matrix drawn)", "", "```",
+               confused.to_string(index=False), "```", ""]
+        md += ["## Recall by training frequency", "", "```", recall_by_frequency(y, pred, counts).to_string(
+            index=False, float_format="%.4f"), "```", ""]
     for title, f in pics:
         md += [f"## {title}", "", f"![{title}]({f})", ""]
     page = layout.experiment_page(name, reports)
@@ -109,12 +117,39 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
     return page
 
 
+MAX_MATRIX = 60  # more classes: most-confused pairs and recall by frequency bin instead of a C x C matrix
+N_PAIRS = 25
+
+
+def most_confused(y: np.ndarray, pred: np.ndarray, classes: list, n: int = N_PAIRS) -> pd.DataFrame:
+    """The (true, predicted) pairs of different classes seen most often, with their share of the true class."""
+    wrong = y != pred
+    pairs = pd.DataFrame({"true": y[wrong], "predicted": pred[wrong]}).value_counts().head(n).reset_index()
+    support = np.bincount(y, minlength=len(classes))
+    return pd.DataFrame({"true": [classes[i] for i in pairs["true"]], "predicted": [classes[i] for i in pairs["predicted"]],
+                         "images": pairs["count"].values,
+                         "share_of_true": pairs["count"].values / support[pairs["true"].values]})
+
+
+def recall_by_frequency(y: np.ndarray, pred: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
+    """Mean per-class recall of classes grouped by training images (bins 1, 2-4, 5-19, 20-99, 100+)."""
+    rec = per_class_recall(y, pred, len(counts))
+    edges = [(1, 1), (2, 4), (5, 19), (20, 99), (100, np.inf)]
+    out = []
+    for lo, hi in edges:
+        m = (counts >= lo) & (counts <= hi) & np.isfinite(rec)
+        if m.any():
+            out.append({"train_images": f"{lo}" if lo == hi else (f"{lo}+" if hi == np.inf else f"{lo}-{hi}"),
+                        "classes": int(m.sum()), "mean_recall": float(rec[m].mean())})
+    return pd.DataFrame(out)
+
+
 def _confidently_wrong(cfg, pred: dict, classes: list, path: Path) -> bool:
-    probs, y = pred["probs"], pred["y"]
-    wrong = np.flatnonzero(probs.argmax(1) != y)
+    rows, y = pred["rows"], pred["y"]
+    wrong = np.flatnonzero(rows.pred != y)
     if not len(wrong) or not cfg.folds_csv.exists():
         return False
-    wrong = wrong[np.argsort(-probs[wrong].max(1))][:N_WRONG]
+    wrong = wrong[np.argsort(-rows.conf[wrong])][:N_WRONG]
     paths = pd.read_csv(cfg.folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
     images, captions = [], []
     for i in wrong:
@@ -123,14 +158,14 @@ def _confidently_wrong(cfg, pred: dict, classes: list, path: Path) -> bool:
             images.append(read_image(paths[image_id]))
         except (KeyError, PipelineError, OSError):
             continue  # the train images are not at hand (e.g. a copied run folder)
-        captions.append(f"{image_id}\n{classes[y[i]]} -> {classes[probs[i].argmax()]} ({probs[i].max():.2f})")
+        captions.append(f"{image_id}\n{classes[y[i]]} -> {classes[rows.pred[i]]} ({rows.conf[i]:.2f})")
     if not images:
         return False
     plots.contact_sheet(path, images, captions, "most confidently wrong OOF predictions")
     return True
 
 
-N_CAM_WRONG, N_CAM_PER_CLASS = 8, 2
+N_CAM_WRONG, N_CAM_PER_CLASS, N_CAM_CLASSES = 8, 2, 30
 
 
 def _cams(cfg, run: RunDir, summaries: list[dict], pred: dict, classes: list, path: Path) -> bool:
@@ -141,11 +176,12 @@ def _cams(cfg, run: RunDir, summaries: list[dict], pred: dict, classes: list, pa
     from ..core import models
     from ..core.augment import valid_transform
 
-    probs, y = pred["probs"], pred["y"]
-    top, conf = probs.argmax(1), probs.max(1)
+    y, top, conf = pred["y"], pred["rows"].pred, pred["rows"].conf
     wrong = np.flatnonzero(top != y)
     picks = list(wrong[np.argsort(-conf[wrong])][:N_CAM_WRONG])
-    for c in range(len(classes)):
+    # correct examples of at most N_CAM_CLASSES classes (the most frequent ones when there are more)
+    shown = np.argsort(-np.bincount(y, minlength=len(classes)), kind="stable")[:N_CAM_CLASSES]
+    for c in sorted(shown):
         right = np.flatnonzero((top == y) & (y == c))
         picks += list(right[np.argsort(-conf[right])][:N_CAM_PER_CLASS])
     if not picks or not cfg.folds_csv.exists():

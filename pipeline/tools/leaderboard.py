@@ -22,8 +22,8 @@ from ..core.artifacts import read_json, read_npz, write_csv, write_text
 from ..core.config import Config, flatten, load_config
 from ..core.errors import PipelineError
 from ..core.layout import RunDir
-from ..core.data import private_score
-from ..core.metrics import GREATER_IS_BETTER, cv, softmax
+from ..core.data import private_score, read_test_labels
+from ..core.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, softmax
 from ..core.provenance import changed_keys
 from ..core.inference import FIXRES
 from ..core.tta import BASELINE
@@ -64,17 +64,40 @@ def fold_summaries(cfg: Config, run: RunDir) -> list[dict]:
 
 
 def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
-    """(head, tta) -> OOF {ids, y, fold, probs} [+ test {ids, probs}] from the stages' files."""
+    """(head, tta) -> OOF {ids, y, fold, rows: metrics.RowScores} [+ test {ids, probs: a function}] from the stages'
+    files. Each file's rows x classes is reduced to per-row scores as it is read (one in memory at a time); test
+    probabilities are read when asked for (the private score)."""
     K = cfg.folds.n_splits
     out = {}
 
     def per_fold(files: list[Path]) -> dict | None:
         if not all(f.exists() for f in files):
             return None
-        parts = [read_npz(f) for f in files]
-        return {"ids": np.concatenate([p["ids"] for p in parts]), "y": np.concatenate([p["y"] for p in parts]),
-                "fold": np.concatenate([np.full(len(p["ids"]), k) for k, p in enumerate(parts)]),
-                "probs": np.concatenate([softmax(p["logits"].astype(np.float64)) for p in parts])}
+        ids, ys, parts = [], [], []
+        for f in files:
+            p = read_npz(f)
+            ids.append(p["ids"])
+            ys.append(p["y"])
+            parts.append(row_scores(p["y"], logits=p["logits"], dtype=np.float64))
+        return {"ids": np.concatenate(ids), "y": np.concatenate(ys),
+                "fold": np.concatenate([np.full(len(i), k) for k, i in enumerate(ids)]), "rows": RowScores.concat(parts)}
+
+    def stage4(path: Path, plain: bool) -> dict:
+        o = read_npz(path)
+        if plain:
+            j = list(o["views"]).index(BASELINE)
+            rows = row_scores(o["y"], logits=o["view_logits"][j], dtype=np.float64)
+        else:
+            rows = row_scores(o["y"], probs=o["probs"])
+        return {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "rows": rows}
+
+    def test_probs(path: Path, plain: bool):
+        def load():
+            t = read_npz(path)
+            if not plain:
+                return t["probs"]
+            return softmax(t["view_logits"][list(t["views"]).index(BASELINE)].astype(np.float64))
+        return load
 
     joint = per_fold([run.fold(k).oof for k in range(K)])
     if joint is not None:
@@ -89,23 +112,17 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
         # TTA rows: the OOF probabilities of a searched policy come from each fold's own (nested) choice
         tta = any(p != [BASELINE] for p in [s["policy"], *(s.get("fold_policies") or [])])
         for h in s["heads"]:
-            test = read_npz(run.infer_test(h)) if run.infer_test(h).exists() else None
-            plain = None
-            if test is not None:
-                i = list(test["views"]).index(BASELINE)
-                plain = {"ids": test["ids"], "probs": softmax(test["view_logits"][i].astype(np.float64))}
+            has_test = run.infer_test(h).exists()
             if h == "best" and run.infer_oof(h).exists():  # nested per fold: its no-TTA row is stage 4's plain view
-                o = read_npz(run.infer_oof(h))
-                j = list(o["views"]).index(BASELINE)
-                out[(h, False)] = {"ids": o["ids"], "y": o["y"], "fold": o["fold"],
-                                   "probs": softmax(o["view_logits"][j].astype(np.float64))}
-            if (h, False) in out and plain is not None:
-                out[(h, False)]["test"] = plain
+                out[(h, False)] = stage4(run.infer_oof(h), True)
+            if (h, False) in out and has_test:
+                out[(h, False)]["test"] = {"ids": read_npz(run.infer_test(h))["ids"],
+                                           "probs": test_probs(run.infer_test(h), True)}
             if tta and run.infer_oof(h).exists():
-                o = read_npz(run.infer_oof(h))
-                out[(h, True)] = {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "probs": o["probs"]}
-                if test is not None:
-                    out[(h, True)]["test"] = {"ids": test["ids"], "probs": test["probs"]}
+                out[(h, True)] = stage4(run.infer_oof(h), False)
+                if has_test:
+                    out[(h, True)]["test"] = {"ids": read_npz(run.infer_test(h))["ids"],
+                                              "probs": test_probs(run.infer_test(h), False)}
     return out
 
 
@@ -164,16 +181,18 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     folds_hash = summaries[0]["made_from"]["folds_file"]
     classes = read_json(run.classes)
     s4 = read_json(run.infer_summary) if run.infer_summary.exists() else None
+    labelled = read_test_labels(cfg) is not None
     rows = []
     for (head, tta), pred in (predictions(cfg, run) if preds is None else preds).items():
-        ev = cv(pred["y"], pred["probs"], pred["fold"], counts, e.many_shot, e.few_shot, e.scorer)
+        ev = cv(pred["y"], None, pred["fold"], counts, e.many_shot, e.few_shot, e.scorer, rows=pred["rows"])
         test = pred.get("test")
         rows.append({"experiment": cfg.experiment, "model": cfg.model.arch + (f" ({cfg.model.pool})"
                                                                               if cfg.model.pool != "avg" else ""),
                      "img_size": cfg.aug.img_size, "epochs": cfg.train.epochs,
                      "recipe": recipe(cfg, summaries, s4 if "test" in pred else None, tta), "head": head,
                      "tta": "on" if tta else "off", "metric": cfg.eval.scorer, **ev,
-                     "private": private_score(cfg, test["ids"], test["probs"], classes) if test else None,
+                     "private": private_score(cfg, test["ids"], test["probs"], classes) if test and labelled
+                     else None,
                      "folds": f"{cfg.folds_csv.stem}@{folds_hash[:8]}", "folds_sha256": folds_hash,
                      "members": "", "kind": "model", "leaky": bool(cfg.train.distill.teacher and
                                                                     cfg.train.distill.leaky_oof),
