@@ -289,8 +289,8 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
             ["orig@1", "hflip@1"] if good else ["orig@1"])
 
     # the best head: fold 0's choice reads the other folds' stage-3 scores (fold 0's are now rigged for joint)
-    heads_inp = type("Inp", (), {"summaries": [None] * 3, "heads": ["joint", "tau", "crt"], "oof_df": None})()
-    best = infer_stage.add_best(cfg, heads_inp, {h: None for h in ("joint", "tau", "crt")}, {})
+    heads_inp = type("Inp", (), {"summaries": [None] * 3, "heads": ["joint", "tau", "crt"]})()
+    best = infer_stage.best_choice(cfg, heads_inp)
     assert best["per_fold"][0] == read_json(run.infer_summary)["best"]["per_fold"][0]
     assert best["per_fold"][1] == best["per_fold"][2] == "joint"  # fold 0's rigged scores reach the others
     # the tuned values: fold 0's teacher head takes the median of folds 1 and 2 (fold 0's rigged value is ignored)

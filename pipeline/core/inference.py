@@ -16,6 +16,7 @@ from .config import Config
 from .errors import PipelineError
 from .heads import Head
 from .images import ImageDataset
+from .metrics import RowScores, row_scores
 from .runtime import make_loader, memory_format, workers
 from .tta import BASELINE, VIEWS, merge, sizes, view_name
 
@@ -86,38 +87,57 @@ def joint_head(model) -> Head:
     return Head(clf.weight.detach().cpu().numpy(), clf.bias.detach().cpu().numpy())
 
 
-def predict_views(cfg: Config, model, norm, heads: dict[str, Head], store, scale: float, views: list[str],
-                  device, dtype, batch_size: int | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Logits (V x N x C, float32) of every head for the images of `store` under the views of one scale."""
+def feature_batches(cfg: Config, model, norm, store, scale: float, views: list[str], device, dtype,
+                    batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> list[list]:
+    """Per loader batch, the pooled features of every view of one scale (V tensors of b x D, on the device): a
+    head's logits are computed from them when asked (`heads_on_batches`), so the backbone runs once however many
+    heads there are, and memory holds features (rows x D), not every head's rows x classes."""
     load, crop = sizes(cfg.aug.img_size, crop_pct(cfg), scale)
     loader = make_loader(ImageDataset(store, None, load_transform(cfg, crop)),
                          batch_size=batch_size or cfg.infer.batch_size, n_workers=workers(cfg),
                          cuda=device.type == "cuda")
     fmt = memory_format(cfg, device)
-    out = {h: [] for h in heads}
+    out = []
     for x, _ in loader:
-        feats = view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, fmt)
-        for h, head in heads.items():
-            out[h].append(np.stack([head.torch_logits(f).cpu().numpy() for f in feats]))
+        out.append(view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, fmt))
         if on_batch is not None:
             on_batch(len(x))
-    return {h: np.concatenate(parts, axis=1) for h, parts in out.items()}
+    return out
+
+
+def heads_on_batches(batches: list[list], heads: dict[str, Head]) -> dict[str, np.ndarray]:
+    """Logits (V x N x C, float32) of every head over `feature_batches`' output."""
+    return {h: np.concatenate([np.stack([head.torch_logits(f).cpu().numpy() for f in feats]) for feats in batches],
+                              axis=1) for h, head in heads.items()}
+
+
+class PolicyFeatures:
+    """The features of the named views of one model (plain or FixRes-tuned) over one image set, one loader per
+    scale; `logits(heads)` gives what `predict_policy` gives, for any heads, without running the model again."""
+
+    def __init__(self, cfg: Config, model, norm, store, views: list[str], device, dtype,
+                 batch_size: int | None = None, on_batch: Callable[[int], None] | None = None):
+        pairs = [(s, v) for v, s, _ in map(parse_view, views)]
+        self.n_views, self.n = len(views), len(store)
+        self.groups = [(at, feature_batches(cfg, model, norm, store, scale, vs, device, dtype, batch_size,
+                                            on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k))))
+                       for scale, at, vs in by_scale(pairs)]
+
+    def logits(self, heads: dict[str, Head]) -> dict[str, np.ndarray]:
+        out = {}
+        for at, batches in self.groups:
+            for h, lg in heads_on_batches(batches, heads).items():
+                if h not in out:
+                    out[h] = np.zeros((self.n_views, self.n, lg.shape[2]), np.float32)
+                out[h][at] = lg
+        return out
 
 
 def predict_policy(cfg: Config, model, norm, heads: dict[str, Head], store, views: list[str], device, dtype,
                    batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Logits (V x N x C, float32: the heads' own precision) of every head for the named views (all of one model:
     plain or FixRes-tuned), one loader per scale."""
-    pairs = [(s, v) for v, s, _ in map(parse_view, views)]
-    out = {}
-    for scale, at, vs in by_scale(pairs):
-        for h, lg in predict_views(cfg, model, norm, heads, store, scale, vs, device, dtype, batch_size,
-                                   on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k))).items():
-            if h not in out:
-                out[h] = np.zeros((len(views), lg.shape[1], lg.shape[2]), np.float32)
-            out[h][at] = lg
-    return out
+    return PolicyFeatures(cfg, model, norm, store, views, device, dtype, batch_size, on_batch).logits(heads)
 
 
 class TestMean:
@@ -164,9 +184,26 @@ def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], lis
     return out
 
 
-def policy_probs(view_logits: np.ndarray, names: list[str], policy: list[str], how: str) -> np.ndarray:
-    """N x C probabilities of the policy's views (rows of `view_logits`, named by `names`) merged."""
+MERGE_ROWS = 4096  # rows merged at a time: merging is per row, so blocks give the same numbers in less memory
+
+
+def policy_probs(view_logits: np.ndarray, names: list[str], policy: list[str], how: str,
+                 dtype=np.float64) -> np.ndarray:
+    """N x C probabilities of the policy's views (rows of `view_logits`, named by `names`) merged (in float64, in
+    blocks of rows; returned in `dtype`)."""
     missing = [n for n in policy if n not in names]
     if missing:
         raise PipelineError(f"TTA policy views {missing} were not predicted (have {names})")
-    return merge(view_logits[[names.index(n) for n in policy]], how)
+    sel = [names.index(n) for n in policy]
+    n = view_logits.shape[1]
+    out = np.empty((n, view_logits.shape[2]), dtype)
+    for a in range(0, n, MERGE_ROWS):
+        out[a:a + MERGE_ROWS] = merge(view_logits[sel, a:a + MERGE_ROWS], how)
+    return out
+
+
+def policy_rows(view_logits: np.ndarray, names: list[str], policy: list[str], how: str, y: np.ndarray) -> RowScores:
+    """metrics.RowScores of `policy_probs` (float64), computed block by block: O(rows) memory."""
+    parts = [row_scores(y[a:a + MERGE_ROWS], policy_probs(view_logits[:, a:a + MERGE_ROWS], names, policy, how))
+             for a in range(0, view_logits.shape[1], MERGE_ROWS)]
+    return RowScores.concat(parts)

@@ -209,6 +209,10 @@ class RunDir:
     def infer_report(self) -> Path:
         return self.infer / "report.csv"
 
+    @property
+    def infer_tables(self) -> Path:  # stage 4's memory-mapped per-head tables while it runs (removed after)
+        return self.infer / "tables.tmp"
+
     def infer_test(self, head: str) -> Path:
         return self.infer / head / "test.npz"
 

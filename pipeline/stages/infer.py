@@ -21,8 +21,10 @@ predicts `fixres:<view>@<size>` views, scored on OOF like the others.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,11 +40,11 @@ from ..core.errors import PipelineError
 from ..core.heads import Head
 from ..core.augment import open_store, pixel_record, valid_transform
 from ..core.images import ImageDataset
-from ..core.inference import (TestMean, default_policy, joint_head, parse_view, policy_probs, predict_policy,
-                              tta_names)
+from ..core.inference import (MERGE_ROWS, PolicyFeatures, default_policy, joint_head, parse_view, policy_probs,
+                              policy_rows, tta_names)
 from ..core.layout import FULL_FIT
 from ..core.loop import Step, run_epoch
-from ..core.metrics import GREATER_IS_BETTER, cv, score
+from ..core.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
 from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
                                rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
                                up_to_date)
@@ -209,16 +211,63 @@ def fixres_tune(cfg: Config, model, tuned: list, norm, ds, gen: torch.Generator,
 
 
 # ----------------------------------------------------------------------------- predicting
-def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict, int]:
-    """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images (their
-    weighted mean per view) and each fold's on its own held-out rows, per view: {head: V x N x C} for test
-    and OOF, and the number of view-images predicted."""
+class Tables:
+    """Stage 4's per-head tables while the units run: test logit sums (float64) and weights, and OOF logits (float32),
+    V x N x C each, memory-mapped in runs/<exp>/infer/tables.tmp/ (each unit touches its part and unmaps it), so
+    memory holds one head of one unit at a time, not every head's rows x classes; removed when stage 4 ends."""
+
+    def __init__(self, folder: Path, heads: list[str], n_views: int, n_test: int, n_oof: int, n_classes: int):
+        shutil.rmtree(folder, ignore_errors=True)  # a crashed run's
+        folder.mkdir(parents=True)
+        self.folder = folder
+        self.weight = {h: np.zeros(n_views) for h in heads}
+        for h in heads:
+            np.lib.format.open_memmap(self._path(h, "test"), "w+", np.float64, (n_views, n_test, n_classes)).flush()
+            if n_oof:
+                np.lib.format.open_memmap(self._path(h, "oof"), "w+", np.float32, (n_views, n_oof, n_classes)).flush()
+
+    def _path(self, h: str, part: str) -> Path:
+        return self.folder / f"{len(h)}-{h}.{part}.npy"  # head names are checked layout names
+
+    def add_test(self, h: str, at: list[int], logits: np.ndarray, weight: float) -> None:
+        m = np.load(self._path(h, "test"), mmap_mode="r+")
+        m[at] += weight * logits.astype(np.float64)  # as core/inference.TestMean
+        m.flush()
+        del m
+        self.weight[h][at] += weight
+
+    def put_oof(self, h: str, at: list[int], rows: np.ndarray, logits: np.ndarray) -> None:
+        m = np.load(self._path(h, "oof"), mmap_mode="r+")
+        m[np.ix_(at, rows)] = logits
+        m.flush()
+        del m
+
+    def test(self, h: str) -> np.ndarray:
+        """The test logits of head h: per view, the weighted mean over the units that predicted it."""
+        if (self.weight[h] <= 0).any():
+            raise PipelineError("a TTA view was predicted by no model")
+        return np.load(self._path(h, "test"), mmap_mode="r") / self.weight[h][:, None, None]
+
+    def oof(self, h: str) -> np.ndarray:
+        return np.load(self._path(h, "oof"), mmap_mode="r")
+
+    def alias_test(self, h: str, src: str) -> None:
+        """Head h's test logits are head src's (the `best` head: the variant best on all folds)."""
+        shutil.copyfile(self._path(src, "test"), self._path(h, "test"))
+        self.weight[h] = self.weight[src].copy()
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def predict_all(cfg: Config, inp: Inputs, names: list[str], best: dict | None, tables: Tables) -> int:
+    """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images (their weighted
+    sum per view) and each fold's on its own held-out rows, per view, into `tables`: each head (and the nested
+    `best` head: fold k's rows from the variant chosen without fold k) in turn from the unit's features (the
+    backbone runs once per unit and image set). Returns the number of view-images predicted."""
     device = pick_device(cfg, Dist())
     dtype = amp_dtype(cfg, device)
     C = len(inp.classes)
-    n_oof = len(inp.oof_df) if inp.oof_df is not None else 0
-    test_mean = {h: TestMean(len(names), len(inp.test), C) for h in inp.heads}
-    oof_logits = {h: np.zeros((len(names), n_oof, C), np.float32) for h in inp.heads}
     test_store = open_store(cfg, inp.test["path"])
     train_store = open_store(cfg, inp.oof_df["path"]) if inp.oof_df is not None else None
     plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(cfg, inp)]
@@ -231,22 +280,25 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str]) -> tuple[dict, dict,
         prepare_model(cfg, model, device)
         norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
         heads = {h: _load_head(cfg, u.k, h, model) for h in inp.heads}
+        if best is not None and u.k != FULL_FIT:
+            heads.setdefault(best["per_fold"][u.k], _load_head(cfg, u.k, best["per_fold"][u.k], model))
         views = [names[i] for i in sel]
-        for h, lg in predict_policy(cfg, model, norm, heads, test_store, views, device, dtype,
-                                    on_batch=bar.update).items():
-            test_mean[h].add(sel, lg, u.weight)
+        feats = PolicyFeatures(cfg, model, norm, test_store, views, device, dtype, on_batch=bar.update)
+        for h in inp.heads:
+            tables.add_test(h, sel, feats.logits({h: heads[h]})[h], u.weight)
         rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
         if len(rows):
-            inner = {h: inner_heads(cfg, u.k, h, inp.oof_df["id"].values[rows]) for h in inp.heads}
-            extra = {f"{h}@{j}": head for h, got in inner.items() if got for j, head in enumerate(got[0])}
-            out = predict_policy(cfg, model, norm, {**heads, **extra}, train_store.subset(rows), views, device, dtype,
-                                 on_batch=bar.update)
-            for h in inp.heads:
-                oof_logits[h][np.ix_(sel, rows)] = nested_logits(out, h, inner[h])
+            feats = PolicyFeatures(cfg, model, norm, train_store.subset(rows), views, device, dtype,
+                                   on_batch=bar.update)
+            ids = inp.oof_df["id"].values[rows]
+            for h in inp.heads + (["best"] if best is not None else []):
+                v = best["per_fold"][u.k] if h == "best" else h
+                tables.put_oof(h, sel, rows, nested_logits(feats, heads[v], inner_heads(cfg, u.k, v, ids)))
+        del feats
         log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
     bar.close()
-    return {h: m.result() for h, m in test_mean.items()}, oof_logits, n_images
+    return n_images
 
 
 # ----------------------------------------------------------------------------- entry
@@ -257,19 +309,27 @@ def run(cfg: Config, force: bool = False) -> dict:
         return read_json(cfg.run_dir.infer_summary)
     names = tta_names(cfg)
     with experiment_lock(cfg.run_dir.infer):
-        t0 = time.perf_counter()
-        test_logits, oof_logits, n_images = predict_all(cfg, inp, names)
-        seconds = time.perf_counter() - t0
-        best = add_best(cfg, inp, test_logits, oof_logits) if "best" in cfg.infer.heads else None
+        best = best_choice(cfg, inp) if "best" in cfg.infer.heads else None
         heads = (["best"] if best else []) + inp.heads
+        tables = Tables(cfg.run_dir.infer_tables, heads, len(names), len(inp.test),
+                        len(inp.oof_df) if inp.oof_df is not None else 0, len(inp.classes))
+        t0 = time.perf_counter()
+        n_images = predict_all(cfg, inp, names, best, tables)
+        seconds = time.perf_counter() - t0
+        if best is not None:  # the test images: the variant best on all folds
+            tables.alias_test("best", best["all"])
         policy = default_policy(cfg, names)
-        report, searched, fold_policies = pd.DataFrame(), False, None
-        if inp.oof_df is not None:
-            if cfg.infer.search:  # test images: chosen on every OOF row; fold k's rows: on the other folds' rows
-                policy, fold_policies = search_policies(cfg, inp, oof_logits[heads[0]], names)
-                searched = True
-            report = tta_report(cfg, inp, heads, oof_logits, names, policy, fold_policies)
-        write_predictions(cfg, inp, heads, test_logits, oof_logits, names, policy, fold_policies)
+        report, searched, fold_policies = [], False, None
+        if inp.oof_df is not None and cfg.infer.search:  # test images: chosen on every OOF row; fold k's rows: on
+            policy, fold_policies = search_policies(cfg, inp, tables.oof(heads[0]), names)  # the other folds' rows
+            searched = True
+        for h in heads:  # one head's tables in memory at a time
+            if inp.oof_df is not None:
+                report += tta_report(cfg, inp, h, tables.oof(h), names, policy, fold_policies)
+            write_predictions(cfg, inp, h, tables.test(h), tables.oof(h) if inp.oof_df is not None else None,
+                              names, policy, fold_policies)
+        tables.close()
+        report = pd.DataFrame(report)
         if not report.empty:
             write_csv(cfg.run_dir.infer_report, report)
         summary = {"experiment": cfg.experiment, "heads": heads, "primary": heads[0], "best": best, "policy": policy,
@@ -292,11 +352,10 @@ def run(cfg: Config, force: bool = False) -> dict:
     return summary
 
 
-def add_best(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict) -> dict:
+def best_choice(cfg: Config, inp: Inputs) -> dict:
     """infer.heads: [best] as a head of its own, nested like every other choice: fold k's held-out rows are scored
     by the variant with the best stage-3 CV on the other folds (their cross-fitted per-fold scores), the test
-    images by the variant best on all folds (stage 3's winner). Adds "best" to both logit tables; returns the
-    choices."""
+    images by the variant best on all folds (stage 3's winner)."""
     folds = [read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
     variants = [h for h in inp.heads if all(h in f for f in folds)]
     pick = max if GREATER_IS_BETTER[cfg.eval.scorer] else min
@@ -307,63 +366,58 @@ def add_best(cfg: Config, inp: Inputs, test_logits: dict, oof_logits: dict) -> d
 
     choice = {"all": read_json(cfg.run_dir.rebalance_summary)["best"],
               "per_fold": [winner([j for j in range(len(folds)) if j != k]) for k in range(len(folds))]}
-    test_logits["best"] = test_logits[choice["all"]]
-    if inp.oof_df is not None:
-        fold = inp.oof_df["fold"].values
-        oof_logits["best"] = np.zeros_like(oof_logits[choice["all"]])
-        for k, v in enumerate(choice["per_fold"]):
-            oof_logits["best"][:, fold == k] = oof_logits[v][:, fold == k]
     log.info("best head: %s for the test images (all folds), per fold (chosen without it) %s", choice["all"],
              choice["per_fold"])
     return choice
 
 
-def tta_report(cfg: Config, inp: Inputs, heads: list[str], oof_logits: dict, names: list[str], policy: list[str],
-               fold_policies: list[list[str]] | None) -> pd.DataFrame:
-    """CV of each head without TTA, with each view alone and with the policy (all on OOF). A searched policy is
+def tta_report(cfg: Config, inp: Inputs, h: str, logits: np.ndarray, names: list[str], policy: list[str],
+               fold_policies: list[list[str]] | None) -> list[dict]:
+    """CV of head h without TTA, with each view alone and with the policy (all on OOF). A searched policy is
     scored nested (fold k's rows with the views chosen on the other folds); the policy chosen on every row is
     shown too, labelled as optimistic (it was chosen on the rows it is scored on)."""
     rows = []
     selections = [("no TTA", [BASELINE])] + [(f"{n} alone", [n]) for n in names] + [("policy", policy)]
-    fold = inp.oof_df["fold"].values
-    for h in heads:
-        for label, sel in selections:
-            if label == "policy" and fold_policies is not None:
-                probs = nested_policy_probs(oof_logits[h], names, fold_policies, fold, cfg.infer.merge)
-                rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, probs)})
-                label = SELECTED_ON_ALL
-            probs = policy_probs(oof_logits[h], names, sel, cfg.infer.merge)
-            rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, probs)})
-    return pd.DataFrame(rows)
+    fold, y = inp.oof_df["fold"].values, inp.oof_df["y"].values
+    for label, sel in selections:
+        if label == "policy" and fold_policies is not None:
+            rs = row_scores(y, nested_policy_probs(logits, names, fold_policies, fold, cfg.infer.merge))
+            rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, rs)})
+            label = SELECTED_ON_ALL
+        rs = policy_rows(logits, names, sel, cfg.infer.merge, y)
+        rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, rs)})
+    return rows
 
 
 SELECTED_ON_ALL = "policy chosen on all OOF rows (optimistic: not ranked)"
 
 
 def nested_policy_probs(logits: np.ndarray, names: list[str], fold_policies: list[list[str]], fold: np.ndarray,
-                        merge: str) -> np.ndarray:
-    """OOF probabilities, fold k's rows merged over fold k's policy (chosen without them)."""
-    out = np.zeros(logits.shape[1:], np.float64)
-    for k, pol in enumerate(fold_policies):
-        rows = fold == k
-        out[rows] = policy_probs(logits[:, rows], names, pol, merge)
+                        merge: str, dtype=np.float64) -> np.ndarray:
+    """OOF probabilities, fold k's rows merged over fold k's policy (chosen without them), in blocks of rows."""
+    out = np.empty(logits.shape[1:], dtype)
+    for a in range(0, logits.shape[1], MERGE_ROWS):
+        block, f = logits[:, a:a + MERGE_ROWS], fold[a:a + MERGE_ROWS]
+        part = out[a:a + MERGE_ROWS]
+        for k, pol in enumerate(fold_policies):
+            if (f == k).any():
+                part[f == k] = policy_probs(block[:, f == k], names, pol, merge)
     return out
 
 
-def write_predictions(cfg: Config, inp: Inputs, heads: list[str], test_logits: dict, oof_logits: dict,
+def write_predictions(cfg: Config, inp: Inputs, h: str, test_logits: np.ndarray, oof_logits: np.ndarray | None,
                       names: list[str], policy: list[str], fold_policies: list[list[str]] | None = None) -> None:
+    """infer/<h>/test.npz and oof.npz (float32)."""
     classes = np.array([str(c) for c in inp.classes])
-    for h in heads:
-        write_npz(cfg.run_dir.infer_test(h), ids=inp.test["id"].values, classes=classes,
-                  probs=policy_probs(test_logits[h], names, policy, cfg.infer.merge).astype(np.float32),
-                  view_logits=test_logits[h].astype(np.float32), views=np.array(names))
-        if inp.oof_df is not None:
-            fold = inp.oof_df["fold"].values
-            probs = (nested_policy_probs(oof_logits[h], names, fold_policies, fold, cfg.infer.merge)
-                     if fold_policies is not None else policy_probs(oof_logits[h], names, policy, cfg.infer.merge))
-            write_npz(cfg.run_dir.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
-                      fold=fold, classes=classes, probs=probs.astype(np.float32),
-                      view_logits=oof_logits[h].astype(np.float32), views=np.array(names))
+    write_npz(cfg.run_dir.infer_test(h), ids=inp.test["id"].values, classes=classes,
+              probs=policy_probs(test_logits, names, policy, cfg.infer.merge, np.float32),
+              view_logits=test_logits.astype(np.float32), views=np.array(names))
+    if oof_logits is not None:
+        fold = inp.oof_df["fold"].values
+        probs = (nested_policy_probs(oof_logits, names, fold_policies, fold, cfg.infer.merge, np.float32)
+                 if fold_policies is not None else policy_probs(oof_logits, names, policy, cfg.infer.merge, np.float32))
+        write_npz(cfg.run_dir.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
+                  fold=fold, classes=classes, probs=probs, view_logits=oof_logits, views=np.array(names))
 
 
 def inner_heads(cfg: Config, k: int, variant: str, ids: np.ndarray) -> tuple[list[Head], np.ndarray] | None:
@@ -387,25 +441,28 @@ def inner_heads(cfg: Config, k: int, variant: str, ids: np.ndarray) -> tuple[lis
     return heads, inner
 
 
-def nested_logits(out: dict[str, np.ndarray], h: str, inner: tuple[list[Head], np.ndarray] | None) -> np.ndarray:
-    """Head h's held-out logits (V x N x C), each row from the head of its inner split when nested."""
+def nested_logits(feats: PolicyFeatures, head: Head, inner: tuple[list[Head], np.ndarray] | None) -> np.ndarray:
+    """A head's held-out logits (V x N x C) from a unit's features, each row from the head of its inner split when
+    nested (one inner head's logits in memory at a time)."""
     if inner is None:
-        return out[h]
-    lg = out[h].copy()
-    for j in range(len(inner[0])):
-        lg[:, inner[1] == j] = out[f"{h}@{j}"][:, inner[1] == j]
-    return lg
+        return feats.logits({"h": head})["h"]
+    out = None
+    for j, hj in enumerate(inner[0]):
+        lg = feats.logits({"h": hj})["h"]
+        out = np.zeros_like(lg) if out is None else out
+        out[:, inner[1] == j] = lg[:, inner[1] == j]
+    return out
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
     return joint_head(model) if variant == "joint" else Head.load(cfg.run_dir.unit(k).head(variant))[0]
 
 
-def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], probs: np.ndarray) -> dict:
-    """CV of OOF probabilities (one report.csv row: per-fold values left out)."""
+def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], rows: RowScores) -> dict:
+    """CV of OOF predictions' per-row scores (one report.csv row: per-fold values left out)."""
     e = cfg.eval
-    m = cv(df["y"].values, probs, df["fold"].values, [s["train_counts"] for s in summaries], e.many_shot,
-           e.few_shot, e.scorer)
+    m = cv(df["y"].values, None, df["fold"].values, [s["train_counts"] for s in summaries], e.many_shot,
+           e.few_shot, e.scorer, rows=rows)
     m.pop("per_fold")
     return m
 
@@ -428,8 +485,8 @@ def greedy_policy(cfg: Config, df, logits: np.ndarray, names: list[str], folds: 
     y, fold = df["y"].values, df["fold"].values
 
     def value(sel: list[str]) -> float:  # the CV of those folds: the mean of their metric (the cheap one)
-        probs = policy_probs(logits, names, sel, cfg.infer.merge)
-        return float(np.mean([score(cfg.eval.scorer, y[fold == k], probs[fold == k]) for k in folds]))
+        rs = policy_rows(logits, names, sel, cfg.infer.merge, y)
+        return float(np.mean([score_rows(cfg.eval.scorer, y[fold == k], rs.take(fold == k)) for k in folds]))
 
     chosen = [BASELINE]
     best = value(chosen)

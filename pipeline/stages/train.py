@@ -49,7 +49,7 @@ from ..core.images import ConcatView, EpochBatches, ImageDataset
 from ..core.layout import FULL_FIT, FoldDir  # FULL_FIT: the full-data model's fold index; `fold != FULL_FIT` is every row
 from ..core.loop import EpochResult, Step, run_epoch, sync_interval
 from ..core.losses import SoftTargetLoss, effective_number_weights, ldam_margins
-from ..core.metrics import better, compute, softmax
+from ..core.metrics import better, compute, row_scores
 from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, to_input, write_state_dict
 from ..core.progress import Progress, progress
 from ..core.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
@@ -374,7 +374,8 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
         raise _diverged(r.label, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
     kept = kept_sources(cfg, n.ema is not None)
     for src, lg in logits.items():
-        m = compute(d.y_va, softmax(lg), d.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.scorer)
+        m = compute(d.y_va, None, d.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.scorer,
+                    rows=row_scores(d.y_va, logits=lg))
         prefix = "" if src == "raw" else "ema_"
         if src == "raw":
             row["valid_loss"] = m["log_loss"]
@@ -518,8 +519,8 @@ def finish(r: FoldRun) -> dict:
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
     oof = np.load(r.paths.oof)
-    final = compute(r.data.y_va, softmax(oof["logits"]), r.data.counts, cfg.eval.many_shot, cfg.eval.few_shot,
-                    cfg.eval.scorer)
+    final = compute(r.data.y_va, None, r.data.counts, cfg.eval.many_shot, cfg.eval.few_shot,
+                    cfg.eval.scorer, rows=row_scores(r.data.y_va, logits=oof["logits"]))
     summary = _summary(r, fold=r.k, chosen=chosen, epoch=best[chosen]["epoch"], score=final["score"],
                        metric=cfg.eval.scorer, metrics=final, best=best,
                        chosen_on_held_out=held_out_choices(cfg))
