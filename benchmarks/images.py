@@ -1,6 +1,6 @@
 """Benchmarks of the image path (not tests): prints the figures docs/benchmarks/images.md quotes.
 
-    python benchmarks/images.py [--data DIR] [--only accuracy,speed,disk,draft] [--size 64] [--epochs 8]
+    python benchmarks/images.py [--data DIR] [--only accuracy,speed,disk,encoded,draft] [--size 64] [--epochs 8]
 
 --data is any competition folder: folder-per-class (`<DIR>/<class>/*.jpg`, default: ../shared/data/flowers5)
 or Kaggle layout (`<DIR>/train.csv` + `train/`, `test/`, `sample_submission.csv`).
@@ -12,6 +12,8 @@ or Kaggle layout (`<DIR>/train.csv` + `train/`, `test/`, `sample_submission.csv`
 3. disk: bytes of every image store after stages 1-4 on 5 folds with TTA scales [1.0, 1.15], against one
    stored copy of the train and test images.
 4. draft: decoding a 4000x3000 JPEG into a 256 px stored copy with and without JPEG DCT scaling.
+5. encoded: the JPEG store (aug.store: jpeg) against the raw store and the originals: disk per 100k images,
+   build time, loader images/s, PSNR against raw.
 Runs in a temporary folder; CPU, the threads torch picks (2 on the project's machines).
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.augment import open_store, store_side, train_transform  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.images import ImageDataset, cache_report, read_image, resize_short, stored_image  # noqa: E402
+from pipeline.core.images import (ImageDataset, ImageStore, cache_report, read_image, resize_short,  # noqa: E402
+                                  stored_image)
 from pipeline.core.runtime import make_loader  # noqa: E402
 from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
 
@@ -152,6 +155,40 @@ def disk(args, data: Path) -> None:
     print(f"   total {total / 1e6:.1f} MB; one stored copy of train+test: {one / 1e6:.1f} MB; ratio {total / one:.3f}")
 
 
+def encoded(args, data: Path) -> None:
+    """The JPEG store (aug.store: jpeg) against the raw store and against decoding the originals: bytes per
+    100k images, build time, the loader alone (decode + augment, 2 workers) in images/s, and how close the
+    pixels are (PSNR against raw)."""
+    df = pd.read_csv(data / "train.csv")
+    paths = [str(data / "train" / i) for i in df["image_id"]]
+    side = args.store_side
+    rows, stores = [], {}
+    for name, fmt, cache in (("originals (no store)", "raw", "off"), ("raw store", "raw", "on"),
+                             (f"JPEG store q{args.quality}", "jpeg", "on")):
+        shutil.rmtree("enc-cache", ignore_errors=True)
+        t0 = time.perf_counter()
+        store = ImageStore(paths, side, cache, "enc-cache", fmt=fmt, quality=args.quality)
+        build = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in store.dir.iterdir()) if store.dir else 0
+        cfg = load_config(None, [*competition_args(data), f"aug.img_size={side * 2 // 3}"])
+        ds = ImageDataset(store, np.zeros(len(paths), np.int64), train_transform(cfg), seed=0)
+        loader = make_loader(ds, batch_size=args.batch, n_workers=2)
+        t0 = time.perf_counter()
+        n = sum(len(x) for x, _ in loader)
+        rows.append({"pixels": name, "build s": build, "MB per 100k images": size / len(paths) * 1e5 / 1e6,
+                     "loader img/s": n / (time.perf_counter() - t0)})
+        stores[name] = store
+        if store.dir:  # keep it for the PSNR below
+            shutil.copytree(store.dir, f"keep-{fmt}", dirs_exist_ok=True)
+            store.dir = Path(f"keep-{fmt}")
+    raw, jpeg = stores["raw store"], stores[f"JPEG store q{args.quality}"]
+    err = [np.mean((raw[i].astype(np.float64) - jpeg[i].astype(np.float64)) ** 2) for i in range(0, len(paths), 10)]
+    print(f"\n5. stored copies at side {side} of {len(paths)} photos: originals / raw / JPEG q{args.quality} (4:4:4)")
+    print(pd.DataFrame(rows).to_string(index=False, float_format="%.1f"))
+    print(f"   JPEG against raw: PSNR {10 * np.log10(255 ** 2 / np.mean(err)):.1f} dB (mean over every 10th image), "
+          f"disk ratio {rows[2]['MB per 100k images'] / rows[1]['MB per 100k images']:.3f}")
+
+
 def draft(args, reps: int = 5) -> None:
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (300, 400, 3), np.uint8)
@@ -176,7 +213,9 @@ def main() -> None:
     here = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(here.parent / "shared" / "data" / "flowers5"))
-    ap.add_argument("--only", default="accuracy,speed,disk,draft")
+    ap.add_argument("--only", default="accuracy,speed,disk,encoded,draft")
+    ap.add_argument("--store-side", type=int, default=128, help="encoded: the stored copies' shorter side")
+    ap.add_argument("--quality", type=int, default=90, help="encoded: JPEG quality")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--arch", default="resnet10t")
     ap.add_argument("--epochs", type=int, default=8)
@@ -192,7 +231,7 @@ def main() -> None:
     data = as_competition(data, work / "comp")
     only = args.only.split(",")
     try:
-        for name, fn in (("accuracy", accuracy), ("speed", speed), ("disk", disk)):
+        for name, fn in (("accuracy", accuracy), ("speed", speed), ("disk", disk), ("encoded", encoded)):
             if name in only:
                 fn(args, data)
         if "draft" in only:

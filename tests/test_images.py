@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import make_competition
+from conftest import SHARED, make_competition
 from pipeline.cli import main as cli_main
 from pipeline.core.augment import open_store, store_side, valid_transform
 from pipeline.core.config import load_config
@@ -159,6 +159,36 @@ def test_cache_gives_the_same_pixels_is_reused_and_bounded(tmp_path):
     assert names == {other.dir.name}                                  # the LRU bound removed the older store
     os.utime(paths[0], ns=(1, 1))                                     # a changed file: a new store, not stale pixels
     assert ImageStore(paths, 24, "on", tmp_path / "cache").dir != cached.dir
+
+
+def test_a_jpeg_store_is_close_to_raw_identical_with_cache_on_or_off_and_a_tenth_of_the_disk(tmp_path):
+    from pipeline.core.augment import pixel_record, store_format
+
+    src = SHARED / "data" / "flowers5"
+    if not src.is_dir():
+        pytest.skip(f"real photos needed (JPEG error on noise says little): {src} is absent")
+    paths = sorted(str(p) for p in sorted(src.glob("*/*.jpg"))[:24])
+    raw = ImageStore(paths, 64, "on", tmp_path / "cache")
+    jpeg = ImageStore(paths, 64, "on", tmp_path / "cache", fmt="jpeg", quality=90)
+    off = ImageStore(paths, 64, "off", fmt="jpeg", quality=90)
+    assert jpeg.dir != raw.dir and (jpeg.dir / "pixels.jpg").exists()          # its own store, raw's kept
+    for i in range(len(paths)):
+        a, b = raw[i].astype(np.float64), jpeg[i].astype(np.float64)
+        assert a.shape == b.shape
+        psnr = 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
+        assert psnr > 32, (paths[i], psnr)                                      # q90 4:4:4: within JPEG tolerance
+        assert np.array_equal(jpeg[i], off[i])                                  # cache on == cache off, same format
+    ratio = (jpeg.dir / "pixels.jpg").stat().st_size / (raw.dir / "pixels.u8").stat().st_size
+    assert ratio < 0.35, ratio
+    # the format is part of what made a model's pixels; auto turns to JPEG past store_raw_max_gb
+    root = make_competition(tmp_path / "c", {"a": 3, "b": 3}, size=16)
+    cfg = load_config(None, [f"data.root={root}", "data.image_ext=.png", "folds.n_splits=2", "experiment=j"])
+    from pipeline.stages import folds as folds_stage
+    folds_stage.run(cfg)
+    assert store_format(cfg) == "raw" and "store" not in pixel_record(cfg)
+    small = load_config(None, [f"data.root={root}", "data.image_ext=.png", "folds.n_splits=2", "experiment=j",
+                               "aug.store_raw_max_gb=1e-6"])
+    assert store_format(small) == "jpeg" and pixel_record(small)["store"] == "jpeg@90"
 
 
 def test_folds_stages_and_scales_read_one_stored_file_per_image_set(workdir, capsys):

@@ -9,6 +9,7 @@ stored image at close to full resolution, and validation/TTA resize the shorter 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import albumentations as A
@@ -121,15 +122,37 @@ def store_side(cfg: Config) -> int:
     return int(math.ceil(1.5 * need / 64) * 64)
 
 
+def store_format(cfg: Config) -> str:
+    """`aug.store` resolved: auto is JPEG when a raw store of the train images (the folds file's rows; about
+    4/3 x side^2 x 3 bytes each, a 4:3 photo) would pass aug.store_raw_max_gb, else raw. One format per
+    experiment: its test images are stored as its train images are (a model sees one kind of pixels)."""
+    a = cfg.aug
+    if a.store != "auto":
+        return a.store
+    p = cfg.folds_csv
+    n = _rows(str(p), (p.stat().st_mtime_ns, p.stat().st_size)) if p.exists() else 0
+    return "jpeg" if n * store_side(cfg) ** 2 * 4 > a.store_raw_max_gb * 1e9 else "raw"
+
+
+@functools.lru_cache(maxsize=8)
+def _rows(path: str, _stamp: tuple) -> int:  # _stamp: the file's mtime and size (a rebuilt file is read again)
+    with open(path, "rb") as f:
+        return max(sum(1 for _ in f) - 1, 0)
+
+
 def open_store(cfg: Config, paths) -> ImageStore:
     """The image store of an image set (every train row, or every test id) for this config."""
     a = cfg.aug
-    return ImageStore(list(paths), store_side(cfg), a.cache, a.cache_dir, a.cache_max_gb)
+    return ImageStore(list(paths), store_side(cfg), a.cache, a.cache_dir, a.cache_max_gb, store_format(cfg),
+                      a.store_quality)
 
 
 def pixel_record(cfg: Config) -> dict:
-    """The resolved settings that decide the pixels a model sees beyond the `aug` section itself."""
-    return {"crop_pct": crop_pct(cfg), "store_side": store_side(cfg)}
+    """The resolved settings that decide the pixels a model sees beyond the `aug` section itself (a JPEG store
+    only when used: records of raw stores stay as they were)."""
+    fmt = store_format(cfg)
+    return {"crop_pct": crop_pct(cfg), "store_side": store_side(cfg),
+            **({"store": f"jpeg@{cfg.aug.store_quality}"} if fmt == "jpeg" else {})}
 
 
 def train_size(cfg: Config, epoch: int) -> int:

@@ -156,6 +156,15 @@ class AugCfg:
                                 help="probability of cutting up to 8 holes of <=1/8 of the side")
     store_side: Optional[int] = key(None, range=(16, 16384, True, True),
                                     help="shorter side of the stored copies; null: 1.5 x the largest side read, /64")
+    store: Literal["auto", "raw", "jpeg"] = key("auto", added="2026-12-02",
+                                                help="how stored copies keep pixels: raw uint8, or JPEG at "
+                                                     "store_quality (4:4:4; about a tenth of the disk, decoded in the "
+                                                     "loader workers); auto: raw unless the train images' raw store "
+                                                     "would pass store_raw_max_gb")
+    store_quality: int = key(90, range=(50, 100, True, True), added="2026-12-02", help="JPEG quality of store=jpeg")
+    store_raw_max_gb: float = key(100.0, range=(0, 1e6, False, True), added="2026-12-02",
+                                  help="store=auto: the largest raw store (estimated from the train images and the "
+                                       "store side) kept raw; above it, JPEG")
     cache: Literal["auto", "on", "off"] = key("auto", stage="-",
                                               help="keep the stored copies on disk (one per image set); auto: if it "
                                                    "fits")

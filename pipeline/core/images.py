@@ -17,6 +17,7 @@ same pixels on the fly, so cache on and off train identically.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -126,6 +127,21 @@ def stored_image(path: str, side: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the store
+JPEG_RATIO = 8  # a q90 4:4:4 JPEG of a photo is about an eighth of its raw bytes (the `cache: auto` estimate)
+
+
+def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
+    """HxWx3 uint8 -> JPEG bytes (4:4:4 chroma: colour detail kept; PIL's libjpeg-turbo, deterministic)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 class ImageStore:
     """An image set at storage side `side`: `store[i]` is the stored HxWx3 uint8 copy of `paths[i]`.
 
@@ -135,8 +151,9 @@ class ImageStore:
     """
 
     def __init__(self, paths: list[str], side: int, cache: str = "off", cache_dir: str | Path = layout.CACHE,
-                 max_gb: float | None = None):
+                 max_gb: float | None = None, fmt: str = "raw", quality: int = 90):
         self.paths, self.side = [str(p) for p in paths], int(side)
+        self.fmt, self.quality = fmt, int(quality)
         self.dir: Path | None = None
         self._mm = self._index = None
         if cache == "off":
@@ -147,6 +164,7 @@ class ImageStore:
         except OSError as e:
             raise PipelineError(f"cannot create the image cache folder {cache_dir}: {e.strerror or e}") from e
         need = len(self.paths) * self.side * self.side * 3 * 4 // 3  # a typical 4:3 photo at the storage side
+        need //= JPEG_RATIO if fmt == "jpeg" else 1
         free = shutil.disk_usage(cache_dir).free
         if cache == "auto" and need >= free // 2:
             log.info("image cache off: about %.1f GB needed, %.1f GB free", need / 1e9, free / 1e9)
@@ -164,7 +182,10 @@ class ImageStore:
             except OSError as e:
                 raise PipelineError(f"image {p} cannot be read: {e.strerror or e}") from None
             files.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-        return f"{sha256_obj({'format': STORE_FORMAT, 'side': self.side, 'files': files})[:20]}-{self.side}px"
+        what = {"format": STORE_FORMAT, "side": self.side, "files": files}
+        if self.fmt == "jpeg":  # raw stores keep their key (and their caches)
+            what["jpeg"] = self.quality
+        return f"{sha256_obj(what)[:20]}-{self.side}px" + (f"-jpeg{self.quality}" if self.fmt == "jpeg" else "")
 
     def _open_or_build(self, cache_dir: Path) -> Path:
         final = cache_dir / self.key()
@@ -178,17 +199,21 @@ class ImageStore:
         t0 = time.perf_counter()
         offsets, shapes, pos = [], [], 0
         try:
-            with open(tmp / "pixels.u8", "wb") as f:
-                for p in progress(self.paths, len(self.paths), f"storing images at {self.side}px", "img"):
+            with open(tmp / self._blob, "wb") as f:
+                for p in progress(self.paths, len(self.paths), f"storing images at {self.side}px"
+                                  + (f" as JPEG q{self.quality}" if self.fmt == "jpeg" else ""), "img"):
                     img = np.ascontiguousarray(stored_image(p, self.side))
-                    f.write(img.tobytes())
+                    data = encode_jpeg(img, self.quality) if self.fmt == "jpeg" else img.tobytes()
+                    f.write(data)
                     offsets.append(pos)
                     shapes.append(img.shape[:2])
-                    pos += img.size
+                    pos += len(data)
+            offsets.append(pos)  # the end of the last one
             np.savez(tmp / "index.npz", offsets=np.asarray(offsets, np.int64),
                      shapes=np.asarray(shapes, np.int32).reshape(-1, 2))
             (tmp / "meta.json").write_text(json.dumps({
                 "format": STORE_FORMAT, "side": self.side, "n": len(self.paths), "bytes": pos,
+                "pixels": f"jpeg@{self.quality}" if self.fmt == "jpeg" else "raw",
                 "first": self.paths[:3], "seconds": time.perf_counter() - t0}, indent=1))
             try:
                 os.replace(tmp, final)  # atomic: the store appears whole or not at all
@@ -206,14 +231,21 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def _blob(self) -> str:
+        return "pixels.jpg" if self.fmt == "jpeg" else "pixels.u8"
+
     def __getitem__(self, i: int) -> np.ndarray:
-        if self.dir is None:
-            return stored_image(self.paths[i], self.side)
+        if self.dir is None:  # no cache: the same pixels, made now (a JPEG store's round trip included)
+            img = stored_image(self.paths[i], self.side)
+            return decode_jpeg(encode_jpeg(img, self.quality)) if self.fmt == "jpeg" else img
         if self._mm is None:  # opened lazily: once per DataLoader worker
-            self._mm = np.memmap(self.dir / "pixels.u8", dtype=np.uint8, mode="r")
+            self._mm = np.memmap(self.dir / self._blob, dtype=np.uint8, mode="r")
             with np.load(self.dir / "index.npz") as z:
                 self._index = (z["offsets"], z["shapes"])
         o, (h, w) = self._index[0][i], self._index[1][i]
+        if self.fmt == "jpeg":  # decoded here, in the loader worker that asked
+            return decode_jpeg(self._mm[o:self._index[0][i + 1]].tobytes())
         return np.array(self._mm[o:o + h * w * 3]).reshape(h, w, 3)
 
     def subset(self, rows) -> "StoreView":

@@ -40,7 +40,7 @@ from .. import __version__
 from ..core import bundle as bundle_io
 from ..core import layout, models
 from ..core.artifacts import read_json, sha256_file, write_json, write_text
-from ..core.augment import crop_pct, store_side
+from ..core.augment import crop_pct, store_format, store_side
 from ..core.config import Config, keys_without_output, load_config
 from ..core.errors import PipelineError
 from ..core.heads import Head
@@ -123,7 +123,7 @@ def bundle_member_config(mcfg: Config, s4: dict, submission: str) -> dict:
     """The config sections inference reads, with every derived pixel setting resolved (so a bundle does
     not depend on timm's pretrained defaults of another version)."""
     d = mcfg.to_dict()
-    aug = dict(d["aug"], crop_pct=crop_pct(mcfg), store_side=store_side(mcfg), cache="on")
+    aug = dict(d["aug"], crop_pct=crop_pct(mcfg), store_side=store_side(mcfg), store=store_format(mcfg), cache="on")
     for k in keys_without_output("aug"):  # this machine's store settings; the bundle keeps its own store
         if k != "cache":
             aug.pop(k)
