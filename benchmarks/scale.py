@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.tools.demo import coco_competition  # noqa: E402
 
-STAGES = ["folds", "train", "rebalance", "infer", "ensemble"]
+STAGES = ["folds", "train", "rebalance", "infer", "ensemble", "report", "leaderboard"]  # what `all` runs
 
 
 def config(root: Path, variants: list[str]) -> str:
@@ -48,7 +48,8 @@ def folder_bytes(p: Path) -> int:
 
 def run_stage(work: Path, stage: str) -> dict:
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "pipeline", stage, "--config", "scale.yaml"],
+    args = {"report": ["scale"], "leaderboard": []}.get(stage, ["--config", "scale.yaml"])
+    r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "pipeline", stage, *args],
                        cwd=work, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     seconds = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)

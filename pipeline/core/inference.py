@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import models
+from .artifacts import read_npz, read_npz_item
 from .augment import crop_pct, load_transform
 from .config import Config
 from .errors import PipelineError
@@ -167,12 +168,18 @@ def split_candidate(name: str) -> tuple[str, str, bool]:
     return exp, head, bool(rest)
 
 
-def candidate_probs(pred, plain: bool, how: str) -> np.ndarray:
+def candidate_probs(path, plain: bool, how: str) -> np.ndarray:
     """A stage-4 prediction file's (test.npz / oof.npz) probabilities: its policy's, or with `plain` its no-TTA
-    view's."""
+    view's (that view alone is read: not every view's rows x classes)."""
     if not plain:
-        return pred["probs"]
-    return policy_probs(pred["view_logits"].astype(np.float32), list(pred["views"]), [BASELINE], how)
+        return read_npz(path, keys=("probs",))["probs"]
+    return policy_probs(plain_logits(path)[None].astype(np.float32), [BASELINE], [BASELINE], how)
+
+
+def plain_logits(path) -> np.ndarray:
+    """N x C logits of the no-TTA view of a stage-4 prediction file."""
+    views = [str(v) for v in read_npz(path, keys=("views",))["views"]]
+    return read_npz_item(path, "view_logits", views.index(BASELINE))
 
 
 def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], list[str]]]:

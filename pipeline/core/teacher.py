@@ -202,9 +202,8 @@ def stage4_probs(t: Teacher, part: str) -> tuple[np.ndarray, np.ndarray]:
         path = run.infer_oof(head) if part == "oof" else run.infer_test(head)
         if not path.exists():
             raise PipelineError(f"teacher '{t.name}': {path} not found (re-run ./run.sh infer for '{exp}')")
-        o = read_npz(path)
-        ids = o["ids"] if ids is None else ids
-        parts.append(candidate_probs(o, plain, t.stage4[exp]["merge"]))
+        ids = read_npz(path, keys=("ids",))["ids"] if ids is None else ids
+        parts.append(candidate_probs(path, plain, t.stage4[exp]["merge"]))
     return ids, combine(parts, t.method, np.array([t.weights[n] for n in names]))
 
 

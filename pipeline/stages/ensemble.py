@@ -42,9 +42,9 @@ def load_member(exp: str, head: str | None) -> dict:
     head = head or s["primary"]
     if head not in s["heads"]:
         raise PipelineError(f"ensemble member '{exp}:{head}': stage 4 predicted heads {s['heads']} only")
-    m = {"name": f"{exp}:{head}", "summary": s, "test": read_npz(run.infer_test(head))}
-    if run.infer_oof(head).exists():
-        m["oof"] = read_npz(run.infer_oof(head))
+    m = {"name": f"{exp}:{head}", "summary": s, "test": read_npz(run.infer_test(head), skip=("view_logits",))}
+    if run.infer_oof(head).exists():  # every view's logits stay on disk (V x N x C): probabilities are combined
+        m["oof"] = read_npz(run.infer_oof(head), skip=("view_logits",))
     return m
 
 
@@ -168,8 +168,8 @@ def candidates(cfg: Config) -> list[dict]:
             out.append({**m, "candidate": m["name"], "oof_probs": m["oof"]["probs"], "test_probs": m["test"]["probs"]})
             if s["policy"] != [BASELINE]:
                 out.append({**m, "candidate": m["name"] + PLAIN,
-                            "oof_probs": candidate_probs(m["oof"], True, s["merge"]),
-                            "test_probs": candidate_probs(m["test"], True, s["merge"])})
+                            "oof_probs": candidate_probs(layout.RunDir.of(exp).infer_oof(h), True, s["merge"]),
+                            "test_probs": candidate_probs(layout.RunDir.of(exp).infer_test(h), True, s["merge"])})
     return out
 
 

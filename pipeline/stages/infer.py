@@ -248,8 +248,8 @@ class Tables:
             raise PipelineError("a TTA view was predicted by no model")
         return np.load(self._path(h, "test"), mmap_mode="r") / self.weight[h][:, None, None]
 
-    def oof(self, h: str) -> np.ndarray:
-        return np.load(self._path(h, "oof"), mmap_mode="r")
+    def oof(self, h: str) -> "RowTable":
+        return RowTable(self._path(h, "oof"))
 
     def alias_test(self, h: str, src: str) -> None:
         """Head h's test logits are head src's (the `best` head: the variant best on all folds)."""
@@ -258,6 +258,43 @@ class Tables:
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RowTable:
+    """A V x N x C table of an .npy file read in blocks of rows by plain file reads (`table[views, a:b]`): reading
+    it whole never maps it into memory. `chunks()` streams it in C order (write_npz)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read(f)
+            self.offset = f.tell()
+
+    def __getitem__(self, key) -> np.ndarray:
+        views, rows = key
+        views = range(self.shape[0])[views] if isinstance(views, slice) else list(views)
+        a, b, _ = rows.indices(self.shape[1])
+        row = self.shape[2] * self.dtype.itemsize
+        return np.stack([np.fromfile(self.path, self.dtype, (b - a) * self.shape[2],
+                                     offset=self.offset + (v * self.shape[1] + a) * row).reshape(b - a, self.shape[2])
+                         for v in views]) if b > a else np.zeros((len(views), 0, self.shape[2]), self.dtype)
+
+    def chunks(self):
+        for v in range(self.shape[0]):
+            for a in range(0, self.shape[1], MERGE_ROWS):
+                yield self[[v], a:a + MERGE_ROWS][0]
+
+
+class Streamed:
+    """An N x C array written by write_npz block by block from `blocks()` (row blocks, in order)."""
+
+    def __init__(self, shape: tuple, dtype, blocks):
+        self.shape, self.dtype, self._blocks = shape, np.dtype(dtype), blocks
+
+    def chunks(self):
+        return self._blocks()
 
 
 def predict_all(cfg: Config, inp: Inputs, names: list[str], best: dict | None, tables: Tables) -> int:
@@ -371,7 +408,7 @@ def best_choice(cfg: Config, inp: Inputs) -> dict:
     return choice
 
 
-def tta_report(cfg: Config, inp: Inputs, h: str, logits: np.ndarray, names: list[str], policy: list[str],
+def tta_report(cfg: Config, inp: Inputs, h: str, logits: RowTable, names: list[str], policy: list[str],
                fold_policies: list[list[str]] | None) -> list[dict]:
     """CV of head h without TTA, with each view alone and with the policy (all on OOF). A searched policy is
     scored nested (fold k's rows with the views chosen on the other folds); the policy chosen on every row is
@@ -381,7 +418,8 @@ def tta_report(cfg: Config, inp: Inputs, h: str, logits: np.ndarray, names: list
     fold, y = inp.oof_df["fold"].values, inp.oof_df["y"].values
     for label, sel in selections:
         if label == "policy" and fold_policies is not None:
-            rs = row_scores(y, nested_policy_probs(logits, names, fold_policies, fold, cfg.infer.merge))
+            rs = RowScores.concat([row_scores(y[a:a + len(b)], b) for a, b in
+                                   nested_policy_blocks(logits, names, fold_policies, fold, cfg.infer.merge)])
             rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, rs)})
             label = SELECTED_ON_ALL
         rs = policy_rows(logits, names, sel, cfg.infer.merge, y)
@@ -392,32 +430,42 @@ def tta_report(cfg: Config, inp: Inputs, h: str, logits: np.ndarray, names: list
 SELECTED_ON_ALL = "policy chosen on all OOF rows (optimistic: not ranked)"
 
 
-def nested_policy_probs(logits: np.ndarray, names: list[str], fold_policies: list[list[str]], fold: np.ndarray,
-                        merge: str, dtype=np.float64) -> np.ndarray:
-    """OOF probabilities, fold k's rows merged over fold k's policy (chosen without them), in blocks of rows."""
-    out = np.empty(logits.shape[1:], dtype)
+def nested_policy_blocks(logits, names: list[str], fold_policies: list[list[str]], fold: np.ndarray, merge: str):
+    """OOF probabilities (float64) in blocks of rows, fold k's rows merged over fold k's policy (chosen without
+    them): yields (first row, block)."""
     for a in range(0, logits.shape[1], MERGE_ROWS):
         block, f = logits[:, a:a + MERGE_ROWS], fold[a:a + MERGE_ROWS]
-        part = out[a:a + MERGE_ROWS]
+        out = np.empty(block.shape[1:], np.float64)
         for k, pol in enumerate(fold_policies):
             if (f == k).any():
-                part[f == k] = policy_probs(block[:, f == k], names, pol, merge)
-    return out
+                out[f == k] = policy_probs(block[:, f == k], names, pol, merge)
+        yield a, out
 
 
-def write_predictions(cfg: Config, inp: Inputs, h: str, test_logits: np.ndarray, oof_logits: np.ndarray | None,
+def policy_blocks(logits, names: list[str], policy: list[str], merge: str):
+    """The policy's OOF probabilities (float64) in blocks of rows: yields (first row, block)."""
+    for a in range(0, logits.shape[1], MERGE_ROWS):
+        yield a, policy_probs(logits[:, a:a + MERGE_ROWS], names, policy, merge)
+
+
+def write_predictions(cfg: Config, inp: Inputs, h: str, test_logits: np.ndarray, oof_logits: RowTable | None,
                       names: list[str], policy: list[str], fold_policies: list[list[str]] | None = None) -> None:
-    """infer/<h>/test.npz and oof.npz (float32)."""
+    """infer/<h>/test.npz and oof.npz (float32); the OOF tables are streamed from disk to disk in blocks of rows."""
     classes = np.array([str(c) for c in inp.classes])
     write_npz(cfg.run_dir.infer_test(h), ids=inp.test["id"].values, classes=classes,
               probs=policy_probs(test_logits, names, policy, cfg.infer.merge, np.float32),
               view_logits=test_logits.astype(np.float32), views=np.array(names))
     if oof_logits is not None:
         fold = inp.oof_df["fold"].values
-        probs = (nested_policy_probs(oof_logits, names, fold_policies, fold, cfg.infer.merge, np.float32)
-                 if fold_policies is not None else policy_probs(oof_logits, names, policy, cfg.infer.merge, np.float32))
+
+        def probs():
+            blocks = (nested_policy_blocks(oof_logits, names, fold_policies, fold, cfg.infer.merge)
+                      if fold_policies is not None else policy_blocks(oof_logits, names, policy, cfg.infer.merge))
+            return (b.astype(np.float32) for _, b in blocks)
+
         write_npz(cfg.run_dir.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
-                  fold=fold, classes=classes, probs=probs, view_logits=oof_logits, views=np.array(names))
+                  fold=fold, classes=classes, probs=Streamed(oof_logits.shape[1:], np.float32, probs),
+                  view_logits=oof_logits, views=np.array(names))
 
 
 def inner_heads(cfg: Config, k: int, variant: str, ids: np.ndarray) -> tuple[list[Head], np.ndarray] | None:

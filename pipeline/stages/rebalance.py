@@ -133,8 +133,9 @@ def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: n
             "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
 
 
-def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int) -> dict:
-    """Every configured variant (core/heads.VARIANTS): its head, honest held-out logits, and how it was chosen."""
+def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int):
+    """Every configured variant (core/heads.VARIANTS), one at a time (its held-out logits are dropped before the
+    next is fit): yields (variant, {head, honest held-out logits, metrics, record of the choice, inner splits})."""
     r = cfg.rebalance
     metric = cfg.eval.scorer
     y_tr, y_va, x_va = feats["train_y"], feats["valid_y"], feats["valid"]
@@ -142,23 +143,21 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
     f = FitInputs(w=w, b=b, train=feats["train"], train_y=y_tr, views=list(feats["views"]), n_classes=n_classes,
                   seed=seed, valid=x_va)
     inner = inner_split(y_va, r.inner_folds, seed)
-    out = {}
     for v in r.variants:
         spec = VARIANTS[v]
         heads, cands = spec.fit(r, f)
         if spec.tuned is None:
             h = heads[None]
-            out[v] = {"head": h, "logits": h.logits(x_va), "record": {}}
-            continue
-        out[v] = choose(heads, spec.tuned, x_va, y_va, inner, "log_loss" if spec.rule == "log_loss" else metric,
-                        fixed=spec.fixed(r) if spec.fixed else None, cands=cands)
-        if spec.record:
-            spec.record(out[v]["record"])
-    for v, o in out.items():
+            o = {"head": h, "logits": h.logits(x_va), "record": {}}
+        else:
+            o = choose(heads, spec.tuned, x_va, y_va, inner, "log_loss" if spec.rule == "log_loss" else metric,
+                       fixed=spec.fixed(r) if spec.fixed else None, cands=cands)
+            if spec.record:
+                spec.record(o["record"])
         o["metrics"] = compute(y_va, None, counts, cfg.eval.many_shot, cfg.eval.few_shot, metric,
                                rows=row_scores(y_va, logits=o["logits"]))
         o["inner"] = inner  # each held-out row's inner split
-    return out
+        yield v, o
 
 
 def check_inner_folds(cfg: Config, df: pd.DataFrame, folds: list[int]) -> None:
@@ -194,9 +193,8 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
         return read_json(fd.rebalance_summary)
     fault_point(f"rebalance:after-features:{k}")
     t0 = time.perf_counter()
-    res = fit_variants(cfg, feats, feats["joint_weight"], feats["joint_bias"], len(classes), cfg.seed + k)
     variants = {}
-    for v, o in res.items():
+    for v, o in fit_variants(cfg, feats, feats["joint_weight"], feats["joint_bias"], len(classes), cfg.seed + k):
         record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
         record.pop("curve", None)
         o["head"].save(fd.head(v), record)
@@ -209,7 +207,7 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
     summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from,
                "env": environment()}
     write_json(fd.rebalance_summary, summary)
-    line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in res.items())
+    line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in variants.items())
     log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.scorer, line)
     return summary
 

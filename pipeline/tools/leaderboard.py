@@ -25,7 +25,7 @@ from ..core.layout import RunDir
 from ..core.data import private_score, read_test_labels
 from ..core.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, softmax
 from ..core.provenance import changed_keys
-from ..core.inference import FIXRES
+from ..core.inference import FIXRES, plain_logits
 from ..core.tta import BASELINE
 
 log = logging.getLogger("pipeline")
@@ -83,20 +83,16 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
                 "fold": np.concatenate([np.full(len(i), k) for k, i in enumerate(ids)]), "rows": RowScores.concat(parts)}
 
     def stage4(path: Path, plain: bool) -> dict:
-        o = read_npz(path)
-        if plain:
-            j = list(o["views"]).index(BASELINE)
-            rows = row_scores(o["y"], logits=o["view_logits"][j], dtype=np.float64)
-        else:
-            rows = row_scores(o["y"], probs=o["probs"])
+        o = read_npz(path, keys=("ids", "y", "fold") if plain else ("ids", "y", "fold", "probs"))
+        rows = (row_scores(o["y"], logits=plain_logits(path), dtype=np.float64) if plain
+                else row_scores(o["y"], probs=o["probs"]))
         return {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "rows": rows}
 
     def test_probs(path: Path, plain: bool):
         def load():
-            t = read_npz(path)
             if not plain:
-                return t["probs"]
-            return softmax(t["view_logits"][list(t["views"]).index(BASELINE)].astype(np.float64))
+                return read_npz(path, keys=("probs",))["probs"]
+            return softmax(plain_logits(path).astype(np.float64))
         return load
 
     joint = per_fold([run.fold(k).oof for k in range(K)])
@@ -116,12 +112,12 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
             if h == "best" and run.infer_oof(h).exists():  # nested per fold: its no-TTA row is stage 4's plain view
                 out[(h, False)] = stage4(run.infer_oof(h), True)
             if (h, False) in out and has_test:
-                out[(h, False)]["test"] = {"ids": read_npz(run.infer_test(h))["ids"],
+                out[(h, False)]["test"] = {"ids": read_npz(run.infer_test(h), keys=("ids",))["ids"],
                                            "probs": test_probs(run.infer_test(h), True)}
             if tta and run.infer_oof(h).exists():
                 out[(h, True)] = stage4(run.infer_oof(h), False)
                 if has_test:
-                    out[(h, True)]["test"] = {"ids": read_npz(run.infer_test(h))["ids"],
+                    out[(h, True)]["test"] = {"ids": read_npz(run.infer_test(h), keys=("ids",))["ids"],
                                               "probs": test_probs(run.infer_test(h), False)}
     return out
 

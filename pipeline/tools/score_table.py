@@ -12,7 +12,7 @@ from ..core.artifacts import read_json, read_npz
 from ..core.config import Config
 from ..core.data import private_score
 from ..core.metrics import softmax
-from ..core.tta import BASELINE
+from ..core.inference import plain_logits
 
 log = logging.getLogger("pipeline")
 
@@ -32,8 +32,8 @@ def summary_table(cfg: Config) -> pd.DataFrame:
         joint = pick("joint", "no TTA").iloc[0]
         best = pick(head, "no TTA").iloc[0]
         tta = pick(head, "policy").iloc[0]
-        jt, bt = read_npz(run.infer_test("joint")), read_npz(run.infer_test(head))
-        plain = softmax(jt["view_logits"][list(jt["views"]).index(BASELINE)].astype(np.float32))
+        jt, bt = read_npz(run.infer_test("joint"), skip=("view_logits",)), read_npz(run.infer_test(head), skip=("view_logits",))
+        plain = softmax(plain_logits(run.infer_test("joint")).astype(np.float32))
         rows.append({"model": exp, "head": head, "CV joint": joint["cv_mean"], "CV head": best["cv_mean"],
                      "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
                      "private joint": private_score(cfg, jt["ids"], plain, inf["classes"]),
