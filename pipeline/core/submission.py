@@ -25,20 +25,33 @@ def parse_members(cfg) -> list[tuple[str, str | None]]:
     return out
 
 
+BLOCK_ROWS = 4096  # rows combined at a time (every method but rank is per row: the same numbers, less memory)
+
+
 def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = None) -> np.ndarray:
-    """N x C probabilities of members (weights: non-negative, summing to 1; default equal)."""
-    p = np.stack([np.clip(x, 1e-12, 1) for x in probs]).astype(np.float64)
+    """N x C probabilities (float64) of members (weights: non-negative, summing to 1; default equal)."""
+    if method not in METHODS:
+        raise PipelineError(f"unknown ensemble method '{method}' (one of {list(METHODS)})")
     w = np.full(len(probs), 1.0 / len(probs)) if weights is None else np.asarray(weights, float)
+    if method == "rank":
+        return _combine(probs, method, w)
+    n = len(probs[0])
+    out = np.empty(probs[0].shape, np.float64)
+    for a in range(0, n, BLOCK_ROWS):
+        out[a:a + BLOCK_ROWS] = _combine([x[a:a + BLOCK_ROWS] for x in probs], method, w)
+    return out
+
+
+def _combine(probs: list[np.ndarray], method: str, w: np.ndarray) -> np.ndarray:
+    p = np.stack([np.clip(x, 1e-12, 1) for x in probs]).astype(np.float64)
     if method in ("mean", "weighted", "hill_climb"):
         out = np.tensordot(w, p, axes=1)
     elif method == "geo_mean":
         out = np.exp(np.tensordot(w, np.log(p), axes=1))
-    elif method == "rank":  # per class, across images; on float32 values, as stage 4 stores them, so predict
-        # (whose probabilities are float64) ties exactly where stage 5 does
+    else:  # rank: per class, across images (every row at once); on float32 values, as stage 4 stores them, so
+        # predict (whose probabilities are float64) ties exactly where stage 5 does
         r = np.stack([rankdata(x.astype(np.float32), axis=0) / len(x) for x in p])
         out = np.tensordot(w, r, axes=1)
-    else:
-        raise PipelineError(f"unknown ensemble method '{method}' (one of {list(METHODS)})")
     return out / out.sum(1, keepdims=True)
 
 
