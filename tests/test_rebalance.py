@@ -182,3 +182,14 @@ def test_weights_of_another_architecture_are_refused(trained, tmp_path):
     models.write_state_dict(path, ours)
     with pytest.raises(PipelineError, match="with 5 classes"):
         models.load_trained(cfg, path, 5)
+
+
+def test_inner_splits_fall_back_to_plain_shuffling_when_no_class_can_be_stratified():
+    from pipeline.stages.rebalance import inner_split
+
+    few = np.arange(1000)                       # 1,000 classes of one held-out image each (FGVC at 2 per class)
+    split = inner_split(few, 2, 0)
+    assert sorted(np.bincount(split)) == [500, 500]
+    many = np.repeat(np.arange(5), 4)           # stratifiable: every class in both splits
+    split = inner_split(many, 2, 0)
+    assert all(sorted(np.bincount(split[many == c])) == [2, 2] for c in range(5))

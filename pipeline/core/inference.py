@@ -125,12 +125,22 @@ class PolicyFeatures:
                        for scale, at, vs in by_scale(pairs)]
 
     def logits(self, heads: dict[str, Head]) -> dict[str, np.ndarray]:
-        out = {}
+        return {h: self.nested([head], np.zeros(self.n, np.int64)) for h, head in heads.items()}
+
+    def nested(self, heads: list[Head], split: np.ndarray) -> np.ndarray:
+        """V x N x C logits (float32), row i from heads[split[i]]: each head runs on whole batches (as `logits`
+        does) and each batch's rows are written straight into the one output array."""
+        out = np.zeros((self.n_views, self.n, len(heads[0].bias)), np.float32)
         for at, batches in self.groups:
-            for h, lg in heads_on_batches(batches, heads).items():
-                if h not in out:
-                    out[h] = np.zeros((self.n_views, self.n, lg.shape[2]), np.float32)
-                out[h][at] = lg
+            start = 0
+            for feats in batches:
+                rows = slice(start, start + len(feats[0]))
+                for j, head in enumerate(heads):
+                    mine = split[rows] == j
+                    if mine.any():
+                        for v, f in zip(at, feats):
+                            out[v, rows][mine] = head.torch_logits(f).cpu().numpy()[mine]
+                start = rows.stop
         return out
 
 

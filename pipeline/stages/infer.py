@@ -237,10 +237,16 @@ class Tables:
         self.weight[h][at] += weight
 
     def put_oof(self, h: str, at: list[int], rows: np.ndarray, logits: np.ndarray) -> None:
-        m = np.load(self._path(h, "oof"), mmap_mode="r+")
-        m[np.ix_(at, rows)] = logits
-        m.flush()
-        del m
+        """OOF rows `rows` (ascending) of views `at`, by plain file writes of each run of consecutive rows (nothing
+        of the table is mapped into memory)."""
+        table = RowTable(self._path(h, "oof"))
+        row = table.shape[2] * table.dtype.itemsize
+        runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
+        with open(table.path, "r+b") as f:
+            for i, v in enumerate(at):
+                for run in runs:
+                    f.seek(table.offset + (v * table.shape[1] + int(rows[run[0]])) * row)
+                    f.write(np.ascontiguousarray(logits[i, run[0]:run[-1] + 1], table.dtype).tobytes())
 
     def test(self, h: str) -> np.ndarray:
         """The test logits of head h: per view, the weighted mean over the units that predicted it."""
@@ -491,15 +497,10 @@ def inner_heads(cfg: Config, k: int, variant: str, ids: np.ndarray) -> tuple[lis
 
 def nested_logits(feats: PolicyFeatures, head: Head, inner: tuple[list[Head], np.ndarray] | None) -> np.ndarray:
     """A head's held-out logits (V x N x C) from a unit's features, each row from the head of its inner split when
-    nested (one inner head's logits in memory at a time)."""
+    nested."""
     if inner is None:
-        return feats.logits({"h": head})["h"]
-    out = None
-    for j, hj in enumerate(inner[0]):
-        lg = feats.logits({"h": hj})["h"]
-        out = np.zeros_like(lg) if out is None else out
-        out[:, inner[1] == j] = lg[:, inner[1] == j]
-    return out
+        return feats.nested([head], np.zeros(feats.n, np.int64))
+    return feats.nested(inner[0], inner[1])
 
 
 def _load_head(cfg: Config, k: int, variant: str, model) -> Head:

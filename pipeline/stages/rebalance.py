@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..core import models, tracking
 from ..core.artifacts import experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv, write_json, \
@@ -161,23 +161,27 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
 
 
 def check_inner_folds(cfg: Config, df: pd.DataFrame, folds: list[int]) -> None:
-    """Tuned choices are cross-fitted over `rebalance.inner_folds` splits of each held-out fold, stratified
-    by class: that needs at least as many held-out images as splits, and one class with as many."""
+    """Tuned choices are cross-fitted over `rebalance.inner_folds` splits of each held-out fold: that needs at least
+    as many held-out images as splits."""
     n = cfg.rebalance.inner_folds
     for k in folds:
-        y = df["y"].values[df["fold"].values == k]
-        top = int(np.bincount(y).max()) if len(y) else 0
-        if n > len(y) or n > top:
-            raise PipelineError(f"config key 'rebalance.inner_folds' ({n}): fold {k} holds out {len(y)} image(s), at "
-                                f"most {top} of any class, too few for {n} stratified inner splits; set "
-                                f"rebalance.inner_folds to {max(2, min(top, len(y)))} or less (or use fewer folds)")
+        held = int((df["fold"].values == k).sum())
+        if n > held:
+            raise PipelineError(f"config key 'rebalance.inner_folds' ({n}): fold {k} holds out {held} image(s), too "
+                                f"few for {n} inner splits; set rebalance.inner_folds to {max(2, held)} or less (or "
+                                f"use fewer folds)")
 
 
 def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Each held-out row's inner split: stratified by class, or (no class has n held-out images: thousands of
+    classes of 1-2 images, as FGVC sets have) shuffled without strata."""
     inner = np.zeros(len(y), dtype=np.int64)
+    strata = len(y) and np.bincount(y).max() >= n
+    splitter = (StratifiedKFold(n, shuffle=True, random_state=seed) if strata
+                else KFold(n, shuffle=True, random_state=seed))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class")
-        for j, (_, idx) in enumerate(StratifiedKFold(n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)):
+        for j, (_, idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
             inner[idx] = j
     return inner
 
