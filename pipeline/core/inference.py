@@ -91,7 +91,7 @@ def joint_head(model) -> Head:
 def feature_batches(cfg: Config, model, norm, store, scale: float, views: list[str], device, dtype,
                     batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> list[list]:
     """Per loader batch, the pooled features of every view of one scale (V tensors of b x D, on the device): a
-    head's logits are computed from them when asked (`heads_on_batches`), so the backbone runs once however many
+    head's logits are computed from them when asked (`PolicyFeatures`), so the backbone runs once however many
     heads there are, and memory holds features (rows x D), not every head's rows x classes."""
     load, crop = sizes(cfg.aug.img_size, crop_pct(cfg), scale)
     loader = make_loader(ImageDataset(store, None, load_transform(cfg, crop)),
@@ -104,12 +104,6 @@ def feature_batches(cfg: Config, model, norm, store, scale: float, views: list[s
         if on_batch is not None:
             on_batch(len(x))
     return out
-
-
-def heads_on_batches(batches: list[list], heads: dict[str, Head]) -> dict[str, np.ndarray]:
-    """Logits (V x N x C, float32) of every head over `feature_batches`' output."""
-    return {h: np.concatenate([np.stack([head.torch_logits(f).cpu().numpy() for f in feats]) for feats in batches],
-                              axis=1) for h, head in heads.items()}
 
 
 class PolicyFeatures:
