@@ -33,16 +33,17 @@ def cfg_of(root, exp, *extra):
     return load_config(None, [f"data.root={root}", f"experiment={exp}", *BASE, *extra])
 
 
+def stages_1_to_4(cfg):
+    for stage in (folds_stage, train_stage, rebalance_stage, infer_stage):
+        stage.run(cfg)
+    return cfg
+
+
 @pytest.fixture
 def teacher(workdir):
     """A finished teacher experiment with a tuned head (tau) and a searched TTA policy."""
     root = make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24, n_test=8)
-    cfg = cfg_of(root, "t", *TEACHER)
-    folds_stage.run(cfg)
-    train_stage.run(cfg)
-    rebalance_stage.run(cfg)
-    infer_stage.run(cfg)
-    return cfg
+    return stages_1_to_4(cfg_of(root, "t", *TEACHER))
 
 
 def student(teacher, *extra):
@@ -210,11 +211,7 @@ def teachers3(workdir):
     """A 3-fold teacher experiment (tuned tau and cRT heads, the nested `best` head, a searched TTA policy) and an
     ensemble teacher of each kind over it."""
     root = make_competition(workdir / "comp", {"a": 12, "b": 12, "c": 12}, size=24, n_test=6)
-    cfg = cfg_of(root, "t", *T3)
-    folds_stage.run(cfg)
-    train_stage.run(cfg)
-    rebalance_stage.run(cfg)
-    infer_stage.run(cfg)
+    cfg = stages_1_to_4(cfg_of(root, "t", *T3))
     for name, extra in KINDS.items():
         ens_stage.run(cfg_of(root, "t", *T3, f"ensemble.name={name}", *extra))
     return cfg
