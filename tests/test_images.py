@@ -161,15 +161,15 @@ def test_cache_gives_the_same_pixels_is_reused_and_bounded(tmp_path):
     assert ImageStore(paths, 24, "on", tmp_path / "cache").dir != cached.dir
 
 
-def test_a_jpeg_store_is_close_to_raw_identical_with_cache_on_or_off_and_a_tenth_of_the_disk(tmp_path):
+def test_a_jpeg_store_is_close_to_raw_identical_with_cache_on_or_off_and_a_tenth_of_the_disk(workdir):
     from pipeline.core.augment import pixel_record, store_format
 
     src = SHARED / "data" / "flowers5"
     if not src.is_dir():
         pytest.skip(f"real photos needed (JPEG error on noise says little): {src} is absent")
     paths = sorted(str(p) for p in sorted(src.glob("*/*.jpg"))[:24])
-    raw = ImageStore(paths, 64, "on", tmp_path / "cache")
-    jpeg = ImageStore(paths, 64, "on", tmp_path / "cache", fmt="jpeg", quality=90)
+    raw = ImageStore(paths, 64, "on", workdir / "cache")
+    jpeg = ImageStore(paths, 64, "on", workdir / "cache", fmt="jpeg", quality=90)
     off = ImageStore(paths, 64, "off", fmt="jpeg", quality=90)
     assert jpeg.dir != raw.dir and (jpeg.dir / "pixels.jpg").exists()          # its own store, raw's kept
     for i in range(len(paths)):
@@ -181,7 +181,7 @@ def test_a_jpeg_store_is_close_to_raw_identical_with_cache_on_or_off_and_a_tenth
     ratio = (jpeg.dir / "pixels.jpg").stat().st_size / (raw.dir / "pixels.u8").stat().st_size
     assert ratio < 0.35, ratio
     # the format is part of what made a model's pixels; auto turns to JPEG past store_raw_max_gb
-    root = make_competition(tmp_path / "c", {"a": 3, "b": 3}, size=16)
+    root = make_competition(workdir / "c", {"a": 3, "b": 3}, size=16)
     cfg = load_config(None, [f"data.root={root}", "data.image_ext=.png", "folds.n_splits=2", "experiment=j"])
     from pipeline.stages import folds as folds_stage
     folds_stage.run(cfg)
