@@ -212,9 +212,10 @@ def fixres_tune(cfg: Config, model, tuned: list, norm, ds, gen: torch.Generator,
 
 # ----------------------------------------------------------------------------- predicting
 class Tables:
-    """Stage 4's per-head tables while the units run: test logit sums (float64) and weights, and OOF logits (float32),
-    V x N x C each, memory-mapped in runs/<exp>/infer/tables.tmp/ (each unit touches its part and unmaps it), so
-    memory holds one head of one unit at a time, not every head's rows x classes; removed when stage 4 ends."""
+    """Stage 4's per-head tables while the units run, V x N x C .npy files in runs/<exp>/infer/tables.tmp/ (removed
+    when stage 4 ends): test logit sums (float64, memory-mapped while a unit adds to them) and their weights, and OOF
+    logits (float32, written and read by plain file I/O: `RowTable`). Memory holds one head of one unit at a time,
+    not every head's rows x classes."""
 
     def __init__(self, folder: Path, heads: list[str], n_views: int, n_test: int, n_oof: int, n_classes: int):
         shutil.rmtree(folder, ignore_errors=True)  # a crashed run's
