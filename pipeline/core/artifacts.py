@@ -240,48 +240,9 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
     except OSError as e:
         raise PipelineError(f"cannot create {folder}: {e.strerror or e}") from e
     lock = folder / ".lock"
-    me = {"host": hostname(), "pid": os.getpid()}
     beat, stale_after = _lock_timing()
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except PermissionError as e:
-            raise PipelineError(f"cannot write in {folder}: {e.strerror}") from e
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
-                lock.unlink(missing_ok=True)  # stale: its holder was killed
-                continue
-            if not holder and _age(lock) > 30:
-                lock.unlink(missing_ok=True)  # empty: its holder was killed between creating and writing it
-                continue
-            if _age(lock) > stale_after:
-                log.warning("taking over %s: its holder (pid %s on %s) has not refreshed it for %.0fs", lock,
-                            holder.get("pid"), holder.get("host"), _age(lock))
-                lock.unlink(missing_ok=True)
-                continue
-            raise PipelineError(
-                f"{folder} is in use by another run (lock {lock} held by pid {holder.get('pid')} on "
-                f"{holder.get('host')}, refreshed {_age(lock):.0f}s ago); wait for it, or remove the lock if that "
-                f"process is gone (a lock without heartbeat is taken over after {stale_after:.0f}s)"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.wait(beat):
-            try:
-                os.utime(lock)
-            except OSError:
-                return
-
-    t = threading.Thread(target=heartbeat, name=f"lock-heartbeat:{folder}", daemon=True)
-    t.start()
+    _acquire(lock, {"host": hostname(), "pid": os.getpid()}, stale_after)
+    stop, t = _heartbeat(lock, beat)
     try:
         yield
     finally:
@@ -293,6 +254,60 @@ def experiment_lock(folder: str | os.PathLike) -> Iterator[None]:
                 p.rmdir()
             except OSError:
                 break
+
+
+def _acquire(lock: Path, me: dict, stale_after: float) -> None:
+    """Create the lock file naming its holder; a lock whose holder is gone is taken over, a live one refused."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except PermissionError as e:
+            raise PipelineError(f"cannot write in {lock.parent}: {e.strerror}") from e
+        except FileExistsError:
+            _take_over_or_refuse(lock, me, stale_after)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return
+    raise PipelineError(f"{lock.parent} is in use by another run: it took the lock {lock} as this one freed it")
+
+
+def _take_over_or_refuse(lock: Path, me: dict, stale_after: float) -> None:
+    """Remove a lock whose holder is gone (killed on this host, or silent past `stale_after`); refuse a live one."""
+    try:
+        holder = json.loads(lock.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        holder = {}
+    if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+        lock.unlink(missing_ok=True)  # stale: its holder was killed
+    elif not holder and _age(lock) > 30:
+        lock.unlink(missing_ok=True)  # empty: its holder was killed between creating and writing it
+    elif _age(lock) > stale_after:
+        log.warning("taking over %s: its holder (pid %s on %s) has not refreshed it for %.0fs", lock,
+                    holder.get("pid"), holder.get("host"), _age(lock))
+        lock.unlink(missing_ok=True)
+    else:
+        raise PipelineError(
+            f"{lock.parent} is in use by another run (lock {lock} held by pid {holder.get('pid')} on "
+            f"{holder.get('host')}, refreshed {_age(lock):.0f}s ago); wait for it, or remove the lock if that "
+            f"process is gone (a lock without heartbeat is taken over after {stale_after:.0f}s)"
+        ) from None
+
+
+def _heartbeat(lock: Path, beat: float) -> tuple[threading.Event, threading.Thread]:
+    """A daemon thread refreshing the lock's mtime every `beat` seconds until the event is set."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(beat):
+            try:
+                os.utime(lock)
+            except OSError:
+                return
+
+    t = threading.Thread(target=run, name=f"lock-heartbeat:{lock.parent}", daemon=True)
+    t.start()
+    return stop, t
 
 
 def _age(path: Path) -> float:

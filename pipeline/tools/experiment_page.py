@@ -49,47 +49,11 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
     pics.append(("Training curves", "training_curves.png"))
 
     p = preds[best_key]
-    y, pred = p["y"], p["rows"].pred
-    C = len(classes)
-    what = f"pooled OOF, head {best_key[0]}, TTA {'on' if best_key[1] else 'off'}"
-    confused = None
-    if C <= MAX_MATRIX:
-        cm = np.zeros((C, C))
-        np.add.at(cm, (y, pred), 1)
-        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        plots.confusion(out / "confusion.png", cm, classes, f"{what} (rows: true class)")
-        pics.append(("Confusion matrix (normalised per true class)", "confusion.png"))
-    else:  # thousands of classes: the pairs confused most often, not a C x C picture
-        confused = most_confused(y, pred, classes)
-
     counts = np.mean([s["train_counts"] for s in summaries], axis=0)
-    heads = [r for r in rows["head"].unique() if r != "joint"]
-    recalls = {"joint": per_class_recall(preds[("joint", False)]["y"], preds[("joint", False)]["rows"].pred, C)}
-    if heads:
-        h = rows[rows["head"] != "joint"].iloc[0]
-        key = (h["head"], h["tta"] == "on")
-        recalls[f"{key[0]}{' + TTA' if key[1] else ''}"] = per_class_recall(preds[key]["y"], preds[key]["rows"].pred, C)
-    plots.recall_vs_frequency(out / "recall_vs_frequency.png", counts, recalls, classes)
-    pics.append(("Per-class recall against training frequency", "recall_vs_frequency.png"))
-
-    rb = [run.fold(k).rebalance_summary for k in range(len(summaries))]
-    if all(f.exists() for f in rb):
-        tau = [read_json(f)["variants"].get("tau", {}) for f in rb]
-        if all(t.get("curve") for t in tau):
-            plots.sweep(out / "tau_sweep.png", [{float(a): v for a, v in t["curve"].items()} for t in tau], "tau",
-                        f"{cfg.eval.scorer} on the held-out fold", [t["tau"] for t in tau])
-            pics.append(("Tau sweep (dotted: the value chosen per fold)", "tau_sweep.png"))
-
-    if run.infer_report.exists():
-        r = pd.read_csv(run.infer_report)
-        primary = read_json(run.infer_summary)["primary"]
-        r = r[r["head"] == primary]
-        base = float(r.loc[r["views"] == "no TTA", "cv_mean"].iloc[0])
-        r = r[r["views"] != "no TTA"]
-        plots.bars(out / "tta_gain.png", r["views"].tolist(), (r["cv_mean"] - base).tolist(),
-                   f"CV {cfg.eval.scorer} gain over no TTA", f"TTA views, head {primary}")
-        pics.append(("TTA gain per view and for the policy", "tta_gain.png"))
-
+    what = f"pooled OOF, head {best_key[0]}, TTA {'on' if best_key[1] else 'off'}"
+    errors_md = _class_errors(out, p, classes, counts, what, pics)
+    _recall_picture(out, preds, rows, classes, counts, pics)
+    _tuning_pictures(cfg, run, len(summaries), out, pics)
     if _confidently_wrong(cfg, p, classes, out / "confidently_wrong.png"):
         pics.append(("Most confidently wrong OOF images (true -> predicted, confidence)", "confidently_wrong.png"))
     if _cams(cfg, run, summaries, p, classes, out / "cam.png"):
@@ -104,17 +68,62 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
           f"({cfg.folds_csv.name}); metric {cfg.eval.scorer}. Config: `{run.config}`.", "",
           "## CV by head and TTA (best first)", "", "```", to_text(rows), "```", "",
           "## Stage 2 per fold", "", "```", fold_table.to_string(index=False, float_format="%.4f"), "```", ""]
-    if confused is not None:
-        md += [f"## Most confused pairs ({what}; {C} classes: no matrix drawn)", "", "```",
-               confused.to_string(index=False), "```", ""]
-        md += ["## Recall by training frequency", "", "```", recall_by_frequency(y, pred, counts).to_string(
-            index=False, float_format="%.4f"), "```", ""]
+    md += errors_md
     for title, f in pics:
         md += [f"## {title}", "", f"![{title}]({f})", ""]
     page = layout.experiment_page(name, reports)
     write_text(page, "\n".join(md))
     log.info("report of '%s': %s (%d pictures)", name, page, len(pics))
     return page
+
+
+def _class_errors(out: Path, p: dict, classes: list, counts: np.ndarray, what: str, pics: list) -> list[str]:
+    """The confusion matrix (a picture, added to `pics`), or with more than MAX_MATRIX classes the most-confused
+    pairs and recall by frequency bin (markdown lines, returned)."""
+    y, pred, C = p["y"], p["rows"].pred, len(classes)
+    if C > MAX_MATRIX:  # thousands of classes: the pairs confused most often, not a C x C picture
+        return [f"## Most confused pairs ({what}; {C} classes: no matrix drawn)", "", "```",
+                most_confused(y, pred, classes).to_string(index=False), "```", "",
+                "## Recall by training frequency", "", "```",
+                recall_by_frequency(y, pred, counts).to_string(index=False, float_format="%.4f"), "```", ""]
+    cm = np.zeros((C, C))
+    np.add.at(cm, (y, pred), 1)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    plots.confusion(out / "confusion.png", cm, classes, f"{what} (rows: true class)")
+    pics.append(("Confusion matrix (normalised per true class)", "confusion.png"))
+    return []
+
+
+def _recall_picture(out: Path, preds: dict, rows: pd.DataFrame, classes: list, counts: np.ndarray, pics: list) -> None:
+    """Per-class recall against training frequency: the joint head and the best other head."""
+    C = len(classes)
+    recalls = {"joint": per_class_recall(preds[("joint", False)]["y"], preds[("joint", False)]["rows"].pred, C)}
+    if (rows["head"] != "joint").any():
+        h = rows[rows["head"] != "joint"].iloc[0]
+        key = (h["head"], h["tta"] == "on")
+        recalls[f"{key[0]}{' + TTA' if key[1] else ''}"] = per_class_recall(preds[key]["y"], preds[key]["rows"].pred, C)
+    plots.recall_vs_frequency(out / "recall_vs_frequency.png", counts, recalls, classes)
+    pics.append(("Per-class recall against training frequency", "recall_vs_frequency.png"))
+
+
+def _tuning_pictures(cfg, run: RunDir, n_folds: int, out: Path, pics: list) -> None:
+    """Stage 3's tau sweep per fold and stage 4's CV gain of each TTA view, when those stages ran."""
+    rb = [run.fold(k).rebalance_summary for k in range(n_folds)]
+    if all(f.exists() for f in rb):
+        tau = [read_json(f)["variants"].get("tau", {}) for f in rb]
+        if all(t.get("curve") for t in tau):
+            plots.sweep(out / "tau_sweep.png", [{float(a): v for a, v in t["curve"].items()} for t in tau], "tau",
+                        f"{cfg.eval.scorer} on the held-out fold", [t["tau"] for t in tau])
+            pics.append(("Tau sweep (dotted: the value chosen per fold)", "tau_sweep.png"))
+    if run.infer_report.exists():
+        r = pd.read_csv(run.infer_report)
+        primary = read_json(run.infer_summary)["primary"]
+        r = r[r["head"] == primary]
+        base = float(r.loc[r["views"] == "no TTA", "cv_mean"].iloc[0])
+        r = r[r["views"] != "no TTA"]
+        plots.bars(out / "tta_gain.png", r["views"].tolist(), (r["cv_mean"] - base).tolist(),
+                   f"CV {cfg.eval.scorer} gain over no TTA", f"TTA views, head {primary}")
+        pics.append(("TTA gain per view and for the policy", "tta_gain.png"))
 
 
 MAX_MATRIX = 60  # more classes: most-confused pairs and recall by frequency bin instead of a C x C matrix
