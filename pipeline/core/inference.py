@@ -177,7 +177,7 @@ def candidate_probs(path, plain: bool, how: str) -> np.ndarray:
     view's (that view alone is read: not every view's rows x classes)."""
     if not plain:
         return read_npz(path, keys=("probs",))["probs"]
-    return policy_probs(plain_logits(path)[None].astype(np.float32), [BASELINE], [BASELINE], how)
+    return policy_probs(plain_logits(path)[None], [BASELINE], [BASELINE], how)
 
 
 def plain_logits(path) -> np.ndarray:

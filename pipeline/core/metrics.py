@@ -8,7 +8,6 @@ import numpy as np
 from sklearn.metrics import cohen_kappa_score, f1_score
 
 
-
 class _ByBase(dict):
     """{metric: bool}; a top-k metric's name carries its k ("map_at_k@5"), looked up by its base name."""
 
@@ -71,12 +70,6 @@ def row_scores(y: np.ndarray, probs: np.ndarray | None = None, logits: np.ndarra
         logp[a:a + _CHUNK] = np.log(np.clip(pt.astype(np.float64), 1e-15, 1))
         place[a:a + _CHUNK] = (p > pt[:, None]).sum(1) + ((p == pt[:, None]) & (cls[None, :] < t[:, None])).sum(1) + 1
     return RowScores(pred, logp, place, conf, src.shape[1])
-
-
-def true_rank(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """1-based place of each row's true class when its classes are listed by probability, best first, ties by
-    class index: the order `top_k` lists them in a submission."""
-    return row_scores(y, probs).place
 
 
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:
