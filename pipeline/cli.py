@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .core import layout
 from .core.artifacts import fault_point
-from .core.config import Config, load_config
+from .core.config import Config, ConfigError, load_config
 from .core.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -354,9 +354,14 @@ def print_status(cfg: Config, overrides: list[str]) -> None:
 
     p = plan.build(cfg, overrides, "status")
     print(p.text())
+    from .tools.demo import unbuilt_data
+
     for c in all_configs(cfg, overrides):
         upstream_stale = None
         print(f"experiment {c.experiment}:")
+        if unbuilt_data(c):
+            print(f"  every stage will run: {unbuilt_data(c)}")
+            continue
         for stage in STAGES:
             if stage.name == "ensemble" and c is not cfg:
                 continue
@@ -459,7 +464,15 @@ def _run(args: argparse.Namespace) -> int:
         return run_weights(args)
     if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
         args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        if args.command != "all" and COMMANDS[args.command].stage is None:
+            raise
+        from .tools import plan  # the config's problems and the plan's (data, model, weights, members) as one list
+
+        plan.check(e.config, args.overrides, args.command, e.problems)
+        raise  # pragma: no cover - check() refuses: the config problems are in its list
     return run_config_command(args, cfg)
 
 
@@ -489,8 +502,7 @@ def run_config_command(args: argparse.Namespace, cfg: Config) -> int:
     elif args.command == "all":
         plan.check(cfg, args.overrides, "all")
         run_all(cfg, args.force, args.overrides)
-    elif args.command == "status":
-        prepare(cfg)
+    elif args.command == "status":  # writes nothing, the demo data included
         print_status(cfg, args.overrides)
     else:
         stage = COMMANDS[args.command].stage

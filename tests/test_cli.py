@@ -1,12 +1,13 @@
 """At the keyboard: per-command help, --root from another folder, the console script, a log file per stage,
 progress lines when the output is not a terminal, the last lines of `all`, and the W&B tracker."""
 import importlib.metadata
+import shutil
 import sys
 import types
 
 import pytest
 
-from conftest import config_from_items, REPO, make_competition, run_cli
+from conftest import cli as cli_inprocess, config_from_items, REPO, make_competition, run_cli
 from pipeline import cli
 from pipeline.core.config import load_config
 from pipeline.stages import ensemble as ens_stage
@@ -153,3 +154,27 @@ def test_an_option_a_command_does_not_take_is_refused_naming_those_it_takes(caps
     assert "train does not take --zip --sort" in err and "--fold" in err and "--gpus" in err
     assert cli.main(["leaderboard", "train.epochs=3"]) == 2      # no key=value where no config is read
     assert cli.main(["2", "--help"]) == 0 and capsys.readouterr().out.startswith("train: ")   # a stage by number
+
+
+def test_status_in_a_fresh_project_writes_nothing_not_even_the_demo_data(tmp_path):
+    for name in ("demo.yaml", "demo_gem40.yaml"):
+        shutil.copy(REPO / "configs" / name, tmp_path / name)
+    r = cli_inprocess(["status", "--config", "demo.yaml"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data/demo is not built yet" in r.stdout and "every stage will run" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.yaml", "demo_gem40.yaml"]
+
+
+def test_config_and_plan_problems_are_listed_at_once_each_naming_file_and_key(tmp_path):
+    make_competition(tmp_path / "comp", {"a": 4, "b": 4})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: x\ndata: {root: comp, image_ext: .png}\nfolds: {n_splits: 2}\neval: {metric: acuracy}\n"
+                   "ensemble: {method: avg, members: [x, nothere]}\ntrain: {epocs: 3}\nmodel: {arch: resnet10tt}\n")
+    r = cli_inprocess(["all", "--config", str(bad)], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr
+    for want in ("'eval.metric' in " + str(bad), "'ensemble.method' in " + str(bad), "'train.epocs' in " + str(bad),
+                 "unknown timm model 'resnet10tt'", "'nothere' is neither"):
+        assert want in err, (want, err)
+    assert "5 problem(s) found before any work; nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "comp"]

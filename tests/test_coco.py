@@ -74,12 +74,25 @@ def test_grouped_folds_keep_a_location_in_one_fold(comp):
     (lambda d: d["annotations"][0].update(category_id=7), r"category id\(s\) used by annotations are not in "
                                                            r"'categories': '7'"),
     (lambda d: d.pop("annotations"), "no 'annotations' list"),
+    (lambda d: d.update(images=[]), r"train.json: its 'images' list is empty"),
+    (lambda d: d["annotations"][2].update(category_id=None),  # once: valid ids listed as floats, 'nan' among them
+     r"1 annotation\(s\) with a category_id that is not an integer .*'annotations\[2\] \(category_id: null\)'"),
+    (lambda d: d["annotations"][1].update(image_id=1.5), r"'annotations\[1\] \(image_id: 1.5\)'"),
+    (lambda d: d["images"][0].update(id=None), r"'images\[0\] \(id: null\)'"),
 ], ids=["duplicate id", "file twice", "escaping path", "missing file", "no file_name", "no annotation", "multi-label",
-        "unknown image", "unknown category", "no annotations"])
+        "unknown image", "unknown category", "no annotations", "no images", "null category", "fractional image id",
+        "null image id"])
 def test_bad_annotations_are_refused_naming_the_entry(comp, change, message):
     edit(comp, change)
     with pytest.raises(PipelineError, match=message):
         read_train_table(coco_cfg(comp))
+
+
+def test_an_empty_test_json_is_refused_naming_it(comp):
+    data = json.loads((comp / "test.json").read_text())
+    (comp / "test.json").write_text(json.dumps({**data, "images": []}))
+    with pytest.raises(PipelineError, match=r"test.json: its 'images' list is empty"):
+        read_test_table(coco_cfg(comp))
 
 
 def test_one_category_annotated_twice_is_one_label_and_bad_json_or_keys_are_named(comp):

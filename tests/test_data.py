@@ -111,7 +111,7 @@ def test_empty_class_list_and_single_class(workdir):
 
 def test_class_with_fewer_images_than_folds_is_refused_unless_allowed(workdir, caplog):
     root = make_competition(workdir / "rare", {"a": 8, "b": 8, "c": 2})
-    with pytest.raises(PipelineError, match=r"train.csv: class\(es\) with fewer images than folds \(4\): c \(2\)"):
+    with pytest.raises(PipelineError, match=r"train.csv: 1 class\(es\) with fewer images than folds \(4\): c \(2\)"):
         folds_stage.run(cfg_for(root, "folds.n_splits=4"))
     assert not list((workdir / "folds").glob("*.csv")) if (workdir / "folds").exists() else True
     with caplog.at_level(logging.WARNING, logger="pipeline"):

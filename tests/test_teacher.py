@@ -12,6 +12,7 @@ from pipeline.core.data import read_folds, read_test_table
 from pipeline.core.errors import PipelineError
 from pipeline.core import teacher as teacher_mod
 from pipeline.core.losses import SoftTargetLoss
+from pipeline.core.submission import Member
 from pipeline.core.provenance import train_record
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
@@ -300,7 +301,7 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
     assert not np.array_equal(moved["test"], before["e_tau"]["test"])
 
     # ensemble weights (weighted, hill climbing) for fold 0: fit without fold 0's rows
-    members = [ens_stage.load_member("t", h)["oof"]["probs"] for h in ("crt", "tau")]
+    members = [ens_stage.load_member(Member("t", h))["oof"]["probs"] for h in ("crt", "tau")]
     ycfg = cfg_of(cfg.data.root, "t", *T3)
 
     def perfect(i: int, where: np.ndarray) -> list[np.ndarray]:

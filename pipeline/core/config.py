@@ -7,6 +7,7 @@ the file that set it: a typo is never ignored.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import types
@@ -365,7 +366,8 @@ class InferCfg:
 @dataclass
 class EnsembleCfg:
     name: str = key("", help="the submission is submissions/<name>.csv; empty: the experiment name")
-    members: list[str] = key(factory=list, help="\"experiment\" or \"experiment:head\"; empty: this experiment")
+    members: list[str] = key(factory=list, help="\"experiment\", \"experiment:head\" or \"experiment:head:plain\" "
+                                                "(that head without TTA); empty: this experiment")
     method: Literal["mean", "weighted", "geo_mean", "rank", "hill_climb"] = key("mean",
                                                                                 help="hill_climb: Caruana et al. 2004")
     weight_metric: Literal["log_loss", "metric"] = key("log_loss", help="what weighted / hill_climb optimise on OOF")
@@ -503,11 +505,15 @@ def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
     return f"{'>=' if lo_in else '>'} {lo:g} and {'<=' if hi_in else '<'} {hi:g}"
 
 
-def _validate(cfg: Config, origin: dict[str, str]) -> None:
-    """Ranges and names, then the checks that relate keys to each other, section by section."""
+def _validate(cfg: Config, origin: dict[str, str], problems: list[str]) -> set[str]:
+    """Ranges and names, then the checks that relate keys to each other, section by section: every problem is
+    appended to `problems` (none stops the others). Returns the keys at fault."""
+    bad: set[str] = set()
+
     def check(ok: bool, key: str, why: str) -> None:
         if not ok:
-            raise PipelineError(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
+            problems.append(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
+            bad.add(key)
 
     flat = flatten(cfg.to_dict())
     for name, (lo, hi, lo_in, hi_in) in RANGES.items():
@@ -519,7 +525,11 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
             check(ok, name, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
     for key in ("experiment", "folds.name", "ensemble.name", "train.pseudo.teacher", "train.distill.teacher"):
         if flat[key] or key == "experiment":
-            layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
+            try:
+                layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
+            except PipelineError as e:
+                problems.append(str(e))
+                bad.add(key)
     _validate_aug(cfg, check)
     _validate_train(cfg, check)
     check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
@@ -527,6 +537,7 @@ def _validate(cfg: Config, origin: dict[str, str]) -> None:
         v = getattr(cfg.model, k)
         check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
     _validate_heads_and_views(cfg, check)
+    return bad
 
 
 def _validate_aug(cfg: Config, check) -> None:
@@ -698,13 +709,30 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
 }
 
 
+class ConfigError(PipelineError):
+    """Every problem of a config (unknown keys, wrong types, out-of-range values, keys that contradict each other),
+    each naming the key and the file that set it; `config` is what loaded, the faulty keys at their defaults."""
+
+    def __init__(self, problems: list[str], config: "Config | None" = None):
+        self.problems, self.config = problems, config
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The validated config of a file (and its bases) with `key=value` overrides; every problem found is reported
+    at once (ConfigError). A file that cannot be read as YAML stops at once."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    problems: list[str] = []
     if path is not None:
         values, origin = _load_chain(Path(path))
     for item in overrides:
-        k, v = _parse_override(item)
+        try:
+            k, v = _parse_override(item)
+        except PipelineError as e:
+            problems.append(str(e))
+            continue
         values[k] = v
         origin[k] = "the command line"
     if values.get("model.pretrained") is True or values.get("model.pretrained_path"):
@@ -714,9 +742,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 origin[k] = "the pretrained defaults (config.PRETRAINED_DEFAULTS)"
     cfg = Config()
     for key, value in values.items():
-        _assign(cfg, key, value, origin[key])
+        try:
+            _assign(cfg, key, value, origin[key])
+        except PipelineError as e:
+            problems.append(str(e))
     cfg.source = str(path) if path is not None else "defaults"
-    _validate(cfg, origin)
+    bad = _validate(cfg, origin, problems)
+    if problems:  # what loaded, each faulty key back at its default: the plan can still check the rest
+        defaults = {k.name: k.default for k in schema()}
+        for k in bad:
+            _assign(cfg, k, copy.deepcopy(defaults[k]), "defaults")
+        raise ConfigError(problems, cfg)
     return cfg
 
 

@@ -201,6 +201,25 @@ def _checked(df: pd.DataFrame, what: str, check_images: str) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def fold_problems(df: pd.DataFrame, n_splits: int, grouped: bool, rare: str, where: str) -> tuple[str | None, str | None]:
+    """(why the train table cannot make the folds, or None; a warning, or None): a class with fewer images than
+    folds (refused with folds.rare_classes=error), fewer groups or images than folds. Stage 1 and the plan ask."""
+    counts = df["label"].astype(str).value_counts()
+    small = counts[counts < n_splits]
+    names = ", ".join(f"{c} ({n})" for c, n in list(small.items())[:10]) + (" ..." if len(small) > 10 else "")
+    if len(small) and rare == "error":
+        return (f"{where}: {len(small)} class(es) with fewer images than folds ({n_splits}): {names}; lower "
+                f"folds.n_splits, merge or drop them, or set folds.rare_classes=allow (some folds will then not "
+                f"validate them)"), None
+    if grouped and df["group"].nunique() < n_splits:
+        return (f"{where}: only {df['group'].nunique()} distinct group(s) for {n_splits} folds; lower "
+                f"folds.n_splits or check data.group_col"), None
+    if len(df) < n_splits:
+        return f"{where}: {len(df)} images cannot make {n_splits} folds", None
+    warning = f"class(es) with fewer images than folds ({n_splits}), some folds will not see them: {names}"
+    return None, warning if len(small) else None
+
+
 def train_source(cfg: Config) -> Path:
     """Where the train labels come from (for messages): the csv, the JSON or the class folders."""
     d = cfg.data
@@ -217,6 +236,11 @@ def test_source(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------- layout coco
+def _is_id(v) -> bool:
+    """A COCO id as written: an integer or a non-empty string (not null, a boolean, a fraction, a list)."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip() != "")
+
+
 def read_json_file(path: Path, what: str) -> dict:
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path}")
@@ -235,10 +259,18 @@ def coco_images(cfg: Config, path: Path) -> pd.DataFrame:
     it), and every other field of the entries (grouping fields)."""
     data = read_json_file(path, "COCO JSON (config data.train_json / data.test_json)")
     images = data["images"]
+    if not images:
+        raise PipelineError(f"{path}: its 'images' list is empty: no image to read (each entry: {{id, file_name}})")
     bad = [i for i, im in enumerate(images) if not isinstance(im, dict) or "id" not in im or not im.get("file_name")]
     if bad:
         raise PipelineError(f"{path}: {len(bad)} image entr(ies) lack an id or a file_name: "
                             f"{_first(f'images[{i}]' for i in bad)}")
+    bad = [f"images[{i}] (id: {json.dumps(im['id'])})" for i, im in enumerate(images) if not _is_id(im["id"])]
+    bad += [f"images[{i}] (file_name: {json.dumps(im['file_name'])})" for i, im in enumerate(images)
+            if not isinstance(im["file_name"], str)]
+    if bad:
+        raise PipelineError(f"{path}: {len(bad)} image entr(ies) whose id is not an integer or a non-empty string, "
+                            f"or whose file_name is not a string: {_first(bad)}")
     df = pd.DataFrame(images)
     df["id"] = df["id"].astype(str)
     dup = df["id"][df["id"].duplicated()].unique()
@@ -267,6 +299,12 @@ def read_coco_train(cfg: Config) -> pd.DataFrame:
     if bad:
         raise PipelineError(f"{path}: {len(bad)} annotation(s) lack image_id or category_id: "
                             f"{_first(f'annotations[{i}]' for i in bad)}")
+    for field in ("image_id", "category_id"):  # ids as written: a null or 1.5 would become a float column
+        bad = [f"annotations[{i}] ({field}: {json.dumps(a[field])})" for i, a in enumerate(anns)
+               if not _is_id(a[field])]
+        if bad:
+            raise PipelineError(f"{path}: {len(bad)} annotation(s) with a {field} that is not an integer or a "
+                                f"non-empty string: {_first(bad)}")
     ann = pd.DataFrame(anns)
     ann["image_id"] = ann["image_id"].astype(str)
     unknown = sorted(set(ann["image_id"]) - set(images["id"]))
@@ -350,12 +388,13 @@ def _normalise_labels(s: pd.Series) -> pd.Series:
     """Integer labels stay int (1.0 -> 1, "7" -> 7, "2.0" -> 2); anything else, "007" included, stays a string."""
     if pd.api.types.is_integer_dtype(s):
         return s.astype(np.int64)
-    if pd.api.types.is_float_dtype(s) and (s == s.round()).all():
-        return s.astype(np.int64)
+    if pd.api.types.is_float_dtype(s) and (s == s.round()).all() and (s.abs() < 2 ** 53).all():
+        return s.astype(np.int64)  # (beyond 2**53 a float is no exact integer: such labels stay text)
     txt = s.astype(str)
-    if txt.str.fullmatch(r"-?(0|[1-9][0-9]*)").all():
+    fits = txt.str.len().max() <= 18  # int64 holds every integer of 18 digits; longer ids stay text
+    if fits and txt.str.fullmatch(r"-?(0|[1-9][0-9]*)").all():
         return txt.astype(np.int64)
-    if txt.str.fullmatch(r"-?(0|[1-9][0-9]*)(\.0*)?").all():  # "1.0" and "1" are one class, as numbers are
+    if fits and txt.str.fullmatch(r"-?(0|[1-9][0-9]*)(\.0*)?").all():  # "1.0" and "1" are one class, as numbers are
         return pd.to_numeric(txt).astype(np.int64)
     return txt
 

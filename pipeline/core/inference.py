@@ -163,15 +163,6 @@ class TestMean:
         return self.sum / self.weight[:, None, None]
 
 
-PLAIN = ":plain"  # an ensemble candidate's suffix (hill_climb): the member without TTA, its no-TTA view
-
-
-def split_candidate(name: str) -> tuple[str, str, bool]:
-    """`exp:head` or `exp:head:plain` -> (experiment, head, plain)."""
-    exp, head, *rest = name.split(":")
-    return exp, head, bool(rest)
-
-
 def candidate_probs(path, plain: bool, how: str) -> np.ndarray:
     """A stage-4 prediction file's (test.npz / oof.npz) probabilities: its policy's, or with `plain` its no-TTA
     view's (that view alone is read: not every view's rows x classes)."""

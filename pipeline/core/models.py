@@ -190,6 +190,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path}: the file is empty (0 bytes): not a checkpoint (an interrupted download or copy?)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -200,8 +202,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling error: refused, and nothing in it was executed
-        raise PipelineError(f"{path}: refused to load (not a plain tensor file; loaded with weights_only=True): "
-                            f"{str(e).splitlines()[0]}") from None
+        raise PipelineError(f"{path}: not a checkpoint this pipeline reads ({_load_failure(e)}). Weights are read "
+                            f"as plain tensors only (.safetensors, or a torch file of tensors); a truncated or "
+                            f"corrupt file, or one holding pickled code, is refused") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -212,6 +215,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if odd:
         raise PipelineError(f"{path}: entries that are not tensors ({odd[:3]}): not a plain state dict")
     return clean_state_dict(obj)
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's error in a few words, never with its advice to re-run with weights_only=False (unpickling a
+    file of unknown origin runs its code)."""
+    text = str(e)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return "it holds objects other than tensors, which are never unpickled here"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "a damaged or truncated torch archive"
+    return f"not a torch file ({type(e).__name__})"
 
 
 def write_state_dict(path: str | Path, sd: dict, meta: dict | None = None) -> None:

@@ -6,6 +6,8 @@ space-separated in one column, or one probability column per class) and `validat
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
@@ -16,13 +18,34 @@ from .metrics import top_k
 METHODS = ("mean", "weighted", "geo_mean", "rank", "hill_climb")  # hill_climb: a weighted mean (counts / steps)
 
 
-def parse_members(cfg) -> list[tuple[str, str | None]]:
-    """The ensemble's members as (experiment, head or None for stage 4's primary head)."""
-    out = []
-    for m in cfg.ensemble.members or [cfg.experiment]:
-        exp, _, head = m.partition(":")
-        out.append((exp, head or None))
-    return out
+PLAIN = "plain"  # a member name's third part: the member without TTA (stage 4's no-TTA view)
+
+
+class Member(NamedTuple):
+    """An ensemble member's name, `exp`, `exp:head` or `exp:head:plain`, read by `Member.parse` everywhere a
+    name is split (config members, stage 5's records, hill climbing's candidates, teachers, export)."""
+    exp: str
+    head: str | None = None  # None: stage 4's primary head
+    plain: bool = False  # the head's no-TTA view instead of its TTA policy
+
+    @classmethod
+    def parse(cls, name: str, where: str = "ensemble member") -> "Member":
+        parts = str(name).split(":")
+        if len(parts) > 3 or any(not p for p in parts) or (len(parts) == 3 and parts[2] != PLAIN):
+            raise PipelineError(f"{where} '{name}': expected experiment, experiment:head or "
+                                f"experiment:head:{PLAIN}")
+        return cls(parts[0], parts[1] if len(parts) > 1 else None, len(parts) == 3)
+
+    def with_head(self, head: str) -> "Member":
+        return self._replace(head=head)
+
+    def __str__(self) -> str:
+        return ":".join([self.exp] + ([self.head] if self.head else []) + ([PLAIN] if self.plain else []))
+
+
+def parse_members(members: list[str], experiment: str) -> list[Member]:
+    """The ensemble's members (config ensemble.members; empty: this experiment alone)."""
+    return [Member.parse(m, "config ensemble.members:") for m in members or [experiment]]
 
 
 BLOCK_ROWS = 4096  # rows combined at a time (every method but rank is per row: the same numbers, less memory)
@@ -58,6 +81,12 @@ def _combine(probs: list[np.ndarray], method: str, w: np.ndarray) -> np.ndarray:
 def top_labels(probs: np.ndarray, classes: list, k: int) -> list[str]:
     """Each row's k most probable classes, best first (ties by class order), space-separated."""
     names = np.array([str(c) for c in classes], dtype=object)
+    spaced = [n for n in names if any(ch.isspace() for ch in n)]
+    if spaced:  # the plan refuses this before training; predict and old outputs meet it here
+        raise PipelineError(f"a top-k submission separates labels by spaces, but class name(s) {spaced[:3]} hold "
+                            f"one: the rows could not be read back (layout coco: data.category_label=id)")
+    if k > len(names):
+        raise PipelineError(f"a top-{k} submission row needs {k} labels; there are {len(names)} classes")
     return [" ".join(row) for row in names[top_k(probs, k)]]
 
 

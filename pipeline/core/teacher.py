@@ -34,10 +34,9 @@ from .augment import open_store
 from .config import Config, flatten, load_config
 from .errors import PipelineError
 from .heads import Head, heads_with_choices, median_choices
-from .inference import (candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy,
-                        split_candidate, tta_names)
+from .inference import candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy, tta_names
 from .metrics import softmax
-from .submission import combine
+from .submission import Member, combine
 from .tta import BASELINE
 
 log = logging.getLogger("pipeline")
@@ -80,7 +79,7 @@ def load_teacher(name: str) -> Teacher:
                             f"./run.sh all for it first")
     t = Teacher(name, kind, method, weights, fold_weights, {})
     for c in t.candidates:
-        exp = c.split(":")[0]
+        exp = Member.parse(c, f"teacher '{name}': member").exp
         path = layout.RunDir.of(exp).infer_summary
         if not path.exists():
             raise PipelineError(f"teacher '{name}': member '{exp}' has no stage-4 output ({path})")
@@ -93,7 +92,7 @@ def teacher_record(t: Teacher, k_folds: int) -> dict:
     members = {}
     for exp, s4 in t.stage4.items():
         run = layout.RunDir.of(exp)
-        heads = {c.split(":")[1] for c in t.candidates if c.split(":")[0] == exp}
+        heads = {m.head for m in map(Member.parse, t.candidates) if m.exp == exp}
         choices = [read_json(run.fold(k).rebalance_summary)["variants"] if run.fold(k).rebalance_summary.exists()
                    else None for k in range(k_folds)] if heads - {"joint"} else None
         members[exp] = sha256_obj({"stage4": s4["made_from"], "fixres": s4.get("fixres_files"), "policy": s4["policy"],
@@ -149,7 +148,7 @@ def recorded_config(run: layout.RunDir, s4: dict) -> Config:
 
 def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], device) -> dict[str, np.ndarray]:
     """{part: N x C probabilities} of one teacher candidate's fold-k models on each image set."""
-    exp, head, plain = split_candidate(candidate)
+    exp, head, plain = Member.parse(candidate)
     run = layout.RunDir.of(exp)
     mcfg = recorded_config(run, s4)
     classes = read_json(run.classes)
@@ -185,7 +184,7 @@ def fold_probs(t: Teacher, k: int, paths: dict[str, list], device=None) -> dict[
     device = device or torch.device("cpu")
     w = t.weights_for(k)
     names = [n for n in t.candidates if w.get(n, 0) > 0]
-    per = [member_fold_probs(n, t.stage4[n.split(":")[0]], k, paths, device) for n in names]
+    per = [member_fold_probs(n, t.stage4[Member.parse(n).exp], k, paths, device) for n in names]
     ws = np.array([w[n] for n in names]) / sum(w[n] for n in names)
     return {part: combine([p[part] for p in per], t.method, ws) if len(paths[part]) else
             np.zeros((0, per[0][part].shape[1])) for part in paths}
@@ -197,7 +196,7 @@ def stage4_probs(t: Teacher, part: str) -> tuple[np.ndarray, np.ndarray]:
     names = list(t.weights)
     parts, ids = [], None
     for n in names:
-        exp, head, plain = split_candidate(n)
+        exp, head, plain = Member.parse(n)
         run = layout.RunDir.of(exp)
         path = run.infer_oof(head) if part == "oof" else run.infer_test(head)
         if not path.exists():

@@ -24,27 +24,33 @@ from ..core.artifacts import read_json, read_npz, sha256_obj, write_csv, write_j
 from ..core.config import Config, load_config
 from ..core.data import private_score, read_sample_submission, read_test_table, test_source
 from ..core.errors import PipelineError
-from ..core.inference import PLAIN, candidate_probs
+from ..core.inference import candidate_probs
 from ..core.metrics import GREATER_IS_BETTER, cv, score
 from ..core.tta import BASELINE
-from ..core.submission import build_submission, combine, parse_members, submission_without_sample
+from ..core.submission import Member, build_submission, combine, parse_members, submission_without_sample
 from ..core.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded, refuse_stale,
                                stale_reasons, up_to_date)
 
 log = logging.getLogger("pipeline")
 
 
-def load_member(exp: str, head: str | None) -> dict:
-    run = layout.RunDir.of(exp)
+def load_member(member: Member) -> dict:
+    """A member's stage-4 predictions: its head's TTA-policy probabilities, or with `:plain` its no-TTA view's."""
+    run = layout.RunDir.of(member.exp)
     if not run.infer_summary.exists():
-        raise PipelineError(f"ensemble member '{exp}': {run.infer_summary} not found; run ./run.sh infer for it")
+        raise PipelineError(f"ensemble member '{member}': {run.infer_summary} not found; run ./run.sh infer for "
+                            f"'{member.exp}'")
     s = read_json(run.infer_summary)
-    head = head or s["primary"]
-    if head not in s["heads"]:
-        raise PipelineError(f"ensemble member '{exp}:{head}': stage 4 predicted heads {s['heads']} only")
-    m = {"name": f"{exp}:{head}", "summary": s, "test": read_npz(run.infer_test(head), skip=("view_logits",))}
-    if run.infer_oof(head).exists():  # every view's logits stay on disk (V x N x C): probabilities are combined
-        m["oof"] = read_npz(run.infer_oof(head), skip=("view_logits",))
+    member = member.with_head(member.head or s["primary"])
+    if member.head not in s["heads"]:
+        raise PipelineError(f"ensemble member '{member}': stage 4 predicted heads {s['heads']} only")
+    m = {"name": str(member), "summary": s}
+    for part, path in (("test", run.infer_test(member.head)), ("oof", run.infer_oof(member.head))):
+        if part == "oof" and not path.exists():
+            continue
+        m[part] = read_npz(path, skip=("view_logits",))  # every view's logits stay on disk (V x N x C)
+        if member.plain:
+            m[part]["probs"] = candidate_probs(path, True, s["merge"])
     return m
 
 
@@ -63,7 +69,7 @@ def member_experiment_config(cfg: Config, exp: str) -> Config | None:
 
 def check_current(cfg: Config, members: list[dict]) -> None:
     for m in members:
-        exp = m["name"].split(":")[0]
+        exp = Member.parse(m["name"]).exp
         mcfg = member_experiment_config(cfg, exp)
         if mcfg is None or not mcfg.folds_csv.exists():
             continue
@@ -77,7 +83,7 @@ def check_current(cfg: Config, members: list[dict]) -> None:
 def status(cfg: Config) -> list[str]:
     """Why stage 5 would do work now (empty: up to date)."""
     name = cfg.ensemble.name or cfg.experiment
-    members = [load_member(exp, head) for exp, head in parse_members(cfg)]
+    members = [load_member(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]
     if cfg.data.sample_submission and not layout.submission_csv(name).exists():
         return ["not run"]
     return stale_reasons(layout.submission_record(name), ensemble_record(cfg, made_of(members)))
@@ -159,17 +165,17 @@ def candidates(cfg: Config) -> list[dict]:
     """hill_climb's pool: every (member experiment, head, TTA policy) stage 4 scored on OOF. A member named
     `exp` offers every head stage 4 predicted, `exp:head` that head; each with its policy and without TTA."""
     out = []
-    for exp, head in parse_members(cfg):
-        s = load_member(exp, None)["summary"]
-        for h in ([head] if head else s["heads"]):
-            m = load_member(exp, h)
-            if "oof" not in m:
-                raise PipelineError("ensemble.method=hill_climb needs OOF predictions (stage 4 with infer.oof on)")
-            out.append({**m, "candidate": m["name"], "oof_probs": m["oof"]["probs"], "test_probs": m["test"]["probs"]})
-            if s["policy"] != [BASELINE]:
-                out.append({**m, "candidate": m["name"] + PLAIN,
-                            "oof_probs": candidate_probs(layout.RunDir.of(exp).infer_oof(h), True, s["merge"]),
-                            "test_probs": candidate_probs(layout.RunDir.of(exp).infer_test(h), True, s["merge"])})
+    for member in parse_members(cfg.ensemble.members, cfg.experiment):
+        s = load_member(member._replace(head=None, plain=False))["summary"]
+        for h in ([member.head] if member.head else s["heads"]):
+            # `exp:head:plain` offers that view alone; otherwise the policy, and the no-TTA view when they differ
+            forms = [True] if member.plain else [False] + ([True] if s["policy"] != [BASELINE] else [])
+            for plain in forms:
+                m = load_member(Member(member.exp, h, plain))
+                if "oof" not in m:
+                    raise PipelineError("ensemble.method=hill_climb needs OOF predictions (stage 4 with infer.oof on)")
+                out.append({**m, "candidate": m["name"], "oof_probs": m["oof"]["probs"],
+                            "test_probs": m["test"]["probs"]})
     return out
 
 
@@ -256,7 +262,7 @@ def run_hill_climb(cfg: Config, configured: list[dict]) -> tuple[list[dict], np.
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, force: bool = False) -> dict:
     name = cfg.ensemble.name or cfg.experiment
-    members = [load_member(exp, head) for exp, head in parse_members(cfg)]
+    members = [load_member(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]
     check_compatible(members)
     check_current(cfg, members)
     made_from = ensemble_record(cfg, made_of(members))

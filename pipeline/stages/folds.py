@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..core.artifacts import read_json, sha256_obj, write_csv, write_json
 from ..core.config import Config
-from ..core.data import encode, make_classes, read_train_table, to_builtin, train_source
+from ..core.data import encode, fold_problems, make_classes, read_train_table, to_builtin, train_source
 from ..core.errors import PipelineError
 from ..core.provenance import environment, stale_reasons, up_to_date
 
@@ -30,26 +30,15 @@ log = logging.getLogger("pipeline")
 def make_folds(df: pd.DataFrame, n_splits: int, seed: int, grouped: bool, rare: str = "allow",
                where: str = "the train table") -> np.ndarray:
     y = df["label"].astype(str).values
-    counts = pd.Series(y).value_counts()
-    small = counts[counts < n_splits]
-    if len(small):
-        names = ", ".join(f"{c} ({n})" for c, n in small.items())
-        if rare == "error":
-            raise PipelineError(f"{where}: class(es) with fewer images than folds ({n_splits}): {names}; "
-                                f"lower folds.n_splits, merge or drop them, or set folds.rare_classes=allow "
-                                f"(some folds will then not validate them)")
-        log.warning("class(es) with fewer images than folds (%d), some folds will not see them: %s",
-                    n_splits, names)
+    problem, warning = fold_problems(df, n_splits, grouped, rare, where)
+    if problem:
+        raise PipelineError(problem)
+    if warning:
+        log.warning("%s", warning)
     if grouped:
-        n_groups = df["group"].nunique()
-        if n_groups < n_splits:
-            raise PipelineError(f"only {n_groups} distinct group(s) for {n_splits} folds; "
-                                f"lower folds.n_splits or check data.group_col")
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         groups = df["group"].astype(str).values
     else:
-        if len(df) < n_splits:
-            raise PipelineError(f"{len(df)} images cannot make {n_splits} folds")
         splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         groups = None
     fold = np.full(len(df), -1, dtype=np.int64)

@@ -13,7 +13,8 @@ from ..core.config import PRETRAINED_DEFAULTS, RENAMED, schema, section_help
 
 INTRO = """A YAML file is an experiment sheet; `base: other.yaml` extends another file (keys merge one by one);
 `key=value` on the command line comes last. Unknown keys (with a "did you mean"), wrong types and out-of-range
-values are errors naming the key and the file that set it. A key given twice in one file is an error naming both
+values are errors naming the key and the file that set it, all of them at once (with `all` and the stage commands,
+in one list with the plan's problems: data, model, weights, members). A key given twice in one file is an error naming both
 lines (plain YAML keeps the second silently); an empty or over-1-MB config file is refused. Names that become paths
 (`experiment`, `ensemble.name`, `folds.name`, report and export names) are one plain path component: no `/`, `\\`,
 `:`, leading `.`, `-` or `~`. YAML 1.1 quirks are handled: `cache: off` is the choice "off", `lr: 1e-3` a number.

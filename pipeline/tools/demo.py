@@ -151,6 +151,15 @@ def ensure_holdout(src: str | Path, root: str | Path, frac: float, seed: int) ->
     build_holdout(src, root, frac, seed)
 
 
+def unbuilt_data(cfg) -> str | None:
+    """What the config asks to be built that is not there yet (None: nothing): `status` says so instead of
+    building it, since it writes nothing."""
+    if (cfg.data.demo or cfg.data.holdout_from) and not (Path(cfg.data.root) / "train.csv").exists():
+        what = "the digits demo" if cfg.data.demo else f"a hold-out split of {cfg.data.holdout_from}"
+        return f"{cfg.data.root} is not built yet ({what}; the first stage command builds it)"
+    return None
+
+
 def prepare_data(cfg) -> None:
     """Build the competition folder a config asks to be built (the digits demo, a hold-out split), once."""
     if cfg.data.demo:

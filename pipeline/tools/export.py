@@ -44,9 +44,9 @@ from ..core.augment import crop_pct, store_format, store_side
 from ..core.config import Config, keys_without_output, load_config
 from ..core.errors import PipelineError
 from ..core.heads import Head
-from ..core.inference import joint_head, parse_view, split_candidate
+from ..core.inference import joint_head, parse_view
 from ..core.provenance import environment
-from ..core.submission import parse_members
+from ..core.submission import Member, parse_members
 from ..core.tta import BASELINE
 
 log = logging.getLogger("pipeline")
@@ -63,13 +63,14 @@ def stage5_record(cfg: Config) -> tuple[str, dict]:
         raise PipelineError(f"{path} not found: export packs a finished ensemble; run ./run.sh ensemble "
                             f"(or ./run.sh all) for '{name}' first")
     rec = read_json(path)
-    want = [f"{e}:{h}" if h else e for e, h in parse_members(cfg)]
-    have = rec["members"]
+    want = parse_members(cfg.ensemble.members, cfg.experiment)
+    have = [Member.parse(m, f"{path}: member") for m in rec["members"]]
     if rec["method"] == "hill_climb":  # the candidates it kept: heads and policies of the configured experiments
-        wrong = not set(h.split(":")[0] for h in have) <= set(w.split(":")[0] for w in want)
-    else:
-        wrong = [w.split(":")[0] for w in want] != [h.split(":")[0] for h in have] or any(
-            ":" in w and w != h for w, h in zip(want, have))
+        wrong = not {h.exp for h in have} <= {w.exp for w in want}
+    else:  # a member named with its head (and :plain) must be exactly that one
+        wrong = [w.exp for w in want] != [h.exp for h in have] or any(
+            w.head and w != h for w, h in zip(want, have))
+    want, have = [str(w) for w in want], [str(h) for h in have]
     if wrong:
         raise PipelineError(f"{path} was made from members {have}, the config names {want}: re-run "
                             f"./run.sh ensemble")
@@ -84,12 +85,12 @@ def test_variant(s4: dict, head: str) -> str:
 def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
     """The member's run folder and stage-4 summary, refused unless stage 5 was made from exactly this
     stage-4 output and the weights and heads on disk are the ones stage 4 predicted with."""
-    exp, head, _ = split_candidate(name)  # hill_climb's `exp:head:plain`: the member's no-TTA view
+    exp, head, _ = Member.parse(name)  # `exp:head:plain`: the member's no-TTA view
     run = layout.RunDir.of(exp)
     if not run.infer_summary.exists():
         raise PipelineError(f"{run.infer_summary} not found: run ./run.sh infer for '{exp}'")
     s4 = read_json(run.infer_summary)
-    made_then = [v for k, v in rec["made_from"]["members"].items() if k.split(":")[0] == exp]
+    made_then = [v for k, v in rec["made_from"]["members"].items() if Member.parse(k).exp == exp]
     if [s4["made_from"]] != made_then:
         raise PipelineError(f"the ensemble was made before stage 4 of '{exp}' last ran ({run.infer_summary}): "
                             f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
@@ -153,7 +154,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     mcfg = load_config(run.config)
     classes = read_json(run.classes)
     C, K = len(classes), len(s4["made_from"]["weights"])
-    policy = [BASELINE] if split_candidate(name)[2] else s4["policy"]
+    policy = [BASELINE] if Member.parse(name).plain else s4["policy"]
     fixres = any(parse_view(v)[2] for v in policy)
     full_weight = s4.get("full_fit_weight", 0.0)
     variant = test_variant(s4, head)

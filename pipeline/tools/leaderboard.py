@@ -25,6 +25,7 @@ from ..core.layout import RunDir
 from ..core.data import private_score, read_test_labels
 from ..core.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, softmax
 from ..core.provenance import changed_keys
+from ..core.submission import Member
 from ..core.inference import FIXRES, plain_logits
 from ..core.tta import BASELINE
 
@@ -206,7 +207,7 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
         r = ens[0]
         folds, selected = set(), []
         for m in s["members"]:
-            stage2 = RunDir.of(m.split(":")[0], runs).fold(0).summary
+            stage2 = RunDir.of(Member.parse(m, f"{path}: member").exp, runs).fold(0).summary
             s2 = read_json(stage2) if stage2.exists() else {}
             folds.add(s2.get("made_from", {}).get("folds_file"))
             selected += [c for c in stage2_held_out_choices(s2) if c not in selected] if s2 else []

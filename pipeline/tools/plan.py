@@ -22,17 +22,18 @@ from pathlib import Path
 
 from ..core import layout
 from ..core.config import Config, load_config
-from ..core.data import read_test_table, read_train_table, test_source
+from ..core.data import fold_problems, read_test_table, read_train_table, test_source, train_source
 from ..core.errors import PipelineError
 from ..core.heads import VARIANTS
-from ..core.submission import parse_members
-from .demo import prepare_data
+from ..core.metrics import TOP_K
+from ..core.submission import Member
+from .demo import prepare_data, unbuilt_data
 
 log = logging.getLogger("pipeline")
 
 TEST_SIDE_ERROR = ("all", "infer", "ensemble", "status")  # commands for which a broken test side is an error
 CHECK_ORDER = ["none", "header", "full"]
-KNOWN_HEADS = set(VARIANTS)
+KNOWN_HEADS = set(VARIANTS) | {"best"}  # best: stage 4's nested choice among them
 
 
 @dataclass
@@ -48,6 +49,11 @@ class Plan:
         out += [f"  warning: {w}" for w in self.warnings]
         out += [f"  PROBLEM: {p}" for p in self.problems]
         return "\n".join(out)
+
+
+def _who(c: Config) -> str:
+    """A problem's subject: the experiment and the config file it comes from."""
+    return f"experiment {c.experiment} ({c.source})"
 
 
 def _configs(cfg: Config, overrides: list[str], plan: Plan, with_run_also: bool) -> list[Config]:
@@ -72,20 +78,20 @@ def _check_model(c: Config, plan: Plan) -> None:
     arch = c.model.arch
     if not timm.is_model(arch.split(".")[0]) and not timm.is_model(arch):
         near = difflib.get_close_matches(arch, timm.list_models(), n=1, cutoff=0.7)
-        plan.problems.append(f"experiment {c.experiment}: config model.arch: unknown timm model '{arch}'"
+        plan.problems.append(f"{_who(c)}: config model.arch: unknown timm model '{arch}'"
                              + (f"; did you mean '{near[0]}'?" if near else ""))
         return
     if c.model.pretrained_path:
         from ..core.models import create_model
 
         if not Path(c.model.pretrained_path).is_file():
-            plan.problems.append(f"experiment {c.experiment}: config model.pretrained_path: weights file not found: "
+            plan.problems.append(f"{_who(c)}: config model.pretrained_path: weights file not found: "
                                  f"{c.model.pretrained_path} (./run.sh weights import converts one)")
             return
         try:  # the weights are read and fitted to the model now, not after stage 1
             create_model(c, 2)
         except PipelineError as e:
-            plan.problems.append(f"experiment {c.experiment}: {e}")
+            plan.problems.append(f"{_who(c)}: {e}")
 
 
 def _check_teachers(c: Config, earlier: list[str], ensemble_name: str, plan: Plan) -> None:
@@ -101,12 +107,18 @@ def _check_teachers(c: Config, earlier: list[str], ensemble_name: str, plan: Pla
             why = (f"is neither a finished ensemble ({layout.submission_record(name)}) nor an experiment with stage-4 "
                    f"output ({layout.RunDir.of(name).infer_summary}) nor one this command runs before it; run "
                    f"./run.sh all for it first")
-        plan.problems.append(f"experiment {c.experiment}: config train.{key}.teacher '{name}' {why}")
+        plan.problems.append(f"{_who(c)}: config train.{key}.teacher '{name}' {why}")
 
 
 def _check_members(cfg: Config, experiments: list[str], plan: Plan) -> None:
     have = set(experiments) | set(layout.experiments())
-    for exp, head in parse_members(cfg):
+    members = []
+    for name in cfg.ensemble.members or [cfg.experiment]:
+        try:
+            members.append(Member.parse(name, "config ensemble.members:"))
+        except PipelineError as e:
+            plan.problems.append(str(e))
+    for exp, head, _ in members:
         if head is not None and head not in KNOWN_HEADS:
             plan.problems.append(f"config ensemble.members: '{exp}:{head}': unknown head '{head}' "
                                  f"(one of {sorted(KNOWN_HEADS)})")
@@ -119,6 +131,61 @@ def _check_members(cfg: Config, experiments: list[str], plan: Plan) -> None:
                                  f"{layout.RunDir.of(exp).infer_summary})" + (f"; did you mean '{near[0]}'?" if near else ""))
 
 
+def _check_top_k(c: Config, labels, plan: Plan) -> None:
+    """Top-k settings the classes make meaningless or unreadable: a k that covers every class (the metric is 1.0
+    whatever the model), a submission row of more labels than classes, class names that hold a space in a
+    space-separated top-k row."""
+    classes = sorted({str(v) for v in labels})
+    n, where = len(classes), _who(c)
+    if c.eval.metric in TOP_K and c.eval.top_k >= n:
+        plan.problems.append(f"{where}: config eval.top_k {c.eval.top_k} with {n} classes: every class is within "
+                             f"the top {c.eval.top_k}, so {c.eval.metric} is 1.0 whatever the model; use a k below {n} "
+                             f"(or eval.metric accuracy)")
+    if c.ensemble.submission != "topk":
+        return
+    if c.ensemble.top_k > n:
+        plan.problems.append(f"{where}: config ensemble.top_k {c.ensemble.top_k} with {n} classes: a row cannot "
+                             f"hold more labels than there are classes")
+    elif c.ensemble.top_k == n:
+        plan.warnings.append(f"{where}: config ensemble.top_k {n} lists every class in every row (the ranking is "
+                             f"the prediction): check that the competition asks for this")
+    spaced = [x for x in classes if any(ch.isspace() for ch in x)]
+    if spaced:
+        fix = ("data.category_label=id (category ids, what iNaturalist-style submissions expect)"
+               if c.data.layout == "coco" and c.data.category_label == "name" else "labels without spaces")
+        plan.problems.append(f"{where}: config ensemble.submission topk writes the top {c.ensemble.top_k} labels "
+                             f"space-separated, but {len(spaced)} class name(s) hold a space ({', '.join(repr(x) for x in spaced[:3])}"
+                             f"): the rows could not be read back; use {fix}")
+
+
+def _check_data(c: Config, command: str, seen_train: dict, seen_test: dict, plan: Plan) -> str:
+    """The train table, its images' headers and top-k settings, and the test side; the plan's line about them."""
+    d = c.data
+    train_key = (d.root, d.layout, d.train_csv, d.train_dir, d.train_json, d.category_label, d.id_col, d.label_col,
+                 d.group_col, d.image_ext, d.check_images)
+    # headers only: a full decode of every image (check_images: full) is stage 1's, which also refuses before
+    # writing; the plan is there for what would otherwise surface after training
+    quick = dataclasses.replace(c, data=dataclasses.replace(d, check_images=min(d.check_images, "header",
+                                                                                  key=CHECK_ORDER.index)))
+    table, err = _once(seen_train, train_key, lambda: read_train_table(quick))
+    if err:
+        plan.problems.append(f"{_who(c)}: {err}")
+    else:
+        _check_top_k(c, table["label"], plan)
+        problem, _ = fold_problems(table, c.folds.n_splits, d.group_col is not None, c.folds.rare_classes,
+                                   str(train_source(c)))
+        if problem and not c.folds_csv.exists():  # an existing folds file is what counts (stage 1 re-checks)
+            plan.problems.append(f"{_who(c)}: {problem}")
+    test_key = (d.root, d.layout, d.test_dir, d.test_json, d.sample_submission, d.image_ext, d.id_col, d.check_images)
+    test, err = _once(seen_test, test_key, lambda: read_test_table(quick))
+    if err:
+        (plan.problems if command in TEST_SIDE_ERROR else plan.warnings).append(
+            f"{_who(c)}: test side: {err}")
+    what = f"{len(table)} train images" if table is not None else "train table unreadable"
+    return (f"experiment {c.experiment}: {c.model.arch}, {what}; test: {len(test) if test is not None else '?'} ids "
+            f"from {test_source(c)}")
+
+
 def _once(seen: dict, key, fn):
     """Run a check once per distinct input (experiments usually share the competition)."""
     if key not in seen:
@@ -129,41 +196,31 @@ def _once(seen: dict, key, fn):
     return seen[key]
 
 
-def build(cfg: Config, overrides: list[str], command: str) -> Plan:
-    """Every problem of the command's plan (see the module docstring); nothing is written."""
-    plan = Plan(command)
+def build(cfg: Config, overrides: list[str], command: str, config_problems: list[str] = ()) -> Plan:
+    """Every problem of the command's plan (see the module docstring); nothing is written. `config_problems`: the
+    config's own (its faulty keys left at their defaults in `cfg`): they head the list, and nothing is built."""
+    plan = Plan(command, problems=list(config_problems))
+    write = command != "status" and not config_problems
     run_all = command in ("all", "status")
     plan.configs = _configs(cfg, overrides, plan, with_run_also=run_all)
+    unbuilt = {}
     for c in plan.configs:  # the demo / hold-out competitions are built before their data is checked
+        if not write:  # status writes nothing: a competition still to build is said, not built
+            unbuilt[c.experiment] = unbuilt_data(c)
+            continue
         try:
             prepare_data(c)
         except PipelineError as e:
-            plan.problems.append(f"experiment {c.experiment}: {e}")
+            plan.problems.append(f"{_who(c)}: {e}")
     experiments = [c.experiment for c in plan.configs]
     seen_train, seen_test = {}, {}
     for i, c in enumerate(plan.configs):
-        d = c.data
-        train_key = (d.root, d.layout, d.train_csv, d.train_dir, d.train_json, d.category_label, d.id_col, d.label_col,
-                     d.group_col, d.image_ext, d.check_images)
-        # headers only: a full decode of every image (check_images: full) is stage 1's, which also refuses before
-        # writing; the plan is there for what would otherwise surface after training
-        quick = dataclasses.replace(c, data=dataclasses.replace(d, check_images=min(d.check_images, "header",
-                                                                                      key=CHECK_ORDER.index)))
-        table, err = _once(seen_train, train_key, lambda: read_train_table(quick))
-        if err:
-            plan.problems.append(f"experiment {c.experiment}: {err}")
-        test_key = (d.root, d.layout, d.test_dir, d.test_json, d.sample_submission, d.image_ext, d.id_col,
-                    d.check_images)
-        test, err = _once(seen_test, test_key, lambda: read_test_table(quick))
-        if err:
-            (plan.problems if command in TEST_SIDE_ERROR else plan.warnings).append(
-                f"experiment {c.experiment}: test side: {err}")
         _check_model(c, plan)
         _check_teachers(c, experiments[:i], cfg.ensemble.name or cfg.experiment, plan)
-        what = f"{len(table)} train images" if table is not None else "train table unreadable"
-        where = test_source(c)
-        plan.lines.append(f"experiment {c.experiment}: {c.model.arch}, {what}; test: "
-                          f"{len(test) if test is not None else '?'} ids from {where}")
+        if unbuilt.get(c.experiment):
+            plan.lines.append(f"experiment {c.experiment}: {c.model.arch}; data: {unbuilt[c.experiment]}")
+        else:
+            plan.lines.append(_check_data(c, command, seen_train, seen_test, plan))
     if command in ("all", "ensemble", "status"):
         _check_members(cfg, experiments, plan)
     else:  # stages 1-4 do not read the members (they may be trained later): said, not refused
@@ -177,9 +234,9 @@ def build(cfg: Config, overrides: list[str], command: str) -> Plan:
     return plan
 
 
-def check(cfg: Config, overrides: list[str], command: str) -> Plan:
-    """build(), then refuse (every problem named) or log the warnings."""
-    plan = build(cfg, overrides, command)
+def check(cfg: Config, overrides: list[str], command: str, config_problems: list[str] = ()) -> Plan:
+    """build(), then refuse (every problem named, the config's first) or log the warnings."""
+    plan = build(cfg, overrides, command, config_problems)
     for w in plan.warnings:
         log.warning("warning: %s", w)
     if plan.problems:

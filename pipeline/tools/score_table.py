@@ -12,7 +12,8 @@ from ..core.artifacts import read_json, read_npz
 from ..core.config import Config
 from ..core.data import private_score
 from ..core.metrics import softmax
-from ..core.inference import plain_logits
+from ..core.inference import candidate_probs, plain_logits
+from ..core.submission import Member
 
 log = logging.getLogger("pipeline")
 
@@ -21,8 +22,8 @@ def summary_table(cfg: Config) -> pd.DataFrame:
     name = cfg.ensemble.name or cfg.experiment
     ens = read_json(layout.submission_record(name))
     rows = []
-    for member in ens["members"]:
-        exp, head = member.split(":")
+    for member in map(Member.parse, ens["members"]):
+        exp, head = member.exp, member.head
         run = layout.RunDir.of(exp)
         inf = read_json(run.infer_summary)
         cv = pd.DataFrame(inf["cv"])
@@ -31,13 +32,14 @@ def summary_table(cfg: Config) -> pd.DataFrame:
         pick = lambda h, v: cv[(cv["head"] == h) & (cv["views"] == v)]  # noqa: E731
         joint = pick("joint", "no TTA").iloc[0]
         best = pick(head, "no TTA").iloc[0]
-        tta = pick(head, "policy").iloc[0]
-        jt, bt = read_npz(run.infer_test("joint"), skip=("view_logits",)), read_npz(run.infer_test(head), skip=("view_logits",))
+        tta = best if member.plain else pick(head, "policy").iloc[0]  # :plain is the no-TTA view
+        jt = read_npz(run.infer_test("joint"), keys=("ids",))
         plain = softmax(plain_logits(run.infer_test("joint")).astype(np.float32))
-        rows.append({"model": exp, "head": head, "CV joint": joint["cv_mean"], "CV head": best["cv_mean"],
-                     "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
+        head_probs = candidate_probs(run.infer_test(head), member.plain, inf["merge"])
+        rows.append({"model": exp, "head": head + (" (no TTA)" if member.plain else ""), "CV joint": joint["cv_mean"],
+                     "CV head": best["cv_mean"], "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
                      "private joint": private_score(cfg, jt["ids"], plain, inf["classes"]),
-                     "private head+TTA": private_score(cfg, bt["ids"], bt["probs"], inf["classes"])})
+                     "private head+TTA": private_score(cfg, jt["ids"], head_probs, inf["classes"])})
     t = pd.DataFrame(rows)
     ens_row = [r for r in ens["table"] if r["member"].startswith("ensemble")]
     if ens_row:

@@ -246,9 +246,14 @@ def cli_inprocess(sb: Sandbox, folder: Path, args: list[str], env: dict | None =
     return inprocess(sb.entry, folder, [*args, "--config", "c.yaml"], env)
 
 
+NO_CONFIG = ("weights",)
+
+
 def run_inprocess(sb: Sandbox, folder: Path, args: list[str], env: dict | None = None) -> tuple[int, str]:
-    """`python -m pipeline ARGS --config c.yaml` in this process, quiet: (exit code, stderr: the errors only)."""
-    r = inprocess(sb.entry, folder, [*args, "--config", "c.yaml"], env, level=logging.ERROR)
+    """`python -m pipeline ARGS --config c.yaml` in this process, quiet: (exit code, stderr: the errors only). The
+    commands that read no config (weights) go without it."""
+    config = [] if args[0] in NO_CONFIG else ["--config", "c.yaml"]
+    r = inprocess(sb.entry, folder, [*args, *config], env, level=logging.ERROR)
     return r.returncode, r.stderr
 
 
@@ -385,6 +390,21 @@ def _weights(name: str, damage):
     return f
 
 
+def _coco(edit=None, names: dict | None = None):
+    """comp/train.json: the csv competition as COCO (ids 1.., categories 1.. named by `names`), then `edit`ed."""
+    def f(d: Path) -> None:
+        t = pd.read_csv(d / "comp/train.csv", dtype=str, keep_default_na=False)
+        cats = {c: i + 1 for i, c in enumerate(sorted(t["label"].unique()))}
+        data = {"images": [{"id": i + 1, "file_name": f"train/{r.image_id}.png"} for i, r in t.iterrows()],
+                "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": cats[r.label]} for i, r in t.iterrows()],
+                "categories": [{"id": v, "name": (names or {}).get(k, k)} for k, v in cats.items()]}
+        if edit:
+            edit(data)
+        (d / "comp/train.json").write_text(json.dumps(data))
+    return f
+
+
+COCO = ["data.layout=coco", "data.train_json=train.json"]
 GARBAGE = np.random.default_rng(0).bytes(4096)
 HUGE_CELL = "x" * 5_000_000
 BASE = CONFIG
@@ -468,7 +488,7 @@ BAD_INPUTS = [
      lambda d: _member_copy(d, "sc3", lambda s: s.update(classes=s["classes"][::-1])), ["ensemble", "ensemble.members=[sc,sc3]"],
      r"different label encodings"),
     ("artifacts", "weights file that is a malicious pickle", "folds", _evil, ["train", "model.pretrained_path=evil.pth"],
-     r"evil.pth: refused to load"),
+     r"evil.pth: not a checkpoint this pipeline reads"),
     # reliability, second pass
     ("config", "duplicate YAML key", "empty", _yaml(BASE + "folds: {n_splits: 3}\n"), ["folds"],
      r"c.yaml.*duplicate key 'folds' on lines 3 and 9"),
@@ -518,6 +538,27 @@ BAD_INPUTS = [
      ["train", "model.pretrained_path=w.pth"], r"w.pth"),
     ("fuzz", "pretrained weights of another model", "folds", _weights("w.safetensors", lambda d: None),
      ["train", "model.pretrained_path=w.safetensors"], r"w.safetensors.*does not match"),
+    # reliability, third pass
+    ("data", "COCO train JSON with no images", "empty", _coco(lambda j: j.update(images=[])), ["folds", *COCO],
+     r"train.json: its 'images' list is empty"),
+    ("data", "COCO annotation with category_id null", "empty",
+     _coco(lambda j: j["annotations"][3].update(category_id=None)), ["folds", *COCO],
+     r"train.json: 1 annotation.*annotations\[3\] \(category_id: null\)"),
+    ("data", "top-k submission of class names with spaces", "empty", _coco(names={"a": "Danaus plexippus"}),
+     ["folds", *COCO, "data.category_label=name", "ensemble.submission=topk", "ensemble.top_k=2"],
+     r"'Danaus plexippus'.*data.category_label=id"),
+    ("config", "top-k metric whose k covers every class", "empty", None,
+     ["folds", "eval.metric=top_k_accuracy", "eval.top_k=3"], r"eval.top_k 3 with 3 classes"),
+    ("config", "three problems in one config, all named", "empty", None,
+     ["folds", "eval.metric=acuracy", "ensemble.method=avg", "train.epocs=3"],
+     r"'eval.metric'.*'ensemble.method'.*'train.epocs'"),
+    ("fuzz", "pretrained weights empty (.pth)", "folds", _bytes("w.pth", b""),
+     ["train", "model.pretrained_path=w.pth"], r"w.pth: the file is empty"),
+    ("fuzz", "weights import of an empty .pth", "empty", _bytes("w.pth", b""),
+     ["weights", "import", "w.pth", "--arch", "test_resnet", "--out", "x.safetensors"], r"w.pth: the file is empty"),
+    ("fuzz", "weights import of random bytes (.pth)", "empty", _bytes("w.pth", GARBAGE),
+     ["weights", "import", "w.pth", "--arch", "test_resnet", "--out", "x.safetensors"],
+     r"w.pth: not a checkpoint(?!.*weights_only=False)"),
 ]
 
 
