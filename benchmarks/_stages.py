@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.core.provenance import one_look  # noqa: E402
+from pipeline.core.files.provenance import one_look  # noqa: E402
 from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
 
 

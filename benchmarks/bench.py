@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import models  # noqa: E402
-from pipeline.core.augment import crop_pct  # noqa: E402
+from pipeline.core.inputs.augment import crop_pct  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.stages import folds, rebalance, train  # noqa: E402
-from pipeline.core.tta import VIEWS, sizes  # noqa: E402
+from pipeline.core.predict.tta import VIEWS, sizes  # noqa: E402
 
 
 def main() -> None:

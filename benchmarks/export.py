@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.core import layout  # noqa: E402
+from pipeline.core.files import layout  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.inference import tta_names  # noqa: E402
-from pipeline.core.submission import combine  # noqa: E402
+from pipeline.core.predict.inference import tta_names  # noqa: E402
+from pipeline.core.predict.submission import combine  # noqa: E402
 from pipeline.stages import infer  # noqa: E402
 from pipeline.tools import export, predict  # noqa: E402
 

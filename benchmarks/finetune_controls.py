@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _stages import stages_1_to_4  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.layout import RunDir  # noqa: E402
+from pipeline.core.files.layout import RunDir  # noqa: E402
 from pipeline.stages import infer  # noqa: E402
-from pipeline.tools import leaderboard  # noqa: E402
+from pipeline.tools.reports import leaderboard  # noqa: E402
 
 CONTROLS = {  # name: (overrides, copy the baseline's run folder first)
     "base": ([], False),

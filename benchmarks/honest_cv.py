@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import spearmanr
 
-from pipeline.tools import leaderboard
+from pipeline.tools.reports import leaderboard
 
 
 def rows(project: Path) -> pd.DataFrame:

@@ -32,11 +32,10 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.core.augment import open_store, store_side, train_transform  # noqa: E402
+from pipeline.core.inputs.augment import open_store, store_side, train_transform  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.images import (ImageDataset, ImageStore, cache_report, read_image, resize_short,  # noqa: E402
-                                  stored_image)
-from pipeline.core.runtime import make_loader  # noqa: E402
+from pipeline.core.inputs.images import ImageDataset, ImageStore, cache_report, read_image, resize_short, stored_image
+from pipeline.core.engine.runtime import make_loader  # noqa: E402
 from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
 
 

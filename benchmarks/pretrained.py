@@ -37,12 +37,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _stages import stages_1_to_4  # noqa: E402
 from pipeline.cli import prepare  # noqa: E402
-from pipeline.core.artifacts import read_json  # noqa: E402
+from pipeline.core.files.artifacts import read_json  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.layout import RunDir  # noqa: E402
-from pipeline.core.models import weights_record  # noqa: E402
+from pipeline.core.files.layout import RunDir  # noqa: E402
+from pipeline.core.nets.models import weights_record  # noqa: E402
 from pipeline.stages import ensemble  # noqa: E402
-from pipeline.tools import leaderboard  # noqa: E402
+from pipeline.tools.reports import leaderboard  # noqa: E402
 
 CONFIG = "configs/flowers5_pretrained.yaml"
 ABLATION = ["folds.n_splits=2", "aug.img_size=64", "train.epochs=2", "rebalance.variants=[joint]",

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _stages import stages_1_to_4  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 
-from pipeline.tools import leaderboard  # noqa: E402
+from pipeline.tools.reports import leaderboard  # noqa: E402
 
 LOSSES = {"ce": [], "cb-focal": ["train.loss=focal", "train.class_weights=effective_number"],
           "ldam-drw": ["train.loss=ldam", "train.drw_epoch=8"]}

@@ -21,11 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _stages import stages_1_to_4  # noqa: E402
-from pipeline.core import layout, models  # noqa: E402
-from pipeline.core.artifacts import read_json  # noqa: E402
+from pipeline.core.files import layout
+from pipeline.core.nets import models  # noqa: E402
+from pipeline.core.files.artifacts import read_json  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.stages import ensemble  # noqa: E402
-from pipeline.tools import leaderboard  # noqa: E402
+from pipeline.tools.reports import leaderboard  # noqa: E402
 
 STUDENTS = {  # name: overrides (the teacher is the config's ensemble)
     "alone": [],

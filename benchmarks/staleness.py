@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.core import artifacts, provenance  # noqa: E402
+from pipeline.core.files import artifacts, provenance  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 
 

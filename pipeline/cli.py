@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import layout
-from .core.artifacts import fault_point
+from .core.files import layout
+from .core.files.artifacts import fault_point
 from .core.config import Config, ConfigError, load_config
 from .core.errors import PipelineError
 
@@ -121,14 +121,14 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     _stage_command(STAGES[3], (), "./run.sh infer infer.views=[orig,hflip] infer.scales=[1,1.15]"),
     _stage_command(STAGES[4], (), "./run.sh ensemble ensemble.members=[exp_a,exp_b:crt] ensemble.method=weighted"),
     Command("leaderboard", "rank every experiment under runs/ by CV -> reports/leaderboard.{csv,md}",
-            "pipeline.tools.leaderboard", ("root", "sort", "filter", "best"), None,
+            "pipeline.tools.reports.leaderboard", ("root", "sort", "filter", "best"), None,
             "./run.sh leaderboard --filter 'convnext*' --best"),
     Command("compare", "compare A B: config differences next to per-fold metric differences",
             "Config differences of two experiments next to their per-fold metric differences and whether each "
             "exceeds fold-to-fold noise. Reads runs/<a>/, runs/<b>/; writes nothing.", ("root",),
             ("names", "EXP", "the two experiments"), "./run.sh compare exp_a exp_b"),
     Command("report", "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
-            "pipeline.tools.experiment_page", ("root",), ("names", "EXP", "experiments (default: every one)"),
+            "pipeline.tools.reports.experiment_page", ("root",), ("names", "EXP", "experiments (default: every one)"),
             "./run.sh report demo-resnet10t"),
     Command("cache", "the decoded-image stores: images, side, size on disk, last use [--clear: remove them]",
             "pipeline.tools.image_cache", CONFIG_OPTS + ("clear",), OVERRIDES, "./run.sh cache --clear"),
@@ -315,7 +315,7 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
             log.info("stage %s (%s) of '%s' is up to date, skipped", stage.number, stage.name, c.experiment)
         (ran if reasons else skipped).append(tag)
     log.info("all: ran %s; up to date %s", " ".join(ran) or "nothing", " ".join(skipped) or "nothing")
-    from .tools import experiment_page, leaderboard, score_table
+    from .tools.reports import experiment_page, leaderboard, score_table
 
     score_table.print_summary(cfg)
     for c in configs:
@@ -327,7 +327,7 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
 
 def final_words(cfg: Config, configs: list[Config]) -> str:
     """The last lines of `all`, in plain words: where the submission is, its CV, what to try next."""
-    from .core.artifacts import read_json
+    from .core.files.artifacts import read_json
 
     name = cfg.ensemble.name or cfg.experiment
     if not layout.submission_record(name).exists():
@@ -380,7 +380,7 @@ def print_status(cfg: Config, overrides: list[str]) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     """leaderboard / compare / report: they read runs/ and submissions/, no config needed."""
-    from .tools import experiment_page, leaderboard
+    from .tools.reports import experiment_page, leaderboard
 
     runs, reports = layout.RUNS, layout.REPORTS
     if args.command == "leaderboard":
@@ -445,7 +445,7 @@ def _main(argv: list[str]) -> int:
         c = find_command(args.words[0]) if args.command == "help" and args.words else COMMANDS.get(args.command)
         print(command_help(c.name) if c else help_text())
         return 0
-    from .core import provenance  # not for help: `./run.sh help` starts without torch
+    from .core.files import provenance  # not for help: `./run.sh help` starts without torch
 
     root = args.root or os.environ.get("PIPELINE_ROOT")
     if root:

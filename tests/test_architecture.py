@@ -1,6 +1,6 @@
 """The house rules, read from the code: core imports no stage, tool or CLI; a stage imports no other
 stage and no tool; tools use core (stages only through their files); no import loops; every path of
-the on-disk layout is spelled in core/layout.py alone."""
+the on-disk layout is spelled in core/files/layout.py alone."""
 from __future__ import annotations
 
 import ast
@@ -84,15 +84,27 @@ def test_no_import_loops():
 
 
 def test_the_three_wings_hold_the_modules_readme_names():
-    names = {w: sorted(p.stem for p in (PKG / w).glob("*.py") if p.stem != "__init__") for w in ("core", "stages", "tools")}
+    names = {w: sorted(str(p.relative_to(PKG / w).with_suffix("")) for p in (PKG / w).rglob("*.py")
+                       if p.stem != "__init__") for w in ("core", "stages", "tools")}
     assert names["stages"] == ["ensemble", "folds", "infer", "rebalance", "train"]
-    assert {"config", "layout", "provenance", "images", "models", "metrics", "artifacts"} <= set(names["core"])
-    assert {"leaderboard", "experiment_page", "score_table", "selfcheck", "demo"} <= set(names["tools"])
+    assert {"config", "errors", "files/layout", "files/provenance", "inputs/images", "nets/models", "predict/metrics",
+            "files/artifacts", "engine/loop"} <= set(names["core"])
+    assert {"reports/leaderboard", "reports/experiment_page", "reports/score_table", "selfcheck", "demo"} <= set(names["tools"])
     assert sorted(p.name for p in PKG.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py"]
 
 
+def test_every_folder_is_small_enough_to_read_in_one_look():
+    """No package holds more than 12 modules, and each core subpackage names its modules in its __init__."""
+    for folder in [PKG, *(p for p in PKG.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+        mods = [p.stem for p in folder.glob("*.py") if p.stem != "__init__"]
+        assert len(mods) <= 12, (folder, len(mods))
+        if folder.parent == PKG / "core":
+            doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+            assert all(f"`{m}`" in doc for m in mods), (folder, [m for m in mods if f"`{m}`" not in doc])
+
+
 def test_layout_paths_are_spelled_once():
-    """File names of the layout appear as string literals in core/layout.py only."""
+    """File names of the layout appear as string literals in core/files/layout.py only."""
     names = re.compile(r"""["'](summary\.json|model\.safetensors|oof\.npz|test\.npz|history\.csv|last\.pt|"""
                        r"""classes\.json|config\.yaml|features\.(npz|json)|leaderboard\.(csv|md)|report\.(csv|md)|"""
                        r"""index\.md)["']|Path\(["'](runs|folds|submissions|reports)["']\)|"""

@@ -75,7 +75,7 @@ def test_root_from_another_folder_logs_per_stage_and_progress_lines(workdir):
 
 
 def test_progress_lines_when_the_output_is_not_a_terminal(caplog):
-    from pipeline.core.progress import Progress
+    from pipeline.core.report.progress import Progress
 
     caplog.set_level("INFO", logger="pipeline")
     with Progress(20, "fold 0 epoch 1/3", "step", every_s=0.0) as bar:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.config import load_config
-from pipeline.core.data import read_test_table, read_train_table
+from pipeline.core.inputs.data import read_test_table, read_train_table
 from pipeline.core.errors import PipelineError
 from pipeline.stages import folds as folds_stage
 from pipeline.tools.demo import coco_competition
@@ -115,10 +115,10 @@ def test_one_category_annotated_twice_is_one_label_and_bad_json_or_keys_are_name
 
 @pytest.mark.slow
 def test_an_inaturalist_style_competition_runs_to_a_top_k_submission_scored_by_map(workdir):
-    from pipeline.core.artifacts import read_json
+    from pipeline.core.files.artifacts import read_json
     from pipeline.stages import ensemble as ens_stage, infer as infer_stage, rebalance as rebalance_stage
     from pipeline.stages import train as train_stage
-    from pipeline.tools.leaderboard import build
+    from pipeline.tools.reports.leaderboard import build
 
     root = coco_competition(workdir / "inat", [8, 8, 6, 6], size=16, n_test=5)
     cfg = coco_cfg(root, "model.arch=test_resnet", "aug.img_size=16", "aug.cache=off", "train.batch_size=8",

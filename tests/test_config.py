@@ -105,7 +105,7 @@ def test_names_that_become_paths_must_be_plain(key, value):
 
 
 def test_layout_refuses_escaping_names_at_every_path_function():
-    from pipeline.core import layout
+    from pipeline.core.files import layout
 
     for fn in (layout.folds_csv, layout.submission_csv, layout.submission_record, layout.export_dir,
                layout.experiment_report, layout.RunDir.of):
@@ -180,7 +180,7 @@ def test_the_schema_is_the_one_source():
     the training record, a key with `added` is in LATER_KEYS, and docs/config.md is what the schema generates."""
     from pathlib import Path
 
-    from pipeline.core import provenance
+    from pipeline.core.files import provenance
     from pipeline.core.config import RANGES, keys_without_output, later_keys, schema
     from pipeline.tools.config_reference import reference
 

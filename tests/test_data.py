@@ -7,7 +7,7 @@ import pytest
 
 from conftest import cli, make_competition
 from pipeline.core.config import load_config
-from pipeline.core.data import read_test_table, read_train_table
+from pipeline.core.inputs.data import read_test_table, read_train_table
 from pipeline.core.errors import PipelineError
 from pipeline.stages import folds as folds_stage
 
@@ -200,6 +200,6 @@ def test_classes_named_like_missing_values_are_classes(comp, name):
     out = read_train_table(cfg)
     assert sorted(out["label"].unique()) == sorted(["a", "b", name])
     folds_stage.run(cfg)
-    from pipeline.core.data import read_folds
+    from pipeline.core.inputs.data import read_folds
     back, classes = read_folds(cfg)
     assert name in classes and (back["label"] == name).sum() == 3

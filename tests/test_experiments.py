@@ -8,9 +8,9 @@ from PIL import Image
 import pytest
 
 from conftest import REPO, cli
-from pipeline.core.artifacts import write_npz
+from pipeline.core.files.artifacts import write_npz
 from pipeline.core.config import config_to_yaml, load_config
-from pipeline.tools.leaderboard import build, rank
+from pipeline.tools.reports.leaderboard import build, rank
 
 K, C = 3, 4
 
@@ -125,7 +125,7 @@ def test_all_reruns_exactly_the_stale_stages_and_refuses_stale_inputs(workdir):
 
 
 def test_many_classes_are_reported_as_most_confused_pairs_and_recall_by_frequency_bin():
-    from pipeline.tools.experiment_page import most_confused, recall_by_frequency
+    from pipeline.tools.reports.experiment_page import most_confused, recall_by_frequency
 
     y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
     pred = np.array([0, 1, 1, 0, 1, 3, 3, 2, 1, 3])

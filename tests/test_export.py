@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from conftest import make_competition, run_cli
-from pipeline.core import layout, models
+from pipeline.core.files import layout
+from pipeline.core.nets import models
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.heads import Head
-from pipeline.core.submission import combine
+from pipeline.core.nets.heads import Head
+from pipeline.core.predict.submission import combine
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
@@ -110,7 +111,7 @@ def test_bundle_holds_only_what_inference_needs(project):
         assert sorted(n for n in z.namelist() if not n.endswith("/")) == files
     wheel = next((project["bundle"] / "wheels").glob("*.whl"))
     with zipfile.ZipFile(wheel) as z:
-        assert "pipeline/tools/predict.py" in z.namelist() and "pipeline/core/inference.py" in z.namelist()
+        assert "pipeline/tools/predict.py" in z.namelist() and "pipeline/core/predict/inference.py" in z.namelist()
 
 
 def test_weights_are_plain_timm_checkpoints_with_the_head_folded_in(project):

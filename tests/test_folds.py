@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, make_competition
 from pipeline.core.config import load_config
-from pipeline.core.data import read_folds
+from pipeline.core.inputs.data import read_folds
 from pipeline.core.errors import PipelineError
 from pipeline.stages import folds as folds_stage
 from pipeline.stages.folds import make_folds

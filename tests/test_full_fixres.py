@@ -8,16 +8,17 @@ import torch
 from PIL import Image
 
 from conftest import make_competition
-from pipeline.core import models, provenance
-from pipeline.core.artifacts import read_json, read_npz
-from pipeline.core.augment import open_store
-from pipeline.core.data import read_folds, read_test_table
-from pipeline.core.inference import joint_head, predict_policy
+from pipeline.core.nets import models
+from pipeline.core.files import provenance
+from pipeline.core.files.artifacts import read_json, read_npz
+from pipeline.core.inputs.augment import open_store
+from pipeline.core.inputs.data import read_folds, read_test_table
+from pipeline.core.predict.inference import joint_head, predict_policy
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage
-from pipeline.tools import leaderboard
+from pipeline.tools.reports import leaderboard
 
 TINY = ["data.image_ext=.png", "experiment=tiny", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
         "train.batch_size=8", "train.epochs=3", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",

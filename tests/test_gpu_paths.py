@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import REPO
-from pipeline.core.artifacts import experiment_lock
+from pipeline.core.files.artifacts import experiment_lock
 from pipeline.core.config import load_config
-from pipeline.core.distributed import Dist
+from pipeline.core.engine.distributed import Dist
 from pipeline.core.errors import PipelineError
-from pipeline.core.loop import grad_scaler
-from pipeline.core.runtime import amp_dtype, memory_format
+from pipeline.core.engine.loop import grad_scaler
+from pipeline.core.engine.runtime import amp_dtype, memory_format
 from pipeline.tools import doctor
 
 TINY = ["model.arch=test_resnet", "aug.img_size=32", "train.batch_size=8", "train.workers=0"]
@@ -73,7 +73,7 @@ def test_two_gloo_processes_through_the_collective_helper():
 
 
 def _holder(folder, host, beat):
-    code = ("import time, sys; from pipeline.core.artifacts import experiment_lock\n"
+    code = ("import time, sys; from pipeline.core.files.artifacts import experiment_lock\n"
             f"with experiment_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(120)")
     env = dict(os.environ, PYTHONPATH=str(REPO), PIPELINE_HOSTNAME=host, PIPELINE_LOCK_HEARTBEAT_S=str(beat))
     p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 
 from conftest import make_competition
-from pipeline.core.artifacts import read_json
+from pipeline.core.files.artifacts import read_json
 from pipeline.core.config import load_config
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage
-from pipeline.tools import leaderboard
+from pipeline.tools.reports import leaderboard
 
 HEADS = ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"]
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=16", "aug.cache=off", "train.batch_size=16",

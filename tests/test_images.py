@@ -12,11 +12,11 @@ from PIL import Image
 
 from conftest import SHARED, make_competition
 from pipeline.cli import main as cli_main
-from pipeline.core.augment import open_store, store_side, valid_transform
+from pipeline.core.inputs.augment import open_store, store_side, valid_transform
 from pipeline.core.config import load_config
-from pipeline.core.data import read_train_table
+from pipeline.core.inputs.data import read_train_table
 from pipeline.core.errors import PipelineError
-from pipeline.core.images import ImageDataset, ImageStore, cache_report, read_image, stored_image
+from pipeline.core.inputs.images import ImageDataset, ImageStore, cache_report, read_image, stored_image
 
 
 def _save_with_orientation(img: Image.Image, path, orientation: int) -> None:
@@ -162,7 +162,7 @@ def test_cache_gives_the_same_pixels_is_reused_and_bounded(tmp_path):
 
 
 def test_a_jpeg_store_is_close_to_raw_identical_with_cache_on_or_off_and_a_tenth_of_the_disk(workdir):
-    from pipeline.core.augment import pixel_record, store_format
+    from pipeline.core.inputs.augment import pixel_record, store_format
 
     src = SHARED / "data" / "flowers5"
     if not src.is_dir():
@@ -256,7 +256,7 @@ def test_old_resize_ratio_key_names_its_replacement():
 
 
 def test_progress_is_logged_when_not_on_a_terminal(caplog):
-    from pipeline.core.progress import progress
+    from pipeline.core.report.progress import progress
 
     with caplog.at_level("INFO", logger="pipeline"):
         assert list(progress(range(40), 40, "storing images at 64px", "img", every_s=0.0)) == list(range(40))

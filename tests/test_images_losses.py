@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from conftest import cli, make_competition, run_cli
-from pipeline.core.losses import SoftTargetLoss, effective_number_weights
+from pipeline.core.nets.losses import SoftTargetLoss, effective_number_weights
 
 
 def test_losses():

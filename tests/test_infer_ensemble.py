@@ -11,22 +11,23 @@ import pytest
 import torch
 
 from conftest import REPO, make_competition
-from pipeline.core import models, provenance
-from pipeline.core.augment import open_store, valid_transform
+from pipeline.core.nets import models
+from pipeline.core.files import provenance
+from pipeline.core.inputs.augment import open_store, valid_transform
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.images import ImageDataset
-from pipeline.core.metrics import softmax
-from pipeline.core.runtime import amp_dtype, make_loader
+from pipeline.core.inputs.images import ImageDataset
+from pipeline.core.predict.metrics import softmax
+from pipeline.core.engine.runtime import amp_dtype, make_loader
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage
 from pipeline.stages.ensemble import fit_weights
-from pipeline.core.submission import combine
-from pipeline.core.tta import merge, sizes
-from pipeline.core.inference import policy_logits
+from pipeline.core.predict.submission import combine
+from pipeline.core.predict.tta import merge, sizes
+from pipeline.core.predict.inference import policy_logits
 
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
         "train.batch_size=8", "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",

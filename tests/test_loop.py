@@ -1,4 +1,4 @@
-"""The one training step and epoch loop (core/loop.py): accumulation, clipping, fp16 loss scaling, the
+"""The one training step and epoch loop (core/engine/loop.py): accumulation, clipping, fp16 loss scaling, the
 schedule and EMA hooks; every trainer (stage 2, FixRes, cRT/LWS, lr-find, doctor) goes through it, so fp16
 is loss-scaled everywhere; timm's Mixup lambda read through its public call."""
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import make_competition
-from pipeline.core import loop, training
+from pipeline.core.engine import loop, training
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.loop import Step, run_epoch
+from pipeline.core.engine.loop import Step, run_epoch
 
 
 def _linear():
@@ -93,7 +93,7 @@ def test_every_trainer_goes_through_the_step_so_fp16_is_loss_scaled(workdir, mon
     infer_stage.run(cfg)
     doctor.measure(cfg, doctor.Mode("fp16", "fp16"), steps=1)
     where = {"/".join(f) for f, _ in made}
-    assert {"tools/lr_find.py", "stages/train.py", "stages/infer.py", "core/heads.py", "tools/doctor.py"} <= where
+    assert {"tools/lr_find.py", "stages/train.py", "stages/infer.py", "core/nets/heads.py", "tools/doctor.py"} <= where
     assert all(scaled for f, scaled in made if f[-1] != "heads.py")   # cRT/LWS: fp32 features on CPU, no autocast
 
 

@@ -3,9 +3,9 @@ form through `./run.sh all` to its final lines (the score table once crashed on 
 import pytest
 
 from conftest import cli, config_from_items, make_competition
-from pipeline.core.artifacts import read_json
+from pipeline.core.files.artifacts import read_json
 from pipeline.core.errors import PipelineError
-from pipeline.core.submission import METHODS, Member, parse_members
+from pipeline.core.predict.submission import METHODS, Member, parse_members
 
 BASE = ["data.image_ext: .png", "model.arch: test_resnet", "aug.img_size: 32", "aug.cache: off", "train.batch_size: 8",
         "train.epochs: 1", "train.workers: 0", "train.warmup_epochs: 0", "folds.n_splits: 2", "rebalance.crt_epochs: 2",

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 
 from conftest import make_competition
-from pipeline.core import models
+from pipeline.core.nets import models
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.heads import Head, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear
-from pipeline.core.metrics import score, softmax
-from pipeline.core.samplers import epoch_indices
+from pipeline.core.nets.heads import Head, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear
+from pipeline.core.predict.metrics import score, softmax
+from pipeline.core.inputs.samplers import epoch_indices
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage

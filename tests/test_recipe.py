@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_competition
-from pipeline.core import models
-from pipeline.core.augment import TimmPolicy, train_transform
+from pipeline.core.nets import models
+from pipeline.core.inputs.augment import TimmPolicy, train_transform
 from pipeline.core.config import load_config
-from pipeline.core.data import read_folds
-from pipeline.core.distributed import Dist
+from pipeline.core.inputs.data import read_folds
+from pipeline.core.engine.distributed import Dist
 from pipeline.core.errors import PipelineError
-from pipeline.core.images import ImageDataset
-from pipeline.core.losses import SoftTargetLoss, effective_number_weights, ldam_margins
+from pipeline.core.inputs.images import ImageDataset
+from pipeline.core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import train as train_stage
 
@@ -139,7 +139,7 @@ def test_attention_pooling_replaces_timm_pooling_at_any_size(comp):
 
 
 def test_knn_with_k1_is_the_brute_force_nearest_neighbour_and_survives_a_save(tmp_path):
-    from pipeline.core.heads import Head, knn_head
+    from pipeline.core.nets.heads import Head, knn_head
 
     rng = np.random.default_rng(0)
     tr, y = rng.normal(size=(60, 8)).astype(np.float32), rng.integers(0, 4, 60)
@@ -160,7 +160,7 @@ def test_knn_with_k1_is_the_brute_force_nearest_neighbour_and_survives_a_save(tm
 
 
 def test_pca_whitening_gives_identity_covariance_on_the_training_features():
-    from pipeline.core.heads import ncm_head, pca_whitening
+    from pipeline.core.nets.heads import ncm_head, pca_whitening
 
     rng = np.random.default_rng(1)
     tr = (rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6)) + 3).astype(np.float32)
@@ -172,7 +172,7 @@ def test_pca_whitening_gives_identity_covariance_on_the_training_features():
 
 
 def test_knn_and_pca_heads_in_stage3_are_tuned_honestly_and_used_by_stage4(comp):
-    from pipeline.core.artifacts import read_json
+    from pipeline.core.files.artifacts import read_json
     from pipeline.stages import infer as infer_stage
     from pipeline.stages import rebalance as rebalance_stage
 
@@ -235,7 +235,7 @@ def test_report_draws_class_activation_maps_when_the_feature_map_allows(comp, wo
 
     from pipeline.stages import infer as infer_stage
     from pipeline.stages import rebalance as rebalance_stage
-    from pipeline.tools import experiment_page
+    from pipeline.tools.reports import experiment_page
 
     cfg = cfg_of(comp, "aug.img_size=96", "train.epochs=1", "rebalance.variants=[joint]", "infer.views=[orig]")
     folds_stage.run(cfg)

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.tools import selfcheck
-from pipeline.core.artifacts import atomic_path, write_json
+from pipeline.core.files.artifacts import atomic_path, write_json
 from pipeline.core.errors import PipelineError
 
 
@@ -77,7 +77,7 @@ def test_the_matrix_table_has_the_totals(sandbox):
 
 
 def test_a_lock_on_a_new_folder_leaves_no_empty_folders_when_the_run_fails(tmp_path):
-    from pipeline.core.artifacts import experiment_lock
+    from pipeline.core.files.artifacts import experiment_lock
 
     target = tmp_path / "runs" / "exp" / "fold0"
     with pytest.raises(PipelineError):
@@ -93,7 +93,7 @@ def test_a_lock_on_a_new_folder_leaves_no_empty_folders_when_the_run_fails(tmp_p
 def test_npz_files_stream_large_tables_in_and_read_one_item_out(tmp_path):
     import numpy as np
 
-    from pipeline.core.artifacts import read_npz, read_npz_item, write_npz
+    from pipeline.core.files.artifacts import read_npz, read_npz_item, write_npz
     from pipeline.stages.infer import RowTable, Streamed
 
     rng = np.random.default_rng(0)

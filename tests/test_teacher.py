@@ -6,21 +6,21 @@ import torch
 from PIL import Image
 
 from conftest import make_competition
-from pipeline.core.artifacts import read_json
+from pipeline.core.files.artifacts import read_json
 from pipeline.core.config import load_config
-from pipeline.core.data import read_folds, read_test_table
+from pipeline.core.inputs.data import read_folds, read_test_table
 from pipeline.core.errors import PipelineError
-from pipeline.core import teacher as teacher_mod
-from pipeline.core.losses import SoftTargetLoss
-from pipeline.core.submission import Member
-from pipeline.core.provenance import train_record
+from pipeline.core.engine import teacher as teacher_mod
+from pipeline.core.nets.losses import SoftTargetLoss
+from pipeline.core.predict.submission import Member
+from pipeline.core.files.provenance import train_record
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage
-from pipeline.core.distributed import Dist
-from pipeline.tools import leaderboard
+from pipeline.core.engine.distributed import Dist
+from pipeline.tools.reports import leaderboard
 
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off", "train.batch_size=8",
         "train.epochs=2", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "train.lr=0.01",
@@ -160,7 +160,7 @@ def test_pseudo_labels_from_a_weighted_ensemble_use_the_weights_fit_without_that
     ens = cfg_of(teacher.data.root, "t", *TEACHER, "ensemble.members=[t,t2]", "ensemble.method=weighted", "ensemble.name=duo")
     rec = ens_stage.run(ens)
     assert len(rec["fold_weights"]) == 2
-    from pipeline.core import teacher as T
+    from pipeline.core.engine import teacher as T
 
     tch = T.load_teacher("duo")
     assert tch.weights_for(0) == rec["fold_weights"][0] and tch.weights_for(1) == rec["fold_weights"][1]

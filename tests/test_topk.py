@@ -5,8 +5,8 @@ import pytest
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.metrics import GREATER_IS_BETTER, compute, score, top_k
-from pipeline.core.submission import build_submission, submission_without_sample
+from pipeline.core.predict.metrics import GREATER_IS_BETTER, compute, score, top_k
+from pipeline.core.predict.submission import build_submission, submission_without_sample
 
 
 def brute_order(p: np.ndarray) -> list[int]:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO, cli, make_competition, run_cli
-from pipeline.core import training
+from pipeline.core.engine import training
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.models import GeM, create_model, read_state_dict, write_state_dict
-from pipeline.core.samplers import class_probs, epoch_indices
+from pipeline.core.nets.models import GeM, create_model, read_state_dict, write_state_dict
+from pipeline.core.inputs.samplers import class_probs, epoch_indices
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import train as train_stage
 
@@ -75,8 +75,8 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
 
 
 def test_select_last_keeps_the_fixed_source_and_best_is_marked_as_chosen_on_held_out_rows(comp, workdir):
-    from pipeline.core.provenance import train_record, up_to_date
-    from pipeline.tools.leaderboard import build, rank
+    from pipeline.core.files.provenance import train_record, up_to_date
+    from pipeline.tools.reports.leaderboard import build, rank
 
     cfg = tiny_cfg(comp, "train.epochs=2", "train.ema_decay=0.5")       # the default: select=last, EMA on
     folds_stage.run(cfg)
@@ -298,8 +298,8 @@ def test_layer_decay_uses_timm_groups_and_the_scheduler_applies_them(comp):
 
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_frozen_epochs_train_the_classifier_only(comp, freeze_bn):
-    from pipeline.core.data import read_folds
-    from pipeline.core.distributed import Dist
+    from pipeline.core.inputs.data import read_folds
+    from pipeline.core.engine.distributed import Dist
 
     cfg = tiny_cfg(comp, "train.freeze_epochs=1", f"train.freeze_bn={str(freeze_bn).lower()}", "train.ema=false")
     folds_stage.run(cfg)
@@ -336,8 +336,8 @@ def test_patience_stops_the_fold_and_the_summary_says_when(comp, monkeypatch):
 
 
 def test_progressive_resizing_follows_the_schedule_and_validation_stays(comp):
-    from pipeline.core.data import read_folds
-    from pipeline.core.distributed import Dist
+    from pipeline.core.inputs.data import read_folds
+    from pipeline.core.engine.distributed import Dist
 
     with pytest.raises(PipelineError, match="aug.size_schedule"):
         tiny_cfg(comp, "aug.size_schedule=[[1, 16], [0, 32]]")

@@ -19,12 +19,12 @@ from PIL import Image
 
 from conftest import SHARED
 from pipeline.cli import main
-from pipeline.core import layout
-from pipeline.core.augment import crop_pct
+from pipeline.core.files import layout
+from pipeline.core.inputs.augment import crop_pct
 from pipeline.core.config import PRETRAINED_DEFAULTS, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.models import create_model, norm_stats, read_state_dict, weights_record
-from pipeline.core.provenance import train_record
+from pipeline.core.nets.models import create_model, norm_stats, read_state_dict, weights_record
+from pipeline.core.files.provenance import train_record
 from pipeline.tools import weights
 from pipeline.tools.demo import build_holdout, ensure_holdout
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from . import layout
+from .files import layout
 from .errors import PipelineError
 
 
@@ -304,7 +304,7 @@ class EvalCfg:
     @property
     def scorer(self) -> str:
         """The metric as every scoring call names it (a top-k metric with its k: "map_at_k@5")."""
-        from .metrics import scorer  # lazily: reading a config imports no scikit-learn
+        from .predict.metrics import scorer  # lazily: reading a config imports no scikit-learn
         return scorer(self.metric, self.top_k)
 
 
@@ -350,7 +350,7 @@ class FixResCfg:
 @dataclass
 class InferCfg:
     heads: list[str] = key(factory=lambda: ["best"], help="stage-3 variants to predict with; best: the CV winner")
-    views: list[str] = key(factory=lambda: ["orig", "hflip"], help="named TTA views, see pipeline/core/tta.py")
+    views: list[str] = key(factory=lambda: ["orig", "hflip"], help="named TTA views, see pipeline/core/predict/tta.py")
     scales: list[float] = key(factory=lambda: [1.0], range=(0.25, 4, True, True),
                               help="x img_size (FixRes: >1 often helps); each view at each scale")
     merge: Literal["mean_prob", "mean_logit", "geo_mean"] = key("mean_prob", help="how TTA views combine")
@@ -547,7 +547,7 @@ def _validate_aug(cfg: Config, check) -> None:
                         and all(16 <= x[1] <= 4096 for x in sched)), "aug.size_schedule",
           "must be [[0, side], [epoch, side], ...]: epochs rising from 0, sides 16-4096 (e.g. [[0, 128], [6, 224]])")
     if cfg.aug.policy:
-        from .policy import policy_transform  # timm parses its own specs
+        from .inputs.policy import policy_transform  # timm parses its own specs
 
         try:
             policy_transform(cfg.aug.policy, cfg.aug.img_size)
@@ -581,8 +581,8 @@ def _validate_train(cfg: Config, check) -> None:
 
 
 def _validate_heads_and_views(cfg: Config, check) -> None:
-    from .heads import VARIANTS
-    from .tta import VIEWS
+    from .nets.heads import VARIANTS
+    from .predict.tta import VIEWS
 
     known = set(VARIANTS)
     bad = [v for v in cfg.rebalance.variants if v not in known]

@@ -19,17 +19,18 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from ..core import layout, tracking
-from ..core.artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
+from ..core.files import layout
+from ..core.report import tracking
+from ..core.files.artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
 from ..core.config import Config, load_config
-from ..core.data import private_score, read_sample_submission, read_test_table, test_source
+from ..core.inputs.data import private_score, read_sample_submission, read_test_table, test_source
 from ..core.errors import PipelineError
-from ..core.inference import candidate_probs
-from ..core.metrics import GREATER_IS_BETTER, cv, score
-from ..core.tta import BASELINE
-from ..core.submission import Member, build_submission, combine, parse_members, submission_without_sample
-from ..core.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded, refuse_stale,
-                               stale_reasons, up_to_date)
+from ..core.predict.inference import candidate_probs
+from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
+from ..core.predict.tta import BASELINE
+from ..core.predict.submission import Member, build_submission, combine, parse_members, submission_without_sample
+from ..core.files.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded,
+                                     refuse_stale, stale_reasons, up_to_date)
 
 log = logging.getLogger("pipeline")
 

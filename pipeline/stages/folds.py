@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from ..core.artifacts import read_json, sha256_obj, write_csv, write_json
+from ..core.files.artifacts import read_json, sha256_obj, write_csv, write_json
 from ..core.config import Config
-from ..core.data import encode, fold_problems, make_classes, read_train_table, to_builtin, train_source
+from ..core.inputs.data import encode, fold_problems, make_classes, read_train_table, to_builtin, train_source
 from ..core.errors import PipelineError
-from ..core.provenance import environment, stale_reasons, up_to_date
+from ..core.files.provenance import environment, stale_reasons, up_to_date
 
 log = logging.getLogger("pipeline")
 

@@ -30,27 +30,28 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import models, tracking
-from ..core.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv, write_json,
-                              write_npz)
+from ..core.nets import models
+from ..core.report import tracking
+from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
+                                    write_json, write_npz)
 from ..core.config import Config, keys_without_output
-from ..core.data import read_test_table
-from ..core.distributed import Dist
+from ..core.inputs.data import read_test_table
+from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
-from ..core.heads import Head
-from ..core.augment import open_store, pixel_record, valid_transform
-from ..core.images import ImageDataset
-from ..core.inference import (MERGE_ROWS, PolicyFeatures, default_policy, joint_head, parse_view, policy_probs,
-                              policy_rows, tta_names)
-from ..core.layout import FULL_FIT
-from ..core.loop import Step, run_epoch
-from ..core.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
-from ..core.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
-                               rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
-                               up_to_date)
-from ..core.progress import Progress
-from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
-from ..core.tta import BASELINE
+from ..core.nets.heads import Head
+from ..core.inputs.augment import open_store, pixel_record, valid_transform
+from ..core.inputs.images import ImageDataset
+from ..core.predict.inference import (MERGE_ROWS, PolicyFeatures, default_policy, joint_head, parse_view, policy_probs,
+                                      policy_rows, tta_names)
+from ..core.files.layout import FULL_FIT
+from ..core.engine.loop import Step, run_epoch
+from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
+from ..core.files.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
+                                     rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
+                                     up_to_date)
+from ..core.report.progress import Progress
+from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
+from ..core.predict.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 

@@ -28,21 +28,22 @@ import pandas as pd
 import torch
 from sklearn.model_selection import KFold, StratifiedKFold
 
-from ..core import models, tracking
-from ..core.artifacts import experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv, write_json, \
-    write_npz, write_text
-from ..core.augment import open_store, train_transform, valid_transform
+from ..core.nets import models
+from ..core.report import tracking
+from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv,
+                                    write_json, write_npz, write_text)
+from ..core.inputs.augment import open_store, train_transform, valid_transform
 from ..core.config import Config
-from ..core.data import read_folds, to_builtin
+from ..core.inputs.data import read_folds, to_builtin
 from ..core.errors import PipelineError
-from ..core.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
-from ..core.images import ImageDataset
-from ..core.layout import FULL_FIT
-from ..core.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
-from ..core.provenance import (environment, feature_record, full_summary, keep_image_snapshots, rebalance_record,
-                               stage2_summary, stale_reasons, up_to_date)
-from ..core.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
-from ..core.distributed import Dist
+from ..core.nets.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
+from ..core.inputs.images import ImageDataset
+from ..core.files.layout import FULL_FIT
+from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
+from ..core.files.provenance import (environment, feature_record, full_summary, keep_image_snapshots, rebalance_record,
+                                     stage2_summary, stale_reasons, up_to_date)
+from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
+from ..core.engine.distributed import Dist
 
 log = logging.getLogger("pipeline")
 

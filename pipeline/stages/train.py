@@ -37,28 +37,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import models, training
-from ..core.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv, write_json,
-                              write_npz, write_text)
-from ..core.augment import EpochTransforms, open_store, train_transform, valid_transform
+from ..core.nets import models
+from ..core.engine import training
+from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv,
+                                    write_json, write_npz, write_text)
+from ..core.inputs.augment import EpochTransforms, open_store, train_transform, valid_transform
 from ..core.config import Config, config_to_yaml
-from ..core.data import read_folds, read_test_table
-from ..core.distributed import Dist, run_per_device
+from ..core.inputs.data import read_folds, read_test_table
+from ..core.engine.distributed import Dist, run_per_device
 from ..core.errors import PipelineError
-from ..core.images import ConcatView, EpochBatches, ImageDataset
-from ..core.layout import FULL_FIT, FoldDir  # FULL_FIT: the full-data model's fold index; `fold != FULL_FIT` is every row
-from ..core.loop import EpochResult, Step, run_epoch, sync_interval
-from ..core.losses import SoftTargetLoss, effective_number_weights, ldam_margins
-from ..core.metrics import better, compute, row_scores
-from ..core.models import Normalize, clean_state_dict, create_model, norm_stats, to_input, write_state_dict
-from ..core.progress import Progress, progress
-from ..core.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
-                               recorded, stale_reasons, train_record, up_to_date)
-from ..core.runtime import (amp_dtype, make_loader, maybe_compile, memory_format, pick_device, prepare_model,
-                            set_backend_flags, workers)
-from ..core.samplers import epoch_indices
-from ..core import teacher as teachers
-from ..core.tracking import Tracker
+from ..core.inputs.images import ConcatView, EpochBatches, ImageDataset
+# FULL_FIT: the full-data model's fold index; `fold != FULL_FIT` is every row
+from ..core.files.layout import FULL_FIT, FoldDir
+from ..core.engine.loop import EpochResult, Step, run_epoch, sync_interval
+from ..core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
+from ..core.predict.metrics import better, compute, row_scores
+from ..core.nets.models import Normalize, clean_state_dict, create_model, norm_stats, to_input, write_state_dict
+from ..core.report.progress import Progress, progress
+from ..core.files.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
+                                     recorded, stale_reasons, train_record, up_to_date)
+from ..core.engine.runtime import (amp_dtype, make_loader, maybe_compile, memory_format, pick_device, prepare_model,
+                                   set_backend_flags, workers)
+from ..core.inputs.samplers import epoch_indices
+from ..core.engine import teacher as teachers
+from ..core.report.tracking import Tracker
 
 log = logging.getLogger("pipeline")
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..core.artifacts import atomic_path, read_json, write_csv, write_json
+from ..core.files.artifacts import atomic_path, read_json, write_csv, write_json
 from ..core.errors import PipelineError
 
 log = logging.getLogger("pipeline")

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.progress import progress
+from ..core.report.progress import progress
 from ..core.config import Config, config_to_yaml
-from ..core.distributed import Dist
-from ..core.loop import Step, run_epoch, sync_interval
-from ..core.models import Normalize, create_model, logits, norm_stats, to_input
-from ..core.runtime import (amp_dtype, make_loader, maybe_compile, memory_format, pick_device,
-                            prepare_model, workers)
+from ..core.engine.distributed import Dist
+from ..core.engine.loop import Step, run_epoch, sync_interval
+from ..core.nets.models import Normalize, create_model, logits, norm_stats, to_input
+from ..core.engine.runtime import (amp_dtype, make_loader, maybe_compile, memory_format, pick_device, prepare_model,
+                                   workers)
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.15, "fp16": 0.05}  # max |logit - fp32 logit| / max(1, max |fp32 logit|)
 
@@ -80,9 +80,9 @@ def batches(cfg: Config, n: int, device: torch.device):
     """(uint8 NHWC batch, labels) x n: the competition's images when its folds file exists."""
     b, s = cfg.train.batch_size, cfg.aug.img_size
     if cfg.folds_csv.exists():
-        from ..core.augment import open_store, train_transform
-        from ..core.data import read_folds
-        from ..core.images import ImageDataset
+        from ..core.inputs.augment import open_store, train_transform
+        from ..core.inputs.data import read_folds
+        from ..core.inputs.images import ImageDataset
 
         df, classes = read_folds(cfg)
         rows = np.resize(np.arange(len(df)), n * b)

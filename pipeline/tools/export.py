@@ -37,17 +37,18 @@ import torch
 import yaml
 
 from .. import __version__
-from ..core import bundle as bundle_io
-from ..core import layout, models
-from ..core.artifacts import read_json, sha256_file, write_json, write_text
-from ..core.augment import crop_pct, store_format, store_side
+from ..core.files import bundle as bundle_io
+from ..core.files import layout
+from ..core.nets import models
+from ..core.files.artifacts import read_json, sha256_file, write_json, write_text
+from ..core.inputs.augment import crop_pct, store_format, store_side
 from ..core.config import Config, keys_without_output, load_config
 from ..core.errors import PipelineError
-from ..core.heads import Head
-from ..core.inference import joint_head, parse_view
-from ..core.provenance import environment
-from ..core.submission import Member, parse_members
-from ..core.tta import BASELINE
+from ..core.nets.heads import Head
+from ..core.predict.inference import joint_head, parse_view
+from ..core.files.provenance import environment
+from ..core.predict.submission import Member, parse_members
+from ..core.predict.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 
@@ -195,7 +196,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
                                               if normalised else ", the chosen head included")
                                 if mcfg.model.pool == "avg" else
                                 f"model.pool={mcfg.model.pool} replaces timm's pooling layer: load with "
-                                f"pipeline.core.models.create_model")}
+                                f"pipeline.core.nets.models.create_model")}
     write_text(target.config, yaml.safe_dump(bundle_member_config(mcfg, s4, submission), sort_keys=False))
     write_json(target.info, info)
     return info

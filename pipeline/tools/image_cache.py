@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core.images import cache_report, clear_cache
+from ..core.inputs.images import cache_report, clear_cache
 
 
 def describe(cache_dir: str | Path) -> str:

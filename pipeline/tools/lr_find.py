@@ -18,19 +18,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import layout, plots
-from ..core.artifacts import write_csv
-from ..core.augment import open_store, train_transform
+from ..core.files import layout
+from ..core.report import plots
+from ..core.files.artifacts import write_csv
+from ..core.inputs.augment import open_store, train_transform
 from ..core.config import Config
-from ..core.data import read_folds
-from ..core.distributed import Dist
+from ..core.inputs.data import read_folds
+from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
-from ..core.images import ImageDataset
-from ..core.loop import Step, run_epoch
-from ..core.losses import SoftTargetLoss, ldam_margins
-from ..core.models import Normalize, create_model, norm_stats, to_input
-from ..core.progress import Progress
-from ..core.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
+from ..core.inputs.images import ImageDataset
+from ..core.engine.loop import Step, run_epoch
+from ..core.nets.losses import SoftTargetLoss, ldam_margins
+from ..core.nets.models import Normalize, create_model, norm_stats, to_input
+from ..core.report.progress import Progress
+from ..core.engine.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
 
 log = logging.getLogger("pipeline")
 

@@ -20,13 +20,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core import layout
+from ..core.files import layout
 from ..core.config import Config, load_config
-from ..core.data import fold_problems, read_test_table, read_train_table, test_source, train_source
+from ..core.inputs.data import fold_problems, read_test_table, read_train_table, test_source, train_source
 from ..core.errors import PipelineError
-from ..core.heads import VARIANTS
-from ..core.metrics import TOP_K
-from ..core.submission import Member
+from ..core.nets.heads import VARIANTS
+from ..core.predict.metrics import TOP_K
+from ..core.predict.submission import Member
 from .demo import prepare_data, unbuilt_data
 
 log = logging.getLogger("pipeline")
@@ -82,7 +82,7 @@ def _check_model(c: Config, plan: Plan) -> None:
                              + (f"; did you mean '{near[0]}'?" if near else ""))
         return
     if c.model.pretrained_path:
-        from ..core.models import create_model
+        from ..core.nets.models import create_model
 
         if not Path(c.model.pretrained_path).is_file():
             plan.problems.append(f"{_who(c)}: config model.pretrained_path: weights file not found: "

@@ -24,20 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core import bundle as bundle_io
-from ..core import layout, models
-from ..core.artifacts import read_json, write_csv
+from ..core.files import bundle as bundle_io
+from ..core.files import layout
+from ..core.nets import models
+from ..core.files.artifacts import read_json, write_csv
 from ..core.config import Config, load_config
-from ..core.data import read_sample_submission, read_test_table
-from ..core.distributed import Dist
+from ..core.inputs.data import read_sample_submission, read_test_table
+from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
-from ..core.heads import Head
-from ..core.images import ImageStore
-from ..core.inference import TestMean, joint_head, parse_view, policy_probs, predict_policy
-from ..core.metrics import GREATER_IS_BETTER
-from ..core.progress import Progress
-from ..core.runtime import amp_dtype, pick_device, prepare_model
-from ..core.submission import build_submission, combine, submission_without_sample
+from ..core.nets.heads import Head
+from ..core.inputs.images import ImageStore
+from ..core.predict.inference import TestMean, joint_head, parse_view, policy_probs, predict_policy
+from ..core.predict.metrics import GREATER_IS_BETTER
+from ..core.report.progress import Progress
+from ..core.engine.runtime import amp_dtype, pick_device, prepare_model
+from ..core.predict.submission import build_submission, combine, submission_without_sample
 
 log = logging.getLogger("pipeline")
 

@@ -38,9 +38,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..core import layout
-from ..core.artifacts import read_json, sha256_obj
-from ..core.progress import Progress
+from ..core.files import layout
+from ..core.files.artifacts import read_json, sha256_obj
+from ..core.report.progress import Progress
 from .demo import synthetic_competition
 
 REPO = Path(__file__).resolve().parents[2]

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from ..core import layout
-from ..core.artifacts import sha256_file, write_json
+from ..core.files import layout
+from ..core.files.artifacts import sha256_file, write_json
 from ..core.errors import PipelineError
-from ..core.models import clean_state_dict, read_state_dict, write_state_dict
+from ..core.nets.models import clean_state_dict, read_state_dict, write_state_dict
 
 log = logging.getLogger("pipeline")
 

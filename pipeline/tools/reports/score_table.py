@@ -7,13 +7,13 @@ import logging
 import numpy as np
 import pandas as pd
 
-from ..core import layout
-from ..core.artifacts import read_json, read_npz
-from ..core.config import Config
-from ..core.data import private_score
-from ..core.metrics import softmax
-from ..core.inference import candidate_probs, plain_logits
-from ..core.submission import Member
+from ...core.files import layout
+from ...core.files.artifacts import read_json, read_npz
+from ...core.config import Config
+from ...core.inputs.data import private_score
+from ...core.predict.metrics import softmax
+from ...core.predict.inference import candidate_probs, plain_logits
+from ...core.predict.submission import Member
 
 log = logging.getLogger("pipeline")
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from . import layout
 from .artifacts import read_json, recorded, sha256_file, sha256_obj, up_to_date, write_json  # noqa: F401 (re-exported)
-from .augment import pixel_record
-from .config import Config, keys_without_output, later_keys, schema
-from .data import read_folds, read_table, read_test_table
-from .errors import PipelineError
-from .heads import low_median
+from ..inputs.augment import pixel_record
+from ..config import Config, keys_without_output, later_keys, schema
+from ..inputs.data import read_folds, read_table, read_test_table
+from ..errors import PipelineError
+from ..nets.heads import low_median
 
 log = logging.getLogger("pipeline")
 
@@ -254,7 +254,7 @@ def train_record(cfg: Config) -> dict:
 
 def teacher_section(cfg: Config) -> dict | None:
     """train.pseudo / train.distill: their settings and what the teachers' targets are made from."""
-    from .teacher import load_teacher, teacher_record
+    from ..engine.teacher import load_teacher, teacher_record
 
     out = {}
     test = None

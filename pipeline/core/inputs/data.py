@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .config import Config
-from .errors import PipelineError
+from ..config import Config
+from ..errors import PipelineError
 from .images import BOMB, open_image
-from .metrics import score
+from ..predict.metrics import score
 
 log = logging.getLogger("pipeline")
 
@@ -539,7 +539,7 @@ def read_sample_submission(cfg: Config) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- stage 1 output
 def read_folds(cfg: Config) -> tuple[pd.DataFrame, list]:
     """The folds table (id, label, [group], path, fold, y) and the class list, as stage 1 wrote them."""
-    from .artifacts import read_json
+    from ..files.artifacts import read_json
 
     if not cfg.folds_csv.exists() or not cfg.folds_record.exists():
         raise PipelineError(f"folds file {cfg.folds_csv} not found: run stage 1 first (./run.sh folds)")

@@ -17,7 +17,7 @@ import re
 import socket
 from pathlib import Path
 
-from .config import Config, flatten
+from ..config import Config, flatten
 
 log = logging.getLogger("pipeline")
 

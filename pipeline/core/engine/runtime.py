@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from .config import Config
+from ..config import Config
 from .distributed import Dist
-from .errors import PipelineError
+from ..errors import PipelineError
 
 
 def pick_device(cfg: Config, dist: Dist) -> torch.device:

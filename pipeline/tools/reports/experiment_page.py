@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import layout, plots
-from ..core.artifacts import read_json, write_text
-from ..core.images import read_image
-from ..core.errors import PipelineError
-from ..core.layout import RunDir
+from ...core.files import layout
+from ...core.report import plots
+from ...core.files.artifacts import read_json, write_text
+from ...core.inputs.images import read_image
+from ...core.errors import PipelineError
+from ...core.files.layout import RunDir
 from .leaderboard import experiment_config, experiment_rows, fold_summaries, predictions, rank, to_text
-from ..core.metrics import per_class_recall
+from ...core.predict.metrics import per_class_recall
 
 log = logging.getLogger("pipeline")
 
@@ -182,8 +183,8 @@ def _cams(cfg, run: RunDir, summaries: list[dict], pred: dict, classes: list, pa
     that held it out, for the class it predicted. Skipped (False) without the train images or a CNN map."""
     import torch
 
-    from ..core import models
-    from ..core.augment import valid_transform
+    from ...core.nets import models
+    from ...core.inputs.augment import valid_transform
 
     y, top, conf = pred["y"], pred["rows"].pred, pred["rows"].conf
     wrong = np.flatnonzero(top != y)

@@ -1,6 +1,6 @@
 """albumentations pipelines built from the `aug` config. They start from the stored copy of an image
-(pipeline.core.images: aspect ratio kept, shorter side at the storage side) and output uint8 HWC
-squares; normalisation happens on the device in a batch (pipeline.core.models.Normalize).
+(pipeline.core.inputs.images: aspect ratio kept, shorter side at the storage side) and output uint8 HWC
+squares; normalisation happens on the device in a batch (pipeline.core.nets.models.Normalize).
 
 As timm does by default (`aug.resize: keep_ratio`): training crops with RandomResizedCrop from the
 stored image at close to full resolution, and validation/TTA resize the shorter side to
@@ -15,7 +15,7 @@ import math
 import albumentations as A
 import numpy as np
 
-from .config import Config
+from ..config import Config
 from .policy import policy_transform
 from .images import ImageStore, resize_short, squash
 
@@ -89,7 +89,7 @@ def crop_pct(cfg: Config) -> float:
     else timm's default 0.875."""
     if cfg.aug.crop_pct is not None:
         return cfg.aug.crop_pct
-    from .models import weights_record
+    from ..nets.models import weights_record
 
     rec = weights_record(cfg.model.pretrained_path)
     if rec and rec.get("pretrained_cfg", {}).get("crop_pct"):

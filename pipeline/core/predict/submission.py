@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from .errors import PipelineError
+from ..errors import PipelineError
 from .metrics import top_k
 
 METHODS = ("mean", "weighted", "geo_mean", "rank", "hill_climb")  # hill_climb: a weighted mean (counts / steps)

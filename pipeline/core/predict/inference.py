@@ -10,15 +10,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import models
-from .artifacts import read_npz, read_npz_item
-from .augment import crop_pct, load_transform
-from .config import Config
-from .errors import PipelineError
-from .heads import Head
-from .images import ImageDataset
+from ..nets import models
+from ..files.artifacts import read_npz, read_npz_item
+from ..inputs.augment import crop_pct, load_transform
+from ..config import Config
+from ..errors import PipelineError
+from ..nets.heads import Head
+from ..inputs.images import ImageDataset
 from .metrics import RowScores, row_scores
-from .runtime import make_loader, memory_format, workers
+from ..engine.runtime import make_loader, memory_format, workers
 from .tta import BASELINE, VIEWS, merge, sizes, view_name
 
 

@@ -28,16 +28,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import layout, models
-from .artifacts import read_json, read_npz, sha256_file, sha256_obj, up_to_date, write_json, write_npz
-from .augment import open_store
-from .config import Config, flatten, load_config
-from .errors import PipelineError
-from .heads import Head, heads_with_choices, median_choices
-from .inference import candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy, tta_names
-from .metrics import softmax
-from .submission import Member, combine
-from .tta import BASELINE
+from ..files import layout
+from ..nets import models
+from ..files.artifacts import read_json, read_npz, sha256_file, sha256_obj, up_to_date, write_json, write_npz
+from ..inputs.augment import open_store
+from ..config import Config, flatten, load_config
+from ..errors import PipelineError
+from ..nets.heads import Head, heads_with_choices, median_choices
+from ..predict.inference import (candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy,
+                                 tta_names)
+from ..predict.metrics import softmax
+from ..predict.submission import Member, combine
+from ..predict.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 

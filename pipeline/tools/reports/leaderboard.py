@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import layout
-from ..core.artifacts import read_json, read_npz, write_csv, write_text
-from ..core.config import Config, flatten, load_config
-from ..core.errors import PipelineError
-from ..core.layout import RunDir
-from ..core.data import private_score, read_test_labels
-from ..core.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, softmax
-from ..core.provenance import changed_keys
-from ..core.submission import Member
-from ..core.inference import FIXRES, plain_logits
-from ..core.tta import BASELINE
+from ...core.files import layout
+from ...core.files.artifacts import read_json, read_npz, write_csv, write_text
+from ...core.config import Config, flatten, load_config
+from ...core.errors import PipelineError
+from ...core.files.layout import RunDir
+from ...core.inputs.data import private_score, read_test_labels
+from ...core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, softmax
+from ...core.files.provenance import changed_keys
+from ...core.predict.submission import Member
+from ...core.predict.inference import FIXRES, plain_logits
+from ...core.predict.tta import BASELINE
 
 log = logging.getLogger("pipeline")
 

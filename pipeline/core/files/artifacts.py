@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 log = logging.getLogger("pipeline")
 

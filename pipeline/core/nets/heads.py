@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import PipelineError
-from .loop import Step, run_epoch
-from .metrics import GREATER_IS_BETTER, row_scores, score_rows
-from .samplers import epoch_indices
+from ..errors import PipelineError
+from ..engine.loop import Step, run_epoch
+from ..predict.metrics import GREATER_IS_BETTER, row_scores, score_rows
+from ..inputs.samplers import epoch_indices
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Head:
     def save(self, path: str | Path, record: dict) -> None:
         from safetensors.numpy import save_file
 
-        from .artifacts import atomic_path
+        from ..files.artifacts import atomic_path
 
         arrays = {"weight": np.ascontiguousarray(self.weight, np.float32),
                   "bias": np.ascontiguousarray(self.bias, np.float32)}

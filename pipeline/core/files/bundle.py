@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import layout
 from .artifacts import sha256_file
-from .errors import PipelineError
+from ..errors import PipelineError
 
 log = logging.getLogger("pipeline")
 

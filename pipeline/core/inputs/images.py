@@ -34,10 +34,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from . import layout
-from .artifacts import sha256_obj
-from .errors import PipelineError
-from .progress import progress
+from ..files import layout
+from ..files.artifacts import sha256_obj
+from ..errors import PipelineError
+from ..report.progress import progress
 from .samplers import rank_slice
 
 log = logging.getLogger("pipeline")

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import layout
-from .config import Config
-from .errors import PipelineError
-from .progress import progress
+from ..files import layout
+from ..config import Config
+from ..errors import PipelineError
+from ..report.progress import progress
 
 log = logging.getLogger("pipeline")
 
@@ -231,7 +231,7 @@ def _load_failure(e: Exception) -> str:
 def write_state_dict(path: str | Path, sd: dict, meta: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    from .artifacts import atomic_path
+    from ..files.artifacts import atomic_path
 
     with atomic_path(path, suffix=".safetensors") as tmp:
         # one metadata key: safetensors writes several in hash order, and files must be byte-reproducible

@@ -2,7 +2,7 @@
 schedule, Mixup/CutMix, the frozen parts of a linear probe or head warm-up, per-epoch seeding.
 
 Functions take the `train` section (or plain values), never the whole config; stage 2 wires them together
-and runs them through `core/loop.py`.
+and runs them through `core/engine/loop.py`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import random
 import numpy as np
 import torch
 
-from . import models
-from .config import TrainCfg
-from .errors import PipelineError
+from ..nets import models
+from ..config import TrainCfg
+from ..errors import PipelineError
 
 BATCH_NORMS = torch.nn.modules.batchnorm._BatchNorm
 

@@ -1,0 +1,10 @@
+"""Files on disk: where every output lives, how it is written, and what it was made from.
+
+- `layout`: every path under folds/, runs/, submissions/, reports/, exports/ (FoldDir, RunDir, BundleDir).
+- `artifacts`: atomic writes (write_json, write_npz, write_csv, atomic_path), reads, hashes, the experiment lock.
+- `provenance`: each stage's record (train_record, rebalance_record, infer_record, ...), staleness (stale_reasons,
+  refuse_stale) and the image-file snapshots behind them.
+- `bundle`: the export bundle's manifest and its verification.
+
+Nothing is imported here: `from pipeline.core.files import layout` loads that module alone.
+"""

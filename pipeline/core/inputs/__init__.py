@@ -1,0 +1,10 @@
+"""What goes into a model: the competition's tables and images, decoded once, augmented, sampled.
+
+- `data`: the data contract (read_train_table, read_test_table, COCO JSON, label encoding, refusals by row).
+- `images`: decoding (PIL draft, EXIF), the one stored copy per image set (ImageStore), ImageDataset.
+- `augment`: albumentations pipelines from the `aug` section (train_transform, valid_transform, open_store).
+- `policy`: timm AutoAugment / RandAugment / AugMix specs.
+- `samplers`: class-balanced, square-root and progressive sampling as per-epoch index lists.
+
+Nothing is imported here: `from pipeline.core.inputs import data` loads that module alone.
+"""

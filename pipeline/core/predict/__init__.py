@@ -1,0 +1,9 @@
+"""Predictions and their scores: TTA views, applying members to images, metrics, ensembles, submissions.
+
+- `tta`: small named views (orig, hflip, ...) and how their outputs merge.
+- `inference`: TTA at each scale on every head, fold means, the policy's probabilities.
+- `metrics`: every metric on labels and probabilities or per-row scores (RowScores), CV over folds.
+- `submission`: member names (Member), ensemble combination, the submission table and its checks.
+
+Nothing is imported here: `from pipeline.core.predict import metrics` loads that module alone.
+"""
