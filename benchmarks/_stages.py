@@ -5,14 +5,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.core.files.provenance import one_look  # noqa: E402
+from pipeline.core.config import Session  # noqa: E402
 from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
 
 
 def stages_1_to_4(cfg) -> dict:
     """Run (or skip, when up to date) folds, train, rebalance and infer; returns stage 4's summary."""
-    with one_look():
-        folds.run(cfg)
-        train.run(cfg)
-        rebalance.run(cfg)
-        return infer.run(cfg)
+    cfg.session = Session(looks={})  # as one command: each image set is looked at once
+    folds.run(cfg)
+    train.run(cfg)
+    rebalance.run(cfg)
+    return infer.run(cfg)

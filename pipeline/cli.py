@@ -14,11 +14,12 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from .core.files import layout
 from .core.files.artifacts import fault_point
-from .core.config import Config, ConfigError, load_config
+from .core.config import Config, ConfigError, Session, load_config
 from .core.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -97,62 +98,12 @@ class Command:
     positional: tuple[str, str, str] | None  # (dest, metavar, help), nargs="*"
     example: str
     stage: Stage | None = None
+    handler: Callable | None = None  # handler(args, cfg) when `config`, else handler(args); selfcheck: main()'s
+    config: bool = False  # reads an experiment config (loaded and checked before the handler runs)
 
 
 def _stage_command(s: Stage, extra: tuple[str, ...], example: str) -> Command:
-    return Command(s.name, s.summary, s.module, STAGE_OPTS + extra, OVERRIDES, example, s)
-
-
-COMMANDS: dict[str, Command] = {c.name: c for c in [
-    Command("all", "run what is stale of stages 1-5 (and of the experiments in run_also), skip what is up to date, "
-                   "then print the score table and write reports/",
-            "Runs what is stale of stages 1-5 for the config's experiment and those of its run_also, in order, "
-            "skipping what is up to date; then prints the score table and writes reports/ and the leaderboard.\n"
-            "Reads: the competition data and every earlier output. Writes: what stages 1-5 write (the folds file, "
-            "the experiment's run folder, the submission) and the reports.", STAGE_OPTS, OVERRIDES,
-            "./run.sh all --config configs/my.yaml"),
-    Command("status", "say, per stage, whether its outputs are up to date and if not why (what changed)",
-            "Says per stage whether its outputs are up to date, and if not why (the config keys or input files that "
-            "changed, replaced images named), after the plan of `all`. Reads only; writes nothing.",
-            CONFIG_OPTS, OVERRIDES, "./run.sh status train.lr=0.01"),
-    _stage_command(STAGES[0], (), "./run.sh folds folds.n_splits=5"),
-    _stage_command(STAGES[1], ("fold", "gpus"), "./run.sh train --fold 0 train.epochs=3"),
-    _stage_command(STAGES[2], ("fold",), "./run.sh rebalance rebalance.variants=[joint,crt,tau]"),
-    _stage_command(STAGES[3], (), "./run.sh infer infer.views=[orig,hflip] infer.scales=[1,1.15]"),
-    _stage_command(STAGES[4], (), "./run.sh ensemble ensemble.members=[exp_a,exp_b:crt] ensemble.method=weighted"),
-    Command("leaderboard", "rank every experiment under runs/ by CV -> reports/leaderboard.{csv,md}",
-            "pipeline.tools.reports.leaderboard", ("root", "sort", "filter", "best"), None,
-            "./run.sh leaderboard --filter 'convnext*' --best"),
-    Command("compare", "compare A B: config differences next to per-fold metric differences",
-            "Config differences of two experiments next to their per-fold metric differences and whether each "
-            "exceeds fold-to-fold noise. Reads runs/<a>/, runs/<b>/; writes nothing.", ("root",),
-            ("names", "EXP", "the two experiments"), "./run.sh compare exp_a exp_b"),
-    Command("report", "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
-            "pipeline.tools.reports.experiment_page", ("root",), ("names", "EXP", "experiments (default: every one)"),
-            "./run.sh report demo-resnet10t"),
-    Command("cache", "the decoded-image stores: images, side, size on disk, last use [--clear: remove them]",
-            "pipeline.tools.image_cache", CONFIG_OPTS + ("clear",), OVERRIDES, "./run.sh cache --clear"),
-    Command("doctor", "a one-minute check of this machine: a few training and inference steps in every mode "
-                      "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode",
-            "pipeline.tools.doctor", CONFIG_OPTS + ("quick",), OVERRIDES, "./run.sh doctor --quick"),
-    Command("selfcheck", "the fault-injection and bad-input matrix on a tiny competition, as a table",
-            "pipeline.tools.selfcheck", ("quick",), None, "./run.sh selfcheck --quick"),
-    Command("lr-find", "the learning-rate range test on one fold -> reports/<exp>/lr_find.{png,csv} and a "
-                       "suggested train.lr", "pipeline.tools.lr_find", CONFIG_OPTS + ("fold", "steps"), OVERRIDES,
-            "./run.sh lr-find model.arch=convnext_tiny"),
-    Command("export", "pack the ensemble for offline inference (a Kaggle code competition) -> exports/<name>/",
-            "pipeline.tools.export", CONFIG_OPTS + ("out", "zip", "onnx"), OVERRIDES, "./run.sh export --zip"),
-    Command("predict", "the submission from a bundle alone (no project, config or train images)",
-            "pipeline.tools.predict", ("bundle", "test-dir", "sample-submission", "out", "batch-size", "device",
-                                       "time-budget", "tmp-dir"), None,
-            "pipeline predict --bundle /kaggle/input/b --test-dir /kaggle/input/c/test "
-            "--sample-submission /kaggle/input/c/sample_submission.csv --out /kaggle/working/submission.csv"),
-    Command("weights", "weights import SRC --arch NAME --out FILE: a checkpoint in another naming -> timm-named "
-                       ".safetensors for model.pretrained_path (+ its record)",
-            "pipeline.tools.weights", ("root", "arch", "out", "mean", "std", "crop-pct"),
-            ("words", "import SRC", "the checkpoint to convert (torch file or .safetensors)"),
-            "./run.sh weights import lite0.pth --arch tf_efficientnet_lite0 --out weights/lite0.safetensors"),
-]}
+    return Command(s.name, s.summary, s.module, STAGE_OPTS + extra, OVERRIDES, example, s, cmd_stage, True)
 
 
 def find_command(name: str) -> Command | None:
@@ -288,6 +239,7 @@ def all_configs(cfg: Config, overrides: list[str]) -> list[Config]:
     configs = [cfg]
     for p in cfg.run_also:
         c = load_config(here / p, overrides)
+        c.session = cfg.session  # one command: one session
         if c.experiment not in {x.experiment for x in configs}:
             configs.append(c)
     return configs
@@ -378,28 +330,6 @@ def print_status(cfg: Config, overrides: list[str]) -> None:
             print(f"  {stage.number} {stage.name:<10} {state}")
 
 
-def run_report_command(args: argparse.Namespace) -> int:
-    """leaderboard / compare / report: they read runs/ and submissions/, no config needed."""
-    from .tools.reports import experiment_page, leaderboard
-
-    runs, reports = layout.RUNS, layout.REPORTS
-    if args.command == "leaderboard":
-        table = leaderboard.write(runs, reports, sort=args.sort, pattern=args.filter, best=args.best)
-        print(leaderboard.to_text(table))
-        return 0
-    if args.command == "compare":
-        if len(args.names) != 2:
-            raise PipelineError("usage: ./run.sh compare EXP_A EXP_B")
-        print(leaderboard.compare(runs, *args.names))
-        return 0
-    names = args.names or layout.experiments(runs)
-    if not names:
-        raise PipelineError("no experiments under runs/ to report on")
-    for name in names:
-        print(experiment_page.write(name, reports))
-    return 0
-
-
 def enter_project(args: argparse.Namespace, root: Path) -> None:
     """--root: work in the project folder (runs/, folds/, ... are relative to it). Paths on the command line
     that exist where the command was typed keep meaning those files."""
@@ -414,7 +344,7 @@ def enter_project(args: argparse.Namespace, root: Path) -> None:
     os.chdir(root)
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
     """predict reads a bundle and test images only: no config, no project folder."""
     from .tools import predict
 
@@ -431,12 +361,173 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_weights(args: argparse.Namespace) -> int:
+def cmd_weights(args: argparse.Namespace) -> int:
     """weights import: a checkpoint file in, a timm-named one out; no config, no project outputs."""
     from .tools import weights
 
     weights.run(args.words, args.arch, args.out, args.mean, args.std, args.crop_pct)
     return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .tools.reports import leaderboard
+
+    table = leaderboard.write(layout.RUNS, layout.REPORTS, sort=args.sort, pattern=args.filter, best=args.best)
+    print(leaderboard.to_text(table))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .tools.reports import leaderboard
+
+    if len(args.names) != 2:
+        raise PipelineError("usage: ./run.sh compare EXP_A EXP_B")
+    print(leaderboard.compare(layout.RUNS, *args.names))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .tools.reports import experiment_page
+
+    names = args.names or layout.experiments(layout.RUNS)
+    if not names:
+        raise PipelineError("no experiments under runs/ to report on")
+    for name in names:
+        print(experiment_page.write(name, layout.REPORTS))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace, cfg: Config) -> int:
+    from .tools import image_cache
+
+    print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, cfg: Config) -> int:
+    from .tools import export
+
+    export.run(cfg, out=args.out, zip_=args.zip, onnx=args.onnx)
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace, cfg: Config) -> int:
+    from .tools import lr_find
+
+    if args.steps < 5:
+        raise PipelineError("--steps must be at least 5")
+    prepare(cfg)
+    lr_find.run(cfg, fold=args.fold or 0, steps=args.steps)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
+    from .tools import doctor
+
+    return doctor.main(cfg, quick=args.quick)
+
+
+def cmd_all(args: argparse.Namespace, cfg: Config) -> int:
+    from .tools import plan
+
+    plan.check(cfg, args.overrides, "all")
+    run_all(cfg, args.force, args.overrides)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    print_status(cfg, args.overrides)  # writes nothing, the demo data included
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace, cfg: Config) -> int:
+    from .tools import plan
+
+    stage = COMMANDS[args.command].stage
+    plan.check(cfg, args.overrides, stage.name)
+    run_stage(stage, cfg, getattr(args, "fold", None), args.force, getattr(args, "gpus", None))
+    return 0
+
+
+def command_config(args: argparse.Namespace) -> Config:
+    """The command's config, with what the command sets for its run (Session). Config problems are reported
+    before torch is imported; for `all` and the stage commands the plan's problems are then added to them in one
+    list (the plan imports timm to check model names)."""
+    if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
+        args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        if args.command != "all" and COMMANDS[args.command].stage is None:
+            raise
+        log.error("error: %s\n(checking the rest of the plan too)", e)
+        from .tools import plan
+
+        plan.check(e.config, args.overrides, args.command, e.problems)
+        raise  # pragma: no cover - check() refuses: the config problems are in its list
+    cfg.session = Session(allow_stale=getattr(args, "allow_stale", False), looks={})
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the commands
+COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("all", "run what is stale of stages 1-5 (and of the experiments in run_also), skip what is up to date, "
+                   "then print the score table and write reports/",
+            "Runs what is stale of stages 1-5 for the config's experiment and those of its run_also, in order, "
+            "skipping what is up to date; then prints the score table and writes reports/ and the leaderboard.\n"
+            "Reads: the competition data and every earlier output. Writes: what stages 1-5 write (the folds file, "
+            "the experiment's run folder, the submission) and the reports.", STAGE_OPTS, OVERRIDES,
+            "./run.sh all --config configs/my.yaml", handler=cmd_all, config=True),
+    Command("status", "say, per stage, whether its outputs are up to date and if not why (what changed)",
+            "Says per stage whether its outputs are up to date, and if not why (the config keys or input files that "
+            "changed, replaced images named), after the plan of `all`. Reads only; writes nothing.",
+            CONFIG_OPTS, OVERRIDES, "./run.sh status train.lr=0.01", handler=cmd_status, config=True),
+    _stage_command(STAGES[0], (), "./run.sh folds folds.n_splits=5"),
+    _stage_command(STAGES[1], ("fold", "gpus"), "./run.sh train --fold 0 train.epochs=3"),
+    _stage_command(STAGES[2], ("fold",), "./run.sh rebalance rebalance.variants=[joint,crt,tau]"),
+    _stage_command(STAGES[3], (), "./run.sh infer infer.views=[orig,hflip] infer.scales=[1,1.15]"),
+    _stage_command(STAGES[4], (), "./run.sh ensemble ensemble.members=[exp_a,exp_b:crt] ensemble.method=weighted"),
+    Command("leaderboard", "rank every experiment under runs/ by CV -> reports/leaderboard.{csv,md}",
+            "pipeline.tools.reports.leaderboard", ("root", "sort", "filter", "best"), None,
+            "./run.sh leaderboard --filter 'convnext*' --best", handler=cmd_leaderboard),
+    Command("compare", "compare A B: config differences next to per-fold metric differences",
+            "Config differences of two experiments next to their per-fold metric differences and whether each "
+            "exceeds fold-to-fold noise. Reads runs/<a>/, runs/<b>/; writes nothing.", ("root",),
+            ("names", "EXP", "the two experiments"), "./run.sh compare exp_a exp_b",
+            handler=cmd_compare),
+    Command("report", "report [EXP ...]: pictures and a page per experiment -> reports/<exp>/",
+            "pipeline.tools.reports.experiment_page", ("root",), ("names", "EXP", "experiments (default: every one)"),
+            "./run.sh report demo-resnet10t", handler=cmd_report),
+    Command("cache", "the decoded-image stores: images, side, size on disk, last use [--clear: remove them]",
+            "pipeline.tools.image_cache", CONFIG_OPTS + ("clear",), OVERRIDES, "./run.sh cache --clear",
+            handler=cmd_cache, config=True),
+    Command("doctor", "a one-minute check of this machine: a few training and inference steps in every mode "
+                      "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode",
+            "pipeline.tools.doctor", CONFIG_OPTS + ("quick",), OVERRIDES, "./run.sh doctor --quick",
+            handler=cmd_doctor, config=True),
+    Command("selfcheck", "the fault-injection and bad-input matrix on a tiny competition, as a table",
+            "pipeline.tools.selfcheck", ("quick",), None, "./run.sh selfcheck --quick"),
+    Command("lr-find", "the learning-rate range test on one fold -> reports/<exp>/lr_find.{png,csv} and a "
+                       "suggested train.lr", "pipeline.tools.lr_find", CONFIG_OPTS + ("fold", "steps"), OVERRIDES,
+            "./run.sh lr-find model.arch=convnext_tiny", handler=cmd_lr_find, config=True),
+    Command("export", "pack the ensemble for offline inference (a Kaggle code competition) -> exports/<name>/",
+            "pipeline.tools.export", CONFIG_OPTS + ("out", "zip", "onnx"), OVERRIDES, "./run.sh export --zip",
+            handler=cmd_export, config=True),
+    Command("predict", "the submission from a bundle alone (no project, config or train images)",
+            "pipeline.tools.predict", ("bundle", "test-dir", "sample-submission", "out", "batch-size", "device",
+                                       "time-budget", "tmp-dir"), None,
+            "pipeline predict --bundle /kaggle/input/b --test-dir /kaggle/input/c/test "
+            "--sample-submission /kaggle/input/c/sample_submission.csv --out /kaggle/working/submission.csv",
+            handler=cmd_predict),
+    Command("weights", "weights import SRC --arch NAME --out FILE: a checkpoint in another naming -> timm-named "
+                       ".safetensors for model.pretrained_path (+ its record)",
+            "pipeline.tools.weights", ("root", "arch", "out", "mean", "std", "crop-pct"),
+            ("words", "import SRC", "the checkpoint to convert (torch file or .safetensors)"),
+            "./run.sh weights import lite0.pth --arch tf_efficientnet_lite0 --out weights/lite0.safetensors",
+            handler=cmd_weights),
+]}
+
+
 
 
 def _main(argv: list[str]) -> int:
@@ -445,70 +536,11 @@ def _main(argv: list[str]) -> int:
         c = find_command(args.words[0]) if args.command == "help" and args.words else COMMANDS.get(args.command)
         print(command_help(c.name) if c else help_text())
         return 0
-    from .core.files import provenance  # not for help: `./run.sh help` starts without torch
-
     root = args.root or os.environ.get("PIPELINE_ROOT")
     if root:
         enter_project(args, Path(root))
-    provenance.allow_stale(getattr(args, "allow_stale", False))
-    with provenance.one_look():  # each image set is stat'ed once per command
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.command in ("leaderboard", "compare", "report"):
-        return run_report_command(args)
-    if args.command == "predict":
-        return run_predict(args)
-    if args.command == "weights":
-        return run_weights(args)
-    if args.command == "cache" and args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
-        args.config = None  # outside a project folder: the default cache_dir, or the one given as key=value
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        if args.command != "all" and COMMANDS[args.command].stage is None:
-            raise
-        from .tools import plan  # the config's problems and the plan's (data, model, weights, members) as one list
-
-        plan.check(e.config, args.overrides, args.command, e.problems)
-        raise  # pragma: no cover - check() refuses: the config problems are in its list
-    return run_config_command(args, cfg)
-
-
-def run_config_command(args: argparse.Namespace, cfg: Config) -> int:
-    """The commands that read an experiment config."""
-    from .tools import plan
-
-    if args.command == "cache":
-        from .tools import image_cache
-
-        print(image_cache.run(cfg.aug.cache_dir, clear=args.clear))
-    elif args.command == "export":
-        from .tools import export
-
-        export.run(cfg, out=args.out, zip_=args.zip, onnx=args.onnx)
-    elif args.command == "lr-find":
-        from .tools import lr_find
-
-        if args.steps < 5:
-            raise PipelineError("--steps must be at least 5")
-        prepare(cfg)
-        lr_find.run(cfg, fold=args.fold or 0, steps=args.steps)
-    elif args.command == "doctor":
-        from .tools import doctor
-
-        return doctor.main(cfg, quick=args.quick)
-    elif args.command == "all":
-        plan.check(cfg, args.overrides, "all")
-        run_all(cfg, args.force, args.overrides)
-    elif args.command == "status":  # writes nothing, the demo data included
-        print_status(cfg, args.overrides)
-    else:
-        stage = COMMANDS[args.command].stage
-        plan.check(cfg, args.overrides, stage.name)
-        run_stage(stage, cfg, getattr(args, "fold", None), args.force, getattr(args, "gpus", None))
-    return 0
+    c = COMMANDS[args.command]
+    return c.handler(args, command_config(args)) if c.config else c.handler(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from PIL import Image
 
 from conftest import make_competition
 from pipeline.core.nets import models
-from pipeline.core.files import provenance
 from pipeline.core.files.artifacts import read_json, read_npz
 from pipeline.core.inputs.augment import open_store
 from pipeline.core.inputs.data import read_folds, read_test_table
@@ -116,11 +115,9 @@ def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp,
     rng = np.random.default_rng(0)
     for p in df["path"][df["fold"] == 0]:
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(p)
-    provenance.allow_stale(True)
-    try:
-        infer_stage.run(cfg)
-    finally:
-        provenance.allow_stale(False)
+    cfg.session.allow_stale = True  # what --allow-stale sets for the command
+    infer_stage.run(cfg)
+    cfg.session.allow_stale = False
     assert cfg.run_dir.fixres("fold0").read_bytes() == before["fold0"]
     assert cfg.run_dir.fixres("fold1").read_bytes() != before["fold1"]
 

@@ -12,7 +12,6 @@ import torch
 
 from conftest import REPO, make_competition
 from pipeline.core.nets import models
-from pipeline.core.files import provenance
 from pipeline.core.inputs.augment import open_store, valid_transform
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
@@ -134,12 +133,10 @@ def test_malformed_sample_submission_is_a_clear_error(run_a):
     good.iloc[::-1].to_csv(path, index=False)
     with pytest.raises(PipelineError, match=r"runs/a/infer/summary.json is stale.*changed: test_ids"):
         ens_stage.run(cfg)                                                # stage 4 predicted other ids
-    provenance.allow_stale(True)
-    try:
-        with pytest.raises(PipelineError, match=r"test ids of .*sample_submission.csv differ"):
-            ens_stage.run(cfg)
-    finally:
-        provenance.allow_stale(False)
+    cfg.session.allow_stale = True  # what --allow-stale sets for the command
+    with pytest.raises(PipelineError, match=r"test ids of .*sample_submission.csv differ"):
+        ens_stage.run(cfg)
+    cfg.session.allow_stale = False
     good.assign(extra=1).to_csv(path, index=False)
     with pytest.raises(PipelineError, match="expected columns"):
         ens_stage.run(cfg)

@@ -50,6 +50,17 @@ def section(cls: type, help: str = ""):
     return field(default_factory=cls, metadata={"help": help, "section": True})
 
 
+# ----------------------------------------------------------------------------- a command's run
+@dataclass
+class Session:
+    """What one command sets for its run (not config keys), carried by its configs (`Config.session`; `all`'s
+    run_also configs share the command's): `--allow-stale`, and `looks`, the image records made while the command
+    runs, so each image set is stat'ed once (a status of 5 folds x 100k images would stat every file a dozen
+    times). A config loaded on its own (a member's, a teacher's) gets a fresh session: it looks every time."""
+    allow_stale: bool = False
+    looks: dict | None = None  # (paths, hashed) -> image record; None: no memo
+
+
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class DataCfg:
@@ -308,10 +319,18 @@ class EvalCfg:
         return scorer(self.metric, self.top_k)
 
 
+# The names of stage 3's heads and stage 4's TTA views: the schema's Literal types, so a config is checked without
+# importing torch; nets/heads.VARIANTS and predict/tta.VIEWS register the code behind each name (a test holds
+# them equal).
+Variant = Literal["joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"]
+Head = Literal[("best",) + typing.get_args(Variant)]  # best: stage 4's nested choice among the variants
+View = Literal["orig", "hflip", "vflip", "rot90", "rot180", "rot270", "five_crop"]
+
+
 @dataclass
 class RebalanceCfg:
-    variants: list[str] = key(factory=lambda: ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"],
-                              help="heads fit on the frozen features (core/heads.VARIANTS; joint is required)")
+    variants: list[Variant] = key(factory=lambda: ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"],
+                              help="heads fit on the frozen features (core/nets/heads.VARIANTS; joint is required)")
     aug_views: int = key(0, range=(0, 100, True, True),
                          help="extra augmented views of each training image for cRT/LWS features (0: centre crop "
                               "only)")
@@ -349,8 +368,8 @@ class FixResCfg:
 
 @dataclass
 class InferCfg:
-    heads: list[str] = key(factory=lambda: ["best"], help="stage-3 variants to predict with; best: the CV winner")
-    views: list[str] = key(factory=lambda: ["orig", "hflip"], help="named TTA views, see pipeline/core/predict/tta.py")
+    heads: list[Head] = key(factory=lambda: ["best"], help="stage-3 variants to predict with; best: the CV winner")
+    views: list[View] = key(factory=lambda: ["orig", "hflip"], help="named TTA views, see pipeline/core/predict/tta.py")
     scales: list[float] = key(factory=lambda: [1.0], range=(0.25, 4, True, True),
                               help="x img_size (FixRes: >1 often helps); each view at each scale")
     merge: Literal["mean_prob", "mean_logit", "geo_mean"] = key("mean_prob", help="how TTA views combine")
@@ -395,8 +414,9 @@ class Config:
     rebalance: RebalanceCfg = section(RebalanceCfg, "stage 3: decoupled classifier retraining on frozen features")
     infer: InferCfg = section(InferCfg, "stage 4: test-time augmentation on OOF rows and test images")
     ensemble: EnsembleCfg = section(EnsembleCfg, "stage 5: combining experiments into the submission")
-    # not config keys: where it came from
+    # not config keys: where it came from, and what the command running it set
     source: str = field(default="", metadata={"internal": True})
+    session: Session = field(default_factory=lambda: Session(), metadata={"internal": True}, compare=False, repr=False)
 
     # ------------------------------------------------------------------ derived paths
     def data_path(self, rel: str) -> Path:
@@ -423,9 +443,9 @@ class Config:
         return layout.RunDir.of(self.experiment)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("source")
-        return d
+        return {f.name: (dataclasses.asdict(getattr(self, f.name)) if f.metadata.get("section")
+                         else copy.deepcopy(getattr(self, f.name)))
+                for f in dataclasses.fields(self) if not f.metadata.get("internal")}
 
 
 # ----------------------------------------------------------------------------- the schema, read
@@ -581,19 +601,11 @@ def _validate_train(cfg: Config, check) -> None:
 
 
 def _validate_heads_and_views(cfg: Config, check) -> None:
-    from .nets.heads import VARIANTS
-    from .predict.tta import VIEWS
-
-    known = set(VARIANTS)
-    bad = [v for v in cfg.rebalance.variants if v not in known]
-    check(not bad, "rebalance.variants", f"unknown variant(s) {bad}; known: {sorted(known)}")
     check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
     check(bool(cfg.rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
     check(bool(cfg.rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
-    bad = [h for h in cfg.infer.heads if h != "best" and h not in known]
-    check(bool(cfg.infer.heads) and not bad, "infer.heads", f"'best' or variants of {sorted(known)}; got {bad}")
-    bad = [v for v in cfg.infer.views if v not in VIEWS]
-    check(bool(cfg.infer.views) and not bad, "infer.views", f"unknown view(s) {bad}; known: {list(VIEWS)}")
+    check(bool(cfg.infer.heads), "infer.heads", "must name at least one head ('best' or a stage-3 variant)")
+    check(bool(cfg.infer.views), "infer.views", f"must name at least one view (of {list(typing.get_args(View))})")
     check(bool(cfg.infer.scales), "infer.scales", "must hold at least one scale")
     small = [s for s in cfg.infer.scales if round(cfg.aug.img_size * s) < 16]
     check(not small, "infer.scales", f"scale(s) {small} x aug.img_size {cfg.aug.img_size} give crops under 16 px")

@@ -78,7 +78,7 @@ def check_current(cfg: Config, members: list[dict]) -> None:
         path = mcfg.run_dir.infer_summary
         if not up_to_date(path, rec):
             refuse_stale(path, describe_changes(recorded(path) or {}, rec),
-                         f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)")
+                         f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)", cfg.session.allow_stale)
 
 
 def status(cfg: Config) -> list[str]:

@@ -24,6 +24,7 @@ epoch's sampler order, augmentation, mixup and dropout are seeded by (seed, epoc
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -577,7 +578,7 @@ def _save_checkpoint(r: FoldRun, epoch: int) -> None:
         "scaler": n.step.state_dict(),
         "ema": clean_state_dict(n.ema.module.state_dict()) if n.ema is not None else None,
         "epoch": epoch, "num_updates": n.step.num_updates, "history": r.state.history, "best": r.state.best,
-        "made_from": r.rec,
+        "made_from": json.loads(json.dumps(r.rec)),  # plain data: loaded back with weights_only=True
         "rng": {"torch": torch.get_rng_state()},  # each epoch reseeds from (seed, epoch); kept for inspection
     }
     with atomic_path(r.paths.checkpoint, suffix=".pt") as tmp:

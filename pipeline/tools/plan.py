@@ -67,6 +67,7 @@ def _configs(cfg: Config, overrides: list[str], plan: Plan, with_run_also: bool)
         except PipelineError as e:
             plan.problems.append(f"run_also '{p}' (in {cfg.source}): {e}")
             continue
+        c.session = cfg.session
         if c.experiment not in {x.experiment for x in configs}:
             configs.append(c)
     return configs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import functools
 import hashlib
 import json
 import logging
@@ -187,21 +188,26 @@ def read_npz_item(path: str | os.PathLike, key: str, i: int) -> np.ndarray:
         return np.frombuffer(f.read(item), dtype=dtype).reshape(shape[1:]).copy()
 
 
-_HASHES: dict[tuple, str] = {}
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, fresh: bool = False) -> str:
     """Hash of a file's bytes; remembered per (path, inode, size, mtime) so up-to-date checks that hash
     the same weights several times in one process read them once (`fresh`: always read the bytes)."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if fresh or key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
+    return _read_sha256(key[0], chunk) if fresh else _file_sha256(*key, chunk)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, ino: int, size: int, mtime_ns: int, chunk: int) -> str:
+    """The memo behind sha256_file: a file's identity (inode, size, mtime) is part of the key."""
+    return _read_sha256(path, chunk)
+
+
+def _read_sha256(path: str, chunk: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sha256_obj(obj: Any) -> str:

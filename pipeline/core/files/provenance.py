@@ -10,7 +10,6 @@ upgrading numpy should not retrain a model.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -32,39 +31,29 @@ log = logging.getLogger("pipeline")
 
 TRAIN_SECTIONS = ("data", "folds", "model", "aug", "train", "eval")  # what a fold's weights depend on
 PACKAGES = ("torch", "torchvision", "timm", "albumentations", "numpy", "pandas", "scikit-learn")
-_ALLOW_STALE = [False]
-
-
-def allow_stale(on: bool = True) -> None:
-    """The CLI's --allow-stale: stale inputs are used with a warning instead of refused."""
-    _ALLOW_STALE[0] = on
-
-
 # ----------------------------------------------------------------------------- image files
-_SNAPSHOTS: dict[str, list] = {}  # digest -> per-file entries, for the records made in this process
-_ONE_LOOK: list[dict | None] = [None]  # while a command runs: (paths, hashed) -> record, one stat per file
+class ImageRecord(dict):
+    """An image record ({digest, n, content}: what records store) that also carries, in memory only, the per-file
+    entries behind its digest: `keep_image_snapshots` writes them when the stage writes its output, and
+    `describe_changes` names the files that changed."""
+
+    def __init__(self, rec: dict, entries: list):
+        super().__init__(rec)
+        self.entries = entries
+
+    def __deepcopy__(self, memo):
+        return ImageRecord(dict(self), self.entries)
 
 
-@contextlib.contextmanager
-def one_look():
-    """Within one command, each image set is looked at once (status of a 5-fold experiment with 100k images
-    would otherwise stat every file a dozen times); outside one, every record looks again."""
-    _ONE_LOOK[0] = {}
-    try:
-        yield
-    finally:
-        _ONE_LOOK[0] = None
-
-
-def image_record(cfg: Config, paths) -> dict:
+def image_record(cfg: Config, paths) -> ImageRecord:
     """What a stage's pixels were read from: (size, mtime_ns) of every image file, in order (cheap: one
     stat per file), or with `data.hash_images` the sha256 of every file's bytes. A replaced image makes
     exactly the stages that read it stale; the per-file list is kept (keep_image_snapshots) so the
-    reason can name the files."""
+    reason can name the files. Within a command (cfg.session.looks) each image set is looked at once."""
     paths = tuple(map(str, paths))
-    memo = _ONE_LOOK[0]
-    if memo is not None and (paths, cfg.data.hash_images) in memo:
-        return dict(memo[(paths, cfg.data.hash_images)])
+    memo, key = cfg.session.looks, (paths, cfg.data.hash_images)
+    if memo is not None and key in memo:
+        return ImageRecord(memo[key], memo[key].entries)
     entries = []
     for p in paths:
         try:
@@ -77,40 +66,40 @@ def image_record(cfg: Config, paths) -> dict:
             raise PipelineError(f"image {p} cannot be read: {e.strerror or e} (was it removed after stage 1? "
                                 f"restore it, or re-run ./run.sh folds --force)") from None
     digest = sha256_obj(entries)[:32]
-    _SNAPSHOTS[digest] = entries
-    rec = {"digest": digest, "n": len(entries), "content": bool(cfg.data.hash_images)}
+    rec = ImageRecord({"digest": digest, "n": len(entries), "content": bool(cfg.data.hash_images)}, entries)
     if memo is not None:
-        memo[(paths, cfg.data.hash_images)] = dict(rec)
-    return rec
+        memo[key] = rec
+    return ImageRecord(rec, entries)
 
 
-def _image_digests(rec, out: set | None = None) -> set[str]:
-    out = set() if out is None else out
-    if isinstance(rec, dict):
-        if set(rec) == {"digest", "n", "content"}:
-            out.add(rec["digest"])
+def _image_records(rec, out: list | None = None) -> list[ImageRecord]:
+    out = [] if out is None else out
+    if isinstance(rec, ImageRecord):
+        out.append(rec)
+    elif isinstance(rec, dict):
         for v in rec.values():
-            _image_digests(v, out)
+            _image_records(v, out)
     return out
 
 
 def keep_image_snapshots(rec: dict) -> None:
-    """Store the per-file list behind each image digest of a record (content-addressed, written once);
+    """Store the per-file list behind each image record made in this process (content-addressed, written once);
     a stage calls this as it writes the output the record describes."""
-    for d in _image_digests(rec):
-        path = layout.image_snapshot(d)
-        if d in _SNAPSHOTS and not path.exists():
-            write_json(path, _SNAPSHOTS[d])
+    for r in _image_records(rec):
+        path = layout.image_snapshot(r["digest"])
+        if not path.exists():
+            write_json(path, r.entries)
 
 
-def _snapshot(digest: str) -> dict | None:
-    entries = _SNAPSHOTS.get(digest)
-    if entries is None and layout.image_snapshot(digest).exists():
-        entries = read_json(layout.image_snapshot(digest))
+def _snapshot(rec: dict) -> dict | None:
+    """{file: its entry} behind an image record: carried by one made in this process, else stored on disk."""
+    entries = rec.entries if isinstance(rec, ImageRecord) else None
+    if entries is None and layout.image_snapshot(rec["digest"]).exists():
+        entries = read_json(layout.image_snapshot(rec["digest"]))
     return None if entries is None else {e[0]: e[1:] for e in entries}
 
 
-def _image_change(old: str, new: str) -> str:
+def _image_change(old: dict, new: dict) -> str:
     a, b = _snapshot(old), _snapshot(new)
     if a is None or b is None:
         return "image files changed (which ones: the earlier list is gone)"
@@ -132,7 +121,7 @@ def describe_changes(old: dict, new: dict) -> list[str]:
         if key.endswith("images.digest"):
             base = key[: -len(".digest")]
             o, n = old, new
-            for part in key.split("."):
+            for part in base.split("."):
                 o, n = (o or {}).get(part), (n or {}).get(part)
             out.append(f"{base} ({_image_change(o, n)})" if o and n else base)
         elif not key.endswith(("images.n", "images.content")):
@@ -140,10 +129,11 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
-def refuse_stale(what: str | Path, changed: list[str], fix: str) -> None:
+def refuse_stale(what: str | Path, changed: list[str], fix: str, allow: bool = False) -> None:
+    """Refuse a stale input, naming what changed; `allow` (the command's --allow-stale): warn and go on."""
     msg = (f"{what} is stale: it was made from other inputs (changed: {', '.join(changed) or 'unknown'}); "
            f"{fix}")
-    if _ALLOW_STALE[0]:
+    if allow:
         log.warning("warning: %s -- used anyway (--allow-stale)", msg)
         return
     raise PipelineError(msg + ", or pass --allow-stale to use it as it is")
@@ -292,7 +282,7 @@ def _trained(cfg: Config, path: Path, n_classes: int, rec: dict | None, what: st
                             f"says {cfg.model.arch} with {n_classes} classes")
     if rec is not None and not up_to_date(path, rec):
         refuse_stale(f"{path} ({what})", describe_changes(s.get("made_from", {}), rec),
-                     "re-run ./run.sh train (or ./run.sh all), or restore the config")
+                     "re-run ./run.sh train (or ./run.sh all), or restore the config", cfg.session.allow_stale)
     return s
 
 
@@ -365,7 +355,7 @@ def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
     rec = rebalance_record(cfg, k, classes)
     if not up_to_date(path, rec):
         refuse_stale(f"{path} (the fold's rebalanced heads)", describe_changes(s.get("made_from", {}), rec),
-                     "re-run ./run.sh rebalance (or ./run.sh all)")
+                     "re-run ./run.sh rebalance (or ./run.sh all)", cfg.session.allow_stale)
     return s
 
 

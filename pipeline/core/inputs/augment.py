@@ -81,7 +81,16 @@ class TimmPolicy(A.ImageOnlyTransform):
         return ("spec", "size")
 
 
-_CROP_PCT = {}
+@functools.lru_cache(maxsize=64)
+def _timm_crop_pct(arch: str) -> float:
+    """The crop_pct of a timm architecture's pretrained config (0.875 when it has none)."""
+    import timm
+
+    try:
+        pc = timm.get_pretrained_cfg(arch)
+    except (RuntimeError, KeyError, ValueError):
+        pc = None
+    return float(getattr(pc, "crop_pct", None) or 0.875)
 
 
 def crop_pct(cfg: Config) -> float:
@@ -94,16 +103,7 @@ def crop_pct(cfg: Config) -> float:
     rec = weights_record(cfg.model.pretrained_path)
     if rec and rec.get("pretrained_cfg", {}).get("crop_pct"):
         return float(rec["pretrained_cfg"]["crop_pct"])
-    arch = cfg.model.arch
-    if arch not in _CROP_PCT:
-        import timm
-
-        try:
-            pc = timm.get_pretrained_cfg(arch)
-        except (RuntimeError, KeyError, ValueError):
-            pc = None
-        _CROP_PCT[arch] = float(getattr(pc, "crop_pct", None) or 0.875)
-    return _CROP_PCT[arch]
+    return _timm_crop_pct(cfg.model.arch)
 
 
 def load_side(cfg: Config, crop: int) -> int:
