@@ -40,8 +40,8 @@ import torch
 
 from ..core.nets import models
 from ..core.engine import training
-from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, read_json, write_csv,
-                                    write_json, write_npz, write_text)
+from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, faulty, read_json,
+                                    write_csv, write_json, write_npz, write_text)
 from ..core.inputs.augment import EpochTransforms, open_store, train_transform, valid_transform
 from ..core.config import Config, config_to_yaml
 from ..core.inputs.data import read_folds, read_test_table
@@ -312,10 +312,10 @@ def batch_loss(r: FoldRun, epoch: int, mixing: bool):
         else:
             x, target = n.mixup(x, y) if mixing else (x, mixup_target(y, n_classes, smoothing=r.cfg.train.label_smoothing))
             value = n.criterion(n.net(x), target)
-        if fault_flag(f"nan-loss:{epoch}"):
-            value = value * float("nan")
         return value, len(x)
 
+    if fault_flag(f"nan-loss:{epoch}"):  # test hook (selfcheck): the epoch's losses made non-finite
+        return lambda batch: (lambda v, k: (v * float("nan"), k))(*loss(batch))
     return loss
 
 
@@ -333,15 +333,11 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
             raise _diverged(r.label, f"loss at epoch {epoch + 1}, {at}", r.paths.checkpoint)
         bar.postfix(loss=f"{total / seen:.4f}", img_s=f"{seen * r.dist.world / (time.perf_counter() - t0):.0f}")
 
-    def after_batch(i: int, _loss) -> bool:
-        if i == n_batches // 2:
-            fault_point(f"train:mid-epoch:{epoch}")
-        return False
-
-    res: EpochResult = run_epoch(
-        r.nets.step, r.data.train_loader, batch_loss(r, epoch, mixing), n_batches=n_batches, sync_every=sync_every,
-        bar=bar, on_sync=on_sync, after_batch=after_batch,
-        before_batch=lambda i: fault_point(f"train:{'full-' if r.full else ''}step:{epoch}"))
+    # test hooks (selfcheck's kill points), outside the loop: the loader is wrapped only under PIPELINE_FAULT
+    batches = faulty(r.data.train_loader, before={0: f"train:{'full-' if r.full else ''}step:{epoch}"},
+                     after={n_batches // 2: f"train:mid-epoch:{epoch}"})
+    res: EpochResult = run_epoch(r.nets.step, batches, batch_loss(r, epoch, mixing), n_batches=n_batches,
+                                 sync_every=sync_every, bar=bar, on_sync=on_sync)
     bar.close()
     r.nets.scheduler.step(epoch + 1)
     return {"epoch": epoch + 1, "lr": r.nets.optimizer.param_groups[0]["lr"],

@@ -32,8 +32,8 @@ from ..core.config import Config, config_to_yaml
 from ..core.engine.distributed import Dist
 from ..core.engine.loop import Step, run_epoch, sync_interval
 from ..core.nets.models import Normalize, create_model, logits, norm_stats, to_input
-from ..core.engine.runtime import (amp_dtype, make_loader, maybe_compile, memory_format, pick_device, prepare_model,
-                                   workers)
+from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
+                                   prepare_model, workers)
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.15, "fp16": 0.05}  # max |logit - fp32 logit| / max(1, max |fp32 logit|)
 
@@ -115,7 +115,7 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
     net = maybe_compile(c, net)
     with torch.no_grad():  # the untrained weights through this mode (compiled too): compared with fp32's
         net.eval()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             first = net(to_input(probe, norm, device, fmt)).float().cpu()
     step = Step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), device, dtype)  # stage 2's step and loop
     before = [p.detach().clone() for p in model.parameters()]

@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .runtime import autocast
+
 
 def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling (on CPU too); bf16 and fp32 do not."""
@@ -49,7 +51,7 @@ class Step:
         self.num_updates = 0
 
     def autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        return autocast(self.device, self.dtype)
 
     def backward(self, loss: torch.Tensor, i: int) -> bool:
         """Backward of batch i of the epoch; True when it completed an update."""

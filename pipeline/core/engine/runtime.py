@@ -24,6 +24,11 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The one autocast of every forward pass (training, inference, features, doctor): `dtype` None is fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: fp32). auto: bf16 on GPUs that support it, else fp16; fp32 on CPU.
     bf16 on CPU runs (and is tested) but is opt-in: on this project's CPUs (AVX512-BF16) it trains

@@ -45,6 +45,23 @@ def fault_point(name: str) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by PIPELINE_FAULT)")
 
 
+def faulty(batches, before: dict[int, str], after: dict[int, str]):
+    """Test hook around a batch iterator: the fault points `before` {batch index: name} are passed before that
+    batch is handed out, those `after` once the loop has finished with it (its step taken). Without
+    `PIPELINE_FAULT` the iterator itself comes back, so the training loop carries no test code."""
+    if not os.environ.get("PIPELINE_FAULT"):
+        return batches
+
+    def gen():
+        for i, batch in enumerate(batches):
+            if i in before:
+                fault_point(before[i])
+            yield batch
+            if i in after:
+                fault_point(after[i])
+    return gen()
+
+
 def fault_flag(name: str) -> bool:
     """Test hook: is the fault `name` injected (`PIPELINE_FAULT=<name>`)? E.g. `nan-loss:<epoch>`."""
     return os.environ.get("PIPELINE_FAULT") == name

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..files import layout
 from ..config import Config
+from ..engine.runtime import autocast
 from ..errors import PipelineError
 from ..report.progress import progress
 
@@ -257,7 +258,7 @@ def logits(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> torc
     """Evaluation logits: the backbone under autocast (`dtype`), the classifier in fp32. Stages 2, 3
     and 4 all score this way, so stage 3's cached features reproduce stage 2's OOF logits and a TTA
     policy of the plain view reproduces them too, whatever the precision."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+    with autocast(x.device, dtype):
         f = features(model, x)
     return model.get_classifier()(f.float()).float()
 
@@ -305,7 +306,7 @@ def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.de
     out = []
     for x, _ in progress(loader, len(loader), "features", "batch"):
         x = to_input(x, norm, device, fmt)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             out.append(features(model, x).float().cpu())
     return torch.cat(out).numpy()
 

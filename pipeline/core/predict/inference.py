@@ -18,7 +18,7 @@ from ..errors import PipelineError
 from ..nets.heads import Head
 from ..inputs.images import ImageDataset
 from .metrics import RowScores, row_scores
-from ..engine.runtime import make_loader, memory_format, workers
+from ..engine.runtime import autocast, make_loader, memory_format, workers
 from .tta import BASELINE, VIEWS, merge, sizes, view_name
 
 
@@ -77,7 +77,7 @@ def view_features(model, x: torch.Tensor, views: list[str], crop: int, dtype, fm
     """Pooled features of each view of a normalised batch (the backbone under autocast)."""
     def forward(c):
         c = c.contiguous(memory_format=fmt)
-        with torch.autocast(c.device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(c.device, dtype):
             return models.features(model, c).float()
     return policy_logits(forward, x, views, crop)
 
