@@ -77,13 +77,14 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "device": (("--device",), dict(default="auto", choices=["auto", "cpu", "cuda"], help="where to run")),
     "time-budget": (("--time-budget",), dict(type=float, default=None, metavar="MIN",
                                              help="drop the least useful TTA views to finish in time")),
-    "tmp-dir": (("--tmp-dir",), dict(default=None, metavar="DIR", help="where to unpack a zipped bundle")),
+    "tmp-dir": (("--tmp-dir",), dict(default=None, metavar="PATH", help="a folder to unpack a zipped bundle in")),
     "steps": (("--steps",), dict(type=int, default=100, metavar="N", help="at most N steps (default 100)")),
     "arch": (("--arch",), dict(default=None, metavar="NAME", help="the timm architecture the weights are for")),
     "mean": (("--mean",), dict(default=None, metavar="R,G,B", help="the weights' input mean (default: timm's)")),
     "std": (("--std",), dict(default=None, metavar="R,G,B", help="the weights' input std (default: timm's)")),
     "crop-pct": (("--crop-pct",), dict(type=float, default=None, metavar="F", help="the weights' crop_pct")),
 }
+PATH_METAVARS = ("FILE", "DIR", "PATH", "DIR|ZIP")  # options naming a file or folder (PATH: one the command writes)
 CONFIG_OPTS = ("config", "root")
 STAGE_OPTS = CONFIG_OPTS + ("force", "allow-stale")
 OVERRIDES = ("overrides", "key=value", "override any config entry, e.g. train.epochs=3")
@@ -337,10 +338,14 @@ def enter_project(args: argparse.Namespace, root: Path) -> None:
         raise PipelineError(f"--root {root}: no such folder")
     if args.command == "weights" and len(args.words) == 2 and Path(args.words[1]).exists():
         args.words[1] = str(Path(args.words[1]).resolve())
-    for name in ("config", "bundle", "test_dir", "sample_submission", "out", "tmp_dir"):
-        v = getattr(args, name, None)
-        if v and not Path(v).is_absolute() and (Path(v).exists() or name in ("out", "tmp_dir")):
-            setattr(args, name, str(Path(v).resolve()))
+    for name, (flags, kw) in OPTIONS.items():
+        if name == "root" or kw.get("metavar") not in PATH_METAVARS:
+            continue
+        dest = name.replace("-", "_")
+        v = getattr(args, dest, None)
+        written = kw["metavar"] == "PATH"  # made by the command: it need not exist yet
+        if v and not Path(v).is_absolute() and (Path(v).exists() or written):
+            setattr(args, dest, str(Path(v).resolve()))
     os.chdir(root)
 
 

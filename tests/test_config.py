@@ -184,7 +184,7 @@ def test_the_schema_is_the_one_source():
     from pathlib import Path
 
     from pipeline.core.files import provenance
-    from pipeline.core.config import RANGES, keys_without_output, later_keys, schema
+    from pipeline.core.config import RANGES, Config, keys_without_output, later_keys, schema
     from pipeline.tools.config_reference import reference
 
     info = {k.name: k for k in schema()}
@@ -192,7 +192,9 @@ def test_the_schema_is_the_one_source():
     assert keys_without_output("aug") == ("cache", "cache_dir", "cache_max_gb")
     assert set(keys_without_output("train")) == {"workers", "tracker", "tracker_dir"}
     assert provenance.LATER_KEYS == later_keys() and "head_init_scale" in later_keys()["model"]
-    assert set(provenance.TEST_SIDE) >= {"test_dir", "sample_submission", "test_labels", "holdout_from"}
+    data = provenance.recorded_keys(Config().to_dict()["data"], "data", ("1", "2"))
+    assert not {"test_dir", "test_json", "sample_submission", "test_labels", "holdout_from", "check_images"} & set(data)
+    assert provenance.TRAIN_SECTIONS == ("data", "folds", "model", "aug", "train", "eval")
     assert all(k.help for k in schema()), [k.name for k in schema() if not k.help]
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == reference(), "docs/config.md is stale: python -m pipeline.tools.config_reference > docs/config.md"

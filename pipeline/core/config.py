@@ -34,20 +34,25 @@ SEED_MAX = 2 ** 32 - 1
 
 
 def key(default: Any = dataclasses.MISSING, *, factory: Any = None, help: str = "",
-        range: tuple[float, float, bool, bool] | None = None, stage: str | None = None, added: str | None = None):
+        range: tuple[float, float, bool, bool] | None = None, stage: str | None = None, added: str | None = None,
+        own_record: bool = False, path_name: bool = False):
     """A config key: its default (or `factory` for a list), one line of help, its range (low, high, low included,
     high included; a list is checked element by element), the first stage whose outputs it changes (default: its
     section's; "-": none: where or how work runs, not what it computes) and, for keys added after outputs existed,
-    the date: at their default such keys are left out of records, so upgrading does not make finished work stale."""
+    the date: at their default such keys are left out of records, so upgrading does not make finished work stale.
+    `own_record`: recorded in an entry of its own, not with its section (train.full_fit: the extra model's record);
+    `path_name`: the value becomes a file or folder name (one plain path component, checked)."""
     assert stage is None or stage in STAGES, stage
-    meta = {"help": help, "range": range, "stage": stage, "added": added}
+    meta = {"help": help, "range": range, "stage": stage, "added": added, "own_record": own_record,
+            "path_name": path_name}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def section(cls: type, help: str = ""):
-    return field(default_factory=cls, metadata={"help": help, "section": True})
+def section(cls: type, help: str = "", own_record: bool = False):
+    """A section of keys; `own_record`: its keys are recorded in an entry of their own (train.pseudo: the teacher's)."""
+    return field(default_factory=cls, metadata={"help": help, "section": True, "own_record": own_record})
 
 
 # ----------------------------------------------------------------------------- a command's run
@@ -106,7 +111,7 @@ class FoldsCfg:
     n_splits: int = key(5, range=(2, 100, True, True), help="K of stratified K-fold")
     seed: int = key(42, range=(0, SEED_MAX, True, True),
                     help="shuffling seed; with the same data it gives a byte-identical folds file")
-    name: str = key("", help="the folds file is folds/<name>.csv; empty: <data folder>_k<K>_s<seed>")
+    name: str = key("", path_name=True, help="the folds file is folds/<name>.csv; empty: <data folder>_k<K>_s<seed>")
     rare_classes: Literal["error", "allow"] = key("error", stage="-",
                                                   help="a class with fewer images than folds: refuse, or allow it (it"
                                                        " is missing from the validation of some folds, so those folds"
@@ -188,7 +193,7 @@ class AugCfg:
 
 @dataclass
 class PseudoCfg:
-    teacher: str = key("",
+    teacher: str = key("", path_name=True,
                        help="an ensemble (submissions/<name>.json) or experiment whose test predictions label test "
                             "images; \"\": off")
     threshold: float = key(0.9, range=(0, 1, True, True),
@@ -200,7 +205,7 @@ class PseudoCfg:
 
 @dataclass
 class DistillCfg:
-    teacher: str = key("",
+    teacher: str = key("", path_name=True,
                        help="an ensemble or experiment whose predictions are soft targets (knowledge distillation); "
                             "\"\": off")
     alpha: float = key(0.5, range=(0, 1, True, True),
@@ -239,11 +244,11 @@ class TrainCfg:
                                   help="early stopping: end the fold after N epochs without a better metric on "
                                        "its held-out rows (a choice on the scored rows: CV marked, not ranked); "
                                        "null: off")
-    full_fit: bool = key(False,
+    full_fit: bool = key(False, own_record=True,
                          help="after the folds, one more model on every row for the epoch count the folds chose (no "
                               "CV)")
-    pseudo: PseudoCfg = section(PseudoCfg, "pseudo-labels; fold k's from the teacher's fold-k models")
-    distill: DistillCfg = section(DistillCfg, "distillation; fold k's targets from teacher fold k")
+    pseudo: PseudoCfg = section(PseudoCfg, "pseudo-labels; fold k's from the teacher's fold-k models", own_record=True)
+    distill: DistillCfg = section(DistillCfg, "distillation; fold k's targets from teacher fold k", own_record=True)
     weight_decay: float = key(0.05, range=(0, 10, True, True), help="weight decay; none on biases, norms, GeM's p")
     momentum: float = key(0.9, range=(0, 1, True, False), help="sgd only")
     scheduler: str = key("cosine", help="any timm scheduler name (cosine, step, plateau, ...)")
@@ -384,7 +389,7 @@ class InferCfg:
 
 @dataclass
 class EnsembleCfg:
-    name: str = key("", help="the submission is submissions/<name>.csv; empty: the experiment name")
+    name: str = key("", path_name=True, help="the submission is submissions/<name>.csv; empty: the experiment name")
     members: list[str] = key(factory=list, help="\"experiment\", \"experiment:head\" or \"experiment:head:plain\" "
                                                 "(that head without TTA); empty: this experiment")
     method: Literal["mean", "weighted", "geo_mean", "rank", "hill_climb"] = key("mean",
@@ -401,7 +406,7 @@ class EnsembleCfg:
 
 @dataclass
 class Config:
-    experiment: str = key("demo", stage="-", help="run folder: runs/<experiment>/")
+    experiment: str = key("demo", stage="-", path_name=True, help="run folder: runs/<experiment>/")
     seed: int = key(42, range=(0, SEED_MAX, True, True), help="training seed")
     device: Literal["auto", "cpu", "cuda"] = key("auto", help="auto: the GPU when there is one, else the CPU")
     run_also: list[str] = key(factory=list, stage="-", help="other experiment configs `all` runs before the ensemble")
@@ -458,10 +463,13 @@ class KeyInfo:
     range: tuple[float, float, bool, bool] | None
     stage: str
     added: str | None
+    own_record: bool = False  # recorded in an entry of its own, not with its section
+    path_name: bool = False  # becomes a file or folder name
+
 
 
 @functools.lru_cache(maxsize=None)
-def schema(cls: type = None, prefix: str = "") -> tuple[KeyInfo, ...]:
+def schema(cls: type = None, prefix: str = "", own: bool = False) -> tuple[KeyInfo, ...]:
     """Every config key, in declaration order, with what the schema says of it (read once: records ask often)."""
     cls = cls or Config
     out: list[KeyInfo] = []
@@ -471,12 +479,13 @@ def schema(cls: type = None, prefix: str = "") -> tuple[KeyInfo, ...]:
             continue
         name = f"{prefix}{f.name}"
         if f.metadata.get("section"):
-            out += schema(hints[f.name], name + ".")
+            out += schema(hints[f.name], name + ".", own or f.metadata.get("own_record", False))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         top = name.split(".")[0] if "." in name else ""
         out.append(KeyInfo(name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("range"),
-                           f.metadata.get("stage") or SECTION_STAGE[top], f.metadata.get("added")))
+                           f.metadata.get("stage") or SECTION_STAGE[top], f.metadata.get("added"),
+                           own or f.metadata.get("own_record", False), f.metadata.get("path_name", False)))
     return tuple(out)
 
 
@@ -543,7 +552,7 @@ def _validate(cfg: Config, origin: dict[str, str], problems: list[str]) -> set[s
                 continue
             ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
             check(ok, name, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
-    for key in ("experiment", "folds.name", "ensemble.name", "train.pseudo.teacher", "train.distill.teacher"):
+    for key in (k.name for k in schema() if k.path_name):
         if flat[key] or key == "experiment":
             try:
                 layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")

@@ -22,14 +22,15 @@ from pathlib import Path
 from . import layout
 from .artifacts import read_json, recorded, sha256_file, sha256_obj, up_to_date, write_json  # noqa: F401 (re-exported)
 from ..inputs.augment import pixel_record
-from ..config import Config, keys_without_output, later_keys, schema
+from ..config import SECTION_STAGE, Config, later_keys, schema
 from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
 
 log = logging.getLogger("pipeline")
 
-TRAIN_SECTIONS = ("data", "folds", "model", "aug", "train", "eval")  # what a fold's weights depend on
+# what a fold's weights depend on: the sections whose keys change the outputs of stage 1 or 2 (the schema's)
+TRAIN_SECTIONS = tuple(s for s, stage in SECTION_STAGE.items() if s and stage in ("1", "2"))
 PACKAGES = ("torch", "torchvision", "timm", "albumentations", "numpy", "pandas", "scikit-learn")
 # ----------------------------------------------------------------------------- image files
 class ImageRecord(dict):
@@ -181,10 +182,6 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 2
-# data keys not read by stages 2-3 (the schema's stage "setup", "4", "5" or "-"; setup: how the competition
-# folder was built; its files are recorded instead)
-TEST_SIDE = tuple(k.name.removeprefix("data.") for k in schema() if k.name.startswith("data.")
-                  and k.stage in ("setup", "4", "5", "-"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -214,28 +211,31 @@ def _drop_later_defaults(d: dict) -> dict:
     return d
 
 
+def recorded_keys(d: dict, section: str, stages: tuple[str, ...]) -> dict:
+    """The entries of a config section (`d`: its dict) a record of stages `stages` holds, by the schema: keys whose
+    first affected stage is one of them, not those of later stages, of none, or recorded on their own."""
+    drop = set()
+    for k in schema():
+        if k.name.startswith(section + ".") and (k.own_record or k.stage not in stages):
+            drop.add(k.name[len(section) + 1:].split(".")[0])  # a subsection's key: the subsection
+    return {name: v for name, v in d.items() if name not in drop}
+
+
 def train_record(cfg: Config) -> dict:
     d = _drop_later_defaults(cfg.to_dict())
-    rec = {s: d[s] for s in TRAIN_SECTIONS}
-    for k in TEST_SIDE:  # test-side settings belong to stages 4-5: changing them retrains nothing
-        rec["data"].pop(k, None)
+    # keys of later stages (test-side data keys), of none ("-": where or how work runs: the image store, workers,
+    # trackers, a permission such as folds.rare_classes) and keys with an entry of their own (train.full_fit: the
+    # full-data model; train.pseudo / distill: the teacher's section) are not what a fold's weights depend on
+    rec = {s: recorded_keys(d[s], s, ("1", "2")) for s in TRAIN_SECTIONS}
     rec["seed"] = cfg.seed
     rec["folds_file"] = sha256_file(cfg.folds_csv)
     rec["train_images"] = train_images(cfg)
     rec["pixels"] = pixel_record(cfg)
-    for section in ("aug", "train"):  # where pixels come from, how the run is watched: not what it learns
-        for k in keys_without_output(section):
-            rec[section].pop(k, None)
     if cfg.train.select == "last":  # since 2026-12-02 a fixed source, no longer the better one on held-out rows
         rec["train"]["select"] = "last (EMA weights when train.ema)"
-    rec["train"].pop("full_fit")  # the extra full-data model; the folds are the same with or without it
-    rec["train"].pop("pseudo")
-    rec["train"].pop("distill")
     teacher = teacher_section(cfg)
     if teacher is not None:  # only then: records without a teacher stay as they were
         rec["teacher"] = teacher
-    for k in keys_without_output("folds"):  # rare_classes: a permission, not a change of the folds
-        rec["folds"].pop(k, None)
     if cfg.model.pretrained_path:  # the weights' bytes, not only their file name (only then: older records stay)
         path = Path(cfg.model.pretrained_path)
         rec["pretrained_weights"] = {"name": path.name, "sha256": sha256_file(path) if path.is_file() else "missing"}
@@ -332,8 +332,7 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
            "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed,
            "train_images": train_images(cfg)}
     if rec["aug"]:
-        for x in keys_without_output("aug"):
-            rec["aug"].pop(x)
+        rec["aug"] = recorded_keys(rec["aug"], "aug", ("1", "2"))
     return rec
 
 
