@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import models  # noqa: E402
-from pipeline.core.inputs.augment import crop_pct  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.stages import folds, rebalance, train  # noqa: E402
 from pipeline.core.predict.tta import VIEWS, sizes  # noqa: E402
+from pipeline.core.inputs.pixels import pixels  # noqa: E402
 
 
 def main() -> None:
@@ -86,11 +86,11 @@ def main() -> None:
           f"{(feat + var) / epoch:.2f} epochs")
 
     print("\n## 3. TTA views vs plain forward (batch 64, fold 0 model, images already on device)")
-    model = models.load_trained(cfg, cfg.run_dir.fold(0).weights,
+    model = models.load_trained(cfg.model, cfg.run_dir.fold(0).weights,
                                 len(json.loads((cfg.run_dir.classes).read_text()))).to(device)
     rows = []
     for scale in (1.0, 1.15):
-        load, crop = sizes(args.size, crop_pct(cfg), scale)
+        load, crop = sizes(args.size, pixels(cfg).crop_pct, scale)
         x = torch.randn(64, 3, load, load, device=device)
         plain = _rate(lambda: model(x[:, :, :crop, :crop].contiguous()), 64, device)
         for v in ("orig", "hflip", "rot90", "five_crop"):

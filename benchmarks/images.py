@@ -32,11 +32,12 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.core.inputs.augment import open_store, store_side, train_transform  # noqa: E402
+from pipeline.core.inputs.augment import open_store, train_transform  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.inputs.images import ImageDataset, ImageStore, cache_report, read_image, resize_short, stored_image
 from pipeline.core.engine.runtime import make_loader  # noqa: E402
 from pipeline.stages import folds, infer, rebalance, train  # noqa: E402
+from pipeline.core.inputs.pixels import pixels  # noqa: E402
 
 
 def as_competition(data: Path, dst: Path, seed: int = 0) -> Path:
@@ -115,9 +116,9 @@ def speed(args, data: Path) -> None:
         shutil.rmtree(cfg.aug.cache_dir, ignore_errors=True)
         df = pd.read_csv(cfg.folds_csv)
         t0 = time.perf_counter()
-        store = open_store(cfg, df["path"])
+        store = open_store(pixels(cfg), df["path"])
         build = time.perf_counter() - t0
-        ds = ImageDataset(store, df["fold"].values * 0, train_transform(cfg), seed=0)
+        ds = ImageDataset(store, df["fold"].values * 0, train_transform(pixels(cfg)), seed=0)
         loader = make_loader(ds, batch_size=args.batch, n_workers=1)
         t0 = time.perf_counter()
         n = sum(len(x) for x, _ in loader)
@@ -128,7 +129,7 @@ def speed(args, data: Path) -> None:
                      "train img/s": h["images_per_s"], "data wait": h["data_wait"], "epoch s": h["seconds"]})
     t = pd.DataFrame(rows)
     print(f"\n2. stage 2 on fold 0 ({args.arch}, {args.size} px, batch {args.batch}, 1 loader worker; last of 2 epochs)"
-          f" and the loader alone (decode + augment, 1 worker), store side {store_side(cfg)}:")
+          f" and the loader alone (decode + augment, 1 worker), store side {pixels(cfg).store_side}:")
     print(t.to_string(index=False, float_format="%.2f"))
     print(f"   train: cache/no cache = {rows[1]['train img/s'] / rows[0]['train img/s']:.2f}x; "
           f"loader alone: {rows[1]['loader img/s'] / rows[0]['loader img/s']:.2f}x")
@@ -143,7 +144,7 @@ def disk(args, data: Path) -> None:
         stage.run(cfg)
     stores = cache_report(cfg.aug.cache_dir)
     total = sum(r["bytes"] for r in stores)
-    side = store_side(cfg)
+    side = pixels(cfg).store_side
     df = pd.read_csv(cfg.folds_csv)
     test = infer.load_inputs(cfg).test
     one = sum(stored_image(p, side).nbytes for p in list(df["path"]) + list(test["path"]))
@@ -170,7 +171,7 @@ def encoded(args, data: Path) -> None:
         build = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in store.dir.iterdir()) if store.dir else 0
         cfg = load_config(None, [*competition_args(data), f"aug.img_size={side * 2 // 3}"])
-        ds = ImageDataset(store, np.zeros(len(paths), np.int64), train_transform(cfg), seed=0)
+        ds = ImageDataset(store, np.zeros(len(paths), np.int64), train_transform(pixels(cfg)), seed=0)
         loader = make_loader(ds, batch_size=args.batch, n_workers=2)
         t0 = time.perf_counter()
         n = sum(len(x) for x, _ in loader)

@@ -45,7 +45,7 @@ def ensemble_row(name: str) -> dict:
 
 
 def n_params(cfg) -> int:
-    return sum(p.numel() for p in models.create_model(cfg, 10, pretrained=False).parameters())
+    return sum(p.numel() for p in models.create_model(cfg.model, 10, pretrained=False).parameters())
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def test_weights_are_plain_timm_checkpoints_with_the_head_folded_in(project):
     bundle = layout.BundleDir(project["bundle"])
     home = project["home"]
     net = timm.create_model("test_resnet", num_classes=3, checkpoint_path=str(bundle.member("a:tau").weights(0))).eval()
-    trained = models.load_trained(load_config(home / "runs/a/config.yaml"), home / "runs/a/fold0/model.safetensors", 3)
+    trained = models.load_trained(load_config(home / "runs/a/config.yaml").model, home / "runs/a/fold0/model.safetensors", 3)
     tau, _ = Head.load(home / "runs/a/fold0/rebalance/heads/tau.safetensors")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -278,7 +278,7 @@ def test_onnx_export_matches_the_member(project, tmp_path, monkeypatch):
         files = bundle.member(name)
         info = json.loads(files.info.read_text())
         cfg = load_config(files.config)
-        net = models.load_trained(cfg, files.weights(1), 3)
+        net = models.load_trained(cfg.model, files.weights(1), 3)
         head = Head.load(files.head(1))[0] if not info["head_in_weights"] else None
         with torch.no_grad():
             f = models.features(net, torch.from_numpy(x))

@@ -18,6 +18,7 @@ from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
 from pipeline.stages import train as train_stage
 from pipeline.tools.reports import leaderboard
+from pipeline.core.inputs.pixels import pixels
 
 TINY = ["data.image_ext=.png", "experiment=tiny", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
         "train.batch_size=8", "train.epochs=3", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",
@@ -37,9 +38,9 @@ def comp(workdir):
 
 def baseline_logits(cfg, weights, stage2, n_classes):
     """One model's plain-view (orig@1) test logits, predicted directly."""
-    model = models.load_trained(cfg, weights, n_classes).eval()
+    model = models.load_trained(cfg.model, weights, n_classes).eval()
     norm = models.Normalize(stage2["mean"], stage2["std"])
-    store = open_store(cfg, read_test_table(cfg)["path"])
+    store = open_store(pixels(cfg), read_test_table(cfg)["path"])
     return predict_policy(cfg, model, norm, {"joint": joint_head(model)}, store, ["orig@1"], torch.device("cpu"),
                           None)["joint"][0]
 
@@ -100,7 +101,7 @@ def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp,
     assert meta["crop"] == 48 and meta["rows"] == int((df["fold"] != 0).sum())
     plain = models.read_state_dict(cfg.run_dir.fold(0).weights)
     tuned = models.read_state_dict(cfg.run_dir.fixres("fold0"))
-    net = models.load_trained(cfg, cfg.run_dir.fold(0).weights, len(classes))
+    net = models.load_trained(cfg.model, cfg.run_dir.fold(0).weights, len(classes))
     conv_keys = [f"{n}.weight" for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
     bn_keys = [f"{n}.running_mean" for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert conv_keys and all(torch.equal(plain[k], tuned[k]) for k in conv_keys)  # the backbone's filters stay

@@ -12,11 +12,12 @@ from PIL import Image
 
 from conftest import SHARED, make_competition
 from pipeline.cli import main as cli_main
-from pipeline.core.inputs.augment import open_store, store_side, valid_transform
+from pipeline.core.inputs.augment import open_store, valid_transform
 from pipeline.core.config import load_config
 from pipeline.core.inputs.data import read_train_table
 from pipeline.core.errors import PipelineError
 from pipeline.core.inputs.images import ImageDataset, ImageStore, cache_report, read_image, stored_image
+from pipeline.core.inputs.pixels import pixels
 
 
 def _save_with_orientation(img: Image.Image, path, orientation: int) -> None:
@@ -116,10 +117,10 @@ def test_two_to_one_image_keeps_its_aspect_ratio_through_store_and_validation(tm
     stored = stored_image(str(tmp_path / "wide.png"), 64)
     assert stored.shape == (64, 128, 3)
     keep = load_config(None, ["aug.img_size=32", "aug.crop_pct=1.0"])
-    out = valid_transform(keep)(image=stored)["image"]
+    out = valid_transform(pixels(keep))(image=stored)["image"]
     h, w = _extent(out)
     assert out.shape == (32, 32, 3) and abs(h - w) <= 1               # the circle stays round
-    squashed = valid_transform(load_config(None, ["aug.img_size=32", "aug.crop_pct=1.0", "aug.resize=squash"]))(
+    squashed = valid_transform(pixels(load_config(None, ["aug.img_size=32", "aug.crop_pct=1.0", "aug.resize=squash"])))(
         image=stored)["image"]
     h, w = _extent(squashed)
     assert w < 0.7 * h                                                # squash makes it an ellipse
@@ -136,7 +137,7 @@ def test_squash_mode_reproduces_the_old_validation_crop(tmp_path):
     old = cv2.resize(src, (big, big), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
     top = (big - 24) // 2
     old = old[top:top + 24, top:top + 24]
-    ds = ImageDataset(open_store(cfg, [str(tmp_path / "x.png")]), None, valid_transform(cfg))
+    ds = ImageDataset(open_store(pixels(cfg), [str(tmp_path / "x.png")]), None, valid_transform(pixels(cfg)))
     assert np.array_equal(ds[0][0].numpy(), old)
 
 
@@ -162,7 +163,7 @@ def test_cache_gives_the_same_pixels_is_reused_and_bounded(tmp_path):
 
 
 def test_a_jpeg_store_is_close_to_raw_identical_with_cache_on_or_off_and_a_tenth_of_the_disk(workdir):
-    from pipeline.core.inputs.augment import pixel_record, store_format
+    from pipeline.core.inputs.augment import pixel_record
 
     src = SHARED / "data" / "flowers5"
     if not src.is_dir():
@@ -185,10 +186,10 @@ def test_a_jpeg_store_is_close_to_raw_identical_with_cache_on_or_off_and_a_tenth
     cfg = load_config(None, [f"data.root={root}", "data.image_ext=.png", "folds.n_splits=2", "experiment=j"])
     from pipeline.stages import folds as folds_stage
     folds_stage.run(cfg)
-    assert store_format(cfg) == "raw" and "store" not in pixel_record(cfg)
+    assert pixels(cfg).store_format == "raw" and "store" not in pixel_record(pixels(cfg))
     small = load_config(None, [f"data.root={root}", "data.image_ext=.png", "folds.n_splits=2", "experiment=j",
                                "aug.store_raw_max_gb=1e-6"])
-    assert store_format(small) == "jpeg" and pixel_record(small)["store"] == "jpeg@90"
+    assert pixels(small).store_format == "jpeg" and pixel_record(pixels(small))["store"] == "jpeg@90"
 
 
 def test_folds_stages_and_scales_read_one_stored_file_per_image_set(workdir, capsys):
@@ -208,7 +209,7 @@ def test_folds_stages_and_scales_read_one_stored_file_per_image_set(workdir, cap
         stage.run(cfg)
     stores = cache_report(cache)
     assert len(stores) == 2 and {r["images"] for r in stores} == {12, 4}      # train set, test set
-    assert {r["side"] for r in stores} == {store_side(cfg)}
+    assert {r["side"] for r in stores} == {pixels(cfg).store_side}
     train_store = next(r for r in stores if r["images"] == 12)
     shapes = np.load(train_store["path"] / "index.npz")["shapes"]
     assert (shapes[:, 1] * 2 == shapes[:, 0] * 3).all()               # stored at 3:2, not squashed

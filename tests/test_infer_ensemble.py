@@ -27,6 +27,7 @@ from pipeline.stages.ensemble import fit_weights
 from pipeline.core.predict.submission import combine
 from pipeline.core.predict.tta import merge, sizes
 from pipeline.core.predict.inference import policy_logits
+from pipeline.core.inputs.pixels import pixels
 
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
         "train.batch_size=8", "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",
@@ -61,10 +62,10 @@ def test_identity_policy_equals_plain_inference(run_a):
     paths = sorted(str(p) for p in (cfg.data_path("test")).iterdir())
     expected = 0
     for k in (0, 1):
-        model = models.load_trained(cfg, cfg.run_dir.fold(k).dir / "model.safetensors", 3)
+        model = models.load_trained(cfg.model, cfg.run_dir.fold(k).dir / "model.safetensors", 3)
         s = json.loads((cfg.run_dir.fold(k).dir / "summary.json").read_text())
         norm = models.Normalize(s["mean"], s["std"])
-        ds = ImageDataset(open_store(cfg, paths), None, valid_transform(cfg))
+        ds = ImageDataset(open_store(pixels(cfg), paths), None, valid_transform(pixels(cfg)))
         with torch.no_grad():
             dtype = amp_dtype(cfg, torch.device("cpu"))   # the evaluation precision: bf16 backbone where native
             logits = torch.cat([models.logits(model, norm(x), dtype) for x, _ in make_loader(ds, batch_size=4)]).numpy()
@@ -75,7 +76,7 @@ def test_identity_policy_equals_plain_inference(run_a):
 
 def test_hflip_of_flip_invariant_model_equals_plain():
     torch.manual_seed(0)
-    net = models.create_model(load_config(None, ["model.arch=test_resnet"]), 4).eval()
+    net = models.create_model(load_config(None, ["model.arch=test_resnet"]).model, 4).eval()
 
     def invariant(x):  # a flip-invariant model: average of the net on the image and its mirror
         with torch.no_grad():

@@ -173,15 +173,15 @@ def test_missing_fold_and_stale_weights_are_refused(trained):
 
 def test_weights_of_another_architecture_are_refused(trained, tmp_path):
     cfg = trained
-    other = models.create_model(load_config(None, ["model.arch=resnet10t"]), num_classes=3)
+    other = models.create_model(load_config(None, ["model.arch=resnet10t"]).model, num_classes=3)
     path = tmp_path / "other.safetensors"
     models.write_state_dict(path, other.state_dict())
     with pytest.raises(PipelineError, match="does not fit model.arch=test_resnet with 3 classes"):
-        models.load_trained(cfg, path, 3)
+        models.load_trained(cfg.model, path, 3)
     ours = models.read_state_dict(cfg.run_dir.fold(0).dir / "model.safetensors")
     models.write_state_dict(path, ours)
     with pytest.raises(PipelineError, match="with 5 classes"):
-        models.load_trained(cfg, path, 5)
+        models.load_trained(cfg.model, path, 5)
 
 
 def test_inner_splits_fall_back_to_plain_shuffling_when_no_class_can_be_stratified():

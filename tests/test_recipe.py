@@ -16,6 +16,7 @@ from pipeline.core.inputs.images import ImageDataset
 from pipeline.core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import train as train_stage
+from pipeline.core.inputs.pixels import pixels
 
 TINY = ["data.image_ext=.png", "experiment=tiny", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off",
         "train.batch_size=8", "train.epochs=2", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0",
@@ -45,11 +46,11 @@ class _Store:
 def test_timm_policy_changes_images_per_epoch_and_replays_them_after_a_resume():
     cfg = load_config(None, ["aug.img_size=32", "aug.policy=rand-m9-mstd0.5-inc1", "aug.crop=resize_crop"])
     plain = load_config(None, ["aug.img_size=32", "aug.crop=resize_crop"])
-    assert any(isinstance(t, TimmPolicy) for t in train_transform(cfg).transforms)
+    assert any(isinstance(t, TimmPolicy) for t in train_transform(pixels(cfg)).transforms)
     imgs = [(np.random.default_rng(i).random((40, 48, 3)) * 255).astype(np.uint8) for i in range(4)]
-    ds = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(cfg), seed=7)
-    again = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(cfg), seed=7)  # a resumed process
-    base = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(plain), seed=7)
+    ds = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(pixels(cfg)), seed=7)
+    again = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(pixels(cfg)), seed=7)  # a resumed process
+    base = ImageDataset(_Store(imgs), np.zeros(4, int), train_transform(pixels(plain)), seed=7)
     for i in range(4):
         e0, e1 = ds[(i, 0)][0], ds[(i, 1)][0]
         assert not torch.equal(e0, e1)  # another epoch, another augmentation
@@ -118,7 +119,7 @@ def test_trainable_stages_freezes_exactly_the_earlier_stages(comp):
     after = model.state_dict()
     moved = {k.split(".")[0] for k in after if not torch.equal(after[k], initial[k]) and "num_batches" not in k}
     assert moved == {"layer4", "fc"}  # timm's coarse groups of a ResNet: stem, layer1-4; the last one trains
-    frozen, names = models.frozen_parameters(models.create_model(cfg_of(comp, "model.arch=resnet10t"), 3), False, 2)
+    frozen, names = models.frozen_parameters(models.create_model(cfg_of(comp, "model.arch=resnet10t").model, 3), False, 2)
     assert names == ["0", "1", "2"]  # stem, layer1, layer2 frozen; layer3, layer4 (and the head) train
     with pytest.raises(PipelineError, match="trainable_stages"):
         cfg_of(comp, "train.freeze_backbone=true", "train.trainable_stages=1")
@@ -126,7 +127,7 @@ def test_trainable_stages_freezes_exactly_the_earlier_stages(comp):
 
 def test_attention_pooling_replaces_timm_pooling_at_any_size(comp):
     cfg = cfg_of(comp, "model.pool=attn", "model.arch=resnet10t")
-    model = models.create_model(cfg, 3).eval()
+    model = models.create_model(cfg.model, 3).eval()
     assert any(isinstance(m, models.AttnPool) for m in model.modules())
     for side in (32, 48, 40):  # progressive resizing, FixRes and TTA scales feed other sizes
         assert model(torch.randn(2, 3, side, side)).shape == (2, 3)

@@ -169,19 +169,19 @@ def test_sampler_class_distribution_matches_definition(kind):
 
 
 def test_local_pretrained_checkpoint_loads(tmp_path):
-    src = create_model(load_config(None, ["model.arch=test_resnet"]), num_classes=1000)
+    src = create_model(load_config(None, ["model.arch=test_resnet"]).model, num_classes=1000)
     write_state_dict(tmp_path / "w.safetensors", src.state_dict())
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
     for name in ("w.safetensors", "w.pth"):
         cfg = load_config(None, ["model.arch=test_resnet", f"model.pretrained_path={tmp_path / name}"])
-        m = create_model(cfg, num_classes=4)
+        m = create_model(cfg.model, num_classes=4)
         assert torch.equal(m.conv1.weight if hasattr(m, "conv1") and isinstance(m.conv1, torch.nn.Conv2d)
                            else next(m.parameters()), next(src.parameters()))
         assert m.get_classifier().out_features == 4                      # new head for our classes
-    other = create_model(load_config(None, ["model.arch=resnet10t"]), num_classes=4)
+    other = create_model(load_config(None, ["model.arch=resnet10t"]).model, num_classes=4)
     write_state_dict(tmp_path / "other.safetensors", other.state_dict())
     with pytest.raises(PipelineError, match="other.safetensors"):
-        create_model(load_config(None, ["model.arch=test_resnet", f"model.pretrained_path={tmp_path / 'other.safetensors'}"]), 4)
+        create_model(load_config(None, ["model.arch=test_resnet", f"model.pretrained_path={tmp_path / 'other.safetensors'}"]).model, 4)
 
 
 class _Evil:
@@ -203,7 +203,7 @@ def test_gem_equals_average_pooling_at_p1_and_plugs_into_timm():
     x = torch.rand(2, 5, 7, 7)
     assert torch.allclose(GeM(p=1.0)(x), x.mean((2, 3)), atol=1e-6)
     assert torch.all(GeM(p=6.0)(x) > x.mean((2, 3)))                   # towards max pooling
-    m = create_model(load_config(None, ["model.arch=test_resnet", "model.pool=gem"]), num_classes=3)
+    m = create_model(load_config(None, ["model.arch=test_resnet", "model.pool=gem"]).model, num_classes=3)
     assert any(isinstance(mod, GeM) for mod in m.modules())
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
@@ -278,7 +278,7 @@ def test_layer_decay_uses_timm_groups_and_the_scheduler_applies_them(comp):
     from timm.scheduler import create_scheduler_v2
 
     cfg = tiny_cfg(comp, "train.layer_decay=0.5", "train.backbone_lr_mult=0.1", "train.warmup_epochs=0")
-    model = create_model(cfg, 3)
+    model = create_model(cfg.model, 3)
     groups = training.param_groups(model, cfg.train)
     head = {id(p) for p in model.get_classifier().parameters()}
     head_scales = {g["lr_scale"] for g in groups if all(id(p) in head for p in g["params"])}

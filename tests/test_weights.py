@@ -20,13 +20,14 @@ from PIL import Image
 from conftest import SHARED
 from pipeline.cli import main
 from pipeline.core.files import layout
-from pipeline.core.inputs.augment import crop_pct
+
 from pipeline.core.config import PRETRAINED_DEFAULTS, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.nets.models import create_model, norm_stats, read_state_dict, weights_record
 from pipeline.core.files.provenance import train_record
 from pipeline.tools import weights
 from pipeline.tools.demo import build_holdout, ensure_holdout
+from pipeline.core.inputs.pixels import pixels
 
 FLOWERS = SHARED / "data" / "flowers5"
 TOLERANCE = 1e-4  # max |logit difference| accepted between source and converted model (fp32; measured: 0.0)
@@ -63,8 +64,8 @@ def test_imported_lite0_reproduces_the_source_model_on_real_photos(tmp_path):
 
     # through the pipeline's own loader, with the normalisation the record gives
     cfg = load_config(None, ["model.arch=tf_efficientnet_lite0", f"model.pretrained_path={out}"])
-    model = create_model(cfg, 1000).eval()
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm_stats(cfg, model))
+    model = create_model(cfg.model, 1000).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm_stats(cfg.model, model))
     xn = (x - mean) / std
     with torch.no_grad():
         want, got = source(xn), model(xn)
@@ -137,11 +138,11 @@ def test_same_names_and_cli(tmp_path, monkeypatch, capsys):
     assert "model.pretrained_path=w/ok.safetensors" in capsys.readouterr().out
     # the record's preprocessing is what the pipeline uses when the config leaves it null
     cfg = load_config(None, ["model.arch=test_resnet", "model.pretrained_path=w/ok.safetensors"])
-    assert norm_stats(cfg, create_model(cfg, 3)) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
-    assert crop_pct(cfg) == 0.95
+    assert norm_stats(cfg.model, create_model(cfg.model, 3)) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert pixels(cfg).crop_pct == 0.95
     cfg2 = load_config(None, ["model.arch=test_resnet", "model.pretrained_path=w/ok.safetensors", "model.mean=[0.5,0.5,0.5]",
                               "aug.crop_pct=0.8"])
-    assert norm_stats(cfg2, create_model(cfg2, 3))[0] == [0.5, 0.5, 0.5] and crop_pct(cfg2) == 0.8
+    assert norm_stats(cfg2.model, create_model(cfg2.model, 3))[0] == [0.5, 0.5, 0.5] and pixels(cfg2).crop_pct == 0.8
     # usage errors: exit 2, nothing written
     assert main(["weights", "import", "dp.pth", "--out", "w/x.safetensors"]) == 2
     assert main(["weights", "import", "dp.pth", "--arch", "test_resnet", "--out", "w/x.pth"]) == 2
@@ -179,9 +180,9 @@ def test_weights_bytes_are_in_the_stage2_record(tmp_path, monkeypatch):
 def test_head_init_scale_and_bias():
     cfg = load_config(None, ["model.arch=test_resnet", "model.head_init_scale=0.01", "model.head_init_bias=-1"])
     torch.manual_seed(0)
-    plain = create_model(load_config(None, ["model.arch=test_resnet"]), 5)
+    plain = create_model(load_config(None, ["model.arch=test_resnet"]).model, 5)
     torch.manual_seed(0)
-    scaled = create_model(cfg, 5)
+    scaled = create_model(cfg.model, 5)
     assert torch.allclose(scaled.get_classifier().weight, plain.get_classifier().weight * 0.01)
     assert torch.all(scaled.get_classifier().bias == -1)
     assert torch.equal(next(scaled.parameters()), next(plain.parameters()))  # the backbone is untouched
@@ -190,12 +191,12 @@ def test_head_init_scale_and_bias():
 def test_head_init_leaves_a_pretrained_classifier_alone(tmp_path):
     torch.save(_tiny_state(), tmp_path / "w.pth")  # test_resnet's 1000-way classifier
     over = ["model.arch=test_resnet", f"model.pretrained_path={tmp_path / 'w.pth'}", "model.head_init_scale=0.01"]
-    kept = create_model(load_config(None, over), 1000)  # the same class count: the weights' classifier, as saved
+    kept = create_model(load_config(None, over).model, 1000)  # the same class count: the weights' classifier, as saved
     assert torch.equal(kept.get_classifier().weight, _tiny_state()["fc.weight"])
     torch.manual_seed(0)
-    new = create_model(load_config(None, over), 5)  # another class count: a new classifier, scaled
+    new = create_model(load_config(None, over).model, 5)  # another class count: a new classifier, scaled
     torch.manual_seed(0)
-    ref = create_model(load_config(None, over[:2] + ["model.head_init_scale=null"]), 5)
+    ref = create_model(load_config(None, over[:2] + ["model.head_init_scale=null"]).model, 5)
     assert torch.allclose(new.get_classifier().weight, ref.get_classifier().weight * 0.01)
 
 

@@ -52,6 +52,7 @@ from ..core.files.provenance import (environment, full_summary, infer_record, ke
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.predict.tta import BASELINE
+from ..core.inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -121,7 +122,7 @@ def fixres_record(cfg: Config, k: int) -> dict:
     aug = {x: v for x, v in d["aug"].items() if x not in keys_without_output("aug")}
     return {"fixres": d["infer"]["fixres"], "lr": fixres_lr(cfg), "weights": sha256_file(cfg.run_dir.unit(k).weights),
             "folds_file": sha256_file(cfg.folds_csv), "train_images": train_images(cfg), "aug": aug,
-            **pixel_record(cfg), "batch_size": cfg.train.batch_size, "seed": cfg.seed,
+            **pixel_record(pixels(cfg)), "batch_size": cfg.train.batch_size, "seed": cfg.seed,
             "amp": d["train"]["amp"], "channels_last": d["train"]["channels_last"]}
 
 
@@ -140,19 +141,19 @@ def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: TtaModel, n_classes:
         if not path.exists():
             raise PipelineError(f"infer.fixres needs {path}: tune it where the train images are (stage 4 with "
                                 f"infer.oof=auto), or set infer.fixres.size=null")
-        return models.load_trained(cfg, path, n_classes)
+        return models.load_trained(cfg.model, path, n_classes)
     rec = fixres_record(cfg, u.k)
     if path.exists() and up_to_date(meta, rec):
-        return models.load_trained(cfg, path, n_classes)
+        return models.load_trained(cfg.model, path, n_classes)
     t0 = time.perf_counter()
     fx = cfg.infer.fixres
     crop = int(round(cfg.aug.img_size * fx.size))
-    model = models.load_trained(cfg, fd.weights, n_classes).to(device)
+    model = models.load_trained(cfg.model, fd.weights, n_classes).to(device)
     prepare_model(cfg, model, device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
     tuned = fixres_trainable(model)
     rows = np.flatnonzero(df["fold"].values != u.k)
-    ds = ImageDataset(open_store(cfg, df["path"]).subset(rows), df["y"].values[rows], valid_transform(cfg, crop))
+    ds = ImageDataset(open_store(pixels(cfg), df["path"]).subset(rows), df["y"].values[rows], valid_transform(pixels(cfg), crop))
     desc = f"FixRes {u.name.removesuffix(' (FixRes)')} at {crop} px"
     fixres_tune(cfg, model, tuned, norm, ds, torch.Generator().manual_seed(cfg.seed * 7919 + u.k + 1), device,
                 dtype, desc)
@@ -313,15 +314,15 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str], best: dict | None, t
     device = pick_device(cfg, Dist())
     dtype = amp_dtype(cfg, device)
     C = len(inp.classes)
-    test_store = open_store(cfg, inp.test["path"])
-    train_store = open_store(cfg, inp.oof_df["path"]) if inp.oof_df is not None else None
+    test_store = open_store(pixels(cfg), inp.test["path"])
+    train_store = open_store(pixels(cfg), inp.oof_df["path"]) if inp.oof_df is not None else None
     plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(cfg, inp)]
     n_images = sum(len(sel) * (len(inp.test) + (int((inp.oof_df["fold"].values == u.k).sum())
                                                 if inp.oof_df is not None else 0)) for u, sel in plan)
     bar = Progress(n_images, f"stage 4 of {cfg.experiment}", "view-img")
     for u, sel in plan:
         model = (fixres_weights(cfg, inp.oof_df, u, C, device, dtype) if u.fixres
-                 else models.load_trained(cfg, cfg.run_dir.unit(u.k).weights, C)).to(device)
+                 else models.load_trained(cfg.model, cfg.run_dir.unit(u.k).weights, C)).to(device)
         prepare_model(cfg, model, device)
         norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
         heads = {h: _load_head(cfg, u.k, h, model) for h in inp.heads}

@@ -44,6 +44,7 @@ from ..core.files.provenance import (environment, feature_record, full_summary, 
                                      stage2_summary, stale_reasons, up_to_date)
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.engine.distributed import Dist
+from ..core.inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -62,11 +63,11 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, stage2: 
     t0 = time.perf_counter()
     device = pick_device(cfg, Dist())
     dtype = amp_dtype(cfg, device)
-    model = prepare_model(cfg, models.load_trained(cfg, weights, len(classes)), device)
+    model = prepare_model(cfg, models.load_trained(cfg.model, weights, len(classes)), device)
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     in_fold = df["fold"].values == k
     tr, va = df[~in_fold], df[in_fold]
-    store = open_store(cfg, df["path"])  # the store stage 2 read: every fold's rows in one file
+    store = open_store(pixels(cfg), df["path"])  # the store stage 2 read: every fold's rows in one file
 
     def run(rows, labels, transform, keyed_epoch=None):
         ds = ImageDataset(store.subset(rows), labels, transform, seed=cfg.seed)
@@ -77,14 +78,14 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, stage2: 
 
     tr_rows, va_rows = np.flatnonzero(~in_fold), np.flatnonzero(in_fold)
     feats = {
-        "train": run(tr_rows, tr["y"].values, valid_transform(cfg)),
+        "train": run(tr_rows, tr["y"].values, valid_transform(pixels(cfg))),
         "train_y": tr["y"].values,
         "valid_y": va["y"].values,
         "valid_ids": va["id"].values,
     }
-    feats["valid"] = (run(va_rows, va["y"].values, valid_transform(cfg)) if len(va_rows)
+    feats["valid"] = (run(va_rows, va["y"].values, valid_transform(pixels(cfg))) if len(va_rows)
                       else np.zeros((0, feats["train"].shape[1]), np.float32))
-    views = [run(tr_rows, tr["y"].values, train_transform(cfg), keyed_epoch=10_000 + v)
+    views = [run(tr_rows, tr["y"].values, train_transform(pixels(cfg)), keyed_epoch=10_000 + v)
              for v in range(cfg.rebalance.aug_views)]
     feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
     # the joint classifier travels with the features; they must reproduce stage 2's held-out logits

@@ -62,6 +62,7 @@ from ..core.engine.runtime import (amp_dtype, make_loader, maybe_compile, memory
 from ..core.inputs.samplers import epoch_indices
 from ..core.engine import teacher as teachers
 from ..core.report.tracking import Tracker
+from ..core.inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -183,9 +184,9 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
     if k != FULL_FIT and not (df["fold"] == k).any():
         raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
     training.seed_epoch(cfg.seed, -1)  # the initial weights
-    model = create_model(cfg, n_classes)
+    model = create_model(cfg.model, n_classes)
     frozen_bn = training.freeze(model, cfg.train.freeze_backbone, cfg.train.trainable_stages)
-    stats = norm_stats(cfg, model)
+    stats = norm_stats(cfg.model, model)
     prepare_model(cfg, model, device)
     data = _fold_data(cfg, df, n_classes, k, dist, device, rec)
     state = FoldState()
@@ -201,22 +202,22 @@ def _fold_data(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist
     in_fold = df["fold"].values == k
     y_tr, y_va = df["y"].values[~in_fold], df["y"].values[in_fold]
     if dist.main:  # builds the cache; the other processes open it once it exists
-        store = open_store(cfg, df["path"])
+        store = open_store(pixels(cfg), df["path"])
     dist.barrier()
     if not dist.main:
-        store = open_store(cfg, df["path"])
+        store = open_store(pixels(cfg), df["path"])
     rows_store, labels, targets = store.subset(np.flatnonzero(~in_fold)), y_tr, None
     if t.pseudo.teacher or t.distill.teacher:
         test = read_test_table(cfg) if t.pseudo.teacher else None
         probs = teachers.fold_targets(cfg, df, k, test, dist, device, rec["teacher"])
         targets = teachers.build_targets(y_tr, n_classes, probs, t.pseudo, t.distill, t.label_smoothing, device)
         if targets.n_pseudo:
-            rows_store = ConcatView(rows_store, open_store(cfg, test["path"]).subset(targets.pseudo_rows))
+            rows_store = ConcatView(rows_store, open_store(pixels(cfg), test["path"]).subset(targets.pseudo_rows))
         labels = np.arange(len(targets.hard))  # batches carry row indices; targets are looked up on the device
     sampled = targets.hard if targets is not None else y_tr
-    tr_ds = ImageDataset(rows_store, labels, train_transform(cfg), seed=cfg.seed,
-                         by_epoch=EpochTransforms(cfg) if cfg.aug.size_schedule else None)
-    va_ds = ImageDataset(store.subset(np.flatnonzero(in_fold)), y_va, valid_transform(cfg))
+    tr_ds = ImageDataset(rows_store, labels, train_transform(pixels(cfg)), seed=cfg.seed,
+                         by_epoch=EpochTransforms(pixels(cfg)) if cfg.aug.size_schedule else None)
+    va_ds = ImageDataset(store.subset(np.flatnonzero(in_fold)), y_va, valid_transform(pixels(cfg)))
     batches = EpochBatches(lambda e: epoch_indices(t.sampler, sampled, n_classes, cfg.seed, e, t.epochs),
                            len(sampled), t.batch_size, dist.world, dist.rank)
     if len(batches) < t.accum_steps:
@@ -613,7 +614,7 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
         _maybe_full(cfg, df, classes, force, dist)  # one model: trained here, on the first GPU
         return summaries
     if cfg.model.pretrained_path:  # refused (a pickle that is not plain tensors, weights of another model)
-        create_model(cfg, len(classes))  # before anything is written
+        create_model(cfg.model, len(classes))  # before anything is written
     train_record(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
     if dist.main:
         write_text(cfg.run_dir.config, config_to_yaml(cfg))

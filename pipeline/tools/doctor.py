@@ -34,6 +34,7 @@ from ..core.engine.loop import Step, run_epoch, sync_interval
 from ..core.nets.models import Normalize, create_model, logits, norm_stats, to_input
 from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
                                    prepare_model, workers)
+from ..core.inputs.pixels import pixels
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.15, "fp16": 0.05}  # max |logit - fp32 logit| / max(1, max |fp32 logit|)
 
@@ -86,7 +87,7 @@ def batches(cfg: Config, n: int, device: torch.device):
 
         df, classes = read_folds(cfg)
         rows = np.resize(np.arange(len(df)), n * b)
-        ds = ImageDataset(open_store(cfg, df["path"]).subset(rows), df["y"].values[rows], train_transform(cfg))
+        ds = ImageDataset(open_store(pixels(cfg), df["path"]).subset(rows), df["y"].values[rows], train_transform(pixels(cfg)))
         return make_loader(ds, batch_size=b, n_workers=workers(cfg), cuda=device.type == "cuda"), len(classes)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=g),
@@ -104,8 +105,8 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
         torch.cuda.reset_peak_memory_stats(device)
     data, n_classes = batches(c, steps + 2, device)
     torch.manual_seed(0)
-    model = prepare_model(c, create_model(c, n_classes, pretrained=False), device)
-    norm = Normalize(*norm_stats(c, model)).to(device)
+    model = prepare_model(c, create_model(c.model, n_classes, pretrained=False), device)
+    norm = Normalize(*norm_stats(c.model, model)).to(device)
     dtype, fmt = amp_dtype(c, device), memory_format(c, device)
     probe = torch.randint(0, 256, (8, c.aug.img_size, c.aug.img_size, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(1))

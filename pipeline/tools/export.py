@@ -41,7 +41,7 @@ from ..core.files import bundle as bundle_io
 from ..core.files import layout
 from ..core.nets import models
 from ..core.files.artifacts import read_json, sha256_file, write_json, write_text
-from ..core.inputs.augment import crop_pct, store_format, store_side
+
 from ..core.config import Config, keys_without_output, load_config
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
@@ -49,6 +49,7 @@ from ..core.predict.inference import joint_head, parse_view
 from ..core.files.provenance import environment
 from ..core.predict.submission import Member, parse_members
 from ..core.predict.tta import BASELINE
+from ..core.inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -125,7 +126,7 @@ def bundle_member_config(mcfg: Config, s4: dict, submission: str) -> dict:
     """The config sections inference reads, with every derived pixel setting resolved (so a bundle does
     not depend on timm's pretrained defaults of another version)."""
     d = mcfg.to_dict()
-    aug = dict(d["aug"], crop_pct=crop_pct(mcfg), store_side=store_side(mcfg), store=store_format(mcfg), cache="on")
+    aug = dict(d["aug"], crop_pct=pixels(mcfg).crop_pct, store_side=pixels(mcfg).store_side, store=pixels(mcfg).store_format, cache="on")
     for k in keys_without_output("aug"):  # this machine's store settings; the bundle keeps its own store
         if k != "cache":
             aug.pop(k)
@@ -171,7 +172,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
         if fixres:
             sources.append((run.fixres(unit.name), target.fixres_weights(k)))
         for src, dst in sources:
-            model = models.load_trained(mcfg, src, C)
+            model = models.load_trained(mcfg.model, src, C)
             if h is not None and not h.normalize:
                 clf = model.get_classifier()
                 with torch.no_grad():

@@ -32,6 +32,7 @@ from ..core.nets.losses import SoftTargetLoss, ldam_margins
 from ..core.nets.models import Normalize, create_model, norm_stats, to_input
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
+from ..core.inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -60,8 +61,8 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> float:
 
 def _data_and_loss(cfg: Config, df: pd.DataFrame, rows: np.ndarray, n_classes: int, device):
     """A shuffled loader of the fold's training rows (stage 2's augmentation) and stage 2's loss."""
-    store = open_store(cfg, df["path"])
-    ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(cfg), seed=cfg.seed)
+    store = open_store(pixels(cfg), df["path"])
+    ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(pixels(cfg)), seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          generator=gen, num_workers=workers(cfg),
@@ -82,8 +83,8 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg, Dist())
     dtype = amp_dtype(cfg, device)
-    model = prepare_model(cfg, create_model(cfg, len(classes)), device).train()
-    norm = Normalize(*norm_stats(cfg, model)).to(device)
+    model = prepare_model(cfg, create_model(cfg.model, len(classes)), device).train()
+    norm = Normalize(*norm_stats(cfg.model, model)).to(device)
     from timm.optim import create_optimizer_v2
 
     opt = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=START_LR, weight_decay=cfg.train.weight_decay,

@@ -90,7 +90,7 @@ def _check_model(c: Config, plan: Plan) -> None:
                                  f"{c.model.pretrained_path} (./run.sh weights import converts one)")
             return
         try:  # the weights are read and fitted to the model now, not after stage 1
-            create_model(c, 2)
+            create_model(c.model, 2)
         except PipelineError as e:
             plan.problems.append(f"{_who(c)}: {e}")
 

@@ -94,7 +94,7 @@ def fold_model(m: Member, k: int, device, fixres: bool = False) -> tuple[torch.n
                                                                           dict[str, Head]]:
     """Fold k's (or the full-data model's) model, plain or FixRes-tuned, its input normalisation and head."""
     weights = m.files.fixres_weights(k) if fixres else m.files.weights(k)
-    model = models.load_trained(m.cfg, weights, m.info["num_classes"]).to(device)
+    model = models.load_trained(m.cfg.model, weights, m.info["num_classes"]).to(device)
     prepare_model(m.cfg, model, device)
     f = m.info["full"] if k == layout.FULL_FIT else m.info["folds"][k]
     norm = models.Normalize(f["mean"], f["std"]).to(device)

@@ -40,6 +40,7 @@ from ..predict.inference import (candidate_probs, default_policy, joint_head, pa
 from ..predict.metrics import softmax
 from ..predict.submission import Member, combine
 from ..predict.tta import BASELINE
+from ..inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -160,7 +161,7 @@ def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], 
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     dtype = None  # fp32: targets do not depend on the machine's autocast support
     out = {part: np.zeros((len(policy), len(p), C), np.float64) for part, p in paths.items()}
-    stores = {part: open_store(mcfg, p) for part, p in paths.items() if len(p)}
+    stores = {part: open_store(pixels(mcfg), p) for part, p in paths.items() if len(p)}
     if head == "best":  # fold k's best head, chosen on the other folds (stage 4's nested choice)
         head = s4["best"]["per_fold"][k]
     fitted = None if head == "joint" else leak_free_head(mcfg, run, k, head, C)  # the same for plain and FixRes
@@ -171,7 +172,7 @@ def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], 
         weights = run.fixres(run.fold(k).name) if fixres else run.fold(k).weights
         if not weights.exists():
             raise PipelineError(f"teacher member '{exp}': {weights} not found (re-run ./run.sh infer for it)")
-        model = models.load_trained(mcfg, weights, C).to(device).eval()
+        model = models.load_trained(mcfg.model, weights, C).to(device).eval()
         heads = {head: fitted if fitted is not None else joint_head(model)}
         for part, store in stores.items():
             out[part][at] = predict_policy(mcfg, model, norm, heads, store, [policy[i] for i in at], device,

@@ -26,6 +26,7 @@ from ..config import SECTION_STAGE, Config, later_keys, schema
 from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
+from ..inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -230,7 +231,7 @@ def train_record(cfg: Config) -> dict:
     rec["seed"] = cfg.seed
     rec["folds_file"] = sha256_file(cfg.folds_csv)
     rec["train_images"] = train_images(cfg)
-    rec["pixels"] = pixel_record(cfg)
+    rec["pixels"] = pixel_record(pixels(cfg))
     if cfg.train.select == "last":  # since 2026-12-02 a fixed source, no longer the better one on held-out rows
         rec["train"]["select"] = "last (EMA weights when train.ema)"
     teacher = teacher_section(cfg)
@@ -328,7 +329,7 @@ def feature_record(cfg: Config, k: int, classes: list) -> dict:
     """What fold k's cached backbone features depend on: the weights and the pixels fed to them."""
     a = cfg.aug
     rec = {"format": 3, "weights": sha256_file(cfg.run_dir.unit(k).weights), "classes": classes,
-           "img_size": a.img_size, "resize": a.resize, **pixel_record(cfg), "aug_views": cfg.rebalance.aug_views,
+           "img_size": a.img_size, "resize": a.resize, **pixel_record(pixels(cfg)), "aug_views": cfg.rebalance.aug_views,
            "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed,
            "train_images": train_images(cfg)}
     if rec["aug"]:

@@ -2,7 +2,8 @@
 
 - `data`: the data contract (read_train_table, read_test_table, COCO JSON, label encoding, refusals by row).
 - `images`: decoding (PIL draft, EXIF), the one stored copy per image set (ImageStore), ImageDataset.
-- `augment`: albumentations pipelines from the `aug` section (train_transform, valid_transform, open_store).
+- `pixels`: what decides the pixels, resolved once (`pixels(cfg)` -> Pixels: crop_pct, store side and format).
+- `augment`: albumentations pipelines from the resolved Pixels (train_transform, valid_transform, open_store).
 - `policy`: timm AutoAugment / RandAugment / AugMix specs.
 - `samplers`: class-balanced, square-root and progressive sampling as per-epoch index lists.
 

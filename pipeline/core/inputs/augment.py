@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
 
-from ..config import Config
+from ..config import AugCfg
+from .pixels import Pixels
 from .policy import policy_transform
 from .images import ImageStore, resize_short, squash
 
@@ -81,85 +84,30 @@ class TimmPolicy(A.ImageOnlyTransform):
         return ("spec", "size")
 
 
-@functools.lru_cache(maxsize=64)
-def _timm_crop_pct(arch: str) -> float:
-    """The crop_pct of a timm architecture's pretrained config (0.875 when it has none)."""
-    import timm
-
-    try:
-        pc = timm.get_pretrained_cfg(arch)
-    except (RuntimeError, KeyError, ValueError):
-        pc = None
-    return float(getattr(pc, "crop_pct", None) or 0.875)
-
-
-def crop_pct(cfg: Config) -> float:
-    """`aug.crop_pct`, else the imported weights' (their record), else the model's pretrained config's (timm),
-    else timm's default 0.875."""
-    if cfg.aug.crop_pct is not None:
-        return cfg.aug.crop_pct
-    from ..nets.models import weights_record
-
-    rec = weights_record(cfg.model.pretrained_path)
-    if rec and rec.get("pretrained_cfg", {}).get("crop_pct"):
-        return float(rec["pretrained_cfg"]["crop_pct"])
-    return _timm_crop_pct(cfg.model.arch)
-
-
-def load_side(cfg: Config, crop: int) -> int:
+def load_side(px: Pixels, crop: int) -> int:
     """The side validation/TTA resize to before centre-cropping `crop`."""
-    return int(round(crop / crop_pct(cfg)))
+    return int(round(crop / px.crop_pct))
 
 
-def store_side(cfg: Config) -> int:
-    """The storage side of the image store: `aug.store_side`, else 1.5 x the validation load side
-    (room for RandomResizedCrop's small crops and TTA scales up to about 1.3 without upsampling),
-    rounded up to a multiple of 64 so that nearby settings share one store. It depends on `aug`
-    alone: a new TTA scale never changes the pixels a model was trained on."""
-    if cfg.aug.store_side is not None:
-        return cfg.aug.store_side
-    need = max(cfg.aug.img_size, load_side(cfg, cfg.aug.img_size))
-    return int(math.ceil(1.5 * need / 64) * 64)
-
-
-def store_format(cfg: Config) -> str:
-    """`aug.store` resolved: auto is JPEG when a raw store of the train images (the folds file's rows; about
-    4/3 x side^2 x 3 bytes each, a 4:3 photo) would pass aug.store_raw_max_gb, else raw. One format per
-    experiment: its test images are stored as its train images are (a model sees one kind of pixels)."""
-    a = cfg.aug
-    if a.store != "auto":
-        return a.store
-    p = cfg.folds_csv
-    n = _rows(str(p), (p.stat().st_mtime_ns, p.stat().st_size)) if p.exists() else 0
-    return "jpeg" if n * store_side(cfg) ** 2 * 4 > a.store_raw_max_gb * 1e9 else "raw"
-
-
-@functools.lru_cache(maxsize=8)
-def _rows(path: str, _stamp: tuple) -> int:  # _stamp: the file's mtime and size (a rebuilt file is read again)
-    with open(path, "rb") as f:
-        return max(sum(1 for _ in f) - 1, 0)
-
-
-def open_store(cfg: Config, paths) -> ImageStore:
-    """The image store of an image set (every train row, or every test id) for this config."""
-    a = cfg.aug
-    return ImageStore(list(paths), store_side(cfg), a.cache, a.cache_dir, a.cache_max_gb, store_format(cfg),
+def open_store(px: Pixels, paths) -> ImageStore:
+    """The image store of an image set (every train row, or every test id) for these pixel settings."""
+    a = px.aug
+    return ImageStore(list(paths), px.store_side, a.cache, a.cache_dir, a.cache_max_gb, px.store_format,
                       a.store_quality)
 
 
-def pixel_record(cfg: Config) -> dict:
+def pixel_record(px: Pixels) -> dict:
     """The resolved settings that decide the pixels a model sees beyond the `aug` section itself (a JPEG store
     only when used: records of raw stores stay as they were)."""
-    fmt = store_format(cfg)
-    return {"crop_pct": crop_pct(cfg), "store_side": store_side(cfg),
-            **({"store": f"jpeg@{cfg.aug.store_quality}"} if fmt == "jpeg" else {})}
+    return {"crop_pct": px.crop_pct, "store_side": px.store_side,
+            **({"store": f"jpeg@{px.aug.store_quality}"} if px.store_format == "jpeg" else {})}
 
 
-def train_size(cfg: Config, epoch: int) -> int:
+def train_size(aug: AugCfg, epoch: int) -> int:
     """The training crop side of an epoch: `aug.size_schedule` ([[first epoch, side], ...], fastai's
     progressive resizing), else `aug.img_size`. Validation and inference always use `aug.img_size`."""
-    size = cfg.aug.img_size
-    for start, side in cfg.aug.size_schedule:
+    size = aug.img_size
+    for start, side in aug.size_schedule:
         if epoch >= start:
             size = side
     return size
@@ -168,24 +116,24 @@ def train_size(cfg: Config, epoch: int) -> int:
 class EpochTransforms:
     """epoch -> the training pipeline at that epoch's size (picklable, for DataLoader workers)."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.built = cfg, {}
+    def __init__(self, px: Pixels):
+        self.px, self.built = px, {}
 
     def __call__(self, epoch: int) -> A.Compose:
-        size = train_size(self.cfg, epoch)
+        size = train_size(self.px.aug, epoch)
         if size not in self.built:
-            self.built[size] = train_transform(self.cfg, size)
+            self.built[size] = train_transform(self.px, size)
         return self.built[size]
 
 
-def train_transform(cfg: Config, size: int | None = None) -> A.Compose:
-    a = cfg.aug
+def train_transform(px: Pixels, size: int | None = None) -> A.Compose:
+    a = px.aug
     s = size or a.img_size
     squashing = a.resize == "squash"
     if a.crop == "rrc":
         ops = ([Squash(s)] if squashing else []) + [A.RandomResizedCrop(size=(s, s), scale=tuple(a.rrc_scale))]
     else:
-        big = load_side(cfg, s)
+        big = load_side(px, s)
         ops = [Squash(big) if squashing else ResizeShort(big), A.RandomCrop(s, s)]
     if a.hflip:
         ops.append(A.HorizontalFlip(p=a.hflip))
@@ -205,18 +153,18 @@ def train_transform(cfg: Config, size: int | None = None) -> A.Compose:
     return A.Compose(ops)
 
 
-def load_transform(cfg: Config, crop: int) -> A.Compose:
+def load_transform(px: Pixels, crop: int) -> A.Compose:
     """What the TTA loader feeds the device: a square of the load side, from which each view
     crops `crop` (centre, corners, flips). Its centre crop is exactly `valid_transform`'s."""
-    big = load_side(cfg, crop)
-    if cfg.aug.resize == "squash":
+    big = load_side(px, crop)
+    if px.aug.resize == "squash":
         return A.Compose([Squash(big)])
     return A.Compose([ResizeShort(big), A.CenterCrop(big, big)])
 
 
-def valid_transform(cfg: Config, size: int | None = None) -> A.Compose:
+def valid_transform(px: Pixels, size: int | None = None) -> A.Compose:
     """Resize to size / crop_pct (shorter side; both sides when squashing), then centre crop `size`
     (default: the training size)."""
-    s = size or cfg.aug.img_size
-    return A.Compose([*load_transform(cfg, s).transforms, A.CenterCrop(s, s)])
+    s = size or px.aug.img_size
+    return A.Compose([*load_transform(px, s).transforms, A.CenterCrop(s, s)])
 

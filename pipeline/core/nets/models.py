@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import layout
-from ..config import Config
+from ..config import ModelCfg
 from ..engine.runtime import autocast
 from ..errors import PipelineError
 from ..report.progress import progress
@@ -89,11 +89,10 @@ def _install_pool(model: nn.Module, kind: str, p: float, arch: str) -> None:
                         f"'{arch}' has none (use model.pool=avg)")
 
 
-def create_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -> nn.Module:
-    """The timm model of the config; `pretrained=None` follows the config."""
+def create_model(m: ModelCfg, num_classes: int, pretrained: bool | None = None) -> nn.Module:
+    """The timm model of the `model` section; `pretrained=None` follows it."""
     import timm
 
-    m = cfg.model
     use_hub = m.pretrained if pretrained is None else pretrained
     try:
         model = timm.create_model(m.arch, pretrained=bool(use_hub and not m.pretrained_path), num_classes=num_classes,
@@ -239,13 +238,13 @@ def write_state_dict(path: str | Path, sd: dict, meta: dict | None = None) -> No
         save_file(clean_state_dict(sd), str(tmp), metadata={"pipeline": json.dumps(meta or {}, sort_keys=True)})
 
 
-def norm_stats(cfg: Config, model: nn.Module) -> tuple[list[float], list[float]]:
+def norm_stats(m: ModelCfg, model: nn.Module) -> tuple[list[float], list[float]]:
     """Input mean/std: the config's, else the imported weights' (their record), else the model's pretrained
     config's (timm), else ImageNet's."""
     pc = dict(getattr(model, "pretrained_cfg", {}) or {})
-    pc.update((weights_record(cfg.model.pretrained_path) or {}).get("pretrained_cfg", {}))
-    mean = cfg.model.mean or list(pc.get("mean", (0.485, 0.456, 0.406)))
-    std = cfg.model.std or list(pc.get("std", (0.229, 0.224, 0.225)))
+    pc.update((weights_record(m.pretrained_path) or {}).get("pretrained_cfg", {}))
+    mean = m.mean or list(pc.get("mean", (0.485, 0.456, 0.406)))
+    std = m.std or list(pc.get("std", (0.229, 0.224, 0.225)))
     return [float(x) for x in mean], [float(x) for x in std]
 
 
@@ -281,10 +280,10 @@ class Normalize(nn.Module):
         return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
 
 
-def load_trained(cfg: Config, weights: str | Path, num_classes: int) -> nn.Module:
-    """The config's architecture with stage-2 weights (strict: another architecture or class count
+def load_trained(m: ModelCfg, weights: str | Path, num_classes: int) -> nn.Module:
+    """The `model` section's architecture with stage-2 weights (strict: another architecture or class count
     is refused with the file named)."""
-    model = create_model(cfg, num_classes, pretrained=False)
+    model = create_model(m, num_classes, pretrained=False)
     sd = read_state_dict(weights)
     own = model.state_dict()
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
@@ -292,7 +291,7 @@ def load_trained(cfg: Config, weights: str | Path, num_classes: int) -> nn.Modul
     unexpected = [k for k in sd if k not in own]
     if wrong or missing or unexpected:
         detail = (f"shape mismatch at {wrong[:3]}" if wrong else f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        raise PipelineError(f"{weights} does not fit model.arch={cfg.model.arch} with {num_classes} classes "
+        raise PipelineError(f"{weights} does not fit model.arch={m.arch} with {num_classes} classes "
                             f"({detail}): weights of another architecture or class count?")
     model.load_state_dict(sd)
     return model.eval()

@@ -12,7 +12,7 @@ import torch
 
 from ..nets import models
 from ..files.artifacts import read_npz, read_npz_item
-from ..inputs.augment import crop_pct, load_transform
+from ..inputs.augment import load_transform
 from ..config import Config
 from ..errors import PipelineError
 from ..nets.heads import Head
@@ -20,6 +20,7 @@ from ..inputs.images import ImageDataset
 from .metrics import RowScores, row_scores
 from ..engine.runtime import autocast, make_loader, memory_format, workers
 from .tta import BASELINE, VIEWS, merge, sizes, view_name
+from ..inputs.pixels import pixels
 
 
 FIXRES = "fixres:"  # names a view of the FixRes-tuned model (infer.fixres): `fixres:orig@1.15`
@@ -93,8 +94,8 @@ def feature_batches(cfg: Config, model, norm, store, scale: float, views: list[s
     """Per loader batch, the pooled features of every view of one scale (V tensors of b x D, on the device): a
     head's logits are computed from them when asked (`PolicyFeatures`), so the backbone runs once however many
     heads there are, and memory holds features (rows x D), not every head's rows x classes."""
-    load, crop = sizes(cfg.aug.img_size, crop_pct(cfg), scale)
-    loader = make_loader(ImageDataset(store, None, load_transform(cfg, crop)),
+    load, crop = sizes(cfg.aug.img_size, pixels(cfg).crop_pct, scale)
+    loader = make_loader(ImageDataset(store, None, load_transform(pixels(cfg), crop)),
                          batch_size=batch_size or cfg.infer.batch_size, n_workers=workers(cfg),
                          cuda=device.type == "cuda")
     fmt = memory_format(cfg, device)

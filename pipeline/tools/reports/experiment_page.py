@@ -25,6 +25,7 @@ from ...core.errors import PipelineError
 from ...core.files.layout import RunDir
 from .leaderboard import experiment_config, experiment_rows, fold_summaries, predictions, rank, to_text
 from ...core.predict.metrics import per_class_recall
+from ...core.inputs.pixels import pixels
 
 log = logging.getLogger("pipeline")
 
@@ -197,13 +198,13 @@ def _cams(cfg, run: RunDir, summaries: list[dict], pred: dict, classes: list, pa
     if not picks or not cfg.folds_csv.exists():
         return False
     paths = pd.read_csv(cfg.folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
-    tf = valid_transform(cfg)
+    tf = valid_transform(pixels(cfg))
     images, captions, loaded = [], [], {}
     try:
         for i in picks:
             k = int(pred["fold"][i])
             if k not in loaded:
-                model = models.load_trained(cfg, run.fold(k).weights, len(classes)).eval()
+                model = models.load_trained(cfg.model, run.fold(k).weights, len(classes)).eval()
                 loaded[k] = (model, models.Normalize(summaries[k]["mean"], summaries[k]["std"]))
             model, norm = loaded[k]
             image_id = str(pred["ids"][i])
