@@ -118,3 +118,20 @@ def test_layout_paths_are_spelled_once():
             if names.search(code.split('"""')[0]) and "write:" not in code:
                 offenders.append(f"{p.relative_to(PKG)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_numeric_modules_take_no_config():
+    """loop, heads, metrics, images, augment, models, tta, losses, samplers take sections or values, never the
+    whole Config (benchmarks/config_edges.py counts the rest)."""
+    numeric = {"loop", "heads", "metrics", "images", "augment", "models", "tta", "losses", "samplers"}
+    bad = []
+    for p in (PKG / "core").rglob("*.py"):
+        if p.stem not in numeric:
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for a in node.args.args + node.args.kwonlyargs:
+                    ann = ast.unparse(a.annotation).strip("\"'") if a.annotation else ""
+                    if ann == "Config" or (a.arg in ("cfg", "mcfg") and not ann):
+                        bad.append(f"{p.relative_to(PKG)}:{node.name}")
+    assert not bad, bad
