@@ -277,73 +277,68 @@ def restore(r: FoldRun, saved: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- epochs
-def start_epoch(r: FoldRun, epoch: int) -> bool:
-    """The epoch's hooks before its first batch: seeding, the sampler's order, train mode, the deferred
-    re-weighting switch, frozen BatchNorm layers, the head warm-up. Returns whether this epoch mixes."""
-    t, n = r.cfg.train, r.nets
+def train_epoch(r: FoldRun, epoch: int) -> dict:
+    """One epoch, top to bottom: the epoch's switches, then per batch forward and loss (labels, mixup/cutmix or
+    the per-row teacher targets) under autocast, backward and, every train.accum_steps batches, the update
+    (`Step`: fp16 loss scaling, clipping, optimiser, per-update schedule, EMA) through the shared loop
+    (`engine.loop.run_epoch`), the loss read back every few steps (a divergence names its step), then the epoch's
+    schedule step and numbers."""
+    from timm.data.mixup import mixup_target
+
+    t, n, data = r.cfg.train, r.nets, r.data
+    # the epoch's switches (functions of the epoch, so a resumed run agrees): seeding, the sampler's order, the
+    # deferred re-weighting, BatchNorm layers kept frozen, the head warm-up, whether this epoch mixes
     training.seed_epoch(r.cfg.seed, epoch)
-    r.data.batches.set_epoch(epoch)
+    data.batches.set_epoch(epoch)
     n.net.train()
-    if t.drw_epoch is not None:  # deferred re-weighting: a function of the epoch, so a resume agrees
-        n.criterion.set_class_weights(effective_number_weights(r.data.counts, t.cb_beta) if epoch >= t.drw_epoch
+    if t.drw_epoch is not None:
+        n.criterion.set_class_weights(effective_number_weights(data.counts, t.cb_beta) if epoch >= t.drw_epoch
                                       else None, r.device)
     for m in n.frozen_bn:  # a linear probe / frozen stages: their BatchNorm statistics stay as they are
         m.eval()
-    r.state.frozen = epoch < t.freeze_epochs
+    r.state.frozen = epoch < t.freeze_epochs  # Step's before_update drops the backbone's gradients then
     if r.state.frozen and t.freeze_bn:
         training.backbone_bn_eval(n.model)
-    return n.mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
+    mixing = n.mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
+    fmt, n_classes = memory_format(r.cfg, r.device), len(data.counts)
 
-
-def batch_loss(r: FoldRun, epoch: int, mixing: bool):
-    """What a training step computes (timm's task): the batch's loss from labels, mixup/cutmix targets or
-    the per-row teacher targets, and the number of images."""
-    from timm.data.mixup import mixup_target
-
-    n, fmt = r.nets, memory_format(r.cfg, r.device)
-    n_classes = len(r.data.counts)
-
-    def loss(batch):
+    def loss(batch):  # forward and loss of one batch (timm's task): (mean loss, images)
         x, y = batch
         x = to_input(x, n.norm, r.device, fmt)
         y = y.to(r.device, non_blocking=True)
-        if r.data.targets is not None:  # y holds row indices: label, pseudo-label and teacher targets per row
+        if data.targets is not None:  # y holds row indices: label, pseudo-label and teacher targets per row
             lam = training.mix_lambda(n.mixup, x) if mixing else 1.0
-            value = teachers.distill_loss(r.data.targets, n.criterion, n.net(x), y, lam)
-        else:
-            x, target = n.mixup(x, y) if mixing else (x, mixup_target(y, n_classes, smoothing=r.cfg.train.label_smoothing))
-            value = n.criterion(n.net(x), target)
-        return value, len(x)
+            return teachers.distill_loss(data.targets, n.criterion, n.net(x), y, lam), len(x)
+        x, target = n.mixup(x, y) if mixing else (x, mixup_target(y, n_classes, smoothing=t.label_smoothing))
+        return n.criterion(n.net(x), target), len(x)
 
-    if fault_flag(f"nan-loss:{epoch}"):  # test hook (selfcheck): the epoch's losses made non-finite
-        return lambda batch: (lambda v, k: (v * float("nan"), k))(*loss(batch))
-    return loss
-
-
-def train_epoch(r: FoldRun, epoch: int) -> dict:
-    """One epoch of optimiser steps through the shared loop; returns the epoch's training numbers."""
-    mixing = start_epoch(r, epoch)
-    sync_every = sync_interval(r.device)  # the loss is read back (and checked finite) this often
-    n_batches = len(r.data.batches)
-    bar = Progress(n_batches, f"{r.label} epoch {epoch + 1}/{r.cfg.train.epochs}", "step", enabled=r.dist.main)
+    sync_every, n_batches = sync_interval(r.device), len(data.batches)  # the loss is read back this often
+    bar = Progress(n_batches, f"{r.label} epoch {epoch + 1}/{t.epochs}", "step", enabled=r.dist.main)
     t0 = time.perf_counter()
 
-    def on_sync(i: int, total: float, seen: int) -> None:
-        if r.dist.any(not np.isfinite(total)):  # a non-finite step makes the running sum non-finite
+    def on_sync(i: int, total: float, seen: int) -> None:  # a non-finite step makes the running sum non-finite
+        if r.dist.any(not np.isfinite(total)):
             at = f"step {i + 1}" if sync_every == 1 else f"steps {i + 2 - sync_every}-{i + 1}"
             raise _diverged(r.label, f"loss at epoch {epoch + 1}, {at}", r.paths.checkpoint)
         bar.postfix(loss=f"{total / seen:.4f}", img_s=f"{seen * r.dist.world / (time.perf_counter() - t0):.0f}")
 
-    # test hooks (selfcheck's kill points), outside the loop: the loader is wrapped only under PIPELINE_FAULT
-    batches = faulty(r.data.train_loader, before={0: f"train:{'full-' if r.full else ''}step:{epoch}"},
-                     after={n_batches // 2: f"train:mid-epoch:{epoch}"})
-    res: EpochResult = run_epoch(r.nets.step, batches, batch_loss(r, epoch, mixing), n_batches=n_batches,
-                                 sync_every=sync_every, bar=bar, on_sync=on_sync)
+    res: EpochResult = run_epoch(n.step, *_test_hooks(r, epoch, data.train_loader, loss, n_batches),
+                                 n_batches=n_batches, sync_every=sync_every, bar=bar, on_sync=on_sync)
     bar.close()
-    r.nets.scheduler.step(epoch + 1)
-    return {"epoch": epoch + 1, "lr": r.nets.optimizer.param_groups[0]["lr"],
+    n.scheduler.step(epoch + 1)
+    return {"epoch": epoch + 1, "lr": n.optimizer.param_groups[0]["lr"],
             "train_loss": _mean_over_ranks(r.dist, res.loss_sum, res.seen),
             "images_per_s": res.seen * r.dist.world / res.seconds, "data_wait": res.wait / res.seconds}
+
+
+def _test_hooks(r: FoldRun, epoch: int, batches, loss, n_batches: int):
+    """selfcheck's kill points around the loader and its NaN loss: both wrapped only under PIPELINE_FAULT (the
+    loader and the loss come back as they are otherwise)."""
+    batches = faulty(batches, before={0: f"train:{'full-' if r.full else ''}step:{epoch}"},
+                     after={n_batches // 2: f"train:mid-epoch:{epoch}"})
+    if fault_flag(f"nan-loss:{epoch}"):
+        return batches, lambda batch: (lambda v, k: (v * float("nan"), k))(*loss(batch))
+    return batches, loss
 
 
 def kept_sources(cfg: Config, has_ema: bool) -> tuple[str, ...]:
