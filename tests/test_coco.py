@@ -30,7 +30,7 @@ def edit(root, change):
 
 
 def test_train_and_test_json_read_as_ids_category_ids_paths_and_groups(comp):
-    df = read_train_table(coco_cfg(comp, "data.group_col=location"))
+    df = read_train_table(coco_cfg(comp, "data.group_col=location").data)
     data = json.loads((comp / "train.json").read_text())
     assert df["id"].tolist() == [str(im["id"]) for im in data["images"]]
     want = {str(a["image_id"]): a["category_id"] for a in data["annotations"]}
@@ -38,18 +38,18 @@ def test_train_and_test_json_read_as_ids_category_ids_paths_and_groups(comp):
     assert sorted(df["label"].unique()) == [1000, 1001, 1002]
     assert df["path"].tolist() == [str(comp / im["file_name"]) for im in data["images"]]
     assert df["group"].tolist() == [str(im["location"]) for im in data["images"]]
-    names = read_train_table(coco_cfg(comp, "data.category_label=name"))
+    names = read_train_table(coco_cfg(comp, "data.category_label=name").data)
     assert sorted(names["label"].unique()) == ["Species 1000", "Species 1001", "Species 1002"]
-    test = read_test_table(coco_cfg(comp))
+    test = read_test_table(coco_cfg(comp).data)
     assert test["id"].tolist() == [str(10_000_000 + i) for i in range(4)]
     assert test["path"].tolist() == [str(comp / f"test/{i:07d}.png") for i in range(4)]
     # a sample submission fixes the order and must list the same ids
     pd.DataFrame({"Id": test["id"][::-1], "Predicted": 0}).to_csv(comp / "sample.csv", index=False)
-    sub = read_test_table(coco_cfg(comp, "data.sample_submission=sample.csv", "data.id_col=Id"))
+    sub = read_test_table(coco_cfg(comp, "data.sample_submission=sample.csv", "data.id_col=Id").data)
     assert sub["id"].tolist() == test["id"][::-1].tolist()
     pd.DataFrame({"Id": test["id"][:3], "Predicted": 0}).to_csv(comp / "short.csv", index=False)
     with pytest.raises(PipelineError, match=r"list different test images: 0 id\(s\) only in the sample .* 1 only"):
-        read_test_table(coco_cfg(comp, "data.sample_submission=short.csv", "data.id_col=Id"))
+        read_test_table(coco_cfg(comp, "data.sample_submission=short.csv", "data.id_col=Id").data)
 
 
 def test_grouped_folds_keep_a_location_in_one_fold(comp):
@@ -85,32 +85,32 @@ def test_grouped_folds_keep_a_location_in_one_fold(comp):
 def test_bad_annotations_are_refused_naming_the_entry(comp, change, message):
     edit(comp, change)
     with pytest.raises(PipelineError, match=message):
-        read_train_table(coco_cfg(comp))
+        read_train_table(coco_cfg(comp).data)
 
 
 def test_an_empty_test_json_is_refused_naming_it(comp):
     data = json.loads((comp / "test.json").read_text())
     (comp / "test.json").write_text(json.dumps({**data, "images": []}))
     with pytest.raises(PipelineError, match=r"test.json: its 'images' list is empty"):
-        read_test_table(coco_cfg(comp))
+        read_test_table(coco_cfg(comp).data)
 
 
 def test_one_category_annotated_twice_is_one_label_and_bad_json_or_keys_are_named(comp):
     edit(comp, lambda d: d["annotations"].append({"id": 99, "image_id": 0, "category_id": 1000}))
-    assert read_train_table(coco_cfg(comp))["label"].iloc[0] == 1000   # two boxes of one category: one label
+    assert read_train_table(coco_cfg(comp).data)["label"].iloc[0] == 1000   # two boxes of one category: one label
     with pytest.raises(PipelineError, match="data.group_col 'site' is neither a field of the images"):
-        read_train_table(coco_cfg(comp, "data.group_col=site"))
+        read_train_table(coco_cfg(comp, "data.group_col=site").data)
     (comp / "broken.json").write_text("{")
     with pytest.raises(PipelineError, match="broken.json: not readable as JSON"):
-        read_train_table(coco_cfg(comp, "data.train_json=broken.json"))
+        read_train_table(coco_cfg(comp, "data.train_json=broken.json").data)
     (comp / "list.json").write_text("[]")
     with pytest.raises(PipelineError, match="needs an 'images' list"):
-        read_train_table(coco_cfg(comp, "data.train_json=list.json"))
+        read_train_table(coco_cfg(comp, "data.train_json=list.json").data)
     with pytest.raises(PipelineError, match="not found: .*nothing.json"):
-        read_train_table(coco_cfg(comp, "data.train_json=nothing.json"))
+        read_train_table(coco_cfg(comp, "data.train_json=nothing.json").data)
     edit(comp, lambda d: d["categories"].append({"id": 5, "name": "Species 1000"}))
     with pytest.raises(PipelineError, match="category names repeat"):
-        read_train_table(coco_cfg(comp, "data.category_label=name"))
+        read_train_table(coco_cfg(comp, "data.category_label=name").data)
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ def baseline_logits(cfg, weights, stage2, n_classes):
     """One model's plain-view (orig@1) test logits, predicted directly."""
     model = models.load_trained(cfg.model, weights, n_classes).eval()
     norm = models.Normalize(stage2["mean"], stage2["std"])
-    store = open_store(pixels(cfg), read_test_table(cfg)["path"])
+    store = open_store(pixels(cfg), read_test_table(cfg.data)["path"])
     return predict_policy(cfg, model, norm, {"joint": joint_head(model)}, store, ["orig@1"], torch.device("cpu"),
                           None)["joint"][0]
 

@@ -85,7 +85,7 @@ def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
         read_image(root / "train" / "img0002.png")
     cfg = load_config(None, [f"data.root={root}", "data.image_ext=.png", "folds.n_splits=2"])
     with pytest.raises(PipelineError, match=r"train.csv: 1 image\(s\) refused as decompression bombs.*img0002.png"):
-        read_train_table(cfg)
+        read_train_table(cfg.data)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)            # between 1x and 2x: PIL only warns; we refuse
     with pytest.raises(PipelineError, match=r"img0002.png"):
         read_image(root / "train" / "img0002.png")
@@ -235,7 +235,7 @@ def test_multi_label_and_float_targets_are_refused(tmp_path, labels, pattern):
     t["label"] = labels
     t.to_csv(root / "train.csv", index=False)
     with pytest.raises(PipelineError, match=pattern):
-        read_train_table(load_config(None, [f"data.root={root}", "data.image_ext=.png"]))
+        read_train_table(load_config(None, [f"data.root={root}", "data.image_ext=.png"]).data)
 
 
 def test_species_names_with_spaces_and_integer_floats_are_accepted(tmp_path):
@@ -244,10 +244,10 @@ def test_species_names_with_spaces_and_integer_floats_are_accepted(tmp_path):
     t["label"] = ["Danaus plexippus", "Vanessa cardui", "Papilio machaon"] * 4
     t.to_csv(root / "train.csv", index=False)
     cfg = load_config(None, [f"data.root={root}", "data.image_ext=.png", "data.check_images=none"])
-    assert read_train_table(cfg)["label"].nunique() == 3
+    assert read_train_table(cfg.data)["label"].nunique() == 3
     t["label"] = ["1.0", "2.0", "3"] * 4
     t.to_csv(root / "train.csv", index=False)
-    assert sorted(read_train_table(cfg)["label"].unique()) == [1, 2, 3]
+    assert sorted(read_train_table(cfg.data)["label"].unique()) == [1, 2, 3]
 
 
 def test_old_resize_ratio_key_names_its_replacement():

@@ -59,7 +59,7 @@ def build_targets(cfg, y_tr, n_classes, probs):
 
 def fold_targets(cfg, k):
     df, _ = read_folds(cfg)
-    return dict(teacher_mod.fold_targets(cfg, df, k, read_test_table(cfg), Dist(), None, train_record(cfg)["teacher"]))
+    return dict(teacher_mod.fold_targets(cfg, df, k, read_test_table(cfg.data), Dist(), None, train_record(cfg)["teacher"]))
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_fold_k_targets_never_move_when_a_held_out_image_of_fold_k_changes(teach
 def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teacher(teacher):
     s = student(teacher, "train.pseudo.soft=false", "train.mixup_alpha=0.4")
     summaries = train_stage.run(s)
-    test = read_test_table(s)
+    test = read_test_table(s.data)
     for k, summ in enumerate(summaries):
         assert summ["teacher"] == {"pseudo_images": len(test), "pseudo_from": "t", "distill_from": "t", "leaky": False}
     # a pseudo-labelled row is a test image, never a train row: the extra rows of the dataset are test files
@@ -166,7 +166,7 @@ def test_pseudo_labels_from_a_weighted_ensemble_use_the_weights_fit_without_that
     assert tch.weights_for(0) == rec["fold_weights"][0] and tch.weights_for(1) == rec["fold_weights"][1]
     s = cfg_of(teacher.data.root, "s", "train.pseudo.teacher=duo", "train.pseudo.threshold=0")
     got = fold_targets(s, 0)["pseudo_test"]
-    paths = {"test": list(read_test_table(s)["path"])}
+    paths = {"test": list(read_test_table(s.data)["path"])}
     parts = [T.member_fold_probs(n, tch.stage4[n.split(":")[0]], 0, paths, torch.device("cpu"))["test"]
              for n in rec["fold_weights"][0]]
     w = np.array(list(rec["fold_weights"][0].values()))
@@ -190,8 +190,8 @@ def test_a_teacher_is_read_as_its_stage_3_and_4_were_made_not_from_config_yaml(t
     assert got.rebalance.crt_epochs == 8 and got.rebalance.variants == ["joint", "crt"]
     assert got.infer.views == ["orig", "vflip"]
     assert teacher_mod.member_policy(got, s4, False, 1) == s4["fold_policies"][1]
-    probs = teacher_mod.fold_probs(teacher_mod.load_teacher("t"), 0, {"test": list(read_test_table(t2)["path"])})
-    assert probs["test"].shape == (len(read_test_table(t2)), 3) and np.allclose(probs["test"].sum(1), 1)
+    probs = teacher_mod.fold_probs(teacher_mod.load_teacher("t"), 0, {"test": list(read_test_table(t2.data)["path"])})
+    assert probs["test"].shape == (len(read_test_table(t2.data)), 3) and np.allclose(probs["test"].sum(1), 1)
 
 
 # ----------------------------------------------------------------------------- every teacher kind, 3 folds
@@ -240,7 +240,7 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
     cfg = teachers3
     run = cfg.run_dir
     df, classes = read_folds(cfg)
-    paths = {"train": list(df["path"][df["fold"] != 0]), "test": list(read_test_table(cfg)["path"])}
+    paths = {"train": list(df["path"][df["fold"] != 0]), "test": list(read_test_table(cfg.data)["path"])}
     names = ["t", *KINDS]
     before = {n: teacher_mod.fold_probs(teacher_mod.load_teacher(n), 0, paths) for n in names}
     assert teacher_mod.load_teacher("e_weighted").fold_weights and teacher_mod.load_teacher("e_climb").fold_weights

@@ -105,6 +105,10 @@ class DataCfg:
     holdout_frac: float = key(0.2, range=(0, 1, False, False), stage="setup", added="2026-12-01",
                               help="share of each class held out as the private test (holdout_from)")
 
+    def path(self, rel: str) -> Path:
+        """A file of the competition: `rel` under `root`."""
+        return Path(self.root) / rel
+
 
 @dataclass
 class FoldsCfg:
@@ -425,7 +429,7 @@ class Config:
 
     # ------------------------------------------------------------------ derived paths
     def data_path(self, rel: str) -> Path:
-        return Path(self.data.root) / rel
+        return self.data.path(rel)
 
     @property
     def folds_name(self) -> str:

@@ -272,11 +272,11 @@ def run(cfg: Config, force: bool = False) -> dict:
         log.info("ensemble %s is up to date, skipped (--force redoes it)", name)
         return read_json(out)
     classes = members[0]["summary"]["classes"]
-    test = read_test_table(cfg, require_images=False)
+    test = read_test_table(cfg.data, require_images=False)
     members, weights, rows, climb, fold_weights = combine_oof(cfg, members)
     test_probs = combine([m.get("test_probs", m["test"]["probs"]) for m in members], cfg.ensemble.method, weights)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
-        raise PipelineError(f"the test ids of {test_source(cfg)} differ from the members' predictions (order or set): "
+        raise PipelineError(f"the test ids of {test_source(cfg.data)} differ from the members' predictions (order or set): "
                             f"re-run ./run.sh infer, or check the sample submission")
     private = private_score(cfg, members[0]["test"]["ids"], test_probs, classes)
     table = pd.DataFrame(rows)
@@ -330,7 +330,7 @@ def write_submission(cfg: Config, csv, ids: np.ndarray, probs: np.ndarray, class
     """submissions/<name>.csv: the sample submission's ids, order and columns; without one, every image of
     test_dir, sorted (as predict writes it)."""
     if cfg.data.sample_submission:
-        sub = build_submission(read_sample_submission(cfg), ids, probs, classes, cfg.ensemble.submission,
+        sub = build_submission(read_sample_submission(cfg.data), ids, probs, classes, cfg.ensemble.submission,
                                cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)), cfg.ensemble.top_k)
     else:
         sub = submission_without_sample(ids, probs, classes, cfg.ensemble.submission, cfg.data.id_col,

@@ -69,12 +69,12 @@ def status(cfg: Config) -> list[str]:
     """Why stage 1 would do work now (empty: the folds file is up to date)."""
     if not cfg.folds_csv.exists():
         return ["not run"]
-    return stale_reasons(cfg.folds_record, _record(cfg, read_train_table(cfg)))
+    return stale_reasons(cfg.folds_record, _record(cfg, read_train_table(cfg.data)))
 
 
 def run(cfg: Config, force: bool = False) -> dict:
     """Write the folds file (unless an up-to-date one exists); returns its record."""
-    df = read_train_table(cfg)
+    df = read_train_table(cfg.data)
     classes = make_classes(df["label"])
     made_from = _record(cfg, df)
     if cfg.folds_csv.exists() and cfg.folds_record.exists() and not force:
@@ -87,7 +87,7 @@ def run(cfg: Config, force: bool = False) -> dict:
             f"{cfg.folds_csv} exists but was made from different inputs (changed: {', '.join(changed)}); "
             f"rebuilding it invalidates every run trained on it: re-run with --force, or set folds.name")
     df["fold"] = make_folds(df, cfg.folds.n_splits, cfg.folds.seed, cfg.data.group_col is not None,
-                            cfg.folds.rare_classes, str(train_source(cfg)))
+                            cfg.folds.rare_classes, str(train_source(cfg.data)))
     encode(df["label"], classes, str(cfg.folds_csv))  # sanity: every label is encodable
     write_csv(cfg.folds_csv, df)
     record = {"classes": [to_builtin(c) for c in classes], "n_splits": cfg.folds.n_splits, "n_rows": len(df),

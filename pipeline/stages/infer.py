@@ -97,7 +97,7 @@ def load_inputs(cfg: Config) -> Inputs:
     if has_folds and any(h != "joint" for h in heads):
         for k in range(len(summaries)):
             rebalance_summary(cfg, k, classes)
-    test = read_test_table(cfg)
+    test = read_test_table(cfg.data)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
 

@@ -208,7 +208,7 @@ def _fold_data(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist
         store = open_store(pixels(cfg), df["path"])
     rows_store, labels, targets = store.subset(np.flatnonzero(~in_fold)), y_tr, None
     if t.pseudo.teacher or t.distill.teacher:
-        test = read_test_table(cfg) if t.pseudo.teacher else None
+        test = read_test_table(cfg.data) if t.pseudo.teacher else None
         probs = teachers.fold_targets(cfg, df, k, test, dist, device, rec["teacher"])
         targets = teachers.build_targets(y_tr, n_classes, probs, t.pseudo, t.distill, t.label_smoothing, device)
         if targets.n_pseudo:

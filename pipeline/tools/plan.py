@@ -168,23 +168,23 @@ def _check_data(c: Config, command: str, seen_train: dict, seen_test: dict, plan
     # writing; the plan is there for what would otherwise surface after training
     quick = dataclasses.replace(c, data=dataclasses.replace(d, check_images=min(d.check_images, "header",
                                                                                   key=CHECK_ORDER.index)))
-    table, err = _once(seen_train, train_key, lambda: read_train_table(quick))
+    table, err = _once(seen_train, train_key, lambda: read_train_table(quick.data))
     if err:
         plan.problems.append(f"{_who(c)}: {err}")
     else:
         _check_top_k(c, table["label"], plan)
         problem, _ = fold_problems(table, c.folds.n_splits, d.group_col is not None, c.folds.rare_classes,
-                                   str(train_source(c)))
+                                   str(train_source(c.data)))
         if problem and not c.folds_csv.exists():  # an existing folds file is what counts (stage 1 re-checks)
             plan.problems.append(f"{_who(c)}: {problem}")
     test_key = (d.root, d.layout, d.test_dir, d.test_json, d.sample_submission, d.image_ext, d.id_col, d.check_images)
-    test, err = _once(seen_test, test_key, lambda: read_test_table(quick))
+    test, err = _once(seen_test, test_key, lambda: read_test_table(quick.data))
     if err:
         (plan.problems if command in TEST_SIDE_ERROR else plan.warnings).append(
             f"{_who(c)}: test side: {err}")
     what = f"{len(table)} train images" if table is not None else "train table unreadable"
     return (f"experiment {c.experiment}: {c.model.arch}, {what}; test: {len(test) if test is not None else '?'} ids "
-            f"from {test_source(c)}")
+            f"from {test_source(c.data)}")
 
 
 def _once(seen: dict, key, fn):

@@ -189,7 +189,7 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
             overrides.append(f"infer.batch_size={batch_size}")
         members = load_members(b, manifest, overrides)
         cfg0 = members[0].cfg
-        test = read_test_table(cfg0)  # with a sample submission: every image of the folder listed in it
+        test = read_test_table(cfg0.data)  # with a sample submission: every image of the folder listed in it
         dev = pick_device(cfg0, Dist())
         t_images = time.perf_counter()
         stores: dict[int, ImageStore] = {}
@@ -214,7 +214,7 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
         classes = members[0].info["classes"]
         ids = test["id"].values
         if sample:
-            sub = build_submission(read_sample_submission(cfg0), ids, ens, classes, manifest["submission"],
+            sub = build_submission(read_sample_submission(cfg0.data), ids, ens, classes, manifest["submission"],
                                    manifest["data"]["label_col"], str(sample), manifest.get("top_k", 5))
         else:
             sub = submission_without_sample(ids, ens, classes, manifest["submission"], manifest["data"]["id_col"],

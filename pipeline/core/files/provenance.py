@@ -258,7 +258,7 @@ def teacher_section(cfg: Config) -> dict | None:
         if key == "distill" and part.leaky_oof:
             out[key]["leaky"] = True
     if cfg.train.pseudo.teacher:  # the test images are training images now
-        test = read_test_table(cfg)
+        test = read_test_table(cfg.data)
         out["test_ids"] = sha256_obj([str(i) for i in test["id"]])
         out["test_images"] = image_record(cfg, test["path"])
     return out or None
@@ -400,7 +400,7 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
     n = cfg.folds.n_splits
     heads = resolve_heads(cfg) if heads is None else heads
     if test is None:
-        test = read_test_table(cfg)
+        test = read_test_table(cfg.data)
     if oof is None:
         oof = oof_rows(cfg, read_json(cfg.run_dir.classes)) is not None
     d = cfg.to_dict()["infer"]

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..config import Config
+from ..config import Config, DataCfg
 from ..errors import PipelineError
 from .images import BOMB, open_image
 from ..predict.metrics import score
@@ -146,19 +146,18 @@ def _check_images(paths: list[Path], mode: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- train table
-def read_train_table(cfg: Config) -> pd.DataFrame:
+def read_train_table(d: DataCfg) -> pd.DataFrame:
     """The validated training table with columns id, label (original values), [group], path."""
-    d = cfg.data
     if d.layout == "coco":
-        return _checked(read_coco_train(cfg), str(cfg.data_path(d.train_json)), d.check_images)
-    train_dir = cfg.data_path(d.train_dir)
+        return _checked(read_coco_train(d), str(d.path(d.train_json)), d.check_images)
+    train_dir = d.path(d.train_dir)
     if not train_dir.is_dir():
         raise PipelineError(f"train image folder not found: {train_dir} (config data.root / data.train_dir)")
     if d.layout == "folders":
         df = _scan_class_folders(train_dir)
         what = str(train_dir)
     else:
-        csv = cfg.data_path(d.train_csv)
+        csv = d.path(d.train_csv)
         what = str(csv)
         if not csv.is_file():
             raise PipelineError(f"train table not found: {csv} (config data.root / data.train_csv)")
@@ -220,19 +219,17 @@ def fold_problems(df: pd.DataFrame, n_splits: int, grouped: bool, rare: str, whe
     return None, warning if len(small) else None
 
 
-def train_source(cfg: Config) -> Path:
+def train_source(d: DataCfg) -> Path:
     """Where the train labels come from (for messages): the csv, the JSON or the class folders."""
-    d = cfg.data
-    return cfg.data_path({"csv": d.train_csv, "coco": d.train_json}.get(d.layout, d.train_dir))
+    return d.path({"csv": d.train_csv, "coco": d.train_json}.get(d.layout, d.train_dir))
 
 
-def test_source(cfg: Config) -> str:
+def test_source(d: DataCfg) -> str:
     """Where the test ids come from (for messages)."""
-    d = cfg.data
     if d.layout == "coco" and d.test_json:
-        return f"the images of {cfg.data_path(d.test_json)}"
-    return (f"sample submission {cfg.data_path(d.sample_submission)}" if d.sample_submission
-            else f"every image of {cfg.data_path(d.test_dir)}")
+        return f"the images of {d.path(d.test_json)}"
+    return (f"sample submission {d.path(d.sample_submission)}" if d.sample_submission
+            else f"every image of {d.path(d.test_dir)}")
 
 
 # ----------------------------------------------------------------------------- layout coco
@@ -254,7 +251,7 @@ def read_json_file(path: Path, what: str) -> dict:
     return data
 
 
-def coco_images(cfg: Config, path: Path) -> pd.DataFrame:
+def coco_images(d: DataCfg, path: Path) -> pd.DataFrame:
     """The `images` of a COCO-style JSON: id (as text), path (file_name under data.root, refused when it leaves
     it), and every other field of the entries (grouping fields)."""
     data = read_json_file(path, "COCO JSON (config data.train_json / data.test_json)")
@@ -280,18 +277,17 @@ def coco_images(cfg: Config, path: Path) -> pd.DataFrame:
     dup = names[names.duplicated()].unique()
     if len(dup):
         raise PipelineError(f"{path}: {len(dup)} file_name(s) listed twice: {_first(dup)}")
-    df["path"] = [str(p) for p in _resolve_ids(names, Path(cfg.data.root), "", str(path), lambda i: f"images[{i}]")]
+    df["path"] = [str(p) for p in _resolve_ids(names, Path(d.root), "", str(path), lambda i: f"images[{i}]")]
     return df
 
 
-def read_coco_train(cfg: Config) -> pd.DataFrame:
+def read_coco_train(d: DataCfg) -> pd.DataFrame:
     """Layout coco: id, label (category id, or name with data.category_label=name), [group], path. Refused: an
     annotation of an unknown image or category, an image without annotation, an image annotated with two
     categories (multi-label)."""
-    d = cfg.data
-    path = cfg.data_path(d.train_json)
+    path = d.path(d.train_json)
     data = read_json_file(path, "train annotations (config data.root / data.train_json)")
-    images = coco_images(cfg, path)
+    images = coco_images(d, path)
     anns = data.get("annotations")
     if not isinstance(anns, list) or not anns:
         raise PipelineError(f"{path}: no 'annotations' list (image_id, category_id): nothing to train on")
@@ -433,15 +429,14 @@ def to_builtin(v):
 
 
 # ----------------------------------------------------------------------------- test table
-def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
+def read_test_table(d: DataCfg, require_images: bool = True) -> pd.DataFrame:
     """Test ids (submission order) and image paths. Columns: id, path."""
-    d = cfg.data
     if d.layout == "coco" and d.test_json:
-        return _coco_test_table(cfg, require_images)
-    test_dir = cfg.data_path(d.test_dir)
+        return _coco_test_table(d, require_images)
+    test_dir = d.path(d.test_dir)
     if d.sample_submission:
-        sub_path = cfg.data_path(d.sample_submission)
-        sub = read_sample_submission(cfg)
+        sub_path = d.path(d.sample_submission)
+        sub = read_sample_submission(d)
         ids = sub.iloc[:, 0].astype(str)
         what = str(sub_path)
     else:
@@ -462,58 +457,58 @@ def read_test_table(cfg: Config, require_images: bool = True) -> pd.DataFrame:
         _check_images(paths, d.check_images, what)
         table = pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
         if d.sample_submission:
-            check_test_folder(cfg, table)
+            check_test_folder(d, table)
         return table
     paths = [test_dir / i for i in ids]
     return pd.DataFrame({"id": ids.values, "path": [str(p) for p in paths]})
 
 
-def _coco_test_table(cfg: Config, require_images: bool) -> pd.DataFrame:
+def _coco_test_table(d: DataCfg, require_images: bool) -> pd.DataFrame:
     """Layout coco with data.test_json: its images in its order, or in the sample submission's order (which must
     list the same ids)."""
-    path = cfg.data_path(cfg.data.test_json)
-    images = coco_images(cfg, path)
+    path = d.path(d.test_json)
+    images = coco_images(d, path)
     if images.empty:
         raise PipelineError(f"{path}: no test images")
     table = images[["id", "path"]]
-    if cfg.data.sample_submission:
-        ids = read_sample_submission(cfg).iloc[:, 0].astype(str)
-        where = cfg.data_path(cfg.data.sample_submission)
+    if d.sample_submission:
+        ids = read_sample_submission(d).iloc[:, 0].astype(str)
+        where = d.path(d.sample_submission)
         absent, extra = sorted(set(ids) - set(table["id"])), sorted(set(table["id"]) - set(ids))
         if absent or extra:
             raise PipelineError(f"{where} and {path} list different test images: {len(absent)} id(s) only in the "
                                 f"sample submission {_first(absent)}, {len(extra)} only in the JSON {_first(extra)}")
         table = table.set_index("id").loc[ids.values].reset_index()
     if require_images:
-        _check_images([Path(p) for p in table["path"]], cfg.data.check_images, str(path))
+        _check_images([Path(p) for p in table["path"]], d.check_images, str(path))
     return table.reset_index(drop=True)
 
 
-def check_test_folder(cfg: Config, test: pd.DataFrame) -> None:
+def check_test_folder(d: DataCfg, test: pd.DataFrame) -> None:
     """Refuse image files in the test folder that the sample submission does not list: a hidden test set
     that does not match its sample submission (a Kaggle code competition's rerun) would be scored short."""
-    test_dir = cfg.data_path(cfg.data.test_dir)
+    test_dir = d.path(d.test_dir)
     listed = {Path(p).resolve() for p in test["path"]}
     extra = sorted(f.name for f in test_dir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS
                    and f.resolve() not in listed)
     if extra:
         raise PipelineError(f"{test_dir}: {len(extra)} image(s) are not in the sample submission "
-                            f"{cfg.data_path(cfg.data.sample_submission)}: {_first(extra)} (a truncated sample "
+                            f"{d.path(d.sample_submission)}: {_first(extra)} (a truncated sample "
                             f"submission, or a test folder of another competition?)")
 
 
-def read_test_labels(cfg: Config) -> pd.Series | None:
+def read_test_labels(d: DataCfg) -> pd.Series | None:
     """Private test labels by id (`data.test_labels`, the demo's), or None where there are none."""
-    if not cfg.data.test_labels or not cfg.data_path(cfg.data.test_labels).exists():
+    if not d.test_labels or not d.path(d.test_labels).exists():
         return None
-    t = read_table(cfg.data_path(cfg.data.test_labels))
-    return t.set_index(cfg.data.id_col)[cfg.data.label_col]
+    t = read_table(d.path(d.test_labels))
+    return t.set_index(d.id_col)[d.label_col]
 
 
 def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
     """The metric against the private test labels (`data.test_labels`, the demo's), or None. `probs` may be a
     function returning them (read only when there are labels)."""
-    labels = read_test_labels(cfg)
+    labels = read_test_labels(cfg.data)
     if labels is None:
         return None
     probs = probs() if callable(probs) else probs
@@ -521,15 +516,15 @@ def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list
     return score(cfg.eval.scorer, np.array([names.index(str(labels[i])) for i in ids]), probs)
 
 
-def read_sample_submission(cfg: Config) -> pd.DataFrame:
-    path = cfg.data_path(cfg.data.sample_submission)
+def read_sample_submission(d: DataCfg) -> pd.DataFrame:
+    path = d.path(d.sample_submission)
     if not path.is_file():
         raise PipelineError(f"sample submission not found: {path} (config data.sample_submission)")
     sub = read_table(path)
     if sub.shape[1] < 2:
         raise PipelineError(f"{path}: needs an id column and at least one prediction column, has {list(sub.columns)}")
-    if sub.columns[0] != cfg.data.id_col:
-        raise PipelineError(f"{path}: first column is '{sub.columns[0]}', expected the id column '{cfg.data.id_col}'")
+    if sub.columns[0] != d.id_col:
+        raise PipelineError(f"{path}: first column is '{sub.columns[0]}', expected the id column '{d.id_col}'")
     dup = sub.iloc[:, 0][sub.iloc[:, 0].duplicated()].unique()
     if len(dup):
         raise PipelineError(f"{path}: {len(dup)} duplicate id(s): {_first(dup)}")

@@ -178,7 +178,7 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     folds_hash = summaries[0]["made_from"]["folds_file"]
     classes = read_json(run.classes)
     s4 = read_json(run.infer_summary) if run.infer_summary.exists() else None
-    labelled = read_test_labels(cfg) is not None
+    labelled = read_test_labels(cfg.data) is not None
     rows = []
     for (head, tta), pred in (predictions(cfg, run) if preds is None else preds).items():
         ev = cv(pred["y"], None, pred["fold"], counts, e.many_shot, e.few_shot, e.scorer, rows=pred["rows"])
