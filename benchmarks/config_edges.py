@@ -3,7 +3,7 @@ un-annotated `cfg`/`mcfg`), counted per folder, and those in the numeric modules
 
     python benchmarks/config_edges.py [--list]
 
-Figures (2026-12-03, docs/architecture.md "The config at the edges"): 159 before issue #34's work (2ba3fde), 145 after;
+Figures (2026-12-03, docs/architecture.md "The config at the edges"): 159 before issue #34's work (2ba3fde), 140 after;
 0 in the numeric modules (loop, heads, metrics, images, augment, models, tta, losses, samplers; 14 before).
 """
 from __future__ import annotations

@@ -67,7 +67,7 @@ def test_identity_policy_equals_plain_inference(run_a):
         norm = models.Normalize(s["mean"], s["std"])
         ds = ImageDataset(open_store(pixels(cfg), paths), None, valid_transform(pixels(cfg)))
         with torch.no_grad():
-            dtype = amp_dtype(cfg, torch.device("cpu"))   # the evaluation precision: bf16 backbone where native
+            dtype = amp_dtype(cfg.train.amp, torch.device("cpu"))   # the evaluation precision: bf16 backbone where native
             logits = torch.cat([models.logits(model, norm(x), dtype) for x, _ in make_loader(ds, batch_size=4)]).numpy()
         expected = expected + softmax(logits) / 2
     assert test["ids"].tolist() == [os.path.basename(p)[:-4] for p in paths]

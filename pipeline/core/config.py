@@ -563,70 +563,70 @@ def _validate(cfg: Config, origin: dict[str, str], problems: list[str]) -> set[s
             except PipelineError as e:
                 problems.append(str(e))
                 bad.add(key)
-    _validate_aug(cfg, check)
-    _validate_train(cfg, check)
+    _validate_aug(cfg.aug, check)
+    _validate_train(cfg.train, cfg.experiment, check)
     check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
     for k in ("mean", "std"):
         v = getattr(cfg.model, k)
         check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
-    _validate_heads_and_views(cfg, check)
+    _validate_heads_and_views(cfg.rebalance, cfg.infer, cfg.aug.img_size, check)
     return bad
 
 
-def _validate_aug(cfg: Config, check) -> None:
-    sched = cfg.aug.size_schedule
+def _validate_aug(aug: AugCfg, check) -> None:
+    sched = aug.size_schedule
     check(not sched or (all(len(x) == 2 for x in sched) and sched[0][0] == 0
                         and all(a[0] < b[0] for a, b in zip(sched, sched[1:]))
                         and all(16 <= x[1] <= 4096 for x in sched)), "aug.size_schedule",
           "must be [[0, side], [epoch, side], ...]: epochs rising from 0, sides 16-4096 (e.g. [[0, 128], [6, 224]])")
-    if cfg.aug.policy:
+    if aug.policy:
         from .inputs.policy import policy_transform  # timm parses its own specs
 
         try:
-            policy_transform(cfg.aug.policy, cfg.aug.img_size)
+            policy_transform(aug.policy, aug.img_size)
         except ValueError as e:
             check(False, "aug.policy", f"{e} (examples: rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, trivial)")
-    check(len(cfg.aug.rrc_scale) == 2 and cfg.aug.rrc_scale[0] <= cfg.aug.rrc_scale[1],
+    check(len(aug.rrc_scale) == 2 and aug.rrc_scale[0] <= aug.rrc_scale[1],
           "aug.rrc_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
 
 
-def _validate_train(cfg: Config, check) -> None:
-    check(cfg.train.drw_epoch is None or cfg.train.class_weights == "none", "train.drw_epoch",
+def _validate_train(train: TrainCfg, experiment: str, check) -> None:
+    check(train.drw_epoch is None or train.class_weights == "none", "train.drw_epoch",
           "defers the class weights itself: set train.class_weights=none (weights from the start) or drop drw_epoch")
-    check(cfg.train.drw_epoch is None or cfg.train.drw_epoch < cfg.train.epochs, "train.drw_epoch",
-          f"must be < train.epochs ({cfg.train.epochs}), or re-weighting never starts")
-    check(not (cfg.train.freeze_backbone and cfg.train.trainable_stages is not None), "train.trainable_stages",
+    check(train.drw_epoch is None or train.drw_epoch < train.epochs, "train.drw_epoch",
+          f"must be < train.epochs ({train.epochs}), or re-weighting never starts")
+    check(not (train.freeze_backbone and train.trainable_stages is not None), "train.trainable_stages",
           "and train.freeze_backbone both say what trains: set one (freeze_backbone is trainable_stages=0)")
-    check(cfg.train.freeze_epochs < cfg.train.epochs, "train.freeze_epochs",
-          f"must be < train.epochs ({cfg.train.epochs}): at least one epoch trains the backbone")
-    check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"must be <= train.lr ({cfg.train.lr:g})")
+    check(train.freeze_epochs < train.epochs, "train.freeze_epochs",
+          f"must be < train.epochs ({train.epochs}): at least one epoch trains the backbone")
+    check(train.min_lr <= train.lr, "train.min_lr", f"must be <= train.lr ({train.lr:g})")
     for key in ("pseudo", "distill"):
-        check(getattr(cfg.train, key).teacher != cfg.experiment, f"train.{key}.teacher",
+        check(getattr(train, key).teacher != experiment, f"train.{key}.teacher",
               "names this experiment itself: a teacher must be another experiment or an ensemble")
-    check(cfg.train.scheduler in SCHEDULERS, "train.scheduler", f"one of timm's schedulers {list(SCHEDULERS)}")
-    opt = cfg.train.optimizer.lower()
+    check(train.scheduler in SCHEDULERS, "train.scheduler", f"one of timm's schedulers {list(SCHEDULERS)}")
+    opt = train.optimizer.lower()
     if opt.removeprefix("lookahead_") not in COMMON_OPTIMIZERS:
         from timm.optim import list_optimizers  # only for a rarer name: config loading stays fast
 
         check(opt.removeprefix("lookahead_") in list_optimizers(), "train.optimizer",
-              f"'{cfg.train.optimizer}' is not a timm optimizer (e.g. adamw, sgd, lamb, lion; "
+              f"'{train.optimizer}' is not a timm optimizer (e.g. adamw, sgd, lamb, lion; "
               f"timm.optim.list_optimizers() lists them)")
 
 
-def _validate_heads_and_views(cfg: Config, check) -> None:
-    check("joint" in cfg.rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
-    check(bool(cfg.rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
-    check(bool(cfg.rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
-    check(bool(cfg.infer.heads), "infer.heads", "must name at least one head ('best' or a stage-3 variant)")
-    check(bool(cfg.infer.views), "infer.views", f"must name at least one view (of {list(typing.get_args(View))})")
-    check(bool(cfg.infer.scales), "infer.scales", "must hold at least one scale")
-    small = [s for s in cfg.infer.scales if round(cfg.aug.img_size * s) < 16]
-    check(not small, "infer.scales", f"scale(s) {small} x aug.img_size {cfg.aug.img_size} give crops under 16 px")
-    check(len(set(cfg.infer.scales)) == len(cfg.infer.scales), "infer.scales", "lists a scale twice")
-    check(len(set(cfg.infer.views)) == len(cfg.infer.views), "infer.views", "lists a view twice")
-    fx = cfg.infer.fixres.size
-    check(fx is None or round(cfg.aug.img_size * fx) >= 16, "infer.fixres.size",
-          f"{fx} x aug.img_size {cfg.aug.img_size} gives crops under 16 px")
+def _validate_heads_and_views(rebalance: RebalanceCfg, infer: InferCfg, img_size: int, check) -> None:
+    check("joint" in rebalance.variants, "rebalance.variants", "must include 'joint' (the baseline)")
+    check(bool(rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
+    check(bool(rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
+    check(bool(infer.heads), "infer.heads", "must name at least one head ('best' or a stage-3 variant)")
+    check(bool(infer.views), "infer.views", f"must name at least one view (of {list(typing.get_args(View))})")
+    check(bool(infer.scales), "infer.scales", "must hold at least one scale")
+    small = [s for s in infer.scales if round(img_size * s) < 16]
+    check(not small, "infer.scales", f"scale(s) {small} x aug.img_size {img_size} give crops under 16 px")
+    check(len(set(infer.scales)) == len(infer.scales), "infer.scales", "lists a scale twice")
+    check(len(set(infer.views)) == len(infer.views), "infer.views", "lists a view twice")
+    fx = infer.fixres.size
+    check(fx is None or round(img_size * fx) >= 16, "infer.fixres.size",
+          f"{fx} x aug.img_size {img_size} gives crops under 16 px")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -311,8 +311,8 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str], best: dict | None, t
     sum per view) and each fold's on its own held-out rows, per view, into `tables`: each head (and the nested
     `best` head: fold k's rows from the variant chosen without fold k) in turn from the unit's features (the
     backbone runs once per unit and image set). Returns the number of view-images predicted."""
-    device = pick_device(cfg, Dist())
-    dtype = amp_dtype(cfg, device)
+    device = pick_device(cfg.device, Dist())
+    dtype = amp_dtype(cfg.train.amp, device)
     C = len(inp.classes)
     test_store = open_store(pixels(cfg), inp.test["path"])
     train_store = open_store(pixels(cfg), inp.oof_df["path"]) if inp.oof_df is not None else None

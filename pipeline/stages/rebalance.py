@@ -61,8 +61,8 @@ def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, stage2: 
         return read_npz(fd.features)
 
     t0 = time.perf_counter()
-    device = pick_device(cfg, Dist())
-    dtype = amp_dtype(cfg, device)
+    device = pick_device(cfg.device, Dist())
+    dtype = amp_dtype(cfg.train.amp, device)
     model = prepare_model(cfg, models.load_trained(cfg.model, weights, len(classes)), device)
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     in_fold = df["fold"].values == k

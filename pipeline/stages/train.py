@@ -179,7 +179,7 @@ def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, pa
     """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k (k = FULL_FIT: every row trains)."""
     paths = paths or cfg.run_dir.unit(k)
     rec = rec or train_record(cfg)
-    device = pick_device(cfg, dist)
+    device = pick_device(cfg.device, dist)
     set_backend_flags(cfg, device)
     if k != FULL_FIT and not (df["fold"] == k).any():
         raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
@@ -253,7 +253,7 @@ def _fold_nets(cfg: Config, model, stats, frozen_bn, data: FoldData, n_classes: 
         if device.type == "cuda" and any(isinstance(m, training.BATCH_NORMS) for m in model.modules()):
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    step = Step(model, optimizer, device, amp_dtype(cfg, device), accum_steps=t.accum_steps, clip_grad=t.clip_grad,
+    step = Step(model, optimizer, device, amp_dtype(cfg.train.amp, device), accum_steps=t.accum_steps, clip_grad=t.clip_grad,
                 on_update=scheduler.step_update, ema=ema,
                 before_update=lambda: training.drop_backbone_grads(model) if state.frozen else None)
     return FoldNets(model=model, net=maybe_compile(cfg, net), ema=ema, norm=Normalize(*stats).to(device), stats=stats,

@@ -99,7 +99,7 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
     """Train `steps` steps (after 2 warm-up steps) and run inference in one mode."""
     dist = dist or Dist()
     c = with_mode(cfg, mode)
-    device = pick_device(c, dist)
+    device = pick_device(c.device, dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -107,7 +107,7 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
     torch.manual_seed(0)
     model = prepare_model(c, create_model(c.model, n_classes, pretrained=False), device)
     norm = Normalize(*norm_stats(c.model, model)).to(device)
-    dtype, fmt = amp_dtype(c, device), memory_format(c, device)
+    dtype, fmt = amp_dtype(c.train.amp, device), memory_format(c, device)
     probe = torch.randint(0, 256, (8, c.aug.img_size, c.aug.img_size, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(1))
     net = model
@@ -209,7 +209,7 @@ def worker_main(argv: list[str]) -> int:
 
     path, name, steps = argv
     cfg = load_config(path)
-    device = pick_device(cfg, Dist())
+    device = pick_device(cfg.device, Dist())
     mode = next(m for m in modes_for(device) + [Mode("fold per GPU x2", "bf16", "on", fold_per_gpu=True)]
                 if m.name == name)
     dist = Dist.from_env(device.type == "cuda")
@@ -235,7 +235,7 @@ def largest_batch(cfg: Config, mode: Mode, limit: int = 8) -> int | None:
 
 
 def configured_mode(cfg: Config, device: torch.device) -> Mode:
-    dtype = amp_dtype(cfg, device)
+    dtype = amp_dtype(cfg.train.amp, device)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype]
     cl = "on" if memory_format(cfg, device) == torch.channels_last else "off"
     return Mode("configured", amp, cl, cfg.train.compile)
@@ -244,7 +244,7 @@ def configured_mode(cfg: Config, device: torch.device) -> Mode:
 def check(cfg: Config, quick: bool = False, steps: int = 6, only: list[str] | None = None,
           log=lambda m: print(m, file=sys.stderr, flush=True)) -> tuple[pd.DataFrame, str, int]:
     """(table, recommendation, exit status)."""
-    device = pick_device(cfg, Dist())
+    device = pick_device(cfg.device, Dist())
     modes = modes_for(device, quick)
     if only:
         modes = [m for m in modes if m.name in only]
@@ -298,7 +298,7 @@ def table_text(t: pd.DataFrame) -> str:
 
 
 def main(cfg: Config, quick: bool = False) -> int:
-    device = pick_device(cfg, Dist())
+    device = pick_device(cfg.device, Dist())
     print(f"doctor: {cfg.model.arch} at {cfg.aug.img_size} px, batch {cfg.train.batch_size}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch "
           f"{torch.__version__}, {os.cpu_count()} CPU cores", flush=True)

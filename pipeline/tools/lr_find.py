@@ -81,8 +81,8 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
     if not len(rows):
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has no such fold")
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg, Dist())
-    dtype = amp_dtype(cfg, device)
+    device = pick_device(cfg.device, Dist())
+    dtype = amp_dtype(cfg.train.amp, device)
     model = prepare_model(cfg, create_model(cfg.model, len(classes)), device).train()
     norm = Normalize(*norm_stats(cfg.model, model)).to(device)
     from timm.optim import create_optimizer_v2

@@ -105,7 +105,7 @@ def fold_model(m: Member, k: int, device, fixres: bool = False) -> tuple[torch.n
 def predict_member(m: Member, store: ImageStore, device, bar: Progress) -> np.ndarray:
     """N x C probabilities: the weighted model mean of the logits per view (stage 4's order and arithmetic),
     the policy merged."""
-    dtype = amp_dtype(m.cfg, device)
+    dtype = amp_dtype(m.cfg.train.amp, device)
     mean = TestMean(len(m.policy), len(store), m.info["num_classes"])
     for k, weight in m.units():
         for fixres in (False, True):
@@ -122,7 +122,7 @@ def predict_member(m: Member, store: ImageStore, device, bar: Progress) -> np.nd
 def view_costs(m: Member, store: ImageStore, device, n: int) -> dict[str, float]:
     """Seconds per image of each policy view of a member (one fold; a short warm-up first)."""
     model, norm, heads = fold_model(m, 0, device)  # a FixRes copy costs what the plain model does
-    dtype = amp_dtype(m.cfg, device)
+    dtype = amp_dtype(m.cfg.train.amp, device)
     sub = store.subset(np.arange(min(n, len(store))))
     costs = {}
     predict_policy(m.cfg, model, norm, heads, store.subset(np.arange(min(2, len(store)))), ["orig@1"], device, dtype)
@@ -190,7 +190,7 @@ def run(bundle: str | Path, test_dir: str | Path, out: str | Path, sample_submis
         members = load_members(b, manifest, overrides)
         cfg0 = members[0].cfg
         test = read_test_table(cfg0.data)  # with a sample submission: every image of the folder listed in it
-        dev = pick_device(cfg0, Dist())
+        dev = pick_device(cfg0.device, Dist())
         t_images = time.perf_counter()
         stores: dict[int, ImageStore] = {}
         for m in members:

@@ -16,10 +16,10 @@ from .distributed import Dist
 from ..errors import PipelineError
 
 
-def pick_device(cfg: Config, dist: Dist) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+def pick_device(want: str, dist: Dist) -> torch.device:
+    if want == "cuda" and not torch.cuda.is_available():
         raise PipelineError("config device=cuda but no CUDA device is available")
-    if cfg.device != "cpu" and torch.cuda.is_available():
+    if want != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
 
@@ -29,12 +29,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: fp32). auto: bf16 on GPUs that support it, else fp16; fp32 on CPU.
     bf16 on CPU runs (and is tested) but is opt-in: on this project's CPUs (AVX512-BF16) it trains
     1.4x faster than fp32 and scores within seed noise of it, yet oneDNN's bf16 kernels do not give
     bit-identical weights from run to run, which the CPU resume guarantee needs (docs/reliability.md)."""
-    amp = cfg.train.amp
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":

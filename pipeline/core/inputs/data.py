@@ -281,13 +281,9 @@ def coco_images(d: DataCfg, path: Path) -> pd.DataFrame:
     return df
 
 
-def read_coco_train(d: DataCfg) -> pd.DataFrame:
-    """Layout coco: id, label (category id, or name with data.category_label=name), [group], path. Refused: an
-    annotation of an unknown image or category, an image without annotation, an image annotated with two
-    categories (multi-label)."""
-    path = d.path(d.train_json)
-    data = read_json_file(path, "train annotations (config data.root / data.train_json)")
-    images = coco_images(d, path)
+def _coco_annotations(data: dict, path: Path) -> pd.DataFrame:
+    """The `annotations` of a COCO train JSON as a table (image ids as text), refused when missing, without
+    image_id / category_id, or with ids that are not integers or non-empty strings (named as written)."""
     anns = data.get("annotations")
     if not isinstance(anns, list) or not anns:
         raise PipelineError(f"{path}: no 'annotations' list (image_id, category_id): nothing to train on")
@@ -303,6 +299,17 @@ def read_coco_train(d: DataCfg) -> pd.DataFrame:
                                 f"non-empty string: {_first(bad)}")
     ann = pd.DataFrame(anns)
     ann["image_id"] = ann["image_id"].astype(str)
+    return ann
+
+
+def read_coco_train(d: DataCfg) -> pd.DataFrame:
+    """Layout coco: id, label (category id, or name with data.category_label=name), [group], path. Refused: an
+    annotation of an unknown image or category, an image without annotation, an image annotated with two
+    categories (multi-label)."""
+    path = d.path(d.train_json)
+    data = read_json_file(path, "train annotations (config data.root / data.train_json)")
+    images = coco_images(d, path)
+    ann = _coco_annotations(data, path)
     unknown = sorted(set(ann["image_id"]) - set(images["id"]))
     if unknown:
         raise PipelineError(f"{path}: {len(unknown)} annotation(s) name image ids not in 'images': {_first(unknown)}")
