@@ -60,7 +60,7 @@ def main() -> None:
               f"train.batch_size={args.batch}", "folds.n_splits=5", "train.warmup_epochs=0",
               "aug.cache_dir=cache"]
     print(f"# benchmark on {what}; {args.arch} at {args.size}px, batch {args.batch}, device {device}, "
-          f"{torch.get_num_threads()} threads, workers {train.workers(load_config(None, common))}")
+          f"{torch.get_num_threads()} threads, workers {train.workers(load_config(None, common).train)}")
     folds.run(load_config(None, [*common, "experiment=bench-cache"]))
 
     print("\n## 1. stage 2 throughput (fold 0, last epoch)")

@@ -73,7 +73,7 @@ def main() -> None:
         for m in manifest["members"]:
             exp = m.split(":")[0]
             mcfg = load_config(layout.RunDir.of(exp).config, ["infer.oof=off", "infer.search=false"])
-            views[m] = tta_names(mcfg)
+            views[m] = tta_names(mcfg.infer)
             folds[m] = mcfg.folds.n_splits
             s4_rates[m] = max(infer.run(mcfg, force=True)["images_per_s"] for _ in range(args.repeat))
         os.chdir(project)

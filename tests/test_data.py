@@ -201,5 +201,5 @@ def test_classes_named_like_missing_values_are_classes(comp, name):
     assert sorted(out["label"].unique()) == sorted(["a", "b", name])
     folds_stage.run(cfg)
     from pipeline.core.inputs.data import read_folds
-    back, classes = read_folds(cfg)
+    back, classes = read_folds(cfg.folds_name)
     assert name in classes and (back["label"] == name).sum() == 3

@@ -315,7 +315,7 @@ def test_hill_climb_ensemble_exports_its_candidates_and_predict_reproduces_it(pr
                       project["root"] / "sample_submission.csv", tmp_dir=tmp_path)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype=str),
                                   pd.read_csv("submissions/climb.csv", dtype=str))
-    pool = {c["candidate"]: c["test_probs"] for c in ens_stage.candidates(cfg)}
+    pool = {c["candidate"]: c["test_probs"] for c in ens_stage.candidates(cfg.ensemble.members, cfg.experiment)}
     expected = combine([pool[m] for m in rec["members"]], "weighted", np.array(list(rec["weights"].values())))
     assert np.abs(res["probs"] - expected).max() < 1e-5
 

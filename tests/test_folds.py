@@ -53,7 +53,7 @@ def test_stage_writes_byte_identical_file_and_class_list(workdir):
     rec = folds_stage.run(cfg)
     assert rec["classes"] == ["a", "b", "c"] and rec["n_rows"] == 20 and folds_stage.status(cfg) == []
     first = cfg.folds_csv.read_bytes()
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
     assert classes == ["a", "b", "c"]
     assert df.groupby("group")["fold"].nunique().max() == 1
     mtime = cfg.folds_csv.stat().st_mtime_ns

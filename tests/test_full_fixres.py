@@ -12,7 +12,7 @@ from pipeline.core.nets import models
 from pipeline.core.files.artifacts import read_json, read_npz
 from pipeline.core.inputs.augment import open_store
 from pipeline.core.inputs.data import read_folds, read_test_table
-from pipeline.core.predict.inference import joint_head, predict_policy
+from pipeline.core.predict.inference import Loading, joint_head, predict_policy
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
 from pipeline.stages import rebalance as rebalance_stage
@@ -41,7 +41,8 @@ def baseline_logits(cfg, weights, stage2, n_classes):
     model = models.load_trained(cfg.model, weights, n_classes).eval()
     norm = models.Normalize(stage2["mean"], stage2["std"])
     store = open_store(pixels(cfg), read_test_table(cfg.data)["path"])
-    return predict_policy(cfg, model, norm, {"joint": joint_head(model)}, store, ["orig@1"], torch.device("cpu"),
+    load = Loading.of(pixels(cfg), cfg.infer, cfg.train, None)
+    return predict_policy(load, model, norm, {"joint": joint_head(model)}, store, ["orig@1"], torch.device("cpu"),
                           None)["joint"][0]
 
 
@@ -51,7 +52,7 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
                  "infer.heads=[tau]", "infer.full_fit_weight=2")
     folds_stage.run(cfg)
     summaries = train_stage.run(cfg)
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
     full = read_json(cfg.run_dir.full.summary)
     chosen = sorted(s["epoch"] for s in summaries)
     assert full["n_train"] == len(df) and full["n_valid"] == 0 and full["score"] is None
@@ -96,7 +97,7 @@ def test_fixres_tunes_norm_layers_and_head_on_the_folds_training_rows_only(comp,
     assert "fixres:orig@1.5" in s4["policy"]
     report = {(r["head"], r["views"]): r for r in s4["cv"]}
     assert np.isfinite(report[("joint", "fixres:orig@1.5 alone")]["cv_mean"])  # scored on OOF like any view
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
     meta = read_json(cfg.run_dir.fixres_meta("fold0"))
     assert meta["crop"] == 48 and meta["rows"] == int((df["fold"] != 0).sum())
     plain = models.read_state_dict(cfg.run_dir.fold(0).weights)

@@ -25,12 +25,12 @@ TINY = ["model.arch=test_resnet", "aug.img_size=32", "train.batch_size=8", "trai
 def test_config_means_the_same_on_cpu_and_gpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     cfg = load_config(None, ["train.amp=bf16", "train.channels_last=on"])
-    assert amp_dtype(cfg.train.amp, cpu) == torch.bfloat16 and memory_format(cfg, cpu) == torch.channels_last
+    assert amp_dtype(cfg.train.amp, cpu) == torch.bfloat16 and memory_format(cfg.train, cpu) == torch.channels_last
     assert amp_dtype("fp16", cpu) == torch.float16
     assert isinstance(grad_scaler(torch.float16, cpu), torch.amp.GradScaler) and grad_scaler(torch.bfloat16, cpu) is None
     auto = load_config(None, [])                          # auto: fp32 + NCHW on CPU (bit-identical runs)
-    assert amp_dtype(auto.train.amp, cpu) is None and memory_format(auto, cpu) == torch.contiguous_format
-    assert memory_format(auto, cuda) == torch.channels_last
+    assert amp_dtype(auto.train.amp, cpu) is None and memory_format(auto.train, cpu) == torch.contiguous_format
+    assert memory_format(auto.train, cuda) == torch.channels_last
     assert load_config(None, ["train.channels_last=true"]).train.channels_last == "on"   # YAML booleans still work
     assert Dist().device == cpu and Dist(world=2, backend="nccl", local_rank=1).device == torch.device("cuda", 1)
 

@@ -245,7 +245,7 @@ def test_hill_climb_ensemble_is_scored_on_folds_it_was_not_fit_on(run_a):
     assert sorted(rec["candidates"]) == sorted(["a:crt", "a:crt:plain", "a:tau", "a:tau:plain", "a:joint",
                                                 "a:joint:plain"])
     assert set(result["members"]) <= set(rec["candidates"]) and np.isclose(sum(result["weights"].values()), 1)
-    pool = candidates(climb)
+    pool = candidates(climb.ensemble.members, climb.experiment)
     probs = [c["oof_probs"] for c in pool]
     y, fold = pool[0]["oof"]["y"], pool[0]["oof"]["fold"]
     for k, picked in enumerate(rec["per_fold_chosen"]):
@@ -253,7 +253,7 @@ def test_hill_climb_ensemble_is_scored_on_folds_it_was_not_fit_on(run_a):
         scrambled = [p.copy() for p in probs]
         for p in scrambled:
             p[fold == k] = np.roll(p[fold == k], 1, axis=1)
-        again = hill_climb([p[fold != k] for p in scrambled], y[fold != k], objective(climb), 100)
+        again = hill_climb([p[fold != k] for p in scrambled], y[fold != k], objective(climb.ensemble.weight_metric, climb.eval.scorer), 100)
         assert [pool[i]["candidate"] for i in again] == picked
     assert rec["fit_loss_end"] <= rec["fit_loss_start"]
     table = {r["member"]: r for r in result["table"]}

@@ -83,8 +83,8 @@ def test_ldam_margins_follow_n_to_the_minus_quarter_and_the_loss_subtracts_them(
 def test_drw_switches_class_weights_on_at_its_epoch(comp):
     cfg = cfg_of(comp, "train.loss=ldam", "train.drw_epoch=1", "train.epochs=3")
     folds_stage.run(cfg)
-    df, classes = read_folds(cfg)
-    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    df, classes = read_folds(cfg.folds_name)
+    r = train_stage.set_up(train_stage.Job.of(cfg), df, len(classes), 0, Dist())
     seen = []
     for epoch in range(3):
         train_stage.train_epoch(r, epoch)
@@ -99,8 +99,8 @@ def test_drw_switches_class_weights_on_at_its_epoch(comp):
 def _trained_and_initial(comp, *extra):
     cfg = cfg_of(comp, *extra)
     folds_stage.run(cfg)
-    df, classes = read_folds(cfg)
-    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    df, classes = read_folds(cfg.folds_name)
+    r = train_stage.set_up(train_stage.Job.of(cfg), df, len(classes), 0, Dist())
     initial = {k: v.clone() for k, v in r.nets.model.state_dict().items()}
     for epoch in range(2):
         train_stage.train_epoch(r, epoch)

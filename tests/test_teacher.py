@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import make_competition
-from pipeline.core.files.artifacts import read_json
+from pipeline.core.files.artifacts import read_json, sha256_file
 from pipeline.core.config import load_config
 from pipeline.core.inputs.data import read_folds, read_test_table
 from pipeline.core.errors import PipelineError
@@ -58,21 +58,22 @@ def build_targets(cfg, y_tr, n_classes, probs):
 
 
 def fold_targets(cfg, k):
-    df, _ = read_folds(cfg)
-    return dict(teacher_mod.fold_targets(cfg, df, k, read_test_table(cfg.data), Dist(), None, train_record(cfg)["teacher"]))
+    df, _ = read_folds(cfg.folds_name)
+    return dict(teacher_mod.fold_targets(cfg.train, cfg.run_dir.unit(k), sha256_file(cfg.folds_csv), df, k,
+                                         read_test_table(cfg.data), Dist(), None, train_record(cfg)["teacher"]))
 
 
 @pytest.mark.slow
 def test_fold_k_targets_never_move_when_a_held_out_image_of_fold_k_changes(teacher):
     s = student(teacher)
     before = {k: fold_targets(s, k) for k in (0, 1)}
-    assert before[0]["distill_train"].shape[0] == (read_folds(s)[0]["fold"] != 0).sum()
+    assert before[0]["distill_train"].shape[0] == (read_folds(s.folds_name)[0]["fold"] != 0).sum()
     assert not np.allclose(before[0]["pseudo_test"], before[1]["pseudo_test"])  # each fold its own teacher model
     # replace one of fold 0's held-out images and re-run the teacher's stages 2-4 on it: every fold retrains,
     # fold 1 with the new image among its training rows; fold 0's tau choice, the TTA search and the OOF
     # predictions see it too. (The teacher keeps the last epoch's raw weights: `select: best` and the EMA
     # choice are made on the held-out fold, see README.)
-    df, _ = read_folds(s)
+    df, _ = read_folds(s.folds_name)
     path = df["path"][df["fold"] == 0].iloc[0]
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
     folds_stage.run(teacher)
@@ -94,7 +95,7 @@ def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teac
     for k, summ in enumerate(summaries):
         assert summ["teacher"] == {"pseudo_images": len(test), "pseudo_from": "t", "distill_from": "t", "leaky": False}
     # a pseudo-labelled row is a test image, never a train row: the extra rows of the dataset are test files
-    df, classes = read_folds(s)
+    df, classes = read_folds(s.folds_name)
     targets = build_targets(s, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0))
     assert targets.n_pseudo == len(test) and set(targets.pseudo_rows) <= set(range(len(test)))
     assert len(targets.hard) == (df["fold"] != 0).sum() + len(test)
@@ -189,7 +190,7 @@ def test_a_teacher_is_read_as_its_stage_3_and_4_were_made_not_from_config_yaml(t
     got = teacher_mod.recorded_config(t2.run_dir, s4)
     assert got.rebalance.crt_epochs == 8 and got.rebalance.variants == ["joint", "crt"]
     assert got.infer.views == ["orig", "vflip"]
-    assert teacher_mod.member_policy(got, s4, False, 1) == s4["fold_policies"][1]
+    assert teacher_mod.member_policy(got.infer, s4, False, 1) == s4["fold_policies"][1]
     probs = teacher_mod.fold_probs(teacher_mod.load_teacher("t"), 0, {"test": list(read_test_table(t2.data)["path"])})
     assert probs["test"].shape == (len(read_test_table(t2.data)), 3) and np.allclose(probs["test"].sum(1), 1)
 
@@ -239,7 +240,7 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
     0's rows leaves it as it was, changing the other folds' rows moves it."""
     cfg = teachers3
     run = cfg.run_dir
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
     paths = {"train": list(df["path"][df["fold"] != 0]), "test": list(read_test_table(cfg.data)["path"])}
     names = ["t", *KINDS]
     before = {n: teacher_mod.fold_probs(teacher_mod.load_teacher(n), 0, paths) for n in names}
@@ -309,10 +310,10 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
         out[i][where] = np.eye(C)[y[where]] * 0.98 + 0.02 / C
         return out
 
-    w0 = ens_stage.honest_cv(members, y, fold, ycfg)[1][0]
-    c0 = ens_stage.honest_hill_climb(ycfg, members, y, fold)[1][0]
+    w0 = ens_stage.honest_cv(members, y, fold, ycfg.ensemble.weight_metric, ycfg.eval.scorer)[1][0]
+    c0 = ens_stage.honest_hill_climb(ycfg.ensemble, ycfg.eval.scorer, members, y, fold)[1][0]
     for i in (0, 1):
-        assert np.array_equal(ens_stage.honest_cv(perfect(i, fold == 0), y, fold, ycfg)[1][0], w0)
-        assert ens_stage.honest_hill_climb(ycfg, perfect(i, fold == 0), y, fold)[1][0] == c0
-        assert ens_stage.honest_cv(perfect(i, fold != 0), y, fold, ycfg)[1][0][i] > 0.9
-        assert ens_stage.honest_hill_climb(ycfg, perfect(i, fold != 0), y, fold)[1][0][0] == i
+        assert np.array_equal(ens_stage.honest_cv(perfect(i, fold == 0), y, fold, ycfg.ensemble.weight_metric, ycfg.eval.scorer)[1][0], w0)
+        assert ens_stage.honest_hill_climb(ycfg.ensemble, ycfg.eval.scorer, perfect(i, fold == 0), y, fold)[1][0] == c0
+        assert ens_stage.honest_cv(perfect(i, fold != 0), y, fold, ycfg.ensemble.weight_metric, ycfg.eval.scorer)[1][0][i] > 0.9
+        assert ens_stage.honest_hill_climb(ycfg.ensemble, ycfg.eval.scorer, perfect(i, fold != 0), y, fold)[1][0][0] == i

@@ -303,8 +303,8 @@ def test_frozen_epochs_train_the_classifier_only(comp, freeze_bn):
 
     cfg = tiny_cfg(comp, "train.freeze_epochs=1", f"train.freeze_bn={str(freeze_bn).lower()}", "train.ema=false")
     folds_stage.run(cfg)
-    df, classes = read_folds(cfg)
-    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    df, classes = read_folds(cfg.folds_name)
+    r = train_stage.set_up(train_stage.Job.of(cfg), df, len(classes), 0, Dist())
     head = {id(p) for p in r.nets.model.get_classifier().parameters()}
     params = lambda: {n: p.detach().clone() for n, p in r.nets.model.named_parameters()}  # noqa: E731
     bn = lambda: {n: b.clone() for n, b in r.nets.model.named_buffers() if "running" in n}  # noqa: E731
@@ -343,8 +343,8 @@ def test_progressive_resizing_follows_the_schedule_and_validation_stays(comp):
         tiny_cfg(comp, "aug.size_schedule=[[1, 16], [0, 32]]")
     cfg = tiny_cfg(comp, "aug.size_schedule=[[0, 16], [2, 24], [3, 32]]", "train.epochs=4", "train.workers=1")
     folds_stage.run(cfg)
-    df, classes = read_folds(cfg)
-    r = train_stage.set_up(cfg, df, len(classes), 0, Dist())
+    df, classes = read_folds(cfg.folds_name)
+    r = train_stage.set_up(train_stage.Job.of(cfg), df, len(classes), 0, Dist())
     ds = r.data.train_loader.dataset
     assert [ds[(0, e)][0].shape[0] for e in range(5)] == [16, 16, 24, 32, 32]
     for epoch, side in ((0, 16), (2, 24)):      # through the real loader (a worker process), a whole batch

@@ -22,7 +22,7 @@ from scipy.optimize import minimize
 from ..core.files import layout
 from ..core.report import tracking
 from ..core.files.artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
-from ..core.config import Config, load_config
+from ..core.config import Config, DataCfg, EnsembleCfg, EvalCfg, load_config
 from ..core.inputs.data import private_score, read_sample_submission, read_test_table, test_source
 from ..core.errors import PipelineError
 from ..core.predict.inference import candidate_probs
@@ -59,19 +59,14 @@ def made_of(members: list[dict]) -> dict:
     return {m["name"]: m["summary"]["made_from"] for m in members}
 
 
-def member_experiment_config(cfg: Config, exp: str) -> Config | None:
-    """The config a member was last trained with (runs/<exp>/config.yaml), to check its stage-4
-    output is current; None where it is not at hand (e.g. predictions copied into a kernel)."""
-    if exp == cfg.experiment:
-        return cfg
-    path = layout.RunDir.of(exp).config
-    return load_config(path) if path.exists() else None
-
-
 def check_current(cfg: Config, members: list[dict]) -> None:
+    """Every member's stage-4 output was made from the settings its experiment has now: its config is this one for
+    the experiment itself, else the one it was last trained with (runs/<exp>/config.yaml); a member whose config is
+    not at hand (predictions copied into a kernel) is taken as it is."""
     for m in members:
         exp = Member.parse(m["name"]).exp
-        mcfg = member_experiment_config(cfg, exp)
+        path = layout.RunDir.of(exp).config
+        mcfg = cfg if exp == cfg.experiment else load_config(path) if path.exists() else None
         if mcfg is None or not mcfg.folds_csv.exists():
             continue
         rec = infer_record(mcfg)
@@ -129,14 +124,15 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, objective: str, metric: 
     return w / w.sum()
 
 
-def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, cfg: Config) -> tuple[list[float], list]:
+def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, weight_metric: str,
+              metric: str) -> tuple[list[float], list]:
     """Per-fold metric of the weighted ensemble, each fold scored with weights fit on the others, and those
     per-fold weights (a distillation or pseudo-label teacher uses fold k's for its fold-k targets)."""
     vals, weights = [], []
     for k in np.unique(fold):
         tr, te = fold != k, fold == k
-        w = fit_weights([p[tr] for p in probs], y[tr], cfg.ensemble.weight_metric, cfg.eval.scorer)
-        vals.append(score(cfg.eval.scorer, y[te], combine([p[te] for p in probs], "weighted", w)))
+        w = fit_weights([p[tr] for p in probs], y[tr], weight_metric, metric)
+        vals.append(score(metric, y[te], combine([p[te] for p in probs], "weighted", w)))
         weights.append(w)
     return vals, weights
 
@@ -151,22 +147,23 @@ def nested_combine(probs: list[np.ndarray], fold: np.ndarray, fold_weights: list
     return out
 
 
-def oof_cv(cfg: Config, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_fold: list[float] | None = None) -> dict:
+def oof_cv(ev: EvalCfg, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_fold: list[float] | None = None) -> dict:
     """The shared CV of OOF probabilities; fold k trained on the OOF rows of the other folds.
     `per_fold` replaces the per-fold values (the weighted ensemble's honest ones)."""
     counts = [np.bincount(y[fold != k], minlength=probs.shape[1]) for k in range(int(fold.max()) + 1)]
-    m = cv(y, probs, fold, counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.scorer)
+    m = cv(y, probs, fold, counts, ev.many_shot, ev.few_shot, ev.scorer)
     if per_fold is not None:
         m.update(cv_mean=float(np.mean(per_fold)), cv_std=float(np.std(per_fold)), per_fold=[float(v) for v in per_fold])
     return m
 
 
 # ----------------------------------------------------------------------------- hill climbing
-def candidates(cfg: Config) -> list[dict]:
+def candidates(members: list[str], experiment: str) -> list[dict]:
     """hill_climb's pool: every (member experiment, head, TTA policy) stage 4 scored on OOF. A member named
-    `exp` offers every head stage 4 predicted, `exp:head` that head; each with its policy and without TTA."""
+    `exp` offers every head stage 4 predicted, `exp:head` that head; each with its policy and without TTA
+    (`members`: ensemble.members, empty: `experiment`)."""
     out = []
-    for member in parse_members(cfg.ensemble.members, cfg.experiment):
+    for member in parse_members(members, experiment):
         s = load_member(member._replace(head=None, plain=False))["summary"]
         for h in ([member.head] if member.head else s["heads"]):
             # `exp:head:plain` offers that view alone; otherwise the policy, and the no-TTA view when they differ
@@ -180,10 +177,9 @@ def candidates(cfg: Config) -> list[dict]:
     return out
 
 
-def objective(cfg: Config) -> callable:
-    """Lower is better: log-loss, or the metric (negated when greater is better)."""
-    metric = cfg.eval.scorer
-    if cfg.ensemble.weight_metric == "log_loss":
+def objective(weight_metric: str, metric: str) -> callable:
+    """Lower is better: log-loss (`weight_metric` log_loss), or the metric (negated when greater is better)."""
+    if weight_metric == "log_loss":
         return lambda y, p: -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1))))
     sign = -1.0 if GREATER_IS_BETTER[metric] else 1.0
     return lambda y, p: sign * score(metric, y, p)
@@ -211,40 +207,42 @@ def multiset_weights(chosen: list[int], n: int) -> np.ndarray:
     return np.bincount(chosen, minlength=n) / len(chosen)
 
 
-def honest_hill_climb(cfg: Config, probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray) -> tuple[list, list]:
+def honest_hill_climb(e: EnsembleCfg, metric: str, probs: list[np.ndarray], y: np.ndarray,
+                      fold: np.ndarray) -> tuple[list, list]:
     """Per fold k: the multiset climbed on the other folds' OOF rows, scored on fold k's. (per-fold metric,
     per-fold chosen multisets)."""
-    loss, vals, picks = objective(cfg), [], []
+    loss, vals, picks = objective(e.weight_metric, metric), [], []
     for k in np.unique(fold):
         tr, te = fold != k, fold == k
-        chosen = hill_climb([p[tr] for p in probs], y[tr], loss, cfg.ensemble.hill_climb_steps)
+        chosen = hill_climb([p[tr] for p in probs], y[tr], loss, e.hill_climb_steps)
         w = multiset_weights(chosen, len(probs))
-        vals.append(score(cfg.eval.scorer, y[te], combine([p[te] for p in probs], "weighted", w)))
+        vals.append(score(metric, y[te], combine([p[te] for p in probs], "weighted", w)))
         picks.append(chosen)
     return vals, picks
 
 
-def run_hill_climb(cfg: Config, configured: list[dict]) -> tuple[list[dict], np.ndarray, list[dict], dict]:
+def run_hill_climb(e: EnsembleCfg, ev: EvalCfg, experiment: str,
+                   configured: list[dict]) -> tuple[list[dict], np.ndarray, list[dict], dict]:
     """ensemble.method=hill_climb: the candidates with a non-zero weight, their weights (counts / size of the
     multiset climbed on every OOF row), the report rows (each candidate, the plain mean of the configured
     members, the honest hill-climbing CV) and what to record."""
-    pool = candidates(cfg)
+    pool = candidates(e.members, experiment)
     check_compatible(pool)
     y, fold = pool[0]["oof"]["y"], pool[0]["oof"]["fold"]
     probs = [c["oof_probs"] for c in pool]
-    rows = [{"member": c["candidate"], **oof_cv(cfg, c["oof_probs"], y, fold), "_test": c["test_probs"]} for c in pool]
+    rows = [{"member": c["candidate"], **oof_cv(ev, c["oof_probs"], y, fold), "_test": c["test_probs"]} for c in pool]
     mean_probs = [m["oof"]["probs"] for m in configured]
-    mean = oof_cv(cfg, combine(mean_probs, "mean"), y, fold)
+    mean = oof_cv(ev, combine(mean_probs, "mean"), y, fold)
     rows.append({"member": "mean of the members (reference)", **mean,
                  "_test": combine([m["test"]["probs"] for m in configured], "mean")})
-    chosen = hill_climb(probs, y, objective(cfg), cfg.ensemble.hill_climb_steps)
+    fit_loss = objective(e.weight_metric, ev.scorer)
+    chosen = hill_climb(probs, y, fit_loss, e.hill_climb_steps)
     w = multiset_weights(chosen, len(pool))
-    _, picks = honest_hill_climb(cfg, probs, y, fold)
-    ens = oof_cv(cfg, nested_combine(probs, fold, [multiset_weights(p, len(pool)) for p in picks]), y, fold)
+    _, picks = honest_hill_climb(e, ev.scorer, probs, y, fold)
+    ens = oof_cv(ev, nested_combine(probs, fold, [multiset_weights(p, len(pool)) for p in picks]), y, fold)
     keep = [i for i in range(len(pool)) if w[i] > 0]
     rows.append({"member": "ensemble (hill_climb)", **ens, "_test": combine([pool[i]["test_probs"] for i in keep],
                                                                              "weighted", w[keep])})
-    fit_loss = objective(cfg)
     fold_weights = [{pool[i]["candidate"]: float(c) / len(p) for i, c in zip(*np.unique(p, return_counts=True))}
                     for p in picks]
     climb = {"chosen": [pool[i]["candidate"] for i in chosen], "start": pool[chosen[0]]["candidate"],
@@ -273,81 +271,81 @@ def run(cfg: Config, force: bool = False) -> dict:
         return read_json(out)
     classes = members[0]["summary"]["classes"]
     test = read_test_table(cfg.data, require_images=False)
-    members, weights, rows, climb, fold_weights = combine_oof(cfg, members)
+    members, weights, rows, climb, fold_weights = combine_oof(cfg.ensemble, cfg.eval, cfg.experiment, members)
     test_probs = combine([m.get("test_probs", m["test"]["probs"]) for m in members], cfg.ensemble.method, weights)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
         raise PipelineError(f"the test ids of {test_source(cfg.data)} differ from the members' predictions (order or set): "
                             f"re-run ./run.sh infer, or check the sample submission")
-    private = private_score(cfg, members[0]["test"]["ids"], test_probs, classes)
+    private = private_score(cfg.data, cfg.eval.scorer, members[0]["test"]["ids"], test_probs, classes)
     table = pd.DataFrame(rows)
     row_tests = table.pop("_test").tolist() if "_test" in table else (  # each row's test probabilities
         [m["test"]["probs"] for m in members] + [test_probs])
     if private is not None and not table.empty:
-        table["private"] = [private_score(cfg, members[0]["test"]["ids"], p, classes) for p in row_tests]
+        table["private"] = [private_score(cfg.data, cfg.eval.scorer, members[0]["test"]["ids"], p, classes) for p in row_tests]
     names = [m.get("candidate", m["name"]) for m in members]
     result = {"name": name, "members": names, "method": cfg.ensemble.method,
               "weights": dict(zip(names, weights.tolist())), "fold_weights": fold_weights, "metric": cfg.eval.scorer,
               "hill_climb": climb,
               "table": table.to_dict(orient="records"), "private": private,
               "made_from": made_from, "env": environment()}
-    sub = write_submission(cfg, csv, members[0]["test"]["ids"], test_probs, classes)
+    sub = write_submission(cfg.data, cfg.ensemble, csv, members[0]["test"]["ids"], test_probs, classes)
     result["submission"] = str(csv)
     result["submission_sha256"] = sha256_obj(sub.astype(str).values.tolist())
     write_json(out, result)
-    report(cfg, name, table, private)
+    report(tracking.Tracking.of(cfg), cfg.ensemble.method, cfg.eval.scorer, name, table, private)
     log.info("wrote %s", result["submission"])
     return result
 
 
-def combine_oof(cfg: Config, members: list[dict]) -> tuple[list[dict], np.ndarray, list[dict], dict | None, list | None]:
+def combine_oof(e: EnsembleCfg, ev: EvalCfg, experiment: str,
+                members: list[dict]) -> tuple[list[dict], np.ndarray, list[dict], dict | None, list | None]:
     """The members' combination chosen on OOF rows: (members, weights, a CV row per member and the ensemble,
     the hill climb's record, per-fold weights fit without that fold (weighted, hill_climb) or None)."""
-    e, method = cfg.ensemble, cfg.ensemble.method
+    method = e.method
     rows, climb, fold_weights = [], None, None
     weights = np.full(len(members), 1.0 / len(members))
     if method == "hill_climb":
-        members, weights, rows, climb = run_hill_climb(cfg, members)
+        members, weights, rows, climb = run_hill_climb(e, ev, experiment, members)
         fold_weights = climb.pop("fold_weights")
     elif "oof" in members[0]:
         y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
         oofs = [m["oof"]["probs"] for m in members]
         for m, p in zip(members, oofs):
-            rows.append({"member": m["name"], **oof_cv(cfg, p, y, fold)})
+            rows.append({"member": m["name"], **oof_cv(ev, p, y, fold)})
         if method == "weighted":
-            weights = fit_weights(oofs, y, e.weight_metric, cfg.eval.scorer)
-            _, fw = honest_cv(oofs, y, fold, cfg)
+            weights = fit_weights(oofs, y, e.weight_metric, ev.scorer)
+            _, fw = honest_cv(oofs, y, fold, e.weight_metric, ev.scorer)
             fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
-            ens = oof_cv(cfg, nested_combine(oofs, fold, fw), y, fold)  # every column from per-fold weights
+            ens = oof_cv(ev, nested_combine(oofs, fold, fw), y, fold)  # every column from per-fold weights
         else:
-            ens = oof_cv(cfg, combine(oofs, method), y, fold)
+            ens = oof_cv(ev, combine(oofs, method), y, fold)
         rows.append({"member": f"ensemble ({method})", **ens})
     elif method == "weighted":
         raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
     return members, weights, rows, climb, fold_weights
 
 
-def write_submission(cfg: Config, csv, ids: np.ndarray, probs: np.ndarray, classes: list) -> pd.DataFrame:
+def write_submission(d: DataCfg, e: EnsembleCfg, csv, ids: np.ndarray, probs: np.ndarray, classes: list) -> pd.DataFrame:
     """submissions/<name>.csv: the sample submission's ids, order and columns; without one, every image of
     test_dir, sorted (as predict writes it)."""
-    if cfg.data.sample_submission:
-        sub = build_submission(read_sample_submission(cfg.data), ids, probs, classes, cfg.ensemble.submission,
-                               cfg.data.label_col, str(cfg.data_path(cfg.data.sample_submission)), cfg.ensemble.top_k)
+    if d.sample_submission:
+        sub = build_submission(read_sample_submission(d), ids, probs, classes, e.submission,
+                               d.label_col, str(d.path(d.sample_submission)), e.top_k)
     else:
-        sub = submission_without_sample(ids, probs, classes, cfg.ensemble.submission, cfg.data.id_col,
-                                        cfg.data.label_col, cfg.ensemble.top_k)
+        sub = submission_without_sample(ids, probs, classes, e.submission, d.id_col, d.label_col, e.top_k)
     write_csv(csv, sub)
     return sub
 
 
-def report(cfg: Config, name: str, table: pd.DataFrame, private: float | None) -> None:
+def report(tr: tracking.Tracking, method: str, metric: str, name: str, table: pd.DataFrame,
+           private: float | None) -> None:
     """The CV table in the log (and the tracker), and the private score when the test labels are known."""
-    metric = cfg.eval.scorer
     if not table.empty:
         final = {"cv": float(table["cv_mean"].iloc[-1]), "cv_std": float(table["cv_std"].iloc[-1])}
         if private is not None:
             final["private"] = private
-        tracking.report(cfg, "ensemble", table.drop(columns="per_fold"), final)
-        log.info("ensemble %s (%s), %s:\n%s", name, cfg.ensemble.method, metric,
+        tracking.report(tr, "ensemble", table.drop(columns="per_fold"), final)
+        log.info("ensemble %s (%s), %s:\n%s", name, method, metric,
                  table.drop(columns="per_fold").to_string(index=False, float_format="%.4f"))
     if private is not None:
         log.info("private leaderboard (held-out test labels): %s %.4f", metric, private)

@@ -20,6 +20,7 @@ predicts `fixres:<view>@<size>` views, scored on OOF like the others.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -34,25 +35,26 @@ from ..core.nets import models
 from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
-from ..core.config import Config, keys_without_output
+from ..core.config import Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output
+from ..core.files import layout
 from ..core.inputs.data import read_test_table
 from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.inputs.augment import open_store, pixel_record, valid_transform
 from ..core.inputs.images import ImageDataset
-from ..core.predict.inference import (MERGE_ROWS, PolicyFeatures, default_policy, joint_head, parse_view, policy_probs,
+from ..core.predict.inference import (MERGE_ROWS, Loading, PolicyFeatures, default_policy, joint_head, parse_view, policy_probs,
                                       policy_rows, tta_names)
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
-from ..core.files.provenance import (environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
-                                     rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
-                                     up_to_date)
+from ..core.files.provenance import (Expect, environment, feature_record, full_summary, infer_record,
+                                     keep_image_snapshots, oof_rows, rebalance_record, rebalance_summary, resolve_heads,
+                                     stage2_summary, stale_reasons, train_images, train_record, up_to_date)
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.predict.tta import BASELINE
-from ..core.inputs.pixels import pixels
+from ..core.inputs.pixels import Pixels, pixels
 
 log = logging.getLogger("pipeline")
 
@@ -82,31 +84,63 @@ class TtaModel:
         return ("full fit" if self.k == FULL_FIT else f"fold {self.k}") + (" (FixRes)" if self.fixres else "")
 
 
+@dataclass(frozen=True)
+class Job:
+    """What stage 4 reads from the config, resolved once by `run`/`status` (`Job.of`, with `load_inputs` the stage's
+    edge): every step below takes it or the values it needs, never the config."""
+    experiment: str
+    run: layout.RunDir
+    folds_csv: Path
+    infer: InferCfg
+    eval: EvalCfg
+    model: ModelCfg
+    train: TrainCfg  # lr (FixRes), batch size, precision, memory format, workers
+    px: Pixels
+    seed: int
+    device: str
+    hash_images: bool
+    looks: dict | None
+    tracking: tracking.Tracking
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Job":
+        return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.infer, cfg.eval, cfg.model, cfg.train, pixels(cfg),
+                   cfg.seed, cfg.device, cfg.data.hash_images, cfg.session.looks, tracking.Tracking.of(cfg))
+
+    def train_imgs(self) -> dict:
+        return train_images(self.folds_csv, self.hash_images, self.looks)
+
+
 def load_inputs(cfg: Config) -> Inputs:
-    if not cfg.run_dir.classes.exists():
-        raise PipelineError(f"{cfg.run_dir.classes} not found: experiment '{cfg.experiment}' has not been trained "
+    """Every input of stage 4, checked against the records the config would make now."""
+    run = cfg.run_dir
+    if not run.classes.exists():
+        raise PipelineError(f"{run.classes} not found: experiment '{cfg.experiment}' has not been trained "
                             f"(run ./run.sh train first)")
-    classes = read_json(cfg.run_dir.classes)
+    classes = read_json(run.classes)
     has_folds = cfg.folds_csv.exists()
-    oof_df = oof_rows(cfg, classes)
-    summaries = [stage2_summary(cfg, k, len(classes), check_stale=has_folds) for k in range(cfg.folds.n_splits)]
+    oof_df = oof_rows(cfg.infer.oof, cfg.folds_name, classes)
+    want = Expect(cfg.model.arch, len(classes), train_record(cfg) if has_folds else None, cfg.session.allow_stale)
+    summaries = [stage2_summary(run, k, want) for k in range(cfg.folds.n_splits)]
     full = None
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:
-        full = full_summary(cfg, len(classes)) if has_folds else read_json(cfg.run_dir.full.summary)
-    heads = resolve_heads(cfg)
+        full = full_summary(run, cfg.folds.n_splits, want) if has_folds else read_json(run.full.summary)
+    heads = resolve_heads(cfg.infer.heads, run)
     if has_folds and any(h != "joint" for h in heads):
+        imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
         for k in range(len(summaries)):
-            rebalance_summary(cfg, k, classes)
+            feats = feature_record(run.unit(k).weights, classes, pixels(cfg), cfg.rebalance.aug_views, cfg.seed, imgs)
+            rebalance_summary(run, k, rebalance_record(cfg.rebalance, cfg.eval, feats), cfg.session.allow_stale)
     test = read_test_table(cfg.data)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
 
 
-def units(cfg: Config, inp: Inputs) -> list[TtaModel]:
-    fx = cfg.infer.fixres.size is not None
+def units(job: Job, inp: Inputs) -> list[TtaModel]:
+    fx = job.infer.fixres.size is not None
     out = [TtaModel(k, f, 1.0, stage2) for k, stage2 in enumerate(inp.summaries) for f in ((False, True) if fx else (False,))]
     if inp.full is not None:
-        out += [TtaModel(FULL_FIT, f, cfg.infer.full_fit_weight, inp.full) for f in ((False, True) if fx else (False,))]
+        out += [TtaModel(FULL_FIT, f, job.infer.full_fit_weight, inp.full) for f in ((False, True) if fx else (False,))]
     return out
 
 
@@ -116,46 +150,45 @@ def status(cfg: Config) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- FixRes
-def fixres_record(cfg: Config, k: int) -> dict:
+def fixres_record(job: Job, k: int) -> dict:
     """What a FixRes-tuned copy of fold k's (or the full model's) weights is made from."""
-    d = cfg.to_dict()
-    aug = {x: v for x, v in d["aug"].items() if x not in keys_without_output("aug")}
-    return {"fixres": d["infer"]["fixres"], "lr": fixres_lr(cfg), "weights": sha256_file(cfg.run_dir.unit(k).weights),
-            "folds_file": sha256_file(cfg.folds_csv), "train_images": train_images(cfg), "aug": aug,
-            **pixel_record(pixels(cfg)), "batch_size": cfg.train.batch_size, "seed": cfg.seed,
-            "amp": d["train"]["amp"], "channels_last": d["train"]["channels_last"]}
+    aug = {x: v for x, v in dataclasses.asdict(job.px.aug).items() if x not in keys_without_output("aug")}
+    return {"fixres": dataclasses.asdict(job.infer.fixres), "lr": fixres_lr(job), "weights": sha256_file(job.run.unit(k).weights),
+            "folds_file": sha256_file(job.folds_csv), "train_images": job.train_imgs(), "aug": aug,
+            **pixel_record(job.px), "batch_size": job.train.batch_size, "seed": job.seed,
+            "amp": job.train.amp, "channels_last": job.train.channels_last}
 
 
-def fixres_lr(cfg: Config) -> float:
-    return cfg.infer.fixres.lr if cfg.infer.fixres.lr is not None else cfg.train.lr / 10
+def fixres_lr(job: Job) -> float:
+    return job.infer.fixres.lr if job.infer.fixres.lr is not None else job.train.lr / 10
 
 
-def fixres_weights(cfg: Config, df: pd.DataFrame | None, u: TtaModel, n_classes: int, device, dtype):
+def fixres_weights(job: Job, df: pd.DataFrame | None, u: TtaModel, n_classes: int, device, dtype):
     """FixRes (Touvron et al. 2019): the model with its normalisation layers and classifier fine-tuned at the
     test size on its own training rows (fold k: the rows it trained on, never its held-out ones; the full
     model: every row). BatchNorm statistics are re-estimated there (a cumulative average over the epoch, not
     a decayed one). Kept in runs/<exp>/infer/fixres/<unit>.safetensors with its record."""
-    fd = cfg.run_dir.unit(u.k)
-    path, meta = cfg.run_dir.fixres(fd.name), cfg.run_dir.fixres_meta(fd.name)
+    fd = job.run.unit(u.k)
+    path, meta = job.run.fixres(fd.name), job.run.fixres_meta(fd.name)
     if df is None:  # test-only inference (infer.oof=off without the train data): use what was tuned before
         if not path.exists():
             raise PipelineError(f"infer.fixres needs {path}: tune it where the train images are (stage 4 with "
                                 f"infer.oof=auto), or set infer.fixres.size=null")
-        return models.load_trained(cfg.model, path, n_classes)
-    rec = fixres_record(cfg, u.k)
+        return models.load_trained(job.model, path, n_classes)
+    rec = fixres_record(job, u.k)
     if path.exists() and up_to_date(meta, rec):
-        return models.load_trained(cfg.model, path, n_classes)
+        return models.load_trained(job.model, path, n_classes)
     t0 = time.perf_counter()
-    fx = cfg.infer.fixres
-    crop = int(round(cfg.aug.img_size * fx.size))
-    model = models.load_trained(cfg.model, fd.weights, n_classes).to(device)
-    prepare_model(cfg, model, device)
+    fx = job.infer.fixres
+    crop = int(round(job.px.aug.img_size * fx.size))
+    model = models.load_trained(job.model, fd.weights, n_classes).to(device)
+    prepare_model(job.train, model, device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
     tuned = fixres_trainable(model)
     rows = np.flatnonzero(df["fold"].values != u.k)
-    ds = ImageDataset(open_store(pixels(cfg), df["path"]).subset(rows), df["y"].values[rows], valid_transform(pixels(cfg), crop))
+    ds = ImageDataset(open_store(job.px, df["path"]).subset(rows), df["y"].values[rows], valid_transform(job.px, crop))
     desc = f"FixRes {u.name.removesuffix(' (FixRes)')} at {crop} px"
-    fixres_tune(cfg, model, tuned, norm, ds, torch.Generator().manual_seed(cfg.seed * 7919 + u.k + 1), device,
+    fixres_tune(job, model, tuned, norm, ds, torch.Generator().manual_seed(job.seed * 7919 + u.k + 1), device,
                 dtype, desc)
     model.eval()
     models.write_state_dict(path, model.state_dict(), {"fixres": fx.size, "crop": crop, "unit": fd.name})
@@ -185,20 +218,20 @@ def fixres_trainable(model: torch.nn.Module) -> list:
     return tuned
 
 
-def fixres_tune(cfg: Config, model, tuned: list, norm, ds, gen: torch.Generator, device, dtype, desc: str) -> None:
+def fixres_tune(job: Job, model, tuned: list, norm, ds, gen: torch.Generator, device, dtype, desc: str) -> None:
     """infer.fixres.epochs over `ds` (shuffled and flipped by `gen`) with AdamW and a cosine schedule to 0,
     through stage 2's step and loop."""
-    fx = cfg.infer.fixres
-    steps = fx.epochs * (-(-len(ds) // cfg.train.batch_size))
-    opt = torch.optim.AdamW(tuned, lr=fixres_lr(cfg), weight_decay=0.0)
+    fx = job.infer.fixres
+    steps = fx.epochs * (-(-len(ds) // job.train.batch_size))
+    opt = torch.optim.AdamW(tuned, lr=fixres_lr(job), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     step = Step(model, opt, device, dtype, on_update=lambda n: sched.step())  # fp16: loss scaling too
-    fmt = memory_format(cfg, device)
+    fmt = memory_format(job.train, device)
 
     def loss(batch):
         x, y = batch
         x = models.to_input(x, norm, device, fmt)
-        flip = torch.rand(len(x), generator=gen) < cfg.aug.hflip
+        flip = torch.rand(len(x), generator=gen) < job.px.aug.hflip
         x[flip.to(device)] = x[flip.to(device)].flip(3)
         return torch.nn.functional.cross_entropy(model(x).float(), y.to(device)), len(x)
 
@@ -206,8 +239,8 @@ def fixres_tune(cfg: Config, model, tuned: list, norm, ds, gen: torch.Generator,
     bar = Progress(steps, desc, "step")
     for _ in range(fx.epochs):
         order = torch.randperm(len(ds), generator=gen).numpy()
-        loader = make_loader(torch.utils.data.Subset(ds, order), batch_size=cfg.train.batch_size,
-                             n_workers=workers(cfg), cuda=device.type == "cuda")
+        loader = make_loader(torch.utils.data.Subset(ds, order), batch_size=job.train.batch_size,
+                             n_workers=workers(job.train), cuda=device.type == "cuda")
         run_epoch(step, loader, loss, bar=bar, on_sync=lambda i, total, seen: bar.postfix(loss=f"{total / seen:.4f}"))
     bar.close()
 
@@ -306,40 +339,41 @@ class Streamed:
         return self._blocks()
 
 
-def predict_all(cfg: Config, inp: Inputs, names: list[str], best: dict | None, tables: Tables) -> int:
+def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, tables: Tables) -> int:
     """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images (their weighted
     sum per view) and each fold's on its own held-out rows, per view, into `tables`: each head (and the nested
     `best` head: fold k's rows from the variant chosen without fold k) in turn from the unit's features (the
     backbone runs once per unit and image set). Returns the number of view-images predicted."""
-    device = pick_device(cfg.device, Dist())
-    dtype = amp_dtype(cfg.train.amp, device)
+    device = pick_device(job.device, Dist())
+    dtype = amp_dtype(job.train.amp, device)
     C = len(inp.classes)
-    test_store = open_store(pixels(cfg), inp.test["path"])
-    train_store = open_store(pixels(cfg), inp.oof_df["path"]) if inp.oof_df is not None else None
-    plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(cfg, inp)]
+    test_store = open_store(job.px, inp.test["path"])
+    load = Loading.of(job.px, job.infer, job.train, device)
+    train_store = open_store(job.px, inp.oof_df["path"]) if inp.oof_df is not None else None
+    plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(job, inp)]
     n_images = sum(len(sel) * (len(inp.test) + (int((inp.oof_df["fold"].values == u.k).sum())
                                                 if inp.oof_df is not None else 0)) for u, sel in plan)
-    bar = Progress(n_images, f"stage 4 of {cfg.experiment}", "view-img")
+    bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
     for u, sel in plan:
-        model = (fixres_weights(cfg, inp.oof_df, u, C, device, dtype) if u.fixres
-                 else models.load_trained(cfg.model, cfg.run_dir.unit(u.k).weights, C)).to(device)
-        prepare_model(cfg, model, device)
+        model = (fixres_weights(job, inp.oof_df, u, C, device, dtype) if u.fixres
+                 else models.load_trained(job.model, job.run.unit(u.k).weights, C)).to(device)
+        prepare_model(job.train, model, device)
         norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
-        heads = {h: _load_head(cfg, u.k, h, model) for h in inp.heads}
+        heads = {h: _load_head(job, u.k, h, model) for h in inp.heads}
         if best is not None and u.k != FULL_FIT:
-            heads.setdefault(best["per_fold"][u.k], _load_head(cfg, u.k, best["per_fold"][u.k], model))
+            heads.setdefault(best["per_fold"][u.k], _load_head(job, u.k, best["per_fold"][u.k], model))
         views = [names[i] for i in sel]
-        feats = PolicyFeatures(cfg, model, norm, test_store, views, device, dtype, on_batch=bar.update)
+        feats = PolicyFeatures(load, model, norm, test_store, views, device, dtype, on_batch=bar.update)
         for h in inp.heads:
             tables.add_test(h, sel, feats.logits({h: heads[h]})[h], u.weight)
         rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
         if len(rows):
-            feats = PolicyFeatures(cfg, model, norm, train_store.subset(rows), views, device, dtype,
+            feats = PolicyFeatures(load, model, norm, train_store.subset(rows), views, device, dtype,
                                    on_batch=bar.update)
             ids = inp.oof_df["id"].values[rows]
             for h in inp.heads + (["best"] if best is not None else []):
                 v = best["per_fold"][u.k] if h == "best" else h
-                tables.put_oof(h, sel, rows, nested_logits(feats, heads[v], inner_heads(cfg, u.k, v, ids)))
+                tables.put_oof(h, sel, rows, nested_logits(feats, heads[v], inner_heads(job, u.k, v, ids)))
         del feats
         log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
@@ -349,30 +383,30 @@ def predict_all(cfg: Config, inp: Inputs, names: list[str], best: dict | None, t
 
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, force: bool = False) -> dict:
-    inp = load_inputs(cfg)
+    inp, job = load_inputs(cfg), Job.of(cfg)
     if not force and up_to_date(cfg.run_dir.infer_summary, inp.made_from):
         log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)
         return read_json(cfg.run_dir.infer_summary)
-    names = tta_names(cfg)
+    names = tta_names(cfg.infer)
     with experiment_lock(cfg.run_dir.infer):
-        best = best_choice(cfg, inp) if "best" in cfg.infer.heads else None
+        best = best_choice(job, inp) if "best" in cfg.infer.heads else None
         heads = (["best"] if best else []) + inp.heads
         tables = Tables(cfg.run_dir.infer_tables, heads, len(names), len(inp.test),
                         len(inp.oof_df) if inp.oof_df is not None else 0, len(inp.classes))
         t0 = time.perf_counter()
-        n_images = predict_all(cfg, inp, names, best, tables)
+        n_images = predict_all(job, inp, names, best, tables)
         seconds = time.perf_counter() - t0
         if best is not None:  # the test images: the variant best on all folds
             tables.alias_test("best", best["all"])
-        policy = default_policy(cfg, names)
+        policy = default_policy(cfg.infer, names)
         report, searched, fold_policies = [], False, None
         if inp.oof_df is not None and cfg.infer.search:  # test images: chosen on every OOF row; fold k's rows: on
-            policy, fold_policies = search_policies(cfg, inp, tables.oof(heads[0]), names)  # the other folds' rows
+            policy, fold_policies = search_policies(job, inp, tables.oof(heads[0]), names)  # the other folds' rows
             searched = True
         for h in heads:  # one head's tables in memory at a time
             if inp.oof_df is not None:
-                report += tta_report(cfg, inp, h, tables.oof(h), names, policy, fold_policies)
-            write_predictions(cfg, inp, h, tables.test(h), tables.oof(h) if inp.oof_df is not None else None,
+                report += tta_report(job, inp, h, tables.oof(h), names, policy, fold_policies)
+            write_predictions(job, inp, h, tables.test(h), tables.oof(h) if inp.oof_df is not None else None,
                               names, policy, fold_policies)
         tables.close()
         report = pd.DataFrame(report)
@@ -385,39 +419,39 @@ def run(cfg: Config, force: bool = False) -> dict:
                    "images_per_s": n_images / seconds, "seconds": seconds, "made_from": inp.made_from,
                    "full_fit_weight": cfg.infer.full_fit_weight if inp.full is not None else 0.0,
                    "fixres_files": {fd.name: sha256_file(cfg.run_dir.fixres(fd.name)) for fd in
-                                    (cfg.run_dir.unit(u.k) for u in units(cfg, inp) if u.fixres)},
+                                    (cfg.run_dir.unit(u.k) for u in units(job, inp) if u.fixres)},
                    "env": environment()}
         keep_image_snapshots(inp.made_from)
         write_json(cfg.run_dir.infer_summary, summary)
     if not report.empty:
         pol = report[(report["head"] == heads[0]) & (report["views"] == "policy")]
-        tracking.report(cfg, "infer", report, {"policy": " ".join(policy), "cv_policy": float(pol["cv_mean"].iloc[0])})
+        tracking.report(job.tracking, "infer", report, {"policy": " ".join(policy), "cv_policy": float(pol["cv_mean"].iloc[0])})
         log.info("experiment %s, stage 4 CV (%s) by TTA views:\n%s", cfg.experiment, cfg.eval.scorer,
                  report.to_string(index=False, float_format="%.4f"))
     log.info("TTA policy %s, %.0f view-images/s", policy, summary["images_per_s"])
     return summary
 
 
-def best_choice(cfg: Config, inp: Inputs) -> dict:
+def best_choice(job: Job, inp: Inputs) -> dict:
     """infer.heads: [best] as a head of its own, nested like every other choice: fold k's held-out rows are scored
     by the variant with the best stage-3 CV on the other folds (their cross-fitted per-fold scores), the test
     images by the variant best on all folds (stage 3's winner)."""
-    folds = [read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
+    folds = [read_json(job.run.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
     variants = [h for h in inp.heads if all(h in f for f in folds)]
-    pick = max if GREATER_IS_BETTER[cfg.eval.scorer] else min
+    pick = max if GREATER_IS_BETTER[job.eval.scorer] else min
 
     def winner(ks: list[int]) -> str:  # ties: stage 3's report order (its winner first)
         return pick(variants, key=lambda v: (np.mean([folds[k][v]["metrics"]["score"] for k in ks]),
                                              -variants.index(v) if pick is max else variants.index(v)))
 
-    choice = {"all": read_json(cfg.run_dir.rebalance_summary)["best"],
+    choice = {"all": read_json(job.run.rebalance_summary)["best"],
               "per_fold": [winner([j for j in range(len(folds)) if j != k]) for k in range(len(folds))]}
     log.info("best head: %s for the test images (all folds), per fold (chosen without it) %s", choice["all"],
              choice["per_fold"])
     return choice
 
 
-def tta_report(cfg: Config, inp: Inputs, h: str, logits: RowTable, names: list[str], policy: list[str],
+def tta_report(job: Job, inp: Inputs, h: str, logits: RowTable, names: list[str], policy: list[str],
                fold_policies: list[list[str]] | None) -> list[dict]:
     """CV of head h without TTA, with each view alone and with the policy (all on OOF). A searched policy is
     scored nested (fold k's rows with the views chosen on the other folds); the policy chosen on every row is
@@ -428,11 +462,11 @@ def tta_report(cfg: Config, inp: Inputs, h: str, logits: RowTable, names: list[s
     for label, sel in selections:
         if label == "policy" and fold_policies is not None:
             rs = RowScores.concat([row_scores(y[a:a + len(b)], b) for a, b in
-                                   nested_policy_blocks(logits, names, fold_policies, fold, cfg.infer.merge)])
-            rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, rs)})
+                                   nested_policy_blocks(logits, names, fold_policies, fold, job.infer.merge)])
+            rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
             label = SELECTED_ON_ALL
-        rs = policy_rows(logits, names, sel, cfg.infer.merge, y)
-        rows.append({"head": h, "views": label, **cv_of(cfg, inp.oof_df, inp.summaries, rs)})
+        rs = policy_rows(logits, names, sel, job.infer.merge, y)
+        rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
     return rows
 
 
@@ -457,34 +491,34 @@ def policy_blocks(logits, names: list[str], policy: list[str], merge: str):
         yield a, policy_probs(logits[:, a:a + MERGE_ROWS], names, policy, merge)
 
 
-def write_predictions(cfg: Config, inp: Inputs, h: str, test_logits: np.ndarray, oof_logits: RowTable | None,
+def write_predictions(job: Job, inp: Inputs, h: str, test_logits: np.ndarray, oof_logits: RowTable | None,
                       names: list[str], policy: list[str], fold_policies: list[list[str]] | None = None) -> None:
     """infer/<h>/test.npz and oof.npz (float32); the OOF tables are streamed from disk to disk in blocks of rows."""
     classes = np.array([str(c) for c in inp.classes])
-    write_npz(cfg.run_dir.infer_test(h), ids=inp.test["id"].values, classes=classes,
-              probs=policy_probs(test_logits, names, policy, cfg.infer.merge, np.float32),
+    write_npz(job.run.infer_test(h), ids=inp.test["id"].values, classes=classes,
+              probs=policy_probs(test_logits, names, policy, job.infer.merge, np.float32),
               view_logits=test_logits.astype(np.float32), views=np.array(names))
     if oof_logits is not None:
         fold = inp.oof_df["fold"].values
 
         def probs():
-            blocks = (nested_policy_blocks(oof_logits, names, fold_policies, fold, cfg.infer.merge)
-                      if fold_policies is not None else policy_blocks(oof_logits, names, policy, cfg.infer.merge))
+            blocks = (nested_policy_blocks(oof_logits, names, fold_policies, fold, job.infer.merge)
+                      if fold_policies is not None else policy_blocks(oof_logits, names, policy, job.infer.merge))
             return (b.astype(np.float32) for _, b in blocks)
 
-        write_npz(cfg.run_dir.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
+        write_npz(job.run.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
                   fold=fold, classes=classes, probs=Streamed(oof_logits.shape[1:], np.float32, probs),
                   view_logits=oof_logits, views=np.array(names))
 
 
-def inner_heads(cfg: Config, k: int, variant: str, ids: np.ndarray) -> tuple[list[Head], np.ndarray] | None:
+def inner_heads(job: Job, k: int, variant: str, ids: np.ndarray) -> tuple[list[Head], np.ndarray] | None:
     """A tuned stage-3 head of fold k, nested: (the head chosen without inner split j, for each j; each held-out
     row's inner split, in the order of `ids`), so a held-out row is scored by a head it took no part in choosing
     (its value was chosen on the other inner splits, as stage 3's cross-fitted CV). None: nothing was tuned
     (joint, a fixed tau)."""
     if variant == "joint":
         return None
-    fd = cfg.run_dir.fold(k)
+    fd = job.run.fold(k)
     rec = read_json(fd.rebalance_summary)["variants"][variant]
     if not rec.get("tuned"):
         return None
@@ -506,39 +540,39 @@ def nested_logits(feats: PolicyFeatures, head: Head, inner: tuple[list[Head], np
     return feats.nested(inner[0], inner[1])
 
 
-def _load_head(cfg: Config, k: int, variant: str, model) -> Head:
-    return joint_head(model) if variant == "joint" else Head.load(cfg.run_dir.unit(k).head(variant))[0]
+def _load_head(job: Job, k: int, variant: str, model) -> Head:
+    return joint_head(model) if variant == "joint" else Head.load(job.run.unit(k).head(variant))[0]
 
 
-def cv_of(cfg: Config, df: pd.DataFrame, summaries: list[dict], rows: RowScores) -> dict:
+def cv_of(job: Job, df: pd.DataFrame, summaries: list[dict], rows: RowScores) -> dict:
     """CV of OOF predictions' per-row scores (one report.csv row: per-fold values left out)."""
-    e = cfg.eval
+    e = job.eval
     m = cv(df["y"].values, None, df["fold"].values, [s["train_counts"] for s in summaries], e.many_shot,
            e.few_shot, e.scorer, rows=rows)
     m.pop("per_fold")
     return m
 
 
-def search_policies(cfg: Config, inp: Inputs, logits: np.ndarray, names: list[str]) -> tuple[list[str], list]:
+def search_policies(job: Job, inp: Inputs, logits: np.ndarray, names: list[str]) -> tuple[list[str], list]:
     """infer.search: the policy chosen on every OOF row (for the test images) and, for each fold k, the one chosen
     on the other folds' rows (for fold k's rows, so their CV took no part in the choice)."""
     folds = list(range(len(inp.summaries)))
-    policy = greedy_policy(cfg, inp.oof_df, logits, names, folds)
-    per_fold = [greedy_policy(cfg, inp.oof_df, logits, names, [f for f in folds if f != k])
+    policy = greedy_policy(job, inp.oof_df, logits, names, folds)
+    per_fold = [greedy_policy(job, inp.oof_df, logits, names, [f for f in folds if f != k])
                 for k in folds]
     log.info("TTA search per fold (fold k's rows get the views chosen without them): %s", per_fold)
     return policy, per_fold
 
 
-def greedy_policy(cfg: Config, df, logits: np.ndarray, names: list[str], folds: list[int]) -> list[str]:
+def greedy_policy(job: Job, df, logits: np.ndarray, names: list[str], folds: list[int]) -> list[str]:
     """Forward selection of views on the OOF rows of `folds`: start from the baseline view, add the view that
     helps most (the mean of those folds' metric), stop when none helps."""
-    gib = GREATER_IS_BETTER[cfg.eval.scorer]
+    gib = GREATER_IS_BETTER[job.eval.scorer]
     y, fold = df["y"].values, df["fold"].values
 
     def value(sel: list[str]) -> float:  # the CV of those folds: the mean of their metric (the cheap one)
-        rs = policy_rows(logits, names, sel, cfg.infer.merge, y)
-        return float(np.mean([score_rows(cfg.eval.scorer, y[fold == k], rs.take(fold == k)) for k in folds]))
+        rs = policy_rows(logits, names, sel, job.infer.merge, y)
+        return float(np.mean([score_rows(job.eval.scorer, y[fold == k], rs.take(fold == k)) for k in folds]))
 
     chosen = [BASELINE]
     best = value(chosen)
@@ -551,5 +585,5 @@ def greedy_policy(cfg: Config, df, logits: np.ndarray, names: list[str], folds: 
             break
         chosen.append(n)
         best = v
-    log.info("TTA search on the OOF rows of folds %s chose %s (%s %.4f)", folds, chosen, cfg.eval.scorer, best)
+    log.info("TTA search on the OOF rows of folds %s chose %s (%s %.4f)", folds, chosen, job.eval.scorer, best)
     return chosen

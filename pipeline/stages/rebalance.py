@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,65 +35,104 @@ from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv,
                                     write_json, write_npz, write_text)
 from ..core.inputs.augment import open_store, train_transform, valid_transform
-from ..core.config import Config
+from ..core.config import Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg
+from ..core.files import layout
 from ..core.inputs.data import read_folds, to_builtin
 from ..core.errors import PipelineError
 from ..core.nets.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
 from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
-from ..core.files.provenance import (environment, feature_record, full_summary, keep_image_snapshots, rebalance_record,
-                                     stage2_summary, stale_reasons, up_to_date)
+from ..core.files.provenance import (Expect, environment, feature_record, full_summary, keep_image_snapshots,
+                                     rebalance_record, stage2_summary, stale_reasons, train_images, train_record,
+                                     up_to_date)
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.engine.distributed import Dist
-from ..core.inputs.pixels import pixels
+from ..core.inputs.pixels import Pixels, pixels
 
 log = logging.getLogger("pipeline")
 
 
+@dataclass(frozen=True)
+class Job:
+    """What stage 3 reads, resolved from the config once by `run`/`status` (`Job.of`, the stage's one edge):
+    every step below takes it or the values it needs, never the config."""
+    experiment: str
+    run: layout.RunDir
+    folds_csv: Path
+    rebalance: RebalanceCfg
+    eval: EvalCfg
+    model: ModelCfg
+    train: TrainCfg  # amp, channels_last, workers; full_fit
+    batch_size: int  # infer.batch_size: the feature pass's
+    device: str
+    px: Pixels
+    seed: int
+    train_imgs: dict  # the train images' record (provenance.train_images)
+    tracking: tracking.Tracking
+    allow_stale: bool
+    expect: Expect | None = None  # what the stage-2 outputs must match (run only: status does not open them)
+
+    @classmethod
+    def of(cls, cfg: Config, with_stage2: bool, n_classes: int = 0) -> "Job":
+        imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
+        expect = (Expect(cfg.model.arch, n_classes, train_record(cfg), cfg.session.allow_stale) if with_stage2
+                  else None)
+        return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.rebalance, cfg.eval, cfg.model, cfg.train,
+                   cfg.infer.batch_size, cfg.device, pixels(cfg), cfg.seed, imgs, tracking.Tracking.of(cfg),
+                   cfg.session.allow_stale, expect)
+
+    def features_record(self, k: int, classes: list) -> dict:
+        return feature_record(self.run.unit(k).weights, classes, self.px, self.rebalance.aug_views, self.seed,
+                              self.train_imgs)
+
+    def record(self, k: int, classes: list, fold_choices: dict | None = None) -> dict:
+        """Fold k's (or the full-data model's) stage-3 record."""
+        return rebalance_record(self.rebalance, self.eval, self.features_record(k, classes), fold_choices)
+
 
 # ----------------------------------------------------------------------------- features
-def fold_features(cfg: Config, df: pd.DataFrame, classes: list, k: int, stage2: dict) -> dict[str, np.ndarray]:
+def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dict) -> dict[str, np.ndarray]:
     """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows (k = FULL_FIT: the
     full-data model, every row a train row, none held out)."""
-    fd = cfg.run_dir.unit(k)
+    fd = job.run.unit(k)
     weights = fd.weights
-    record = feature_record(cfg, k, classes)
+    record = job.features_record(k, classes)
     if fd.features.exists() and up_to_date(fd.features_meta, record):
         return read_npz(fd.features)
 
     t0 = time.perf_counter()
-    device = pick_device(cfg.device, Dist())
-    dtype = amp_dtype(cfg.train.amp, device)
-    model = prepare_model(cfg, models.load_trained(cfg.model, weights, len(classes)), device)
+    device = pick_device(job.device, Dist())
+    dtype = amp_dtype(job.train.amp, device)
+    model = prepare_model(job.train, models.load_trained(job.model, weights, len(classes)), device)
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     in_fold = df["fold"].values == k
     tr, va = df[~in_fold], df[in_fold]
-    store = open_store(pixels(cfg), df["path"])  # the store stage 2 read: every fold's rows in one file
+    store = open_store(job.px, df["path"])  # the store stage 2 read: every fold's rows in one file
 
     def run(rows, labels, transform, keyed_epoch=None):
-        ds = ImageDataset(store.subset(rows), labels, transform, seed=cfg.seed)
+        ds = ImageDataset(store.subset(rows), labels, transform, seed=job.seed)
         if keyed_epoch is not None:  # seeded augmented views: item keys (index, view)
             ds = _Keyed(ds, keyed_epoch)
-        loader = make_loader(ds, batch_size=cfg.infer.batch_size, n_workers=workers(cfg), cuda=device.type == "cuda")
-        return models.extract_features(model, loader, norm, device, dtype, memory_format(cfg, device))
+        loader = make_loader(ds, batch_size=job.batch_size, n_workers=workers(job.train), cuda=device.type == "cuda")
+        return models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
 
     tr_rows, va_rows = np.flatnonzero(~in_fold), np.flatnonzero(in_fold)
     feats = {
-        "train": run(tr_rows, tr["y"].values, valid_transform(pixels(cfg))),
+        "train": run(tr_rows, tr["y"].values, valid_transform(job.px)),
         "train_y": tr["y"].values,
         "valid_y": va["y"].values,
         "valid_ids": va["id"].values,
     }
-    feats["valid"] = (run(va_rows, va["y"].values, valid_transform(pixels(cfg))) if len(va_rows)
+    feats["valid"] = (run(va_rows, va["y"].values, valid_transform(job.px)) if len(va_rows)
                       else np.zeros((0, feats["train"].shape[1]), np.float32))
-    views = [run(tr_rows, tr["y"].values, train_transform(pixels(cfg)), keyed_epoch=10_000 + v)
-             for v in range(cfg.rebalance.aug_views)]
+    views = [run(tr_rows, tr["y"].values, train_transform(job.px), keyed_epoch=10_000 + v)
+             for v in range(job.rebalance.aug_views)]
     feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
     # the joint classifier travels with the features; they must reproduce stage 2's held-out logits
     clf = model.get_classifier()
     if not isinstance(clf, torch.nn.Linear):
-        raise PipelineError(f"model.arch={cfg.model.arch}: rebalancing needs a linear classifier head")
+        raise PipelineError(f"model.arch={job.model.arch}: rebalancing needs a linear classifier head")
     feats["joint_weight"] = clf.weight.detach().cpu().numpy()
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
     joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
@@ -135,11 +176,10 @@ def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: n
             "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
 
 
-def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int):
+def fit_variants(r: RebalanceCfg, ev: EvalCfg, feats: dict, w: np.ndarray, b: np.ndarray, n_classes: int, seed: int):
     """Every configured variant (core/heads.VARIANTS), one at a time (its held-out logits are dropped before the
     next is fit): yields (variant, {head, honest held-out logits, metrics, record of the choice, inner splits})."""
-    r = cfg.rebalance
-    metric = cfg.eval.scorer
+    metric = ev.scorer
     y_tr, y_va, x_va = feats["train_y"], feats["valid_y"], feats["valid"]
     counts = np.bincount(y_tr, minlength=n_classes)
     f = FitInputs(w=w, b=b, train=feats["train"], train_y=y_tr, views=list(feats["views"]), n_classes=n_classes,
@@ -156,16 +196,15 @@ def fit_variants(cfg: Config, feats: dict, w: np.ndarray, b: np.ndarray, n_class
                        fixed=spec.fixed(r) if spec.fixed else None, cands=cands)
             if spec.record:
                 spec.record(o["record"])
-        o["metrics"] = compute(y_va, None, counts, cfg.eval.many_shot, cfg.eval.few_shot, metric,
+        o["metrics"] = compute(y_va, None, counts, ev.many_shot, ev.few_shot, metric,
                                rows=row_scores(y_va, logits=o["logits"]))
         o["inner"] = inner  # each held-out row's inner split
         yield v, o
 
 
-def check_inner_folds(cfg: Config, df: pd.DataFrame, folds: list[int]) -> None:
-    """Tuned choices are cross-fitted over `rebalance.inner_folds` splits of each held-out fold: that needs at least
-    as many held-out images as splits."""
-    n = cfg.rebalance.inner_folds
+def check_inner_folds(n: int, df: pd.DataFrame, folds: list[int]) -> None:
+    """Tuned choices are cross-fitted over `n` (rebalance.inner_folds) splits of each held-out fold: that needs at
+    least as many held-out images as splits."""
     for k in folds:
         held = int((df["fold"].values == k).sum())
         if n > held:
@@ -189,18 +228,19 @@ def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- per fold
-def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool) -> dict:
-    stage2 = stage2_summary(cfg, k, len(classes))
-    fd = cfg.run_dir.fold(k)
-    feats = fold_features(cfg, df, classes, k, stage2)
-    made_from = rebalance_record(cfg, k, classes)
+def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: bool) -> dict:
+    stage2 = stage2_summary(job.run, k, job.expect)
+    fd = job.run.fold(k)
+    feats = fold_features(job, df, classes, k, stage2)
+    made_from = job.record(k, classes)
     if not force and up_to_date(fd.rebalance_summary, made_from):
         log.info("fold %d: rebalanced heads up to date, skipped", k)
         return read_json(fd.rebalance_summary)
     fault_point(f"rebalance:after-features:{k}")
     t0 = time.perf_counter()
     variants = {}
-    for v, o in fit_variants(cfg, feats, feats["joint_weight"], feats["joint_bias"], len(classes), cfg.seed + k):
+    for v, o in fit_variants(job.rebalance, job.eval, feats, feats["joint_weight"], feats["joint_bias"], len(classes),
+                             job.seed + k):
         record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
         record.pop("curve", None)
         o["head"].save(fd.head(v), record)
@@ -214,56 +254,52 @@ def rebalance_fold(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: 
                "env": environment()}
     write_json(fd.rebalance_summary, summary)
     line = "  ".join(f"{v} {o['metrics']['score']:.4f}" for v, o in variants.items())
-    log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], cfg.eval.scorer, line)
+    log.info("fold %d rebalanced in %.1fs: %s %s", k, summary["seconds"], job.eval.scorer, line)
     return summary
 
 
 # ----------------------------------------------------------------------------- the full-data model
-def full_choices(cfg: Config, summaries: list[dict]) -> dict:
-    """The value each tuned variant uses on the full-data model: the folds' (low) median choice. The full
-    model holds no rows out to tune on; the folds' choices were each made on held-out rows."""
-    return median_choices(cfg.rebalance.variants, summaries)
-
-
-def rebalance_full(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict], force: bool) -> dict:
+def rebalance_full(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict], force: bool) -> dict:
     """Stage 3 of the full-data model (train.full_fit): each variant's head on every row's features, with
-    the value the folds chose (no CV of its own; stage 4 uses the heads on test images only)."""
-    fd = cfg.run_dir.full
-    stage2 = full_summary(cfg, len(classes))
-    chosen = full_choices(cfg, summaries)
-    made_from = rebalance_record(cfg, FULL_FIT, classes, chosen)
+    the value the folds chose (no CV of its own; stage 4 uses the heads on test images only). The value each
+    tuned variant uses is the folds' (low) median choice: the full model holds no rows out to tune on; the folds'
+    choices were each made on held-out rows."""
+    fd = job.run.full
+    stage2 = full_summary(job.run, len(summaries), job.expect)
+    chosen = median_choices(job.rebalance.variants, summaries)
+    made_from = job.record(FULL_FIT, classes, chosen)
     if not force and up_to_date(fd.rebalance_summary, made_from):
         log.info("full fit: rebalanced heads up to date, skipped")
         return read_json(fd.rebalance_summary)
-    feats = fold_features(cfg, df, classes, FULL_FIT, stage2)
+    feats = fold_features(job, df, classes, FULL_FIT, stage2)
     t0 = time.perf_counter()
-    for v, h in heads_with_choices(cfg.rebalance, feats, len(classes), chosen, cfg.seed + 1000).items():
+    for v, h in heads_with_choices(job.rebalance, feats, len(classes), chosen, job.seed + 1000).items():
         h.save(fd.head(v), {"variant": v, "fold": "full", "classes": classes, "from_folds": chosen.get(v)})
-    summary = {"fold": "full", "variants": {v: {"from_folds": chosen.get(v)} for v in cfg.rebalance.variants},
+    summary = {"fold": "full", "variants": {v: {"from_folds": chosen.get(v)} for v in job.rebalance.variants},
                "seconds": time.perf_counter() - t0, "made_from": made_from, "env": environment()}
     write_json(fd.rebalance_summary, summary)
-    log.info("full fit: heads %s fit on all %d rows with the folds' choices %s", list(cfg.rebalance.variants),
+    log.info("full fit: heads %s fit on all %d rows with the folds' choices %s", list(job.rebalance.variants),
              len(df), chosen)
     return summary
 
 
 # ----------------------------------------------------------------------------- report
-def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) -> dict:
+def report(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict]) -> dict:
     """The CV of every variant over the folds (report.csv, report.md, summary.json). Its pictures
     (recall vs frequency, the tau sweep) are drawn by `./run.sh report` into reports/<exp>/."""
     variants = list(summaries[0]["variants"])
-    metric = cfg.eval.scorer
+    metric, ev, k_folds = job.eval.scorer, job.eval, len(summaries)
     rows = []
     counts = np.bincount(df["y"].values, minlength=len(classes))
     for v in variants:
         per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
         ys, parts = [], []
         for s in summaries:  # one fold's logits in memory at a time
-            o = read_npz(cfg.run_dir.fold(s["fold"]).head_oof(v))
+            o = read_npz(job.run.fold(s["fold"]).head_oof(v))
             ys.append(o["y"])
             parts.append(row_scores(o["y"], logits=o["logits"]))
-        pooled = compute(np.concatenate(ys), None, counts * (cfg.folds.n_splits - 1) / cfg.folds.n_splits,
-                         cfg.eval.many_shot, cfg.eval.few_shot, metric, rows=RowScores.concat(parts))
+        pooled = compute(np.concatenate(ys), None, counts * (k_folds - 1) / k_folds,
+                         ev.many_shot, ev.few_shot, metric, rows=RowScores.concat(parts))
         row = {"variant": v, f"{metric}_mean": per["score"].mean(), f"{metric}_std": per["score"].std(ddof=0),
                f"{metric}_pooled": pooled["score"]}
         for m in ("accuracy", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc"):
@@ -273,9 +309,9 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
     asc = not GREATER_IS_BETTER[metric]
     table = table.sort_values(f"{metric}_mean", ascending=asc, kind="stable").reset_index(drop=True)
     best = table["variant"].iloc[0]
-    run = cfg.run_dir
+    run = job.run
     write_csv(run.rebalance_csv, table)
-    md = [f"# Rebalancing report: {cfg.experiment}", "",
+    md = [f"# Rebalancing report: {job.experiment}", "",
           f"CV over {len(summaries)} folds (mean and std of per-fold {metric}; pooled = on all OOF rows). "
           f"Tuned values are cross-fitted inside each held-out fold: every reported score is out-of-sample.", "",
           "```", table.to_string(index=False, float_format="%.4f"), "```", "",
@@ -289,9 +325,9 @@ def report(cfg: Config, df: pd.DataFrame, classes: list, summaries: list[dict]) 
                "folds": [s["fold"] for s in summaries],
                "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
     write_json(run.rebalance_summary, summary)
-    tracking.report(cfg, "rebalance", table, {"best": best, f"{best}_cv": float(table[f"{metric}_mean"].iloc[0])})
+    tracking.report(job.tracking, "rebalance", table, {"best": best, f"{best}_cv": float(table[f"{metric}_mean"].iloc[0])})
     log.info("experiment %s, stage 3 CV by head variant (%s):\n%s\nbest on all folds (selected on these rows; "
-             "nested: stage 4's best head): %s", cfg.experiment, metric,
+             "nested: stage 4's best head): %s", job.experiment, metric,
              table.to_string(index=False, float_format="%.4f"), best)
     return summary
 
@@ -302,14 +338,15 @@ def _report_record(summaries: list[dict]) -> dict:
 
 def status(cfg: Config) -> list[str]:
     """Why stage 3 would do work now (empty: every fold and the report are up to date)."""
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
+    job = Job.of(cfg, with_stage2=False)
     reasons, summaries = [], []
     for k in range(int(df["fold"].max()) + 1):
         fd = cfg.run_dir.fold(k)
         if not fd.weights.exists():
             reasons.append(f"fold {k}: waits for stage-2 weights")
             continue
-        reasons += stale_reasons(fd.rebalance_summary, rebalance_record(cfg, k, classes), f"fold {k}: ")
+        reasons += stale_reasons(fd.rebalance_summary, job.record(k, classes), f"fold {k}: ")
         if fd.rebalance_summary.exists():
             summaries.append(read_json(fd.rebalance_summary))
     if not reasons and not up_to_date(cfg.run_dir.rebalance_summary, _report_record(summaries)):
@@ -318,36 +355,38 @@ def status(cfg: Config) -> list[str]:
         if not cfg.run_dir.full.weights.exists():
             reasons.append("full fit: waits for its stage-2 weights")
         else:
-            reasons += stale_reasons(cfg.run_dir.full.rebalance_summary,
-                                     rebalance_record(cfg, FULL_FIT, classes, full_choices(cfg, summaries)), "full fit: ")
+            chosen = median_choices(cfg.rebalance.variants, summaries)
+            reasons += stale_reasons(cfg.run_dir.full.rebalance_summary, job.record(FULL_FIT, classes, chosen),
+                                     "full fit: ")
     return reasons
 
 
 def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | None:
     """Rebalance the folds (all, or `fold`); once every fold is current, the report: its summary,
     or None while it waits for other folds."""
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
     n_splits = int(df["fold"].max()) + 1
     if fold is not None and not 0 <= fold < n_splits:
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
     folds = [fold] if fold is not None else list(range(n_splits))
-    check_inner_folds(cfg, df, folds)
+    check_inner_folds(cfg.rebalance.inner_folds, df, folds)
+    job = Job.of(cfg, with_stage2=True, n_classes=len(classes))
     for k in folds:
         with experiment_lock(cfg.run_dir.fold(k).dir):
-            rebalance_fold(cfg, df, classes, k, force)
+            rebalance_fold(job, df, classes, k, force)
     done = [k for k in range(n_splits) if cfg.run_dir.fold(k).rebalance_summary.exists()]
     if len(done) < n_splits:
         log.info("report waits for every fold: rebalanced %s of %d", done, n_splits)
         return None
     summaries = [read_json(cfg.run_dir.fold(k).rebalance_summary) for k in range(n_splits)]
-    stale = [s["fold"] for s in summaries if s["made_from"] != rebalance_record(cfg, s["fold"], classes)]
+    stale = [s["fold"] for s in summaries if s["made_from"] != job.record(s["fold"], classes)]
     if stale:
         log.info("report waits: fold(s) %s were rebalanced with other settings or weights", stale)
         return None
     if cfg.train.full_fit:
         with experiment_lock(cfg.run_dir.full.dir):
-            rebalance_full(cfg, df, classes, summaries, force)
+            rebalance_full(job, df, classes, summaries, force)
     if not force and up_to_date(cfg.run_dir.rebalance_summary, _report_record(summaries)):
         log.info("stage-3 report of '%s' is up to date", cfg.experiment)
         return read_json(cfg.run_dir.rebalance_summary)
-    return report(cfg, df, classes, summaries)
+    return report(job, df, classes, summaries)

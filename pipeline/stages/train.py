@@ -40,16 +40,16 @@ import torch
 
 from ..core.nets import models
 from ..core.engine import training
-from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, faulty, read_json,
+from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, faulty, read_json, sha256_file,
                                     write_csv, write_json, write_npz, write_text)
 from ..core.inputs.augment import EpochTransforms, open_store, train_transform, valid_transform
-from ..core.config import Config, config_to_yaml
+from ..core.config import AugCfg, Config, DataCfg, EvalCfg, ModelCfg, TrainCfg, config_to_yaml
 from ..core.inputs.data import read_folds, read_test_table
 from ..core.engine.distributed import Dist, run_per_device
 from ..core.errors import PipelineError
 from ..core.inputs.images import ConcatView, EpochBatches, ImageDataset
 # FULL_FIT: the full-data model's fold index; `fold != FULL_FIT` is every row
-from ..core.files.layout import FULL_FIT, FoldDir
+from ..core.files.layout import FULL_FIT, FoldDir, RunDir
 from ..core.engine.loop import EpochResult, Step, run_epoch, sync_interval
 from ..core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
 from ..core.predict.metrics import better, compute, row_scores
@@ -61,8 +61,8 @@ from ..core.engine.runtime import (amp_dtype, make_loader, maybe_compile, memory
                                    set_backend_flags, workers)
 from ..core.inputs.samplers import epoch_indices
 from ..core.engine import teacher as teachers
-from ..core.report.tracking import Tracker
-from ..core.inputs.pixels import pixels
+from ..core.report.tracking import Tracker, Tracking
+from ..core.inputs.pixels import Pixels, pixels
 
 log = logging.getLogger("pipeline")
 
@@ -116,10 +116,38 @@ class FoldState:
     frozen: bool = False  # this epoch trains the classifier only (train.freeze_epochs)
 
 
+@dataclass(frozen=True)
+class Job:
+    """What stage 2 reads from the config, resolved once by `run`/`status` (`Job.of`, the stage's edge): every step
+    below takes it, a section or values, never the config."""
+    experiment: str
+    run: RunDir
+    folds_csv: Path
+    n_splits: int
+    data: DataCfg  # the test table (train.pseudo)
+    model: ModelCfg
+    train: TrainCfg
+    eval: EvalCfg
+    px: Pixels
+    seed: int
+    device: str
+    tracking: Tracking
+    rec: dict  # what each fold's outputs are made from (provenance.train_record)
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Job":
+        return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.folds.n_splits, cfg.data, cfg.model, cfg.train,
+                   cfg.eval, pixels(cfg), cfg.seed, cfg.device, Tracking.of(cfg), train_record(cfg))
+
+    @property
+    def aug(self) -> AugCfg:
+        return self.px.aug
+
+
 @dataclass
 class FoldRun:
     """One trained unit: fold k, or the full-data model (k = FULL_FIT: every row trains, none is held out)."""
-    cfg: Config
+    job: Job
     k: int
     dist: Dist
     paths: FoldDir
@@ -174,51 +202,52 @@ def resume_or_skip(paths: FoldDir, rec: dict, label: str, force: bool, dist: Dis
 
 
 # ----------------------------------------------------------------------------- set-up
-def set_up(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths: FoldDir | None = None,
+def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths: FoldDir | None = None,
            rec: dict | None = None) -> FoldRun:
     """Model, EMA, optimiser, schedule, loss, mixup and loaders of fold k (k = FULL_FIT: every row trains)."""
-    paths = paths or cfg.run_dir.unit(k)
-    rec = rec or train_record(cfg)
-    device = pick_device(cfg.device, dist)
-    set_backend_flags(cfg, device)
+    paths = paths or job.run.unit(k)
+    rec = rec or job.rec
+    device = pick_device(job.device, dist)
+    set_backend_flags(job.train, device)
     if k != FULL_FIT and not (df["fold"] == k).any():
-        raise PipelineError(f"fold {k} has no held-out rows in {cfg.folds_csv}")
-    training.seed_epoch(cfg.seed, -1)  # the initial weights
-    model = create_model(cfg.model, n_classes)
-    frozen_bn = training.freeze(model, cfg.train.freeze_backbone, cfg.train.trainable_stages)
-    stats = norm_stats(cfg.model, model)
-    prepare_model(cfg, model, device)
-    data = _fold_data(cfg, df, n_classes, k, dist, device, rec)
+        raise PipelineError(f"fold {k} has no held-out rows in {job.folds_csv}")
+    training.seed_epoch(job.seed, -1)  # the initial weights
+    model = create_model(job.model, n_classes)
+    frozen_bn = training.freeze(model, job.train.freeze_backbone, job.train.trainable_stages)
+    stats = norm_stats(job.model, model)
+    prepare_model(job.train, model, device)
+    data = _fold_data(job, df, n_classes, k, dist, device, rec)
     state = FoldState()
-    nets = _fold_nets(cfg, model, stats, frozen_bn, data, n_classes, dist, device, state)
-    return FoldRun(cfg=cfg, k=k, dist=dist, paths=paths, rec=rec, device=device, dtype=nets.step.dtype,
-                   data=data, nets=nets, state=state, epochs=cfg.train.epochs)
+    nets = _fold_nets(job.train, model, stats, frozen_bn, data, n_classes, dist, device, state)
+    return FoldRun(job=job, k=k, dist=dist, paths=paths, rec=rec, device=device, dtype=nets.step.dtype,
+                   data=data, nets=nets, state=state, epochs=job.train.epochs)
 
 
-def _fold_data(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, device, rec: dict) -> FoldData:
+def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, device, rec: dict) -> FoldData:
     """The fold's rows from the one store of the train images (built by the main process), the teachers'
     targets, the sampler's batches and the loaders."""
-    t = cfg.train
+    t = job.train
     in_fold = df["fold"].values == k
     y_tr, y_va = df["y"].values[~in_fold], df["y"].values[in_fold]
     if dist.main:  # builds the cache; the other processes open it once it exists
-        store = open_store(pixels(cfg), df["path"])
+        store = open_store(job.px, df["path"])
     dist.barrier()
     if not dist.main:
-        store = open_store(pixels(cfg), df["path"])
+        store = open_store(job.px, df["path"])
     rows_store, labels, targets = store.subset(np.flatnonzero(~in_fold)), y_tr, None
     if t.pseudo.teacher or t.distill.teacher:
-        test = read_test_table(cfg.data) if t.pseudo.teacher else None
-        probs = teachers.fold_targets(cfg, df, k, test, dist, device, rec["teacher"])
+        test = read_test_table(job.data) if t.pseudo.teacher else None
+        probs = teachers.fold_targets(t, job.run.unit(k), sha256_file(job.folds_csv), df, k, test, dist, device,
+                                       rec["teacher"])
         targets = teachers.build_targets(y_tr, n_classes, probs, t.pseudo, t.distill, t.label_smoothing, device)
         if targets.n_pseudo:
-            rows_store = ConcatView(rows_store, open_store(pixels(cfg), test["path"]).subset(targets.pseudo_rows))
+            rows_store = ConcatView(rows_store, open_store(job.px, test["path"]).subset(targets.pseudo_rows))
         labels = np.arange(len(targets.hard))  # batches carry row indices; targets are looked up on the device
     sampled = targets.hard if targets is not None else y_tr
-    tr_ds = ImageDataset(rows_store, labels, train_transform(pixels(cfg)), seed=cfg.seed,
-                         by_epoch=EpochTransforms(pixels(cfg)) if cfg.aug.size_schedule else None)
-    va_ds = ImageDataset(store.subset(np.flatnonzero(in_fold)), y_va, valid_transform(pixels(cfg)))
-    batches = EpochBatches(lambda e: epoch_indices(t.sampler, sampled, n_classes, cfg.seed, e, t.epochs),
+    tr_ds = ImageDataset(rows_store, labels, train_transform(job.px), seed=job.seed,
+                         by_epoch=EpochTransforms(job.px) if job.aug.size_schedule else None)
+    va_ds = ImageDataset(store.subset(np.flatnonzero(in_fold)), y_va, valid_transform(job.px))
+    batches = EpochBatches(lambda e: epoch_indices(t.sampler, sampled, n_classes, job.seed, e, t.epochs),
                            len(sampled), t.batch_size, dist.world, dist.rank)
     if len(batches) < t.accum_steps:
         raise PipelineError(f"{'full fit' if k == FULL_FIT else f'fold {k}'}: {len(y_tr)} training images make "
@@ -228,16 +257,15 @@ def _fold_data(cfg: Config, df: pd.DataFrame, n_classes: int, k: int, dist: Dist
     cuda = device.type == "cuda"
     return FoldData(
         y_tr=y_tr, y_va=y_va, valid_ids=df["id"].values[in_fold], counts=np.bincount(y_tr, minlength=n_classes),
-        batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(cfg), cuda=cuda),
-        valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(cfg), cuda=cuda,
+        batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(job.train), cuda=cuda),
+        valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(job.train), cuda=cuda,
                                  indices=va_idx, persistent=True),
         va_idx=va_idx, targets=targets)
 
 
-def _fold_nets(cfg: Config, model, stats, frozen_bn, data: FoldData, n_classes: int, dist: Dist, device,
+def _fold_nets(t: TrainCfg, model, stats, frozen_bn, data: FoldData, n_classes: int, dist: Dist, device,
                state: FoldState) -> FoldNets:
     """EMA, optimiser, schedule, the step, loss and mixup; DDP / SyncBatchNorm / compile wrappers."""
-    t = cfg.train
     ema = None
     if t.ema:
         from timm.utils import ModelEmaV3
@@ -253,10 +281,10 @@ def _fold_nets(cfg: Config, model, stats, frozen_bn, data: FoldData, n_classes: 
         if device.type == "cuda" and any(isinstance(m, training.BATCH_NORMS) for m in model.modules()):
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    step = Step(model, optimizer, device, amp_dtype(cfg.train.amp, device), accum_steps=t.accum_steps, clip_grad=t.clip_grad,
+    step = Step(model, optimizer, device, amp_dtype(t.amp, device), accum_steps=t.accum_steps, clip_grad=t.clip_grad,
                 on_update=scheduler.step_update, ema=ema,
                 before_update=lambda: training.drop_backbone_grads(model) if state.frozen else None)
-    return FoldNets(model=model, net=maybe_compile(cfg, net), ema=ema, norm=Normalize(*stats).to(device), stats=stats,
+    return FoldNets(model=model, net=maybe_compile(t, net), ema=ema, norm=Normalize(*stats).to(device), stats=stats,
                     optimizer=optimizer, scheduler=scheduler, step=step,
                     criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights, margins, t.ldam_scale).to(device),
                     mixup=training.build_mixup(t, n_classes, per_row_targets=data.targets is not None),
@@ -285,10 +313,10 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
     schedule step and numbers."""
     from timm.data.mixup import mixup_target
 
-    t, n, data = r.cfg.train, r.nets, r.data
+    t, n, data = r.job.train, r.nets, r.data
     # the epoch's switches (functions of the epoch, so a resumed run agrees): seeding, the sampler's order, the
     # deferred re-weighting, BatchNorm layers kept frozen, the head warm-up, whether this epoch mixes
-    training.seed_epoch(r.cfg.seed, epoch)
+    training.seed_epoch(r.job.seed, epoch)
     data.batches.set_epoch(epoch)
     n.net.train()
     if t.drw_epoch is not None:
@@ -300,7 +328,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
     if r.state.frozen and t.freeze_bn:
         training.backbone_bn_eval(n.model)
     mixing = n.mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
-    fmt, n_classes = memory_format(r.cfg, r.device), len(data.counts)
+    fmt, n_classes = memory_format(r.job.train, r.device), len(data.counts)
 
     def loss(batch):  # forward and loss of one batch (timm's task): (mean loss, images)
         x, y = batch
@@ -341,17 +369,16 @@ def _test_hooks(r: FoldRun, epoch: int, batches, loss, n_batches: int):
     return batches, loss
 
 
-def kept_sources(cfg: Config, has_ema: bool) -> tuple[str, ...]:
-    """The weights a fold may output. select=last: one, fixed before training (EMA when train.ema), so no
-    choice is made on the held-out rows; select=best: raw and EMA, the better on the held-out rows."""
-    if cfg.train.select == "last":
+def kept_sources(select: str, has_ema: bool) -> tuple[str, ...]:
+    """The weights a fold may output. select=last (train.select): one, fixed before training (EMA when train.ema),
+    so no choice is made on the held-out rows; select=best: raw and EMA, the better on the held-out rows."""
+    if select == "last":
         return ("ema",) if has_ema else ("raw",)
     return ("raw", "ema") if has_ema else ("raw",)
 
 
-def held_out_choices(cfg: Config) -> list[str]:
+def held_out_choices(t: TrainCfg) -> list[str]:
     """What stage 2 chooses on a fold's held-out rows, the rows its CV is then scored on (empty: nothing)."""
-    t = cfg.train
     return ((["epoch"] + (["raw/EMA weights"] if t.ema else []) if t.select == "best" else [])
             + ([f"early stop (patience {t.patience})"] if t.patience is not None else []))
 
@@ -359,17 +386,17 @@ def held_out_choices(cfg: Config) -> list[str]:
 def validate(r: FoldRun, epoch: int, row: dict) -> None:
     """Score the raw and the EMA weights on the held-out rows (history); keep the weights the fold may output:
     each epoch's (select=last) or the best epoch's (select=best)."""
-    cfg, n, d = r.cfg, r.nets, r.data
-    fmt = memory_format(cfg, r.device)
+    job, n, d = r.job, r.nets, r.data
+    fmt = memory_format(job.train, r.device)
     logits = {"raw": predict(n.model, d.valid_loader, n.norm, r.device, r.dtype, fmt)}
     if n.ema is not None:
         logits["ema"] = predict(n.ema.module, d.valid_loader, n.norm, r.device, r.dtype, fmt)
     logits = {s: _gather_rows(r.dist, d.va_idx, v, len(d.y_va)) for s, v in logits.items()}
     if not np.isfinite(logits["raw"]).all():
         raise _diverged(r.label, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
-    kept = kept_sources(cfg, n.ema is not None)
+    kept = kept_sources(job.train.select, n.ema is not None)
     for src, lg in logits.items():
-        m = compute(d.y_va, None, d.counts, cfg.eval.many_shot, cfg.eval.few_shot, cfg.eval.scorer,
+        m = compute(d.y_va, None, d.counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer,
                     rows=row_scores(d.y_va, logits=lg))
         prefix = "" if src == "raw" else "ema_"
         if src == "raw":
@@ -378,7 +405,7 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
         best = r.state.best
         if not r.dist.main or src not in kept:
             continue
-        if cfg.train.select == "last" or better(m["score"], best[src]["score"], cfg.eval.scorer):
+        if job.train.select == "last" or better(m["score"], best[src]["score"], job.eval.scorer):
             best[src] = {"score": m["score"], "epoch": epoch + 1}
             state = n.ema.module.state_dict() if src == "ema" else n.model.state_dict()
             write_state_dict(r.paths.best(src), state, {"epoch": epoch + 1, "source": src})
@@ -387,7 +414,7 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
 
 def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
     """Checkpoint, history and the epoch's log line (main process)."""
-    cfg, t = r.cfg, r.cfg.train
+    job, t = r.job, r.job.train
     r.state.history.append(row)
     if not r.dist.main:
         return
@@ -400,7 +427,7 @@ def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
         log.info("full fit epoch %d/%d (of %d scheduled)  lr %.2e  train loss %.4f  %.0f img/s  %.1fs", epoch + 1,
                  r.epochs, t.epochs, row["lr"], row["train_loss"], row["images_per_s"], row["seconds"])
         return
-    metric = cfg.eval.scorer
+    metric = job.eval.scorer
     extra = f" ema {row['ema_score']:.4f}" if r.nets.ema is not None else ""
     if metric != "balanced_accuracy":
         extra += f"  bal.acc {row['balanced_accuracy']:.4f}"
@@ -412,16 +439,16 @@ def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
 def stop_early(r: FoldRun, epoch: int) -> bool:
     """`train.patience`: no better metric (raw or EMA) in the last `patience` epochs ends the fold before
     `epoch` (judged from the kept best epochs, so a resumed run stops where an uninterrupted one would)."""
-    p = r.cfg.train.patience
+    p = r.job.train.patience
     if p is None or epoch == 0 or r.full:
         return False
-    last_better = best_epoch(r.state.history, r.cfg.eval.scorer) if r.dist.main else 0
+    last_better = best_epoch(r.state.history, r.job.eval.scorer) if r.dist.main else 0
     stop = bool(r.dist.broadcast(r.dist.main and epoch - last_better >= p))
     if stop:
         r.state.stopped_epoch = epoch
         if r.dist.main:
             log.info("fold %d: early stop after epoch %d of %d (no better %s for %d epochs; best at epoch %d)", r.k,
-                     epoch, r.cfg.train.epochs, r.cfg.eval.scorer, p, last_better)
+                     epoch, r.job.train.epochs, r.job.eval.scorer, p, last_better)
     return stop
 
 
@@ -438,23 +465,23 @@ def best_epoch(history: list[dict], metric: str) -> int:
 
 
 # ----------------------------------------------------------------------------- a unit from start to end
-def train_unit(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
+def train_unit(job: Job, df: pd.DataFrame, classes: list, k: int, force: bool, dist: Dist) -> dict:
     """Fold k, or the full-data model (k = FULL_FIT): skip when up to date, resume when interrupted, train its
     epochs (a fold validates each and may stop early), then write its weights and summary (main process)."""
-    choices = fold_choices(cfg) if k == FULL_FIT else None
-    paths = cfg.run_dir.unit(k)
-    rec = full_record(cfg, choices) if k == FULL_FIT else train_record(cfg)
+    choices = fold_choices(job.run, job.n_splits, job.rec) if k == FULL_FIT else None
+    paths = job.run.unit(k)
+    rec = full_record(job.rec, choices) if k == FULL_FIT else job.rec
     done, resume = resume_or_skip(paths, rec, "full fit" if k == FULL_FIT else f"fold {k}", force, dist)
     if done is not None:
         return done
-    r = set_up(cfg, df, len(classes), k, dist, paths, rec)
+    r = set_up(job, df, len(classes), k, dist, paths, rec)
     if r.full:
         r.epochs = rec["full_fit"]["epochs"]
     if resume is not None:
         restore(r, resume)
     if dist.main:
         log.info(_describe(r, len(classes), choices))
-    tracker = Tracker(cfg, "full" if r.full else k) if dist.main and cfg.train.tracker != "none" else None
+    tracker = Tracker(job.tracking, "full" if r.full else k) if dist.main and job.train.tracker != "none" else None
     for epoch in range(r.state.start_epoch, r.epochs):
         if stop_early(r, epoch):
             break
@@ -473,21 +500,21 @@ def train_unit(cfg: Config, df: pd.DataFrame, classes: list, k: int, force: bool
 
 
 def _describe(r: FoldRun, n_classes: int, choices: list[dict] | None) -> str:
-    cfg, d = r.cfg, r.data
+    job, d = r.job, r.data
     if r.full:
         plan = r.rec["full_fit"]
-        return (f"full fit: {cfg.model.arch} on all {len(d.y_tr)} images, {plan['epochs']} of {cfg.train.epochs} "
+        return (f"full fit: {job.model.arch} on all {len(d.y_tr)} images, {plan['epochs']} of {job.train.epochs} "
                 f"scheduled epochs (the folds chose epochs {[c['epoch'] for c in choices]}), {plan['source']} weights")
     extra = f" + {d.targets.n_pseudo} pseudo-labelled test images" if d.targets is not None else ""
-    return (f"fold {r.k}: {cfg.model.arch}, {len(d.y_tr)} train{extra} / {len(d.y_va)} valid images, {n_classes} "
-            f"classes, {len(d.batches) // cfg.train.accum_steps} steps/epoch, device {r.device}"
+    return (f"fold {r.k}: {job.model.arch}, {len(d.y_tr)} train{extra} / {len(d.y_va)} valid images, {n_classes} "
+            f"classes, {len(d.batches) // job.train.accum_steps} steps/epoch, device {r.device}"
             f"{f', AMP {r.dtype}' if r.dtype else ''}{f', {r.dist.world} processes' if r.dist.world > 1 else ''}")
 
 
 def _summary(r: FoldRun, **fields) -> dict:
     """The summary fields of a fold and of the full-data model; written last, it marks the unit complete."""
-    cfg, d = r.cfg, r.data
-    return {**fields, "arch": cfg.model.arch, "num_classes": len(d.counts), "img_size": cfg.aug.img_size,
+    job, d = r.job, r.data
+    return {**fields, "arch": job.model.arch, "num_classes": len(d.counts), "img_size": job.aug.img_size,
             "mean": r.nets.stats[0], "std": r.nets.stats[1], "epochs_trained": len(r.state.history),
             **({} if r.full else {"stopped_early_after": r.state.stopped_epoch, "teacher": _teacher_summary(r)}),
             "n_train": int(len(d.y_tr)), "n_valid": int(len(d.y_va)), "train_counts": d.counts.tolist(),
@@ -495,7 +522,7 @@ def _summary(r: FoldRun, **fields) -> dict:
 
 
 def _teacher_summary(r: FoldRun) -> dict | None:
-    t = r.cfg.train
+    t = r.job.train
     if r.data.targets is None:
         return None
     return {"pseudo_images": r.data.targets.n_pseudo, "pseudo_from": t.pseudo.teacher or None,
@@ -505,24 +532,24 @@ def _teacher_summary(r: FoldRun) -> dict | None:
 def finish(r: FoldRun) -> dict:
     """Keep the fold's output weights (select=last: the fixed source; best: the better of raw and EMA on the
     held-out rows); write the summary last."""
-    cfg, best = r.cfg, r.state.best
-    kept = kept_sources(cfg, r.nets.ema is not None)
+    job, best = r.job, r.state.best
+    kept = kept_sources(job.train.select, r.nets.ema is not None)
     chosen = kept[0]
-    if len(kept) == 2 and better(best["ema"]["score"], best["raw"]["score"], cfg.eval.scorer):
+    if len(kept) == 2 and better(best["ema"]["score"], best["raw"]["score"], job.eval.scorer):
         chosen = "ema"
     for src, dst in ((r.paths.best(chosen), r.paths.weights), (r.paths.oof_of(chosen), r.paths.oof)):
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
     oof = np.load(r.paths.oof)
-    final = compute(r.data.y_va, None, r.data.counts, cfg.eval.many_shot, cfg.eval.few_shot,
-                    cfg.eval.scorer, rows=row_scores(r.data.y_va, logits=oof["logits"]))
+    final = compute(r.data.y_va, None, r.data.counts, job.eval.many_shot, job.eval.few_shot,
+                    job.eval.scorer, rows=row_scores(r.data.y_va, logits=oof["logits"]))
     summary = _summary(r, fold=r.k, chosen=chosen, epoch=best[chosen]["epoch"], score=final["score"],
-                       metric=cfg.eval.scorer, metrics=final, best=best,
-                       chosen_on_held_out=held_out_choices(cfg))
+                       metric=job.eval.scorer, metrics=final, best=best,
+                       chosen_on_held_out=held_out_choices(job.train))
     fault_point("train:before-summary")
     keep_image_snapshots(r.rec)
     write_json(r.paths.summary, summary)
-    log.info("fold %d done: %s weights of epoch %d, %s %.4f", r.k, chosen, summary["epoch"], cfg.eval.scorer,
+    log.info("fold %d done: %s weights of epoch %d, %s %.4f", r.k, chosen, summary["epoch"], job.eval.scorer,
              summary["score"])
     return summary
 
@@ -533,7 +560,7 @@ def finish_full(r: FoldRun) -> dict:
     model = n.ema.module if plan["source"] == "ema" and n.ema is not None else n.model
     write_state_dict(r.paths.weights, model.state_dict(), {"epoch": plan["epochs"], "source": plan["source"]})
     summary = _summary(r, fold="full", chosen=plan["source"], epoch=plan["epochs"], score=None,
-                       metric=r.cfg.eval.scorer, cv="none: trained on every row")
+                       metric=r.job.eval.scorer, cv="none: trained on every row")
     fault_point("train:before-full-summary")
     keep_image_snapshots(r.rec)
     write_json(r.paths.summary, summary)
@@ -580,7 +607,7 @@ def _save_checkpoint(r: FoldRun, epoch: int) -> None:
 # ----------------------------------------------------------------------------- entry
 def status(cfg: Config) -> list[str]:
     """Why stage 2 would do work now (empty: every fold is up to date)."""
-    df, _ = read_folds(cfg)
+    df, _ = read_folds(cfg.folds_name)
     rec, reasons = train_record(cfg), []
     for k in range(int(df["fold"].max()) + 1):
         fd = cfg.run_dir.fold(k)
@@ -589,28 +616,29 @@ def status(cfg: Config) -> list[str]:
         else:
             reasons += stale_reasons(fd.summary, rec, f"fold {k}: ")
     if cfg.train.full_fit:
-        choices = fold_choices(cfg)
+        choices = fold_choices(cfg.run_dir, cfg.folds.n_splits, rec)
         if choices is None:
             reasons.append("full fit: waits for every fold")
         else:
-            reasons += stale_reasons(cfg.run_dir.full.summary, full_record(cfg, choices), "full fit: ")
+            reasons += stale_reasons(cfg.run_dir.full.summary, full_record(rec, choices), "full fit: ")
     return reasons
 
 
 def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | None = None) -> list[dict]:
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
     n_splits = int(df["fold"].max()) + 1
     if fold is not None and not 0 <= fold < n_splits:
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
     folds = [fold] if fold is not None else list(range(n_splits))
     dist = Dist.from_env(torch.cuda.is_available() and cfg.device != "cpu")
     if gpus:
-        summaries = _run_parallel(cfg, folds, force, gpus)
-        _maybe_full(cfg, df, classes, force, dist)  # one model: trained here, on the first GPU
+        summaries = _run_parallel(config_to_yaml(cfg), cfg.run_dir, folds, force, gpus)
+        print_fold_table(cfg.experiment, cfg.eval.scorer, cfg.train, summaries)
+        _maybe_full(Job.of(cfg), df, classes, force, dist)  # one model: trained here, on the first GPU
         return summaries
     if cfg.model.pretrained_path:  # refused (a pickle that is not plain tensors, weights of another model)
         create_model(cfg.model, len(classes))  # before anything is written
-    train_record(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
+    job = Job.of(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
     if dist.main:
         write_text(cfg.run_dir.config, config_to_yaml(cfg))
         write_json(cfg.run_dir.classes, classes)
@@ -619,50 +647,51 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
     for k in folds:
         lock = experiment_lock(cfg.run_dir.fold(k).dir) if dist.main else nullcontext()
         with lock:
-            summaries.append(train_unit(cfg, df, classes, k, force, dist))
+            summaries.append(train_unit(job, df, classes, k, force, dist))
     if dist.main:
-        print_fold_table(cfg, summaries)
-    _maybe_full(cfg, df, classes, force, dist)
+        print_fold_table(cfg.experiment, cfg.eval.scorer, cfg.train, summaries)
+    _maybe_full(job, df, classes, force, dist)
     return summaries
 
 
-def _maybe_full(cfg: Config, df: pd.DataFrame, classes: list, force: bool, dist: Dist) -> None:
+def _maybe_full(job: Job, df: pd.DataFrame, classes: list, force: bool, dist: Dist) -> None:
     """train.full_fit: the full-data model, once every fold is finished from the current settings."""
-    if not cfg.train.full_fit:
+    if not job.train.full_fit:
         return
-    choices = fold_choices(cfg)
+    choices = fold_choices(job.run, job.n_splits, job.rec)
     if choices is None:
         if dist.main:
             log.info("full fit waits for every fold to finish (./run.sh train without --fold trains it)")
         return
-    with experiment_lock(cfg.run_dir.full.dir) if dist.main else nullcontext():
-        train_unit(cfg, df, classes, FULL_FIT, force, dist)
+    with experiment_lock(job.run.full.dir) if dist.main else nullcontext():
+        train_unit(job, df, classes, FULL_FIT, force, dist)
 
 
-def print_fold_table(cfg: Config, summaries: list[dict]) -> None:
-    rows = [{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"], cfg.eval.scorer: s["score"],
+def print_fold_table(experiment: str, metric: str, t: TrainCfg, summaries: list[dict]) -> None:
+    rows = [{"fold": s["fold"], "weights": s["chosen"], "epoch": s["epoch"], metric: s["score"],
              "macro_f1": s["metrics"]["macro_f1"], "bal_acc": s["metrics"]["balanced_accuracy"],
              "few_acc": s["metrics"]["few_acc"], "minutes": s["seconds"] / 60} for s in summaries]
-    t = pd.DataFrame(rows).astype({"fold": str})
-    if len(t) > 1:
-        num = t.drop(columns=["fold", "weights"])
+    table = pd.DataFrame(rows).astype({"fold": str})
+    if len(table) > 1:
+        num = table.drop(columns=["fold", "weights"])
         extra = [{"fold": "mean", "weights": "", **num.mean().to_dict()},
                  {"fold": "std", "weights": "", **num.std(ddof=0).to_dict()}]
-        t = pd.concat([t, pd.DataFrame(extra)], ignore_index=True)
-    log.info("experiment %s, stage 2 per fold:\n%s", cfg.experiment, t.to_string(index=False, float_format="%.4f"))
-    chosen = held_out_choices(cfg)
+        table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+    log.info("experiment %s, stage 2 per fold:\n%s", experiment, table.to_string(index=False, float_format="%.4f"))
+    chosen = held_out_choices(t)
     if chosen:
         log.warning("experiment %s: %s chosen on each fold's held-out rows, the rows its CV is scored on: this CV "
                     "and every later one of the experiment are optimistic (the leaderboard marks them and ranks them "
-                    "last); train.select=last without train.patience chooses nothing there", cfg.experiment,
+                    "last); train.select=last without train.patience chooses nothing there", experiment,
                     " and ".join(chosen))
 
 
-def _run_parallel(cfg: Config, folds: list[int], force: bool, gpus: str) -> list[dict]:
-    """One fold per GPU at a time (folds are independent), each in its own `pipeline train --fold k` process."""
+def _run_parallel(resolved_yaml: str, run: RunDir, folds: list[int], force: bool, gpus: str) -> list[dict]:
+    """One fold per GPU at a time (folds are independent), each in its own `pipeline train --fold k` process
+    (`resolved_yaml`: the config, resolved)."""
     devices = [g.strip() for g in gpus.split(",") if g.strip()]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(config_to_yaml(cfg))
+        f.write(resolved_yaml)
         resolved = f.name
     jobs = [(k, [sys.executable, "-m", "pipeline", "train", "--config", resolved, "--fold", str(k)]
              + (["--force"] if force else [])) for k in folds]
@@ -672,6 +701,4 @@ def _run_parallel(cfg: Config, folds: list[int], force: bool, gpus: str) -> list
         Path(resolved).unlink()
     if failed:
         raise PipelineError(f"fold(s) {failed} failed; see their messages above")
-    summaries = [read_json(cfg.run_dir.fold(k).summary) for k in folds]
-    print_fold_table(cfg, summaries)
-    return summaries
+    return [read_json(run.fold(k).summary) for k in folds]

@@ -85,10 +85,10 @@ def batches(cfg: Config, n: int, device: torch.device):
         from ..core.inputs.data import read_folds
         from ..core.inputs.images import ImageDataset
 
-        df, classes = read_folds(cfg)
+        df, classes = read_folds(cfg.folds_name)
         rows = np.resize(np.arange(len(df)), n * b)
         ds = ImageDataset(open_store(pixels(cfg), df["path"]).subset(rows), df["y"].values[rows], train_transform(pixels(cfg)))
-        return make_loader(ds, batch_size=b, n_workers=workers(cfg), cuda=device.type == "cuda"), len(classes)
+        return make_loader(ds, batch_size=b, n_workers=workers(cfg.train), cuda=device.type == "cuda"), len(classes)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=g),
              torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
@@ -105,15 +105,15 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
         torch.cuda.reset_peak_memory_stats(device)
     data, n_classes = batches(c, steps + 2, device)
     torch.manual_seed(0)
-    model = prepare_model(c, create_model(c.model, n_classes, pretrained=False), device)
+    model = prepare_model(c.train, create_model(c.model, n_classes, pretrained=False), device)
     norm = Normalize(*norm_stats(c.model, model)).to(device)
-    dtype, fmt = amp_dtype(c.train.amp, device), memory_format(c, device)
+    dtype, fmt = amp_dtype(c.train.amp, device), memory_format(c.train, device)
     probe = torch.randint(0, 256, (8, c.aug.img_size, c.aug.img_size, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(1))
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = maybe_compile(c, net)
+    net = maybe_compile(c.train, net)
     with torch.no_grad():  # the untrained weights through this mode (compiled too): compared with fp32's
         net.eval()
         with autocast(device, dtype):
@@ -237,7 +237,7 @@ def largest_batch(cfg: Config, mode: Mode, limit: int = 8) -> int | None:
 def configured_mode(cfg: Config, device: torch.device) -> Mode:
     dtype = amp_dtype(cfg.train.amp, device)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype]
-    cl = "on" if memory_format(cfg, device) == torch.channels_last else "off"
+    cl = "on" if memory_format(cfg.train, device) == torch.channels_last else "off"
     return Mode("configured", amp, cl, cfg.train.compile)
 
 

@@ -65,7 +65,7 @@ def _data_and_loss(cfg: Config, df: pd.DataFrame, rows: np.ndarray, n_classes: i
     ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(pixels(cfg)), seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                                         generator=gen, num_workers=workers(cfg),
+                                         generator=gen, num_workers=workers(cfg.train),
                                          pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {cfg.train.batch_size}")
@@ -76,14 +76,14 @@ def _data_and_loss(cfg: Config, df: pd.DataFrame, rows: np.ndarray, n_classes: i
 
 
 def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
-    df, classes = read_folds(cfg)
+    df, classes = read_folds(cfg.folds_name)
     rows = np.flatnonzero(df["fold"].values != fold)
     if not len(rows):
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has no such fold")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, Dist())
     dtype = amp_dtype(cfg.train.amp, device)
-    model = prepare_model(cfg, create_model(cfg.model, len(classes)), device).train()
+    model = prepare_model(cfg.train, create_model(cfg.model, len(classes)), device).train()
     norm = Normalize(*norm_stats(cfg.model, model)).to(device)
     from timm.optim import create_optimizer_v2
 
@@ -92,7 +92,7 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
     loader, criterion = _data_and_loss(cfg, df, rows, len(classes), device)
     lrs, losses = [], []
     factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
-    fmt = memory_format(cfg, device)
+    fmt = memory_format(cfg.train, device)
 
     def set_lr(n: int) -> None:  # after update n, the lr of step n + 1 (the optimiser starts at START_LR)
         for g in opt.param_groups:

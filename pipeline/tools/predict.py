@@ -34,7 +34,8 @@ from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.inputs.images import ImageStore
-from ..core.predict.inference import TestMean, joint_head, parse_view, policy_probs, predict_policy
+from ..core.inputs.pixels import pixels
+from ..core.predict.inference import Loading, TestMean, joint_head, parse_view, policy_probs, predict_policy
 from ..core.predict.metrics import GREATER_IS_BETTER
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, pick_device, prepare_model
@@ -60,6 +61,9 @@ class Member:
         """(fold index or FULL_FIT, share of the test mean) of every model of the member."""
         full = self.info.get("full")
         return [(k, 1.0) for k in range(self.folds)] + ([(layout.FULL_FIT, full["weight"])] if full else [])
+
+    def loading(self, device) -> Loading:
+        return Loading.of(pixels(self.cfg), self.cfg.infer, self.cfg.train, device)
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -95,7 +99,7 @@ def fold_model(m: Member, k: int, device, fixres: bool = False) -> tuple[torch.n
     """Fold k's (or the full-data model's) model, plain or FixRes-tuned, its input normalisation and head."""
     weights = m.files.fixres_weights(k) if fixres else m.files.weights(k)
     model = models.load_trained(m.cfg.model, weights, m.info["num_classes"]).to(device)
-    prepare_model(m.cfg, model, device)
+    prepare_model(m.cfg.train, model, device)
     f = m.info["full"] if k == layout.FULL_FIT else m.info["folds"][k]
     norm = models.Normalize(f["mean"], f["std"]).to(device)
     head = joint_head(model) if m.info["head_in_weights"] else Head.load(m.files.head(k))[0]
@@ -113,7 +117,7 @@ def predict_member(m: Member, store: ImageStore, device, bar: Progress) -> np.nd
             if not at:
                 continue
             model, norm, heads = fold_model(m, k, device, fixres)
-            out = predict_policy(m.cfg, model, norm, heads, store, [m.policy[i] for i in at], device, dtype,
+            out = predict_policy(m.loading(device), model, norm, heads, store, [m.policy[i] for i in at], device, dtype,
                                  on_batch=bar.update)
             mean.add(at, out[m.info["head"]], weight)
     return policy_probs(mean.result(), m.policy, m.policy, m.info["merge"])
@@ -125,10 +129,11 @@ def view_costs(m: Member, store: ImageStore, device, n: int) -> dict[str, float]
     dtype = amp_dtype(m.cfg.train.amp, device)
     sub = store.subset(np.arange(min(n, len(store))))
     costs = {}
-    predict_policy(m.cfg, model, norm, heads, store.subset(np.arange(min(2, len(store)))), ["orig@1"], device, dtype)
+    predict_policy(m.loading(device), model, norm, heads, store.subset(np.arange(min(2, len(store)))), ["orig@1"], device,
+                   dtype)
     for v in m.policy:
         t0 = time.perf_counter()
-        predict_policy(m.cfg, model, norm, heads, sub, [v], device, dtype)
+        predict_policy(m.loading(device), model, norm, heads, sub, [v], device, dtype)
         costs[v] = (time.perf_counter() - t0) / len(sub)
     return costs
 

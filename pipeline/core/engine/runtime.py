@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..config import Config
+from ..config import TrainCfg
 from .distributed import Dist
 from ..errors import PipelineError
 
@@ -43,39 +43,39 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def memory_format(cfg: Config, device: torch.device | None = None) -> torch.memory_format:
+def memory_format(train: TrainCfg, device: torch.device | None = None) -> torch.memory_format:
     """channels_last on GPU by default; on CPU only when asked (fp32 convolutions are slower in NHWC
     there, and bf16 + NHWC is not bit-identical from run to run)."""
-    on = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device is not None
+    on = train.channels_last == "on" or (train.channels_last == "auto" and device is not None
                                               and device.type == "cuda")
     return torch.channels_last if on else torch.contiguous_format
 
 
-def prepare_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def prepare_model(train: TrainCfg, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model on its device in the configured memory format (the same on CPU and GPU)."""
-    return model.to(device=device, memory_format=memory_format(cfg, device))
+    return model.to(device=device, memory_format=memory_format(train, device))
 
 
-def maybe_compile(cfg: Config, net: torch.nn.Module) -> torch.nn.Module:
+def maybe_compile(train: TrainCfg, net: torch.nn.Module) -> torch.nn.Module:
     """torch.compile where asked (inductor: a C++ compiler on CPU, Triton on GPU)."""
-    return torch.compile(net) if cfg.train.compile else net
+    return torch.compile(net) if train.compile else net
 
 
-def set_backend_flags(cfg: Config, device: torch.device) -> None:
+def set_backend_flags(train: TrainCfg, device: torch.device) -> None:
     """cuDNN autotuning and TF32 (GPU only; CPU runs are deterministic with a fixed seed anyway).
     deterministic auto/off: cudnn.benchmark picks the fastest kernels (runs are then not bitwise
     reproducible on GPU); on: deterministic cuDNN kernels, slower."""
     if device.type != "cuda":
         return
     torch.cuda.set_device(device)
-    torch.backends.cudnn.benchmark = cfg.train.deterministic != "on"
-    torch.backends.cudnn.deterministic = cfg.train.deterministic == "on"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.benchmark = train.deterministic != "on"
+    torch.backends.cudnn.deterministic = train.deterministic == "on"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train.tf32
 
 
-def workers(cfg: Config) -> int:
-    if cfg.train.workers is not None:
-        return cfg.train.workers
+def workers(train: TrainCfg) -> int:
+    if train.workers is not None:
+        return train.workers
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 

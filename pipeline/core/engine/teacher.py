@@ -30,12 +30,12 @@ import torch
 
 from ..files import layout
 from ..nets import models
-from ..files.artifacts import read_json, read_npz, sha256_file, sha256_obj, up_to_date, write_json, write_npz
+from ..files.artifacts import read_json, read_npz, sha256_obj, up_to_date, write_json, write_npz
 from ..inputs.augment import open_store
-from ..config import Config, flatten, load_config
+from ..config import Config, DistillCfg, InferCfg, PseudoCfg, RebalanceCfg, TrainCfg, flatten, load_config
 from ..errors import PipelineError
 from ..nets.heads import Head, heads_with_choices, median_choices
-from ..predict.inference import (candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy,
+from ..predict.inference import (Loading, candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy,
                                  tta_names)
 from ..predict.metrics import softmax
 from ..predict.submission import Member, combine
@@ -117,17 +117,18 @@ def check_folds(t: Teacher, folds_sha: str) -> None:
 
 
 # ----------------------------------------------------------------------------- fold-k predictions
-def leak_free_head(mcfg: Config, run: layout.RunDir, k: int, variant: str, n_classes: int) -> Head:
+def leak_free_head(rebalance: RebalanceCfg, seed: int, run: layout.RunDir, k: int, n_splits: int, variant: str,
+                   n_classes: int) -> Head:
     """Fold k's head of a stage-3 variant (not joint: that is the model's own classifier) with its tuned value
     taken from the other folds' choices (see above), refit on fold k's training features."""
-    others = [read_json(run.fold(j).rebalance_summary) for j in range(mcfg.folds.n_splits) if j != k]
+    others = [read_json(run.fold(j).rebalance_summary) for j in range(n_splits) if j != k]
     chosen = median_choices([variant], others)
-    r = dataclasses.replace(mcfg.rebalance, variants=[variant])
+    r = dataclasses.replace(rebalance, variants=[variant])
     feats = read_npz(run.fold(k).features)
-    return heads_with_choices(r, feats, n_classes, chosen, mcfg.seed + k)[variant]
+    return heads_with_choices(r, feats, n_classes, chosen, seed + k)[variant]
 
 
-def member_policy(mcfg: Config, s4: dict, plain: bool, k: int) -> list[str]:
+def member_policy(infer: InferCfg, s4: dict, plain: bool, k: int) -> list[str]:
     """The views of fold k's targets: a searched policy as chosen without fold k's rows (stage 4's per-fold
     choice; outputs older than it fall back to the configured views), else the policy."""
     if plain:
@@ -135,7 +136,7 @@ def member_policy(mcfg: Config, s4: dict, plain: bool, k: int) -> list[str]:
     if s4.get("fold_policies"):
         return list(s4["fold_policies"][k])
     if s4.get("searched"):  # chosen on every OOF row: use the configured views instead
-        return default_policy(mcfg, tta_names(mcfg))
+        return default_policy(infer, tta_names(infer))
     return list(s4["policy"])
 
 
@@ -157,14 +158,17 @@ def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], 
     classes = read_json(run.classes)
     C = len(classes)
     stage2 = read_json(run.fold(k).summary)
-    policy = member_policy(mcfg, s4, plain, k)
+    policy = member_policy(mcfg.infer, s4, plain, k)
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     dtype = None  # fp32: targets do not depend on the machine's autocast support
     out = {part: np.zeros((len(policy), len(p), C), np.float64) for part, p in paths.items()}
-    stores = {part: open_store(pixels(mcfg), p) for part, p in paths.items() if len(p)}
+    px = pixels(mcfg)
+    load = Loading.of(px, mcfg.infer, mcfg.train, device)
+    stores = {part: open_store(px, p) for part, p in paths.items() if len(p)}
     if head == "best":  # fold k's best head, chosen on the other folds (stage 4's nested choice)
         head = s4["best"]["per_fold"][k]
-    fitted = None if head == "joint" else leak_free_head(mcfg, run, k, head, C)  # the same for plain and FixRes
+    fitted = None if head == "joint" else leak_free_head(mcfg.rebalance, mcfg.seed, run, k, mcfg.folds.n_splits,
+                                                                         head, C)  # the same for plain and FixRes
     for fixres in (False, True):
         at = [i for i, v in enumerate(policy) if parse_view(v)[2] == fixres]
         if not at:
@@ -175,7 +179,7 @@ def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], 
         model = models.load_trained(mcfg.model, weights, C).to(device).eval()
         heads = {head: fitted if fitted is not None else joint_head(model)}
         for part, store in stores.items():
-            out[part][at] = predict_policy(mcfg, model, norm, heads, store, [policy[i] for i in at], device,
+            out[part][at] = predict_policy(load, model, norm, heads, store, [policy[i] for i in at], device,
                                            dtype)[head]
     return {part: policy_probs(lg, policy, policy, s4["merge"]) if lg.shape[1] else np.zeros((0, C))
             for part, lg in out.items()}
@@ -224,16 +228,16 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- a student's targets
-def fold_targets(cfg: Config, df, k: int, test, dist, device, teacher_rec: dict) -> dict:
+def fold_targets(train: TrainCfg, fd: layout.FoldDir, folds_sha: str, df, k: int, test, dist, device,
+                 teacher_rec: dict) -> dict:
     """The teachers' fold-k probabilities for the student's fold k: pseudo_test, distill_train, distill_test,
     as needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record
     (`teacher_rec`: the stage-2 record's "teacher" entry). The full-data model (k = FULL_FIT) has no held-out rows
     to leak into: the teachers' stage-4/5 predictions serve it."""
-    fd = cfg.run_dir.unit(k)
     rec = {"teacher": teacher_rec, "fold": k}
     if dist.main and not up_to_date(fd.teacher_meta, rec):
         t0 = time.perf_counter()
-        out = _teacher_targets(cfg, df, k, test, device, sha256_file(cfg.folds_csv))
+        out = _teacher_targets(train.pseudo, train.distill, df, k, test, device, folds_sha)
         write_npz(fd.teacher_targets, **{n: v.astype(np.float32) for n, v in out.items()})
         write_json(fd.teacher_meta, {"made_from": rec, "seconds": time.perf_counter() - t0})
         log.info("%s: teacher targets from its fold-%s models in %.1fs (%s)", fd.name, k, time.perf_counter() - t0,
@@ -242,11 +246,10 @@ def fold_targets(cfg: Config, df, k: int, test, dist, device, teacher_rec: dict)
     return read_npz(fd.teacher_targets)
 
 
-def _teacher_targets(cfg: Config, df, k: int, test, device, folds_sha: str) -> dict[str, np.ndarray]:
+def _teacher_targets(p: PseudoCfg, d: DistillCfg, df, k: int, test, device, folds_sha: str) -> dict[str, np.ndarray]:
     full = k == layout.FULL_FIT
     tr_paths = list(df["path"][df["fold"] != k])
     test_paths = list(test["path"]) if test is not None else []
-    p, d = cfg.train.pseudo, cfg.train.distill
     out = {}
 
     def by_id(ids_probs, want):  # rows of (ids, probs) in the order of `want`

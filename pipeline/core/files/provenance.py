@@ -22,7 +22,7 @@ from pathlib import Path
 from . import layout
 from .artifacts import read_json, recorded, sha256_file, sha256_obj, up_to_date, write_json  # noqa: F401 (re-exported)
 from ..inputs.augment import pixel_record
-from ..config import SECTION_STAGE, Config, later_keys, schema
+from ..config import SECTION_STAGE, Config, DataCfg, TrainCfg, later_keys, schema
 from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
@@ -47,19 +47,19 @@ class ImageRecord(dict):
         return ImageRecord(dict(self), self.entries)
 
 
-def image_record(cfg: Config, paths) -> ImageRecord:
+def image_record(paths, hash_images: bool, looks: dict | None = None) -> ImageRecord:
     """What a stage's pixels were read from: (size, mtime_ns) of every image file, in order (cheap: one
-    stat per file), or with `data.hash_images` the sha256 of every file's bytes. A replaced image makes
+    stat per file), or with `hash_images` (data.hash_images) the sha256 of every file's bytes. A replaced image makes
     exactly the stages that read it stale; the per-file list is kept (keep_image_snapshots) so the
-    reason can name the files. Within a command (cfg.session.looks) each image set is looked at once."""
+    reason can name the files. Within a command (`looks`: Session.looks) each image set is looked at once."""
     paths = tuple(map(str, paths))
-    memo, key = cfg.session.looks, (paths, cfg.data.hash_images)
+    memo, key = looks, (paths, hash_images)
     if memo is not None and key in memo:
         return ImageRecord(memo[key], memo[key].entries)
     entries = []
     for p in paths:
         try:
-            if cfg.data.hash_images:
+            if hash_images:
                 entries.append([p, sha256_file(p)])
             else:
                 st = os.stat(p)
@@ -68,7 +68,7 @@ def image_record(cfg: Config, paths) -> ImageRecord:
             raise PipelineError(f"image {p} cannot be read: {e.strerror or e} (was it removed after stage 1? "
                                 f"restore it, or re-run ./run.sh folds --force)") from None
     digest = sha256_obj(entries)[:32]
-    rec = ImageRecord({"digest": digest, "n": len(entries), "content": bool(cfg.data.hash_images)}, entries)
+    rec = ImageRecord({"digest": digest, "n": len(entries), "content": bool(hash_images)}, entries)
     if memo is not None:
         memo[key] = rec
     return ImageRecord(rec, entries)
@@ -190,10 +190,11 @@ def _fold_paths(folds_csv: str, sha: str) -> tuple[str, ...]:
     return tuple(read_table(Path(folds_csv))["path"])
 
 
-def train_images(cfg: Config) -> dict:
+def train_images(folds_csv: Path, hash_images: bool, looks: dict | None = None) -> dict:
     """The image record of every train image of the folds file (each fold reads them all: its own rows
     to train, the held-out ones to score)."""
-    return image_record(cfg, _fold_paths(str(cfg.folds_csv), sha256_file(cfg.folds_csv)))
+    return image_record(_fold_paths(str(folds_csv), sha256_file(folds_csv)), hash_images, looks)
+
 
 
 # keys added after outputs already existed (the schema's `added`): at their default they are left out of records,
@@ -230,11 +231,11 @@ def train_record(cfg: Config) -> dict:
     rec = {s: recorded_keys(d[s], s, ("1", "2")) for s in TRAIN_SECTIONS}
     rec["seed"] = cfg.seed
     rec["folds_file"] = sha256_file(cfg.folds_csv)
-    rec["train_images"] = train_images(cfg)
+    rec["train_images"] = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
     rec["pixels"] = pixel_record(pixels(cfg))
     if cfg.train.select == "last":  # since 2026-12-02 a fixed source, no longer the better one on held-out rows
         rec["train"]["select"] = "last (EMA weights when train.ema)"
-    teacher = teacher_section(cfg)
+    teacher = teacher_section(cfg.train, cfg.folds.n_splits, cfg.data, cfg.session.looks)
     if teacher is not None:  # only then: records without a teacher stay as they were
         rec["teacher"] = teacher
     if cfg.model.pretrained_path:  # the weights' bytes, not only their file name (only then: older records stay)
@@ -243,56 +244,64 @@ def train_record(cfg: Config) -> dict:
     return rec
 
 
-def teacher_section(cfg: Config) -> dict | None:
+def teacher_section(train: TrainCfg, n_splits: int, data: DataCfg, looks: dict | None = None) -> dict | None:
     """train.pseudo / train.distill: their settings and what the teachers' targets are made from."""
     from ..engine.teacher import load_teacher, teacher_record
 
     out = {}
-    test = None
     for key in ("pseudo", "distill"):
-        part = getattr(cfg.train, key)
+        part = getattr(train, key)
         if not part.teacher:
             continue
-        out[key] = {**dataclasses.asdict(part), "record": teacher_record(load_teacher(part.teacher),
-                                                                          cfg.folds.n_splits)}
+        out[key] = {**dataclasses.asdict(part), "record": teacher_record(load_teacher(part.teacher), n_splits)}
         if key == "distill" and part.leaky_oof:
             out[key]["leaky"] = True
-    if cfg.train.pseudo.teacher:  # the test images are training images now
-        test = read_test_table(cfg.data)
+    if train.pseudo.teacher:  # the test images are training images now
+        test = read_test_table(data)
         out["test_ids"] = sha256_obj([str(i) for i in test["id"]])
-        out["test_images"] = image_record(cfg, test["path"])
+        out["test_images"] = image_record(test["path"], data.hash_images, looks)
     return out or None
 
 
-def stage2_summary(cfg: Config, k: int, n_classes: int, check_stale: bool = True) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    """What a finished stage-2 output must match: the architecture and class count, and (`rec`, None: not compared,
+    e.g. without the folds file) the record it was made from; `allow_stale` (--allow-stale) warns instead."""
+    arch: str
+    n_classes: int
+    rec: dict | None = None
+    allow_stale: bool = False
+
+
+def stage2_summary(run: layout.RunDir, k: int, want: Expect) -> dict:
     """Fold k's finished stage-2 record, refused when missing, of another architecture or class
-    count, or (when the folds file is at hand to compare with) trained from other inputs."""
-    path = cfg.run_dir.fold(k).summary
+    count, or (when `want.rec` is given) trained from other inputs."""
+    path = run.fold(k).summary
     if not path.exists():
-        raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no finished stage-2 output ({path}); "
+        raise PipelineError(f"fold {k} of experiment '{run.dir.name}' has no finished stage-2 output ({path}); "
                             f"run ./run.sh train --fold {k}")
-    return _trained(cfg, path, n_classes, train_record(cfg) if check_stale else None, "the fold's stage-2 weights")
+    return _trained(path, want, "the fold's stage-2 weights")
 
 
-def _trained(cfg: Config, path: Path, n_classes: int, rec: dict | None, what: str) -> dict:
-    """A finished stage-2 summary, refused when of another architecture or class count, or (`rec`) when made
-    from other inputs than `rec`."""
+def _trained(path: Path, want: Expect, what: str) -> dict:
+    """A finished stage-2 summary, refused when of another architecture or class count, or when made
+    from other inputs than `want.rec`."""
     s = read_json(path)
-    if s["num_classes"] != n_classes or s["arch"] != cfg.model.arch:
+    if s["num_classes"] != want.n_classes or s["arch"] != want.arch:
         raise PipelineError(f"{path}: trained as {s['arch']} with {s['num_classes']} classes, but the config "
-                            f"says {cfg.model.arch} with {n_classes} classes")
-    if rec is not None and not up_to_date(path, rec):
-        refuse_stale(f"{path} ({what})", describe_changes(s.get("made_from", {}), rec),
-                     "re-run ./run.sh train (or ./run.sh all), or restore the config", cfg.session.allow_stale)
+                            f"says {want.arch} with {want.n_classes} classes")
+    if want.rec is not None and not up_to_date(path, want.rec):
+        refuse_stale(f"{path} ({what})", describe_changes(s.get("made_from", {}), want.rec),
+                     "re-run ./run.sh train (or ./run.sh all), or restore the config", want.allow_stale)
     return s
 
 
-def fold_choices(cfg: Config) -> list[dict] | None:
+def fold_choices(run: layout.RunDir, n_splits: int, rec: dict) -> list[dict] | None:
     """What each fold's stage 2 chose (epoch, raw/EMA): the full-data fit repeats it. None until every fold
-    is finished from the current settings."""
-    rec, out = train_record(cfg), []
-    for k in range(cfg.folds.n_splits):
-        path = cfg.run_dir.fold(k).summary
+    is finished from the current settings (`rec`: the train record)."""
+    out = []
+    for k in range(n_splits):
+        path = run.fold(k).summary
         if not up_to_date(path, rec):
             return None
         s = read_json(path)
@@ -307,66 +316,68 @@ def full_plan(choices: list[dict]) -> dict:
     return {"epochs": low_median([c["epoch"] for c in choices]), "source": "ema" if 2 * ema >= len(choices) else "raw"}
 
 
-def full_record(cfg: Config, choices: list[dict]) -> dict:
-    return {**train_record(cfg), "full_fit": full_plan(choices), "fold_choices": choices}
+def full_record(train_rec: dict, choices: list[dict]) -> dict:
+    """The full-data model's record: the folds' train record, the plan it repeats and the choices behind it."""
+    return {**train_rec, "full_fit": full_plan(choices), "fold_choices": choices}
 
 
-def full_summary(cfg: Config, n_classes: int) -> dict | None:
-    """The finished full-data model's summary when train.full_fit is on and it is current; None when off.
-    Refused (like a stale fold) when on but missing or made from other settings."""
-    if not cfg.train.full_fit:
-        return None
-    path = cfg.run_dir.full.summary
-    choices = fold_choices(cfg)
+def full_summary(run: layout.RunDir, n_splits: int, want: Expect) -> dict:
+    """The finished full-data model's summary (train.full_fit) when it is current (`want.rec`: the folds' train
+    record). Refused (like a stale fold) when missing or made from other settings."""
+    path = run.full.summary
+    choices = fold_choices(run, n_splits, want.rec)
     if not path.exists() or choices is None:
-        raise PipelineError(f"train.full_fit is on but the full-data model of '{cfg.experiment}' is not finished "
+        raise PipelineError(f"train.full_fit is on but the full-data model of '{run.dir.name}' is not finished "
                             f"({path}); run ./run.sh train")
-    return _trained(cfg, path, n_classes, full_record(cfg, choices), "the full-data model")
+    return _trained(path, dataclasses.replace(want, rec=full_record(want.rec, choices)), "the full-data model")
 
 
 # ----------------------------------------------------------------------------- stage 3
-def feature_record(cfg: Config, k: int, classes: list) -> dict:
-    """What fold k's cached backbone features depend on: the weights and the pixels fed to them."""
-    a = cfg.aug
-    rec = {"format": 3, "weights": sha256_file(cfg.run_dir.unit(k).weights), "classes": classes,
-           "img_size": a.img_size, "resize": a.resize, **pixel_record(pixels(cfg)), "aug_views": cfg.rebalance.aug_views,
-           "aug": cfg.to_dict()["aug"] if cfg.rebalance.aug_views else None, "seed": cfg.seed,
-           "train_images": train_images(cfg)}
+def feature_record(weights: Path, classes: list, px, aug_views: int, seed: int, train_imgs: dict) -> dict:
+    """What a fold's cached backbone features depend on: the weights, the pixels fed to them (`px`: Pixels), the
+    augmented views (rebalance.aug_views) and the train images (`train_imgs`: train_images)."""
+    a = px.aug
+    rec = {"format": 3, "weights": sha256_file(weights), "classes": classes,
+           "img_size": a.img_size, "resize": a.resize, **pixel_record(px), "aug_views": aug_views,
+           "aug": dataclasses.asdict(a) if aug_views else None, "seed": seed, "train_images": train_imgs}
     if rec["aug"]:
         rec["aug"] = recorded_keys(rec["aug"], "aug", ("1", "2"))
     return rec
 
 
-def rebalance_record(cfg: Config, k: int, classes: list, fold_choices: dict | None = None) -> dict:
-    """Fold k's heads; for the full-data model (k = FULL_FIT) also the folds' choices it repeats."""
-    d = _drop_later_defaults(cfg.to_dict())
-    rec = {"rebalance": d["rebalance"], "eval": d["eval"], "features": feature_record(cfg, k, classes),
-           "outputs": 2}  # 2: also the head of each inner split (stage 4 scores held-out rows nested)
+def section_record(section, name: str) -> dict:
+    """A config section as records hold it: its keys, less those added later while at their defaults."""
+    return _drop_later_defaults({name: dataclasses.asdict(section)})[name]
+
+
+def rebalance_record(rebalance, eval_, features: dict, fold_choices: dict | None = None) -> dict:
+    """A fold's heads (`features`: feature_record); for the full-data model also the folds' choices it repeats."""
+    rec = {"rebalance": section_record(rebalance, "rebalance"), "eval": section_record(eval_, "eval"),
+           "features": features, "outputs": 2}  # 2: also the head of each inner split (stage 4 scores held-out rows nested)
     return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}
 
 
-def rebalance_summary(cfg: Config, k: int, classes: list) -> dict:
-    """Fold k's finished stage-3 record, refused when missing or made from other settings/weights."""
-    path = cfg.run_dir.fold(k).rebalance_summary
+def rebalance_summary(run: layout.RunDir, k: int, rec: dict, allow_stale: bool = False) -> dict:
+    """Fold k's finished stage-3 record, refused when missing or made from other settings/weights than `rec`."""
+    path = run.fold(k).rebalance_summary
     if not path.exists():
-        raise PipelineError(f"fold {k} of experiment '{cfg.experiment}' has no rebalanced heads ({path}); "
+        raise PipelineError(f"fold {k} of experiment '{run.dir.name}' has no rebalanced heads ({path}); "
                             f"run ./run.sh rebalance")
     s = read_json(path)
-    rec = rebalance_record(cfg, k, classes)
     if not up_to_date(path, rec):
         refuse_stale(f"{path} (the fold's rebalanced heads)", describe_changes(s.get("made_from", {}), rec),
-                     "re-run ./run.sh rebalance (or ./run.sh all)", cfg.session.allow_stale)
+                     "re-run ./run.sh rebalance (or ./run.sh all)", allow_stale)
     return s
 
 
 # ----------------------------------------------------------------------------- stage 4
-def resolve_heads(cfg: Config) -> list[str]:
-    """The stage-3 heads stage 4 predicts: the configured ones, every variant for 'best' (stage 4 chooses among
-    them per fold, nested); joint is always added (the baseline)."""
+def resolve_heads(heads: list[str], run: layout.RunDir) -> list[str]:
+    """The stage-3 heads stage 4 predicts: the configured ones (infer.heads), every variant for 'best' (stage 4
+    chooses among them per fold, nested); joint is always added (the baseline)."""
     out = []
-    for h in cfg.infer.heads:
+    for h in heads:
         if h == "best":
-            path = cfg.run_dir.rebalance_summary
+            path = run.rebalance_summary
             if not path.exists():
                 raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
             table = read_json(path)["table"]  # best first
@@ -376,17 +387,18 @@ def resolve_heads(cfg: Config) -> list[str]:
     return out + (["joint"] if "joint" not in out else [])
 
 
-def oof_rows(cfg: Config, classes: list):
-    """The folds table when stage 4 predicts the held-out rows too (infer.oof and the train images at
+def oof_rows(oof: str, folds_name: str, classes: list):
+    """The folds table when stage 4 predicts the held-out rows too (`oof`: infer.oof, and the train images at
     hand), else None; infer.oof=on without them is refused."""
     oof_df = None
-    if cfg.infer.oof != "off" and cfg.folds_csv.exists():
-        df, fclasses = read_folds(cfg)
+    if oof != "off" and layout.folds_csv(folds_name).exists():
+        df, fclasses = read_folds(folds_name)
         if fclasses != classes:
-            raise PipelineError(f"{cfg.folds_csv} and {cfg.run_dir.classes} have different class lists")
+            raise PipelineError(f"{layout.folds_csv(folds_name)} and the experiment's classes.json have different "
+                                f"class lists")
         if Path(df["path"].iloc[0]).exists():
             oof_df = df
-    if oof_df is None and cfg.infer.oof == "on":
+    if oof_df is None and oof == "on":
         raise PipelineError("infer.oof=on needs the folds file and the train images; use infer.oof=off "
                             "for test-only inference (e.g. in a Kaggle kernel)")
     return oof_df
@@ -398,19 +410,19 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
     predicted. Arguments already at hand are passed in (`test`: the test table); the others are read
     (stage 5 checks its members this way)."""
     n = cfg.folds.n_splits
-    heads = resolve_heads(cfg) if heads is None else heads
+    heads = resolve_heads(cfg.infer.heads, cfg.run_dir) if heads is None else heads
     if test is None:
         test = read_test_table(cfg.data)
     if oof is None:
-        oof = oof_rows(cfg, read_json(cfg.run_dir.classes)) is not None
+        oof = oof_rows(cfg.infer.oof, cfg.folds_name, read_json(cfg.run_dir.classes)) is not None
     d = cfg.to_dict()["infer"]
     if not cfg.train.full_fit:
         d.pop("full_fit_weight")  # not read without a full-data model
     if d["fixres"]["size"] is None:
         d.pop("fixres")
     rec = {"infer": d, "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
-           "test_images": image_record(cfg, test["path"]),
-           "train_images": train_images(cfg) if oof else None,  # OOF rows, and FixRes tuning, read them
+           "test_images": image_record(test["path"], cfg.data.hash_images, cfg.session.looks),
+           "train_images": train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks) if oof else None,  # OOF rows, and FixRes tuning, read them
            "weights": [sha256_file(cfg.run_dir.fold(k).weights) for k in range(n)],
            "head_files": {h: [sha256_file(cfg.run_dir.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
            "inner_head_files": {h: [[sha256_file(p) for p in cfg.run_dir.fold(k).inner_heads(h)] for k in range(n)]

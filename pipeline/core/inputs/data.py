@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..config import Config, DataCfg
+from ..config import DataCfg
 from ..errors import PipelineError
 from .images import BOMB, open_image
 from ..predict.metrics import score
@@ -512,15 +512,15 @@ def read_test_labels(d: DataCfg) -> pd.Series | None:
     return t.set_index(d.id_col)[d.label_col]
 
 
-def private_score(cfg: Config, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
+def private_score(data: DataCfg, scorer: str, ids: np.ndarray, probs: np.ndarray, classes: list) -> float | None:
     """The metric against the private test labels (`data.test_labels`, the demo's), or None. `probs` may be a
     function returning them (read only when there are labels)."""
-    labels = read_test_labels(cfg.data)
+    labels = read_test_labels(data)
     if labels is None:
         return None
     probs = probs() if callable(probs) else probs
     names = [str(c) for c in classes]
-    return score(cfg.eval.scorer, np.array([names.index(str(labels[i])) for i in ids]), probs)
+    return score(scorer, np.array([names.index(str(labels[i])) for i in ids]), probs)
 
 
 def read_sample_submission(d: DataCfg) -> pd.DataFrame:
@@ -539,22 +539,25 @@ def read_sample_submission(d: DataCfg) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- stage 1 output
-def read_folds(cfg: Config) -> tuple[pd.DataFrame, list]:
-    """The folds table (id, label, [group], path, fold, y) and the class list, as stage 1 wrote them."""
+def read_folds(name: str) -> tuple[pd.DataFrame, list]:
+    """The folds table (id, label, [group], path, fold, y) and the class list, as stage 1 wrote them (`name`: the
+    folds' name, Config.folds_name)."""
+    from ..files import layout
     from ..files.artifacts import read_json
 
-    if not cfg.folds_csv.exists() or not cfg.folds_record.exists():
-        raise PipelineError(f"folds file {cfg.folds_csv} not found: run stage 1 first (./run.sh folds)")
-    rec = read_json(cfg.folds_record)
+    csv = layout.folds_csv(name)
+    if not csv.exists() or not layout.folds_record(name).exists():
+        raise PipelineError(f"folds file {csv} not found: run stage 1 first (./run.sh folds)")
+    rec = read_json(layout.folds_record(name))
     classes = rec["classes"]
-    df = read_table(cfg.folds_csv)
+    df = read_table(csv)
     df["fold"] = pd.to_numeric(df["fold"], errors="coerce")
     if df["fold"].isna().any():
-        raise PipelineError(f"{cfg.folds_csv}: the fold column holds non-numbers (a damaged folds file: re-run "
+        raise PipelineError(f"{csv}: the fold column holds non-numbers (a damaged folds file: re-run "
                             f"./run.sh folds --force)")
     df["fold"] = df["fold"].astype(int)
     df["label"] = _normalise_labels(df["label"])
-    df["y"] = encode(df["label"], classes, str(cfg.folds_csv))
+    df["y"] = encode(df["label"], classes, str(csv))
     if set(df["fold"].unique()) != set(range(rec["n_splits"])):
-        raise PipelineError(f"{cfg.folds_csv}: fold column does not hold folds 0..{rec['n_splits'] - 1}")
+        raise PipelineError(f"{csv}: fold column does not hold folds 0..{rec['n_splits'] - 1}")
     return df, classes

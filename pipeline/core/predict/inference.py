@@ -5,6 +5,7 @@ both predict through these functions, so a bundle reproduces stage 4's test prob
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -13,14 +14,14 @@ import torch
 from ..nets import models
 from ..files.artifacts import read_npz, read_npz_item
 from ..inputs.augment import load_transform
-from ..config import Config
+from ..config import InferCfg, TrainCfg
 from ..errors import PipelineError
 from ..nets.heads import Head
 from ..inputs.images import ImageDataset
 from .metrics import RowScores, row_scores
 from ..engine.runtime import autocast, make_loader, memory_format, workers
 from .tta import BASELINE, VIEWS, merge, sizes, view_name
-from ..inputs.pixels import pixels
+from ..inputs.pixels import Pixels
 
 
 FIXRES = "fixres:"  # names a view of the FixRes-tuned model (infer.fixres): `fixres:orig@1.15`
@@ -31,22 +32,22 @@ def view_label(view: str, scale: float, fixres: bool = False) -> str:
     return (FIXRES if fixres else "") + view_name(view, scale)
 
 
-def tta_names(cfg: Config) -> list[str]:
+def tta_names(infer: InferCfg) -> list[str]:
     """Every view to predict: the configured views at each scale (always with the no-TTA baseline), then with
     infer.fixres the configured views at its size with the FixRes-tuned models."""
-    pairs = [(s, v) for s in cfg.infer.scales for v in cfg.infer.views]
+    pairs = [(s, v) for s in infer.scales for v in infer.views]
     pairs = pairs if (1.0, "orig") in pairs else [(1.0, "orig")] + pairs
     names = [view_label(v, s) for s, v in pairs]
-    if cfg.infer.fixres.size is not None:
-        names += [view_label(v, cfg.infer.fixres.size, fixres=True) for v in cfg.infer.views]
+    if infer.fixres.size is not None:
+        names += [view_label(v, infer.fixres.size, fixres=True) for v in infer.views]
     return names
 
 
-def default_policy(cfg: Config, names: list[str]) -> list[str]:
+def default_policy(infer: InferCfg, names: list[str]) -> list[str]:
     """The configured views at the configured scales, and every FixRes view (the baseline is there for the report
     only, unless configured)."""
     def wanted(view, scale, fixres):
-        return fixres or (scale in cfg.infer.scales and view in cfg.infer.views)
+        return fixres or (scale in infer.scales and view in infer.views)
     return [n for n in names if wanted(*parse_view(n))]
 
 
@@ -89,19 +90,31 @@ def joint_head(model) -> Head:
     return Head(clf.weight.detach().cpu().numpy(), clf.bias.detach().cpu().numpy())
 
 
-def feature_batches(cfg: Config, model, norm, store, scale: float, views: list[str], device, dtype,
-                    batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> list[list]:
+@dataclass(frozen=True)
+class Loading:
+    """How an image set goes through a model: its pixels, the loader's batch size and workers, the memory format."""
+    px: Pixels
+    batch_size: int
+    workers: int
+    fmt: torch.memory_format = torch.contiguous_format
+
+    @classmethod
+    def of(cls, px: Pixels, infer: InferCfg, train: TrainCfg, device) -> "Loading":
+        """Stage 4's loading (infer.batch_size, train.workers, train.channels_last on `device`)."""
+        return cls(px, infer.batch_size, workers(train), memory_format(train, device))
+
+
+def feature_batches(load: Loading, model, norm, store, scale: float, views: list[str], device, dtype,
+                    on_batch: Callable[[int], None] | None = None) -> list[list]:
     """Per loader batch, the pooled features of every view of one scale (V tensors of b x D, on the device): a
     head's logits are computed from them when asked (`PolicyFeatures`), so the backbone runs once however many
     heads there are, and memory holds features (rows x D), not every head's rows x classes."""
-    load, crop = sizes(cfg.aug.img_size, pixels(cfg).crop_pct, scale)
-    loader = make_loader(ImageDataset(store, None, load_transform(pixels(cfg), crop)),
-                         batch_size=batch_size or cfg.infer.batch_size, n_workers=workers(cfg),
-                         cuda=device.type == "cuda")
-    fmt = memory_format(cfg, device)
+    _, crop = sizes(load.px.aug.img_size, load.px.crop_pct, scale)
+    loader = make_loader(ImageDataset(store, None, load_transform(load.px, crop)), batch_size=load.batch_size,
+                         n_workers=load.workers, cuda=device.type == "cuda")
     out = []
     for x, _ in loader:
-        out.append(view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, fmt))
+        out.append(view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, load.fmt))
         if on_batch is not None:
             on_batch(len(x))
     return out
@@ -111,11 +124,11 @@ class PolicyFeatures:
     """The features of the named views of one model (plain or FixRes-tuned) over one image set, one loader per
     scale; `logits(heads)` gives what `predict_policy` gives, for any heads, without running the model again."""
 
-    def __init__(self, cfg: Config, model, norm, store, views: list[str], device, dtype,
-                 batch_size: int | None = None, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, load: Loading, model, norm, store, views: list[str], device, dtype,
+                 on_batch: Callable[[int], None] | None = None):
         pairs = [(s, v) for v, s, _ in map(parse_view, views)]
         self.n_views, self.n = len(views), len(store)
-        self.groups = [(at, feature_batches(cfg, model, norm, store, scale, vs, device, dtype, batch_size,
+        self.groups = [(at, feature_batches(load, model, norm, store, scale, vs, device, dtype,
                                             on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k))))
                        for scale, at, vs in by_scale(pairs)]
 
@@ -139,11 +152,11 @@ class PolicyFeatures:
         return out
 
 
-def predict_policy(cfg: Config, model, norm, heads: dict[str, Head], store, views: list[str], device, dtype,
-                   batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+def predict_policy(load: Loading, model, norm, heads: dict[str, Head], store, views: list[str], device, dtype,
+                   on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Logits (V x N x C, float32: the heads' own precision) of every head for the named views (all of one model:
     plain or FixRes-tuned), one loader per scale."""
-    return PolicyFeatures(cfg, model, norm, store, views, device, dtype, batch_size, on_batch).logits(heads)
+    return PolicyFeatures(load, model, norm, store, views, device, dtype, on_batch).logits(heads)
 
 
 class TestMean:

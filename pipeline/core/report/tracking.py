@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, flatten
@@ -22,20 +23,35 @@ from ..config import Config, flatten
 log = logging.getLogger("pipeline")
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """Where an experiment's tracker runs go, resolved from the config once (`of`): the backend (train.tracker),
+    its folder, the experiment's name and the resolved config (the runs' parameters)."""
+    backend: str
+    where: Path
+    experiment: str
+    config: dict
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Tracking":
+        return cls(cfg.train.tracker, Path(cfg.train.tracker_dir or cfg.run_dir.tracking).resolve(), cfg.experiment,
+                   cfg.to_dict())
+
+
 class Tracker:
     """One fold's run in the tracker: the config as parameters, each epoch's numbers as metrics."""
 
-    def __init__(self, cfg: Config, fold: int | str):
+    def __init__(self, tr: Tracking, fold: int | str):
         name = f"fold{fold}" if isinstance(fold, int) else fold  # "full": the full-data model
-        self.backend, self._run, self._writer = cfg.train.tracker, None, None
-        where = Path(cfg.train.tracker_dir or cfg.run_dir.tracking).resolve()
-        params = {k: str(v)[:250] for k, v in flatten(cfg.to_dict()).items()}
+        self.backend, self._run, self._writer = tr.backend, None, None
+        where = tr.where
+        params = {k: str(v)[:250] for k, v in flatten(tr.config).items()}
         try:
             if self.backend == "mlflow":
                 import mlflow
 
                 mlflow.set_tracking_uri(where.as_uri())
-                mlflow.set_experiment(cfg.experiment)
+                mlflow.set_experiment(tr.experiment)
                 self._run = mlflow.start_run(run_name=name)
                 mlflow.log_params({**params, "fold": fold})
                 self._mlflow = mlflow
@@ -45,7 +61,7 @@ class Tracker:
                 self._writer = SummaryWriter(str(where / name))
                 self._writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
             elif self.backend == "wandb":
-                self._run = wandb_run(cfg, name, "train")
+                self._run = wandb_run(tr, name, "train")
         except ImportError as e:
             log.warning("train.tracker=%s but it is not installed (%s): training goes on without it",
                         self.backend, e)
@@ -85,30 +101,29 @@ def wandb_online() -> bool:
         return False
 
 
-def wandb_run(cfg: Config, name: str, job: str):
+def wandb_run(tr: Tracking, name: str, job: str):
     """A W&B run of this experiment (group = experiment; resumable by a stable id, so stages run in
     separate processes add to the same run)."""
     import wandb
 
-    where = Path(cfg.train.tracker_dir or cfg.run_dir.tracking).resolve()
-    where.mkdir(parents=True, exist_ok=True)
+    tr.where.mkdir(parents=True, exist_ok=True)
     mode = os.environ.get("WANDB_MODE") or ("online" if wandb_online() else "offline")
-    key = f"{cfg.experiment}-{name}"
+    key = f"{tr.experiment}-{name}"
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", key)[:48] + "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"), group=cfg.experiment,
-                      name=f"{cfg.experiment} {name}", id=run_id, resume="allow", dir=str(where), mode=mode,
-                      job_type=job, config=cfg.to_dict())
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"), group=tr.experiment,
+                      name=f"{tr.experiment} {name}", id=run_id, resume="allow", dir=str(tr.where), mode=mode,
+                      job_type=job, config=tr.config)
 
 
-def report(cfg: Config, stage: str, table, values: dict) -> None:
+def report(tr: Tracking, stage: str, table, values: dict) -> None:
     """Stages 3-5: a result table and headline numbers into the experiment's "summary" W&B run
     (only with train.tracker=wandb; MLflow and TensorBoard log stage 2)."""
-    if cfg.train.tracker != "wandb":
+    if tr.backend != "wandb":
         return
     try:
         import wandb
 
-        run = wandb_run(cfg, "summary", stage)
+        run = wandb_run(tr, "summary", stage)
     except ImportError as e:
         log.warning("train.tracker=wandb but it is not installed (%s): the %s table stays in runs/ only", e, stage)
         return

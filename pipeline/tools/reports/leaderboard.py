@@ -188,7 +188,7 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
                      "img_size": cfg.aug.img_size, "epochs": cfg.train.epochs,
                      "recipe": recipe(cfg, summaries, s4 if "test" in pred else None, tta), "head": head,
                      "tta": "on" if tta else "off", "metric": cfg.eval.scorer, **ev,
-                     "private": private_score(cfg, test["ids"], test["probs"], classes) if test and labelled
+                     "private": private_score(cfg.data, cfg.eval.scorer, test["ids"], test["probs"], classes) if test and labelled
                      else None,
                      "folds": f"{cfg.folds_csv.stem}@{folds_hash[:8]}", "folds_sha256": folds_hash,
                      "members": "", "kind": "model", "leaky": bool(cfg.train.distill.teacher and

@@ -38,8 +38,8 @@ def summary_table(cfg: Config) -> pd.DataFrame:
         head_probs = candidate_probs(run.infer_test(head), member.plain, inf["merge"])
         rows.append({"model": exp, "head": head + (" (no TTA)" if member.plain else ""), "CV joint": joint["cv_mean"],
                      "CV head": best["cv_mean"], "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
-                     "private joint": private_score(cfg, jt["ids"], plain, inf["classes"]),
-                     "private head+TTA": private_score(cfg, jt["ids"], head_probs, inf["classes"])})
+                     "private joint": private_score(cfg.data, cfg.eval.scorer, jt["ids"], plain, inf["classes"]),
+                     "private head+TTA": private_score(cfg.data, cfg.eval.scorer, jt["ids"], head_probs, inf["classes"])})
     t = pd.DataFrame(rows)
     ens_row = [r for r in ens["table"] if r["member"].startswith("ensemble")]
     if ens_row:
