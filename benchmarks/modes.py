@@ -100,7 +100,7 @@ def main() -> None:
         folds.run(cfg)
         print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, {args.arch} at {args.size} px, batch "
               f"{args.batch}, {args.steps} timed steps after 2 warm-up steps, real images ({data.name}):")
-        t, rec, _ = doctor.check(cfg, steps=args.steps, log=lambda m: None)
+        t, rec, _ = doctor.check(doctor.Bench.of(cfg), steps=args.steps, log=lambda m: None)
         print(doctor.table_text(t))
         print(rec)
         if args.timm_train:

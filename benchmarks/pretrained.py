@@ -36,7 +36,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _stages import stages_1_to_4  # noqa: E402
-from pipeline.cli import prepare  # noqa: E402
+from pipeline.tools.demo import prepare_data  # noqa: E402
 from pipeline.core.files.artifacts import read_json  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.files.layout import RunDir  # noqa: E402
@@ -78,7 +78,7 @@ def fold_minutes(cfg) -> float:
 def run_row(name: str) -> list[dict]:
     what, overrides, copy = ROWS[name]
     cfg = load_config(CONFIG, [*ABLATION, f"experiment=pt-{name}", "ensemble.members=[]", *overrides])
-    prepare(cfg)
+    prepare_data(cfg.data, cfg.folds.seed)
     if copy and not cfg.run_dir.dir.exists():
         shutil.copytree(RunDir.of(f"pt-{copy}").dir, cfg.run_dir.dir, ignore=shutil.ignore_patterns("infer", "logs"))
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def run_row(name: str) -> list[dict]:
 
 def run_final() -> list[dict]:
     cfg = load_config(CONFIG, [])
-    prepare(cfg)
+    prepare_data(cfg.data, cfg.folds.seed)
     t0 = time.perf_counter()
     stages_1_to_4(cfg)
     sub = ensemble.run(cfg)

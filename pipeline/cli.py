@@ -178,12 +178,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def prepare(cfg: Config) -> None:
-    from .tools.demo import prepare_data
-
-    prepare_data(cfg)
-
-
 def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: str | None = None):
     if fold is not None and not stage.per_fold:
         raise PipelineError(f"--fold applies to train and rebalance, not to {stage.name}")
@@ -197,7 +191,7 @@ def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: st
         if stage.name != "train":
             raise PipelineError("--gpus applies to train only")
         kwargs["gpus"] = gpus
-    with stage_log(cfg, stage.name):
+    with stage_log(cfg.run_dir, cfg.source, stage.name):
         out = mod.run(cfg, **kwargs)
         log.info("stage %s (%s) of '%s' finished in %.1fs", stage.number, stage.name, cfg.experiment,
                  time.perf_counter() - t0)
@@ -205,13 +199,14 @@ def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: st
 
 
 @contextlib.contextmanager
-def stage_log(cfg: Config, stage: str):
+def stage_log(run: layout.RunDir, source: str, stage: str):
     """Append what the stage logs to runs/<exp>/logs/<stage>-<time>.log, headed by the exact command line
-    and the config, as well as to the terminal. Only the main process of a DDP run writes one."""
+    and the config (`source`: its file), as well as to the terminal. Only the main process of a DDP run writes
+    one."""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    path = cfg.run_dir.log(stage, time.strftime("%Y%m%d-%H%M%S"))
+    path = run.log(stage, time.strftime("%Y%m%d-%H%M%S"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")
@@ -224,7 +219,7 @@ def stage_log(cfg: Config, stage: str):
     logger.addHandler(handler)
     try:
         log.info("command: %s", " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]))
-        log.info("config: %s (resolved: %s); working folder %s", cfg.source, cfg.run_dir.config, Path.cwd())
+        log.info("config: %s (resolved: %s); working folder %s", source, run.config, Path.cwd())
         yield
     except BaseException as e:  # in the file only: the terminal gets the error from main()
         handler.stream.write(f"{time.strftime('%H:%M:%S')} stage {stage} failed: {type(e).__name__}: {e}\n")
@@ -234,31 +229,21 @@ def stage_log(cfg: Config, stage: str):
         handler.close()
 
 
-def all_configs(cfg: Config, overrides: list[str]) -> list[Config]:
-    """This experiment and those named in its run_also (paths relative to its config file)."""
-    here = Path(cfg.source).parent if cfg.source not in ("", "defaults") else Path(".")
-    configs = [cfg]
-    for p in cfg.run_also:
-        c = load_config(here / p, overrides)
-        c.session = cfg.session  # one command: one session
-        if c.experiment not in {x.experiment for x in configs}:
-            configs.append(c)
-    return configs
-
-
 def stage_status(stage: Stage, cfg: Config) -> list[str]:
     """Why the stage would do work now; [] when its outputs are up to date."""
     return importlib.import_module(stage.module).status(cfg)
 
 
-def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
+def run_all(configs: list[Config], force: bool) -> dict:
     """Like `dvc repro`: each stage whose outputs are stale (or missing) runs, the others are
-    skipped. Stages run in order, so a stage is judged after everything upstream is current."""
-    configs = all_configs(cfg, overrides)
-    ran, skipped = [], []
+    skipped. Stages run in order, so a stage is judged after everything upstream is current. `configs`: the
+    command's experiment, then those of its run_also (the plan's); the first one's ensemble ends it."""
+    from .tools.demo import prepare_data
+
+    cfg, ran, skipped = configs[0], [], []
     jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble"] + [(cfg, COMMANDS["ensemble"].stage)]
     for c, stage in jobs:
-        prepare(c)
+        prepare_data(c.data, c.folds.seed)
         tag = f"{c.experiment}:{stage.name}"
         reasons = ["--force"] if force else stage_status(stage, c)
         if reasons:
@@ -270,19 +255,19 @@ def run_all(cfg: Config, force: bool, overrides: list[str]) -> dict:
     log.info("all: ran %s; up to date %s", " ".join(ran) or "nothing", " ".join(skipped) or "nothing")
     from .tools.reports import experiment_page, leaderboard, score_table
 
-    score_table.print_summary(cfg)
+    score_table.print_summary(cfg.ensemble.name or cfg.experiment, cfg.data, cfg.eval.scorer)
     for c in configs:
         experiment_page.write(c.experiment)
     leaderboard.write(layout.RUNS, layout.REPORTS)
-    print(final_words(cfg, configs))
+    print(final_words(cfg.ensemble.name or cfg.experiment, cfg.source, [c.experiment for c in configs]))
     return {"ran": ran, "skipped": skipped}
 
 
-def final_words(cfg: Config, configs: list[Config]) -> str:
-    """The last lines of `all`, in plain words: where the submission is, its CV, what to try next."""
+def final_words(name: str, source: str, experiments: list[str]) -> str:
+    """The last lines of `all`, in plain words: where the submission (of ensemble `name`) is, its CV, what to try
+    next (`source`: the config file to edit)."""
     from .core.files.artifacts import read_json
 
-    name = cfg.ensemble.name or cfg.experiment
     if not layout.submission_record(name).exists():
         raise PipelineError(f"stage 5 wrote no {layout.submission_record(name)}: no submission was made")
     rec = read_json(layout.submission_record(name))
@@ -295,25 +280,23 @@ def final_words(cfg: Config, configs: list[Config]) -> str:
     private = f"; private score {rec['private']:.4f}" if rec.get("private") is not None else ""
     lines = ["", f"Your submission: {where} ({len(rec['members'])} member(s), {rec['method']}): {cv}{private}."]
     lines.append(f"Reports: {layout.leaderboard_md()}, " +
-                 ", ".join(str(layout.experiment_page(c.experiment)) for c in configs))
+                 ", ".join(str(layout.experiment_page(e)) for e in experiments))
     lines.append(f"Next: `./run.sh leaderboard` ranks every experiment; `./run.sh export --zip` packs this one for a "
-                 f"Kaggle code competition; after editing {cfg.source if cfg.source != 'defaults' else 'a config'}, "
+                 f"Kaggle code competition; after editing {source if source != 'defaults' else 'a config'}, "
                  f"`./run.sh status` says what would re-run.")
     return "\n".join(lines)
 
 
-def print_status(cfg: Config, overrides: list[str]) -> None:
-    from .tools import plan
-
-    p = plan.build(cfg, overrides, "status")
-    print(p.text())
+def print_status(configs: list[Config]) -> None:
+    """What each stage of each experiment would do now (`configs`: the plan's; the first one's ensemble)."""
     from .tools.demo import unbuilt_data
 
-    for c in all_configs(cfg, overrides):
+    cfg = configs[0]
+    for c in configs:
         upstream_stale = None
         print(f"experiment {c.experiment}:")
-        if unbuilt_data(c):
-            print(f"  every stage will run: {unbuilt_data(c)}")
+        if unbuilt_data(c.data):
+            print(f"  every stage will run: {unbuilt_data(c.data)}")
             continue
         for stage in STAGES:
             if stage.name == "ensemble" and c is not cfg:
@@ -421,7 +404,9 @@ def cmd_lr_find(args: argparse.Namespace, cfg: Config) -> int:
 
     if args.steps < 5:
         raise PipelineError("--steps must be at least 5")
-    prepare(cfg)
+    from .tools.demo import prepare_data
+
+    prepare_data(cfg.data, cfg.folds.seed)
     lr_find.run(cfg, fold=args.fold or 0, steps=args.steps)
     return 0
 
@@ -435,13 +420,16 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_all(args: argparse.Namespace, cfg: Config) -> int:
     from .tools import plan
 
-    plan.check(cfg, args.overrides, "all")
-    run_all(cfg, args.force, args.overrides)
+    run_all(plan.check(cfg, args.overrides, "all").configs, args.force)
     return 0
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    print_status(cfg, args.overrides)  # writes nothing, the demo data included
+    from .tools import plan
+
+    p = plan.build(cfg, args.overrides, "status")  # writes nothing, the demo data included
+    print(p.text())
+    print_status(p.configs)
     return 0
 
 

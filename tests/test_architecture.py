@@ -135,3 +135,38 @@ def test_the_numeric_modules_take_no_config():
                     if ann == "Config" or (a.arg in ("cfg", "mcfg") and not ann):
                         bad.append(f"{p.relative_to(PKG)}:{node.name}")
     assert not bad, bad
+
+
+# the functions allowed to take the whole Config (or a list of them): docs/architecture.md "The config at the edges"
+CONFIG_EDGES = {
+    # a stage's entry points, and the one place each resolves what its steps read (Job.of) or reads its inputs
+    *(f"stages/{s}.py:{f}" for s in ("folds", "train", "rebalance", "infer", "ensemble") for f in ("run", "status")),
+    "stages/train.py:of", "stages/rebalance.py:of", "stages/infer.py:of", "stages/infer.py:load_inputs",
+    "stages/ensemble.py:check_current",  # each member's own config, loaded to rebuild its stage-4 record
+    # the command line: each command's handler and the dispatch to a stage's run/status
+    *(f"cli.py:cmd_{c}" for c in ("cache", "export", "lr_find", "doctor", "all", "status", "stage")),
+    "cli.py:run_stage", "cli.py:stage_status", "cli.py:run_all", "cli.py:print_status",
+    # tools' entry points, and the plan, which checks whole configs
+    "tools/doctor.py:main", "tools/doctor.py:of", "tools/export.py:run", "tools/lr_find.py:run",
+    "tools/plan.py:_configs", "tools/plan.py:_check_data", "tools/plan.py:build", "tools/plan.py:check",
+    # what turns a config into data: records (slices of it), serialisers, validation, resolved pixels, trackers
+    "core/files/provenance.py:train_record", "core/files/provenance.py:infer_record",
+    "core/files/provenance.py:ensemble_record", "tools/export.py:bundle_member_config",
+    "core/config.py:_validate", "core/config.py:_assign", "core/config.py:config_to_yaml", "core/config.py:__init__",
+    "core/inputs/pixels.py:pixels", "core/report/tracking.py:of",
+}
+
+
+def test_the_whole_config_stops_at_the_edges():
+    """Every function taking the whole Config is an edge listed above; everything below takes a section, a resolved
+    object (Pixels, Loading, a stage's Job) or values. A new function that needs the config: pass it what it reads."""
+    found = set()
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for a in node.args.args + node.args.kwonlyargs:
+                    ann = ast.unparse(a.annotation).strip("\"'") if a.annotation else ""
+                    if re.search(r"\bConfig\b", ann) or (a.arg in ("cfg", "mcfg") and not ann):
+                        found.add(f"{p.relative_to(PKG)}:{node.name}")
+    assert not found - CONFIG_EDGES, f"take a section or values instead of the config: {sorted(found - CONFIG_EDGES)}"
+    assert len(found) <= 45

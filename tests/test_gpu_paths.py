@@ -39,7 +39,7 @@ def test_config_means_the_same_on_cpu_and_gpu():
 def test_doctor_trains_every_cpu_mode_and_outputs_agree_with_fp32():
     cfg = load_config(None, TINY)
     only = ["fp32", "bf16", "fp16", "channels_last", "bf16+channels_last", "compile"]
-    t, rec, code = doctor.check(cfg, steps=2, only=only, log=lambda m: None)
+    t, rec, code = doctor.check(doctor.Bench.of(cfg), steps=2, only=only, log=lambda m: None)
     assert list(t["mode"]) == only and code == 0, t.to_string()
     assert t["ok"].all(), t[["mode", "error"]].to_string()     # loss finite and weights changed in each mode
     assert (t["train_img_s"] > 0).all() and (t["infer_img_s"] > 0).all()
@@ -52,13 +52,13 @@ def test_doctor_trains_every_cpu_mode_and_outputs_agree_with_fp32():
 def test_doctor_exits_non_zero_when_the_configured_mode_fails(monkeypatch):
     real = doctor.measure
 
-    def broken(cfg, mode, steps=6, dist=None):
+    def broken(bench, mode, steps=6, dist=None):
         if mode.compile:
             raise RuntimeError("inductor: no C++ compiler")
-        return real(cfg, mode, steps, dist)
+        return real(bench, mode, steps, dist)
 
     monkeypatch.setattr(doctor, "measure", broken)
-    t, rec, code = doctor.check(load_config(None, [*TINY, "train.compile=true"]), steps=1, only=["fp32"],
+    t, rec, code = doctor.check(doctor.Bench.of(load_config(None, [*TINY, "train.compile=true"])), steps=1, only=["fp32"],
                                 log=lambda m: None)
     assert code == 1 and "FAILS" in rec
     row = t[t["mode"] == "configured"].iloc[0]
@@ -67,7 +67,7 @@ def test_doctor_exits_non_zero_when_the_configured_mode_fails(monkeypatch):
 
 @pytest.mark.slow
 def test_two_gloo_processes_through_the_collective_helper():
-    r = doctor.run_processes(load_config(None, TINY), doctor.Mode("ddp x2", processes=2), steps=2, timeout=300)
+    r = doctor.run_processes(doctor.Bench.of(load_config(None, TINY)), doctor.Mode("ddp x2", processes=2), steps=2, timeout=300)
     assert r["ok"], r.get("error")
     assert r["train_img_s"] > 0 and abs(r["loss"]) < 1e3
 

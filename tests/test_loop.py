@@ -91,7 +91,7 @@ def test_every_trainer_goes_through_the_step_so_fp16_is_loss_scaled(workdir, mon
     train_stage.run(cfg)
     rebalance_stage.run(cfg)
     infer_stage.run(cfg)
-    doctor.measure(cfg, doctor.Mode("fp16", "fp16"), steps=1)
+    doctor.measure(doctor.Bench.of(cfg), doctor.Mode("fp16", "fp16"), steps=1)
     where = {"/".join(f) for f, _ in made}
     assert {"tools/lr_find.py", "stages/train.py", "stages/infer.py", "nets/heads.py", "tools/doctor.py"} <= where
     assert all(scaled for f, scaled in made if f[-1] != "heads.py")   # cRT/LWS: fp32 features on CPU, no autocast

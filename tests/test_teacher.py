@@ -281,15 +281,15 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
         lg[1, where] = 10.0 * np.eye(C)[target[where]]
         return lg
 
-    policy0 = infer_stage.search_policies(cfg, inp, o["view_logits"], views)[1][0]
+    policy0 = infer_stage.search_policies(infer_stage.Job.of(cfg), inp, o["view_logits"], views)[1][0]
     for good in (True, False):
-        assert infer_stage.search_policies(cfg, inp, hflip(good, fold == 0), views)[1][0] == policy0
-        assert infer_stage.search_policies(cfg, inp, hflip(good, fold != 0), views)[1][0] == (
+        assert infer_stage.search_policies(infer_stage.Job.of(cfg), inp, hflip(good, fold == 0), views)[1][0] == policy0
+        assert infer_stage.search_policies(infer_stage.Job.of(cfg), inp, hflip(good, fold != 0), views)[1][0] == (
             ["orig@1", "hflip@1"] if good else ["orig@1"])
 
     # the best head: fold 0's choice reads the other folds' stage-3 scores (fold 0's are now rigged for joint)
     heads_inp = type("Inp", (), {"summaries": [None] * 3, "heads": ["joint", "tau", "crt"]})()
-    best = infer_stage.best_choice(cfg, heads_inp)
+    best = infer_stage.best_choice(infer_stage.Job.of(cfg), heads_inp)
     assert best["per_fold"][0] == read_json(run.infer_summary)["best"]["per_fold"][0]
     assert best["per_fold"][1] == best["per_fold"][2] == "joint"  # fold 0's rigged scores reach the others
     # the tuned values: fold 0's teacher head takes the median of folds 1 and 2 (fold 0's rigged value is ignored)

@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from ..core.files.artifacts import atomic_path, read_json, write_csv, write_json
+from ..core.config import DataCfg
 from ..core.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -151,21 +152,21 @@ def ensure_holdout(src: str | Path, root: str | Path, frac: float, seed: int) ->
     build_holdout(src, root, frac, seed)
 
 
-def unbuilt_data(cfg) -> str | None:
+def unbuilt_data(d: DataCfg) -> str | None:
     """What the config asks to be built that is not there yet (None: nothing): `status` says so instead of
     building it, since it writes nothing."""
-    if (cfg.data.demo or cfg.data.holdout_from) and not (Path(cfg.data.root) / "train.csv").exists():
-        what = "the digits demo" if cfg.data.demo else f"a hold-out split of {cfg.data.holdout_from}"
-        return f"{cfg.data.root} is not built yet ({what}; the first stage command builds it)"
+    if (d.demo or d.holdout_from) and not (Path(d.root) / "train.csv").exists():
+        what = "the digits demo" if d.demo else f"a hold-out split of {d.holdout_from}"
+        return f"{d.root} is not built yet ({what}; the first stage command builds it)"
     return None
 
 
-def prepare_data(cfg) -> None:
+def prepare_data(d: DataCfg, seed: int) -> None:
     """Build the competition folder a config asks to be built (the digits demo, a hold-out split), once."""
-    if cfg.data.demo:
-        ensure_demo(cfg.data.root, seed=cfg.folds.seed)
-    if cfg.data.holdout_from:
-        ensure_holdout(cfg.data.holdout_from, cfg.data.root, cfg.data.holdout_frac, seed=cfg.folds.seed)
+    if d.demo:
+        ensure_demo(d.root, seed=seed)
+    if d.holdout_from:
+        ensure_holdout(d.holdout_from, d.root, d.holdout_frac, seed=seed)
 
 
 def synthetic_competition(root: Path, counts: dict, size: int = 16, ext: str = ".png", n_test: int = 6,

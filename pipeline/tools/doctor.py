@@ -13,7 +13,7 @@ augmentation, so the data-wait share is real), else from random pixels.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -28,13 +28,13 @@ import pandas as pd
 import torch
 
 from ..core.report.progress import progress
-from ..core.config import Config, config_to_yaml
+from ..core.config import Config, ModelCfg, TrainCfg, config_to_yaml
 from ..core.engine.distributed import Dist
 from ..core.engine.loop import Step, run_epoch, sync_interval
 from ..core.nets.models import Normalize, create_model, logits, norm_stats, to_input
 from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
                                    prepare_model, workers)
-from ..core.inputs.pixels import pixels
+from ..core.inputs.pixels import Pixels, pixels
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.15, "fp16": 0.05}  # max |logit - fp32 logit| / max(1, max |fp32 logit|)
 
@@ -68,37 +68,53 @@ def modes_for(device: torch.device, quick: bool = False) -> list[Mode]:
     return out
 
 
-def with_mode(cfg: Config, mode: Mode, batch: int | None = None) -> Config:
-    c = copy.deepcopy(cfg)
-    c.train.amp, c.train.channels_last, c.train.compile = mode.amp, mode.channels_last, mode.compile
-    if batch:
-        c.train.batch_size = batch
-    return c
+@dataclass(frozen=True)
+class Bench:
+    """What the doctor measures with, read from the config once (`Bench.of`): the model, the train section (a mode
+    replaces its precision, memory format, compilation, batch size), the pixels, the competition's folds (None:
+    random pixels), the device, and the config as YAML for the modes that run in processes of their own."""
+    model: ModelCfg
+    train: TrainCfg
+    px: Pixels
+    folds_name: str | None
+    device: str
+    yaml: str
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Bench":
+        return cls(cfg.model, cfg.train, pixels(cfg), cfg.folds_name if cfg.folds_csv.exists() else None, cfg.device,
+                   config_to_yaml(cfg))
+
+
+def with_mode(bench: Bench, mode: Mode, batch: int | None = None) -> Bench:
+    t = dataclasses.replace(bench.train, amp=mode.amp, channels_last=mode.channels_last, compile=mode.compile,
+                            batch_size=batch or bench.train.batch_size)
+    return dataclasses.replace(bench, train=t)
 
 
 # ----------------------------------------------------------------------------- one mode, one process
-def batches(cfg: Config, n: int, device: torch.device):
+def batches(bench: Bench, n: int, device: torch.device):
     """(uint8 NHWC batch, labels) x n: the competition's images when its folds file exists."""
-    b, s = cfg.train.batch_size, cfg.aug.img_size
-    if cfg.folds_csv.exists():
+    b, s = bench.train.batch_size, bench.px.aug.img_size
+    if bench.folds_name is not None:
         from ..core.inputs.augment import open_store, train_transform
         from ..core.inputs.data import read_folds
         from ..core.inputs.images import ImageDataset
 
-        df, classes = read_folds(cfg.folds_name)
+        df, classes = read_folds(bench.folds_name)
         rows = np.resize(np.arange(len(df)), n * b)
-        ds = ImageDataset(open_store(pixels(cfg), df["path"]).subset(rows), df["y"].values[rows], train_transform(pixels(cfg)))
-        return make_loader(ds, batch_size=b, n_workers=workers(cfg.train), cuda=device.type == "cuda"), len(classes)
+        ds = ImageDataset(open_store(bench.px, df["path"]).subset(rows), df["y"].values[rows], train_transform(bench.px))
+        return make_loader(ds, batch_size=b, n_workers=workers(bench.train), cuda=device.type == "cuda"), len(classes)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=g),
              torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
     return data, 10
 
 
-def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -> dict:
+def measure(bench: Bench, mode: Mode, steps: int = 6, dist: Dist | None = None) -> dict:
     """Train `steps` steps (after 2 warm-up steps) and run inference in one mode."""
     dist = dist or Dist()
-    c = with_mode(cfg, mode)
+    c = with_mode(bench, mode)
     device = pick_device(c.device, dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -108,7 +124,7 @@ def measure(cfg: Config, mode: Mode, steps: int = 6, dist: Dist | None = None) -
     model = prepare_model(c.train, create_model(c.model, n_classes, pretrained=False), device)
     norm = Normalize(*norm_stats(c.model, model)).to(device)
     dtype, fmt = amp_dtype(c.train.amp, device), memory_format(c.train, device)
-    probe = torch.randint(0, 256, (8, c.aug.img_size, c.aug.img_size, 3), dtype=torch.uint8,
+    probe = torch.randint(0, 256, (8, c.px.aug.img_size, c.px.aug.img_size, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(1))
     net = model
     if dist.world > 1:
@@ -170,14 +186,14 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- processes
-def run_processes(cfg: Config, mode: Mode, steps: int, timeout: int = 600) -> dict:
+def run_processes(bench: Bench, mode: Mode, steps: int, timeout: int = 600) -> dict:
     """A mode that needs several processes: DDP through torchrun, or one process per GPU."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="doctor-") as tmp:
         path = os.path.join(tmp, "cfg.yaml")
         with open(path, "w") as f:
-            f.write(config_to_yaml(cfg))
+            f.write(bench.yaml)
         worker = ["-m", "pipeline.tools.doctor", "--worker", path, mode.name, str(steps)]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
         if mode.fold_per_gpu:
@@ -208,25 +224,25 @@ def worker_main(argv: list[str]) -> int:
     from ..core.config import load_config
 
     path, name, steps = argv
-    cfg = load_config(path)
-    device = pick_device(cfg.device, Dist())
+    bench = Bench.of(load_config(path))
+    device = pick_device(bench.device, Dist())
     mode = next(m for m in modes_for(device) + [Mode("fold per GPU x2", "bf16", "on", fold_per_gpu=True)]
                 if m.name == name)
     dist = Dist.from_env(device.type == "cuda")
-    r = measure(cfg, Mode("x", mode.amp, mode.channels_last, mode.compile), int(steps), dist)
+    r = measure(bench, Mode("x", mode.amp, mode.channels_last, mode.compile), int(steps), dist)
     if dist.main:
         print("DOCTOR " + json.dumps(r), flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------------- the check
-def largest_batch(cfg: Config, mode: Mode, limit: int = 8) -> int | None:
+def largest_batch(bench: Bench, mode: Mode, limit: int = 8) -> int | None:
     """GPU: the largest power-of-two multiple of train.batch_size (up to `limit` x) a few steps fit in."""
     best = None
-    b = cfg.train.batch_size
-    while b <= cfg.train.batch_size * limit:
+    b = bench.train.batch_size
+    while b <= bench.train.batch_size * limit:
         try:
-            measure(with_mode(cfg, mode, b), mode, steps=1)
+            measure(with_mode(bench, mode, b), mode, steps=1)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             break
@@ -234,21 +250,21 @@ def largest_batch(cfg: Config, mode: Mode, limit: int = 8) -> int | None:
     return best
 
 
-def configured_mode(cfg: Config, device: torch.device) -> Mode:
-    dtype = amp_dtype(cfg.train.amp, device)
+def configured_mode(t: TrainCfg, device: torch.device) -> Mode:
+    dtype = amp_dtype(t.amp, device)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype]
-    cl = "on" if memory_format(cfg.train, device) == torch.channels_last else "off"
-    return Mode("configured", amp, cl, cfg.train.compile)
+    cl = "on" if memory_format(t, device) == torch.channels_last else "off"
+    return Mode("configured", amp, cl, t.compile)
 
 
-def check(cfg: Config, quick: bool = False, steps: int = 6, only: list[str] | None = None,
+def check(bench: Bench, quick: bool = False, steps: int = 6, only: list[str] | None = None,
           log=lambda m: print(m, file=sys.stderr, flush=True)) -> tuple[pd.DataFrame, str, int]:
     """(table, recommendation, exit status)."""
-    device = pick_device(cfg.device, Dist())
+    device = pick_device(bench.device, Dist())
     modes = modes_for(device, quick)
     if only:
         modes = [m for m in modes if m.name in only]
-    mine = configured_mode(cfg, device)
+    mine = configured_mode(bench.train, device)
     same = [m for m in modes if (m.amp, m.channels_last, m.compile, m.processes) ==
             (mine.amp, mine.channels_last, mine.compile, 1)]
     if not same:
@@ -258,7 +274,7 @@ def check(cfg: Config, quick: bool = False, steps: int = 6, only: list[str] | No
     for i, m in enumerate(progress(modes, len(modes), "doctor", "mode")):
         log(f"doctor: mode {i + 1}/{len(modes)}: {m.name} ...")
         try:
-            r = run_processes(cfg, m, steps) if m.processes > 1 or m.fold_per_gpu else measure(cfg, m, steps)
+            r = run_processes(bench, m, steps) if m.processes > 1 or m.fold_per_gpu else measure(bench, m, steps)
         except Exception as e:  # noqa: BLE001 - a mode that fails is a row of the table, not a crash
             r = {"mode": m.name, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         if m.name == "fp32" and r.get("ok"):
@@ -280,9 +296,9 @@ def check(cfg: Config, quick: bool = False, steps: int = 6, only: list[str] | No
         rec = f"fastest passing mode: {best['mode']} ({best['train_img_s']:.0f} train img/s)"
         if device.type == "cuda":
             bmode = next(m for m in modes if m.name == best["mode"])
-            lb = largest_batch(cfg, bmode) if not (bmode.processes > 1 or bmode.fold_per_gpu) else None
+            lb = largest_batch(bench, bmode) if not (bmode.processes > 1 or bmode.fold_per_gpu) else None
             if lb:
-                rec += f"; largest batch that fits: {lb} (train.batch_size; tried up to 8x {cfg.train.batch_size})"
+                rec += f"; largest batch that fits: {lb} (train.batch_size; tried up to 8x {bench.train.batch_size})"
     ok_mine = bool(t.loc[t["mode"] == mine_name, "ok"].all())
     rec += f"\nconfigured mode ({mine_name}: amp={mine.amp}, channels_last={mine.channels_last}, " \
            f"compile={mine.compile}): {'passes' if ok_mine else 'FAILS'}"
@@ -302,7 +318,7 @@ def main(cfg: Config, quick: bool = False) -> int:
     print(f"doctor: {cfg.model.arch} at {cfg.aug.img_size} px, batch {cfg.train.batch_size}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch "
           f"{torch.__version__}, {os.cpu_count()} CPU cores", flush=True)
-    t, rec, code = check(cfg, quick)
+    t, rec, code = check(Bench.of(cfg), quick)
     print(table_text(t))
     print(rec)
     return code

@@ -42,7 +42,7 @@ from ..core.files import layout
 from ..core.nets import models
 from ..core.files.artifacts import read_json, sha256_file, write_json, write_text
 
-from ..core.config import Config, keys_without_output, load_config
+from ..core.config import Config, EnsembleCfg, keys_without_output, load_config
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.predict.inference import joint_head, parse_view
@@ -58,14 +58,15 @@ DATA_KEYS = ("id_col", "label_col", "image_ext", "check_images")
 
 
 # ----------------------------------------------------------------------------- checks
-def stage5_record(cfg: Config) -> tuple[str, dict]:
-    name = cfg.ensemble.name or cfg.experiment
+def stage5_record(e: EnsembleCfg, experiment: str) -> tuple[str, dict]:
+    """The finished ensemble's name and record, refused when missing or made from other members than `e` names."""
+    name = e.name or experiment
     path = layout.submission_record(name)
     if not path.exists():
         raise PipelineError(f"{path} not found: export packs a finished ensemble; run ./run.sh ensemble "
                             f"(or ./run.sh all) for '{name}' first")
     rec = read_json(path)
-    want = parse_members(cfg.ensemble.members, cfg.experiment)
+    want = parse_members(e.members, experiment)
     have = [Member.parse(m, f"{path}: member") for m in rec["members"]]
     if rec["method"] == "hill_climb":  # the candidates it kept: heads and policies of the configured experiments
         wrong = not {h.exp for h in have} <= {w.exp for w in want}
@@ -182,7 +183,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
             models.write_state_dict(dst, model.state_dict(),
                                     {"arch": mcfg.model.arch, "num_classes": C, "head": head, "fold": unit.name})
             if onnx and src == unit.weights:
-                export_onnx(mcfg, model, Head.load(target.head(k))[0] if normalised else joint_head(model),
+                export_onnx(mcfg.aug.img_size, model, Head.load(target.head(k))[0] if normalised else joint_head(model),
                             target.onnx(k))
         if k == layout.FULL_FIT:
             full = {"weight": full_weight, "mean": stage2["mean"], "std": stage2["std"], "epoch": stage2["epoch"]}
@@ -203,7 +204,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     return info
 
 
-def export_onnx(cfg: Config, model, head: Head, path: Path) -> None:
+def export_onnx(img_size: int, model, head: Head, path: Path) -> None:
     """Backbone + head as ONNX: input normalised float32 N x 3 x S x S (S = aug.img_size), output logits."""
     if importlib.util.find_spec("onnx") is None:  # torch's exporter needs it
         raise PipelineError("export --onnx needs the onnx package (pip install onnx); the bundle itself does not")
@@ -232,7 +233,7 @@ def export_onnx(cfg: Config, model, head: Head, path: Path) -> None:
                 f = torch.nn.functional.normalize(f, dim=1)
             return f @ self.weight.T + self.bias
 
-    s = cfg.aug.img_size
+    s = img_size
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript
@@ -296,7 +297,7 @@ def folder_bytes(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, out: str | None = None, zip_: bool = False, onnx: bool = False) -> dict:
-    name, rec = stage5_record(cfg)
+    name, rec = stage5_record(cfg.ensemble, cfg.experiment)
     target = Path(out) if out else layout.export_dir(name)
     if target.exists() and not layout.BundleDir(target).manifest.exists() and any(target.iterdir()):
         raise PipelineError(f"{target} exists and is not an export bundle: choose another --out (nothing was "

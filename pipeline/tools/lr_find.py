@@ -22,7 +22,7 @@ from ..core.files import layout
 from ..core.report import plots
 from ..core.files.artifacts import write_csv
 from ..core.inputs.augment import open_store, train_transform
-from ..core.config import Config
+from ..core.config import Config, TrainCfg
 from ..core.inputs.data import read_folds
 from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
@@ -32,7 +32,7 @@ from ..core.nets.losses import SoftTargetLoss, ldam_margins
 from ..core.nets.models import Normalize, create_model, norm_stats, to_input
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
-from ..core.inputs.pixels import pixels
+from ..core.inputs.pixels import Pixels, pixels
 
 log = logging.getLogger("pipeline")
 
@@ -59,19 +59,19 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> float:
     return float(lrs[start + int(np.argmin(slope[start:end]))])
 
 
-def _data_and_loss(cfg: Config, df: pd.DataFrame, rows: np.ndarray, n_classes: int, device):
+def _data_and_loss(t: TrainCfg, px: Pixels, seed: int, df: pd.DataFrame, rows: np.ndarray, n_classes: int, device):
     """A shuffled loader of the fold's training rows (stage 2's augmentation) and stage 2's loss."""
-    store = open_store(pixels(cfg), df["path"])
-    ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(pixels(cfg)), seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                                         generator=gen, num_workers=workers(cfg.train),
+    store = open_store(px, df["path"])
+    ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(px), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=True, drop_last=True,
+                                         generator=gen, num_workers=workers(t),
                                          pin_memory=device.type == "cuda")
     if len(loader) == 0:
-        raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {cfg.train.batch_size}")
-    counts = np.bincount(df["y"].values[rows], minlength=n_classes) if cfg.train.loss == "ldam" else None
-    criterion = SoftTargetLoss(cfg.train.loss, cfg.train.focal_gamma, margins=ldam_margins(
-        counts, cfg.train.ldam_max_margin) if counts is not None else None, scale=cfg.train.ldam_scale).to(device)
+        raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {t.batch_size}")
+    counts = np.bincount(df["y"].values[rows], minlength=n_classes) if t.loss == "ldam" else None
+    criterion = SoftTargetLoss(t.loss, t.focal_gamma, margins=ldam_margins(
+        counts, t.ldam_max_margin) if counts is not None else None, scale=t.ldam_scale).to(device)
     return loader, criterion
 
 
@@ -89,7 +89,7 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
 
     opt = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=START_LR, weight_decay=cfg.train.weight_decay,
                               momentum=cfg.train.momentum)
-    loader, criterion = _data_and_loss(cfg, df, rows, len(classes), device)
+    loader, criterion = _data_and_loss(cfg.train, pixels(cfg), cfg.seed, df, rows, len(classes), device)
     lrs, losses = [], []
     factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
     fmt = memory_format(cfg.train, device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.files import layout
-from ..core.config import Config, load_config
+from ..core.config import Config, DataCfg, EnsembleCfg, EvalCfg, ModelCfg, TrainCfg, load_config
 from ..core.inputs.data import fold_problems, read_test_table, read_train_table, test_source, train_source
 from ..core.errors import PipelineError
 from ..core.nets.heads import VARIANTS
@@ -51,9 +51,9 @@ class Plan:
         return "\n".join(out)
 
 
-def _who(c: Config) -> str:
+def _who(experiment: str, source: str) -> str:
     """A problem's subject: the experiment and the config file it comes from."""
-    return f"experiment {c.experiment} ({c.source})"
+    return f"experiment {experiment} ({source})"
 
 
 def _configs(cfg: Config, overrides: list[str], plan: Plan, with_run_also: bool) -> list[Config]:
@@ -73,31 +73,31 @@ def _configs(cfg: Config, overrides: list[str], plan: Plan, with_run_also: bool)
     return configs
 
 
-def _check_model(c: Config, plan: Plan) -> None:
+def _check_model(who: str, m: ModelCfg, plan: Plan) -> None:
     import timm
 
-    arch = c.model.arch
+    arch = m.arch
     if not timm.is_model(arch.split(".")[0]) and not timm.is_model(arch):
         near = difflib.get_close_matches(arch, timm.list_models(), n=1, cutoff=0.7)
-        plan.problems.append(f"{_who(c)}: config model.arch: unknown timm model '{arch}'"
+        plan.problems.append(f"{who}: config model.arch: unknown timm model '{arch}'"
                              + (f"; did you mean '{near[0]}'?" if near else ""))
         return
-    if c.model.pretrained_path:
+    if m.pretrained_path:
         from ..core.nets.models import create_model
 
-        if not Path(c.model.pretrained_path).is_file():
-            plan.problems.append(f"{_who(c)}: config model.pretrained_path: weights file not found: "
-                                 f"{c.model.pretrained_path} (./run.sh weights import converts one)")
+        if not Path(m.pretrained_path).is_file():
+            plan.problems.append(f"{who}: config model.pretrained_path: weights file not found: "
+                                 f"{m.pretrained_path} (./run.sh weights import converts one)")
             return
         try:  # the weights are read and fitted to the model now, not after stage 1
-            create_model(c.model, 2)
+            create_model(m, 2)
         except PipelineError as e:
-            plan.problems.append(f"{_who(c)}: {e}")
+            plan.problems.append(f"{who}: {e}")
 
 
-def _check_teachers(c: Config, earlier: list[str], ensemble_name: str, plan: Plan) -> None:
+def _check_teachers(who: str, t: TrainCfg, earlier: list[str], ensemble_name: str, plan: Plan) -> None:
     for key in ("pseudo", "distill"):
-        name = getattr(c.train, key).teacher
+        name = getattr(t, key).teacher
         if not name or name in earlier:
             continue
         if layout.submission_record(name).exists() or layout.RunDir.of(name).infer_summary.exists():
@@ -108,13 +108,14 @@ def _check_teachers(c: Config, earlier: list[str], ensemble_name: str, plan: Pla
             why = (f"is neither a finished ensemble ({layout.submission_record(name)}) nor an experiment with stage-4 "
                    f"output ({layout.RunDir.of(name).infer_summary}) nor one this command runs before it; run "
                    f"./run.sh all for it first")
-        plan.problems.append(f"{_who(c)}: config train.{key}.teacher '{name}' {why}")
+        plan.problems.append(f"{who}: config train.{key}.teacher '{name}' {why}")
 
 
-def _check_members(cfg: Config, experiments: list[str], plan: Plan) -> None:
+def _check_members(members_cfg: list[str], experiments: list[str], plan: Plan) -> None:
+    """ensemble.members (`members_cfg`; empty: the experiment itself, experiments[0])."""
     have = set(experiments) | set(layout.experiments())
     members = []
-    for name in cfg.ensemble.members or [cfg.experiment]:
+    for name in members_cfg or [experiments[0]]:
         try:
             members.append(Member.parse(name, "config ensemble.members:"))
         except PipelineError as e:
@@ -132,36 +133,36 @@ def _check_members(cfg: Config, experiments: list[str], plan: Plan) -> None:
                                  f"{layout.RunDir.of(exp).infer_summary})" + (f"; did you mean '{near[0]}'?" if near else ""))
 
 
-def _check_top_k(c: Config, labels, plan: Plan) -> None:
+def _check_top_k(where: str, ev: EvalCfg, e: EnsembleCfg, d: DataCfg, labels, plan: Plan) -> None:
     """Top-k settings the classes make meaningless or unreadable: a k that covers every class (the metric is 1.0
     whatever the model), a submission row of more labels than classes, class names that hold a space in a
     space-separated top-k row."""
     classes = sorted({str(v) for v in labels})
-    n, where = len(classes), _who(c)
-    if c.eval.metric in TOP_K and c.eval.top_k >= n:
-        plan.problems.append(f"{where}: config eval.top_k {c.eval.top_k} with {n} classes: every class is within "
-                             f"the top {c.eval.top_k}, so {c.eval.metric} is 1.0 whatever the model; use a k below {n} "
+    n = len(classes)
+    if ev.metric in TOP_K and ev.top_k >= n:
+        plan.problems.append(f"{where}: config eval.top_k {ev.top_k} with {n} classes: every class is within "
+                             f"the top {ev.top_k}, so {ev.metric} is 1.0 whatever the model; use a k below {n} "
                              f"(or eval.metric accuracy)")
-    if c.ensemble.submission != "topk":
+    if e.submission != "topk":
         return
-    if c.ensemble.top_k > n:
-        plan.problems.append(f"{where}: config ensemble.top_k {c.ensemble.top_k} with {n} classes: a row cannot "
+    if e.top_k > n:
+        plan.problems.append(f"{where}: config ensemble.top_k {e.top_k} with {n} classes: a row cannot "
                              f"hold more labels than there are classes")
-    elif c.ensemble.top_k == n:
+    elif e.top_k == n:
         plan.warnings.append(f"{where}: config ensemble.top_k {n} lists every class in every row (the ranking is "
                              f"the prediction): check that the competition asks for this")
     spaced = [x for x in classes if any(ch.isspace() for ch in x)]
     if spaced:
         fix = ("data.category_label=id (category ids, what iNaturalist-style submissions expect)"
-               if c.data.layout == "coco" and c.data.category_label == "name" else "labels without spaces")
-        plan.problems.append(f"{where}: config ensemble.submission topk writes the top {c.ensemble.top_k} labels "
+               if d.layout == "coco" and d.category_label == "name" else "labels without spaces")
+        plan.problems.append(f"{where}: config ensemble.submission topk writes the top {e.top_k} labels "
                              f"space-separated, but {len(spaced)} class name(s) hold a space ({', '.join(repr(x) for x in spaced[:3])}"
                              f"): the rows could not be read back; use {fix}")
 
 
 def _check_data(c: Config, command: str, seen_train: dict, seen_test: dict, plan: Plan) -> str:
     """The train table, its images' headers and top-k settings, and the test side; the plan's line about them."""
-    d = c.data
+    d, who = c.data, _who(c.experiment, c.source)
     train_key = (d.root, d.layout, d.train_csv, d.train_dir, d.train_json, d.category_label, d.id_col, d.label_col,
                  d.group_col, d.image_ext, d.check_images)
     # headers only: a full decode of every image (check_images: full) is stage 1's, which also refuses before
@@ -170,18 +171,18 @@ def _check_data(c: Config, command: str, seen_train: dict, seen_test: dict, plan
                                                                                   key=CHECK_ORDER.index)))
     table, err = _once(seen_train, train_key, lambda: read_train_table(quick.data))
     if err:
-        plan.problems.append(f"{_who(c)}: {err}")
+        plan.problems.append(f"{who}: {err}")
     else:
-        _check_top_k(c, table["label"], plan)
+        _check_top_k(who, c.eval, c.ensemble, d, table["label"], plan)
         problem, _ = fold_problems(table, c.folds.n_splits, d.group_col is not None, c.folds.rare_classes,
                                    str(train_source(c.data)))
         if problem and not c.folds_csv.exists():  # an existing folds file is what counts (stage 1 re-checks)
-            plan.problems.append(f"{_who(c)}: {problem}")
+            plan.problems.append(f"{who}: {problem}")
     test_key = (d.root, d.layout, d.test_dir, d.test_json, d.sample_submission, d.image_ext, d.id_col, d.check_images)
     test, err = _once(seen_test, test_key, lambda: read_test_table(quick.data))
     if err:
         (plan.problems if command in TEST_SIDE_ERROR else plan.warnings).append(
-            f"{_who(c)}: test side: {err}")
+            f"{who}: test side: {err}")
     what = f"{len(table)} train images" if table is not None else "train table unreadable"
     return (f"experiment {c.experiment}: {c.model.arch}, {what}; test: {len(test) if test is not None else '?'} ids "
             f"from {test_source(c.data)}")
@@ -207,26 +208,27 @@ def build(cfg: Config, overrides: list[str], command: str, config_problems: list
     unbuilt = {}
     for c in plan.configs:  # the demo / hold-out competitions are built before their data is checked
         if not write:  # status writes nothing: a competition still to build is said, not built
-            unbuilt[c.experiment] = unbuilt_data(c)
+            unbuilt[c.experiment] = unbuilt_data(c.data)
             continue
         try:
-            prepare_data(c)
+            prepare_data(c.data, c.folds.seed)
         except PipelineError as e:
-            plan.problems.append(f"{_who(c)}: {e}")
+            plan.problems.append(f"{_who(c.experiment, c.source)}: {e}")
     experiments = [c.experiment for c in plan.configs]
     seen_train, seen_test = {}, {}
     for i, c in enumerate(plan.configs):
-        _check_model(c, plan)
-        _check_teachers(c, experiments[:i], cfg.ensemble.name or cfg.experiment, plan)
+        who = _who(c.experiment, c.source)
+        _check_model(who, c.model, plan)
+        _check_teachers(who, c.train, experiments[:i], cfg.ensemble.name or cfg.experiment, plan)
         if unbuilt.get(c.experiment):
             plan.lines.append(f"experiment {c.experiment}: {c.model.arch}; data: {unbuilt[c.experiment]}")
         else:
             plan.lines.append(_check_data(c, command, seen_train, seen_test, plan))
     if command in ("all", "ensemble", "status"):
-        _check_members(cfg, experiments, plan)
+        _check_members(cfg.ensemble.members, experiments, plan)
     else:  # stages 1-4 do not read the members (they may be trained later): said, not refused
         side = Plan(command)
-        _check_members(cfg, experiments, side)
+        _check_members(cfg.ensemble.members, experiments, side)
         plan.warnings += [f"{p} (stage 5 will refuse this)" for p in side.problems]
     if command in ("all", "ensemble", "status"):
         plan.lines.append(f"ensemble {cfg.ensemble.name or cfg.experiment}: {cfg.ensemble.method} of "

@@ -35,12 +35,12 @@ N_WRONG = 16
 def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -> Path:
     run = RunDir.of(name, runs)
     cfg = experiment_config(run)
-    summaries = fold_summaries(cfg, run)
+    summaries = fold_summaries(run, cfg.folds.n_splits)
     if not summaries:
         raise PipelineError(f"experiment '{name}': not every fold has finished stage 2; nothing to report yet")
     out = layout.experiment_report(name, reports)
     classes = read_json(run.classes)
-    preds = predictions(cfg, run)
+    preds = predictions(run, cfg.folds.n_splits)
     rows = rank(pd.DataFrame(experiment_rows(run, preds)).assign(note=""))
     top = rows.iloc[0]
     best_key = (top["head"], top["tta"] == "on")
@@ -55,10 +55,10 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
     what = f"pooled OOF, head {best_key[0]}, TTA {'on' if best_key[1] else 'off'}"
     errors_md = _class_errors(out, p, classes, counts, what, pics)
     _recall_picture(out, preds, rows, classes, counts, pics)
-    _tuning_pictures(cfg, run, len(summaries), out, pics)
-    if _confidently_wrong(cfg, p, classes, out / "confidently_wrong.png"):
+    _tuning_pictures(cfg.eval.scorer, run, len(summaries), out, pics)
+    if _confidently_wrong(cfg.folds_csv, p, classes, out / "confidently_wrong.png"):
         pics.append(("Most confidently wrong OOF images (true -> predicted, confidence)", "confidently_wrong.png"))
-    if _cams(cfg, run, summaries, p, classes, out / "cam.png"):
+    if _cams(cfg.model, pixels(cfg), cfg.folds_csv, run, summaries, p, classes, out / "cam.png"):
         pics.append(("Class activation maps of the predicted class: the most confidently wrong OOF images, then the "
                      "two most confident correct ones per class (stage-2 classifier of the image's own fold)",
                      "cam.png"))
@@ -108,14 +108,14 @@ def _recall_picture(out: Path, preds: dict, rows: pd.DataFrame, classes: list, c
     pics.append(("Per-class recall against training frequency", "recall_vs_frequency.png"))
 
 
-def _tuning_pictures(cfg, run: RunDir, n_folds: int, out: Path, pics: list) -> None:
+def _tuning_pictures(metric: str, run: RunDir, n_folds: int, out: Path, pics: list) -> None:
     """Stage 3's tau sweep per fold and stage 4's CV gain of each TTA view, when those stages ran."""
     rb = [run.fold(k).rebalance_summary for k in range(n_folds)]
     if all(f.exists() for f in rb):
         tau = [read_json(f)["variants"].get("tau", {}) for f in rb]
         if all(t.get("curve") for t in tau):
             plots.sweep(out / "tau_sweep.png", [{float(a): v for a, v in t["curve"].items()} for t in tau], "tau",
-                        f"{cfg.eval.scorer} on the held-out fold", [t["tau"] for t in tau])
+                        f"{metric} on the held-out fold", [t["tau"] for t in tau])
             pics.append(("Tau sweep (dotted: the value chosen per fold)", "tau_sweep.png"))
     if run.infer_report.exists():
         r = pd.read_csv(run.infer_report)
@@ -124,7 +124,7 @@ def _tuning_pictures(cfg, run: RunDir, n_folds: int, out: Path, pics: list) -> N
         base = float(r.loc[r["views"] == "no TTA", "cv_mean"].iloc[0])
         r = r[r["views"] != "no TTA"]
         plots.bars(out / "tta_gain.png", r["views"].tolist(), (r["cv_mean"] - base).tolist(),
-                   f"CV {cfg.eval.scorer} gain over no TTA", f"TTA views, head {primary}")
+                   f"CV {metric} gain over no TTA", f"TTA views, head {primary}")
         pics.append(("TTA gain per view and for the policy", "tta_gain.png"))
 
 
@@ -155,13 +155,13 @@ def recall_by_frequency(y: np.ndarray, pred: np.ndarray, counts: np.ndarray) -> 
     return pd.DataFrame(out)
 
 
-def _confidently_wrong(cfg, pred: dict, classes: list, path: Path) -> bool:
+def _confidently_wrong(folds_csv: Path, pred: dict, classes: list, path: Path) -> bool:
     rows, y = pred["rows"], pred["y"]
     wrong = np.flatnonzero(rows.pred != y)
-    if not len(wrong) or not cfg.folds_csv.exists():
+    if not len(wrong) or not folds_csv.exists():
         return False
     wrong = wrong[np.argsort(-rows.conf[wrong])][:N_WRONG]
-    paths = pd.read_csv(cfg.folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
+    paths = pd.read_csv(folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
     images, captions = [], []
     for i in wrong:
         image_id = str(pred["ids"][i])
@@ -179,7 +179,8 @@ def _confidently_wrong(cfg, pred: dict, classes: list, path: Path) -> bool:
 N_CAM_WRONG, N_CAM_PER_CLASS, N_CAM_CLASSES = 8, 2, 30
 
 
-def _cams(cfg, run: RunDir, summaries: list[dict], pred: dict, classes: list, path: Path) -> bool:
+def _cams(model_cfg, px, folds_csv: Path, run: RunDir, summaries: list[dict], pred: dict, classes: list,
+          path: Path) -> bool:
     """cam.png: class activation maps (models.class_activation_maps) over OOF images, each from the fold model
     that held it out, for the class it predicted. Skipped (False) without the train images or a CNN map."""
     import torch
@@ -195,16 +196,16 @@ def _cams(cfg, run: RunDir, summaries: list[dict], pred: dict, classes: list, pa
     for c in sorted(shown):
         right = np.flatnonzero((top == y) & (y == c))
         picks += list(right[np.argsort(-conf[right])][:N_CAM_PER_CLASS])
-    if not picks or not cfg.folds_csv.exists():
+    if not picks or not folds_csv.exists():
         return False
-    paths = pd.read_csv(cfg.folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
-    tf = valid_transform(pixels(cfg))
+    paths = pd.read_csv(folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"]
+    tf = valid_transform(px)
     images, captions, loaded = [], [], {}
     try:
         for i in picks:
             k = int(pred["fold"][i])
             if k not in loaded:
-                model = models.load_trained(cfg.model, run.fold(k).weights, len(classes)).eval()
+                model = models.load_trained(model_cfg, run.fold(k).weights, len(classes)).eval()
                 loaded[k] = (model, models.Normalize(summaries[k]["mean"], summaries[k]["std"]))
             model, norm = loaded[k]
             image_id = str(pred["ids"][i])

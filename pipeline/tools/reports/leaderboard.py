@@ -19,7 +19,7 @@ import pandas as pd
 
 from ...core.files import layout
 from ...core.files.artifacts import read_json, read_npz, write_csv, write_text
-from ...core.config import Config, flatten, load_config
+from ...core.config import AugCfg, Config, ModelCfg, TrainCfg, flatten, load_config
 from ...core.errors import PipelineError
 from ...core.files.layout import RunDir
 from ...core.inputs.data import private_score, read_test_labels
@@ -58,17 +58,16 @@ def experiment_config(run: RunDir) -> Config:
     return load_config(run.config)
 
 
-def fold_summaries(cfg: Config, run: RunDir) -> list[dict]:
+def fold_summaries(run: RunDir, n_splits: int) -> list[dict]:
     """Stage-2 summaries of every fold, or [] when a fold is unfinished."""
-    paths = [run.fold(k).summary for k in range(cfg.folds.n_splits)]
+    paths = [run.fold(k).summary for k in range(n_splits)]
     return [read_json(p) for p in paths] if all(p.exists() for p in paths) else []
 
 
-def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
+def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
     """(head, tta) -> OOF {ids, y, fold, rows: metrics.RowScores} [+ test {ids, probs: a function}] from the stages'
     files. Each file's rows x classes is reduced to per-row scores as it is read (one in memory at a time); test
-    probabilities are read when asked for (the private score)."""
-    K = cfg.folds.n_splits
+    probabilities are read when asked for (the private score). K: the folds."""
     out = {}
 
     def per_fold(files: list[Path]) -> dict | None:
@@ -123,17 +122,18 @@ def predictions(cfg: Config, run: RunDir) -> dict[tuple[str, bool], dict]:
     return out
 
 
-def recipe(cfg: Config, summaries: list[dict], s4: dict | None, tta: bool) -> str:
-    """The fine-tuning controls in use, in a few words (empty: the plain recipe)."""
-    t, out = cfg.train, []
+def recipe(m: ModelCfg, a: AugCfg, t: TrainCfg, fixres: float | None, summaries: list[dict], s4: dict | None,
+           tta: bool) -> str:
+    """The fine-tuning controls in use, in a few words (empty: the plain recipe); `fixres`: infer.fixres.size."""
+    out = []
     pw = summaries[0].get("made_from", {}).get("pretrained_weights") if summaries else None
     if pw:  # local weights: their file and the first digits of their sha256 (what stage 2 recorded)
         out.append(f"weights {pw['name']}@{pw['sha256'][:8]}")
-    elif cfg.model.pretrained:
+    elif m.pretrained:
         out.append("weights: timm hub")
-    if cfg.model.head_init_scale is not None or cfg.model.head_init_bias is not None:
-        out.append("head init" + (f" x{cfg.model.head_init_scale:g}" if cfg.model.head_init_scale is not None else "")
-                   + (f" bias {cfg.model.head_init_bias:g}" if cfg.model.head_init_bias is not None else ""))
+    if m.head_init_scale is not None or m.head_init_bias is not None:
+        out.append("head init" + (f" x{m.head_init_scale:g}" if m.head_init_scale is not None else "")
+                   + (f" bias {m.head_init_bias:g}" if m.head_init_bias is not None else ""))
     if t.layer_decay is not None:
         out.append(f"layer decay {t.layer_decay:g}")
     if t.freeze_epochs:
@@ -141,10 +141,10 @@ def recipe(cfg: Config, summaries: list[dict], s4: dict | None, tta: bool) -> st
     if t.patience is not None:
         ran = [s.get("epochs_trained", t.epochs) for s in summaries]
         out.append(f"early stop p{t.patience} (ran {min(ran)}-{max(ran)} ep)")
-    if cfg.aug.size_schedule:
-        out.append("sizes " + " ".join(f"{side}@{e}" for e, side in cfg.aug.size_schedule))
-    if cfg.aug.policy:
-        out.append(f"policy {cfg.aug.policy}")
+    if a.size_schedule:
+        out.append("sizes " + " ".join(f"{side}@{e}" for e, side in a.size_schedule))
+    if a.policy:
+        out.append(f"policy {a.policy}")
     if t.loss != "ce" or t.class_weights != "none" or t.drw_epoch is not None:
         out.append(t.loss + (" + CB weights" if t.class_weights != "none" else "")
                    + (f" + DRW@{t.drw_epoch}" if t.drw_epoch is not None else ""))
@@ -163,7 +163,7 @@ def recipe(cfg: Config, summaries: list[dict], s4: dict | None, tta: bool) -> st
     if s4 is not None and s4.get("full_fit_weight", 0) > 0:
         out.append(f"+ full fit x{s4['full_fit_weight']:g} (test only, no CV of its own)")
     if tta and s4 is not None and any(v.startswith(FIXRES) for v in s4["policy"]):
-        out.append(f"FixRes {cfg.infer.fixres.size:g}")
+        out.append(f"FixRes {fixres:g}")
     return "; ".join(out)
 
 
@@ -171,7 +171,7 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     """Leaderboard rows of one experiment (`preds`: its `predictions`, when already read)."""
     cfg = experiment_config(run)
     e = cfg.eval
-    summaries = fold_summaries(cfg, run)
+    summaries = fold_summaries(run, cfg.folds.n_splits)
     if not summaries:
         return []
     counts = [s["train_counts"] for s in summaries]
@@ -180,13 +180,13 @@ def experiment_rows(run: RunDir, preds: dict | None = None) -> list[dict]:
     s4 = read_json(run.infer_summary) if run.infer_summary.exists() else None
     labelled = read_test_labels(cfg.data) is not None
     rows = []
-    for (head, tta), pred in (predictions(cfg, run) if preds is None else preds).items():
+    for (head, tta), pred in (predictions(run, cfg.folds.n_splits) if preds is None else preds).items():
         ev = cv(pred["y"], None, pred["fold"], counts, e.many_shot, e.few_shot, e.scorer, rows=pred["rows"])
         test = pred.get("test")
         rows.append({"experiment": cfg.experiment, "model": cfg.model.arch + (f" ({cfg.model.pool})"
                                                                               if cfg.model.pool != "avg" else ""),
                      "img_size": cfg.aug.img_size, "epochs": cfg.train.epochs,
-                     "recipe": recipe(cfg, summaries, s4 if "test" in pred else None, tta), "head": head,
+                     "recipe": recipe(cfg.model, cfg.aug, cfg.train, cfg.infer.fixres.size, summaries, s4 if "test" in pred else None, tta), "head": head,
                      "tta": "on" if tta else "off", "metric": cfg.eval.scorer, **ev,
                      "private": private_score(cfg.data, cfg.eval.scorer, test["ids"], test["probs"], classes) if test and labelled
                      else None,

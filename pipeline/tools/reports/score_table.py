@@ -9,7 +9,7 @@ import pandas as pd
 
 from ...core.files import layout
 from ...core.files.artifacts import read_json, read_npz
-from ...core.config import Config
+from ...core.config import DataCfg
 from ...core.inputs.data import private_score
 from ...core.predict.metrics import softmax
 from ...core.predict.inference import candidate_probs, plain_logits
@@ -18,8 +18,9 @@ from ...core.predict.submission import Member
 log = logging.getLogger("pipeline")
 
 
-def summary_table(cfg: Config) -> pd.DataFrame:
-    name = cfg.ensemble.name or cfg.experiment
+def summary_table(name: str, data: DataCfg, metric: str) -> pd.DataFrame:
+    """Ensemble `name`'s members and the ensemble: CV of the joint head, the head, the head with TTA; the private
+    score (`data`: its test labels) of each."""
     ens = read_json(layout.submission_record(name))
     rows = []
     for member in map(Member.parse, ens["members"]):
@@ -38,8 +39,8 @@ def summary_table(cfg: Config) -> pd.DataFrame:
         head_probs = candidate_probs(run.infer_test(head), member.plain, inf["merge"])
         rows.append({"model": exp, "head": head + (" (no TTA)" if member.plain else ""), "CV joint": joint["cv_mean"],
                      "CV head": best["cv_mean"], "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
-                     "private joint": private_score(cfg.data, cfg.eval.scorer, jt["ids"], plain, inf["classes"]),
-                     "private head+TTA": private_score(cfg.data, cfg.eval.scorer, jt["ids"], head_probs, inf["classes"])})
+                     "private joint": private_score(data, metric, jt["ids"], plain, inf["classes"]),
+                     "private head+TTA": private_score(data, metric, jt["ids"], head_probs, inf["classes"])})
     t = pd.DataFrame(rows)
     ens_row = [r for r in ens["table"] if r["member"].startswith("ensemble")]
     if ens_row:
@@ -48,8 +49,8 @@ def summary_table(cfg: Config) -> pd.DataFrame:
     return t
 
 
-def print_summary(cfg: Config) -> pd.DataFrame:
-    t = summary_table(cfg)
-    log.info("\n=== %s: CV (%s, mean over folds) and private score ===\n%s", cfg.ensemble.name or cfg.experiment,
-             cfg.eval.scorer, t.to_string(index=False, float_format="%.4f", na_rep=""))
+def print_summary(name: str, data: DataCfg, metric: str) -> pd.DataFrame:
+    t = summary_table(name, data, metric)
+    log.info("\n=== %s: CV (%s, mean over folds) and private score ===\n%s", name, metric,
+             t.to_string(index=False, float_format="%.4f", na_rep=""))
     return t
