@@ -83,6 +83,15 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "mean": (("--mean",), dict(default=None, metavar="R,G,B", help="the weights' input mean (default: timm's)")),
     "std": (("--std",), dict(default=None, metavar="R,G,B", help="the weights' input std (default: timm's)")),
     "crop-pct": (("--crop-pct",), dict(type=float, default=None, metavar="F", help="the weights' crop_pct")),
+    "until": (("--until",), dict(default=None, choices=["folds", "train", "rebalance", "infer"],
+                                 help="stop after this stage (no ensemble, no reports): what a sweep trial runs")),
+    "space": (("--space",), dict(default=None, metavar="FILE", help="the search space (default: sweep.space)")),
+    "trials": (("--trials",), dict(type=int, default=None, metavar="N",
+                                   help="trials of the study, shared by its workers (default: sweep.trials)")),
+    "show": (("--status",), dict(action="store_true", dest="show",
+                                 help="the trials so far, the naive and the nested CV, the sweep page; runs nothing")),
+    "finish": (("--finish",), dict(action="store_true",
+                                   help="the winner through stages 1-5 -> submissions/<sweep>.csv")),
 }
 PATH_METAVARS = ("FILE", "DIR", "PATH", "DIR|ZIP")  # options naming a file or folder (PATH: one the command writes)
 CONFIG_OPTS = ("config", "root")
@@ -234,14 +243,17 @@ def stage_status(stage: Stage, cfg: Config) -> list[str]:
     return importlib.import_module(stage.module).status(cfg)
 
 
-def run_all(configs: list[Config], force: bool) -> dict:
+def run_all(configs: list[Config], force: bool, until: str | None = None) -> dict:
     """Like `dvc repro`: each stage whose outputs are stale (or missing) runs, the others are
     skipped. Stages run in order, so a stage is judged after everything upstream is current. `configs`: the
-    command's experiment, then those of its run_also (the plan's); the first one's ensemble ends it."""
+    command's experiment, then those of its run_also (the plan's); the first one's ensemble ends it. `until`: the
+    last stage to run (then no ensemble and no reports)."""
     from .tools.demo import prepare_data
 
     cfg, ran, skipped = configs[0], [], []
-    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble"] + [(cfg, COMMANDS["ensemble"].stage)]
+    last = next(int(s.number) for s in STAGES if s.name == until) if until else len(STAGES)
+    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble" and int(s.number) <= last]
+    jobs += [(cfg, COMMANDS["ensemble"].stage)] if until is None else []
     for c, stage in jobs:
         prepare_data(c.data, c.folds.seed)
         tag = f"{c.experiment}:{stage.name}"
@@ -253,6 +265,8 @@ def run_all(configs: list[Config], force: bool) -> dict:
             log.info("stage %s (%s) of '%s' is up to date, skipped", stage.number, stage.name, c.experiment)
         (ran if reasons else skipped).append(tag)
     log.info("all: ran %s; up to date %s", " ".join(ran) or "nothing", " ".join(skipped) or "nothing")
+    if until is not None:
+        return {"ran": ran, "skipped": skipped}
     from .tools.reports import experiment_page, leaderboard, score_table
 
     score_table.print_summary(cfg.ensemble.name or cfg.experiment, cfg.data, cfg.eval.scorer)
@@ -420,7 +434,18 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_all(args: argparse.Namespace, cfg: Config) -> int:
     from .tools import plan
 
-    run_all(plan.check(cfg, args.overrides, "all").configs, args.force)
+    run_all(plan.check(cfg, args.overrides, "all").configs, args.force, args.until)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, cfg: Config) -> int:
+    from .tools import sweep
+
+    if args.trials is not None and args.trials < 1:
+        raise PipelineError("--trials must be at least 1")
+    if args.show and args.finish:
+        raise PipelineError("--status and --finish: give one of them")
+    sweep.run(cfg, args.overrides, space=args.space, trials=args.trials, show=args.show, finish_=args.finish)
     return 0
 
 
@@ -469,7 +494,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Runs what is stale of stages 1-5 for the config's experiment and those of its run_also, in order, "
             "skipping what is up to date; then prints the score table and writes reports/ and the leaderboard.\n"
             "Reads: the competition data and every earlier output. Writes: what stages 1-5 write (the folds file, "
-            "the experiment's run folder, the submission) and the reports.", STAGE_OPTS, OVERRIDES,
+            "the experiment's run folder, the submission) and the reports.", STAGE_OPTS + ("until",), OVERRIDES,
             "./run.sh all --config configs/my.yaml", handler=cmd_all, config=True),
     Command("status", "say, per stage, whether its outputs are up to date and if not why (what changed)",
             "Says per stage whether its outputs are up to date, and if not why (the config keys or input files that "
@@ -498,6 +523,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                       "(fp32/bf16/fp16, channels_last, compile, DDP, fold per GPU) as a table, the fastest mode",
             "pipeline.tools.doctor", CONFIG_OPTS + ("quick",), OVERRIDES, "./run.sh doctor --quick",
             handler=cmd_doctor, config=True),
+    Command("sweep", "a hyper-parameter search on Optuna (one worker per process; --status, --finish) with an "
+                     "honest nested CV across its trials -> runs/<sweep>-t<k>/, reports/<sweep>/",
+            "pipeline.tools.sweep", CONFIG_OPTS + ("space", "trials", "show", "finish"), OVERRIDES,
+            "./run.sh sweep --space configs/space.yaml --trials 20", handler=cmd_sweep, config=True),
     Command("selfcheck", "the fault-injection and bad-input matrix on a tiny competition, as a table",
             "pipeline.tools.selfcheck", ("quick",), None, "./run.sh selfcheck --quick"),
     Command("lr-find", "the learning-rate range test on one fold -> reports/<exp>/lr_find.{png,csv} and a "

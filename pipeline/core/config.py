@@ -28,7 +28,7 @@ from .errors import PipelineError
 # (provenance) and the config reference docs/config.md all read it from here.
 STAGES = ("setup", "1", "2", "3", "4", "5", "-")  # "setup": how the competition folder is built; "-": no output
 SECTION_STAGE = {"data": "1", "folds": "1", "model": "2", "aug": "2", "train": "2", "eval": "2", "rebalance": "3",
-                 "infer": "4", "ensemble": "5", "": "2"}  # the stage of a key that does not name its own
+                 "infer": "4", "ensemble": "5", "sweep": "-", "": "2"}  # the stage of a key that does not name its own
 BIG = 2 ** 31 - 1
 SEED_MAX = 2 ** 32 - 1
 
@@ -409,6 +409,27 @@ class EnsembleCfg:
 
 
 @dataclass
+class SweepCfg:
+    name: str = key("", path_name=True, help="trials are runs/<name>-t<k>/, the study runs/.sweeps/<name>/; empty: "
+                                             "<experiment>-sweep")
+    space: str = key("", help="the search space (YAML: config key -> distribution), relative to this config file; "
+                              "--space overrides it")
+    trials: int = key(20, range=(1, 100000, True, True), help="trials of the study (done, pruned or running; "
+                                                               "--trials overrides it), shared by its workers")
+    through: Literal["train", "infer"] = key("train", help="the last stage a trial runs; its CV per fold: stage 2's "
+                                                           "held-out score, or stage 4's nested policy of its primary "
+                                                           "head")
+    pruner: Literal["median", "hyperband", "none"] = key("median", help="stops trials whose per-epoch held-out "
+                                                                        "metric trails the others'")
+    prune_folds: int = key(1, range=(1, 100, True, True), help="folds whose per-epoch metric is reported for pruning")
+    startup_trials: int = key(4, range=(0, 10000, True, True), help="trials sampled at random (TPE) and never "
+                                                                   "pruned before the search starts")
+    seed: int = key(0, range=(0, SEED_MAX, True, True), help="the TPE sampler's seed")
+    storage: str = key("", help="empty: a journal file under runs/.sweeps/<name>/ (one machine or a shared "
+                                "filesystem); else an RDB URL (postgresql://...) for workers on many machines")
+
+
+@dataclass
 class Config:
     experiment: str = key("demo", stage="-", path_name=True, help="run folder: runs/<experiment>/")
     seed: int = key(42, range=(0, SEED_MAX, True, True), help="training seed")
@@ -423,6 +444,8 @@ class Config:
     rebalance: RebalanceCfg = section(RebalanceCfg, "stage 3: decoupled classifier retraining on frozen features")
     infer: InferCfg = section(InferCfg, "stage 4: test-time augmentation on OOF rows and test images")
     ensemble: EnsembleCfg = section(EnsembleCfg, "stage 5: combining experiments into the submission")
+    sweep: SweepCfg = section(SweepCfg, "hyper-parameter sweeps (./run.sh sweep): where trials and the study go, "
+                                        "how they are searched and pruned (no key changes what a trial computes)")
     # not config keys: where it came from, and what the command running it set
     source: str = field(default="", metadata={"internal": True})
     session: Session = field(default_factory=lambda: Session(), metadata={"internal": True}, compare=False, repr=False)

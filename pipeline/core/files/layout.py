@@ -11,6 +11,7 @@ is defined. README.md's layout table reads like this module.
     runs/<exp>/logs/<stage>-<time>.log          what a stage logged   (RunDir.log)
     runs/.cache/                                decoded image caches (shared by experiments)
     runs/.stats/<digest>.json                   the image file lists behind records (image_snapshot)
+    runs/.sweeps/<sweep>/...                    a sweep's study, trials and their configs (SweepDir)
     submissions/<name>.csv, <name>.json         stage 5
     reports/leaderboard.{csv,md}, reports/<exp>/   tools
     exports/<name>/...                          export bundles        (BundleDir)
@@ -33,6 +34,7 @@ REPORTS = Path("reports")
 EXPORTS = Path("exports")
 CACHE = RUNS / ".cache"
 STATS = RUNS / ".stats"
+SWEEPS = RUNS / ".sweeps"
 FULL_FIT = -1  # the index that stands for the full-data model (train.full_fit) where a fold index is expected
 
 
@@ -235,6 +237,57 @@ def experiments(runs: Path = RUNS) -> list[str]:
     """Names of the experiment folders under runs/ (those with a resolved config)."""
     runs = Path(runs)
     return sorted(d.name for d in runs.iterdir() if RunDir(d).config.exists()) if runs.is_dir() else []
+
+
+# ----------------------------------------------------------------------------- sweeps (tools/sweep.py)
+@dataclass(frozen=True)
+class SweepDir:
+    dir: Path
+
+    @classmethod
+    def of(cls, name: str, runs: Path = RUNS) -> "SweepDir":
+        return cls(Path(runs) / SWEEPS.name / check_name(name, "sweep name"))
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def journal(self) -> Path:  # the Optuna study (journal storage)
+        return self.dir / "journal.log"
+
+    @property
+    def lock(self) -> Path:  # held while a worker counts the trials and asks for the next
+        return self.dir / "ask.lock"
+
+    @property
+    def trials(self) -> Path:  # every trial: experiment, state, parameters, per-fold CV; the nested selection
+        return self.dir / "trials.json"
+
+    @property
+    def best(self) -> Path:  # the winner's config (sweep --finish)
+        return self.dir / "best.yaml"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    def trial_config(self, experiment: str) -> Path:  # a trial's resolved config
+        return self.dir / "trials" / f"{check_name(experiment, 'experiment')}.yaml"
+
+    def trial_log(self, experiment: str) -> Path:  # what a trial's process printed
+        return self.logs / f"{check_name(experiment, 'experiment')}.log"
+
+
+def sweeps(runs: Path = RUNS) -> list[SweepDir]:
+    """Every sweep under runs/.sweeps/ with a trials record."""
+    d = Path(runs) / SWEEPS.name
+    return [SweepDir(x) for x in sorted(d.iterdir()) if (x / "trials.json").exists()] if d.is_dir() else []
+
+
+def sweep_report(name: str, reports: Path = REPORTS) -> Path:
+    """reports/<sweep>/: the sweep page and its pictures."""
+    return Path(reports) / check_name(name, "sweep name")
 
 
 # ----------------------------------------------------------------------------- stage 5

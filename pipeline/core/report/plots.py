@@ -134,3 +134,44 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.n
     heat = plt.get_cmap("jet")(cam)[..., :3] * 255
     img = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
     return ((1 - alpha) * img.astype(np.float32) + alpha * heat).clip(0, 255).astype(np.uint8)
+
+
+def param_scatter(path, xs: list, ys: list, pruned_xs: list, pruned_ys: list, xlabel: str, ylabel: str,
+                  log_x: bool = False) -> None:
+    """A sweep's metric against one parameter: finished trials as dots, pruned ones (at their last reported value)
+    as crosses; a categorical parameter on evenly spaced ticks."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    cats = sorted({str(x) for x in xs + pruned_xs}) if any(isinstance(x, str) for x in xs + pruned_xs) else None
+
+    def pos(v):
+        return [cats.index(str(x)) for x in v] if cats else v
+
+    ax.scatter(pos(xs), ys, label="finished")
+    if pruned_xs:
+        ax.scatter(pos(pruned_xs), pruned_ys, marker="x", color="grey", label="pruned (last reported)")
+    if cats:
+        ax.set_xticks(range(len(cats)), cats)
+    elif log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def sweep_history(path, done: list[tuple[int, float]], pruned: list[tuple[int, float]], best: list[tuple[int, float]],
+                  ylabel: str) -> None:
+    """A sweep's trials in order: each finished trial's CV, the best so far, pruned trials at their last value."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if done:
+        ax.scatter(*zip(*done), label="finished")
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", color="grey", label="pruned (last reported)")
+    if best:
+        ax.step(*zip(*best), where="post", color="C1", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -33,10 +33,11 @@ log = logging.getLogger("pipeline")
 
 COLUMNS = ["rank", "experiment", "model", "img_size", "epochs", "recipe", "head", "tta", "metric", "cv_mean", "cv_std",
            "cv_pooled", "macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds",
-           "members", "note"]
+           "members", "sweep", "note"]
 NOT_COMPARABLE = "folds differ"
 LEAKY = "leaky targets (train.distill.leaky_oof): CV optimistic"
 SELECTED = "stage 2 chose {} on the scored rows: CV optimistic"
+SWEEP_WINNER = "the best of sweep {}'s {} trials, selected on these rows: CV optimistic (the sweep's nested row is not)"
 
 
 def stage2_held_out_choices(summary: dict) -> list[str]:
@@ -222,9 +223,34 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
     return rows
 
 
+def sweep_rows(runs: Path, rows: list[dict]) -> tuple[list[dict], dict[str, tuple[str, str]], dict[str, tuple]]:
+    """Each sweep's nested CV as a row of its own (for each fold k, the trial best on the other folds, scored on
+    fold k: honest however many trials ran), {trial experiment: (sweep, state)} from runs/.sweeps/*/trials.json, and
+    {naive winner: (sweep, finished trials)}."""
+    out, trials, winners = [], {}, {}
+    for d in layout.sweeps(runs):
+        s = read_json(d.trials)
+        for t in s["trials"]:
+            trials[t["experiment"]] = (s["sweep"], t["state"])
+        sel = s["selection"]
+        if sel.get("nested") is None:
+            continue
+        winner = next((r for r in rows if r["experiment"] == sel["winner"]), {})
+        per = sel["nested_per_fold"]
+        n = sum(t["state"] == "complete" for t in s["trials"])
+        winners[sel["winner"]] = (s["sweep"], n)
+        out.append({"experiment": s["sweep"], "model": f"sweep, nested over {n} trials", "img_size": None,
+                    "epochs": None, "recipe": f"winner {sel['winner']}", "head": "", "tta": "", "metric": s["metric"],
+                    "cv_mean": sel["nested"], "cv_std": float(np.std(per)), "per_fold": per, "cv_pooled": None,
+                    "private": None, "folds": winner.get("folds", "?"), "folds_sha256": winner.get("folds_sha256"),
+                    "members": "", "kind": "sweep", "sweep": s["sweep"], "selected": winner.get("selected", "")})
+    return out, trials, winners
+
+
 # ----------------------------------------------------------------------------- the table
 def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
-    """Every row; `submissions` defaults to the submissions/ folder beside `runs`."""
+    """Every row; `submissions` defaults to the submissions/ folder beside `runs`. Trials of a sweep carry its name;
+    only its finished ones are rows (pruned, failed and running trials are never ranked)."""
     rows = []
     for name in layout.experiments(runs):
         try:
@@ -232,6 +258,9 @@ def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
         except (PipelineError, KeyError, ValueError) as e:  # one broken folder must not hide the others
             log.warning("leaderboard: skipped %s (%s)", runs / name, e)
     rows += ensemble_rows(submissions if submissions is not None else Path(runs).parent / layout.SUBMISSIONS.name, runs)
+    nested, trials, winners = sweep_rows(runs, rows)
+    rows = [dict(r, sweep=trials[r["experiment"]][0]) if r["experiment"] in trials else r for r in rows
+            if trials.get(r["experiment"], ("", "complete"))[1] == "complete"] + nested
     t = pd.DataFrame(rows)
     if t.empty:
         return pd.DataFrame(columns=COLUMNS)
@@ -249,6 +278,8 @@ def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
             n.append(LEAKY)
         if isinstance(r.get("selected"), str) and r["selected"]:
             n.append(SELECTED.format(r["selected"]))
+        if r["experiment"] in winners and r.get("kind") != "sweep":
+            n.append(SWEEP_WINNER.format(*winners[r["experiment"]]))
         notes.append(", ".join(n))
     t["note"] = notes
     return t.astype({"img_size": "Int64", "epochs": "Int64"})
@@ -292,6 +323,9 @@ def to_text(t: pd.DataFrame) -> str:
         view[c] = [("" if pd.isna(v) else str(v)) for v in view[c]]
     cols = ["rank", "experiment", "model", "img_size", "epochs", "recipe", "head", "tta", "cv", "cv_pooled", "macro_f1",
             "balanced_accuracy", "many_acc", "medium_acc", "few_acc", "private", "folds", "members", "note"]
+    if "sweep" in view:
+        view["sweep"] = view["sweep"].fillna("")
+        cols.insert(cols.index("members") + 1, "sweep")
     return view[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
 
 
