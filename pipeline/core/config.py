@@ -221,7 +221,10 @@ class DistillCfg:
 
 @dataclass
 class TrainCfg:
-    epochs: int = key(10, range=(1, 100000, True, True), help="epochs per fold (the schedule's length)")
+    epochs: int = key(10, range=(0, 100000, True, True), help="epochs per fold (the schedule's length); 0 with "
+                                                                "pretrained weights: a linear-probe baseline (the "
+                                                                "backbone never trains, the classifier is the probe fit "
+                                                                "of train.head_init=probe)")
     batch_size: int = key(64, range=(1, 65536, True, True),
                           help="images per optimiser step per process, before accumulation")
     accum_steps: int = key(1, range=(1, 4096, True, True),
@@ -238,6 +241,11 @@ class TrainCfg:
                              help="head warm-up: the first N epochs train the classifier only")
     freeze_bn: bool = key(False, added="2026-11-24",
                           help="during those epochs also keep the backbone's BatchNorm statistics fixed")
+    head_init: Literal["random", "probe"] = key("random", added="2026-12-03",
+                                                help="probe: LP-FT (Kumar et al. 2022): before the first epoch the "
+                                                     "classifier is fit (logistic regression, L-BFGS) on the frozen "
+                                                     "pretrained features of the fold's training rows (never its "
+                                                     "held-out rows); random: timm's init (x model.head_init_scale)")
     freeze_backbone: bool = key(False, added="2026-11-24",
                                 help="linear probe: only the classifier (and pooling) ever trains; BN statistics "
                                      "fixed")
@@ -589,6 +597,11 @@ def _validate(cfg: Config, origin: dict[str, str], problems: list[str]) -> set[s
     _validate_aug(cfg.aug, check)
     _validate_train(cfg.train, cfg.experiment, check)
     check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
+    pretrained = cfg.model.pretrained or bool(cfg.model.pretrained_path)
+    check(pretrained or (cfg.train.epochs > 0 and cfg.train.head_init == "random"),
+          "train.epochs" if cfg.train.epochs == 0 else "train.head_init",
+          "a linear probe (train.epochs=0, train.head_init=probe) needs pretrained weights (model.pretrained or "
+          "model.pretrained_path): on random features it learns nothing")
     for k in ("mean", "std"):
         v = getattr(cfg.model, k)
         check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
@@ -620,7 +633,7 @@ def _validate_train(train: TrainCfg, experiment: str, check) -> None:
           f"must be < train.epochs ({train.epochs}), or re-weighting never starts")
     check(not (train.freeze_backbone and train.trainable_stages is not None), "train.trainable_stages",
           "and train.freeze_backbone both say what trains: set one (freeze_backbone is trainable_stages=0)")
-    check(train.freeze_epochs < train.epochs, "train.freeze_epochs",
+    check(train.freeze_epochs == 0 or train.freeze_epochs < train.epochs, "train.freeze_epochs",
           f"must be < train.epochs ({train.epochs}): at least one epoch trains the backbone")
     check(train.min_lr <= train.lr, "train.min_lr", f"must be <= train.lr ({train.lr:g})")
     for key in ("pseudo", "distill"):

@@ -51,6 +51,7 @@ from ..core.inputs.images import ConcatView, EpochBatches, ImageDataset
 # FULL_FIT: the full-data model's fold index; `fold != FULL_FIT` is every row
 from ..core.files.layout import FULL_FIT, FoldDir, RunDir
 from ..core.engine.loop import EpochResult, Step, run_epoch, sync_interval
+from ..core.nets.heads import probe_head
 from ..core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
 from ..core.predict.metrics import better, compute, row_scores
 from ..core.nets.models import Normalize, clean_state_dict, create_model, norm_stats, to_input, write_state_dict
@@ -88,6 +89,7 @@ class FoldData:
     valid_loader: object
     va_idx: np.ndarray  # this process's share of the held-out rows
     targets: teachers.Targets | None = None  # train.pseudo / train.distill: per-row targets (batches carry row indices)
+    probe_loader: object = None  # the labelled training rows, un-augmented (train.head_init=probe, train.epochs=0)
 
 
 @dataclass
@@ -217,6 +219,8 @@ def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths
     stats = norm_stats(job.model, model)
     prepare_model(job.train, model, device)
     data = _fold_data(job, df, n_classes, k, dist, device, rec)
+    if data.probe_loader is not None:
+        probe_init(model, stats, data, job.train, device, "full fit" if k == FULL_FIT else f"fold {k}")
     state = FoldState()
     nets = _fold_nets(job.train, model, stats, frozen_bn, data, n_classes, dist, device, state)
     return FoldRun(job=job, k=k, dist=dist, paths=paths, rec=rec, device=device, dtype=nets.step.dtype,
@@ -255,12 +259,34 @@ def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, d
                             f"train.batch_size or accum_steps")
     va_idx = np.arange(len(va_ds))[dist.rank::dist.world]
     cuda = device.type == "cuda"
+    probe = None
+    if t.head_init == "probe" or t.epochs == 0:  # every process fits the same head on every training row
+        probe = make_loader(ImageDataset(store.subset(np.flatnonzero(~in_fold)), y_tr, valid_transform(job.px)),
+                            batch_size=max(t.batch_size, 64), n_workers=workers(job.train), cuda=cuda)
     return FoldData(
         y_tr=y_tr, y_va=y_va, valid_ids=df["id"].values[in_fold], counts=np.bincount(y_tr, minlength=n_classes),
         batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(job.train), cuda=cuda),
         valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(job.train), cuda=cuda,
                                  indices=va_idx, persistent=True),
-        va_idx=va_idx, targets=targets)
+        va_idx=va_idx, targets=targets, probe_loader=probe)
+
+
+def probe_init(model, stats, data: FoldData, t: TrainCfg, device, label: str) -> None:
+    """LP-FT's first step (train.head_init=probe; the whole of train.epochs=0): the classifier fit on the frozen
+    pretrained features of the fold's labelled training rows (never its held-out rows), before any gradient step."""
+    t0 = time.perf_counter()
+    clf = model.get_classifier()
+    if not isinstance(clf, torch.nn.Linear):
+        raise PipelineError(f"train.head_init=probe needs a linear classifier; the model has {type(clf).__name__}")
+    with torch.no_grad():
+        feats = models.extract_features(model, data.probe_loader, Normalize(*stats).to(device), device,
+                                        amp_dtype(t.amp, device), memory_format(t, device))
+        head = probe_head(feats, data.y_tr, clf.out_features)
+        clf.weight.copy_(torch.as_tensor(head.weight, device=clf.weight.device))
+        clf.bias.copy_(torch.as_tensor(head.bias, device=clf.bias.device))
+    acc = float((head.logits(feats).argmax(1) == data.y_tr).mean())
+    log.info("%s: linear probe on %d training rows' pretrained features (%d-d): train accuracy %.3f, %.1fs", label,
+             len(feats), feats.shape[1], acc, time.perf_counter() - t0)
 
 
 def _fold_nets(t: TrainCfg, model, stats, frozen_bn, data: FoldData, n_classes: int, dist: Dist, device,
@@ -492,6 +518,14 @@ def train_unit(job: Job, df: pd.DataFrame, classes: list, k: int, force: bool, d
         row["seconds"] = time.perf_counter() - t0
         end_epoch(r, epoch, row, tracker)
         dist.barrier()
+    if r.epochs == 0 and not r.full:  # train.epochs=0: the fold's output is the probe-initialised model itself
+        t0 = time.perf_counter()
+        row = {"epoch": 0, "lr": 0.0, "train_loss": float("nan"), "images_per_s": 0.0}
+        validate(r, -1, row)
+        row["seconds"] = time.perf_counter() - t0
+        r.state.history.append(row)
+        if dist.main:
+            write_csv(r.paths.history, pd.DataFrame(r.state.history))
     if tracker is not None:
         tracker.close()
     summary = (finish_full(r) if r.full else finish(r)) if dist.main else None
@@ -515,7 +549,7 @@ def _summary(r: FoldRun, **fields) -> dict:
     """The summary fields of a fold and of the full-data model; written last, it marks the unit complete."""
     job, d = r.job, r.data
     return {**fields, "arch": job.model.arch, "num_classes": len(d.counts), "img_size": job.aug.img_size,
-            "mean": r.nets.stats[0], "std": r.nets.stats[1], "epochs_trained": len(r.state.history),
+            "mean": r.nets.stats[0], "std": r.nets.stats[1], "epochs_trained": sum(h["epoch"] > 0 for h in r.state.history),
             **({} if r.full else {"stopped_early_after": r.state.stopped_epoch, "teacher": _teacher_summary(r)}),
             "n_train": int(len(d.y_tr)), "n_valid": int(len(d.y_va)), "train_counts": d.counts.tolist(),
             "seconds": float(sum(h["seconds"] for h in r.state.history)), "made_from": r.rec, "env": environment()}

@@ -71,7 +71,7 @@ def scheduler(opt: torch.optim.Optimizer, t: TrainCfg, updates_per_epoch: int):
     """timm's schedule, stepped per update (warm-up in fractions of an epoch)."""
     from timm.scheduler import create_scheduler_v2
 
-    sched, _ = create_scheduler_v2(opt, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
+    sched, _ = create_scheduler_v2(opt, sched=t.scheduler, num_epochs=max(t.epochs, 1), warmup_epochs=t.warmup_epochs,
                                    warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
                                    updates_per_epoch=updates_per_epoch, plateau_mode="max")
     return sched

@@ -253,6 +253,35 @@ def train_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, epochs: int, 
     return out
 
 
+def probe_head(feats: np.ndarray, y: np.ndarray, n_classes: int, c: float = 1.0, max_iter: int = 1000) -> Head:
+    """A linear probe: multinomial logistic regression (scikit-learn, L-BFGS, L2 with inverse strength `c`) on frozen
+    features, LP-FT's first step (Kumar et al. 2022). A class without a training row gets zero weights and a bias
+    below every other (its probability stays small, as a fresh head's would be)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(y)
+    w = np.zeros((n_classes, feats.shape[1]), np.float32)
+    b = np.zeros(n_classes, np.float32)
+    if len(present) == 1:  # one class: its logit first, the others far below
+        b[:] = -10.0
+        b[present[0]] = 0.0
+        return Head(w, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter bounds the time; the fit is a start point
+        lr = LogisticRegression(C=c, max_iter=max_iter).fit(np.asarray(feats, np.float64), y)
+    coef, icpt = lr.coef_, lr.intercept_
+    if len(present) == 2:  # scikit-learn's binary form: one row for the second class
+        coef, icpt = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
+    w[lr.classes_] = coef
+    b[lr.classes_] = icpt
+    missing = np.setdiff1d(np.arange(n_classes), lr.classes_)
+    b[missing] = b[lr.classes_].min() - 10.0
+    return Head(w, b)
+
+
 def checkpoint_epochs(epochs: int, n: int = 4) -> list[int]:
     return sorted({max(1, round(epochs * (i + 1) / n)) for i in range(n)})
 

@@ -1,0 +1,100 @@
+"""Linear probes on pretrained features (#36): LP-FT's head init (train.head_init=probe) fit on the fold's training
+rows only, and train.epochs=0, the probe baseline run through stages 1-5."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from conftest import cli, config_from_items, make_competition
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.engine.distributed import Dist
+from pipeline.core.files.artifacts import read_json, read_npz
+from pipeline.core.inputs.data import read_folds
+from pipeline.core.nets.heads import probe_head
+from pipeline.core.nets.models import read_state_dict, write_state_dict
+from pipeline.stages import folds as folds_stage
+from pipeline.stages import train as train_stage
+
+TINY = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=16", "aug.cache=off", "train.batch_size=8",
+        "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "infer.views=[orig]", "train.ema=false",
+        "rebalance.crt_epochs=2", "rebalance.lws_epochs=2"]
+
+
+@pytest.fixture
+def pretrained(workdir):
+    """A 'pretrained' test_resnet: fixed weights in a local file (what `weights import` would give)."""
+    torch.manual_seed(123)
+    path = workdir / "pre.safetensors"
+    write_state_dict(path, timm.create_model("test_resnet", num_classes=1000).state_dict())
+    return path
+
+
+def _comp(workdir):
+    return make_competition(workdir / "comp", {"a": 10, "b": 8, "c": 6}, size=16, n_test=6)
+
+
+def test_a_probe_needs_pretrained_weights():
+    for extra in (["train.epochs=0"], ["train.head_init=probe"]):
+        with pytest.raises(ConfigError, match="a linear probe .* needs pretrained weights"):
+            load_config(None, extra)
+    load_config(None, ["train.epochs=0", "model.pretrained_path=w.safetensors"])  # a file to check later
+
+
+def test_probe_head_fits_logistic_regression_and_keeps_unseen_classes_low():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(90, 6)), rng.integers(0, 3, 90)
+    x[np.arange(90), y] += 3
+    h = probe_head(x, y, 5)
+    assert (h.logits(x).argmax(1) == y).mean() > 0.95
+    assert h.weight.shape == (5, 6) and (h.weight[3:] == 0).all() and h.bias[3:].max() < h.bias[:3].min()
+    two = probe_head(x, (y > 0).astype(int), 2)   # scikit-learn's binary form, mapped to two rows
+    assert ((two.logits(x).argmax(1)) == (y > 0)).mean() > 0.9
+
+
+def test_lp_ft_head_is_fit_on_the_fold_s_training_rows_only(workdir, pretrained):
+    root = _comp(workdir)
+    cfg = load_config(None, [f"data.root={root}", "experiment=lp", *TINY, f"model.pretrained_path={pretrained}",
+                             "train.head_init=probe", "train.epochs=1"])
+    folds_stage.run(cfg)
+    df, classes = read_folds(cfg.folds_name)
+    job = train_stage.Job.of(cfg)
+
+    def head(frame):
+        r = train_stage.set_up(job, frame, len(classes), 0, Dist())
+        return r.nets.model.get_classifier().weight.detach().clone()
+
+    w = head(df)
+    held = df["fold"].values == 0
+    shuffled = df.copy()
+    shuffled.loc[held, "y"] = np.random.default_rng(1).permutation(df["y"].values[held])
+    assert torch.equal(head(shuffled), w)                       # held-out labels take no part in the fit
+    moved = df.copy()
+    moved.loc[~held, "y"] = np.random.default_rng(1).permutation(df["y"].values[~held])
+    assert not torch.equal(head(moved), w)                      # training labels do: the test can fail
+    fresh = load_config(None, [f"data.root={root}", "experiment=lp", *TINY, f"model.pretrained_path={pretrained}",
+                               "train.epochs=1"])
+    r = train_stage.set_up(train_stage.Job.of(fresh), df, len(classes), 0, Dist())
+    assert not torch.equal(r.nets.model.get_classifier().weight, w)   # head_init=random: timm's init
+
+
+@pytest.mark.slow
+def test_epochs_0_is_the_linear_probe_baseline_through_every_stage(workdir, pretrained):
+    root = _comp(workdir)
+    cfg = config_from_items(workdir / "probe.yaml", [f"data.root={root}", "experiment=probe", *TINY,
+                                                     f"model.pretrained_path={pretrained}", "train.epochs=0",
+                                                     "rebalance.variants=[joint,ncm,crt]", "infer.heads=[best]"])
+    r = cli(["all", "--config", str(cfg)], workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (workdir / "submissions/probe.csv").exists()
+    s = read_json(workdir / "runs/probe/fold0/summary.json")
+    assert s["epoch"] == 0 and s["epochs_trained"] == 0 and s["score"] > 0.5   # 3 colours: chance is 1/3
+    pre, got = read_state_dict(pretrained), read_state_dict(workdir / "runs/probe/fold0/model.safetensors")
+    body = [k for k in got if not k.startswith("fc.")]
+    assert body and all(torch.equal(got[k], pre[k]) for k in body)   # the backbone took no gradient step
+    feats = read_npz(workdir / "runs/probe/fold0/rebalance/features.npz")
+    df, _ = read_folds(load_config(cfg).folds_name)
+    tr = df["fold"].values != 0
+    want = probe_head(feats["train"], df["y"].values[tr], 3)
+    assert np.allclose(got["fc.weight"].numpy(), want.weight, atol=1e-4)   # the classifier is the probe fit
