@@ -52,6 +52,10 @@ ROWS = {  # name: (what it is, overrides, start from a copy of this row's run)
     "linear-probe": ("linear probe (frozen backbone, lr 0.01) + NCM / kNN heads on its frozen features",
                      ["train.freeze_backbone=true", "train.lr=0.01", "rebalance.variants=[joint,ncm,knn]",
                       "infer.heads=[joint,ncm,knn]"], None),
+    "probe-epochs0": ("the probe baseline: train.epochs=0 (no gradient step, the probe-fit classifier) + NCM / kNN",
+                      ["train.epochs=0", "rebalance.variants=[joint,ncm,knn]", "infer.heads=[joint,ncm,knn]"], None),
+    "lp-ft": ("LP-FT: the classifier fit on the frozen pretrained features first (train.head_init=probe), then the "
+              "full fine-tune with the pretrained defaults", ["train.head_init=probe"], None),
     "ft-timm-init": ("full fine-tune, timm's head init and 1 warm-up epoch (before the pretrained defaults)",
                      ["model.head_init_scale=null", "train.warmup_epochs=1"], None),
     "finetune": ("full fine-tune, pretrained defaults (head init x0.01, warm-up 0.3 ep, lr 1e-3)", [], None),

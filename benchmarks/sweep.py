@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--workers-only", action="store_true", help="only the two-worker part (C)")
     a = ap.parse_args()
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,9 @@ def main() -> int:
     common = ["--config", "configs/demo.yaml", f"train.epochs={a.epochs}", f"folds.n_splits={a.folds}",
               "train.warmup_epochs=0", "run_also=[]", "ensemble.members=[]"]
     log = work / "benchmark.log"
+    if a.workers_only:
+        _two_workers(work, common, log, "C2")
+        return 0
     t_a = sh(["sweep", "--space", "space.yaml", "--trials", str(a.trials), "sweep.name=A", *common], work, log)
     trials_a = _trials(work, "A")
     _enqueue_same(work, trials_a, common)
@@ -105,29 +109,31 @@ def _report(work: Path, a, t_a: float, t_b: float, trials_a: dict, trials_b: dic
     print(f"pruned trials that would have won when run to the end: {len(lost)} of {len(pruned)}")
     print(f"A naive winner {sel['winner']}: CV {sel['naive']:.4f} (selected on its rows); nested sweep CV "
           f"{sel['nested']:.4f}; the winner's private score {sub['private']:.4f} (stages 1-5, its submission)")
-    closer = "nested" if abs(sel["nested"] - sub["private"]) < abs(sel["naive"] - sub["private"]) else "naive"
+    gap_naive, gap_nested = abs(sel["naive"] - sub["private"]), abs(sel["nested"] - sub["private"])
+    closer = "nested" if gap_nested < gap_naive else "naive" if gap_naive < gap_nested else "equal (nested = naive)"
     print(f"the closer estimate of the private score: {closer} "
           f"(|naive - private| {abs(sel['naive'] - sub['private']):.4f}, "
           f"|nested - private| {abs(sel['nested'] - sub['private']):.4f})")
     print(f"B: naive {best_b['naive']:.4f} ({best_b['winner']}), nested {best_b['nested']:.4f}")
 
 
-def _two_workers(work: Path, common: list[str], log: Path) -> None:
+def _two_workers(work: Path, common: list[str], log: Path, name: str = "C") -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    args = [sys.executable, "-m", "pipeline", "sweep", "--space", "space.yaml", "--trials", "4", "sweep.name=C",
+    args = [sys.executable, "-m", "pipeline", "sweep", "--space", "space.yaml", "--trials", "4", f"sweep.name={name}",
             "sweep.pruner=none", *common, "train.epochs=1"]
     t0 = time.perf_counter()
     with open(log, "a") as out:
         procs = [subprocess.Popen(args, cwd=work, env=env, stdout=out, stderr=out) for _ in range(2)]
         codes = [p.wait() for p in procs]
-    s = _trials(work, "C")
+    s = _trials(work, name)
     exps = [t["experiment"] for t in s["trials"]]
     split = {w: sum(t["worker"] == w for t in s["trials"]) for w in dict.fromkeys(t["worker"] for t in s["trials"])}
-    logs = sorted((work / "runs/.sweeps/C/logs").glob("*.log"))
-    print(f"C: two workers at once, exit codes {codes}, {len(s['trials'])} trials "
+    logs = sorted((work / "runs/.sweeps" / name / "logs").glob("*.log"))
+    params = [tuple(sorted(t["params"].items())) for t in s["trials"]]
+    print(f"{name}: two workers at once, exit codes {codes}, {len(s['trials'])} trials "
           f"({sum(t['state'] == 'complete' for t in s['trials'])} complete), experiments {exps}: "
           f"{'none repeated' if len(set(exps)) == len(exps) else 'REPEATED'}; trials per worker {list(split.values())}; "
-          f"{len(logs)} trial logs; "
+          f"{len(set(params))} distinct parameter sets; {len(logs)} trial logs; "
           f"{(time.perf_counter() - t0) / 60:.1f} min")
 
 

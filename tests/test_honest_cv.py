@@ -5,10 +5,13 @@ signal every number the leaderboard ranks stays at chance."""
 import numpy as np
 import pandas as pd
 import pytest
+import timm
+import torch
 
 from conftest import make_competition
 from pipeline.core.files.artifacts import read_json
 from pipeline.core.config import load_config
+from pipeline.core.nets.models import write_state_dict
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
@@ -128,12 +131,17 @@ def test_on_permuted_labels_every_ranked_cv_stays_at_chance(tmp_path, monkeypatc
     t.to_csv(root / "train.csv", index=False)
     a = run_experiment(root, "p1", "train.epochs=2")
     run_experiment(root, "p2", "train.epochs=2", "model.pool=gem", "seed=7")
+    torch.manual_seed(5)  # "pretrained" weights in a local file: probe heads (rebalance.probe) and LP-FT's head init
+    write_state_dict(tmp_path / "pre.safetensors", timm.create_model("test_resnet", num_classes=1000).state_dict())
+    p3 = run_experiment(root, "p3", "train.epochs=1", f"model.pretrained_path={tmp_path / 'pre.safetensors'}",
+                        "train.head_init=probe", "rebalance.probe=[joint,ncm,knn,tau]")
+    assert {"probe_joint", "probe_ncm", "probe_knn", "probe_tau"} <= set(stage3_cv(p3))
     ens = load_config(None, [f"data.root={root}", "experiment=p1", *BASE, "ensemble.members=[p1,p2]",
                              "ensemble.method=hill_climb", "ensemble.name=pp"])
     rec = ens_stage.run(ens)
     table = leaderboard.build(a.run_dir.dir.parent, tmp_path / "submissions")
     ranked = table[table["cv_mean"].notna()]
-    assert len(ranked) >= 2 * len(HEADS)
+    assert len(ranked) >= 2 * len(HEADS) and ranked["head"].str.startswith("probe_").sum() >= 4
     bound = 0.25 + 3.5 * 0.040
     assert (ranked["cv_mean"] < bound).all(), ranked[["experiment", "head", "tta", "cv_mean"]].to_string()
     ens_row = next(r for r in rec["table"] if str(r["member"]).startswith("ensemble"))

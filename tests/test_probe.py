@@ -98,3 +98,38 @@ def test_epochs_0_is_the_linear_probe_baseline_through_every_stage(workdir, pret
     tr = df["fold"].values != 0
     want = probe_head(feats["train"], df["y"].values[tr], 3)
     assert np.allclose(got["fc.weight"].numpy(), want.weight, atol=1e-4)   # the classifier is the probe fit
+
+
+@pytest.mark.slow
+def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(workdir, pretrained):
+    """rebalance.probe: heads on the pretrained backbone's features, fit on each fold's training rows, predicted by
+    stage 4 from that backbone, and candidates of the nested best head."""
+    root = _comp(workdir)
+    cfg = config_from_items(workdir / "p.yaml", [f"data.root={root}", "experiment=p", *TINY, "train.epochs=1",
+                                                 f"model.pretrained_path={pretrained}", "rebalance.variants=[joint]",
+                                                 "rebalance.probe=[joint,ncm]", "infer.heads=[best]"])
+    r = cli(["all", "--config", str(cfg)], workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = load_config(cfg).run_dir
+    df, _ = read_folds(load_config(cfg).folds_name)
+    f = read_npz(run.probe_features)["feats"]
+    assert f.shape[0] == len(df)
+    for k in (0, 1):
+        s3 = read_json(run.fold(k).rebalance_summary)
+        assert {"joint", "probe_joint", "probe_ncm"} <= set(s3["variants"])
+        tr = df["fold"].values != k
+        from pipeline.core.nets.heads import Head
+
+        got = Head.load(run.fold(k).head("probe_joint"))[0]
+        want = probe_head(f[tr], df["y"].values[tr], 3)          # the fold's training rows only
+        assert np.allclose(got.weight, want.weight) and np.allclose(got.bias, want.bias)
+        oof = read_npz(run.infer_oof("probe_joint"))
+        held = oof["fold"] == k
+        rows = np.flatnonzero(df["fold"].values == k)
+        assert np.allclose(oof["view_logits"][0][held], f[rows] @ got.weight.T + got.bias, atol=1e-3)
+    s4 = read_json(run.infer_summary)
+    assert {"probe_joint", "probe_ncm"} <= set(s4["heads"]) and (workdir / "submissions/p.csv").exists()
+    r = cli(["ensemble", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli(["export", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
+    assert r.returncode == 2 and "runs on the pretrained backbone" in r.stderr

@@ -340,7 +340,9 @@ class EvalCfg:
 # importing torch; nets/heads.VARIANTS and predict/tta.VIEWS register the code behind each name (a test holds
 # them equal).
 Variant = Literal["joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"]
-Head = Literal[("best",) + typing.get_args(Variant)]  # best: stage 4's nested choice among the variants
+PROBE = "probe_"  # rebalance.probe: a variant fit on the pretrained (not fine-tuned) backbone's features
+Head = Literal[("best",) + typing.get_args(Variant) + tuple(PROBE + v for v in typing.get_args(Variant))]
+# best: stage 4's nested choice among the variants (probe ones included)
 View = Literal["orig", "hflip", "vflip", "rot90", "rot180", "rot270", "five_crop"]
 
 
@@ -372,6 +374,11 @@ class RebalanceCfg:
     pca_dim: Optional[int] = key(None, range=(1, 100000, True, True), added="2026-11-24",
                                  help="ncm_pca / knn_pca: PCA-whitened dimensions kept; null: every non-degenerate "
                                       "one")
+    probe: list[Variant] = key(factory=list, added="2026-12-03",
+                               help="variants also fit on the pretrained, un-fine-tuned backbone's features of each "
+                                    "fold (named probe_<variant>; probe_joint: logistic regression), predicted by "
+                                    "stage 4 and chosen by the nested best head like the others (needs pretrained "
+                                    "weights)")
 
 
 @dataclass
@@ -598,6 +605,8 @@ def _validate(cfg: Config, origin: dict[str, str], problems: list[str]) -> set[s
     _validate_train(cfg.train, cfg.experiment, check)
     check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
     pretrained = cfg.model.pretrained or bool(cfg.model.pretrained_path)
+    check(pretrained or not cfg.rebalance.probe, "rebalance.probe",
+          "probe heads need pretrained weights (model.pretrained or model.pretrained_path)")
     check(pretrained or (cfg.train.epochs > 0 and cfg.train.head_init == "random"),
           "train.epochs" if cfg.train.epochs == 0 else "train.head_init",
           "a linear probe (train.epochs=0, train.head_init=probe) needs pretrained weights (model.pretrained or "

@@ -35,7 +35,7 @@ from ..core.nets import models
 from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
-from ..core.config import Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output
+from ..core.config import PROBE, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output
 from ..core.files import layout
 from ..core.inputs.data import read_test_table
 from ..core.engine.distributed import Dist
@@ -49,8 +49,9 @@ from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
 from ..core.files.provenance import (Expect, environment, feature_record, full_summary, infer_record,
-                                     keep_image_snapshots, oof_rows, rebalance_record, rebalance_summary, resolve_heads,
-                                     stage2_summary, stale_reasons, train_images, train_record, up_to_date)
+                                     keep_image_snapshots, oof_rows, probe_features_record, rebalance_record,
+                                     rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
+                                     train_record, up_to_date)
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.predict.tta import BASELINE
@@ -128,9 +129,11 @@ def load_inputs(cfg: Config) -> Inputs:
     heads = resolve_heads(cfg.infer.heads, run)
     if has_folds and any(h != "joint" for h in heads):
         imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
+        probe = probe_features_record(cfg.model, pixels(cfg), classes, imgs) if cfg.rebalance.probe else None
         for k in range(len(summaries)):
             feats = feature_record(run.unit(k).weights, classes, pixels(cfg), cfg.rebalance.aug_views, cfg.seed, imgs)
-            rebalance_summary(run, k, rebalance_record(cfg.rebalance, cfg.eval, feats), cfg.session.allow_stale)
+            rebalance_summary(run, k, rebalance_record(cfg.rebalance, cfg.eval, feats, None, probe),
+                              cfg.session.allow_stale)
     test = read_test_table(cfg.data)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
@@ -339,46 +342,109 @@ class Streamed:
         return self._blocks()
 
 
+@dataclass
+class Pass:
+    """What every model of stage 4 runs with: the device and autocast dtype, the loading, the image stores, the bar."""
+    device: torch.device
+    dtype: torch.dtype | None
+    load: Loading
+    test_store: object
+    train_store: object | None
+    bar: Progress | None = None
+
+
+def _probe(h: str) -> bool:
+    return h.startswith(PROBE)
+
+
 def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, tables: Tables) -> int:
     """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images (their weighted
     sum per view) and each fold's on its own held-out rows, per view, into `tables`: each head (and the nested
     `best` head: fold k's rows from the variant chosen without fold k) in turn from the unit's features (the
-    backbone runs once per unit and image set). Returns the number of view-images predicted."""
+    backbone runs once per unit and image set); then the probe heads (rebalance.probe) from the pretrained
+    backbone's features. Returns the number of view-images predicted."""
     device = pick_device(job.device, Dist())
-    dtype = amp_dtype(job.train.amp, device)
-    C = len(inp.classes)
-    test_store = open_store(job.px, inp.test["path"])
-    load = Loading.of(job.px, job.infer, job.train, device)
-    train_store = open_store(job.px, inp.oof_df["path"]) if inp.oof_df is not None else None
+    p = Pass(device, amp_dtype(job.train.amp, device), Loading.of(job.px, job.infer, job.train, device),
+             open_store(job.px, inp.test["path"]),
+             open_store(job.px, inp.oof_df["path"]) if inp.oof_df is not None else None)
     plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(job, inp)]
-    n_images = sum(len(sel) * (len(inp.test) + (int((inp.oof_df["fold"].values == u.k).sum())
-                                                if inp.oof_df is not None else 0)) for u, sel in plan)
-    bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
+    held = (lambda k: int((inp.oof_df["fold"].values == k).sum())) if inp.oof_df is not None else (lambda k: 0)
+    n_images = sum(len(sel) * (len(inp.test) + held(u.k)) for u, sel in plan)
+    probe_folds = [k for k in range(len(inp.summaries)) if _probe_heads(inp, best, k)]
+    if probe_folds:
+        n_images += len(names) * (len(inp.test) * any(map(_probe, inp.heads)) + sum(held(k) for k in probe_folds))
+    p.bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
     for u, sel in plan:
-        model = (fixres_weights(job, inp.oof_df, u, C, device, dtype) if u.fixres
-                 else models.load_trained(job.model, job.run.unit(u.k).weights, C)).to(device)
-        prepare_model(job.train, model, device)
-        norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(device)
-        heads = {h: _load_head(job, u.k, h, model) for h in inp.heads}
-        if best is not None and u.k != FULL_FIT:
-            heads.setdefault(best["per_fold"][u.k], _load_head(job, u.k, best["per_fold"][u.k], model))
-        views = [names[i] for i in sel]
-        feats = PolicyFeatures(load, model, norm, test_store, views, device, dtype, on_batch=bar.update)
-        for h in inp.heads:
-            tables.add_test(h, sel, feats.logits({h: heads[h]})[h], u.weight)
-        rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
-        if len(rows):
-            feats = PolicyFeatures(load, model, norm, train_store.subset(rows), views, device, dtype,
-                                   on_batch=bar.update)
-            ids = inp.oof_df["id"].values[rows]
-            for h in inp.heads + (["best"] if best is not None else []):
-                v = best["per_fold"][u.k] if h == "best" else h
-                tables.put_oof(h, sel, rows, nested_logits(feats, heads[v], inner_heads(job, u.k, v, ids)))
-        del feats
-        log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
+        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, tables, p)
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
-    bar.close()
+    if probe_folds:
+        predict_probes(job, inp, names, best, tables, p)
+    p.bar.close()
     return n_images
+
+
+def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list[int], best: dict | None,
+                 tables: Tables, p: Pass) -> None:
+    """One unit's views on the test images and (a fold) on its held-out rows, for every head of the fine-tuned
+    backbone."""
+    C = len(inp.classes)
+    model = (fixres_weights(job, inp.oof_df, u, C, p.device, p.dtype) if u.fixres
+             else models.load_trained(job.model, job.run.unit(u.k).weights, C)).to(p.device)
+    prepare_model(job.train, model, p.device)
+    norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(p.device)
+    mine = [h for h in inp.heads if not _probe(h)]
+    heads = {h: _load_head(job, u.k, h, model) for h in mine}
+    pick = best["per_fold"][u.k] if best is not None and u.k != FULL_FIT else None
+    if pick is not None and not _probe(pick):
+        heads.setdefault(pick, _load_head(job, u.k, pick, model))
+    feats = PolicyFeatures(p.load, model, norm, p.test_store, views, p.device, p.dtype, on_batch=p.bar.update)
+    for h in mine:
+        tables.add_test(h, sel, feats.logits({h: heads[h]})[h], u.weight)
+    rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
+    if len(rows):
+        feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), views, p.device, p.dtype,
+                               on_batch=p.bar.update)
+        ids = inp.oof_df["id"].values[rows]
+        for h in mine + (["best"] if pick is not None and not _probe(pick) else []):
+            v = pick if h == "best" else h
+            tables.put_oof(h, sel, rows, nested_logits(feats, heads[v], inner_heads(job, u.k, v, ids)))
+    del feats
+    log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
+
+
+def _probe_heads(inp: Inputs, best: dict | None, k: int) -> list[str]:
+    """The heads whose fold-k held-out rows come from the pretrained backbone: the probe heads, and `best` where
+    fold k's choice is one of them."""
+    return [h for h in inp.heads if _probe(h)] + (["best"] if best is not None and _probe(best["per_fold"][k]) else [])
+
+
+def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, tables: Tables, p: Pass) -> None:
+    """rebalance.probe: the pretrained, un-fine-tuned backbone (one model for every fold) on the test images, each
+    fold's probe heads added to the test mean (the full-data model has none), and on each fold's held-out rows
+    scored by that fold's heads (nested like the others). FixRes views: the pretrained backbone at that size."""
+    model = prepare_model(job.train, models.create_model(job.model, len(inp.classes)), p.device).eval()
+    norm = models.Normalize(*models.norm_stats(job.model, model)).to(p.device)
+    at, folds = list(range(len(names))), range(len(inp.summaries))
+    probes = [h for h in inp.heads if _probe(h)]
+    if probes:
+        feats = PolicyFeatures(p.load, model, norm, p.test_store, names, p.device, p.dtype, on_batch=p.bar.update)
+        for k in folds:
+            for h in probes:
+                tables.add_test(h, at, feats.logits({h: _load_head(job, k, h, None)})[h], 1.0)
+        del feats
+    for k in folds:
+        mine = _probe_heads(inp, best, k)
+        rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else []
+        if not mine or not len(rows):
+            continue
+        feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), names, p.device, p.dtype,
+                               on_batch=p.bar.update)
+        ids = inp.oof_df["id"].values[rows]
+        for h in mine:
+            v = best["per_fold"][k] if h == "best" else h
+            tables.put_oof(h, at, rows, nested_logits(feats, _load_head(job, k, v, None), inner_heads(job, k, v, ids)))
+        del feats
+    log.info("probe heads %s: the pretrained backbone's TTA views done", probes or "(best)")
 
 
 # ----------------------------------------------------------------------------- entry

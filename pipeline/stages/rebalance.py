@@ -19,6 +19,8 @@ uses the value chosen on the whole held-out fold (that is what stage 4 applies t
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import time
 import warnings
@@ -35,16 +37,16 @@ from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv,
                                     write_json, write_npz, write_text)
 from ..core.inputs.augment import open_store, train_transform, valid_transform
-from ..core.config import Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg
+from ..core.config import PROBE, Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg
 from ..core.files import layout
 from ..core.inputs.data import read_folds, to_builtin
 from ..core.errors import PipelineError
-from ..core.nets.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices
+from ..core.nets.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices, probe_head
 from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
 from ..core.files.provenance import (Expect, environment, feature_record, full_summary, keep_image_snapshots,
-                                     rebalance_record, stage2_summary, stale_reasons, train_images, train_record,
+                                     probe_features_record, rebalance_record, stage2_summary, stale_reasons, train_images, train_record,
                                      up_to_date)
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.engine.distributed import Dist
@@ -86,9 +88,16 @@ class Job:
         return feature_record(self.run.unit(k).weights, classes, self.px, self.rebalance.aug_views, self.seed,
                               self.train_imgs)
 
+    def probe_record(self, classes: list) -> dict | None:
+        """What the pretrained backbone's features depend on (None without rebalance.probe)."""
+        if not self.rebalance.probe:
+            return None
+        return probe_features_record(self.model, self.px, classes, self.train_imgs)
+
     def record(self, k: int, classes: list, fold_choices: dict | None = None) -> dict:
         """Fold k's (or the full-data model's) stage-3 record."""
-        return rebalance_record(self.rebalance, self.eval, self.features_record(k, classes), fold_choices)
+        probe = self.probe_record(classes) if k != FULL_FIT else None  # the full-data model has no probe heads
+        return rebalance_record(self.rebalance, self.eval, self.features_record(k, classes), fold_choices, probe)
 
 
 # ----------------------------------------------------------------------------- features
@@ -147,6 +156,41 @@ def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
                       "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
     log.info("%s: features %s extracted in %.1fs", fd.name, feats["train"].shape, time.perf_counter() - t0)
     return feats
+
+
+def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
+    """rebalance.probe: the pretrained, un-fine-tuned backbone's pooled features of every train row (in the folds
+    table's order), one pass for every fold, cached in runs/<exp>/rebalance/probe_features.npz."""
+    run, rec = job.run, job.probe_record(classes)
+    if run.probe_features.exists() and up_to_date(run.probe_features_meta, rec):
+        return read_npz(run.probe_features)["feats"]
+    t0 = time.perf_counter()
+    device = pick_device(job.device, Dist())
+    dtype = amp_dtype(job.train.amp, device)
+    model = prepare_model(job.train, models.create_model(job.model, len(classes)), device)  # its classifier: unused
+    norm = models.Normalize(*models.norm_stats(job.model, model)).to(device)
+    ds = ImageDataset(open_store(job.px, df["path"]), df["y"].values, valid_transform(job.px))
+    loader = make_loader(ds, batch_size=job.batch_size, n_workers=workers(job.train), cuda=device.type == "cuda")
+    feats = models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
+    write_npz(run.probe_features, feats=feats)
+    keep_image_snapshots(rec)
+    write_json(run.probe_features_meta, {"made_from": rec, "seconds": time.perf_counter() - t0,
+                                         "n": len(feats), "dim": int(feats.shape[1])})
+    log.info("probe: the pretrained backbone's features %s in %.1fs", feats.shape, time.perf_counter() - t0)
+    return feats
+
+
+def probe_variants(job: Job, df: pd.DataFrame, classes: list, k: int):
+    """rebalance.probe: the variants fit on the pretrained backbone's features of fold k's training rows (joint: the
+    logistic-regression probe), scored on its held-out rows as the others: yields ("probe_<variant>", outputs)."""
+    f = probe_features(job, df, classes)
+    held, y = df["fold"].values == k, df["y"].values
+    head = probe_head(f[~held], y[~held], len(classes))
+    feats = {"train": f[~held], "train_y": y[~held], "valid": f[held], "valid_y": y[held],
+             "views": np.zeros((0, int((~held).sum()), f.shape[1]), np.float32)}
+    r = dataclasses.replace(job.rebalance, variants=list(job.rebalance.probe))
+    for v, o in fit_variants(r, job.eval, feats, head.weight, head.bias, len(classes), job.seed + k):
+        yield PROBE + v, o
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -239,8 +283,9 @@ def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: boo
     fault_point(f"rebalance:after-features:{k}")
     t0 = time.perf_counter()
     variants = {}
-    for v, o in fit_variants(job.rebalance, job.eval, feats, feats["joint_weight"], feats["joint_bias"], len(classes),
-                             job.seed + k):
+    fitted = fit_variants(job.rebalance, job.eval, feats, feats["joint_weight"], feats["joint_bias"], len(classes),
+                          job.seed + k)
+    for v, o in itertools.chain(fitted, probe_variants(job, df, classes, k) if job.rebalance.probe else ()):
         record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
         record.pop("curve", None)
         o["head"].save(fd.head(v), record)

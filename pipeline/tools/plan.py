@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.files import layout
-from ..core.config import Config, DataCfg, EnsembleCfg, EvalCfg, ModelCfg, TrainCfg, load_config
+from ..core.config import Config, DataCfg, Head, EnsembleCfg, EvalCfg, ModelCfg, TrainCfg, load_config
 from ..core.inputs.data import fold_problems, read_test_table, read_train_table, test_source, train_source
 from ..core.errors import PipelineError
-from ..core.nets.heads import VARIANTS
 from ..core.predict.metrics import TOP_K
 from ..core.predict.submission import Member
 from .demo import prepare_data, unbuilt_data
@@ -33,7 +33,7 @@ log = logging.getLogger("pipeline")
 
 TEST_SIDE_ERROR = ("all", "infer", "ensemble", "status")  # commands for which a broken test side is an error
 CHECK_ORDER = ["none", "header", "full"]
-KNOWN_HEADS = set(VARIANTS) | {"best"}  # best: stage 4's nested choice among them
+KNOWN_HEADS = set(typing.get_args(Head))  # the variants, probe_<variant> (rebalance.probe), best: stage 4's choice
 
 
 @dataclass

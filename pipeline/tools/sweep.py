@@ -248,9 +248,11 @@ class Sweep:
         return config_to_yaml(c)
 
 
-def open_study(sw: Sweep):
-    """The sweep's Optuna study (created on first use): TPE with a fixed seed, the pruner, the direction of the
-    metric; a journal file under runs/.sweeps/<sweep>/ unless sweep.storage names an RDB URL."""
+def open_study(sw: Sweep, n: int = 0):
+    """The sweep's Optuna study (created on first use): TPE seeded with sweep.seed + n (`n`: the trials the study
+    holds when the next one is asked for, so workers that start together draw different parameters and one worker
+    is reproducible), the pruner, the direction of the metric; a journal file under runs/.sweeps/<sweep>/ unless
+    sweep.storage names an RDB URL."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -261,7 +263,7 @@ def open_study(sw: Sweep):
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=sw.s.startup_trials, n_warmup_steps=1),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=1),
               "none": optuna.pruners.NopPruner()}[sw.s.pruner]
-    sampler = optuna.samplers.TPESampler(seed=sw.s.seed, n_startup_trials=sw.s.startup_trials)
+    sampler = optuna.samplers.TPESampler(seed=sw.s.seed + n, n_startup_trials=sw.s.startup_trials)
     return optuna.create_study(study_name=sw.name, storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize" if sw.greater else "minimize", load_if_exists=True)
 
@@ -405,7 +407,8 @@ def run_trial(sw: Sweep, trial, exp: str, values: dict) -> Outcome:
 
 
 def _ask(study, sw: Sweep, trials: int):
-    """The next trial (a queued retry first), or None when the study holds `trials` trials done, pruned or running."""
+    """(study, the next trial (a queued retry first), its experiment, its values), or Nones when the study holds
+    `trials` trials done, pruned or running. The sampler is seeded by the trial's place in the study."""
     from optuna.trial import TrialState
 
     with _lock(sw.dir.lock):
@@ -413,13 +416,14 @@ def _ask(study, sw: Sweep, trials: int):
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         if not waiting and len(live) >= trials:
-            return None, None, None
+            return study, None, None, None
+        study = open_study(sw, len(study.get_trials(deepcopy=False)))
         trial = study.ask()
         values = suggest(trial, list(sw.space))
         exp = trial.user_attrs.get("experiment") or f"{sw.name}-t{trial.number}"
         for k, v in (("experiment", exp), ("host", socket.gethostname()), ("pid", os.getpid()), ("beat", time.time())):
             trial.set_user_attr(k, v)
-    return trial, exp, values
+    return study, trial, exp, values
 
 
 def work(sw: Sweep, trials: int) -> dict:
@@ -430,7 +434,7 @@ def work(sw: Sweep, trials: int) -> dict:
     study = open_study(sw)
     failed = 0
     while True:
-        trial, exp, values = _ask(study, sw, trials)
+        study, trial, exp, values = _ask(study, sw, trials)
         if trial is None:
             break
         log.info("sweep %s: trial %d (%s): %s", sw.name, trial.number, exp,

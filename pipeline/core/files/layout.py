@@ -187,6 +187,14 @@ class RunDir:
         return self.dir / "rebalance"
 
     @property
+    def probe_features(self) -> Path:  # rebalance.probe: the pretrained backbone's features of every train row
+        return self.rebalance / "probe_features.npz"
+
+    @property
+    def probe_features_meta(self) -> Path:  # what they were made from (written after them)
+        return self.rebalance / "probe_features.json"
+
+    @property
     def rebalance_summary(self) -> Path:
         return self.rebalance / "summary.json"
 

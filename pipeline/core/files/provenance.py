@@ -350,10 +350,25 @@ def section_record(section, name: str) -> dict:
     return _drop_later_defaults({name: dataclasses.asdict(section)})[name]
 
 
-def rebalance_record(rebalance, eval_, features: dict, fold_choices: dict | None = None) -> dict:
-    """A fold's heads (`features`: feature_record); for the full-data model also the folds' choices it repeats."""
+def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
+    """What the pretrained backbone's features (rebalance.probe) depend on: the model section and the weights' bytes
+    (a local file) or the hub's name, the pixels, the train images."""
+    path = model.pretrained_path
+    weights = ({"name": Path(path).name, "sha256": sha256_file(path) if Path(path).is_file() else "missing"} if path
+               else {"hub": model.arch})
+    return {"format": 1, "model": dataclasses.asdict(model), "weights": weights, "classes": classes,
+            **pixel_record(px), "aug": recorded_keys(dataclasses.asdict(px.aug), "aug", ("1", "2")),
+            "train_images": train_imgs}
+
+
+def rebalance_record(rebalance, eval_, features: dict, fold_choices: dict | None = None,
+                     probe: dict | None = None) -> dict:
+    """A fold's heads (`features`: feature_record; `probe`: probe_features_record, with rebalance.probe); for the
+    full-data model also the folds' choices it repeats."""
     rec = {"rebalance": section_record(rebalance, "rebalance"), "eval": section_record(eval_, "eval"),
            "features": features, "outputs": 2}  # 2: also the head of each inner split (stage 4 scores held-out rows nested)
+    if probe is not None:
+        rec["probe_features"] = probe
     return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}
 
 
