@@ -59,6 +59,8 @@ ROWS = {  # name: (what it is, overrides, start from a copy of this row's run)
     "ft-timm-init": ("full fine-tune, timm's head init and 1 warm-up epoch (before the pretrained defaults)",
                      ["model.head_init_scale=null", "train.warmup_epochs=1"], None),
     "finetune": ("full fine-tune, pretrained defaults (head init x0.01, warm-up 0.3 ep, lr 1e-3)", [], None),
+    "probe-heads": ("full fine-tune + probe heads (rebalance.probe=[joint,ncm,knn]) and the nested best head",
+                    ["rebalance.probe=[joint,ncm,knn]", "infer.heads=[best]"], "finetune"),
     "lr-3e-3": ("+ lr 3e-3", ["train.lr=0.003"], None),
     "layer-decay": ("+ layer decay 0.9", ["train.layer_decay=0.9"], None),
     "head-warmup": ("+ head warm-up 1 epoch (freeze_epochs=1)", ["train.freeze_epochs=1"], None),
