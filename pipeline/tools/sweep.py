@@ -57,7 +57,7 @@ import yaml
 from ..core.config import Config, ConfigError, SweepCfg, load_config, schema
 from ..core.errors import PipelineError
 from ..core.files import layout
-from ..core.files.artifacts import read_json, read_npz, write_json, write_text
+from ..core.files.artifacts import pid_alive, read_json, read_npz, write_json, write_text
 from ..core.predict.metrics import GREATER_IS_BETTER, score
 
 log = logging.getLogger("pipeline")
@@ -280,16 +280,6 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def requeue_orphans(study, sw: Sweep) -> list[int]:
     """RUNNING trials whose worker is gone (this machine: its process ended; any machine: no heartbeat for
     HEARTBEAT_STALE_S): marked failed, and their parameters queued again under the same experiment name, so the
@@ -302,10 +292,10 @@ def requeue_orphans(study, sw: Sweep) -> list[int]:
         if a.get("pid") == os.getpid():
             continue
         here = a.get("host") == host
-        dead = (here and a.get("pid") and not _alive(int(a["pid"]))) or now - float(a.get("beat", 0)) > HEARTBEAT_STALE_S
+        dead = (here and a.get("pid") and not pid_alive(int(a["pid"]))) or now - float(a.get("beat", 0)) > HEARTBEAT_STALE_S
         if not dead:
             continue
-        if here and a.get("child") and _alive(int(a["child"])):
+        if here and a.get("child") and pid_alive(int(a["child"])):
             _stop(int(a["child"]))
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"experiment": a.get("experiment", f"{sw.name}-t{t.number}"),
@@ -324,7 +314,7 @@ def _stop(pid: int, grace: float = 30.0) -> None:
         except (ProcessLookupError, PermissionError):
             return
         end = time.time() + wait
-        while time.time() < end and _alive(pid):
+        while time.time() < end and pid_alive(pid):
             try:
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     return

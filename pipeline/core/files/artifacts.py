@@ -107,7 +107,7 @@ def _sweep_orphans(path: Path) -> None:
     """Remove temporary files of `path` left by writers that were killed (their pid is gone)."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
@@ -301,7 +301,7 @@ def _take_over_or_refuse(lock: Path, me: dict, stale_after: float) -> None:
         holder = json.loads(lock.read_text() or "{}")
     except (OSError, json.JSONDecodeError):
         holder = {}
-    if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+    if holder.get("host") == me["host"] and not pid_alive(holder.get("pid", -1)):
         lock.unlink(missing_ok=True)  # stale: its holder was killed
     elif not holder and _age(lock) > 30:
         lock.unlink(missing_ok=True)  # empty: its holder was killed between creating and writing it
@@ -340,7 +340,8 @@ def _age(path: Path) -> float:
         return 0.0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (a process of another user counts)."""
     if pid <= 0:
         return False
     try:
