@@ -56,6 +56,9 @@ ROWS = {  # name: (what it is, overrides, start from a copy of this row's run)
                       ["train.epochs=0", "rebalance.variants=[joint,ncm,knn]", "infer.heads=[joint,ncm,knn]"], None),
     "lp-ft": ("LP-FT: the classifier fit on the frozen pretrained features first (train.head_init=probe), then the "
               "full fine-tune with the pretrained defaults", ["train.head_init=probe"], None),
+    "lp-ft-lr3e-4": ("LP-FT with the fine-tune at lr 3e-4 (the paper fine-tunes gently after the probe)",
+                     ["train.head_init=probe", "train.lr=0.0003"], None),
+    "ft-lr3e-4": ("full fine-tune at lr 3e-4 (LP-FT's comparison at that lr)", ["train.lr=0.0003"], None),
     "ft-timm-init": ("full fine-tune, timm's head init and 1 warm-up epoch (before the pretrained defaults)",
                      ["model.head_init_scale=null", "train.warmup_epochs=1"], None),
     "finetune": ("full fine-tune, pretrained defaults (head init x0.01, warm-up 0.3 ep, lr 1e-3)", [], None),
