@@ -5,7 +5,7 @@ have none). tests/test_architecture.py holds the list of the edges allowed to ta
     python benchmarks/config_edges.py [--list]
 
 Figures (2026-12-03, docs/architecture.md "The config at the edges"): 159 before issue #34's work (2ba3fde), 140 half
-way (a5d9d7d), 44 after (021c6ba; 47 with the sweep command's three: its handler, `sweep.run`, `Sweep.of`), every
+way (a5d9d7d), 44 after (021c6ba; 46 at b6cb744+: + the sweep command's three edges, - ensemble_record), every
 one an edge: a stage's run/status/Job.of, a command's handler, a tool's entry, a record or serialiser of the config;
 0 in the numeric modules (loop, heads, metrics, images, augment, models, tta, losses, samplers; 14 before).
 """

@@ -96,11 +96,11 @@ def _base(workdir, *extra):
 
 @pytest.mark.slow
 def test_a_sweep_prunes_ranks_honestly_and_finishes_as_an_ordinary_experiment(workdir):
-    base = _base(workdir, "train.epochs=6", "train.min_lr=0", "sweep.startup_trials=1")
+    base = _base(workdir, "train.epochs=15", "train.min_lr=0", "sweep.startup_trials=1")  # long enough to stop
     space = space_file(workdir / "space.yaml", "train.lr: {type: categorical, choices: [0.01, 1.0e-7]}\n")
     cfg = load_config(base)
     sw = sweep.Sweep.of(cfg, [], str(space))
-    study = sweep.open_study(sw)  # the first trial learns, the second cannot: pruned at its second epoch
+    study = sweep.open_study(sw)  # the first trial learns, the second cannot: pruned early in fold 0
     for lr in (0.01, 1e-7, 0.01):
         study.enqueue_trial({"train.lr": lr})
     r = cli(["sweep", "--config", str(base), "--space", str(space), "--trials", "3"], workdir)

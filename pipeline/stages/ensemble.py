@@ -82,7 +82,7 @@ def status(cfg: Config) -> list[str]:
     members = [load_member(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]
     if cfg.data.sample_submission and not layout.submission_csv(name).exists():
         return ["not run"]
-    return stale_reasons(layout.submission_record(name), ensemble_record(cfg, made_of(members)))
+    return stale_reasons(layout.submission_record(name), ensemble_record(cfg.ensemble, cfg.eval, cfg.data, made_of(members)))
 
 
 def check_compatible(members: list[dict]) -> None:
@@ -264,7 +264,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     members = [load_member(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]
     check_compatible(members)
     check_current(cfg, members)
-    made_from = ensemble_record(cfg, made_of(members))
+    made_from = ensemble_record(cfg.ensemble, cfg.eval, cfg.data, made_of(members))
     out, csv = layout.submission_record(name), layout.submission_csv(name)
     if csv.exists() and not force and up_to_date(out, made_from):
         log.info("ensemble %s is up to date, skipped (--force redoes it)", name)

@@ -48,10 +48,9 @@ from ..core.predict.inference import (MERGE_ROWS, Loading, PolicyFeatures, defau
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
-from ..core.files.provenance import (Expect, environment, feature_record, full_summary, infer_record,
-                                     keep_image_snapshots, oof_rows, probe_features_record, rebalance_record,
-                                     rebalance_summary, resolve_heads, stage2_summary, stale_reasons, train_images,
-                                     train_record, up_to_date)
+from ..core.files.provenance import (Expect, environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
+                                     rebalance_summary, resolve_heads, stage2_summary, stage3_record, stale_reasons,
+                                     train_images, train_record, up_to_date)
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.predict.tta import BASELINE
@@ -128,12 +127,10 @@ def load_inputs(cfg: Config) -> Inputs:
         full = full_summary(run, cfg.folds.n_splits, want) if has_folds else read_json(run.full.summary)
     heads = resolve_heads(cfg.infer.heads, run)
     if has_folds and any(h != "joint" for h in heads):
-        imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
-        probe = probe_features_record(cfg.model, pixels(cfg), classes, imgs) if cfg.rebalance.probe else None
+        imgs, px = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks), pixels(cfg)
         for k in range(len(summaries)):
-            feats = feature_record(run.unit(k).weights, classes, pixels(cfg), cfg.rebalance.aug_views, cfg.seed, imgs)
-            rebalance_summary(run, k, rebalance_record(cfg.rebalance, cfg.eval, feats, None, probe),
-                              cfg.session.allow_stale)
+            rec = stage3_record(run, k, classes, cfg.rebalance, cfg.eval, cfg.model, px, cfg.seed, imgs)
+            rebalance_summary(run, k, rec, cfg.session.allow_stale)
     test = read_test_table(cfg.data)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)

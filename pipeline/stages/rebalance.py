@@ -46,8 +46,8 @@ from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
 from ..core.files.provenance import (Expect, environment, feature_record, full_summary, keep_image_snapshots,
-                                     probe_features_record, rebalance_record, stage2_summary, stale_reasons, train_images, train_record,
-                                     up_to_date)
+                                     probe_features_record, stage2_summary, stage3_record, stale_reasons,
+                                     train_images, train_record, up_to_date)
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.engine.distributed import Dist
 from ..core.inputs.pixels import Pixels, pixels
@@ -96,8 +96,8 @@ class Job:
 
     def record(self, k: int, classes: list, fold_choices: dict | None = None) -> dict:
         """Fold k's (or the full-data model's) stage-3 record."""
-        probe = self.probe_record(classes) if k != FULL_FIT else None  # the full-data model has no probe heads
-        return rebalance_record(self.rebalance, self.eval, self.features_record(k, classes), fold_choices, probe)
+        return stage3_record(self.run, k, classes, self.rebalance, self.eval, self.model, self.px, self.seed,
+                             self.train_imgs, fold_choices)
 
 
 # ----------------------------------------------------------------------------- features

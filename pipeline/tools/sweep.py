@@ -227,7 +227,7 @@ class Sweep:
         path = space or cfg.sweep.space
         if path and not space and base is not None and not Path(path).is_absolute():
             path = base.parent / path  # sweep.space is relative to its config file
-        params = tuple(read_space(Path(path), base, overrides)) if (need_space or path) and path else ()
+        params = tuple(read_space(Path(path), base, overrides)) if path else ()
         if need_space and not params:
             raise PipelineError("sweep needs a search space: --space FILE (or sweep.space in the config)")
         return cls(name, layout.SweepDir.of(name), cfg.sweep, base, tuple(overrides), params, cfg.eval.scorer,

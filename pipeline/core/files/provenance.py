@@ -361,6 +361,17 @@ def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
             "train_images": train_imgs}
 
 
+def stage3_record(run: layout.RunDir, k: int, classes: list, rebalance, eval_, model, px, seed: int, train_imgs: dict,
+                  fold_choices: dict | None = None) -> dict:
+    """Fold k's (or the full-data model's) stage-3 record, as stage 3 writes it and stage 4 checks it: its sections,
+    the features of the fold's weights, and with rebalance.probe the pretrained backbone's (the full-data model has no
+    probe heads)."""
+    features = feature_record(run.unit(k).weights, classes, px, rebalance.aug_views, seed, train_imgs)
+    probe = (probe_features_record(model, px, classes, train_imgs)
+             if rebalance.probe and k != layout.FULL_FIT else None)
+    return rebalance_record(rebalance, eval_, features, fold_choices, probe)
+
+
 def rebalance_record(rebalance, eval_, features: dict, fold_choices: dict | None = None,
                      probe: dict | None = None) -> dict:
     """A fold's heads (`features`: feature_record; `probe`: probe_features_record, with rebalance.probe); for the
@@ -451,11 +462,10 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
 
 
 # ----------------------------------------------------------------------------- stage 5
-def ensemble_record(cfg: Config, members: dict[str, dict]) -> dict:
+def ensemble_record(ensemble, eval_, data: DataCfg, members: dict[str, dict]) -> dict:
     """What an ensemble's submission is made from: its settings, the sample submission, and the
     record of each member's stage-4 output ({"exp:head": made_from})."""
-    d = _drop_later_defaults(cfg.to_dict())
-    sample = cfg.data_path(cfg.data.sample_submission) if cfg.data.sample_submission else None
-    return {"ensemble": d["ensemble"], "eval": d["eval"],
+    sample = data.path(data.sample_submission) if data.sample_submission else None
+    return {"ensemble": section_record(ensemble, "ensemble"), "eval": section_record(eval_, "eval"),
             "sample_submission": sha256_file(sample) if sample and sample.exists() else None,
             "members": dict(members)}

@@ -9,11 +9,6 @@ stored image at close to full resolution, and validation/TTA resize the shorter 
 """
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-from pathlib import Path
-
 import albumentations as A
 import numpy as np
 
