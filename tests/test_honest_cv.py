@@ -134,14 +134,15 @@ def test_on_permuted_labels_every_ranked_cv_stays_at_chance(tmp_path, monkeypatc
     torch.manual_seed(5)  # "pretrained" weights in a local file: probe heads (rebalance.probe) and LP-FT's head init
     write_state_dict(tmp_path / "pre.safetensors", timm.create_model("test_resnet", num_classes=1000).state_dict())
     p3 = run_experiment(root, "p3", "train.epochs=1", f"model.pretrained_path={tmp_path / 'pre.safetensors'}",
-                        "train.head_init=probe", "rebalance.probe=[joint,ncm,knn,tau]")
-    assert {"probe_joint", "probe_ncm", "probe_knn", "probe_tau"} <= set(stage3_cv(p3))
+                        "train.head_init=probe", "rebalance.probe=[joint,ncm,knn,tau]", "rebalance.wise_alpha=[0.5]")
+    assert {"probe_joint", "probe_ncm", "probe_knn", "probe_tau", "wise0.5"} <= set(stage3_cv(p3))
     ens = load_config(None, [f"data.root={root}", "experiment=p1", *BASE, "ensemble.members=[p1,p2]",
                              "ensemble.method=hill_climb", "ensemble.name=pp"])
     rec = ens_stage.run(ens)
     table = leaderboard.build(a.run_dir.dir.parent, tmp_path / "submissions")
     ranked = table[table["cv_mean"].notna()]
     assert len(ranked) >= 2 * len(HEADS) and ranked["head"].str.startswith("probe_").sum() >= 4
+    assert (ranked["head"] == "wise0.5").any()
     bound = 0.25 + 3.5 * 0.040
     assert (ranked["cv_mean"] < bound).all(), ranked[["experiment", "head", "tta", "cv_mean"]].to_string()
     ens_row = next(r for r in rec["table"] if str(r["member"]).startswith("ensemble"))

@@ -1,5 +1,6 @@
 """Linear probes on pretrained features (#36): LP-FT's head init (train.head_init=probe) fit on the fold's training
-rows only, and train.epochs=0, the probe baseline run through stages 1-5."""
+rows only, train.epochs=0 (the probe baseline run through stages 1-5), probe heads and WiSE-FT heads beside the
+fine-tuned ones."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,6 +41,36 @@ def test_a_probe_needs_pretrained_weights():
         with pytest.raises(ConfigError, match="a linear probe .* needs pretrained weights"):
             load_config(None, extra)
     load_config(None, ["train.epochs=0", "model.pretrained_path=w.safetensors"])  # a file to check later
+
+
+def test_wise_ft_needs_pretrained_weights_and_a_fine_tune():
+    with pytest.raises(ConfigError, match="WiSE-FT interpolates"):
+        load_config(None, ["rebalance.wise_alpha=[0.5]"])
+    with pytest.raises(ConfigError, match="nothing is fine-tuned"):
+        load_config(None, ["rebalance.wise_alpha=[0.5]", "train.epochs=0", "model.pretrained_path=w.safetensors"])
+    with pytest.raises(ConfigError, match="rebalance.wise_alpha"):
+        load_config(None, ["rebalance.wise_alpha=[1.0]", "model.pretrained_path=w.safetensors"])  # alpha 1: joint
+    with pytest.raises(ConfigError, match="infer.heads"):
+        load_config(None, ["infer.heads=[wise]"])
+    load_config(None, ["rebalance.wise_alpha=[0.3,0.7]", "infer.heads=[wise,joint]", "model.pretrained_path=w.pt"])
+
+
+def test_wise_model_interpolates_every_tensor_between_pretrained_and_fine_tuned(workdir, pretrained):
+    from pipeline.core.nets import models
+
+    m = load_config(None, ["model.arch=test_resnet", f"model.pretrained_path={pretrained}"]).model
+    pre = models.create_model(m, 3).state_dict()
+    torch.manual_seed(9)
+    tuned = {k: (v + torch.randn_like(v) if v.is_floating_point() else v + 3) for k, v in pre.items()}
+    write_state_dict(workdir / "ft.safetensors", tuned)
+    got = models.wise_model(m, workdir / "ft.safetensors", 3, 0.25).state_dict()
+    for k, v in got.items():
+        if v.is_floating_point() and not k.startswith("fc."):
+            assert torch.allclose(v, 0.75 * pre[k] + 0.25 * tuned[k], atol=1e-6), k
+        else:
+            assert torch.equal(v, tuned[k]), k   # BN batch counts, the classifier: the fine-tuned model's
+    body = [k for k in got if k.endswith("weight") and got[k].is_floating_point()]
+    assert not torch.allclose(got[body[0]], tuned[body[0]])   # not simply the fine-tuned weights
 
 
 def test_probe_head_fits_logistic_regression_and_keeps_unseen_classes_low():
@@ -103,11 +134,13 @@ def test_epochs_0_is_the_linear_probe_baseline_through_every_stage(workdir, pret
 @pytest.mark.slow
 def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(workdir, pretrained):
     """rebalance.probe: heads on the pretrained backbone's features, fit on each fold's training rows, predicted by
-    stage 4 from that backbone, and candidates of the nested best head."""
+    stage 4 from that backbone, and candidates of the nested best head; rebalance.wise_alpha: WiSE-FT heads, the
+    probe and fine-tuned classifiers mixed on the interpolated backbone, the same held-out logits in stages 3 and 4."""
     root = _comp(workdir)
     cfg = config_from_items(workdir / "p.yaml", [f"data.root={root}", "experiment=p", *TINY, "train.epochs=1",
                                                  f"model.pretrained_path={pretrained}", "rebalance.variants=[joint]",
-                                                 "rebalance.probe=[joint,ncm]", "infer.heads=[best]"])
+                                                 "rebalance.probe=[joint,ncm]", "rebalance.wise_alpha=[0.5]",
+                                                 "infer.heads=[best]"])
     r = cli(["all", "--config", str(cfg)], workdir)
     assert r.returncode == 0, r.stderr[-3000:]
     run = load_config(cfg).run_dir
@@ -127,9 +160,25 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
         held = oof["fold"] == k
         rows = np.flatnonzero(df["fold"].values == k)
         assert np.allclose(oof["view_logits"][0][held], f[rows] @ got.weight.T + got.bias, atol=1e-3)
+        wise = Head.load(run.fold(k).head("wise0.5"))[0]
+        joint = read_state_dict(run.fold(k).weights)
+        assert np.allclose(wise.weight, 0.5 * got.weight + 0.5 * joint["fc.weight"].numpy(), atol=1e-6)
+        assert np.allclose(wise.bias, 0.5 * got.bias + 0.5 * joint["fc.bias"].numpy(), atol=1e-6)
+        s3_oof, s4_oof = read_npz(run.fold(k).head_oof("wise0.5")), read_npz(run.infer_oof("wise0.5"))
+        assert list(s4_oof["ids"][s4_oof["fold"] == k]) == list(s3_oof["ids"])
+        assert np.allclose(s4_oof["view_logits"][0][s4_oof["fold"] == k], s3_oof["logits"], atol=1e-3)
+        assert not np.allclose(s3_oof["logits"], read_npz(run.fold(k).head_oof("joint"))["logits"], atol=1e-3)
     s4 = read_json(run.infer_summary)
-    assert {"probe_joint", "probe_ncm"} <= set(s4["heads"]) and (workdir / "submissions/p.csv").exists()
+    assert {"probe_joint", "probe_ncm", "wise0.5"} <= set(s4["heads"]) and (workdir / "submissions/p.csv").exists()
+    best = read_npz(run.infer_oof("best"))
+    for k, pick in enumerate(s4["best"]["per_fold"]):   # fold k's rows: the head chosen without them, from its backbone
+        mine = best["fold"] == k
+        assert np.allclose(best["view_logits"][:, mine], read_npz(run.infer_oof(pick))["view_logits"][:, mine])
     r = cli(["ensemble", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli(["export", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
     assert r.returncode == 2 and "runs on the pretrained backbone" in r.stderr
+    r = cli(["ensemble", "--config", str(cfg), "ensemble.members=[p:wise0.5]", "ensemble.name=pw"], workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli(["export", "--config", str(cfg), "ensemble.members=[p:wise0.5]", "ensemble.name=pw"], workdir)
+    assert r.returncode == 2 and "WiSE-FT head wise0.5" in r.stderr, r.stderr[-2000:]

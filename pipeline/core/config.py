@@ -341,8 +341,28 @@ class EvalCfg:
 # them equal).
 Variant = Literal["joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"]
 PROBE = "probe_"  # rebalance.probe: a variant fit on the pretrained (not fine-tuned) backbone's features
-Head = Literal[("best",) + typing.get_args(Variant) + tuple(PROBE + v for v in typing.get_args(Variant))]
-# best: stage 4's nested choice among the variants (probe ones included)
+WISE = "wise"  # rebalance.wise_alpha: WiSE-FT heads, named wise<alpha> (wise0.5); infer.heads: [wise] names them all
+Head = Literal[("best",) + typing.get_args(Variant) + tuple(PROBE + v for v in typing.get_args(Variant)) + (WISE,)]
+# best: stage 4's nested choice among the variants (probe and WiSE-FT ones included)
+
+
+def wise_name(alpha: float) -> str:
+    return f"{WISE}{alpha:g}"
+
+
+def wise_alpha_of(head: str) -> float | None:
+    """The alpha of a WiSE-FT head's name (wise0.5 -> 0.5); None: not one."""
+    try:
+        a = float(head[len(WISE):]) if head.startswith(WISE) else None
+    except ValueError:
+        return None
+    return a if a is not None and 0 < a < 1 and wise_name(a) == head else None
+
+
+def off_backbone(head: str) -> bool:
+    """A head that runs on another backbone than the folds' fine-tuned models (the pretrained one: probe heads; an
+    interpolation of both: WiSE-FT heads)."""
+    return head.startswith((PROBE, WISE))
 View = Literal["orig", "hflip", "vflip", "rot90", "rot180", "rot270", "five_crop"]
 
 
@@ -379,6 +399,11 @@ class RebalanceCfg:
                                     "fold (named probe_<variant>; probe_joint: logistic regression), predicted by "
                                     "stage 4 and chosen by the nested best head like the others (needs pretrained "
                                     "weights)")
+    wise_alpha: list[float] = key(factory=list, range=(0, 1, False, False), added="2026-12-03",
+                                  help="WiSE-FT (Wortsman et al. 2022): per fold and alpha, the weights (1 - alpha) x "
+                                       "pretrained (with the fold's probe head) + alpha x fine-tuned, a head named "
+                                       "wise<alpha> scored on the fold's held-out rows, predicted by stage 4 and "
+                                       "chosen by the nested best head like the others (needs pretrained weights)")
 
 
 @dataclass
@@ -607,6 +632,11 @@ def _validate(cfg: Config, origin: dict[str, str], problems: list[str]) -> set[s
     pretrained = cfg.model.pretrained or bool(cfg.model.pretrained_path)
     check(pretrained or not cfg.rebalance.probe, "rebalance.probe",
           "probe heads need pretrained weights (model.pretrained or model.pretrained_path)")
+    check(pretrained or not cfg.rebalance.wise_alpha, "rebalance.wise_alpha",
+          "WiSE-FT interpolates the fine-tuned weights with pretrained ones: it needs model.pretrained or "
+          "model.pretrained_path")
+    check(cfg.train.epochs > 0 or not cfg.rebalance.wise_alpha, "rebalance.wise_alpha",
+          "with train.epochs=0 nothing is fine-tuned: every WiSE-FT head would equal probe_joint (set it to [])")
     check(pretrained or (cfg.train.epochs > 0 and cfg.train.head_init == "random"),
           "train.epochs" if cfg.train.epochs == 0 else "train.head_init",
           "a linear probe (train.epochs=0, train.head_init=probe) needs pretrained weights (model.pretrained or "
@@ -663,6 +693,10 @@ def _validate_heads_and_views(rebalance: RebalanceCfg, infer: InferCfg, img_size
     check(bool(rebalance.tau_grid), "rebalance.tau_grid", "must hold at least one value")
     check(bool(rebalance.la_grid), "rebalance.la_grid", "must hold at least one value")
     check(bool(infer.heads), "infer.heads", "must name at least one head ('best' or a stage-3 variant)")
+    check(WISE not in infer.heads or bool(rebalance.wise_alpha), "infer.heads",
+          f"'{WISE}' names the WiSE-FT heads of rebalance.wise_alpha, which is empty (set e.g. [0.5])")
+    names = [wise_name(a) for a in rebalance.wise_alpha]
+    check(len(set(names)) == len(names), "rebalance.wise_alpha", "lists an alpha twice")
     check(bool(infer.views), "infer.views", f"must name at least one view (of {list(typing.get_args(View))})")
     check(bool(infer.scales), "infer.scales", "must hold at least one scale")
     small = [s for s in infer.scales if round(img_size * s) < 16]

@@ -35,7 +35,8 @@ from ..core.nets import models
 from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
-from ..core.config import PROBE, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output
+from ..core.config import (PROBE, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output, off_backbone,
+                           wise_alpha_of, wise_name)
 from ..core.files import layout
 from ..core.inputs.data import read_test_table
 from ..core.engine.distributed import Dist
@@ -359,7 +360,8 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, tabl
     sum per view) and each fold's on its own held-out rows, per view, into `tables`: each head (and the nested
     `best` head: fold k's rows from the variant chosen without fold k) in turn from the unit's features (the
     backbone runs once per unit and image set); then the probe heads (rebalance.probe) from the pretrained
-    backbone's features. Returns the number of view-images predicted."""
+    backbone's features and the WiSE-FT heads (rebalance.wise_alpha) from each fold's interpolated backbone. Returns
+    the number of view-images predicted."""
     device = pick_device(job.device, Dist())
     p = Pass(device, amp_dtype(job.train.amp, device), Loading.of(job.px, job.infer, job.train, device),
              open_store(job.px, inp.test["path"]),
@@ -370,12 +372,16 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, tabl
     probe_folds = [k for k in range(len(inp.summaries)) if _probe_heads(inp, best, k)]
     if probe_folds:
         n_images += len(names) * (len(inp.test) * any(map(_probe, inp.heads)) + sum(held(k) for k in probe_folds))
+    wise = [(k, a) for k in range(len(inp.summaries)) for a in _wise_alphas(inp, best, k)]
+    n_images += len(names) * sum(len(inp.test) * (wise_name(a) in inp.heads) + held(k) for k, a in wise)
     p.bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
     for u, sel in plan:
         predict_unit(job, inp, u, [names[i] for i in sel], sel, best, tables, p)
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
     if probe_folds:
         predict_probes(job, inp, names, best, tables, p)
+    for k, a in wise:
+        predict_wise(job, inp, k, a, names, best, tables, p)
     p.bar.close()
     return n_images
 
@@ -389,10 +395,12 @@ def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list
              else models.load_trained(job.model, job.run.unit(u.k).weights, C)).to(p.device)
     prepare_model(job.train, model, p.device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(p.device)
-    mine = [h for h in inp.heads if not _probe(h)]
+    mine = [h for h in inp.heads if not off_backbone(h)]
     heads = {h: _load_head(job, u.k, h, model) for h in mine}
     pick = best["per_fold"][u.k] if best is not None and u.k != FULL_FIT else None
-    if pick is not None and not _probe(pick):
+    if pick is not None and off_backbone(pick):
+        pick = None  # fold k's best head runs on another backbone: predict_probes / predict_wise
+    if pick is not None:
         heads.setdefault(pick, _load_head(job, u.k, pick, model))
     feats = PolicyFeatures(p.load, model, norm, p.test_store, views, p.device, p.dtype, on_batch=p.bar.update)
     for h in mine:
@@ -402,7 +410,7 @@ def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list
         feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), views, p.device, p.dtype,
                                on_batch=p.bar.update)
         ids = inp.oof_df["id"].values[rows]
-        for h in mine + (["best"] if pick is not None and not _probe(pick) else []):
+        for h in mine + (["best"] if pick is not None else []):
             v = pick if h == "best" else h
             tables.put_oof(h, sel, rows, nested_logits(feats, heads[v], inner_heads(job, u.k, v, ids)))
     del feats
@@ -442,6 +450,38 @@ def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, t
             tables.put_oof(h, at, rows, nested_logits(feats, _load_head(job, k, v, None), inner_heads(job, k, v, ids)))
         del feats
     log.info("probe heads %s: the pretrained backbone's TTA views done", probes or "(best)")
+
+
+def _wise_alphas(inp: Inputs, best: dict | None, k: int) -> list[float]:
+    """The alphas whose WiSE-FT model of fold k stage 4 runs: its wise heads, and fold k's best head if it is one."""
+    heads = inp.heads + ([best["per_fold"][k]] if best is not None else [])
+    return sorted({a for a in map(wise_alpha_of, heads) if a is not None})
+
+
+def predict_wise(job: Job, inp: Inputs, k: int, alpha: float, names: list[str], best: dict | None, tables: Tables,
+                 p: Pass) -> None:
+    """rebalance.wise_alpha: fold k's WiSE-FT model at `alpha` (models.wise_model: its pretrained and fine-tuned
+    weights interpolated; FixRes views: that model at their size) with its head on the test images (added to the fold
+    mean like the others; the full-data model has no WiSE-FT heads) and on the fold's held-out rows, for its wise
+    head and for `best` where fold k's choice is it."""
+    h = wise_name(alpha)
+    model = models.wise_model(job.model, job.run.unit(k).weights, len(inp.classes), alpha)
+    model = prepare_model(job.train, model, p.device).eval()
+    norm = models.Normalize(inp.summaries[k]["mean"], inp.summaries[k]["std"]).to(p.device)
+    head, at = _load_head(job, k, h, None), list(range(len(names)))
+    if h in inp.heads:
+        feats = PolicyFeatures(p.load, model, norm, p.test_store, names, p.device, p.dtype, on_batch=p.bar.update)
+        tables.add_test(h, at, feats.logits({h: head})[h], 1.0)
+        del feats
+    rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else []
+    if len(rows):
+        feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), names, p.device, p.dtype,
+                               on_batch=p.bar.update)
+        logits = nested_logits(feats, head, None)  # alpha is the variant: nothing tuned on the held-out rows
+        for out in [x for x in inp.heads if x == h] + (["best"] if best and best["per_fold"][k] == h else []):
+            tables.put_oof(out, at, rows, logits)
+        del feats
+    log.info("fold %d: WiSE-FT alpha %g: TTA views done", k, alpha)
 
 
 # ----------------------------------------------------------------------------- entry

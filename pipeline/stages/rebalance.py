@@ -37,11 +37,11 @@ from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv,
                                     write_json, write_npz, write_text)
 from ..core.inputs.augment import open_store, train_transform, valid_transform
-from ..core.config import PROBE, Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg
+from ..core.config import PROBE, Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg, wise_name
 from ..core.files import layout
 from ..core.inputs.data import read_folds, to_builtin
 from ..core.errors import PipelineError
-from ..core.nets.heads import VARIANTS, FitInputs, cross_fit, heads_with_choices, median_choices, probe_head
+from ..core.nets.heads import VARIANTS, FitInputs, Head, cross_fit, heads_with_choices, median_choices, probe_head
 from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
@@ -89,8 +89,8 @@ class Job:
                               self.train_imgs)
 
     def probe_record(self, classes: list) -> dict | None:
-        """What the pretrained backbone's features depend on (None without rebalance.probe)."""
-        if not self.rebalance.probe:
+        """What the pretrained backbone's features depend on (None without rebalance.probe or wise_alpha)."""
+        if not (self.rebalance.probe or self.rebalance.wise_alpha):
             return None
         return probe_features_record(self.model, self.px, classes, self.train_imgs)
 
@@ -180,17 +180,59 @@ def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     return feats
 
 
-def probe_variants(job: Job, df: pd.DataFrame, classes: list, k: int):
+@dataclass(frozen=True)
+class FoldProbe:
+    """Fold k's linear probe: the pretrained backbone's features of every train row, which rows fold k holds out, and
+    the logistic regression fit on its training rows (probe_joint; WiSE-FT's pretrained end)."""
+    feats: np.ndarray
+    held: np.ndarray
+    head: Head
+
+
+def fold_probe(job: Job, df: pd.DataFrame, classes: list, k: int) -> FoldProbe:
+    f = probe_features(job, df, classes)
+    held = df["fold"].values == k
+    return FoldProbe(f, held, probe_head(f[~held], df["y"].values[~held], len(classes)))
+
+
+def probe_variants(job: Job, df: pd.DataFrame, classes: list, k: int, fp: FoldProbe):
     """rebalance.probe: the variants fit on the pretrained backbone's features of fold k's training rows (joint: the
     logistic-regression probe), scored on its held-out rows as the others: yields ("probe_<variant>", outputs)."""
-    f = probe_features(job, df, classes)
-    held, y = df["fold"].values == k, df["y"].values
-    head = probe_head(f[~held], y[~held], len(classes))
+    f, held, y = fp.feats, fp.held, df["y"].values
     feats = {"train": f[~held], "train_y": y[~held], "valid": f[held], "valid_y": y[held],
              "views": np.zeros((0, int((~held).sum()), f.shape[1]), np.float32)}
     r = dataclasses.replace(job.rebalance, variants=list(job.rebalance.probe))
-    for v, o in fit_variants(r, job.eval, feats, head.weight, head.bias, len(classes), job.seed + k):
+    for v, o in fit_variants(r, job.eval, feats, fp.head.weight, fp.head.bias, len(classes), job.seed + k):
         yield PROBE + v, o
+
+
+def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dict, feats: dict, fp: FoldProbe):
+    """rebalance.wise_alpha: WiSE-FT of fold k at each alpha: the pretrained backbone with the fold's probe head and
+    its fine-tuned model with its joint classifier, interpolated (models.wise_model; the head: (1 - alpha) x probe +
+    alpha x joint), scored on its held-out rows as the others (no choice made on them: alpha is the variant):
+    yields ("wise<alpha>", outputs)."""
+    device = pick_device(job.device, Dist())
+    dtype = amp_dtype(job.train.amp, device)
+    rows, y_va = np.flatnonzero(fp.held), feats["valid_y"]
+    ds = ImageDataset(open_store(job.px, df["path"]).subset(rows), df["y"].values[rows], valid_transform(job.px))
+    loader = make_loader(ds, batch_size=job.batch_size, n_workers=workers(job.train), cuda=device.type == "cuda")
+    norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
+    counts = np.bincount(feats["train_y"], minlength=len(classes))
+    inner = inner_split(y_va, job.rebalance.inner_folds, job.seed + k)
+    for a in job.rebalance.wise_alpha:
+        t0 = time.perf_counter()
+        model = prepare_model(job.train, models.wise_model(job.model, job.run.unit(k).weights, len(classes), a),
+                              device)
+        x = models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
+        head = Head(((1 - a) * fp.head.weight + a * feats["joint_weight"]).astype(np.float32),
+                    ((1 - a) * fp.head.bias + a * feats["joint_bias"]).astype(np.float32))
+        logits = head.logits(x)
+        metrics = compute(y_va, None, counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer,
+                          rows=row_scores(y_va, logits=logits))
+        log.info("fold %d: WiSE-FT alpha %g scored on %d held-out rows in %.1fs", k, a, len(rows),
+                 time.perf_counter() - t0)
+        yield wise_name(a), {"head": head, "logits": logits, "record": {"alpha": a}, "inner": inner,
+                             "metrics": metrics}
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -285,7 +327,12 @@ def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: boo
     variants = {}
     fitted = fit_variants(job.rebalance, job.eval, feats, feats["joint_weight"], feats["joint_bias"], len(classes),
                           job.seed + k)
-    for v, o in itertools.chain(fitted, probe_variants(job, df, classes, k) if job.rebalance.probe else ()):
+    extra = ()
+    if job.rebalance.probe or job.rebalance.wise_alpha:
+        fp = fold_probe(job, df, classes, k)
+        extra = itertools.chain(probe_variants(job, df, classes, k, fp) if job.rebalance.probe else (),
+                                wise_variants(job, df, classes, k, stage2, feats, fp))
+    for v, o in itertools.chain(fitted, extra):
         record = {"variant": v, "fold": k, "classes": classes, **o["record"]}
         record.pop("curve", None)
         o["head"].save(fd.head(v), record)

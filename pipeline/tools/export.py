@@ -42,7 +42,7 @@ from ..core.files import layout
 from ..core.nets import models
 from ..core.files.artifacts import read_json, sha256_file, write_json, write_text
 
-from ..core.config import PROBE, Config, EnsembleCfg, keys_without_output, load_config
+from ..core.config import PROBE, Config, EnsembleCfg, keys_without_output, load_config, off_backbone
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.predict.inference import joint_head, parse_view
@@ -99,10 +99,12 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
                             f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
     made = s4["made_from"]
     files = test_variant(s4, head)  # the head files behind the test predictions
-    if files.startswith(PROBE):
-        raise PipelineError(f"member '{name}': its test predictions come from the probe head {files}, which runs on the "
-                            f"pretrained backbone, not on the folds' models that a bundle holds; export supports heads "
-                            f"of the fine-tuned models (name one: '{exp}:<head>', e.g. {exp}:joint)")
+    if off_backbone(files):
+        what = "probe head" if files.startswith(PROBE) else "WiSE-FT head"
+        raise PipelineError(f"member '{name}': its test predictions come from the {what} {files}, which runs on "
+                            f"{'the pretrained backbone' if files.startswith(PROBE) else 'interpolated weights'}, not on "
+                            f"the folds' models that a bundle holds; export supports heads of the fine-tuned models "
+                            f"(name one: '{exp}:<head>', e.g. {exp}:joint)")
     for k, want in enumerate(made["weights"]):
         if sha256_file(run.fold(k).weights) != want:
             raise PipelineError(f"{run.fold(k).weights} changed after stage 4 predicted with it: re-run "

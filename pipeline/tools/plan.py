@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.files import layout
-from ..core.config import Config, DataCfg, Head, EnsembleCfg, EvalCfg, ModelCfg, TrainCfg, load_config
+from ..core.config import (WISE, Config, DataCfg, EnsembleCfg, EvalCfg, Head, ModelCfg, TrainCfg, load_config,
+                           wise_alpha_of, wise_name)
 from ..core.inputs.data import fold_problems, read_test_table, read_train_table, test_source, train_source
 from ..core.errors import PipelineError
 from ..core.predict.metrics import TOP_K
@@ -33,7 +34,8 @@ log = logging.getLogger("pipeline")
 
 TEST_SIDE_ERROR = ("all", "infer", "ensemble", "status")  # commands for which a broken test side is an error
 CHECK_ORDER = ["none", "header", "full"]
-KNOWN_HEADS = set(typing.get_args(Head))  # the variants, probe_<variant> (rebalance.probe), best: stage 4's choice
+KNOWN_HEADS = set(typing.get_args(Head)) - {WISE}  # the variants, probe_<variant> (rebalance.probe), best: stage 4's
+# choice; and wise<alpha> (rebalance.wise_alpha)
 
 
 @dataclass
@@ -121,9 +123,9 @@ def _check_members(members_cfg: list[str], experiments: list[str], plan: Plan) -
         except PipelineError as e:
             plan.problems.append(str(e))
     for exp, head, _ in members:
-        if head is not None and head not in KNOWN_HEADS:
+        if head is not None and head not in KNOWN_HEADS and wise_alpha_of(head) is None:
             plan.problems.append(f"config ensemble.members: '{exp}:{head}': unknown head '{head}' "
-                                 f"(one of {sorted(KNOWN_HEADS)})")
+                                 f"(one of {sorted(KNOWN_HEADS)} or a WiSE-FT head such as {wise_name(0.5)})")
         if exp in experiments:
             continue
         if not layout.RunDir.of(exp).infer_summary.exists():

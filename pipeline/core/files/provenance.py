@@ -22,7 +22,7 @@ from pathlib import Path
 from . import layout
 from .artifacts import read_json, recorded, sha256_file, sha256_obj, up_to_date, write_json  # noqa: F401 (re-exported)
 from ..inputs.augment import pixel_record
-from ..config import SECTION_STAGE, Config, DataCfg, TrainCfg, later_keys, schema
+from ..config import SECTION_STAGE, WISE, Config, DataCfg, TrainCfg, later_keys, schema
 from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
@@ -364,11 +364,11 @@ def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
 def stage3_record(run: layout.RunDir, k: int, classes: list, rebalance, eval_, model, px, seed: int, train_imgs: dict,
                   fold_choices: dict | None = None) -> dict:
     """Fold k's (or the full-data model's) stage-3 record, as stage 3 writes it and stage 4 checks it: its sections,
-    the features of the fold's weights, and with rebalance.probe the pretrained backbone's (the full-data model has no
-    probe heads)."""
+    the features of the fold's weights, and with rebalance.probe or wise_alpha the pretrained backbone's (the full-data
+    model has no probe or WiSE-FT heads)."""
     features = feature_record(run.unit(k).weights, classes, px, rebalance.aug_views, seed, train_imgs)
     probe = (probe_features_record(model, px, classes, train_imgs)
-             if rebalance.probe and k != layout.FULL_FIT else None)
+             if (rebalance.probe or rebalance.wise_alpha) and k != layout.FULL_FIT else None)
     return rebalance_record(rebalance, eval_, features, fold_choices, probe)
 
 
@@ -399,15 +399,15 @@ def rebalance_summary(run: layout.RunDir, k: int, rec: dict, allow_stale: bool =
 # ----------------------------------------------------------------------------- stage 4
 def resolve_heads(heads: list[str], run: layout.RunDir) -> list[str]:
     """The stage-3 heads stage 4 predicts: the configured ones (infer.heads), every variant for 'best' (stage 4
-    chooses among them per fold, nested); joint is always added (the baseline)."""
+    chooses among them per fold, nested), every WiSE-FT head for 'wise'; joint is always added (the baseline)."""
     out = []
     for h in heads:
-        if h == "best":
+        if h in ("best", WISE):
             path = run.rebalance_summary
             if not path.exists():
-                raise PipelineError(f"infer.heads=best needs stage 3's report {path}: run ./run.sh rebalance")
+                raise PipelineError(f"infer.heads={h} needs stage 3's report {path}: run ./run.sh rebalance")
             table = read_json(path)["table"]  # best first
-            out += [r["variant"] for r in table if r["variant"] not in out]
+            out += [r["variant"] for r in table if r["variant"] not in out and (h == "best" or r["variant"].startswith(WISE))]
         elif h not in out:
             out.append(h)
     return out + (["joint"] if "joint" not in out else [])

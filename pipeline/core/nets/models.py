@@ -298,6 +298,23 @@ def load_trained(m: ModelCfg, weights: str | Path, num_classes: int) -> nn.Modul
 
 
 @torch.no_grad()
+def wise_model(m: ModelCfg, weights: str | Path, num_classes: int, alpha: float) -> nn.Module:
+    """WiSE-FT (Wortsman et al., CVPR 2022): the stage-2 weights in `weights` interpolated with the pretrained ones
+    of the `model` section, (1 - alpha) x pretrained + alpha x fine-tuned, tensor by tensor (BN running statistics
+    too; integer buffers such as BN's batch counts: the fine-tuned model's). The classifier stays the fine-tuned one
+    (the pretrained model's would be freshly drawn): the callers score the pooled features with their own head
+    (stage 3's wise<alpha>: the probe and fine-tuned classifiers mixed the same way)."""
+    model = load_trained(m, weights, num_classes)
+    pre = create_model(m, num_classes).state_dict()
+    clf = {id(p) for p in model.get_classifier().parameters()}
+    keep = {k for k, p in model.named_parameters() if id(p) in clf}
+    sd = {k: torch.lerp(pre[k].to(v.dtype), v, alpha) if v.is_floating_point() and k not in keep else v
+          for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+@torch.no_grad()
 def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.device,
                      dtype: torch.dtype | None = None, fmt=torch.contiguous_format) -> np.ndarray:
     """Pooled pre-classifier features of every image of `loader`, in order."""
