@@ -105,6 +105,47 @@ def run_row(name: str) -> list[dict]:
     return out
 
 
+# The #36 evidence: per architecture and size, one fine-tune whose stage 3 also fits the probe head and the WiSE-FT
+# heads (their figures come from the same folds and the same fine-tuned weights), LP-FT, and the epochs-0 probe
+# baseline (its wall time per fold; its joint head is the probe head, as probe_joint is).
+ARCHS = {"lite0": ("tf_efficientnet_lite0", "weights/tf_efficientnet_lite0.safetensors", "efficientnet_lite0"),
+         "lite2": ("tf_efficientnet_lite2", "weights/tf_efficientnet_lite2.safetensors", "efficientnet_lite2")}
+ALPHAS = [0.3, 0.5, 0.7]
+EVIDENCE = {  # kind: overrides (on ABLATION at the size, the architecture's weights)
+    "ft": ["rebalance.probe=[joint]", f"rebalance.wise_alpha=[{','.join(map(str, ALPHAS))}]", "infer.heads=[best]"],
+    "lpft": ["train.head_init=probe"],
+    "probe": ["train.epochs=0"],
+}
+LABELS = {"joint": "fine-tune", "probe_joint": "probe (pretrained features, logistic regression)",
+          "best": "nested best (fine-tuned, probe and WiSE-FT heads)"}
+
+
+def run_evidence(arch: str, size: int) -> list[dict]:
+    name, weights, entry = ARCHS[arch]
+    if not Path(weights).exists():
+        subprocess.run([sys.executable, "-m", "pipeline", "weights", "fetch", entry, "--out", weights], check=True)
+    out = []
+    for kind, extra in EVIDENCE.items():
+        cfg = load_config(CONFIG, [*ABLATION, f"aug.img_size={size}", f"model.arch={name}",
+                                   f"model.pretrained_path={weights}", f"experiment=ev-{arch}-{size}-{kind}",
+                                   "ensemble.members=[]", *extra])
+        prepare_data(cfg.data, cfg.folds.seed)
+        t0 = time.perf_counter()
+        stages_1_to_4(cfg)
+        wall = (time.perf_counter() - t0) / 60
+        for r in leaderboard.experiment_rows(cfg.run_dir):
+            if r["tta"] == "on" or (kind != "ft" and r["head"] != "joint"):
+                continue
+            what = {"lpft": "LP-FT (train.head_init=probe)", "probe": "probe baseline (train.epochs=0)"}.get(
+                kind, LABELS.get(r["head"], f"WiSE-FT alpha {r['head'][4:]}" if r["head"].startswith("wise") else
+                                 r["head"]))
+            out.append({"row": f"{arch} {size}px", "what": what, "head": r["head"], "tta": r["tta"],
+                        "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": fold_minutes(cfg),
+                        "wall_min": wall})
+        show(out[-1:])
+    return out
+
+
 def run_final() -> list[dict]:
     cfg = load_config(CONFIG, [])
     prepare_data(cfg.data, cfg.folds.seed)
@@ -179,7 +220,10 @@ def show(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"])
+    ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
+                    help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px)")
+    ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
+                    help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
     ap.add_argument("--timm-train", default="/tmp/timm_train.py", help="timm's train.py (the peer)")
     ap.add_argument("--peer-head-init", nargs="*", type=float, default=[None, 0.01],
@@ -194,6 +238,11 @@ def main() -> None:
         for n in sorted(names, key=lambda n: n != "finetune"):  # the rows that copy it need it first
             rows += run_row(n)
             show(rows[-3:])
+    if "evidence" in args.part:
+        for pair in args.evidence:
+            arch, size = pair.split(":")
+            rows += run_evidence(arch, int(size))
+            show(rows)
     if "final" in args.part:
         rows += run_final()
         show(rows[-4:])
