@@ -263,3 +263,27 @@ def test_hill_climb_ensemble_is_scored_on_folds_it_was_not_fit_on(run_a):
     test = combine([pool[i]["test_probs"] for i in keep], "weighted", w[keep])
     sub = pd.read_csv(result["submission"], dtype=str)
     assert sub["label"].tolist() == [["a", "b", "c"][i] for i in test.argmax(1)]
+
+
+def test_stage4_reader_gives_one_view_the_policy_and_the_plain_probabilities(tmp_path):
+    """core/predict/stored: what stage 5, the leaderboard, teachers and sweeps read of a stage-4 file."""
+    from pipeline.core.files.artifacts import write_npz
+    from pipeline.core.files.layout import RunDir
+    from pipeline.core.predict.metrics import softmax
+    from pipeline.core.predict.stored import Stage4
+    from pipeline.core.predict.tta import BASELINE
+
+    run = RunDir(tmp_path / "runs" / "x")
+    rng = np.random.default_rng(0)
+    vl = rng.normal(size=(3, 7, 4)).astype(np.float32)
+    views = np.array(["hflip@1", BASELINE, "vflip@1"])
+    run.infer_oof("joint").parent.mkdir(parents=True)
+    write_npz(run.infer_oof("joint"), ids=np.arange(7), y=rng.integers(0, 4, 7), fold=np.zeros(7, int),
+              classes=np.array(list("abcd")), probs=np.full((7, 4), 0.25), view_logits=vl, views=views)
+    s = Stage4.of(run, "joint", "oof")
+    assert s.exists() and not Stage4.of(run, "best", "oof").exists()
+    assert np.array_equal(s.view_logits("vflip@1"), vl[2]) and np.array_equal(s.view_logits(), vl[1])
+    assert np.allclose(s.probs(plain=True), softmax(vl[1].astype(np.float64)))
+    assert np.allclose(s.probs(), 0.25) and set(s.rows()) == {"ids", "y", "fold", "classes", "views"}
+    with pytest.raises(PipelineError, match="no view .rot90@1."):
+        s.view_logits("rot90@1")

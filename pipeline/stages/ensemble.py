@@ -21,11 +21,11 @@ from scipy.optimize import minimize
 
 from ..core.files import layout
 from ..core.report import tracking
-from ..core.files.artifacts import read_json, read_npz, sha256_obj, write_csv, write_json
+from ..core.files.artifacts import read_json, sha256_obj, write_csv, write_json
 from ..core.config import Config, DataCfg, EnsembleCfg, EvalCfg, load_config
 from ..core.inputs.data import private_score, read_sample_submission, read_test_table, test_source
 from ..core.errors import PipelineError
-from ..core.predict.inference import candidate_probs
+from ..core.predict.stored import PARTS, Stage4
 from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
 from ..core.predict.tta import BASELINE
 from ..core.predict.submission import Member, build_submission, combine, parse_members, submission_without_sample
@@ -46,12 +46,11 @@ def load_member(member: Member) -> dict:
     if member.head not in s["heads"]:
         raise PipelineError(f"ensemble member '{member}': stage 4 predicted heads {s['heads']} only")
     m = {"name": str(member), "summary": s}
-    for part, path in (("test", run.infer_test(member.head)), ("oof", run.infer_oof(member.head))):
-        if part == "oof" and not path.exists():
+    for part in PARTS:
+        stored = Stage4.of(run, member.head, part)
+        if part == "oof" and not stored.exists():
             continue
-        m[part] = read_npz(path, skip=("view_logits",))  # every view's logits stay on disk (V x N x C)
-        if member.plain:
-            m[part]["probs"] = candidate_probs(path, True, s["merge"])
+        m[part] = {**stored.rows(), "probs": stored.probs(member.plain, s["merge"])}  # every view's logits stay on disk
     return m
 
 

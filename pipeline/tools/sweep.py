@@ -57,7 +57,8 @@ import yaml
 from ..core.config import Config, ConfigError, SweepCfg, load_config, schema
 from ..core.errors import PipelineError
 from ..core.files import layout
-from ..core.files.artifacts import pid_alive, read_json, read_npz, write_json, write_text
+from ..core.files.artifacts import pid_alive, read_json, write_json, write_text
+from ..core.predict.stored import Stage4
 from ..core.predict.metrics import GREATER_IS_BETTER, score
 
 log = logging.getLogger("pipeline")
@@ -202,8 +203,9 @@ def trial_scores(run: layout.RunDir, n_splits: int, through: str, metric: str) -
     if through == "train":
         return [float(read_json(run.fold(k).summary)["score"]) for k in range(n_splits)]
     s4 = read_json(run.infer_summary)
-    o = read_npz(run.infer_oof(s4["primary"]), keys=("y", "fold", "probs"))
-    return [float(score(metric, o["y"][o["fold"] == k], o["probs"][o["fold"] == k])) for k in range(n_splits)]
+    stored = Stage4.of(run, s4["primary"], "oof")
+    o, probs = stored.rows(), stored.probs()
+    return [float(score(metric, o["y"][o["fold"] == k], probs[o["fold"] == k])) for k in range(n_splits)]
 
 
 # ----------------------------------------------------------------------------- the sweep, resolved

@@ -36,7 +36,8 @@ from ..config import (PROBE, Config, DistillCfg, InferCfg, PseudoCfg, RebalanceC
                       off_backbone)
 from ..errors import PipelineError
 from ..nets.heads import Head, heads_with_choices, median_choices
-from ..predict.inference import (Loading, candidate_probs, default_policy, joint_head, parse_view, policy_probs, predict_policy,
+from ..predict.stored import Stage4
+from ..predict.inference import (Loading, default_policy, joint_head, parse_view, policy_probs, predict_policy,
                                  tta_names)
 from ..predict.metrics import softmax
 from ..predict.submission import Member, combine
@@ -210,11 +211,11 @@ def stage4_probs(t: Teacher, part: str) -> tuple[np.ndarray, np.ndarray]:
     for n in names:
         exp, head, plain = Member.parse(n)
         run = layout.RunDir.of(exp)
-        path = run.infer_oof(head) if part == "oof" else run.infer_test(head)
-        if not path.exists():
-            raise PipelineError(f"teacher '{t.name}': {path} not found (re-run ./run.sh infer for '{exp}')")
-        ids = read_npz(path, keys=("ids",))["ids"] if ids is None else ids
-        parts.append(candidate_probs(path, plain, t.stage4[exp]["merge"]))
+        stored = Stage4.of(run, head, part)
+        if not stored.exists():
+            raise PipelineError(f"teacher '{t.name}': {stored.path} not found (re-run ./run.sh infer for '{exp}')")
+        ids = stored.ids() if ids is None else ids
+        parts.append(stored.probs(plain, t.stage4[exp]["merge"]))
     return ids, combine(parts, t.method, np.array([t.weights[n] for n in names]))
 
 

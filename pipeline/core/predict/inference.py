@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from ..nets import models
-from ..files.artifacts import read_npz, read_npz_item
 from ..inputs.augment import load_transform
 from ..config import InferCfg, TrainCfg
 from ..errors import PipelineError
@@ -20,7 +19,7 @@ from ..nets.heads import Head
 from ..inputs.images import ImageDataset
 from .metrics import RowScores, row_scores
 from ..engine.runtime import autocast, make_loader, memory_format, workers
-from .tta import BASELINE, VIEWS, merge, sizes, view_name
+from .tta import VIEWS, merge, sizes, view_name
 from ..inputs.pixels import Pixels
 
 
@@ -175,20 +174,6 @@ class TestMean:
         if (self.weight <= 0).any():
             raise PipelineError("a TTA view was predicted by no model")
         return self.sum / self.weight[:, None, None]
-
-
-def candidate_probs(path, plain: bool, how: str) -> np.ndarray:
-    """A stage-4 prediction file's (test.npz / oof.npz) probabilities: its policy's, or with `plain` its no-TTA
-    view's (that view alone is read: not every view's rows x classes)."""
-    if not plain:
-        return read_npz(path, keys=("probs",))["probs"]
-    return policy_probs(plain_logits(path)[None], [BASELINE], [BASELINE], how)
-
-
-def plain_logits(path) -> np.ndarray:
-    """N x C logits of the no-TTA view of a stage-4 prediction file."""
-    views = [str(v) for v in read_npz(path, keys=("views",))["views"]]
-    return read_npz_item(path, "view_logits", views.index(BASELINE))
 
 
 def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], list[str]]]:

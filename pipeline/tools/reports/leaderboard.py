@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ...core.files import layout
-from ...core.files.artifacts import read_json, read_npz, write_csv, write_text
+from ...core.files.artifacts import read_json, write_csv, write_text
 from ...core.config import AugCfg, Config, ModelCfg, TrainCfg, flatten, load_config
 from ...core.errors import PipelineError
 from ...core.files.layout import RunDir
@@ -26,7 +26,8 @@ from ...core.inputs.data import private_score, read_test_labels
 from ...core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, softmax
 from ...core.files.provenance import changed_keys
 from ...core.predict.submission import Member
-from ...core.predict.inference import FIXRES, plain_logits
+from ...core.predict.inference import FIXRES
+from ...core.predict.stored import HeldOut, Stage4
 from ...core.predict.tta import BASELINE
 
 log = logging.getLogger("pipeline")
@@ -71,37 +72,35 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
     probabilities are read when asked for (the private score). K: the folds."""
     out = {}
 
-    def per_fold(files: list[Path]) -> dict | None:
+    def per_fold(files: list[HeldOut]) -> dict | None:
         if not all(f.exists() for f in files):
             return None
         ids, ys, parts = [], [], []
         for f in files:
-            p = read_npz(f)
+            p = f.read()
             ids.append(p["ids"])
             ys.append(p["y"])
             parts.append(row_scores(p["y"], logits=p["logits"], dtype=np.float64))
         return {"ids": np.concatenate(ids), "y": np.concatenate(ys),
                 "fold": np.concatenate([np.full(len(i), k) for k, i in enumerate(ids)]), "rows": RowScores.concat(parts)}
 
-    def stage4(path: Path, plain: bool) -> dict:
-        o = read_npz(path, keys=("ids", "y", "fold") if plain else ("ids", "y", "fold", "probs"))
-        rows = (row_scores(o["y"], logits=plain_logits(path), dtype=np.float64) if plain
-                else row_scores(o["y"], probs=o["probs"]))
+    def stage4(stored: Stage4, plain: bool) -> dict:
+        o = stored.rows()
+        rows = (row_scores(o["y"], logits=stored.view_logits(), dtype=np.float64) if plain
+                else row_scores(o["y"], probs=stored.probs()))
         return {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "rows": rows}
 
-    def test_probs(path: Path, plain: bool):
+    def test_probs(stored: Stage4, plain: bool):
         def load():
-            if not plain:
-                return read_npz(path, keys=("probs",))["probs"]
-            return softmax(plain_logits(path).astype(np.float64))
+            return softmax(stored.view_logits().astype(np.float64)) if plain else stored.probs()
         return load
 
-    joint = per_fold([run.fold(k).oof for k in range(K)])
+    joint = per_fold([HeldOut.of(run, k) for k in range(K)])
     if joint is not None:
         out[("joint", False)] = joint
     if run.rebalance_summary.exists():
         for v in [r["variant"] for r in read_json(run.rebalance_summary)["table"]]:
-            p = per_fold([run.fold(k).head_oof(v) for k in range(K)])
+            p = per_fold([HeldOut.of(run, k, v) for k in range(K)])
             if p is not None:
                 out[(v, False)] = p
     if run.infer_summary.exists():
@@ -109,17 +108,15 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
         # TTA rows: the OOF probabilities of a searched policy come from each fold's own (nested) choice
         tta = any(p != [BASELINE] for p in [s["policy"], *(s.get("fold_policies") or [])])
         for h in s["heads"]:
-            has_test = run.infer_test(h).exists()
-            if h == "best" and run.infer_oof(h).exists():  # nested per fold: its no-TTA row is stage 4's plain view
-                out[(h, False)] = stage4(run.infer_oof(h), True)
-            if (h, False) in out and has_test:
-                out[(h, False)]["test"] = {"ids": read_npz(run.infer_test(h), keys=("ids",))["ids"],
-                                           "probs": test_probs(run.infer_test(h), True)}
-            if tta and run.infer_oof(h).exists():
-                out[(h, True)] = stage4(run.infer_oof(h), False)
-                if has_test:
-                    out[(h, True)]["test"] = {"ids": read_npz(run.infer_test(h), keys=("ids",))["ids"],
-                                              "probs": test_probs(run.infer_test(h), False)}
+            test, oof = Stage4.of(run, h, "test"), Stage4.of(run, h, "oof")
+            if h == "best" and oof.exists():  # nested per fold: its no-TTA row is stage 4's plain view
+                out[(h, False)] = stage4(oof, True)
+            if (h, False) in out and test.exists():
+                out[(h, False)]["test"] = {"ids": test.ids(), "probs": test_probs(test, True)}
+            if tta and oof.exists():
+                out[(h, True)] = stage4(oof, False)
+                if test.exists():
+                    out[(h, True)]["test"] = {"ids": test.ids(), "probs": test_probs(test, False)}
     return out
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 
 from ...core.files import layout
-from ...core.files.artifacts import read_json, read_npz
+from ...core.files.artifacts import read_json
 from ...core.config import DataCfg
 from ...core.inputs.data import private_score
 from ...core.predict.metrics import softmax
-from ...core.predict.inference import candidate_probs, plain_logits
+from ...core.predict.stored import Stage4
 from ...core.predict.submission import Member
 
 log = logging.getLogger("pipeline")
@@ -34,13 +34,13 @@ def summary_table(name: str, data: DataCfg, metric: str) -> pd.DataFrame:
         joint = pick("joint", "no TTA").iloc[0]
         best = pick(head, "no TTA").iloc[0]
         tta = best if member.plain else pick(head, "policy").iloc[0]  # :plain is the no-TTA view
-        jt = read_npz(run.infer_test("joint"), keys=("ids",))
-        plain = softmax(plain_logits(run.infer_test("joint")).astype(np.float32))
-        head_probs = candidate_probs(run.infer_test(head), member.plain, inf["merge"])
+        jt = Stage4.of(run, "joint", "test")
+        plain = softmax(jt.view_logits().astype(np.float32))
+        head_probs = Stage4.of(run, head, "test").probs(member.plain, inf["merge"])
         rows.append({"model": exp, "head": head + (" (no TTA)" if member.plain else ""), "CV joint": joint["cv_mean"],
                      "CV head": best["cv_mean"], "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
-                     "private joint": private_score(data, metric, jt["ids"], plain, inf["classes"]),
-                     "private head+TTA": private_score(data, metric, jt["ids"], head_probs, inf["classes"])})
+                     "private joint": private_score(data, metric, jt.ids(), plain, inf["classes"]),
+                     "private head+TTA": private_score(data, metric, jt.ids(), head_probs, inf["classes"])})
     t = pd.DataFrame(rows)
     ens_row = [r for r in ens["table"] if r["member"].startswith("ensemble")]
     if ens_row:

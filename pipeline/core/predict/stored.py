@@ -1,0 +1,81 @@
+"""The stored predictions of stages 2-4 as every later reader gets them: one head's rows, their labels, one view's
+logits, the policy's or the no-TTA view's probabilities. Stage 5, the leaderboard, the reports, teachers and sweeps
+read through these classes and never open a stage's prediction files themselves, so how a stage stores them (#35:
+features instead of per-head logits) is known here and in the stage that writes them only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PipelineError
+from ..files.artifacts import read_npz, read_npz_item
+from ..files.layout import RunDir
+from .inference import policy_probs
+from .tta import BASELINE
+
+PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' held-out train rows
+
+
+@dataclass(frozen=True)
+class Stage4:
+    """One head's stage-4 predictions of one part (`test` or `oof`): row ids (and for `oof` labels and folds), every
+    TTA view's logits (the fold mean on test rows; fold k's models on its held-out rows), the merged policy."""
+    path: Path
+    part: str
+
+    @classmethod
+    def of(cls, run: RunDir, head: str, part: str) -> "Stage4":
+        if part not in PARTS:
+            raise ValueError(part)
+        return cls(run.infer_test(head) if part == "test" else run.infer_oof(head), part)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def ids(self) -> np.ndarray:
+        return read_npz(self.path, keys=("ids",))["ids"]
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """ids, classes, views, and for `oof` y and fold: everything but the rows x classes arrays."""
+        return read_npz(self.path, skip=("view_logits", "probs"))
+
+    def views(self) -> list[str]:
+        return [str(v) for v in read_npz(self.path, keys=("views",))["views"]]
+
+    def view_logits(self, view: str = BASELINE) -> np.ndarray:
+        """N x C logits of one view (that view alone is read, not every view's rows x classes)."""
+        views = self.views()
+        if view not in views:
+            raise PipelineError(f"{self.path}: no view '{view}' (it has {views})")
+        return read_npz_item(self.path, "view_logits", views.index(view))
+
+    def all_view_logits(self) -> np.ndarray:
+        """V x N x C logits of every view (in `views()` order)."""
+        return read_npz(self.path, keys=("view_logits",))["view_logits"]
+
+    def probs(self, plain: bool = False, how: str = "mean_prob") -> np.ndarray:
+        """N x C probabilities: the policy's as stage 4 merged them, or with `plain` the no-TTA view's (softmax of its
+        logits, as stage 4 merges one view with `how`)."""
+        if not plain:
+            return read_npz(self.path, keys=("probs",))["probs"]
+        return policy_probs(self.view_logits(BASELINE)[None], [BASELINE], [BASELINE], how)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Fold k's held-out logits of a stage-2 model (`variant` None: oof.npz) or of a stage-3 head: ids, y, logits."""
+    path: Path
+
+    @classmethod
+    def of(cls, run: RunDir, k: int, variant: str | None = None) -> "HeldOut":
+        fd = run.fold(k)
+        return cls(fd.oof if variant is None else fd.head_oof(variant))
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> dict[str, np.ndarray]:
+        return read_npz(self.path)
