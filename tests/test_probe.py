@@ -15,6 +15,7 @@ from pipeline.core.files.artifacts import read_json, read_npz
 from pipeline.core.inputs.data import read_folds
 from pipeline.core.nets.heads import probe_head
 from pipeline.core.nets.models import read_state_dict, write_state_dict
+from pipeline.core.predict.stored import HeldOut
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import train as train_stage
 
@@ -164,10 +165,13 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
         joint = read_state_dict(run.fold(k).weights)
         assert np.allclose(wise.weight, 0.5 * got.weight + 0.5 * joint["fc.weight"].numpy(), atol=1e-6)
         assert np.allclose(wise.bias, 0.5 * got.bias + 0.5 * joint["fc.bias"].numpy(), atol=1e-6)
-        s3_oof, s4_oof = read_npz(run.fold(k).head_oof("wise0.5")), read_npz(run.infer_oof("wise0.5"))
+        s3_oof, s4_oof = HeldOut.of(run, k, "wise0.5").read(), read_npz(run.infer_oof("wise0.5"))
         assert list(s4_oof["ids"][s4_oof["fold"] == k]) == list(s3_oof["ids"])
         assert np.allclose(s4_oof["view_logits"][0][s4_oof["fold"] == k], s3_oof["logits"], atol=1e-3)
-        assert not np.allclose(s3_oof["logits"], read_npz(run.fold(k).head_oof("joint"))["logits"], atol=1e-3)
+        assert not np.allclose(s3_oof["logits"], HeldOut.of(run, k, "joint").read()["logits"], atol=1e-3)
+        for v in ("probe_joint", "probe_ncm"):   # stage 3 keeps no logits: the reader's are the probe's
+            assert np.allclose(HeldOut.of(run, k, v).read()["logits"], read_npz(run.infer_oof(v))["view_logits"][0][
+                oof["fold"] == k], atol=1e-3)
     s4 = read_json(run.infer_summary)
     assert {"probe_joint", "probe_ncm", "wise0.5"} <= set(s4["heads"]) and (workdir / "submissions/p.csv").exists()
     best = read_npz(run.infer_oof("best"))

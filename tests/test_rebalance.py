@@ -1,4 +1,6 @@
 """Stage 3: the head algorithms on synthetic features, and the stage on a tiny trained run."""
+import json
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.nets.heads import Head, cross_fit, logit_adjust_head, ncm_head, tau_head, train_linear
 from pipeline.core.predict.metrics import score, softmax
+from pipeline.core.predict.stored import HeldOut
 from pipeline.core.inputs.samplers import epoch_indices
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import rebalance as rebalance_stage
@@ -128,8 +131,14 @@ def test_stage_writes_heads_oof_report_and_caches_features(trained, monkeypatch)
             head, record = Head.load(d / "heads" / f"{v}.safetensors")
             assert record["variant"] == v and head.weight.shape[0] == 3
             assert (d / f"oof_{v}.npz").exists()
-        joint = np.load(d / "oof_joint.npz")["logits"]
+        joint = HeldOut.of(cfg.run_dir, k, "joint").read()["logits"]
         assert np.allclose(joint, np.load(cfg.run_dir.fold(k).dir / "oof.npz")["logits"], atol=1e-4)
+        s3 = json.loads((d / "summary.json").read_text())["variants"]
+        for v in cfg.rebalance.variants:  # no logits stored: the reader's, from features and (inner) heads, are
+            o = HeldOut.of(cfg.run_dir, k, v).read()      # the cross-fitted ones stage 3 scored
+            assert "logits" not in np.load(d / f"oof_{v}.npz").files
+            got = score(cfg.eval.scorer, o["y"], softmax(o["logits"].astype(np.float64)))
+            assert got == pytest.approx(s3[v]["metrics"]["score"], abs=1e-9), v
     rd = cfg.run_dir.dir / "rebalance"
     for name in ("report.csv", "report.md", "summary.json"):
         assert (rd / name).exists(), name

@@ -45,6 +45,7 @@ from ..core.nets.heads import VARIANTS, FitInputs, Head, cross_fit, heads_with_c
 from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
+from ..core.predict.stored import HeldOut
 from ..core.files.provenance import (Expect, environment, feature_record, full_summary, keep_image_snapshots,
                                      probe_features_record, stage2_summary, stage3_record, stale_reasons,
                                      train_images, train_record, up_to_date)
@@ -203,7 +204,7 @@ def probe_variants(job: Job, df: pd.DataFrame, classes: list, k: int, fp: FoldPr
              "views": np.zeros((0, int((~held).sum()), f.shape[1]), np.float32)}
     r = dataclasses.replace(job.rebalance, variants=list(job.rebalance.probe))
     for v, o in fit_variants(r, job.eval, feats, fp.head.weight, fp.head.bias, len(classes), job.seed + k):
-        yield PROBE + v, o
+        yield PROBE + v, {**o, "source": "probe", "where": {"rows": np.flatnonzero(held)}}
 
 
 def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dict, feats: dict, fp: FoldProbe):
@@ -232,7 +233,7 @@ def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
         log.info("fold %d: WiSE-FT alpha %g scored on %d held-out rows in %.1fs", k, a, len(rows),
                  time.perf_counter() - t0)
         yield wise_name(a), {"head": head, "logits": logits, "record": {"alpha": a}, "inner": inner,
-                             "metrics": metrics}
+                             "metrics": metrics, "source": "own", "where": {"feats": x}}
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -339,8 +340,8 @@ def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: boo
         for j, h in enumerate(o.get("inner_heads", [])):  # stage 4 scores inner split j's rows with head j
             h.save(fd.inner_head(v, j), {**record, "inner_split": j, "chosen_without_it": to_builtin(
                 o["record"]["chosen_per_inner_fold"][j])})
-        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], logits=o["logits"].astype(np.float32),
-                  inner=o["inner"])
+        where = {"source": np.array(o.get("source", "features")), **o.get("where", {})}
+        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], inner=o["inner"], **where)
         variants[v] = {"metrics": o["metrics"], **o["record"]}
     summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from,
                "env": environment()}
@@ -387,7 +388,7 @@ def report(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict]) -> 
         per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
         ys, parts = [], []
         for s in summaries:  # one fold's logits in memory at a time
-            o = read_npz(job.run.fold(s["fold"]).head_oof(v))
+            o = HeldOut.of(job.run, s["fold"], v).read()
             ys.append(o["y"])
             parts.append(row_scores(o["y"], logits=o["logits"]))
         pooled = compute(np.concatenate(ys), None, counts * (k_folds - 1) / k_folds,

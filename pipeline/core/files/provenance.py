@@ -376,8 +376,10 @@ def rebalance_record(rebalance, eval_, features: dict, fold_choices: dict | None
                      probe: dict | None = None) -> dict:
     """A fold's heads (`features`: feature_record; `probe`: probe_features_record, with rebalance.probe); for the
     full-data model also the folds' choices it repeats."""
+    # outputs 2: also the head of each inner split (stage 4 scores held-out rows nested); 3: the held-out rows
+    # without logits (predict/stored.HeldOut computes them from the features and heads)
     rec = {"rebalance": section_record(rebalance, "rebalance"), "eval": section_record(eval_, "eval"),
-           "features": features, "outputs": 2}  # 2: also the head of each inner split (stage 4 scores held-out rows nested)
+           "features": features, "outputs": 3}
     if probe is not None:
         rec["probe_features"] = probe
     return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}

@@ -66,16 +66,53 @@ class Stage4:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Fold k's held-out logits of a stage-2 model (`variant` None: oof.npz) or of a stage-3 head: ids, y, logits."""
-    path: Path
+    """Fold k's held-out rows as a stage-2 model (`variant` None: its oof.npz logits) or a stage-3 head scores them.
+    Stage 3 stores no logits (rows x classes per variant): its file holds the rows (ids, y, each row's inner split)
+    and where their features are (`source`: the fold's features.npz, the pretrained backbone's probe_features.npz at
+    `rows`, or its own `feats`: a WiSE-FT backbone's); the logits are the head's on them, each row from the head chosen
+    without its inner split when the variant was tuned (the cross-fitted logits stage 3 scored)."""
+    run: RunDir
+    k: int
+    variant: str | None = None
 
     @classmethod
     def of(cls, run: RunDir, k: int, variant: str | None = None) -> "HeldOut":
-        fd = run.fold(k)
-        return cls(fd.oof if variant is None else fd.head_oof(variant))
+        return cls(run, k, variant)
+
+    @property
+    def path(self) -> Path:
+        fd = self.run.fold(self.k)
+        return fd.oof if self.variant is None else fd.head_oof(self.variant)
 
     def exists(self) -> bool:
         return self.path.exists()
 
+    def rows(self) -> dict[str, np.ndarray]:
+        """ids, y (stage 3: also each row's inner split), without logits or features."""
+        return read_npz(self.path, keys=("ids", "y", "inner"))
+
+    def features(self, o: dict) -> np.ndarray:
+        source = str(o["source"])
+        if source == "own":
+            return o["feats"]
+        if source == "probe":
+            return read_npz(self.run.probe_features, keys=("feats",))["feats"][o["rows"]]
+        return read_npz(self.run.fold(self.k).features, keys=("valid",))["valid"]
+
     def read(self) -> dict[str, np.ndarray]:
-        return read_npz(self.path)
+        """ids, y and logits (rows x classes, float32; stage 3: also inner)."""
+        o = read_npz(self.path)
+        if "logits" in o:
+            return o
+        from ..nets.heads import Head  # numpy only: no torch for a reader of stage 2's files
+
+        x = self.features(o)
+        fd = self.run.fold(self.k)
+        inner = [Head.load(p)[0] for p in fd.inner_heads(self.variant)]
+        heads, split = (inner, o["inner"]) if inner else ([Head.load(fd.head(self.variant))[0]], np.zeros(len(x), int))
+        logits = np.zeros((len(x), len(heads[0].bias)), np.float32)
+        for j, head in enumerate(heads):
+            mine = split == j
+            if mine.any():
+                logits[mine] = head.logits(x[mine])
+        return {"ids": o["ids"], "y": o["y"], "inner": o["inner"], "logits": logits}
