@@ -44,6 +44,13 @@ def cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Compl
     return inprocess(main, cwd, args, env)
 
 
+def stage4_probs(run, head: str, part: str = "test", plain: bool = False):
+    """A head's stage-4 probabilities as every later stage reads them (the policy merged by the reader)."""
+    from pipeline.core.predict.stored import Stage4
+
+    return Stage4.of(run, head, part).probs(plain)
+
+
 def config_from_items(path: Path, items: list[str]) -> Path:
     """A config file from key=value items (a later item replaces an earlier one; dotted keys become sections)."""
     sections = {}

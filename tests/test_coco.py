@@ -1,10 +1,10 @@
 """data.layout: coco: COCO-style train/test JSON as iNaturalist, Herbarium and FGVCx ship them."""
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import stage4_probs
 from pipeline.core.config import load_config
 from pipeline.core.inputs.data import read_test_table, read_train_table
 from pipeline.core.errors import PipelineError
@@ -137,7 +137,7 @@ def test_an_inaturalist_style_competition_runs_to_a_top_k_submission_scored_by_m
     assert sub["Id"].tolist() == [str(im["id"]) for im in test]              # the test JSON's ids, in its order
     rows = [p.split() for p in sub["Predicted"]]
     assert all(len(r) == 3 and len(set(r)) == 3 and set(r) <= {"1000", "1001", "1002", "1003"} for r in rows)
-    probs = np.load(cfg.run_dir.infer_test("tau"))["probs"]
+    probs = stage4_probs(cfg.run_dir, "tau")
     assert [r[0] for r in rows] == [str(1000 + i) for i in probs.argmax(1)]   # best first
     lb = build(workdir / "runs")
     assert set(lb["metric"]) == {"map_at_k@3"} and lb["cv_mean"].between(0, 1).all()

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_competition, run_cli
+from conftest import make_competition, run_cli, stage4_probs
 from pipeline.core.files import layout
+from pipeline.core.files.layout import RunDir
 from pipeline.core.nets import models
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
@@ -150,10 +151,10 @@ def test_predict_reproduces_stage5_offline_and_leaves_inputs_untouched(project, 
     ours = pd.read_csv(work / "submission.csv", dtype=str)
     pd.testing.assert_frame_equal(ours, stage5)
     rec = json.loads((home / "submissions/duo.json").read_text())
-    tests = [np.load(home / f"runs/{m.split(':')[0]}/infer/{m.split(':')[1]}/test.npz") for m in rec["members"]]
+    tests = [stage4_probs(RunDir(home / "runs" / m.split(":")[0]), m.split(":")[1]) for m in rec["members"]]
     for m, t in zip(rec["members"], tests):
-        assert np.abs(res["members"][m] - t["probs"]).max() < 1e-6
-    expected = combine([t["probs"] for t in tests], "weighted", np.array([rec["weights"][m] for m in rec["members"]]))
+        assert np.abs(res["members"][m] - t).max() < 1e-6
+    expected = combine(tests, "weighted", np.array([rec["weights"][m] for m in rec["members"]]))
     assert np.abs(res["probs"] - expected).max() < 1e-6
 
 
@@ -334,5 +335,5 @@ def test_predict_reproduces_stage5_exactly_for_every_method(project, tmp_path, m
                       project["root"] / "sample_submission.csv", tmp_dir=tmp_path)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype=str),
                                   pd.read_csv(f"submissions/m-{method}.csv", dtype=str))
-    tests = [np.load(f"runs/{m.split(':')[0]}/infer/{m.split(':')[1]}/test.npz")["probs"] for m in rec["members"]]
+    tests = [stage4_probs(RunDir.of(m.split(":")[0]), m.split(":")[1]) for m in rec["members"]]
     assert np.array_equal(res["probs"], combine(tests, method, np.array(list(rec["weights"].values()))))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_competition
+from conftest import make_competition, stage4_probs
 from pipeline.core.nets import models
 from pipeline.core.files.artifacts import read_json, read_npz
 from pipeline.core.inputs.augment import open_store
@@ -73,7 +73,7 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
     expected = sum(parts) / 4  # two fold models and the full model at weight 2
     got = test["view_logits"][list(test["views"]).index("orig@1")].astype(np.float64)
     assert np.allclose(got, expected, atol=2e-2), np.abs(got - expected).max()
-    oof_with = read_npz(cfg.run_dir.infer_oof("tau"))["probs"]
+    oof_with = stage4_probs(cfg.run_dir, "tau", "oof")
     rows = leaderboard.experiment_rows(cfg.run_dir)
     assert all("full fit x2 (test only, no CV of its own)" in r["recipe"] for r in rows if r["head"] == "tau")
 
@@ -84,7 +84,7 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
     infer_stage.run(cfg0)
     test0 = read_npz(cfg.run_dir.infer_test("joint"))
     assert np.allclose(test0["view_logits"][0].astype(np.float64), sum(parts[:2]) / 2, atol=2e-2)
-    assert np.array_equal(read_npz(cfg.run_dir.infer_oof("tau"))["probs"], oof_with)
+    assert np.array_equal(stage4_probs(cfg.run_dir, "tau", "oof"), oof_with)
 
 
 @pytest.mark.slow
@@ -133,10 +133,10 @@ def test_fixres_without_train_images_uses_the_tuned_copies_or_refuses(comp):
     with pytest.raises(Exception, match="infer.fixres needs .*fold0.safetensors"):
         infer_stage.run(kernel)
     infer_stage.run(cfg)
-    test = read_npz(cfg.run_dir.infer_test("joint"))["probs"]
+    test = stage4_probs(cfg.run_dir, "joint")
     Path(cfg.folds_csv).rename(Path(cfg.folds_csv).with_suffix(".bak"))  # as in a kernel: no folds, no train rows
     infer_stage.run(kernel, force=True)
-    assert np.allclose(read_npz(cfg.run_dir.infer_test("joint"))["probs"], test, atol=1e-6)
+    assert np.allclose(stage4_probs(cfg.run_dir, "joint"), test, atol=1e-6)
 
 
 def test_an_interrupted_full_fit_resumes_to_the_same_weights(comp, monkeypatch, caplog):

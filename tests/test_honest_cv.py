@@ -8,7 +8,8 @@ import pytest
 import timm
 import torch
 
-from conftest import make_competition
+from conftest import make_competition, stage4_probs
+from pipeline.core.predict.inference import policy_probs
 from pipeline.core.files.artifacts import read_json
 from pipeline.core.config import load_config
 from pipeline.core.nets.models import write_state_dict
@@ -112,9 +113,9 @@ def test_a_searched_tta_policy_is_chosen_per_fold_without_its_rows(learnable, mo
     fold = oof["fold"]
     names = list(oof["views"])
     for k, pol in enumerate(s["fold_policies"]):  # fold k's stored probabilities merge fold k's own policy
-        want = infer_stage.policy_probs(oof["view_logits"][:, fold == k].astype(np.float64), names, pol,
+        want = policy_probs(oof["view_logits"][:, fold == k].astype(np.float64), names, pol,
                                         cfg.infer.merge)
-        assert np.allclose(oof["probs"][fold == k], want, atol=1e-6)
+        assert np.allclose(stage4_probs(cfg.run_dir, s["primary"], "oof")[fold == k], want, atol=1e-6)
 
 
 @pytest.mark.slow

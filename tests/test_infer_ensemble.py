@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, make_competition
+from conftest import REPO, make_competition, stage4_probs
 from pipeline.core.nets import models
 from pipeline.core.inputs.augment import open_store, valid_transform
 from pipeline.core.config import load_config
@@ -51,13 +51,12 @@ def run_a(workdir):
 def test_identity_policy_equals_plain_inference(run_a):
     cfg = cfg_of(run_a.data.root, "a", "infer.views=[orig]", "infer.scales=[1.0]", "infer.heads=[joint]")
     infer_stage.run(cfg)
-    oof = np.load(cfg.run_dir.dir / "infer/joint/oof.npz")
     test = np.load(cfg.run_dir.dir / "infer/joint/test.npz")
     folds = pd.read_csv(cfg.folds_csv)
     for k in (0, 1):
         stage2 = np.load(cfg.run_dir.fold(k).dir / "oof.npz")
         rows = folds["fold"].values == k
-        assert np.allclose(oof["probs"][rows], softmax(stage2["logits"]), atol=1e-5)
+        assert np.allclose(stage4_probs(cfg.run_dir, "joint", "oof")[rows], softmax(stage2["logits"]), atol=1e-5)
     # the test images through each fold's model with the validation transform, averaged over folds
     paths = sorted(str(p) for p in (cfg.data_path("test")).iterdir())
     expected = 0
@@ -71,7 +70,7 @@ def test_identity_policy_equals_plain_inference(run_a):
             logits = torch.cat([models.logits(model, norm(x), dtype) for x, _ in make_loader(ds, batch_size=4)]).numpy()
         expected = expected + softmax(logits) / 2
     assert test["ids"].tolist() == [os.path.basename(p)[:-4] for p in paths]
-    assert np.allclose(test["probs"], expected, atol=1e-5)
+    assert np.allclose(stage4_probs(cfg.run_dir, "joint"), expected, atol=1e-5)
 
 
 def test_hflip_of_flip_invariant_model_equals_plain():
@@ -104,7 +103,7 @@ def test_ensemble_of_one_equals_member_and_writes_matching_submission(run_a):
     cfg = run_a
     infer_stage.run(cfg)
     result = ens_stage.run(cfg)
-    member = np.load(cfg.run_dir.dir / "infer" / result["members"][0].split(":")[1] / "test.npz")
+    member = {"probs": stage4_probs(cfg.run_dir, result["members"][0].split(":")[1])}
     for method in ("mean", "weighted", "geo_mean"):
         assert np.allclose(combine([member["probs"]], method, np.ones(1)), member["probs"], atol=1e-6)
     sub = pd.read_csv(result["submission"], dtype=str)
@@ -266,7 +265,8 @@ def test_hill_climb_ensemble_is_scored_on_folds_it_was_not_fit_on(run_a):
 
 
 def test_stage4_reader_gives_one_view_the_policy_and_the_plain_probabilities(tmp_path):
-    """core/predict/stored: what stage 5, the leaderboard, teachers and sweeps read of a stage-4 file."""
+    """core/predict/stored: what stage 5, the leaderboard, teachers and sweeps read of a stage-4 file: one view's
+    logits, the no-TTA probabilities, the policy merged (fold k's OOF rows over fold k's own searched policy)."""
     from pipeline.core.files.artifacts import write_npz
     from pipeline.core.files.layout import RunDir
     from pipeline.core.predict.metrics import softmax
@@ -276,14 +276,25 @@ def test_stage4_reader_gives_one_view_the_policy_and_the_plain_probabilities(tmp
     run = RunDir(tmp_path / "runs" / "x")
     rng = np.random.default_rng(0)
     vl = rng.normal(size=(3, 7, 4)).astype(np.float32)
-    views = np.array(["hflip@1", BASELINE, "vflip@1"])
+    views = ["hflip@1", BASELINE, "vflip@1"]
+    fold = np.array([0, 1, 0, 1, 1, 0, 0])
     run.infer_oof("joint").parent.mkdir(parents=True)
-    write_npz(run.infer_oof("joint"), ids=np.arange(7), y=rng.integers(0, 4, 7), fold=np.zeros(7, int),
-              classes=np.array(list("abcd")), probs=np.full((7, 4), 0.25), view_logits=vl, views=views)
-    s = Stage4.of(run, "joint", "oof")
-    assert s.exists() and not Stage4.of(run, "best", "oof").exists()
+    write_npz(run.infer_oof("joint"), ids=np.arange(7), y=rng.integers(0, 4, 7), fold=fold,
+              classes=np.array(list("abcd")), view_logits=vl, views=np.array(views))
+    summary = {"policy": ["hflip@1", BASELINE], "fold_policies": None, "merge": "mean_prob"}
+    s = Stage4.of(run, "joint", "oof", summary)
+    assert s.exists() and not Stage4.of(run, "best", "oof", summary).exists()
     assert np.array_equal(s.view_logits("vflip@1"), vl[2]) and np.array_equal(s.view_logits(), vl[1])
-    assert np.allclose(s.probs(plain=True), softmax(vl[1].astype(np.float64)))
-    assert np.allclose(s.probs(), 0.25) and set(s.rows()) == {"ids", "y", "fold", "classes", "views"}
-    with pytest.raises(PipelineError, match="no view .rot90@1."):
+    p = [softmax(v) for v in vl.astype(np.float64)]
+    assert np.allclose(s.probs(plain=True), p[1]) and np.allclose(s.probs(), (p[0] + p[1]) / 2, atol=1e-6)
+    assert set(s.rows()) == {"ids", "y", "fold", "classes", "views"}
+    nested = Stage4.of(run, "joint", "oof", {**summary, "fold_policies": [["vflip@1"], [BASELINE, "vflip@1"]]})
+    got = nested.probs()
+    assert np.allclose(got[fold == 0], p[2][fold == 0], atol=1e-6)
+    assert np.allclose(got[fold == 1], ((p[1] + p[2]) / 2)[fold == 1], atol=1e-6)
+    test = Stage4.of(run, "joint", "test", {**summary, "fold_policies": [["vflip@1"], ["vflip@1"]]})
+    assert test.fold_policies is None  # the test images: the policy chosen on every OOF row
+    with pytest.raises(PipelineError, match="no view 'rot90@1'"):
         s.view_logits("rot90@1")
+    with pytest.raises(PipelineError, match="stage 4 of 'x' has not finished"):
+        Stage4.of(run, "joint", "oof")

@@ -47,10 +47,10 @@ def load_member(member: Member) -> dict:
         raise PipelineError(f"ensemble member '{member}': stage 4 predicted heads {s['heads']} only")
     m = {"name": str(member), "summary": s}
     for part in PARTS:
-        stored = Stage4.of(run, member.head, part)
+        stored = Stage4.of(run, member.head, part, s)
         if part == "oof" and not stored.exists():
             continue
-        m[part] = {**stored.rows(), "probs": stored.probs(member.plain, s["merge"])}  # every view's logits stay on disk
+        m[part] = {**stored.rows(), "probs": stored.probs(member.plain)}  # every view's logits stay on disk
     return m
 
 

@@ -6,9 +6,9 @@ Usage:   ./run.sh infer [--force] [key=value ...]
 Input:   runs/<exp>/classes.json, fold<k>/model.safetensors + summary.json (stage 2),
          fold<k>/rebalance/heads/<variant>.safetensors and runs/<exp>/rebalance/summary.json (stage 3),
          test images (sample_submission order); for OOF TTA also the folds file and train images
-Output:  runs/<exp>/infer/<head>/test.npz  ids, classes, probs (fold mean of the merged policy),
-                                           view_logits (V x N x C, fold-mean logits per view), views
-                                 oof.npz   ids, y, classes, probs, view_logits, views (held-out rows)
+Output:  runs/<exp>/infer/<head>/test.npz  ids, classes, view_logits (V x N x C, fold-mean logits per view), views
+                                 oof.npz   ids, y, fold, classes, view_logits, views (held-out rows)
+         (the policy's probabilities: merged by their reader, core/predict/stored.Stage4, from summary.json)
          runs/<exp>/infer/report.csv       CV without TTA, with each view alone, with the policy
          runs/<exp>/infer/summary.json     written last: heads, primary head, policy, CV, provenance
 Every fold's model predicts the test images (its probabilities are averaged over folds) and its
@@ -44,8 +44,8 @@ from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.inputs.augment import open_store, pixel_record, valid_transform
 from ..core.inputs.images import ImageDataset
-from ..core.predict.inference import (MERGE_ROWS, Loading, PolicyFeatures, default_policy, joint_head, parse_view, policy_probs,
-                                      policy_rows, tta_names)
+from ..core.predict.inference import (MERGE_ROWS, Loading, PolicyFeatures, default_policy, joint_head,
+                                      nested_policy_blocks, parse_view, policy_rows, tta_names)
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
@@ -330,16 +330,6 @@ class RowTable:
                 yield self[[v], a:a + MERGE_ROWS][0]
 
 
-class Streamed:
-    """An N x C array written by write_npz block by block from `blocks()` (row blocks, in order)."""
-
-    def __init__(self, shape: tuple, dtype, blocks):
-        self.shape, self.dtype, self._blocks = shape, np.dtype(dtype), blocks
-
-    def chunks(self):
-        return self._blocks()
-
-
 @dataclass
 class Pass:
     """What every model of stage 4 runs with: the device and autocast dtype, the loading, the image stores, the bar."""
@@ -509,8 +499,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         for h in heads:  # one head's tables in memory at a time
             if inp.oof_df is not None:
                 report += tta_report(job, inp, h, tables.oof(h), names, policy, fold_policies)
-            write_predictions(job, inp, h, tables.test(h), tables.oof(h) if inp.oof_df is not None else None,
-                              names, policy, fold_policies)
+            write_predictions(job, inp, h, tables.test(h), tables.oof(h) if inp.oof_df is not None else None, names)
         tables.close()
         report = pd.DataFrame(report)
         if not report.empty:
@@ -576,42 +565,17 @@ def tta_report(job: Job, inp: Inputs, h: str, logits: RowTable, names: list[str]
 SELECTED_ON_ALL = "policy chosen on all OOF rows (optimistic: not ranked)"
 
 
-def nested_policy_blocks(logits, names: list[str], fold_policies: list[list[str]], fold: np.ndarray, merge: str):
-    """OOF probabilities (float64) in blocks of rows, fold k's rows merged over fold k's policy (chosen without
-    them): yields (first row, block)."""
-    for a in range(0, logits.shape[1], MERGE_ROWS):
-        block, f = logits[:, a:a + MERGE_ROWS], fold[a:a + MERGE_ROWS]
-        out = np.empty(block.shape[1:], np.float64)
-        for k, pol in enumerate(fold_policies):
-            if (f == k).any():
-                out[f == k] = policy_probs(block[:, f == k], names, pol, merge)
-        yield a, out
-
-
-def policy_blocks(logits, names: list[str], policy: list[str], merge: str):
-    """The policy's OOF probabilities (float64) in blocks of rows: yields (first row, block)."""
-    for a in range(0, logits.shape[1], MERGE_ROWS):
-        yield a, policy_probs(logits[:, a:a + MERGE_ROWS], names, policy, merge)
-
-
 def write_predictions(job: Job, inp: Inputs, h: str, test_logits: np.ndarray, oof_logits: RowTable | None,
-                      names: list[str], policy: list[str], fold_policies: list[list[str]] | None = None) -> None:
-    """infer/<h>/test.npz and oof.npz (float32); the OOF tables are streamed from disk to disk in blocks of rows."""
+                      names: list[str]) -> None:
+    """infer/<h>/test.npz and oof.npz: every view's logits (float32; the policy's probabilities are merged by their
+    reader, predict/stored.Stage4, from the policy in summary.json); the OOF table is streamed from disk to disk in
+    blocks of rows."""
     classes = np.array([str(c) for c in inp.classes])
     write_npz(job.run.infer_test(h), ids=inp.test["id"].values, classes=classes,
-              probs=policy_probs(test_logits, names, policy, job.infer.merge, np.float32),
               view_logits=test_logits.astype(np.float32), views=np.array(names))
     if oof_logits is not None:
-        fold = inp.oof_df["fold"].values
-
-        def probs():
-            blocks = (nested_policy_blocks(oof_logits, names, fold_policies, fold, job.infer.merge)
-                      if fold_policies is not None else policy_blocks(oof_logits, names, policy, job.infer.merge))
-            return (b.astype(np.float32) for _, b in blocks)
-
         write_npz(job.run.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
-                  fold=fold, classes=classes, probs=Streamed(oof_logits.shape[1:], np.float32, probs),
-                  view_logits=oof_logits, views=np.array(names))
+                  fold=inp.oof_df["fold"].values, classes=classes, view_logits=oof_logits, views=np.array(names))
 
 
 def inner_heads(job: Job, k: int, variant: str, ids: np.ndarray) -> tuple[list[Head], np.ndarray] | None:

@@ -120,7 +120,8 @@ def predict_member(m: Member, store: ImageStore, device, bar: Progress) -> np.nd
             out = predict_policy(m.loading(device), model, norm, heads, store, [m.policy[i] for i in at], device, dtype,
                                  on_batch=bar.update)
             mean.add(at, out[m.info["head"]], weight)
-    return policy_probs(mean.result(), m.policy, m.policy, m.info["merge"])
+    # merged from float32 logits, as stage 4's reader (core/predict/stored.Stage4) merges the stored ones
+    return policy_probs(mean.result().astype(np.float32), m.policy, m.policy, m.info["merge"])
 
 
 def view_costs(m: Member, store: ImageStore, device, n: int) -> dict[str, float]:

@@ -203,7 +203,7 @@ def trial_scores(run: layout.RunDir, n_splits: int, through: str, metric: str) -
     if through == "train":
         return [float(read_json(run.fold(k).summary)["score"]) for k in range(n_splits)]
     s4 = read_json(run.infer_summary)
-    stored = Stage4.of(run, s4["primary"], "oof")
+    stored = Stage4.of(run, s4["primary"], "oof", s4)
     o, probs = stored.rows(), stored.probs()
     return [float(score(metric, o["y"][o["fold"] == k], probs[o["fold"] == k])) for k in range(n_splits)]
 

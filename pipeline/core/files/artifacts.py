@@ -160,7 +160,7 @@ def write_csv(path: str | os.PathLike, df) -> None:
 
 def write_npz(path: str | os.PathLike, **arrays) -> None:
     """Arrays keyed by name; string arrays are stored as unicode (no pickles: allow_pickle=False). A value may be
-    a `Streamed` table (shape, dtype, chunks()): written chunk by chunk, never whole in memory. The file is what
+    a table with shape, dtype and chunks() (stage 4's RowTable): written chunk by chunk, never whole in memory. The file is what
     np.savez writes (a zip of .npy members, stored), read back with np.load."""
     with atomic_path(path, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for k, v in arrays.items():

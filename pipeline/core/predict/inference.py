@@ -203,6 +203,24 @@ def policy_probs(view_logits: np.ndarray, names: list[str], policy: list[str], h
     return out
 
 
+def nested_policy_blocks(logits, names: list[str], fold_policies: list[list[str]], fold: np.ndarray, merge: str):
+    """OOF probabilities (float64) in blocks of rows, fold k's rows merged over fold k's policy (chosen without
+    them): yields (first row, block)."""
+    for a in range(0, logits.shape[1], MERGE_ROWS):
+        block, f = logits[:, a:a + MERGE_ROWS], fold[a:a + MERGE_ROWS]
+        out = np.empty(block.shape[1:], np.float64)
+        for k, pol in enumerate(fold_policies):
+            if (f == k).any():
+                out[f == k] = policy_probs(block[:, f == k], names, pol, merge)
+        yield a, out
+
+
+def policy_blocks(logits, names: list[str], policy: list[str], merge: str):
+    """The policy's OOF probabilities (float64) in blocks of rows: yields (first row, block)."""
+    for a in range(0, logits.shape[1], MERGE_ROWS):
+        yield a, policy_probs(logits[:, a:a + MERGE_ROWS], names, policy, merge)
+
+
 def policy_rows(view_logits: np.ndarray, names: list[str], policy: list[str], how: str, y: np.ndarray) -> RowScores:
     """metrics.RowScores of `policy_probs` (float64), computed block by block: O(rows) memory."""
     parts = [row_scores(y[a:a + MERGE_ROWS], policy_probs(view_logits[:, a:a + MERGE_ROWS], names, policy, how))

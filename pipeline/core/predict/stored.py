@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from ..files.artifacts import read_npz, read_npz_item
+from ..files.artifacts import read_json, read_npz, read_npz_item
 from ..files.layout import RunDir
-from .inference import policy_probs
+from .inference import nested_policy_blocks, policy_probs
 from .tta import BASELINE
 
 PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' held-out train rows
@@ -22,15 +22,28 @@ PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' hel
 @dataclass(frozen=True)
 class Stage4:
     """One head's stage-4 predictions of one part (`test` or `oof`): row ids (and for `oof` labels and folds), every
-    TTA view's logits (the fold mean on test rows; fold k's models on its held-out rows), the merged policy."""
+    TTA view's logits (the fold mean on test rows; fold k's models on its held-out rows), and the policy's
+    probabilities merged from them here (the test images: over the policy chosen on every OOF row; fold k's held-out
+    rows: over fold k's own policy when it was searched), as stage 4 scored them. Opened after stage 4 finished
+    (its summary.json names the policies)."""
     path: Path
     part: str
+    policy: tuple[str, ...]
+    fold_policies: tuple[tuple[str, ...], ...] | None
+    merge: str
 
     @classmethod
-    def of(cls, run: RunDir, head: str, part: str) -> "Stage4":
+    def of(cls, run: RunDir, head: str, part: str, summary: dict | None = None) -> "Stage4":
         if part not in PARTS:
             raise ValueError(part)
-        return cls(run.infer_test(head) if part == "test" else run.infer_oof(head), part)
+        if summary is None:
+            if not run.infer_summary.exists():
+                raise PipelineError(f"{run.infer_summary} not found: stage 4 of '{run.name}' has not finished "
+                                    f"(run ./run.sh infer)")
+            summary = read_json(run.infer_summary)
+        fp = summary.get("fold_policies")
+        return cls(run.infer_test(head) if part == "test" else run.infer_oof(head), part, tuple(summary["policy"]),
+                   tuple(map(tuple, fp)) if fp and part == "oof" else None, summary["merge"])
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -40,7 +53,7 @@ class Stage4:
 
     def rows(self) -> dict[str, np.ndarray]:
         """ids, classes, views, and for `oof` y and fold: everything but the rows x classes arrays."""
-        return read_npz(self.path, skip=("view_logits", "probs"))
+        return read_npz(self.path, skip=("view_logits",))
 
     def views(self) -> list[str]:
         return [str(v) for v in read_npz(self.path, keys=("views",))["views"]]
@@ -52,16 +65,19 @@ class Stage4:
             raise PipelineError(f"{self.path}: no view '{view}' (it has {views})")
         return read_npz_item(self.path, "view_logits", views.index(view))
 
-    def all_view_logits(self) -> np.ndarray:
-        """V x N x C logits of every view (in `views()` order)."""
-        return read_npz(self.path, keys=("view_logits",))["view_logits"]
-
-    def probs(self, plain: bool = False, how: str = "mean_prob") -> np.ndarray:
-        """N x C probabilities: the policy's as stage 4 merged them, or with `plain` the no-TTA view's (softmax of its
-        logits, as stage 4 merges one view with `how`)."""
-        if not plain:
-            return read_npz(self.path, keys=("probs",))["probs"]
-        return policy_probs(self.view_logits(BASELINE)[None], [BASELINE], [BASELINE], how)
+    def probs(self, plain: bool = False) -> np.ndarray:
+        """N x C probabilities: the policy's (float32), or with `plain` the no-TTA view's (float64). Only the views
+        they merge are read."""
+        policy = [BASELINE] if plain else list(self.policy)
+        used = sorted(set(policy).union(*self.fold_policies) if self.fold_policies and not plain else policy)
+        logits = np.stack([self.view_logits(v) for v in used])
+        if self.fold_policies is None or plain:
+            return policy_probs(logits, used, policy, self.merge, np.float64 if plain else np.float32)
+        fold = read_npz(self.path, keys=("fold",))["fold"]
+        out = np.empty(logits.shape[1:], np.float32)
+        for a, block in nested_policy_blocks(logits, used, [list(p) for p in self.fold_policies], fold, self.merge):
+            out[a:a + len(block)] = block
+        return out
 
 
 @dataclass(frozen=True)

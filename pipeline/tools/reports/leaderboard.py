@@ -108,7 +108,7 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
         # TTA rows: the OOF probabilities of a searched policy come from each fold's own (nested) choice
         tta = any(p != [BASELINE] for p in [s["policy"], *(s.get("fold_policies") or [])])
         for h in s["heads"]:
-            test, oof = Stage4.of(run, h, "test"), Stage4.of(run, h, "oof")
+            test, oof = Stage4.of(run, h, "test", s), Stage4.of(run, h, "oof", s)
             if h == "best" and oof.exists():  # nested per fold: its no-TTA row is stage 4's plain view
                 out[(h, False)] = stage4(oof, True)
             if (h, False) in out and test.exists():

@@ -34,9 +34,9 @@ def summary_table(name: str, data: DataCfg, metric: str) -> pd.DataFrame:
         joint = pick("joint", "no TTA").iloc[0]
         best = pick(head, "no TTA").iloc[0]
         tta = best if member.plain else pick(head, "policy").iloc[0]  # :plain is the no-TTA view
-        jt = Stage4.of(run, "joint", "test")
+        jt = Stage4.of(run, "joint", "test", inf)
         plain = softmax(jt.view_logits().astype(np.float32))
-        head_probs = Stage4.of(run, head, "test").probs(member.plain, inf["merge"])
+        head_probs = Stage4.of(run, head, "test", inf).probs(member.plain)
         rows.append({"model": exp, "head": head + (" (no TTA)" if member.plain else ""), "CV joint": joint["cv_mean"],
                      "CV head": best["cv_mean"], "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
                      "private joint": private_score(data, metric, jt.ids(), plain, inf["classes"]),
