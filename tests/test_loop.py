@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_competition
-from pipeline.core.engine import loop, training
+from pipeline.core.engine import training
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.engine.loop import Step, run_epoch

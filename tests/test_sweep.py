@@ -14,7 +14,6 @@ import pytest
 
 from conftest import REPO, cli, config_from_items, make_competition
 from pipeline.core.config import load_config
-from pipeline.core.errors import PipelineError
 from pipeline.core.files import layout
 from pipeline.core.files.artifacts import read_json
 from pipeline.tools import sweep
