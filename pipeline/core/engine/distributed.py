@@ -5,6 +5,7 @@ needs: the process's GPU for NCCL (which rejects CPU tensors), the CPU for gloo.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ class Dist:
             if cuda:
                 torch.cuda.set_device(local)  # before NCCL: its communicator binds to the current device
             dist.init_process_group(backend=backend, device_id=torch.device("cuda", local) if cuda else None)
+            # torch's advice: destroy the group before exit; left to interpreter teardown, gloo's threads can abort
+            # a finished process ("terminate called without an active exception", exit -6)
+            atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, backend=dist.get_backend())
 
     def tensor(self, values) -> torch.Tensor:
