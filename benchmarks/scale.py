@@ -2,6 +2,7 @@
 iNaturalist-style competitions (COCO-style JSON, thousands of classes, a top-5 submission). Not a test.
 
     python benchmarks/scale.py [--sizes 1000x4000,5000x20000,10000x20000] [--work DIR] [--variants joint,tau]
+    python benchmarks/scale.py --all-in-one --sizes 10000x20000 --code /tmp/old-checkout --code .   (side by side)
 
 Each size CLASSESxIMAGES is a competition of tiny pictures (16 px, a colour per class plus noise; images spread
 evenly over the classes, a tenth as many test images) in COCO layout, trained with timm's `test_resnet` at
@@ -59,6 +60,37 @@ def run_stage(work: Path, stage: str) -> dict:
     return {"stage": stage, "seconds": seconds, "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else float("nan")}
 
 
+def all_in_one(work_root: Path, n_classes: int, n_images: int, variants: list[str], code: Path,
+               n_test: int | None = None) -> dict:
+    """`./run.sh all` in one process of the checkout `code` under /usr/bin/time -v: wall time, peak RSS, bytes
+    under runs/ and each stage's seconds (from its log line)."""
+    work = work_root / (f"c{n_classes}_n{n_images}" + (f"_t{n_test}" if n_test else ""))
+    root = work / "data"
+    if not (root / "train.json").exists():
+        shutil.rmtree(work, ignore_errors=True)
+        per, extra = divmod(n_images, n_classes)
+        coco_competition(root, [per + (i < extra) for i in range(n_classes)], size=16,
+                         n_test=n_test or max(n_images // 10, 10))
+    for d in ("runs", "folds", "submissions", "reports"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    (work / "scale.yaml").write_text(config(root.resolve(), variants))
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "pipeline", "all", "--config", "scale.yaml"],
+                       cwd=work, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(code.resolve()), "PATH": "/usr/bin:/bin"})
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"all failed (exit {r.returncode}) with {code}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
+    stages = {m.group(1): float(m.group(2)) for m in
+              re.finditer(r"stage \d \((\w+)\) of '[^']*' finished in ([\d.]+)s", r.stderr + r.stdout)}
+    sub = (work / "submissions" / "scale.csv").read_text().splitlines()
+    return {"code": str(code), "classes": n_classes, "images": n_images, "test": len(sub) - 1, "seconds": seconds,
+            "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else float("nan"),
+            "runs_gb": folder_bytes(work / "runs") / 2**30, "stages": stages, "submission": sub[:3]}
+
+
 def one(work_root: Path, n_classes: int, n_images: int, variants: list[str]) -> list[dict]:
     work = work_root / f"c{n_classes}_n{n_images}"
     root = work / "data"
@@ -88,7 +120,20 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000x4000,5000x20000,10000x20000")
     ap.add_argument("--work", default="/tmp/pipeline-scale")
     ap.add_argument("--variants", default="joint,tau,crt,logit_adjust")
+    ap.add_argument("--all-in-one", action="store_true", help="./run.sh all in one process per --code checkout")
+    ap.add_argument("--code", action="append", type=Path, help="a checkout to run (repeat: side by side)")
+    ap.add_argument("--n-test", type=int, help="test images (default: a tenth of the train images)")
     a = ap.parse_args()
+    if a.all_in_one:
+        for size in a.sizes.split(","):
+            c, n = (int(v) for v in size.lower().split("x"))
+            for code in a.code or [REPO]:
+                r = all_in_one(Path(a.work), c, n, a.variants.split(","), code, a.n_test)
+                print(f"{r['code']}: {c} classes x {n} images ({r['test']} test): all in {r['seconds']:.0f}s, peak RSS "
+                      f"{r['peak_rss_gb']:.2f} GB, runs/ {r['runs_gb']:.2f} GB; stages "
+                      + ", ".join(f"{k} {v:.0f}s" for k, v in r["stages"].items()), flush=True)
+                print(f"  submission head: {r['submission']}", flush=True)
+        return 0
     rows = []
     for size in a.sizes.split(","):
         c, n = (int(v) for v in size.lower().split("x"))

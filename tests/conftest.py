@@ -51,6 +51,15 @@ def stage4_probs(run, head: str, part: str = "test", plain: bool = False):
     return Stage4.of(run, head, part).probs(plain)
 
 
+def stage4_npz(run, head: str, part: str = "test") -> dict:
+    """A head's stage-4 predictions of a part as one dict (what stage 4 stored per head before #35): ids, classes,
+    views (and y, fold), and view_logits (V x N x C) computed by the reader from the stored features."""
+    from pipeline.core.predict.stored import Stage4
+
+    s = Stage4.of(run, head, part)
+    return {**s.rows(), "view_logits": s.table()[:, :]}
+
+
 def config_from_items(path: Path, items: list[str]) -> Path:
     """A config file from key=value items (a later item replaces an earlier one; dotted keys become sections)."""
     sections = {}

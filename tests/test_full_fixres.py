@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_competition, stage4_probs
+from conftest import make_competition, stage4_npz, stage4_probs
 from pipeline.core.nets import models
-from pipeline.core.files.artifacts import read_json, read_npz
+from pipeline.core.files.artifacts import read_json
 from pipeline.core.inputs.augment import open_store
 from pipeline.core.inputs.data import read_folds, read_test_table
 from pipeline.core.predict.inference import Loading, joint_head, predict_policy
@@ -67,7 +67,7 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
     assert cfg.run_dir.full.head("crt").exists() and rebalance_stage.status(cfg) == []
 
     infer_stage.run(cfg)
-    test = read_npz(cfg.run_dir.infer_test("joint"))
+    test = stage4_npz(cfg.run_dir, "joint", "test")
     parts = [baseline_logits(cfg, cfg.run_dir.fold(k).weights, summaries[k], len(classes)) for k in range(2)]
     parts.append(2 * baseline_logits(cfg, cfg.run_dir.full.weights, full, len(classes)))
     expected = sum(parts) / 4  # two fold models and the full model at weight 2
@@ -82,7 +82,7 @@ def test_full_fit_trains_every_row_for_the_folds_epoch_and_joins_the_test_mean(c
                   "infer.heads=[tau]", "infer.full_fit_weight=0")
     assert infer_stage.status(cfg0)  # the weight is a stage-4 setting
     infer_stage.run(cfg0)
-    test0 = read_npz(cfg.run_dir.infer_test("joint"))
+    test0 = stage4_npz(cfg.run_dir, "joint", "test")
     assert np.allclose(test0["view_logits"][0].astype(np.float64), sum(parts[:2]) / 2, atol=2e-2)
     assert np.array_equal(stage4_probs(cfg.run_dir, "tau", "oof"), oof_with)
 

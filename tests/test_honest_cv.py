@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import make_competition, stage4_probs
+from conftest import make_competition, stage4_npz, stage4_probs
 from pipeline.core.predict.inference import policy_probs
 from pipeline.core.files.artifacts import read_json
 from pipeline.core.config import load_config
@@ -80,15 +80,15 @@ def test_the_best_head_of_fold_k_is_chosen_on_the_other_folds(learnable, monkeyp
     s = read_json(cfg.run_dir.infer_summary)
     assert s["primary"] == "best" and s["best"]["all"] == read_json(cfg.run_dir.rebalance_summary)["best"]
     folds = [read_json(cfg.run_dir.fold(k).rebalance_summary)["variants"] for k in range(cfg.folds.n_splits)]
-    best = np.load(cfg.run_dir.infer_oof("best"))
+    best = stage4_npz(cfg.run_dir, "best", "oof")
     for k, v in enumerate(s["best"]["per_fold"]):
         others = {h: np.mean([folds[j][h]["metrics"]["score"] for j in range(len(folds)) if j != k]) for h in HEADS}
         assert others[v] == max(others.values())                       # the winner without fold k
-        chosen = np.load(cfg.run_dir.infer_oof(v))
+        chosen = stage4_npz(cfg.run_dir, v, "oof")
         rows = best["fold"] == k
         assert np.array_equal(best["view_logits"][:, rows], chosen["view_logits"][:, rows])
-    test = np.load(cfg.run_dir.infer_test("best"))
-    assert np.array_equal(test["view_logits"], np.load(cfg.run_dir.infer_test(s["best"]["all"]))["view_logits"])
+    test = stage4_npz(cfg.run_dir, "best", "test")
+    assert np.array_equal(test["view_logits"], stage4_npz(cfg.run_dir, s["best"]["all"], "test")["view_logits"])
 
 
 def test_ensemble_oof_rows_of_fold_k_use_the_weights_fit_without_fold_k():
@@ -109,7 +109,7 @@ def test_a_searched_tta_policy_is_chosen_per_fold_without_its_rows(learnable, mo
     assert s["searched"] and len(s["fold_policies"]) == cfg.folds.n_splits
     rows = pd.DataFrame(s["cv"])
     assert (rows["views"] == infer_stage.SELECTED_ON_ALL).sum() == len(HEADS) + 1  # shown, labelled, not ranked
-    oof = np.load(cfg.run_dir.infer_oof(s["primary"]))
+    oof = stage4_npz(cfg.run_dir, s["primary"], "oof")
     fold = oof["fold"]
     names = list(oof["views"])
     for k, pol in enumerate(s["fold_policies"]):  # fold k's stored probabilities merge fold k's own policy

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, make_competition, stage4_probs
+from conftest import REPO, make_competition, stage4_npz, stage4_probs
+from pipeline.core.predict.stored import PARTS
 from pipeline.core.nets import models
 from pipeline.core.inputs.augment import open_store, valid_transform
 from pipeline.core.config import load_config
@@ -49,9 +50,10 @@ def run_a(workdir):
 
 
 def test_identity_policy_equals_plain_inference(run_a):
-    cfg = cfg_of(run_a.data.root, "a", "infer.views=[orig]", "infer.scales=[1.0]", "infer.heads=[joint]")
+    cfg = cfg_of(run_a.data.root, "a", "infer.views=[orig]", "infer.scales=[1.0]", "infer.heads=[joint]",
+                 "infer.features=float32")   # float32 features: every logit as a float32 forward pass gives it
     infer_stage.run(cfg)
-    test = np.load(cfg.run_dir.dir / "infer/joint/test.npz")
+    test = stage4_npz(cfg.run_dir, "joint", "test")
     folds = pd.read_csv(cfg.folds_csv)
     for k in (0, 1):
         stage2 = np.load(cfg.run_dir.fold(k).dir / "oof.npz")
@@ -71,6 +73,24 @@ def test_identity_policy_equals_plain_inference(run_a):
         expected = expected + softmax(logits) / 2
     assert test["ids"].tolist() == [os.path.basename(p)[:-4] for p in paths]
     assert np.allclose(stage4_probs(cfg.run_dir, "joint"), expected, atol=1e-5)
+
+
+def test_float16_features_keep_every_label_of_float32_ones_at_half_the_disk(run_a):
+    """infer.features: float16 (the default) against float32 storage of the same backbones' features: identical
+    top-1 and top-2 labels on every test and held-out row, probabilities within 2e-3, half the bytes."""
+    out = {}
+    for dtype in ("float32", "float16"):
+        cfg = cfg_of(run_a.data.root, "a", "infer.heads=[joint,crt]", f"infer.features={dtype}")
+        infer_stage.run(cfg)
+        out[dtype] = {(h, part): stage4_probs(cfg.run_dir, h, part) for h in ("joint", "crt") for part in PARTS}
+        out[dtype]["bytes"] = sum(p.stat().st_size for p in cfg.run_dir.infer_features_dir.rglob("*.npy"))
+    for key, p32 in out["float32"].items():
+        if key == "bytes":
+            continue
+        p16 = out["float16"][key]
+        assert np.array_equal(np.argsort(-p16, 1)[:, :2], np.argsort(-p32, 1)[:, :2]), key
+        assert np.abs(p16 - p32).max() < 2e-3, key
+    assert out["float16"]["bytes"] < 0.6 * out["float32"]["bytes"]
 
 
 def test_hflip_of_flip_invariant_model_equals_plain():
@@ -170,9 +190,9 @@ def test_ensemble_refuses_incompatible_members(run_a, workdir):
         with pytest.raises(PipelineError, match=match):
             ens_stage.run(two)
     (workdir / "runs/b/infer/summary.json").write_text(json.dumps(s))
-    t = dict(np.load(workdir / f"runs/b/infer/{s['primary']}/test.npz"))
-    t["ids"] = t["ids"][::-1]
-    np.savez(workdir / f"runs/b/infer/{s['primary']}/test.npz", **t)
+    rows = dict(np.load(workdir / "runs/b/infer/rows.npz"))
+    rows["test_ids"] = rows["test_ids"][::-1]
+    np.savez(workdir / "runs/b/infer/rows.npz", **rows)
     with pytest.raises(PipelineError, match="different test image ids"):
         ens_stage.run(two)
 
@@ -183,7 +203,8 @@ def test_infer_without_training_data_like_a_kaggle_kernel(run_a, workdir):
     os.remove(cfg.folds_csv)
     kernel = cfg_of(cfg.data.root, "a", "infer.oof=off", "infer.heads=[joint]")
     summary = infer_stage.run(kernel)
-    assert (cfg.run_dir.dir / "infer/joint/test.npz").exists() and summary["cv"] == []
+    assert stage4_probs(cfg.run_dir, "joint").shape == (9, 3) and summary["cv"] == []
+    assert not list(cfg.run_dir.infer_features_dir.rglob("held*.npy"))   # no held-out rows predicted
     with pytest.raises(PipelineError, match="infer.oof=on needs"):
         infer_stage.run(cfg_of(cfg.data.root, "a", "infer.oof=on"))
 
@@ -264,37 +285,103 @@ def test_hill_climb_ensemble_is_scored_on_folds_it_was_not_fit_on(run_a):
     assert sub["label"].tolist() == [["a", "b", "c"][i] for i in test.argmax(1)]
 
 
-def test_stage4_reader_gives_one_view_the_policy_and_the_plain_probabilities(tmp_path):
-    """core/predict/stored: what stage 5, the leaderboard, teachers and sweeps read of a stage-4 file: one view's
-    logits, the no-TTA probabilities, the policy merged (fold k's OOF rows over fold k's own searched policy)."""
-    from pipeline.core.files.artifacts import write_npz
+def test_stage4_reader_computes_every_head_view_and_block_from_features_as_brute_force_does(tmp_path):
+    """core/predict/stored (#35): stage 4 stores pooled features per backbone and view plus a manifest; the reader's
+    logits equal dense brute force for every head, view and block of rows (odd sizes): the test rows' weighted mean
+    over the backbones that predicted a view, each held-out row from its fold's backbone and the head of its inner
+    split (nested); one view, the plain and the policy probabilities (fold k's rows over fold k's own policy)."""
+    import torch
+
+    from pipeline.core.files.artifacts import write_json, write_npz
     from pipeline.core.files.layout import RunDir
+    from pipeline.core.nets.heads import Head
+    from pipeline.core.nets.models import write_state_dict
     from pipeline.core.predict.metrics import softmax
-    from pipeline.core.predict.stored import Stage4
+    from pipeline.core.predict.stored import STORE_VERSION, Stage4, head_ref
     from pipeline.core.predict.tta import BASELINE
 
     run = RunDir(tmp_path / "runs" / "x")
     rng = np.random.default_rng(0)
-    vl = rng.normal(size=(3, 7, 4)).astype(np.float32)
+    V, N, T, D, C = 3, 11, 9, 6, 4
     views = ["hflip@1", BASELINE, "vflip@1"]
-    fold = np.array([0, 1, 0, 1, 1, 0, 0])
-    run.infer_oof("joint").parent.mkdir(parents=True)
-    write_npz(run.infer_oof("joint"), ids=np.arange(7), y=rng.integers(0, 4, 7), fold=fold,
-              classes=np.array(list("abcd")), view_logits=vl, views=np.array(views))
-    summary = {"policy": ["hflip@1", BASELINE], "fold_policies": None, "merge": "mean_prob"}
-    s = Stage4.of(run, "joint", "oof", summary)
-    assert s.exists() and not Stage4.of(run, "best", "oof", summary).exists()
-    assert np.array_equal(s.view_logits("vflip@1"), vl[2]) and np.array_equal(s.view_logits(), vl[1])
-    p = [softmax(v) for v in vl.astype(np.float64)]
-    assert np.allclose(s.probs(plain=True), p[1]) and np.allclose(s.probs(), (p[0] + p[1]) / 2, atol=1e-6)
-    assert set(s.rows()) == {"ids", "y", "fold", "classes", "views"}
-    nested = Stage4.of(run, "joint", "oof", {**summary, "fold_policies": [["vflip@1"], [BASELINE, "vflip@1"]]})
+    fold = np.array([0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1])
+    ids = np.array([f"r{i}" for i in range(N)])
+    y = rng.integers(0, C, N)
+
+    def head(path, normalize=False):
+        h = Head(rng.normal(size=(C, D)).astype(np.float32), rng.normal(size=C).astype(np.float32),
+                 rng.normal(size=D).astype(np.float32) if normalize else None, normalize)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h.save(path, {})
+        return h
+    heads = {"crt0": head(run.fold(0).head("crt")), "crt1": head(run.fold(1).head("crt")),
+             "crtF": head(run.full.head("crt"), normalize=True),
+             "in0": head(run.fold(0).inner_head("crt", 0)), "in1": head(run.fold(0).inner_head("crt", 1))}
+    inner = rng.integers(0, 2, int((fold == 0).sum()))
+    write_npz(run.fold(0).head_oof("crt"), ids=ids[fold == 0][::-1], y=y[fold == 0][::-1], inner=inner[::-1])
+    w1 = {"fc.weight": torch.randn(C, D), "fc.bias": torch.randn(C)}
+    write_state_dict(run.fold(1).weights, w1)
+    feats = {}
+    for b, part, n, vs in (("fold0", "test", T, [0, 1, 2]), ("fold1", "test", T, [0, 1, 2]),
+                           ("full", "test", T, [0, 2]), ("fold0", 0, 6, [0, 1, 2]), ("fold1", 1, 5, [0, 1, 2])):
+        feats[(b, part)] = rng.normal(size=(len(vs), n, D)).astype(np.float16)
+        run.infer_features(b, part).parent.mkdir(parents=True, exist_ok=True)
+        np.save(run.infer_features(b, part), feats[(b, part)])
+    store = {"version": STORE_VERSION, "dtype": "float16", "views": views,
+             "backbones": {"fold0": {"views": [0, 1, 2]}, "fold1": {"views": [0, 1, 2]}, "full": {"views": [0, 2]}},
+             "test": {"crt": [{"features": "fold0", "weight": 1.0, "head": head_ref(run, run.fold(0).head("crt"))},
+                              {"features": "fold1", "weight": 1.0, "head": head_ref(run, run.fold(1).head("crt"))},
+                              {"features": "full", "weight": 0.5, "head": head_ref(run, run.full.head("crt"))}]},
+             "oof": {"crt": [{"features": "fold0", "fold": 0, "head": head_ref(
+                 run, run.fold(0).head("crt"), inner=run.fold(0).inner_heads("crt"), split=run.fold(0).head_oof("crt"))},
+                 {"features": "fold1", "fold": 1, "head": head_ref(run, run.fold(1).weights, ["fc.weight", "fc.bias"])}]}}
+    write_npz(run.infer_rows, test_ids=np.arange(T), classes=np.array(list("abcd")), oof_ids=ids, oof_y=y,
+              oof_fold=fold)
+    summary = {"policy": ["hflip@1", BASELINE], "fold_policies": None, "merge": "mean_prob", "store": store}
+    write_json(run.infer_summary, summary)
+
+    def lg(h, x):
+        return h.logits(x.astype(np.float32)).astype(np.float64)
+    want_test = np.zeros((V, T, C))
+    for v in range(V):
+        parts = [(1.0, lg(heads["crt0"], feats[("fold0", "test")][v])), (1.0, lg(heads["crt1"], feats[("fold1", "test")][v]))]
+        if v != 1:  # the full-data model predicted views 0 and 2 only, at weight 0.5
+            parts.append((0.5, lg(heads["crtF"], feats[("full", "test")][[0, 2].index(v)])))
+        want_test[v] = sum(w * x for w, x in parts) / sum(w for w, _ in parts)
+    joint1 = Head(w1["fc.weight"].numpy(), w1["fc.bias"].numpy())
+    want_oof = np.zeros((V, N, C))
+    for v in range(V):
+        x0, x1 = feats[("fold0", 0)][v], feats[("fold1", 1)][v]
+        want_oof[v, fold == 1] = lg(joint1, x1)
+        want_oof[v, fold == 0] = np.where((inner == 0)[:, None], lg(heads["in0"], x0), lg(heads["in1"], x0))
+    for part, want, n in (("test", want_test, T), ("oof", want_oof, N)):
+        table = Stage4.of(run, "crt", part).table()
+        assert table.shape == (V, n, C)
+        for a, b in ((0, 3), (3, n - 1), (n - 1, n), (0, n)):      # blocks of odd sizes, the last row alone
+            assert np.allclose(table[:, a:b], want[:, a:b], atol=1e-5), (part, a, b)
+        assert np.allclose(table[[2, 0], 1:4], want[[2, 0], 1:4], atol=1e-5)
+    s = Stage4.of(run, "crt", "oof")
+    assert s.exists() and not Stage4.of(run, "best", "oof").exists()
+    assert np.allclose(s.view_logits("vflip@1"), want_oof[2], atol=1e-5)
+    p = [softmax(v) for v in want_oof]
+    assert np.allclose(s.probs(plain=True), p[1], atol=1e-5) and np.allclose(s.probs(), (p[0] + p[1]) / 2, atol=1e-5)
+    assert set(s.rows()) == {"ids", "y", "fold", "classes", "views"} and list(s.ids()) == list(ids)
+    nested = Stage4.of(run, "crt", "oof", {**summary, "fold_policies": [["vflip@1"], [BASELINE, "vflip@1"]]})
     got = nested.probs()
-    assert np.allclose(got[fold == 0], p[2][fold == 0], atol=1e-6)
-    assert np.allclose(got[fold == 1], ((p[1] + p[2]) / 2)[fold == 1], atol=1e-6)
-    test = Stage4.of(run, "joint", "test", {**summary, "fold_policies": [["vflip@1"], ["vflip@1"]]})
+    assert np.allclose(got[fold == 0], p[2][fold == 0], atol=1e-5)
+    assert np.allclose(got[fold == 1], ((p[1] + p[2]) / 2)[fold == 1], atol=1e-5)
+    test = Stage4.of(run, "crt", "test", {**summary, "fold_policies": [["vflip@1"], ["vflip@1"]]})
     assert test.fold_policies is None  # the test images: the policy chosen on every OOF row
     with pytest.raises(PipelineError, match="no view 'rot90@1'"):
         s.view_logits("rot90@1")
+    head(run.fold(1).head("crt"))  # stage 3 re-run after stage 4: its features and this head no longer belong together
+    with pytest.raises(PipelineError, match="changed after stage 4"):
+        Stage4.of(run, "crt", "test").view_logits()
+    write_json(run.infer_summary, {**summary, "store": None})
+    with pytest.raises(PipelineError, match="older version"):
+        Stage4.of(run, "crt", "test")
+    run.infer_summary.unlink()
     with pytest.raises(PipelineError, match="stage 4 of 'x' has not finished"):
-        Stage4.of(run, "joint", "oof")
+        Stage4.of(run, "crt", "oof")
+
+

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from conftest import cli, config_from_items, make_competition
+from conftest import cli, config_from_items, make_competition, stage4_npz
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.engine.distributed import Dist
 from pipeline.core.files.artifacts import read_json, read_npz
@@ -141,7 +141,7 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
     cfg = config_from_items(workdir / "p.yaml", [f"data.root={root}", "experiment=p", *TINY, "train.epochs=1",
                                                  f"model.pretrained_path={pretrained}", "rebalance.variants=[joint]",
                                                  "rebalance.probe=[joint,ncm]", "rebalance.wise_alpha=[0.5]",
-                                                 "infer.heads=[best]"])
+                                                 "infer.heads=[best]", "infer.features=float32"])
     r = cli(["all", "--config", str(cfg)], workdir)
     assert r.returncode == 0, r.stderr[-3000:]
     run = load_config(cfg).run_dir
@@ -157,7 +157,7 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
         got = Head.load(run.fold(k).head("probe_joint"))[0]
         want = probe_head(f[tr], df["y"].values[tr], 3)          # the fold's training rows only
         assert np.allclose(got.weight, want.weight) and np.allclose(got.bias, want.bias)
-        oof = read_npz(run.infer_oof("probe_joint"))
+        oof = stage4_npz(run, "probe_joint", "oof")
         held = oof["fold"] == k
         rows = np.flatnonzero(df["fold"].values == k)
         assert np.allclose(oof["view_logits"][0][held], f[rows] @ got.weight.T + got.bias, atol=1e-3)
@@ -165,19 +165,19 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
         joint = read_state_dict(run.fold(k).weights)
         assert np.allclose(wise.weight, 0.5 * got.weight + 0.5 * joint["fc.weight"].numpy(), atol=1e-6)
         assert np.allclose(wise.bias, 0.5 * got.bias + 0.5 * joint["fc.bias"].numpy(), atol=1e-6)
-        s3_oof, s4_oof = HeldOut.of(run, k, "wise0.5").read(), read_npz(run.infer_oof("wise0.5"))
+        s3_oof, s4_oof = HeldOut.of(run, k, "wise0.5").read(), stage4_npz(run, "wise0.5", "oof")
         assert list(s4_oof["ids"][s4_oof["fold"] == k]) == list(s3_oof["ids"])
         assert np.allclose(s4_oof["view_logits"][0][s4_oof["fold"] == k], s3_oof["logits"], atol=1e-3)
         assert not np.allclose(s3_oof["logits"], HeldOut.of(run, k, "joint").read()["logits"], atol=1e-3)
         for v in ("probe_joint", "probe_ncm"):   # stage 3 keeps no logits: the reader's are the probe's
-            assert np.allclose(HeldOut.of(run, k, v).read()["logits"], read_npz(run.infer_oof(v))["view_logits"][0][
+            assert np.allclose(HeldOut.of(run, k, v).read()["logits"], stage4_npz(run, v, "oof")["view_logits"][0][
                 oof["fold"] == k], atol=1e-3)
     s4 = read_json(run.infer_summary)
     assert {"probe_joint", "probe_ncm", "wise0.5"} <= set(s4["heads"]) and (workdir / "submissions/p.csv").exists()
-    best = read_npz(run.infer_oof("best"))
+    best = stage4_npz(run, "best", "oof")
     for k, pick in enumerate(s4["best"]["per_fold"]):   # fold k's rows: the head chosen without them, from its backbone
         mine = best["fold"] == k
-        assert np.allclose(best["view_logits"][:, mine], read_npz(run.infer_oof(pick))["view_logits"][:, mine])
+        assert np.allclose(best["view_logits"][:, mine], stage4_npz(run, pick, "oof")["view_logits"][:, mine])
     r = cli(["ensemble", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli(["export", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)

@@ -90,21 +90,14 @@ def test_a_lock_on_a_new_folder_leaves_no_empty_folders_when_the_run_fails(tmp_p
     assert (target / "summary.json").exists() and not (target / ".lock").exists()
 
 
-def test_npz_files_stream_large_tables_in_and_read_one_item_out(tmp_path):
+def test_npz_files_are_what_np_savez_writes_and_read_back_in_part(tmp_path):
     import numpy as np
 
-    from pipeline.core.files.artifacts import read_npz, read_npz_item, write_npz
-    from pipeline.stages.infer import RowTable
+    from pipeline.core.files.artifacts import read_npz, write_npz
 
-    rng = np.random.default_rng(0)
-    table = rng.normal(size=(3, 10_000, 7)).astype(np.float32)      # V x N x C, more rows than one block
-    np.save(tmp_path / "t.npy", table)
-    rows = RowTable(tmp_path / "t.npy")
-    assert rows.shape == table.shape and np.array_equal(rows[[2, 0], 4090:4200], table[[2, 0], 4090:4200])
-    assert np.array_equal(rows[:, 9_990:20_000], table[:, 9_990:])
-    write_npz(tmp_path / "x.npz", ids=np.array(["a", "b"], dtype=object), view_logits=rows, probs=table[1])
-    back = np.load(tmp_path / "x.npz", allow_pickle=False)                # what np.savez would have written
+    table = np.random.default_rng(0).normal(size=(3, 100, 7)).astype(np.float32)
+    write_npz(tmp_path / "x.npz", ids=np.array(["a", "b"], dtype=object), view_logits=table, probs=table[1])
+    back = np.load(tmp_path / "x.npz", allow_pickle=False)                # no pickles: strings stored as unicode
     assert np.array_equal(back["view_logits"], table) and np.array_equal(back["probs"], table[1])
     assert back["ids"].tolist() == ["a", "b"]
-    assert np.array_equal(read_npz_item(tmp_path / "x.npz", "view_logits", 2), table[2])
     assert set(read_npz(tmp_path / "x.npz", skip=("view_logits",))) == {"ids", "probs"}

@@ -429,6 +429,11 @@ class InferCfg:
                                  help="the full-data model's share of the test mean, in fold models (0: not used)")
     fixres: FixResCfg = section(FixResCfg, "Touvron et al. 2019: views at a larger size, BN + head tuned there")
     batch_size: int = key(128, range=(1, 65536, True, True), help="images per inference batch (stages 3-4)")
+    features: Literal["float16", "float32"] = key("float16", added="2026-12-03",
+                                                  help="how stage 4 stores each backbone's pooled features per view "
+                                                       "(its stored currency: a head's logits are computed from them "
+                                                       "when read); float16 halves the disk, float32 keeps every "
+                                                       "logit bit-equal to a float32 forward pass")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Usage:   ./run.sh ensemble [--force] [key=value ...]
 Input:   for each member "experiment[:head]" of `ensemble.members` (default: this experiment):
-         runs/<exp>/infer/<head>/oof.npz, test.npz and runs/<exp>/infer/summary.json (stage 4);
+         stage 4's predictions of its head (core/predict/stored.Stage4, from runs/<exp>/infer/);
          the competition's sample_submission.csv
 Output:  submissions/<name>.csv    exactly the sample submission's ids, order and columns (without one:
                                    every image of test_dir, sorted, with the id and label columns)

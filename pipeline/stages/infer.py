@@ -6,9 +6,11 @@ Usage:   ./run.sh infer [--force] [key=value ...]
 Input:   runs/<exp>/classes.json, fold<k>/model.safetensors + summary.json (stage 2),
          fold<k>/rebalance/heads/<variant>.safetensors and runs/<exp>/rebalance/summary.json (stage 3),
          test images (sample_submission order); for OOF TTA also the folds file and train images
-Output:  runs/<exp>/infer/<head>/test.npz  ids, classes, view_logits (V x N x C, fold-mean logits per view), views
-                                 oof.npz   ids, y, fold, classes, view_logits, views (held-out rows)
-         (the policy's probabilities: merged by their reader, core/predict/stored.Stage4, from summary.json)
+Output:  runs/<exp>/infer/features/<backbone>/test.npy, held<k>.npy   pooled features (V x N x D, infer.features)
+             of every backbone run (fold<k>, full, fold<k>.fixres, pretrained, fold<k>.wise<alpha>) per view
+         runs/<exp>/infer/rows.npz   test ids; held-out ids, y, fold; classes
+         (a head's logits and probabilities: computed by their reader, core/predict/stored.Stage4, from the
+         features and the heads the manifest in summary.json names; the policy merged from summary.json)
          runs/<exp>/infer/report.csv       CV without TTA, with each view alone, with the policy
          runs/<exp>/infer/summary.json     written last: heads, primary head, policy, CV, provenance
 Every fold's model predicts the test images (its probabilities are averaged over folds) and its
@@ -33,7 +35,7 @@ import torch
 
 from ..core.nets import models
 from ..core.report import tracking
-from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
+from ..core.files.artifacts import (atomic_path, experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
 from ..core.config import (PROBE, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output, off_backbone,
                            wise_alpha_of, wise_name)
@@ -41,13 +43,13 @@ from ..core.files import layout
 from ..core.inputs.data import read_test_table
 from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
-from ..core.nets.heads import Head
 from ..core.inputs.augment import open_store, pixel_record, valid_transform
 from ..core.inputs.images import ImageDataset
-from ..core.predict.inference import (MERGE_ROWS, Loading, PolicyFeatures, default_policy, joint_head,
+from ..core.predict.inference import (Loading, PolicyFeatures, default_policy, joint_head,
                                       nested_policy_blocks, parse_view, policy_rows, tta_names)
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
+from ..core.predict.stored import STORE_VERSION, LogitTable, StoredFiles, head_ref
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
 from ..core.files.provenance import (Expect, environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
                                      rebalance_summary, resolve_heads, stage2_summary, stage3_record, stale_reasons,
@@ -247,87 +249,72 @@ def fixres_tune(job: Job, model, tuned: list, norm, ds, gen: torch.Generator, de
 
 
 # ----------------------------------------------------------------------------- predicting
-class Tables:
-    """Stage 4's per-head tables while the units run, V x N x C .npy files in runs/<exp>/infer/tables.tmp/ (removed
-    when stage 4 ends): test logit sums (float64, memory-mapped while a unit adds to them) and their weights, and OOF
-    logits (float32, written and read by plain file I/O: `RowTable`). Memory holds one head of one unit at a time,
-    not every head's rows x classes."""
+class Store:
+    """Stage 4's outputs while its backbones run: each backbone's pooled features of its views over an image set
+    (V x N x D, infer.features; written as soon as the backbone is done) and the manifest of summary.json: per head
+    and part, which backbone's features and which head make its logits (with a weight in the test mean). Logits are
+    computed from them by predict/stored.LogitTable, for stage 4's own report and policy search as for every later
+    reader: nothing of rows x classes is stored."""
 
-    def __init__(self, folder: Path, heads: list[str], n_views: int, n_test: int, n_oof: int, n_classes: int):
-        shutil.rmtree(folder, ignore_errors=True)  # a crashed run's
-        folder.mkdir(parents=True)
-        self.folder = folder
-        self.weight = {h: np.zeros(n_views) for h in heads}
-        for h in heads:
-            np.lib.format.open_memmap(self._path(h, "test"), "w+", np.float64, (n_views, n_test, n_classes)).flush()
-            if n_oof:
-                np.lib.format.open_memmap(self._path(h, "oof"), "w+", np.float32, (n_views, n_oof, n_classes)).flush()
+    def __init__(self, run: layout.RunDir, names: list[str], dtype: str, rows: dict):
+        self.run, self.dtype, self.rows = run, dtype, rows
+        self.manifest = {"version": STORE_VERSION, "dtype": dtype, "views": names, "backbones": {}, "test": {},
+                         "oof": {}}
+        self.files = None
 
-    def _path(self, h: str, part: str) -> Path:
-        return self.folder / f"{len(h)}-{h}.{part}.npy"  # head names are checked layout names
+    def features(self, backbone: str, part: str | int, feats: PolicyFeatures, at: list[int]) -> None:
+        """A backbone's features of the test images (`part` "test") or of fold k's held-out rows (`part` k) for the
+        views `at` (positions in the view names)."""
+        x = feats.array()
+        dtype = self.dtype
+        if dtype == "float16" and np.abs(x).max(initial=0.0) > 6.0e4:  # beyond float16's range: keep them exact
+            log.warning("%s: pooled features up to %.3g do not fit float16: stored as float32", backbone,
+                        float(np.abs(x).max()))
+            dtype = "float32"
+        path = self.run.infer_features(backbone, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, x.astype(dtype))
+        known = self.manifest["backbones"].setdefault(backbone, {"views": list(at)})
+        if known["views"] != list(at):
+            raise PipelineError(f"stage 4: backbone {backbone} predicted views {at} and {known['views']}")
 
-    def add_test(self, h: str, at: list[int], logits: np.ndarray, weight: float) -> None:
-        m = np.load(self._path(h, "test"), mmap_mode="r+")
-        m[at] += weight * logits.astype(np.float64)  # as core/inference.TestMean
-        m.flush()
-        del m
-        self.weight[h][at] += weight
+    def add(self, part: str, head: str, backbone: str, ref: dict, weight: float = 1.0, fold: int | None = None):
+        entry = {"features": backbone, "head": ref, **({"weight": weight} if part == "test" else {"fold": fold})}
+        self.manifest[part].setdefault(head, []).append(entry)
 
-    def put_oof(self, h: str, at: list[int], rows: np.ndarray, logits: np.ndarray) -> None:
-        """OOF rows `rows` (ascending) of views `at`, by plain file writes of each run of consecutive rows (nothing
-        of the table is mapped into memory)."""
-        table = RowTable(self._path(h, "oof"))
-        row = table.shape[2] * table.dtype.itemsize
-        runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
-        with open(table.path, "r+b") as f:
-            for i, v in enumerate(at):
-                for run in runs:
-                    f.seek(table.offset + (v * table.shape[1] + int(rows[run[0]])) * row)
-                    f.write(np.ascontiguousarray(logits[i, run[0]:run[-1] + 1], table.dtype).tobytes())
+    def alias(self, head: str, src: str) -> None:
+        """Head's test predictions are src's (the `best` head: the variant best on all folds)."""
+        self.manifest["test"][head] = list(self.manifest["test"][src])
 
-    def test(self, h: str) -> np.ndarray:
-        """The test logits of head h: per view, the weighted mean over the units that predicted it."""
-        if (self.weight[h] <= 0).any():
-            raise PipelineError("a TTA view was predicted by no model")
-        return np.load(self._path(h, "test"), mmap_mode="r") / self.weight[h][:, None, None]
-
-    def oof(self, h: str) -> "RowTable":
-        return RowTable(self._path(h, "oof"))
-
-    def alias_test(self, h: str, src: str) -> None:
-        """Head h's test logits are head src's (the `best` head: the variant best on all folds)."""
-        shutil.copyfile(self._path(src, "test"), self._path(h, "test"))
-        self.weight[h] = self.weight[src].copy()
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+    def table(self, head: str, part: str) -> LogitTable:
+        if self.files is None:
+            self.files = StoredFiles(self.run)  # heads opened once for every report and search
+        return LogitTable(self.manifest, head, part, self.rows[part], self.files)
 
 
-class RowTable:
-    """A V x N x C table of an .npy file read in blocks of rows by plain file reads (`table[views, a:b]`): reading
-    it whole never maps it into memory. `chunks()` streams it in C order (write_npz)."""
+def joint_ref(run: layout.RunDir, weights: Path, model) -> dict:
+    """The manifest's reference to a model's own classifier: its weight and bias tensors in `weights` (checked to
+    be what the model holds)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    clf = model.get_classifier()
+    ref = head_ref(run, weights, [names[id(clf.weight)], names[id(clf.bias)]])
+    got = StoredFiles(run).head(ref["file"], ref["keys"])
+    if not np.array_equal(got.weight, joint_head(model).weight):
+        raise PipelineError(f"{weights}: its classifier tensors {ref['keys']} are not the model's")
+    return ref
 
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            self.shape, _, self.dtype = read(f)
-            self.offset = f.tell()
 
-    def __getitem__(self, key) -> np.ndarray:
-        views, rows = key
-        views = range(self.shape[0])[views] if isinstance(views, slice) else list(views)
-        a, b, _ = rows.indices(self.shape[1])
-        row = self.shape[2] * self.dtype.itemsize
-        return np.stack([np.fromfile(self.path, self.dtype, (b - a) * self.shape[2],
-                                     offset=self.offset + (v * self.shape[1] + a) * row).reshape(b - a, self.shape[2])
-                         for v in views]) if b > a else np.zeros((len(views), 0, self.shape[2]), self.dtype)
-
-    def chunks(self):
-        for v in range(self.shape[0]):
-            for a in range(0, self.shape[1], MERGE_ROWS):
-                yield self[[v], a:a + MERGE_ROWS][0]
+def stage3_ref(job: Job, k: int, variant: str, nested: bool) -> dict:
+    """The manifest's reference to fold k's stage-3 head `variant`; `nested` (held-out rows): with the head of
+    each inner split when it was tuned (a row is scored by the head chosen without it, as stage 3 scored it)."""
+    fd = job.run.unit(k)
+    if not nested or k == FULL_FIT or not read_json(fd.rebalance_summary)["variants"][variant].get("tuned"):
+        return head_ref(job.run, fd.head(variant))
+    if "inner" not in read_npz(fd.head_oof(variant), keys=("inner",)):
+        raise PipelineError(f"{fd.head_oof(variant)} has no inner splits (made by an older version): re-run "
+                            f"./run.sh rebalance --force")
+    return head_ref(job.run, fd.head(variant), inner=fd.inner_heads(variant), split=fd.head_oof(variant))
 
 
 @dataclass
@@ -345,13 +332,12 @@ def _probe(h: str) -> bool:
     return h.startswith(PROBE)
 
 
-def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, tables: Tables) -> int:
-    """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images (their weighted
-    sum per view) and each fold's on its own held-out rows, per view, into `tables`: each head (and the nested
-    `best` head: fold k's rows from the variant chosen without fold k) in turn from the unit's features (the
-    backbone runs once per unit and image set); then the probe heads (rebalance.probe) from the pretrained
-    backbone's features and the WiSE-FT heads (rebalance.wise_alpha) from each fold's interpolated backbone. Returns
-    the number of view-images predicted."""
+def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store) -> int:
+    """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images and each fold's
+    on its own held-out rows: its pooled features per view into `store`, with every head (and the nested `best`
+    head: fold k's rows from the variant chosen without fold k) that scores them (the backbone runs once per unit
+    and image set); then the pretrained backbone (rebalance.probe) and each fold's WiSE-FT backbone
+    (rebalance.wise_alpha) for their heads. Returns the number of view-images predicted."""
     device = pick_device(job.device, Dist())
     p = Pass(device, amp_dtype(job.train.amp, device), Loading.of(job.px, job.infer, job.train, device),
              open_store(job.px, inp.test["path"]),
@@ -366,43 +352,50 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, tabl
     n_images += len(names) * sum(len(inp.test) * (wise_name(a) in inp.heads) + held(k) for k, a in wise)
     p.bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
     for u, sel in plan:
-        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, tables, p)
+        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, store, p)
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
     if probe_folds:
-        predict_probes(job, inp, names, best, tables, p)
+        predict_probes(job, inp, names, best, store, p)
     for k, a in wise:
-        predict_wise(job, inp, k, a, names, best, tables, p)
+        predict_wise(job, inp, k, a, names, best, store, p)
     p.bar.close()
     return n_images
 
 
+def _held_rows(inp: Inputs, k: int) -> np.ndarray:
+    return np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else np.zeros(0, np.int64)
+
+
 def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list[int], best: dict | None,
-                 tables: Tables, p: Pass) -> None:
+                 store: Store, p: Pass) -> None:
     """One unit's views on the test images and (a fold) on its held-out rows, for every head of the fine-tuned
     backbone."""
     C = len(inp.classes)
+    fd = job.run.unit(u.k)
     model = (fixres_weights(job, inp.oof_df, u, C, p.device, p.dtype) if u.fixres
-             else models.load_trained(job.model, job.run.unit(u.k).weights, C)).to(p.device)
+             else models.load_trained(job.model, fd.weights, C)).to(p.device)
     prepare_model(job.train, model, p.device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(p.device)
+    backbone = fd.name + (".fixres" if u.fixres else "")
+    joint = joint_ref(job.run, job.run.fixres(fd.name) if u.fixres else fd.weights, model)
+
+    def ref(h: str, nested: bool) -> dict:
+        return joint if h == "joint" else stage3_ref(job, u.k, h, nested)
     mine = [h for h in inp.heads if not off_backbone(h)]
-    heads = {h: _load_head(job, u.k, h, model) for h in mine}
     pick = best["per_fold"][u.k] if best is not None and u.k != FULL_FIT else None
     if pick is not None and off_backbone(pick):
         pick = None  # fold k's best head runs on another backbone: predict_probes / predict_wise
-    if pick is not None:
-        heads.setdefault(pick, _load_head(job, u.k, pick, model))
     feats = PolicyFeatures(p.load, model, norm, p.test_store, views, p.device, p.dtype, on_batch=p.bar.update)
+    store.features(backbone, "test", feats, sel)
     for h in mine:
-        tables.add_test(h, sel, feats.logits({h: heads[h]})[h], u.weight)
-    rows = np.flatnonzero(inp.oof_df["fold"].values == u.k) if inp.oof_df is not None else []
+        store.add("test", h, backbone, ref(h, False), u.weight)
+    rows = _held_rows(inp, u.k)
     if len(rows):
         feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), views, p.device, p.dtype,
                                on_batch=p.bar.update)
-        ids = inp.oof_df["id"].values[rows]
+        store.features(backbone, u.k, feats, sel)
         for h in mine + (["best"] if pick is not None else []):
-            v = pick if h == "best" else h
-            tables.put_oof(h, sel, rows, nested_logits(feats, heads[v], inner_heads(job, u.k, v, ids)))
+            store.add("oof", h, backbone, ref(pick if h == "best" else h, True), fold=u.k)
     del feats
     log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
 
@@ -413,32 +406,35 @@ def _probe_heads(inp: Inputs, best: dict | None, k: int) -> list[str]:
     return [h for h in inp.heads if _probe(h)] + (["best"] if best is not None and _probe(best["per_fold"][k]) else [])
 
 
-def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, tables: Tables, p: Pass) -> None:
+PRETRAINED = "pretrained"  # stage 4's name of the un-fine-tuned backbone (rebalance.probe heads)
+
+
+def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store, p: Pass) -> None:
     """rebalance.probe: the pretrained, un-fine-tuned backbone (one model for every fold) on the test images, each
-    fold's probe heads added to the test mean (the full-data model has none), and on each fold's held-out rows
-    scored by that fold's heads (nested like the others). FixRes views: the pretrained backbone at that size."""
+    fold's probe heads in the test mean (the full-data model has none), and on each fold's held-out rows scored by
+    that fold's heads (nested like the others). FixRes views: the pretrained backbone at that size."""
     model = prepare_model(job.train, models.create_model(job.model, len(inp.classes)), p.device).eval()
     norm = models.Normalize(*models.norm_stats(job.model, model)).to(p.device)
     at, folds = list(range(len(names))), range(len(inp.summaries))
     probes = [h for h in inp.heads if _probe(h)]
     if probes:
         feats = PolicyFeatures(p.load, model, norm, p.test_store, names, p.device, p.dtype, on_batch=p.bar.update)
+        store.features(PRETRAINED, "test", feats, at)
+        del feats
         for k in folds:
             for h in probes:
-                tables.add_test(h, at, feats.logits({h: _load_head(job, k, h, None)})[h], 1.0)
-        del feats
+                store.add("test", h, PRETRAINED, stage3_ref(job, k, h, False), 1.0)
     for k in folds:
-        mine = _probe_heads(inp, best, k)
-        rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else []
+        mine, rows = _probe_heads(inp, best, k), _held_rows(inp, k)
         if not mine or not len(rows):
             continue
         feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), names, p.device, p.dtype,
                                on_batch=p.bar.update)
-        ids = inp.oof_df["id"].values[rows]
-        for h in mine:
-            v = best["per_fold"][k] if h == "best" else h
-            tables.put_oof(h, at, rows, nested_logits(feats, _load_head(job, k, v, None), inner_heads(job, k, v, ids)))
+        store.features(PRETRAINED, k, feats, at)
         del feats
+        for h in mine:
+            store.add("oof", h, PRETRAINED, stage3_ref(job, k, best["per_fold"][k] if h == "best" else h, True),
+                      fold=k)
     log.info("probe heads %s: the pretrained backbone's TTA views done", probes or "(best)")
 
 
@@ -448,28 +444,30 @@ def _wise_alphas(inp: Inputs, best: dict | None, k: int) -> list[float]:
     return sorted({a for a in map(wise_alpha_of, heads) if a is not None})
 
 
-def predict_wise(job: Job, inp: Inputs, k: int, alpha: float, names: list[str], best: dict | None, tables: Tables,
+def predict_wise(job: Job, inp: Inputs, k: int, alpha: float, names: list[str], best: dict | None, store: Store,
                  p: Pass) -> None:
     """rebalance.wise_alpha: fold k's WiSE-FT model at `alpha` (models.wise_model: its pretrained and fine-tuned
-    weights interpolated; FixRes views: that model at their size) with its head on the test images (added to the fold
-    mean like the others; the full-data model has no WiSE-FT heads) and on the fold's held-out rows, for its wise
-    head and for `best` where fold k's choice is it."""
+    weights interpolated; FixRes views: that model at their size) with its
+    head on the test images (in the fold mean like the others; the full-data model has no WiSE-FT heads) and on the
+    fold's held-out rows, for its wise head and for `best` where fold k's choice is it."""
     h = wise_name(alpha)
-    model = models.wise_model(job.model, job.run.unit(k).weights, len(inp.classes), alpha)
+    fd = job.run.fold(k)
+    model = models.wise_model(job.model, fd.weights, len(inp.classes), alpha)
     model = prepare_model(job.train, model, p.device).eval()
     norm = models.Normalize(inp.summaries[k]["mean"], inp.summaries[k]["std"]).to(p.device)
-    head, at = _load_head(job, k, h, None), list(range(len(names)))
+    at, backbone, ref = list(range(len(names))), f"{fd.name}.{h}", stage3_ref(job, k, h, False)  # alpha: not tuned
     if h in inp.heads:
         feats = PolicyFeatures(p.load, model, norm, p.test_store, names, p.device, p.dtype, on_batch=p.bar.update)
-        tables.add_test(h, at, feats.logits({h: head})[h], 1.0)
+        store.features(backbone, "test", feats, at)
+        store.add("test", h, backbone, ref, 1.0)
         del feats
-    rows = np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else []
+    rows = _held_rows(inp, k)
     if len(rows):
         feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), names, p.device, p.dtype,
                                on_batch=p.bar.update)
-        logits = nested_logits(feats, head, None)  # alpha is the variant: nothing tuned on the held-out rows
+        store.features(backbone, k, feats, at)
         for out in [x for x in inp.heads if x == h] + (["best"] if best and best["per_fold"][k] == h else []):
-            tables.put_oof(out, at, rows, logits)
+            store.add("oof", out, backbone, ref, fold=k)
         del feats
     log.info("fold %d: WiSE-FT alpha %g: TTA views done", k, alpha)
 
@@ -482,25 +480,22 @@ def run(cfg: Config, force: bool = False) -> dict:
         return read_json(cfg.run_dir.infer_summary)
     names = tta_names(cfg.infer)
     with experiment_lock(cfg.run_dir.infer):
+        store = start_store(job, inp, names)
         best = best_choice(job, inp) if "best" in cfg.infer.heads else None
         heads = (["best"] if best else []) + inp.heads
-        tables = Tables(cfg.run_dir.infer_tables, heads, len(names), len(inp.test),
-                        len(inp.oof_df) if inp.oof_df is not None else 0, len(inp.classes))
         t0 = time.perf_counter()
-        n_images = predict_all(job, inp, names, best, tables)
+        n_images = predict_all(job, inp, names, best, store)
         seconds = time.perf_counter() - t0
         if best is not None:  # the test images: the variant best on all folds
-            tables.alias_test("best", best["all"])
+            store.alias("best", best["all"])
         policy = default_policy(cfg.infer, names)
         report, searched, fold_policies = [], False, None
         if inp.oof_df is not None and cfg.infer.search:  # test images: chosen on every OOF row; fold k's rows: on
-            policy, fold_policies = search_policies(job, inp, tables.oof(heads[0]), names)  # the other folds' rows
+            policy, fold_policies = search_policies(job, inp, store.table(heads[0], "oof"), names)  # the others'
             searched = True
-        for h in heads:  # one head's tables in memory at a time
-            if inp.oof_df is not None:
-                report += tta_report(job, inp, h, tables.oof(h), names, policy, fold_policies)
-            write_predictions(job, inp, h, tables.test(h), tables.oof(h) if inp.oof_df is not None else None, names)
-        tables.close()
+        if inp.oof_df is not None:
+            for h in heads:  # logits computed from the stored features in blocks of rows
+                report += tta_report(job, inp, h, store.table(h, "oof"), names, policy, fold_policies)
         report = pd.DataFrame(report)
         if not report.empty:
             write_csv(cfg.run_dir.infer_report, report)
@@ -512,6 +507,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                    "full_fit_weight": cfg.infer.full_fit_weight if inp.full is not None else 0.0,
                    "fixres_files": {fd.name: sha256_file(cfg.run_dir.fixres(fd.name)) for fd in
                                     (cfg.run_dir.unit(u.k) for u in units(job, inp) if u.fixres)},
+                   "store": store.manifest,
                    "env": environment()}
         keep_image_snapshots(inp.made_from)
         write_json(cfg.run_dir.infer_summary, summary)
@@ -543,7 +539,7 @@ def best_choice(job: Job, inp: Inputs) -> dict:
     return choice
 
 
-def tta_report(job: Job, inp: Inputs, h: str, logits: RowTable, names: list[str], policy: list[str],
+def tta_report(job: Job, inp: Inputs, h: str, logits: LogitTable, names: list[str], policy: list[str],
                fold_policies: list[list[str]] | None) -> list[dict]:
     """CV of head h without TTA, with each view alone and with the policy (all on OOF). A searched policy is
     scored nested (fold k's rows with the views chosen on the other folds); the policy chosen on every row is
@@ -565,50 +561,23 @@ def tta_report(job: Job, inp: Inputs, h: str, logits: RowTable, names: list[str]
 SELECTED_ON_ALL = "policy chosen on all OOF rows (optimistic: not ranked)"
 
 
-def write_predictions(job: Job, inp: Inputs, h: str, test_logits: np.ndarray, oof_logits: RowTable | None,
-                      names: list[str]) -> None:
-    """infer/<h>/test.npz and oof.npz: every view's logits (float32; the policy's probabilities are merged by their
-    reader, predict/stored.Stage4, from the policy in summary.json); the OOF table is streamed from disk to disk in
-    blocks of rows."""
+def start_store(job: Job, inp: Inputs, names: list[str]) -> Store:
+    """Stage 4 starts: the summary of a previous run goes first (its manifest names the files about to be
+    replaced, so no reader mixes old and new), then the features of every backbone (and the per-head logit files
+    of stage-4 outputs made before #35); the rows predicted are written."""
+    run = job.run
+    run.infer_summary.unlink(missing_ok=True)
+    for old in [run.infer_features_dir, *run.infer_legacy()]:
+        shutil.rmtree(old, ignore_errors=True)
     classes = np.array([str(c) for c in inp.classes])
-    write_npz(job.run.infer_test(h), ids=inp.test["id"].values, classes=classes,
-              view_logits=test_logits.astype(np.float32), views=np.array(names))
-    if oof_logits is not None:
-        write_npz(job.run.infer_oof(h), ids=inp.oof_df["id"].values, y=inp.oof_df["y"].values,
-                  fold=inp.oof_df["fold"].values, classes=classes, view_logits=oof_logits, views=np.array(names))
-
-
-def inner_heads(job: Job, k: int, variant: str, ids: np.ndarray) -> tuple[list[Head], np.ndarray] | None:
-    """A tuned stage-3 head of fold k, nested: (the head chosen without inner split j, for each j; each held-out
-    row's inner split, in the order of `ids`), so a held-out row is scored by a head it took no part in choosing
-    (its value was chosen on the other inner splits, as stage 3's cross-fitted CV). None: nothing was tuned
-    (joint, a fixed tau)."""
-    if variant == "joint":
-        return None
-    fd = job.run.fold(k)
-    rec = read_json(fd.rebalance_summary)["variants"][variant]
-    if not rec.get("tuned"):
-        return None
-    oof = read_npz(fd.head_oof(variant))
-    if "inner" not in oof:
-        raise PipelineError(f"{fd.head_oof(variant)} has no inner splits (made by an older version): re-run "
-                            f"./run.sh rebalance --force")
-    where = {str(i): n for n, i in enumerate(oof["ids"])}
-    inner = oof["inner"][[where[str(i)] for i in ids]]
-    heads = [Head.load(fd.inner_head(variant, j))[0] for j in range(len(rec["chosen_per_inner_fold"]))]
-    return heads, inner
-
-
-def nested_logits(feats: PolicyFeatures, head: Head, inner: tuple[list[Head], np.ndarray] | None) -> np.ndarray:
-    """A head's held-out logits (V x N x C) from a unit's features, each row from the head of its inner split when
-    nested."""
-    if inner is None:
-        return feats.nested([head], np.zeros(feats.n, np.int64))
-    return feats.nested(inner[0], inner[1])
-
-
-def _load_head(job: Job, k: int, variant: str, model) -> Head:
-    return joint_head(model) if variant == "joint" else Head.load(job.run.unit(k).head(variant))[0]
+    rows = {"test": {"ids": inp.test["id"].values, "classes": classes}}
+    arrays = {"test_ids": rows["test"]["ids"], "classes": classes}
+    if inp.oof_df is not None:
+        rows["oof"] = {"ids": inp.oof_df["id"].values, "y": inp.oof_df["y"].values,
+                       "fold": inp.oof_df["fold"].values, "classes": classes}
+        arrays.update(oof_ids=rows["oof"]["ids"], oof_y=rows["oof"]["y"], oof_fold=rows["oof"]["fold"])
+    write_npz(run.infer_rows, **arrays)
+    return Store(run, names, job.infer.features, rows)
 
 
 def cv_of(job: Job, df: pd.DataFrame, summaries: list[dict], rows: RowScores) -> dict:

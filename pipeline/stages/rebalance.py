@@ -170,8 +170,7 @@ def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     dtype = amp_dtype(job.train.amp, device)
     model = prepare_model(job.train, models.create_model(job.model, len(classes)), device)  # its classifier: unused
     norm = models.Normalize(*models.norm_stats(job.model, model)).to(device)
-    ds = ImageDataset(open_store(job.px, df["path"]), df["y"].values, valid_transform(job.px))
-    loader = make_loader(ds, batch_size=job.batch_size, n_workers=workers(job.train), cuda=device.type == "cuda")
+    loader = _rows_loader(job, df, np.arange(len(df)), device)
     feats = models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
     write_npz(run.probe_features, feats=feats)
     keep_image_snapshots(rec)
@@ -213,10 +212,9 @@ def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     alpha x joint), scored on its held-out rows as the others (no choice made on them: alpha is the variant):
     yields ("wise<alpha>", outputs)."""
     device = pick_device(job.device, Dist())
-    dtype = amp_dtype(job.train.amp, device)
+    dtype, fmt = amp_dtype(job.train.amp, device), memory_format(job.train, device)
     rows, y_va = np.flatnonzero(fp.held), feats["valid_y"]
-    ds = ImageDataset(open_store(job.px, df["path"]).subset(rows), df["y"].values[rows], valid_transform(job.px))
-    loader = make_loader(ds, batch_size=job.batch_size, n_workers=workers(job.train), cuda=device.type == "cuda")
+    loader = _rows_loader(job, df, rows, device)
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     counts = np.bincount(feats["train_y"], minlength=len(classes))
     inner = inner_split(y_va, job.rebalance.inner_folds, job.seed + k)
@@ -224,7 +222,7 @@ def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
         t0 = time.perf_counter()
         model = prepare_model(job.train, models.wise_model(job.model, job.run.unit(k).weights, len(classes), a),
                               device)
-        x = models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
+        x = models.extract_features(model, loader, norm, device, dtype, fmt)
         head = Head(((1 - a) * fp.head.weight + a * feats["joint_weight"]).astype(np.float32),
                     ((1 - a) * fp.head.bias + a * feats["joint_bias"]).astype(np.float32))
         logits = head.logits(x)
@@ -232,8 +230,14 @@ def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
                           rows=row_scores(y_va, logits=logits))
         log.info("fold %d: WiSE-FT alpha %g scored on %d held-out rows in %.1fs", k, a, len(rows),
                  time.perf_counter() - t0)
-        yield wise_name(a), {"head": head, "logits": logits, "record": {"alpha": a}, "inner": inner,
-                             "metrics": metrics, "source": "own", "where": {"feats": x}}
+        yield wise_name(a), {"head": head, "logits": logits, "record": {"alpha": a},
+                             "inner": inner, "metrics": metrics, "source": "own", "where": {"feats": x}}
+
+
+def _rows_loader(job: Job, df: pd.DataFrame, rows: np.ndarray, device):
+    """The un-augmented images of these rows of the folds table (validation transform), in order."""
+    ds = ImageDataset(open_store(job.px, df["path"]).subset(rows), df["y"].values[rows], valid_transform(job.px))
+    return make_loader(ds, batch_size=job.batch_size, n_workers=workers(job.train), cuda=device.type == "cuda")
 
 
 class _Keyed(torch.utils.data.Dataset):

@@ -35,7 +35,8 @@ from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.inputs.images import ImageStore
 from ..core.inputs.pixels import pixels
-from ..core.predict.inference import Loading, TestMean, joint_head, parse_view, policy_probs, predict_policy
+from ..core.predict.inference import Loading, PolicyFeatures, joint_head, parse_view, policy_probs, predict_policy
+from ..core.predict.stored import InMemory, LogitTable
 from ..core.predict.metrics import GREATER_IS_BETTER
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, pick_device, prepare_model
@@ -107,21 +108,29 @@ def fold_model(m: Member, k: int, device, fixres: bool = False) -> tuple[torch.n
 
 
 def predict_member(m: Member, store: ImageStore, device, bar: Progress) -> np.ndarray:
-    """N x C probabilities: the weighted model mean of the logits per view (stage 4's order and arithmetic),
-    the policy merged."""
+    """N x C probabilities as stage 4's reader gives them: each model's pooled features per view in the stored
+    precision (infer.features), its head's logits from them, the weighted model mean per view (the same LogitTable
+    arithmetic, in the same order), the policy merged."""
     dtype = amp_dtype(m.cfg.train.amp, device)
-    mean = TestMean(len(m.policy), len(store), m.info["num_classes"])
+    src = InMemory()
+    manifest = {"views": m.policy, "backbones": {}, "test": {m.info["head"]: []}}
     for k, weight in m.units():
         for fixres in (False, True):
             at = [i for i, v in enumerate(m.policy) if parse_view(v)[2] == fixres]
             if not at:
                 continue
             model, norm, heads = fold_model(m, k, device, fixres)
-            out = predict_policy(m.loading(device), model, norm, heads, store, [m.policy[i] for i in at], device, dtype,
-                                 on_batch=bar.update)
-            mean.add(at, out[m.info["head"]], weight)
-    # merged from float32 logits, as stage 4's reader (core/predict/stored.Stage4) merges the stored ones
-    return policy_probs(mean.result().astype(np.float32), m.policy, m.policy, m.info["merge"])
+            feats = PolicyFeatures(m.loading(device), model, norm, store, [m.policy[i] for i in at], device, dtype,
+                                   on_batch=bar.update).array()
+            name = f"{k}{'.fixres' if fixres else ''}"
+            src.feats[(name, "test")] = feats.astype(m.cfg.infer.features)
+            src.heads[name] = heads[m.info["head"]]
+            manifest["backbones"][name] = {"views": at}
+            manifest["test"][m.info["head"]].append({"features": name, "weight": weight,
+                                                     "head": {"file": {"path": name}, "keys": None, "inner": None}})
+    table = LogitTable(manifest, m.info["head"], "test", {"ids": np.arange(len(store)),
+                                                          "classes": np.arange(m.info["num_classes"])}, src)
+    return policy_probs(table, m.policy, m.policy, m.info["merge"], np.float32)
 
 
 def view_costs(m: Member, store: ImageStore, device, n: int) -> dict[str, float]:

@@ -63,11 +63,11 @@ KILLS = {  # stage -> kill points, in the order a run reaches them
               "train:before-summary"],
     "rebalance": ["rebalance:start", "write:features.npz", "rebalance:after-features:1", "write:crt.safetensors",
                   "write:report.csv"],
-    "infer": ["infer:start", "infer:after-fold:0", "write:test.npz", "write:summary.json"],
+    "infer": ["infer:start", "infer:after-fold:0", "write:test.npy", "write:summary.json"],
     "ensemble": ["ensemble:start", "write:sc.csv", "write:sc.json"],
 }
 QUICK_KILLS = {"folds": ["write:comp_k2_s42.csv"], "train": ["train:step:0", "write:model.safetensors"],
-               "rebalance": ["write:crt.safetensors"], "infer": ["write:test.npz"], "ensemble": ["write:sc.json"]}
+               "rebalance": ["write:crt.safetensors"], "infer": ["write:test.npy"], "ensemble": ["write:sc.json"]}
 
 
 @dataclass
@@ -98,6 +98,9 @@ def file_digest(path: Path) -> str:
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             return sha256_obj({k: [str(z[k].dtype), list(z[k].shape), z[k].tobytes().hex()] for k in sorted(z.files)})
+    if suffix == ".npy":
+        x = np.load(path, allow_pickle=False)
+        return sha256_obj([str(x.dtype), list(x.shape), x.tobytes().hex()])
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -148,7 +151,11 @@ def partial_files(root: Path) -> list[str]:
             if fd.summary.exists():
                 bad += [str(f) for f in (fd.weights, fd.oof) if not f.exists()]
         if run.infer_summary.exists():
-            bad += [str(run.infer_test(h)) for h in read_json(run.infer_summary)["heads"] if not run.infer_test(h).exists()]
+            store = read_json(run.infer_summary).get("store") or {}
+            need = {(e["features"], "test") for es in store.get("test", {}).values() for e in es}
+            need |= {(e["features"], e["fold"]) for es in store.get("oof", {}).values() for e in es}
+            bad += [str(p) for p in (run.infer_features(b, part) for b, part in sorted(need, key=str))
+                    if not p.exists()]
     return bad
 
 

@@ -213,7 +213,7 @@ def stage4_probs(t: Teacher, part: str) -> tuple[np.ndarray, np.ndarray]:
         run = layout.RunDir.of(exp)
         stored = Stage4.of(run, head, part, t.stage4[exp])
         if not stored.exists():
-            raise PipelineError(f"teacher '{t.name}': {stored.path} not found (re-run ./run.sh infer for '{exp}')")
+            raise PipelineError(f"teacher '{t.name}': stage 4 has no {part} predictions of head {head} (re-run ./run.sh infer for '{exp}')")
         ids = stored.ids() if ids is None else ids
         parts.append(stored.probs(plain))
     return ids, combine(parts, t.method, np.array([t.weights[n] for n in names]))

@@ -159,19 +159,12 @@ def write_csv(path: str | os.PathLike, df) -> None:
 
 
 def write_npz(path: str | os.PathLike, **arrays) -> None:
-    """Arrays keyed by name; string arrays are stored as unicode (no pickles: allow_pickle=False). A value may be
-    a table with shape, dtype and chunks() (stage 4's RowTable): written chunk by chunk, never whole in memory. The file is what
+    """Arrays keyed by name; string arrays are stored as unicode (no pickles: allow_pickle=False). The file is what
     np.savez writes (a zip of .npy members, stored), read back with np.load."""
     with atomic_path(path, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for k, v in arrays.items():
             with zf.open(f"{k}.npy", "w", force_zip64=True) as f:
-                if hasattr(v, "chunks"):
-                    np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(v.dtype)),
-                                                             "fortran_order": False, "shape": tuple(v.shape)})
-                    for c in v.chunks():
-                        f.write(np.ascontiguousarray(c, dtype=v.dtype).tobytes())
-                else:
-                    np.lib.format.write_array(f, _plain_array(v), allow_pickle=False)
+                np.lib.format.write_array(f, _plain_array(v), allow_pickle=False)
 
 
 def _plain_array(v) -> np.ndarray:
@@ -189,20 +182,6 @@ def read_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None,
         raise PipelineError(f"missing file: {path}")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files if (keys is None or k in keys) and k not in skip}
-
-
-def read_npz_item(path: str | os.PathLike, key: str, i: int) -> np.ndarray:
-    """`array[i]` of one member of an npz file (its first axis), read alone: one view of V x N x C logits costs
-    N x C of memory, not V x N x C."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        if fortran:
-            raise PipelineError(f"{path}: {key} is stored in Fortran order")
-        item = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        f.seek(f.tell() + i * item)
-        return np.frombuffer(f.read(item), dtype=dtype).reshape(shape[1:]).copy()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, fresh: bool = False) -> str:

@@ -220,14 +220,20 @@ class RunDir:
         return self.infer / "report.csv"
 
     @property
-    def infer_tables(self) -> Path:  # stage 4's memory-mapped per-head tables while it runs (removed after)
-        return self.infer / "tables.tmp"
+    def infer_rows(self) -> Path:  # the rows stage 4 predicted: test ids; held-out ids, labels, folds; classes
+        return self.infer / "rows.npz"
 
-    def infer_test(self, head: str) -> Path:
-        return self.infer / head / "test.npz"
+    @property
+    def infer_features_dir(self) -> Path:
+        return self.infer / "features"
 
-    def infer_oof(self, head: str) -> Path:
-        return self.infer / head / "oof.npz"
+    def infer_legacy(self) -> list[Path]:  # stage 4's per-head folders of logits (<head>/test.npz), before #35
+        return sorted(p.parent for p in self.infer.glob("*/test.npz"))
+
+    def infer_features(self, backbone: str, part: str | int) -> Path:
+        """Stage 4's pooled features of one backbone (fold<k>, full, fold<k>.fixres, pretrained, fold<k>.wise<a>),
+        V x N x D: of the test images (`part` "test"), or of fold k's held-out rows (`part` k)."""
+        return self.infer_features_dir / backbone / ("test.npy" if part == "test" else f"held{int(part)}.npy")
 
     def fixres(self, unit: str) -> Path:  # infer.fixres: fold<k> or full weights with BN + classifier tuned
         return self.infer / "fixres" / f"{unit}.safetensors"

@@ -131,6 +131,18 @@ class PolicyFeatures:
                                             on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k))))
                        for scale, at, vs in by_scale(pairs)]
 
+    def array(self) -> np.ndarray:
+        """V x N x D float32: every view's pooled features in the order of the names given (on the CPU)."""
+        dim = self.groups[0][1][0][0].shape[1] if self.groups and self.groups[0][1] else 0
+        out = np.zeros((self.n_views, self.n, dim), np.float32)
+        for at, batches in self.groups:
+            start = 0
+            for feats in batches:
+                for v, f in zip(at, feats):
+                    out[v, start:start + len(f)] = f.cpu().numpy()
+                start += len(feats[0])
+        return out
+
     def logits(self, heads: dict[str, Head]) -> dict[str, np.ndarray]:
         return {h: self.nested([head], np.zeros(self.n, np.int64)) for h, head in heads.items()}
 
@@ -156,24 +168,6 @@ def predict_policy(load: Loading, model, norm, heads: dict[str, Head], store, vi
     """Logits (V x N x C, float32: the heads' own precision) of every head for the named views (all of one model:
     plain or FixRes-tuned), one loader per scale."""
     return PolicyFeatures(load, model, norm, store, views, device, dtype, on_batch).logits(heads)
-
-
-class TestMean:
-    """The test logits of one head: per view, the weighted mean over the models that predicted it (every fold
-    model with weight 1, the full-data model with infer.full_fit_weight). Stage 4 and predict share it."""
-
-    def __init__(self, n_views: int, n: int, n_classes: int):
-        self.sum = np.zeros((n_views, n, n_classes), np.float64)
-        self.weight = np.zeros(n_views, np.float64)
-
-    def add(self, at: list[int], logits: np.ndarray, weight: float) -> None:
-        self.sum[at] += weight * logits.astype(np.float64)
-        self.weight[at] += weight
-
-    def result(self) -> np.ndarray:
-        if (self.weight <= 0).any():
-            raise PipelineError("a TTA view was predicted by no model")
-        return self.sum / self.weight[:, None, None]
 
 
 def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], list[str]]]:

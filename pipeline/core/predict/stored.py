@@ -11,12 +11,165 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from ..files.artifacts import read_json, read_npz, read_npz_item
+from ..files.artifacts import read_json, read_npz
 from ..files.layout import RunDir
 from .inference import nested_policy_blocks, policy_probs
 from .tta import BASELINE
 
 PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' held-out train rows
+STORE_VERSION = 2  # stage 4 stores pooled features per backbone and view (1: per-head V x N x C logits)
+FEATURE_DTYPES = ("float16", "float32")
+
+
+def head_ref(run: RunDir, path: Path, keys: list[str] | None = None, inner: list[Path] | None = None,
+             split: Path | None = None) -> dict:
+    """How stage 4's manifest names a head: a Head file (stage 3's), or the classifier tensors `keys` (weight,
+    bias) of a weights file; nested: the head of each inner split and the stage-3 file giving each held-out row's
+    split. Paths relative to the run folder, each with its sha256 (the reader refuses a file changed since)."""
+    from ..files.artifacts import sha256_file
+
+    def rel(x: Path) -> dict:
+        return {"path": str(Path(x).relative_to(run.dir)), "sha256": sha256_file(x)}
+    return {"file": rel(path), "keys": keys, "inner": [rel(x) for x in inner] if inner else None,
+            "split": rel(split) if split is not None else None}
+
+
+class StoredFiles:
+    """The files a manifest names, opened once and checked against their recorded sha256 on first use."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.heads, self.feats, self.splits = run, {}, {}, {}
+
+    def path(self, f: dict) -> Path:
+        from ..files.artifacts import sha256_file
+
+        p = self.run.dir / f["path"]
+        if not p.exists():
+            raise PipelineError(f"{p} is missing (stage 4 of '{self.run.name}' read it): re-run ./run.sh infer")
+        if sha256_file(p) != f["sha256"]:
+            raise PipelineError(f"{p} changed after stage 4 of '{self.run.name}' used it (an earlier stage was re-run): "
+                                f"re-run ./run.sh infer")
+        return p
+
+    def head(self, f: dict, keys: list[str] | None):
+        from ..nets.heads import Head  # numpy only but for kNN heads
+
+        key = f["path"]
+        if key not in self.heads:
+            p = self.path(f)
+            if keys is None:
+                self.heads[key] = Head.load(p)[0]
+            else:
+                from safetensors import safe_open
+
+                with safe_open(str(p), framework="numpy") as t:
+                    self.heads[key] = Head(t.get_tensor(keys[0]).astype(np.float32),
+                                           t.get_tensor(keys[1]).astype(np.float32))
+        return self.heads[key]
+
+    def features(self, backbone: str, part: str | int) -> np.ndarray:
+        key = (backbone, part)
+        if key not in self.feats:
+            p = self.run.infer_features(backbone, part)
+            if not p.exists():
+                raise PipelineError(f"{p} is missing: re-run ./run.sh infer of '{self.run.name}'")
+            self.feats[key] = np.load(p, mmap_mode="r")
+        return self.feats[key]
+
+    def split(self, ref: dict, ids: np.ndarray) -> np.ndarray:
+        """Each of `ids`' inner split (stage 3's held-out file)."""
+        key = ref["split"]["path"]
+        if key not in self.splits:
+            o = read_npz(self.path(ref["split"]), keys=("ids", "inner"))
+            self.splits[key] = ({str(i): n for n, i in enumerate(o["ids"])}, o["inner"])
+        where, inner = self.splits[key]
+        return inner[[where[str(i)] for i in ids]]
+
+
+class InMemory:
+    """What LogitTable reads when the features were just computed (`./run.sh predict`): backbones' feature arrays
+    (V x N x D, already in the stored precision) and heads by name, so a bundle's logits come from the same
+    arithmetic as stage 4's stored ones."""
+
+    def __init__(self):
+        self.feats, self.heads = {}, {}
+
+    def features(self, backbone: str, part) -> np.ndarray:
+        return self.feats[(backbone, part)]
+
+    def head(self, f: dict, keys):
+        return self.heads[f["path"]]
+
+
+class LogitTable:
+    """One head's logits of one part as a V x N x C float32 table computed from stage 4's stored features on
+    demand: `table[views, a:b]` gives rows a..b of those views (memory: that block). Test rows: per view, the
+    weighted mean over the backbones that predicted it (float64, as stage 4 summed), of each one's features x its
+    head; held-out rows: fold k's rows from fold k's entry, each row from the head of its inner split when nested."""
+
+    def __init__(self, store: dict, head: str, part: str, rows: dict, files: "StoredFiles | InMemory"):
+        self.files = files
+        self.entries, self.part = store[part][head], part
+        self.backbones = store["backbones"]
+        self.n_views = len(store["views"])
+        self.n_classes = len(rows["classes"])
+        self.n = len(rows["ids"])
+        self.ids = rows["ids"]
+        self.fold = rows.get("fold")
+        if part == "oof":  # each row's place among its fold's held-out rows (the backbone's held<k> file)
+            self.pos = np.zeros(self.n, np.int64)
+            for k in np.unique(self.fold):
+                self.pos[self.fold == k] = np.arange(int((self.fold == k).sum()))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.n_views, self.n, self.n_classes
+
+    dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray:
+        views, rows = key
+        views = range(self.n_views)[views] if isinstance(views, slice) else list(views)
+        a, b, _ = rows.indices(self.n)
+        out = np.empty((len(views), max(b - a, 0), self.n_classes), np.float32)
+        for i, v in enumerate(views):
+            out[i] = self._test(v, a, b) if self.part == "test" else self._oof(v, a, b)
+        return out
+
+    def _logits(self, e: dict, v: int, part, rows) -> np.ndarray:
+        at = self.backbones[e["features"]]["views"].index(v)
+        x = np.asarray(self.files.features(e["features"], part)[at, rows], np.float32)
+        ref = e["head"]
+        if ref["inner"] is None:
+            return self.files.head(ref["file"], ref["keys"]).logits(x)
+        ids = self.ids[self.fold == e["fold"]][rows]
+        split = self.files.split(ref, ids)
+        out = np.zeros((len(x), self.n_classes), np.float32)
+        for j, f in enumerate(ref["inner"]):
+            mine = split == j
+            if mine.any():
+                out[mine] = self.files.head(f, None).logits(x[mine])
+        return out
+
+    def _test(self, v: int, a: int, b: int) -> np.ndarray:
+        total, weight = np.zeros((b - a, self.n_classes), np.float64), 0.0
+        for e in self.entries:
+            if v in self.backbones[e["features"]]["views"]:
+                total += e["weight"] * self._logits(e, v, "test", slice(a, b)).astype(np.float64)
+                weight += e["weight"]
+        if weight <= 0:
+            raise PipelineError("a TTA view was predicted by no model")
+        return total / weight
+
+    def _oof(self, v: int, a: int, b: int) -> np.ndarray:
+        out = np.zeros((b - a, self.n_classes), np.float32)
+        fold, pos = self.fold[a:b], self.pos[a:b]
+        for e in self.entries:
+            mine = fold == e["fold"]
+            if mine.any() and v in self.backbones[e["features"]]["views"]:
+                p = pos[mine]
+                out[mine] = self._logits(e, v, e["fold"], slice(int(p[0]), int(p[-1]) + 1))
+        return out
 
 
 @dataclass(frozen=True)
@@ -24,10 +177,13 @@ class Stage4:
     """One head's stage-4 predictions of one part (`test` or `oof`): row ids (and for `oof` labels and folds), every
     TTA view's logits (the fold mean on test rows; fold k's models on its held-out rows), and the policy's
     probabilities merged from them here (the test images: over the policy chosen on every OOF row; fold k's held-out
-    rows: over fold k's own policy when it was searched), as stage 4 scored them. Opened after stage 4 finished
-    (its summary.json names the policies)."""
-    path: Path
+    rows: over fold k's own policy when it was searched), as stage 4 scored them. Stage 4 stores pooled features per
+    backbone and view, not logits: the logits are computed here from them and the heads its manifest names
+    (`LogitTable`). Opened after stage 4 finished (its summary.json holds the manifest and the policies)."""
+    run: RunDir
+    head: str
     part: str
+    store: dict
     policy: tuple[str, ...]
     fold_policies: tuple[tuple[str, ...], ...] | None
     merge: str
@@ -41,41 +197,56 @@ class Stage4:
                 raise PipelineError(f"{run.infer_summary} not found: stage 4 of '{run.name}' has not finished "
                                     f"(run ./run.sh infer)")
             summary = read_json(run.infer_summary)
+        store = summary.get("store")
+        if not store or store.get("version") != STORE_VERSION:
+            raise PipelineError(f"stage 4 of '{run.name}' was written by an older version (per-head logit files): "
+                                f"re-run ./run.sh infer")
         fp = summary.get("fold_policies")
-        return cls(run.infer_test(head) if part == "test" else run.infer_oof(head), part, tuple(summary["policy"]),
+        return cls(run, head, part, store, tuple(summary["policy"]),
                    tuple(map(tuple, fp)) if fp and part == "oof" else None, summary["merge"])
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.head in self.store.get(self.part, {})
 
     def ids(self) -> np.ndarray:
-        return read_npz(self.path, keys=("ids",))["ids"]
+        return self.rows()["ids"]
 
     def rows(self) -> dict[str, np.ndarray]:
         """ids, classes, views, and for `oof` y and fold: everything but the rows x classes arrays."""
-        return read_npz(self.path, skip=("view_logits",))
+        o = read_npz(self.run.infer_rows)
+        if self.part == "test":
+            out = {"ids": o["test_ids"]}
+        else:
+            if "oof_ids" not in o:
+                raise PipelineError(f"stage 4 of '{self.run.name}' predicted no held-out rows (infer.oof off)")
+            out = {"ids": o["oof_ids"], "y": o["oof_y"], "fold": o["oof_fold"]}
+        return {**out, "classes": o["classes"], "views": np.array(self.store["views"])}
 
     def views(self) -> list[str]:
-        return [str(v) for v in read_npz(self.path, keys=("views",))["views"]]
+        return list(self.store["views"])
+
+    def table(self) -> LogitTable:
+        if not self.exists():
+            raise PipelineError(f"stage 4 of '{self.run.name}' has no {self.part} predictions of head '{self.head}'")
+        return LogitTable(self.store, self.head, self.part, self.rows(), StoredFiles(self.run))
 
     def view_logits(self, view: str = BASELINE) -> np.ndarray:
-        """N x C logits of one view (that view alone is read, not every view's rows x classes)."""
+        """N x C logits of one view (that view alone is computed, not every view's rows x classes)."""
         views = self.views()
         if view not in views:
-            raise PipelineError(f"{self.path}: no view '{view}' (it has {views})")
-        return read_npz_item(self.path, "view_logits", views.index(view))
+            raise PipelineError(f"stage 4 of '{self.run.name}': no view '{view}' (it has {views})")
+        return self.table()[[views.index(view)], :][0]
 
     def probs(self, plain: bool = False) -> np.ndarray:
-        """N x C probabilities: the policy's (float32), or with `plain` the no-TTA view's (float64). Only the views
-        they merge are read."""
+        """N x C probabilities: the policy's (float32), or with `plain` the no-TTA view's (float64), computed in
+        blocks of rows from the views they merge."""
         policy = [BASELINE] if plain else list(self.policy)
-        used = sorted(set(policy).union(*self.fold_policies) if self.fold_policies and not plain else policy)
-        logits = np.stack([self.view_logits(v) for v in used])
+        table, names = self.table(), self.views()
         if self.fold_policies is None or plain:
-            return policy_probs(logits, used, policy, self.merge, np.float64 if plain else np.float32)
-        fold = read_npz(self.path, keys=("fold",))["fold"]
-        out = np.empty(logits.shape[1:], np.float32)
-        for a, block in nested_policy_blocks(logits, used, [list(p) for p in self.fold_policies], fold, self.merge):
+            return policy_probs(table, names, policy, self.merge, np.float64 if plain else np.float32)
+        fold = table.fold
+        out = np.empty(table.shape[1:], np.float32)
+        for a, block in nested_policy_blocks(table, names, [list(p) for p in self.fold_policies], fold, self.merge):
             out[a:a + len(block)] = block
         return out
 

@@ -3,8 +3,8 @@ comparison of two experiments.
 
 Every figure is recomputed here from the raw per-fold predictions the stages wrote (one code path
 for every experiment, so rows are comparable): stage 2's `fold<k>/oof.npz` (joint head, no TTA),
-stage 3's `fold<k>/rebalance/oof_<variant>.npz` (each head, no TTA) and stage 4's
-`infer/<head>/oof.npz` (the head with the TTA policy). A row is one (experiment, head, TTA) a
+stage 3's held-out heads (each head, no TTA) and stage 4's held-out
+rows (the head with the TTA policy), read through core/predict/stored. A row is one (experiment, head, TTA) a
 submission could be made from. CVs are only comparable on the same folds file: rows on another
 folds file than most rows are marked.
 """
@@ -27,7 +27,7 @@ from ...core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores
 from ...core.files.provenance import changed_keys
 from ...core.predict.submission import Member
 from ...core.predict.inference import FIXRES
-from ...core.predict.stored import HeldOut, Stage4
+from ...core.predict.stored import STORE_VERSION, HeldOut, Stage4
 from ...core.predict.tta import BASELINE
 
 log = logging.getLogger("pipeline")
@@ -103,8 +103,12 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
             p = per_fold([HeldOut.of(run, k, v) for k in range(K)])
             if p is not None:
                 out[(v, False)] = p
-    if run.infer_summary.exists():
-        s = read_json(run.infer_summary)
+    s = read_json(run.infer_summary) if run.infer_summary.exists() else None
+    if s is not None and s.get("store", {}).get("version") != STORE_VERSION:
+        log.warning("leaderboard: %s: stage 4 was written by an older version (per-head logit files): its rows are "
+                    "left out until ./run.sh infer re-runs it", run.name)
+        s = None
+    if s is not None:
         # TTA rows: the OOF probabilities of a searched policy come from each fold's own (nested) choice
         tta = any(p != [BASELINE] for p in [s["policy"], *(s.get("fold_policies") or [])])
         for h in s["heads"]:
