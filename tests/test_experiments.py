@@ -1,5 +1,9 @@
 """Experiment management: leaderboard, compare, up-to-date `all`, stale-input refusal, reports."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 import re
 
 import numpy as np
@@ -83,9 +87,21 @@ def ran(stderr: str) -> list[str]:
 
 @pytest.mark.slow
 def test_all_reruns_exactly_the_stale_stages_and_refuses_stale_inputs(workdir):
-    cfg = ["--config", str(REPO / "configs" / "debug.yaml")]
-    r = cli(["all", *cfg], workdir)
-    assert r.returncode == 0, r.stderr
+    """./run.sh all on the debug config (through run.sh, as a user starts it), then re-runs of exactly the stale
+    stages."""
+    for name in ("run.sh", "pyproject.toml", "requirements-lock.txt"):
+        shutil.copy(REPO / name, workdir / name)
+    shutil.copytree(REPO / "configs", workdir / "configs")
+    env = dict(os.environ, PIPELINE_NO_VENV="1", PYTHON=sys.executable, PYTHONPATH=str(REPO))
+    r = subprocess.run(["./run.sh", "all", "--config", "configs/debug.yaml"], cwd=workdir, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sub = pd.read_csv(workdir / "submissions/debug.csv")
+    assert sub["image_id"].tolist() == pd.read_csv(workdir / "data/demo/sample_submission.csv")["image_id"].tolist()
+    assert "private leaderboard" in r.stderr and "CV joint" in r.stderr
+    for stage in ("folds", "train", "rebalance", "infer", "ensemble"):
+        assert f"({stage}) of 'debug' finished" in r.stderr
+    cfg = ["--config", str(workdir / "configs" / "debug.yaml")]
     every = ["debug:ensemble", "debug:folds", "debug:infer", "debug:rebalance", "debug:train"]
     assert ran(r.stderr) == every
     assert ran(cli(["all", *cfg], workdir).stderr) == []                           # all up to date

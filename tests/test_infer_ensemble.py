@@ -2,15 +2,13 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, make_competition, stage4_npz, stage4_probs
+from conftest import make_competition, stage4_npz, stage4_probs
 from pipeline.core.predict.stored import PARTS
 from pipeline.core.nets import models
 from pipeline.core.inputs.augment import open_store, valid_transform
@@ -213,23 +211,6 @@ def test_infer_before_train_is_refused(workdir):
     root = make_competition(workdir / "comp", {"a": 6, "b": 6})
     with pytest.raises(PipelineError, match="has not been trained"):
         infer_stage.run(cfg_of(root, "never"))
-
-
-@pytest.mark.slow
-def test_run_sh_all_on_debug_config(tmp_path):
-    for name in ("run.sh", "pyproject.toml", "requirements-lock.txt"):
-        shutil.copy(REPO / name, tmp_path / name)
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    env = dict(os.environ, PIPELINE_NO_VENV="1", PYTHON=sys.executable, PYTHONPATH=str(REPO))
-    r = subprocess.run(["./run.sh", "all", "--config", "configs/debug.yaml"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sub = pd.read_csv(tmp_path / "submissions/debug.csv")
-    sample = pd.read_csv(tmp_path / "data/demo/sample_submission.csv")
-    assert sub["image_id"].tolist() == sample["image_id"].tolist()
-    assert "private leaderboard" in r.stderr and "CV joint" in r.stderr
-    for stage in ("folds", "train", "rebalance", "infer", "ensemble"):
-        assert f"({stage}) of 'debug' finished" in r.stderr
 
 
 def test_hill_climb_starts_from_the_best_single_never_gets_worse_and_reuses_candidates():

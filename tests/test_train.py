@@ -86,9 +86,8 @@ def test_select_last_keeps_the_fixed_source_and_best_is_marked_as_chosen_on_held
     # the EMA weights of the last epoch, whichever source scored better on the held-out rows
     assert s["chosen"] == "ema" and s["epoch"] == 2 and s["chosen_on_held_out"] == []
     assert np.isclose(s["score"], hist["ema_score"].iloc[-1])
-    assert not fd.best("raw").exists()                                   # only the source it may output is kept
-    ema = read_state_dict(fd.best("ema"))
-    assert all(torch.equal(ema[k], v) for k, v in read_state_dict(fd.weights).items())
+    assert not fd.best("raw").exists() and not fd.best("ema").exists()   # one copy of the chosen weights
+    assert not fd.oof_of("ema").exists() and fd.oof.exists() and fd.weights.exists()   # and of their OOF logits
     # an output of the older rule (last epoch, the better of raw and EMA) is stale for the fixed rule
     old = train_record(cfg)
     old["train"]["select"] = "last"
@@ -231,14 +230,14 @@ def test_ddp_two_gloo_processes_match_single_process(workdir):
                         "-m", "pipeline", "train", "--config", str(ddp), "--fold", "0"],
                        cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = read_state_dict(workdir / "runs/single/fold0/best_raw.safetensors")
-    b = read_state_dict(workdir / "runs/ddp/fold0/best_raw.safetensors")
+    a = read_state_dict(workdir / "runs/single/fold0/model.safetensors")
+    b = read_state_dict(workdir / "runs/ddp/fold0/model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         if a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
-    la = np.load(workdir / "runs/single/fold0/oof_raw.npz")["logits"]
-    lb = np.load(workdir / "runs/ddp/fold0/oof_raw.npz")["logits"]
+    la = np.load(workdir / "runs/single/fold0/oof.npz")["logits"]
+    lb = np.load(workdir / "runs/ddp/fold0/oof.npz")["logits"]
     assert np.allclose(la, lb, atol=1e-3)
 
 

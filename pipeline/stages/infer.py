@@ -262,19 +262,28 @@ class Store:
                          "oof": {}}
         self.files = None
 
-    def features(self, backbone: str, part: str | int, feats: PolicyFeatures, at: list[int]) -> None:
-        """A backbone's features of the test images (`part` "test") or of fold k's held-out rows (`part` k) for the
-        views `at` (positions in the view names)."""
-        x = feats.array()
-        dtype = self.dtype
-        if dtype == "float16" and np.abs(x).max(initial=0.0) > 6.0e4:  # beyond float16's range: keep them exact
-            log.warning("%s: pooled features up to %.3g do not fit float16: stored as float32", backbone,
-                        float(np.abs(x).max()))
-            dtype = "float32"
+    def features(self, backbone: str, part: str | int, at: list[int], n: int, compute) -> None:
+        """A backbone's features of the test images (`part` "test") or of fold k's held-out rows (`part` k), `n`
+        rows, for the views `at` (positions in the view names): `compute(sink)` runs the backbone (PolicyFeatures)
+        and each batch is written into the file as it comes (memory: one batch, whatever the image count)."""
         path = self.run.infer_features(backbone, part)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".npy") as tmp:
-            np.save(tmp, x.astype(dtype))
+            out = {}
+
+            def sink(positions: list[int], start: int, feats: list) -> None:
+                for pos, f in zip(positions, feats):
+                    x = f.float().cpu().numpy()
+                    if not out:
+                        out["m"] = np.lib.format.open_memmap(tmp, "w+", self.dtype, (len(at), n, x.shape[1]))
+                    if self.dtype == "float16" and np.abs(x).max(initial=0.0) > 6.0e4:
+                        raise PipelineError(f"stage 4: {backbone}'s pooled features reach {np.abs(x).max():.3g}, "
+                                            f"beyond float16's range: set infer.features=float32")
+                    out["m"][pos, start:start + len(x)] = x
+            compute(sink)
+            if not out:
+                raise PipelineError(f"stage 4: {backbone} predicted no rows of {part}")
+            out.pop("m").flush()
         known = self.manifest["backbones"].setdefault(backbone, {"views": list(at)})
         if known["views"] != list(at):
             raise PipelineError(f"stage 4: backbone {backbone} predicted views {at} and {known['views']}")
@@ -362,6 +371,15 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, stor
     return n_images
 
 
+def run_backbone(store: Store, backbone: str, part: str | int, at: list[int], p: Pass, model, norm, images,
+                 views: list[str]) -> None:
+    """One backbone over an image set (the test images, or fold k's held-out rows) for the views `at`: its pooled
+    features streamed batch by batch into the store (memory: one batch, whatever the number of images)."""
+    store.features(backbone, part, at, len(images),
+                   lambda sink: PolicyFeatures(p.load, model, norm, images, views, p.device, p.dtype,
+                                               on_batch=p.bar.update, sink=sink))
+
+
 def _held_rows(inp: Inputs, k: int) -> np.ndarray:
     return np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else np.zeros(0, np.int64)
 
@@ -385,18 +403,14 @@ def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list
     pick = best["per_fold"][u.k] if best is not None and u.k != FULL_FIT else None
     if pick is not None and off_backbone(pick):
         pick = None  # fold k's best head runs on another backbone: predict_probes / predict_wise
-    feats = PolicyFeatures(p.load, model, norm, p.test_store, views, p.device, p.dtype, on_batch=p.bar.update)
-    store.features(backbone, "test", feats, sel)
+    run_backbone(store, backbone, "test", sel, p, model, norm, p.test_store, views)
     for h in mine:
         store.add("test", h, backbone, ref(h, False), u.weight)
     rows = _held_rows(inp, u.k)
     if len(rows):
-        feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), views, p.device, p.dtype,
-                               on_batch=p.bar.update)
-        store.features(backbone, u.k, feats, sel)
+        run_backbone(store, backbone, u.k, sel, p, model, norm, p.train_store.subset(rows), views)
         for h in mine + (["best"] if pick is not None else []):
             store.add("oof", h, backbone, ref(pick if h == "best" else h, True), fold=u.k)
-    del feats
     log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
 
 
@@ -418,9 +432,7 @@ def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, s
     at, folds = list(range(len(names))), range(len(inp.summaries))
     probes = [h for h in inp.heads if _probe(h)]
     if probes:
-        feats = PolicyFeatures(p.load, model, norm, p.test_store, names, p.device, p.dtype, on_batch=p.bar.update)
-        store.features(PRETRAINED, "test", feats, at)
-        del feats
+        run_backbone(store, PRETRAINED, "test", at, p, model, norm, p.test_store, names)
         for k in folds:
             for h in probes:
                 store.add("test", h, PRETRAINED, stage3_ref(job, k, h, False), 1.0)
@@ -428,10 +440,7 @@ def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, s
         mine, rows = _probe_heads(inp, best, k), _held_rows(inp, k)
         if not mine or not len(rows):
             continue
-        feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), names, p.device, p.dtype,
-                               on_batch=p.bar.update)
-        store.features(PRETRAINED, k, feats, at)
-        del feats
+        run_backbone(store, PRETRAINED, k, at, p, model, norm, p.train_store.subset(rows), names)
         for h in mine:
             store.add("oof", h, PRETRAINED, stage3_ref(job, k, best["per_fold"][k] if h == "best" else h, True),
                       fold=k)
@@ -457,18 +466,13 @@ def predict_wise(job: Job, inp: Inputs, k: int, alpha: float, names: list[str], 
     norm = models.Normalize(inp.summaries[k]["mean"], inp.summaries[k]["std"]).to(p.device)
     at, backbone, ref = list(range(len(names))), f"{fd.name}.{h}", stage3_ref(job, k, h, False)  # alpha: not tuned
     if h in inp.heads:
-        feats = PolicyFeatures(p.load, model, norm, p.test_store, names, p.device, p.dtype, on_batch=p.bar.update)
-        store.features(backbone, "test", feats, at)
+        run_backbone(store, backbone, "test", at, p, model, norm, p.test_store, names)
         store.add("test", h, backbone, ref, 1.0)
-        del feats
     rows = _held_rows(inp, k)
     if len(rows):
-        feats = PolicyFeatures(p.load, model, norm, p.train_store.subset(rows), names, p.device, p.dtype,
-                               on_batch=p.bar.update)
-        store.features(backbone, k, feats, at)
+        run_backbone(store, backbone, k, at, p, model, norm, p.train_store.subset(rows), names)
         for out in [x for x in inp.heads if x == h] + (["best"] if best and best["per_fold"][k] == h else []):
             store.add("oof", out, backbone, ref, fold=k)
-        del feats
     log.info("fold %d: WiSE-FT alpha %g: TTA views done", k, alpha)
 
 

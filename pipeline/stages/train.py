@@ -13,7 +13,7 @@ Output:  runs/<exp>/config.yaml, runs/<exp>/classes.json
                             last.pt             resume checkpoint (model, optimiser, scheduler, scaler,
                                                 EMA, epoch, RNG), rewritten atomically every epoch
                             best_<src>.safetensors, oof_<src>.npz   the kept weights of each source the
-                                                fold may output (src: raw, ema)
+                                                fold may output (src: raw, ema), while it trains only
                             summary.json        written last: the fold is complete
          runs/<exp>/full/...    train.full_fit: the same files for the model of every row (no OOF, no score),
                                 trained after the folds for their median epoch count
@@ -583,6 +583,9 @@ def finish(r: FoldRun) -> dict:
     fault_point("train:before-summary")
     keep_image_snapshots(r.rec)
     write_json(r.paths.summary, summary)
+    for src in kept:  # copied above: per-source copies were for the choice only (the fold is complete now)
+        r.paths.best(src).unlink(missing_ok=True)
+        r.paths.oof_of(src).unlink(missing_ok=True)
     log.info("fold %d done: %s weights of epoch %d, %s %.4f", r.k, chosen, summary["epoch"], job.eval.scorer,
              summary["score"])
     return summary

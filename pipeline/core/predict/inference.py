@@ -104,16 +104,22 @@ class Loading:
 
 
 def feature_batches(load: Loading, model, norm, store, scale: float, views: list[str], device, dtype,
-                    on_batch: Callable[[int], None] | None = None) -> list[list]:
+                    on_batch: Callable[[int], None] | None = None, sink=None) -> list[list]:
     """Per loader batch, the pooled features of every view of one scale (V tensors of b x D, on the device): a
     head's logits are computed from them when asked (`PolicyFeatures`), so the backbone runs once however many
-    heads there are, and memory holds features (rows x D), not every head's rows x classes."""
+    heads there are, and memory holds features (rows x D), not every head's rows x classes. With `sink`, each
+    batch goes to sink(first row, tensors) instead and nothing is kept (stage 4 streams them to disk)."""
     _, crop = sizes(load.px.aug.img_size, load.px.crop_pct, scale)
     loader = make_loader(ImageDataset(store, None, load_transform(load.px, crop)), batch_size=load.batch_size,
                          n_workers=load.workers, cuda=device.type == "cuda")
-    out = []
+    out, start = [], 0
     for x, _ in loader:
-        out.append(view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, load.fmt))
+        feats = view_features(model, norm(x.to(device, non_blocking=True)), views, crop, dtype, load.fmt)
+        if sink is None:
+            out.append(feats)
+        else:
+            sink(start, feats)
+        start += len(x)
         if on_batch is not None:
             on_batch(len(x))
     return out
@@ -124,11 +130,14 @@ class PolicyFeatures:
     scale; `logits(heads)` gives what `predict_policy` gives, for any heads, without running the model again."""
 
     def __init__(self, load: Loading, model, norm, store, views: list[str], device, dtype,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, sink=None):
+        """`sink(positions, first row, tensors)`: each batch's features of the views at those positions are handed
+        over as they come, none kept (then only the sink has them)."""
         pairs = [(s, v) for v, s, _ in map(parse_view, views)]
         self.n_views, self.n = len(views), len(store)
         self.groups = [(at, feature_batches(load, model, norm, store, scale, vs, device, dtype,
-                                            on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k))))
+                                            on_batch=None if on_batch is None else (lambda n, k=len(vs): on_batch(n * k)),
+                                            sink=None if sink is None else (lambda a, f, at=at: sink(at, a, f))))
                        for scale, at, vs in by_scale(pairs)]
 
     def array(self) -> np.ndarray:
