@@ -211,6 +211,8 @@ def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     its fine-tuned model with its joint classifier, interpolated (models.wise_model; the head: (1 - alpha) x probe +
     alpha x joint), scored on its held-out rows as the others (no choice made on them: alpha is the variant):
     yields ("wise<alpha>", outputs)."""
+    if not job.rebalance.wise_alpha:
+        return
     device = pick_device(job.device, Dist())
     dtype, fmt = amp_dtype(job.train.amp, device), memory_format(job.train, device)
     rows, y_va = np.flatnonzero(fp.held), feats["valid_y"]
