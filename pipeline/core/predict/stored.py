@@ -34,6 +34,17 @@ def head_ref(run: RunDir, path: Path, keys: list[str] | None = None, inner: list
             "split": rel(split) if split is not None else None}
 
 
+def split_logits(heads: list, split: np.ndarray, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """Row i of `x` scored by heads[split[i]] (a tuned stage-3 head, nested: each held-out row by the head chosen
+    without its inner split), float32."""
+    out = np.zeros((len(x), n_classes), np.float32)
+    for j, head in enumerate(heads):
+        mine = split == j
+        if mine.any():
+            out[mine] = head.logits(x[mine])
+    return out
+
+
 class StoredFiles:
     """The files a manifest names, opened once and checked against their recorded sha256 on first use."""
 
@@ -143,13 +154,8 @@ class LogitTable:
         if ref["inner"] is None:
             return self.files.head(ref["file"], ref["keys"]).logits(x)
         ids = self.ids[self.fold == e["fold"]][rows]
-        split = self.files.split(ref, ids)
-        out = np.zeros((len(x), self.n_classes), np.float32)
-        for j, f in enumerate(ref["inner"]):
-            mine = split == j
-            if mine.any():
-                out[mine] = self.files.head(f, None).logits(x[mine])
-        return out
+        return split_logits([self.files.head(f, None) for f in ref["inner"]], self.files.split(ref, ids), x,
+                            self.n_classes)
 
     def _test(self, v: int, a: int, b: int) -> np.ndarray:
         total, weight = np.zeros((b - a, self.n_classes), np.float64), 0.0
@@ -297,9 +303,5 @@ class HeldOut:
         fd = self.run.fold(self.k)
         inner = [Head.load(p)[0] for p in fd.inner_heads(self.variant)]
         heads, split = (inner, o["inner"]) if inner else ([Head.load(fd.head(self.variant))[0]], np.zeros(len(x), int))
-        logits = np.zeros((len(x), len(heads[0].bias)), np.float32)
-        for j, head in enumerate(heads):
-            mine = split == j
-            if mine.any():
-                logits[mine] = head.logits(x[mine])
-        return {"ids": o["ids"], "y": o["y"], "inner": o["inner"], "logits": logits}
+        return {"ids": o["ids"], "y": o["y"], "inner": o["inner"],
+                "logits": split_logits(heads, split, x, len(heads[0].bias))}
