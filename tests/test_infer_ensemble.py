@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_competition, stage4_npz, stage4_probs
-from pipeline.core.predict.stored import PARTS
+from pipeline.core.predict.stored import PARTS, HeldOut
 from pipeline.core.nets import models
 from pipeline.core.inputs.augment import open_store, valid_transform
 from pipeline.core.config import load_config
@@ -54,7 +54,7 @@ def test_identity_policy_equals_plain_inference(run_a):
     test = stage4_npz(cfg.run_dir, "joint", "test")
     folds = pd.read_csv(cfg.folds_csv)
     for k in (0, 1):
-        stage2 = np.load(cfg.run_dir.fold(k).dir / "oof.npz")
+        stage2 = HeldOut.of(cfg.run_dir, k).read()
         rows = folds["fold"].values == k
         assert np.allclose(stage4_probs(cfg.run_dir, "joint", "oof")[rows], softmax(stage2["logits"]), atol=1e-5)
     # the test images through each fold's model with the validation transform, averaged over folds

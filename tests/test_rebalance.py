@@ -132,7 +132,7 @@ def test_stage_writes_heads_oof_report_and_caches_features(trained, monkeypatch)
             assert record["variant"] == v and head.weight.shape[0] == 3
             assert (d / f"oof_{v}.npz").exists()
         joint = HeldOut.of(cfg.run_dir, k, "joint").read()["logits"]
-        assert np.allclose(joint, np.load(cfg.run_dir.fold(k).dir / "oof.npz")["logits"], atol=1e-4)
+        assert np.allclose(joint, HeldOut.of(cfg.run_dir, k).read()["logits"], atol=1e-4)
         s3 = json.loads((d / "summary.json").read_text())["variants"]
         for v in cfg.rebalance.variants:  # no logits stored: the reader's, from features and (inner) heads, are
             o = HeldOut.of(cfg.run_dir, k, v).read()      # the cross-fitted ones stage 3 scored

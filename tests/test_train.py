@@ -14,6 +14,8 @@ from pipeline.core.engine import training
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.nets.models import GeM, create_model, read_state_dict, write_state_dict
+from pipeline.core.files.layout import RunDir
+from pipeline.core.predict.stored import HeldOut
 from pipeline.core.inputs.samplers import class_probs, epoch_indices
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import train as train_stage
@@ -59,7 +61,11 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
         oof = np.load(fd / "oof.npz")
         folds = pd.read_csv(cfg.folds_csv)
         assert oof["ids"].tolist() == folds.loc[folds["fold"] == k, "id"].tolist()   # keyed by image id
-        assert oof["logits"].shape == (len(oof["ids"]), 3)
+        assert oof["feats"].shape[0] == len(oof["ids"]) and oof["weight"].shape == (3, oof["feats"].shape[1])
+        assert "logits" not in oof  # #35: D numbers per row, not C (the logits: HeldOut's, features x classifier)
+        logits = HeldOut.of(cfg.run_dir, k).read()["logits"]
+        assert logits.shape == (len(oof["ids"]), 3)
+        assert np.allclose(logits, oof["feats"] @ oof["weight"].T + oof["bias"], atol=1e-5)
         sd = read_state_dict(fd / "model.safetensors")
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in sd)
     assert (cfg.run_dir.dir / "config.yaml").exists() and (cfg.run_dir.dir / "classes.json").read_text().count('"') == 6
@@ -125,7 +131,7 @@ def test_resume_after_kill_equals_uninterrupted_run(workdir):
         results[name] = d / "runs/tiny/fold0"
     a, b = results["clean"], results["killed"]
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
-    assert np.array_equal(np.load(a / "oof.npz")["logits"], np.load(b / "oof.npz")["logits"])
+    assert np.array_equal(np.load(a / "oof.npz")["feats"], np.load(b / "oof.npz")["feats"])
     ha, hb = pd.read_csv(a / "history.csv"), pd.read_csv(b / "history.csv")
     assert np.array_equal(ha["train_loss"], hb["train_loss"])
 
@@ -236,8 +242,8 @@ def test_ddp_two_gloo_processes_match_single_process(workdir):
     for k in a:
         if a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
-    la = np.load(workdir / "runs/single/fold0/oof.npz")["logits"]
-    lb = np.load(workdir / "runs/ddp/fold0/oof.npz")["logits"]
+    la = HeldOut.of(RunDir(workdir / "runs/single"), 0).read()["logits"]
+    lb = HeldOut.of(RunDir(workdir / "runs/ddp"), 0).read()["logits"]
     assert np.allclose(la, lb, atol=1e-3)
 
 

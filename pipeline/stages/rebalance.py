@@ -43,7 +43,7 @@ from ..core.inputs.data import read_folds, to_builtin
 from ..core.errors import PipelineError
 from ..core.nets.heads import VARIANTS, FitInputs, Head, cross_fit, heads_with_choices, median_choices, probe_head
 from ..core.inputs.images import ImageDataset
-from ..core.files.layout import FULL_FIT
+from ..core.files.layout import FULL_FIT, FoldDir
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
 from ..core.predict.stored import HeldOut
 from ..core.files.provenance import (Expect, environment, feature_record, full_summary, keep_image_snapshots,
@@ -139,24 +139,36 @@ def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     views = [run(tr_rows, tr["y"].values, train_transform(job.px), keyed_epoch=10_000 + v)
              for v in range(job.rebalance.aug_views)]
     feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
-    # the joint classifier travels with the features; they must reproduce stage 2's held-out logits
+    # the joint classifier travels with the features; they must be stage 2's held-out ones
     clf = model.get_classifier()
     if not isinstance(clf, torch.nn.Linear):
         raise PipelineError(f"model.arch={job.model.arch}: rebalancing needs a linear classifier head")
     feats["joint_weight"] = clf.weight.detach().cpu().numpy()
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
-    joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
-    oof = read_npz(fd.oof) if k != FULL_FIT else {"logits": joint}  # the full-data model holds nothing out
-    tol = 1e-3 if dtype is None else 2e-2  # the classifier runs in fp32 in both; bf16 backbones round a little
-    if not np.allclose(joint, oof["logits"], atol=tol, rtol=tol):
-        raise PipelineError(f"fold {k}: features of {weights} do not reproduce its OOF logits "
-                            f"({fd.oof}); were the weights or images changed after stage 2?")
+    if k != FULL_FIT:  # the full-data model holds nothing out
+        same_as_stage2(fd, feats, 1e-3 if dtype is None else 2e-2)  # bf16 backbones round a little
     write_npz(fd.features, **feats)
     keep_image_snapshots(record)
     write_json(fd.features_meta, {"made_from": record, "seconds": time.perf_counter() - t0,
                       "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
     log.info("%s: features %s extracted in %.1fs", fd.name, feats["train"].shape, time.perf_counter() - t0)
     return feats
+
+
+def same_as_stage2(fd: FoldDir, feats: dict, tol: float) -> None:
+    """Refuse features that are not the ones stage 2 scored its held-out rows with (its oof.npz: features and
+    classifier; a file written before #35: logits), compared row by row within `tol`: weights or images changed
+    after stage 2 would make stage 3's heads and stage 2's CV disagree."""
+    o = read_npz(fd.oof)
+    if "feats" in o:
+        same = (o["feats"].shape == feats["valid"].shape and np.array_equal(o["weight"], feats["joint_weight"])
+                and np.allclose(feats["valid"], o["feats"], atol=tol, rtol=tol))
+    else:
+        joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
+        same = np.allclose(joint, o["logits"], atol=tol, rtol=tol)
+    if not same:
+        raise PipelineError(f"{fd.name}: features of {fd.weights} do not reproduce its held-out features ({fd.oof}); "
+                            f"were the weights or images changed after stage 2?")
 
 
 def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
@@ -393,8 +405,8 @@ def report(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict]) -> 
     for v in variants:
         per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
         ys, parts = [], []
-        for s in summaries:  # one fold's logits in memory at a time
-            o = HeldOut.of(job.run, s["fold"], v).read()
+        for s in summaries:  # one fold's rows at a time, their logits in blocks of rows
+            o = HeldOut.of(job.run, s["fold"], v).lazy()
             ys.append(o["y"])
             parts.append(row_scores(o["y"], logits=o["logits"]))
         pooled = compute(np.concatenate(ys), None, counts * (k_folds - 1) / k_folds,

@@ -1,4 +1,4 @@
-"""Stage 2: train every fold with timm (mixup/cutmix, EMA, AMP, imbalance samplers), keep OOF logits.
+"""Stage 2: train every fold with timm (mixup/cutmix, EMA, AMP, imbalance samplers), keep OOF features.
 
 Usage:   ./run.sh train [--fold K] [--force] [--gpus 0,1,...] [key=value ...]
          torchrun --nproc_per_node=N -m pipeline train --fold K      (data parallel, one fold)
@@ -8,7 +8,9 @@ Output:  runs/<exp>/config.yaml, runs/<exp>/classes.json
                                                 epoch's, EMA when train.ema (fixed before training: no
                                                 choice on the held-out rows); best: the epoch and raw/EMA
                                                 weights best on the held-out rows (CV marked optimistic)
-                            oof.npz             held-out logits of those weights: ids, y, logits
+                            oof.npz             the held-out rows of those weights: ids, y, feats (pooled
+                                                features, float32) + weight, bias (the classifier); a
+                                                classifier other than one linear layer: logits
                             history.csv         one row per epoch (raw and EMA metrics)
                             last.pt             resume checkpoint (model, optimiser, scheduler, scaler,
                                                 EMA, epoch, RNG), rewritten atomically every epoch
@@ -40,8 +42,8 @@ import torch
 
 from ..core.nets import models
 from ..core.engine import training
-from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, faulty, read_json, sha256_file,
-                                    write_csv, write_json, write_npz, write_text)
+from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, faulty, read_json, read_npz,
+                                    sha256_file, write_csv, write_json, write_npz, write_text)
 from ..core.inputs.augment import EpochTransforms, open_store, train_transform, valid_transform
 from ..core.config import AugCfg, Config, DataCfg, EvalCfg, ModelCfg, TrainCfg, config_to_yaml
 from ..core.inputs.data import read_folds, read_test_table
@@ -54,12 +56,13 @@ from ..core.engine.loop import EpochResult, Step, run_epoch, sync_interval
 from ..core.nets.heads import probe_head
 from ..core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
 from ..core.predict.metrics import better, compute, row_scores
+from ..core.predict.stored import stage2_logits
 from ..core.nets.models import Normalize, clean_state_dict, create_model, norm_stats, to_input, write_state_dict
 from ..core.report.progress import Progress, progress
 from ..core.files.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
                                      recorded, stale_reasons, train_record, up_to_date)
-from ..core.engine.runtime import (amp_dtype, make_loader, maybe_compile, memory_format, pick_device, prepare_model,
-                                   set_backend_flags, workers)
+from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
+                                   prepare_model, set_backend_flags, workers)
 from ..core.inputs.samplers import epoch_indices
 from ..core.engine import teacher as teachers
 from ..core.report.tracking import Tracker, Tracking
@@ -70,10 +73,27 @@ log = logging.getLogger("pipeline")
 
 @torch.no_grad()
 def predict(model, loader, norm, device, dtype, fmt=torch.contiguous_format, desc: str = "validation") -> np.ndarray:
+    """Pooled features (float32) of every image of `loader`, in order: the backbone under autocast as
+    models.logits runs it (the logits are the classifier's of these, in fp32)."""
     model.eval()
-    out = [models.logits(model, to_input(x, norm, device, fmt), dtype).cpu()
-           for x, _ in progress(loader, len(loader), desc, "batch")]
+    out = []
+    for x, _ in progress(loader, len(loader), desc, "batch"):
+        with autocast(device, dtype):
+            out.append(models.features(model, to_input(x, norm, device, fmt)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def held_out(model, feats: np.ndarray, device) -> dict[str, np.ndarray]:
+    """What oof.npz keeps of a model's held-out rows (#35: D numbers per row, not C): the pooled features and the
+    classifier (predict/stored.stage2_logits makes the logits of them), or the logits when the classifier is not
+    one linear layer."""
+    clf = model.get_classifier()
+    if isinstance(clf, torch.nn.Linear):
+        w = clf.weight.detach().float().cpu().numpy()
+        b = clf.bias.detach().float().cpu().numpy() if clf.bias is not None else np.zeros(len(w), np.float32)
+        return {"feats": feats.astype(np.float32), "weight": w, "bias": b}
+    return {"logits": clf(torch.from_numpy(feats).to(device)).float().cpu().numpy()}
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -414,16 +434,15 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
     each epoch's (select=last) or the best epoch's (select=best)."""
     job, n, d = r.job, r.nets, r.data
     fmt = memory_format(job.train, r.device)
-    logits = {"raw": predict(n.model, d.valid_loader, n.norm, r.device, r.dtype, fmt)}
-    if n.ema is not None:
-        logits["ema"] = predict(n.ema.module, d.valid_loader, n.norm, r.device, r.dtype, fmt)
-    logits = {s: _gather_rows(r.dist, d.va_idx, v, len(d.y_va)) for s, v in logits.items()}
-    if not np.isfinite(logits["raw"]).all():
+    nets = {"raw": n.model, **({"ema": n.ema.module} if n.ema is not None else {})}
+    outs = {s: held_out(m, _gather_rows(r.dist, d.va_idx, predict(m, d.valid_loader, n.norm, r.device, r.dtype, fmt),
+                                        len(d.y_va)), r.device) for s, m in nets.items()}
+    if not all(np.isfinite(a).all() for a in outs["raw"].values()):
         raise _diverged(r.label, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
     kept = kept_sources(job.train.select, n.ema is not None)
-    for src, lg in logits.items():
+    for src, out in outs.items():
         m = compute(d.y_va, None, d.counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer,
-                    rows=row_scores(d.y_va, logits=lg))
+                    rows=row_scores(d.y_va, logits=stage2_logits(out)))
         prefix = "" if src == "raw" else "ema_"
         if src == "raw":
             row["valid_loss"] = m["log_loss"]
@@ -435,7 +454,7 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
             best[src] = {"score": m["score"], "epoch": epoch + 1}
             state = n.ema.module.state_dict() if src == "ema" else n.model.state_dict()
             write_state_dict(r.paths.best(src), state, {"epoch": epoch + 1, "source": src})
-            write_npz(r.paths.oof_of(src), ids=d.valid_ids, y=d.y_va, logits=lg.astype(np.float32))
+            write_npz(r.paths.oof_of(src), ids=d.valid_ids, y=d.y_va, **out)
 
 
 def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
@@ -574,9 +593,9 @@ def finish(r: FoldRun) -> dict:
     for src, dst in ((r.paths.best(chosen), r.paths.weights), (r.paths.oof_of(chosen), r.paths.oof)):
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
-    oof = np.load(r.paths.oof)
+    oof = read_npz(r.paths.oof)
     final = compute(r.data.y_va, None, r.data.counts, job.eval.many_shot, job.eval.few_shot,
-                    job.eval.scorer, rows=row_scores(r.data.y_va, logits=oof["logits"]))
+                    job.eval.scorer, rows=row_scores(r.data.y_va, logits=stage2_logits(oof)))
     summary = _summary(r, fold=r.k, chosen=chosen, epoch=best[chosen]["epoch"], score=final["score"],
                        metric=job.eval.scorer, metrics=final, best=best,
                        chosen_on_held_out=held_out_choices(job.train))

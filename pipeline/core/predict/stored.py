@@ -45,6 +45,40 @@ def split_logits(heads: list, split: np.ndarray, x: np.ndarray, n_classes: int) 
     return out
 
 
+class HeadRows:
+    """A linear head's logits of stored features as an N x C float32 table computed on demand: `rows[a:b]` is that
+    block (memory: the block); what row_scores and top_k read block by block instead of a dense table."""
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, head, feats: np.ndarray):
+        self.head, self.feats = head, feats
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.feats), len(self.head.bias)
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.head.logits(np.asarray(self.feats[rows], np.float32))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def stage2_logits(o: dict):
+    """A stage-2 held-out file's logits: its pooled features x the fold's classifier (`feats`, `weight`, `bias`;
+    HeadRows), or the dense `logits` it stored (a model whose classifier is not one linear layer, and files written
+    before #35)."""
+    if "logits" in o:
+        return o["logits"]
+    from ..nets.heads import Head
+
+    return HeadRows(Head(np.asarray(o["weight"], np.float32), np.asarray(o["bias"], np.float32)), o["feats"])
+
+
 class StoredFiles:
     """The files a manifest names, opened once and checked against their recorded sha256 on first use."""
 
@@ -259,7 +293,8 @@ class Stage4:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Fold k's held-out rows as a stage-2 model (`variant` None: its oof.npz logits) or a stage-3 head scores them.
+    """Fold k's held-out rows as a stage-2 model (`variant` None: its oof.npz features x its classifier) or a stage-3
+    head scores them.
     Stage 3 stores no logits (rows x classes per variant): its file holds the rows (ids, y, each row's inner split)
     and where their features are (`source`: the fold's features.npz, the pretrained backbone's probe_features.npz at
     `rows`, or its own `feats`: a WiSE-FT backbone's); the logits are the head's on them, each row from the head chosen
@@ -294,7 +329,15 @@ class HeldOut:
 
     def read(self) -> dict[str, np.ndarray]:
         """ids, y and logits (rows x classes, float32; stage 3: also inner)."""
+        o = self.lazy()
+        return {**o, "logits": np.asarray(o["logits"], np.float32)}
+
+    def lazy(self) -> dict:
+        """ids, y (stage 3: inner) and `logits`: a stage-2 fold's as HeadRows (its features x its classifier), a
+        stage-3 variant's dense (each row from its inner split's head)."""
         o = read_npz(self.path)
+        if self.variant is None:
+            return {**o, "logits": stage2_logits(o)}
         if "logits" in o:
             return o
         from ..nets.heads import Head  # numpy only: no torch for a reader of stage 2's files
@@ -302,6 +345,8 @@ class HeldOut:
         x = self.features(o)
         fd = self.run.fold(self.k)
         inner = [Head.load(p)[0] for p in fd.inner_heads(self.variant)]
-        heads, split = (inner, o["inner"]) if inner else ([Head.load(fd.head(self.variant))[0]], np.zeros(len(x), int))
+        if not inner:
+            return {"ids": o["ids"], "y": o["y"], "inner": o["inner"],
+                    "logits": HeadRows(Head.load(fd.head(self.variant))[0], x)}
         return {"ids": o["ids"], "y": o["y"], "inner": o["inner"],
-                "logits": split_logits(heads, split, x, len(heads[0].bias))}
+                "logits": split_logits(inner, o["inner"], x, len(inner[0].bias))}

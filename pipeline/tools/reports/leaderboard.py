@@ -77,7 +77,7 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
             return None
         ids, ys, parts = [], [], []
         for f in files:
-            p = f.read()
+            p = f.lazy()  # a stage-2 fold's logits: its features x its classifier, a block of rows at a time
             ids.append(p["ids"])
             ys.append(p["y"])
             parts.append(row_scores(p["y"], logits=p["logits"], dtype=np.float64))
