@@ -366,3 +366,39 @@ def test_stage4_reader_computes_every_head_view_and_block_from_features_as_brute
         Stage4.of(run, "crt", "oof")
 
 
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted"])
+def test_stages_4_and_5_in_many_small_blocks_equal_one_block(run_a, monkeypatch, method):
+    """#35: a test set (and OOF rows) larger than one block of rows gives what one block gives: stage 4's stored
+    features, its TTA search and report, stage 5's member and ensemble CV and the submission."""
+    from pipeline.core.predict import inference, metrics, stored, submission
+
+    extra = ["infer.heads=[joint,crt]", "infer.views=[orig,hflip]", "infer.search=true", "infer.batch_size=4",
+             "infer.features=float32",
+             "ensemble.members=[a:joint,a:crt]", f"ensemble.method={method}"]
+    out = {}
+    for blocks in ("one", "many"):
+        if blocks == "many":  # blocks of 3 rows: the 9 test and 26 held-out rows span several, the last one short
+            for mod, name in ((inference, "MERGE_ROWS"), (stored, "MERGE_ROWS"), (submission, "BLOCK_ROWS"),
+                              (metrics, "_CHUNK")):
+                monkeypatch.setattr(mod, name, 3)
+        cfg = cfg_of(run_a.data.root, "a", *extra)
+        s4 = infer_stage.run(cfg, force=True)
+        s5 = ens_stage.run(cfg, force=True)
+        out[blocks] = {"report": pd.read_csv(cfg.run_dir.infer_report), "policy": s4["policy"],
+                       "fold_policies": s4["fold_policies"],
+                       "sub": pd.read_csv(s5["submission"], dtype=str),
+                       "table": pd.DataFrame(s5["table"]).drop(columns="per_fold"),
+                       "probs": stage4_probs(cfg.run_dir, "crt"), "weights": s5["weights"]}
+    one, many = out["one"], out["many"]
+    assert one["policy"] == many["policy"] and one["fold_policies"] == many["fold_policies"]
+    assert one["sub"].equals(many["sub"])
+    assert np.allclose(one["probs"], many["probs"], atol=1e-6)
+    num = one["report"].select_dtypes("number").columns
+    assert np.allclose(one["report"][num].values, many["report"][num].values, atol=1e-6, equal_nan=True)
+    assert one["table"]["member"].tolist() == many["table"]["member"].tolist() and len(one["table"]) == 3
+    num = one["table"].select_dtypes("number").columns
+    assert np.allclose(one["table"][num].values, many["table"][num].values, atol=1e-6, equal_nan=True)
+    assert one["weights"].keys() == many["weights"].keys()
+    assert np.allclose(list(one["weights"].values()), list(many["weights"].values()), atol=1e-4)

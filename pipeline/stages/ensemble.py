@@ -28,7 +28,8 @@ from ..core.errors import PipelineError
 from ..core.predict.stored import PARTS, Stage4
 from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
 from ..core.predict.tta import BASELINE
-from ..core.predict.submission import Member, build_submission, combine, parse_members, submission_without_sample
+from ..core.predict.submission import (Member, build_submission, combine, mix, parse_members,
+                                       submission_without_sample)
 from ..core.files.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded,
                                      refuse_stale, stale_reasons, up_to_date)
 
@@ -36,7 +37,9 @@ log = logging.getLogger("pipeline")
 
 
 def load_member(member: Member) -> dict:
-    """A member's stage-4 predictions: its head's TTA-policy probabilities, or with `:plain` its no-TTA view's."""
+    """A member's stage-4 predictions: its head's TTA-policy probabilities, or with `:plain` its no-TTA view's (as
+    tables computed on demand: the mean, the geometric mean, the CV and the submission go through them in blocks of
+    rows; weights and hill climbing, which revisit every OOF row, read the members' OOF tables whole)."""
     run = layout.RunDir.of(member.exp)
     if not run.infer_summary.exists():
         raise PipelineError(f"ensemble member '{member}': {run.infer_summary} not found; run ./run.sh infer for "
@@ -50,7 +53,8 @@ def load_member(member: Member) -> dict:
         stored = Stage4.of(run, member.head, part, s)
         if part == "oof" and not stored.exists():
             continue
-        m[part] = {**stored.rows(), "probs": stored.probs(member.plain)}  # every view's logits stay on disk
+        # a ProbTable: computed from stage 4's features a block of rows at a time by whoever reads it
+        m[part] = {**stored.rows(), "probs": stored.prob_table(member.plain)}
     return m
 
 
@@ -171,7 +175,7 @@ def candidates(members: list[str], experiment: str) -> list[dict]:
                 m = load_member(Member(member.exp, h, plain))
                 if "oof" not in m:
                     raise PipelineError("ensemble.method=hill_climb needs OOF predictions (stage 4 with infer.oof on)")
-                out.append({**m, "candidate": m["name"], "oof_probs": m["oof"]["probs"],
+                out.append({**m, "candidate": m["name"], "oof_probs": np.asarray(m["oof"]["probs"]),
                             "test_probs": m["test"]["probs"]})
     return out
 
@@ -231,17 +235,17 @@ def run_hill_climb(e: EnsembleCfg, ev: EvalCfg, experiment: str,
     probs = [c["oof_probs"] for c in pool]
     rows = [{"member": c["candidate"], **oof_cv(ev, c["oof_probs"], y, fold), "_test": c["test_probs"]} for c in pool]
     mean_probs = [m["oof"]["probs"] for m in configured]
-    mean = oof_cv(ev, combine(mean_probs, "mean"), y, fold)
+    mean = oof_cv(ev, mix(mean_probs, "mean"), y, fold)
     rows.append({"member": "mean of the members (reference)", **mean,
-                 "_test": combine([m["test"]["probs"] for m in configured], "mean")})
+                 "_test": mix([m["test"]["probs"] for m in configured], "mean")})
     fit_loss = objective(e.weight_metric, ev.scorer)
     chosen = hill_climb(probs, y, fit_loss, e.hill_climb_steps)
     w = multiset_weights(chosen, len(pool))
     _, picks = honest_hill_climb(e, ev.scorer, probs, y, fold)
     ens = oof_cv(ev, nested_combine(probs, fold, [multiset_weights(p, len(pool)) for p in picks]), y, fold)
     keep = [i for i in range(len(pool)) if w[i] > 0]
-    rows.append({"member": "ensemble (hill_climb)", **ens, "_test": combine([pool[i]["test_probs"] for i in keep],
-                                                                             "weighted", w[keep])})
+    rows.append({"member": "ensemble (hill_climb)", **ens, "_test": mix([pool[i]["test_probs"] for i in keep],
+                                                                         "weighted", w[keep])})
     fold_weights = [{pool[i]["candidate"]: float(c) / len(p) for i, c in zip(*np.unique(p, return_counts=True))}
                     for p in picks]
     climb = {"chosen": [pool[i]["candidate"] for i in chosen], "start": pool[chosen[0]]["candidate"],
@@ -271,7 +275,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     classes = members[0]["summary"]["classes"]
     test = read_test_table(cfg.data, require_images=False)
     members, weights, rows, climb, fold_weights = combine_oof(cfg.ensemble, cfg.eval, cfg.experiment, members)
-    test_probs = combine([m.get("test_probs", m["test"]["probs"]) for m in members], cfg.ensemble.method, weights)
+    test_probs = mix([m.get("test_probs", m["test"]["probs"]) for m in members], cfg.ensemble.method, weights)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
         raise PipelineError(f"the test ids of {test_source(cfg.data)} differ from the members' predictions (order or set): "
                             f"re-run ./run.sh infer, or check the sample submission")
@@ -309,6 +313,8 @@ def combine_oof(e: EnsembleCfg, ev: EvalCfg, experiment: str,
     elif "oof" in members[0]:
         y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
         oofs = [m["oof"]["probs"] for m in members]
+        if method == "weighted":  # fitting weights revisits every row: the members' OOF tables whole
+            oofs = [np.asarray(p) for p in oofs]
         for m, p in zip(members, oofs):
             rows.append({"member": m["name"], **oof_cv(ev, p, y, fold)})
         if method == "weighted":
@@ -317,7 +323,7 @@ def combine_oof(e: EnsembleCfg, ev: EvalCfg, experiment: str,
             fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
             ens = oof_cv(ev, nested_combine(oofs, fold, fw), y, fold)  # every column from per-fold weights
         else:
-            ens = oof_cv(ev, combine(oofs, method), y, fold)
+            ens = oof_cv(ev, mix(oofs, method), y, fold)
         rows.append({"member": f"ensemble ({method})", **ens})
     elif method == "weighted":
         raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import PipelineError
 from ..files.artifacts import read_json, read_npz
 from ..files.layout import RunDir
-from .inference import nested_policy_blocks, policy_probs
+from .inference import MERGE_ROWS, nested_policy_blocks, policy_probs
 from .tta import BASELINE
 
 PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' held-out train rows
@@ -280,15 +280,53 @@ class Stage4:
     def probs(self, plain: bool = False) -> np.ndarray:
         """N x C probabilities: the policy's (float32), or with `plain` the no-TTA view's (float64), computed in
         blocks of rows from the views they merge."""
-        policy = [BASELINE] if plain else list(self.policy)
-        table, names = self.table(), self.views()
-        if self.fold_policies is None or plain:
-            return policy_probs(table, names, policy, self.merge, np.float64 if plain else np.float32)
-        fold = table.fold
-        out = np.empty(table.shape[1:], np.float32)
-        for a, block in nested_policy_blocks(table, names, [list(p) for p in self.fold_policies], fold, self.merge):
+        return np.asarray(self.prob_table(plain))
+
+    def prob_table(self, plain: bool = False) -> "ProbTable":
+        """`probs` as an N x C table computed on demand, a block of rows at a time (memory: the block)."""
+        policies = [[BASELINE]] if plain else ([list(self.policy)] if self.fold_policies is None
+                                               else [list(p) for p in self.fold_policies])
+        return ProbTable(self.table(), self.views(), policies, self.merge, np.float64 if plain else np.float32)
+
+
+class ProbTable:
+    """A head's N x C probabilities computed from its LogitTable on demand: `probs[a:b]` merges rows a..b of the
+    views a policy uses (one policy; or one per fold, fold k's held-out rows merged over fold k's, chosen without
+    them); np.asarray(probs) the whole table, a block of rows at a time. Stage 5 and the leaderboard read members
+    through it, so their memory is a block, not rows x classes per member."""
+
+    def __init__(self, table: LogitTable, names: list[str], policies: list[list[str]], merge: str, dtype):
+        used = sorted({names.index(v) for p in policies for v in p if v in names})
+        self.table, self.views, self.policies, self.merge = table, used, policies, merge
+        self.names = [names[i] for i in used]
+        self.dtype = np.dtype(dtype)
+        for p in policies:  # refused here, not at the first block
+            policy_probs(np.zeros((len(used), 0, 0)), self.names, p, merge)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.table.shape[1:]
+
+    def __len__(self) -> int:
+        return self.table.shape[1]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError("ProbTable: rows by slice (np.asarray(table) for the whole table)")
+        logits = self.table[self.views, rows]
+        if len(self.policies) == 1:
+            return policy_probs(logits, self.names, self.policies[0], self.merge, self.dtype)
+        fold = self.table.fold[rows]
+        out = np.empty(logits.shape[1:], self.dtype)
+        for a, block in nested_policy_blocks(logits, self.names, self.policies, fold, self.merge):
             out[a:a + len(block)] = block
         return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        for a in range(0, len(self), MERGE_ROWS):
+            out[a:a + MERGE_ROWS] = self[a:a + MERGE_ROWS]
+        return out if dtype is None else out.astype(dtype)
 
 
 @dataclass(frozen=True)

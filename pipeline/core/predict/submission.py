@@ -51,18 +51,47 @@ def parse_members(members: list[str], experiment: str) -> list[Member]:
 BLOCK_ROWS = 4096  # rows combined at a time (every method but rank is per row: the same numbers, less memory)
 
 
-def combine(probs: list[np.ndarray], method: str, weights: np.ndarray | None = None) -> np.ndarray:
+def combine(probs: list, method: str, weights: np.ndarray | None = None) -> np.ndarray:
     """N x C probabilities (float64) of members (weights: non-negative, summing to 1; default equal)."""
+    return np.asarray(mix(probs, method, weights))
+
+
+def mix(probs: list, method: str, weights: np.ndarray | None = None) -> "Mix | np.ndarray":
+    """`combine` without the N x C result: a Mix computed a block of rows at a time from the members' tables
+    (arrays, or tables sliced by rows such as stored.ProbTable); rank (per class, across every row) is dense."""
     if method not in METHODS:
         raise PipelineError(f"unknown ensemble method '{method}' (one of {list(METHODS)})")
     w = np.full(len(probs), 1.0 / len(probs)) if weights is None else np.asarray(weights, float)
     if method == "rank":
-        return _combine(probs, method, w)
-    n = len(probs[0])
-    out = np.empty(probs[0].shape, np.float64)
-    for a in range(0, n, BLOCK_ROWS):
-        out[a:a + BLOCK_ROWS] = _combine([x[a:a + BLOCK_ROWS] for x in probs], method, w)
-    return out
+        return _combine([np.asarray(x) for x in probs], method, w)
+    return Mix(probs, method, w)
+
+
+class Mix:
+    """Members' probabilities combined per row (mean, weighted, geometric mean) on demand: `mixed[a:b]` is rows a..b
+    (float64); np.asarray(mixed) the whole table, BLOCK_ROWS at a time."""
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, probs: list, method: str, w: np.ndarray):
+        self.probs, self.method, self.w = probs, method, w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.probs[0].shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError("Mix: rows by slice (np.asarray(mixed) for the whole table)")
+        return _combine([x[rows] for x in self.probs], self.method, self.w)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, np.float64)
+        for a in range(0, len(self), BLOCK_ROWS):
+            out[a:a + BLOCK_ROWS] = self[a:a + BLOCK_ROWS]
+        return out if dtype is None else out.astype(dtype)
 
 
 def _combine(probs: list[np.ndarray], method: str, w: np.ndarray) -> np.ndarray:
@@ -105,7 +134,7 @@ def build_submission(sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, c
         if cols[1:] != [label_col]:
             raise PipelineError(f"{where}: expected columns [{cols[0]}, {label_col}] for a label submission, found "
                                 f"{cols} (ensemble.submission=proba writes one column per class)")
-        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values, cols[1]: [classes[i] for i in probs.argmax(1)]})
+        sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values, cols[1]: [classes[i] for i in top_k(probs, 1)[:, 0]]})
     else:
         names = [str(c) for c in classes]
         unknown = [c for c in cols[1:] if c not in names]
@@ -114,6 +143,7 @@ def build_submission(sample: pd.DataFrame, ids: np.ndarray, probs: np.ndarray, c
             raise PipelineError(f"{where}: probability columns must be the class names; unknown columns "
                                 f"{unknown}, classes without a column {missing}")
         sub = pd.DataFrame({cols[0]: sample.iloc[:, 0].values})
+        probs = np.asarray(probs)  # one column per class: the table is the submission
         for c in cols[1:]:
             sub[c] = probs[:, names.index(c)]
     validate_submission(sub, sample, kind)
@@ -126,8 +156,9 @@ def submission_without_sample(ids: np.ndarray, probs: np.ndarray, classes: list,
     if kind == "topk":
         return pd.DataFrame({id_col: ids, label_col: top_labels(probs, classes, k)})
     if kind == "label":
-        return pd.DataFrame({id_col: ids, label_col: [classes[i] for i in probs.argmax(1)]})
+        return pd.DataFrame({id_col: ids, label_col: [classes[i] for i in top_k(probs, 1)[:, 0]]})
     sub = pd.DataFrame({id_col: ids})
+    probs = np.asarray(probs)
     for i, c in enumerate(classes):
         sub[str(c)] = probs[:, i]
     return sub

@@ -23,7 +23,7 @@ from ...core.config import AugCfg, Config, ModelCfg, TrainCfg, flatten, load_con
 from ...core.errors import PipelineError
 from ...core.files.layout import RunDir
 from ...core.inputs.data import private_score, read_test_labels
-from ...core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, softmax
+from ...core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores
 from ...core.files.provenance import changed_keys
 from ...core.predict.submission import Member
 from ...core.predict.inference import FIXRES
@@ -87,12 +87,12 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
     def stage4(stored: Stage4, plain: bool) -> dict:
         o = stored.rows()
         rows = (row_scores(o["y"], logits=stored.view_logits(), dtype=np.float64) if plain
-                else row_scores(o["y"], probs=stored.probs()))
+                else row_scores(o["y"], probs=stored.prob_table()))
         return {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "rows": rows}
 
     def test_probs(stored: Stage4, plain: bool):
         def load():
-            return softmax(stored.view_logits().astype(np.float64)) if plain else stored.probs()
+            return stored.prob_table(plain)  # read a block of rows at a time by the scorer
         return load
 
     joint = per_fold([HeldOut.of(run, k) for k in range(K)])
