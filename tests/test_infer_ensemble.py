@@ -402,3 +402,23 @@ def test_stages_4_and_5_in_many_small_blocks_equal_one_block(run_a, monkeypatch,
     assert np.allclose(one["table"][num].values, many["table"][num].values, atol=1e-6, equal_nan=True)
     assert one["weights"].keys() == many["weights"].keys()
     assert np.allclose(list(one["weights"].values()), list(many["weights"].values()), atol=1e-4)
+    if method == "mean":  # the per-row scores the stages store for the reports are the ones their logits give
+        from pipeline.core.predict.metrics import row_scores
+        from pipeline.core.predict.stored import Stage4
+
+        run = cfg.run_dir
+        for k in (0, 1):
+            for v in (None, "crt"):
+                held = HeldOut.of(run, k, v)
+                o, stored_rows = held.read(), held.scores()["rows"]
+                fresh = row_scores(o["y"], logits=o["logits"], dtype=np.float64)
+                assert np.array_equal(stored_rows.pred, fresh.pred) and np.array_equal(stored_rows.place, fresh.place)
+                assert np.allclose(stored_rows.logp, fresh.logp, atol=1e-9)
+        for h in ("joint", "crt"):
+            s4 = Stage4.of(run, h, "oof")
+            y = s4.rows()["y"]
+            for plain, fresh in ((True, row_scores(y, logits=s4.view_logits(), dtype=np.float64)),
+                                 (False, row_scores(y, probs=s4.probs()))):
+                got = s4.scores(plain)
+                assert np.array_equal(got.pred, fresh.pred) and np.array_equal(got.place, fresh.place)
+                assert np.allclose(got.logp, fresh.logp, atol=1e-5)

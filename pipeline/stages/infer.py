@@ -11,6 +11,7 @@ Output:  runs/<exp>/infer/features/<backbone>/test.npy, held<k>.npy   pooled fea
          runs/<exp>/infer/rows.npz   test ids; held-out ids, y, fold; classes
          (a head's logits and probabilities: computed by their reader, core/predict/stored.Stage4, from the
          features and the heads the manifest in summary.json names; the policy merged from summary.json)
+         runs/<exp>/infer/scores.npz       per head, the held-out rows' per-row scores (no TTA, the policy)
          runs/<exp>/infer/report.csv       CV without TTA, with each view alone, with the policy
          runs/<exp>/infer/summary.json     written last: heads, primary head, policy, CV, provenance
 Every fold's model predicts the test images (its probabilities are averaged over folds) and its
@@ -493,13 +494,14 @@ def run(cfg: Config, force: bool = False) -> dict:
         if best is not None:  # the test images: the variant best on all folds
             store.alias("best", best["all"])
         policy = default_policy(cfg.infer, names)
-        report, searched, fold_policies = [], False, None
+        report, searched, fold_policies, scores = [], False, None, {}
         if inp.oof_df is not None and cfg.infer.search:  # test images: chosen on every OOF row; fold k's rows: on
             policy, fold_policies = search_policies(job, inp, store.table(heads[0], "oof"), names)  # the others'
             searched = True
         if inp.oof_df is not None:
             for h in heads:  # logits computed from the stored features in blocks of rows
-                report += tta_report(job, inp, h, store.table(h, "oof"), names, policy, fold_policies)
+                report += tta_report(job, inp, h, store.table(h, "oof"), names, policy, fold_policies, scores)
+            write_npz(cfg.run_dir.infer_scores, **scores)
         report = pd.DataFrame(report)
         if not report.empty:
             write_csv(cfg.run_dir.infer_report, report)
@@ -544,10 +546,11 @@ def best_choice(job: Job, inp: Inputs) -> dict:
 
 
 def tta_report(job: Job, inp: Inputs, h: str, logits: LogitTable, names: list[str], policy: list[str],
-               fold_policies: list[list[str]] | None) -> list[dict]:
+               fold_policies: list[list[str]] | None, scores: dict) -> list[dict]:
     """CV of head h without TTA, with each view alone and with the policy (all on OOF). A searched policy is
     scored nested (fold k's rows with the views chosen on the other folds); the policy chosen on every row is
-    shown too, labelled as optimistic (it was chosen on the rows it is scored on)."""
+    shown too, labelled as optimistic (it was chosen on the rows it is scored on). The per-row scores without TTA
+    and with the (nested) policy go into `scores` (infer/scores.npz: what the reports read)."""
     rows = []
     selections = [("no TTA", [BASELINE])] + [(f"{n} alone", [n]) for n in names] + [("policy", policy)]
     fold, y = inp.oof_df["fold"].values, inp.oof_df["y"].values
@@ -556,10 +559,19 @@ def tta_report(job: Job, inp: Inputs, h: str, logits: LogitTable, names: list[st
             rs = RowScores.concat([row_scores(y[a:a + len(b)], b) for a, b in
                                    nested_policy_blocks(logits, names, fold_policies, fold, job.infer.merge)])
             rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
+            scores.update(score_arrays(h, "policy", rs))
             label = SELECTED_ON_ALL
         rs = policy_rows(logits, names, sel, job.infer.merge, y)
         rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
+        if label in ("no TTA", "policy"):
+            scores.update(score_arrays(h, "plain" if label == "no TTA" else "policy", rs))
     return rows
+
+
+def score_arrays(head: str, form: str, rs: RowScores) -> dict[str, np.ndarray]:
+    """infer/scores.npz's arrays of one head's per-row scores (`form`: plain, policy): stored.Stage4.scores reads
+    them."""
+    return {f"{head}__{form}__{k}": v for k, v in rs.arrays().items()}
 
 
 SELECTED_ON_ALL = "policy chosen on all OOF rows (optimistic: not ranked)"
@@ -571,6 +583,7 @@ def start_store(job: Job, inp: Inputs, names: list[str]) -> Store:
     of stage-4 outputs made before #35); the rows predicted are written."""
     run = job.run
     run.infer_summary.unlink(missing_ok=True)
+    run.infer_scores.unlink(missing_ok=True)
     for old in [run.infer_features_dir, *run.infer_legacy()]:
         shutil.rmtree(old, ignore_errors=True)
     classes = np.array([str(c) for c in inp.classes])

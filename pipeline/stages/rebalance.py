@@ -359,7 +359,8 @@ def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: boo
             h.save(fd.inner_head(v, j), {**record, "inner_split": j, "chosen_without_it": to_builtin(
                 o["record"]["chosen_per_inner_fold"][j])})
         where = {"source": np.array(o.get("source", "features")), **o.get("where", {})}
-        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], inner=o["inner"], **where)
+        rs = row_scores(feats["valid_y"], logits=o["logits"], dtype=np.float64)  # what the reports read
+        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], inner=o["inner"], **where, **rs.arrays())
         variants[v] = {"metrics": o["metrics"], **o["record"]}
     summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from,
                "env": environment()}
@@ -405,10 +406,10 @@ def report(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict]) -> 
     for v in variants:
         per = pd.DataFrame([s["variants"][v]["metrics"] for s in summaries])
         ys, parts = [], []
-        for s in summaries:  # one fold's rows at a time, their logits in blocks of rows
-            o = HeldOut.of(job.run, s["fold"], v).lazy()
-            ys.append(o["y"])
-            parts.append(row_scores(o["y"], logits=o["logits"]))
+        for s in summaries:  # each fold's per-row scores, stored beside its held-out rows
+            held = HeldOut.of(job.run, s["fold"], v).scores()
+            ys.append(held["y"])
+            parts.append(held["rows"])
         pooled = compute(np.concatenate(ys), None, counts * (k_folds - 1) / k_folds,
                          ev.many_shot, ev.few_shot, metric, rows=RowScores.concat(parts))
         row = {"variant": v, f"{metric}_mean": per["score"].mean(), f"{metric}_std": per["score"].std(ddof=0),

@@ -55,7 +55,7 @@ from ..core.files.layout import FULL_FIT, FoldDir, RunDir
 from ..core.engine.loop import EpochResult, Step, run_epoch, sync_interval
 from ..core.nets.heads import probe_head
 from ..core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
-from ..core.predict.metrics import better, compute, row_scores
+from ..core.predict.metrics import RowScores, better, compute, row_scores
 from ..core.predict.stored import stage2_logits
 from ..core.nets.models import Normalize, clean_state_dict, create_model, norm_stats, to_input, write_state_dict
 from ..core.report.progress import Progress, progress
@@ -440,9 +440,9 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
     if not all(np.isfinite(a).all() for a in outs["raw"].values()):
         raise _diverged(r.label, f"outputs at epoch {epoch + 1}, validation", r.paths.checkpoint)
     kept = kept_sources(job.train.select, n.ema is not None)
-    for src, out in outs.items():
-        m = compute(d.y_va, None, d.counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer,
-                    rows=row_scores(d.y_va, logits=stage2_logits(out)))
+    for src, out in outs.items():  # per-row scores in float64, as the leaderboard reads them from oof.npz
+        rs = row_scores(d.y_va, logits=stage2_logits(out), dtype=np.float64)
+        m = compute(d.y_va, None, d.counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer, rows=rs)
         prefix = "" if src == "raw" else "ema_"
         if src == "raw":
             row["valid_loss"] = m["log_loss"]
@@ -454,7 +454,7 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
             best[src] = {"score": m["score"], "epoch": epoch + 1}
             state = n.ema.module.state_dict() if src == "ema" else n.model.state_dict()
             write_state_dict(r.paths.best(src), state, {"epoch": epoch + 1, "source": src})
-            write_npz(r.paths.oof_of(src), ids=d.valid_ids, y=d.y_va, **out)
+            write_npz(r.paths.oof_of(src), ids=d.valid_ids, y=d.y_va, **out, **rs.arrays())
 
 
 def end_epoch(r: FoldRun, epoch: int, row: dict, tracker) -> None:
@@ -595,7 +595,8 @@ def finish(r: FoldRun) -> dict:
             shutil.copyfile(src, tmp)
     oof = read_npz(r.paths.oof)
     final = compute(r.data.y_va, None, r.data.counts, job.eval.many_shot, job.eval.few_shot,
-                    job.eval.scorer, rows=row_scores(r.data.y_va, logits=stage2_logits(oof)))
+                    job.eval.scorer, rows=RowScores.of_arrays(oof) or row_scores(r.data.y_va, logits=stage2_logits(oof),
+                                                                                   dtype=np.float64))
     summary = _summary(r, fold=r.k, chosen=chosen, epoch=best[chosen]["epoch"], score=final["score"],
                        metric=job.eval.scorer, metrics=final, best=best,
                        chosen_on_held_out=held_out_choices(job.train))

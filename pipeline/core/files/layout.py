@@ -220,6 +220,10 @@ class RunDir:
         return self.infer / "report.csv"
 
     @property
+    def infer_scores(self) -> Path:  # per head: the held-out rows' per-row scores without TTA and with the policy
+        return self.infer / "scores.npz"
+
+    @property
     def infer_rows(self) -> Path:  # the rows stage 4 predicted: test ids; held-out ids, labels, folds; classes
         return self.infer / "rows.npz"
 

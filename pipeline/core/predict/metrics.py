@@ -47,6 +47,18 @@ class RowScores:
     def take(self, rows) -> "RowScores":
         return RowScores(*(getattr(self, f)[rows] for f in self.FIELDS), self.n_classes)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields as arrays named for a stage's npz file (`rs_pred`, ..., `rs_n_classes`): what the leaderboard
+        and the reports read instead of recomputing rows x classes (O(rows) on disk)."""
+        return {**{f"rs_{f}": getattr(self, f) for f in self.FIELDS}, "rs_n_classes": np.array(self.n_classes)}
+
+    @staticmethod
+    def of_arrays(o: dict) -> "RowScores | None":
+        """RowScores stored by `arrays`, or None when the file has none (written before they were)."""
+        if "rs_pred" not in o:
+            return None
+        return RowScores(*(o[f"rs_{f}"] for f in RowScores.FIELDS), int(o["rs_n_classes"]))
+
     @staticmethod
     def concat(parts: list["RowScores"]) -> "RowScores":
         return RowScores(*(np.concatenate([getattr(p, f) for p in parts]) for f in RowScores.FIELDS),

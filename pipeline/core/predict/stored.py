@@ -14,6 +14,7 @@ from ..errors import PipelineError
 from ..files.artifacts import read_json, read_npz
 from ..files.layout import RunDir
 from .inference import MERGE_ROWS, nested_policy_blocks, policy_probs
+from .metrics import RowScores, row_scores
 from .tta import BASELINE
 
 PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' held-out train rows
@@ -270,6 +271,15 @@ class Stage4:
             raise PipelineError(f"stage 4 of '{self.run.name}' has no {self.part} predictions of head '{self.head}'")
         return LogitTable(self.store, self.head, self.part, self.rows(), StoredFiles(self.run))
 
+    def scores(self, plain: bool) -> RowScores | None:
+        """The held-out rows' per-row scores stage 4 stored (infer/scores.npz; float64, `plain`: without TTA, else
+        the policy, fold k's rows by fold k's own when searched), or None where it stored none."""
+        if self.part != "oof" or not self.run.infer_scores.exists():
+            return None
+        prefix = f"{self.head}__{'plain' if plain else 'policy'}__"
+        o = read_npz(self.run.infer_scores)
+        return RowScores.of_arrays({k[len(prefix):]: v for k, v in o.items() if k.startswith(prefix)})
+
     def view_logits(self, view: str = BASELINE) -> np.ndarray:
         """N x C logits of one view (that view alone is computed, not every view's rows x classes)."""
         views = self.views()
@@ -369,6 +379,16 @@ class HeldOut:
         """ids, y and logits (rows x classes, float32; stage 3: also inner)."""
         o = self.lazy()
         return {**o, "logits": np.asarray(o["logits"], np.float32)}
+
+    def scores(self) -> dict:
+        """ids, y and `rows`: the held-out rows' metrics.RowScores (float64 softmax), as the stage stored them
+        beside the rows (O(rows): no logits computed), else computed from the logits in blocks of rows."""
+        o = read_npz(self.path, skip=("feats", "weight", "bias", "logits"))
+        rows = RowScores.of_arrays(o)
+        if rows is None:
+            lazy = self.lazy()
+            rows = row_scores(lazy["y"], logits=lazy["logits"], dtype=np.float64)
+        return {"ids": o["ids"], "y": o["y"], "rows": rows}
 
     def lazy(self) -> dict:
         """ids, y (stage 3: inner) and `logits`: a stage-2 fold's as HeadRows (its features x its classifier), a

@@ -77,17 +77,19 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
             return None
         ids, ys, parts = [], [], []
         for f in files:
-            p = f.lazy()  # a stage-2 fold's logits: its features x its classifier, a block of rows at a time
+            p = f.scores()  # the per-row scores the stage stored beside the rows (O(rows))
             ids.append(p["ids"])
             ys.append(p["y"])
-            parts.append(row_scores(p["y"], logits=p["logits"], dtype=np.float64))
+            parts.append(p["rows"])
         return {"ids": np.concatenate(ids), "y": np.concatenate(ys),
                 "fold": np.concatenate([np.full(len(i), k) for k, i in enumerate(ids)]), "rows": RowScores.concat(parts)}
 
     def stage4(stored: Stage4, plain: bool) -> dict:
         o = stored.rows()
-        rows = (row_scores(o["y"], logits=stored.view_logits(), dtype=np.float64) if plain
-                else row_scores(o["y"], probs=stored.prob_table()))
+        rows = stored.scores(plain)  # stage 4's own per-row scores; else computed in blocks of rows
+        if rows is None:
+            rows = (row_scores(o["y"], logits=stored.view_logits(), dtype=np.float64) if plain
+                    else row_scores(o["y"], probs=stored.prob_table()))
         return {"ids": o["ids"], "y": o["y"], "fold": o["fold"], "rows": rows}
 
     def test_probs(stored: Stage4, plain: bool):
