@@ -302,7 +302,7 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
     assert not np.array_equal(moved["test"], before["e_tau"]["test"])
 
     # ensemble weights (weighted, hill climbing) for fold 0: fit without fold 0's rows
-    members = [ens_stage.load_member(Member("t", h))["oof"]["probs"] for h in ("crt", "tau")]
+    members = [np.asarray(ens_stage.load_member(Member("t", h))["oof"]["probs"]) for h in ("crt", "tau")]
     ycfg = cfg_of(cfg.data.root, "t", *T3)
 
     def perfect(i: int, where: np.ndarray) -> list[np.ndarray]:
