@@ -372,7 +372,7 @@ def test_stage4_reader_computes_every_head_view_and_block_from_features_as_brute
 def test_stages_4_and_5_in_many_small_blocks_equal_one_block(run_a, monkeypatch, method):
     """#35: a test set (and OOF rows) larger than one block of rows gives what one block gives: stage 4's stored
     features, its TTA search and report, stage 5's member and ensemble CV and the submission."""
-    from pipeline.core.predict import inference, metrics, stored, submission
+    from pipeline.core.predict import metrics
 
     extra = ["infer.heads=[joint,crt]", "infer.views=[orig,hflip]", "infer.search=true", "infer.batch_size=4",
              "infer.features=float32",
@@ -380,9 +380,8 @@ def test_stages_4_and_5_in_many_small_blocks_equal_one_block(run_a, monkeypatch,
     out = {}
     for blocks in ("one", "many"):
         if blocks == "many":  # blocks of 3 rows: the 9 test and 26 held-out rows span several, the last one short
-            for mod, name in ((inference, "MERGE_ROWS"), (stored, "MERGE_ROWS"), (submission, "BLOCK_ROWS"),
-                              (metrics, "_CHUNK")):
-                monkeypatch.setattr(mod, name, 3)
+            monkeypatch.setattr(metrics, "BLOCK_BYTES", 3 * 8 * 3)  # 3 rows of 3 classes, float64
+            assert metrics.block_rows(3) == 3
         cfg = cfg_of(run_a.data.root, "a", *extra)
         s4 = infer_stage.run(cfg, force=True)
         s5 = ens_stage.run(cfg, force=True)

@@ -93,10 +93,10 @@ def test_cross_fit_never_scores_a_row_with_a_value_chosen_on_it():
     # param 'a' is perfect on inner fold 0 only, 'b' on inner fold 1 only
     good, bad = np.eye(2)[y] * 5, np.eye(2)[1 - y] * 5
     cands = {"a": np.where(inner[:, None] == 0, good, bad), "b": np.where(inner[:, None] == 1, good, bad)}
-    acc = lambda yy, lg: float((lg.argmax(1) == yy).mean())  # noqa: E731
-    logits, final, per_split, curve = cross_fit(cands, y, inner, "accuracy")
+    rows, final, per_split, curve = cross_fit(cands, y, inner, "accuracy")
     assert per_split == ["b", "a"]                       # each part uses the value the *other* part chose
-    assert acc(y, logits) == 0.0                         # honest: the in-sample choice would claim 1.0
+    assert float((rows.pred == y).mean()) == 0.0         # honest: the in-sample choice would claim 1.0
+    assert np.array_equal(rows.place, np.full(len(y), 2))  # each row scored by the wrong-way candidate
     assert curve == {"a": 0.5, "b": 0.5}
 
 

@@ -45,7 +45,7 @@ from ..core.nets.heads import VARIANTS, FitInputs, Head, cross_fit, heads_with_c
 from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT, FoldDir
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
-from ..core.predict.stored import HeldOut
+from ..core.predict.stored import HeadRows, HeldOut
 from ..core.files.provenance import (Expect, environment, feature_record, full_summary, keep_image_snapshots,
                                      probe_features_record, stage2_summary, stage3_record, stale_reasons,
                                      train_images, train_record, up_to_date)
@@ -239,12 +239,11 @@ def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
         x = models.extract_features(model, loader, norm, device, dtype, fmt)
         head = Head(((1 - a) * fp.head.weight + a * feats["joint_weight"]).astype(np.float32),
                     ((1 - a) * fp.head.bias + a * feats["joint_bias"]).astype(np.float32))
-        logits = head.logits(x)
-        metrics = compute(y_va, None, counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer,
-                          rows=row_scores(y_va, logits=logits))
+        rows = row_scores(y_va, logits=HeadRows(head, x), dtype=np.float64)
+        metrics = compute(y_va, None, counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer, rows=rows)
         log.info("fold %d: WiSE-FT alpha %g scored on %d held-out rows in %.1fs", k, a, len(rows),
                  time.perf_counter() - t0)
-        yield wise_name(a), {"head": head, "logits": logits, "record": {"alpha": a},
+        yield wise_name(a), {"head": head, "rows": rows, "record": {"alpha": a},
                              "inner": inner, "metrics": metrics, "source": "own", "where": {"feats": x}}
 
 
@@ -268,16 +267,17 @@ class _Keyed(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- variants
 def choose(heads: dict, param: str, x_va: np.ndarray, y_va: np.ndarray, inner: np.ndarray, metric: str,
            fixed=None, cands: dict | None = None) -> dict:
-    """One tuned variant: {param value: head} -> the head chosen on the whole held-out fold, the
-    honest (cross-fitted) held-out logits, and the record of the choice. `fixed`: no tuning; `cands`: the
-    held-out logits of every head (or functions computing them) when the variant provides them."""
-    cands = cands if cands is not None else {p: (lambda h=h: h.logits(x_va)) for p, h in heads.items()}
+    """One tuned variant: {param value: head} -> the head chosen on the whole held-out fold, the honest
+    (cross-fitted) held-out per-row scores (float64 softmax), and the record of the choice. `fixed`: no tuning;
+    `cands`: the held-out logits of every head (or functions computing them) when the variant provides them; else
+    each head's logits are computed a block of rows at a time (no rows x classes table)."""
+    cands = cands if cands is not None else {p: HeadRows(h, x_va) for p, h in heads.items()}
     if fixed is not None:
         lg = cands[fixed]
-        return {"head": heads[fixed], "logits": lg() if callable(lg) else lg,
+        return {"head": heads[fixed], "rows": row_scores(y_va, logits=lg() if callable(lg) else lg, dtype=np.float64),
                 "record": {param: fixed, "tuned": False}}
-    logits, final, per_split, curve = cross_fit(cands, y_va, inner, metric)
-    return {"head": heads[final], "logits": logits, "inner_heads": [heads[c] for c in per_split],
+    rows, final, per_split, curve = cross_fit(cands, y_va, inner, metric)
+    return {"head": heads[final], "rows": rows, "inner_heads": [heads[c] for c in per_split],
             "record": {param: final, "chosen_per_inner_fold": per_split, "curve": curve, "tuned": True}}
 
 
@@ -295,14 +295,13 @@ def fit_variants(r: RebalanceCfg, ev: EvalCfg, feats: dict, w: np.ndarray, b: np
         heads, cands = spec.fit(r, f)
         if spec.tuned is None:
             h = heads[None]
-            o = {"head": h, "logits": h.logits(x_va), "record": {}}
+            o = {"head": h, "rows": row_scores(y_va, logits=HeadRows(h, x_va), dtype=np.float64), "record": {}}
         else:
             o = choose(heads, spec.tuned, x_va, y_va, inner, "log_loss" if spec.rule == "log_loss" else metric,
                        fixed=spec.fixed(r) if spec.fixed else None, cands=cands)
             if spec.record:
                 spec.record(o["record"])
-        o["metrics"] = compute(y_va, None, counts, ev.many_shot, ev.few_shot, metric,
-                               rows=row_scores(y_va, logits=o["logits"]))
+        o["metrics"] = compute(y_va, None, counts, ev.many_shot, ev.few_shot, metric, rows=o["rows"])
         o["inner"] = inner  # each held-out row's inner split
         yield v, o
 
@@ -359,8 +358,8 @@ def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: boo
             h.save(fd.inner_head(v, j), {**record, "inner_split": j, "chosen_without_it": to_builtin(
                 o["record"]["chosen_per_inner_fold"][j])})
         where = {"source": np.array(o.get("source", "features")), **o.get("where", {})}
-        rs = row_scores(feats["valid_y"], logits=o["logits"], dtype=np.float64)  # what the reports read
-        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], inner=o["inner"], **where, **rs.arrays())
+        write_npz(fd.head_oof(v), ids=feats["valid_ids"], y=feats["valid_y"], inner=o["inner"], **where,
+                  **o["rows"].arrays())  # the per-row scores (float64 softmax): what the reports read
         variants[v] = {"metrics": o["metrics"], **o["record"]}
     summary = {"fold": k, "variants": variants, "seconds": time.perf_counter() - t0, "made_from": made_from,
                "env": environment()}

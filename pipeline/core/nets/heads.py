@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import PipelineError
 from ..engine.loop import Step, run_epoch
-from ..predict.metrics import GREATER_IS_BETTER, row_scores, score_rows
+from ..predict.metrics import GREATER_IS_BETTER, RowScores, row_scores, score_rows
 from ..inputs.samplers import epoch_indices
 
 
@@ -287,15 +287,17 @@ def checkpoint_epochs(epochs: int, n: int = 4) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- honest tuning
-def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str) -> tuple[np.ndarray, object, list, dict]:
+def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str,
+              dtype=np.float64) -> tuple[RowScores, object, list, dict]:
     """Choose a hyper-parameter without scoring on the rows that chose it.
 
-    candidates: {param: logits of the held-out rows, or a function computing them}. `inner` gives each held-out
-    row an inner fold. Each inner fold's logits come from the param chosen on the other inner folds
-    (cross-fitting), so the assembled logits are an honest out-of-fold estimate. Also returns the param chosen
-    on all held-out rows (what the saved head uses), the per-inner-fold choices, and the curve of `metric` on
-    all rows against param. Each candidate is reduced to per-row scores (metrics.RowScores) as it comes: memory
-    holds one candidate's rows x classes at a time, not every candidate's.
+    candidates: {param: logits of the held-out rows (an array, or a table computed a block of rows at a time such
+    as stored.HeadRows), or a function giving them}. `inner` gives each held-out row an inner fold. Each inner
+    fold's rows are scored with the param chosen on the other inner folds (cross-fitting), so the assembled
+    per-row scores (metrics.RowScores, softmax in `dtype`) are an honest out-of-fold estimate. Also returns the
+    param chosen on all held-out rows (what the saved head uses), the per-inner-fold choices, and the curve of
+    `metric` on all rows against param. Each candidate is reduced to per-row scores as it comes: memory holds one
+    block of one candidate's rows x classes at a time (a table) or one candidate's (an array).
     """
     params = list(candidates)
 
@@ -303,7 +305,7 @@ def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str) -
         c = candidates[p]
         return c() if callable(c) else c
 
-    rows = {p: row_scores(y, logits=logits(p)) for p in params}
+    rows = {p: row_scores(y, logits=logits(p), dtype=dtype) for p in params}
     pick = (lambda vals: int(np.argmax(vals))) if GREATER_IS_BETTER[metric] else (lambda vals: int(np.argmin(vals)))
     splits = np.unique(inner)
     per_split = []
@@ -312,14 +314,10 @@ def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str) -
         per_split.append(params[pick([score_rows(metric, y[tune], rows[p].take(tune)) for p in params])])
     curve = {p: score_rows(metric, y, rows[p]) for p in params}
     final = params[pick([curve[p] for p in params])]
-    out = None
-    for p in dict.fromkeys(per_split):
-        lg = logits(p)
-        out = np.zeros_like(lg) if out is None else out
-        for j, chosen in zip(splits, per_split):
-            if chosen == p:
-                out[inner == j] = lg[inner == j]
-    return out, final, per_split, curve
+    which = np.empty(len(y), np.int64)
+    for j, chosen in zip(splits, per_split):
+        which[inner == j] = params.index(chosen)
+    return RowScores.pick([rows[p] for p in params], which), final, per_split, curve
 
 
 # ----------------------------------------------------------------------------- the variants

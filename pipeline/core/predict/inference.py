@@ -17,7 +17,7 @@ from ..config import InferCfg, TrainCfg
 from ..errors import PipelineError
 from ..nets.heads import Head
 from ..inputs.images import ImageDataset
-from .metrics import RowScores, row_scores
+from .metrics import RowScores, block_rows, row_scores
 from ..engine.runtime import autocast, make_loader, memory_format, workers
 from .tta import VIEWS, merge, sizes, view_name
 from ..inputs.pixels import Pixels
@@ -188,9 +188,6 @@ def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], lis
     return out
 
 
-MERGE_ROWS = 4096  # rows merged at a time: merging is per row, so blocks give the same numbers in less memory
-
-
 def policy_probs(view_logits: np.ndarray, names: list[str], policy: list[str], how: str,
                  dtype=np.float64) -> np.ndarray:
     """N x C probabilities of the policy's views (rows of `view_logits`, named by `names`) merged (in float64, in
@@ -201,16 +198,18 @@ def policy_probs(view_logits: np.ndarray, names: list[str], policy: list[str], h
     sel = [names.index(n) for n in policy]
     n = view_logits.shape[1]
     out = np.empty((n, view_logits.shape[2]), dtype)
-    for a in range(0, n, MERGE_ROWS):
-        out[a:a + MERGE_ROWS] = merge(view_logits[sel, a:a + MERGE_ROWS], how)
+    step = block_rows(view_logits.shape[2])  # merging is per row: blocks give the same numbers in less memory
+    for a in range(0, n, step):
+        out[a:a + step] = merge(view_logits[sel, a:a + step], how)
     return out
 
 
 def nested_policy_blocks(logits, names: list[str], fold_policies: list[list[str]], fold: np.ndarray, merge: str):
     """OOF probabilities (float64) in blocks of rows, fold k's rows merged over fold k's policy (chosen without
     them): yields (first row, block)."""
-    for a in range(0, logits.shape[1], MERGE_ROWS):
-        block, f = logits[:, a:a + MERGE_ROWS], fold[a:a + MERGE_ROWS]
+    step = block_rows(logits.shape[2])
+    for a in range(0, logits.shape[1], step):
+        block, f = logits[:, a:a + step], fold[a:a + step]
         out = np.empty(block.shape[1:], np.float64)
         for k, pol in enumerate(fold_policies):
             if (f == k).any():
@@ -220,12 +219,14 @@ def nested_policy_blocks(logits, names: list[str], fold_policies: list[list[str]
 
 def policy_blocks(logits, names: list[str], policy: list[str], merge: str):
     """The policy's OOF probabilities (float64) in blocks of rows: yields (first row, block)."""
-    for a in range(0, logits.shape[1], MERGE_ROWS):
-        yield a, policy_probs(logits[:, a:a + MERGE_ROWS], names, policy, merge)
+    step = block_rows(logits.shape[2])
+    for a in range(0, logits.shape[1], step):
+        yield a, policy_probs(logits[:, a:a + step], names, policy, merge)
 
 
 def policy_rows(view_logits: np.ndarray, names: list[str], policy: list[str], how: str, y: np.ndarray) -> RowScores:
     """metrics.RowScores of `policy_probs` (float64), computed block by block: O(rows) memory."""
-    parts = [row_scores(y[a:a + MERGE_ROWS], policy_probs(view_logits[:, a:a + MERGE_ROWS], names, policy, how))
-             for a in range(0, view_logits.shape[1], MERGE_ROWS)]
+    step = block_rows(view_logits.shape[2])
+    parts = [row_scores(y[a:a + step], policy_probs(view_logits[:, a:a + step], names, policy, how))
+             for a in range(0, view_logits.shape[1], step)]
     return RowScores.concat(parts)

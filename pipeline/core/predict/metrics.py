@@ -21,7 +21,15 @@ class _ByBase(dict):
 GREATER_IS_BETTER = _ByBase({"accuracy": True, "macro_f1": True, "balanced_accuracy": True, "log_loss": False,
                              "qwk": True, "top_k_accuracy": True, "map_at_k": True})
 TOP_K = ("top_k_accuracy", "map_at_k")  # eval.metric values that take eval.top_k: scored as "<metric>@<k>"
-_CHUNK = 2048  # rows per block where an N x C temporary is needed: memory grows with rows + classes
+BLOCK_BYTES = 4 << 20  # an N x C float64 temporary is made this many bytes at a time (see block_rows)
+
+
+def block_rows(n_classes: int) -> int:
+    """Rows per block where an N x C temporary is needed: memory grows with rows + classes, and a block of a few
+    MB stays in the cache and is reused by the allocator (blocks of tens of MB are mapped and unmapped, page by
+    page, each time: at 10,000 classes 4,096-row blocks made softmax 7x slower, most of it system time). Every
+    per-row computation gives the same numbers whatever the block."""
+    return max(1, BLOCK_BYTES // (8 * max(int(n_classes), 1)))
 
 
 def scorer(metric: str, k: int) -> str:
@@ -60,6 +68,16 @@ class RowScores:
         return RowScores(*(o[f"rs_{f}"] for f in RowScores.FIELDS), int(o["rs_n_classes"]))
 
     @staticmethod
+    def pick(parts: list["RowScores"], which: np.ndarray) -> "RowScores":
+        """Row i of parts[which[i]] (scores of the same rows by several predictions: cross-fitting's assembly)."""
+        out = RowScores(*(np.empty_like(getattr(parts[0], f)) for f in RowScores.FIELDS), parts[0].n_classes)
+        for j, p in enumerate(parts):
+            mine = which == j
+            for f in RowScores.FIELDS:
+                getattr(out, f)[mine] = getattr(p, f)[mine]
+        return out
+
+    @staticmethod
     def concat(parts: list["RowScores"]) -> "RowScores":
         return RowScores(*(np.concatenate([getattr(p, f) for p in parts]) for f in RowScores.FIELDS),
                          parts[0].n_classes)
@@ -72,24 +90,24 @@ def row_scores(y: np.ndarray, probs: np.ndarray | None = None, logits: np.ndarra
     src = probs if probs is not None else logits
     n = len(y)
     pred, logp, place, conf = np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64), np.empty(n)
-    cls = np.arange(src.shape[1])
-    for a in range(0, n, _CHUNK):
-        p = src[a:a + _CHUNK] if probs is not None else softmax(src[a:a + _CHUNK].astype(dtype or src.dtype))
-        t = y[a:a + _CHUNK]
+    cls, step = np.arange(src.shape[1]), block_rows(src.shape[1])
+    for a in range(0, n, step):
+        p = src[a:a + step] if probs is not None else softmax(src[a:a + step].astype(dtype or src.dtype))
+        t = y[a:a + step]
         pt = p[np.arange(len(t)), t]
-        pred[a:a + _CHUNK] = p.argmax(1)
-        conf[a:a + _CHUNK] = p.max(1)
-        logp[a:a + _CHUNK] = np.log(np.clip(pt.astype(np.float64), 1e-15, 1))
-        place[a:a + _CHUNK] = (p > pt[:, None]).sum(1) + ((p == pt[:, None]) & (cls[None, :] < t[:, None])).sum(1) + 1
+        pred[a:a + step] = p.argmax(1)
+        conf[a:a + step] = p.max(1)
+        logp[a:a + step] = np.log(np.clip(pt.astype(np.float64), 1e-15, 1))
+        place[a:a + step] = (p > pt[:, None]).sum(1) + ((p == pt[:, None]) & (cls[None, :] < t[:, None])).sum(1) + 1
     return RowScores(pred, logp, place, conf, src.shape[1])
 
 
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:
     """N x k class indices, most probable first, ties by class index (stable), computed in row blocks."""
     k = min(k, probs.shape[1])
-    out = np.empty((len(probs), k), np.int64)
-    for a in range(0, len(probs), _CHUNK):
-        out[a:a + _CHUNK] = np.argsort(-probs[a:a + _CHUNK], axis=1, kind="stable")[:, :k]
+    out, step = np.empty((len(probs), k), np.int64), block_rows(probs.shape[1])
+    for a in range(0, len(probs), step):
+        out[a:a + step] = np.argsort(-probs[a:a + step], axis=1, kind="stable")[:, :k]
     return out
 
 

@@ -13,8 +13,8 @@ import numpy as np
 from ..errors import PipelineError
 from ..files.artifacts import read_json, read_npz
 from ..files.layout import RunDir
-from .inference import MERGE_ROWS, nested_policy_blocks, policy_probs
-from .metrics import RowScores, row_scores
+from .inference import nested_policy_blocks, policy_probs
+from .metrics import RowScores, block_rows, row_scores
 from .tta import BASELINE
 
 PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' held-out train rows
@@ -334,8 +334,9 @@ class ProbTable:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
-        for a in range(0, len(self), MERGE_ROWS):
-            out[a:a + MERGE_ROWS] = self[a:a + MERGE_ROWS]
+        step = block_rows(self.shape[1])
+        for a in range(0, len(self), step):
+            out[a:a + step] = self[a:a + step]
         return out if dtype is None else out.astype(dtype)
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from ..errors import PipelineError
-from .metrics import top_k
+from .metrics import block_rows, top_k
 
 METHODS = ("mean", "weighted", "geo_mean", "rank", "hill_climb")  # hill_climb: a weighted mean (counts / steps)
 
@@ -48,9 +48,6 @@ def parse_members(members: list[str], experiment: str) -> list[Member]:
     return [Member.parse(m, "config ensemble.members:") for m in members or [experiment]]
 
 
-BLOCK_ROWS = 4096  # rows combined at a time (every method but rank is per row: the same numbers, less memory)
-
-
 def combine(probs: list, method: str, weights: np.ndarray | None = None) -> np.ndarray:
     """N x C probabilities (float64) of members (weights: non-negative, summing to 1; default equal)."""
     return np.asarray(mix(probs, method, weights))
@@ -69,7 +66,8 @@ def mix(probs: list, method: str, weights: np.ndarray | None = None) -> "Mix | n
 
 class Mix:
     """Members' probabilities combined per row (mean, weighted, geometric mean) on demand: `mixed[a:b]` is rows a..b
-    (float64); np.asarray(mixed) the whole table, BLOCK_ROWS at a time."""
+    (float64); np.asarray(mixed) the whole table, metrics.block_rows at a time (every method but rank is per row: the same
+    numbers in less memory)."""
     dtype = np.dtype(np.float64)
 
     def __init__(self, probs: list, method: str, w: np.ndarray):
@@ -89,8 +87,9 @@ class Mix:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.empty(self.shape, np.float64)
-        for a in range(0, len(self), BLOCK_ROWS):
-            out[a:a + BLOCK_ROWS] = self[a:a + BLOCK_ROWS]
+        step = block_rows(self.shape[1])
+        for a in range(0, len(self), step):
+            out[a:a + step] = self[a:a + step]
         return out if dtype is None else out.astype(dtype)
 
 
