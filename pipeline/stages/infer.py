@@ -47,7 +47,7 @@ from ..core.errors import PipelineError
 from ..core.inputs.augment import open_store, pixel_record, valid_transform
 from ..core.inputs.images import ImageDataset
 from ..core.predict.inference import (Loading, PolicyFeatures, default_policy, joint_head,
-                                      nested_policy_blocks, parse_view, policy_rows, tta_names)
+                                      nested_policy_blocks, parse_view, policies_rows, tta_names)
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.predict.stored import STORE_VERSION, LogitTable, StoredFiles, head_ref
@@ -554,14 +554,14 @@ def tta_report(job: Job, inp: Inputs, h: str, logits: LogitTable, names: list[st
     rows = []
     selections = [("no TTA", [BASELINE])] + [(f"{n} alone", [n]) for n in names] + [("policy", policy)]
     fold, y = inp.oof_df["fold"].values, inp.oof_df["y"].values
-    for label, sel in selections:
+    every = policies_rows(logits, names, [sel for _, sel in selections], job.infer.merge, y)  # one pass
+    for (label, sel), rs in zip(selections, every):
         if label == "policy" and fold_policies is not None:
             rs = RowScores.concat([row_scores(y[a:a + len(b)], b) for a, b in
                                    nested_policy_blocks(logits, names, fold_policies, fold, job.infer.merge)])
             rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
             scores.update(score_arrays(h, "policy", rs))
             label = SELECTED_ON_ALL
-        rs = policy_rows(logits, names, sel, job.infer.merge, y)
         rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
         if label in ("no TTA", "policy"):
             scores.update(score_arrays(h, "plain" if label == "no TTA" else "policy", rs))
@@ -609,28 +609,34 @@ def cv_of(job: Job, df: pd.DataFrame, summaries: list[dict], rows: RowScores) ->
 def search_policies(job: Job, inp: Inputs, logits: np.ndarray, names: list[str]) -> tuple[list[str], list]:
     """infer.search: the policy chosen on every OOF row (for the test images) and, for each fold k, the one chosen
     on the other folds' rows (for fold k's rows, so their CV took no part in the choice)."""
-    folds = list(range(len(inp.summaries)))
-    policy = greedy_policy(job, inp.oof_df, logits, names, folds)
-    per_fold = [greedy_policy(job, inp.oof_df, logits, names, [f for f in folds if f != k])
+    folds, seen = list(range(len(inp.summaries))), {}  # seen: a policy's per-row scores, for every search
+    policy = greedy_policy(job, inp.oof_df, logits, names, folds, seen)
+    per_fold = [greedy_policy(job, inp.oof_df, logits, names, [f for f in folds if f != k], seen)
                 for k in folds]
     log.info("TTA search per fold (fold k's rows get the views chosen without them): %s", per_fold)
     return policy, per_fold
 
 
-def greedy_policy(job: Job, df, logits: np.ndarray, names: list[str], folds: list[int]) -> list[str]:
+def greedy_policy(job: Job, df, logits: np.ndarray, names: list[str], folds: list[int],
+                  seen: dict | None = None) -> list[str]:
     """Forward selection of views on the OOF rows of `folds`: start from the baseline view, add the view that
-    helps most (the mean of those folds' metric), stop when none helps."""
+    helps most (the mean of those folds' metric), stop when none helps. Each step's candidates are scored in one
+    pass over the rows; `seen` keeps every policy's per-row scores (on all OOF rows) for the next search."""
     gib = GREATER_IS_BETTER[job.eval.scorer]
     y, fold = df["y"].values, df["fold"].values
+    seen = {} if seen is None else seen
 
-    def value(sel: list[str]) -> float:  # the CV of those folds: the mean of their metric (the cheap one)
-        rs = policy_rows(logits, names, sel, job.infer.merge, y)
-        return float(np.mean([score_rows(job.eval.scorer, y[fold == k], rs.take(fold == k)) for k in folds]))
+    def values(sels: list[list[str]]) -> list[float]:  # the CV of those folds: the mean of their metric
+        todo = [s for s in sels if tuple(s) not in seen]
+        seen.update(zip(map(tuple, todo), policies_rows(logits, names, todo, job.infer.merge, y) if todo else []))
+        return [float(np.mean([score_rows(job.eval.scorer, y[fold == k], seen[tuple(s)].take(fold == k))
+                               for k in folds])) for s in sels]
 
     chosen = [BASELINE]
-    best = value(chosen)
+    best = values([chosen])[0]
     while True:
-        trials = {n: value(chosen + [n]) for n in names if n not in chosen}
+        rest = [n for n in names if n not in chosen]
+        trials = dict(zip(rest, values([chosen + [n] for n in rest])))
         if not trials:
             break
         n, v = (max if gib else min)(trials.items(), key=lambda kv: kv[1])

@@ -19,7 +19,7 @@ from ..nets.heads import Head
 from ..inputs.images import ImageDataset
 from .metrics import RowScores, block_rows, row_scores
 from ..engine.runtime import autocast, make_loader, memory_format, workers
-from .tta import VIEWS, merge, sizes, view_name
+from .tta import VIEWS, combine_views, merge, per_view, sizes, view_name
 from ..inputs.pixels import Pixels
 
 
@@ -226,7 +226,24 @@ def policy_blocks(logits, names: list[str], policy: list[str], merge: str):
 
 def policy_rows(view_logits: np.ndarray, names: list[str], policy: list[str], how: str, y: np.ndarray) -> RowScores:
     """metrics.RowScores of `policy_probs` (float64), computed block by block: O(rows) memory."""
+    return policies_rows(view_logits, names, [policy], how, y)[0]
+
+
+def policies_rows(view_logits, names: list[str], policies: list[list[str]], how: str,
+                  y: np.ndarray) -> list[RowScores]:
+    """`policy_rows` of several policies in one pass over the rows: each block's view logits (a stored table
+    computes them from features) and each view's probabilities are computed once for every policy (the same
+    numbers as one policy at a time)."""
+    for policy in policies:
+        missing = [n for n in policy if n not in names]
+        if missing:
+            raise PipelineError(f"TTA policy views {missing} were not predicted (have {names})")
+    need = sorted({names.index(n) for policy in policies for n in policy})
+    sel = [[need.index(names.index(n)) for n in policy] for policy in policies]
+    parts: list[list[RowScores]] = [[] for _ in policies]
     step = block_rows(view_logits.shape[2])
-    parts = [row_scores(y[a:a + step], policy_probs(view_logits[:, a:a + step], names, policy, how))
-             for a in range(0, view_logits.shape[1], step)]
-    return RowScores.concat(parts)
+    for a in range(0, view_logits.shape[1], step):
+        views = per_view(view_logits[need, a:a + step], how)
+        for i, at in enumerate(sel):
+            parts[i].append(row_scores(y[a:a + step], combine_views(views[at], how)))
+    return [RowScores.concat(p) for p in parts]

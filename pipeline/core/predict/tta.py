@@ -65,12 +65,24 @@ def sizes(img_size: int, crop_pct: float, scale: float) -> tuple[int, int]:
 
 def merge(logits: np.ndarray, how: str) -> np.ndarray:
     """V x N x C logits of V views -> N x C probabilities."""
+    return combine_views(per_view(logits, how), how)
+
+
+def per_view(logits: np.ndarray, how: str) -> np.ndarray:
+    """V x N x C logits -> what `combine_views` merges (float64): each view's probabilities, or its logits for
+    mean_logit. Computed once, it serves every policy (subset of the views) scored on the same rows."""
     from .metrics import softmax
 
     logits = logits.astype(np.float64)
+    return logits if how == "mean_logit" else np.stack([softmax(v) for v in logits])
+
+
+def combine_views(views: np.ndarray, how: str) -> np.ndarray:
+    """`per_view`'s V x N x C -> N x C probabilities."""
+    from .metrics import softmax
+
     if how == "mean_logit":
-        return softmax(logits.mean(0))
-    probs = np.stack([softmax(v) for v in logits])
+        return softmax(views.mean(0))
     if how == "geo_mean":
-        return softmax(np.log(np.clip(probs, 1e-12, 1)).mean(0))
-    return probs.mean(0)
+        return softmax(np.log(np.clip(views, 1e-12, 1)).mean(0))
+    return views.mean(0)
