@@ -91,6 +91,29 @@ def test_float16_features_keep_every_label_of_float32_ones_at_half_the_disk(run_
     assert out["float16"]["bytes"] < 0.6 * out["float32"]["bytes"]
 
 
+@pytest.mark.parametrize("how", ["mean", "geo_mean", "mean_logit"])
+def test_policies_scored_in_one_pass_equal_each_policy_merged_alone(monkeypatch, how):
+    """#35: stage 4 scores every TTA policy of a head in one pass over the rows (each view's probabilities computed
+    once per block); each policy's per-row scores are those of its own merge, whatever the block size."""
+    from pipeline.core.predict import metrics
+    from pipeline.core.predict.inference import policies_rows, policy_probs
+    from pipeline.core.predict.metrics import row_scores
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 23, 7)) * 3).astype(np.float32)
+    y, names = rng.integers(0, 7, 23), ["orig", "hflip", "orig@1.15"]
+    policies = [["orig"], ["orig", "hflip"], ["hflip", "orig@1.15", "orig"], ["orig@1.15"]]
+    monkeypatch.setattr(metrics, "BLOCK_BYTES", 5 * 8 * 7)  # blocks of 5 rows: the last one short
+    for policy, rs in zip(policies, policies_rows(logits, names, policies, how, y)):
+        alone = row_scores(y, merge(logits[[names.index(n) for n in policy]], how))
+        assert np.allclose(policy_probs(logits, names, policy, how), merge(logits[[names.index(n) for n in policy]],
+                                                                           how), atol=0, rtol=0)
+        for f in rs.FIELDS:
+            assert np.array_equal(getattr(rs, f), getattr(alone, f)), (policy, f)
+    with pytest.raises(PipelineError, match="not predicted"):
+        policies_rows(logits, names, [["orig"], ["vflip"]], how, y)
+
+
 def test_hflip_of_flip_invariant_model_equals_plain():
     torch.manual_seed(0)
     net = models.create_model(load_config(None, ["model.arch=test_resnet"]).model, 4).eval()
