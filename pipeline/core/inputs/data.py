@@ -518,9 +518,12 @@ def private_score(data: DataCfg, scorer: str, ids: np.ndarray, probs: np.ndarray
     labels = read_test_labels(data)
     if labels is None:
         return None
-    probs = probs() if callable(probs) else probs
-    names = [str(c) for c in classes]
-    return score(scorer, np.array([names.index(str(labels[i])) for i in ids]), probs)
+    pos = {str(c): i for i, c in enumerate(classes)}
+    unknown = sorted({str(labels[i]) for i in ids} - set(pos))
+    if unknown:
+        raise PipelineError(f"config data.test_labels: label(s) {_first(unknown)} are not among the training classes")
+    probs = probs() if callable(probs) else probs  # an array, or a table read a block of rows at a time
+    return score(scorer, np.array([pos[str(labels[i])] for i in ids]), probs)
 
 
 def read_sample_submission(d: DataCfg) -> pd.DataFrame:

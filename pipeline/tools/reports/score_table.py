@@ -11,7 +11,6 @@ from ...core.files import layout
 from ...core.files.artifacts import read_json
 from ...core.config import DataCfg
 from ...core.inputs.data import private_score
-from ...core.predict.metrics import softmax
 from ...core.predict.stored import Stage4
 from ...core.predict.submission import Member
 
@@ -34,13 +33,15 @@ def summary_table(name: str, data: DataCfg, metric: str) -> pd.DataFrame:
         joint = pick("joint", "no TTA").iloc[0]
         best = pick(head, "no TTA").iloc[0]
         tta = best if member.plain else pick(head, "policy").iloc[0]  # :plain is the no-TTA view
-        jt = Stage4.of(run, "joint", "test", inf)
-        plain = softmax(jt.view_logits().astype(np.float32))
-        head_probs = Stage4.of(run, head, "test", inf).probs(member.plain)
+        # the test probabilities as tables read a block of rows at a time, and only where there are test labels
+        # (a 200,000-image test set at 10,000 classes is 16 GB as one float64 table)
+        jt, ht = Stage4.of(run, "joint", "test", inf), Stage4.of(run, head, "test", inf)
         rows.append({"model": exp, "head": head + (" (no TTA)" if member.plain else ""), "CV joint": joint["cv_mean"],
                      "CV head": best["cv_mean"], "CV head+TTA": tta["cv_mean"], "CV ensemble": np.nan,
-                     "private joint": private_score(data, metric, jt.ids(), plain, inf["classes"]),
-                     "private head+TTA": private_score(data, metric, jt.ids(), head_probs, inf["classes"])})
+                     "private joint": private_score(data, metric, jt.ids(), lambda: jt.prob_table(plain=True),
+                                                    inf["classes"]),
+                     "private head+TTA": private_score(data, metric, jt.ids(), lambda: ht.prob_table(member.plain),
+                                                       inf["classes"])})
     t = pd.DataFrame(rows)
     ens_row = [r for r in ens["table"] if r["member"].startswith("ensemble")]
     if ens_row:
