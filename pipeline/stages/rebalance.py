@@ -5,7 +5,8 @@ Input:   runs/<exp>/fold<k>/model.safetensors + summary.json (stage 2), folds fi
 Output:  runs/<exp>/fold<k>/rebalance/features.npz      pooled features of the fold's train and
                                         features.json     held-out rows (+ what made them)
                                         heads/<variant>.safetensors   W, b[, center] + record
-                                        oof_<variant>.npz  held-out logits (ids, y, logits)
+                                        oof_<variant>.npz  held-out ids, y, inner split, per-row scores
+                                                           (rs_*; no logits: stored.HeldOut computes them)
                                         summary.json       written last: per-variant metrics, choices
          runs/<exp>/rebalance/report.csv, report.md,
                               summary.json (the CV of every variant and the best one)
