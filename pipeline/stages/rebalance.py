@@ -240,11 +240,11 @@ def wise_variants(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
         x = models.extract_features(model, loader, norm, device, dtype, fmt)
         head = Head(((1 - a) * fp.head.weight + a * feats["joint_weight"]).astype(np.float32),
                     ((1 - a) * fp.head.bias + a * feats["joint_bias"]).astype(np.float32))
-        rows = row_scores(y_va, logits=HeadRows(head, x), dtype=np.float64)
-        metrics = compute(y_va, None, counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer, rows=rows)
+        scored = row_scores(y_va, logits=HeadRows(head, x), dtype=np.float64)
+        metrics = compute(y_va, None, counts, job.eval.many_shot, job.eval.few_shot, job.eval.scorer, rows=scored)
         log.info("fold %d: WiSE-FT alpha %g scored on %d held-out rows in %.1fs", k, a, len(rows),
                  time.perf_counter() - t0)
-        yield wise_name(a), {"head": head, "rows": rows, "record": {"alpha": a},
+        yield wise_name(a), {"head": head, "rows": scored, "record": {"alpha": a},
                              "inner": inner, "metrics": metrics, "source": "own", "where": {"feats": x}}
 
 
