@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_competition, stage4_npz, stage4_probs
 from pipeline.core.predict.inference import policy_probs
+from pipeline.core.predict.metrics import score
 from pipeline.core.files.artifacts import read_json
 from pipeline.core.config import load_config
 from pipeline.core.nets.models import write_state_dict
@@ -116,6 +117,12 @@ def test_a_searched_tta_policy_is_chosen_per_fold_without_its_rows(learnable, mo
         want = policy_probs(oof["view_logits"][:, fold == k].astype(np.float64), names, pol,
                                         cfg.infer.merge)
         assert np.allclose(stage4_probs(cfg.run_dir, s["primary"], "oof")[fold == k], want, atol=1e-6)
+    # the report: "policy" is the nested policy's CV, the optimistic row the policy chosen on every row
+    mine = rows[rows["head"] == s["primary"]].set_index("views")
+    on_all = policy_probs(oof["view_logits"].astype(np.float64), names, s["policy"], cfg.infer.merge)
+    assert mine.loc[infer_stage.SELECTED_ON_ALL, "cv_pooled"] == pytest.approx(score(cfg.eval.scorer, oof["y"], on_all))
+    assert mine.loc["policy", "cv_pooled"] == pytest.approx(
+        score(cfg.eval.scorer, oof["y"], stage4_probs(cfg.run_dir, s["primary"], "oof")))
 
 
 @pytest.mark.slow

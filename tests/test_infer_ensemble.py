@@ -482,3 +482,22 @@ def test_the_closing_score_table_reads_test_probabilities_a_block_at_a_time(run_
     assert t["private joint"] == pytest.approx(score(metric, y, stage4_probs(cfg.run_dir, "joint", plain=True)))
     assert t["private head+TTA"] == pytest.approx(score(metric, y, stage4_probs(cfg.run_dir, head)))
     assert np.isfinite(t["private joint"]) and np.isfinite(t["private head+TTA"])
+
+
+def test_the_tta_report_keeps_the_nested_policy_and_the_one_chosen_on_every_row_apart(run_a, monkeypatch):
+    """infer.search: the report's "policy" row scores fold k's rows with fold k's policy (here: no TTA for every
+    fold), its optimistic row the policy chosen on every row (here: orig + hflip), each with its own per-row scores."""
+    from pipeline.core.predict.metrics import score
+    from pipeline.core.predict.tta import BASELINE
+
+    monkeypatch.setattr(infer_stage, "search_policies",
+                        lambda job, inp, logits, names: ([BASELINE, "hflip@1"], [[BASELINE], [BASELINE]]))
+    cfg = cfg_of(run_a.data.root, "a", "infer.heads=[joint]", "infer.views=[orig,hflip]", "infer.search=true",
+                 "infer.features=float32")
+    infer_stage.run(cfg, force=True)
+    mine = pd.read_csv(cfg.run_dir.infer_report).query("head == 'joint'").set_index("views")
+    oof = stage4_npz(cfg.run_dir, "joint", "oof")
+    both = merge(oof["view_logits"][[list(oof["views"]).index(v) for v in (BASELINE, "hflip@1")]], cfg.infer.merge)
+    assert mine.loc["policy", "log_loss"] == pytest.approx(mine.loc["no TTA", "log_loss"])
+    assert mine.loc[infer_stage.SELECTED_ON_ALL, "log_loss"] == pytest.approx(score("log_loss", oof["y"], both))
+    assert mine.loc[infer_stage.SELECTED_ON_ALL, "log_loss"] != pytest.approx(mine.loc["no TTA", "log_loss"])

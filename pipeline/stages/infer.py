@@ -557,11 +557,11 @@ def tta_report(job: Job, inp: Inputs, h: str, logits: LogitTable, names: list[st
     every = policies_rows(logits, names, [sel for _, sel in selections], job.infer.merge, y)  # one pass
     for (label, sel), rs in zip(selections, every):
         if label == "policy" and fold_policies is not None:
-            rs = RowScores.concat([row_scores(y[a:a + len(b)], b) for a, b in
-                                   nested_policy_blocks(logits, names, fold_policies, fold, job.infer.merge)])
-            rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
-            scores.update(score_arrays(h, "policy", rs))
-            label = SELECTED_ON_ALL
+            nested = RowScores.concat([row_scores(y[a:a + len(b)], b) for a, b in
+                                       nested_policy_blocks(logits, names, fold_policies, fold, job.infer.merge)])
+            rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, nested)})
+            scores.update(score_arrays(h, "policy", nested))
+            label = SELECTED_ON_ALL  # the policy chosen on every row, scored on them (rs)
         rows.append({"head": h, "views": label, **cv_of(job, inp.oof_df, inp.summaries, rs)})
         if label in ("no TTA", "policy"):
             scores.update(score_arrays(h, "plain" if label == "no TTA" else "policy", rs))
