@@ -287,14 +287,13 @@ def checkpoint_epochs(epochs: int, n: int = 4) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- honest tuning
-def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str,
-              dtype=np.float64) -> tuple[RowScores, object, list, dict]:
+def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str) -> tuple[RowScores, object, list, dict]:
     """Choose a hyper-parameter without scoring on the rows that chose it.
 
     candidates: {param: logits of the held-out rows (an array, or a table computed a block of rows at a time such
     as stored.HeadRows), or a function giving them}. `inner` gives each held-out row an inner fold. Each inner
     fold's rows are scored with the param chosen on the other inner folds (cross-fitting), so the assembled
-    per-row scores (metrics.RowScores, softmax in `dtype`) are an honest out-of-fold estimate. Also returns the
+    per-row scores (metrics.RowScores, float64 softmax) are an honest out-of-fold estimate. Also returns the
     param chosen on all held-out rows (what the saved head uses), the per-inner-fold choices, and the curve of
     `metric` on all rows against param. Each candidate is reduced to per-row scores as it comes: memory holds one
     block of one candidate's rows x classes at a time (a table) or one candidate's (an array).
@@ -305,7 +304,7 @@ def cross_fit(candidates: dict, y: np.ndarray, inner: np.ndarray, metric: str,
         c = candidates[p]
         return c() if callable(c) else c
 
-    rows = {p: row_scores(y, logits=logits(p), dtype=dtype) for p in params}
+    rows = {p: row_scores(y, logits=logits(p), dtype=np.float64) for p in params}
     pick = (lambda vals: int(np.argmax(vals))) if GREATER_IS_BETTER[metric] else (lambda vals: int(np.argmin(vals)))
     splits = np.unique(inner)
     per_split = []

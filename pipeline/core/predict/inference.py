@@ -188,14 +188,19 @@ def by_scale(pairs: list[tuple[float, str]]) -> list[tuple[float, list[int], lis
     return out
 
 
+def view_index(names: list[str], policy: list[str]) -> list[int]:
+    """Where the policy's views are among the predicted ones (`names`), or a clear error for one not predicted."""
+    missing = [n for n in policy if n not in names]
+    if missing:
+        raise PipelineError(f"TTA policy views {missing} were not predicted (have {names})")
+    return [names.index(n) for n in policy]
+
+
 def policy_probs(view_logits: np.ndarray, names: list[str], policy: list[str], how: str,
                  dtype=np.float64) -> np.ndarray:
     """N x C probabilities of the policy's views (rows of `view_logits`, named by `names`) merged (in float64, in
     blocks of rows; returned in `dtype`)."""
-    missing = [n for n in policy if n not in names]
-    if missing:
-        raise PipelineError(f"TTA policy views {missing} were not predicted (have {names})")
-    sel = [names.index(n) for n in policy]
+    sel = view_index(names, policy)
     n = view_logits.shape[1]
     out = np.empty((n, view_logits.shape[2]), dtype)
     step = block_rows(view_logits.shape[2])  # merging is per row: blocks give the same numbers in less memory
@@ -217,28 +222,12 @@ def nested_policy_blocks(logits, names: list[str], fold_policies: list[list[str]
         yield a, out
 
 
-def policy_blocks(logits, names: list[str], policy: list[str], merge: str):
-    """The policy's OOF probabilities (float64) in blocks of rows: yields (first row, block)."""
-    step = block_rows(logits.shape[2])
-    for a in range(0, logits.shape[1], step):
-        yield a, policy_probs(logits[:, a:a + step], names, policy, merge)
-
-
-def policy_rows(view_logits: np.ndarray, names: list[str], policy: list[str], how: str, y: np.ndarray) -> RowScores:
-    """metrics.RowScores of `policy_probs` (float64), computed block by block: O(rows) memory."""
-    return policies_rows(view_logits, names, [policy], how, y)[0]
-
-
 def policies_rows(view_logits, names: list[str], policies: list[list[str]], how: str,
                   y: np.ndarray) -> list[RowScores]:
-    """`policy_rows` of several policies in one pass over the rows: each block's view logits (a stored table
-    computes them from features) and each view's probabilities are computed once for every policy (the same
-    numbers as one policy at a time)."""
-    for policy in policies:
-        missing = [n for n in policy if n not in names]
-        if missing:
-            raise PipelineError(f"TTA policy views {missing} were not predicted (have {names})")
-    need = sorted({names.index(n) for policy in policies for n in policy})
+    """metrics.RowScores of each policy's merged probabilities (float64, as `policy_probs`) in one pass over the
+    rows: each block's view logits (a stored table computes them from features) and each view's probabilities are
+    computed once for every policy (the same numbers as one policy at a time); O(rows) memory."""
+    need = sorted({i for policy in policies for i in view_index(names, policy)})
     sel = [[need.index(names.index(n)) for n in policy] for policy in policies]
     parts: list[list[RowScores]] = [[] for _ in policies]
     step = block_rows(view_logits.shape[2])
