@@ -215,6 +215,11 @@ def test_ensemble_refuses_incompatible_members(run_a, workdir):
     rows = dict(np.load(workdir / "runs/b/infer/rows.npz"))
     rows["test_ids"] = rows["test_ids"][::-1]
     np.savez(workdir / "runs/b/infer/rows.npz", **rows)
+    with pytest.raises(PipelineError, match="rows.npz is missing or changed since stage 4 wrote it"):
+        ens_stage.run(two)                              # a file changed behind stage 4's back is refused as such
+    from pipeline.core.files.artifacts import sha256_file
+    s["store"]["rows_sha256"] = sha256_file(workdir / "runs/b/infer/rows.npz", fresh=True)
+    (workdir / "runs/b/infer/summary.json").write_text(json.dumps(s))   # as if stage 4 of b had predicted them
     with pytest.raises(PipelineError, match="different test image ids"):
         ens_stage.run(two)
 
@@ -298,6 +303,7 @@ def test_stage4_reader_computes_every_head_view_and_block_from_features_as_brute
     import torch
 
     from pipeline.core.files.artifacts import write_json, write_npz
+    from pipeline.core.files.featurefile import write_features
     from pipeline.core.files.layout import RunDir
     from pipeline.core.nets.heads import Head
     from pipeline.core.nets.models import write_state_dict
@@ -326,14 +332,18 @@ def test_stage4_reader_computes_every_head_view_and_block_from_features_as_brute
     write_npz(run.fold(0).head_oof("crt"), ids=ids[fold == 0][::-1], y=y[fold == 0][::-1], inner=inner[::-1])
     w1 = {"fc.weight": torch.randn(C, D), "fc.bias": torch.randn(C)}
     write_state_dict(run.fold(1).weights, w1)
-    feats = {}
+    feats, files = {}, {}
     for b, part, n, vs in (("fold0", "test", T, [0, 1, 2]), ("fold1", "test", T, [0, 1, 2]),
                            ("full", "test", T, [0, 2]), ("fold0", 0, 6, [0, 1, 2]), ("fold1", 1, 5, [0, 1, 2])):
-        feats[(b, part)] = rng.normal(size=(len(vs), n, D)).astype(np.float16)
+        feats[(b, part)] = x = rng.normal(size=(len(vs), n, D)).astype(np.float16)
         run.infer_features(b, part).parent.mkdir(parents=True, exist_ok=True)
-        np.save(run.infer_features(b, part), feats[(b, part)])
+        files.setdefault(b, {})[str(part)] = write_features(
+            run.infer_features(b, part), "float16", len(vs), n,
+            lambda sink, x=x: [sink(i, 0, x[i].astype(np.float32)) for i in range(len(x))], "test")
     store = {"version": STORE_VERSION, "dtype": "float16", "views": views,
-             "backbones": {"fold0": {"views": [0, 1, 2]}, "fold1": {"views": [0, 1, 2]}, "full": {"views": [0, 2]}},
+             "backbones": {"fold0": {"views": [0, 1, 2], "files": files["fold0"]},
+                           "fold1": {"views": [0, 1, 2], "files": files["fold1"]},
+                           "full": {"views": [0, 2], "files": files["full"]}},
              "test": {"crt": [{"features": "fold0", "weight": 1.0, "head": head_ref(run, run.fold(0).head("crt"))},
                               {"features": "fold1", "weight": 1.0, "head": head_ref(run, run.fold(1).head("crt"))},
                               {"features": "full", "weight": 0.5, "head": head_ref(run, run.full.head("crt"))}]},

@@ -50,7 +50,8 @@ from ..core.predict.inference import (Loading, PolicyFeatures, default_policy, j
                                       nested_policy_blocks, parse_view, policies_rows, tta_names)
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
-from ..core.predict.stored import STORE_VERSION, LogitTable, StoredFiles, head_ref
+from ..core.files.featurefile import write_features
+from ..core.predict.stored import STORE_VERSION, LogitTable, StoredFiles, head_ref, store_damage
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
 from ..core.files.provenance import (Expect, environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
                                      rebalance_summary, resolve_heads, stage2_summary, stage3_record, stale_reasons,
@@ -150,7 +151,13 @@ def units(job: Job, inp: Inputs) -> list[TtaModel]:
 
 def status(cfg: Config) -> list[str]:
     """Why stage 4 would do work now (empty: up to date)."""
-    return stale_reasons(cfg.run_dir.infer_summary, load_inputs(cfg).made_from)
+    reasons = stale_reasons(cfg.run_dir.infer_summary, load_inputs(cfg).made_from)
+    return reasons or damaged_outputs(cfg.run_dir)
+
+
+def damaged_outputs(run: layout.RunDir) -> list[str]:
+    """Stage 4's outputs that are not what its manifest says (a damaged or replaced file makes the stage stale)."""
+    return [f"damaged output: {x}" for x in store_damage(run, read_json(run.infer_summary))]
 
 
 # ----------------------------------------------------------------------------- FixRes
@@ -269,25 +276,17 @@ class Store:
         and each batch is written into the file as it comes (memory: one batch, whatever the image count)."""
         path = self.run.infer_features(backbone, part)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, suffix=".npy") as tmp:
-            out = {}
 
-            def sink(positions: list[int], start: int, feats: list) -> None:
+        def batches(sink) -> None:
+            def each(positions: list[int], start: int, feats: list) -> None:
                 for pos, f in zip(positions, feats):
-                    x = f.float().cpu().numpy()
-                    if not out:
-                        out["m"] = np.lib.format.open_memmap(tmp, "w+", self.dtype, (len(at), n, x.shape[1]))
-                    if self.dtype == "float16" and np.abs(x).max(initial=0.0) > 6.0e4:
-                        raise PipelineError(f"stage 4: {backbone}'s pooled features reach {np.abs(x).max():.3g}, "
-                                            f"beyond float16's range: set infer.features=float32")
-                    out["m"][pos, start:start + len(x)] = x
-            compute(sink)
-            if not out:
-                raise PipelineError(f"stage 4: {backbone} predicted no rows of {part}")
-            out.pop("m").flush()
+                    sink(pos, start, f.float().cpu().numpy())
+            compute(each)
+        entry = write_features(path, self.dtype, len(at), n, batches, f"stage 4: {backbone} on {part}")
         known = self.manifest["backbones"].setdefault(backbone, {"views": list(at)})
         if known["views"] != list(at):
             raise PipelineError(f"stage 4: backbone {backbone} predicted views {at} and {known['views']}")
+        known.setdefault("files", {})[str(part)] = entry
 
     def add(self, part: str, head: str, backbone: str, ref: dict, weight: float = 1.0, fold: int | None = None):
         entry = {"features": backbone, "head": ref, **({"weight": weight} if part == "test" else {"fold": fold})}
@@ -481,8 +480,11 @@ def predict_wise(job: Job, inp: Inputs, k: int, alpha: float, names: list[str], 
 def run(cfg: Config, force: bool = False) -> dict:
     inp, job = load_inputs(cfg), Job.of(cfg)
     if not force and up_to_date(cfg.run_dir.infer_summary, inp.made_from):
-        log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)
-        return read_json(cfg.run_dir.infer_summary)
+        damaged = damaged_outputs(cfg.run_dir)
+        if not damaged:
+            log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)
+            return read_json(cfg.run_dir.infer_summary)
+        log.warning("infer of '%s' is re-run: %s", cfg.experiment, "; ".join(damaged))
     names = tta_names(cfg.infer)
     with experiment_lock(cfg.run_dir.infer):
         store = start_store(job, inp, names)
@@ -502,6 +504,7 @@ def run(cfg: Config, force: bool = False) -> dict:
             for h in heads:  # logits computed from the stored features in blocks of rows
                 report += tta_report(job, inp, h, store.table(h, "oof"), names, policy, fold_policies, scores)
             write_npz(cfg.run_dir.infer_scores, **scores)
+            store.manifest["scores_sha256"] = sha256_file(cfg.run_dir.infer_scores, fresh=True)
         report = pd.DataFrame(report)
         if not report.empty:
             write_csv(cfg.run_dir.infer_report, report)
@@ -594,7 +597,9 @@ def start_store(job: Job, inp: Inputs, names: list[str]) -> Store:
                        "fold": inp.oof_df["fold"].values, "classes": classes}
         arrays.update(oof_ids=rows["oof"]["ids"], oof_y=rows["oof"]["y"], oof_fold=rows["oof"]["fold"])
     write_npz(run.infer_rows, **arrays)
-    return Store(run, names, job.infer.features, rows)
+    store = Store(run, names, job.infer.features, rows)
+    store.manifest["rows_sha256"] = sha256_file(run.infer_rows, fresh=True)
+    return store
 
 
 def cv_of(job: Job, df: pd.DataFrame, summaries: list[dict], rows: RowScores) -> dict:

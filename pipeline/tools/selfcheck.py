@@ -397,6 +397,46 @@ def _weights(name: str, damage):
     return f
 
 
+def _feats(backbone: str, part) -> Callable[[Path], Path]:
+    """Where the sandbox's stage 4 keeps a backbone's features of a part."""
+    return lambda d: _run(d).infer_features(backbone, part)
+
+
+def _swap(a, b):
+    def f(d: Path) -> None:
+        x, y = a(d), b(d)
+        t = x.with_name(x.name + ".swap")
+        x.rename(t)
+        y.rename(x)
+        t.rename(y)
+    return f
+
+
+def _feature_edit(where, edit):
+    """A stage-4 feature file rewritten as np.save would (`edit` maps its array to the damaged one)."""
+    def f(d: Path) -> None:
+        x = np.load(where(d))
+        np.save(where(d), edit(x.copy()))
+    return f
+
+
+def _feature_cut(where, keep: float):
+    def f(d: Path) -> None:
+        b = where(d).read_bytes()
+        where(d).write_bytes(b[: int(len(b) * keep)])
+    return f
+
+
+def _proba_submission(d: Path) -> None:
+    """sample_submission.csv with one probability column per class (ensemble.submission=proba)."""
+    _edit_csv(d / "comp/sample_submission.csv", lambda t: t[["image_id"]].assign(a=0.0, b=0.0, c=0.0))
+
+
+def _nan_row(x: np.ndarray) -> np.ndarray:
+    x[0, x.shape[1] // 2] = np.nan
+    return x
+
+
 def _coco(edit=None, names: dict | None = None):
     """comp/train.json: the csv competition as COCO (ids 1.., categories 1.. named by `names`), then `edit`ed."""
     def f(d: Path) -> None:
@@ -566,10 +606,41 @@ BAD_INPUTS = [
     ("fuzz", "weights import of random bytes (.pth)", "empty", _bytes("w.pth", GARBAGE),
      ["weights", "import", "w.pth", "--arch", "test_resnet", "--out", "x.safetensors"],
      r"w.pth: not a checkpoint(?!.*weights_only=False)"),
+    # reliability, fourth pass: stage 4's stored features are inputs like any head file (#45)
+    ("stored", "test features of two folds swapped", "infer",
+     _swap(_feats("fold0", "test"), _feats("fold1", "test")), ["ensemble", "--force"],
+     r"features/fold[01]/test.npy is not the file stage 4 wrote.*./run.sh infer --force"),
+    ("stored", "held-out features of two folds swapped", "infer",
+     _swap(_feats("fold0", 0), _feats("fold1", 1)), ["ensemble", "--force"],
+     r"features/fold[01]/held[01].npy .*(not the file stage 4 wrote|bytes).*./run.sh infer --force"),
+    ("stored", "test features holding twice the rows", "infer",
+     _feature_edit(_feats("fold0", "test"), lambda x: np.concatenate([x, x], axis=1)), ["ensemble", "--force"],
+     r"features/fold0/test.npy has \d+ bytes, stage 4 wrote \d+"),
+    ("stored", "test features with too few rows", "infer",
+     _feature_edit(_feats("fold0", "test"), lambda x: x[:, :-2]), ["ensemble", "--force"],
+     r"features/fold0/test.npy has \d+ bytes"),
+    ("stored", "test features truncated", "infer", _feature_cut(_feats("fold1", "test"), 0.6), ["ensemble", "--force"],
+     r"features/fold1/test.npy has \d+ bytes.*truncated"),
+    ("stored", "NaN row in test features (label submission)", "infer",
+     _feature_edit(_feats("fold0", "test"), _nan_row), ["ensemble", "--force"],
+     r"features/fold0/test.npy is not the file stage 4 wrote"),
+    ("stored", "NaN row in test features (probabilities)", "infer",
+     lambda d: (_proba_submission(d), _feature_edit(_feats("fold1", "test"), _nan_row)(d)),
+     ["ensemble", "--force", "ensemble.submission=proba"],
+     r"features/fold1/test.npy is not the file stage 4 wrote"),
+    ("stored", "NaN row in held-out features", "infer",
+     _feature_edit(_feats("fold0", 0), _nan_row), ["ensemble", "--force"],
+     r"features/fold0/held0.npy is not the file stage 4 wrote"),
+    ("stored", "rows digests of a feature file deleted", "infer",
+     lambda d: layout.RunDir.feature_digests(_feats("fold0", "test")(d)).unlink(), ["ensemble", "--force"],
+     r"test.digest.npy .*missing or changed"),
+    ("stored", "stage-4 rows.npz replaced", "infer",
+     lambda d: _run(d).infer_rows.write_bytes(GARBAGE), ["ensemble", "--force"],
+     r"infer/rows.npz is missing or changed since stage 4 wrote it"),
 ]
 
 
-BAD_GROUPS = ("config", "data", "artifacts", "fuzz")
+BAD_GROUPS = ("config", "data", "artifacts", "fuzz", "stored")
 
 
 def bad_input_case(sb: Sandbox, group: str, case: str, snapshot: str, setup, args: list[str], pattern: str) -> Result:

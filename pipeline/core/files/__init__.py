@@ -5,6 +5,8 @@
 - `provenance`: each stage's record (train_record, rebalance_record, infer_record, ...), staleness (stale_reasons,
   refuse_stale) and the image-file snapshots behind them.
 - `bundle`: the export bundle's manifest and its verification.
+- `featurefile`: stage 4's feature files, written with what checks them and read checked (write_features,
+  CheckedFeatures, damage).
 
 Nothing is imported here: `from pipeline.core.files import layout` loads that module alone.
 """

@@ -239,6 +239,11 @@ class RunDir:
         V x N x D: of the test images (`part` "test"), or of fold k's held-out rows (`part` k)."""
         return self.infer_features_dir / backbone / ("test.npy" if part == "test" else f"held{int(part)}.npy")
 
+    @staticmethod
+    def feature_digests(features: Path) -> Path:
+        """The sidecar of a stage-4 feature file: its rows' digests per view (V x N float64; files/featurefile)."""
+        return Path(features).with_suffix(".digest.npy")
+
     def fixres(self, unit: str) -> Path:  # infer.fixres: fold<k> or full weights with BN + classifier tuned
         return self.infer / "fixres" / f"{unit}.safetensors"
 

@@ -456,7 +456,8 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
            "inner_head_files": {h: [[sha256_file(p) for p in cfg.run_dir.fold(k).inner_heads(h)] for k in range(n)]
                                 for h in heads if h != "joint"},  # what scores the held-out rows (nested)
            "oof": oof,
-           "outputs": 2}  # 2: pooled features per backbone and view + a manifest (#35; 1: per-head logit files)
+           "outputs": 3}  # 3: each feature file checked (#45); 2: pooled features per backbone and view + a manifest
+    # (#35); 1: per-head logit files
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:  # the full-data model joins the test mean
         full = cfg.run_dir.full
         sha = lambda p: sha256_file(p) if p.exists() else "missing"  # noqa: E731

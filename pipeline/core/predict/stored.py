@@ -11,15 +11,41 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from ..files.artifacts import read_json, read_npz
+from ..files.artifacts import read_json, read_npz, sha256_file
+from ..files.featurefile import CheckedFeatures, damage
 from ..files.layout import RunDir
 from .inference import nested_policy_blocks, policy_probs
 from .metrics import RowScores, block_rows, row_scores
 from .tta import BASELINE
 
 PARTS = ("test", "oof")  # stage 4's image sets: the test images, the folds' held-out train rows
-STORE_VERSION = 2  # stage 4 stores pooled features per backbone and view (1: per-head V x N x C logits)
+STORE_VERSION = 3  # stage 4 stores pooled features per backbone and view, each file with what checks it (#45; 2: the
+# same without the checks; 1: per-head V x N x C logits)
 FEATURE_DTYPES = ("float16", "float32")
+
+
+def rerun_infer(run: RunDir) -> str:
+    """How to make stage 4's outputs anew (a damaged file is never up to date by its record alone)."""
+    return f"re-run stage 4 of '{run.name}': ./run.sh infer --force --config <its config> (or ./run.sh all)"
+
+
+def store_damage(run: RunDir, summary: dict) -> list[str]:
+    """Why stage 4's stored outputs are not what its summary's manifest says (empty: intact): every feature file
+    (size, sampled digest, its rows' digests), rows.npz and scores.npz (sha256). Cheap: what `status` and the
+    up-to-date check of stage 4 run, so a damaged output makes stage 4 stale."""
+    store = summary.get("store") or {}
+    if store.get("version") != STORE_VERSION:
+        return []  # the record's `outputs` makes an older stage 4 stale
+    out = []
+    for backbone, entry in store.get("backbones", {}).items():
+        for part, f in entry.get("files", {}).items():
+            why = damage(run.infer_features(backbone, part if part == "test" else int(part)), f)
+            if why:
+                out.append(why)
+    for path, key in ((run.infer_rows, "rows_sha256"), (run.infer_scores, "scores_sha256")):
+        if store.get(key) and (not path.exists() or sha256_file(path) != store[key]):
+            out.append(f"{path} is missing or changed since stage 4 wrote it")
+    return out
 
 
 def head_ref(run: RunDir, path: Path, keys: list[str] | None = None, inner: list[Path] | None = None,
@@ -113,13 +139,17 @@ class StoredFiles:
                                            t.get_tensor(keys[1]).astype(np.float32))
         return self.heads[key]
 
-    def features(self, backbone: str, part: str | int) -> np.ndarray:
+    def features(self, backbone: str, part: str | int, entry: dict, n_rows: int) -> CheckedFeatures:
+        """A backbone's features of a part, checked against the manifest's `entry` (its `files`) and the `n_rows`
+        rows.npz gives it, before anything is computed from them; every block read is checked row by row."""
         key = (backbone, part)
         if key not in self.feats:
-            p = self.run.infer_features(backbone, part)
-            if not p.exists():
-                raise PipelineError(f"{p} is missing: re-run ./run.sh infer of '{self.run.name}'")
-            self.feats[key] = np.load(p, mmap_mode="r")
+            files = entry.get("files", {})
+            if str(part) not in files:
+                raise PipelineError(f"stage 4 of '{self.run.name}' recorded no {part} features of {backbone}: "
+                                    f"{rerun_infer(self.run)}")
+            self.feats[key] = CheckedFeatures(self.run.infer_features(backbone, part), files[str(part)], n_rows,
+                                              rerun_infer(self.run))
         return self.feats[key]
 
     def split(self, ref: dict, ids: np.ndarray) -> np.ndarray:
@@ -140,7 +170,7 @@ class InMemory:
     def __init__(self):
         self.feats, self.heads = {}, {}
 
-    def features(self, backbone: str, part) -> np.ndarray:
+    def features(self, backbone: str, part, entry: dict | None = None, n_rows: int | None = None) -> np.ndarray:
         return self.feats[(backbone, part)]
 
     def head(self, f: dict, keys):
@@ -184,7 +214,9 @@ class LogitTable:
 
     def _logits(self, e: dict, v: int, part, rows) -> np.ndarray:
         at = self.backbones[e["features"]]["views"].index(v)
-        x = np.asarray(self.files.features(e["features"], part)[at, rows], np.float32)
+        n = self.n if part == "test" else int((self.fold == part).sum())
+        x = np.asarray(self.files.features(e["features"], part, self.backbones[e["features"]], n)[at, rows],
+                       np.float32)
         ref = e["head"]
         if ref["inner"] is None:
             return self.files.head(ref["file"], ref["keys"]).logits(x)
@@ -254,7 +286,7 @@ class Stage4:
 
     def rows(self) -> dict[str, np.ndarray]:
         """ids, classes, views, and for `oof` y and fold: everything but the rows x classes arrays."""
-        o = read_npz(self.run.infer_rows)
+        o = read_npz(self._checked(self.run.infer_rows, "rows_sha256"))
         if self.part == "test":
             out = {"ids": o["test_ids"]}
         else:
@@ -262,6 +294,12 @@ class Stage4:
                 raise PipelineError(f"stage 4 of '{self.run.name}' predicted no held-out rows (infer.oof off)")
             out = {"ids": o["oof_ids"], "y": o["oof_y"], "fold": o["oof_fold"]}
         return {**out, "classes": o["classes"], "views": np.array(self.store["views"])}
+
+    def _checked(self, path: Path, key: str) -> Path:
+        """`path` after checking it is the file stage 4 wrote (its sha256 in the manifest)."""
+        if not path.exists() or (self.store.get(key) and sha256_file(path) != self.store[key]):
+            raise PipelineError(f"{path} is missing or changed since stage 4 wrote it: {rerun_infer(self.run)}")
+        return path
 
     def views(self) -> list[str]:
         return list(self.store["views"])
@@ -277,7 +315,7 @@ class Stage4:
         if self.part != "oof" or not self.run.infer_scores.exists():
             return None
         prefix = f"{self.head}__{'plain' if plain else 'policy'}__"
-        o = read_npz(self.run.infer_scores)
+        o = read_npz(self._checked(self.run.infer_scores, "scores_sha256"))
         return RowScores.of_arrays({k[len(prefix):]: v for k, v in o.items() if k.startswith(prefix)})
 
     def view_logits(self, view: str = BASELINE) -> np.ndarray:
