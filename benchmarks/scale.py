@@ -3,6 +3,9 @@ iNaturalist-style competitions (COCO-style JSON, thousands of classes, a top-5 s
 
     python benchmarks/scale.py [--sizes 1000x4000,5000x20000,10000x20000] [--work DIR] [--variants joint,tau]
     python benchmarks/scale.py --all-in-one --sizes 10000x20000 --code /tmp/old-checkout --code .   (side by side)
+    python benchmarks/scale.py --stage5 3 --sizes 10000x100000 --code /tmp/old-checkout --code .
+        (#45: `all` once per checkout, each in its own folder, then `ensemble --force` 3 times per checkout,
+        alternating, timed: what checking stage 4's stored features costs stage 5; --timed-only re-times)
 
 Each size CLASSESxIMAGES is a competition of tiny pictures (16 px, a colour per class plus noise; images spread
 evenly over the classes, a tenth as many test images) in COCO layout, trained with timm's `test_resnet` at
@@ -22,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
 
 from pipeline.tools.demo import coco_competition  # noqa: E402
 
@@ -91,6 +96,46 @@ def all_in_one(work_root: Path, n_classes: int, n_images: int, variants: list[st
             "runs_gb": folder_bytes(work / "runs") / 2**30, "stages": stages, "submission": sub[:3]}
 
 
+def stage5_side_by_side(work_root: Path, n_classes: int, n_images: int, variants: list[str], codes: list[Path],
+                        repeats: int, timed_only: bool) -> None:
+    """Stage 5's wall time per checkout, measured alternately on outputs each checkout made itself (#45)."""
+    data = work_root / f"c{n_classes}_n{n_images}" / "data"
+    if not (data / "train.json").exists():
+        per, extra = divmod(n_images, n_classes)
+        coco_competition(data, [per + (i < extra) for i in range(n_classes)], size=16, n_test=max(n_images // 10, 10))
+    works = [work_root / f"c{n_classes}_n{n_images}_code{i}" for i in range(len(codes))]
+    for code, work in zip(codes, works):
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "scale.yaml").write_text(config(data.resolve(), variants))
+        if not timed_only:
+            for d in ("runs", "folds", "submissions", "reports"):
+                shutil.rmtree(work / d, ignore_errors=True)
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "pipeline", "all", "--config", "scale.yaml"], cwd=work,
+                               capture_output=True, text=True, env={"PYTHONPATH": str(code.resolve()), "PATH": "/usr/bin:/bin"})
+            if r.returncode != 0:
+                print(r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"all failed with {code}")
+            print(f"{code}: all in {time.perf_counter() - t0:.0f}s", flush=True)
+    times: dict[int, list[float]] = {i: [] for i in range(len(codes))}
+    for rep in range(repeats):
+        for i, (code, work) in enumerate(zip(codes, works)):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "pipeline", "ensemble", "--force", "--config", "scale.yaml"],
+                               cwd=work, capture_output=True, text=True,
+                               env={"PYTHONPATH": str(code.resolve()), "PATH": "/usr/bin:/bin"})
+            if r.returncode != 0:
+                print(r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"ensemble failed with {code}")
+            times[i].append(time.perf_counter() - t0)
+            print(f"  repeat {rep}: {code}: ensemble --force {times[i][-1]:.1f}s", flush=True)
+    base = float(np.median(times[0]))
+    for i, code in enumerate(codes):
+        med = float(np.median(times[i]))
+        print(f"{code}: stage 5 median {med:.1f}s (runs {', '.join(f'{t:.1f}' for t in times[i])}), "
+              f"{med / base:.3f}x the first checkout's", flush=True)
+
+
 def one(work_root: Path, n_classes: int, n_images: int, variants: list[str]) -> list[dict]:
     work = work_root / f"c{n_classes}_n{n_images}"
     root = work / "data"
@@ -123,7 +168,14 @@ def main() -> int:
     ap.add_argument("--all-in-one", action="store_true", help="./run.sh all in one process per --code checkout")
     ap.add_argument("--code", action="append", type=Path, help="a checkout to run (repeat: side by side)")
     ap.add_argument("--n-test", type=int, help="test images (default: a tenth of the train images)")
+    ap.add_argument("--stage5", type=int, metavar="N", help="time `ensemble --force` N times per --code, alternating")
+    ap.add_argument("--timed-only", action="store_true", help="with --stage5: reuse the outputs of an earlier run")
     a = ap.parse_args()
+    if a.stage5:
+        for size in a.sizes.split(","):
+            c, n = (int(v) for v in size.lower().split("x"))
+            stage5_side_by_side(Path(a.work), c, n, a.variants.split(","), a.code or [REPO], a.stage5, a.timed_only)
+        return 0
     if a.all_in_one:
         for size in a.sizes.split(","):
             c, n = (int(v) for v in size.lower().split("x"))
