@@ -91,7 +91,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "show": (("--status",), dict(action="store_true", dest="show",
                                  help="the trials so far, the naive and the nested CV, the sweep page; runs nothing")),
     "finish": (("--finish",), dict(action="store_true",
-                                   help="the winner through stages 1-5 -> submissions/<sweep>.csv")),
+                                   help="the winner through stages 1-5 -> submissions/<sweep>-winner.csv")),
 }
 PATH_METAVARS = ("FILE", "DIR", "PATH", "DIR|ZIP")  # options naming a file or folder (PATH: one the command writes)
 CONFIG_OPTS = ("config", "root")

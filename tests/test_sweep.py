@@ -124,10 +124,18 @@ def test_a_sweep_prunes_ranks_honestly_and_finishes_as_an_ordinary_experiment(wo
     assert row["kind"] == "sweep" and row["cv_mean"] == pytest.approx(sel["nested"])
     assert (t[t["experiment"] == sel["winner"]]["note"].str.contains("best of sweep s-sweep")).all()
     assert set(t.loc[t["experiment"].str.startswith("s-sweep-t"), "sweep"]) == {"s-sweep"}
-    # --finish: the winner through stages 1-5 -> submissions/s-sweep.csv
+    # --finish: the winner through stages 1-5 -> submissions/s-sweep-winner.csv, marked and ranked last (#45)
+    journal = layout.SweepDir.of("s-sweep").journal.read_bytes()
     r = cli(["sweep", "--config", str(base), "--finish"], workdir)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (workdir / "submissions/s-sweep.csv").exists() and layout.SweepDir.of("s-sweep").best.exists()
+    assert layout.SweepDir.of("s-sweep").journal.read_bytes() == journal       # --finish wrote no study record
+    assert (workdir / "submissions/s-sweep-winner.csv").exists() and layout.SweepDir.of("s-sweep").best.exists()
+    t = leaderboard.rank(leaderboard.build(workdir / "runs"))
+    nested = t[t["experiment"] == "s-sweep"]
+    assert len(nested) == 1 and nested["kind"].iloc[0] == "sweep" and nested["note"].iloc[0] == ""
+    fin = t[t["experiment"] == "s-sweep-winner"].iloc[0]
+    assert "selected on these rows" in fin["note"] and sel["winner"] in fin["note"]
+    assert fin["rank"] > nested["rank"].iloc[0] and (t.loc[t["note"] == "", "rank"] < fin["rank"]).all()
 
 
 @pytest.mark.slow

@@ -755,6 +755,12 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping read as config files are (size, encoding, duplicate keys and non-mappings refused, naming the
+    file): what other YAML inputs, such as a sweep's space file, go through."""
+    return _read_yaml(Path(path))
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1} (an empty section stays as its own key)."""
     out = {}

@@ -95,6 +95,64 @@ def _check_model(who: str, m: ModelCfg, plan: Plan) -> None:
             create_model(m, 2)
         except PipelineError as e:
             plan.problems.append(f"{who}: {e}")
+    elif m.pretrained:
+        why = hub_weights_problem(arch)
+        if why:
+            plan.problems.append(f"{who}: config model.pretrained: true: {why}; offline, give a local file instead: "
+                                 f"./run.sh weights fetch NAME (the catalogue: ./run.sh weights list) or ./run.sh "
+                                 f"weights import FILE --arch {arch} --out weights/{arch}.safetensors, then "
+                                 f"model.pretrained_path=<that file>")
+
+
+HUB_PROBE_S = 3.0  # how long the plan waits for the model hub before calling it unreachable
+
+
+def hub_weights_problem(arch: str) -> str | None:
+    """Why timm could not have `arch`'s pretrained weights now (None: it can): not in the local cache (Hugging
+    Face's, or torch hub's for a URL), and the hub offline (HF_HUB_OFFLINE) or unreachable in HUB_PROBE_S."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from timm.models import get_pretrained_cfg
+
+    try:
+        pc = get_pretrained_cfg(arch)
+    except (RuntimeError, ValueError):
+        pc = None
+    if pc is None or not (pc.hf_hub_id or pc.url):
+        return f"timm has no pretrained weights to download for '{arch}'"
+    if pc.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo = pc.hf_hub_id.split("@")[0]
+        for name in (pc.hf_hub_filename, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if name and isinstance(try_to_load_from_cache(repo, name), str):
+                return None
+        host, where = urlparse(constants.ENDPOINT).hostname, f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        if constants.HF_HUB_OFFLINE:
+            return f"its weights ({repo}) are not in {where} and HF_HUB_OFFLINE is set"
+    else:
+        import torch
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pc.url).path).name
+        if cached.is_file():
+            return None
+        host, where = urlparse(pc.url).hostname, f"torch hub's cache ({cached.parent})"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_S).close()
+    except OSError as e:
+        return f"its weights are not in {where} and {host} cannot be reached ({e.strerror or e})"
+    return None
+
+
+def config_problems(c: Config) -> list[str]:
+    """The checks of `all`'s plan that one config answers alone (its model name and weights, its teachers): what a
+    sweep runs for every bound and choice of its space before the study exists."""
+    plan = Plan("sweep")
+    _check_model(f"experiment {c.experiment}", c.model, plan)
+    _check_teachers(f"experiment {c.experiment}", c.train, [], c.ensemble.name or c.experiment, plan)
+    return plan.problems
 
 
 def _check_teachers(who: str, t: TrainCfg, earlier: list[str], ensemble_name: str, plan: Plan) -> None:

