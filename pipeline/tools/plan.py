@@ -124,9 +124,11 @@ def hub_weights_problem(arch: str) -> str | None:
         return f"timm has no pretrained weights to download for '{arch}'"
     if pc.hf_hub_id:
         from huggingface_hub import constants, try_to_load_from_cache
+        from timm.models import _hub  # the file names timm asks the hub for
 
         repo = pc.hf_hub_id.split("@")[0]
-        for name in (pc.hf_hub_filename, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        names = [n for n in dir(_hub) if n.startswith("HF_") and n.endswith("WEIGHTS_NAME")]
+        for name in (pc.hf_hub_filename, *(getattr(_hub, n) for n in names)):
             if name and isinstance(try_to_load_from_cache(repo, name), str):
                 return None
         host, where = urlparse(constants.ENDPOINT).hostname, f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
@@ -146,12 +148,12 @@ def hub_weights_problem(arch: str) -> str | None:
     return None
 
 
-def config_problems(c: Config) -> list[str]:
-    """The checks of `all`'s plan that one config answers alone (its model name and weights, its teachers): what a
-    sweep runs for every bound and choice of its space before the study exists."""
+def config_problems(experiment: str, m: ModelCfg, t: TrainCfg, ensemble_name: str) -> list[str]:
+    """The checks of `all`'s plan that one experiment's sections answer alone (its model name and weights, its
+    teachers): what a sweep runs for every bound and choice of its space before the study exists."""
     plan = Plan("sweep")
-    _check_model(f"experiment {c.experiment}", c.model, plan)
-    _check_teachers(f"experiment {c.experiment}", c.train, [], c.ensemble.name or c.experiment, plan)
+    _check_model(f"experiment {experiment}", m, plan)
+    _check_teachers(f"experiment {experiment}", t, [], ensemble_name, plan)
     return plan.problems
 
 

@@ -133,7 +133,8 @@ class Sweep:
         path = space or cfg.sweep.space
         if path and not space and base is not None and not Path(path).is_absolute():
             path = base.parent / path  # sweep.space is relative to its config file
-        params = tuple(read_space(Path(path), base, overrides, config_problems)) if path else ()
+        plan = lambda c: config_problems(c.experiment, c.model, c.train, c.ensemble.name or c.experiment)  # noqa: E731
+        params = tuple(read_space(Path(path), base, overrides, plan)) if path else ()
         if need_space and not params:
             raise PipelineError("sweep needs a search space: --space FILE (or sweep.space in the config)")
         return cls(name, layout.SweepDir.of(name), cfg.sweep, base, tuple(overrides), params, cfg.eval.scorer,
@@ -282,9 +283,12 @@ def open_study(sw: Sweep, n: int = 0):
     sw.dir.dir.mkdir(parents=True, exist_ok=True)
     if not sw.s.storage:
         repair_journal(sw.dir.journal)
-    storage = sw.s.storage or _journal(sw.dir.journal)
-    return optuna.create_study(storage=storage, direction="maximize" if sw.greater else "minimize",
-                               load_if_exists=True, **_study_args(sw, n))
+    storage = optuna.storages.get_storage(sw.s.storage) if sw.s.storage else _journal(sw.dir.journal)
+    try:  # loading appends nothing (create_study(load_if_exists) appends a create record to the journal each time)
+        return optuna.load_study(storage=storage, **_study_args(sw, n))
+    except KeyError:
+        return optuna.create_study(storage=storage, direction="maximize" if sw.greater else "minimize",
+                                   load_if_exists=True, **_study_args(sw, n))
 
 
 def load_study(sw: Sweep):
