@@ -1,4 +1,5 @@
-"""Property-based fuzz of the inputs a user hands us: COCO JSON, train.csv, the sample submission and config files.
+"""Property-based fuzz of the inputs a user hands us: COCO JSON, train.csv, the sample submission, config files and
+sweep spaces (stage 4's stored feature files: tests/test_stored_checks.py).
 
 Each example takes a valid input, breaks it one way (a field deleted, its type changed, an entry duplicated, a list
 or file emptied, bytes that are not UTF-8, a huge value, the file cut short) and runs the command that reads it.
@@ -224,3 +225,77 @@ def test_fuzzed_config_is_refused_naming_the_file_and_key(csv_comp, m):
     msg = refused(home, ["folds", "--config", str(path)], names)
     if kind not in ("empty", "not_utf8"):
         assert str(path) in msg, msg
+
+
+# ----------------------------------------------------------------------------- sweep spaces (#45)
+SPACE_KEYS = ["train.lr", "train.epochs", "aug.img_size", "train.mixup_alpha", "model.arch", "infer.views",
+              "train.label_smoothing"]
+ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(-1, 2), st.just(float("nan")), st.just(1.0e-3),
+                st.sampled_from(["false", "true", "x", "test_resnet", "resnet10tt", "orig", "hflip"]),
+                st.lists(st.sampled_from(["orig", "hflip", 3]), max_size=2))
+
+
+VALID_SPACE = {  # a valid distribution per key; the fuzz starts from one and breaks 0-2 of its entries
+    "train.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
+    "train.epochs": {"type": "int", "low": 1, "high": 4},
+    "aug.img_size": {"type": "categorical", "choices": [16, 32]},
+    "train.mixup_alpha": {"type": "float", "low": 0.0, "high": 0.4, "step": 0.1},
+    "model.arch": {"type": "categorical", "choices": ["test_resnet", "resnet10t"]},
+    "infer.views": {"type": "categorical", "choices": [["orig"], ["orig", "hflip"]]},
+    "train.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2, "when": {"model.arch": "resnet10t"}},
+}
+
+
+@st.composite
+def space_entry(draw, key):
+    spec = dict(VALID_SPACE[key])
+    for _ in range(draw(st.integers(0, 2))):
+        entry = draw(st.sampled_from(["type", "low", "high", "log", "step", "choices", "when", "bogus"]))
+        if draw(st.booleans()) and entry in spec:
+            del spec[entry]
+        elif entry == "type":
+            spec[entry] = draw(st.sampled_from(["float", "int", "categorical", "uniform", None]))
+        elif entry == "choices":
+            spec[entry] = draw(st.one_of(st.lists(ANY, max_size=4), ANY))
+        elif entry == "when":
+            spec[entry] = {draw(st.sampled_from(SPACE_KEYS)): draw(ANY)}
+        else:
+            spec[entry] = draw(ANY)
+    return spec
+
+
+@st.composite
+def space(draw):
+    keys = draw(st.lists(st.sampled_from(SPACE_KEYS), min_size=1, max_size=3, unique=True))
+    return {k: draw(space_entry(k)) for k in keys}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(space=space())
+def test_a_fuzzed_sweep_space_is_refused_or_every_trial_it_draws_is_a_valid_config(tmp_path_factory, space):
+    """Random spaces (wrong types, bounds, steps, log flags, choices, conditions): read_space refuses them naming the
+    file, or every trial Optuna draws from them is a config the loader and the plan accept (no trial fails at its
+    config, the failure that used to reach the study)."""
+    import yaml
+    import optuna
+
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import PipelineError
+    from pipeline.tools import sweep
+    from pipeline.tools.plan import config_problems
+
+    path = tmp_path_factory.mktemp("space") / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    base = ["model.arch=test_resnet", "aug.img_size=32"]
+    try:
+        params = sweep.read_space(path, None, base)
+    except PipelineError as e:
+        assert str(path) in str(e), str(e)
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(4):
+        values = sweep.suggest(study.ask(), params)
+        c = load_config(None, [*base, *(f"{k}={json.dumps(v)}" for k, v in values.items())])
+        assert not config_problems(c.experiment, c.model, c.train, c.experiment), values
