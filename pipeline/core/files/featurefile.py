@@ -18,6 +18,7 @@ file makes stage 4 stale. Nothing here is a cache: each check reads the file it 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -36,9 +37,13 @@ DIGEST_RTOL = 1e-9  # of the row's L1 norm: float64 summation order moves a dige
 digest_path = RunDir.feature_digests
 
 
+@functools.lru_cache(maxsize=16)
 def _weights(d: int) -> np.ndarray:
+    """The fixed vector rows of width `d` are dotted with (remembered: a reader asks for it at every block)."""
     rng = np.random.default_rng(DIGEST_SEED)
-    return rng.uniform(0.5, 1.5, d) * rng.choice([-1.0, 1.0], d)
+    w = rng.uniform(0.5, 1.5, d) * rng.choice([-1.0, 1.0], d)
+    w.setflags(write=False)
+    return w
 
 
 def row_digest(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
