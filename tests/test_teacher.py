@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from conftest import make_competition, stage4_npz
-from pipeline.core.files.artifacts import read_json, sha256_file
+from pipeline.core.files.artifacts import read_json, sha256_file, write_json
+from pipeline.core.files.featurefile import write_features
 from pipeline.core.config import load_config
 from pipeline.core.inputs.data import read_folds, read_test_table
 from pipeline.core.errors import PipelineError
@@ -259,9 +260,13 @@ def test_every_teacher_kind_keeps_fold_k_targets_and_choices_free_of_fold_k_held
     scramble(run.fold(0).oof, None)
     for v in ("joint", "tau", "crt"):
         scramble(run.fold(0).head_oof(v), None)
-    for held in run.infer_features_dir.glob("*/held0.npy"):  # stage 4's features of fold 0's held-out rows
-        x = np.load(held)
-        np.save(held, np.random.default_rng(0).normal(0, 5, x.shape).astype(x.dtype))
+    s4 = read_json(run.infer_summary)
+    for held in run.infer_features_dir.glob("*/held0.npy"):  # stage 4's features of fold 0's held-out rows, written
+        x = np.random.default_rng(0).normal(0, 5, np.load(held).shape).astype(np.float32)  # as stage 4 writes them
+        s4["store"]["backbones"][held.parent.name]["files"]["0"] = write_features(
+            held, s4["store"]["dtype"], len(x), x.shape[1], lambda sink, x=x: [sink(v, 0, x[v]) for v in range(len(x))],
+            "test")
+    write_json(run.infer_summary, s4)
     after = {n: teacher_mod.fold_probs(teacher_mod.load_teacher(n), 0, paths) for n in names}
     for n in names:
         for part in paths:
