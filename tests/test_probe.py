@@ -130,6 +130,23 @@ def test_epochs_0_is_the_linear_probe_baseline_through_every_stage(workdir, pret
     tr = df["fold"].values != 0
     want = probe_head(feats["train"], df["y"].values[tr], 3)
     assert np.allclose(got["fc.weight"].numpy(), want.weight, atol=1e-4)   # the classifier is the probe fit
+    # stage 4 runs the (one) pretrained backbone over the test images once, not once per fold (#47)
+    run = load_config(cfg).run_dir
+    assert sorted(p.parent.name for p in run.infer_features_dir.glob("*/test.npy")) == ["fold0"]
+    s4 = read_json(run.infer_summary)
+    assert {e["features"] for entries in s4["store"]["test"].values() for e in entries} == {"fold0"}
+    assert {e["head"]["file"]["path"].split("/")[0] for e in s4["store"]["test"]["best"]} == {"fold0", "fold1"}
+    from pipeline.core.predict.stored import Stage4
+    from pipeline.core.nets.heads import Head
+
+    def head(k: int) -> Head:
+        if s4["best"]["all"] == "joint":
+            sd = read_state_dict(run.fold(k).weights)
+            return Head(sd["fc.weight"].numpy(), sd["fc.bias"].numpy())
+        return Head.load(run.fold(k).head(s4["best"]["all"]))[0]
+    x = np.load(run.infer_features("fold0", "test"))[0].astype(np.float32)   # every fold's head on those features
+    mean = sum(head(k).logits(x).astype(np.float64) for k in (0, 1)) / 2
+    assert np.allclose(Stage4.of(run, "best", "test").view_logits(), mean, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ predicts `fixres:<view>@<size>` views, scored on OOF like the others.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 import time
@@ -352,16 +353,18 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, stor
              open_store(job.px, inp.test["path"]),
              open_store(job.px, inp.oof_df["path"]) if inp.oof_df is not None else None)
     plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(job, inp)]
+    reuse = shared_test_passes(job, len(inp.classes), plan)
     held = (lambda k: int((inp.oof_df["fold"].values == k).sum())) if inp.oof_df is not None else (lambda k: 0)
-    n_images = sum(len(sel) * (len(inp.test) + held(u.k)) for u, sel in plan)
+    n_images = sum(len(sel) * (len(inp.test) * (i not in reuse) + held(u.k)) for i, (u, sel) in enumerate(plan))
     probe_folds = [k for k in range(len(inp.summaries)) if _probe_heads(inp, best, k)]
     if probe_folds:
         n_images += len(names) * (len(inp.test) * any(map(_probe, inp.heads)) + sum(held(k) for k in probe_folds))
     wise = [(k, a) for k in range(len(inp.summaries)) for a in _wise_alphas(inp, best, k)]
     n_images += len(names) * sum(len(inp.test) * (wise_name(a) in inp.heads) + held(k) for k, a in wise)
     p.bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
-    for u, sel in plan:
-        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, store, p)
+    for i, (u, sel) in enumerate(plan):
+        test_from = backbone_of(job, plan[reuse[i]][0]) if i in reuse else None
+        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, store, p, test_from)
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
     if probe_folds:
         predict_probes(job, inp, names, best, store, p)
@@ -369,6 +372,43 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, stor
         predict_wise(job, inp, k, a, names, best, store, p)
     p.bar.close()
     return n_images
+
+
+def backbone_of(job: Job, u: TtaModel) -> str:
+    """The name a unit's backbone goes by in stage 4's store (fold<k>, full, fold<k>.fixres, full.fixres)."""
+    return job.run.unit(u.k).name + (".fixres" if u.fixres else "")
+
+
+def shared_test_passes(job: Job, n_classes: int, plan: list) -> dict[int, int]:
+    """{i: j}: plan entry i's backbone is entry j's (an earlier one with the same views, every tensor but the
+    classifier equal: with train.epochs=0 every fold's backbone is the pretrained one), so unit i's test heads are
+    computed from unit j's test features instead of running the same backbone over the test images again (#47).
+    FixRes units are tuned per unit and never shared."""
+    skip = None
+    seen, out = {}, {}
+    for i, (u, sel) in enumerate(plan):
+        if u.fixres:
+            continue
+        if skip is None:
+            model = models.create_model(job.model, n_classes, pretrained=False)
+            names = {id(p): n for n, p in model.named_parameters()}
+            skip = {names[id(p)] for p in model.get_classifier().parameters()}
+        key = (backbone_digest(models.read_state_dict(job.run.unit(u.k).weights), skip), tuple(sel))
+        if key in seen:
+            out[i] = seen[key]
+        else:
+            seen[key] = i
+    return out
+
+
+def backbone_digest(sd: dict, skip: set[str]) -> str:
+    """sha256 of a state dict's tensors (names and bytes), those named in `skip` (the classifier) left out."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        if k not in skip:
+            h.update(k.encode())
+            h.update(sd[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_backbone(store: Store, backbone: str, part: str | int, at: list[int], p: Pass, model, norm, images,
@@ -385,16 +425,17 @@ def _held_rows(inp: Inputs, k: int) -> np.ndarray:
 
 
 def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list[int], best: dict | None,
-                 store: Store, p: Pass) -> None:
+                 store: Store, p: Pass, test_from: str | None = None) -> None:
     """One unit's views on the test images and (a fold) on its held-out rows, for every head of the fine-tuned
-    backbone."""
+    backbone. `test_from`: the backbone, identical to this one, whose test features its test heads read (the test
+    images are not run again)."""
     C = len(inp.classes)
     fd = job.run.unit(u.k)
     model = (fixres_weights(job, inp.oof_df, u, C, p.device, p.dtype) if u.fixres
              else models.load_trained(job.model, fd.weights, C)).to(p.device)
     prepare_model(job.train, model, p.device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(p.device)
-    backbone = fd.name + (".fixres" if u.fixres else "")
+    backbone = backbone_of(job, u)
     joint = joint_ref(job.run, job.run.fixres(fd.name) if u.fixres else fd.weights, model)
 
     def ref(h: str, nested: bool) -> dict:
@@ -403,9 +444,10 @@ def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list
     pick = best["per_fold"][u.k] if best is not None and u.k != FULL_FIT else None
     if pick is not None and off_backbone(pick):
         pick = None  # fold k's best head runs on another backbone: predict_probes / predict_wise
-    run_backbone(store, backbone, "test", sel, p, model, norm, p.test_store, views)
+    if test_from is None:
+        run_backbone(store, backbone, "test", sel, p, model, norm, p.test_store, views)
     for h in mine:
-        store.add("test", h, backbone, ref(h, False), u.weight)
+        store.add("test", h, test_from or backbone, ref(h, False), u.weight)
     rows = _held_rows(inp, u.k)
     if len(rows):
         run_backbone(store, backbone, u.k, sel, p, model, norm, p.train_store.subset(rows), views)
