@@ -146,6 +146,49 @@ def run_evidence(arch: str, size: int) -> list[dict]:
     return out
 
 
+# #47: probe heads by default with pretrained weights, every variant. Per set and size: today's defaults (the six
+# stage-3 variants on the fine-tuned backbone, nested best, no probe heads), the same folds and stage-2 weights with
+# the six variants also fit on the frozen pretrained features (the new default), and the epochs-0 probe baseline.
+SETS = {"flowers5": CONFIG, "grocery81": "configs/grocery81_pretrained.yaml"}
+VARIANTS = ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"]
+PROBE_DEFAULT = {  # kind: (what, overrides, copy stages 2-3 of this kind's run)
+    "today": ("fine-tune, today's defaults (no probe heads)", ["rebalance.probe=[]"], None),
+    "probes": ("fine-tune + probe heads of every variant (#47 default)",
+               [f"rebalance.probe=[{','.join(VARIANTS)}]"], "today"),
+    "epochs0": ("probe baseline (train.epochs=0)", ["train.epochs=0"], None),
+}
+
+
+def run_probe_default(set_name: str, size: int, epochs: int) -> list[dict]:
+    weights = "weights/tf_efficientnet_lite0.safetensors"
+    if not Path(weights).exists():
+        subprocess.run([sys.executable, "-m", "pipeline", "weights", "fetch", "efficientnet_lite0", "--out", weights],
+                       check=True)
+    out = []
+    for kind, (what, extra, copy) in PROBE_DEFAULT.items():
+        heads = [*VARIANTS, *(f"probe_{v}" for v in VARIANTS)] if kind == "probes" else VARIANTS
+        exp = f"pd-{set_name}-{size}-e{epochs}-{kind}"
+        cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}",
+                                           f"rebalance.variants=[{','.join(VARIANTS)}]",
+                                           f"infer.heads=[best,{','.join(heads)}]", f"experiment={exp}",
+                                           "ensemble.members=[]", *extra])
+        prepare_data(cfg.data, cfg.folds.seed)
+        if copy and not cfg.run_dir.dir.exists():
+            shutil.copytree(RunDir.of(f"pd-{set_name}-{size}-e{epochs}-{copy}").dir, cfg.run_dir.dir,
+                            ignore=shutil.ignore_patterns("infer", "logs", "rebalance"))
+        t0 = time.perf_counter()
+        stages_1_to_4(cfg)
+        wall = (time.perf_counter() - t0) / 60
+        for r in leaderboard.experiment_rows(cfg.run_dir):
+            if r["tta"] == "on":
+                continue
+            out.append({"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": r["head"], "tta": r["tta"],
+                        "cv": r["cv_mean"], "holdout": r["private"],
+                        "min_per_fold": fold_minutes(cfg) if not copy else float("nan"), "wall_min": wall})
+        show(out[-len(heads) - 1:])
+    return out
+
+
 def run_final() -> list[dict]:
     cfg = load_config(CONFIG, [])
     prepare_data(cfg.data, cfg.folds.seed)
@@ -221,10 +264,12 @@ def show(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
-                    help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px)")
+                    help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default (#47)")
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
+    ap.add_argument("--probe-default", nargs="*", default=["flowers5:64:2", "grocery81:64:2"],
+                    help="probe-default part (#47): set:size:epochs triples")
     ap.add_argument("--timm-train", default="/tmp/timm_train.py", help="timm's train.py (the peer)")
     ap.add_argument("--peer-head-init", nargs="*", type=float, default=[None, 0.01],
                     help="peer runs: --head-init-scale values (default: timm's init, then 0.01)")
@@ -242,6 +287,11 @@ def main() -> None:
         for pair in args.evidence:
             arch, size = pair.split(":")
             rows += run_evidence(arch, int(size))
+            show(rows)
+    if "probe-default" in args.part:
+        for triple in args.probe_default:
+            name, size, epochs = triple.split(":")
+            rows += run_probe_default(name, int(size), int(epochs))
             show(rows)
     if "final" in args.part:
         rows += run_final()
