@@ -44,6 +44,15 @@ def test_a_probe_needs_pretrained_weights():
     load_config(None, ["train.epochs=0", "model.pretrained_path=w.safetensors"])  # a file to check later
 
 
+def test_probe_heads_of_every_variant_are_the_pretrained_default_except_at_epochs_0():
+    pre = "model.pretrained_path=w.safetensors"
+    assert load_config(None, [pre]).rebalance.probe == load_config(None, []).rebalance.variants  # #47
+    assert load_config(None, [pre, "rebalance.variants=[joint,ncm]"]).rebalance.probe == ["joint", "ncm"]
+    assert load_config(None, [pre, "train.epochs=0"]).rebalance.probe == []       # the fold heads are the probes
+    assert load_config(None, [pre, "rebalance.probe=[]"]).rebalance.probe == []   # set by the user: kept
+    assert load_config(None, []).rebalance.probe == []                            # from scratch: none
+
+
 def test_wise_ft_needs_pretrained_weights_and_a_fine_tune():
     with pytest.raises(ConfigError, match="WiSE-FT interpolates"):
         load_config(None, ["rebalance.wise_alpha=[0.5]"])

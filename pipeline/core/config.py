@@ -824,6 +824,22 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _default_probe_heads(values: dict, origin: dict) -> None:
+    """With pretrained weights, rebalance.probe defaults to every stage-3 variant (#47): the nested best head then
+    chooses among the fine-tuned heads and the same heads fit on the frozen pretrained features, so a short
+    fine-tune that has not yet passed its own probe does not make the submission worse than the probe (grocery81,
+    64 px, 2 folds x 2 epochs: hold-out 0.670 without them, 0.785 with; docs/benchmarks/pretrained.md). Not with
+    train.epochs=0: the fold heads are the probe heads there."""
+    if "rebalance.probe" in values:
+        return
+    defaults = {k.name: k.default for k in schema() if k.name in ("train.epochs", "rebalance.variants")}
+    epochs = values.get("train.epochs", defaults["train.epochs"])
+    variants = values.get("rebalance.variants", defaults["rebalance.variants"])
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 and isinstance(variants, list):
+        values["rebalance.probe"] = list(variants)
+        origin["rebalance.probe"] = "the pretrained defaults (every rebalance.variants: config._default_probe_heads)"
+
+
 class ConfigError(PipelineError):
     """Every problem of a config (unknown keys, wrong types, out-of-range values, keys that contradict each other),
     each naming the key and the file that set it; `config` is what loaded, the faulty keys at their defaults."""
@@ -855,6 +871,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             if k not in values:
                 values[k] = v
                 origin[k] = "the pretrained defaults (config.PRETRAINED_DEFAULTS)"
+        _default_probe_heads(values, origin)
     cfg = Config()
     for key, value in values.items():
         try:

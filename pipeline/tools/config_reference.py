@@ -83,6 +83,9 @@ def reference() -> str:
               "With `model.pretrained` or `model.pretrained_path` set, keys the files and command line leave unset "
               "take these values (`config.PRETRAINED_DEFAULTS`, measured in benchmarks/pretrained.py):", ""]
     lines += [f"- `{k}`: {v}" for k, v in PRETRAINED_DEFAULTS.items()]
+    lines += ["- `rebalance.probe`: every variant of `rebalance.variants` (the same heads also fit on the frozen "
+              "pretrained features, for the nested best head to choose from), except with `train.epochs: 0` (the "
+              "fold heads are the probe heads there)"]
     lines += ["", "## Renamed keys", ""] + [f"- `{k}`{v}" for k, v in RENAMED.items()]
     return "\n".join(lines) + "\n"
 
