@@ -189,6 +189,32 @@ def run_probe_default(set_name: str, size: int, epochs: int) -> list[dict]:
     return out
 
 
+# #47 item 2, first look: fine-tune recipes on the ablation protocol (joint head, no TTA), per set, 64 px.
+RECIPES = {
+    "defaults": ("pretrained defaults (head init x0.01, warm-up 0.3 ep, AdamW lr 1e-3)", []),
+    "lp-ft": ("LP-FT: head fit on the frozen pretrained features first (train.head_init=probe)",
+              ["train.head_init=probe"]),
+    "head-first": ("fastai-like: 1 epoch of head only with BN trainable, then all; lr 3e-3",
+                   ["train.freeze_epochs=1", "train.lr=0.003"]),
+    "discriminative": ("head lr 1e-2, backbone x0.1 (discriminative lr)", ["train.lr=0.01", "train.backbone_lr_mult=0.1"]),
+    "lr3e-3": ("lr 3e-3", ["train.lr=0.003"]),
+}
+
+
+def run_recipe(set_name: str, recipe: str, size: int, epochs: int) -> dict:
+    what, extra = RECIPES[recipe]
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}",
+                                       f"experiment=rc-{set_name}-{size}-e{epochs}-{recipe}", "ensemble.members=[]",
+                                       "rebalance.probe=[]", *extra])
+    prepare_data(cfg.data, cfg.folds.seed)
+    t0 = time.perf_counter()
+    stages_1_to_4(cfg)
+    wall = (time.perf_counter() - t0) / 60
+    r = next(r for r in leaderboard.experiment_rows(cfg.run_dir) if r["head"] == "joint" and r["tta"] != "on")
+    return {"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": "joint", "tta": r["tta"],
+            "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": fold_minutes(cfg), "wall_min": wall}
+
+
 def run_final() -> list[dict]:
     cfg = load_config(CONFIG, [])
     prepare_data(cfg.data, cfg.folds.seed)
@@ -268,6 +294,7 @@ def main() -> None:
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES), help="recipe part (#47 item 2): recipes to run")
     ap.add_argument("--probe-default", nargs="*", default=["flowers5:64:2", "grocery81:64:2"],
                     help="probe-default part (#47): set:size:epochs triples")
     ap.add_argument("--timm-train", default="/tmp/timm_train.py", help="timm's train.py (the peer)")
@@ -288,6 +315,11 @@ def main() -> None:
             arch, size = pair.split(":")
             rows += run_evidence(arch, int(size))
             show(rows)
+    if "recipe" in args.part:
+        for set_name in ("flowers5", "grocery81"):
+            for recipe in args.recipes:
+                rows.append(run_recipe(set_name, recipe, 64, 2))
+                show(rows[-1:])
     if "probe-default" in args.part:
         for triple in args.probe_default:
             name, size, epochs = triple.split(":")

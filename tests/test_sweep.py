@@ -140,7 +140,7 @@ def test_a_sweep_prunes_ranks_honestly_and_finishes_as_an_ordinary_experiment(wo
 
 @pytest.mark.slow
 def test_a_killed_worker_s_trial_is_queued_again_and_resumes_from_its_checkpoint(workdir):
-    base = _base(workdir, "train.epochs=12", "sweep.pruner=none")
+    base = _base(workdir, "train.epochs=60", "sweep.pruner=none")  # 60 one-step epochs: the kill lands in fold 0
     space = space_file(workdir / "space.yaml", "train.lr: {type: float, low: 0.005, high: 0.02, log: true}\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     args = [sys.executable, "-m", "pipeline", "sweep", "--config", str(base), "--space", str(space), "--trials", "1"]
@@ -148,7 +148,7 @@ def test_a_killed_worker_s_trial_is_queued_again_and_resumes_from_its_checkpoint
     ckpt = workdir / "runs/s-sweep-t0/fold0/last.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert ckpt.exists(), "the trial never reached its first checkpoint"
     worker.send_signal(signal.SIGKILL)  # no clean-up: the trial stays RUNNING in the study
     worker.wait()
