@@ -192,10 +192,12 @@ class LogitTable:
         self.n = len(rows["ids"])
         self.ids = rows["ids"]
         self.fold = rows.get("fold")
+        self.rows_in = {"test": self.n}  # the rows of each feature file this table reads (its check's shape)
         if part == "oof":  # each row's place among its fold's held-out rows (the backbone's held<k> file)
             self.pos = np.zeros(self.n, np.int64)
             for k in np.unique(self.fold):
-                self.pos[self.fold == k] = np.arange(int((self.fold == k).sum()))
+                self.rows_in[int(k)] = int((self.fold == k).sum())
+                self.pos[self.fold == k] = np.arange(self.rows_in[int(k)])
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -214,9 +216,8 @@ class LogitTable:
 
     def _logits(self, e: dict, v: int, part, rows) -> np.ndarray:
         at = self.backbones[e["features"]]["views"].index(v)
-        n = self.n if part == "test" else int((self.fold == part).sum())
-        x = np.asarray(self.files.features(e["features"], part, self.backbones[e["features"]], n)[at, rows],
-                       np.float32)
+        x = np.asarray(self.files.features(e["features"], part, self.backbones[e["features"]],
+                                           self.rows_in[part])[at, rows], np.float32)
         ref = e["head"]
         if ref["inner"] is None:
             return self.files.head(ref["file"], ref["keys"]).logits(x)
