@@ -32,16 +32,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _stages import stages_1_to_4  # noqa: E402
 from pipeline.tools.demo import prepare_data  # noqa: E402
 from pipeline.core.files.artifacts import read_json  # noqa: E402
-from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.config import Session, load_config  # noqa: E402
 from pipeline.core.files.layout import RunDir  # noqa: E402
 from pipeline.core.nets.models import weights_record  # noqa: E402
-from pipeline.stages import ensemble  # noqa: E402
+from pipeline.stages import ensemble, folds, train  # noqa: E402
 from pipeline.tools.reports import leaderboard  # noqa: E402
 
 CONFIG = "configs/flowers5_pretrained.yaml"
@@ -201,6 +202,52 @@ RECIPES = {
 }
 
 
+# #47 item 2, the search: stage 2 of fold 0 only (its held-out accuracy, no choice made on it: select=last), per
+# set, size and epochs; one run each. name: overrides on ABLATION (the pretrained defaults of the day fill the rest,
+# so each recipe names every key it is about).
+OLD = ["train.head_init=random", "train.bn_stats=batch", "train.backbone_lr_mult=1.0"]
+LPF = ["train.head_init=probe", "train.bn_stats=frozen"]
+FOLD0 = {
+    "probe": ["train.epochs=0"],
+    "old": OLD,
+    "lr3e-3": [*OLD, "train.lr=0.003"],
+    "bnf-lr3e-3": ["train.head_init=random", "train.bn_stats=frozen", "train.backbone_lr_mult=1.0", "train.lr=0.003"],
+    "bnf-disc": ["train.head_init=random", "train.bn_stats=frozen", "train.lr=0.01", "train.backbone_lr_mult=0.1"],
+    "lpft": ["train.head_init=probe", "train.bn_stats=batch", "train.backbone_lr_mult=1.0"],
+    "lpft-bb01": ["train.head_init=probe", "train.bn_stats=batch", "train.backbone_lr_mult=0.1"],
+    "lpbnf": [*LPF, "train.backbone_lr_mult=1.0"],
+    "lpbnf-bb01": [*LPF, "train.backbone_lr_mult=0.1"],
+    "lpbnf-lr3e-4": [*LPF, "train.backbone_lr_mult=1.0", "train.lr=0.0003"],
+    "lpbnf-lr1e-4": [*LPF, "train.backbone_lr_mult=1.0", "train.lr=0.0001"],
+    "lpbnf-lr3e-4-bb01": [*LPF, "train.backbone_lr_mult=0.1", "train.lr=0.0003"],
+    "lpbnf-bb01-lr3e-3": [*LPF, "train.backbone_lr_mult=0.1", "train.lr=0.003"],
+    "lpbnf-ls01": [*LPF, "train.backbone_lr_mult=1.0", "train.label_smoothing=0.1"],
+    "lpbnf-weakaug": [*LPF, "train.backbone_lr_mult=1.0", "aug.rrc_scale=[0.7,1.0]", "aug.rotate=0",
+                      "aug.shift_scale_p=0"],
+    "lpbnf-bb01-weakaug": [*LPF, "train.backbone_lr_mult=0.1", "aug.rrc_scale=[0.7,1.0]", "aug.rotate=0",
+                           "aug.shift_scale_p=0"],
+    "lpbnf-ld075": [*LPF, "train.backbone_lr_mult=0.3", "train.layer_decay=0.75"],
+    "lpbnf-sgd01": [*LPF, "train.backbone_lr_mult=1.0", "train.optimizer=sgd", "train.lr=0.01",
+                    "train.weight_decay=0.0001"],
+}
+
+
+def run_fold0(set_name: str, size: int, epochs: int, name: str) -> dict:
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}",
+                                       f"experiment=rx-{set_name}-{size}-e{epochs}-{name}", "ensemble.members=[]",
+                                       "rebalance.probe=[]", *FOLD0[name]])
+    prepare_data(cfg.data, cfg.folds.seed)
+    cfg.session = Session(looks={})
+    folds.run(cfg)
+    train.run(cfg, fold=0)
+    s = read_json(cfg.run_dir.fold(0).summary)
+    h = pd.read_csv(cfg.run_dir.fold(0).dir / "history.csv")
+    per_epoch = " ".join(f"{a:.3f}" for a in h["ema_accuracy"]) if epochs else ""
+    return {"row": f"{set_name} {size}px {epochs} ep", "what": f"{name}: {' '.join(FOLD0[name])} (per epoch {per_epoch})",
+            "head": "joint", "tta": "off", "cv": s["score"], "holdout": float("nan"), "min_per_fold": s["seconds"] / 60,
+            "wall_min": s["seconds"] / 60}
+
+
 def run_recipe(set_name: str, recipe: str, size: int, epochs: int) -> dict:
     what, extra = RECIPES[recipe]
     cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}",
@@ -233,9 +280,10 @@ def run_final() -> list[dict]:
     return rows
 
 
-def image_folders(dst: Path) -> Path:
+def image_folders(dst: Path, config: str = CONFIG) -> Path:
     """timm's ImageFolder layout (train/<class>/, validation/<class>/) of the same competition, as links."""
-    cfg = load_config(CONFIG, [])
+    cfg = load_config(config, [])
+    prepare_data(cfg.data, cfg.folds.seed)
     root = Path(cfg.data.root).resolve()
     if dst.exists():
         return dst
@@ -275,6 +323,189 @@ def run_peer(train_py: str, head_init: float | None) -> dict:
             "holdout": float(hist["eval_top1"].iloc[-1]) / 100, "min_per_fold": minutes, "wall_min": minutes}
 
 
+# #47 items 3-4: hold-out accuracy against compute, per set, at 64 px: each recipe at 1, 2, 4, 8 epochs (2 folds), the
+# probe once, and the peers at equal images seen (timm's train.py and fastai's fine_tune on all the train photos for
+# the same number of epochs: 2 folds x E epochs on half the rows each = E epochs on all of them).
+HEADS_ALL = [f"rebalance.variants=[{','.join(VARIANTS)}]", f"rebalance.probe=[{','.join(VARIANTS)}]",
+             "infer.heads=[best,joint]"]
+COMPUTE = {  # name: (what, overrides, heads read off the run: label)
+    "lp-ft-bnf": ("LP-FT with BN statistics frozen, backbone lr x0.1 (#47), probe heads of every variant",
+                  ["train.head_init=probe", "train.bn_stats=frozen", "train.backbone_lr_mult=0.1", *HEADS_ALL],
+                  {"joint": "LP-FT, BN frozen, backbone x0.1 (#47)", "best": "nested best (LP-FT BN frozen + probe heads)"}),
+    "before47": ("fine-tune, the pretrained defaults before #47 (random head x0.01, batch BN statistics, lr 1e-3), "
+                 "probe heads of every variant", ["train.head_init=random", "train.bn_stats=batch",
+                                                  "train.backbone_lr_mult=1.0", *HEADS_ALL],
+                 {"joint": "fine-tune (defaults before #47)", "best": "nested best (before-#47 fine-tune + probe heads)"}),
+    "fastai-style": ("fastai-style in the pipeline: 1 epoch head only (BN trainable), then all; lr 2e-3, "
+                     "backbone x0.1", ["train.head_init=random", "train.bn_stats=batch", "train.freeze_epochs=1",
+                                    "train.lr=0.002", "train.backbone_lr_mult=0.1", "rebalance.probe=[]"],
+                     {"joint": "fastai-style (in the pipeline)"}),
+}
+COMPUTE_EPOCHS = [1, 2, 4, 8]
+
+
+def stage_minutes(cfg) -> float:
+    """Minutes of stages 2-4 as their summaries recorded them (a re-run that skips up-to-date stages keeps them):
+    each fold's training, each fold's stage 3 (with the probe heads' pretrained pass) and stage 4."""
+    secs = 0.0
+    for k in range(cfg.folds.n_splits):
+        secs += read_json(cfg.run_dir.fold(k).summary)["seconds"]
+        for part in (cfg.run_dir.fold(k).rebalance_summary, cfg.run_dir.fold(k).features_meta):
+            secs += read_json(part).get("seconds", 0.0) if part.exists() else 0.0
+    probe = cfg.run_dir.probe_features_meta
+    secs += read_json(probe).get("seconds", 0.0) if probe.exists() else 0.0
+    return (secs + read_json(cfg.run_dir.infer_summary).get("seconds", 0.0)) / 60
+
+
+def run_compute(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
+    what, extra, heads = COMPUTE[recipe] if epochs else ("the probe (train.epochs=0)", ["rebalance.probe=[]"],
+                                                         {"joint": "probe"})
+    exp = f"cp-{set_name}-{size}-e{epochs}-{recipe if epochs else 'probe'}"
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
+                                       "ensemble.members=[]", *extra])
+    prepare_data(cfg.data, cfg.folds.seed)
+    stages_1_to_4(cfg)
+    wall = stage_minutes(cfg)
+    out = []
+    for r in leaderboard.experiment_rows(cfg.run_dir):
+        if r["tta"] != "on" and r["head"] in heads:
+            out.append({"row": f"{set_name} {size}px {epochs} ep", "what": heads[r["head"]], "head": r["head"],
+                        "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"],
+                        "min_per_fold": fold_minutes(cfg), "wall_min": wall, "set": set_name, "epochs": epochs})
+    return out
+
+
+def run_timm_peer(set_name: str, size: int, epochs: int, train_py: str) -> dict:
+    """timm's train.py on all the train photos, the same weights, size, batch, AdamW lr 1e-3, head init x0.01 (its
+    augmentation and label smoothing as they are), the top-1 of its last epoch on the hold-out photos."""
+    cfg = load_config(SETS[set_name], [])
+    data = image_folders(Path(f"/tmp/peer-data-{set_name}"), SETS[set_name])
+    pc = weights_record(cfg.model.pretrained_path)["pretrained_cfg"]
+    out = Path(f"/tmp/timm-peer-{set_name}-{size}-e{epochs}")
+    shutil.rmtree(out, ignore_errors=True)
+    n_classes = len(list((data / "train").iterdir()))
+    cmd = [sys.executable, train_py, "--data-dir", str(data), "--model", cfg.model.arch, "--pretrained",
+           "--pretrained-path", str(Path(cfg.model.pretrained_path).resolve()), "--num-classes", str(n_classes),
+           "--img-size", str(size), "--epochs", str(epochs), "-b", "64", "--opt", "adamw", "--lr", "0.001",
+           "--weight-decay", "0.05", "--sched", "cosine", "--warmup-epochs", "0", "--head-init-scale", "0.01",
+           "--mean", *map(str, pc["mean"]), "--std", *map(str, pc["std"]), "--crop-pct", str(pc["crop_pct"]),
+           "--device", "cpu", "-j", "1", "--output", str(out), "--experiment", "peer", "--checkpoint-hist", "1",
+           "--log-interval", "1000"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    minutes = (time.perf_counter() - t0) / 60
+    hist = pd.read_csv(out / "peer" / "summary.csv")
+    return {"row": f"{set_name} {size}px {epochs} ep", "what": "timm train.py (head init x0.01)", "head": "",
+            "tta": "", "cv": float("nan"), "holdout": float(hist["eval_top1"].iloc[-1]) / 100, "min_per_fold": minutes,
+            "wall_min": minutes, "set": set_name, "epochs": epochs}
+
+
+def run_fastai_peer(set_name: str, size: int, epochs: int, fastai_path: str) -> dict:
+    """fastai's fine_tune (benchmarks/peer_fastai.py) in its own environment (fastai_path on PYTHONPATH)."""
+    cfg = load_config(SETS[set_name], [])
+    data = image_folders(Path(f"/tmp/peer-data-{set_name}"), SETS[set_name])
+    crop = weights_record(cfg.model.pretrained_path)["pretrained_cfg"]["crop_pct"]
+    env = {**os.environ, "PYTHONPATH": fastai_path}
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("peer_fastai.py")), str(data), "--arch",
+                          cfg.model.arch, "--weights", cfg.model.pretrained_path, "--size", str(size), "--epochs",
+                          str(epochs), "--crop-pct", str(crop)], check=True, env=env, capture_output=True, text=True)
+    r = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    return {"row": f"{set_name} {size}px {epochs} ep", "what": "fastai fine_tune", "head": "", "tta": "",
+            "cv": float("nan"), "holdout": r["holdout"], "min_per_fold": r["minutes"], "wall_min": r["minutes"],
+            "set": set_name, "epochs": epochs}
+
+
+def fold_test_probs(run: RunDir, config: str) -> tuple[list, np.ndarray]:
+    """Each fold model's own test probabilities (its fine-tuned classifier on stage 4's stored test features of the
+    plain view) and the hold-out labels: what one fold model alone scores against the fold mean."""
+    from safetensors.numpy import load_file
+
+    cfg = load_config(config, [])
+    z = np.load(run.dir / "infer" / "rows.npz", allow_pickle=True)
+    classes = [str(c) for c in z["classes"]]
+    root = Path(cfg.data.root)
+    labels = pd.read_csv(root.parent / f"{root.name}-private" / "test_labels.csv", dtype=str).set_index("image_id")
+    y = np.array([classes.index(labels.loc[i, "label"]) for i in z["test_ids"]])
+    out = []
+    for k in range(2):
+        feats = np.load(run.dir / "infer" / "features" / f"fold{k}" / "test.npy")[0].astype(np.float32)
+        w = load_file(run.fold(k).dir / "model.safetensors")
+        logits = feats @ w["classifier.weight"].T + w["classifier.bias"]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        out.append(p / p.sum(1, keepdims=True))
+    return out, y
+
+
+def run_budget(set_name: str, recipe: str = "lp-ft-bnf") -> list[dict]:
+    """#47 item 4: what a CPU-hour buys, from the compute part's runs of `recipe` at 4 and 8 epochs (2 folds): one
+    fold model alone, the 2-fold mean, one fold model at twice the epochs (the same compute as 2 folds), and the
+    full-data model of train.full_fit joining the 2 folds at 4 epochs (a copy of the 4-epoch run: only the full
+    fit trains)."""
+    acc = lambda p, y: float((p.argmax(1) == y).mean())  # noqa: E731
+    e4, e8 = (RunDir.of(f"cp-{set_name}-64-e{e}-{recipe}") for e in (4, 8))
+    p4, y = fold_test_probs(e4, SETS[set_name])
+    p8, _ = fold_test_probs(e8, SETS[set_name])
+    m4, m8 = fold_minutes(load_config(SETS[set_name], [*ABLATION, f"experiment={e4.name}"])), \
+        fold_minutes(load_config(SETS[set_name], [*ABLATION, f"experiment={e8.name}"]))
+    row = lambda what, h, minutes: {"row": f"{set_name} 64px budget", "what": what, "head": "joint", "tta": "off",  # noqa: E731
+                                    "cv": float("nan"), "holdout": h, "min_per_fold": minutes, "wall_min": minutes,
+                                    "set": set_name, "epochs": 0}
+    rows = [row("one fold model, 4 epochs on half the rows", float(np.mean([acc(p, y) for p in p4])), m4),
+            row("2 folds x 4 epochs, their mean", acc(np.mean(p4, 0), y), 2 * m4),
+            row("one fold model, 8 epochs (the compute of 2 folds x 4)", float(np.mean([acc(p, y) for p in p8])), m8),
+            row("2 folds x 8 epochs, their mean", acc(np.mean(p8, 0), y), 2 * m8)]
+    what, extra, _ = COMPUTE[recipe]
+    exp = f"bg-{set_name}-64-e4-{recipe}-full"
+    cfg = load_config(SETS[set_name], [*ABLATION, "aug.img_size=64", "train.epochs=4", f"experiment={exp}",
+                                       "ensemble.members=[]", *extra, "train.full_fit=true"])
+    if not cfg.run_dir.dir.exists():
+        shutil.copytree(e4.dir, cfg.run_dir.dir, ignore=shutil.ignore_patterns("infer", "logs"))
+    t0 = time.perf_counter()
+    stages_1_to_4(cfg)
+    wall = (time.perf_counter() - t0) / 60
+    joint = next(r for r in leaderboard.experiment_rows(cfg.run_dir) if r["head"] == "joint" and r["tta"] != "on")
+    full = cfg.run_dir.dir / "infer" / "features" / cfg.run_dir.full.name / "test.npy"
+    if full.exists():  # the full-data model alone: what timm's train.py trains, at the same epochs
+        from safetensors.numpy import load_file
+
+        w = load_file(cfg.run_dir.full.dir / "model.safetensors")
+        logits = np.load(full)[0].astype(np.float32) @ w["classifier.weight"].T + w["classifier.bias"]
+        rows.append(row("the full-data model alone (4 epochs on all rows: timm train.py's budget)",
+                        acc(logits, y), wall))
+    rows.append(row("2 folds x 4 epochs + the full-data model (train.full_fit, 4 epochs on all rows), leaderboard "
+                    "joint", joint["private"], 2 * m4 + wall))
+    base = next(r for r in leaderboard.experiment_rows(e4) if r["head"] == "joint" and r["tta"] != "on")
+    rows.append(row("2 folds x 4 epochs, leaderboard joint (the same figure as the full fit's row, without it)",
+                    base["private"], 2 * m4))
+    return rows
+
+
+def plot_compute(rows: list[dict], path: Path) -> None:
+    """Hold-out accuracy against wall minutes (2 cores), one panel per set, one line per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({r["set"] for r in rows})
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.2), squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        mine = [r for r in rows if r["set"] == set_name]
+        for what in dict.fromkeys(r["what"] for r in mine):
+            pts = sorted((r["wall_min"], r["holdout"], r["epochs"]) for r in mine if r["what"] == what)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "s", label=what)
+            for x, y, e in pts:
+                ax.annotate(str(e), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set(title=f"{set_name}, 64 px (labels: epochs)", xlabel="minutes on 2 CPU cores (stages 2-4; peers: training)",
+               ylabel="hold-out accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def _f(x) -> str:
     return "-" if x is None or x != x else f"{x:.4f}"
 
@@ -290,7 +521,8 @@ def show(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
-                    help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default (#47)")
+                    help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default, recipe, "
+                         "compute (#47)")
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
@@ -300,7 +532,17 @@ def main() -> None:
     ap.add_argument("--timm-train", default="/tmp/timm_train.py", help="timm's train.py (the peer)")
     ap.add_argument("--peer-head-init", nargs="*", type=float, default=[None, 0.01],
                     help="peer runs: --head-init-scale values (default: timm's init, then 0.01)")
+    ap.add_argument("--fold0", nargs="*", default=[f"{s}:64:2:{n}" for s in SETS for n in FOLD0],
+                    help="fold0 part (#47 item 2's search): set:size:epochs:recipe, recipes of FOLD0")
+    ap.add_argument("--sets", nargs="*", default=list(SETS), help="compute part (#47 items 3-4): sets")
+    ap.add_argument("--epochs", nargs="*", type=int, default=COMPUTE_EPOCHS, help="compute part: epoch counts")
+    ap.add_argument("--compute-recipes", nargs="*", default=list(COMPUTE), help="compute part: recipes")
+    ap.add_argument("--max-epochs", nargs="*", default=[], help="compute part: recipe:N, run the recipe up to N epochs")
+    ap.add_argument("--peers", nargs="*", default=["timm", "fastai"], help="compute part: timm, fastai")
+    ap.add_argument("--fastai-path", default=os.path.expanduser("~/.cache/fastai-libs"),
+                    help="where fastai is installed (benchmarks/peer_fastai.py; never a pipeline dependency)")
     args = ap.parse_args()
+    args.max_epochs = {k: int(v) for k, v in (x.split(":") for x in args.max_epochs)}
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch_threads = os.environ.get("OMP_NUM_THREADS")
     print(f"machine: {os.cpu_count()} cores, OMP_NUM_THREADS={torch_threads}; {time.strftime('%Y-%m-%d %H:%M')}")
@@ -325,6 +567,34 @@ def main() -> None:
             name, size, epochs = triple.split(":")
             rows += run_probe_default(name, int(size), int(epochs))
             show(rows)
+    if "fold0" in args.part:  # #47 item 2's search: --fold0 set:size:epochs:name ...
+        for item in args.fold0:
+            set_name, size, epochs, name = item.split(":")
+            rows.append(run_fold0(set_name, int(size), int(epochs), name))
+            show(rows[-1:])
+    if "compute" in args.part:
+        for set_name in args.sets:
+            rows += run_compute(set_name, "probe", 64, 0)
+            for epochs in args.epochs:
+                for recipe in args.compute_recipes:
+                    if epochs <= args.max_epochs.get(recipe, 99) and (epochs >= 2 or recipe != "fastai-style"):
+                        rows += run_compute(set_name, recipe, 64, epochs)
+                        show(rows[-2:])
+                for peer, run_peer_at in (("timm", lambda: run_timm_peer(set_name, 64, epochs, args.timm_train)),
+                                          ("fastai", lambda: run_fastai_peer(set_name, 64, epochs, args.fastai_path))):
+                    if peer in args.peers and (epochs >= 2 or peer != "fastai") and \
+                            epochs <= args.max_epochs.get(peer, 99):
+                        try:
+                            rows.append(run_peer_at())
+                        except subprocess.CalledProcessError as e:  # a peer's failure is reported, not fatal
+                            print(f"{peer} peer failed at {set_name} {epochs} ep: {e}\n{e.stderr or ''}"[-3000:])
+                show(rows[-2:])
+            pd.DataFrame(rows).to_csv("/tmp/pretrained-compute.csv", index=False)
+        plot_compute(rows, Path("docs/benchmarks/pretrained-compute.png"))
+    if "budget" in args.part:  # after the compute part (its 4- and 8-epoch runs)
+        for set_name in args.sets:
+            rows += run_budget(set_name)
+            show(rows[-6:])
     if "final" in args.part:
         rows += run_final()
         show(rows[-4:])

@@ -3,12 +3,15 @@ rows only, train.epochs=0 (the probe baseline run through stages 1-5), probe hea
 fine-tuned ones."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
 
-from conftest import cli, config_from_items, make_competition, stage4_npz
+from conftest import cli, config_from_items, make_competition, stage4_npz, stage4_probs
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.engine.distributed import Dist
 from pipeline.core.files.artifacts import read_json, read_npz
@@ -115,7 +118,7 @@ def test_lp_ft_head_is_fit_on_the_fold_s_training_rows_only(workdir, pretrained)
     moved.loc[~held, "y"] = np.random.default_rng(1).permutation(df["y"].values[~held])
     assert not torch.equal(head(moved), w)                      # training labels do: the test can fail
     fresh = load_config(None, [f"data.root={root}", "experiment=lp", *TINY, f"model.pretrained_path={pretrained}",
-                               "train.epochs=1"])
+                               "train.epochs=1", "train.head_init=random"])  # (a short run's default is probe)
     r = train_stage.set_up(train_stage.Job.of(fresh), df, len(classes), 0, Dist())
     assert not torch.equal(r.nets.model.get_classifier().weight, w)   # head_init=random: timm's init
 
@@ -204,11 +207,23 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
     for k, pick in enumerate(s4["best"]["per_fold"]):   # fold k's rows: the head chosen without them, from its backbone
         mine = best["fold"] == k
         assert np.allclose(best["view_logits"][:, mine], stage4_npz(run, pick, "oof")["view_logits"][:, mine])
-    r = cli(["ensemble", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # export bundles the backbone a probe / WiSE-FT head ran on; predict from the bundle reproduces stage 5
+    from pipeline.core.files import layout
+    from pipeline.tools import predict
+
+    for name, member in (("pj", "p:probe_joint"), ("pn", "p:probe_ncm"), ("pw", "p:wise0.5")):
+        over = [f"ensemble.members=[{member}]", f"ensemble.name={name}"]
+        r = cli(["ensemble", "--config", str(cfg), *over], workdir)
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = cli(["export", "--config", str(cfg), *over], workdir)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = predict.run(workdir / layout.export_dir(name), root / "test", workdir / f"{name}-predict.csv",
+                          root / "sample_submission.csv", tmp_dir=workdir)
+        want = stage4_probs(run, member.split(":")[1])
+        assert np.abs(res["members"][member] - want).max() < 1e-5, name
+        pd.testing.assert_frame_equal(pd.read_csv(workdir / f"{name}-predict.csv", dtype=str),
+                                      pd.read_csv(workdir / f"submissions/{name}.csv", dtype=str))
+    weights = Path(pretrained)
+    weights.write_bytes(weights.read_bytes() + b"\0")  # other pretrained weights than stage 2 used: refused
     r = cli(["export", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
-    assert r.returncode == 2 and "runs on the pretrained backbone" in r.stderr
-    r = cli(["ensemble", "--config", str(cfg), "ensemble.members=[p:wise0.5]", "ensemble.name=pw"], workdir)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = cli(["export", "--config", str(cfg), "ensemble.members=[p:wise0.5]", "ensemble.name=pw"], workdir)
-    assert r.returncode == 2 and "WiSE-FT head wise0.5" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "not the file stage 2 used" in r.stderr, r.stderr[-2000:]

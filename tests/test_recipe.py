@@ -252,3 +252,19 @@ def test_report_draws_class_activation_maps_when_the_feature_map_allows(comp, wo
     train_stage.run(small)
     page = experiment_page.write("small", workdir / "reports", workdir / "runs")
     assert "cam.png" not in page.read_text()
+
+
+def test_the_leaderboard_recipe_names_the_pretrained_fine_tune_controls():
+    """With pretrained weights a short fine-tune defaults to LP-FT with frozen BN statistics and a lower backbone lr
+    (#47): the leaderboard's recipe column says so; a user's own choice back to the plain recipe says nothing."""
+    from pipeline.tools.reports.leaderboard import recipe
+
+    pre = load_config(None, ["model.pretrained_path=w.safetensors", "train.epochs=2"])
+    text = recipe(pre.model, pre.aug, pre.train, None, [], None, False)
+    assert all(w in text for w in ("LP-FT", "BN stats frozen", "backbone lr x0.1")), text
+    plain = load_config(None, ["model.pretrained_path=w.safetensors", "train.epochs=2", "train.head_init=random",
+                               "train.bn_stats=batch", "train.backbone_lr_mult=1"])
+    text = recipe(plain.model, plain.aug, plain.train, None, [], None, False)
+    assert not any(w in text for w in ("LP-FT", "BN stats", "backbone lr")), text
+    probe = load_config(None, ["model.pretrained_path=w.safetensors", "train.epochs=0"])
+    assert "LP-FT" not in recipe(probe.model, probe.aug, probe.train, None, [], None, False)

@@ -324,6 +324,27 @@ def test_frozen_epochs_train_the_classifier_only(comp, freeze_bn):
     assert any(not torch.equal(p1[n], p) for n, p in params().items() if id(names[n]) not in head)
 
 
+@pytest.mark.parametrize("bn_stats", ["batch", "frozen"])
+def test_bn_stats_frozen_keeps_running_statistics_for_the_whole_run(comp, bn_stats):
+    """train.bn_stats=frozen: every epoch normalises with the running statistics (unchanged), while the backbone's
+    weights, BatchNorm's affine ones included, still train; batch: the statistics move."""
+    from pipeline.core.inputs.data import read_folds
+    from pipeline.core.engine.distributed import Dist
+
+    cfg = tiny_cfg(comp, f"train.bn_stats={bn_stats}", "train.ema=false")
+    folds_stage.run(cfg)
+    df, classes = read_folds(cfg.folds_name)
+    r = train_stage.set_up(train_stage.Job.of(cfg), df, len(classes), 0, Dist())
+    bn = lambda: {n: b.clone() for n, b in r.nets.model.named_buffers() if "running" in n}  # noqa: E731
+    affine = lambda: {n: p.detach().clone() for n, p in r.nets.model.named_parameters() if "bn" in n}  # noqa: E731
+    b0, a0 = bn(), affine()
+    assert b0 and a0
+    for epoch in range(2):
+        train_stage.train_epoch(r, epoch)
+    assert all(torch.equal(b0[n], b) for n, b in bn().items()) is (bn_stats == "frozen")
+    assert any(not torch.equal(a0[n], a) for n, a in affine().items())
+
+
 def test_patience_stops_the_fold_and_the_summary_says_when(comp, monkeypatch):
     cfg = tiny_cfg(comp, "train.epochs=5", "train.patience=2", "train.ema=false")
     folds_stage.run(cfg)

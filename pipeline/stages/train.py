@@ -371,7 +371,7 @@ def train_epoch(r: FoldRun, epoch: int) -> dict:
     for m in n.frozen_bn:  # a linear probe / frozen stages: their BatchNorm statistics stay as they are
         m.eval()
     r.state.frozen = epoch < t.freeze_epochs  # Step's before_update drops the backbone's gradients then
-    if r.state.frozen and t.freeze_bn:
+    if t.bn_stats == "frozen" or (r.state.frozen and t.freeze_bn):
         training.backbone_bn_eval(n.model)
     mixing = n.mixup is not None and (t.mix_off_epoch is None or epoch < t.mix_off_epoch)
     fmt, n_classes = memory_format(r.job.train, r.device), len(data.counts)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import typing
 
-from ..core.config import PRETRAINED_DEFAULTS, RENAMED, schema, section_help
+from ..core.config import (PRETRAINED_DEFAULTS, RENAMED, SHORT_FINE_TUNE_DEFAULTS, SHORT_FINE_TUNE_EPOCHS, schema,
+                           section_help)
 
 INTRO = """A YAML file is an experiment sheet; `base: other.yaml` extends another file (keys merge one by one);
 `key=value` on the command line comes last. Unknown keys (with a "did you mean"), wrong types and out-of-range
@@ -83,6 +84,11 @@ def reference() -> str:
               "With `model.pretrained` or `model.pretrained_path` set, keys the files and command line leave unset "
               "take these values (`config.PRETRAINED_DEFAULTS`, measured in benchmarks/pretrained.py):", ""]
     lines += [f"- `{k}`: {v}" for k, v in PRETRAINED_DEFAULTS.items()]
+    lines += ["", f"With pretrained weights and a short fine-tune (1 <= `train.epochs` <= {SHORT_FINE_TUNE_EPOCHS}), "
+              "keys left unset also take these (`config.SHORT_FINE_TUNE_DEFAULTS`: LP-FT with BatchNorm statistics "
+              "frozen, #47):", ""]
+    lines += [f"- `{k}`: {v}" for k, v in SHORT_FINE_TUNE_DEFAULTS.items()]
+    lines += ["", "And with any epoch count:", ""]
     lines += ["- `rebalance.probe`: every variant of `rebalance.variants` (the same heads also fit on the frozen "
               "pretrained features, for the nested best head to choose from), except with `train.epochs: 0` (the "
               "fold heads are the probe heads there)"]

@@ -42,7 +42,8 @@ from ..core.files import layout
 from ..core.nets import models
 from ..core.files.artifacts import read_json, sha256_file, write_json, write_text
 
-from ..core.config import PROBE, Config, EnsembleCfg, keys_without_output, load_config, off_backbone
+from ..core.config import (PROBE, Config, EnsembleCfg, ModelCfg, keys_without_output, load_config, off_backbone,
+                           wise_alpha_of)
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.predict.inference import joint_head, parse_view
@@ -99,12 +100,8 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
                             f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
     made = s4["made_from"]
     files = test_variant(s4, head)  # the head files behind the test predictions
-    if off_backbone(files):
-        what = "probe head" if files.startswith(PROBE) else "WiSE-FT head"
-        raise PipelineError(f"member '{name}': its test predictions come from the {what} {files}, which runs on "
-                            f"{'the pretrained backbone' if files.startswith(PROBE) else 'interpolated weights'}, not on "
-                            f"the folds' models that a bundle holds; export supports heads of the fine-tuned models "
-                            f"(name one: '{exp}:<head>', e.g. {exp}:joint)")
+    if off_backbone(files):  # probe / WiSE-FT heads: the bundle holds the backbone they ran on, made again
+        _check_pretrained(run, name, files)
     for k, want in enumerate(made["weights"]):
         if sha256_file(run.fold(k).weights) != want:
             raise PipelineError(f"{run.fold(k).weights} changed after stage 4 predicted with it: re-run "
@@ -126,6 +123,32 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
             raise PipelineError(f"{path} changed after stage 4 predicted with it: re-run ./run.sh all before "
                                 f"exporting")
     return run, s4, head
+
+
+def _check_pretrained(run: layout.RunDir, name: str, head: str) -> None:
+    """A probe or WiSE-FT head's backbone is made from the pretrained weights: refused unless they are the file
+    stage 2 recorded (by sha256)."""
+    rec = read_json(run.fold(0).summary)["made_from"].get("pretrained_weights")
+    path = load_config(run.config).model.pretrained_path
+    if not rec or not path:
+        raise PipelineError(f"member '{name}': head {head} runs on the pretrained backbone, and {run.config} names no "
+                            f"model.pretrained_path file to make it from (hub weights are not bundled: import them "
+                            f"with ./run.sh weights import, re-run, then export)")
+    if not Path(path).exists() or sha256_file(path) != rec["sha256"]:
+        raise PipelineError(f"member '{name}': head {head} runs on the pretrained backbone, and {path} is missing or "
+                            f"not the file stage 2 used (sha256 {rec['sha256'][:12]}): restore it or re-run ./run.sh "
+                            f"all before exporting")
+
+
+def member_model(m: ModelCfg, variant: str, weights: Path, num_classes: int) -> torch.nn.Module:
+    """The backbone a head's test predictions ran on in stage 4: the pretrained one (probe heads), fold k's WiSE-FT
+    interpolation (wise heads; FixRes views use the same model, as stage 4 does), or the stage-2 / FixRes weights."""
+    if variant.startswith(PROBE):
+        return models.create_model(m, num_classes)
+    alpha = wise_alpha_of(variant)
+    if alpha is not None:
+        return models.wise_model(m, weights, num_classes, alpha)
+    return models.load_trained(m, weights, num_classes)
 
 
 # ----------------------------------------------------------------------------- one member
@@ -165,8 +188,8 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     C, K = len(classes), len(s4["made_from"]["weights"])
     policy = [BASELINE] if Member.parse(name).plain else s4["policy"]
     fixres = any(parse_view(v)[2] for v in policy)
-    full_weight = s4.get("full_fit_weight", 0.0)
     variant = test_variant(s4, head)
+    full_weight = 0.0 if off_backbone(variant) else s4.get("full_fit_weight", 0.0)  # off-backbone heads: folds only
     folds, full, normalised = [], None, False
     for k in list(range(K)) + ([layout.FULL_FIT] if full_weight > 0 else []):
         unit = run.unit(k)
@@ -177,9 +200,9 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
             h.save(target.head(k), {"variant": head, "fold": unit.name})
         sources = [(unit.weights, target.weights(k))]
         if fixres:
-            sources.append((run.fixres(unit.name), target.fixres_weights(k)))
+            sources.append((unit.weights if off_backbone(variant) else run.fixres(unit.name), target.fixres_weights(k)))
         for src, dst in sources:
-            model = models.load_trained(mcfg.model, src, C)
+            model = member_model(mcfg.model, variant, src, C)
             if h is not None and not h.normalize:
                 clf = model.get_classifier()
                 with torch.no_grad():
@@ -188,7 +211,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
             dst.parent.mkdir(parents=True, exist_ok=True)
             models.write_state_dict(dst, model.state_dict(),
                                     {"arch": mcfg.model.arch, "num_classes": C, "head": head, "fold": unit.name})
-            if onnx and src == unit.weights:
+            if onnx and dst == target.weights(k):
                 export_onnx(mcfg.aug.img_size, model, Head.load(target.head(k))[0] if normalised else joint_head(model),
                             target.onnx(k))
         if k == layout.FULL_FIT:

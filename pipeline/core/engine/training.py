@@ -115,7 +115,8 @@ def freeze(model: torch.nn.Module, freeze_backbone: bool, trainable_stages: int 
 
 
 def backbone_bn_eval(model: torch.nn.Module) -> None:
-    """Head warm-up with train.freeze_bn: the backbone's BatchNorm statistics stay as they are."""
+    """train.bn_stats=frozen (or a head warm-up with train.freeze_bn): the backbone's BatchNorm layers normalise
+    with their running statistics, which stay as they are; their affine weights still train."""
     head = set(model.get_classifier().modules())
     for m in model.modules():
         if isinstance(m, BATCH_NORMS) and m not in head:

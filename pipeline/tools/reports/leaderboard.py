@@ -140,6 +140,12 @@ def recipe(m: ModelCfg, a: AugCfg, t: TrainCfg, fixres: float | None, summaries:
     if m.head_init_scale is not None or m.head_init_bias is not None:
         out.append("head init" + (f" x{m.head_init_scale:g}" if m.head_init_scale is not None else "")
                    + (f" bias {m.head_init_bias:g}" if m.head_init_bias is not None else ""))
+    if t.head_init == "probe" and t.epochs > 0:
+        out.append("LP-FT")
+    if t.bn_stats == "frozen":
+        out.append("BN stats frozen")
+    if t.backbone_lr_mult != 1.0:
+        out.append(f"backbone lr x{t.backbone_lr_mult:g}")
     if t.layer_decay is not None:
         out.append(f"layer decay {t.layer_decay:g}")
     if t.freeze_epochs:
