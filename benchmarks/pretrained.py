@@ -428,8 +428,6 @@ def run_fastai_peer(set_name: str, size: int, epochs: int, fastai_path: str) -> 
 def fold_test_probs(run: RunDir, config: str) -> tuple[list, np.ndarray]:
     """Each fold model's own test probabilities (its fine-tuned classifier on stage 4's stored test features of the
     plain view) and the hold-out labels: what one fold model alone scores against the fold mean."""
-    from safetensors.numpy import load_file
-
     cfg = load_config(config, [])
     z = np.load(run.dir / "infer" / "rows.npz", allow_pickle=True)
     classes = [str(c) for c in z["classes"]]
@@ -438,12 +436,20 @@ def fold_test_probs(run: RunDir, config: str) -> tuple[list, np.ndarray]:
     y = np.array([classes.index(labels.loc[i, "label"]) for i in z["test_ids"]])
     out = []
     for k in range(2):
-        feats = np.load(run.dir / "infer" / "features" / f"fold{k}" / "test.npy")[0].astype(np.float32)
-        w = load_file(run.fold(k).dir / "model.safetensors")
-        logits = feats @ w["classifier.weight"].T + w["classifier.bias"]
+        logits = unit_test_logits(run, run.fold(k))
         p = np.exp(logits - logits.max(1, keepdims=True))
         out.append(p / p.sum(1, keepdims=True))
     return out, y
+
+
+def unit_test_logits(run: RunDir, unit) -> np.ndarray:
+    """A unit's (fold k's, or the full-data model's) own fine-tuned classifier on stage 4's stored test features of
+    the plain view."""
+    from safetensors.numpy import load_file
+
+    feats = np.load(run.dir / "infer" / "features" / unit.name / "test.npy")[0].astype(np.float32)
+    w = load_file(unit.weights)
+    return feats @ w["classifier.weight"].T + w["classifier.bias"]
 
 
 def run_budget(set_name: str, recipe: str = "lp-ft-bnf") -> list[dict]:
@@ -474,14 +480,9 @@ def run_budget(set_name: str, recipe: str = "lp-ft-bnf") -> list[dict]:
     stages_1_to_4(cfg)
     wall = (time.perf_counter() - t0) / 60
     joint = next(r for r in leaderboard.experiment_rows(cfg.run_dir) if r["head"] == "joint" and r["tta"] != "on")
-    full = cfg.run_dir.dir / "infer" / "features" / cfg.run_dir.full.name / "test.npy"
-    if full.exists():  # the full-data model alone: what timm's train.py trains, at the same epochs
-        from safetensors.numpy import load_file
-
-        w = load_file(cfg.run_dir.full.dir / "model.safetensors")
-        logits = np.load(full)[0].astype(np.float32) @ w["classifier.weight"].T + w["classifier.bias"]
+    if (cfg.run_dir.dir / "infer" / "features" / cfg.run_dir.full.name / "test.npy").exists():
         rows.append(row("the full-data model alone (4 epochs on all rows: timm train.py's budget)",
-                        acc(logits, y), wall))
+                        acc(unit_test_logits(cfg.run_dir, cfg.run_dir.full), y), wall))
     rows.append(row("2 folds x 4 epochs + the full-data model (train.full_fit, 4 epochs on all rows), leaderboard "
                     "joint", joint["private"], 2 * m4 + wall))
     base = next(r for r in leaderboard.experiment_rows(e4) if r["head"] == "joint" and r["tta"] != "on")

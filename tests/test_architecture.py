@@ -154,7 +154,7 @@ CONFIG_EDGES = {
     # resolved pixels, trackers
     "core/files/provenance.py:train_record", "core/files/provenance.py:infer_record",
     "tools/export.py:bundle_member_config",
-    "core/config.py:_validate", "core/config.py:_assign", "core/config.py:config_to_yaml", "core/config.py:__init__",
+    "core/config.py:__init__",
     "core/inputs/pixels.py:pixels", "core/report/tracking.py:of",
 }
 
@@ -171,4 +171,4 @@ def test_the_whole_config_stops_at_the_edges():
                     if re.search(r"\bConfig\b", ann) or (a.arg in ("cfg", "mcfg") and not ann):
                         found.add(f"{p.relative_to(PKG)}:{node.name}")
     assert not found - CONFIG_EDGES, f"take a section or values instead of the config: {sorted(found - CONFIG_EDGES)}"
-    assert len(found) <= 46
+    assert len(found) <= 43

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, cli
 from pipeline.core.files.artifacts import write_npz
-from pipeline.core.config import config_to_yaml, load_config
+from pipeline.core.config import load_config
 from pipeline.tools.reports.leaderboard import build, rank
 
 K, C = 3, 4
@@ -25,7 +25,7 @@ def fake_run(root, name, strength, folds_hash="a" * 64, seed=0, arch="resnet10t"
                              "eval.metric=accuracy", "data.test_labels=null"])
     d = root / "runs" / name
     d.mkdir(parents=True)
-    (d / "config.yaml").write_text(config_to_yaml(cfg))
+    (d / "config.yaml").write_text(cfg.to_yaml())
     (d / "classes.json").write_text(json.dumps(list("abcd")))
     rng = np.random.default_rng(seed)
     for k in range(K):

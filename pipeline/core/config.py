@@ -529,6 +529,78 @@ class Config:
                          else copy.deepcopy(getattr(self, f.name)))
                 for f in dataclasses.fields(self) if not f.metadata.get("internal")}
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def assign(self, key: str, value: Any, where: str) -> None:
+        """Set the dotted `key` (an unknown one is refused naming the nearest; the value coerced to its type)."""
+        parts = key.split(".")
+        obj: Any = self
+        for i, part in enumerate(parts):
+            fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+            if part not in fields:
+                path = ".".join(parts[: i + 1])
+                near = _near(part, list(fields))
+                hint = RENAMED.get(path) or (f"; did you mean '{near}'?" if near else "")
+                raise PipelineError(f"unknown config key '{path}' in {where}{hint}")
+            hint_t = typing.get_type_hints(type(obj))[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(hint_t):
+                    if not isinstance(value, dict) or value:
+                        raise PipelineError(f"config key '{key}' in {where} is a section; set its keys (e.g. {key}.x=...)")
+                    return
+                setattr(obj, part, _coerce(value, hint_t, key, where))
+            else:
+                if not dataclasses.is_dataclass(hint_t):
+                    raise PipelineError(f"unknown config key '{key}' in {where}: '{'.'.join(parts[:i+1])}' is not a section")
+                obj = getattr(obj, part)
+
+    def validate(self, origin: dict[str, str], problems: list[str]) -> set[str]:
+        """Ranges and names, then the checks that relate keys to each other, section by section: every problem is
+        appended to `problems` (none stops the others). Returns the keys at fault."""
+        bad: set[str] = set()
+
+        def check(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                problems.append(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
+                bad.add(key)
+
+        flat = flatten(self.to_dict())
+        for name, (lo, hi, lo_in, hi_in) in RANGES.items():
+            value = flat[name]
+            for v in (value if isinstance(value, list) else [value]):
+                if v is None:
+                    continue
+                ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+                check(ok, name, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
+        for key in (k.name for k in schema() if k.path_name):
+            if flat[key] or key == "experiment":
+                try:
+                    layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
+                except PipelineError as e:
+                    problems.append(str(e))
+                    bad.add(key)
+        _validate_aug(self.aug, check)
+        _validate_train(self.train, self.experiment, check)
+        check(self.eval.few_shot <= self.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
+        pretrained = self.model.pretrained or bool(self.model.pretrained_path)
+        check(pretrained or not self.rebalance.probe, "rebalance.probe",
+              "probe heads need pretrained weights (model.pretrained or model.pretrained_path)")
+        check(pretrained or not self.rebalance.wise_alpha, "rebalance.wise_alpha",
+              "WiSE-FT interpolates the fine-tuned weights with pretrained ones: it needs model.pretrained or "
+              "model.pretrained_path")
+        check(self.train.epochs > 0 or not self.rebalance.wise_alpha, "rebalance.wise_alpha",
+              "with train.epochs=0 nothing is fine-tuned: every WiSE-FT head would equal probe_joint (set it to [])")
+        check(pretrained or (self.train.epochs > 0 and self.train.head_init == "random"),
+              "train.epochs" if self.train.epochs == 0 else "train.head_init",
+              "a linear probe (train.epochs=0, train.head_init=probe) needs pretrained weights (model.pretrained or "
+              "model.pretrained_path): on random features it learns nothing")
+        for k in ("mean", "std"):
+            v = getattr(self.model, k)
+            check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
+        _validate_heads_and_views(self.rebalance, self.infer, self.aug.img_size, check)
+        return bad
+
 
 # ----------------------------------------------------------------------------- the schema, read
 @dataclasses.dataclass(frozen=True)
@@ -604,58 +676,11 @@ SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "pol
 COMMON_OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "lamb", "lion", "adan", "rmsprop", "nadam")
 
 
-STRUCTURED = ("aug.size_schedule",)  # numeric keys whose shape needs its own check in _validate (pairs)
+STRUCTURED = ("aug.size_schedule",)  # numeric keys whose shape needs its own check in Config.validate (pairs)
 
 
 def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
     return f"{'>=' if lo_in else '>'} {lo:g} and {'<=' if hi_in else '<'} {hi:g}"
-
-
-def _validate(cfg: Config, origin: dict[str, str], problems: list[str]) -> set[str]:
-    """Ranges and names, then the checks that relate keys to each other, section by section: every problem is
-    appended to `problems` (none stops the others). Returns the keys at fault."""
-    bad: set[str] = set()
-
-    def check(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            problems.append(f"config key '{key}' (set in {origin.get(key, 'defaults')}): {why}")
-            bad.add(key)
-
-    flat = flatten(cfg.to_dict())
-    for name, (lo, hi, lo_in, hi_in) in RANGES.items():
-        value = flat[name]
-        for v in (value if isinstance(value, list) else [value]):
-            if v is None:
-                continue
-            ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
-            check(ok, name, f"must be {_range_text(lo, hi, lo_in, hi_in)}, got {v!r}")
-    for key in (k.name for k in schema() if k.path_name):
-        if flat[key] or key == "experiment":
-            try:
-                layout.check_name(flat[key], f"config key '{key}' (set in {origin.get(key, 'defaults')}):")
-            except PipelineError as e:
-                problems.append(str(e))
-                bad.add(key)
-    _validate_aug(cfg.aug, check)
-    _validate_train(cfg.train, cfg.experiment, check)
-    check(cfg.eval.few_shot <= cfg.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
-    pretrained = cfg.model.pretrained or bool(cfg.model.pretrained_path)
-    check(pretrained or not cfg.rebalance.probe, "rebalance.probe",
-          "probe heads need pretrained weights (model.pretrained or model.pretrained_path)")
-    check(pretrained or not cfg.rebalance.wise_alpha, "rebalance.wise_alpha",
-          "WiSE-FT interpolates the fine-tuned weights with pretrained ones: it needs model.pretrained or "
-          "model.pretrained_path")
-    check(cfg.train.epochs > 0 or not cfg.rebalance.wise_alpha, "rebalance.wise_alpha",
-          "with train.epochs=0 nothing is fine-tuned: every WiSE-FT head would equal probe_joint (set it to [])")
-    check(pretrained or (cfg.train.epochs > 0 and cfg.train.head_init == "random"),
-          "train.epochs" if cfg.train.epochs == 0 else "train.head_init",
-          "a linear probe (train.epochs=0, train.head_init=probe) needs pretrained weights (model.pretrained or "
-          "model.pretrained_path): on random features it learns nothing")
-    for k in ("mean", "std"):
-        v = getattr(cfg.model, k)
-        check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
-    _validate_heads_and_views(cfg.rebalance, cfg.infer, cfg.aug.img_size, check)
-    return bad
 
 
 def _validate_aug(aug: AugCfg, check) -> None:
@@ -914,15 +939,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = Config()
     for key, value in values.items():
         try:
-            _assign(cfg, key, value, origin[key])
+            cfg.assign(key, value, origin[key])
         except PipelineError as e:
             problems.append(str(e))
     cfg.source = str(path) if path is not None else "defaults"
-    bad = _validate(cfg, origin, problems)
+    bad = cfg.validate(origin, problems)
     if problems:  # what loaded, each faulty key back at its default: the plan can still check the rest
         defaults = {k.name: k.default for k in schema()}
         for k in bad:
-            _assign(cfg, k, copy.deepcopy(defaults[k]), "defaults")
+            cfg.assign(k, copy.deepcopy(defaults[k]), "defaults")
         raise ConfigError(problems, cfg)
     return cfg
 
@@ -931,29 +956,6 @@ RENAMED = {  # keys of earlier versions: what replaced them
     "aug.resize_ratio": "; it was replaced by aug.crop_pct = 1 / resize_ratio (timm's convention, e.g. 0.875 for "
                         "1.14); images now keep their aspect ratio unless aug.resize=squash",
 }
-
-
-def _assign(cfg: Config, key: str, value: Any, where: str) -> None:
-    parts = key.split(".")
-    obj: Any = cfg
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
-        if part not in fields:
-            path = ".".join(parts[: i + 1])
-            near = _near(part, list(fields))
-            hint = RENAMED.get(path) or (f"; did you mean '{near}'?" if near else "")
-            raise PipelineError(f"unknown config key '{path}' in {where}{hint}")
-        hint_t = typing.get_type_hints(type(obj))[part]
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(hint_t):
-                if not isinstance(value, dict) or value:
-                    raise PipelineError(f"config key '{key}' in {where} is a section; set its keys (e.g. {key}.x=...)")
-                return
-            setattr(obj, part, _coerce(value, hint_t, key, where))
-        else:
-            if not dataclasses.is_dataclass(hint_t):
-                raise PipelineError(f"unknown config key '{key}' in {where}: '{'.'.join(parts[:i+1])}' is not a section")
-            obj = getattr(obj, part)
 
 
 def _near(word: str, options: list[str]) -> str | None:
@@ -1007,8 +1009,3 @@ def _coerce(value: Any, t: Any, key: str, where: str) -> Any:
             raise bad("a string")
         return value
     raise bad(str(t))  # pragma: no cover - a schema type we do not handle
-
-
-def config_to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-

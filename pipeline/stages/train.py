@@ -45,7 +45,7 @@ from ..core.engine import training
 from ..core.files.artifacts import (atomic_path, experiment_lock, fault_flag, fault_point, faulty, read_json, read_npz,
                                     sha256_file, write_csv, write_json, write_npz, write_text)
 from ..core.inputs.augment import EpochTransforms, open_store, train_transform, valid_transform
-from ..core.config import AugCfg, Config, DataCfg, EvalCfg, ModelCfg, TrainCfg, config_to_yaml
+from ..core.config import AugCfg, Config, DataCfg, EvalCfg, ModelCfg, TrainCfg
 from ..core.inputs.data import read_folds, read_test_table
 from ..core.engine.distributed import Dist, run_per_device
 from ..core.errors import PipelineError
@@ -689,7 +689,7 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
     folds = [fold] if fold is not None else list(range(n_splits))
     dist = Dist.from_env(torch.cuda.is_available() and cfg.device != "cpu")
     if gpus:
-        summaries = _run_parallel(config_to_yaml(cfg), cfg.run_dir, folds, force, gpus)
+        summaries = _run_parallel(cfg.to_yaml(), cfg.run_dir, folds, force, gpus)
         print_fold_table(cfg.experiment, cfg.eval.scorer, cfg.train, summaries)
         _maybe_full(Job.of(cfg), df, classes, force, dist)  # one model: trained here, on the first GPU
         return summaries
@@ -697,7 +697,7 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
         create_model(cfg.model, len(classes))  # before anything is written
     job = Job.of(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
     if dist.main:
-        write_text(cfg.run_dir.config, config_to_yaml(cfg))
+        write_text(cfg.run_dir.config, cfg.to_yaml())
         write_json(cfg.run_dir.classes, classes)
     dist.barrier()
     summaries = []

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from ..core.report.progress import progress
-from ..core.config import Config, ModelCfg, TrainCfg, config_to_yaml
+from ..core.config import Config, ModelCfg, TrainCfg
 from ..core.engine.distributed import Dist
 from ..core.engine.loop import Step, run_epoch, sync_interval
 from ..core.nets.models import Normalize, create_model, logits, norm_stats, to_input
@@ -83,7 +83,7 @@ class Bench:
     @classmethod
     def of(cls, cfg: Config) -> "Bench":
         return cls(cfg.model, cfg.train, pixels(cfg), cfg.folds_name if cfg.folds_csv.exists() else None, cfg.device,
-                   config_to_yaml(cfg))
+                   cfg.to_yaml())
 
 
 def with_mode(bench: Bench, mode: Mode, batch: int | None = None) -> Bench:

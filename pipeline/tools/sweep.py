@@ -147,12 +147,10 @@ class Sweep:
     def trial_config(self, exp: str, values: dict) -> str:
         """The trial's resolved config (YAML): the base config and overrides, the trial's values, its experiment name;
         it runs alone (no run_also, no ensemble members)."""
-        from ..core.config import config_to_yaml
-
         extra = [f"{k}={json.dumps(v)}" for k, v in values.items()]
         c = load_config(self.base, [*self.overrides, *extra, f"experiment={exp}", "run_also=[]",
                                     "ensemble.members=[]", "ensemble.name=''"])
-        return config_to_yaml(c)
+        return c.to_yaml()
 
 
 # ----------------------------------------------------------------------------- where the study lives
