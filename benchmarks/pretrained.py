@@ -46,7 +46,9 @@ from pipeline.stages import ensemble, folds, train  # noqa: E402
 from pipeline.tools.reports import leaderboard  # noqa: E402
 
 CONFIG = "configs/flowers5_pretrained.yaml"
-ABLATION = ["folds.n_splits=2", "aug.img_size=64", "train.epochs=2", "rebalance.variants=[joint]",
+# batch 64 as the configs had it when these rows were measured (from 2 epochs the short fine-tune default is now 32:
+# a recipe measured at 32 names it)
+ABLATION = ["folds.n_splits=2", "aug.img_size=64", "train.epochs=2", "train.batch_size=64", "rebalance.variants=[joint]",
             "infer.heads=[joint]", "infer.views=[orig]", "infer.scales=[1.0]", "infer.search=false"]
 ROWS = {  # name: (what it is, overrides, start from a copy of this row's run)
     "scratch": ("from scratch (same arch, from-scratch defaults)", ["model.pretrained_path=null"], None),
@@ -238,6 +240,13 @@ FOLD0 = {
     # twice the optimiser steps for the same images seen (a fold model gets half the steps of one model on all rows)
     "old-bs32": [*OLD, "train.batch_size=32"],
     "lpbnf-bb01-bs32": [*LPF, "train.backbone_lr_mult=0.1", "train.batch_size=32"],
+    "old-bs16": [*OLD, "train.batch_size=16"],
+    "lpbnf-bb01-bs16": [*LPF, "train.backbone_lr_mult=0.1", "train.batch_size=16"],
+    "lpbnf-bb03-bs32": [*LPF, "train.backbone_lr_mult=0.3", "train.batch_size=32"],
+    "lpbnf-bb03-bs16": [*LPF, "train.backbone_lr_mult=0.3", "train.batch_size=16"],
+    "lpbnf-bb05-bs32": [*LPF, "train.backbone_lr_mult=0.5", "train.batch_size=32"],
+    "lpbnf-bb03": [*LPF, "train.backbone_lr_mult=0.3"],
+    "lpbnf-bb03-bs32-noema": [*LPF, "train.backbone_lr_mult=0.3", "train.batch_size=32", "train.ema=false"],
 }
 
 
@@ -342,6 +351,11 @@ COMPUTE = {  # name: (what, overrides, heads read off the run: label)
     "lp-ft-bnf": ("LP-FT with BN statistics frozen, backbone lr x0.1 (#47), probe heads of every variant",
                   ["train.head_init=probe", "train.bn_stats=frozen", "train.backbone_lr_mult=0.1", *HEADS_ALL],
                   {"joint": "LP-FT, BN frozen, backbone x0.1 (#47)", "best": "nested best (LP-FT BN frozen + probe heads)"}),
+    "lp-ft-bnf-bs32": ("LP-FT with BN statistics frozen, backbone lr x0.3, batch 32 (#47, third session), probe heads "
+                       "of every variant", ["train.head_init=probe", "train.bn_stats=frozen",
+                                            "train.backbone_lr_mult=0.3", "train.batch_size=32", *HEADS_ALL],
+                       {"joint": "LP-FT, BN frozen, backbone x0.3, batch 32",
+                        "best": "nested best (LP-FT BN frozen x0.3 bs32 + probe heads)"}),
     "before47": ("fine-tune, the pretrained defaults before #47 (random head x0.01, batch BN statistics, lr 1e-3), "
                  "probe heads of every variant", ["train.head_init=random", "train.bn_stats=batch",
                                                   "train.backbone_lr_mult=1.0", *HEADS_ALL],
@@ -352,6 +366,33 @@ COMPUTE = {  # name: (what, overrides, heads read off the run: label)
                      {"joint": "fastai-style (in the pipeline)"}),
 }
 COMPUTE_EPOCHS = [1, 2, 4, 8]
+
+
+WISE_ALPHAS = [0.3, 0.5, 0.7]
+
+
+def run_wise(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
+    """WiSE-FT of a compute run's fine-tune (its stage 2 copied, stages 3-4 with rebalance.wise_alpha): with LP-FT and
+    frozen BN statistics the fine-tuned weights stay near the pretrained ones and their probe head, the setting of
+    the WiSE-FT paper (its weight averages were measured before only on the recipe with batch statistics)."""
+    what, extra, _ = COMPUTE[recipe]
+    exp = f"ws-{set_name}-{size}-e{epochs}-{recipe}"
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
+                                       "ensemble.members=[]", *extra,
+                                       f"rebalance.wise_alpha=[{','.join(map(str, WISE_ALPHAS))}]",
+                                       "infer.heads=[best,joint,wise]"])
+    prepare_data(cfg.data, cfg.folds.seed)
+    if not cfg.run_dir.dir.exists():
+        shutil.copytree(RunDir.of(f"cp-{set_name}-{size}-e{epochs}-{recipe}").dir, cfg.run_dir.dir,
+                        ignore=shutil.ignore_patterns("infer", "logs", "rebalance"))
+    stages_1_to_4(cfg)
+    out = []
+    for r in leaderboard.experiment_rows(cfg.run_dir):
+        if r["tta"] != "on" and r["head"] in ("best", "joint", *(f"wise{a:g}" for a in WISE_ALPHAS)):
+            out.append({"row": f"{set_name} {size}px {epochs} ep", "what": f"{recipe} + WiSE-FT", "head": r["head"],
+                        "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"],
+                        "min_per_fold": float("nan"), "wall_min": stage_minutes(cfg)})
+    return out
 
 
 def stage_minutes(cfg) -> float:
@@ -550,6 +591,10 @@ def main() -> None:
     ap.add_argument("--compute-recipes", nargs="*", default=list(COMPUTE), help="compute part: recipes")
     ap.add_argument("--max-epochs", nargs="*", default=[], help="compute part: recipe:N, run the recipe up to N epochs")
     ap.add_argument("--peers", nargs="*", default=["timm", "fastai"], help="compute part: timm, fastai")
+    ap.add_argument("--wise", nargs="*", default=[f"{s}:64:2:lp-ft-bnf" for s in SETS],
+                    help="wise part: set:size:epochs:recipe (a compute run whose stage 2 it copies)")
+    ap.add_argument("--size", type=int, default=64, help="compute part: image size")
+    ap.add_argument("--no-plot", action="store_true", help="compute part: leave the plot and its CSV as they are")
     ap.add_argument("--fastai-path", default=os.path.expanduser("~/.cache/fastai-libs"),
                     help="where fastai is installed (benchmarks/peer_fastai.py; never a pipeline dependency)")
     args = ap.parse_args()
@@ -585,14 +630,14 @@ def main() -> None:
             show(rows[-1:])
     if "compute" in args.part:
         for set_name in args.sets:
-            rows += run_compute(set_name, "probe", 64, 0)
+            rows += run_compute(set_name, "probe", args.size, 0)
             for epochs in args.epochs:
                 for recipe in args.compute_recipes:
                     if epochs <= args.max_epochs.get(recipe, 99) and (epochs >= 2 or recipe != "fastai-style"):
-                        rows += run_compute(set_name, recipe, 64, epochs)
+                        rows += run_compute(set_name, recipe, args.size, epochs)
                         show(rows[-2:])
-                for peer, run_peer_at in (("timm", lambda: run_timm_peer(set_name, 64, epochs, args.timm_train)),
-                                          ("fastai", lambda: run_fastai_peer(set_name, 64, epochs, args.fastai_path))):
+                for peer, run_peer_at in (("timm", lambda: run_timm_peer(set_name, args.size, epochs, args.timm_train)),
+                                          ("fastai", lambda: run_fastai_peer(set_name, args.size, epochs, args.fastai_path))):
                     if peer in args.peers and (epochs >= 2 or peer != "fastai") and \
                             epochs <= args.max_epochs.get(peer, 99):
                         try:
@@ -600,8 +645,15 @@ def main() -> None:
                         except subprocess.CalledProcessError as e:  # a peer's failure is reported, not fatal
                             print(f"{peer} peer failed at {set_name} {epochs} ep: {e}\n{e.stderr or ''}"[-3000:])
                 show(rows[-2:])
-            pd.DataFrame(rows).to_csv("/tmp/pretrained-compute.csv", index=False)
-        plot_compute(rows, Path("docs/benchmarks/pretrained-compute.png"))
+            if not args.no_plot:
+                pd.DataFrame(rows).to_csv("/tmp/pretrained-compute.csv", index=False)
+        if not args.no_plot:
+            plot_compute(rows, Path("docs/benchmarks/pretrained-compute.png"))
+    if "wise" in args.part:  # after the compute part: set:size:epochs:recipe of its runs
+        for item in args.wise:
+            set_name, size, epochs, recipe = item.split(":")
+            rows += run_wise(set_name, recipe, int(size), int(epochs))
+            show(rows[-5:])
     if "budget" in args.part:  # after the compute part (its 4- and 8-epoch runs)
         for set_name in args.sets:
             rows += run_budget(set_name)

@@ -261,7 +261,7 @@ def test_the_leaderboard_recipe_names_the_pretrained_fine_tune_controls():
 
     pre = load_config(None, ["model.pretrained_path=w.safetensors", "train.epochs=2"])
     text = recipe(pre.model, pre.aug, pre.train, None, [], None, False)
-    assert all(w in text for w in ("LP-FT", "BN stats frozen", "backbone lr x0.1")), text
+    assert all(w in text for w in ("LP-FT", "BN stats frozen", "backbone lr x0.3")), text
     plain = load_config(None, ["model.pretrained_path=w.safetensors", "train.epochs=2", "train.head_init=random",
                                "train.bn_stats=batch", "train.backbone_lr_mult=1"])
     text = recipe(plain.model, plain.aug, plain.train, None, [], None, False)

@@ -83,6 +83,10 @@ class DataCfg:
     category_label: Literal["id", "name"] = key("id", added="2026-12-02",
                                                 help="layout coco: a class is its category id (what iNaturalist's "
                                                      "submission expects) or its category name")
+    taxonomy: Optional[str] = key(None, stage="2", added="2026-12-07",
+                                  help="each class's parents (train.taxonomy): a CSV whose first column is the class "
+                                       "and one column per level (class,genus,family); null with layout coco: the "
+                                       "categories' own fields (supercategory, family, genus, ...)")
     test_dir: str = key("test", stage="4", help="test images, flat")
     sample_submission: Optional[str] = key("sample_submission.csv", stage="4",
                                            help="fixes test ids, order and columns; null: use test_dir")
@@ -290,6 +294,12 @@ class TrainCfg:
                                    help="deferred re-weighting: effective-number class weights from this epoch "
                                         "(0-based) on")
     label_smoothing: float = key(0.0, range=(0, 1, True, False), help="share of the target spread over all classes")
+    taxonomy: list[str] = key(factory=list, added="2026-12-07",
+                              help="taxonomy levels (columns of data.taxonomy, or COCO category fields) whose "
+                                   "cross-entropy joins the loss: a parent's probability is the sum of its "
+                                   "children's, so a rare class learns from its siblings' photos (docs/stages.md)")
+    taxonomy_weight: float = key(0.5, range=(0, 100, True, True), added="2026-12-07",
+                                 help="weight of each train.taxonomy level's cross-entropy (the class's own: 1)")
     mixup_alpha: float = key(0.0, range=(0, 100, True, True), help="0 disables mixup")
     cutmix_alpha: float = key(0.0, range=(0, 100, True, True), help="0 disables cutmix")
     mix_prob: float = key(1.0, range=(0, 1, True, True), help="probability of mixing a batch")
@@ -456,6 +466,11 @@ class EnsembleCfg:
                                                                      "space-separated, best first (iNaturalist, "
                                                                      "Happywhale)")
     top_k: int = key(5, range=(1, 1000, True, True), added="2026-12-02", help="labels per row of a topk submission")
+    prior: Literal["none", "em", "bbse"] = key("none", added="2026-12-07",
+                                               help="re-weight the test probabilities to a class prior estimated "
+                                                    "from them (em: Saerens et al. 2002 on temperature-calibrated "
+                                                    "probabilities; bbse: Lipton et al. 2018) when a likelihood-ratio "
+                                                    "test finds a shift; needs OOF rows (docs/stages.md)")
 
 
 @dataclass
@@ -583,6 +598,9 @@ class Config:
         _validate_aug(self.aug, check)
         _validate_train(self.train, self.experiment, check)
         check(self.eval.few_shot <= self.eval.many_shot, "eval.few_shot", "must be <= eval.many_shot")
+        check(self.ensemble.prior == "none" or self.ensemble.method != "rank", "ensemble.prior",
+              "re-weights probabilities: a rank average is not one (use ensemble.method mean, weighted, geo_mean or "
+              "hill_climb)")
         pretrained = self.model.pretrained or bool(self.model.pretrained_path)
         check(pretrained or not self.rebalance.probe, "rebalance.probe",
               "probe heads need pretrained weights (model.pretrained or model.pretrained_path)")
@@ -865,26 +883,42 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
 #   0.641 / 0.689 / 0.760 / 0.780 (probe 0.707).
 # It wins the short budgets (on grocery81 by 8.5-52 points up to 4 epochs) and loses the long ones on both sets
 # (8 epochs: -3.3 and -3.9), where batch statistics learn faster; flowers5 prefers batch statistics from 4 epochs.
+# From 2 epochs (third session of #47, 2026-12-07) the backbone moves faster and takes twice the optimiser steps:
+# backbone lr x0.3 and batch 32 (a fold model trains on half the rows, so at batch 64 it takes half the steps of
+# one model on all of them). Chosen on CV (benchmarks/pretrained.py --part fold0 / compute, Lite0, 2 folds): better
+# at 2 and 4 epochs in all 6 comparisons (flowers5 64 px +1.3 / +4.1, grocery81 64 px +2.8 / +5.1, 96 px at 2 epochs
+# +1.8 / +1.6), worse at 1 epoch on both sets (-5.6 / -1.7: one epoch is too short to repay moving the backbone).
 SHORT_FINE_TUNE_EPOCHS = 4
 SHORT_FINE_TUNE_DEFAULTS: dict[str, Any] = {
     "train.head_init": "probe",
     "train.bn_stats": "frozen",
     "train.backbone_lr_mult": 0.1,
 }
+SHORT_FINE_TUNE_FROM_2: dict[str, Any] = {
+    "train.backbone_lr_mult": 0.3,
+    "train.batch_size": 32,
+}
+
+
+def short_fine_tune_defaults(epochs: int) -> dict[str, Any]:
+    """The short fine-tune defaults of a run of `epochs` epochs with pretrained weights ({} outside 1..4)."""
+    if not 1 <= epochs <= SHORT_FINE_TUNE_EPOCHS:
+        return {}
+    return {**SHORT_FINE_TUNE_DEFAULTS, **(SHORT_FINE_TUNE_FROM_2 if epochs >= 2 else {})}
 
 
 def _short_fine_tune(values: dict, origin: dict) -> None:
-    """With pretrained weights and 1 <= train.epochs <= SHORT_FINE_TUNE_EPOCHS, the keys of SHORT_FINE_TUNE_DEFAULTS
-    the config leaves unset take those values (#47)."""
+    """With pretrained weights and 1 <= train.epochs <= SHORT_FINE_TUNE_EPOCHS, the keys of
+    short_fine_tune_defaults(epochs) the config leaves unset take those values (#47)."""
     default = next(k.default for k in schema() if k.name == "train.epochs")
     epochs = values.get("train.epochs", default)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= SHORT_FINE_TUNE_EPOCHS:
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
         return
-    for k, v in SHORT_FINE_TUNE_DEFAULTS.items():
+    for k, v in short_fine_tune_defaults(epochs).items():
         if k not in values:
             values[k] = v
             origin[k] = (f"the short fine-tune defaults (train.epochs <= {SHORT_FINE_TUNE_EPOCHS} with pretrained "
-                         f"weights: config.SHORT_FINE_TUNE_DEFAULTS)")
+                         f"weights: config.short_fine_tune_defaults)")
 
 
 def _default_probe_heads(values: dict, origin: dict) -> None:

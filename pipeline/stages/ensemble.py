@@ -26,6 +26,7 @@ from ..core.config import Config, DataCfg, EnsembleCfg, EvalCfg, load_config
 from ..core.inputs.data import private_score, read_sample_submission, read_test_table, test_source
 from ..core.errors import PipelineError
 from ..core.predict.stored import PARTS, Stage4
+from ..core.predict import priors
 from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
 from ..core.predict.tta import BASELINE
 from ..core.predict.submission import (Member, build_submission, combine, mix, parse_members,
@@ -276,10 +277,15 @@ def run(cfg: Config, force: bool = False) -> dict:
     test = read_test_table(cfg.data, require_images=False)
     members, weights, rows, climb, fold_weights = combine_oof(cfg.ensemble, cfg.eval, cfg.experiment, members)
     test_probs = mix([m.get("test_probs", m["test"]["probs"]) for m in members], cfg.ensemble.method, weights)
+    test_probs, prior = test_prior(cfg.ensemble, cfg.seed, members, weights, test_probs, classes)
     if not np.array_equal(test["id"].astype(str).values, members[0]["test"]["ids"].astype(str)):
         raise PipelineError(f"the test ids of {test_source(cfg.data)} differ from the members' predictions (order or set): "
                             f"re-run ./run.sh infer, or check the sample submission")
     private = private_score(cfg.data, cfg.eval.scorer, members[0]["test"]["ids"], test_probs, classes)
+    if prior is not None:  # the private score the submission would have had without the prior
+        unadjusted = prior.pop("_unadjusted")
+        prior["private_without"] = (private_score(cfg.data, cfg.eval.scorer, members[0]["test"]["ids"], unadjusted,
+                                                  classes) if private is not None else None)
     table = pd.DataFrame(rows)
     row_tests = table.pop("_test").tolist() if "_test" in table else (  # each row's test probabilities
         [m["test"]["probs"] for m in members] + [test_probs])
@@ -288,7 +294,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     names = [m.get("candidate", m["name"]) for m in members]
     result = {"name": name, "members": names, "method": cfg.ensemble.method,
               "weights": dict(zip(names, weights.tolist())), "fold_weights": fold_weights, "metric": cfg.eval.scorer,
-              "hill_climb": climb,
+              "hill_climb": climb, "prior": prior,
               "table": table.to_dict(orient="records"), "private": private,
               "made_from": made_from, "env": environment()}
     sub = write_submission(cfg.data, cfg.ensemble, csv, members[0]["test"]["ids"], test_probs, classes)
@@ -328,6 +334,38 @@ def combine_oof(e: EnsembleCfg, ev: EvalCfg, experiment: str,
     elif method == "weighted":
         raise PipelineError("ensemble.method=weighted needs OOF predictions (stage 4 with infer.oof on)")
     return members, weights, rows, climb, fold_weights
+
+
+def test_prior(e: EnsembleCfg, seed: int, members: list[dict], weights: np.ndarray, test_probs,
+               classes: list) -> tuple[object, dict | None]:
+    """With ensemble.prior (em, bbse): the test probabilities re-weighted to the class prior estimated from them,
+    when the likelihood-ratio test finds a shift (core/predict/priors), and a record: the estimate, the test, and
+    the honest measurement per shift (each fold's OOF rows re-sampled to other priors, calibrated without them).
+    The ensemble's OOF rows are its members' mixed with the final weights (for weighted / hill_climb fit on every
+    fold: the shift report's temperature is then a little optimistic; the prior itself is estimated on test rows)."""
+    if e.prior == "none":
+        return test_probs, None
+    if "oof" not in members[0]:
+        raise PipelineError(f"ensemble.prior={e.prior} needs OOF predictions (stage 4 with infer.oof on): the "
+                            f"temperature, the train prior and the shift report come from them")
+    y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
+    oof = np.asarray(mix([m["oof"]["probs"] for m in members], e.method, weights), np.float64)
+    t = priors.fit_temperature(oof, y) if e.prior == "em" else 1.0
+    source = priors.source_prior(e.prior, oof, y, t)
+    log.info("ensemble.prior=%s: estimating the test prior (temperature %.3f) and measuring it on re-sampled OOF "
+             "rows", e.prior, t)
+    adjusted, rec = priors.adjusted(e.prior, test_probs, source, oof, y, t)
+    shifts = priors.shift_report(e.prior, oof, y, fold, seed)
+    order = np.argsort(-np.abs(rec["prior"] - source))[:10]
+    out = {"method": e.prior, "temperature": t, "applied": bool(rec["applied"]), "p_value": rec["p_value"],
+           "l1_from_train": rec["l1_from_train"], "train_prior": source.tolist(), "estimated": rec["prior"].tolist(),
+           "largest_changes": {str(classes[i]): [float(source[i]), float(rec["prior"][i])] for i in order},
+           "shifts": shifts, "_unadjusted": test_probs}
+    log.info("test prior (%s): %s (likelihood-ratio p = %.3g, L1 %.3f from the train prior)\n"
+             "measured on each fold's OOF rows re-sampled to a shifted prior (mean over folds):\n%s", e.prior,
+             "applied" if out["applied"] else "not applied: no shift beyond noise", rec["p_value"],
+             rec["l1_from_train"], pd.DataFrame(shifts).to_string(index=False, float_format="%.4f"))
+    return adjusted, out
 
 
 def write_submission(d: DataCfg, e: EnsembleCfg, csv, ids: np.ndarray, probs: np.ndarray, classes: list) -> pd.DataFrame:

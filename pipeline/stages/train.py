@@ -64,6 +64,7 @@ from ..core.files.provenance import (describe_changes, environment, fold_choices
 from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
                                    prepare_model, set_backend_flags, workers)
 from ..core.inputs.samplers import epoch_indices
+from ..core.inputs.taxonomy import Level, read_levels
 from ..core.engine import teacher as teachers
 from ..core.report.tracking import Tracker, Tracking
 from ..core.inputs.pixels import Pixels, pixels
@@ -155,11 +156,15 @@ class Job:
     device: str
     tracking: Tracking
     rec: dict  # what each fold's outputs are made from (provenance.train_record)
+    levels: tuple[Level, ...] = ()  # train.taxonomy: each level's parent of every class
 
     @classmethod
-    def of(cls, cfg: Config) -> "Job":
+    def of(cls, cfg: Config, classes: list | None = None) -> "Job":
+        """`classes` (the label encoding): read the taxonomy levels of train.taxonomy for them (refused before any
+        work when the table lacks a class or gives one two parents)."""
+        levels = tuple(read_levels(cfg.data, classes, cfg.train.taxonomy)) if classes is not None else ()
         return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.folds.n_splits, cfg.data, cfg.model, cfg.train,
-                   cfg.eval, pixels(cfg), cfg.seed, cfg.device, Tracking.of(cfg), train_record(cfg))
+                   cfg.eval, pixels(cfg), cfg.seed, cfg.device, Tracking.of(cfg), train_record(cfg), levels)
 
     @property
     def aug(self) -> AugCfg:
@@ -242,7 +247,7 @@ def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths
     if data.probe_loader is not None:
         probe_init(model, stats, data, job.train, device, "full fit" if k == FULL_FIT else f"fold {k}")
     state = FoldState()
-    nets = _fold_nets(job.train, model, stats, frozen_bn, data, n_classes, dist, device, state)
+    nets = _fold_nets(job.train, model, stats, frozen_bn, data, n_classes, dist, device, state, job.levels)
     return FoldRun(job=job, k=k, dist=dist, paths=paths, rec=rec, device=device, dtype=nets.step.dtype,
                    data=data, nets=nets, state=state, epochs=job.train.epochs)
 
@@ -310,7 +315,7 @@ def probe_init(model, stats, data: FoldData, t: TrainCfg, device, label: str) ->
 
 
 def _fold_nets(t: TrainCfg, model, stats, frozen_bn, data: FoldData, n_classes: int, dist: Dist, device,
-               state: FoldState) -> FoldNets:
+               state: FoldState, levels: tuple[Level, ...] = ()) -> FoldNets:
     """EMA, optimiser, schedule, the step, loss and mixup; DDP / SyncBatchNorm / compile wrappers."""
     ema = None
     if t.ema:
@@ -332,7 +337,8 @@ def _fold_nets(t: TrainCfg, model, stats, frozen_bn, data: FoldData, n_classes: 
                 before_update=lambda: training.drop_backbone_grads(model) if state.frozen else None)
     return FoldNets(model=model, net=maybe_compile(t, net), ema=ema, norm=Normalize(*stats).to(device), stats=stats,
                     optimizer=optimizer, scheduler=scheduler, step=step,
-                    criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights, margins, t.ldam_scale).to(device),
+                    criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights, margins, t.ldam_scale,
+                                             [lv.matrix() for lv in levels], t.taxonomy_weight).to(device),
                     mixup=training.build_mixup(t, n_classes, per_row_targets=data.targets is not None),
                     frozen_bn=frozen_bn)
 
@@ -691,11 +697,12 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
     if gpus:
         summaries = _run_parallel(cfg.to_yaml(), cfg.run_dir, folds, force, gpus)
         print_fold_table(cfg.experiment, cfg.eval.scorer, cfg.train, summaries)
-        _maybe_full(Job.of(cfg), df, classes, force, dist)  # one model: trained here, on the first GPU
+        _maybe_full(Job.of(cfg, classes), df, classes, force, dist)  # one model: trained here, on the first GPU
         return summaries
     if cfg.model.pretrained_path:  # refused (a pickle that is not plain tensors, weights of another model)
         create_model(cfg.model, len(classes))  # before anything is written
-    job = Job.of(cfg)  # every train image still there (a file removed after stage 1 is named), before any write
+    job = Job.of(cfg, classes)  # every train image still there (a file removed after stage 1 is named), the
+    # taxonomy's levels, before any write
     if dist.main:
         write_text(cfg.run_dir.config, cfg.to_yaml())
         write_json(cfg.run_dir.classes, classes)

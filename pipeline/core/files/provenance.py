@@ -27,6 +27,7 @@ from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
 from ..inputs.pixels import pixels
+from ..inputs.taxonomy import source as taxonomy_source
 
 log = logging.getLogger("pipeline")
 
@@ -238,6 +239,8 @@ def train_record(cfg: Config) -> dict:
     teacher = teacher_section(cfg.train, cfg.folds.n_splits, cfg.data, cfg.session.looks)
     if teacher is not None:  # only then: records without a teacher stay as they were
         rec["teacher"] = teacher
+    if cfg.train.taxonomy:  # the taxonomy's bytes (data.taxonomy, or the COCO file's categories); only then
+        rec["taxonomy"] = sha256_file(taxonomy_source(cfg.data)) if taxonomy_source(cfg.data).is_file() else "missing"
     if cfg.model.pretrained_path:  # the weights' bytes, not only their file name (only then: older records stay)
         path = Path(cfg.model.pretrained_path)
         rec["pretrained_weights"] = {"name": path.name, "sha256": sha256_file(path) if path.is_file() else "missing"}

@@ -1,6 +1,8 @@
 """Losses on soft targets (one-hot, smoothed or mixed): cross-entropy, focal or LDAM (Cao et al. 2019,
 label-distribution-aware margins), optionally with class-balanced weights from the effective number of
-samples (Cui et al. 2019), from the start or deferred to a later epoch (DRW, Cao et al. 2019)."""
+samples (Cui et al. 2019), from the start or deferred to a later epoch (DRW, Cao et al. 2019), and with the
+cross-entropy of taxonomy levels (a parent's probability the sum of its classes': the hierarchical loss of
+Bertinetto et al. 2020 without its per-level discount; Herbarium 2022's winners trained family / genus / species)."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,9 +30,16 @@ class SoftTargetLoss(nn.Module):
     for a one-hot target, and the mixed margin for a mixed one."""
 
     def __init__(self, kind: str = "ce", gamma: float = 2.0, class_weights: np.ndarray | None = None,
-                 margins: np.ndarray | None = None, scale: float = 1.0):
+                 margins: np.ndarray | None = None, scale: float = 1.0, levels: list[np.ndarray] | None = None,
+                 level_weight: float = 0.0):
         super().__init__()
         self.kind, self.gamma, self.scale = kind, gamma, scale
+        # taxonomy levels: class x parent 0/1 matrices; each level adds level_weight x its cross-entropy, the
+        # parent's probability the sum of its classes' (the target's mass moved to parents the same way)
+        self.level_weight = level_weight
+        self.n_levels = len(levels or [])
+        for i, m in enumerate(levels or []):
+            self.register_buffer(f"level{i}", torch.as_tensor(m, dtype=torch.float32), persistent=False)
         self.register_buffer("w", None, persistent=False)
         self.set_class_weights(class_weights)
         m = torch.as_tensor(margins, dtype=torch.float32) if margins is not None else None
@@ -44,7 +53,7 @@ class SoftTargetLoss(nn.Module):
                   if class_weights is not None else None)
 
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+        logits = raw = logits.float()
         if self.kind == "ldam":
             logits = self.scale * (logits - target * self.m)
         logp = F.log_softmax(logits, dim=1)
@@ -53,7 +62,13 @@ class SoftTargetLoss(nn.Module):
             term = term * (1.0 - logp.exp()).pow(self.gamma)
         if self.w is not None:
             term = term * self.w
-        return term.sum(1)
+        out = term.sum(1)
+        if self.n_levels:
+            p = F.softmax(raw, dim=1)
+            for i in range(self.n_levels):
+                m = getattr(self, f"level{i}")
+                out = out - self.level_weight * (target @ m * torch.log((p @ m).clamp_min(1e-12))).sum(1)
+        return out
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.per_sample(logits, target).mean()
