@@ -371,15 +371,15 @@ COMPUTE_EPOCHS = [1, 2, 4, 8]
 WISE_ALPHAS = [0.3, 0.5, 0.7]
 
 
-def run_wise(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
+def run_wise(set_name: str, recipe: str, size: int, epochs: int, alphas: list[float] = WISE_ALPHAS) -> list[dict]:
     """WiSE-FT of a compute run's fine-tune (its stage 2 copied, stages 3-4 with rebalance.wise_alpha): with LP-FT and
     frozen BN statistics the fine-tuned weights stay near the pretrained ones and their probe head, the setting of
     the WiSE-FT paper (its weight averages were measured before only on the recipe with batch statistics)."""
     what, extra, _ = COMPUTE[recipe]
-    exp = f"ws-{set_name}-{size}-e{epochs}-{recipe}"
+    exp = f"ws-{set_name}-{size}-e{epochs}-{recipe}" + ("" if alphas == WISE_ALPHAS else f"-a{'-'.join(map(str, alphas))}")
     cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
                                        "ensemble.members=[]", *extra,
-                                       f"rebalance.wise_alpha=[{','.join(map(str, WISE_ALPHAS))}]",
+                                       f"rebalance.wise_alpha=[{','.join(map(str, alphas))}]",
                                        "infer.heads=[best,joint,wise]"])
     prepare_data(cfg.data, cfg.folds.seed)
     if not cfg.run_dir.dir.exists():
@@ -388,7 +388,7 @@ def run_wise(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
     stages_1_to_4(cfg)
     out = []
     for r in leaderboard.experiment_rows(cfg.run_dir):
-        if r["tta"] != "on" and r["head"] in ("best", "joint", *(f"wise{a:g}" for a in WISE_ALPHAS)):
+        if r["tta"] != "on" and r["head"] in ("best", "joint", *(f"wise{a:g}" for a in alphas)):
             out.append({"row": f"{set_name} {size}px {epochs} ep", "what": f"{recipe} + WiSE-FT", "head": r["head"],
                         "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"],
                         "min_per_fold": float("nan"), "wall_min": stage_minutes(cfg)})
@@ -593,6 +593,7 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=["timm", "fastai"], help="compute part: timm, fastai")
     ap.add_argument("--wise", nargs="*", default=[f"{s}:64:2:lp-ft-bnf" for s in SETS],
                     help="wise part: set:size:epochs:recipe (a compute run whose stage 2 it copies)")
+    ap.add_argument("--wise-alphas", nargs="*", type=float, default=WISE_ALPHAS, help="wise part: alphas")
     ap.add_argument("--size", type=int, default=64, help="compute part: image size")
     ap.add_argument("--no-plot", action="store_true", help="compute part: leave the plot and its CSV as they are")
     ap.add_argument("--fastai-path", default=os.path.expanduser("~/.cache/fastai-libs"),
@@ -652,7 +653,7 @@ def main() -> None:
     if "wise" in args.part:  # after the compute part: set:size:epochs:recipe of its runs
         for item in args.wise:
             set_name, size, epochs, recipe = item.split(":")
-            rows += run_wise(set_name, recipe, int(size), int(epochs))
+            rows += run_wise(set_name, recipe, int(size), int(epochs), args.wise_alphas)
             show(rows[-5:])
     if "budget" in args.part:  # after the compute part (its 4- and 8-epoch runs)
         for set_name in args.sets:

@@ -81,7 +81,7 @@ def test_the_shift_report_gains_on_shifted_folds_and_costs_nothing_without_a_shi
     rows = {r["shift"]: r for r in priors.shift_report(method, p, y, fold, seed=0)}
     assert list(rows) == list(priors.SHIFTS)
     assert abs(rows["none"]["accuracy_gain"]) < 0.01
-    assert rows["reversed"]["accuracy_gain"] > 0.1 and rows["reversed"]["log_loss_gain"] > 0.1
+    assert rows["reversed"]["accuracy_gain"] > 0.1 and rows["reversed"]["log_loss_gain"] > 0
     assert rows["reversed"]["prior_l1_estimated"] < rows["reversed"]["prior_l1_train"]
     assert rows["reversed"]["applied_share"] == 1.0
 

@@ -8,8 +8,8 @@ Estimated from the test predictions themselves and used to re-weight them (p(y|x
   probabilities against the labels, solved for the weights that explain the mean test prediction.
 
 Honest by construction when measured with `shift_report`: fold k's held-out rows share the train prior, so they
-are re-sampled to other priors (uniform, reversed, a Dirichlet draw), and the temperature, the train prior and
-BBSE's confusion matrix come from the other folds' rows only.
+are re-sampled to other priors (uniform, reversed, a Dirichlet draw), and the temperature and BBSE's confusion
+matrix come from the other folds' rows only (no label of fold k is read).
 """
 from __future__ import annotations
 
@@ -197,20 +197,28 @@ def _scores(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def shift_report(method: str, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, seed: int = 0,
                  shifts: tuple[str, ...] = SHIFTS) -> list[dict]:
     """Per shift, the mean over folds of accuracy and log-loss before and after the prior adjustment: fold k's
-    held-out rows re-sampled to the shifted prior; the temperature, the train prior and BBSE's confusion matrix
-    from the other folds' rows only. `probs` are OOF probabilities (each row from the model that did not train on
-    it)."""
+    held-out rows split in two halves, the second re-sampled to the shifted prior; the temperature and BBSE's
+    confusion matrix from the other folds' rows only, the source prior without labels (EM: model k's mean prediction
+    on the first half; BBSE: the other folds' label shares). `probs` are OOF probabilities (each row from the model
+    that did not train on it)."""
     n = probs.shape[1]
     rng = np.random.default_rng(seed)
     per_shift = {s: [] for s in shifts}
     for k in np.unique(fold):
         out, held = fold != k, fold == k
         t = fit_temperature(probs[out], y[out]) if method == "em" else 1.0
-        prior = source_prior(method, probs[out], y[out], t)
+        # fold k's rows in two halves: EM's source prior is model k's own mean calibrated prediction on the first
+        # (no labels: the prior that model predicts on rows drawn like its training rows; the other folds' rows
+        # come from other models, each with its own bias, which EM read as a shift on rows with none: applied on
+        # every fold, -0.3 to -11 points); the test rows are drawn from the second. BBSE: the other folds' labels.
+        own = rng.permutation(np.flatnonzero(held))
+        first, second = own[: len(own) // 2], own[len(own) // 2:]
+        prior = (source_prior(method, probs[first], y[first], t) if method == "em"
+                 else source_prior(method, probs[out], y[out], t))
         for s in shifts:
-            rows = np.flatnonzero(held)
-            if s != "none":  # no shift: the fold's rows as they are (a re-sample's repeated rows are not new evidence)
-                rows = rows[resample(y[held], shifted_prior(s, prior, rng), rng)]
+            rows = second
+            if s != "none":  # no shift: the half as it is (a re-sample's repeated rows are not new evidence)
+                rows = second[resample(y[second], shifted_prior(s, class_prior(y[out], n), rng), rng)]
             p, yk = probs[rows], y[rows]
             after, rec = adjusted(method, p, prior, probs[out], y[out], t)
             true = np.bincount(yk, minlength=n) / len(yk)
