@@ -112,7 +112,7 @@ def run(set_name: str, lt: bool, epochs: int) -> list[dict]:
                                             f"data.test_labels=../{set_name}-private/test_labels.csv"] if lt else []),
                                          f"ensemble.prior={method}", f"ensemble.name={tag}-{method}"])
         t1 = time.time()
-        res = ensemble.run(e)
+        res = ensemble.run(e, force=True)  # the code may have changed since (records hold settings, not code)
         pr = res["prior"] or {}
         rows.append({"set": set_name + (" long-tailed train" if lt else ""), "train rows": n_train,
                      "epochs": epochs, "method": method, "applied": pr.get("applied", ""),
