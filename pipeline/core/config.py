@@ -298,6 +298,15 @@ class TrainCfg:
                               help="taxonomy levels (columns of data.taxonomy, or COCO category fields) whose "
                                    "cross-entropy joins the loss: a parent's probability is the sum of its "
                                    "children's, so a rare class learns from its siblings' photos (docs/stages.md)")
+    clean_labels: Literal["off", "drop", "relabel"] = key("off", added="2026-12-07",
+                                                          help="before a fold trains, flag its training rows whose "
+                                                               "label confident learning (cleanlab) finds wrong on an "
+                                                               "inner cross-validation of those rows (pretrained "
+                                                               "features), then drop them or relabel them to the "
+                                                               "predicted class; held-out rows never change")
+    clean_max_share: float = key(0.1, range=(0, 1, False, True), added="2026-12-07",
+                                 help="train.clean_labels: at most this share of a fold's training rows, the most "
+                                      "confidently wrong first")
     taxonomy_weight: float = key(0.5, range=(0, 100, True, True), added="2026-12-07",
                                  help="weight of each train.taxonomy level's cross-entropy (the class's own: 1)")
     mixup_alpha: float = key(0.0, range=(0, 100, True, True), help="0 disables mixup")
@@ -604,6 +613,12 @@ class Config:
         pretrained = self.model.pretrained or bool(self.model.pretrained_path)
         check(pretrained or not self.rebalance.probe, "rebalance.probe",
               "probe heads need pretrained weights (model.pretrained or model.pretrained_path)")
+        check(pretrained or self.train.clean_labels == "off", "train.clean_labels",
+              "finds label issues on the pretrained backbone's features (they depend on no label): it needs "
+              "model.pretrained or model.pretrained_path")
+        check(self.train.clean_labels == "off" or not (self.train.pseudo.teacher or self.train.distill.teacher),
+              "train.clean_labels", "a teacher's targets (train.pseudo / train.distill) replace the labels it cleans: "
+                                    "use one or the other")
         check(pretrained or not self.rebalance.wise_alpha, "rebalance.wise_alpha",
               "WiSE-FT interpolates the fine-tuned weights with pretrained ones: it needs model.pretrained or "
               "model.pretrained_path")

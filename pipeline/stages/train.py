@@ -65,6 +65,7 @@ from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compi
                                    prepare_model, set_backend_flags, workers)
 from ..core.inputs.samplers import epoch_indices
 from ..core.inputs.taxonomy import Level, read_levels
+from ..core.engine.cleaning import label_issues
 from ..core.engine import teacher as teachers
 from ..core.report.tracking import Tracker, Tracking
 from ..core.inputs.pixels import Pixels, pixels
@@ -111,6 +112,7 @@ class FoldData:
     va_idx: np.ndarray  # this process's share of the held-out rows
     targets: teachers.Targets | None = None  # train.pseudo / train.distill: per-row targets (batches carry row indices)
     probe_loader: object = None  # the labelled training rows, un-augmented (train.head_init=probe, train.epochs=0)
+    cleaned: dict | None = None  # train.clean_labels: what was flagged and done
 
 
 @dataclass
@@ -243,7 +245,7 @@ def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths
     frozen_bn = training.freeze(model, job.train.freeze_backbone, job.train.trainable_stages)
     stats = norm_stats(job.model, model)
     prepare_model(job.train, model, device)
-    data = _fold_data(job, df, n_classes, k, dist, device, rec)
+    data = _fold_data(job, df, n_classes, k, dist, device, rec, model, stats)
     if data.probe_loader is not None:
         probe_init(model, stats, data, job.train, device, "full fit" if k == FULL_FIT else f"fold {k}")
     state = FoldState()
@@ -252,7 +254,8 @@ def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths
                    data=data, nets=nets, state=state, epochs=job.train.epochs)
 
 
-def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, device, rec: dict) -> FoldData:
+def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, device, rec: dict, model=None,
+               stats=None) -> FoldData:
     """The fold's rows from the one store of the train images (built by the main process), the teachers'
     targets, the sampler's batches and the loaders."""
     t = job.train
@@ -263,7 +266,11 @@ def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, d
     dist.barrier()
     if not dist.main:
         store = open_store(job.px, df["path"])
-    rows_store, labels, targets = store.subset(np.flatnonzero(~in_fold)), y_tr, None
+    train_idx, cleaned = np.flatnonzero(~in_fold), None
+    if t.clean_labels != "off":  # before anything reads the training rows' labels
+        train_idx, y_tr, cleaned = clean_training_rows(job, model, stats, store, train_idx, y_tr, n_classes, device,
+                                                       df["id"].values, k)
+    rows_store, labels, targets = store.subset(train_idx), y_tr, None
     if t.pseudo.teacher or t.distill.teacher:
         test = read_test_table(job.data) if t.pseudo.teacher else None
         probs = teachers.fold_targets(t, job.run.unit(k), sha256_file(job.folds_csv), df, k, test, dist, device,
@@ -286,14 +293,40 @@ def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, d
     cuda = device.type == "cuda"
     probe = None
     if t.head_init == "probe" or t.epochs == 0:  # every process fits the same head on every training row
-        probe = make_loader(ImageDataset(store.subset(np.flatnonzero(~in_fold)), y_tr, valid_transform(job.px)),
+        probe = make_loader(ImageDataset(store.subset(train_idx), y_tr, valid_transform(job.px)),
                             batch_size=max(t.batch_size, 64), n_workers=workers(job.train), cuda=cuda)
     return FoldData(
         y_tr=y_tr, y_va=y_va, valid_ids=df["id"].values[in_fold], counts=np.bincount(y_tr, minlength=n_classes),
         batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(job.train), cuda=cuda),
         valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(job.train), cuda=cuda,
                                  indices=va_idx, persistent=True),
-        va_idx=va_idx, targets=targets, probe_loader=probe)
+        va_idx=va_idx, targets=targets, probe_loader=probe, cleaned=cleaned)
+
+
+def clean_training_rows(job: Job, model, stats, store, train_idx: np.ndarray, y_tr: np.ndarray, n_classes: int,
+                        device, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """train.clean_labels: the training rows flagged by confident learning on an inner cross-validation of these rows
+    (the pretrained backbone's features: core/engine/cleaning), dropped or relabelled to their predicted class.
+    Returns (the rows that train, their labels, the record: every flagged id with its label and prediction)."""
+    t0, t = time.perf_counter(), job.train
+    loader = make_loader(ImageDataset(store.subset(train_idx), y_tr, valid_transform(job.px)),
+                         batch_size=max(t.batch_size, 64), n_workers=workers(t), cuda=device.type == "cuda")
+    with torch.no_grad():
+        feats = models.extract_features(model, loader, Normalize(*stats).to(device), device, amp_dtype(t.amp, device),
+                                        memory_format(t, device))
+    flagged, predicted = label_issues(feats, y_tr, n_classes, t.clean_max_share, job.seed + k)
+    rec = {"action": t.clean_labels, "flagged": int(len(flagged)), "of": int(len(y_tr)),
+           "rows": [{"id": str(ids[train_idx[i]]), "label": int(y_tr[i]), "predicted": int(predicted[i])}
+                    for i in flagged]}
+    log.info("%s: label cleaning flagged %d of %d training rows (%s; %.1fs)", "full fit" if k == FULL_FIT else
+             f"fold {k}", len(flagged), len(y_tr), "dropped" if t.clean_labels == "drop" else "relabelled",
+             time.perf_counter() - t0)
+    if t.clean_labels == "drop":
+        keep = np.setdiff1d(np.arange(len(y_tr)), flagged)
+        return train_idx[keep], y_tr[keep], rec
+    y = y_tr.copy()
+    y[flagged] = predicted[flagged]
+    return train_idx, y, rec
 
 
 def probe_init(model, stats, data: FoldData, t: TrainCfg, device, label: str) -> None:
@@ -577,6 +610,7 @@ def _summary(r: FoldRun, **fields) -> dict:
             "mean": r.nets.stats[0], "std": r.nets.stats[1], "epochs_trained": sum(h["epoch"] > 0 for h in r.state.history),
             **({} if r.full else {"stopped_early_after": r.state.stopped_epoch, "teacher": _teacher_summary(r)}),
             "n_train": int(len(d.y_tr)), "n_valid": int(len(d.y_va)), "train_counts": d.counts.tolist(),
+            **({"cleaned": d.cleaned} if d.cleaned is not None else {}),
             "seconds": float(sum(h["seconds"] for h in r.state.history)), "made_from": r.rec, "env": environment()}
 
 

@@ -4,6 +4,7 @@
 - `training`: parameter groups, the timm optimizer and scheduler, mixup/cutmix, freezing.
 - `runtime`: device, autocast dtype and the one autocast helper, channels_last, torch.compile, loaders.
 - `distributed`: torchrun helpers (Dist) and one fold per GPU.
+- `cleaning`: label issues of a fold's training rows (confident learning on an inner cross-validation).
 - `teacher`: leak-free pseudo-label and distillation targets from finished experiments or ensembles.
 
 Nothing is imported here: `from pipeline.core.engine import loop` loads that module alone.
