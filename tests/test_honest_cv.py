@@ -137,16 +137,20 @@ def test_on_permuted_labels_every_ranked_cv_stays_at_chance(tmp_path, monkeypatc
     t = pd.read_csv(root / "train.csv")
     t["label"] = np.random.default_rng(0).permutation(t["label"].values)
     t.to_csv(root / "train.csv", index=False)
+    (root / "tax.csv").write_text("class,genus\na,g1\nb,g1\nc,g2\nd,g2\n")
     a = run_experiment(root, "p1", "train.epochs=2")
-    run_experiment(root, "p2", "train.epochs=2", "model.pool=gem", "seed=7")
+    run_experiment(root, "p2", "train.epochs=2", "model.pool=gem", "seed=7", "data.taxonomy=tax.csv",
+                   "train.taxonomy=[genus]")  # taxonomy levels in the loss (#48)
     torch.manual_seed(5)  # "pretrained" weights in a local file: probe heads (rebalance.probe) and LP-FT's head init
     write_state_dict(tmp_path / "pre.safetensors", timm.create_model("test_resnet", num_classes=1000).state_dict())
     p3 = run_experiment(root, "p3", "train.epochs=1", f"model.pretrained_path={tmp_path / 'pre.safetensors'}",
-                        "train.head_init=probe", "rebalance.probe=[joint,ncm,knn,tau]", "rebalance.wise_alpha=[0.5]")
+                        "train.head_init=probe", "rebalance.probe=[joint,ncm,knn,tau]", "rebalance.wise_alpha=[0.5]",
+                        "train.clean_labels=relabel", "train.clean_max_share=0.3")  # label cleaning (#48)
     assert {"probe_joint", "probe_ncm", "probe_knn", "probe_tau", "wise0.5"} <= set(stage3_cv(p3))
     ens = load_config(None, [f"data.root={root}", "experiment=p1", *BASE, "ensemble.members=[p1,p2]",
-                             "ensemble.method=hill_climb", "ensemble.name=pp"])
+                             "ensemble.method=hill_climb", "ensemble.name=pp", "ensemble.prior=em"])
     rec = ens_stage.run(ens)
+    assert rec["prior"]["shifts"]  # the test prior's shift report ran (it adjusts test rows only, never a CV)
     table = leaderboard.build(a.run_dir.dir.parent, tmp_path / "submissions")
     ranked = table[table["cv_mean"].notna()]
     assert len(ranked) >= 2 * len(HEADS) and ranked["head"].str.startswith("probe_").sum() >= 4
