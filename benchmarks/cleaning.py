@@ -82,6 +82,13 @@ def run(share: float, action: str) -> dict:
             "minutes": (time.time() - t0) / 60}
 
 
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                      *("| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--noise", nargs="*", type=float, default=[0.0, 0.1, 0.2])
@@ -93,7 +100,7 @@ def main() -> None:
     for share in args.noise:
         for action in args.actions:
             rows.append(run(share, action))
-            print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), flush=True)
+            print(markdown(rows), flush=True)
 
 
 if __name__ == "__main__":

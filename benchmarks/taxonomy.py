@@ -67,6 +67,13 @@ def run(name: str, epochs: int) -> dict:
             "errors_in_coarse": float(np.mean(coarse[pred[wrong]] == coarse[y[wrong]])), "min_per_fold": minutes}
 
 
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                      *("| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", nargs="*", type=int, default=[4])
@@ -80,7 +87,7 @@ def main() -> None:
     for epochs in args.epochs:
         for name in args.rows:
             rows.append(run(name, epochs))
-            print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), flush=True)
+            print(markdown(rows), flush=True)
 
 
 if __name__ == "__main__":
