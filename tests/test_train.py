@@ -1,8 +1,10 @@
 """Stage 2 on a tiny generated competition with timm's test_resnet at 32 px."""
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -398,3 +400,71 @@ def test_lr_find_suggests_a_rate_on_the_falling_part_of_its_curve(comp, workdir)
     assert len(pd.read_csv(workdir / "reports/tiny/lr_find.csv")) == len(lrs)
     assert not (workdir / "runs").exists()
     assert main(["lr-find", "--steps", "2"]) == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_under_torchrun_c10d_match_one_process(workdir):
+    """#49 item 3: stage 2 of one fold under torchrun with --nnodes 2 --nproc-per-node 1 and the c10d rendezvous on
+    127.0.0.1 (two launcher processes, as two machines would start them; gloo), the same weights as one process with
+    the global batch (LayerNorm model, fp32: the DDP test's equivalence)."""
+    root = make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
+    common = ("model.arch=test_convnext", "train.ema=false", "train.amp=off")
+    single = write_cfg(workdir / "single.yaml", root, "train.batch_size=8", "experiment=single", *common)
+    nodes = write_cfg(workdir / "nodes.yaml", root, "train.batch_size=4", "experiment=nodes", *common)
+    assert cli(["folds", "--config", str(single)], workdir).returncode == 0
+    assert cli(["train", "--config", str(single), "--fold", "0"], workdir).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+              "-m", "pipeline", "train", "--config", str(nodes), "--fold", "0"]
+    procs = [subprocess.Popen(launch, cwd=workdir, env=dict(env, PIPELINE_HOSTNAME=f"node-{i}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    a = read_state_dict(workdir / "runs/single/fold0/model.safetensors")
+    b = read_state_dict(workdir / "runs/nodes/fold0/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
+@pytest.mark.slow
+def test_folds_spread_over_two_hosts_and_a_dead_host_s_fold_is_taken_over_after_the_stale_time(workdir, monkeypatch):
+    """#49 item 3: two "hosts" (processes with their own PIPELINE_HOSTNAME) sharing the project folder each train a
+    fold at the same time; a host killed mid-fold leaves its lock, which another host refuses while it is fresh and
+    takes over once stale (shortened here), resuming from the dead host's checkpoint."""
+    root = make_competition(workdir / "comp", {"a": 10, "b": 10, "c": 8}, size=16)
+    cfg = write_cfg(workdir / "c.yaml", root, "train.epochs=40", "train.ema=false")
+    assert cli(["folds", "--config", str(cfg)], workdir).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO), PIPELINE_LOCK_HEARTBEAT_S="0.2")
+    train = [sys.executable, "-m", "pipeline", "train", "--config", str(cfg), "--fold"]
+    a = subprocess.Popen([*train, "0"], cwd=workdir, env=dict(env, PIPELINE_HOSTNAME="node-a"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = workdir / "runs/tiny/fold0/last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and a.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    b = subprocess.Popen([*train, "1"], cwd=workdir, env=dict(env, PIPELINE_HOSTNAME="node-b"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fold 1 on the other host
+    assert ckpt.exists() and a.poll() is None, "node-a finished fold 0 before it could be killed"
+    a.send_signal(signal.SIGKILL)  # the host dies mid-fold: no clean-up, its lock stays
+    a.wait()
+    killed = time.time()
+    assert (workdir / "runs/tiny/fold0/.lock").exists() and not (workdir / "runs/tiny/fold0/summary.json").exists()
+    monkeypatch.setenv("PIPELINE_HOSTNAME", "node-c")
+    monkeypatch.setenv("PIPELINE_LOCK_STALE_S", "8")
+    r = cli(["train", "--config", str(cfg), "--fold", "0"], workdir)
+    assert time.time() - killed < 8, "too slow to see the lock while it is fresh"
+    assert r.returncode != 0 and "node-a" in r.stderr  # its heartbeat stopped under 8 s ago: still node-a's
+    assert b.wait(timeout=300) == 0, b.stderr.read()[-2000:]
+    time.sleep(max(0.0, killed + 9 - time.time()))
+    r = cli(["train", "--config", str(cfg), "--fold", "0"], workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resum" in r.stderr  # from node-a's checkpoint, not from scratch
+    for k in (0, 1):
+        assert (workdir / f"runs/tiny/fold{k}/summary.json").exists()
