@@ -16,3 +16,11 @@ def stages_1_to_4(cfg) -> dict:
     train.run(cfg)
     rebalance.run(cfg)
     return infer.run(cfg)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Rows of dicts as a markdown table (floats to 4 places), as the benchmark pages quote them."""
+    cols = list(rows[0])
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                      *("| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows)])

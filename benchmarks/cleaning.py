@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stages import stages_1_to_4  # noqa: E402
+from _stages import markdown, stages_1_to_4  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.files.artifacts import read_json  # noqa: E402
 from pipeline.tools.demo import prepare_data  # noqa: E402
@@ -80,13 +80,6 @@ def run(share: float, action: str) -> dict:
             "flipped caught": caught / flipped_train if flipped_train else float("nan"),
             "cv (noisy labels)": row["cv_mean"], "hold-out (clean labels)": row["private"],
             "minutes": (time.time() - t0) / 60}
-
-
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-                      *("| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows)])
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ class's coarse group (a "better mistake"), and minutes per fold.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stages import stages_1_to_4  # noqa: E402
+from _stages import markdown, stages_1_to_4  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.files.artifacts import read_json  # noqa: E402
 from pipeline.core.inputs.data import read_test_labels  # noqa: E402
@@ -67,13 +68,6 @@ def run(name: str, epochs: int) -> dict:
             "errors_in_coarse": float(np.mean(coarse[pred[wrong]] == coarse[y[wrong]])), "min_per_fold": minutes}
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-                      *("| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows)])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", nargs="*", type=int, default=[4])
@@ -84,10 +78,9 @@ def main() -> None:
         sys.exit(f"{TAXONOMY} not found (the shared photo sets sit beside the repository)")
     print(time.strftime("%Y-%m-%d %H:%M"))
     rows = []
-    for epochs in args.epochs:
-        for name in args.rows:
-            rows.append(run(name, epochs))
-            print(markdown(rows), flush=True)
+    for epochs, name in itertools.product(args.epochs, args.rows):
+        rows.append(run(name, epochs))
+        print(markdown(rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -138,18 +138,23 @@ def test_a_sweep_prunes_ranks_honestly_and_finishes_as_an_ordinary_experiment(wo
     assert fin["rank"] > nested["rank"].iloc[0] and (t.loc[t["note"] == "", "rank"] < fin["rank"]).all()
 
 
-@pytest.mark.slow
-def test_a_killed_worker_s_trial_is_queued_again_and_resumes_from_its_checkpoint(workdir):
-    base = _base(workdir, "train.epochs=60", "sweep.pruner=none")  # 60 one-step epochs: the kill lands in fold 0
-    space = space_file(workdir / "space.yaml", "train.lr: {type: float, low: 0.005, high: 0.02, log: true}\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    args = [sys.executable, "-m", "pipeline", "sweep", "--config", str(base), "--space", str(space), "--trials", "1"]
-    worker = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = workdir / "runs/s-sweep-t0/fold0/last.pt"
+def worker_at_checkpoint(args: list[str], workdir, ckpt) -> subprocess.Popen:
+    """A sweep worker started as its own process, returned once its trial wrote its first stage-2 checkpoint."""
+    worker = subprocess.Popen(args, cwd=workdir, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert ckpt.exists(), "the trial never reached its first checkpoint"
+    return worker
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_is_queued_again_and_resumes_from_its_checkpoint(workdir):
+    base = _base(workdir, "train.epochs=60", "sweep.pruner=none")  # 60 one-step epochs: the kill lands in fold 0
+    space = space_file(workdir / "space.yaml", "train.lr: {type: float, low: 0.005, high: 0.02, log: true}\n")
+    args = [sys.executable, "-m", "pipeline", "sweep", "--config", str(base), "--space", str(space), "--trials", "1"]
+    worker = worker_at_checkpoint(args, workdir, workdir / "runs/s-sweep-t0/fold0/last.pt")
     worker.send_signal(signal.SIGKILL)  # no clean-up: the trial stays RUNNING in the study
     worker.wait()
     time.sleep(2)  # its trial process got SIGTERM (it dies with its worker)

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from conftest import REPO, cli, config_from_items, make_competition
 from pipeline.core.files import layout
 from pipeline.core.files.artifacts import read_json
 
-from test_sweep import TINY, space_file
+from test_sweep import TINY, space_file, worker_at_checkpoint
 
 
 def _bin(name: str) -> str | None:
@@ -81,16 +80,10 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_one_s_trial_is_resume
     base = config_from_items(workdir / "base.yaml", [f"data.root={root}", "experiment=s", *TINY, "train.epochs=20",
                                                      "sweep.pruner=none", f"sweep.storage={postgres_url}"])
     space = space_file(workdir / "space.yaml", "train.lr: {type: float, low: 0.005, high: 0.02, log: true}\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     args = [sys.executable, "-m", "pipeline", "sweep", "--config", str(base), "--space", str(space), "--trials", "3"]
-    first = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = workdir / "runs/s-sweep-t0/fold0/last.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.exists(), "the first worker's trial never reached its first checkpoint"
-    second = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+    first = worker_at_checkpoint(args, workdir, workdir / "runs/s-sweep-t0/fold0/last.pt")
+    second = subprocess.Popen(args, cwd=workdir, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first.send_signal(signal.SIGKILL)  # no clean-up: its trial stays RUNNING in the database
     first.wait()
     _, err = second.communicate(timeout=600)

@@ -224,6 +224,15 @@ def test_non_finite_loss_stops_with_epoch_and_step(comp, monkeypatch):
     assert not (cfg.run_dir.fold(0).dir / "summary.json").exists()
 
 
+def assert_same_weights(path_a, path_b) -> None:
+    """The same tensors within float tolerance (DDP's reduction order differs from one process's sum)."""
+    a, b = read_state_dict(path_a), read_state_dict(path_b)
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_single_process(workdir):
     root = make_competition(workdir / "comp", {"a": 12, "b": 10, "c": 8}, size=24)
@@ -238,12 +247,7 @@ def test_ddp_two_gloo_processes_match_single_process(workdir):
                         "-m", "pipeline", "train", "--config", str(ddp), "--fold", "0"],
                        cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = read_state_dict(workdir / "runs/single/fold0/model.safetensors")
-    b = read_state_dict(workdir / "runs/ddp/fold0/model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+    assert_same_weights(workdir / "runs/single/fold0/model.safetensors", workdir / "runs/ddp/fold0/model.safetensors")
     la = HeldOut.of(RunDir(workdir / "runs/single"), 0).read()["logits"]
     lb = HeldOut.of(RunDir(workdir / "runs/ddp"), 0).read()["logits"]
     assert np.allclose(la, lb, atol=1e-3)
@@ -425,12 +429,7 @@ def test_two_nodes_on_one_machine_under_torchrun_c10d_match_one_process(workdir)
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    a = read_state_dict(workdir / "runs/single/fold0/model.safetensors")
-    b = read_state_dict(workdir / "runs/nodes/fold0/model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+    assert_same_weights(workdir / "runs/single/fold0/model.safetensors", workdir / "runs/nodes/fold0/model.safetensors")
 
 
 @pytest.mark.slow
