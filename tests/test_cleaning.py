@@ -82,3 +82,9 @@ def test_stage2_cleans_only_the_training_rows_and_records_what_it_did(workdir, p
             counts[r["label"]] -= 1
             counts[r["predicted"]] += 1
     assert s["train_counts"] == counts.tolist()
+    if action == "drop":  # the experiment page lists and shows the flagged rows
+        from pipeline.tools.reports import experiment_page
+        train_stage.run(cfg, fold=1)
+        page = experiment_page.write("cl", workdir / "reports", workdir / "runs").read_text()
+        assert "## Label cleaning" in page and "fold 0: 3 of" in page and "dropped" in page
+        assert rec["rows"][0]["id"] in page and (workdir / "reports/cl/cleaned.png").exists()

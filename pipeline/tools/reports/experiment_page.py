@@ -58,6 +58,7 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
     _tuning_pictures(cfg.eval.scorer, run, len(summaries), out, pics)
     if _confidently_wrong(cfg.folds_csv, p, classes, out / "confidently_wrong.png"):
         pics.append(("Most confidently wrong OOF images (true -> predicted, confidence)", "confidently_wrong.png"))
+    cleaned_md = _cleaned(cfg.folds_csv, summaries, classes, out / "cleaned.png", pics)
     if _cams(cfg.model, pixels(cfg), cfg.folds_csv, run, summaries, p, classes, out / "cam.png"):
         pics.append(("Class activation maps of the predicted class: the most confidently wrong OOF images, then the "
                      "two most confident correct ones per class (stage-2 classifier of the image's own fold)",
@@ -70,7 +71,7 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
           f"({cfg.folds_csv.name}); metric {cfg.eval.scorer}. Config: `{run.config}`.", "",
           "## CV by head and TTA (best first)", "", "```", to_text(rows), "```", "",
           "## Stage 2 per fold", "", "```", fold_table.to_string(index=False, float_format="%.4f"), "```", ""]
-    md += errors_md
+    md += errors_md + cleaned_md
     for title, f in pics:
         md += [f"## {title}", "", f"![{title}]({f})", ""]
     page = layout.experiment_page(name, reports)
@@ -174,6 +175,39 @@ def _confidently_wrong(folds_csv: Path, pred: dict, classes: list, path: Path) -
         return False
     plots.contact_sheet(path, images, captions, "most confidently wrong OOF predictions")
     return True
+
+
+N_CLEANED = 40  # flagged rows listed and shown on the page (every one is in the folds' summary.json)
+
+
+def _cleaned(folds_csv: Path, summaries: list[dict], classes: list, path: Path, pics: list) -> list[str]:
+    """train.clean_labels: per fold, how many training rows were flagged and what was done; the flagged rows (label
+    -> the class the inner cross-validation predicted), listed and shown with their images."""
+    folds = [s for s in summaries if s.get("cleaned")]
+    if not folds:
+        return []
+    md = ["## Label cleaning (train.clean_labels)", "",
+          "Training rows flagged by confident learning on an inner cross-validation of each fold's training rows "
+          "(never its held-out rows); most confidently wrong first.", ""]
+    md += [f"- fold {s['fold']}: {s['cleaned']['flagged']} of {s['cleaned']['of']} training rows "
+           f"{'dropped' if s['cleaned']['action'] == 'drop' else 'relabelled'}" for s in folds]
+    rows = [(s["fold"], r) for s in folds for r in s["cleaned"]["rows"]][:N_CLEANED]
+    table = pd.DataFrame([{"fold": k, "id": r["id"], "label": classes[r["label"]], "predicted": classes[r["predicted"]]}
+                          for k, r in rows])
+    md += ["", "```", table.to_string(index=False), "```", ""]
+    paths = pd.read_csv(folds_csv, dtype=str, keep_default_na=False).set_index("id")["path"] \
+        if folds_csv.exists() else {}
+    images, captions = [], []
+    for k, r in rows:
+        try:
+            images.append(read_image(paths[r["id"]]))
+        except (KeyError, PipelineError, OSError):
+            continue  # the train images are not at hand (e.g. a copied run folder)
+        captions.append(f"{r['id']}\n{classes[r['label']]} -> {classes[r['predicted']]}")
+    if images:
+        plots.contact_sheet(path, images, captions, "rows flagged by label cleaning (label -> predicted)")
+        pics.append(("Rows flagged by label cleaning (label -> predicted)", path.name))
+    return md
 
 
 N_CAM_WRONG, N_CAM_PER_CLASS, N_CAM_CLASSES = 8, 2, 30
