@@ -108,6 +108,9 @@ def test_stage5_applies_records_and_measures_the_prior(run_a, monkeypatch):  # n
     expect = priors.reweight(priors.tempered(before, rec["temperature"]), np.array(rec["train_prior"]),
                              np.array(rec["estimated"]))
     assert np.allclose(after, expect, atol=1e-6) and not np.allclose(after, before, atol=1e-3)
+    from pipeline.tools.reports import experiment_page  # the experiment page shows the verdict and the shifts
+    page = experiment_page.write("a").read_text()
+    assert "## Test-time prior" in page and "applied" in page and "dirichlet" in page
 
 
 def test_stage5_refuses_a_prior_without_oof_rows(run_a):  # noqa: F811

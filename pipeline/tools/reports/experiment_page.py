@@ -71,7 +71,7 @@ def write(name: str, reports: Path = layout.REPORTS, runs: Path = layout.RUNS) -
           f"({cfg.folds_csv.name}); metric {cfg.eval.scorer}. Config: `{run.config}`.", "",
           "## CV by head and TTA (best first)", "", "```", to_text(rows), "```", "",
           "## Stage 2 per fold", "", "```", fold_table.to_string(index=False, float_format="%.4f"), "```", ""]
-    md += errors_md + cleaned_md
+    md += errors_md + cleaned_md + _prior(name)
     for title, f in pics:
         md += [f"## {title}", "", f"![{title}]({f})", ""]
     page = layout.experiment_page(name, reports)
@@ -175,6 +175,22 @@ def _confidently_wrong(folds_csv: Path, pred: dict, classes: list, path: Path) -
         return False
     plots.contact_sheet(path, images, captions, "most confidently wrong OOF predictions")
     return True
+
+
+def _prior(name: str) -> list[str]:
+    """ensemble.prior on this experiment's submission: the estimate's verdict and stage 5's shift report."""
+    path = layout.submission_record(name)
+    rec = read_json(path).get("prior") if path.exists() else None
+    if not rec:
+        return []
+    verdict = ("applied" if rec["applied"] else "not applied: no shift beyond noise")
+    md = ["## Test-time prior (ensemble.prior)", "",
+          f"`{rec['method']}` on the test rows of submissions/{name}.csv: {verdict} (likelihood-ratio p = "
+          f"{rec['p_value']:.3g}, L1 {rec['l1_from_train']:.3f} from the train prior; private score without it: "
+          f"{rec.get('private_without')}). Measured on each fold's OOF rows re-sampled to a shifted prior (mean over "
+          f"folds; gains: positive is better):", "", "```",
+          pd.DataFrame(rec["shifts"]).to_string(index=False, float_format="%.4f"), "```", ""]
+    return md
 
 
 N_CLEANED = 40  # flagged rows listed and shown on the page (every one is in the folds' summary.json)
