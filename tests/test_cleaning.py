@@ -63,7 +63,11 @@ def test_stage2_cleans_only_the_training_rows_and_records_what_it_did(workdir, p
         return flags, pred
 
     monkeypatch.setattr(train_stage, "label_issues", spy)
+    passes = []
+    extract = train_stage.models.extract_features
+    monkeypatch.setattr(train_stage.models, "extract_features", lambda *a, **kw: passes.append(1) or extract(*a, **kw))
     s = train_stage.run(cfg, fold=0)[0]
+    assert cfg.train.head_init == "probe" and len(passes) == 1  # LP-FT's probe reads the cleaning pass's features
     train_rows = df[df["fold"] != 0]
     assert seen["n"] == len(train_rows)  # the inner cross-validation saw fold 0's training rows only
     rec = s["cleaned"]

@@ -113,6 +113,7 @@ class FoldData:
     targets: teachers.Targets | None = None  # train.pseudo / train.distill: per-row targets (batches carry row indices)
     probe_loader: object = None  # the labelled training rows, un-augmented (train.head_init=probe, train.epochs=0)
     cleaned: dict | None = None  # train.clean_labels: what was flagged and done
+    train_feats: np.ndarray | None = None  # the training rows' pretrained features, when cleaning computed them
 
 
 @dataclass
@@ -266,10 +267,10 @@ def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, d
     dist.barrier()
     if not dist.main:
         store = open_store(job.px, df["path"])
-    train_idx, cleaned = np.flatnonzero(~in_fold), None
+    train_idx, cleaned, train_feats = np.flatnonzero(~in_fold), None, None
     if t.clean_labels != "off":  # before anything reads the training rows' labels
-        train_idx, y_tr, cleaned = clean_training_rows(job, model, stats, store, train_idx, y_tr, n_classes, device,
-                                                       df["id"].values, k)
+        train_idx, y_tr, cleaned, train_feats = clean_training_rows(job, model, stats, store, train_idx, y_tr,
+                                                                    n_classes, device, df["id"].values, k)
     rows_store, labels, targets = store.subset(train_idx), y_tr, None
     if t.pseudo.teacher or t.distill.teacher:
         test = read_test_table(job.data) if t.pseudo.teacher else None
@@ -300,14 +301,15 @@ def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, d
         batches=batches, train_loader=make_loader(tr_ds, batch_sampler=batches, n_workers=workers(job.train), cuda=cuda),
         valid_loader=make_loader(va_ds, batch_size=max(t.batch_size, 64), n_workers=workers(job.train), cuda=cuda,
                                  indices=va_idx, persistent=True),
-        va_idx=va_idx, targets=targets, probe_loader=probe, cleaned=cleaned)
+        va_idx=va_idx, targets=targets, probe_loader=probe, cleaned=cleaned, train_feats=train_feats)
 
 
 def clean_training_rows(job: Job, model, stats, store, train_idx: np.ndarray, y_tr: np.ndarray, n_classes: int,
-                        device, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
+                        device, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
     """train.clean_labels: the training rows flagged by confident learning on an inner cross-validation of these rows
     (the pretrained backbone's features: core/engine/cleaning), dropped or relabelled to their predicted class.
-    Returns (the rows that train, their labels, the record: every flagged id with its label and prediction)."""
+    Returns (the rows that train, their labels, the record: every flagged id with its label and prediction, those
+    rows' features: LP-FT's probe reads them instead of a second pass)."""
     t0, t = time.perf_counter(), job.train
     loader = make_loader(ImageDataset(store.subset(train_idx), y_tr, valid_transform(job.px)),
                          batch_size=max(t.batch_size, 64), n_workers=workers(t), cuda=device.type == "cuda")
@@ -323,10 +325,10 @@ def clean_training_rows(job: Job, model, stats, store, train_idx: np.ndarray, y_
              time.perf_counter() - t0)
     if t.clean_labels == "drop":
         keep = np.setdiff1d(np.arange(len(y_tr)), flagged)
-        return train_idx[keep], y_tr[keep], rec
+        return train_idx[keep], y_tr[keep], rec, feats[keep]
     y = y_tr.copy()
     y[flagged] = predicted[flagged]
-    return train_idx, y, rec
+    return train_idx, y, rec, feats
 
 
 def probe_init(model, stats, data: FoldData, t: TrainCfg, device, label: str) -> None:
@@ -337,8 +339,9 @@ def probe_init(model, stats, data: FoldData, t: TrainCfg, device, label: str) ->
     if not isinstance(clf, torch.nn.Linear):
         raise PipelineError(f"train.head_init=probe needs a linear classifier; the model has {type(clf).__name__}")
     with torch.no_grad():
-        feats = models.extract_features(model, data.probe_loader, Normalize(*stats).to(device), device,
-                                        amp_dtype(t.amp, device), memory_format(t, device))
+        feats = data.train_feats if data.train_feats is not None else models.extract_features(
+            model, data.probe_loader, Normalize(*stats).to(device), device, amp_dtype(t.amp, device),
+            memory_format(t, device))
         head = probe_head(feats, data.y_tr, clf.out_features)
         clf.weight.copy_(torch.as_tensor(head.weight, device=clf.weight.device))
         clf.bias.copy_(torch.as_tensor(head.bias, device=clf.bias.device))
