@@ -395,6 +395,37 @@ def run_wise(set_name: str, recipe: str, size: int, epochs: int, alphas: list[fl
     return out
 
 
+MIX_RUNS = [f"{s}:64:{e}:lp-ft-bnf-bs32" for s in SETS for e in (1, 2, 4)] + \
+    [f"{s}:96:2:lp-ft-bnf-bs32" for s in SETS] + [f"{s}:64:8:before47" for s in SETS]
+
+
+def run_mix(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
+    """The mix head (infer.mix, #47): a compute run's stages 1-3 copied, stage 4 again with the mix head among the
+    best head's candidates; beside it the same run's nested best without it (the compute run's own stage 4, made
+    before the mix existed or with infer.mix=false) and the epochs-0 probe of the same set and size."""
+    what, extra, _ = COMPUTE[recipe]
+    base = RunDir.of(f"cp-{set_name}-{size}-e{epochs}-{recipe}")
+    exp = f"mx-{set_name}-{size}-e{epochs}-{recipe}"
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
+                                       "ensemble.members=[]", *extra, "infer.mix=true"])
+    prepare_data(cfg.data, cfg.folds.seed)
+    if not cfg.run_dir.dir.exists():
+        shutil.copytree(base.dir, cfg.run_dir.dir, ignore=shutil.ignore_patterns("infer", "logs"))
+    stages_1_to_4(cfg)
+    row = lambda what, r: {"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": r["head"],  # noqa: E731
+                           "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": float("nan"),
+                           "wall_min": stage_minutes(cfg), "set": set_name, "epochs": epochs}
+    pick = lambda run, head: next(r for r in leaderboard.experiment_rows(run) if r["head"] == head and r["tta"] != "on")  # noqa: E731
+    probe = RunDir.of(f"cp-{set_name}-{size}-e0-probe")
+    s4 = read_json(cfg.run_dir.infer_summary)
+    return [row("probe (train.epochs=0), joint", pick(probe, "joint")),
+            row(f"{recipe}: fine-tune's joint head", pick(cfg.run_dir, "joint")),
+            row(f"{recipe}: nested best without the mix", pick(base, "best")),
+            row(f"{recipe}: mix head ({' + '.join(s4['mix']['all'])})", pick(cfg.run_dir, "mix")),
+            row(f"{recipe}: nested best with the mix (picks {s4['best']['all']}; per fold {s4['best']['per_fold']})",
+                pick(cfg.run_dir, "best"))]
+
+
 def stage_minutes(cfg) -> float:
     """Minutes of stages 2-4 as their summaries recorded them (a re-run that skips up-to-date stages keeps them):
     each fold's training, each fold's stage 3 (with the probe heads' pretrained pass) and stage 4."""
@@ -574,7 +605,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
                     help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default, recipe, "
-                         "compute (#47)")
+                         "compute, fold0, wise, budget, mix (#47)")
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
@@ -593,6 +624,8 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=["timm", "fastai"], help="compute part: timm, fastai")
     ap.add_argument("--wise", nargs="*", default=[f"{s}:64:2:lp-ft-bnf" for s in SETS],
                     help="wise part: set:size:epochs:recipe (a compute run whose stage 2 it copies)")
+    ap.add_argument("--mix", nargs="*", default=MIX_RUNS,
+                    help="mix part: set:size:epochs:recipe (a compute run whose stages 1-3 it copies)")
     ap.add_argument("--wise-alphas", nargs="*", type=float, default=WISE_ALPHAS, help="wise part: alphas")
     ap.add_argument("--size", type=int, default=64, help="compute part: image size")
     ap.add_argument("--no-plot", action="store_true", help="compute part: leave the plot and its CSV as they are")
@@ -654,6 +687,11 @@ def main() -> None:
         for item in args.wise:
             set_name, size, epochs, recipe = item.split(":")
             rows += run_wise(set_name, recipe, int(size), int(epochs), args.wise_alphas)
+            show(rows[-5:])
+    if "mix" in args.part:  # after the compute part: set:size:epochs:recipe of its runs
+        for item in args.mix:
+            set_name, size, epochs, recipe = item.split(":")
+            rows += run_mix(set_name, recipe, int(size), int(epochs))
             show(rows[-5:])
     if "budget" in args.part:  # after the compute part (its 4- and 8-epoch runs)
         for set_name in args.sets:

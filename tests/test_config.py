@@ -210,7 +210,7 @@ def test_the_schema_names_every_head_and_view_the_code_registers():
 
     assert list(typing.get_args(Variant)) == list(VARIANTS)
     assert list(typing.get_args(View)) == list(VIEWS)
-    assert list(typing.get_args(Head)) == ["best", *VARIANTS, *(f"probe_{v}" for v in VARIANTS), "wise"]
+    assert list(typing.get_args(Head)) == ["best", *VARIANTS, *(f"probe_{v}" for v in VARIANTS), "wise", "mix"]
 
 
 def test_a_config_typo_is_reported_without_importing_torch():

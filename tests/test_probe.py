@@ -207,11 +207,26 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
     for k, pick in enumerate(s4["best"]["per_fold"]):   # fold k's rows: the head chosen without them, from its backbone
         mine = best["fold"] == k
         assert np.allclose(best["view_logits"][:, mine], stage4_npz(run, pick, "oof")["view_logits"][:, mine])
+    # infer.mix (on by default): the best fine-tuned and the best probe variant, each chosen without the fold it
+    # scores, averaged in logits; on the test images the parts chosen on all folds, every fold's models in the mean
+    assert "mix" in s4["heads"] and s4["mix"]["all"][0] == "joint" and s4["mix"]["all"][1] in ("probe_joint", "probe_ncm")
+    mix = stage4_npz(run, "mix", "oof")
+    for k, (a, b) in enumerate(s4["mix"]["per_fold"]):
+        other = read_json(run.fold(1 - k).rebalance_summary)["variants"]
+        assert b == max(("probe_joint", "probe_ncm"), key=lambda v: (other[v]["metrics"]["score"], v == "probe_joint"))
+        mine = mix["fold"] == k
+        want = (stage4_npz(run, a, "oof")["view_logits"][:, mine].astype(np.float64)
+                + stage4_npz(run, b, "oof")["view_logits"][:, mine]) / 2
+        assert np.allclose(mix["view_logits"][:, mine], want, atol=1e-5)
+    a, b = s4["mix"]["all"]
+    want = (stage4_npz(run, a, "test")["view_logits"].astype(np.float64) + stage4_npz(run, b, "test")["view_logits"]) / 2
+    assert np.allclose(stage4_npz(run, "mix", "test")["view_logits"], want, atol=1e-5)
+    assert len(s4["mix"]["scores"]["per_fold"]) == 2
     # export bundles the backbone a probe / WiSE-FT head ran on; predict from the bundle reproduces stage 5
     from pipeline.core.files import layout
     from pipeline.tools import predict
 
-    for name, member in (("pj", "p:probe_joint"), ("pn", "p:probe_ncm"), ("pw", "p:wise0.5")):
+    for name, member in (("pj", "p:probe_joint"), ("pn", "p:probe_ncm"), ("pw", "p:wise0.5"), ("pm", "p:mix")):
         over = [f"ensemble.members=[{member}]", f"ensemble.name={name}"]
         r = cli(["ensemble", "--config", str(cfg), *over], workdir)
         assert r.returncode == 0, r.stderr[-2000:]

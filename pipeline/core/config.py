@@ -366,8 +366,9 @@ class EvalCfg:
 Variant = Literal["joint", "crt", "tau", "lws", "ncm", "logit_adjust", "ncm_pca", "knn", "knn_pca"]
 PROBE = "probe_"  # rebalance.probe: a variant fit on the pretrained (not fine-tuned) backbone's features
 WISE = "wise"  # rebalance.wise_alpha: WiSE-FT heads, named wise<alpha> (wise0.5); infer.heads: [wise] names them all
-Head = Literal[("best",) + typing.get_args(Variant) + tuple(PROBE + v for v in typing.get_args(Variant)) + (WISE,)]
-# best: stage 4's nested choice among the variants (probe and WiSE-FT ones included)
+MIX = "mix"  # infer.mix: the fine-tuned head and the probe head, each the best of its family, averaged in logits
+Head = Literal[("best",) + typing.get_args(Variant) + tuple(PROBE + v for v in typing.get_args(Variant)) + (WISE, MIX)]
+# best: stage 4's nested choice among the variants (probe, WiSE-FT and mix heads included)
 
 
 def wise_name(alpha: float) -> str:
@@ -458,6 +459,10 @@ class InferCfg:
                                                        "(its stored currency: a head's logits are computed from them "
                                                        "when read); float16 halves the disk, float32 keeps every "
                                                        "logit bit-equal to a float32 forward pass")
+    mix: bool = key(True, added="2026-12-07",
+                    help="with probe heads (rebalance.probe) and a fine-tune: the head 'mix', the mean of the logits "
+                         "of the best fine-tuned variant and the best probe variant (each chosen without the fold it "
+                         "scores), is one more candidate of the best head")
 
 
 @dataclass
@@ -763,6 +768,9 @@ def _validate_heads_and_views(rebalance: RebalanceCfg, infer: InferCfg, img_size
     check(bool(infer.heads), "infer.heads", "must name at least one head ('best' or a stage-3 variant)")
     check(WISE not in infer.heads or bool(rebalance.wise_alpha), "infer.heads",
           f"'{WISE}' names the WiSE-FT heads of rebalance.wise_alpha, which is empty (set e.g. [0.5])")
+    check(MIX not in infer.heads or bool(rebalance.probe), "infer.heads",
+          f"'{MIX}' averages a fine-tuned head and a probe head, and rebalance.probe is empty (the probe heads need "
+          f"pretrained weights and train.epochs > 0)")
     names = [wise_name(a) for a in rebalance.wise_alpha]
     check(len(set(names)) == len(names), "rebalance.wise_alpha", "lists an alpha twice")
     check(bool(infer.views), "infer.views", f"must name at least one view (of {list(typing.get_args(View))})")

@@ -39,7 +39,7 @@ from ..core.nets import models
 from ..core.report import tracking
 from ..core.files.artifacts import (atomic_path, experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
-from ..core.config import (PROBE, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output, off_backbone,
+from ..core.config import (MIX, PROBE, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output, off_backbone,
                            wise_alpha_of, wise_name)
 from ..core.files import layout
 from ..core.inputs.data import read_test_table
@@ -52,10 +52,10 @@ from ..core.predict.inference import (Loading, PolicyFeatures, default_policy, j
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.files.featurefile import write_features
-from ..core.predict.stored import STORE_VERSION, LogitTable, StoredFiles, head_ref, store_damage
+from ..core.predict.stored import STORE_VERSION, HeldOut, LogitTable, StoredFiles, head_ref, store_damage
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
 from ..core.files.provenance import (Expect, environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
-                                     rebalance_summary, resolve_heads, stage2_summary, stage3_record, stale_reasons,
+                                     mix_candidates, rebalance_summary, resolve_heads, stage2_summary, stage3_record, stale_reasons,
                                      train_images, train_record, up_to_date)
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
@@ -131,7 +131,7 @@ def load_inputs(cfg: Config) -> Inputs:
     full = None
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:
         full = full_summary(run, cfg.folds.n_splits, want) if has_folds else read_json(run.full.summary)
-    heads = resolve_heads(cfg.infer.heads, run)
+    heads = resolve_heads(cfg.infer.heads, run, cfg.infer.mix)
     if has_folds and any(h != "joint" for h in heads):
         imgs, px = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks), pixels(cfg)
         for k in range(len(summaries)):
@@ -342,12 +342,13 @@ def _probe(h: str) -> bool:
     return h.startswith(PROBE)
 
 
-def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store) -> int:
+def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store, mix: dict | None = None) -> int:
     """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images and each fold's
     on its own held-out rows: its pooled features per view into `store`, with every head (and the nested `best`
     head: fold k's rows from the variant chosen without fold k) that scores them (the backbone runs once per unit
     and image set); then the pretrained backbone (rebalance.probe) and each fold's WiSE-FT backbone
-    (rebalance.wise_alpha) for their heads. Returns the number of view-images predicted."""
+    (rebalance.wise_alpha) for their heads; the mix head's two parts come from the fold's backbone and the pretrained
+    one (`mix`: mix_choice). Returns the number of view-images predicted."""
     device = pick_device(job.device, Dist())
     p = Pass(device, amp_dtype(job.train.amp, device), Loading.of(job.px, job.infer, job.train, device),
              open_store(job.px, inp.test["path"]),
@@ -356,18 +357,18 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, stor
     reuse = shared_test_passes(job, len(inp.classes), plan)
     held = (lambda k: int((inp.oof_df["fold"].values == k).sum())) if inp.oof_df is not None else (lambda k: 0)
     n_images = sum(len(sel) * (len(inp.test) * (i not in reuse) + held(u.k)) for i, (u, sel) in enumerate(plan))
-    probe_folds = [k for k in range(len(inp.summaries)) if _probe_heads(inp, best, k)]
+    probe_folds = [k for k in range(len(inp.summaries)) if _probe_parts(inp, best, mix, k)]
     if probe_folds:
-        n_images += len(names) * (len(inp.test) * any(map(_probe, inp.heads)) + sum(held(k) for k in probe_folds))
+        n_images += len(names) * (len(inp.test) * _probe_test(inp) + sum(held(k) for k in probe_folds))
     wise = [(k, a) for k in range(len(inp.summaries)) for a in _wise_alphas(inp, best, k)]
     n_images += len(names) * sum(len(inp.test) * (wise_name(a) in inp.heads) + held(k) for k, a in wise)
     p.bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
     for i, (u, sel) in enumerate(plan):
         test_from = backbone_of(job, plan[reuse[i]][0]) if i in reuse else None
-        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, store, p, test_from)
+        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, store, p, test_from, mix)
         fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
     if probe_folds:
-        predict_probes(job, inp, names, best, store, p)
+        predict_probes(job, inp, names, best, store, p, mix)
     for k, a in wise:
         predict_wise(job, inp, k, a, names, best, store, p)
     p.bar.close()
@@ -425,10 +426,10 @@ def _held_rows(inp: Inputs, k: int) -> np.ndarray:
 
 
 def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list[int], best: dict | None,
-                 store: Store, p: Pass, test_from: str | None = None) -> None:
+                 store: Store, p: Pass, test_from: str | None = None, mix: dict | None = None) -> None:
     """One unit's views on the test images and (a fold) on its held-out rows, for every head of the fine-tuned
-    backbone. `test_from`: the backbone, identical to this one, whose test features its test heads read (the test
-    images are not run again)."""
+    backbone (and the mix head's fine-tuned part). `test_from`: the backbone, identical to this one, whose test
+    features its test heads read (the test images are not run again)."""
     C = len(inp.classes)
     fd = job.run.unit(u.k)
     model = (fixres_weights(job, inp.oof_df, u, C, p.device, p.dtype) if u.fixres
@@ -440,53 +441,72 @@ def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list
 
     def ref(h: str, nested: bool) -> dict:
         return joint if h == "joint" else stage3_ref(job, u.k, h, nested)
-    mine = [h for h in inp.heads if not off_backbone(h)]
-    pick = best["per_fold"][u.k] if best is not None and u.k != FULL_FIT else None
-    if pick is not None and off_backbone(pick):
-        pick = None  # fold k's best head runs on another backbone: predict_probes / predict_wise
+    mine = [(h, h) for h in inp.heads if not off_backbone(h) and h != MIX]  # (head, the variant behind it)
+    if mix is not None:
+        mine.append((MIX, mix["all"][0]))
     if test_from is None:
         run_backbone(store, backbone, "test", sel, p, model, norm, p.test_store, views)
-    for h in mine:
-        store.add("test", h, test_from or backbone, ref(h, False), u.weight)
+    for h, v in mine:
+        store.add("test", h, test_from or backbone, ref(v, False), u.weight)
     rows = _held_rows(inp, u.k)
     if len(rows):
         run_backbone(store, backbone, u.k, sel, p, model, norm, p.train_store.subset(rows), views)
-        for h in mine + (["best"] if pick is not None else []):
-            store.add("oof", h, backbone, ref(pick if h == "best" else h, True), fold=u.k)
+        for h, v in _fold_parts(inp, best, mix, u.k, fine_tuned=True):
+            store.add("oof", h, backbone, ref(v, True), fold=u.k)
     log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
 
 
-def _probe_heads(inp: Inputs, best: dict | None, k: int) -> list[str]:
-    """The heads whose fold-k held-out rows come from the pretrained backbone: the probe heads, and `best` where
-    fold k's choice is one of them."""
-    return [h for h in inp.heads if _probe(h)] + (["best"] if best is not None and _probe(best["per_fold"][k]) else [])
+def _fold_parts(inp: Inputs, best: dict | None, mix: dict | None, k: int, fine_tuned: bool) -> list[tuple[str, str]]:
+    """(head, variant): what scores fold k's held-out rows from fold k's fine-tuned backbone (`fine_tuned`) or from the
+    pretrained one: the heads of that family, the mix head's part of it (chosen without fold k), and `best`'s pick
+    (chosen without fold k) where it is of that family or is the mix."""
+    mine = (lambda h: not off_backbone(h)) if fine_tuned else _probe
+    out = [(h, h) for h in inp.heads if h != MIX and mine(h)]
+    part = None if mix is None else mix["per_fold"][k][0 if fine_tuned else 1]
+    if part is not None:
+        out.append((MIX, part))
+    pick = best["per_fold"][k] if best is not None and k != FULL_FIT else None
+    if pick == MIX:
+        out.append(("best", part))
+    elif pick is not None and mine(pick):
+        out.append(("best", pick))
+    return out
+
+
+def _probe_parts(inp: Inputs, best: dict | None, mix: dict | None, k: int) -> list[tuple[str, str]]:
+    return _fold_parts(inp, best, mix, k, fine_tuned=False)
+
+
+def _probe_test(inp: Inputs) -> bool:
+    """Whether the pretrained backbone predicts the test images: for probe heads or the mix head."""
+    return any(_probe(h) or h == MIX for h in inp.heads)
 
 
 PRETRAINED = "pretrained"  # stage 4's name of the un-fine-tuned backbone (rebalance.probe heads)
 
 
-def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store, p: Pass) -> None:
+def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store, p: Pass,
+                   mix: dict | None = None) -> None:
     """rebalance.probe: the pretrained, un-fine-tuned backbone (one model for every fold) on the test images, each
     fold's probe heads in the test mean (the full-data model has none), and on each fold's held-out rows scored by
     that fold's heads (nested like the others). FixRes views: the pretrained backbone at that size."""
     model = prepare_model(job.train, models.create_model(job.model, len(inp.classes)), p.device).eval()
     norm = models.Normalize(*models.norm_stats(job.model, model)).to(p.device)
     at, folds = list(range(len(names))), range(len(inp.summaries))
-    probes = [h for h in inp.heads if _probe(h)]
-    if probes:
+    probes = [(h, h) for h in inp.heads if _probe(h)] + ([(MIX, mix["all"][1])] if mix is not None else [])
+    if _probe_test(inp):
         run_backbone(store, PRETRAINED, "test", at, p, model, norm, p.test_store, names)
         for k in folds:
-            for h in probes:
-                store.add("test", h, PRETRAINED, stage3_ref(job, k, h, False), 1.0)
+            for h, v in probes:
+                store.add("test", h, PRETRAINED, stage3_ref(job, k, v, False), 1.0)
     for k in folds:
-        mine, rows = _probe_heads(inp, best, k), _held_rows(inp, k)
+        mine, rows = _probe_parts(inp, best, mix, k), _held_rows(inp, k)
         if not mine or not len(rows):
             continue
         run_backbone(store, PRETRAINED, k, at, p, model, norm, p.train_store.subset(rows), names)
-        for h in mine:
-            store.add("oof", h, PRETRAINED, stage3_ref(job, k, best["per_fold"][k] if h == "best" else h, True),
-                      fold=k)
-    log.info("probe heads %s: the pretrained backbone's TTA views done", probes or "(best)")
+        for h, v in mine:
+            store.add("oof", h, PRETRAINED, stage3_ref(job, k, v, True), fold=k)
+    log.info("probe heads %s: the pretrained backbone's TTA views done", [h for h, _ in probes] or "(best)")
 
 
 def _wise_alphas(inp: Inputs, best: dict | None, k: int) -> list[float]:
@@ -530,10 +550,11 @@ def run(cfg: Config, force: bool = False) -> dict:
     names = tta_names(cfg.infer)
     with experiment_lock(cfg.run_dir.infer):
         store = start_store(job, inp, names)
-        best = best_choice(job, inp) if "best" in cfg.infer.heads else None
+        mix = mix_choice(job, inp) if MIX in inp.heads else None
+        best = best_choice(job, inp, mix) if "best" in cfg.infer.heads else None
         heads = (["best"] if best else []) + inp.heads
         t0 = time.perf_counter()
-        n_images = predict_all(job, inp, names, best, store)
+        n_images = predict_all(job, inp, names, best, store, mix)
         seconds = time.perf_counter() - t0
         if best is not None:  # the test images: the variant best on all folds
             store.alias("best", best["all"])
@@ -550,7 +571,8 @@ def run(cfg: Config, force: bool = False) -> dict:
         report = pd.DataFrame(report)
         if not report.empty:
             write_csv(cfg.run_dir.infer_report, report)
-        summary = {"experiment": cfg.experiment, "heads": heads, "primary": heads[0], "best": best, "policy": policy,
+        summary = {"experiment": cfg.experiment, "heads": heads, "primary": heads[0], "best": best,
+                   **({"mix": mix} if mix is not None else {}), "policy": policy,
                    "fold_policies": fold_policies, "searched": searched, "merge": cfg.infer.merge, "classes": inp.classes,
                    "folds_file": sha256_file(cfg.folds_csv) if cfg.folds_csv.exists() else None,
                    "metric": cfg.eval.scorer, "cv": report.to_dict(orient="records"),
@@ -571,10 +593,11 @@ def run(cfg: Config, force: bool = False) -> dict:
     return summary
 
 
-def best_choice(job: Job, inp: Inputs) -> dict:
+def best_choice(job: Job, inp: Inputs, mix: dict | None = None) -> dict:
     """infer.heads: [best] as a head of its own, nested like every other choice: fold k's held-out rows are scored
     by the variant with the best stage-3 CV on the other folds (their cross-fitted per-fold scores), the test
-    images by the variant best on all folds (stage 3's winner)."""
+    images by the variant best on all folds (stage 3's winner). With `mix` (mix_choice) the mix head is one more
+    candidate, scored on the same folds with the parts chosen on them."""
     folds = [read_json(job.run.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
     variants = [h for h in inp.heads if all(h in f for f in folds)]
     pick = max if GREATER_IS_BETTER[job.eval.scorer] else min
@@ -583,11 +606,66 @@ def best_choice(job: Job, inp: Inputs) -> dict:
         return pick(variants, key=lambda v: (np.mean([folds[k][v]["metrics"]["score"] for k in ks]),
                                              -variants.index(v) if pick is max else variants.index(v)))
 
+    every = list(range(len(folds)))
     choice = {"all": read_json(job.run.rebalance_summary)["best"],
-              "per_fold": [winner([j for j in range(len(folds)) if j != k]) for k in range(len(folds))]}
+              "per_fold": [winner([j for j in every if j != k]) for k in every]}
+    if mix is not None:  # the mix wins only where it is strictly better (ties: the single head)
+        scores = {"all": mix["scores"]["all"], "per_fold": mix["scores"]["per_fold"]}
+        mean = lambda v, ks: np.mean([folds[k][v]["metrics"]["score"] for k in ks])  # noqa: E731
+        if _better(job, scores["all"], mean(choice["all"], every)):
+            choice["all"] = MIX
+        for k in every:
+            if _better(job, scores["per_fold"][k], mean(choice["per_fold"][k], [j for j in every if j != k])):
+                choice["per_fold"][k] = MIX
     log.info("best head: %s for the test images (all folds), per fold (chosen without it) %s", choice["all"],
              choice["per_fold"])
     return choice
+
+
+def _better(job: Job, a: float, b: float) -> bool:
+    return a > b if GREATER_IS_BETTER[job.eval.scorer] else a < b
+
+
+def mix_choice(job: Job, inp: Inputs) -> dict:
+    """The mix head (infer.mix): the mean of the logits of a fine-tuned variant (on the fold's backbone) and a probe
+    variant (on the pretrained one), a two-model ensemble inside the experiment. Each part is the variant of its
+    family with the best stage-3 CV on the folds it is chosen on: for fold k's held-out rows the other folds, for the
+    test images all folds (so no held-out row helps choose what scores it). `scores`: the mix's stage-3-like CV on
+    those same folds (the held-out rows stage 3 scored, no TTA), which the best head compares with the variants'."""
+    folds = [read_json(job.run.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
+    fine, probe = mix_candidates([v for v in inp.heads if all(v in f for f in folds)])
+    pick = max if GREATER_IS_BETTER[job.eval.scorer] else min
+    logits: dict = {}
+
+    def part(family: list[str], ks: list[int]) -> str:  # ties: stage 3's report order
+        return pick(family, key=lambda v: (np.mean([folds[k][v]["metrics"]["score"] for k in ks]),
+                                           -family.index(v) if pick is max else family.index(v)))
+
+    def held(k: int, v: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if (k, v) not in logits:
+            o = HeldOut.of(job.run, k, v).read()
+            logits[(k, v)] = (o["ids"], o["y"], o["logits"])
+        return logits[(k, v)]
+
+    def score(ks: list[int]) -> tuple[list[str], float]:
+        a, b = part(fine, ks), part(probe, ks)
+        per = []
+        for k in ks:
+            (ids, y, la), (ids_b, _, lb) = held(k, a), held(k, b)
+            if list(ids) != list(ids_b):
+                raise PipelineError(f"fold {k}: stage 3's held-out rows of {a} and {b} differ: re-run ./run.sh "
+                                    f"rebalance --force")
+            mixed = (la.astype(np.float64) + lb) / 2
+            per.append(score_rows(job.eval.scorer, y, row_scores(y, logits=mixed)))
+        return [a, b], float(np.mean(per))
+
+    every = list(range(len(folds)))
+    (parts_all, all_score), per_fold = score(every), [score([j for j in every if j != k]) for k in every]
+    out = {"all": parts_all, "per_fold": [p for p, _ in per_fold],
+           "scores": {"all": all_score, "per_fold": [v for _, v in per_fold]}}
+    log.info("mix head: %s + %s for the test images, per fold (chosen without it) %s; stage-3 CV %.4f", *parts_all,
+             out["per_fold"], all_score)
+    return out
 
 
 def tta_report(job: Job, inp: Inputs, h: str, logits: LogitTable, names: list[str], policy: list[str],

@@ -42,7 +42,7 @@ from ..core.files import layout
 from ..core.nets import models
 from ..core.files.artifacts import read_json, sha256_file, write_json, write_text
 
-from ..core.config import (PROBE, Config, EnsembleCfg, ModelCfg, keys_without_output, load_config, off_backbone,
+from ..core.config import (MIX, PROBE, Config, EnsembleCfg, ModelCfg, keys_without_output, load_config, off_backbone,
                            wise_alpha_of)
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
@@ -86,6 +86,13 @@ def test_variant(s4: dict, head: str) -> str:
     return s4["best"]["all"] if head == "best" else head
 
 
+def test_parts(s4: dict, head: str) -> list[str]:
+    """The stage-3 variants whose logits make a head's test predictions: one, or the mix head's fine-tuned and probe
+    parts (each chosen on all folds)."""
+    variant = test_variant(s4, head)
+    return list(s4["mix"]["all"]) if variant == MIX else [variant]
+
+
 def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
     """The member's run folder and stage-4 summary, refused unless stage 5 was made from exactly this
     stage-4 output and the weights and heads on disk are the ones stage 4 predicted with."""
@@ -99,19 +106,22 @@ def current_member(name: str, rec: dict) -> tuple[layout.RunDir, dict, str]:
         raise PipelineError(f"the ensemble was made before stage 4 of '{exp}' last ran ({run.infer_summary}): "
                             f"re-run ./run.sh ensemble (or ./run.sh all) before exporting")
     made = s4["made_from"]
-    files = test_variant(s4, head)  # the head files behind the test predictions
-    if off_backbone(files):  # probe / WiSE-FT heads: the bundle holds the backbone they ran on, made again
-        _check_pretrained(run, name, files)
+    parts = test_parts(s4, head)  # the head files behind the test predictions
+    for files in parts:
+        if off_backbone(files):  # probe / WiSE-FT heads: the bundle holds the backbone they ran on, made again
+            _check_pretrained(run, name, files)
     for k, want in enumerate(made["weights"]):
         if sha256_file(run.fold(k).weights) != want:
             raise PipelineError(f"{run.fold(k).weights} changed after stage 4 predicted with it: re-run "
                                 f"./run.sh all before exporting")
-    for k, want in enumerate(made["head_files"].get(files, [])):
-        if sha256_file(run.fold(k).head(files)) != want:
-            raise PipelineError(f"{run.fold(k).head(files)} changed after stage 4 predicted with it: re-run "
-                                f"./run.sh all before exporting")
+    for files in parts:
+        for k, want in enumerate(made["head_files"].get(files, [])):
+            if sha256_file(run.fold(k).head(files)) != want:
+                raise PipelineError(f"{run.fold(k).head(files)} changed after stage 4 predicted with it: re-run "
+                                    f"./run.sh all before exporting")
     full = made.get("full")
     if full and s4.get("full_fit_weight", 0) > 0:
+        files = parts[0]  # the fine-tuned part (the full-data model has no probe heads)
         for path, want in [(run.full.weights, full["weights"])] + (
                 [(run.full.head(files), full["head_files"][files])] if files != "joint" else []):
             if not path.exists() or sha256_file(path) != want:
@@ -188,19 +198,22 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     C, K = len(classes), len(s4["made_from"]["weights"])
     policy = [BASELINE] if Member.parse(name).plain else s4["policy"]
     fixres = any(parse_view(v)[2] for v in policy)
-    variant = test_variant(s4, head)
-    full_weight = 0.0 if off_backbone(variant) else s4.get("full_fit_weight", 0.0)  # off-backbone heads: folds only
-    folds, full, normalised = [], None, False
-    for k in list(range(K)) + ([layout.FULL_FIT] if full_weight > 0 else []):
+    parts = test_parts(s4, head)
+    full_weight = 0.0 if off_backbone(parts[0]) else s4.get("full_fit_weight", 0.0)  # off-backbone heads: folds only
+    # the bundle's models: each part on every fold (the mix head: 2 x K models, the mean of their logits as stage 4
+    # took it), the full-data model with the fine-tuned part
+    slots = [(i, k, v) for i, (v, k) in enumerate((v, k) for v in parts for k in range(K))]
+    slots += [(layout.FULL_FIT, layout.FULL_FIT, parts[0])] if full_weight > 0 else []
+    heads = {(k, v): Head.load(run.unit(k).head(v))[0] for _, k, v in slots if v != "joint"}
+    normalised = any(h.normalize for h in heads.values())  # cosine heads are not a linear layer: kept as files
+    folds, full = [], None
+    for i, k, variant in slots:
         unit = run.unit(k)
         stage2 = read_json(unit.summary)
-        h = Head.load(unit.head(variant))[0] if variant != "joint" else None
-        if h is not None and h.normalize:  # cosine heads are not a linear layer: kept as a file, applied by predict
-            normalised = True
-            h.save(target.head(k), {"variant": head, "fold": unit.name})
-        sources = [(unit.weights, target.weights(k))]
+        h = heads.get((k, variant))
+        sources = [(unit.weights, target.weights(i))]
         if fixres:
-            sources.append((unit.weights if off_backbone(variant) else run.fixres(unit.name), target.fixres_weights(k)))
+            sources.append((unit.weights if off_backbone(variant) else run.fixres(unit.name), target.fixres_weights(i)))
         for src, dst in sources:
             model = member_model(mcfg.model, variant, src, C)
             if h is not None and not h.normalize:
@@ -208,16 +221,20 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
                 with torch.no_grad():
                     clf.weight.copy_(torch.as_tensor(h.weight))
                     clf.bias.copy_(torch.as_tensor(h.bias))
+            if normalised and dst == target.weights(i):  # predict reads every model's head from its file then
+                (h if h is not None else joint_head(model)).save(target.head(i), {"variant": head if len(parts) == 1
+                                                                                   else variant, "fold": unit.name})
             dst.parent.mkdir(parents=True, exist_ok=True)
             models.write_state_dict(dst, model.state_dict(),
                                     {"arch": mcfg.model.arch, "num_classes": C, "head": head, "fold": unit.name})
-            if onnx and dst == target.weights(k):
-                export_onnx(mcfg.aug.img_size, model, Head.load(target.head(k))[0] if normalised else joint_head(model),
-                            target.onnx(k))
+            if onnx and dst == target.weights(i):
+                export_onnx(mcfg.aug.img_size, model, Head.load(target.head(i))[0] if normalised else joint_head(model),
+                            target.onnx(i))
         if k == layout.FULL_FIT:
             full = {"weight": full_weight, "mean": stage2["mean"], "std": stage2["std"], "epoch": stage2["epoch"]}
         else:
-            folds.append({"fold": k, "mean": stage2["mean"], "std": stage2["std"], "score": stage2["score"], "epoch": stage2["epoch"]})
+            folds.append({"fold": k, "mean": stage2["mean"], "std": stage2["std"], "score": stage2["score"],
+                          "epoch": stage2["epoch"], **({"head": variant} if len(parts) > 1 else {})})
     info = {"name": name, "experiment": run.name, "head": head, "arch": mcfg.model.arch, "classes": classes,
             "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": policy, "merge": s4["merge"],
             "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,

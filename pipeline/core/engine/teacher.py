@@ -32,7 +32,7 @@ from ..files import layout
 from ..nets import models
 from ..files.artifacts import read_json, read_npz, sha256_obj, up_to_date, write_json, write_npz
 from ..inputs.augment import open_store
-from ..config import (PROBE, Config, DistillCfg, InferCfg, PseudoCfg, RebalanceCfg, TrainCfg, flatten, load_config,
+from ..config import (MIX, PROBE, Config, DistillCfg, InferCfg, PseudoCfg, RebalanceCfg, TrainCfg, flatten, load_config,
                       off_backbone)
 from ..errors import PipelineError
 from ..nets.heads import Head, heads_with_choices, median_choices
@@ -169,10 +169,11 @@ def member_fold_probs(candidate: str, s4: dict, k: int, paths: dict[str, list], 
     stores = {part: open_store(px, p) for part, p in paths.items() if len(p)}
     if head == "best":  # fold k's best head, chosen on the other folds (stage 4's nested choice)
         head = s4["best"]["per_fold"][k]
-    if off_backbone(head):
-        raise PipelineError(f"teacher member '{candidate}': fold {k}'s head is {head}, which runs on "
-                            f"{'the pretrained backbone' if head.startswith(PROBE) else 'interpolated (WiSE-FT) weights'}"
-                            f": teachers use heads of the fine-tuned models; name one ('{exp}:<head>')")
+    if off_backbone(head) or head == MIX:
+        where = ("the pretrained backbone" if head.startswith(PROBE) else "interpolated (WiSE-FT) weights"
+                 if off_backbone(head) else "two backbones (the fine-tuned and the pretrained one)")
+        raise PipelineError(f"teacher member '{candidate}': fold {k}'s head is {head}, which runs on {where}: teachers "
+                            f"use heads of the fine-tuned models; name one ('{exp}:<head>')")
     fitted = None if head == "joint" else leak_free_head(mcfg.rebalance, mcfg.seed, run, k, mcfg.folds.n_splits,
                                                                          head, C)  # the same for plain and FixRes
     for fixres in (False, True):

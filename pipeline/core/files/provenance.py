@@ -22,7 +22,7 @@ from pathlib import Path
 from . import layout
 from .artifacts import read_json, recorded, sha256_file, sha256_obj, up_to_date, write_json  # noqa: F401 (re-exported)
 from ..inputs.augment import pixel_record
-from ..config import SECTION_STAGE, WISE, Config, DataCfg, TrainCfg, later_keys, schema
+from ..config import MIX, PROBE, SECTION_STAGE, WISE, Config, DataCfg, TrainCfg, later_keys, off_backbone, schema
 from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
@@ -402,9 +402,10 @@ def rebalance_summary(run: layout.RunDir, k: int, rec: dict, allow_stale: bool =
 
 
 # ----------------------------------------------------------------------------- stage 4
-def resolve_heads(heads: list[str], run: layout.RunDir) -> list[str]:
+def resolve_heads(heads: list[str], run: layout.RunDir, mix: bool = False) -> list[str]:
     """The stage-3 heads stage 4 predicts: the configured ones (infer.heads), every variant for 'best' (stage 4
-    chooses among them per fold, nested), every WiSE-FT head for 'wise'; joint is always added (the baseline)."""
+    chooses among them per fold, nested) and with `mix` (infer.mix) the mix head where stage 3 fit both fine-tuned and
+    probe variants, every WiSE-FT head for 'wise'; joint is always added (the baseline)."""
     out = []
     for h in heads:
         if h in ("best", WISE):
@@ -413,9 +414,17 @@ def resolve_heads(heads: list[str], run: layout.RunDir) -> list[str]:
                 raise PipelineError(f"infer.heads={h} needs stage 3's report {path}: run ./run.sh rebalance")
             table = read_json(path)["table"]  # best first
             out += [r["variant"] for r in table if r["variant"] not in out and (h == "best" or r["variant"].startswith(WISE))]
+            if h == "best" and mix and MIX not in out and all(mix_candidates([r["variant"] for r in table])):
+                out.append(MIX)
         elif h not in out:
             out.append(h)
     return out + (["joint"] if "joint" not in out else [])
+
+
+def mix_candidates(variants: list[str]) -> tuple[list[str], list[str]]:
+    """The mix head's two families among stage 3's variants: the fine-tuned ones (on the folds' own backbones) and
+    the probe ones (on the pretrained backbone); WiSE-FT heads are in neither."""
+    return ([v for v in variants if not off_backbone(v) and v != MIX], [v for v in variants if v.startswith(PROBE)])
 
 
 def oof_rows(oof: str, folds_name: str, classes: list):
@@ -441,12 +450,17 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
     predicted. Arguments already at hand are passed in (`test`: the test table); the others are read
     (stage 5 checks its members this way)."""
     n = cfg.folds.n_splits
-    heads = resolve_heads(cfg.infer.heads, cfg.run_dir) if heads is None else heads
+    heads = resolve_heads(cfg.infer.heads, cfg.run_dir, cfg.infer.mix) if heads is None else heads
     if test is None:
         test = read_test_table(cfg.data)
     if oof is None:
         oof = oof_rows(cfg.infer.oof, cfg.folds_name, read_json(cfg.run_dir.classes)) is not None
     d = cfg.to_dict()["infer"]
+    d.pop("mix")  # what it changes is in `heads` (the mix head listed or not)
+    files = [h for h in heads if h not in ("joint", MIX)]  # the head files behind the heads' logits
+    if MIX in heads:  # the mix head's parts: any fine-tuned or probe variant stage 3 fit
+        table = read_json(cfg.run_dir.rebalance_summary)["table"]
+        files += [v for v in sum(mix_candidates([r["variant"] for r in table]), []) if v not in files and v != "joint"]
     if not cfg.train.full_fit:
         d.pop("full_fit_weight")  # not read without a full-data model
     if d["fixres"]["size"] is None:
@@ -455,16 +469,16 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
            "test_images": image_record(test["path"], cfg.data.hash_images, cfg.session.looks),
            "train_images": train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks) if oof else None,  # OOF rows, and FixRes tuning, read them
            "weights": [sha256_file(cfg.run_dir.fold(k).weights) for k in range(n)],
-           "head_files": {h: [sha256_file(cfg.run_dir.fold(k).head(h)) for k in range(n)] for h in heads if h != "joint"},
+           "head_files": {h: [sha256_file(cfg.run_dir.fold(k).head(h)) for k in range(n)] for h in files},
            "inner_head_files": {h: [[sha256_file(p) for p in cfg.run_dir.fold(k).inner_heads(h)] for k in range(n)]
-                                for h in heads if h != "joint"},  # what scores the held-out rows (nested)
+                                for h in files},  # what scores the held-out rows (nested)
            "oof": oof,
            "outputs": 3}  # 3: each feature file checked (#45); 2: pooled features per backbone and view + a manifest
     # (#35); 1: per-head logit files
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:  # the full-data model joins the test mean
         full = cfg.run_dir.full
         sha = lambda p: sha256_file(p) if p.exists() else "missing"  # noqa: E731
-        rec["full"] = {"weights": sha(full.weights), "head_files": {h: sha(full.head(h)) for h in heads if h != "joint"}}
+        rec["full"] = {"weights": sha(full.weights), "head_files": {h: sha(full.head(h)) for h in files}}
     return rec
 
 

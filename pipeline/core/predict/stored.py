@@ -238,11 +238,20 @@ class LogitTable:
     def _oof(self, v: int, a: int, b: int) -> np.ndarray:
         out = np.zeros((b - a, self.n_classes), np.float32)
         fold, pos = self.fold[a:b], self.pos[a:b]
+        per_fold: dict = {}  # a fold scored by several entries (the mix head's two parts): the mean of their logits
         for e in self.entries:
-            mine = fold == e["fold"]
-            if mine.any() and v in self.backbones[e["features"]]["views"]:
-                p = pos[mine]
-                out[mine] = self._logits(e, v, e["fold"], slice(int(p[0]), int(p[-1]) + 1))
+            if v in self.backbones[e["features"]]["views"]:
+                per_fold.setdefault(e["fold"], []).append(e)
+        for k, entries in per_fold.items():
+            mine = fold == k
+            if not mine.any():
+                continue
+            p = pos[mine]
+            rows = slice(int(p[0]), int(p[-1]) + 1)
+            if len(entries) == 1:
+                out[mine] = self._logits(entries[0], v, k, rows)
+            else:
+                out[mine] = sum(self._logits(e, v, k, rows).astype(np.float64) for e in entries) / len(entries)
         return out
 
 
