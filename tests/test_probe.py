@@ -47,6 +47,15 @@ def test_a_probe_needs_pretrained_weights():
     load_config(None, ["train.epochs=0", "model.pretrained_path=w.safetensors"])  # a file to check later
 
 
+def test_the_mix_head_needs_probe_heads():
+    with pytest.raises(ConfigError, match="infer.heads.*'mix' averages a fine-tuned head and a probe head"):
+        load_config(None, ["infer.heads=[mix]"])   # from scratch: no probe heads
+    with pytest.raises(ConfigError, match="'mix' averages"):
+        load_config(None, ["infer.heads=[mix]", "model.pretrained_path=w.safetensors", "train.epochs=0"])
+    cfg = load_config(None, ["infer.heads=[best,mix]", "model.pretrained_path=w.safetensors", "train.epochs=2"])
+    assert cfg.rebalance.probe and cfg.infer.mix
+
+
 def test_probe_heads_of_every_variant_are_the_pretrained_default_except_at_epochs_0():
     pre = "model.pretrained_path=w.safetensors"
     assert load_config(None, [pre]).rebalance.probe == load_config(None, []).rebalance.variants  # #47
@@ -222,6 +231,16 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
     want = (stage4_npz(run, a, "test")["view_logits"].astype(np.float64) + stage4_npz(run, b, "test")["view_logits"]) / 2
     assert np.allclose(stage4_npz(run, "mix", "test")["view_logits"], want, atol=1e-5)
     assert len(s4["mix"]["scores"]["per_fold"]) == 2
+    mixed = stage4_npz(run, "mix", "oof")["view_logits"]
+    r = cli(["infer", "--config", str(cfg), "infer.heads=[mix]"], workdir)   # the mix alone: the same logits
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_json(run.infer_summary)["heads"] == ["mix", "joint"]
+    assert np.allclose(stage4_npz(run, "mix", "oof")["view_logits"], mixed, atol=1e-6)
+    r = cli(["infer", "--config", str(cfg), "infer.mix=false"], workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mix" not in read_json(run.infer_summary)["heads"] and "mix" not in read_json(run.infer_summary)
+    r = cli(["infer", "--config", str(cfg)], workdir)   # back to the default heads for the exports below
+    assert r.returncode == 0, r.stderr[-2000:]
     # export bundles the backbone a probe / WiSE-FT head ran on; predict from the bundle reproduces stage 5
     from pipeline.core.files import layout
     from pipeline.tools import predict

@@ -633,7 +633,8 @@ def mix_choice(job: Job, inp: Inputs) -> dict:
     test images all folds (so no held-out row helps choose what scores it). `scores`: the mix's stage-3-like CV on
     those same folds (the held-out rows stage 3 scored, no TTA), which the best head compares with the variants'."""
     folds = [read_json(job.run.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
-    fine, probe = mix_candidates([v for v in inp.heads if all(v in f for f in folds)])
+    table = [r["variant"] for r in read_json(job.run.rebalance_summary)["table"]]  # best first: the order of ties
+    fine, probe = mix_candidates([v for v in table if all(v in f for f in folds)])
     pick = max if GREATER_IS_BETTER[job.eval.scorer] else min
     logits: dict = {}
 

@@ -117,7 +117,8 @@ def predictions(run: RunDir, K: int) -> dict[tuple[str, bool], dict]:
         tta = any(p != [BASELINE] for p in [s["policy"], *(s.get("fold_policies") or [])])
         for h in s["heads"]:
             test, oof = Stage4.of(run, h, "test", s), Stage4.of(run, h, "oof", s)
-            if h == "best" and oof.exists():  # nested per fold: its no-TTA row is stage 4's plain view
+            if (h, False) not in out and oof.exists():  # heads of stage 4's own (best: nested per fold; mix):
+                # their no-TTA row is stage 4's plain view
                 out[(h, False)] = stage4(oof, True)
             if (h, False) in out and test.exists():
                 out[(h, False)]["test"] = {"ids": test.ids(), "probs": test_probs(test, True)}
