@@ -338,43 +338,6 @@ class Pass:
     bar: Progress | None = None
 
 
-def _probe(h: str) -> bool:
-    return h.startswith(PROBE)
-
-
-def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store, mix: dict | None = None) -> int:
-    """Every unit (fold models, plain and FixRes-tuned, and the full-data model) on the test images and each fold's
-    on its own held-out rows: its pooled features per view into `store`, with every head (and the nested `best`
-    head: fold k's rows from the variant chosen without fold k) that scores them (the backbone runs once per unit
-    and image set); then the pretrained backbone (rebalance.probe) and each fold's WiSE-FT backbone
-    (rebalance.wise_alpha) for their heads; the mix head's two parts come from the fold's backbone and the pretrained
-    one (`mix`: mix_choice). Returns the number of view-images predicted."""
-    device = pick_device(job.device, Dist())
-    p = Pass(device, amp_dtype(job.train.amp, device), Loading.of(job.px, job.infer, job.train, device),
-             open_store(job.px, inp.test["path"]),
-             open_store(job.px, inp.oof_df["path"]) if inp.oof_df is not None else None)
-    plan = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(job, inp)]
-    reuse = shared_test_passes(job, len(inp.classes), plan)
-    held = (lambda k: int((inp.oof_df["fold"].values == k).sum())) if inp.oof_df is not None else (lambda k: 0)
-    n_images = sum(len(sel) * (len(inp.test) * (i not in reuse) + held(u.k)) for i, (u, sel) in enumerate(plan))
-    probe_folds = [k for k in range(len(inp.summaries)) if _probe_parts(inp, best, mix, k)]
-    if probe_folds:
-        n_images += len(names) * (len(inp.test) * _probe_test(inp) + sum(held(k) for k in probe_folds))
-    wise = [(k, a) for k in range(len(inp.summaries)) for a in _wise_alphas(inp, best, k)]
-    n_images += len(names) * sum(len(inp.test) * (wise_name(a) in inp.heads) + held(k) for k, a in wise)
-    p.bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
-    for i, (u, sel) in enumerate(plan):
-        test_from = backbone_of(job, plan[reuse[i]][0]) if i in reuse else None
-        predict_unit(job, inp, u, [names[i] for i in sel], sel, best, store, p, test_from, mix)
-        fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
-    if probe_folds:
-        predict_probes(job, inp, names, best, store, p, mix)
-    for k, a in wise:
-        predict_wise(job, inp, k, a, names, best, store, p)
-    p.bar.close()
-    return n_images
-
-
 def backbone_of(job: Job, u: TtaModel) -> str:
     """The name a unit's backbone goes by in stage 4's store (fold<k>, full, fold<k>.fixres, full.fixres)."""
     return job.run.unit(u.k).name + (".fixres" if u.fixres else "")
@@ -425,117 +388,168 @@ def _held_rows(inp: Inputs, k: int) -> np.ndarray:
     return np.flatnonzero(inp.oof_df["fold"].values == k) if inp.oof_df is not None else np.zeros(0, np.int64)
 
 
-def predict_unit(job: Job, inp: Inputs, u: TtaModel, views: list[str], sel: list[int], best: dict | None,
-                 store: Store, p: Pass, test_from: str | None = None, mix: dict | None = None) -> None:
-    """One unit's views on the test images and (a fold) on its held-out rows, for every head of the fine-tuned
-    backbone (and the mix head's fine-tuned part). `test_from`: the backbone, identical to this one, whose test
-    features its test heads read (the test images are not run again)."""
+# ----------------------------------------------------------------------------- the plan: backbones and head families
+@dataclass(frozen=True)
+class Family:
+    """A family of heads by the backbone their logits come from: `owns(variant, alpha)` says which stage-3 variants
+    are its (alpha: the WiSE-FT backbone's), `nested`: whether fold k's held-out rows take the head of each inner
+    split (a tuned variant, as stage 3 scored them). Stage 4 plans one Backbone per model of a family and predicts
+    every backbone the same way; the mix head and `best` are made of the families' variants (`parts`)."""
+    name: str
+    owns: object
+    nested: bool = True
+
+
+FINE_TUNED = Family("fine-tuned", lambda v, a=None: not off_backbone(v) and v != MIX)  # the fold's own models
+PROBES = Family("probe", lambda v, a=None: v.startswith(PROBE))  # the pretrained backbone (rebalance.probe)
+WISE_FT = Family("wise", lambda v, a=None: v == wise_name(a), nested=False)  # rebalance.wise_alpha: not tuned
+
+
+@dataclass
+class Backbone:
+    """One model stage 4 runs, and every head that reads its features: on the test images (`test`: head, the fold
+    whose head file it is, variant, share of the test mean) and on fold k's held-out rows (`held[k]`: head, variant).
+    `run_test`: it runs over the test images (else `test_from` names the identical backbone whose test features its
+    test heads read, or it has no test heads)."""
+    name: str
+    family: Family
+    views: list[int]
+    run_test: bool
+    test: list[tuple[str, int, str, float]]
+    held: dict[int, list[tuple[str, str]]]
+    unit: TtaModel | None = None  # the fine-tuned family's model
+    k: int | None = None  # the WiSE-FT family's fold
+    alpha: float | None = None
+    test_from: str | None = None
+
+    def images(self, n_test: int, n_held) -> int:
+        """The view-images it predicts (the progress total is their sum: the plan it executes)."""
+        return len(self.views) * (n_test * self.run_test + sum(n_held(k) for k in self.held))
+
+
+def parts(head: str | None, k: int | None, mix: dict | None) -> list[str]:
+    """The stage-3 variants whose logits make a head (mean of their logits): the mix head's two parts (chosen
+    without fold k; k None: on all folds, for the test images), or the variant itself."""
+    if head == MIX:
+        return list(mix["all"] if k is None else mix["per_fold"][k])
+    return [] if head is None else [head]
+
+
+def test_parts(inp: Inputs, mix: dict | None, fam: Family, alpha: float | None = None) -> list[tuple[str, str]]:
+    """(head, variant) of the test images' heads that read a backbone of family `fam`."""
+    out = [(h, h) for h in inp.heads if h != MIX and fam.owns(h, alpha)]
+    return out + ([(MIX, v) for v in parts(MIX, None, mix) if fam.owns(v, alpha)] if mix is not None else [])
+
+
+def held_parts(inp: Inputs, best: dict | None, mix: dict | None, k: int, fam: Family,
+               alpha: float | None = None) -> list[tuple[str, str]]:
+    """(head, variant) scoring fold k's held-out rows from a backbone of family `fam`: the family's heads, the mix
+    head's part of it and `best`'s pick (both chosen without fold k) where it is the family's or is the mix."""
+    out = [(h, h) for h in inp.heads if h != MIX and fam.owns(h, alpha)]
+    if mix is not None:
+        out += [(MIX, v) for v in parts(MIX, k, mix) if fam.owns(v, alpha)]
+    pick = best["per_fold"][k] if best is not None and k != FULL_FIT else None
+    return out + [("best", v) for v in parts(pick, k, mix) if fam.owns(v, alpha)]
+
+
+def plan(job: Job, inp: Inputs, names: list[str], best: dict | None, mix: dict | None) -> list[Backbone]:
+    """Every backbone stage 4 runs, in order: each unit of the fine-tuned family (fold models, plain and FixRes-tuned,
+    and the full-data model; a unit whose backbone equals an earlier one reads its test features), then the
+    pretrained backbone (rebalance.probe; one model for every fold's probe heads), then each fold's WiSE-FT model
+    per alpha (rebalance.wise_alpha)."""
+    folds = range(len(inp.summaries))
+    has_rows = (lambda k: bool((inp.oof_df["fold"].values == k).any())) if inp.oof_df is not None else (lambda k: False)
+    units_ = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(job, inp)]
+    reuse = shared_test_passes(job, len(inp.classes), units_)
+    out = []
+    for i, (u, sel) in enumerate(units_):
+        test = [(h, u.k, v, u.weight) for h, v in test_parts(inp, mix, FINE_TUNED)]
+        held = {u.k: held_parts(inp, best, mix, u.k, FINE_TUNED)} if u.k != FULL_FIT and has_rows(u.k) else {}
+        out.append(Backbone(backbone_of(job, u), FINE_TUNED, sel, i not in reuse, test, held, unit=u,
+                            test_from=backbone_of(job, units_[reuse[i]][0]) if i in reuse else None))
+    every = list(range(len(names)))
+    test = [(h, k, v, 1.0) for k in folds for h, v in test_parts(inp, mix, PROBES)]
+    held = {k: held_parts(inp, best, mix, k, PROBES) for k in folds}
+    if test or any(held.values()):
+        out.append(Backbone(PRETRAINED, PROBES, every, bool(test), test,
+                            {k: v for k, v in held.items() if v and has_rows(k)}))
+    for k in folds:
+        picks = inp.heads + ([best["per_fold"][k]] if best is not None else [])
+        for a in sorted({a for a in map(wise_alpha_of, picks) if a is not None}):
+            test = [(h, k, v, 1.0) for h, v in test_parts(inp, mix, WISE_FT, a)]
+            held = {k: held_parts(inp, best, mix, k, WISE_FT, a)} if has_rows(k) else {}
+            out.append(Backbone(f"{job.run.fold(k).name}.{wise_name(a)}", WISE_FT, every, bool(test), test, held,
+                                k=k, alpha=a))
+    return out
+
+
+def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store, mix: dict | None = None) -> int:
+    """Every backbone of the plan on the test images and on the held-out rows of the folds whose heads it serves: its
+    pooled features per view into `store` (each backbone runs once per image set), with every head that reads them
+    (the nested `best` head: fold k's rows from the variant chosen without fold k; the mix head: its two parts).
+    Returns the number of view-images predicted."""
+    device = pick_device(job.device, Dist())
+    p = Pass(device, amp_dtype(job.train.amp, device), Loading.of(job.px, job.infer, job.train, device),
+             open_store(job.px, inp.test["path"]),
+             open_store(job.px, inp.oof_df["path"]) if inp.oof_df is not None else None)
+    backbones = plan(job, inp, names, best, mix)
+    n_held = lambda k: len(_held_rows(inp, k))  # noqa: E731
+    n_images = sum(b.images(len(inp.test), n_held) for b in backbones)
+    p.bar = Progress(n_images, f"stage 4 of {job.experiment}", "view-img")
+    for b in backbones:
+        predict_backbone(job, inp, b, names, store, p)
+        if b.unit is not None:
+            u = b.unit
+            fault_point(f"infer:after-fold:{u.k if u.k != FULL_FIT else 'full'}{':fixres' if u.fixres else ''}")
+    p.bar.close()
+    return n_images
+
+
+def open_backbone(job: Job, inp: Inputs, b: Backbone, p: Pass):
+    """The model of a backbone, its input normalisation and (fine-tuned family) the reference to its own classifier."""
     C = len(inp.classes)
+    if b.family is PROBES:
+        model = prepare_model(job.train, models.create_model(job.model, C), p.device).eval()
+        return model, models.Normalize(*models.norm_stats(job.model, model)).to(p.device), None
+    if b.family is WISE_FT:
+        model = models.wise_model(job.model, job.run.fold(b.k).weights, C, b.alpha)
+        model = prepare_model(job.train, model, p.device).eval()
+        return model, models.Normalize(inp.summaries[b.k]["mean"], inp.summaries[b.k]["std"]).to(p.device), None
+    u = b.unit
     fd = job.run.unit(u.k)
     model = (fixres_weights(job, inp.oof_df, u, C, p.device, p.dtype) if u.fixres
              else models.load_trained(job.model, fd.weights, C)).to(p.device)
     prepare_model(job.train, model, p.device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(p.device)
-    backbone = backbone_of(job, u)
-    joint = joint_ref(job.run, job.run.fixres(fd.name) if u.fixres else fd.weights, model)
-
-    def ref(h: str, nested: bool) -> dict:
-        return joint if h == "joint" else stage3_ref(job, u.k, h, nested)
-    mine = [(h, h) for h in inp.heads if not off_backbone(h) and h != MIX]  # (head, the variant behind it)
-    if mix is not None:
-        mine.append((MIX, mix["all"][0]))
-    if test_from is None:
-        run_backbone(store, backbone, "test", sel, p, model, norm, p.test_store, views)
-    for h, v in mine:
-        store.add("test", h, test_from or backbone, ref(v, False), u.weight)
-    rows = _held_rows(inp, u.k)
-    if len(rows):
-        run_backbone(store, backbone, u.k, sel, p, model, norm, p.train_store.subset(rows), views)
-        for h, v in _fold_parts(inp, best, mix, u.k, fine_tuned=True):
-            store.add("oof", h, backbone, ref(v, True), fold=u.k)
-    log.info("%s: TTA inference done (%d view(s))", u.name, len(views))
+    return model, norm, joint_ref(job.run, job.run.fixres(fd.name) if u.fixres else fd.weights, model)
 
 
-def _fold_parts(inp: Inputs, best: dict | None, mix: dict | None, k: int, fine_tuned: bool) -> list[tuple[str, str]]:
-    """(head, variant): what scores fold k's held-out rows from fold k's fine-tuned backbone (`fine_tuned`) or from the
-    pretrained one: the heads of that family, the mix head's part of it (chosen without fold k), and `best`'s pick
-    (chosen without fold k) where it is of that family or is the mix."""
-    mine = (lambda h: not off_backbone(h)) if fine_tuned else _probe
-    out = [(h, h) for h in inp.heads if h != MIX and mine(h)]
-    part = None if mix is None else mix["per_fold"][k][0 if fine_tuned else 1]
-    if part is not None:
-        out.append((MIX, part))
-    pick = best["per_fold"][k] if best is not None and k != FULL_FIT else None
-    if pick == MIX:
-        out.append(("best", part))
-    elif pick is not None and mine(pick):
-        out.append(("best", pick))
-    return out
+def predict_backbone(job: Job, inp: Inputs, b: Backbone, names: list[str], store: Store, p: Pass) -> None:
+    """One backbone over the test images (unless it reads an identical one's) and over each fold's held-out rows it
+    serves, every head that reads it entered in the store's manifest."""
+    model, norm, joint = open_backbone(job, inp, b, p)
+    views = [names[i] for i in b.views]
 
-
-def _probe_parts(inp: Inputs, best: dict | None, mix: dict | None, k: int) -> list[tuple[str, str]]:
-    return _fold_parts(inp, best, mix, k, fine_tuned=False)
-
-
-def _probe_test(inp: Inputs) -> bool:
-    """Whether the pretrained backbone predicts the test images: for probe heads or the mix head."""
-    return any(_probe(h) or h == MIX for h in inp.heads)
+    def ref(k: int, variant: str, nested: bool) -> dict:
+        return joint if variant == "joint" and joint is not None else stage3_ref(job, k, variant, nested and b.family.nested)
+    if b.run_test:
+        run_backbone(store, b.name, "test", b.views, p, model, norm, p.test_store, views)
+    for h, k, v, weight in b.test:
+        store.add("test", h, b.test_from or b.name, ref(k, v, False), weight)
+    for k, heads in b.held.items():
+        run_backbone(store, b.name, k, b.views, p, model, norm, p.train_store.subset(_held_rows(inp, k)), views)
+        for h, v in heads:
+            store.add("oof", h, b.name, ref(k, v, True), fold=k)
+    if b.family is PROBES:
+        log.info("probe heads %s: the pretrained backbone's TTA views done",
+                 sorted({h for h, *_ in b.test}) or "(best)")
+    elif b.family is WISE_FT:
+        log.info("fold %d: WiSE-FT alpha %g: TTA views done", b.k, b.alpha)
+    else:
+        log.info("%s: TTA inference done (%d view(s))", b.unit.name, len(views))
 
 
 PRETRAINED = "pretrained"  # stage 4's name of the un-fine-tuned backbone (rebalance.probe heads)
-
-
-def predict_probes(job: Job, inp: Inputs, names: list[str], best: dict | None, store: Store, p: Pass,
-                   mix: dict | None = None) -> None:
-    """rebalance.probe: the pretrained, un-fine-tuned backbone (one model for every fold) on the test images, each
-    fold's probe heads in the test mean (the full-data model has none), and on each fold's held-out rows scored by
-    that fold's heads (nested like the others). FixRes views: the pretrained backbone at that size."""
-    model = prepare_model(job.train, models.create_model(job.model, len(inp.classes)), p.device).eval()
-    norm = models.Normalize(*models.norm_stats(job.model, model)).to(p.device)
-    at, folds = list(range(len(names))), range(len(inp.summaries))
-    probes = [(h, h) for h in inp.heads if _probe(h)] + ([(MIX, mix["all"][1])] if mix is not None else [])
-    if _probe_test(inp):
-        run_backbone(store, PRETRAINED, "test", at, p, model, norm, p.test_store, names)
-        for k in folds:
-            for h, v in probes:
-                store.add("test", h, PRETRAINED, stage3_ref(job, k, v, False), 1.0)
-    for k in folds:
-        mine, rows = _probe_parts(inp, best, mix, k), _held_rows(inp, k)
-        if not mine or not len(rows):
-            continue
-        run_backbone(store, PRETRAINED, k, at, p, model, norm, p.train_store.subset(rows), names)
-        for h, v in mine:
-            store.add("oof", h, PRETRAINED, stage3_ref(job, k, v, True), fold=k)
-    log.info("probe heads %s: the pretrained backbone's TTA views done", [h for h, _ in probes] or "(best)")
-
-
-def _wise_alphas(inp: Inputs, best: dict | None, k: int) -> list[float]:
-    """The alphas whose WiSE-FT model of fold k stage 4 runs: its wise heads, and fold k's best head if it is one."""
-    heads = inp.heads + ([best["per_fold"][k]] if best is not None else [])
-    return sorted({a for a in map(wise_alpha_of, heads) if a is not None})
-
-
-def predict_wise(job: Job, inp: Inputs, k: int, alpha: float, names: list[str], best: dict | None, store: Store,
-                 p: Pass) -> None:
-    """rebalance.wise_alpha: fold k's WiSE-FT model at `alpha` (models.wise_model: its pretrained and fine-tuned
-    weights interpolated; FixRes views: that model at their size) with its
-    head on the test images (in the fold mean like the others; the full-data model has no WiSE-FT heads) and on the
-    fold's held-out rows, for its wise head and for `best` where fold k's choice is it."""
-    h = wise_name(alpha)
-    fd = job.run.fold(k)
-    model = models.wise_model(job.model, fd.weights, len(inp.classes), alpha)
-    model = prepare_model(job.train, model, p.device).eval()
-    norm = models.Normalize(inp.summaries[k]["mean"], inp.summaries[k]["std"]).to(p.device)
-    at, backbone, ref = list(range(len(names))), f"{fd.name}.{h}", stage3_ref(job, k, h, False)  # alpha: not tuned
-    if h in inp.heads:
-        run_backbone(store, backbone, "test", at, p, model, norm, p.test_store, names)
-        store.add("test", h, backbone, ref, 1.0)
-    rows = _held_rows(inp, k)
-    if len(rows):
-        run_backbone(store, backbone, k, at, p, model, norm, p.train_store.subset(rows), names)
-        for out in [x for x in inp.heads if x == h] + (["best"] if best and best["per_fold"][k] == h else []):
-            store.add("oof", out, backbone, ref, fold=k)
-    log.info("fold %d: WiSE-FT alpha %g: TTA views done", k, alpha)
 
 
 # ----------------------------------------------------------------------------- entry
