@@ -147,6 +147,15 @@ class ModelCfg:
                                               help="gem: generalised mean pooling; attn: timm's attention pooling")
     gem_p: float = key(3.0, range=(0, 100, False, True),
                        help="GeM initial exponent (learned); p=1 is average pooling")
+    head: Literal["linear", "arcface"] = key("linear", added="2026-12-07",
+                                             help="arcface: sub-center ArcFace (Deng et al. 2020) trained with the "
+                                                  "margins of train.arcface_margin on L2-normalised pooled features; "
+                                                  "stage 2 writes the dominant sub-center of each class as a linear "
+                                                  "layer (s x w_c), read by every later stage like any classifier")
+    arcface_subcenters: int = key(3, range=(1, 64, True, True), added="2026-12-07",
+                                  help="model.head=arcface: sub-centers a class (1: plain ArcFace)")
+    arcface_scale: float = key(30.0, range=(1, 1000, True, True), added="2026-12-07",
+                               help="model.head=arcface: s, logits = s x cosine")
     mean: Optional[list[float]] = key(None, range=(0, 1, True, True),
                                       help="input normalisation; null: from the model's pretrained config")
     std: Optional[list[float]] = key(None, range=(0, 10, False, True), help="input std (RGB); null: as mean")
@@ -288,6 +297,13 @@ class TrainCfg:
                                  help="the rarest class's margin (in logit units before ldam_scale)")
     ldam_scale: float = key(1.0, range=(0, 100, False, True), added="2026-11-24",
                             help="s: logits x s (the paper's 30 goes with a cosine classifier; ours is linear)")
+    arcface_margin: float = key(0.3, range=(0, 1.5, True, True), added="2026-12-07",
+                                help="model.head=arcface: the additive angular margin (radians; the rarest class's "
+                                     "with arcface_margin_min)")
+    arcface_margin_min: Optional[float] = key(None, range=(0, 1.5, True, True), added="2026-12-07",
+                                              help="model.head=arcface: class-size margins (Happywhale 2022), linear "
+                                                   "in n^(-1/4) from this (the most frequent class) to "
+                                                   "arcface_margin (the rarest); null: one margin for every class")
     class_weights: Literal["none", "effective_number"] = key("none", help="Cui et al. 2019 class-balanced loss")
     cb_beta: float = key(0.999, range=(0, 1, False, False), help="effective-number beta")
     drw_epoch: Optional[int] = key(None, range=(0, 100000, True, True), added="2026-11-24",
@@ -633,6 +649,15 @@ class Config:
               "train.epochs" if self.train.epochs == 0 else "train.head_init",
               "a linear probe (train.epochs=0, train.head_init=probe) needs pretrained weights (model.pretrained or "
               "model.pretrained_path): on random features it learns nothing")
+        arc = self.model.head == "arcface"
+        check(not arc or self.train.head_init == "random", "train.head_init",
+              "the LP-FT probe is a linear head; model.head=arcface trains a cosine classifier from a random start "
+              "(set train.head_init=random)")
+        check(not arc or self.train.loss != "ldam", "train.loss",
+              "LDAM's margins and ArcFace's (model.head=arcface) would be applied twice: use ce or focal")
+        check(not arc or self.train.arcface_margin_min is None
+              or self.train.arcface_margin_min <= self.train.arcface_margin, "train.arcface_margin_min",
+              "must not exceed train.arcface_margin (the rarest class's margin)")
         for k in ("mean", "std"):
             v = getattr(self.model, k)
             check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
@@ -938,6 +963,8 @@ def _short_fine_tune(values: dict, origin: dict) -> None:
     if not isinstance(epochs, int) or isinstance(epochs, bool):
         return
     for k, v in short_fine_tune_defaults(epochs).items():
+        if k == "train.head_init" and values.get("model.head") == "arcface":
+            continue  # LP-FT fits a linear probe: a cosine classifier starts at random
         if k not in values:
             values[k] = v
             origin[k] = (f"the short fine-tune defaults (train.epochs <= {SHORT_FINE_TUNE_EPOCHS} with pretrained "

@@ -54,10 +54,11 @@ from ..core.inputs.images import ConcatView, EpochBatches, ImageDataset
 from ..core.files.layout import FULL_FIT, FoldDir, RunDir
 from ..core.engine.loop import EpochResult, Step, run_epoch, sync_interval
 from ..core.nets.heads import probe_head
-from ..core.nets.losses import SoftTargetLoss, effective_number_weights, ldam_margins
+from ..core.nets.losses import SoftTargetLoss, arcface_margins, effective_number_weights, ldam_margins
 from ..core.predict.metrics import RowScores, better, compute, row_scores
 from ..core.predict.stored import stage2_logits
-from ..core.nets.models import Normalize, clean_state_dict, create_model, norm_stats, to_input, write_state_dict
+from ..core.nets.models import (Normalize, SubCenterCosine, clean_state_dict, create_model, inference_state, norm_stats,
+                                to_input, write_state_dict)
 from ..core.report.progress import Progress, progress
 from ..core.files.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
                                      recorded, stale_reasons, train_record, up_to_date)
@@ -91,6 +92,8 @@ def held_out(model, feats: np.ndarray, device) -> dict[str, np.ndarray]:
     classifier (predict/stored.stage2_logits makes the logits of them), or the logits when the classifier is not
     one linear layer."""
     clf = model.get_classifier()
+    if isinstance(clf, SubCenterCosine):  # model.head=arcface: what stage 2 writes (its dominant sub-centers)
+        clf = clf.linear().to(device)
     if isinstance(clf, torch.nn.Linear):
         w = clf.weight.detach().float().cpu().numpy()
         b = clf.bias.detach().float().cpu().numpy() if clf.bias is not None else np.zeros(len(w), np.float32)
@@ -242,7 +245,7 @@ def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths
     if k != FULL_FIT and not (df["fold"] == k).any():
         raise PipelineError(f"fold {k} has no held-out rows in {job.folds_csv}")
     training.seed_epoch(job.seed, -1)  # the initial weights
-    model = create_model(job.model, n_classes)
+    model = create_model(job.model, n_classes, training=True)
     frozen_bn = training.freeze(model, job.train.freeze_backbone, job.train.trainable_stages)
     stats = norm_stats(job.model, model)
     prepare_model(job.train, model, device)
@@ -362,6 +365,8 @@ def _fold_nets(t: TrainCfg, model, stats, frozen_bn, data: FoldData, n_classes: 
     scheduler = training.scheduler(optimizer, t, len(data.batches) // t.accum_steps)
     weights = effective_number_weights(data.counts, t.cb_beta) if t.class_weights == "effective_number" else None
     margins = ldam_margins(data.counts, t.ldam_max_margin) if t.loss == "ldam" else None
+    clf = model.get_classifier()
+    arc = arcface_margins(data.counts, t.arcface_margin, t.arcface_margin_min) if isinstance(clf, SubCenterCosine) else None
     net = model
     if dist.world > 1:
         # batch statistics over the global batch (GPU only: on CPU each process keeps its own)
@@ -374,7 +379,8 @@ def _fold_nets(t: TrainCfg, model, stats, frozen_bn, data: FoldData, n_classes: 
     return FoldNets(model=model, net=maybe_compile(t, net), ema=ema, norm=Normalize(*stats).to(device), stats=stats,
                     optimizer=optimizer, scheduler=scheduler, step=step,
                     criterion=SoftTargetLoss(t.loss, t.focal_gamma, weights, margins, t.ldam_scale,
-                                             [lv.matrix() for lv in levels], t.taxonomy_weight).to(device),
+                                             [lv.matrix() for lv in levels], t.taxonomy_weight, arc,
+                                             clf.scale if arc is not None else 1.0).to(device),
                     mixup=training.build_mixup(t, n_classes, per_row_targets=data.targets is not None),
                     frozen_bn=frozen_bn)
 
@@ -494,7 +500,7 @@ def validate(r: FoldRun, epoch: int, row: dict) -> None:
             continue
         if job.train.select == "last" or better(m["score"], best[src]["score"], job.eval.scorer):
             best[src] = {"score": m["score"], "epoch": epoch + 1}
-            state = n.ema.module.state_dict() if src == "ema" else n.model.state_dict()
+            state = inference_state(n.ema.module if src == "ema" else n.model)
             write_state_dict(r.paths.best(src), state, {"epoch": epoch + 1, "source": src})
             write_npz(r.paths.oof_of(src), ids=d.valid_ids, y=d.y_va, **out, **rs.arrays())
 
@@ -658,7 +664,7 @@ def finish_full(r: FoldRun) -> dict:
     """train.full_fit: keep the weights (raw or EMA) most folds kept, after the folds' epoch count; no CV."""
     plan, n = r.rec["full_fit"], r.nets
     model = n.ema.module if plan["source"] == "ema" and n.ema is not None else n.model
-    write_state_dict(r.paths.weights, model.state_dict(), {"epoch": plan["epochs"], "source": plan["source"]})
+    write_state_dict(r.paths.weights, inference_state(model), {"epoch": plan["epochs"], "source": plan["source"]})
     summary = _summary(r, fold="full", chosen=plan["source"], epoch=plan["epochs"], score=None,
                        metric=r.job.eval.scorer, cv="none: trained on every row")
     fault_point("train:before-full-summary")

@@ -238,12 +238,13 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     info = {"name": name, "experiment": run.name, "head": head, "arch": mcfg.model.arch, "classes": classes,
             "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": policy, "merge": s4["merge"],
             "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,
-            "plain_timm": mcfg.model.pool == "avg",
+            "plain_timm": mcfg.model.pool == "avg" and mcfg.model.head == "linear",
             "plain_timm_note": ("timm.create_model(arch, num_classes=C, checkpoint_path=fold<k>/model.safetensors) "
                                 "loads it" + (" with the joint classifier; the NCM head is head.safetensors"
                                               if normalised else ", the chosen head included")
-                                if mcfg.model.pool == "avg" else
-                                f"model.pool={mcfg.model.pool} replaces timm's pooling layer: load with "
+                                if mcfg.model.pool == "avg" and mcfg.model.head == "linear" else
+                                f"model.pool={mcfg.model.pool} / model.head={mcfg.model.head} replace timm's pooling "
+                                f"layer (model.head=arcface: its output L2-normalised): load with "
                                 f"pipeline.core.nets.models.create_model")}
     write_text(target.config, yaml.safe_dump(bundle_member_config(mcfg, s4, submission), sort_keys=False))
     write_json(target.info, info)

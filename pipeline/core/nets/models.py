@@ -89,8 +89,101 @@ def _install_pool(model: nn.Module, kind: str, p: float, arch: str) -> None:
                         f"'{arch}' has none (use model.pool=avg)")
 
 
-def create_model(m: ModelCfg, num_classes: int, pretrained: bool | None = None) -> nn.Module:
-    """The timm model of the `model` section; `pretrained=None` follows it."""
+class L2Pool(nn.Module):
+    """model.head=arcface: the global pooling's output L2-normalised, so the pooled features (what stages 3-4 store
+    and every head reads) are the unit vectors the cosine classifier was trained on."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.pool(x), dim=1)
+
+    def feat_mult(self) -> int:
+        return self.pool.feat_mult() if hasattr(self.pool, "feat_mult") else 1
+
+    def is_identity(self) -> bool:
+        return False
+
+
+class SubCenterCosine(nn.Module):
+    """Sub-center ArcFace's classifier (Deng et al. 2020), as stage 2 trains it (model.head=arcface): K sub-centers a
+    class, logit_c = s x max_k cos(x, w_ck) on normalised features; the margin is the loss's (losses.SoftTargetLoss).
+    While it trains it counts, per class, which sub-center wins the rows predicted as that class: the dominant one is
+    what `linear()` keeps (the paper drops the others after training), so what stage 2 writes is a plain linear layer
+    s x w_c on L2-normalised features, read by stages 3-5, export and predict like any other."""
+
+    def __init__(self, in_features: int, num_classes: int, subcenters: int, scale: float):
+        super().__init__()
+        self.num_classes, self.k, self.scale = num_classes, subcenters, scale
+        self.in_features, self.out_features = in_features, num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, in_features))
+        nn.init.normal_(self.weight, std=0.01)
+        self.register_buffer("hits", torch.zeros(num_classes, subcenters))
+
+    def cosines(self, x: torch.Tensor) -> torch.Tensor:
+        """N x C x K cosines of the normalised features and sub-centers."""
+        w = F.normalize(self.weight.float(), dim=1)
+        return F.linear(F.normalize(x.float(), dim=1), w).view(len(x), self.num_classes, self.k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos = self.cosines(x)
+        best, which = cos.max(2)
+        if self.training:
+            with torch.no_grad():
+                c = best.argmax(1)
+                self.hits.index_put_((c, which[torch.arange(len(c)), c]), torch.ones_like(c, dtype=self.hits.dtype),
+                                     accumulate=True)
+        return self.scale * best
+
+    def linear(self) -> nn.Linear:
+        """The dominant sub-center of each class (most rows won; ties: the first) as a linear layer s x w_c, bias 0."""
+        lin = nn.Linear(self.in_features, self.num_classes)
+        dominant = self.hits.argmax(1)
+        w = F.normalize(self.weight.detach().float(), dim=1).view(self.num_classes, self.k, -1)
+        with torch.no_grad():
+            lin.weight.copy_(self.scale * w[torch.arange(self.num_classes), dominant])
+            lin.bias.zero_()
+        return lin
+
+
+def _classifier_path(model: nn.Module) -> tuple[nn.Module, str]:
+    clf = model.get_classifier()
+    for name, mod in model.named_modules():
+        if mod is clf and name:
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            return parent, name.rpartition(".")[2]
+    raise PipelineError(f"'{type(model).__name__}' has no classifier module to replace (model.head=arcface)")
+
+
+def _global_pool_path(model: nn.Module) -> tuple[nn.Module, str]:
+    from timm.layers import SelectAdaptivePool2d
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (SelectAdaptivePool2d, GeM, AttnPool)):
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            return parent, name.rpartition(".")[2]
+    raise PipelineError(f"model.head=arcface needs a CNN whose timm head pools with SelectAdaptivePool2d; "
+                        f"'{type(model).__name__}' has none")
+
+
+def inference_state(model: nn.Module) -> dict:
+    """The state dict stage 2 writes: the model's own, or with a sub-center cosine classifier (model.head=arcface) the
+    linear layer of its dominant sub-centers in its place (the architecture create_model builds for reading)."""
+    clf = model.get_classifier()
+    if not isinstance(clf, SubCenterCosine):
+        return model.state_dict()
+    parent, attr = _classifier_path(model)
+    prefix = next(n for n, m in model.named_modules() if m is clf) + "."
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    sd.update({prefix + k: v for k, v in clf.linear().state_dict().items()})
+    return sd
+
+
+def create_model(m: ModelCfg, num_classes: int, pretrained: bool | None = None, training: bool = False) -> nn.Module:
+    """The timm model of the `model` section; `pretrained=None` follows it. model.head=arcface: the pooled features
+    L2-normalised and (`training`: stage 2) the sub-center cosine classifier in place of the linear one."""
     import timm
 
     use_hub = m.pretrained if pretrained is None else pretrained
@@ -110,6 +203,12 @@ def create_model(m: ModelCfg, num_classes: int, pretrained: bool | None = None) 
         _install_pool(model, m.pool, m.gem_p, m.arch)
     if new_head:
         init_head(model, m.head_init_scale, m.head_init_bias)
+    if m.head == "arcface":
+        parent, attr = _global_pool_path(model)
+        setattr(parent, attr, L2Pool(getattr(parent, attr)))
+        if training:
+            parent, attr = _classifier_path(model)
+            setattr(parent, attr, SubCenterCosine(model.num_features, num_classes, m.arcface_subcenters, m.arcface_scale))
     return model
 
 
