@@ -127,5 +127,5 @@ def test_an_arcface_experiment_runs_through_every_stage_on_unit_features(workdir
                       root / "sample_submission.csv", tmp_dir=workdir)
     pd.testing.assert_frame_equal(pd.read_csv(workdir / "arc-predict.csv", dtype=str),
                                   pd.read_csv(workdir / "submissions/arc.csv", dtype=str))
-    infos = [read_json(p) for p in (workdir / layout.export_dir("arc")).rglob("info.json")]
+    infos = [read_json(p) for p in (workdir / layout.export_dir("arc")).rglob("member.json")]
     assert res["members"] and infos and all(i["plain_timm"] is False for i in infos)
