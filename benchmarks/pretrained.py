@@ -426,6 +426,43 @@ def run_mix(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
                 pick(cfg.run_dir, "best"))]
 
 
+ARC_VARIANTS = [*VARIANTS, "knn"]
+ARCFACE = {  # name: (what, overrides on top of the compute recipe lp-ft-bnf-bs32)
+    "linear": ("linear head (the default recipe)", []),
+    "arcface": ("sub-center ArcFace (K=3, s=30, margins 0.2-0.35 by class size), GeM, backbone x0.1 (10x head lr)",
+                ["model.head=arcface", "model.pool=gem", "model.arcface_subcenters=3", "train.arcface_margin=0.35",
+                 "train.arcface_margin_min=0.2", "train.backbone_lr_mult=0.1", "train.head_init=random"]),
+}
+
+
+def run_arcface(set_name: str, kind: str, size: int, epochs: int) -> list[dict]:
+    """#48 item 4: sub-center ArcFace against the linear head of the default recipe (lp-ft-bnf-bs32: LP-FT for the
+    linear head, a random cosine head for ArcFace; BN statistics frozen, batch 32), each with the stage-3 variants
+    and kNN, their probe heads and the mix; the linear run copies the compute run's stage 2 (the same weights)."""
+    what, extra = ARCFACE[kind]
+    heads = [f"rebalance.variants=[{','.join(ARC_VARIANTS)}]", f"rebalance.probe=[{','.join(ARC_VARIANTS)}]",
+             "infer.heads=[best,joint,knn,mix]"]
+    exp = f"af-{set_name}-{size}-e{epochs}-{kind}"
+    recipe = "lp-ft-bnf-bs32" if epochs <= 4 else "before47"  # the linear head's default recipe at that budget
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
+                                       "ensemble.members=[]", *COMPUTE["lp-ft-bnf-bs32" if kind != "linear" else recipe][1],
+                                       *heads, *extra])
+    prepare_data(cfg.data, cfg.folds.seed)
+    base = RunDir.of(f"cp-{set_name}-{size}-e{epochs}-{recipe}")
+    if kind == "linear" and not cfg.run_dir.dir.exists() and base.dir.exists():
+        shutil.copytree(base.dir, cfg.run_dir.dir, ignore=shutil.ignore_patterns("infer", "logs", "rebalance"))
+    t0 = time.perf_counter()
+    stages_1_to_4(cfg)
+    wall = (time.perf_counter() - t0) / 60
+    out = []
+    for r in leaderboard.experiment_rows(cfg.run_dir):
+        if r["tta"] != "on" and r["head"] in ("joint", "knn", "probe_knn", "mix", "best"):
+            out.append({"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": r["head"], "tta": r["tta"],
+                        "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": fold_minutes(cfg),
+                        "wall_min": wall, "set": set_name, "epochs": epochs})
+    return out
+
+
 def stage_minutes(cfg) -> float:
     """Minutes of stages 2-4 as their summaries recorded them (a re-run that skips up-to-date stages keeps them):
     each fold's training, each fold's stage 3 (with the probe heads' pretrained pass) and stage 4."""
@@ -605,7 +642,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
                     help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default, recipe, "
-                         "compute, fold0, wise, budget, mix (#47)")
+                         "compute, fold0, wise, budget, mix (#47), arcface (#48)")
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
@@ -626,6 +663,7 @@ def main() -> None:
                     help="wise part: set:size:epochs:recipe (a compute run whose stage 2 it copies)")
     ap.add_argument("--mix", nargs="*", default=MIX_RUNS,
                     help="mix part: set:size:epochs:recipe (a compute run whose stages 1-3 it copies)")
+    ap.add_argument("--arcface-epochs", nargs="*", type=int, default=[4], help="arcface part: epoch counts")
     ap.add_argument("--wise-alphas", nargs="*", type=float, default=WISE_ALPHAS, help="wise part: alphas")
     ap.add_argument("--size", type=int, default=64, help="compute part: image size")
     ap.add_argument("--no-plot", action="store_true", help="compute part: leave the plot and its CSV as they are")
@@ -693,6 +731,12 @@ def main() -> None:
             set_name, size, epochs, recipe = item.split(":")
             rows += run_mix(set_name, recipe, int(size), int(epochs))
             show(rows[-5:])
+    if "arcface" in args.part:  # #48 item 4 (the linear rows copy the compute part's stage 2 when it ran)
+        for set_name in args.sets:
+            for epochs in args.arcface_epochs:
+                for kind in ARCFACE:
+                    rows += run_arcface(set_name, kind, args.size, epochs)
+                    show(rows[-5:])
     if "budget" in args.part:  # after the compute part (its 4- and 8-epoch runs)
         for set_name in args.sets:
             rows += run_budget(set_name)
