@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import typing
 
-from ..core.config import (PRETRAINED_DEFAULTS, RENAMED, SHORT_FINE_TUNE_DEFAULTS, SHORT_FINE_TUNE_EPOCHS,
-                           SHORT_FINE_TUNE_FROM_2, schema, section_help)
+from ..core.config import (PRETRAINED_DEFAULTS, RENAMED, SHORT_FINE_TUNE_DEFAULTS, SHORT_FINE_TUNE_EPOCHS, schema,
+                           section_help)
 
 INTRO = """A YAML file is an experiment sheet; `base: other.yaml` extends another file (keys merge one by one);
 `key=value` on the command line comes last. Unknown keys (with a "did you mean"), wrong types and out-of-range
@@ -88,8 +88,6 @@ def reference() -> str:
               "keys left unset also take these (`config.SHORT_FINE_TUNE_DEFAULTS`: LP-FT with BatchNorm statistics "
               "frozen, #47):", ""]
     lines += [f"- `{k}`: {v}" for k, v in SHORT_FINE_TUNE_DEFAULTS.items()]
-    lines += ["", "and from 2 epochs (`config.SHORT_FINE_TUNE_FROM_2`, in place of the above where both name a key):", ""]
-    lines += [f"- `{k}`: {v}" for k, v in SHORT_FINE_TUNE_FROM_2.items()]
     lines += ["", "And with any epoch count:", ""]
     lines += ["- `rebalance.probe`: every variant of `rebalance.variants` (the same heads also fit on the frozen "
               "pretrained features, for the nested best head to choose from), except with `train.epochs: 0` (the "
