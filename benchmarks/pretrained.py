@@ -460,6 +460,20 @@ def run_arcface(set_name: str, kind: str, size: int, epochs: int) -> list[dict]:
             out.append({"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": r["head"], "tta": r["tta"],
                         "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": fold_minutes(cfg),
                         "wall_min": wall, "set": set_name, "epochs": epochs})
+    # the winners' blend of the cosine classifier and kNN: a hill-climbing ensemble of the two heads (stage 5,
+    # weights climbed on the OOF rows, its CV nested)
+    from pipeline.stages import ensemble as ensemble_stage
+
+    name = f"{exp}-joint-knn"
+    ens = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}",
+                                       f"experiment={exp}", *COMPUTE["lp-ft-bnf-bs32" if kind != "linear" else recipe][1],
+                                       *heads, *extra, f"ensemble.members=[{exp}:joint,{exp}:knn]",
+                                       "ensemble.method=hill_climb", f"ensemble.name={name}"])
+    ensemble_stage.run(ens)
+    r = next(r for r in leaderboard.ensemble_rows(Path("submissions"), Path("runs")) if r["experiment"] == name)
+    out.append({"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": "joint + knn (hill climb)",
+                "tta": "off", "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": fold_minutes(cfg),
+                "wall_min": wall, "set": set_name, "epochs": epochs})
     return out
 
 
