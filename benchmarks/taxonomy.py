@@ -44,10 +44,55 @@ ROWS = {
 }
 
 
-def run(name: str, epochs: int) -> dict:
+COCO_ROOT = Path("data/grocery81-coco")
+
+
+def coco_competition(csv_cfg) -> Path:
+    """grocery81 as a generated COCO competition (iNaturalist / Herbarium style) whose categories carry the
+    taxonomy: train.json (images, annotations, categories with `coarse` and `kind` fields, no CSV), test.json, the same
+    photos (linked), ids, split and private labels as the CSV competition, so the two differ only in where the
+    levels come from."""
+    import json
+    import os
+
+    if (COCO_ROOT / "test.json").exists():
+        return COCO_ROOT
+    src = Path(csv_cfg.data.root).resolve()
+    COCO_ROOT.mkdir(parents=True, exist_ok=True)
+    for d in ("train", "test"):  # hard links: the same bytes, inside the root (a symlink out of it is refused)
+        (COCO_ROOT / d).mkdir(exist_ok=True)
+        for f in (src / d).iterdir():
+            if not (COCO_ROOT / d / f.name).exists():
+                os.link(f, COCO_ROOT / d / f.name)
+    train = pd.read_csv(src / "train.csv", dtype=str)
+    tax = pd.read_csv(TAXONOMY, dtype=str).set_index("class")
+    names = sorted(train["label"].unique())
+    cats = [{"id": i + 1, "name": n, "coarse": tax.loc[n, "coarse"], "kind": tax.loc[n, "kind"]}
+            for i, n in enumerate(names)]
+    cid = {c["name"]: c["id"] for c in cats}
+    images = [{"id": r.image_id, "file_name": f"train/{r.image_id}"} for r in train.itertuples()]
+    anns = [{"id": i + 1, "image_id": r.image_id, "category_id": cid[r.label]} for i, r in enumerate(train.itertuples())]
+    (COCO_ROOT / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    sample = pd.read_csv(src / "sample_submission.csv", dtype=str)
+    sample.to_csv(COCO_ROOT / "sample_submission.csv", index=False)
+    (COCO_ROOT / "test.json").write_text(json.dumps(
+        {"images": [{"id": i, "file_name": f"test/{i}"} for i in sample["image_id"]]}))
+    return COCO_ROOT
+
+
+def run(name: str, epochs: int, coco: bool = False) -> dict:
     what, extra = ROWS[name]
     cfg = load_config(CONFIG, [*BASE, f"train.epochs={epochs}", f"experiment=tx-grocery81-e{epochs}-{name}", *extra])
     prepare_data(cfg.data, cfg.folds.seed)
+    train_csv = cfg.data.path(cfg.data.train_csv)  # the rows (the COCO competition has the same ones)
+    if coco:  # the same rows, the levels read from the COCO categories' fields instead of the CSV
+        root = coco_competition(cfg)
+        cfg = load_config(CONFIG, [*BASE, f"train.epochs={epochs}", f"experiment=tx-grocery81coco-e{epochs}-{name}",
+                                   *extra, f"data.root={root}", "data.holdout_from=null", "data.layout=coco",
+                                   "data.train_json=train.json", "data.test_json=test.json",
+                                   "data.category_label=name", "data.taxonomy=null",
+                                   f"data.test_labels={Path(cfg.data.root).resolve().parent / 'grocery81-private' / 'test_labels.csv'}"])
+        what = f"COCO categories: {what}"
     s4 = stages_1_to_4(cfg)
     m = ensemble.load_member(Member(cfg.experiment, "joint", False))
     classes = m["summary"]["classes"]
@@ -57,7 +102,7 @@ def run(name: str, epochs: int) -> dict:
     pred = np.asarray(m["test"]["probs"]).argmax(1)
     tax = pd.read_csv(TAXONOMY).set_index("class")
     coarse = np.array([tax.loc[str(c), "coarse"] for c in classes])
-    counts = pd.read_csv(cfg.data.path(cfg.data.train_csv))["label"].value_counts()
+    counts = pd.read_csv(train_csv)["label"].value_counts()
     n = np.array([counts.get(str(c), 0) for c in classes])
     rare = n[y] <= np.quantile(n, 1 / 3)
     wrong = pred != y
@@ -72,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", nargs="*", type=int, default=[4])
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
+    ap.add_argument("--coco", action="store_true", help="the generated COCO competition (levels from its categories)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not TAXONOMY.exists():
@@ -79,7 +125,7 @@ def main() -> None:
     print(time.strftime("%Y-%m-%d %H:%M"))
     rows = []
     for epochs, name in itertools.product(args.epochs, args.rows):
-        rows.append(run(name, epochs))
+        rows.append(run(name, epochs, args.coco))
         print(markdown(rows), flush=True)
 
 
