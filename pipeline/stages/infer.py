@@ -36,10 +36,11 @@ import pandas as pd
 import torch
 
 from ..core.nets import models
+from ..core.nets.families import FINE_TUNED, PROBES, WISE_FT, Family
 from ..core.report import tracking
-from ..core.files.artifacts import (atomic_path, experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
+from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
-from ..core.config import (MIX, PROBE, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output, off_backbone,
+from ..core.config import (MIX, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output,
                            wise_alpha_of, wise_name)
 from ..core.files import layout
 from ..core.inputs.data import read_test_table
@@ -389,22 +390,6 @@ def _held_rows(inp: Inputs, k: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the plan: backbones and head families
-@dataclass(frozen=True)
-class Family:
-    """A family of heads by the backbone their logits come from: `owns(variant, alpha)` says which stage-3 variants
-    are its (alpha: the WiSE-FT backbone's), `nested`: whether fold k's held-out rows take the head of each inner
-    split (a tuned variant, as stage 3 scored them). Stage 4 plans one Backbone per model of a family and predicts
-    every backbone the same way; the mix head and `best` are made of the families' variants (`parts`)."""
-    name: str
-    owns: object
-    nested: bool = True
-
-
-FINE_TUNED = Family("fine-tuned", lambda v, a=None: not off_backbone(v) and v != MIX)  # the fold's own models
-PROBES = Family("probe", lambda v, a=None: v.startswith(PROBE))  # the pretrained backbone (rebalance.probe)
-WISE_FT = Family("wise", lambda v, a=None: v == wise_name(a), nested=False)  # rebalance.wise_alpha: not tuned
-
-
 @dataclass
 class Backbone:
     """One model stage 4 runs, and every head that reads its features: on the test images (`test`: head, the fold
@@ -509,16 +494,16 @@ def open_backbone(job: Job, inp: Inputs, b: Backbone, p: Pass):
     """The model of a backbone, its input normalisation and (fine-tuned family) the reference to its own classifier."""
     C = len(inp.classes)
     if b.family is PROBES:
-        model = prepare_model(job.train, models.create_model(job.model, C), p.device).eval()
+        model = prepare_model(job.train, PROBES.model(job.model, None, C), p.device).eval()
         return model, models.Normalize(*models.norm_stats(job.model, model)).to(p.device), None
     if b.family is WISE_FT:
-        model = models.wise_model(job.model, job.run.fold(b.k).weights, C, b.alpha)
+        model = WISE_FT.model(job.model, job.run.fold(b.k).weights, C, b.alpha)
         model = prepare_model(job.train, model, p.device).eval()
         return model, models.Normalize(inp.summaries[b.k]["mean"], inp.summaries[b.k]["std"]).to(p.device), None
     u = b.unit
     fd = job.run.unit(u.k)
     model = (fixres_weights(job, inp.oof_df, u, C, p.device, p.dtype) if u.fixres
-             else models.load_trained(job.model, fd.weights, C)).to(p.device)
+             else FINE_TUNED.model(job.model, fd.weights, C)).to(p.device)
     prepare_model(job.train, model, p.device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(p.device)
     return model, norm, joint_ref(job.run, job.run.fixres(fd.name) if u.fixres else fd.weights, model)

@@ -40,9 +40,10 @@ from .. import __version__
 from ..core.files import bundle as bundle_io
 from ..core.files import layout
 from ..core.nets import models
+from ..core.nets.families import family_of
 from ..core.files.artifacts import read_json, sha256_file, write_json, write_text
 
-from ..core.config import (MIX, PROBE, Config, EnsembleCfg, ModelCfg, keys_without_output, load_config, off_backbone,
+from ..core.config import (MIX, Config, EnsembleCfg, ModelCfg, keys_without_output, load_config, off_backbone,
                            wise_alpha_of)
 from ..core.errors import PipelineError
 from ..core.nets.heads import Head
@@ -151,14 +152,10 @@ def _check_pretrained(run: layout.RunDir, name: str, head: str) -> None:
 
 
 def member_model(m: ModelCfg, variant: str, weights: Path, num_classes: int) -> torch.nn.Module:
-    """The backbone a head's test predictions ran on in stage 4: the pretrained one (probe heads), fold k's WiSE-FT
-    interpolation (wise heads; FixRes views use the same model, as stage 4 does), or the stage-2 / FixRes weights."""
-    if variant.startswith(PROBE):
-        return models.create_model(m, num_classes)
-    alpha = wise_alpha_of(variant)
-    if alpha is not None:
-        return models.wise_model(m, weights, num_classes, alpha)
-    return models.load_trained(m, weights, num_classes)
+    """The backbone a head's test predictions ran on in stage 4, made by its family (nets/families): the pretrained one
+    (probe heads), fold k's WiSE-FT interpolation (wise heads; FixRes views use the same model, as stage 4 does), or
+    the stage-2 / FixRes weights."""
+    return family_of(variant).model(m, weights, num_classes, wise_alpha_of(variant))
 
 
 # ----------------------------------------------------------------------------- one member
