@@ -261,3 +261,39 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
     weights.write_bytes(weights.read_bytes() + b"\0")  # other pretrained weights than stage 2 used: refused
     r = cli(["export", "--config", str(cfg), "ensemble.members=[p:probe_joint]", "ensemble.name=pj"], workdir)
     assert r.returncode == 2 and "not the file stage 2 used" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_mix_parts_and_the_best_heads_pick_are_chosen_without_the_fold_they_score(workdir):
+    """mix_choice / best_choice on stage-3 files made by hand: fold k's parts are the families' winners on the other
+    fold (fold 0 alone would pick crt, fold 1 tau: each fold gets the other's), the mix's CV is the mean of its
+    parts' logits on those folds, and `best` takes the mix only where it beats the variants there."""
+    from types import SimpleNamespace
+
+    from pipeline.core.files.artifacts import write_json, write_npz
+    from pipeline.core.files.layout import RunDir
+    from pipeline.stages import infer
+
+    run = RunDir.of("m")
+    y = np.array([0, 1, 2, 0])
+    hit = lambda rows, strong: np.stack([np.eye(3)[c] * (3.0 if i in rows else -1.0) * strong  # noqa: E731
+                                         for i, c in enumerate(y)]).astype(np.float32)
+    # the fine-tuned heads know rows 0-1, the probe heads rows 2-3: the mean of one of each knows all four
+    logits = {"crt": hit({0, 1}, 1.0), "tau": hit({0, 1}, 0.9), "probe_crt": hit({2, 3}, 1.0),
+              "probe_tau": hit({2, 3}, 0.9)}
+    scores = [{"crt": 0.75, "tau": 0.5, "probe_crt": 0.5, "probe_tau": 0.75},   # fold 0's own winners: crt, probe_tau
+              {"crt": 0.5, "tau": 0.75, "probe_crt": 0.75, "probe_tau": 0.5}]   # fold 1's: tau, probe_crt
+    for k in (0, 1):
+        fd = run.fold(k)
+        for v, lg in logits.items():
+            write_npz(fd.head_oof(v), ids=np.array([f"{k}-{i}" for i in range(4)]), y=y, logits=lg)
+        write_json(fd.rebalance_summary, {"variants": {v: {"metrics": {"score": s}} for v, s in scores[k].items()}})
+    write_json(run.rebalance_summary, {"table": [{"variant": v} for v in logits], "best": "crt"})
+    job = SimpleNamespace(run=run, eval=SimpleNamespace(scorer="accuracy"))
+    inp = SimpleNamespace(summaries=[{}, {}], heads=list(logits))
+    mix = infer.mix_choice(job, inp)
+    assert mix["per_fold"] == [["tau", "probe_crt"], ["crt", "probe_tau"]]   # each from the other fold
+    assert mix["scores"]["per_fold"] == [1.0, 1.0]   # scored on those folds' rows: the parts agree nowhere wrong
+    best = infer.best_choice(job, inp, mix)
+    assert best == {"all": "mix", "per_fold": ["mix", "mix"]}   # 1.0 against at most 0.75
+    worse = {**mix, "scores": {"all": 0.5, "per_fold": [0.75, 0.5]}}   # a tie is the single head's; below loses
+    assert infer.best_choice(job, inp, worse) == {"all": "crt", "per_fold": ["tau", "crt"]}
