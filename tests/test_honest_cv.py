@@ -140,7 +140,8 @@ def test_on_permuted_labels_every_ranked_cv_stays_at_chance(tmp_path, monkeypatc
     (root / "tax.csv").write_text("class,genus\na,g1\nb,g1\nc,g2\nd,g2\n")
     a = run_experiment(root, "p1", "train.epochs=2")
     run_experiment(root, "p2", "train.epochs=2", "model.pool=gem", "seed=7", "data.taxonomy=tax.csv",
-                   "train.taxonomy=[genus]")  # taxonomy levels in the loss (#48)
+                   "train.taxonomy=[genus]",  # taxonomy levels in the loss (#48)
+                   "model.head=arcface", "model.arcface_subcenters=2", "train.arcface_margin_min=0.1")  # ArcFace (#48)
     torch.manual_seed(5)  # "pretrained" weights in a local file: probe heads (rebalance.probe) and LP-FT's head init
     write_state_dict(tmp_path / "pre.safetensors", timm.create_model("test_resnet", num_classes=1000).state_dict())
     p3 = run_experiment(root, "p3", "train.epochs=1", f"model.pretrained_path={tmp_path / 'pre.safetensors'}",
@@ -154,7 +155,10 @@ def test_on_permuted_labels_every_ranked_cv_stays_at_chance(tmp_path, monkeypatc
     table = leaderboard.build(a.run_dir.dir.parent, tmp_path / "submissions")
     ranked = table[table["cv_mean"].notna()]
     assert len(ranked) >= 2 * len(HEADS) and ranked["head"].str.startswith("probe_").sum() >= 4
-    assert (ranked["head"] == "wise0.5").any()
+    assert (ranked["head"] == "wise0.5").any() and (ranked["head"] == "mix").any()   # the mix head (#47)
+    from pipeline.core.nets.models import read_state_dict
+    w = read_state_dict(tmp_path / "runs/p2/fold0/model.safetensors")["fc.weight"]   # p2 is an ArcFace model
+    assert torch.allclose(w.norm(dim=1), torch.full((4,), 30.0), atol=1e-3)
     bound = 0.25 + 3.5 * 0.040
     assert (ranked["cv_mean"] < bound).all(), ranked[["experiment", "head", "tta", "cv_mean"]].to_string()
     ens_row = next(r for r in rec["table"] if str(r["member"]).startswith("ensemble"))
