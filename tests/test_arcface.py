@@ -60,6 +60,8 @@ def test_the_angular_margin_moves_only_the_target_and_scales_with_class_size():
 def test_arcface_is_refused_with_a_linear_probe_start_or_ldam_and_skips_the_lp_ft_default():
     with pytest.raises(ConfigError, match="train.head_init.*cosine classifier"):
         load_config(None, ["model.head=arcface", "model.pretrained_path=w.safetensors", "train.head_init=probe"])
+    with pytest.raises(ConfigError, match="train.epochs.*cosine classifier"):
+        load_config(None, ["model.head=arcface", "model.pretrained_path=w.safetensors", "train.epochs=0"])
     with pytest.raises(ConfigError, match="train.loss.*LDAM"):
         load_config(None, ["model.head=arcface", "train.loss=ldam"])
     with pytest.raises(ConfigError, match="arcface_margin_min"):

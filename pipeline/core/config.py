@@ -653,6 +653,9 @@ class Config:
         check(not arc or self.train.head_init == "random", "train.head_init",
               "the LP-FT probe is a linear head; model.head=arcface trains a cosine classifier from a random start "
               "(set train.head_init=random)")
+        check(not arc or self.train.epochs > 0, "train.epochs",
+              "train.epochs=0 is the linear-probe baseline; model.head=arcface trains a cosine classifier (at least "
+              "one epoch)")
         check(not arc or self.train.loss != "ldam", "train.loss",
               "LDAM's margins and ArcFace's (model.head=arcface) would be applied twice: use ce or focal")
         check(not arc or self.train.arcface_margin_min is None
