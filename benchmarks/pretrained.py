@@ -614,6 +614,24 @@ def run_budget(set_name: str, recipe: str = "lp-ft-bnf") -> list[dict]:
     return rows
 
 
+def default_rows(set_name: str) -> list[dict]:
+    """The default submission at each budget (the nested best with the mix head, #47 fourth session) from the mix
+    part's runs at 64 px: lp-ft-bnf-bs32 for 1-4 epochs, the plain fine-tune at 8; minutes as the compute rows'."""
+    out = []
+    for epochs, recipe in ((1, "lp-ft-bnf-bs32"), (2, "lp-ft-bnf-bs32"), (4, "lp-ft-bnf-bs32"), (8, "before47")):
+        exp = f"mx-{set_name}-64-e{epochs}-{recipe}"
+        if not RunDir.of(exp).infer_summary.exists():
+            continue
+        cfg = load_config(SETS[set_name], [*ABLATION, "aug.img_size=64", f"train.epochs={epochs}", f"experiment={exp}",
+                                           "ensemble.members=[]", *COMPUTE[recipe][1], "infer.mix=true"])
+        r = next(r for r in leaderboard.experiment_rows(cfg.run_dir) if r["head"] == "best" and r["tta"] != "on")
+        out.append({"row": f"{set_name} 64px {epochs} ep", "what": "the default: nested best with the mix head",
+                    "head": "best", "tta": "off", "cv": r["cv_mean"], "holdout": r["private"],
+                    "min_per_fold": fold_minutes(cfg), "wall_min": stage_minutes(cfg), "set": set_name,
+                    "epochs": epochs})
+    return out
+
+
 def plot_compute(rows: list[dict], path: Path) -> None:
     """Hold-out accuracy against wall minutes (2 cores), one panel per set, one line per recipe."""
     import matplotlib
@@ -656,7 +674,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
                     help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default, recipe, "
-                         "compute, fold0, wise, budget, mix (#47), arcface (#48)")
+                         "compute, fold0, wise, budget, mix, plot (#47), arcface (#48)")
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
@@ -677,6 +695,8 @@ def main() -> None:
                     help="wise part: set:size:epochs:recipe (a compute run whose stage 2 it copies)")
     ap.add_argument("--mix", nargs="*", default=MIX_RUNS,
                     help="mix part: set:size:epochs:recipe (a compute run whose stages 1-3 it copies)")
+    ap.add_argument("--compute-csv", default="/tmp/pretrained-compute.csv",
+                    help="plot part: the compute part's rows (it writes this file)")
     ap.add_argument("--arcface-epochs", nargs="*", type=int, default=[4], help="arcface part: epoch counts")
     ap.add_argument("--wise-alphas", nargs="*", type=float, default=WISE_ALPHAS, help="wise part: alphas")
     ap.add_argument("--size", type=int, default=64, help="compute part: image size")
@@ -740,6 +760,12 @@ def main() -> None:
             set_name, size, epochs, recipe = item.split(":")
             rows += run_wise(set_name, recipe, int(size), int(epochs), args.wise_alphas)
             show(rows[-5:])
+    if "plot" in args.part:  # the compute part's rows (its CSV) and the default with the mix head, plotted again
+        rows = pd.read_csv(args.compute_csv).to_dict(orient="records")
+        for set_name in args.sets:
+            rows += default_rows(set_name)
+        show(rows[-8:])
+        plot_compute(rows, Path("docs/benchmarks/pretrained-compute.png"))
     if "mix" in args.part:  # after the compute part: set:size:epochs:recipe of its runs
         for item in args.mix:
             set_name, size, epochs, recipe = item.split(":")
