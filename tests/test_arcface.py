@@ -131,3 +131,29 @@ def test_an_arcface_experiment_runs_through_every_stage_on_unit_features(workdir
                                   pd.read_csv(workdir / "submissions/arc.csv", dtype=str))
     infos = [read_json(p) for p in (workdir / layout.export_dir("arc")).rglob("member.json")]
     assert res["members"] and infos and all(i["plain_timm"] is False for i in infos)
+
+
+def test_lr_find_trains_the_cosine_classifier_with_its_margin(workdir, monkeypatch):
+    from pipeline.stages import folds as folds_stage
+    from pipeline.tools import lr_find
+
+    root = make_competition(workdir / "comp", {"a": 10, "b": 8, "c": 6}, size=16, n_test=4)
+    cfg = load_config(config_from_items(workdir / "lr.yaml", [f"data.root={root}", "experiment=lr", *TINY,
+                                                              "model.head=arcface", "train.epochs=1"]), [])
+    folds_stage.run(cfg)
+    seen = {}
+    made, lossed = lr_find.create_model, lr_find.SoftTargetLoss
+
+    def spy_model(*a, **kw):
+        seen["model"] = made(*a, **kw)
+        return seen["model"]
+
+    def spy_loss(*a, **kw):
+        seen["loss"] = lossed(*a, **kw)
+        return seen["loss"]
+    monkeypatch.setattr(lr_find, "create_model", spy_model)
+    monkeypatch.setattr(lr_find, "SoftTargetLoss", spy_loss)
+    out = lr_find.run(cfg, steps=6)
+    assert len(out["lrs"]) == len(out["losses"]) > 0 and np.isfinite(out["losses"]).all()
+    assert isinstance(seen["model"].get_classifier(), SubCenterCosine)   # stage 2's head, with stage 2's margin
+    assert seen["loss"].arc is not None and seen["loss"].arc_scale == 30.0

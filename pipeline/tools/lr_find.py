@@ -28,7 +28,7 @@ from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
 from ..core.inputs.images import ImageDataset
 from ..core.engine.loop import Step, run_epoch
-from ..core.nets.losses import SoftTargetLoss, ldam_margins
+from ..core.nets.losses import SoftTargetLoss, arcface_margins, ldam_margins
 from ..core.nets.models import Normalize, create_model, norm_stats, to_input
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, memory_format, pick_device, prepare_model, workers
@@ -59,8 +59,10 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> float:
     return float(lrs[start + int(np.argmin(slope[start:end]))])
 
 
-def _data_and_loss(t: TrainCfg, px: Pixels, seed: int, df: pd.DataFrame, rows: np.ndarray, n_classes: int, device):
-    """A shuffled loader of the fold's training rows (stage 2's augmentation) and stage 2's loss."""
+def _data_and_loss(t: TrainCfg, px: Pixels, seed: int, df: pd.DataFrame, rows: np.ndarray, n_classes: int, device,
+                   arc_scale: float | None = None):
+    """A shuffled loader of the fold's training rows (stage 2's augmentation) and stage 2's loss (`arc_scale`:
+    model.head=arcface's s, with its margins)."""
     store = open_store(px, df["path"])
     ds = ImageDataset(store.subset(rows), df["y"].values[rows], train_transform(px), seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -69,9 +71,11 @@ def _data_and_loss(t: TrainCfg, px: Pixels, seed: int, df: pd.DataFrame, rows: n
                                          pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise PipelineError(f"lr-find: {len(rows)} training images make no full batch of {t.batch_size}")
-    counts = np.bincount(df["y"].values[rows], minlength=n_classes) if t.loss == "ldam" else None
+    counts = np.bincount(df["y"].values[rows], minlength=n_classes)
+    arc = arcface_margins(counts, t.arcface_margin, t.arcface_margin_min) if arc_scale is not None else None
     criterion = SoftTargetLoss(t.loss, t.focal_gamma, margins=ldam_margins(
-        counts, t.ldam_max_margin) if counts is not None else None, scale=t.ldam_scale).to(device)
+        counts, t.ldam_max_margin) if t.loss == "ldam" else None, scale=t.ldam_scale, arc_margins=arc,
+        arc_scale=arc_scale or 1.0).to(device)
     return loader, criterion
 
 
@@ -83,13 +87,14 @@ def run(cfg: Config, fold: int = 0, steps: int = 100) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, Dist())
     dtype = amp_dtype(cfg.train.amp, device)
-    model = prepare_model(cfg.train, create_model(cfg.model, len(classes)), device).train()
+    model = prepare_model(cfg.train, create_model(cfg.model, len(classes), training=True), device).train()
     norm = Normalize(*norm_stats(cfg.model, model)).to(device)
     from timm.optim import create_optimizer_v2
 
     opt = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=START_LR, weight_decay=cfg.train.weight_decay,
                               momentum=cfg.train.momentum)
-    loader, criterion = _data_and_loss(cfg.train, pixels(cfg), cfg.seed, df, rows, len(classes), device)
+    loader, criterion = _data_and_loss(cfg.train, pixels(cfg), cfg.seed, df, rows, len(classes), device,
+                                       cfg.model.arcface_scale if cfg.model.head == "arcface" else None)
     lrs, losses = [], []
     factor = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
     fmt = memory_format(cfg.train, device)
