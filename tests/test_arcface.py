@@ -162,3 +162,18 @@ def test_lr_find_trains_the_cosine_classifier_with_its_margin(workdir, monkeypat
         assert "never fell" in str(e)
     assert isinstance(seen["model"].get_classifier(), SubCenterCosine)   # stage 2's head, with stage 2's margin
     assert seen["loss"].arc is not None and seen["loss"].arc_scale == 30.0
+
+
+def test_the_new_model_keys_leave_the_probe_features_record_as_it_was_at_their_defaults():
+    """Keys added to the model section (model.head, arcface_*) are left out of the probe features' record while at
+    their defaults: upgrading does not re-run stage 3 of a pretrained experiment; set, they are recorded."""
+    from pipeline.core.files import provenance
+    from pipeline.core.inputs.pixels import pixels
+
+    pre = ["model.arch=test_resnet", "model.pretrained_path=w.safetensors"]
+    cfg = load_config(None, pre)
+    rec = provenance.probe_features_record(cfg.model, pixels(cfg), ["a", "b"], {"digest": "x"})
+    assert not {"head", "arcface_subcenters", "arcface_scale"} & set(rec["model"])
+    assert {"head_init_scale", "pool", "gem_p"} <= set(rec["model"])   # the keys of the record's format stay
+    arc = load_config(None, [*pre, "model.head=arcface"])
+    assert provenance.probe_features_record(arc.model, pixels(arc), ["a", "b"], {"digest": "x"})["model"]["head"] == "arcface"

@@ -353,13 +353,26 @@ def section_record(section, name: str) -> dict:
     return _drop_later_defaults({name: dataclasses.asdict(section)})[name]
 
 
+PROBE_RECORD_SINCE = "2026-12-04"  # the probe features' record (format 1) holds the model keys of 2026-12-03 whole
+
+
+def _without_new_defaults(d: dict, section: str, since: str) -> dict:
+    """`d` (a section's keys) less the keys added to the schema on or after `since` while at their defaults: a record
+    that held the whole section stays equal when a later version adds keys to it."""
+    defaults = Config().to_dict()[section]
+    new = {k.name[len(section) + 1:] for k in schema() if k.name.startswith(section + ".") and (k.added or "") >= since}
+    return {n: v for n, v in d.items() if not (n in new and v == defaults.get(n, object()))}
+
+
 def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
-    """What the pretrained backbone's features (rebalance.probe) depend on: the model section and the weights' bytes
-    (a local file) or the hub's name, the pixels, the train images."""
+    """What the pretrained backbone's features (rebalance.probe) depend on: the model section (keys added since the
+    record's format at their defaults left out) and the weights' bytes (a local file) or the hub's name, the pixels,
+    the train images."""
     path = model.pretrained_path
     weights = ({"name": Path(path).name, "sha256": sha256_file(path) if Path(path).is_file() else "missing"} if path
                else {"hub": model.arch})
-    return {"format": 1, "model": dataclasses.asdict(model), "weights": weights, "classes": classes,
+    return {"format": 1, "model": _without_new_defaults(dataclasses.asdict(model), "model", PROBE_RECORD_SINCE),
+            "weights": weights, "classes": classes,
             **pixel_record(px), "aug": recorded_keys(dataclasses.asdict(px.aug), "aug", ("1", "2")),
             "train_images": train_imgs}
 
