@@ -649,18 +649,8 @@ class Config:
               "train.epochs" if self.train.epochs == 0 else "train.head_init",
               "a linear probe (train.epochs=0, train.head_init=probe) needs pretrained weights (model.pretrained or "
               "model.pretrained_path): on random features it learns nothing")
-        arc = self.model.head == "arcface"
-        check(not arc or self.train.head_init == "random", "train.head_init",
-              "the LP-FT probe is a linear head; model.head=arcface trains a cosine classifier from a random start "
-              "(set train.head_init=random)")
-        check(not arc or self.train.epochs > 0, "train.epochs",
-              "train.epochs=0 is the linear-probe baseline; model.head=arcface trains a cosine classifier (at least "
-              "one epoch)")
-        check(not arc or self.train.loss != "ldam", "train.loss",
-              "LDAM's margins and ArcFace's (model.head=arcface) would be applied twice: use ce or focal")
-        check(not arc or self.train.arcface_margin_min is None
-              or self.train.arcface_margin_min <= self.train.arcface_margin, "train.arcface_margin_min",
-              "must not exceed train.arcface_margin (the rarest class's margin)")
+        if self.model.head == "arcface":
+            _validate_arcface(self.train, check)
         for k in ("mean", "std"):
             v = getattr(self.model, k)
             check(v is None or len(v) == 3, f"model.{k}", "must be 3 numbers (RGB) or null")
@@ -728,11 +718,12 @@ def keys_without_output(section: str) -> tuple[str, ...]:
                  and k.name.rpartition(".")[0] == section)
 
 
-def later_keys() -> dict[str, tuple[str, ...]]:
-    """{section: keys added after outputs already existed} (the schema's `added`)."""
+def later_keys(since: str = "") -> dict[str, tuple[str, ...]]:
+    """{section: keys added after outputs already existed} (the schema's `added`; with `since`, those added on or
+    after that date)."""
     out: dict[str, list[str]] = {}
     for k in schema():
-        if k.added:
+        if k.added and k.added >= since:
             sec, _, name = k.name.rpartition(".")
             out.setdefault(sec, []).append(name)
     return {s: tuple(v) for s, v in out.items()}
@@ -787,6 +778,20 @@ def _validate_train(train: TrainCfg, experiment: str, check) -> None:
         check(opt.removeprefix("lookahead_") in list_optimizers(), "train.optimizer",
               f"'{train.optimizer}' is not a timm optimizer (e.g. adamw, sgd, lamb, lion; "
               f"timm.optim.list_optimizers() lists them)")
+
+
+def _validate_arcface(train: "TrainCfg", check) -> None:
+    """model.head=arcface: what a cosine classifier cannot be combined with."""
+    check(train.head_init == "random", "train.head_init",
+          "the LP-FT probe is a linear head; model.head=arcface trains a cosine classifier from a random start "
+          "(set train.head_init=random)")
+    check(train.epochs > 0, "train.epochs",
+          "train.epochs=0 is the linear-probe baseline; model.head=arcface trains a cosine classifier (at least one "
+          "epoch)")
+    check(train.loss != "ldam", "train.loss",
+          "LDAM's margins and ArcFace's (model.head=arcface) would be applied twice: use ce or focal")
+    check(train.arcface_margin_min is None or train.arcface_margin_min <= train.arcface_margin,
+          "train.arcface_margin_min", "must not exceed train.arcface_margin (the rarest class's margin)")
 
 
 def _validate_heads_and_views(rebalance: RebalanceCfg, infer: InferCfg, img_size: int, check) -> None:

@@ -54,7 +54,7 @@ from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.files.featurefile import write_features
 from ..core.predict.stored import STORE_VERSION, HeldOut, LogitTable, StoredFiles, head_ref, store_damage
-from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, cv, row_scores, score_rows
+from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, better, cv, row_scores, score_rows
 from ..core.files.provenance import (Expect, environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
                                      mix_candidates, rebalance_summary, resolve_heads, stage2_summary, stage3_record, stale_reasons,
                                      train_images, train_record, up_to_date)
@@ -599,30 +599,31 @@ def best_choice(job: Job, inp: Inputs, mix: dict | None = None) -> dict:
     candidate, scored on the same folds with the parts chosen on them."""
     folds = [read_json(job.run.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
     variants = [h for h in inp.heads if all(h in f for f in folds)]
-    pick = max if GREATER_IS_BETTER[job.eval.scorer] else min
-
-    def winner(ks: list[int]) -> str:  # ties: stage 3's report order (its winner first)
-        return pick(variants, key=lambda v: (np.mean([folds[k][v]["metrics"]["score"] for k in ks]),
-                                             -variants.index(v) if pick is max else variants.index(v)))
-
     every = list(range(len(folds)))
     choice = {"all": read_json(job.run.rebalance_summary)["best"],
-              "per_fold": [winner([j for j in every if j != k]) for k in every]}
+              "per_fold": [_winner(job, folds, variants, [j for j in every if j != k]) for k in every]}
     if mix is not None:  # the mix wins only where it is strictly better (ties: the single head)
-        scores = {"all": mix["scores"]["all"], "per_fold": mix["scores"]["per_fold"]}
-        mean = lambda v, ks: np.mean([folds[k][v]["metrics"]["score"] for k in ks])  # noqa: E731
-        if _better(job, scores["all"], mean(choice["all"], every)):
+        if better(mix["scores"]["all"], _mean_score(folds, choice["all"], every), job.eval.scorer):
             choice["all"] = MIX
         for k in every:
-            if _better(job, scores["per_fold"][k], mean(choice["per_fold"][k], [j for j in every if j != k])):
+            others = [j for j in every if j != k]
+            if better(mix["scores"]["per_fold"][k], _mean_score(folds, choice["per_fold"][k], others), job.eval.scorer):
                 choice["per_fold"][k] = MIX
     log.info("best head: %s for the test images (all folds), per fold (chosen without it) %s", choice["all"],
              choice["per_fold"])
     return choice
 
 
-def _better(job: Job, a: float, b: float) -> bool:
-    return a > b if GREATER_IS_BETTER[job.eval.scorer] else a < b
+def _mean_score(folds: list[dict], v: str, ks: list[int]) -> float:
+    """Variant v's mean stage-3 score over folds ks (each fold's cross-fitted score on its held-out rows)."""
+    return float(np.mean([folds[k][v]["metrics"]["score"] for k in ks]))
+
+
+def _winner(job: Job, folds: list[dict], candidates: list[str], ks: list[int]) -> str:
+    """The candidate with the best mean stage-3 score over folds ks; ties: the earlier (stage 3's report order)."""
+    pick = max if GREATER_IS_BETTER[job.eval.scorer] else min
+    return pick(candidates, key=lambda v: (_mean_score(folds, v, ks),
+                                           -candidates.index(v) if pick is max else candidates.index(v)))
 
 
 def mix_choice(job: Job, inp: Inputs) -> dict:
@@ -634,12 +635,7 @@ def mix_choice(job: Job, inp: Inputs) -> dict:
     folds = [read_json(job.run.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
     table = [r["variant"] for r in read_json(job.run.rebalance_summary)["table"]]  # best first: the order of ties
     fine, probe = mix_candidates([v for v in table if all(v in f for f in folds)])
-    pick = max if GREATER_IS_BETTER[job.eval.scorer] else min
     logits: dict = {}
-
-    def part(family: list[str], ks: list[int]) -> str:  # ties: stage 3's report order
-        return pick(family, key=lambda v: (np.mean([folds[k][v]["metrics"]["score"] for k in ks]),
-                                           -family.index(v) if pick is max else family.index(v)))
 
     def held(k: int, v: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if (k, v) not in logits:
@@ -648,7 +644,7 @@ def mix_choice(job: Job, inp: Inputs) -> dict:
         return logits[(k, v)]
 
     def score(ks: list[int]) -> tuple[list[str], float]:
-        a, b = part(fine, ks), part(probe, ks)
+        a, b = _winner(job, folds, fine, ks), _winner(job, folds, probe, ks)
         per = []
         for k in ks:
             (ids, y, la), (ids_b, _, lb) = held(k, a), held(k, b)

@@ -203,10 +203,11 @@ def train_images(folds_csv: Path, hash_images: bool, looks: dict | None = None) 
 LATER_KEYS = later_keys()
 
 
-def _drop_later_defaults(d: dict) -> dict:
-    """`d`: config sections (a copy of cfg.to_dict()'s); keys of LATER_KEYS at their defaults removed."""
+def _drop_later_defaults(d: dict, since: str = "") -> dict:
+    """`d`: config sections (a copy of cfg.to_dict()'s); keys of LATER_KEYS (with `since`: those added on or after
+    that date) at their defaults removed."""
     defaults = Config().to_dict()
-    for section, keys in LATER_KEYS.items():
+    for section, keys in (later_keys(since) if since else LATER_KEYS).items():
         if section in d:
             for k in keys:
                 if d[section].get(k, object()) == defaults[section][k]:
@@ -356,14 +357,6 @@ def section_record(section, name: str) -> dict:
 PROBE_RECORD_SINCE = "2026-12-04"  # the probe features' record (format 1) holds the model keys of 2026-12-03 whole
 
 
-def _without_new_defaults(d: dict, section: str, since: str) -> dict:
-    """`d` (a section's keys) less the keys added to the schema on or after `since` while at their defaults: a record
-    that held the whole section stays equal when a later version adds keys to it."""
-    defaults = Config().to_dict()[section]
-    new = {k.name[len(section) + 1:] for k in schema() if k.name.startswith(section + ".") and (k.added or "") >= since}
-    return {n: v for n, v in d.items() if not (n in new and v == defaults.get(n, object()))}
-
-
 def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
     """What the pretrained backbone's features (rebalance.probe) depend on: the model section (keys added since the
     record's format at their defaults left out) and the weights' bytes (a local file) or the hub's name, the pixels,
@@ -371,7 +364,7 @@ def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
     path = model.pretrained_path
     weights = ({"name": Path(path).name, "sha256": sha256_file(path) if Path(path).is_file() else "missing"} if path
                else {"hub": model.arch})
-    return {"format": 1, "model": _without_new_defaults(dataclasses.asdict(model), "model", PROBE_RECORD_SINCE),
+    return {"format": 1, "model": _drop_later_defaults({"model": dataclasses.asdict(model)}, PROBE_RECORD_SINCE)["model"],
             "weights": weights, "classes": classes,
             **pixel_record(px), "aug": recorded_keys(dataclasses.asdict(px.aug), "aug", ("1", "2")),
             "train_images": train_imgs}
