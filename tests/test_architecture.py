@@ -142,7 +142,6 @@ CONFIG_EDGES = {
     # a stage's entry points, and the one place each resolves what its steps read (Job.of) or reads its inputs
     *(f"stages/{s}.py:{f}" for s in ("folds", "train", "rebalance", "infer", "ensemble") for f in ("run", "status")),
     "stages/train.py:of", "stages/rebalance.py:of", "stages/infer.py:of", "stages/infer.py:load_inputs",
-    "stages/ensemble.py:check_current",  # each member's own config, loaded to rebuild its stage-4 record
     # the command line: each command's handler and the dispatch to a stage's run/status
     *(f"cli.py:cmd_{c}" for c in ("cache", "export", "lr_find", "doctor", "all", "status", "stage")),
     "cli.py:cmd_sweep", "cli.py:run_stage", "cli.py:stage_status", "cli.py:run_all", "cli.py:print_status",
@@ -153,6 +152,8 @@ CONFIG_EDGES = {
     # what turns a config into data: the records of stages 2 and 4 (slices of it), serialisers, validation,
     # resolved pixels, trackers
     "core/files/provenance.py:train_record", "core/files/provenance.py:infer_record",
+    # the declarations of an experiment's units (#46): each unit's record, deps and refusals, from its config
+    "core/files/units.py:experiment_units",
     "tools/export.py:bundle_member_config",
     "core/config.py:__init__",
     "core/inputs/pixels.py:pixels", "core/report/tracking.py:of",

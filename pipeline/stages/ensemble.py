@@ -31,8 +31,8 @@ from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
 from ..core.predict.tta import BASELINE
 from ..core.predict.submission import (Member, build_submission, combine, mix, parse_members,
                                        submission_without_sample)
-from ..core.files.provenance import (describe_changes, ensemble_record, environment, infer_record, recorded,
-                                     refuse_stale, stale_reasons, up_to_date)
+from ..core.files.provenance import ensemble_record, environment, stale_reasons, up_to_date
+from ..core.files.units import Units, experiment_units
 
 log = logging.getLogger("pipeline")
 
@@ -63,21 +63,20 @@ def made_of(members: list[dict]) -> dict:
     return {m["name"]: m["summary"]["made_from"] for m in members}
 
 
-def check_current(cfg: Config, members: list[dict]) -> None:
-    """Every member's stage-4 output was made from the settings its experiment has now: its config is this one for
-    the experiment itself, else the one it was last trained with (runs/<exp>/config.yaml); a member whose config is
-    not at hand (predictions copied into a kernel) is taken as it is."""
+def check_current(members: list[dict], own: str, own_units: Units, allow_stale: bool) -> None:
+    """Every member's stage-4 output was made from the settings its experiment has now, asked of its experiment's
+    units: `own_units` for the experiment `own` itself, else those of the config it was last trained with
+    (runs/<exp>/config.yaml); a member whose config or folds file is not at hand (predictions copied into a kernel)
+    is taken as it is."""
     for m in members:
         exp = Member.parse(m["name"]).exp
         path = layout.RunDir.of(exp).config
-        mcfg = cfg if exp == cfg.experiment else load_config(path) if path.exists() else None
-        if mcfg is None or not mcfg.folds_csv.exists():
+        units = own_units if exp == own else experiment_units(load_config(path)) if path.exists() else None
+        if units is None or not units["folds"].out.exists():
             continue
-        rec = infer_record(mcfg)
-        path = mcfg.run_dir.infer_summary
-        if not up_to_date(path, rec):
-            refuse_stale(path, describe_changes(recorded(path) or {}, rec),
-                         f"re-run ./run.sh infer for '{exp}' (or ./run.sh all)", cfg.session.allow_stale)
+        units.allow_stale = allow_stale  # the command's --allow-stale
+        if "infer" in units and units["infer"].out.exists():  # a missing output is load_member's to refuse
+            units.require("infer")
 
 
 def status(cfg: Config) -> list[str]:
@@ -267,7 +266,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     name = cfg.ensemble.name or cfg.experiment
     members = [load_member(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]
     check_compatible(members)
-    check_current(cfg, members)
+    check_current(members, cfg.experiment, experiment_units(cfg), cfg.session.allow_stale)
     made_from = ensemble_record(cfg.ensemble, cfg.eval, cfg.data, made_of(members))
     out, csv = layout.submission_record(name), layout.submission_csv(name)
     if csv.exists() and not force and up_to_date(out, made_from):

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from ..core.files.artifacts import read_json, sha256_obj, write_csv, write_json
-from ..core.config import Config, DataCfg, FoldsCfg
+from ..core.files.artifacts import read_json, write_csv, write_json
+from ..core.config import Config
 from ..core.inputs.data import encode, fold_problems, make_classes, read_train_table, to_builtin, train_source
 from ..core.errors import PipelineError
-from ..core.files.provenance import environment, stale_reasons, up_to_date
+from ..core.files.provenance import environment, folds_record, up_to_date
+from ..core.files.units import experiment_units
 
 log = logging.getLogger("pipeline")
 
@@ -56,27 +57,16 @@ def fold_table(df: pd.DataFrame, classes: list) -> pd.DataFrame:
     return t
 
 
-def _record(folds: FoldsCfg, data: DataCfg, df: pd.DataFrame) -> dict:
-    table_cols = ["id", "label"] + (["group"] if "group" in df else [])
-    return {
-        "table": sha256_obj(df[table_cols].astype(str).values.tolist()),
-        "n_splits": folds.n_splits, "seed": folds.seed, "group_col": data.group_col,
-        "layout": data.layout, "root": data.root,
-    }
-
-
 def status(cfg: Config) -> list[str]:
     """Why stage 1 would do work now (empty: the folds file is up to date)."""
-    if not cfg.folds_csv.exists():
-        return ["not run"]
-    return stale_reasons(cfg.folds_record, _record(cfg.folds, cfg.data, read_train_table(cfg.data)))
+    return experiment_units(cfg).status("1")
 
 
 def run(cfg: Config, force: bool = False) -> dict:
     """Write the folds file (unless an up-to-date one exists); returns its record."""
     df = read_train_table(cfg.data)
     classes = make_classes(df["label"])
-    made_from = _record(cfg.folds, cfg.data, df)
+    made_from = folds_record(cfg.folds, cfg.data, df)
     if cfg.folds_csv.exists() and cfg.folds_record.exists() and not force:
         if up_to_date(cfg.folds_record, made_from):
             log.info("folds up to date: %s (use --force to rebuild)", cfg.folds_csv)

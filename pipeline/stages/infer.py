@@ -55,9 +55,9 @@ from ..core.engine.loop import Step, run_epoch
 from ..core.files.featurefile import write_features
 from ..core.predict.stored import STORE_VERSION, HeldOut, LogitTable, StoredFiles, head_ref, store_damage
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, better, cv, row_scores, score_rows
-from ..core.files.provenance import (Expect, environment, full_summary, infer_record, keep_image_snapshots, oof_rows,
-                                     mix_candidates, rebalance_summary, resolve_heads, stage2_summary, stage3_record, stale_reasons,
-                                     train_images, train_record, up_to_date)
+from ..core.files.provenance import (environment, infer_record, keep_image_snapshots, oof_rows, mix_candidates,
+                                     resolve_heads, train_images, up_to_date)
+from ..core.files.units import experiment_units, trained
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.predict.tta import BASELINE
@@ -119,25 +119,23 @@ class Job:
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    """Every input of stage 4, checked against the records the config would make now."""
+    """Every input of stage 4, each asked of its unit (core/files/units): refused when missing or made from other
+    settings than the config's now."""
     run = cfg.run_dir
     if not run.classes.exists():
         raise PipelineError(f"{run.classes} not found: experiment '{cfg.experiment}' has not been trained "
                             f"(run ./run.sh train first)")
     classes = read_json(run.classes)
-    has_folds = cfg.folds_csv.exists()
     oof_df = oof_rows(cfg.infer.oof, cfg.folds_name, classes)
-    want = Expect(cfg.model.arch, len(classes), train_record(cfg) if has_folds else None, cfg.session.allow_stale)
-    summaries = [stage2_summary(run, k, want) for k in range(cfg.folds.n_splits)]
+    upstream = experiment_units(cfg)
+    summaries = [trained(upstream, k, cfg.model.arch, len(classes)) for k in range(cfg.folds.n_splits)]
     full = None
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:
-        full = full_summary(run, cfg.folds.n_splits, want) if has_folds else read_json(run.full.summary)
+        full = trained(upstream, FULL_FIT, cfg.model.arch, len(classes))
     heads = resolve_heads(cfg.infer.heads, run, cfg.infer.mix)
-    if has_folds and any(h != "joint" for h in heads):
-        imgs, px = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks), pixels(cfg)
-        for k in range(len(summaries)):
-            rec = stage3_record(run, k, classes, cfg.rebalance, cfg.eval, cfg.model, px, cfg.seed, imgs)
-            rebalance_summary(run, k, rec, cfg.session.allow_stale)
+    for dep in upstream["infer"].deps:
+        if upstream[dep].stage == "3":
+            upstream.require(dep)
     test = read_test_table(cfg.data)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
@@ -152,9 +150,8 @@ def units(job: Job, inp: Inputs) -> list[TtaModel]:
 
 
 def status(cfg: Config) -> list[str]:
-    """Why stage 4 would do work now (empty: up to date)."""
-    reasons = stale_reasons(cfg.run_dir.infer_summary, load_inputs(cfg).made_from)
-    return reasons or damaged_outputs(cfg.run_dir)
+    """Why stage 4 would do work now (empty: up to date): its unit's reasons, then any damaged output."""
+    return experiment_units(cfg).status("4") or damaged_outputs(cfg.run_dir)
 
 
 def damaged_outputs(run: layout.RunDir) -> list[str]:

@@ -35,7 +35,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..core.nets import models
 from ..core.report import tracking
-from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_obj, write_csv,
+from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, write_csv,
                                     write_json, write_npz, write_text)
 from ..core.inputs.augment import open_store, train_transform, valid_transform
 from ..core.config import PROBE, Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg, wise_name
@@ -47,9 +47,9 @@ from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT, FoldDir
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
 from ..core.predict.stored import HeadRows, HeldOut
-from ..core.files.provenance import (Expect, environment, feature_record, full_summary, keep_image_snapshots,
-                                     probe_features_record, stage2_summary, stage3_record, stale_reasons,
-                                     train_images, train_record, up_to_date)
+from ..core.files.provenance import (environment, feature_record, keep_image_snapshots, probe_features_record,
+                                     report_record, stage3_record, train_images, up_to_date)
+from ..core.files.units import Units, experiment_units, trained
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.engine.distributed import Dist
 from ..core.inputs.pixels import Pixels, pixels
@@ -75,16 +75,19 @@ class Job:
     train_imgs: dict  # the train images' record (provenance.train_images)
     tracking: tracking.Tracking
     allow_stale: bool
-    expect: Expect | None = None  # what the stage-2 outputs must match (run only: status does not open them)
+    upstream: Units | None = None  # the experiment's units: stage 3 asks them for its stage-2 inputs (run only)
+    n_classes: int = 0  # what the stage-2 outputs must have been trained for
 
     @classmethod
     def of(cls, cfg: Config, with_stage2: bool, n_classes: int = 0) -> "Job":
         imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
-        expect = (Expect(cfg.model.arch, n_classes, train_record(cfg), cfg.session.allow_stale) if with_stage2
-                  else None)
         return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.rebalance, cfg.eval, cfg.model, cfg.train,
                    cfg.infer.batch_size, cfg.device, pixels(cfg), cfg.seed, imgs, tracking.Tracking.of(cfg),
-                   cfg.session.allow_stale, expect)
+                   cfg.session.allow_stale, experiment_units(cfg) if with_stage2 else None, n_classes)
+
+    def stage2(self, k: int) -> dict:
+        """Fold k's (or the full-data model's) finished stage-2 summary, refused when stale or of another model."""
+        return trained(self.upstream, k, self.model.arch, self.n_classes)
 
     def features_record(self, k: int, classes: list) -> dict:
         return feature_record(self.run.unit(k).weights, classes, self.px, self.rebalance.aug_views, self.seed,
@@ -334,7 +337,7 @@ def inner_split(y: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- per fold
 def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: bool) -> dict:
-    stage2 = stage2_summary(job.run, k, job.expect)
+    stage2 = job.stage2(k)
     fd = job.run.fold(k)
     feats = fold_features(job, df, classes, k, stage2)
     made_from = job.record(k, classes)
@@ -377,7 +380,7 @@ def rebalance_full(job: Job, df: pd.DataFrame, classes: list, summaries: list[di
     tuned variant uses is the folds' (low) median choice: the full model holds no rows out to tune on; the folds'
     choices were each made on held-out rows."""
     fd = job.run.full
-    stage2 = full_summary(job.run, len(summaries), job.expect)
+    stage2 = job.stage2(FULL_FIT)
     chosen = median_choices(job.rebalance.variants, summaries)
     made_from = job.record(FULL_FIT, classes, chosen)
     if not force and up_to_date(fd.rebalance_summary, made_from):
@@ -433,7 +436,7 @@ def report(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict]) -> 
           "Pictures (per-class recall against frequency, the tau sweep): `./run.sh report` -> reports/<exp>/.", ""]
     write_text(run.rebalance_md, "\n".join(md))
     summary = {"best": best, "metric": metric, "table": table.to_dict(orient="records"),
-               "made_from": _report_record(summaries),
+               "made_from": report_record(summaries),
                "folds": [s["fold"] for s in summaries],
                "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
     write_json(run.rebalance_summary, summary)
@@ -444,33 +447,10 @@ def report(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict]) -> 
     return summary
 
 
-def _report_record(summaries: list[dict]) -> dict:
-    return {str(s["fold"]): sha256_obj(s["made_from"]) for s in summaries}
-
-
 def status(cfg: Config) -> list[str]:
-    """Why stage 3 would do work now (empty: every fold and the report are up to date)."""
-    df, classes = read_folds(cfg.folds_name)
-    job = Job.of(cfg, with_stage2=False)
-    reasons, summaries = [], []
-    for k in range(int(df["fold"].max()) + 1):
-        fd = cfg.run_dir.fold(k)
-        if not fd.weights.exists():
-            reasons.append(f"fold {k}: waits for stage-2 weights")
-            continue
-        reasons += stale_reasons(fd.rebalance_summary, job.record(k, classes), f"fold {k}: ")
-        if fd.rebalance_summary.exists():
-            summaries.append(read_json(fd.rebalance_summary))
-    if not reasons and not up_to_date(cfg.run_dir.rebalance_summary, _report_record(summaries)):
-        reasons.append("report: out of date")
-    if not reasons and cfg.train.full_fit:
-        if not cfg.run_dir.full.weights.exists():
-            reasons.append("full fit: waits for its stage-2 weights")
-        else:
-            chosen = median_choices(cfg.rebalance.variants, summaries)
-            reasons += stale_reasons(cfg.run_dir.full.rebalance_summary, job.record(FULL_FIT, classes, chosen),
-                                     "full fit: ")
-    return reasons
+    """Why stage 3 would do work now (empty: every fold, the report and the full-data model's heads are up to
+    date)."""
+    return experiment_units(cfg).status("3")
 
 
 def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | None:
@@ -498,7 +478,7 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
     if cfg.train.full_fit:
         with experiment_lock(cfg.run_dir.full.dir):
             rebalance_full(job, df, classes, summaries, force)
-    if not force and up_to_date(cfg.run_dir.rebalance_summary, _report_record(summaries)):
+    if not force and up_to_date(cfg.run_dir.rebalance_summary, report_record(summaries)):
         log.info("stage-3 report of '%s' is up to date", cfg.experiment)
         return read_json(cfg.run_dir.rebalance_summary)
     return report(job, df, classes, summaries)

@@ -61,7 +61,8 @@ from ..core.nets.models import (Normalize, SubCenterCosine, clean_state_dict, cr
                                 to_input, write_state_dict)
 from ..core.report.progress import Progress, progress
 from ..core.files.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
-                                     recorded, stale_reasons, train_record, up_to_date)
+                                     recorded, train_record, up_to_date)
+from ..core.files.units import experiment_units
 from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
                                    prepare_model, set_backend_flags, workers)
 from ..core.inputs.samplers import epoch_indices
@@ -712,22 +713,8 @@ def _save_checkpoint(r: FoldRun, epoch: int) -> None:
 
 # ----------------------------------------------------------------------------- entry
 def status(cfg: Config) -> list[str]:
-    """Why stage 2 would do work now (empty: every fold is up to date)."""
-    df, _ = read_folds(cfg.folds_name)
-    rec, reasons = train_record(cfg), []
-    for k in range(int(df["fold"].max()) + 1):
-        fd = cfg.run_dir.fold(k)
-        if not fd.summary.exists() and fd.checkpoint.exists():
-            reasons.append(f"fold {k}: interrupted, resumes from {fd.checkpoint.name}")
-        else:
-            reasons += stale_reasons(fd.summary, rec, f"fold {k}: ")
-    if cfg.train.full_fit:
-        choices = fold_choices(cfg.run_dir, cfg.folds.n_splits, rec)
-        if choices is None:
-            reasons.append("full fit: waits for every fold")
-        else:
-            reasons += stale_reasons(cfg.run_dir.full.summary, full_record(rec, choices), "full fit: ")
-    return reasons
+    """Why stage 2 would do work now (empty: every fold and the full-data model are up to date)."""
+    return experiment_units(cfg).status("2")
 
 
 def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | None = None) -> list[dict]:

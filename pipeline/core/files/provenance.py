@@ -183,6 +183,18 @@ def environment() -> dict:
     return env
 
 
+# ----------------------------------------------------------------------------- stage 1
+def folds_record(folds, data: DataCfg, df) -> dict:
+    """What the folds file is made from (`df`: the train table): the table's ids, labels and groups, K, the seed
+    and where the data is."""
+    table_cols = ["id", "label"] + (["group"] if "group" in df else [])
+    return {
+        "table": sha256_obj(df[table_cols].astype(str).values.tolist()),
+        "n_splits": folds.n_splits, "seed": folds.seed, "group_col": data.group_col,
+        "layout": data.layout, "root": data.root,
+    }
+
+
 # ----------------------------------------------------------------------------- stage 2
 
 
@@ -267,39 +279,6 @@ def teacher_section(train: TrainCfg, n_splits: int, data: DataCfg, looks: dict |
     return out or None
 
 
-@dataclasses.dataclass(frozen=True)
-class Expect:
-    """What a finished stage-2 output must match: the architecture and class count, and (`rec`, None: not compared,
-    e.g. without the folds file) the record it was made from; `allow_stale` (--allow-stale) warns instead."""
-    arch: str
-    n_classes: int
-    rec: dict | None = None
-    allow_stale: bool = False
-
-
-def stage2_summary(run: layout.RunDir, k: int, want: Expect) -> dict:
-    """Fold k's finished stage-2 record, refused when missing, of another architecture or class
-    count, or (when `want.rec` is given) trained from other inputs."""
-    path = run.fold(k).summary
-    if not path.exists():
-        raise PipelineError(f"fold {k} of experiment '{run.dir.name}' has no finished stage-2 output ({path}); "
-                            f"run ./run.sh train --fold {k}")
-    return _trained(path, want, "the fold's stage-2 weights")
-
-
-def _trained(path: Path, want: Expect, what: str) -> dict:
-    """A finished stage-2 summary, refused when of another architecture or class count, or when made
-    from other inputs than `want.rec`."""
-    s = read_json(path)
-    if s["num_classes"] != want.n_classes or s["arch"] != want.arch:
-        raise PipelineError(f"{path}: trained as {s['arch']} with {s['num_classes']} classes, but the config "
-                            f"says {want.arch} with {want.n_classes} classes")
-    if want.rec is not None and not up_to_date(path, want.rec):
-        refuse_stale(f"{path} ({what})", describe_changes(s.get("made_from", {}), want.rec),
-                     "re-run ./run.sh train (or ./run.sh all), or restore the config", want.allow_stale)
-    return s
-
-
 def fold_choices(run: layout.RunDir, n_splits: int, rec: dict) -> list[dict] | None:
     """What each fold's stage 2 chose (epoch, raw/EMA): the full-data fit repeats it. None until every fold
     is finished from the current settings (`rec`: the train record)."""
@@ -323,17 +302,6 @@ def full_plan(choices: list[dict]) -> dict:
 def full_record(train_rec: dict, choices: list[dict]) -> dict:
     """The full-data model's record: the folds' train record, the plan it repeats and the choices behind it."""
     return {**train_rec, "full_fit": full_plan(choices), "fold_choices": choices}
-
-
-def full_summary(run: layout.RunDir, n_splits: int, want: Expect) -> dict:
-    """The finished full-data model's summary (train.full_fit) when it is current (`want.rec`: the folds' train
-    record). Refused (like a stale fold) when missing or made from other settings."""
-    path = run.full.summary
-    choices = fold_choices(run, n_splits, want.rec)
-    if not path.exists() or choices is None:
-        raise PipelineError(f"train.full_fit is on but the full-data model of '{run.dir.name}' is not finished "
-                            f"({path}); run ./run.sh train")
-    return _trained(path, dataclasses.replace(want, rec=full_record(want.rec, choices)), "the full-data model")
 
 
 # ----------------------------------------------------------------------------- stage 3
@@ -394,17 +362,9 @@ def rebalance_record(rebalance, eval_, features: dict, fold_choices: dict | None
     return rec if fold_choices is None else {**rec, "fold_choices": fold_choices}
 
 
-def rebalance_summary(run: layout.RunDir, k: int, rec: dict, allow_stale: bool = False) -> dict:
-    """Fold k's finished stage-3 record, refused when missing or made from other settings/weights than `rec`."""
-    path = run.fold(k).rebalance_summary
-    if not path.exists():
-        raise PipelineError(f"fold {k} of experiment '{run.dir.name}' has no rebalanced heads ({path}); "
-                            f"run ./run.sh rebalance")
-    s = read_json(path)
-    if not up_to_date(path, rec):
-        refuse_stale(f"{path} (the fold's rebalanced heads)", describe_changes(s.get("made_from", {}), rec),
-                     "re-run ./run.sh rebalance (or ./run.sh all)", allow_stale)
-    return s
+def report_record(summaries: list[dict]) -> dict:
+    """Stage 3's report: the record of each fold's heads it was made from."""
+    return {str(s["fold"]): sha256_obj(s["made_from"]) for s in summaries}
 
 
 # ----------------------------------------------------------------------------- stage 4
