@@ -360,6 +360,12 @@ COMPUTE = {  # name: (what, overrides, heads read off the run: label)
                  "probe heads of every variant", ["train.head_init=random", "train.bn_stats=batch",
                                                   "train.backbone_lr_mult=1.0", *HEADS_ALL],
                  {"joint": "fine-tune (defaults before #47)", "best": "nested best (before-#47 fine-tune + probe heads)"}),
+    "before47-bs32": ("fine-tune, the plain recipe of 5+ epochs (random head x0.01, batch BN statistics, lr 1e-3) at "
+                      "batch 32 (twice the optimiser steps), probe heads of every variant",
+                      ["train.head_init=random", "train.bn_stats=batch", "train.backbone_lr_mult=1.0",
+                       "train.batch_size=32", *HEADS_ALL],
+                      {"joint": "fine-tune (plain recipe), batch 32",
+                       "best": "nested best with the mix (plain recipe, batch 32 + probe heads)"}),
     "fastai-style": ("fastai-style in the pipeline: 1 epoch head only (BN trainable), then all; lr 2e-3, "
                      "backbone x0.1", ["train.head_init=random", "train.bn_stats=batch", "train.freeze_epochs=1",
                                     "train.lr=0.002", "train.backbone_lr_mult=0.1", "rebalance.probe=[]"],
@@ -423,6 +429,35 @@ def run_mix(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
             row(f"{recipe}: nested best without the mix", pick(base, "best")),
             row(f"{recipe}: mix head ({' + '.join(s4['mix']['all'])})", pick(cfg.run_dir, "mix")),
             row(f"{recipe}: nested best with the mix (picks {s4['best']['all']}; per fold {s4['best']['per_fold']})",
+                pick(cfg.run_dir, "best"))]
+
+
+def run_knn(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
+    """kNN among the default variants (#47, fifth session): a compute run's stages 1-2 copied, stages 3-4 again with
+    knn added to rebalance.variants and rebalance.probe (the nested best and the mix then choose among them too),
+    beside the same compute run's default heads (its nested best with the mix)."""
+    what, extra, _ = COMPUTE[recipe]
+    base = RunDir.of(f"cp-{set_name}-{size}-e{epochs}-{recipe}")
+    knn = [*VARIANTS, "knn"]
+    exp = f"kn-{set_name}-{size}-e{epochs}-{recipe}"
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
+                                       "ensemble.members=[]", *extra, f"rebalance.variants=[{','.join(knn)}]",
+                                       f"rebalance.probe=[{','.join(knn)}]", "infer.heads=[best,joint,knn,mix]"])
+    prepare_data(cfg.data, cfg.folds.seed)
+    if not cfg.run_dir.dir.exists():
+        shutil.copytree(base.dir, cfg.run_dir.dir, ignore=shutil.ignore_patterns("infer", "logs", "rebalance"))
+    stages_1_to_4(cfg)
+    row = lambda what, r: {"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": r["head"],  # noqa: E731
+                           "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": float("nan"),
+                           "wall_min": stage_minutes(cfg), "set": set_name, "epochs": epochs}
+    pick = lambda run, head: next(r for r in leaderboard.experiment_rows(run) if r["head"] == head and r["tta"] != "on")  # noqa: E731
+    s4 = read_json(cfg.run_dir.infer_summary)
+    mixed = RunDir.of(f"mx-{set_name}-{size}-e{epochs}-{recipe}")  # the mix part's stage 4 of runs made before the mix
+    default = mixed if mixed.infer_summary.exists() else base
+    return [row(f"{recipe}: nested best with the mix, six variants (the default)", pick(default, "best")),
+            row(f"{recipe}: knn on the fine-tuned features", pick(cfg.run_dir, "knn")),
+            row(f"{recipe}: mix with knn a candidate ({' + '.join(s4['mix']['all'])})", pick(cfg.run_dir, "mix")),
+            row(f"{recipe}: nested best with knn (picks {s4['best']['all']}; per fold {s4['best']['per_fold']})",
                 pick(cfg.run_dir, "best"))]
 
 
@@ -674,7 +709,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
                     help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default, recipe, "
-                         "compute, fold0, wise, budget, mix, plot (#47), arcface (#48)")
+                         "compute, fold0, wise, budget, mix, knn, plot (#47), arcface (#48)")
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
@@ -771,6 +806,11 @@ def main() -> None:
             set_name, size, epochs, recipe = item.split(":")
             rows += run_mix(set_name, recipe, int(size), int(epochs))
             show(rows[-5:])
+    if "knn" in args.part:  # after the compute part: set:size:epochs:recipe of its runs (the --mix list)
+        for item in args.mix:
+            set_name, size, epochs, recipe = item.split(":")
+            rows += run_knn(set_name, recipe, int(size), int(epochs))
+            show(rows[-4:])
     if "arcface" in args.part:  # #48 item 4 (the linear rows copy the compute part's stage 2 when it ran)
         for set_name in args.sets:
             for epochs in args.arcface_epochs:

@@ -54,9 +54,10 @@ def test_the_engine_orders_waits_and_refuses_from_the_declarations(tmp_path):
 
 
 @pytest.mark.slow
-def test_each_declared_record_is_the_one_its_stage_writes(workdir):
+def test_each_declared_record_is_the_one_its_stage_writes(workdir, monkeypatch):
     """After stages 1-5, every unit's output exists and holds exactly the record its declaration computes (a stage
-    that changed what it records without its declaration fails here), and every stage's status is empty."""
+    that changed what it records without its declaration fails here), every stage's status is empty, and stage 4
+    reads exactly the units it declares."""
     root = make_competition(workdir / "comp", {"a": 8, "b": 6, "c": 6}, size=24, n_test=6)
     cfg = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true"])
     for mod in (folds, train, rebalance, infer, ensemble):
@@ -68,6 +69,15 @@ def test_each_declared_record_is_the_one_its_stage_writes(workdir):
     for key in units.order():
         assert recorded(units[key].out) == units[key].record(), key
     assert [mod.status(cfg) for mod in (folds, train, rebalance, infer, ensemble)] == [[]] * 5
+    made = []
+    monkeypatch.setattr(infer, "experiment_units", lambda c: made.append(experiment_units(c)) or made[-1])
+    infer.run(cfg, force=True)  # stage 4 asks for exactly the units it declares, no fewer, no more
+    assert made[0].read == {"infer": set(units["infer"].deps)}
+    monkeypatch.setattr(rebalance, "experiment_units", lambda c: made.append(experiment_units(c)) or made[-1])
+    rebalance.run(cfg, force=True)  # stage 3: each fold's weights for its heads, the full model's for its heads
+    assert made[1].read == {"heads0": {"weights0"}, "heads1": {"weights1"}, "heads_full": {"weights_full"}}
+    with pytest.raises(ValueError, match="unit weights0 reads heads0, which it does not declare"):
+        units.require("heads0", by="weights0")
     other = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true", "rebalance.crt_epochs=3"])
     assert rebalance.status(other) == ["fold 0: changed rebalance.crt_epochs", "fold 1: changed rebalance.crt_epochs",
                                        "report: waits for fold 0 (stage 3), fold 1 (stage 3)",

@@ -76,7 +76,7 @@ def check_current(members: list[dict], own: str, own_units: Units, allow_stale: 
             continue
         units.allow_stale = allow_stale  # the command's --allow-stale
         if "infer" in units and units["infer"].out.exists():  # a missing output is load_member's to refuse
-            units.require("infer")
+            units.require("infer")  # stage 5 is not a unit: it reads no undeclared unit of its members
 
 
 def status(cfg: Config) -> list[str]:

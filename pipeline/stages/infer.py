@@ -128,14 +128,14 @@ def load_inputs(cfg: Config) -> Inputs:
     classes = read_json(run.classes)
     oof_df = oof_rows(cfg.infer.oof, cfg.folds_name, classes)
     upstream = experiment_units(cfg)
-    summaries = [trained(upstream, k, cfg.model.arch, len(classes)) for k in range(cfg.folds.n_splits)]
+    summaries = [trained(upstream, k, cfg.model.arch, len(classes), "infer") for k in range(cfg.folds.n_splits)]
     full = None
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:
-        full = trained(upstream, FULL_FIT, cfg.model.arch, len(classes))
+        full = trained(upstream, FULL_FIT, cfg.model.arch, len(classes), "infer")
     heads = resolve_heads(cfg.infer.heads, run, cfg.infer.mix)
-    for dep in upstream["infer"].deps:
-        if upstream[dep].stage == "3":
-            upstream.require(dep)
+    if cfg.folds_csv.exists() and any(h != "joint" for h in heads):
+        for k in range(cfg.folds.n_splits):
+            upstream.require(f"heads{k}", "infer")
     test = read_test_table(cfg.data)
     made_from = infer_record(cfg, heads, test, oof_df is not None)
     return Inputs(classes, oof_df, summaries, full, heads, test, made_from)

@@ -87,7 +87,8 @@ class Job:
 
     def stage2(self, k: int) -> dict:
         """Fold k's (or the full-data model's) finished stage-2 summary, refused when stale or of another model."""
-        return trained(self.upstream, k, self.model.arch, self.n_classes)
+        reader = "heads_full" if k == FULL_FIT else f"heads{k}"
+        return trained(self.upstream, k, self.model.arch, self.n_classes, reader)
 
     def features_record(self, k: int, classes: list) -> dict:
         return feature_record(self.run.unit(k).weights, classes, self.px, self.rebalance.aug_views, self.seed,

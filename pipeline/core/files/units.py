@@ -58,6 +58,7 @@ class Units:
     def __init__(self, units: list[Unit], allow_stale: bool = False):
         self.by_key = {u.key: u for u in units}
         self.allow_stale = allow_stale
+        self.read: dict[str, set[str]] = {}  # what each unit's stage asked for (require(by=...)): its declared deps
         for u in units:
             unknown = [d for d in u.deps if d not in self.by_key]
             if unknown:
@@ -125,10 +126,15 @@ class Units:
         """The reasons of every unit of `stage`, in order (empty: the stage is up to date)."""
         return [r for key in self.order() if self.by_key[key].stage == stage for r in self.reasons(key)]
 
-    def require(self, key: str) -> dict:
+    def require(self, key: str, by: str | None = None) -> dict:
         """The unit's finished output (its JSON) for a later stage: refused when it is not made (or waits for a dep
-        of its own stage) or was made from other inputs (with allow_stale: a warning)."""
+        of its own stage) or was made from other inputs (with allow_stale: a warning). `by`: the unit whose stage
+        reads it, which must declare it as a dep (a read it did not declare is a bug: refused)."""
         u = self.by_key[key]
+        if by is not None:
+            if key not in self.by_key[by].deps:
+                raise ValueError(f"unit {by} reads {key}, which it does not declare as a dep")
+            self.read.setdefault(by, set()).add(key)
         if not u.out.exists() or self.waits_for(key):
             raise PipelineError(u.missing or f"{u.out} is missing: {u.fix}")
         rec = u.record()
@@ -220,13 +226,14 @@ def experiment_units(cfg: Config) -> Units:
     return Units(units, cfg.session.allow_stale)
 
 
-def trained(units: Units, k: int, arch: str, n_classes: int) -> dict:
+def trained(units: Units, k: int, arch: str, n_classes: int, by: str) -> dict:
     """Fold k's (or, k = FULL_FIT, the full-data model's) finished stage-2 summary for a later stage: refused when
-    it was trained as another architecture or class count, when it is not made, or made from other inputs."""
+    it was trained as another architecture or class count, when it is not made, or made from other inputs (`by`:
+    the unit that reads it)."""
     u = units[f"weights_{FULL}" if k == layout.FULL_FIT else f"weights{k}"]
     if u.out.exists():
         s = read_json(u.out)
         if s["num_classes"] != n_classes or s["arch"] != arch:
             raise PipelineError(f"{u.out}: trained as {s['arch']} with {s['num_classes']} classes, but the config "
                                 f"says {arch} with {n_classes} classes")
-    return units.require(u.key)
+    return units.require(u.key, by)
