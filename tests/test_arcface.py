@@ -57,7 +57,7 @@ def test_the_angular_margin_moves_only_the_target_and_scales_with_class_size():
     assert np.all(arcface_margins(counts, 0.4, None) == np.float32(0.4))
 
 
-def test_arcface_is_refused_with_a_linear_probe_start_or_ldam_and_skips_the_lp_ft_default():
+def test_arcface_is_refused_with_a_linear_probe_start_or_ldam():
     with pytest.raises(ConfigError, match="train.head_init.*cosine classifier"):
         load_config(None, ["model.head=arcface", "model.pretrained_path=w.safetensors", "train.head_init=probe"])
     with pytest.raises(ConfigError, match="train.epochs.*cosine classifier"):
@@ -67,8 +67,7 @@ def test_arcface_is_refused_with_a_linear_probe_start_or_ldam_and_skips_the_lp_f
     with pytest.raises(ConfigError, match="arcface_margin_min"):
         load_config(None, ["model.head=arcface", "train.arcface_margin_min=0.6"])
     cfg = load_config(None, ["model.head=arcface", "model.pretrained_path=w.safetensors", "train.epochs=2"])
-    assert cfg.train.head_init == "random" and cfg.train.bn_stats == "frozen"   # the rest of the short defaults
-    assert load_config(None, ["model.pretrained_path=w.safetensors", "train.epochs=2"]).train.head_init == "probe"
+    assert cfg.train.head_init == "random" and cfg.train.batch_size == 32   # the short defaults apply
 
 
 def test_the_model_pools_unit_vectors_and_writes_a_linear_classifier():

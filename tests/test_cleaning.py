@@ -49,7 +49,7 @@ def test_stage2_cleans_only_the_training_rows_and_records_what_it_did(workdir, p
     root = make_competition(workdir / "comp", {"a": 10, "b": 8, "c": 6}, size=16, n_test=4)
     cfg = load_config(None, [f"data.root={root}", "experiment=cl", *TINY, f"model.pretrained_path={pretrained}",
                              "train.epochs=1", f"train.clean_labels={action}", "train.clean_max_share=0.25",
-                             "rebalance.probe=[]"])
+                             "rebalance.probe=[]", "train.head_init=probe"])
     folds_stage.run(cfg)
     df, _ = read_folds(cfg.folds_name)
     seen = {}

@@ -127,7 +127,7 @@ def test_lp_ft_head_is_fit_on_the_fold_s_training_rows_only(workdir, pretrained)
     moved.loc[~held, "y"] = np.random.default_rng(1).permutation(df["y"].values[~held])
     assert not torch.equal(head(moved), w)                      # training labels do: the test can fail
     fresh = load_config(None, [f"data.root={root}", "experiment=lp", *TINY, f"model.pretrained_path={pretrained}",
-                               "train.epochs=1", "train.head_init=random"])  # (a short run's default is probe)
+                               "train.epochs=1", "train.head_init=random"])
     r = train_stage.set_up(train_stage.Job.of(fresh), df, len(classes), 0, Dist())
     assert not torch.equal(r.nets.model.get_classifier().weight, w)   # head_init=random: timm's init
 

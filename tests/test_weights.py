@@ -218,35 +218,29 @@ def test_pretrained_defaults_fill_only_unset_keys(tmp_path):
     assert getattr(getattr(load_config(cfg_file, []), sec), name) == getattr(getattr(scratch, sec), name)
 
 
-def test_short_fine_tunes_default_to_lp_ft_with_frozen_bn_statistics(tmp_path):
-    """#47: with pretrained weights and 1 <= train.epochs <= SHORT_FINE_TUNE_EPOCHS the unset keys of
-    SHORT_FINE_TUNE_DEFAULTS take their values; longer runs, the probe baseline (epochs 0), from-scratch runs and
-    keys the user set keep theirs, from a file as from the command line."""
+def test_short_fine_tunes_default_to_batch_32_with_the_plain_recipe(tmp_path):
+    """#47: with pretrained weights and 1 <= train.epochs <= SHORT_FINE_TUNE_EPOCHS the batch defaults to 32 (the
+    plain recipe otherwise: random head, batch statistics, one lr); longer runs, the probe baseline (epochs 0),
+    from-scratch runs and keys the user set keep theirs, from a file as from the command line."""
     from pipeline.core.config import SHORT_FINE_TUNE_DEFAULTS, SHORT_FINE_TUNE_EPOCHS
 
     def train(*over, path=None):
         return load_config(path, list(over)).train
 
     pre = "model.pretrained_path=w.safetensors"
-    for epochs in (1, 2, SHORT_FINE_TUNE_EPOCHS):  # the backbone at x0.3, batch 32
+    assert SHORT_FINE_TUNE_DEFAULTS == {"train.batch_size": 32} and SHORT_FINE_TUNE_EPOCHS == 8
+    for epochs in (1, 2, 4, SHORT_FINE_TUNE_EPOCHS):
         t = train(pre, f"train.epochs={epochs}")
-        assert (t.head_init, t.bn_stats, t.backbone_lr_mult, t.batch_size) == ("probe", "frozen", 0.3, 32)
-        assert train("model.pretrained=true", f"train.epochs={epochs}").bn_stats == "frozen"
+        assert (t.head_init, t.bn_stats, t.backbone_lr_mult, t.batch_size) == ("random", "batch", 1.0, 32), epochs
+        assert train("model.pretrained=true", f"train.epochs={epochs}").batch_size == 32
     assert train(pre, "train.epochs=3", "train.batch_size=48").batch_size == 48
-    assert train(pre, f"train.epochs={SHORT_FINE_TUNE_EPOCHS + 1}").batch_size == 64
-    assert set(SHORT_FINE_TUNE_DEFAULTS) == {"train.head_init", "train.bn_stats", "train.backbone_lr_mult",
-                                             "train.batch_size"}
-    for over in ([pre, f"train.epochs={SHORT_FINE_TUNE_EPOCHS + 1}"], [pre], [pre, "train.epochs=0"],
-                 ["train.epochs=2"]):
-        t = train(*over)
-        assert (t.head_init, t.bn_stats, t.backbone_lr_mult) == ("random", "batch", 1.0), over
-    t = train(pre, "train.epochs=2", "train.bn_stats=batch")
-    assert (t.head_init, t.bn_stats) == ("probe", "batch")
+    for over in ([pre, f"train.epochs={SHORT_FINE_TUNE_EPOCHS + 1}"], [pre, "train.epochs=0"], ["train.epochs=2"]):
+        assert train(*over).batch_size == 64, over
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"model": {"pretrained_path": "w.safetensors"},
-                                        "train": {"epochs": 3, "backbone_lr_mult": 0.5}}))
+                                        "train": {"epochs": 3, "batch_size": 16, "head_init": "probe"}}))
     t = train(path=cfg_file)
-    assert (t.head_init, t.bn_stats, t.backbone_lr_mult) == ("probe", "frozen", 0.5)
+    assert (t.head_init, t.bn_stats, t.batch_size) == ("probe", "batch", 16)
 
 
 def _photo_set(root: Path, counts: dict) -> Path:

@@ -85,8 +85,8 @@ def reference() -> str:
               "take these values (`config.PRETRAINED_DEFAULTS`, measured in benchmarks/pretrained.py):", ""]
     lines += [f"- `{k}`: {v}" for k, v in PRETRAINED_DEFAULTS.items()]
     lines += ["", f"With pretrained weights and a short fine-tune (1 <= `train.epochs` <= {SHORT_FINE_TUNE_EPOCHS}), "
-              "keys left unset also take these (`config.SHORT_FINE_TUNE_DEFAULTS`: LP-FT with BatchNorm statistics "
-              "frozen, #47):", ""]
+              "keys left unset also take these (`config.SHORT_FINE_TUNE_DEFAULTS`: twice the optimiser steps for the "
+              "same images seen, #47):", ""]
     lines += [f"- `{k}`: {v}" for k, v in SHORT_FINE_TUNE_DEFAULTS.items()]
     lines += ["", "And with any epoch count:", ""]
     lines += ["- `rebalance.probe`: every variant of `rebalance.variants` (the same heads also fit on the frozen "
