@@ -75,8 +75,8 @@ def check_current(members: list[dict], own: str, own_units: Units, allow_stale: 
         if units is None or not units["folds"].out.exists():
             continue
         units.allow_stale = allow_stale  # the command's --allow-stale
-        if "infer" in units and units["infer"].out.exists():  # a missing output is load_member's to refuse
-            units.require("infer")  # stage 5 is not a unit: it reads no undeclared unit of its members
+        if units["infer"].out.exists():  # a missing output is load_member's to refuse
+            units.require("infer")
 
 
 def status(cfg: Config) -> list[str]:

@@ -146,84 +146,89 @@ class Units:
         return read_json(u.out)
 
 
+Record = Callable[[], "dict | None"]
+REFIT = "re-run ./run.sh train (or ./run.sh all), or restore the config"
+REBALANCE = "re-run ./run.sh rebalance (or ./run.sh all)"
+
+
 def experiment_units(cfg: Config) -> Units:
     """Every unit of the experiment `cfg` names, as its config declares them now: the folds file; each fold's
     weights and heads; with train.full_fit the full-data model's; stage 3's report; stage 4's predictions.
-    Without the folds file (test-only inference in a kernel) the records of stages 2-3 are not compared."""
+    Without the folds file (test-only inference in a kernel) the records of stages 2-3 are not compared.
+    The records are computed when first asked for, once per Units."""
     run, n, name = cfg.run_dir, cfg.folds.n_splits, cfg.experiment
     has_folds = cfg.folds_csv.exists()
     memo: dict = {}
 
-    def once(key: str, make: Callable[[], dict | None]) -> Callable[[], dict | None]:
-        def get():
-            if key not in memo:
-                memo[key] = make()
-            return memo[key]
-        return get
+    def once(key: str, make: Record) -> Record:
+        return lambda: memo[key] if key in memo else memo.setdefault(key, make())
 
-    def imgs() -> dict:
-        return train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
-
-    classes = lambda: read_json(run.classes)  # noqa: E731 (read when a record is asked for: after stage 2 wrote it)
-    trained = once("train", lambda: train_record(cfg) if has_folds else None)
-    refit = "re-run ./run.sh train (or ./run.sh all), or restore the config"
-    rebal = "re-run ./run.sh rebalance (or ./run.sh all)"
-    folds = [f"weights{k}" for k in range(n)]
-    heads = [f"heads{k}" for k in range(n)]
+    trained_rec = once("train", lambda: train_record(cfg) if has_folds else None)
 
     def full_rec() -> dict | None:
-        choices = fold_choices(run, n, trained()) if has_folds else None
-        return full_record(trained(), choices) if choices is not None else None
+        choices = fold_choices(run, n, trained_rec()) if has_folds else None
+        return full_record(trained_rec(), choices) if choices is not None else None
 
-    def heads_rec(k: int) -> Callable[[], dict | None]:
+    def heads_rec(k: int) -> Record:
         def make() -> dict | None:
             if not has_folds:
                 return None
-            chosen = None
-            if k == layout.FULL_FIT:
-                chosen = median_choices(cfg.rebalance.variants, [read_json(run.fold(j).rebalance_summary)
-                                                                 for j in range(n)])
-            return stage3_record(run, k, classes(), cfg.rebalance, cfg.eval, cfg.model, pixels(cfg), cfg.seed,
-                                 imgs(), chosen)
+            chosen = None if k != layout.FULL_FIT else median_choices(
+                cfg.rebalance.variants, [read_json(run.fold(j).rebalance_summary) for j in range(n)])
+            imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
+            return stage3_record(run, k, read_json(run.classes), cfg.rebalance, cfg.eval, cfg.model, pixels(cfg),
+                                 cfg.seed, imgs, chosen)
         return once(f"heads{k}", make)
 
     units = [Unit("folds", "", "1", cfg.folds_record,
                   once("folds", lambda: folds_record(cfg.folds, cfg.data, read_train_table(cfg.data))),
                   what="the folds file", fix="re-run ./run.sh folds --force (or set folds.name)",
                   missing=f"{cfg.folds_csv} not found: run ./run.sh folds")]
-    for k in range(n):
-        fd = run.fold(k)
-        units.append(Unit(f"weights{k}", f"fold {k}", "2", fd.summary, trained, ("folds",) if has_folds else (),
-                          "the fold's stage-2 weights", refit,
-                          f"fold {k} of experiment '{name}' has no finished stage-2 output ({fd.summary}); run "
-                          f"./run.sh train --fold {k}", fd.checkpoint))
-    if cfg.train.full_fit:
-        units.append(Unit(f"weights_{FULL}", "full fit", "2", run.full.summary, once("full", full_rec), tuple(folds),
-                          "the full-data model", refit,
-                          f"train.full_fit is on but the full-data model of '{name}' is not finished "
-                          f"({run.full.summary}); run ./run.sh train", run.full.checkpoint))
-    for k in range(n):
-        fd = run.fold(k)
-        units.append(Unit(f"heads{k}", f"fold {k}", "3", fd.rebalance_summary, heads_rec(k), (f"weights{k}",),
-                          "the fold's rebalanced heads", rebal,
-                          f"fold {k} of experiment '{name}' has no rebalanced heads ({fd.rebalance_summary}); run "
-                          f"./run.sh rebalance"))
-    units.append(Unit("report", "report", "3", run.rebalance_summary,
-                      once("report", lambda: report_record([read_json(run.fold(k).rebalance_summary)
-                                                            for k in range(n)])),
-                      tuple(heads), "stage 3's report", rebal,
-                      f"experiment '{name}' has no stage-3 report ({run.rebalance_summary}); run ./run.sh rebalance"))
-    if cfg.train.full_fit:
-        units.append(Unit(f"heads_{FULL}", "full fit", "3", run.full.rebalance_summary,
-                          heads_rec(layout.FULL_FIT), (f"weights_{FULL}", *heads), "the full-data model's heads",
-                          rebal, f"the full-data model of '{name}' has no rebalanced heads "
-                                 f"({run.full.rebalance_summary}); run ./run.sh rebalance"))
-    infer_deps = [*folds, *([f"weights_{FULL}"] if cfg.train.full_fit and cfg.infer.full_fit_weight > 0 else []),
-                  *(heads if has_folds and any(h != "joint" for h in cfg.infer.heads) else [])]
+    units += _stage2_units(run, n, cfg.train.full_fit, has_folds, trained_rec, once("full", full_rec))
+    units += _stage3_units(run, n, cfg.train.full_fit, heads_rec,
+                           once("report", lambda: report_record([read_json(run.fold(k).rebalance_summary)
+                                                                 for k in range(n)])))
+    infer_deps = [*(f"weights{k}" for k in range(n)),
+                  *([f"weights_{FULL}"] if cfg.train.full_fit and cfg.infer.full_fit_weight > 0 else []),
+                  *(f"heads{k}" for k in range(n) if has_folds and any(h != "joint" for h in cfg.infer.heads))]
     units.append(Unit("infer", "", "4", run.infer_summary, once("infer", lambda: infer_record(cfg)), tuple(infer_deps),
                       "", f"re-run ./run.sh infer for '{name}' (or ./run.sh all)",
                       f"experiment '{name}' has no stage-4 output ({run.infer_summary}); run ./run.sh infer"))
     return Units(units, cfg.session.allow_stale)
+
+
+def _stage2_units(run: layout.RunDir, n: int, full_fit: bool, has_folds: bool, fold_rec: Record,
+                  full_rec: Record) -> list[Unit]:
+    """Each fold's weights (all made from one record) and, with train.full_fit, the full-data model's."""
+    name = run.name
+    out = [Unit(f"weights{k}", f"fold {k}", "2", run.fold(k).summary, fold_rec, ("folds",) if has_folds else (),
+                "the fold's stage-2 weights", REFIT,
+                f"fold {k} of experiment '{name}' has no finished stage-2 output ({run.fold(k).summary}); run "
+                f"./run.sh train --fold {k}", run.fold(k).checkpoint) for k in range(n)]
+    if full_fit:
+        out.append(Unit(f"weights_{FULL}", "full fit", "2", run.full.summary, full_rec,
+                        tuple(f"weights{k}" for k in range(n)), "the full-data model", REFIT,
+                        f"train.full_fit is on but the full-data model of '{name}' is not finished "
+                        f"({run.full.summary}); run ./run.sh train", run.full.checkpoint))
+    return out
+
+
+def _stage3_units(run: layout.RunDir, n: int, full_fit: bool, heads_rec: Callable[[int], Record],
+                  report_rec: Record) -> list[Unit]:
+    """Each fold's heads, stage 3's report over them and, with train.full_fit, the full-data model's heads."""
+    name, heads = run.name, tuple(f"heads{k}" for k in range(n))
+    out = [Unit(f"heads{k}", f"fold {k}", "3", run.fold(k).rebalance_summary, heads_rec(k), (f"weights{k}",),
+                "the fold's rebalanced heads", REBALANCE,
+                f"fold {k} of experiment '{name}' has no rebalanced heads ({run.fold(k).rebalance_summary}); run "
+                f"./run.sh rebalance") for k in range(n)]
+    out.append(Unit("report", "report", "3", run.rebalance_summary, report_rec, heads, "stage 3's report", REBALANCE,
+                    f"experiment '{name}' has no stage-3 report ({run.rebalance_summary}); run ./run.sh rebalance"))
+    if full_fit:
+        out.append(Unit(f"heads_{FULL}", "full fit", "3", run.full.rebalance_summary, heads_rec(layout.FULL_FIT),
+                        (f"weights_{FULL}", *heads), "the full-data model's heads", REBALANCE,
+                        f"the full-data model of '{name}' has no rebalanced heads ({run.full.rebalance_summary}); "
+                        f"run ./run.sh rebalance"))
+    return out
 
 
 def trained(units: Units, k: int, arch: str, n_classes: int, by: str) -> dict:
