@@ -65,6 +65,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "filter": (("--filter",), dict(default=None, metavar="GLOB", help="experiment name GLOB, or COL=GLOB")),
     "best": (("--best",), dict(action="store_true", help="one row per experiment")),
     "clear": (("--clear",), dict(action="store_true", help="remove the stores")),
+    "yes": (("--yes",), dict(action="store_true", help="remove them (without it: only list them)")),
     "quick": (("--quick",), dict(action="store_true", help="the short version (see above)")),
     "out": (("--out",), dict(default=None, metavar="PATH", help="where to write (see above)")),
     "zip": (("--zip",), dict(action="store_true", help="also <out>.zip")),
@@ -190,7 +191,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_stage(stage: Stage, cfg: Config, fold: int | None, force: bool, gpus: str | None = None):
     if fold is not None and not stage.per_fold:
         raise PipelineError(f"--fold applies to train and rebalance, not to {stage.name}")
-    mod = importlib.import_module(stage.module)
+    mod = stage_module(stage)
     fault_point(f"{stage.name}:start")
     t0 = time.perf_counter()
     kwargs = {"force": force}
@@ -238,26 +239,36 @@ def stage_log(run: layout.RunDir, source: str, stage: str):
         handler.close()
 
 
-def stage_status(stage: Stage, cfg: Config) -> list[str]:
-    """Why the stage would do work now; [] when its outputs are up to date."""
-    return importlib.import_module(stage.module).status(cfg)
+def stage_module(stage: Stage):
+    """The stage's module: its `run(cfg)` and `status(cfg)` (why it would do work now; [] when up to date)."""
+    return importlib.import_module(stage.module)
+
+
+def stages_in_order(units) -> list[Stage]:
+    """The stages in the order an experiment's declared units (core/files/units.Units) read each other."""
+    number = {s.number: s for s in STAGES}
+    return [number[n] for n in units.stage_order()]
 
 
 def run_all(configs: list[Config], force: bool, until: str | None = None) -> dict:
     """Like `dvc repro`: each stage whose outputs are stale (or missing) runs, the others are
-    skipped. Stages run in order, so a stage is judged after everything upstream is current. `configs`: the
+    skipped. Stages run in the order their units read each other (stages_in_order: folds, train, rebalance, infer,
+    ensemble), so a stage is judged after everything upstream is current. `configs`: the
     command's experiment, then those of its run_also (the plan's); the first one's ensemble ends it. `until`: the
     last stage to run (then no ensemble and no reports)."""
     from .tools.demo import prepare_data
 
     cfg, ran, skipped = configs[0], [], []
     last = next(int(s.number) for s in STAGES if s.name == until) if until else len(STAGES)
-    jobs = [(c, s) for c in configs for s in STAGES if s.name != "ensemble" and int(s.number) <= last]
+    from .core.files.units import experiment_units
+
+    jobs = [(c, s) for c in configs for s in stages_in_order(experiment_units(c))
+            if s.name != "ensemble" and int(s.number) <= last]
     jobs += [(cfg, COMMANDS["ensemble"].stage)] if until is None else []
     for c, stage in jobs:
         prepare_data(c.data, c.folds.seed)
         tag = f"{c.experiment}:{stage.name}"
-        reasons = ["--force"] if force else stage_status(stage, c)
+        reasons = ["--force"] if force else stage_module(stage).status(c)
         if reasons:
             log.info("stage %s (%s) of '%s' is stale: %s", stage.number, stage.name, c.experiment, "; ".join(reasons))
             run_stage(stage, c, None, force)
@@ -319,7 +330,7 @@ def print_status(configs: list[Config]) -> None:
                 state = f"waits for stage {upstream_stale}"
             else:
                 try:
-                    reasons = stage_status(stage, c)
+                    reasons = stage_module(stage).status(c)
                 except PipelineError as e:
                     reasons = [str(e)]
                 state = "up to date" if not reasons else "stale: " + "; ".join(reasons)
@@ -458,6 +469,38 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
+    """The experiment's files that no unit of its config owns now (core/files/units: Units.unowned), listed with
+    their size; --yes removes them. Refused while a stage holds one of the experiment's locks."""
+    from .core.files.units import experiment_units
+
+    run = cfg.run_dir
+    if not run.dir.is_dir():
+        raise PipelineError(f"experiment '{cfg.experiment}' has no folder {run.dir}: nothing to clean")
+    held = sorted(run.dir.rglob(".lock"))
+    if held:
+        raise PipelineError(f"a stage of '{cfg.experiment}' holds {held[0]} (running, or killed: remove the lock "
+                            f"file once no stage runs); nothing removed")
+    files = experiment_units(cfg).unowned(run)
+    size = sum(f.stat().st_size for f in files)
+    for f in files:
+        print(f"  {f}  ({f.stat().st_size / 2**20:.1f} MiB)")
+    if not files:
+        print(f"nothing to clean in {run.dir}: every file is an output of the config's units")
+    elif args.yes:
+        for f in files:
+            f.unlink()
+        for d in sorted({f.parent for f in files}, key=lambda d: -len(d.parts)):
+            while d != run.dir and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+                d = d.parent
+        print(f"removed {len(files)} file(s), {size / 2**20:.1f} MiB, from {run.dir}")
+    else:
+        print(f"{len(files)} file(s), {size / 2**20:.1f} MiB, that no unit of the config owns (outputs of settings "
+              f"it no longer has); ./run.sh clean --yes removes them")
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace, cfg: Config) -> int:
     from .tools import plan
 
@@ -500,6 +543,15 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Says per stage whether its outputs are up to date, and if not why (the config keys or input files that "
             "changed, replaced images named), after the plan of `all`. Reads only; writes nothing.",
             CONFIG_OPTS, OVERRIDES, "./run.sh status train.lr=0.01", handler=cmd_status, config=True),
+    Command("clean", "list (--yes: remove) the experiment's files that no output of its config owns now: folds "
+                     "beyond folds.n_splits, heads of variants dropped, finished folds' resume checkpoints, ...",
+            "Lists the files under runs/<exp>/ that no unit of the config owns now (each unit declares its outputs "
+            "in core/files/units.py): outputs of settings the config no longer has, such as folds beyond "
+            "folds.n_splits, the heads of variants dropped from rebalance.variants, FixRes copies without "
+            "infer.fixres, a finished fold's resume checkpoint, stage-4 files of an older layout. With --yes removes "
+            "them. Keeps the config, classes.json, logs/ and tracking/; outputs of the config that are stale are "
+            "kept (they are remade, or current again when a setting is restored). Refused while a stage runs.",
+            CONFIG_OPTS + ("yes",), OVERRIDES, "./run.sh clean --yes", handler=cmd_clean, config=True),
     _stage_command(STAGES[0], (), "./run.sh folds folds.n_splits=5"),
     _stage_command(STAGES[1], ("fold", "gpus"), "./run.sh train --fold 0 train.epochs=3"),
     _stage_command(STAGES[2], ("fold",), "./run.sh rebalance rebalance.variants=[joint,crt,tau]"),

@@ -143,8 +143,8 @@ CONFIG_EDGES = {
     *(f"stages/{s}.py:{f}" for s in ("folds", "train", "rebalance", "infer", "ensemble") for f in ("run", "status")),
     "stages/train.py:of", "stages/rebalance.py:of", "stages/infer.py:of", "stages/infer.py:load_inputs",
     # the command line: each command's handler and the dispatch to a stage's run/status
-    *(f"cli.py:cmd_{c}" for c in ("cache", "export", "lr_find", "doctor", "all", "status", "stage")),
-    "cli.py:cmd_sweep", "cli.py:run_stage", "cli.py:stage_status", "cli.py:run_all", "cli.py:print_status",
+    *(f"cli.py:cmd_{c}" for c in ("cache", "export", "lr_find", "doctor", "all", "status", "stage", "clean")),
+    "cli.py:cmd_sweep", "cli.py:run_stage", "cli.py:run_all", "cli.py:print_status",
     # tools' entry points, and the plan, which checks whole configs
     "tools/doctor.py:main", "tools/doctor.py:of", "tools/export.py:run", "tools/lr_find.py:run",
     "tools/sweep.py:run", "tools/sweep.py:of",

@@ -1,15 +1,19 @@
 """The units engine (core/files/units, #46): the declarations are what the stages write, and the engine derives
-status, waits, refusals and the order from them alone."""
+status, waits, refusals, the order and what `clean` removes from them alone."""
+import argparse
 import json
 
 import pytest
 
 from conftest import make_competition
+from pipeline import cli
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.files.artifacts import recorded
 from pipeline.core.files.units import Unit, Units, experiment_units
 from pipeline.stages import ensemble, folds, infer, rebalance, train
+
+from test_probe import pretrained  # noqa: F401  (fixture)
 
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off", "train.batch_size=8",
         "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "rebalance.crt_epochs=2",
@@ -54,17 +58,22 @@ def test_the_engine_orders_waits_and_refuses_from_the_declarations(tmp_path):
 
 
 @pytest.mark.slow
-def test_each_declared_record_is_the_one_its_stage_writes(workdir, monkeypatch):
+def test_each_declared_record_is_the_one_its_stage_writes(workdir, monkeypatch, pretrained):  # noqa: F811
     """After stages 1-5, every unit's output exists and holds exactly the record its declaration computes (a stage
-    that changed what it records without its declaration fails here), every stage's status is empty, and stage 4
-    reads exactly the units it declares."""
+    that changed what it records without its declaration fails here; the stage-internal caches and stage 5 too:
+    each stage writes the record its unit gives it), every stage's status is empty, and stage 4 reads exactly the
+    units it declares."""
     root = make_competition(workdir / "comp", {"a": 8, "b": 6, "c": 6}, size=24, n_test=6)
-    cfg = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true"])
+    cfg = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true", f"model.pretrained_path={pretrained}",
+                             "rebalance.probe=[joint]", "infer.fixres.size=1.25", "infer.fixres.epochs=1"])
     for mod in (folds, train, rebalance, infer, ensemble):
         mod.run(cfg)
     units = experiment_units(cfg)
+    caches = {"features_fold0", "features_fold1", "features_full", "probe_features", "fixres_fold0", "fixres_fold1",
+              "fixres_full"}
     assert set(units.order()) == {"folds", "weights0", "weights1", "weights_full", "heads0", "heads1", "report",
-                                  "heads_full", "infer"}
+                                  "heads_full", "infer", "ensemble", *caches}
+    assert {k for k in units.order() if units[k].cache} == caches
     assert units.order().index("weights_full") > units.order().index("weights1")
     for key in units.order():
         assert recorded(units[key].out) == units[key].record(), key
@@ -78,9 +87,29 @@ def test_each_declared_record_is_the_one_its_stage_writes(workdir, monkeypatch):
     assert made[1].read == {"heads0": {"weights0"}, "heads1": {"weights1"}, "heads_full": {"weights_full"}}
     with pytest.raises(ValueError, match="unit weights0 reads heads0, which it does not declare"):
         units.require("heads0", by="weights0")
-    other = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true", "rebalance.crt_epochs=3"])
+    other = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true", f"model.pretrained_path={pretrained}",
+                               "rebalance.probe=[joint]", "infer.fixres.size=1.25", "infer.fixres.epochs=1",
+                               "rebalance.crt_epochs=3"])
     assert rebalance.status(other) == ["fold 0: changed rebalance.crt_epochs", "fold 1: changed rebalance.crt_epochs",
                                        "report: waits for fold 0 (stage 3), fold 1 (stage 3)",
                                        "full fit: waits for fold 0 (stage 3), fold 1 (stage 3)"]
     with pytest.raises(PipelineError, match=r"fold0/rebalance/summary.json \(the fold's rebalanced heads\) is stale"):
         infer.status(other)  # stage 4 asks stage 3's unit, and refuses its stale input
+    # cleaning from the same declarations: a finished fold's resume checkpoint is no unit's output
+    run = cfg.run_dir
+    assert {str(p.relative_to(run.dir)) for p in units.unowned(run)} == {"fold0/last.pt", "fold1/last.pt",
+                                                                         "full/last.pt"}
+    fewer = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true", f"model.pretrained_path={pretrained}",
+                               "rebalance.probe=[joint]", "rebalance.variants=[joint,ncm]"])
+    gone = {str(p.relative_to(run.dir)) for p in experiment_units(fewer).unowned(run)}
+    assert {"fold0/rebalance/heads/crt.safetensors", "fold0/rebalance/heads/crt.inner1.safetensors",
+            "fold1/rebalance/oof_crt.npz", "full/rebalance/heads/crt.safetensors", "infer/fixres/fold0.safetensors",
+            "infer/fixres/full.json", "fold0/last.pt"} <= gone
+    assert not [g for g in gone if "ncm" in g or "joint" in g or "features" in g or g.endswith(("model.safetensors",
+                                                                                                "summary.json"))]
+    assert cli.cmd_clean(argparse.Namespace(yes=True), fewer) == 0
+    assert experiment_units(fewer).unowned(run) == [] and not run.fixres("fold0").parent.exists()
+    assert train.status(fewer) == [] and train.status(cfg) == []  # what stage 2 reads was kept
+    assert rebalance.status(fewer) == ["fold 0: changed rebalance.variants", "fold 1: changed rebalance.variants",
+                                       "report: waits for fold 0 (stage 3), fold 1 (stage 3)",
+                                       "full fit: waits for fold 0 (stage 3), fold 1 (stage 3)"]

@@ -31,8 +31,8 @@ from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
 from ..core.predict.tta import BASELINE
 from ..core.predict.submission import (Member, build_submission, combine, mix, parse_members,
                                        submission_without_sample)
-from ..core.files.provenance import ensemble_record, environment, stale_reasons, up_to_date
-from ..core.files.units import Units, experiment_units
+from ..core.files.provenance import environment, up_to_date
+from ..core.files.units import Units, experiment_units, member_summary
 
 log = logging.getLogger("pipeline")
 
@@ -42,13 +42,7 @@ def load_member(member: Member) -> dict:
     tables computed on demand: the mean, the geometric mean, the CV and the submission go through them in blocks of
     rows; weights and hill climbing, which revisit every OOF row, read the members' OOF tables whole)."""
     run = layout.RunDir.of(member.exp)
-    if not run.infer_summary.exists():
-        raise PipelineError(f"ensemble member '{member}': {run.infer_summary} not found; run ./run.sh infer for "
-                            f"'{member.exp}'")
-    s = read_json(run.infer_summary)
-    member = member.with_head(member.head or s["primary"])
-    if member.head not in s["heads"]:
-        raise PipelineError(f"ensemble member '{member}': stage 4 predicted heads {s['heads']} only")
+    member, s = member_summary(member)
     m = {"name": str(member), "summary": s}
     for part in PARTS:
         stored = Stage4.of(run, member.head, part, s)
@@ -57,10 +51,6 @@ def load_member(member: Member) -> dict:
         # a ProbTable: computed from stage 4's features a block of rows at a time by whoever reads it
         m[part] = {**stored.rows(), "probs": stored.prob_table(member.plain)}
     return m
-
-
-def made_of(members: list[dict]) -> dict:
-    return {m["name"]: m["summary"]["made_from"] for m in members}
 
 
 def check_current(members: list[dict], own: str, own_units: Units, allow_stale: bool) -> None:
@@ -80,12 +70,10 @@ def check_current(members: list[dict], own: str, own_units: Units, allow_stale: 
 
 
 def status(cfg: Config) -> list[str]:
-    """Why stage 5 would do work now (empty: up to date)."""
-    name = cfg.ensemble.name or cfg.experiment
-    members = [load_member(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]
-    if cfg.data.sample_submission and not layout.submission_csv(name).exists():
-        return ["not run"]
-    return stale_reasons(layout.submission_record(name), ensemble_record(cfg.ensemble, cfg.eval, cfg.data, made_of(members)))
+    """Why stage 5 would do work now (empty: up to date): its unit's reasons (a member not predicted is refused)."""
+    units = experiment_units(cfg)
+    units.record("ensemble")  # every member predicted, or refused naming it
+    return units.status("5")
 
 
 def check_compatible(members: list[dict]) -> None:
@@ -266,8 +254,9 @@ def run(cfg: Config, force: bool = False) -> dict:
     name = cfg.ensemble.name or cfg.experiment
     members = [load_member(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]
     check_compatible(members)
-    check_current(members, cfg.experiment, experiment_units(cfg), cfg.session.allow_stale)
-    made_from = ensemble_record(cfg.ensemble, cfg.eval, cfg.data, made_of(members))
+    units = experiment_units(cfg)
+    check_current(members, cfg.experiment, units, cfg.session.allow_stale)
+    made_from = units.record("ensemble")
     out, csv = layout.submission_record(name), layout.submission_csv(name)
     if csv.exists() and not force and up_to_date(out, made_from):
         log.info("ensemble %s is up to date, skipped (--force redoes it)", name)

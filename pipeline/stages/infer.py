@@ -23,7 +23,6 @@ predicts `fixres:<view>@<size>` views, scored on OOF like the others.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import shutil
@@ -40,13 +39,13 @@ from ..core.nets.families import FINE_TUNED, PROBES, WISE_FT, Family
 from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
-from ..core.config import (MIX, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg, keys_without_output,
+from ..core.config import (MIX, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg,
                            wise_alpha_of, wise_name)
 from ..core.files import layout
 from ..core.inputs.data import read_test_table
 from ..core.engine.distributed import Dist
 from ..core.errors import PipelineError
-from ..core.inputs.augment import open_store, pixel_record, valid_transform
+from ..core.inputs.augment import open_store, valid_transform
 from ..core.inputs.images import ImageDataset
 from ..core.predict.inference import (Loading, PolicyFeatures, default_policy, joint_head,
                                       nested_policy_blocks, parse_view, policies_rows, tta_names)
@@ -55,9 +54,9 @@ from ..core.engine.loop import Step, run_epoch
 from ..core.files.featurefile import write_features
 from ..core.predict.stored import STORE_VERSION, HeldOut, LogitTable, StoredFiles, head_ref, store_damage
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, better, cv, row_scores, score_rows
-from ..core.files.provenance import (environment, infer_record, keep_image_snapshots, oof_rows, mix_candidates,
-                                     resolve_heads, train_images, up_to_date)
-from ..core.files.units import experiment_units, trained
+from ..core.files.provenance import (environment, fixres_lr, keep_image_snapshots, oof_rows, mix_candidates,
+                                     resolve_heads, up_to_date)
+from ..core.files.units import Units, experiment_units, trained
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.predict.tta import BASELINE
@@ -75,6 +74,7 @@ class Inputs:
     heads: list[str]
     test: pd.DataFrame
     made_from: dict
+    units: Units  # the experiment's units, asked for every record stage 4 checks or writes
 
 
 @dataclass
@@ -105,17 +105,13 @@ class Job:
     px: Pixels
     seed: int
     device: str
-    hash_images: bool
-    looks: dict | None
     tracking: tracking.Tracking
 
     @classmethod
     def of(cls, cfg: Config) -> "Job":
         return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.infer, cfg.eval, cfg.model, cfg.train, pixels(cfg),
-                   cfg.seed, cfg.device, cfg.data.hash_images, cfg.session.looks, tracking.Tracking.of(cfg))
+                   cfg.seed, cfg.device, tracking.Tracking.of(cfg))
 
-    def train_imgs(self) -> dict:
-        return train_images(self.folds_csv, self.hash_images, self.looks)
 
 
 def load_inputs(cfg: Config) -> Inputs:
@@ -137,8 +133,7 @@ def load_inputs(cfg: Config) -> Inputs:
         for k in range(cfg.folds.n_splits):
             upstream.require(f"heads{k}", "infer")
     test = read_test_table(cfg.data)
-    made_from = infer_record(cfg, heads, test, oof_df is not None)
-    return Inputs(classes, oof_df, summaries, full, heads, test, made_from)
+    return Inputs(classes, oof_df, summaries, full, heads, test, upstream.record("infer"), upstream)
 
 
 def units(job: Job, inp: Inputs) -> list[TtaModel]:
@@ -160,32 +155,19 @@ def damaged_outputs(run: layout.RunDir) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- FixRes
-def fixres_record(job: Job, k: int) -> dict:
-    """What a FixRes-tuned copy of fold k's (or the full model's) weights is made from."""
-    aug = {x: v for x, v in dataclasses.asdict(job.px.aug).items() if x not in keys_without_output("aug")}
-    return {"fixres": dataclasses.asdict(job.infer.fixres), "lr": fixres_lr(job), "weights": sha256_file(job.run.unit(k).weights),
-            "folds_file": sha256_file(job.folds_csv), "train_images": job.train_imgs(), "aug": aug,
-            **pixel_record(job.px), "batch_size": job.train.batch_size, "seed": job.seed,
-            "amp": job.train.amp, "channels_last": job.train.channels_last}
-
-
-def fixres_lr(job: Job) -> float:
-    return job.infer.fixres.lr if job.infer.fixres.lr is not None else job.train.lr / 10
-
-
-def fixres_weights(job: Job, df: pd.DataFrame | None, u: TtaModel, n_classes: int, device, dtype):
+def fixres_weights(job: Job, inp: Inputs, u: TtaModel, device, dtype):
     """FixRes (Touvron et al. 2019): the model with its normalisation layers and classifier fine-tuned at the
     test size on its own training rows (fold k: the rows it trained on, never its held-out ones; the full
     model: every row). BatchNorm statistics are re-estimated there (a cumulative average over the epoch, not
     a decayed one). Kept in runs/<exp>/infer/fixres/<unit>.safetensors with its record."""
-    fd = job.run.unit(u.k)
+    fd, df, n_classes = job.run.unit(u.k), inp.oof_df, len(inp.classes)
     path, meta = job.run.fixres(fd.name), job.run.fixres_meta(fd.name)
     if df is None:  # test-only inference (infer.oof=off without the train data): use what was tuned before
         if not path.exists():
             raise PipelineError(f"infer.fixres needs {path}: tune it where the train images are (stage 4 with "
                                 f"infer.oof=auto), or set infer.fixres.size=null")
         return models.load_trained(job.model, path, n_classes)
-    rec = fixres_record(job, u.k)
+    rec = inp.units.record(f"fixres_{fd.name}")
     if path.exists() and up_to_date(meta, rec):
         return models.load_trained(job.model, path, n_classes)
     t0 = time.perf_counter()
@@ -233,7 +215,7 @@ def fixres_tune(job: Job, model, tuned: list, norm, ds, gen: torch.Generator, de
     through stage 2's step and loop."""
     fx = job.infer.fixres
     steps = fx.epochs * (-(-len(ds) // job.train.batch_size))
-    opt = torch.optim.AdamW(tuned, lr=fixres_lr(job), weight_decay=0.0)
+    opt = torch.optim.AdamW(tuned, lr=fixres_lr(fx, job.train.lr), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     step = Step(model, opt, device, dtype, on_update=lambda n: sched.step())  # fp16: loss scaling too
     fmt = memory_format(job.train, device)
@@ -499,7 +481,7 @@ def open_backbone(job: Job, inp: Inputs, b: Backbone, p: Pass):
         return model, models.Normalize(inp.summaries[b.k]["mean"], inp.summaries[b.k]["std"]).to(p.device), None
     u = b.unit
     fd = job.run.unit(u.k)
-    model = (fixres_weights(job, inp.oof_df, u, C, p.device, p.dtype) if u.fixres
+    model = (fixres_weights(job, inp, u, p.device, p.dtype) if u.fixres
              else FINE_TUNED.model(job.model, fd.weights, C)).to(p.device)
     prepare_model(job.train, model, p.device)
     norm = models.Normalize(u.stage2["mean"], u.stage2["std"]).to(p.device)

@@ -47,8 +47,7 @@ from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT, FoldDir
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
 from ..core.predict.stored import HeadRows, HeldOut
-from ..core.files.provenance import (environment, feature_record, keep_image_snapshots, probe_features_record,
-                                     report_record, stage3_record, train_images, up_to_date)
+from ..core.files.provenance import environment, keep_image_snapshots, train_images, up_to_date
 from ..core.files.units import Units, experiment_units, trained
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.engine.distributed import Dist
@@ -75,35 +74,35 @@ class Job:
     train_imgs: dict  # the train images' record (provenance.train_images)
     tracking: tracking.Tracking
     allow_stale: bool
-    upstream: Units | None = None  # the experiment's units: stage 3 asks them for its stage-2 inputs (run only)
+    units: Units  # the experiment's units: stage 3 asks them for its stage-2 inputs and for its own records
     n_classes: int = 0  # what the stage-2 outputs must have been trained for
 
     @classmethod
-    def of(cls, cfg: Config, with_stage2: bool, n_classes: int = 0) -> "Job":
+    def of(cls, cfg: Config, n_classes: int = 0) -> "Job":
         imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
         return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.rebalance, cfg.eval, cfg.model, cfg.train,
                    cfg.infer.batch_size, cfg.device, pixels(cfg), cfg.seed, imgs, tracking.Tracking.of(cfg),
-                   cfg.session.allow_stale, experiment_units(cfg) if with_stage2 else None, n_classes)
+                   cfg.session.allow_stale, experiment_units(cfg), n_classes)
 
     def stage2(self, k: int) -> dict:
         """Fold k's (or the full-data model's) finished stage-2 summary, refused when stale or of another model."""
-        reader = "heads_full" if k == FULL_FIT else f"heads{k}"
-        return trained(self.upstream, k, self.model.arch, self.n_classes, reader)
+        return trained(self.units, k, self.model.arch, self.n_classes, self.heads_key(k))
 
-    def features_record(self, k: int, classes: list) -> dict:
-        return feature_record(self.run.unit(k).weights, classes, self.px, self.rebalance.aug_views, self.seed,
-                              self.train_imgs)
+    @staticmethod
+    def heads_key(k: int) -> str:
+        return "heads_full" if k == FULL_FIT else f"heads{k}"
 
-    def probe_record(self, classes: list) -> dict | None:
+    def features_record(self, k: int) -> dict:
+        """What fold k's (or the full-data model's) feature cache is made from: its unit's record."""
+        return self.units.record(f"features_{self.run.unit(k).name}")
+
+    def probe_record(self) -> dict | None:
         """What the pretrained backbone's features depend on (None without rebalance.probe or wise_alpha)."""
-        if not (self.rebalance.probe or self.rebalance.wise_alpha):
-            return None
-        return probe_features_record(self.model, self.px, classes, self.train_imgs)
+        return self.units.record("probe_features") if "probe_features" in self.units else None
 
-    def record(self, k: int, classes: list, fold_choices: dict | None = None) -> dict:
-        """Fold k's (or the full-data model's) stage-3 record."""
-        return stage3_record(self.run, k, classes, self.rebalance, self.eval, self.model, self.px, self.seed,
-                             self.train_imgs, fold_choices)
+    def record(self, k: int) -> dict:
+        """Fold k's (or the full-data model's) stage-3 record: its unit's."""
+        return self.units.record(self.heads_key(k))
 
 
 # ----------------------------------------------------------------------------- features
@@ -112,7 +111,7 @@ def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     full-data model, every row a train row, none held out)."""
     fd = job.run.unit(k)
     weights = fd.weights
-    record = job.features_record(k, classes)
+    record = job.features_record(k)
     if fd.features.exists() and up_to_date(fd.features_meta, record):
         return read_npz(fd.features)
 
@@ -179,7 +178,7 @@ def same_as_stage2(fd: FoldDir, feats: dict, tol: float) -> None:
 def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     """rebalance.probe: the pretrained, un-fine-tuned backbone's pooled features of every train row (in the folds
     table's order), one pass for every fold, cached in runs/<exp>/rebalance/probe_features.npz."""
-    run, rec = job.run, job.probe_record(classes)
+    run, rec = job.run, job.probe_record()
     if run.probe_features.exists() and up_to_date(run.probe_features_meta, rec):
         return read_npz(run.probe_features)["feats"]
     t0 = time.perf_counter()
@@ -341,7 +340,7 @@ def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: boo
     stage2 = job.stage2(k)
     fd = job.run.fold(k)
     feats = fold_features(job, df, classes, k, stage2)
-    made_from = job.record(k, classes)
+    made_from = job.record(k)
     if not force and up_to_date(fd.rebalance_summary, made_from):
         log.info("fold %d: rebalanced heads up to date, skipped", k)
         return read_json(fd.rebalance_summary)
@@ -383,7 +382,7 @@ def rebalance_full(job: Job, df: pd.DataFrame, classes: list, summaries: list[di
     fd = job.run.full
     stage2 = job.stage2(FULL_FIT)
     chosen = median_choices(job.rebalance.variants, summaries)
-    made_from = job.record(FULL_FIT, classes, chosen)
+    made_from = job.record(FULL_FIT)  # the folds' choices (`chosen`) among what it is made from
     if not force and up_to_date(fd.rebalance_summary, made_from):
         log.info("full fit: rebalanced heads up to date, skipped")
         return read_json(fd.rebalance_summary)
@@ -437,7 +436,7 @@ def report(job: Job, df: pd.DataFrame, classes: list, summaries: list[dict]) -> 
           "Pictures (per-class recall against frequency, the tau sweep): `./run.sh report` -> reports/<exp>/.", ""]
     write_text(run.rebalance_md, "\n".join(md))
     summary = {"best": best, "metric": metric, "table": table.to_dict(orient="records"),
-               "made_from": report_record(summaries),
+               "made_from": job.units.record("report"),
                "folds": [s["fold"] for s in summaries],
                "chosen_tau": [s["variants"].get("tau", {}).get("tau") for s in summaries]}
     write_json(run.rebalance_summary, summary)
@@ -463,7 +462,7 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
         raise PipelineError(f"--fold {fold}: {cfg.folds_csv} has folds 0..{n_splits - 1}")
     folds = [fold] if fold is not None else list(range(n_splits))
     check_inner_folds(cfg.rebalance.inner_folds, df, folds)
-    job = Job.of(cfg, with_stage2=True, n_classes=len(classes))
+    job = Job.of(cfg, n_classes=len(classes))
     for k in folds:
         with experiment_lock(cfg.run_dir.fold(k).dir):
             rebalance_fold(job, df, classes, k, force)
@@ -472,14 +471,14 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
         log.info("report waits for every fold: rebalanced %s of %d", done, n_splits)
         return None
     summaries = [read_json(cfg.run_dir.fold(k).rebalance_summary) for k in range(n_splits)]
-    stale = [s["fold"] for s in summaries if s["made_from"] != job.record(s["fold"], classes)]
+    stale = [s["fold"] for s in summaries if s["made_from"] != job.record(s["fold"])]
     if stale:
         log.info("report waits: fold(s) %s were rebalanced with other settings or weights", stale)
         return None
     if cfg.train.full_fit:
         with experiment_lock(cfg.run_dir.full.dir):
             rebalance_full(job, df, classes, summaries, force)
-    if not force and up_to_date(cfg.run_dir.rebalance_summary, report_record(summaries)):
+    if not force and up_to_date(cfg.run_dir.rebalance_summary, job.units.record("report")):
         log.info("stage-3 report of '%s' is up to date", cfg.experiment)
         return read_json(cfg.run_dir.rebalance_summary)
     return report(job, df, classes, summaries)

@@ -60,9 +60,9 @@ from ..core.predict.stored import stage2_logits
 from ..core.nets.models import (Normalize, SubCenterCosine, clean_state_dict, create_model, inference_state, norm_stats,
                                 to_input, write_state_dict)
 from ..core.report.progress import Progress, progress
-from ..core.files.provenance import (describe_changes, environment, fold_choices, full_record, keep_image_snapshots,
-                                     recorded, train_record, up_to_date)
-from ..core.files.units import experiment_units
+from ..core.files.provenance import (describe_changes, environment, fold_choices, keep_image_snapshots, recorded,
+                                     up_to_date)
+from ..core.files.units import FULL, Units, experiment_units
 from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
                                    prepare_model, set_backend_flags, workers)
 from ..core.inputs.samplers import epoch_indices
@@ -162,7 +162,7 @@ class Job:
     seed: int
     device: str
     tracking: Tracking
-    rec: dict  # what each fold's outputs are made from (provenance.train_record)
+    units: Units  # the experiment's units: each trained unit's record is asked of its unit
     levels: tuple[Level, ...] = ()  # train.taxonomy: each level's parent of every class
 
     @classmethod
@@ -171,11 +171,16 @@ class Job:
         work when the table lacks a class or gives one two parents)."""
         levels = tuple(read_levels(cfg.data, classes, cfg.train.taxonomy)) if classes is not None else ()
         return cls(cfg.experiment, cfg.run_dir, cfg.folds_csv, cfg.folds.n_splits, cfg.data, cfg.model, cfg.train,
-                   cfg.eval, pixels(cfg), cfg.seed, cfg.device, Tracking.of(cfg), train_record(cfg), levels)
+                   cfg.eval, pixels(cfg), cfg.seed, cfg.device, Tracking.of(cfg), experiment_units(cfg), levels)
 
     @property
     def aug(self) -> AugCfg:
         return self.px.aug
+
+    @property
+    def rec(self) -> dict:
+        """What each fold's outputs are made from (the record of its unit; every fold's is the same)."""
+        return self.units.record("weights0")
 
 
 @dataclass
@@ -564,7 +569,7 @@ def train_unit(job: Job, df: pd.DataFrame, classes: list, k: int, force: bool, d
     epochs (a fold validates each and may stop early), then write its weights and summary (main process)."""
     choices = fold_choices(job.run, job.n_splits, job.rec) if k == FULL_FIT else None
     paths = job.run.unit(k)
-    rec = full_record(job.rec, choices) if k == FULL_FIT else job.rec
+    rec = job.units.record(f"weights_{FULL}") if k == FULL_FIT else job.rec
     done, resume = resume_or_skip(paths, rec, "full fit" if k == FULL_FIT else f"fold {k}", force, dist)
     if done is not None:
         return done

@@ -110,7 +110,6 @@ HUB_PROBE_S = 3.0  # how long the plan waits for the model hub before calling it
 def hub_weights_problem(arch: str) -> str | None:
     """Why timm could not have `arch`'s pretrained weights now (None: it can): not in the local cache (Hugging
     Face's, or torch hub's for a URL), and the hub offline (HF_HUB_OFFLINE) or unreachable in HUB_PROBE_S."""
-    import os
     import socket
     from urllib.parse import urlparse
 

@@ -48,11 +48,10 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..core.config import Config, SweepCfg, load_config
 from ..core.errors import PipelineError

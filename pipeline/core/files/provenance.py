@@ -22,7 +22,8 @@ from pathlib import Path
 from . import layout
 from .artifacts import read_json, recorded, sha256_file, sha256_obj, up_to_date, write_json  # noqa: F401 (re-exported)
 from ..inputs.augment import pixel_record
-from ..config import MIX, PROBE, SECTION_STAGE, WISE, Config, DataCfg, TrainCfg, later_keys, off_backbone, schema
+from ..config import (MIX, PROBE, SECTION_STAGE, WISE, Config, DataCfg, TrainCfg, keys_without_output, later_keys,
+                      off_backbone, schema)
 from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
@@ -446,6 +447,20 @@ def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bo
         sha = lambda p: sha256_file(p) if p.exists() else "missing"  # noqa: E731
         rec["full"] = {"weights": sha(full.weights), "head_files": {h: sha(full.head(h)) for h in files}}
     return rec
+
+
+def fixres_lr(fixres, lr: float) -> float:
+    """The FixRes tuning's learning rate: infer.fixres.lr, else a tenth of train.lr."""
+    return fixres.lr if fixres.lr is not None else lr / 10
+
+
+def fixres_record(fixres, train: TrainCfg, px, seed: int, weights: Path, folds_csv: Path, train_imgs: dict) -> dict:
+    """What a FixRes-tuned copy of a trained unit's `weights` is made from (`fixres`: infer.fixres; `px`: Pixels)."""
+    aug = {x: v for x, v in dataclasses.asdict(px.aug).items() if x not in keys_without_output("aug")}
+    return {"fixres": dataclasses.asdict(fixres), "lr": fixres_lr(fixres, train.lr), "weights": sha256_file(weights),
+            "folds_file": sha256_file(folds_csv), "train_images": train_imgs, "aug": aug,
+            **pixel_record(px), "batch_size": train.batch_size, "seed": seed,
+            "amp": train.amp, "channels_last": train.channels_last}
 
 
 # ----------------------------------------------------------------------------- stage 5

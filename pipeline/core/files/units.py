@@ -12,26 +12,31 @@ how it is remade. From the declarations alone the engine derives:
 - `status(stage)`: the reasons of every unit of a stage (each stage's `status` is this);
 - `require(key)`: the finished output a later stage reads, refused when missing or made from other inputs: a
   stage asks the upstream unit, it never rebuilds that stage's recipe;
-- `order()`: the order every unit can be made in (deps first).
+- `order()`: the order every unit can be made in (deps first);
+- `record(key)`: the record a stage writes into its own output: a stage asks its unit, it calls no recipe.
 
-Stage-internal caches (a fold's feature cache, the probe features, a FixRes copy, a teacher's targets) are the
-business of the stage that makes and reads them; they are not units here.
+Stage-internal caches (a fold's feature cache, the probe features, a FixRes copy) are units too (`cache`): the
+stage that makes them asks their unit whether the copy on disk is current and what record to store with it;
+they are left out of `status` (a stale cache shows as its stage's stale output, whose record embeds it).
 """
 from __future__ import annotations
 
 import dataclasses
+from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path
 from typing import Callable
 
 from . import layout
 from .artifacts import read_json, recorded
-from .provenance import (describe_changes, fold_choices, folds_record, full_record, infer_record, refuse_stale,
-                         report_record, stage3_record, stale_reasons, train_images, train_record)
-from ..config import Config
+from .provenance import (describe_changes, ensemble_record, feature_record, fixres_record, fold_choices, folds_record,
+                         full_record, infer_record, probe_features_record, refuse_stale, report_record, stage3_record,
+                         stale_reasons, train_images, train_record)
+from ..config import PROBE, Config, wise_name
 from ..errors import PipelineError
 from ..inputs.data import read_train_table
 from ..inputs.pixels import pixels
 from ..nets.heads import median_choices
+from ..predict.submission import Member, parse_members
 
 FULL = "full"
 
@@ -50,6 +55,12 @@ class Unit:
     fix: str = ""  # how to remake it, in a refusal
     missing: str = ""  # the refusal when it is not made
     resume: Path | None = None  # an interrupted unit's resume state (stage 2's checkpoint)
+    cache: bool = False  # a stage-internal cache (made and read by its own stage): not in status, never waited for
+    needs: tuple[Path, ...] = ()  # files besides `out` without which the unit counts as not made
+    owns: tuple[Path, ...] = ()  # the other files (or folders; a name may hold a * pattern) that are its output
+
+    def owned(self) -> tuple[Path, ...]:
+        return (self.out, *self.needs, *self.owns)
 
 
 class Units:
@@ -89,12 +100,28 @@ class Units:
             visit(key)
         return out
 
+    def stage_order(self) -> list[str]:
+        """The stages, each after every stage whose units its units read (what `all` runs them in); stages that
+        read each other are refused."""
+        after = {u.stage: set() for u in self.by_key.values()}
+        for u in self.by_key.values():
+            after[u.stage] |= {self.by_key[d].stage for d in u.deps} - {u.stage}
+        out: list[str] = []
+        while len(out) < len(after):
+            ready = sorted(s for s, deps in after.items() if s not in out and deps <= set(out))
+            if not ready:
+                raise ValueError(f"stages {sorted(set(after) - set(out))} read each other's units")
+            out.append(ready[0])
+        return out
+
     def own_reasons(self, key: str) -> list[str]:
         """Why the unit differs from what the config would make now, its deps aside ([]: current)."""
         u = self.by_key[key]
         prefix = f"{u.label}: " if u.label else ""
         if not u.out.exists() and u.resume is not None and u.resume.exists():
             return [f"{prefix}interrupted, resumes from {u.resume.name}"]
+        if not all(p.exists() for p in u.needs):
+            return [f"{prefix}not run"]
         rec = u.record() if u.out.exists() else {}
         if rec is None:  # not compared: made is enough
             return []
@@ -102,6 +129,10 @@ class Units:
 
     def current(self, key: str) -> bool:
         return not self.own_reasons(key)
+
+    def record(self, key: str) -> dict | None:
+        """The record the unit's stage writes into its output now (None: not compared)."""
+        return self.by_key[key].record()
 
     def waits_for(self, key: str) -> list[str]:
         """The deps the unit waits for: not made, or (in its own stage, which makes them first) not current."""
@@ -122,9 +153,30 @@ class Units:
                 self.require(d)
         return self.own_reasons(key)
 
+    def unowned(self, run: layout.RunDir) -> list[Path]:
+        """The files under the experiment's folder that no declared unit owns (outputs of settings the config no
+        longer has: folds beyond folds.n_splits, heads of variants dropped, FixRes copies, a finished fold's resume
+        checkpoint, stage-4 files of an older layout), sorted; the config, label encoding, logs, tracking folder and
+        lock files are kept. What `./run.sh clean` removes."""
+        owned = [p for u in self.by_key.values() for p in u.owned()]
+        exact = {str(p) for p in owned if "*" not in p.name}
+        folders = [p for p in owned if "*" not in p.name and p.is_dir()]
+        globs = [str(p) for p in owned if "*" in p.name]
+        keep = {str(run.config), str(run.classes)}
+        out = []
+        for f in sorted(run.dir.rglob("*")):
+            if not f.is_file() or f.name == ".lock" or str(f) in keep or f.is_relative_to(run.logs) \
+                    or f.is_relative_to(run.tracking):
+                continue
+            if str(f) in exact or any(f.is_relative_to(d) for d in folders) or any(fnmatch(str(f), g) for g in globs):
+                continue
+            out.append(f)
+        return out
+
     def status(self, stage: str) -> list[str]:
         """The reasons of every unit of `stage`, in order (empty: the stage is up to date)."""
-        return [r for key in self.order() if self.by_key[key].stage == stage for r in self.reasons(key)]
+        return [r for key in self.order() if self.by_key[key].stage == stage and not self.by_key[key].cache
+                for r in self.reasons(key)]
 
     def require(self, key: str, by: str | None = None) -> dict:
         """The unit's finished output (its JSON) for a later stage: refused when it is not made (or waits for a dep
@@ -151,19 +203,36 @@ REFIT = "re-run ./run.sh train (or ./run.sh all), or restore the config"
 REBALANCE = "re-run ./run.sh rebalance (or ./run.sh all)"
 
 
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def experiment_units(cfg: Config) -> Units:
     """Every unit of the experiment `cfg` names, as its config declares them now: the folds file; each fold's
-    weights and heads; with train.full_fit the full-data model's; stage 3's report; stage 4's predictions.
-    Without the folds file (test-only inference in a kernel) the records of stages 2-3 are not compared.
-    The records are computed when first asked for, once per Units."""
-    run, n, name = cfg.run_dir, cfg.folds.n_splits, cfg.experiment
+    weights, feature cache and heads; with train.full_fit the full-data model's; the probe features; stage 3's
+    report; FixRes copies; stage 4's predictions; the ensemble's submission. Without the folds file (test-only
+    inference in a kernel) the records of stages 2-3 are not compared. Each record is computed when first asked
+    for, once per Units and state of the same-stage outputs it reads (`watch`: a fold summary rewritten since
+    gives a new record)."""
+    run, n, px = cfg.run_dir, cfg.folds.n_splits, pixels(cfg)
     has_folds = cfg.folds_csv.exists()
     memo: dict = {}
 
-    def once(key: str, make: Record) -> Record:
-        return lambda: memo[key] if key in memo else memo.setdefault(key, make())
+    def once(key: str, make: Record, watch: Callable[[], list] = list) -> Record:
+        def get():
+            at = (key, *map(_stamp, watch()))
+            return memo[at] if at in memo else memo.setdefault(at, make())
+        return get
 
     trained_rec = once("train", lambda: train_record(cfg) if has_folds else None)
+    imgs = once("images", lambda: train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks))
+    classes = once("classes", lambda: read_json(run.classes), lambda: [run.classes])
+    summaries = lambda: [run.fold(k).summary for k in range(n)]  # noqa: E731
+    heads_files = lambda: [run.fold(k).rebalance_summary for k in range(n)]  # noqa: E731
 
     def full_rec() -> dict | None:
         choices = fold_choices(run, n, trained_rec()) if has_folds else None
@@ -173,62 +242,147 @@ def experiment_units(cfg: Config) -> Units:
         def make() -> dict | None:
             if not has_folds:
                 return None
-            chosen = None if k != layout.FULL_FIT else median_choices(
-                cfg.rebalance.variants, [read_json(run.fold(j).rebalance_summary) for j in range(n)])
-            imgs = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
-            return stage3_record(run, k, read_json(run.classes), cfg.rebalance, cfg.eval, cfg.model, pixels(cfg),
-                                 cfg.seed, imgs, chosen)
-        return once(f"heads{k}", make)
+            chosen = None if k != layout.FULL_FIT else median_choices(cfg.rebalance.variants,
+                                                                      [read_json(p) for p in heads_files()])
+            return stage3_record(run, k, classes(), cfg.rebalance, cfg.eval, cfg.model, px, cfg.seed, imgs(), chosen)
+        return once(f"heads{k}", make, lambda: [run.unit(k).weights, *(heads_files() if k == layout.FULL_FIT else [])])
 
+    caches = {k: once(f"features{k}", lambda k=k: feature_record(run.unit(k).weights, classes(), px,
+                                                                 cfg.rebalance.aug_views, cfg.seed, imgs()),
+                      lambda k=k: [run.unit(k).weights]) for k in _units_of(n, cfg.train.full_fit)}
+    probe = (once("probe", lambda: probe_features_record(cfg.model, px, classes(), imgs()))
+             if cfg.rebalance.probe or cfg.rebalance.wise_alpha else None)
+    full_tested = cfg.train.full_fit and cfg.infer.full_fit_weight > 0
+    fixres = {k: (lambda k=k: fixres_record(cfg.infer.fixres, cfg.train, px, cfg.seed, run.unit(k).weights,
+                                            cfg.folds_csv, imgs()))
+              for k in (_units_of(n, full_tested) if cfg.infer.fixres.size is not None else [])}
     units = [Unit("folds", "", "1", cfg.folds_record,
                   once("folds", lambda: folds_record(cfg.folds, cfg.data, read_train_table(cfg.data))),
                   what="the folds file", fix="re-run ./run.sh folds --force (or set folds.name)",
                   missing=f"{cfg.folds_csv} not found: run ./run.sh folds")]
-    units += _stage2_units(run, n, cfg.train.full_fit, has_folds, trained_rec, once("full", full_rec))
+    units += _stage2_units(run, n, cfg.train.full_fit, has_folds, trained_rec, once("full", full_rec, summaries),
+                           bool(cfg.train.pseudo.teacher or cfg.train.distill.teacher))
+    r = cfg.rebalance
     units += _stage3_units(run, n, cfg.train.full_fit, heads_rec,
-                           once("report", lambda: report_record([read_json(run.fold(k).rebalance_summary)
-                                                                 for k in range(n)])))
-    infer_deps = [*(f"weights{k}" for k in range(n)),
-                  *([f"weights_{FULL}"] if cfg.train.full_fit and cfg.infer.full_fit_weight > 0 else []),
-                  *(f"heads{k}" for k in range(n) if has_folds and any(h != "joint" for h in cfg.infer.heads))]
-    units.append(Unit("infer", "", "4", run.infer_summary, once("infer", lambda: infer_record(cfg)), tuple(infer_deps),
-                      "", f"re-run ./run.sh infer for '{name}' (or ./run.sh all)",
-                      f"experiment '{name}' has no stage-4 output ({run.infer_summary}); run ./run.sh infer"))
+                           once("report", lambda: report_record([read_json(p) for p in heads_files()]), heads_files),
+                           [*r.variants, *(PROBE + v for v in r.probe), *map(wise_name, r.wise_alpha)], list(r.variants))
+    units += _cache_units(run, caches, probe, fixres)
+    heads = has_folds and any(h != "joint" for h in cfg.infer.heads)
+    units.append(_infer_unit(run, n, full_tested, heads, once("infer", lambda: infer_record(cfg))))
+    members = lambda: [member_summary(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]  # noqa: E731
+    units.append(_ensemble_unit(cfg.ensemble.name or cfg.experiment, bool(cfg.data.sample_submission), lambda: (
+        ensemble_record(cfg.ensemble, cfg.eval, cfg.data, {str(m): s["made_from"] for m, s in members()}))))
     return Units(units, cfg.session.allow_stale)
 
 
+def _units_of(n: int, full: bool) -> list[int]:
+    """The trained units' k: every fold, and the full-data model (FULL_FIT) with `full`."""
+    return [*range(n), *([layout.FULL_FIT] if full else [])]
+
+
+def _weights(k: int) -> str:
+    return f"weights_{FULL}" if k == layout.FULL_FIT else f"weights{k}"
+
+
+def _cache_units(run: layout.RunDir, features: dict[int, Record], probe: Record | None,
+                 fixres: dict[int, Record]) -> list[Unit]:
+    """The stage-internal caches: each trained unit's pooled features of stage 3 (`features`: k -> record), the
+    pretrained backbone's features (rebalance.probe, wise_alpha; `probe`) and stage 4's FixRes copies (infer.fixres;
+    `fixres`: k -> record)."""
+    out = [Unit(f"features_{run.unit(k).name}", run.unit(k).name, "3", run.unit(k).features_meta, rec, (_weights(k),),
+                "its stage-3 feature cache", REBALANCE, cache=True, needs=(run.unit(k).features,))
+           for k, rec in features.items()]
+    if probe is not None:
+        out.append(Unit("probe_features", "probe", "3", run.probe_features_meta, probe, ("folds",),
+                        "the pretrained backbone's features", REBALANCE, cache=True, needs=(run.probe_features,)))
+    return out + [Unit(f"fixres_{run.unit(k).name}", run.unit(k).name, "4", run.fixres_meta(run.unit(k).name), rec,
+                       (_weights(k),), "its FixRes copy", "re-run ./run.sh infer", cache=True,
+                       needs=(run.fixres(run.unit(k).name),)) for k, rec in fixres.items()]
+
+
+def _infer_unit(run: layout.RunDir, n: int, full: bool, heads: bool, rec: Record) -> Unit:
+    """Stage 4's predictions: they read every fold's weights, the full-data model's when it joins the test mean
+    (`full`) and every fold's heads when a head is not the joint one (`heads`)."""
+    deps = [*(f"weights{k}" for k in range(n)), *([f"weights_{FULL}"] if full else []),
+            *(f"heads{k}" for k in range(n) if heads)]
+    return Unit("infer", "", "4", run.infer_summary, rec, tuple(deps), "", f"re-run ./run.sh infer for '{run.name}' "
+                f"(or ./run.sh all)", f"experiment '{run.name}' has no stage-4 output ({run.infer_summary}); run "
+                f"./run.sh infer", owns=(run.infer_report, run.infer_scores, run.infer_rows, run.infer_features_dir))
+
+
+def member_summary(member: Member) -> tuple[Member, dict]:
+    """An ensemble member's stage-4 summary, and the member with its head resolved (stage 4's primary head when
+    it names none); refused when stage 4 has not run or did not predict the head."""
+    run = layout.RunDir.of(member.exp)
+    if not run.infer_summary.exists():
+        raise PipelineError(f"ensemble member '{member}': {run.infer_summary} not found; run ./run.sh infer for "
+                            f"'{member.exp}'")
+    s = read_json(run.infer_summary)
+    member = member.with_head(member.head or s["primary"])
+    if member.head not in s["heads"]:
+        raise PipelineError(f"ensemble member '{member}': stage 4 predicted heads {s['heads']} only")
+    return member, s
+
+
+def _ensemble_unit(name: str, with_sample: bool, rec: Record) -> Unit:
+    """Stage 5's submission `name`: made from the ensemble's settings, the sample submission and each member's
+    stage-4 record (the members, other experiments among them, are asked of their own units by stage 5); without a
+    sample submission (`with_sample`) its record alone says it is made."""
+    csv = layout.submission_csv(name)
+    return Unit("ensemble", "", "5", layout.submission_record(name), rec, (), f"ensemble {name}'s submission",
+                "re-run ./run.sh ensemble", f"ensemble {name} has no submission ({csv}); run ./run.sh ensemble",
+                needs=(csv,) if with_sample else ())
+
+
 def _stage2_units(run: layout.RunDir, n: int, full_fit: bool, has_folds: bool, fold_rec: Record,
-                  full_rec: Record) -> list[Unit]:
-    """Each fold's weights (all made from one record) and, with train.full_fit, the full-data model's."""
+                  full_rec: Record, teacher: bool) -> list[Unit]:
+    """Each fold's weights (all made from one record) and, with train.full_fit, the full-data model's (`teacher`:
+    train.pseudo or train.distill, whose targets each unit keeps beside its weights)."""
     name = run.name
     out = [Unit(f"weights{k}", f"fold {k}", "2", run.fold(k).summary, fold_rec, ("folds",) if has_folds else (),
                 "the fold's stage-2 weights", REFIT,
                 f"fold {k} of experiment '{name}' has no finished stage-2 output ({run.fold(k).summary}); run "
-                f"./run.sh train --fold {k}", run.fold(k).checkpoint) for k in range(n)]
+                f"./run.sh train --fold {k}", run.fold(k).checkpoint, owns=_trained_files(run.fold(k), teacher))
+           for k in range(n)]
     if full_fit:
         out.append(Unit(f"weights_{FULL}", "full fit", "2", run.full.summary, full_rec,
                         tuple(f"weights{k}" for k in range(n)), "the full-data model", REFIT,
                         f"train.full_fit is on but the full-data model of '{name}' is not finished "
-                        f"({run.full.summary}); run ./run.sh train", run.full.checkpoint))
+                        f"({run.full.summary}); run ./run.sh train", run.full.checkpoint,
+                        owns=_trained_files(run.full, teacher)))
     return out
 
 
+def _trained_files(fd: layout.FoldDir, teacher: bool) -> tuple[Path, ...]:
+    """A trained unit's files: its weights, held-out logits and history, its teacher's targets (`teacher`), and
+    until it is finished its resume checkpoint and the best weights so far (a finished unit never reads them)."""
+    unfinished = () if fd.summary.exists() else (fd.checkpoint, fd.best("*"), fd.oof_of("*"))
+    return (fd.weights, fd.oof, fd.history, *((fd.teacher_targets, fd.teacher_meta) if teacher else ()), *unfinished)
+
+
 def _stage3_units(run: layout.RunDir, n: int, full_fit: bool, heads_rec: Callable[[int], Record],
-                  report_rec: Record) -> list[Unit]:
-    """Each fold's heads, stage 3's report over them and, with train.full_fit, the full-data model's heads."""
+                  report_rec: Record, names: list[str], full_names: list[str]) -> list[Unit]:
+    """Each fold's heads, stage 3's report over them and, with train.full_fit, the full-data model's heads (`names`:
+    the variants stage 3 fits on a fold, probe and WiSE-FT ones included; `full_names`: on the full-data model)."""
     name, heads = run.name, tuple(f"heads{k}" for k in range(n))
     out = [Unit(f"heads{k}", f"fold {k}", "3", run.fold(k).rebalance_summary, heads_rec(k), (f"weights{k}",),
                 "the fold's rebalanced heads", REBALANCE,
                 f"fold {k} of experiment '{name}' has no rebalanced heads ({run.fold(k).rebalance_summary}); run "
-                f"./run.sh rebalance") for k in range(n)]
+                f"./run.sh rebalance", owns=_head_files(run.fold(k), names)) for k in range(n)]
     out.append(Unit("report", "report", "3", run.rebalance_summary, report_rec, heads, "stage 3's report", REBALANCE,
-                    f"experiment '{name}' has no stage-3 report ({run.rebalance_summary}); run ./run.sh rebalance"))
+                    f"experiment '{name}' has no stage-3 report ({run.rebalance_summary}); run ./run.sh rebalance",
+                    owns=(run.rebalance_csv, run.rebalance_md)))
     if full_fit:
         out.append(Unit(f"heads_{FULL}", "full fit", "3", run.full.rebalance_summary, heads_rec(layout.FULL_FIT),
                         (f"weights_{FULL}", *heads), "the full-data model's heads", REBALANCE,
                         f"the full-data model of '{name}' has no rebalanced heads ({run.full.rebalance_summary}); "
-                        f"run ./run.sh rebalance"))
+                        f"run ./run.sh rebalance", owns=_head_files(run.full, full_names)))
     return out
+
+
+def _head_files(fd: layout.FoldDir, names: list[str]) -> tuple[Path, ...]:
+    """The files of a unit's stage-3 heads `names`: each head, its inner splits' heads and its held-out rows."""
+    return tuple(p for v in names for p in (fd.head(v), fd.inner_head(v, "*"), fd.head_oof(v)))
 
 
 def trained(units: Units, k: int, arch: str, n_classes: int, by: str) -> dict:
