@@ -497,7 +497,7 @@ def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
         print(f"removed {len(files)} file(s), {size / 2**20:.1f} MiB, from {run.dir}")
     else:
         print(f"{len(files)} file(s), {size / 2**20:.1f} MiB, that no unit of the config owns (outputs of settings "
-              f"it no longer has); ./run.sh clean --yes removes them")
+              f"it no longer has, finished folds' resume checkpoints); ./run.sh clean --yes removes them")
     return 0
 
 

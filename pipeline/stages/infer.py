@@ -35,12 +35,11 @@ import pandas as pd
 import torch
 
 from ..core.nets import models
-from ..core.nets.families import FINE_TUNED, PROBES, WISE_FT, Family
+from ..core.nets.families import FAMILIES, FINE_TUNED, Family, FamilyModel
 from ..core.report import tracking
 from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, sha256_file, write_csv,
                                     write_json, write_npz)
-from ..core.config import (MIX, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg,
-                           wise_alpha_of, wise_name)
+from ..core.config import MIX, Config, EvalCfg, InferCfg, ModelCfg, TrainCfg
 from ..core.files import layout
 from ..core.inputs.data import read_test_table
 from ..core.engine.distributed import Dist
@@ -381,9 +380,8 @@ class Backbone:
     run_test: bool
     test: list[tuple[str, int, str, float]]
     held: dict[int, list[tuple[str, str]]]
-    unit: TtaModel | None = None  # the fine-tuned family's model
-    k: int | None = None  # the WiSE-FT family's fold
-    alpha: float | None = None
+    unit: TtaModel | None = None  # the fine-tuned family's model (a trained unit)
+    model: FamilyModel | None = None  # another family's model (families.FamilyModel: the pretrained one, WiSE-FT)
     test_from: str | None = None
 
     def images(self, n_test: int, n_held) -> int:
@@ -418,9 +416,9 @@ def held_parts(inp: Inputs, best: dict | None, mix: dict | None, k: int, fam: Fa
 
 def plan(job: Job, inp: Inputs, names: list[str], best: dict | None, mix: dict | None) -> list[Backbone]:
     """Every backbone stage 4 runs, in order: each unit of the fine-tuned family (fold models, plain and FixRes-tuned,
-    and the full-data model; a unit whose backbone equals an earlier one reads its test features), then the
-    pretrained backbone (rebalance.probe; one model for every fold's probe heads), then each fold's WiSE-FT model
-    per alpha (rebalance.wise_alpha)."""
+    and the full-data model; a unit whose backbone equals an earlier one reads its test features), then the models
+    each other family's entry declares (core/nets/families: the pretrained backbone of rebalance.probe, one model
+    for every fold; each fold's WiSE-FT model per alpha of rebalance.wise_alpha), with the heads that read them."""
     folds = range(len(inp.summaries))
     has_rows = (lambda k: bool((inp.oof_df["fold"].values == k).any())) if inp.oof_df is not None else (lambda k: False)
     units_ = [(u, [i for i, n in enumerate(names) if parse_view(n)[2] == u.fixres]) for u in units(job, inp)]
@@ -432,18 +430,14 @@ def plan(job: Job, inp: Inputs, names: list[str], best: dict | None, mix: dict |
         out.append(Backbone(backbone_of(job, u), FINE_TUNED, sel, i not in reuse, test, held, unit=u,
                             test_from=backbone_of(job, units_[reuse[i]][0]) if i in reuse else None))
     every = list(range(len(names)))
-    test = [(h, k, v, 1.0) for k in folds for h, v in test_parts(inp, mix, PROBES)]
-    held = {k: held_parts(inp, best, mix, k, PROBES) for k in folds}
-    if test or any(held.values()):
-        out.append(Backbone(PRETRAINED, PROBES, every, bool(test), test,
-                            {k: v for k, v in held.items() if v and has_rows(k)}))
-    for k in folds:
-        picks = inp.heads + ([best["per_fold"][k]] if best is not None else [])
-        for a in sorted({a for a in map(wise_alpha_of, picks) if a is not None}):
-            test = [(h, k, v, 1.0) for h, v in test_parts(inp, mix, WISE_FT, a)]
-            held = {k: held_parts(inp, best, mix, k, WISE_FT, a)} if has_rows(k) else {}
-            out.append(Backbone(f"{job.run.fold(k).name}.{wise_name(a)}", WISE_FT, every, bool(test), test, held,
-                                k=k, alpha=a))
+    picks = lambda k: inp.heads + ([best["per_fold"][k]] if best is not None else [])  # noqa: E731
+    for fam in FAMILIES:  # the families on other backbones (probe, WiSE-FT, ...): each entry says which models
+        for m in fam.backbones(list(folds), picks, lambda k: job.run.fold(k).name) if fam.backbones else []:
+            test = [(h, k, v, 1.0) for k in m.folds for h, v in test_parts(inp, mix, fam, m.alpha)]
+            held = {k: held_parts(inp, best, mix, k, fam, m.alpha) for k in m.folds if has_rows(k)}
+            held = {k: v for k, v in held.items() if v}
+            if test or held:
+                out.append(Backbone(m.name, fam, every, bool(test), test, held, model=m))
     return out
 
 
@@ -470,15 +464,17 @@ def predict_all(job: Job, inp: Inputs, names: list[str], best: dict | None, stor
 
 
 def open_backbone(job: Job, inp: Inputs, b: Backbone, p: Pass):
-    """The model of a backbone, its input normalisation and (fine-tuned family) the reference to its own classifier."""
+    """The model of a backbone, its input normalisation and (fine-tuned family) the reference to its own classifier.
+    Another family's model is made by its entry from fold k's weights (normalised as fold k's inputs) or, without a
+    fold, from the pretrained weights (normalised as they were trained)."""
     C = len(inp.classes)
-    if b.family is PROBES:
-        model = prepare_model(job.train, PROBES.model(job.model, None, C), p.device).eval()
-        return model, models.Normalize(*models.norm_stats(job.model, model)).to(p.device), None
-    if b.family is WISE_FT:
-        model = WISE_FT.model(job.model, job.run.fold(b.k).weights, C, b.alpha)
-        model = prepare_model(job.train, model, p.device).eval()
-        return model, models.Normalize(inp.summaries[b.k]["mean"], inp.summaries[b.k]["std"]).to(p.device), None
+    if b.model is not None:
+        m = b.model
+        weights = job.run.fold(m.k).weights if m.k is not None else None
+        model = prepare_model(job.train, b.family.model(job.model, weights, C, m.alpha), p.device).eval()
+        stats = (inp.summaries[m.k]["mean"], inp.summaries[m.k]["std"]) if m.k is not None else \
+            models.norm_stats(job.model, model)
+        return model, models.Normalize(*stats).to(p.device), None
     u = b.unit
     fd = job.run.unit(u.k)
     model = (fixres_weights(job, inp, u, p.device, p.dtype) if u.fixres
@@ -504,16 +500,11 @@ def predict_backbone(job: Job, inp: Inputs, b: Backbone, names: list[str], store
         run_backbone(store, b.name, k, b.views, p, model, norm, p.train_store.subset(_held_rows(inp, k)), views)
         for h, v in heads:
             store.add("oof", h, b.name, ref(k, v, True), fold=k)
-    if b.family is PROBES:
-        log.info("probe heads %s: the pretrained backbone's TTA views done",
-                 sorted({h for h, *_ in b.test}) or "(best)")
-    elif b.family is WISE_FT:
-        log.info("fold %d: WiSE-FT alpha %g: TTA views done", b.k, b.alpha)
+    if b.unit is None:
+        log.info("%s (%s heads %s): TTA views done", b.name, b.family.name, sorted({v for _, _, v, _ in b.test}
+                                                                                 | {v for hv in b.held.values() for _, v in hv}))
     else:
         log.info("%s: TTA inference done (%d view(s))", b.unit.name, len(views))
-
-
-PRETRAINED = "pretrained"  # stage 4's name of the un-fine-tuned backbone (rebalance.probe heads)
 
 
 # ----------------------------------------------------------------------------- entry

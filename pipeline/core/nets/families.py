@@ -17,14 +17,28 @@ from ..config import MIX, PROBE, ModelCfg, off_backbone, wise_alpha_of, wise_nam
 
 
 @dataclass(frozen=True)
+class FamilyModel:
+    """One model a family runs in stage 4: its name in stage 4's store, the folds whose heads read it, the fold
+    whose stage-2 weights (and input normalisation) it is made from (None: the pretrained weights and their own
+    normalisation) and its alpha (WiSE-FT)."""
+    name: str
+    folds: tuple[int, ...]
+    k: int | None = None
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """`owns(variant, alpha)`: the stage-3 variants that are its (alpha: a WiSE-FT backbone's); `nested`: fold k's
     held-out rows take the head of each inner split (a tuned variant, as stage 3 scored them); `make(model section,
-    the fold's stage-2 weights, classes, alpha)`: its model."""
+    the fold's stage-2 weights, classes, alpha)`: its model; `backbones(folds, picks, fold_name)`: the models stage 4
+    runs for it (`picks(k)`: the variants that score fold k; `fold_name(k)`: fold k's folder name). The fine-tuned
+    family has none here: its backbones are stage 2's trained units (every fold, the full-data model, FixRes copies)."""
     name: str
     owns: Callable[..., bool]
     make: Callable[..., object]
     nested: bool = True
+    backbones: Callable[..., list[FamilyModel]] | None = None
 
     def model(self, m: ModelCfg, weights: str | Path | None, n_classes: int, alpha: float | None = None):
         return self.make(m, weights, n_classes, alpha)
@@ -45,10 +59,22 @@ def _wise(m, weights, n_classes, alpha):
     return wise_model(m, weights, n_classes, alpha)
 
 
+PRETRAINED = "pretrained"  # stage 4's name of the un-fine-tuned backbone (rebalance.probe heads)
+
+
+def _one_pretrained(folds: list[int], picks, fold_name) -> list[FamilyModel]:
+    return [FamilyModel(PRETRAINED, tuple(folds))]  # one model for every fold's probe heads
+
+
+def _wise_per_fold(folds: list[int], picks, fold_name) -> list[FamilyModel]:
+    return [FamilyModel(f"{fold_name(k)}.{wise_name(a)}", (k,), k, a) for k in folds
+            for a in sorted({a for a in map(wise_alpha_of, picks(k)) if a is not None})]
+
+
 FINE_TUNED = Family("fine-tuned", lambda v, a=None: not off_backbone(v) and v not in (MIX, "best"), _fine_tuned)
-PROBES = Family("probe", lambda v, a=None: v.startswith(PROBE), _pretrained)
+PROBES = Family("probe", lambda v, a=None: v.startswith(PROBE), _pretrained, backbones=_one_pretrained)
 WISE_FT = Family("wise", lambda v, a=None: v == wise_name(a) if a is not None else wise_alpha_of(v) is not None,
-                 _wise, nested=False)  # alpha is the variant: nothing tuned on the fold's rows
+                 _wise, nested=False, backbones=_wise_per_fold)  # alpha is the variant: nothing tuned on fold rows
 FAMILIES = (FINE_TUNED, PROBES, WISE_FT)
 
 
