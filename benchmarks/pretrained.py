@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import itertools
 import os
 import shutil
 import subprocess
@@ -525,12 +526,16 @@ def stage_minutes(cfg) -> float:
     return (secs + read_json(cfg.run_dir.infer_summary).get("seconds", 0.0)) / 60
 
 
-def run_compute(set_name: str, recipe: str, size: int, epochs: int) -> list[dict]:
+SEED = 42  # the sets' configs' seed (and timm's train.py default): runs at another seed are named -s<seed>
+
+
+def run_compute(set_name: str, recipe: str, size: int, epochs: int, seed: int = SEED) -> list[dict]:
+    """One recipe's stages 1-4 at a budget (`seed`: the training seed; the folds stay the same)."""
     what, extra, heads = COMPUTE[recipe] if epochs else ("the probe (train.epochs=0)", ["rebalance.probe=[]"],
                                                          {"joint": "probe"})
-    exp = f"cp-{set_name}-{size}-e{epochs}-{recipe if epochs else 'probe'}"
+    exp = f"cp-{set_name}-{size}-e{epochs}-{recipe if epochs else 'probe'}" + (f"-s{seed}" if seed != SEED else "")
     cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
-                                       "ensemble.members=[]", *extra])
+                                       "ensemble.members=[]", *extra, f"seed={seed}"])
     prepare_data(cfg.data, cfg.folds.seed)
     stages_1_to_4(cfg)
     wall = stage_minutes(cfg)
@@ -539,17 +544,18 @@ def run_compute(set_name: str, recipe: str, size: int, epochs: int) -> list[dict
         if r["tta"] != "on" and r["head"] in heads:
             out.append({"row": f"{set_name} {size}px {epochs} ep", "what": heads[r["head"]], "head": r["head"],
                         "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"],
-                        "min_per_fold": fold_minutes(cfg), "wall_min": wall, "set": set_name, "epochs": epochs})
+                        "min_per_fold": fold_minutes(cfg), "wall_min": wall, "set": set_name, "epochs": epochs,
+                        "seed": seed})
     return out
 
 
-def run_timm_peer(set_name: str, size: int, epochs: int, train_py: str) -> dict:
+def run_timm_peer(set_name: str, size: int, epochs: int, train_py: str, seed: int = SEED) -> dict:
     """timm's train.py on all the train photos, the same weights, size, batch, AdamW lr 1e-3, head init x0.01 (its
     augmentation and label smoothing as they are), the top-1 of its last epoch on the hold-out photos."""
     cfg = load_config(SETS[set_name], [])
     data = image_folders(Path(f"/tmp/peer-data-{set_name}"), SETS[set_name])
     pc = weights_record(cfg.model.pretrained_path)["pretrained_cfg"]
-    out = Path(f"/tmp/timm-peer-{set_name}-{size}-e{epochs}")
+    out = Path(f"/tmp/timm-peer-{set_name}-{size}-e{epochs}" + (f"-s{seed}" if seed != SEED else ""))
     shutil.rmtree(out, ignore_errors=True)
     n_classes = len(list((data / "train").iterdir()))
     cmd = [sys.executable, train_py, "--data-dir", str(data), "--model", cfg.model.arch, "--pretrained",
@@ -558,14 +564,14 @@ def run_timm_peer(set_name: str, size: int, epochs: int, train_py: str) -> dict:
            "--weight-decay", "0.05", "--sched", "cosine", "--warmup-epochs", "0", "--head-init-scale", "0.01",
            "--mean", *map(str, pc["mean"]), "--std", *map(str, pc["std"]), "--crop-pct", str(pc["crop_pct"]),
            "--device", "cpu", "-j", "1", "--output", str(out), "--experiment", "peer", "--checkpoint-hist", "1",
-           "--log-interval", "1000"]
+           "--log-interval", "1000", "--seed", str(seed)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     minutes = (time.perf_counter() - t0) / 60
     hist = pd.read_csv(out / "peer" / "summary.csv")
     return {"row": f"{set_name} {size}px {epochs} ep", "what": "timm train.py (head init x0.01)", "head": "",
             "tta": "", "cv": float("nan"), "holdout": float(hist["eval_top1"].iloc[-1]) / 100, "min_per_fold": minutes,
-            "wall_min": minutes, "set": set_name, "epochs": epochs}
+            "wall_min": minutes, "set": set_name, "epochs": epochs, "seed": seed}
 
 
 def run_fastai_peer(set_name: str, size: int, epochs: int, fastai_path: str) -> dict:
@@ -743,6 +749,8 @@ def main() -> None:
     ap.add_argument("--arcface-epochs", nargs="*", type=int, default=[4], help="arcface part: epoch counts")
     ap.add_argument("--wise-alphas", nargs="*", type=float, default=WISE_ALPHAS, help="wise part: alphas")
     ap.add_argument("--size", type=int, default=64, help="compute part: image size")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[SEED],
+                    help="compute part: training seeds (the pipeline's `seed`, timm's --seed; the folds stay)")
     ap.add_argument("--no-plot", action="store_true", help="compute part: leave the plot and its CSV as they are")
     ap.add_argument("--fastai-path", default=os.path.expanduser("~/.cache/fastai-libs"),
                     help="where fastai is installed (benchmarks/peer_fastai.py; never a pipeline dependency)")
@@ -778,14 +786,15 @@ def main() -> None:
             rows.append(run_fold0(set_name, int(size), int(epochs), name))
             show(rows[-1:])
     if "compute" in args.part:
-        for set_name in args.sets:
+        for set_name, seed in itertools.product(args.sets, args.seeds):
             rows += run_compute(set_name, "probe", args.size, 0)
             for epochs in args.epochs:
                 for recipe in args.compute_recipes:
                     if epochs <= args.max_epochs.get(recipe, 99) and (epochs >= 2 or recipe != "fastai-style"):
-                        rows += run_compute(set_name, recipe, args.size, epochs)
+                        rows += run_compute(set_name, recipe, args.size, epochs, seed)
                         show(rows[-2:])
-                for peer, run_peer_at in (("timm", lambda: run_timm_peer(set_name, args.size, epochs, args.timm_train)),
+                for peer, run_peer_at in (("timm", lambda: run_timm_peer(set_name, args.size, epochs, args.timm_train,
+                                                                         seed)),
                                           ("fastai", lambda: run_fastai_peer(set_name, args.size, epochs, args.fastai_path))):
                     if peer in args.peers and (epochs >= 2 or peer != "fastai") and \
                             epochs <= args.max_epochs.get(peer, 99):

@@ -85,6 +85,12 @@ def test_each_declared_record_is_the_one_its_stage_writes(workdir, monkeypatch, 
     monkeypatch.setattr(rebalance, "experiment_units", lambda c: made.append(experiment_units(c)) or made[-1])
     rebalance.run(cfg, force=True)  # stage 3: each fold's weights for its heads, the full model's for its heads
     assert made[1].read == {"heads0": {"weights0"}, "heads1": {"weights1"}, "heads_full": {"weights_full"}}
+    monkeypatch.setattr(train, "experiment_units", lambda c: made.append(experiment_units(c)) or made[-1])
+    train.run(cfg)  # stage 2 asks for the folds file it trains on (each fold), even when every fold is current
+    assert made[2].read == {"weights0": {"folds"}, "weights1": {"folds"}}
+    monkeypatch.setattr(ensemble, "experiment_units", lambda c: made.append(experiment_units(c)) or made[-1])
+    ensemble.run(cfg, force=True)  # stage 5: the experiment's own predictions (a member)
+    assert made[3].read == {"ensemble": {"infer"}} and units["ensemble"].deps == ("infer",)
     with pytest.raises(ValueError, match="unit weights0 reads heads0, which it does not declare"):
         units.require("heads0", by="weights0")
     other = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true", f"model.pretrained_path={pretrained}",
@@ -113,3 +119,20 @@ def test_each_declared_record_is_the_one_its_stage_writes(workdir, monkeypatch, 
     assert rebalance.status(fewer) == ["fold 0: changed rebalance.variants", "fold 1: changed rebalance.variants",
                                        "report: waits for fold 0 (stage 3), fold 1 (stage 3)",
                                        "full fit: waits for fold 0 (stage 3), fold 1 (stage 3)"]
+
+
+def test_stage_2_refuses_a_folds_file_made_from_another_train_table(workdir, caplog):
+    """A label changed in train.csv after stage 1: the folds file (which holds the labels stage 2 trains on) is a
+    stale input of every fold, refused naming it before anything trains; --allow-stale warns and proceeds."""
+    root = make_competition(workdir / "comp", {"a": 8, "b": 6}, size=16, n_test=4)
+    cfg = load_config(None, [f"data.root={root}", *BASE])
+    folds.run(cfg)
+    table = (root / "train.csv").read_text().replace("img0000,a", "img0000,b")
+    (root / "train.csv").write_text(table)
+    with pytest.raises(PipelineError, match=r"folds/.*\.json \(the folds file\) is stale.*changed: table.*folds --force"):
+        train.run(cfg)
+    assert not cfg.run_dir.fold(0).summary.exists() and not cfg.run_dir.fold(0).checkpoint.exists()
+    units = experiment_units(cfg)
+    units.allow_stale = True
+    units.require("folds", "weights0")  # warned, not refused
+    assert "stale" in caplog.text

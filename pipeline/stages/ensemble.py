@@ -66,7 +66,7 @@ def check_current(members: list[dict], own: str, own_units: Units, allow_stale: 
             continue
         units.allow_stale = allow_stale  # the command's --allow-stale
         if units["infer"].out.exists():  # a missing output is load_member's to refuse
-            units.require("infer")
+            units.require("infer", "ensemble" if exp == own else None)  # another experiment's: read from outside
 
 
 def status(cfg: Config) -> list[str]:

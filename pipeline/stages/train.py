@@ -738,6 +738,8 @@ def run(cfg: Config, fold: int | None = None, force: bool = False, gpus: str | N
         create_model(cfg.model, len(classes))  # before anything is written
     job = Job.of(cfg, classes)  # every train image still there (a file removed after stage 1 is named), the
     # taxonomy's levels, before any write
+    for k in folds:  # the folds file is the one the config makes now (stale: refused, or --allow-stale warns)
+        job.units.require("folds", f"weights{k}")
     if dist.main:
         write_text(cfg.run_dir.config, cfg.to_yaml())
         write_json(cfg.run_dir.classes, classes)

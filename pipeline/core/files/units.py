@@ -146,7 +146,7 @@ class Units:
         waits = self.waits_for(key)
         if waits:
             return [f"{u.label + ': ' if u.label else ''}waits for "
-                    + ", ".join(f"{self.by_key[d].label or self.by_key[d].what} (stage {self.by_key[d].stage})"
+                    + ", ".join(f"{self.by_key[d].label or self.by_key[d].what or d} (stage {self.by_key[d].stage})"
                                 for d in waits)]
         for d in u.deps:
             if self.by_key[d].stage != u.stage:
@@ -269,9 +269,11 @@ def experiment_units(cfg: Config) -> Units:
     units += _cache_units(run, caches, probe, fixres)
     heads = has_folds and any(h != "joint" for h in cfg.infer.heads)
     units.append(_infer_unit(run, n, full_tested, heads, once("infer", lambda: infer_record(cfg))))
-    members = lambda: [member_summary(m) for m in parse_members(cfg.ensemble.members, cfg.experiment)]  # noqa: E731
+    listed = parse_members(cfg.ensemble.members, cfg.experiment)
+    members = lambda: [member_summary(m) for m in listed]  # noqa: E731
     units.append(_ensemble_unit(cfg.ensemble.name or cfg.experiment, bool(cfg.data.sample_submission), lambda: (
-        ensemble_record(cfg.ensemble, cfg.eval, cfg.data, {str(m): s["made_from"] for m, s in members()}))))
+        ensemble_record(cfg.ensemble, cfg.eval, cfg.data, {str(m): s["made_from"] for m, s in members()})),
+        any(m.exp == cfg.experiment for m in listed)))
     return Units(units, cfg.session.allow_stale)
 
 
@@ -324,12 +326,14 @@ def member_summary(member: Member) -> tuple[Member, dict]:
     return member, s
 
 
-def _ensemble_unit(name: str, with_sample: bool, rec: Record) -> Unit:
+def _ensemble_unit(name: str, with_sample: bool, rec: Record, own_member: bool) -> Unit:
     """Stage 5's submission `name`: made from the ensemble's settings, the sample submission and each member's
-    stage-4 record (the members, other experiments among them, are asked of their own units by stage 5); without a
-    sample submission (`with_sample`) its record alone says it is made."""
+    stage-4 record; it reads the experiment's own `infer` unit when the experiment is a member (`own_member`; other
+    experiments' members are asked of their own units by stage 5); without a sample submission (`with_sample`) its
+    record alone says it is made."""
     csv = layout.submission_csv(name)
-    return Unit("ensemble", "", "5", layout.submission_record(name), rec, (), f"ensemble {name}'s submission",
+    return Unit("ensemble", "", "5", layout.submission_record(name), rec, ("infer",) if own_member else (),
+                f"ensemble {name}'s submission",
                 "re-run ./run.sh ensemble", f"ensemble {name} has no submission ({csv}); run ./run.sh ensemble",
                 needs=(csv,) if with_sample else ())
 
