@@ -2,6 +2,9 @@
 status, waits, refusals, the order and what `clean` removes from them alone."""
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +13,7 @@ from pipeline import cli
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.files.artifacts import recorded
-from pipeline.core.files.units import Unit, Units, experiment_units
+from pipeline.core.files.units import Unit, Units, experiment_units, kept
 from pipeline.stages import ensemble, folds, infer, rebalance, train
 
 from test_probe import pretrained  # noqa: F401  (fixture)
@@ -18,6 +21,28 @@ from test_probe import pretrained  # noqa: F401  (fixture)
 BASE = ["data.image_ext=.png", "model.arch=test_resnet", "aug.img_size=32", "aug.cache=off", "train.batch_size=8",
         "train.epochs=1", "train.workers=0", "folds.n_splits=2", "train.warmup_epochs=0", "rebalance.crt_epochs=2",
         "rebalance.lws_epochs=2", "infer.views=[orig]", "infer.heads=[best]", "experiment=un"]
+
+
+def opened_during(run) -> list[Path]:
+    """The files `run()` opens for reading through Python (numpy, json, torch; not safetensors' own reader),
+    relative to the working folder as the layout's paths are: an audit hook, inert once run() returns."""
+    seen, on = [], [True]
+
+    def hook(event, args):
+        if not on[0] or event != "open" or len(args) != 3:  # installed for the process: inert for anything else
+            return
+        path, mode, flags = args
+        reading = ("r" in mode and not set("wax+") & set(mode)) if isinstance(mode, str) else \
+            not (flags or 0) & (os.O_WRONLY | os.O_RDWR)
+        if reading and isinstance(path, (str, os.PathLike)):
+            f = Path(os.path.abspath(os.fsdecode(path)))
+            seen.append(f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f)
+    sys.addaudithook(hook)
+    try:
+        run()
+    finally:
+        on[0] = False
+    return seen
 
 
 def write(path, rec):
@@ -91,6 +116,13 @@ def test_each_declared_record_is_the_one_its_stage_writes(workdir, monkeypatch, 
     monkeypatch.setattr(ensemble, "experiment_units", lambda c: made.append(experiment_units(c)) or made[-1])
     ensemble.run(cfg, force=True)  # stage 5: the experiment's own predictions (a member)
     assert made[3].read == {"ensemble": {"infer"}} and units["ensemble"].deps == ("infer",)
+    for mod, stage in ((rebalance, "3"), (infer, "4"), (ensemble, "5")):  # every file a stage opens under the
+        allowed = {k for k in units.order() if units[k].stage == stage}  # experiment's folder is an output of one
+        while {d for k in allowed for d in units[k].deps} - allowed:  # of its units or of a unit they declare (or
+            allowed |= {d for k in allowed for d in units[k].deps}  # that those declare: stage 4's manifest points
+        opened = opened_during(lambda: mod.run(cfg, force=True))
+        mine = [f for f in opened if f.is_relative_to(cfg.run_dir.dir) and not kept(cfg.run_dir, f)]
+        assert mine and not {str(f): units.owner(f) for f in mine if units.owner(f) not in allowed}, stage
     with pytest.raises(ValueError, match="unit weights0 reads heads0, which it does not declare"):
         units.require("heads0", by="weights0")
     other = load_config(None, [f"data.root={root}", *BASE, "train.full_fit=true", f"model.pretrained_path={pretrained}",

@@ -128,9 +128,9 @@ def load_inputs(cfg: Config) -> Inputs:
     if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:
         full = trained(upstream, FULL_FIT, cfg.model.arch, len(classes), "infer")
     heads = resolve_heads(cfg.infer.heads, run, cfg.infer.mix)
-    if cfg.folds_csv.exists() and any(h != "joint" for h in heads):
-        for k in range(cfg.folds.n_splits):
-            upstream.require(f"heads{k}", "infer")
+    if cfg.folds_csv.exists() and any(h != "joint" for h in cfg.infer.heads):
+        for key in [d for d in upstream["infer"].deps if not d.startswith("weights")]:  # stage 3's outputs
+            upstream.require(key, "infer")
     test = read_test_table(cfg.data)
     return Inputs(classes, oof_df, summaries, full, heads, test, upstream.record("infer"), upstream)
 

@@ -70,6 +70,7 @@ class Units:
         self.by_key = {u.key: u for u in units}
         self.allow_stale = allow_stale
         self.read: dict[str, set[str]] = {}  # what each unit's stage asked for (require(by=...)): its declared deps
+        self._owned: list | None = None  # owner()'s table, made when first asked
         for u in units:
             unknown = [d for d in u.deps if d not in self.by_key]
             if unknown:
@@ -153,25 +154,22 @@ class Units:
                 self.require(d)
         return self.own_reasons(key)
 
+    def owner(self, path: Path) -> str | None:
+        """The key of the unit whose output `path` is (a file it declares, or one inside a folder it declares);
+        None: no unit's."""
+        if self._owned is None:  # (key, path, a * pattern, a folder): the declarations, looked at once
+            self._owned = [(key, p, "*" in p.name, p.is_dir()) for key, u in self.by_key.items() for p in u.owned()]
+        for key, p, pattern, folder in self._owned:
+            if path == p or (pattern and fnmatch(str(path), str(p))) or (folder and path.is_relative_to(p)):
+                return key
+        return None
+
     def unowned(self, run: layout.RunDir) -> list[Path]:
         """The files under the experiment's folder that no declared unit owns (outputs of settings the config no
         longer has: folds beyond folds.n_splits, heads of variants dropped, FixRes copies, a finished fold's resume
         checkpoint, stage-4 files of an older layout), sorted; the config, label encoding, logs, tracking folder and
         lock files are kept. What `./run.sh clean` removes."""
-        owned = [p for u in self.by_key.values() for p in u.owned()]
-        exact = {str(p) for p in owned if "*" not in p.name}
-        folders = [p for p in owned if "*" not in p.name and p.is_dir()]
-        globs = [str(p) for p in owned if "*" in p.name]
-        keep = {str(run.config), str(run.classes)}
-        out = []
-        for f in sorted(run.dir.rglob("*")):
-            if not f.is_file() or f.name == ".lock" or str(f) in keep or f.is_relative_to(run.logs) \
-                    or f.is_relative_to(run.tracking):
-                continue
-            if str(f) in exact or any(f.is_relative_to(d) for d in folders) or any(fnmatch(str(f), g) for g in globs):
-                continue
-            out.append(f)
-        return out
+        return [f for f in sorted(run.dir.rglob("*")) if f.is_file() and not kept(run, f) and self.owner(f) is None]
 
     def status(self, stage: str) -> list[str]:
         """The reasons of every unit of `stage`, in order (empty: the stage is up to date)."""
@@ -201,6 +199,13 @@ class Units:
 Record = Callable[[], "dict | None"]
 REFIT = "re-run ./run.sh train (or ./run.sh all), or restore the config"
 REBALANCE = "re-run ./run.sh rebalance (or ./run.sh all)"
+
+
+def kept(run: layout.RunDir, path: Path) -> bool:
+    """Files of the experiment's folder that are no unit's output and stay: the resolved config, the label
+    encoding, logs, the tracking folder, lock files."""
+    return path in (run.config, run.classes) or path.name == ".lock" or path.is_relative_to(run.logs) \
+        or path.is_relative_to(run.tracking)
 
 
 def _stamp(path: Path) -> tuple | None:
@@ -268,7 +273,8 @@ def experiment_units(cfg: Config) -> Units:
                            [*r.variants, *(PROBE + v for v in r.probe), *map(wise_name, r.wise_alpha)], list(r.variants))
     units += _cache_units(run, caches, probe, fixres)
     heads = has_folds and any(h != "joint" for h in cfg.infer.heads)
-    units.append(_infer_unit(run, n, full_tested, heads, once("infer", lambda: infer_record(cfg))))
+    units.append(_infer_unit(run, n, full_tested, heads, once("infer", lambda: infer_record(cfg)),
+                             [u.key for u in units if u.cache and u.stage == "3" and u.label != "full"]))
     listed = parse_members(cfg.ensemble.members, cfg.experiment)
     members = lambda: [member_summary(m) for m in listed]  # noqa: E731
     units.append(_ensemble_unit(cfg.ensemble.name or cfg.experiment, bool(cfg.data.sample_submission), lambda: (
@@ -302,11 +308,14 @@ def _cache_units(run: layout.RunDir, features: dict[int, Record], probe: Record 
                        needs=(run.fixres(run.unit(k).name),)) for k, rec in fixres.items()]
 
 
-def _infer_unit(run: layout.RunDir, n: int, full: bool, heads: bool, rec: Record) -> Unit:
+def _infer_unit(run: layout.RunDir, n: int, full: bool, heads: bool, rec: Record, caches: list[str]) -> Unit:
     """Stage 4's predictions: they read every fold's weights, the full-data model's when it joins the test mean
-    (`full`) and every fold's heads when a head is not the joint one (`heads`)."""
+    (`full`), and when a head is not the joint one (`heads`) every fold's heads, stage 3's report (the variants'
+    CV behind `best`, the mix head's parts, the WiSE-FT heads), the full-data model's heads and the folds' stage-3
+    feature caches (`caches`: the held-out rows' logits the mix head is chosen on are computed from them)."""
     deps = [*(f"weights{k}" for k in range(n)), *([f"weights_{FULL}"] if full else []),
-            *(f"heads{k}" for k in range(n) if heads)]
+            *(f"heads{k}" for k in range(n) if heads), *(["report"] if heads else []),
+            *([f"heads_{FULL}"] if full and heads else []), *(caches if heads else [])]
     return Unit("infer", "", "4", run.infer_summary, rec, tuple(deps), "", f"re-run ./run.sh infer for '{run.name}' "
                 f"(or ./run.sh all)", f"experiment '{run.name}' has no stage-4 output ({run.infer_summary}); run "
                 f"./run.sh infer", owns=(run.infer_report, run.infer_scores, run.infer_rows, run.infer_features_dir))
