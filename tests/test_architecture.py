@@ -151,7 +151,7 @@ CONFIG_EDGES = {
     "tools/plan.py:_configs", "tools/plan.py:_check_data", "tools/plan.py:build", "tools/plan.py:check",
     # what turns a config into data: the records of stages 2 and 4 (slices of it), serialisers, validation,
     # resolved pixels, trackers
-    "core/files/provenance.py:train_record", "core/files/provenance.py:infer_record",
+    "core/files/provenance.py:train_record",
     # the declarations of an experiment's units (#46): each unit's record, deps and refusals, from its config
     "core/files/units.py:experiment_units",
     "tools/export.py:bundle_member_config",

@@ -411,39 +411,36 @@ def oof_rows(oof: str, folds_name: str, classes: list):
     return oof_df
 
 
-def infer_record(cfg: Config, heads: list[str] | None = None, test=None, oof: bool | None = None) -> dict:
-    """What stage 4's outputs are made from: its settings, the heads, the test ids and image files, the
-    weights and head files of every fold, and whether OOF rows (and so the train images) were
-    predicted. Arguments already at hand are passed in (`test`: the test table); the others are read
-    (stage 5 checks its members this way)."""
-    n = cfg.folds.n_splits
-    heads = resolve_heads(cfg.infer.heads, cfg.run_dir, cfg.infer.mix) if heads is None else heads
-    if test is None:
-        test = read_test_table(cfg.data)
-    if oof is None:
-        oof = oof_rows(cfg.infer.oof, cfg.folds_name, read_json(cfg.run_dir.classes)) is not None
-    d = cfg.to_dict()["infer"]
+def infer_record(infer, data: DataCfg, run: layout.RunDir, folds_name: str, folds_csv: Path, n: int, full_fit: bool,
+                 looks: dict | None = None) -> dict:
+    """What stage 4's outputs are made from (`infer`: the infer section; `n`: the folds; `full_fit`: train.full_fit):
+    its settings, the heads, the test ids and image files, the weights and head files of every fold, and whether
+    OOF rows (and so the train images) were predicted."""
+    heads = resolve_heads(infer.heads, run, infer.mix)
+    test = read_test_table(data)
+    oof = oof_rows(infer.oof, folds_name, read_json(run.classes)) is not None
+    d = dataclasses.asdict(infer)
     d.pop("mix")  # what it changes is in `heads` (the mix head listed or not)
     files = [h for h in heads if h not in ("joint", MIX)]  # the head files behind the heads' logits
     if MIX in heads:  # the mix head's parts: any fine-tuned or probe variant stage 3 fit
-        table = read_json(cfg.run_dir.rebalance_summary)["table"]
+        table = read_json(run.rebalance_summary)["table"]
         files += [v for v in sum(mix_candidates([r["variant"] for r in table]), []) if v not in files and v != "joint"]
-    if not cfg.train.full_fit:
+    if not full_fit:
         d.pop("full_fit_weight")  # not read without a full-data model
     if d["fixres"]["size"] is None:
         d.pop("fixres")
     rec = {"infer": d, "heads": heads, "test_ids": sha256_obj([str(i) for i in test["id"]]),
-           "test_images": image_record(test["path"], cfg.data.hash_images, cfg.session.looks),
-           "train_images": train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks) if oof else None,  # OOF rows, and FixRes tuning, read them
-           "weights": [sha256_file(cfg.run_dir.fold(k).weights) for k in range(n)],
-           "head_files": {h: [sha256_file(cfg.run_dir.fold(k).head(h)) for k in range(n)] for h in files},
-           "inner_head_files": {h: [[sha256_file(p) for p in cfg.run_dir.fold(k).inner_heads(h)] for k in range(n)]
+           "test_images": image_record(test["path"], data.hash_images, looks),
+           "train_images": train_images(folds_csv, data.hash_images, looks) if oof else None,  # OOF rows, and FixRes tuning, read them
+           "weights": [sha256_file(run.fold(k).weights) for k in range(n)],
+           "head_files": {h: [sha256_file(run.fold(k).head(h)) for k in range(n)] for h in files},
+           "inner_head_files": {h: [[sha256_file(p) for p in run.fold(k).inner_heads(h)] for k in range(n)]
                                 for h in files},  # what scores the held-out rows (nested)
            "oof": oof,
            "outputs": 3}  # 3: each feature file checked (#45); 2: pooled features per backbone and view + a manifest
     # (#35); 1: per-head logit files
-    if cfg.train.full_fit and cfg.infer.full_fit_weight > 0:  # the full-data model joins the test mean
-        full = cfg.run_dir.full
+    if full_fit and infer.full_fit_weight > 0:  # the full-data model joins the test mean
+        full = run.full
         sha = lambda p: sha256_file(p) if p.exists() else "missing"  # noqa: E731
         rec["full"] = {"weights": sha(full.weights), "head_files": {h: sha(full.head(h)) for h in files}}
     return rec

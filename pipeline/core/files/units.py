@@ -221,18 +221,10 @@ def experiment_units(cfg: Config) -> Units:
     weights, feature cache and heads; with train.full_fit the full-data model's; the probe features; stage 3's
     report; FixRes copies; stage 4's predictions; the ensemble's submission. Without the folds file (test-only
     inference in a kernel) the records of stages 2-3 are not compared. Each record is computed when first asked
-    for, once per Units and state of the same-stage outputs it reads (`watch`: a fold summary rewritten since
-    gives a new record)."""
+    for, once per Units and state of the same-stage outputs it reads (_Memo)."""
     run, n, px = cfg.run_dir, cfg.folds.n_splits, pixels(cfg)
     has_folds = cfg.folds_csv.exists()
-    memo: dict = {}
-
-    def once(key: str, make: Record, watch: Callable[[], list] = list) -> Record:
-        def get():
-            at = (key, *map(_stamp, watch()))
-            return memo[at] if at in memo else memo.setdefault(at, make())
-        return get
-
+    once = _Memo().once
     trained_rec = once("train", lambda: train_record(cfg) if has_folds else None)
     imgs = once("images", lambda: train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks))
     classes = once("classes", lambda: read_json(run.classes), lambda: [run.classes])
@@ -273,14 +265,35 @@ def experiment_units(cfg: Config) -> Units:
                            [*r.variants, *(PROBE + v for v in r.probe), *map(wise_name, r.wise_alpha)], list(r.variants))
     units += _cache_units(run, caches, probe, fixres)
     heads = has_folds and any(h != "joint" for h in cfg.infer.heads)
-    units.append(_infer_unit(run, n, full_tested, heads, once("infer", lambda: infer_record(cfg)),
+    infer_rec = once("infer", lambda: infer_record(cfg.infer, cfg.data, run, cfg.folds_name, cfg.folds_csv, n,
+                                                   cfg.train.full_fit, cfg.session.looks))
+    units.append(_infer_unit(run, n, full_tested, heads, infer_rec,
                              [u.key for u in units if u.cache and u.stage == "3" and u.label != "full"]))
     listed = parse_members(cfg.ensemble.members, cfg.experiment)
-    members = lambda: [member_summary(m) for m in listed]  # noqa: E731
-    units.append(_ensemble_unit(cfg.ensemble.name or cfg.experiment, bool(cfg.data.sample_submission), lambda: (
-        ensemble_record(cfg.ensemble, cfg.eval, cfg.data, {str(m): s["made_from"] for m, s in members()})),
-        any(m.exp == cfg.experiment for m in listed)))
+    units.append(_ensemble_unit(cfg.ensemble.name or cfg.experiment, bool(cfg.data.sample_submission),
+                                once("ensemble", lambda: ensemble_record(cfg.ensemble, cfg.eval, cfg.data,
+                                                                         members_made_from(listed))),
+                                any(m.exp == cfg.experiment for m in listed)))
     return Units(units, cfg.session.allow_stale)
+
+
+class _Memo:
+    """Records computed when first asked for, once per state (mtime, size) of the same-stage files they read
+    (`watch`): a fold summary rewritten since gives a new record."""
+
+    def __init__(self):
+        self.memo: dict = {}
+
+    def once(self, key: str, make: Record, watch: Callable[[], list] = list) -> Record:
+        def get():
+            at = (key, *map(_stamp, watch()))
+            return self.memo[at] if at in self.memo else self.memo.setdefault(at, make())
+        return get
+
+
+def members_made_from(members: list[Member]) -> dict[str, dict]:
+    """Each ensemble member's stage-4 record, by its name with the head resolved (stage 5's record holds them)."""
+    return {str(m): s["made_from"] for m, s in map(member_summary, members)}
 
 
 def _units_of(n: int, full: bool) -> list[int]:
