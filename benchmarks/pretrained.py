@@ -549,6 +549,40 @@ def run_compute(set_name: str, recipe: str, size: int, epochs: int, seed: int = 
     return out
 
 
+SHARE_RUNS = [f"{s}:64:{e}:before47-bs32:{SEED}" for s in SETS for e in (1, 2, 3, 4, 6, 8)] + \
+    [f"{s}:64:{e}:before47-bs32:{seed}" for s in SETS for e in (2, 4) for seed in (1, 2)] + \
+    [f"{s}:96:2:before47-bs32:{SEED}" for s in SETS]
+
+
+def run_shares(set_name: str, recipe: str, size: int, epochs: int, seed: int = SEED) -> list[dict]:
+    """The mix head's share chosen (infer.mix_weights, #47 sixth session): a compute run's stages 1-3 linked, stage 4
+    again with today's defaults (the mix's fine-tuned share chosen among 0.25 / 0.5 / 0.75), beside the compute run's
+    own stage 4 (the plain mean of the two parts, the default until then)."""
+    what, extra, _ = COMPUTE[recipe]
+    tail = f"-s{seed}" if seed != SEED else ""
+    base = RunDir.of(f"cp-{set_name}-{size}-e{epochs}-{recipe}{tail}")
+    exp = f"mw-{set_name}-{size}-e{epochs}-{recipe}{tail}"
+    cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
+                                       "ensemble.members=[]", *extra, f"seed={seed}"])
+    prepare_data(cfg.data, cfg.folds.seed)
+    if not cfg.run_dir.dir.exists():  # hard links: stage 4 replaces files, it never writes into one
+        shutil.copytree(base.dir, cfg.run_dir.dir, copy_function=os.link,
+                        ignore=shutil.ignore_patterns("infer", "logs", "last.pt"))
+    stages_1_to_4(cfg)
+    row = lambda what, r: {"row": f"{set_name} {size}px {epochs} ep", "what": what, "head": r["head"],  # noqa: E731
+                           "tta": r["tta"], "cv": r["cv_mean"], "holdout": r["private"], "min_per_fold": float("nan"),
+                           "wall_min": stage_minutes(cfg), "set": set_name, "epochs": epochs, "seed": seed}
+    pick = lambda run, head: next(r for r in leaderboard.experiment_rows(run) if r["head"] == head and r["tta"] != "on")  # noqa: E731
+    s4 = read_json(cfg.run_dir.infer_summary)
+    w = s4["mix"]["weights"]
+    return [row("mix, plain mean (before)", pick(base, "mix")),
+            row("default before: nested best, plain mix", pick(base, "best")),
+            row(f"mix, share {w['all']} (per fold {w['per_fold']})", pick(cfg.run_dir, "mix")),
+            row(f"default now: nested best (picks {s4['best']['all']}; per fold {s4['best']['per_fold']})",
+                pick(cfg.run_dir, "best")),
+            row("fine-tune's joint head", pick(cfg.run_dir, "joint"))]
+
+
 def run_timm_peer(set_name: str, size: int, epochs: int, train_py: str, seed: int = SEED) -> dict:
     """timm's train.py on all the train photos, the same weights, size, batch, AdamW lr 1e-3, head init x0.01 (its
     augmentation and label smoothing as they are), the top-1 of its last epoch on the hold-out photos."""
@@ -723,7 +757,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="*", default=["ablation", "final", "peer"],
                     help="ablation, final, peer, evidence (#36: Lite0 / Lite2 x 64 / 96 px), probe-default, recipe, "
-                         "compute, fold0, wise, budget, mix, knn, plot (#47), arcface (#48)")
+                         "compute, fold0, wise, budget, mix, knn, shares, plot (#47), arcface (#48)")
     ap.add_argument("--evidence", nargs="*", default=["lite0:64", "lite0:96", "lite2:64", "lite2:96"],
                     help="evidence part: arch:size pairs")
     ap.add_argument("--only", nargs="*", help="ablation rows to run (finetune first when a row copies it)")
@@ -744,6 +778,8 @@ def main() -> None:
                     help="wise part: set:size:epochs:recipe (a compute run whose stage 2 it copies)")
     ap.add_argument("--mix", nargs="*", default=MIX_RUNS,
                     help="mix part: set:size:epochs:recipe (a compute run whose stages 1-3 it copies)")
+    ap.add_argument("--shares", nargs="*", default=SHARE_RUNS,
+                    help="shares part: set:size:epochs:recipe:seed (a compute run whose stages 1-3 it links)")
     ap.add_argument("--compute-csv", default="/tmp/pretrained-compute.csv",
                     help="plot part: the compute part's rows (it writes this file)")
     ap.add_argument("--arcface-epochs", nargs="*", type=int, default=[4], help="arcface part: epoch counts")
@@ -822,6 +858,11 @@ def main() -> None:
         for item in args.mix:
             set_name, size, epochs, recipe = item.split(":")
             rows += run_mix(set_name, recipe, int(size), int(epochs))
+            show(rows[-5:])
+    if "shares" in args.part:  # after the compute part: set:size:epochs:recipe:seed of its runs
+        for item in args.shares:
+            set_name, size, epochs, recipe, seed = item.split(":")
+            rows += run_shares(set_name, recipe, int(size), int(epochs), int(seed))
             show(rows[-5:])
     if "knn" in args.part:  # after the compute part: set:size:epochs:recipe of its runs (the --mix list)
         for item in args.mix:

@@ -217,36 +217,46 @@ def test_probe_heads_sit_beside_the_fine_tuned_ones_and_never_see_held_out_rows(
         mine = best["fold"] == k
         assert np.allclose(best["view_logits"][:, mine], stage4_npz(run, pick, "oof")["view_logits"][:, mine])
     # infer.mix (on by default): the best fine-tuned and the best probe variant, each chosen without the fold it
-    # scores, averaged in logits; on the test images the parts chosen on all folds, every fold's models in the mean
+    # scores, and the fine-tuned share w chosen the same way, their logits' weighted mean; on the test images the
+    # parts and the share chosen on all folds, every fold's models in the mean
     assert "mix" in s4["heads"] and s4["mix"]["all"][0] == "joint" and s4["mix"]["all"][1] in ("probe_joint", "probe_ncm")
-    mix = stage4_npz(run, "mix", "oof")
-    for k, (a, b) in enumerate(s4["mix"]["per_fold"]):
-        other = read_json(run.fold(1 - k).rebalance_summary)["variants"]
-        assert b == max(("probe_joint", "probe_ncm"), key=lambda v: (other[v]["metrics"]["score"], v == "probe_joint"))
-        mine = mix["fold"] == k
-        want = (stage4_npz(run, a, "oof")["view_logits"][:, mine].astype(np.float64)
-                + stage4_npz(run, b, "oof")["view_logits"][:, mine]) / 2
-        assert np.allclose(mix["view_logits"][:, mine], want, atol=1e-5)
-    a, b = s4["mix"]["all"]
-    want = (stage4_npz(run, a, "test")["view_logits"].astype(np.float64) + stage4_npz(run, b, "test")["view_logits"]) / 2
-    assert np.allclose(stage4_npz(run, "mix", "test")["view_logits"], want, atol=1e-5)
-    assert len(s4["mix"]["scores"]["per_fold"]) == 2
-    mixed = stage4_npz(run, "mix", "oof")["view_logits"]
-    r = cli(["infer", "--config", str(cfg), "infer.heads=[mix]"], workdir)   # the mix alone: the same logits
+
+    part = {(v, p): stage4_npz(run, v, p)["view_logits"] for v in ("joint", "probe_joint", "probe_ncm")
+            for p in ("oof", "test")}   # each part's own logits (the default run predicts every variant)
+
+    def assert_mix(s4: dict) -> None:
+        mix = stage4_npz(run, "mix", "oof")
+        for k, (a, b) in enumerate(s4["mix"]["per_fold"]):
+            other = read_json(run.fold(1 - k).rebalance_summary)["variants"]
+            assert b == max(("probe_joint", "probe_ncm"), key=lambda v: (other[v]["metrics"]["score"],
+                                                                         v == "probe_joint"))
+            mine, w = mix["fold"] == k, s4["mix"]["weights"]["per_fold"][k]
+            want = w * part[(a, "oof")][:, mine].astype(np.float64) + (1 - w) * part[(b, "oof")][:, mine]
+            assert np.allclose(mix["view_logits"][:, mine], want, atol=1e-5)
+        (a, b), w = s4["mix"]["all"], s4["mix"]["weights"]["all"]
+        want = w * part[(a, "test")].astype(np.float64) + (1 - w) * part[(b, "test")]
+        assert np.allclose(stage4_npz(run, "mix", "test")["view_logits"], want, atol=1e-5)
+        assert len(s4["mix"]["scores"]["per_fold"]) == 2
+    assert_mix(s4)
+    assert set(s4["mix"]["weights"]["per_fold"]) <= {0.25, 0.5, 0.75}   # infer.mix_weights' default
+    shares = ["infer.mix_weights=[0.75]"]   # a share other than the plain mean: stage 4's and the bundle's arithmetic
+    r = cli(["infer", "--config", str(cfg), "infer.heads=[mix]", *shares], workdir)   # the mix alone
     assert r.returncode == 0, r.stderr[-2000:]
-    assert read_json(run.infer_summary)["heads"] == ["mix", "joint"]
-    assert np.allclose(stage4_npz(run, "mix", "oof")["view_logits"], mixed, atol=1e-6)
+    s4 = read_json(run.infer_summary)
+    assert s4["heads"] == ["mix", "joint"] and s4["mix"]["weights"] == {"all": 0.75, "per_fold": [0.75, 0.75]}
+    assert_mix(s4)
     r = cli(["infer", "--config", str(cfg), "infer.mix=false"], workdir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "mix" not in read_json(run.infer_summary)["heads"] and "mix" not in read_json(run.infer_summary)
-    r = cli(["infer", "--config", str(cfg)], workdir)   # back to the default heads for the exports below
+    r = cli(["infer", "--config", str(cfg), *shares], workdir)   # back to the default heads for the exports below
     assert r.returncode == 0, r.stderr[-2000:]
-    # export bundles the backbone a probe / WiSE-FT head ran on; predict from the bundle reproduces stage 5
+    # export bundles the backbone a probe / WiSE-FT head ran on; predict from the bundle reproduces stage 5 (the mix
+    # with its share: each model's factor in the bundle)
     from pipeline.core.files import layout
     from pipeline.tools import predict
 
     for name, member in (("pj", "p:probe_joint"), ("pn", "p:probe_ncm"), ("pw", "p:wise0.5"), ("pm", "p:mix")):
-        over = [f"ensemble.members=[{member}]", f"ensemble.name={name}"]
+        over = [f"ensemble.members=[{member}]", f"ensemble.name={name}", *shares]
         r = cli(["ensemble", "--config", str(cfg), *over], workdir)
         assert r.returncode == 0, r.stderr[-2000:]
         r = cli(["export", "--config", str(cfg), *over], workdir)
@@ -288,7 +298,7 @@ def test_the_mix_parts_and_the_best_heads_pick_are_chosen_without_the_fold_they_
             write_npz(fd.head_oof(v), ids=np.array([f"{k}-{i}" for i in range(4)]), y=y, logits=lg)
         write_json(fd.rebalance_summary, {"variants": {v: {"metrics": {"score": s}} for v, s in scores[k].items()}})
     write_json(run.rebalance_summary, {"table": [{"variant": v} for v in logits], "best": "crt"})
-    job = SimpleNamespace(run=run, eval=SimpleNamespace(scorer="accuracy"))
+    job = SimpleNamespace(run=run, eval=SimpleNamespace(scorer="accuracy"), infer=SimpleNamespace(mix_weights=[0.5]))
     inp = SimpleNamespace(summaries=[{}, {}], heads=list(logits))
     mix = infer.mix_choice(job, inp)
     assert mix["per_fold"] == [["tau", "probe_crt"], ["crt", "probe_tau"]]   # each from the other fold
@@ -297,3 +307,33 @@ def test_the_mix_parts_and_the_best_heads_pick_are_chosen_without_the_fold_they_
     assert best == {"all": "mix", "per_fold": ["mix", "mix"]}   # 1.0 against at most 0.75
     worse = {**mix, "scores": {"all": 0.5, "per_fold": [0.75, 0.5]}}   # a tie is the single head's; below loses
     assert infer.best_choice(job, inp, worse) == {"all": "crt", "per_fold": ["tau", "crt"]}
+
+
+def test_the_mix_share_is_chosen_without_the_fold_it_scores_and_ties_go_to_the_plain_mean(workdir):
+    """infer.mix_weights on stage-3 files made by hand: fold 0's rows want the fine-tuned share 0.75, fold 1's 0.25;
+    each fold gets the share chosen on the other, the test images the one best on both (a tie of 0.25 and 0.75:
+    the smaller), and a share no better than 0.5 never replaces it."""
+    from types import SimpleNamespace
+
+    from pipeline.core.files.artifacts import write_json, write_npz
+    from pipeline.core.files.layout import RunDir
+    from pipeline.stages import infer
+
+    run = RunDir.of("w")
+    y = np.array([0, 0])
+    diff = {0: ([1.0, 1.0], [-2.0, 1.0]), 1: ([-2.0, 1.0], [1.0, 1.0])}  # (fine, probe): the true class's lead per row
+    for k in (0, 1):
+        fd = run.fold(k)
+        for v, d in zip(("joint", "probe_joint"), diff[k]):
+            lg = np.stack([[x, 0.0] for x in d]).astype(np.float32)
+            write_npz(fd.head_oof(v), ids=np.array([f"{k}-{i}" for i in range(2)]), y=y, logits=lg)
+        write_json(fd.rebalance_summary, {"variants": {v: {"metrics": {"score": 0.5}} for v in ("joint", "probe_joint")}})
+    write_json(run.rebalance_summary, {"table": [{"variant": "joint"}, {"variant": "probe_joint"}], "best": "joint"})
+    job = SimpleNamespace(run=run, eval=SimpleNamespace(scorer="accuracy"),
+                          infer=SimpleNamespace(mix_weights=[0.25, 0.5, 0.75]))
+    inp = SimpleNamespace(summaries=[{}, {}], heads=["joint", "probe_joint"])
+    mix = infer.mix_choice(job, inp)
+    assert mix["weights"] == {"all": 0.25, "per_fold": [0.25, 0.75]}   # fold 0 gets fold 1's choice, and back
+    assert mix["scores"] == {"all": 0.75, "per_fold": [1.0, 1.0]}   # each scored where it was chosen, like the parts
+    job.infer.mix_weights = [0.75, 0.5]   # fold 1 alone (for fold 0): 0.75 scores 0.5, as 0.5 does: the plain mean
+    assert infer.mix_choice(job, inp)["weights"]["per_fold"] == [0.5, 0.75]

@@ -476,9 +476,14 @@ class InferCfg:
                                                        "when read); float16 halves the disk, float32 keeps every "
                                                        "logit bit-equal to a float32 forward pass")
     mix: bool = key(True, added="2026-12-07",
-                    help="with probe heads (rebalance.probe) and a fine-tune: the head 'mix', the mean of the logits "
-                         "of the best fine-tuned variant and the best probe variant (each chosen without the fold it "
-                         "scores), is one more candidate of the best head")
+                    help="with probe heads (rebalance.probe) and a fine-tune: the head 'mix', the weighted mean of "
+                         "the logits of the best fine-tuned variant and the best probe variant (each, and the share "
+                         "infer.mix_weights, chosen without the fold it scores), is one more candidate of the best "
+                         "head")
+    mix_weights: list[float] = key(factory=lambda: [0.25, 0.5, 0.75], range=(0, 1, True, True), added="2026-12-07",
+                                   help="the mix head's fine-tuned share w (the probe's 1 - w), chosen among these "
+                                        "like its parts (fold k's rows: on the other folds; the test images: on all; "
+                                        "ties: the share nearest 0.5); [0.5]: the plain mean")
 
 
 @dataclass
@@ -804,6 +809,8 @@ def _validate_heads_and_views(rebalance: RebalanceCfg, infer: InferCfg, img_size
     check(MIX not in infer.heads or bool(rebalance.probe), "infer.heads",
           f"'{MIX}' averages a fine-tuned head and a probe head, and rebalance.probe is empty (the probe heads need "
           f"pretrained weights and train.epochs > 0)")
+    check(bool(infer.mix_weights), "infer.mix_weights", "must hold at least one share (0.5: the plain mean)")
+    check(len(set(infer.mix_weights)) == len(infer.mix_weights), "infer.mix_weights", "lists a share twice")
     names = [wise_name(a) for a in rebalance.wise_alpha]
     check(len(set(names)) == len(names), "rebalance.wise_alpha", "lists an alpha twice")
     check(bool(infer.views), "infer.views", f"must name at least one view (of {list(typing.get_args(View))})")

@@ -51,7 +51,8 @@ from ..core.predict.inference import (Loading, PolicyFeatures, default_policy, j
 from ..core.files.layout import FULL_FIT
 from ..core.engine.loop import Step, run_epoch
 from ..core.files.featurefile import write_features
-from ..core.predict.stored import STORE_VERSION, HeldOut, LogitTable, StoredFiles, head_ref, store_damage
+from ..core.predict.stored import (STORE_VERSION, HeldOut, LogitTable, StoredFiles, head_ref, mix_factors,
+                                   mix_shares, store_damage)
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, better, cv, row_scores, score_rows
 from ..core.files.provenance import (environment, fixres_lr, keep_image_snapshots, oof_rows, mix_candidates,
                                      resolve_heads, up_to_date)
@@ -269,7 +270,11 @@ class Store:
         known.setdefault("files", {})[str(part)] = entry
 
     def add(self, part: str, head: str, backbone: str, ref: dict, weight: float = 1.0, fold: int | None = None):
+        """A head's entry: its logits are `backbone`'s features x `ref`'s head, with `weight` in the test mean (a
+        held-out fold's: in the mean of the fold's entries, recorded where it is not 1: the mix head's parts)."""
         entry = {"features": backbone, "head": ref, **({"weight": weight} if part == "test" else {"fold": fold})}
+        if part != "test" and weight != 1.0:
+            entry["weight"] = weight
         self.manifest[part].setdefault(head, []).append(entry)
 
     def alias(self, head: str, src: str) -> None:
@@ -389,29 +394,29 @@ class Backbone:
         return len(self.views) * (n_test * self.run_test + sum(n_held(k) for k in self.held))
 
 
-def parts(head: str | None, k: int | None, mix: dict | None) -> list[str]:
-    """The stage-3 variants whose logits make a head (mean of their logits): the mix head's two parts (chosen
-    without fold k; k None: on all folds, for the test images), or the variant itself."""
+def parts(head: str | None, k: int | None, mix: dict | None) -> list[tuple[str, float]]:
+    """The stage-3 variants whose logits make a head, each with its factor in their weighted mean: the mix head's two
+    parts and shares (chosen without fold k; k None: on all folds, for the test images), or the variant itself."""
     if head == MIX:
-        return list(mix["all"] if k is None else mix["per_fold"][k])
-    return [] if head is None else [head]
+        return list(zip(mix["all"] if k is None else mix["per_fold"][k], mix_shares(mix, k)))
+    return [] if head is None else [(head, 1.0)]
 
 
-def test_parts(inp: Inputs, mix: dict | None, fam: Family, alpha: float | None = None) -> list[tuple[str, str]]:
-    """(head, variant) of the test images' heads that read a backbone of family `fam`."""
-    out = [(h, h) for h in inp.heads if h != MIX and fam.owns(h, alpha)]
-    return out + ([(MIX, v) for v in parts(MIX, None, mix) if fam.owns(v, alpha)] if mix is not None else [])
+def test_parts(inp: Inputs, mix: dict | None, fam: Family, alpha: float | None = None) -> list[tuple[str, str, float]]:
+    """(head, variant, factor) of the test images' heads that read a backbone of family `fam`."""
+    out = [(h, h, 1.0) for h in inp.heads if h != MIX and fam.owns(h, alpha)]
+    return out + ([(MIX, v, f) for v, f in parts(MIX, None, mix) if fam.owns(v, alpha)] if mix is not None else [])
 
 
 def held_parts(inp: Inputs, best: dict | None, mix: dict | None, k: int, fam: Family,
-               alpha: float | None = None) -> list[tuple[str, str]]:
-    """(head, variant) scoring fold k's held-out rows from a backbone of family `fam`: the family's heads, the mix
-    head's part of it and `best`'s pick (both chosen without fold k) where it is the family's or is the mix."""
-    out = [(h, h) for h in inp.heads if h != MIX and fam.owns(h, alpha)]
+               alpha: float | None = None) -> list[tuple[str, str, float]]:
+    """(head, variant, factor) scoring fold k's held-out rows from a backbone of family `fam`: the family's heads, the
+    mix head's part of it and `best`'s pick (both chosen without fold k) where it is the family's or is the mix."""
+    out = [(h, h, 1.0) for h in inp.heads if h != MIX and fam.owns(h, alpha)]
     if mix is not None:
-        out += [(MIX, v) for v in parts(MIX, k, mix) if fam.owns(v, alpha)]
+        out += [(MIX, v, f) for v, f in parts(MIX, k, mix) if fam.owns(v, alpha)]
     pick = best["per_fold"][k] if best is not None and k != FULL_FIT else None
-    return out + [("best", v) for v in parts(pick, k, mix) if fam.owns(v, alpha)]
+    return out + [("best", v, f) for v, f in parts(pick, k, mix) if fam.owns(v, alpha)]
 
 
 def plan(job: Job, inp: Inputs, names: list[str], best: dict | None, mix: dict | None) -> list[Backbone]:
@@ -425,7 +430,7 @@ def plan(job: Job, inp: Inputs, names: list[str], best: dict | None, mix: dict |
     reuse = shared_test_passes(job, len(inp.classes), units_)
     out = []
     for i, (u, sel) in enumerate(units_):
-        test = [(h, u.k, v, u.weight) for h, v in test_parts(inp, mix, FINE_TUNED)]
+        test = [(h, u.k, v, u.weight * f) for h, v, f in test_parts(inp, mix, FINE_TUNED)]
         held = {u.k: held_parts(inp, best, mix, u.k, FINE_TUNED)} if u.k != FULL_FIT and has_rows(u.k) else {}
         out.append(Backbone(backbone_of(job, u), FINE_TUNED, sel, i not in reuse, test, held, unit=u,
                             test_from=backbone_of(job, units_[reuse[i]][0]) if i in reuse else None))
@@ -433,7 +438,7 @@ def plan(job: Job, inp: Inputs, names: list[str], best: dict | None, mix: dict |
     picks = lambda k: inp.heads + ([best["per_fold"][k]] if best is not None else [])  # noqa: E731
     for fam in FAMILIES:  # the families on other backbones (probe, WiSE-FT, ...): each entry says which models
         for m in fam.backbones(list(folds), picks, lambda k: job.run.fold(k).name) if fam.backbones else []:
-            test = [(h, k, v, 1.0) for k in m.folds for h, v in test_parts(inp, mix, fam, m.alpha)]
+            test = [(h, k, v, f) for k in m.folds for h, v, f in test_parts(inp, mix, fam, m.alpha)]
             held = {k: held_parts(inp, best, mix, k, fam, m.alpha) for k in m.folds if has_rows(k)}
             held = {k: v for k, v in held.items() if v}
             if test or held:
@@ -498,11 +503,11 @@ def predict_backbone(job: Job, inp: Inputs, b: Backbone, names: list[str], store
         store.add("test", h, b.test_from or b.name, ref(k, v, False), weight)
     for k, heads in b.held.items():
         run_backbone(store, b.name, k, b.views, p, model, norm, p.train_store.subset(_held_rows(inp, k)), views)
-        for h, v in heads:
-            store.add("oof", h, b.name, ref(k, v, True), fold=k)
+        for h, v, weight in heads:
+            store.add("oof", h, b.name, ref(k, v, True), weight, fold=k)
     if b.unit is None:
         log.info("%s (%s heads %s): TTA views done", b.name, b.family.name, sorted({v for _, _, v, _ in b.test}
-                                                                                 | {v for hv in b.held.values() for _, v in hv}))
+                                                                                 | {v for hv in b.held.values() for _, v, _ in hv}))
     else:
         log.info("%s: TTA inference done (%d view(s))", b.unit.name, len(views))
 
@@ -597,15 +602,17 @@ def _winner(job: Job, folds: list[dict], candidates: list[str], ks: list[int]) -
 
 
 def mix_choice(job: Job, inp: Inputs) -> dict:
-    """The mix head (infer.mix): the mean of the logits of a fine-tuned variant (on the fold's backbone) and a probe
-    variant (on the pretrained one), a two-model ensemble inside the experiment. Each part is the variant of its
-    family with the best stage-3 CV on the folds it is chosen on: for fold k's held-out rows the other folds, for the
-    test images all folds (so no held-out row helps choose what scores it). `scores`: the mix's stage-3-like CV on
-    those same folds (the held-out rows stage 3 scored, no TTA), which the best head compares with the variants'."""
+    """The mix head (infer.mix): the weighted mean of the logits of a fine-tuned variant (on the fold's backbone) and
+    a probe variant (on the pretrained one), a two-model ensemble inside the experiment. Each part is the variant of
+    its family with the best stage-3 CV on the folds it is chosen on, and the fine-tuned share w (of
+    infer.mix_weights; ties: the one nearest 0.5, then the smaller) the one whose mix scores best there: for fold k's
+    held-out rows the other folds, for the test images all folds (so no held-out row helps choose what scores it).
+    `scores`: the mix's stage-3-like CV on those same folds (the held-out rows stage 3 scored, no TTA), which the best
+    head compares with the variants'."""
     folds = [read_json(job.run.fold(k).rebalance_summary)["variants"] for k in range(len(inp.summaries))]
     table = [r["variant"] for r in read_json(job.run.rebalance_summary)["table"]]  # best first: the order of ties
     fine, probe = mix_candidates([v for v in table if all(v in f for f in folds)])
-    logits: dict = {}
+    gib, logits = GREATER_IS_BETTER[job.eval.scorer], {}
 
     def held(k: int, v: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if (k, v) not in logits:
@@ -613,24 +620,32 @@ def mix_choice(job: Job, inp: Inputs) -> dict:
             logits[(k, v)] = (o["ids"], o["y"], o["logits"])
         return logits[(k, v)]
 
-    def score(ks: list[int]) -> tuple[list[str], float]:
+    def score(ks: list[int]) -> tuple[list[str], float, float]:
         a, b = _winner(job, folds, fine, ks), _winner(job, folds, probe, ks)
-        per = []
         for k in ks:
-            (ids, y, la), (ids_b, _, lb) = held(k, a), held(k, b)
-            if list(ids) != list(ids_b):
+            if list(held(k, a)[0]) != list(held(k, b)[0]):
                 raise PipelineError(f"fold {k}: stage 3's held-out rows of {a} and {b} differ: re-run ./run.sh "
                                     f"rebalance --force")
-            mixed = (la.astype(np.float64) + lb) / 2
-            per.append(score_rows(job.eval.scorer, y, row_scores(y, logits=mixed)))
-        return [a, b], float(np.mean(per))
+
+        def cv(w: float) -> float:  # the arithmetic of LogitTable's held-out rows (w = 0.5: the plain mean)
+            fa, fb = mix_factors(w)
+            per = []
+            for k in ks:
+                _, y, la = held(k, a)
+                mixed = (fa * la.astype(np.float64) + fb * held(k, b)[2].astype(np.float64)) / (fa + fb)
+                per.append(score_rows(job.eval.scorer, y, row_scores(y, logits=mixed)))
+            return float(np.mean(per))
+        scored = [(w, cv(w)) for w in job.infer.mix_weights]
+        w, best = max(scored, key=lambda x: ((x[1] if gib else -x[1]), -abs(x[0] - 0.5), -x[0]))
+        return [a, b], w, best
 
     every = list(range(len(folds)))
-    (parts_all, all_score), per_fold = score(every), [score([j for j in every if j != k]) for k in every]
-    out = {"all": parts_all, "per_fold": [p for p, _ in per_fold],
-           "scores": {"all": all_score, "per_fold": [v for _, v in per_fold]}}
-    log.info("mix head: %s + %s for the test images, per fold (chosen without it) %s; stage-3 CV %.4f", *parts_all,
-             out["per_fold"], all_score)
+    all_, per_fold = score(every), [score([j for j in every if j != k]) for k in every]
+    out = {"all": all_[0], "per_fold": [p for p, _, _ in per_fold],
+           "weights": {"all": all_[1], "per_fold": [w for _, w, _ in per_fold]},
+           "scores": {"all": all_[2], "per_fold": [v for _, _, v in per_fold]}}
+    log.info("mix head: %s + %s (fine-tuned share %s) for the test images, per fold (chosen without it) %s, shares "
+             "%s; stage-3 CV %.4f", *all_[0], all_[1], out["per_fold"], out["weights"]["per_fold"], all_[2])
     return out
 
 

@@ -49,6 +49,7 @@ from ..core.errors import PipelineError
 from ..core.nets.heads import Head
 from ..core.predict.inference import joint_head, parse_view
 from ..core.files.provenance import environment
+from ..core.predict.stored import mix_shares
 from ..core.predict.submission import Member, parse_members
 from ..core.predict.tta import BASELINE
 from ..core.inputs.pixels import pixels
@@ -201,6 +202,7 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
     # took it), the full-data model with the fine-tuned part
     slots = [(i, k, v) for i, (v, k) in enumerate((v, k) for v in parts for k in range(K))]
     slots += [(layout.FULL_FIT, layout.FULL_FIT, parts[0])] if full_weight > 0 else []
+    factors = dict(zip(parts, mix_shares(s4.get("mix"), None))) if len(parts) > 1 else {}  # the mix's shares
     heads = {(k, v): Head.load(run.unit(k).head(v))[0] for _, k, v in slots if v != "joint"}
     normalised = any(h.normalize for h in heads.values())  # cosine heads are not a linear layer: kept as files
     folds, full = [], None
@@ -228,10 +230,11 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
                 export_onnx(mcfg.aug.img_size, model, Head.load(target.head(i))[0] if normalised else joint_head(model),
                             target.onnx(i))
         if k == layout.FULL_FIT:
-            full = {"weight": full_weight, "mean": stage2["mean"], "std": stage2["std"], "epoch": stage2["epoch"]}
+            full = {"weight": full_weight * factors.get(variant, 1.0), "mean": stage2["mean"], "std": stage2["std"], "epoch": stage2["epoch"]}
         else:
             folds.append({"fold": k, "mean": stage2["mean"], "std": stage2["std"], "score": stage2["score"],
-                          "epoch": stage2["epoch"], **({"head": variant} if len(parts) > 1 else {})})
+                          "epoch": stage2["epoch"],
+                          **({"head": variant, "weight": factors[variant]} if len(parts) > 1 else {})})
     info = {"name": name, "experiment": run.name, "head": head, "arch": mcfg.model.arch, "classes": classes,
             "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": policy, "merge": s4["merge"],
             "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,

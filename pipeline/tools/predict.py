@@ -59,9 +59,11 @@ class Member:
         return len(self.info["folds"])
 
     def units(self) -> list[tuple[int, float]]:
-        """(fold index or FULL_FIT, share of the test mean) of every model of the member."""
+        """(fold index or FULL_FIT, share of the test mean) of every model of the member (the mix head's models:
+        their part's factor, stage 4's)."""
         full = self.info.get("full")
-        return [(k, 1.0) for k in range(self.folds)] + ([(layout.FULL_FIT, full["weight"])] if full else [])
+        return [(k, float(f.get("weight", 1.0))) for k, f in enumerate(self.info["folds"])] + (
+            [(layout.FULL_FIT, full["weight"])] if full else [])
 
     def loading(self, device) -> Loading:
         return Loading.of(pixels(self.cfg), self.cfg.infer, self.cfg.train, device)

@@ -421,6 +421,7 @@ def infer_record(infer, data: DataCfg, run: layout.RunDir, folds_name: str, fold
     oof = oof_rows(infer.oof, folds_name, read_json(run.classes)) is not None
     d = dataclasses.asdict(infer)
     d.pop("mix")  # what it changes is in `heads` (the mix head listed or not)
+    shares = d.pop("mix_weights")  # read by the mix head only: recorded with it
     files = [h for h in heads if h not in ("joint", MIX)]  # the head files behind the heads' logits
     if MIX in heads:  # the mix head's parts: any fine-tuned or probe variant stage 3 fit
         table = read_json(run.rebalance_summary)["table"]
@@ -439,6 +440,8 @@ def infer_record(infer, data: DataCfg, run: layout.RunDir, folds_name: str, fold
            "oof": oof,
            "outputs": 3}  # 3: each feature file checked (#45); 2: pooled features per backbone and view + a manifest
     # (#35); 1: per-head logit files
+    if MIX in heads:
+        rec["mix_weights"] = shares
     if full_fit and infer.full_fit_weight > 0:  # the full-data model joins the test mean
         full = run.full
         sha = lambda p: sha256_file(p) if p.exists() else "missing"  # noqa: E731

@@ -48,6 +48,22 @@ def store_damage(run: RunDir, summary: dict) -> list[str]:
     return out
 
 
+def mix_factors(share: float) -> tuple[float, float]:
+    """The mix head's two parts' factors (fine-tuned, probe) for a fine-tuned share: 2 x share and 2 x (1 - share),
+    so that the share 0.5 is the plain mean (1 and 1, bit-equal to it)."""
+    return 2 * share, 2 * (1 - share)
+
+
+def mix_shares(mix: dict | None, k: int | None) -> tuple[float, float]:
+    """The factors of the mix head's two parts (fine-tuned, probe) in the weighted mean of their entries' logits:
+    2w and 2(1 - w) for the fine-tuned share w stage 4 chose for fold k's held-out rows (k None: for the test
+    images), so that w = 0.5 is the plain mean, 1 and 1; 1 and 1 for a summary written before shares were chosen."""
+    w = (mix or {}).get("weights")
+    if w is None:
+        return 1.0, 1.0
+    return mix_factors(w["all"] if k is None else w["per_fold"][k])
+
+
 def head_ref(run: RunDir, path: Path, keys: list[str] | None = None, inner: list[Path] | None = None,
              split: Path | None = None) -> dict:
     """How stage 4's manifest names a head: a Head file (stage 3's), or the classifier tensors `keys` (weight,
@@ -181,7 +197,8 @@ class LogitTable:
     """One head's logits of one part as a V x N x C float32 table computed from stage 4's stored features on
     demand: `table[views, a:b]` gives rows a..b of those views (memory: that block). Test rows: per view, the
     weighted mean over the backbones that predicted it (float64, as stage 4 summed), of each one's features x its
-    head; held-out rows: fold k's rows from fold k's entry, each row from the head of its inner split when nested."""
+    head; held-out rows: fold k's rows from fold k's entry (the mix head: the weighted mean of its two parts'), each
+    row from the head of its inner split when nested."""
 
     def __init__(self, store: dict, head: str, part: str, rows: dict, files: "StoredFiles | InMemory"):
         self.files = files
@@ -238,7 +255,8 @@ class LogitTable:
     def _oof(self, v: int, a: int, b: int) -> np.ndarray:
         out = np.zeros((b - a, self.n_classes), np.float32)
         fold, pos = self.fold[a:b], self.pos[a:b]
-        per_fold: dict = {}  # a fold scored by several entries (the mix head's two parts): the mean of their logits
+        per_fold: dict = {}  # a fold scored by several entries (the mix head's two parts): the mean of their logits,
+        # weighted by their `weight` where stage 4 gave them unequal ones (the mix head's share)
         for e in self.entries:
             if v in self.backbones[e["features"]]["views"]:
                 per_fold.setdefault(e["fold"], []).append(e)
@@ -248,10 +266,14 @@ class LogitTable:
                 continue
             p = pos[mine]
             rows = slice(int(p[0]), int(p[-1]) + 1)
+            weights = [e.get("weight", 1.0) for e in entries]
             if len(entries) == 1:
                 out[mine] = self._logits(entries[0], v, k, rows)
-            else:
+            elif len(set(weights)) == 1:
                 out[mine] = sum(self._logits(e, v, k, rows).astype(np.float64) for e in entries) / len(entries)
+            else:
+                out[mine] = sum(w * self._logits(e, v, k, rows).astype(np.float64)
+                                for w, e in zip(weights, entries)) / sum(weights)
         return out
 
 
