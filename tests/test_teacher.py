@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import make_competition, stage4_npz
-from pipeline.core.files.artifacts import read_json, sha256_file, write_json
+from pipeline.core.files.artifacts import read_json, recorded, sha256_file, write_json
 from pipeline.core.files.featurefile import write_features
 from pipeline.core.config import load_config
 from pipeline.core.inputs.data import read_folds, read_test_table
@@ -14,7 +14,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.engine import teacher as teacher_mod
 from pipeline.core.nets.losses import SoftTargetLoss
 from pipeline.core.predict.submission import Member
-from pipeline.core.files.provenance import train_record
+from pipeline.core.files.units import experiment_units
 from pipeline.stages import ensemble as ens_stage
 from pipeline.stages import folds as folds_stage
 from pipeline.stages import infer as infer_stage
@@ -61,7 +61,8 @@ def build_targets(cfg, y_tr, n_classes, probs):
 def fold_targets(cfg, k):
     df, _ = read_folds(cfg.folds_name)
     return dict(teacher_mod.fold_targets(cfg.train, cfg.run_dir.unit(k), sha256_file(cfg.folds_csv), df, k,
-                                         read_test_table(cfg.data), Dist(), None, train_record(cfg)["teacher"]))
+                                         read_test_table(cfg.data), Dist(), None,
+                                         experiment_units(cfg).record(f"teacher_{cfg.run_dir.unit(k).name}")))
 
 
 @pytest.mark.slow
@@ -107,8 +108,15 @@ def test_student_trains_on_pseudo_labelled_test_images_only_and_records_its_teac
     assert build_targets(strict, df["y"].values[df["fold"] != 0], len(classes), fold_targets(s, 0)).n_pseudo < len(test)
     # the teacher is part of the student's record: a changed teacher makes the student stale
     assert train_stage.status(s) == []
+    units = experiment_units(s)  # each fold's targets are a unit of their own (#46), current with their record
+    for k in range(len(summaries)):
+        key, fd = f"teacher_fold{k}", s.run_dir.fold(k)
+        assert units[key].cache and units.current(key) and recorded(fd.teacher_meta) == units.record(key)
+        assert units.owner(fd.teacher_targets) == key and units.owner(fd.weights) == f"weights{k}"
     infer_stage.run(cfg_of(teacher.data.root, "t", *TEACHER, "infer.search=false"))
     assert any("teacher" in r for r in train_stage.status(s))
+    assert experiment_units(s).own_reasons("teacher_fold0") == [
+        "fold0: changed teacher.distill.record.members.t, teacher.pseudo.record.members.t"]  # the teacher's stage 4
     rows = leaderboard.experiment_rows(s.run_dir)
     assert all("pseudo-labels from t" in r["recipe"] and "distilled from t" in r["recipe"] for r in rows)
 

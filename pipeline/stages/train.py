@@ -255,7 +255,7 @@ def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths
     frozen_bn = training.freeze(model, job.train.freeze_backbone, job.train.trainable_stages)
     stats = norm_stats(job.model, model)
     prepare_model(job.train, model, device)
-    data = _fold_data(job, df, n_classes, k, dist, device, rec, model, stats)
+    data = _fold_data(job, df, n_classes, k, dist, device, model, stats)
     if data.probe_loader is not None:
         probe_init(model, stats, data, job.train, device, "full fit" if k == FULL_FIT else f"fold {k}")
     state = FoldState()
@@ -264,7 +264,7 @@ def set_up(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, paths
                    data=data, nets=nets, state=state, epochs=job.train.epochs)
 
 
-def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, device, rec: dict, model=None,
+def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, device, model=None,
                stats=None) -> FoldData:
     """The fold's rows from the one store of the train images (built by the main process), the teachers'
     targets, the sampler's batches and the loaders."""
@@ -284,7 +284,7 @@ def _fold_data(job: Job, df: pd.DataFrame, n_classes: int, k: int, dist: Dist, d
     if t.pseudo.teacher or t.distill.teacher:
         test = read_test_table(job.data) if t.pseudo.teacher else None
         probs = teachers.fold_targets(t, job.run.unit(k), sha256_file(job.folds_csv), df, k, test, dist, device,
-                                       rec["teacher"])
+                                       job.units.record(f"teacher_{job.run.unit(k).name}"))
         targets = teachers.build_targets(y_tr, n_classes, probs, t.pseudo, t.distill, t.label_smoothing, device)
         if targets.n_pseudo:
             rows_store = ConcatView(rows_store, open_store(job.px, test["path"]).subset(targets.pseudo_rows))

@@ -236,13 +236,12 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- a student's targets
 def fold_targets(train: TrainCfg, fd: layout.FoldDir, folds_sha: str, df, k: int, test, dist, device,
-                 teacher_rec: dict) -> dict:
+                 rec: dict) -> dict:
     """The teachers' fold-k probabilities for the student's fold k: pseudo_test, distill_train, distill_test,
     as needed. Computed once per fold by the main process and kept in fold<k>/teacher.npz with their record
-    (`teacher_rec`: the stage-2 record's "teacher" entry). The full-data model (k = FULL_FIT) has no held-out rows
-    to leak into: the teachers' stage-4/5 predictions serve it."""
-    rec = {"teacher": teacher_rec, "fold": k}
-    if dist.main and not up_to_date(fd.teacher_meta, rec):
+    (`rec`: their unit's, core/files/units: the stage-2 record's "teacher" entry and the fold). The full-data model
+    (k = FULL_FIT) has no held-out rows to leak into: the teachers' stage-4/5 predictions serve it."""
+    if dist.main and not (fd.teacher_targets.exists() and up_to_date(fd.teacher_meta, rec)):
         t0 = time.perf_counter()
         out = _teacher_targets(train.pseudo, train.distill, df, k, test, device, folds_sha)
         write_npz(fd.teacher_targets, **{n: v.astype(np.float32) for n, v in out.items()})

@@ -257,8 +257,9 @@ def experiment_units(cfg: Config) -> Units:
                   once("folds", lambda: folds_record(cfg.folds, cfg.data, read_train_table(cfg.data))),
                   what="the folds file", fix="re-run ./run.sh folds --force (or set folds.name)",
                   missing=f"{cfg.folds_csv} not found: run ./run.sh folds")]
-    units += _stage2_units(run, n, cfg.train.full_fit, has_folds, trained_rec, once("full", full_rec, summaries),
-                           bool(cfg.train.pseudo.teacher or cfg.train.distill.teacher))
+    units += _stage2_units(run, n, cfg.train.full_fit, has_folds, trained_rec, once("full", full_rec, summaries))
+    if (cfg.train.pseudo.teacher or cfg.train.distill.teacher) and has_folds:
+        units += _teacher_units(run, _units_of(n, cfg.train.full_fit), trained_rec)
     r = cfg.rebalance
     units += _stage3_units(run, n, cfg.train.full_fit, heads_rec,
                            once("report", lambda: report_record([read_json(p) for p in heads_files()]), heads_files),
@@ -361,29 +362,38 @@ def _ensemble_unit(name: str, with_sample: bool, rec: Record, own_member: bool) 
 
 
 def _stage2_units(run: layout.RunDir, n: int, full_fit: bool, has_folds: bool, fold_rec: Record,
-                  full_rec: Record, teacher: bool) -> list[Unit]:
-    """Each fold's weights (all made from one record) and, with train.full_fit, the full-data model's (`teacher`:
-    train.pseudo or train.distill, whose targets each unit keeps beside its weights)."""
+                  full_rec: Record) -> list[Unit]:
+    """Each fold's weights (all made from one record) and, with train.full_fit, the full-data model's."""
     name = run.name
     out = [Unit(f"weights{k}", f"fold {k}", "2", run.fold(k).summary, fold_rec, ("folds",) if has_folds else (),
                 "the fold's stage-2 weights", REFIT,
                 f"fold {k} of experiment '{name}' has no finished stage-2 output ({run.fold(k).summary}); run "
-                f"./run.sh train --fold {k}", run.fold(k).checkpoint, owns=_trained_files(run.fold(k), teacher))
+                f"./run.sh train --fold {k}", run.fold(k).checkpoint, owns=_trained_files(run.fold(k)))
            for k in range(n)]
     if full_fit:
         out.append(Unit(f"weights_{FULL}", "full fit", "2", run.full.summary, full_rec,
                         tuple(f"weights{k}" for k in range(n)), "the full-data model", REFIT,
                         f"train.full_fit is on but the full-data model of '{name}' is not finished "
                         f"({run.full.summary}); run ./run.sh train", run.full.checkpoint,
-                        owns=_trained_files(run.full, teacher)))
+                        owns=_trained_files(run.full)))
     return out
 
 
-def _trained_files(fd: layout.FoldDir, teacher: bool) -> tuple[Path, ...]:
-    """A trained unit's files: its weights, held-out logits and history, its teacher's targets (`teacher`), and
-    until it is finished its resume checkpoint and the best weights so far (a finished unit never reads them)."""
+def _trained_files(fd: layout.FoldDir) -> tuple[Path, ...]:
+    """A trained unit's files: its weights, held-out logits and history, and until it is finished its resume
+    checkpoint and the best weights so far (a finished unit never reads them). Its teacher's targets are a unit of
+    their own (_teacher_units)."""
     unfinished = () if fd.summary.exists() else (fd.checkpoint, fd.best("*"), fd.oof_of("*"))
-    return (fd.weights, fd.oof, fd.history, *((fd.teacher_targets, fd.teacher_meta) if teacher else ()), *unfinished)
+    return (fd.weights, fd.oof, fd.history, *unfinished)
+
+
+def _teacher_units(run: layout.RunDir, ks: list[int], train_rec: Record) -> list[Unit]:
+    """train.pseudo / train.distill: each trained unit's teacher targets (the teachers' fold-k probabilities, a
+    stage-2 cache made before the unit trains), made from the teachers' record in the stage-2 record and the fold."""
+    def rec(k: int) -> Record:
+        return lambda: {"teacher": train_rec()["teacher"], "fold": k}
+    return [Unit(f"teacher_{run.unit(k).name}", run.unit(k).name, "2", run.unit(k).teacher_meta, rec(k), ("folds",),
+                 "its teacher targets", REFIT, cache=True, needs=(run.unit(k).teacher_targets,)) for k in ks]
 
 
 def _stage3_units(run: layout.RunDir, n: int, full_fit: bool, heads_rec: Callable[[int], Record],
