@@ -31,7 +31,7 @@ from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
 from ..core.predict.tta import BASELINE
 from ..core.predict.submission import (Member, build_submission, combine, mix, parse_members,
                                        submission_without_sample)
-from ..core.files.provenance import environment, up_to_date
+from ..core.files.provenance import environment
 from ..core.files.units import Units, experiment_units, member_summary
 
 log = logging.getLogger("pipeline")
@@ -258,7 +258,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     check_current(members, cfg.experiment, units, cfg.session.allow_stale)
     made_from = units.record("ensemble")
     out, csv = layout.submission_record(name), layout.submission_csv(name)
-    if csv.exists() and not force and up_to_date(out, made_from):
+    if csv.exists() and not force and units.current("ensemble"):
         log.info("ensemble %s is up to date, skipped (--force redoes it)", name)
         return read_json(out)
     classes = members[0]["summary"]["classes"]

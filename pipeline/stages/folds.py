@@ -22,7 +22,7 @@ from ..core.files.artifacts import read_json, write_csv, write_json
 from ..core.config import Config
 from ..core.inputs.data import encode, fold_problems, make_classes, read_train_table, to_builtin, train_source
 from ..core.errors import PipelineError
-from ..core.files.provenance import environment, up_to_date
+from ..core.files.provenance import environment
 from ..core.files.units import experiment_units
 
 log = logging.getLogger("pipeline")
@@ -66,9 +66,10 @@ def run(cfg: Config, force: bool = False) -> dict:
     """Write the folds file (unless an up-to-date one exists); returns its record."""
     df = read_train_table(cfg.data)
     classes = make_classes(df["label"])
-    made_from = experiment_units(cfg).record("folds")
+    units = experiment_units(cfg)
+    made_from = units.record("folds")
     if cfg.folds_csv.exists() and cfg.folds_record.exists() and not force:
-        if up_to_date(cfg.folds_record, made_from):
+        if units.current("folds"):
             log.info("folds up to date: %s (use --force to rebuild)", cfg.folds_csv)
             return read_json(cfg.folds_record)
         rec = read_json(cfg.folds_record)

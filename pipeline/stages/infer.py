@@ -55,7 +55,7 @@ from ..core.predict.stored import (STORE_VERSION, HeldOut, LogitTable, StoredFil
                                    mix_shares, store_damage)
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, better, cv, row_scores, score_rows
 from ..core.files.provenance import (environment, fixres_lr, keep_image_snapshots, oof_rows, mix_candidates,
-                                     resolve_heads, up_to_date)
+                                     resolve_heads)
 from ..core.files.units import Units, experiment_units, trained
 from ..core.report.progress import Progress
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
@@ -168,7 +168,7 @@ def fixres_weights(job: Job, inp: Inputs, u: TtaModel, device, dtype):
                                 f"infer.oof=auto), or set infer.fixres.size=null")
         return models.load_trained(job.model, path, n_classes)
     rec = inp.units.record(f"fixres_{fd.name}")
-    if path.exists() and up_to_date(meta, rec):
+    if inp.units.current(f"fixres_{fd.name}"):
         return models.load_trained(job.model, path, n_classes)
     t0 = time.perf_counter()
     fx = job.infer.fixres
@@ -515,7 +515,7 @@ def predict_backbone(job: Job, inp: Inputs, b: Backbone, names: list[str], store
 # ----------------------------------------------------------------------------- entry
 def run(cfg: Config, force: bool = False) -> dict:
     inp, job = load_inputs(cfg), Job.of(cfg)
-    if not force and up_to_date(cfg.run_dir.infer_summary, inp.made_from):
+    if not force and inp.units.current("infer"):
         damaged = damaged_outputs(cfg.run_dir)
         if not damaged:
             log.info("infer of '%s' is up to date, skipped (--force redoes it)", cfg.experiment)

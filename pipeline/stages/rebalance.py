@@ -47,7 +47,7 @@ from ..core.inputs.images import ImageDataset
 from ..core.files.layout import FULL_FIT, FoldDir
 from ..core.predict.metrics import GREATER_IS_BETTER, RowScores, compute, row_scores
 from ..core.predict.stored import HeadRows, HeldOut
-from ..core.files.provenance import environment, keep_image_snapshots, train_images, up_to_date
+from ..core.files.provenance import environment, keep_image_snapshots, train_images
 from ..core.files.units import Units, experiment_units, trained
 from ..core.engine.runtime import amp_dtype, make_loader, memory_format, pick_device, prepare_model, workers
 from ..core.engine.distributed import Dist
@@ -112,7 +112,7 @@ def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     fd = job.run.unit(k)
     weights = fd.weights
     record = job.features_record(k)
-    if fd.features.exists() and up_to_date(fd.features_meta, record):
+    if job.units.current(f"features_{fd.name}"):
         return read_npz(fd.features)
 
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     """rebalance.probe: the pretrained, un-fine-tuned backbone's pooled features of every train row (in the folds
     table's order), one pass for every fold, cached in runs/<exp>/rebalance/probe_features.npz."""
     run, rec = job.run, job.probe_record()
-    if run.probe_features.exists() and up_to_date(run.probe_features_meta, rec):
+    if job.units.current("probe_features"):
         return read_npz(run.probe_features)["feats"]
     t0 = time.perf_counter()
     device = pick_device(job.device, Dist())
@@ -341,7 +341,7 @@ def rebalance_fold(job: Job, df: pd.DataFrame, classes: list, k: int, force: boo
     fd = job.run.fold(k)
     feats = fold_features(job, df, classes, k, stage2)
     made_from = job.record(k)
-    if not force and up_to_date(fd.rebalance_summary, made_from):
+    if not force and job.units.current(job.heads_key(k)):
         log.info("fold %d: rebalanced heads up to date, skipped", k)
         return read_json(fd.rebalance_summary)
     fault_point(f"rebalance:after-features:{k}")
@@ -383,7 +383,7 @@ def rebalance_full(job: Job, df: pd.DataFrame, classes: list, summaries: list[di
     stage2 = job.stage2(FULL_FIT)
     chosen = median_choices(job.rebalance.variants, summaries)
     made_from = job.record(FULL_FIT)  # the folds' choices (`chosen`) among what it is made from
-    if not force and up_to_date(fd.rebalance_summary, made_from):
+    if not force and job.units.current(job.heads_key(FULL_FIT)):
         log.info("full fit: rebalanced heads up to date, skipped")
         return read_json(fd.rebalance_summary)
     feats = fold_features(job, df, classes, FULL_FIT, stage2)
@@ -478,7 +478,7 @@ def run(cfg: Config, fold: int | None = None, force: bool = False) -> dict | Non
     if cfg.train.full_fit:
         with experiment_lock(cfg.run_dir.full.dir):
             rebalance_full(job, df, classes, summaries, force)
-    if not force and up_to_date(cfg.run_dir.rebalance_summary, job.units.record("report")):
+    if not force and job.units.current("report"):
         log.info("stage-3 report of '%s' is up to date", cfg.experiment)
         return read_json(cfg.run_dir.rebalance_summary)
     return report(job, df, classes, summaries)
