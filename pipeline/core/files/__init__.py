@@ -7,6 +7,7 @@
 - `units`: every unit of an experiment declared once (its record, deps, refusals) and the one engine deriving
   each stage's status, the refusal of a stale input (`require`) and the order of the units.
 - `bundle`: the export bundle's manifest and its verification.
+- `teachers`: a teacher's files (load_teacher: the ensemble or experiment it is) and its record (teacher_record).
 - `featurefile`: stage 4's feature files, written with what checks them and read checked (write_features,
   CheckedFeatures, damage).
 

@@ -263,7 +263,7 @@ def train_record(cfg: Config) -> dict:
 
 def teacher_section(train: TrainCfg, n_splits: int, data: DataCfg, looks: dict | None = None) -> dict | None:
     """train.pseudo / train.distill: their settings and what the teachers' targets are made from."""
-    from ..engine.teacher import load_teacher, teacher_record
+    from .teachers import load_teacher, teacher_record
 
     out = {}
     for key in ("pseudo", "distill"):
