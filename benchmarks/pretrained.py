@@ -396,6 +396,12 @@ COMPUTE = {  # name: (what, overrides, heads read off the run: label)
                        "train.batch_size=32", *HEADS_ALL],
                       {"joint": "fine-tune (plain recipe), batch 32",
                        "best": "nested best with the mix (plain recipe, batch 32 + probe heads)"}),
+    "bs32-sqrt": ("the plain recipe at batch 32 with square-root class sampling (train.sampler=sqrt: a class drawn in "
+                  "proportion to the square root of its count), probe heads of every variant",
+                  ["train.head_init=random", "train.bn_stats=batch", "train.backbone_lr_mult=1.0",
+                   "train.batch_size=32", "train.sampler=sqrt", *HEADS_ALL],
+                  {"joint": "fine-tune (plain recipe, batch 32, sqrt sampling)",
+                   "best": "nested best with the mix (plain, batch 32, sqrt sampling + probe heads)"}),
     "fastai-style": ("fastai-style in the pipeline: 1 epoch head only (BN trainable), then all; lr 2e-3, "
                      "backbone x0.1", ["train.head_init=random", "train.bn_stats=batch", "train.freeze_epochs=1",
                                     "train.lr=0.002", "train.backbone_lr_mult=0.1", "rebalance.probe=[]"],

@@ -60,8 +60,7 @@ from ..core.predict.stored import stage2_logits
 from ..core.nets.models import (Normalize, SubCenterCosine, clean_state_dict, create_model, inference_state, norm_stats,
                                 to_input, write_state_dict)
 from ..core.report.progress import Progress, progress
-from ..core.files.provenance import (describe_changes, environment, fold_choices, keep_image_snapshots, recorded,
-                                     up_to_date)
+from ..core.files.provenance import describe_changes, environment, fold_choices, keep_image_snapshots, recorded
 from ..core.files.units import FULL, Units, experiment_units
 from ..core.engine.runtime import (amp_dtype, autocast, make_loader, maybe_compile, memory_format, pick_device,
                                    prepare_model, set_backend_flags, workers)
@@ -211,13 +210,14 @@ class FoldRun:
         return "full fit" if self.full else f"fold {self.k}"
 
 
-def resume_or_skip(paths: FoldDir, rec: dict, label: str, force: bool, dist: Dist) -> tuple[dict | None, dict | None]:
-    """(the finished summary when the fold is up to date, the resume state when an interrupted run
-    of the same inputs left one). A stale or forced fold stops looking complete before any of it
-    is replaced."""
+def resume_or_skip(paths: FoldDir, rec: dict, label: str, force: bool, dist: Dist,
+                   current: bool) -> tuple[dict | None, dict | None]:
+    """(the finished summary when the fold is up to date (`current`: its unit's, the engine's decision), the resume
+    state when an interrupted run of the same inputs (`rec`: its unit's record) left one). A stale or forced fold
+    stops looking complete before any of it is replaced."""
     fresh = force
     if paths.summary.exists() and not force:
-        if up_to_date(paths.summary, rec):
+        if current:
             old = read_json(paths.summary)
             score = f"{old['metric']} {old['score']:.4f}" if old.get("score") is not None else "no CV of its own"
             log.info("%s: up to date (%s), skipped; --force retrains", label, score)
@@ -569,8 +569,10 @@ def train_unit(job: Job, df: pd.DataFrame, classes: list, k: int, force: bool, d
     epochs (a fold validates each and may stop early), then write its weights and summary (main process)."""
     choices = fold_choices(job.run, job.n_splits, job.rec) if k == FULL_FIT else None
     paths = job.run.unit(k)
-    rec = job.units.record(f"weights_{FULL}") if k == FULL_FIT else job.rec
-    done, resume = resume_or_skip(paths, rec, "full fit" if k == FULL_FIT else f"fold {k}", force, dist)
+    key = f"weights_{FULL}" if k == FULL_FIT else f"weights{k}"
+    rec = job.units.record(key) if k == FULL_FIT else job.rec
+    done, resume = resume_or_skip(paths, rec, "full fit" if k == FULL_FIT else f"fold {k}", force, dist,
+                                  job.units.current(key))
     if done is not None:
         return done
     r = set_up(job, df, len(classes), k, dist, paths, rec)
