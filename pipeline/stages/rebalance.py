@@ -35,8 +35,8 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..core.nets import models
 from ..core.report import tracking
-from ..core.files.artifacts import (experiment_lock, fault_point, read_json, read_npz, write_csv,
-                                    write_json, write_npz, write_text)
+from ..core.files.artifacts import (as_stored, experiment_lock, fault_point, float32_arrays, read_feature_cache,
+                                    read_json, read_npz, write_csv, write_json, write_npz, write_text)
 from ..core.inputs.augment import open_store, train_transform, valid_transform
 from ..core.config import PROBE, Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg, wise_name
 from ..core.files import layout
@@ -106,6 +106,9 @@ class Job:
 
 
 # ----------------------------------------------------------------------------- features
+CACHED = ("train", "valid", "views")  # a fold's feature arrays, stored in rebalance.features' precision
+
+
 def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dict) -> dict[str, np.ndarray]:
     """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows (k = FULL_FIT: the
     full-data model, every row a train row, none held out)."""
@@ -113,7 +116,7 @@ def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     weights = fd.weights
     record = job.features_record(k)
     if job.units.current(f"features_{fd.name}"):
-        return read_npz(fd.features)
+        return read_feature_cache(fd.features)
 
     t0 = time.perf_counter()
     device = pick_device(job.device, Dist())
@@ -151,7 +154,9 @@ def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
     if k != FULL_FIT:  # the full-data model holds nothing out
         same_as_stage2(fd, feats, 1e-3 if dtype is None else 2e-2)  # bf16 backbones round a little
+    feats = as_stored(feats, CACHED, job.rebalance.features)
     write_npz(fd.features, **feats)
+    feats = float32_arrays(feats)  # what a cached run reads back
     keep_image_snapshots(record)
     write_json(fd.features_meta, {"made_from": record, "seconds": time.perf_counter() - t0,
                       "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
@@ -180,7 +185,7 @@ def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     table's order), one pass for every fold, cached in runs/<exp>/rebalance/probe_features.npz."""
     run, rec = job.run, job.probe_record()
     if job.units.current("probe_features"):
-        return read_npz(run.probe_features)["feats"]
+        return read_feature_cache(run.probe_features)["feats"]
     t0 = time.perf_counter()
     device = pick_device(job.device, Dist())
     dtype = amp_dtype(job.train.amp, device)
@@ -188,7 +193,9 @@ def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     norm = models.Normalize(*models.norm_stats(job.model, model)).to(device)
     loader = _rows_loader(job, df, np.arange(len(df)), device)
     feats = models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
-    write_npz(run.probe_features, feats=feats)
+    stored = as_stored({"feats": feats}, ("feats",), job.rebalance.features)
+    write_npz(run.probe_features, **stored)
+    feats = float32_arrays(stored)["feats"]  # what a cached run reads back
     keep_image_snapshots(rec)
     write_json(run.probe_features_meta, {"made_from": rec, "seconds": time.perf_counter() - t0,
                                          "n": len(feats), "dim": int(feats.shape[1])})

@@ -184,6 +184,25 @@ def read_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None,
         return {k: z[k] for k in z.files if (keys is None or k in keys) and k not in skip}
 
 
+def read_feature_cache(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A stage-3 feature cache (a fold's features.npz, probe_features.npz) as every fit and score reads it: arrays
+    stored in float16 (rebalance.features) upcast to float32, the others as they are."""
+    return float32_arrays(read_npz(path, keys))
+
+
+def float32_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float16 arrays upcast to float32 (exactly: every float16 is a float32), the others as they are."""
+    return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in arrays.items()}
+
+
+def as_stored(arrays: dict[str, np.ndarray], names: tuple[str, ...], dtype: str) -> dict[str, np.ndarray]:
+    """`arrays` with `names` in the precision a feature cache stores them (`dtype`: float16 or float32), so a fresh
+    run and a cached one read the same values (read_feature_cache upcasts them again)."""
+    if dtype == "float32":
+        return arrays
+    return {k: (v.astype(dtype) if k in names else v) for k, v in arrays.items()}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, fresh: bool = False) -> str:
     """Hash of a file's bytes; remembered per (path, inode, size, mtime) so up-to-date checks that hash
     the same weights several times in one process read them once (`fresh`: always read the bytes)."""

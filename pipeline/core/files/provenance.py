@@ -306,16 +306,18 @@ def full_record(train_rec: dict, choices: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 3
-def feature_record(weights: Path, classes: list, px, aug_views: int, seed: int, train_imgs: dict) -> dict:
+def feature_record(weights: Path, classes: list, px, aug_views: int, seed: int, train_imgs: dict,
+                   dtype: str = "float32") -> dict:
     """What a fold's cached backbone features depend on: the weights, the pixels fed to them (`px`: Pixels), the
-    augmented views (rebalance.aug_views) and the train images (`train_imgs`: train_images)."""
+    augmented views (rebalance.aug_views), the train images (`train_imgs`: train_images) and, when not float32, the
+    precision it is stored in (`dtype`: rebalance.features)."""
     a = px.aug
     rec = {"format": 3, "weights": sha256_file(weights), "classes": classes,
            "img_size": a.img_size, "resize": a.resize, **pixel_record(px), "aug_views": aug_views,
            "aug": dataclasses.asdict(a) if aug_views else None, "seed": seed, "train_images": train_imgs}
     if rec["aug"]:
         rec["aug"] = recorded_keys(rec["aug"], "aug", ("1", "2"))
-    return rec
+    return rec if dtype == "float32" else {**rec, "dtype": dtype}
 
 
 def section_record(section, name: str) -> dict:
@@ -326,7 +328,7 @@ def section_record(section, name: str) -> dict:
 PROBE_RECORD_SINCE = "2026-12-04"  # the probe features' record (format 1) holds the model keys of 2026-12-03 whole
 
 
-def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
+def probe_features_record(model, px, classes: list, train_imgs: dict, dtype: str = "float32") -> dict:
     """What the pretrained backbone's features (rebalance.probe) depend on: the model section (keys added since the
     record's format at their defaults left out) and the weights' bytes (a local file) or the hub's name, the pixels,
     the train images."""
@@ -336,7 +338,7 @@ def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
     return {"format": 1, "model": _drop_later_defaults({"model": dataclasses.asdict(model)}, PROBE_RECORD_SINCE)["model"],
             "weights": weights, "classes": classes,
             **pixel_record(px), "aug": recorded_keys(dataclasses.asdict(px.aug), "aug", ("1", "2")),
-            "train_images": train_imgs}
+            "train_images": train_imgs, **({"dtype": dtype} if dtype != "float32" else {})}
 
 
 def stage3_record(run: layout.RunDir, k: int, classes: list, rebalance, eval_, model, px, seed: int, train_imgs: dict,
@@ -344,8 +346,9 @@ def stage3_record(run: layout.RunDir, k: int, classes: list, rebalance, eval_, m
     """Fold k's (or the full-data model's) stage-3 record, as stage 3 writes it and stage 4 checks it: its sections,
     the features of the fold's weights, and with rebalance.probe or wise_alpha the pretrained backbone's (the full-data
     model has no probe or WiSE-FT heads)."""
-    features = feature_record(run.unit(k).weights, classes, px, rebalance.aug_views, seed, train_imgs)
-    probe = (probe_features_record(model, px, classes, train_imgs)
+    features = feature_record(run.unit(k).weights, classes, px, rebalance.aug_views, seed, train_imgs,
+                              rebalance.features)
+    probe = (probe_features_record(model, px, classes, train_imgs, rebalance.features)
              if (rebalance.probe or rebalance.wise_alpha) and k != layout.FULL_FIT else None)
     return rebalance_record(rebalance, eval_, features, fold_choices, probe)
 

@@ -245,9 +245,10 @@ def experiment_units(cfg: Config) -> Units:
         return once(f"heads{k}", make, lambda: [run.unit(k).weights, *(heads_files() if k == layout.FULL_FIT else [])])
 
     caches = {k: once(f"features{k}", lambda k=k: feature_record(run.unit(k).weights, classes(), px,
-                                                                 cfg.rebalance.aug_views, cfg.seed, imgs()),
+                                                                 cfg.rebalance.aug_views, cfg.seed, imgs(),
+                                                                 cfg.rebalance.features),
                       lambda k=k: [run.unit(k).weights]) for k in _units_of(n, cfg.train.full_fit)}
-    probe = (once("probe", lambda: probe_features_record(cfg.model, px, classes(), imgs()))
+    probe = (once("probe", lambda: probe_features_record(cfg.model, px, classes(), imgs(), cfg.rebalance.features))
              if cfg.rebalance.probe or cfg.rebalance.wise_alpha else None)
     full_tested = cfg.train.full_fit and cfg.infer.full_fit_weight > 0
     fixres = {k: (lambda k=k: fixres_record(cfg.infer.fixres, cfg.train, px, cfg.seed, run.unit(k).weights,

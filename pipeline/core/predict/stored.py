@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from ..files.artifacts import read_json, read_npz, sha256_file
+from ..files.artifacts import read_feature_cache, read_json, read_npz, sha256_file
 from ..files.featurefile import CheckedFeatures, damage
 from ..files.layout import RunDir
 from .inference import nested_policy_blocks, policy_probs
@@ -443,8 +443,8 @@ class HeldOut:
         if source == "own":
             return o["feats"]
         if source == "probe":
-            return read_npz(self.run.probe_features, keys=("feats",))["feats"][o["rows"]]
-        return read_npz(self.run.fold(self.k).features, keys=("valid",))["valid"]
+            return read_feature_cache(self.run.probe_features, keys=("feats",))["feats"][o["rows"]]
+        return read_feature_cache(self.run.fold(self.k).features, keys=("valid",))["valid"]
 
     def read(self) -> dict[str, np.ndarray]:
         """ids, y and logits (rows x classes, float32; stage 3: also inner)."""
