@@ -441,10 +441,12 @@ class RebalanceCfg:
                                     "stage 4 and chosen by the nested best head like the others (needs pretrained "
                                     "weights)")
     features: Literal["float32", "float16"] = key("float32", added="2026-12-07",
-                                                  help="how stage 3 caches the pooled features of each fold (and of "
-                                                       "the probe) on disk: float16 halves the cache; the heads are "
-                                                       "fit on the stored values either way, so a fresh run and one "
-                                                       "from the cache fit the same heads")
+                                                  help="how stage 3 caches each fold's pooled features on disk: "
+                                                       "float16 halves the cache; the heads are fit on the stored "
+                                                       "values either way, so a fresh run and one from the cache fit "
+                                                       "the same heads. The probe's cache (one array for every fold) "
+                                                       "stays float32: its logistic regression amplifies float16's "
+                                                       "rounding")
     wise_alpha: list[float] = key(factory=list, range=(0, 1, False, False), added="2026-12-03",
                                   help="WiSE-FT (Wortsman et al. 2022): per fold and alpha, the weights (1 - alpha) x "
                                        "pretrained (with the fold's probe head) + alpha x fine-tuned, a head named "

@@ -185,7 +185,7 @@ def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     table's order), one pass for every fold, cached in runs/<exp>/rebalance/probe_features.npz."""
     run, rec = job.run, job.probe_record()
     if job.units.current("probe_features"):
-        return read_feature_cache(run.probe_features)["feats"]
+        return read_npz(run.probe_features)["feats"]
     t0 = time.perf_counter()
     device = pick_device(job.device, Dist())
     dtype = amp_dtype(job.train.amp, device)
@@ -193,9 +193,7 @@ def probe_features(job: Job, df: pd.DataFrame, classes: list) -> np.ndarray:
     norm = models.Normalize(*models.norm_stats(job.model, model)).to(device)
     loader = _rows_loader(job, df, np.arange(len(df)), device)
     feats = models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
-    stored = as_stored({"feats": feats}, ("feats",), job.rebalance.features)
-    write_npz(run.probe_features, **stored)
-    feats = float32_arrays(stored)["feats"]  # what a cached run reads back
+    write_npz(run.probe_features, feats=feats)  # float32 whatever rebalance.features says: see its help
     keep_image_snapshots(rec)
     write_json(run.probe_features_meta, {"made_from": rec, "seconds": time.perf_counter() - t0,
                                          "n": len(feats), "dim": int(feats.shape[1])})

@@ -328,7 +328,7 @@ def section_record(section, name: str) -> dict:
 PROBE_RECORD_SINCE = "2026-12-04"  # the probe features' record (format 1) holds the model keys of 2026-12-03 whole
 
 
-def probe_features_record(model, px, classes: list, train_imgs: dict, dtype: str = "float32") -> dict:
+def probe_features_record(model, px, classes: list, train_imgs: dict) -> dict:
     """What the pretrained backbone's features (rebalance.probe) depend on: the model section (keys added since the
     record's format at their defaults left out) and the weights' bytes (a local file) or the hub's name, the pixels,
     the train images."""
@@ -338,7 +338,7 @@ def probe_features_record(model, px, classes: list, train_imgs: dict, dtype: str
     return {"format": 1, "model": _drop_later_defaults({"model": dataclasses.asdict(model)}, PROBE_RECORD_SINCE)["model"],
             "weights": weights, "classes": classes,
             **pixel_record(px), "aug": recorded_keys(dataclasses.asdict(px.aug), "aug", ("1", "2")),
-            "train_images": train_imgs, **({"dtype": dtype} if dtype != "float32" else {})}
+            "train_images": train_imgs}
 
 
 def stage3_record(run: layout.RunDir, k: int, classes: list, rebalance, eval_, model, px, seed: int, train_imgs: dict,
@@ -348,7 +348,7 @@ def stage3_record(run: layout.RunDir, k: int, classes: list, rebalance, eval_, m
     model has no probe or WiSE-FT heads)."""
     features = feature_record(run.unit(k).weights, classes, px, rebalance.aug_views, seed, train_imgs,
                               rebalance.features)
-    probe = (probe_features_record(model, px, classes, train_imgs, rebalance.features)
+    probe = (probe_features_record(model, px, classes, train_imgs)
              if (rebalance.probe or rebalance.wise_alpha) and k != layout.FULL_FIT else None)
     return rebalance_record(rebalance, eval_, features, fold_choices, probe)
 

@@ -248,7 +248,7 @@ def experiment_units(cfg: Config) -> Units:
                                                                  cfg.rebalance.aug_views, cfg.seed, imgs(),
                                                                  cfg.rebalance.features),
                       lambda k=k: [run.unit(k).weights]) for k in _units_of(n, cfg.train.full_fit)}
-    probe = (once("probe", lambda: probe_features_record(cfg.model, px, classes(), imgs(), cfg.rebalance.features))
+    probe = (once("probe", lambda: probe_features_record(cfg.model, px, classes(), imgs()))
              if cfg.rebalance.probe or cfg.rebalance.wise_alpha else None)
     full_tested = cfg.train.full_fit and cfg.infer.full_fit_weight > 0
     fixres = {k: (lambda k=k: fixres_record(cfg.infer.fixres, cfg.train, px, cfg.seed, run.unit(k).weights,
