@@ -83,7 +83,8 @@ def test_one_epoch_writes_every_output_and_skips_when_done(comp, workdir):
 
 
 def test_select_last_keeps_the_fixed_source_and_best_is_marked_as_chosen_on_held_out_rows(comp, workdir):
-    from pipeline.core.files.provenance import train_record, up_to_date
+    from pipeline.core.files.provenance import up_to_date
+    from pipeline.core.files.units import experiment_units
     from pipeline.tools.reports.leaderboard import build, rank
 
     cfg = tiny_cfg(comp, "train.epochs=2", "train.ema_decay=0.5")       # the default: select=last, EMA on
@@ -97,11 +98,11 @@ def test_select_last_keeps_the_fixed_source_and_best_is_marked_as_chosen_on_held
     assert not fd.best("raw").exists() and not fd.best("ema").exists()   # one copy of the chosen weights
     assert not fd.oof_of("ema").exists() and fd.oof.exists() and fd.weights.exists()   # and of their OOF logits
     # an output of the older rule (last epoch, the better of raw and EMA) is stale for the fixed rule
-    old = train_record(cfg)
+    old = experiment_units(cfg).record("weights0")
     old["train"]["select"] = "last"
     summary = pd.read_json(fd.summary, typ="series").to_dict()
     fd.summary.write_text(pd.Series({**summary, "made_from": old}).to_json())
-    assert not up_to_date(fd.summary, train_record(cfg))
+    assert not up_to_date(fd.summary, experiment_units(cfg).record("weights0"))
     assert any("train.select" in r for r in train_stage.status(cfg))
 
     best = tiny_cfg(comp, "train.epochs=2", "train.select=best", "train.ema=false")

@@ -24,7 +24,7 @@ from pipeline.core.files import layout
 from pipeline.core.config import PRETRAINED_DEFAULTS, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.nets.models import create_model, norm_stats, read_state_dict, weights_record
-from pipeline.core.files.provenance import train_record
+from pipeline.core.files.units import experiment_units
 from pipeline.tools import weights
 from pipeline.tools.demo import build_holdout, ensure_holdout
 from pipeline.core.inputs.pixels import pixels
@@ -166,15 +166,16 @@ def test_weights_bytes_are_in_the_stage2_record(tmp_path, monkeypatch):
             "folds.n_splits=2", "aug.img_size=32"]
     cfg = load_config(None, over)
     folds_stage.run(cfg)
-    before = train_record(cfg)["pretrained_weights"]
+    record = lambda c: experiment_units(c).record("weights0")  # noqa: E731  (stage 2's record, asked of its unit)
+    before = record(cfg)["pretrained_weights"]
     assert before == {"name": "w.safetensors", "sha256": hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()}
     sd = _tiny_state()
     sd["fc.bias"] = sd["fc.bias"] + 1
     torch.save(sd, tmp_path / "w.pth")
     weights.import_weights(tmp_path / "w.pth", "test_resnet", tmp_path / "w.safetensors")
-    assert train_record(load_config(None, over))["pretrained_weights"]["sha256"] != before["sha256"]
+    assert record(load_config(None, over))["pretrained_weights"]["sha256"] != before["sha256"]
     # a config without pretrained_path keeps the record it always had (no retraining after an upgrade)
-    assert "pretrained_weights" not in train_record(load_config(None, over[:3] + over[4:]))
+    assert "pretrained_weights" not in record(load_config(None, over[:3] + over[4:]))
 
 
 def test_head_init_scale_and_bias():

@@ -27,7 +27,6 @@ from ..config import (MIX, PROBE, SECTION_STAGE, WISE, Config, DataCfg, TrainCfg
 from ..inputs.data import read_folds, read_table, read_test_table
 from ..errors import PipelineError
 from ..nets.heads import low_median
-from ..inputs.pixels import pixels
 from ..inputs.taxonomy import source as taxonomy_source
 
 log = logging.getLogger("pipeline")
@@ -238,25 +237,28 @@ def recorded_keys(d: dict, section: str, stages: tuple[str, ...]) -> dict:
     return {name: v for name, v in d.items() if name not in drop}
 
 
-def train_record(cfg: Config) -> dict:
-    d = _drop_later_defaults(cfg.to_dict())
+def train_record(sections: dict, px, seed: int, folds_csv: Path, looks: dict | None = None) -> dict:
+    """What a fold's stage-2 weights are made from (`sections`: the config's sections of stages 1-2, TRAIN_SECTIONS,
+    name -> section; `px`: the resolved Pixels; `looks`: the command's image records)."""
+    d = _drop_later_defaults({s: dataclasses.asdict(v) for s, v in sections.items()})
+    train, data, model = sections["train"], sections["data"], sections["model"]
     # keys of later stages (test-side data keys), of none ("-": where or how work runs: the image store, workers,
     # trackers, a permission such as folds.rare_classes) and keys with an entry of their own (train.full_fit: the
     # full-data model; train.pseudo / distill: the teacher's section) are not what a fold's weights depend on
     rec = {s: recorded_keys(d[s], s, ("1", "2")) for s in TRAIN_SECTIONS}
-    rec["seed"] = cfg.seed
-    rec["folds_file"] = sha256_file(cfg.folds_csv)
-    rec["train_images"] = train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks)
-    rec["pixels"] = pixel_record(pixels(cfg))
-    if cfg.train.select == "last":  # since 2026-12-02 a fixed source, no longer the better one on held-out rows
+    rec["seed"] = seed
+    rec["folds_file"] = sha256_file(folds_csv)
+    rec["train_images"] = train_images(folds_csv, data.hash_images, looks)
+    rec["pixels"] = pixel_record(px)
+    if train.select == "last":  # since 2026-12-02 a fixed source, no longer the better one on held-out rows
         rec["train"]["select"] = "last (EMA weights when train.ema)"
-    teacher = teacher_section(cfg.train, cfg.folds.n_splits, cfg.data, cfg.session.looks)
+    teacher = teacher_section(train, sections["folds"].n_splits, data, looks)
     if teacher is not None:  # only then: records without a teacher stay as they were
         rec["teacher"] = teacher
-    if cfg.train.taxonomy:  # the taxonomy's bytes (data.taxonomy, or the COCO file's categories); only then
-        rec["taxonomy"] = sha256_file(taxonomy_source(cfg.data)) if taxonomy_source(cfg.data).is_file() else "missing"
-    if cfg.model.pretrained_path:  # the weights' bytes, not only their file name (only then: older records stay)
-        path = Path(cfg.model.pretrained_path)
+    if train.taxonomy:  # the taxonomy's bytes (data.taxonomy, or the COCO file's categories); only then
+        rec["taxonomy"] = sha256_file(taxonomy_source(data)) if taxonomy_source(data).is_file() else "missing"
+    if model.pretrained_path:  # the weights' bytes, not only their file name (only then: older records stay)
+        path = Path(model.pretrained_path)
         rec["pretrained_weights"] = {"name": path.name, "sha256": sha256_file(path) if path.is_file() else "missing"}
     return rec
 

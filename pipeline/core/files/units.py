@@ -28,7 +28,7 @@ from typing import Callable
 
 from . import layout
 from .artifacts import read_json, recorded
-from .provenance import (describe_changes, ensemble_record, feature_record, fixres_record, fold_choices, folds_record,
+from .provenance import (TRAIN_SECTIONS, describe_changes, ensemble_record, feature_record, fixres_record, fold_choices, folds_record,
                          full_record, infer_record, probe_features_record, refuse_stale, report_record, stage3_record,
                          stale_reasons, train_images, train_record)
 from ..config import PROBE, Config, wise_name
@@ -225,7 +225,8 @@ def experiment_units(cfg: Config) -> Units:
     run, n, px = cfg.run_dir, cfg.folds.n_splits, pixels(cfg)
     has_folds = cfg.folds_csv.exists()
     once = _Memo().once
-    trained_rec = once("train", lambda: train_record(cfg) if has_folds else None)
+    trained_rec = once("train", lambda: train_record({s: getattr(cfg, s) for s in TRAIN_SECTIONS}, px, cfg.seed,
+                                                     cfg.folds_csv, cfg.session.looks) if has_folds else None)
     imgs = once("images", lambda: train_images(cfg.folds_csv, cfg.data.hash_images, cfg.session.looks))
     classes = once("classes", lambda: read_json(run.classes), lambda: [run.classes])
     summaries = lambda: [run.fold(k).summary for k in range(n)]  # noqa: E731
@@ -244,12 +245,8 @@ def experiment_units(cfg: Config) -> Units:
             return stage3_record(run, k, classes(), cfg.rebalance, cfg.eval, cfg.model, px, cfg.seed, imgs(), chosen)
         return once(f"heads{k}", make, lambda: [run.unit(k).weights, *(heads_files() if k == layout.FULL_FIT else [])])
 
-    caches = {k: once(f"features{k}", lambda k=k: feature_record(run.unit(k).weights, classes(), px,
-                                                                 cfg.rebalance.aug_views, cfg.seed, imgs(),
-                                                                 cfg.rebalance.features),
-                      lambda k=k: [run.unit(k).weights]) for k in _units_of(n, cfg.train.full_fit)}
-    probe = (once("probe", lambda: probe_features_record(cfg.model, px, classes(), imgs()))
-             if cfg.rebalance.probe or cfg.rebalance.wise_alpha else None)
+    caches, probe = _feature_records(run, _units_of(n, cfg.train.full_fit), cfg.rebalance, cfg.model, px, cfg.seed,
+                                     classes, imgs, once)
     full_tested = cfg.train.full_fit and cfg.infer.full_fit_weight > 0
     fixres = {k: (lambda k=k: fixres_record(cfg.infer.fixres, cfg.train, px, cfg.seed, run.unit(k).weights,
                                             cfg.folds_csv, imgs()))
@@ -277,6 +274,18 @@ def experiment_units(cfg: Config) -> Units:
                                                                          members_made_from(listed))),
                                 any(m.exp == cfg.experiment for m in listed)))
     return Units(units, cfg.session.allow_stale)
+
+
+def _feature_records(run: layout.RunDir, ks: list[int], rebalance, model, px, seed: int, classes: Record,
+                     imgs: Record, once) -> tuple[dict[int, Record], Record | None]:
+    """The records of stage 3's feature caches: each trained unit's (k -> record, recomputed when its weights
+    change) and the pretrained backbone's (rebalance.probe or wise_alpha; else None)."""
+    caches = {k: once(f"features{k}", lambda k=k: feature_record(run.unit(k).weights, classes(), px,
+                                                                 rebalance.aug_views, seed, imgs(), rebalance.features),
+                      lambda k=k: [run.unit(k).weights]) for k in ks}
+    probe = (once("probe", lambda: probe_features_record(model, px, classes(), imgs()))
+             if rebalance.probe or rebalance.wise_alpha else None)
+    return caches, probe
 
 
 class _Memo:
