@@ -506,8 +506,8 @@ def predict_backbone(job: Job, inp: Inputs, b: Backbone, names: list[str], store
         for h, v, weight in heads:
             store.add("oof", h, b.name, ref(k, v, True), weight, fold=k)
     if b.unit is None:
-        log.info("%s (%s heads %s): TTA views done", b.name, b.family.name, sorted({v for _, _, v, _ in b.test}
-                                                                                 | {v for hv in b.held.values() for _, v, _ in hv}))
+        variants = {v for _, _, v, _ in b.test} | {v for hv in b.held.values() for _, v, _ in hv}
+        log.info("%s (%s heads %s): TTA views done", b.name, b.family.name, sorted(variants))
     else:
         log.info("%s: TTA inference done (%d view(s))", b.unit.name, len(views))
 

@@ -570,7 +570,7 @@ def train_unit(job: Job, df: pd.DataFrame, classes: list, k: int, force: bool, d
     choices = fold_choices(job.run, job.n_splits, job.rec) if k == FULL_FIT else None
     paths = job.run.unit(k)
     key = f"weights_{FULL}" if k == FULL_FIT else f"weights{k}"
-    rec = job.units.record(key) if k == FULL_FIT else job.rec
+    rec = job.units.record(key)
     done, resume = resume_or_skip(paths, rec, "full fit" if k == FULL_FIT else f"fold {k}", force, dist,
                                   job.units.current(key))
     if done is not None:

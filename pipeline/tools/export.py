@@ -230,7 +230,8 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
                 export_onnx(mcfg.aug.img_size, model, Head.load(target.head(i))[0] if normalised else joint_head(model),
                             target.onnx(i))
         if k == layout.FULL_FIT:
-            full = {"weight": full_weight * factors.get(variant, 1.0), "mean": stage2["mean"], "std": stage2["std"], "epoch": stage2["epoch"]}
+            full = {"weight": full_weight * factors.get(variant, 1.0), "mean": stage2["mean"], "std": stage2["std"],
+                    "epoch": stage2["epoch"]}
         else:
             folds.append({"fold": k, "mean": stage2["mean"], "std": stage2["std"], "score": stage2["score"],
                           "epoch": stage2["epoch"],

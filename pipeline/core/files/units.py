@@ -28,9 +28,9 @@ from typing import Callable
 
 from . import layout
 from .artifacts import read_json, recorded
-from .provenance import (TRAIN_SECTIONS, describe_changes, ensemble_record, feature_record, fixres_record, fold_choices, folds_record,
-                         full_record, infer_record, probe_features_record, refuse_stale, report_record, stage3_record,
-                         stale_reasons, train_images, train_record)
+from .provenance import (TRAIN_SECTIONS, describe_changes, ensemble_record, feature_record, fixres_record,
+                         fold_choices, folds_record, full_record, infer_record, probe_features_record, refuse_stale,
+                         report_record, stage3_record, stale_reasons, train_images, train_record)
 from ..config import PROBE, Config, wise_name
 from ..errors import PipelineError
 from ..inputs.data import read_train_table
