@@ -192,6 +192,39 @@ def test_a_float16_feature_cache_halves_the_file_and_a_cached_run_fits_the_same_
     assert max(abs(cv(s16)[v] - cv(s32)[v]) for v in cv(s32)) < 1e-2
 
 
+@pytest.mark.parametrize("stored", ["float16", "float32"])
+def test_heads_read_the_cache_a_block_at_a_time_and_fit_what_whole_arrays_fit(tmp_path, monkeypatch, stored):
+    """#49: stage 3's fits read a memory-mapped cache (map_npz) a few rows at a time, upcast to float32, and give the
+    heads an in-memory float32 copy of the same values gives, bit for bit (blocks of 7 rows: many blocks)."""
+    from pipeline.core.files.artifacts import map_npz, write_npz
+    from pipeline.core.nets import heads
+
+    rng = np.random.default_rng(3)
+    n, d, c = 300, 12, 9
+    x = rng.normal(size=(n, d)).astype(stored)
+    feats = {"train": x, "train_y": rng.integers(0, c, n), "views": rng.normal(size=(2, n, d)).astype(stored),
+             "joint_weight": rng.normal(size=(c, d)).astype(np.float32), "joint_bias": np.zeros(c, np.float32)}
+    write_npz(tmp_path / "features.npz", **feats)
+    monkeypatch.setattr("pipeline.core.files.artifacts.MAP_MIN_BYTES", 0)
+    mapped = map_npz(tmp_path / "features.npz")
+    assert isinstance(mapped["train"], np.memmap) and mapped["train"].dtype == stored  # nothing upcast whole
+    whole = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feats.items()}
+    r = load_config(None, ["rebalance.variants=[joint,crt,tau,lws,ncm,ncm_pca,knn,logit_adjust]",
+                           "rebalance.crt_epochs=3", "rebalance.lws_epochs=2"]).rebalance
+    chosen = {"crt": 3, "lws": 2, "tau": 1.0, "ncm": 10.0, "ncm_pca": 10.0, "knn": (5, 0.1), "logit_adjust": 1.0}
+    expected = heads.heads_with_choices(r, whole, c, chosen, seed=0)
+    monkeypatch.setattr(heads, "_block", lambda d: 7)
+    assert np.array_equal(heads.mean_rows(mapped["train"]), whole["train"].mean(0))
+    got = heads.heads_with_choices(r, mapped, c, chosen, seed=0)
+    for v, h in expected.items():
+        for name in ("weight", "bias", "center", "proj", "bank"):
+            a, b = getattr(h, name), getattr(got[v], name)
+            assert (a is None and b is None) or np.array_equal(a, b), (v, name)
+    rows = heads.StackedRows([mapped["train"], *mapped["views"]])
+    idx = np.array([5, n + 5, 2 * n + 5, 0, 3 * n - 1])
+    assert np.array_equal(rows.take(idx), np.concatenate([whole["train"], *whole["views"]])[idx])
+
+
 def test_missing_fold_and_stale_weights_are_refused(trained):
     cfg = trained
     (cfg.run_dir.fold(1).dir / "summary.json").unlink()

@@ -35,7 +35,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..core.nets import models
 from ..core.report import tracking
-from ..core.files.artifacts import (as_stored, experiment_lock, fault_point, float32_arrays, read_feature_cache,
+from ..core.files.artifacts import (as_stored, experiment_lock, fault_point, map_npz,
                                     read_json, read_npz, write_csv, write_json, write_npz, write_text)
 from ..core.inputs.augment import open_store, train_transform, valid_transform
 from ..core.config import PROBE, Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg, wise_name
@@ -111,12 +111,13 @@ CACHED = ("train", "valid", "views")  # a fold's feature arrays, stored in rebal
 
 def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dict) -> dict[str, np.ndarray]:
     """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows (k = FULL_FIT: the
-    full-data model, every row a train row, none held out)."""
+    full-data model, every row a train row, none held out), as memory maps of the cache in its stored precision:
+    a fresh run and a cached one fit their heads on the same values, read a block of rows at a time."""
     fd = job.run.unit(k)
     weights = fd.weights
     record = job.features_record(k)
     if job.units.current(f"features_{fd.name}"):
-        return read_feature_cache(fd.features)
+        return map_npz(fd.features)
 
     t0 = time.perf_counter()
     device = pick_device(job.device, Dist())
@@ -154,14 +155,14 @@ def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dic
     feats["joint_bias"] = clf.bias.detach().cpu().numpy()
     if k != FULL_FIT:  # the full-data model holds nothing out
         same_as_stage2(fd, feats, 1e-3 if dtype is None else 2e-2)  # bf16 backbones round a little
-    feats = as_stored(feats, CACHED, job.rebalance.features)
-    write_npz(fd.features, **feats)
-    feats = float32_arrays(feats)  # what a cached run reads back
+    shape = feats["train"].shape
+    write_npz(fd.features, **as_stored(feats, CACHED, job.rebalance.features))
+    del feats
     keep_image_snapshots(record)
     write_json(fd.features_meta, {"made_from": record, "seconds": time.perf_counter() - t0,
-                      "n_train": len(tr), "n_valid": len(va), "dim": int(feats["train"].shape[1])})
-    log.info("%s: features %s extracted in %.1fs", fd.name, feats["train"].shape, time.perf_counter() - t0)
-    return feats
+                      "n_train": len(tr), "n_valid": len(va), "dim": int(shape[1])})
+    log.info("%s: features %s extracted in %.1fs", fd.name, shape, time.perf_counter() - t0)
+    return map_npz(fd.features)  # what a cached run reads: the heads read it a block of rows at a time (#49)
 
 
 def same_as_stage2(fd: FoldDir, feats: dict, tol: float) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from ..files import layout
 from ..nets import models
-from ..files.artifacts import read_feature_cache, read_json, read_npz, up_to_date, write_json, write_npz
+from ..files.artifacts import map_npz, read_json, read_npz, up_to_date, write_json, write_npz
 from ..inputs.augment import open_store
 from ..config import (MIX, PROBE, Config, DistillCfg, InferCfg, PseudoCfg, RebalanceCfg, TrainCfg, flatten, load_config,
                       off_backbone)
@@ -54,7 +54,7 @@ def leak_free_head(rebalance: RebalanceCfg, seed: int, run: layout.RunDir, k: in
     others = [read_json(run.fold(j).rebalance_summary) for j in range(n_splits) if j != k]
     chosen = median_choices([variant], others)
     r = dataclasses.replace(rebalance, variants=[variant])
-    feats = read_feature_cache(run.fold(k).features)
+    feats = map_npz(run.fold(k).features)  # the heads read it a block of rows at a time
     return heads_with_choices(r, feats, n_classes, chosen, seed + k)[variant]
 
 

@@ -190,6 +190,40 @@ def read_feature_cache(path: str | os.PathLike, keys: tuple[str, ...] | None = N
     return float32_arrays(read_npz(path, keys))
 
 
+MAP_MIN_BYTES = 1 << 16  # smaller members are read whole (labels, ids, classifiers: no map per small array)
+
+
+def map_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an npz file that write_npz wrote (members stored, not compressed) as read-only memory maps of
+    their bytes in the file, in their stored dtype: a reader touches only the rows it reads (#49: a stage-3 cache of
+    N x D features costs no N x D of memory). Members under MAP_MIN_BYTES and compressed ones (an npz from
+    elsewhere) are read whole."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"missing file: {path}")
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if keys is not None and name not in keys:
+                continue
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size < MAP_MIN_BYTES:
+                with zf.open(info) as f:
+                    out[name] = np.lib.format.read_array(f, allow_pickle=False)
+                continue
+            raw.seek(info.header_offset + 26)  # the local header: its name and extra field lengths, then the data
+            n_name, n_extra = np.frombuffer(raw.read(4), "<u2")
+            start = info.header_offset + 30 + int(n_name) + int(n_extra)
+            raw.seek(start)
+            version = np.lib.format.read_magic(raw)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(raw)
+            if dtype.hasobject:
+                raise PipelineError(f"{path}: member {name} holds Python objects; refusing to read it")
+            out[name] = np.memmap(path, dtype, "r", raw.tell(), shape, "F" if fortran else "C")
+    return out
+
+
 def float32_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float16 arrays upcast to float32 (exactly: every float16 is a float32), the others as they are."""
     return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in arrays.items()}

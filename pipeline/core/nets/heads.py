@@ -143,25 +143,69 @@ def pca_whitening(feats: np.ndarray, dim: int | None = None, eps: float = 1e-5) 
     return c.astype(np.float32), (vecs[:, :keep] / np.sqrt(vals[:keep] + eps)).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- features read a block at a time
+# A variant's training features may be memory maps of stage 3's cache (float16 or float32 on disk, #49): the fits
+# below read them a block of rows at a time, upcast to float32, and give the values an in-memory float32 array gives.
+def _block(d: int) -> int:
+    return max(1, (1 << 22) // max(d, 1))  # rows of a 16 MB float32 block
+
+
+def mean_rows(x: np.ndarray) -> np.ndarray:
+    """The float32 mean of x's rows, read a block at a time: bit-equal to np.asarray(x, np.float32).mean(0) (numpy
+    sums a C-ordered float32 table's rows one after another; the running sum is carried from block to block)."""
+    acc = None
+    for a in range(0, len(x), _block(x.shape[1])):
+        b = np.asarray(x[a:a + _block(x.shape[1])], np.float32)
+        acc = np.add.reduce(b if acc is None else np.concatenate([acc[None], b]), axis=0)
+    return acc / len(x)
+
+
+class StackedRows:
+    """Several N_i x D tables (arrays or memory maps: a model's training features and their augmented views) as one
+    of sum(N_i) rows, gathered in float32 a batch of rows at a time (no concatenated copy)."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        out = np.empty((len(idx), self.parts[0].shape[1]), np.float32)
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        for j in np.unique(part):
+            sel = part == j
+            out[sel] = self.parts[j][idx[sel] - self.starts[j]]
+        return out
+
+
 def _space(feats: np.ndarray, center: bool, whiten: bool, pca_dim: int | None) -> Head:
     """A Head holding the feature normalisation (centring, PCA whitening, L2) fit on training features."""
     if whiten:
         c, proj = pca_whitening(feats, pca_dim)
     else:
-        c, proj = (feats.mean(0) if center else np.zeros(feats.shape[1])).astype(np.float32), None
+        c, proj = (mean_rows(feats) if center else np.zeros(feats.shape[1])).astype(np.float32), None
     return Head(np.zeros((0, 0), np.float32), np.zeros(0, np.float32), c, True, proj)
 
 
 def ncm_head(feats: np.ndarray, y: np.ndarray, n_classes: int, center: bool = True, scale: float = 1.0,
              whiten: bool = False, pca_dim: int | None = None) -> Head:
-    """Nearest class mean (cosine) in the normalised feature space (`whiten`: PCA-whitened first)."""
+    """Nearest class mean (cosine) in the normalised feature space (`whiten`: PCA-whitened first). Each class's
+    rows are embedded and summed a block at a time in row order (np.add.at: the sums a class's rows in one table
+    would give; whitened: one block, the matrix product's rounding depends on its shape)."""
     space = _space(feats, center, whiten, pca_dim)
-    x = space.embed(feats)
-    means = np.zeros((n_classes, x.shape[1]), np.float32)
-    for k in range(n_classes):
-        if (y == k).any():
-            m = x[y == k].mean(0)
-            means[k] = m / max(np.linalg.norm(m), 1e-12)
+    d = space.proj.shape[1] if space.proj is not None else feats.shape[1]
+    step = max(len(feats), 1) if whiten else _block(feats.shape[1])  # whitening holds every row anyway (its fit)
+    sums = np.zeros((n_classes, d), np.float32)
+    for a in range(0, len(feats), step):
+        np.add.at(sums, y[a:a + step], space.embed(feats[a:a + step]))
+    counts = np.bincount(y, minlength=n_classes)
+    means = np.zeros((n_classes, d), np.float32)
+    for k in np.flatnonzero(counts):
+        m = (sums[k] / counts[k]).astype(np.float32)  # np.mean's float32 result
+        means[k] = m / max(np.linalg.norm(m), 1e-12)
     return Head(scale * means, np.zeros(n_classes, np.float32), space.center, True, space.proj)
 
 
@@ -219,13 +263,14 @@ def train_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, epochs: int, 
                  seed: int, checkpoints: list[int], batch: int = 256, init: tuple | None = None,
                  scales_only: bool = False) -> dict[int, Head]:
     """cRT (a new linear layer) or LWS (per-class scales of `init`), trained with class-balanced
-    sampling, SGD with momentum and a cosine schedule. Returns the head at each checkpoint epoch."""
+    sampling, SGD with momentum and a cosine schedule. Returns the head at each checkpoint epoch. `feats`: an
+    N x D table or StackedRows (each batch's rows are gathered in float32 as it comes)."""
     torch.manual_seed(seed)
-    x_all = torch.as_tensor(feats, dtype=torch.float32)
+    rows = feats if isinstance(feats, StackedRows) else StackedRows([feats])
     y_all = torch.as_tensor(y)
-    d = x_all.shape[1]
+    d = rows.parts[0].shape[1]
     if scales_only:
-        w0, b0 = (torch.as_tensor(a, dtype=torch.float32) for a in init)
+        w0, b0 = (torch.tensor(np.asarray(a), dtype=torch.float32) for a in init)  # a copy: init may be a read-only map
         f = torch.ones(n_classes, requires_grad=True)
         params = [f]
         forward = lambda x: f * (x @ w0.T + b0)  # noqa: E731
@@ -239,7 +284,7 @@ def train_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, epochs: int, 
     step = Step(None, opt, torch.device("cpu"), on_update=lambda n: sched.step())  # stage 2's step, fp32 on CPU
 
     def loss(idx):
-        return F.cross_entropy(forward(x_all[idx]), y_all[idx]), len(idx)
+        return F.cross_entropy(forward(torch.from_numpy(rows.take(idx))), y_all[idx]), len(idx)
 
     out = {}
     for epoch in range(1, epochs + 1):
@@ -374,7 +419,7 @@ def _knn(whiten: bool):
 
 def _linear(scales_only: bool):
     def fit(r, f: FitInputs, values=None):
-        x = np.concatenate([f.train, *f.views]) if len(f.views) else f.train
+        x = StackedRows([f.train, *f.views])  # the views' rows after the train rows, as one table
         y = np.concatenate([f.train_y] * (1 + len(f.views)))
         epochs, lr = (r.lws_epochs, r.lws_lr) if scales_only else (r.crt_epochs, r.crt_lr)
         return train_linear(x, y, f.n_classes, epochs, lr, r.crt_weight_decay, f.seed,
