@@ -97,7 +97,7 @@ def test_ensemble_oof_rows_of_fold_k_use_the_weights_fit_without_fold_k():
     p = [rng.dirichlet(np.ones(3), 12) for _ in range(2)]
     fold = np.repeat([0, 1, 2], 4)
     w = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.5, 0.5])]
-    got = ens_stage.nested_combine(p, fold, w)
+    got = np.asarray(ens_stage.nested_combine(p, fold, w))  # computed a block of rows at a time
     assert np.allclose(got[fold == 0], p[0][fold == 0] / p[0][fold == 0].sum(1, keepdims=True))
     assert np.allclose(got[fold == 1], p[1][fold == 1] / p[1][fold == 1].sum(1, keepdims=True))
     assert np.allclose(got[fold == 2], ens_stage.combine([x[fold == 2] for x in p], "weighted", w[2]))

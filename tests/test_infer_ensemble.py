@@ -276,7 +276,7 @@ def test_hill_climb_ensemble_is_scored_on_folds_it_was_not_fit_on(run_a):
                                                 "a:joint:plain"])
     assert set(result["members"]) <= set(rec["candidates"]) and np.isclose(sum(result["weights"].values()), 1)
     pool = candidates(climb.ensemble.members, climb.experiment)
-    probs = [c["oof_probs"] for c in pool]
+    probs = [np.asarray(c["oof_probs"]) for c in pool]  # the dense tables: the stage streams them (#49)
     y, fold = pool[0]["oof"]["y"], pool[0]["oof"]["fold"]
     for k, picked in enumerate(rec["per_fold_chosen"]):
         # fold k's multiset is climbed on the other folds only: changing fold k's predictions cannot move it
@@ -511,3 +511,52 @@ def test_the_tta_report_keeps_the_nested_policy_and_the_one_chosen_on_every_row_
     assert mine.loc["policy", "log_loss"] == pytest.approx(mine.loc["no TTA", "log_loss"])
     assert mine.loc[infer_stage.SELECTED_ON_ALL, "log_loss"] == pytest.approx(score("log_loss", oof["y"], both))
     assert mine.loc[infer_stage.SELECTED_ON_ALL, "log_loss"] != pytest.approx(mine.loc["no TTA", "log_loss"])
+
+
+class StreamOnly:
+    """An N x C probability table that can only be read a block of rows at a time (#49): reading it whole fails."""
+
+    def __init__(self, p):
+        self.p, self.shape, self.dtype = p, p.shape, p.dtype
+        self.widest = 0
+
+    def __len__(self):
+        return len(self.p)
+
+    def __getitem__(self, rows):
+        assert isinstance(rows, slice), "read by row blocks only"
+        self.widest = max(self.widest, len(self.p[rows]))
+        return self.p[rows]
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("a member's OOF table was read whole")
+
+
+def test_weights_and_hill_climbing_read_members_a_block_of_rows_at_a_time_and_agree_with_whole_tables(monkeypatch):
+    """With log-loss weights (the default) stage 5's weighted and hill-climbing ensembles read each member's OOF
+    table in row blocks (its true-class probabilities and the nested mix's per-row scores), never whole, and choose
+    and score exactly what the whole tables give."""
+    from pipeline.core.predict import metrics
+    from pipeline.stages.ensemble import hill_climb, honest_cv, honest_hill_climb, objective
+
+    rng = np.random.default_rng(7)
+    n, c = 240, 6
+    y = rng.integers(0, c, n)
+    fold = np.arange(n) % 3
+    probs = [(softmax(rng.normal(size=(n, c)) * s + 2.0 * np.eye(c)[y] * q)).astype(np.float32)
+             for s, q in ((1, 1), (2, 0.5), (1, 2), (3, 0.2))]
+    monkeypatch.setattr(metrics, "block_rows", lambda n_cols: 50)  # many blocks
+    monkeypatch.setattr(ens_stage, "block_rows", lambda n_cols: 50)
+    tables = [StreamOnly(p) for p in probs]
+    vals, weights = honest_cv(tables, y, fold, "log_loss", "accuracy")
+    want_vals, want_weights = honest_cv(probs, y, fold, "log_loss", "accuracy")
+    assert vals == want_vals and all(np.array_equal(a, b) for a, b in zip(weights, want_weights))
+    assert all(t.widest == 50 for t in tables)
+    climb = load_config(None, ["ensemble.method=hill_climb"]).ensemble
+    got = honest_hill_climb(climb, "accuracy", tables, y, fold)
+    assert got == honest_hill_climb(climb, "accuracy", probs, y, fold)
+    loss = objective("log_loss", "accuracy")
+    dense = [hill_climb([p[fold != k] for p in probs], y[fold != k], loss, 100) for k in range(3)]
+    assert got[1] == dense  # the same multisets the whole tables climb to
+    w = fit_weights(tables, y, "log_loss", "accuracy")
+    assert np.array_equal(w, fit_weights(probs, y, "log_loss", "accuracy")) and w.argmax() == 2

@@ -27,7 +27,7 @@ from ..core.inputs.data import private_score, read_sample_submission, read_test_
 from ..core.errors import PipelineError
 from ..core.predict.stored import PARTS, Stage4
 from ..core.predict import priors
-from ..core.predict.metrics import GREATER_IS_BETTER, cv, score
+from ..core.predict.metrics import GREATER_IS_BETTER, block_rows, cv, row_scores, score, score_rows
 from ..core.predict.tta import BASELINE
 from ..core.predict.submission import (Member, build_submission, combine, mix, parse_members,
                                        submission_without_sample)
@@ -90,17 +90,42 @@ def check_compatible(members: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- weights
-def fit_weights(probs: list[np.ndarray], y: np.ndarray, objective: str, metric: str) -> np.ndarray:
-    """Non-negative weights summing to 1 that optimise log-loss (or the metric) of the weighted mean."""
+def true_class(table, y: np.ndarray) -> np.ndarray:
+    """Each row's probability of its true class, read from an N x C table (an array, or a table computed a block of
+    rows at a time such as stored.ProbTable or a Mix) a block at a time, in the table's dtype: all the log-loss of a
+    weighted mean needs of a member (#49: O(rows) per member, not rows x classes)."""
+    out = np.empty(len(y), np.dtype(getattr(table, "dtype", np.float64)))
+    step = block_rows(table.shape[1])
+    for a in range(0, len(y), step):
+        p = np.asarray(table[a:a + step])
+        out[a:a + step] = p[np.arange(len(p)), y[a:a + step]]
+    return out
+
+
+def fit_inputs(probs: list, y: np.ndarray, weight_metric: str) -> list[np.ndarray]:
+    """What weights are fit on: each member's true-class probabilities for log-loss (streamed), its whole OOF table
+    for the metric (a metric of the mix needs every class of every row)."""
+    return [true_class(p, y) for p in probs] if weight_metric == "log_loss" else [np.asarray(p) for p in probs]
+
+
+def _log_loss_of_true(y: np.ndarray, p: np.ndarray) -> float:
+    """Log-loss of the true-class probabilities `p` (fit_inputs' form for log_loss), as metrics' log-loss clips."""
+    return -float(np.mean(np.log(np.clip(p, 1e-15, 1))))
+
+
+def fit_weights(probs: list, y: np.ndarray, objective: str, metric: str) -> np.ndarray:
+    """Non-negative weights summing to 1 that optimise log-loss (or the metric) of the weighted mean. `probs`: the
+    members' N x C OOF tables (arrays or tables read in blocks), or fit_inputs' form of them."""
     n = len(probs)
     if n == 1:
         return np.ones(1)
-    p = np.stack(probs).astype(np.float64)
+    given = len(probs[0].shape) == 1 or objective != "log_loss"  # fit_inputs' form already, or whole tables
+    p = np.stack([np.asarray(x) for x in probs] if given else fit_inputs(probs, y, objective)).astype(np.float64)
 
     def loss(w):
         mix = np.tensordot(np.abs(w) / np.abs(w).sum(), p, axes=1)
-        if objective == "log_loss":
-            return -np.mean(np.log(np.clip(mix[np.arange(len(y)), y], 1e-15, 1)))
+        if objective == "log_loss":  # p: members x rows, each row's true-class probability
+            return -np.mean(np.log(np.clip(mix, 1e-15, 1)))
         v = score(metric, y, mix)
         return -v if GREATER_IS_BETTER[metric] else v
 
@@ -115,27 +140,56 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, objective: str, metric: 
     return w / w.sum()
 
 
-def honest_cv(probs: list[np.ndarray], y: np.ndarray, fold: np.ndarray, weight_metric: str,
-              metric: str) -> tuple[list[float], list]:
+class FoldMix:
+    """OOF probabilities of a weighted ensemble whose weights differ by fold (fold k's rows combined with
+    weights[k], fit without them), computed a block of rows at a time like submission.Mix: every CV column (per
+    fold and pooled, macro-F1, many/medium/few) is then scored on rows that chose nothing."""
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, probs: list, fold: np.ndarray, weights: list[np.ndarray]):
+        self.probs, self.fold, self.weights = probs, fold, weights
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.probs[0].shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        f, parts = self.fold[rows], [np.asarray(x[rows]) for x in self.probs]
+        out = np.zeros((len(f), self.shape[1]), np.float64)
+        for k in np.unique(f):
+            sel = f == k
+            out[sel] = combine([x[sel] for x in parts], "weighted", self.weights[k])
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, np.float64)
+        for a in range(0, len(self), block_rows(self.shape[1])):
+            out[a:a + block_rows(self.shape[1])] = self[a:a + block_rows(self.shape[1])]
+        return out if dtype is None else out.astype(dtype)
+
+
+def nested_combine(probs: list, fold: np.ndarray, fold_weights: list[np.ndarray]) -> FoldMix:
+    return FoldMix(probs, fold, fold_weights)
+
+
+def fold_scores(metric: str, probs: list, y: np.ndarray, fold: np.ndarray, fold_weights: list) -> list[float]:
+    """The metric of each fold's rows under the weights fit without them (one streamed pass of the members)."""
+    rs = row_scores(y, probs=nested_combine(probs, fold, fold_weights))
+    return [score_rows(metric, y[fold == k], rs.take(fold == k)) for k in np.unique(fold)]
+
+
+def honest_cv(probs: list, y: np.ndarray, fold: np.ndarray, weight_metric: str, metric: str,
+              fit: list[np.ndarray] | None = None) -> tuple[list[float], list]:
     """Per-fold metric of the weighted ensemble, each fold scored with weights fit on the others, and those
-    per-fold weights (a distillation or pseudo-label teacher uses fold k's for its fold-k targets)."""
-    vals, weights = [], []
-    for k in np.unique(fold):
-        tr, te = fold != k, fold == k
-        w = fit_weights([p[tr] for p in probs], y[tr], weight_metric, metric)
-        vals.append(score(metric, y[te], combine([p[te] for p in probs], "weighted", w)))
-        weights.append(w)
-    return vals, weights
-
-
-def nested_combine(probs: list[np.ndarray], fold: np.ndarray, fold_weights: list[np.ndarray]) -> np.ndarray:
-    """OOF probabilities of a weighted ensemble, fold k's rows combined with the weights fit without them: every
-    CV column (per fold and pooled, macro-F1, many/medium/few) is then scored on rows that chose nothing."""
-    out = np.zeros(probs[0].shape, np.float64)
-    for k, w in enumerate(fold_weights):
-        rows = fold == k
-        out[rows] = combine([p[rows] for p in probs], "weighted", w)
-    return out
+    per-fold weights (a distillation or pseudo-label teacher uses fold k's for its fold-k targets). The members'
+    tables are read a block of rows at a time (log-loss weights: no rows x classes held). `fit`:
+    fit_inputs(probs) when the caller has them."""
+    fit = fit if fit is not None else fit_inputs(probs, y, weight_metric)
+    weights = [fit_weights([p[fold != k] for p in fit], y[fold != k], weight_metric, metric) for k in np.unique(fold)]
+    return fold_scores(metric, probs, y, fold, weights), weights
 
 
 def oof_cv(ev: EvalCfg, probs: np.ndarray, y: np.ndarray, fold: np.ndarray, per_fold: list[float] | None = None) -> dict:
@@ -163,15 +217,16 @@ def candidates(members: list[str], experiment: str) -> list[dict]:
                 m = load_member(Member(member.exp, h, plain))
                 if "oof" not in m:
                     raise PipelineError("ensemble.method=hill_climb needs OOF predictions (stage 4 with infer.oof on)")
-                out.append({**m, "candidate": m["name"], "oof_probs": np.asarray(m["oof"]["probs"]),
+                out.append({**m, "candidate": m["name"], "oof_probs": m["oof"]["probs"],
                             "test_probs": m["test"]["probs"]})
     return out
 
 
 def objective(weight_metric: str, metric: str) -> callable:
-    """Lower is better: log-loss (`weight_metric` log_loss), or the metric (negated when greater is better)."""
+    """Lower is better: log-loss (`weight_metric` log_loss), or the metric (negated when greater is better), of N x C
+    probabilities; log-loss also of fit_inputs' true-class probabilities (a vector: the streamed form)."""
     if weight_metric == "log_loss":
-        return lambda y, p: -float(np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1))))
+        return lambda y, p: _log_loss_of_true(y, p if p.ndim == 1 else p[np.arange(len(y)), y])
     sign = -1.0 if GREATER_IS_BETTER[metric] else 1.0
     return lambda y, p: sign * score(metric, y, p)
 
@@ -179,7 +234,8 @@ def objective(weight_metric: str, metric: str) -> callable:
 def hill_climb(probs: list[np.ndarray], y: np.ndarray, loss, steps: int) -> list[int]:
     """Caruana et al. 2004: forward selection with replacement. Start from the best single candidate, then
     add the candidate whose inclusion most lowers the loss of the running mean; stop when none lowers it.
-    Returns the chosen multiset as candidate indices, in the order added."""
+    Returns the chosen multiset as candidate indices, in the order added. `probs`: N x C tables, or (log-loss)
+    fit_inputs' true-class probabilities: the running mean of those is the mean's true-class probability."""
     values = [loss(y, p) for p in probs]
     chosen = [int(np.argmin(values))]
     mix, best = probs[chosen[0]].astype(np.float64), values[chosen[0]]
@@ -198,25 +254,22 @@ def multiset_weights(chosen: list[int], n: int) -> np.ndarray:
     return np.bincount(chosen, minlength=n) / len(chosen)
 
 
-def honest_hill_climb(e: EnsembleCfg, metric: str, probs: list[np.ndarray], y: np.ndarray,
-                      fold: np.ndarray) -> tuple[list, list]:
+def honest_hill_climb(e: EnsembleCfg, metric: str, probs: list, y: np.ndarray, fold: np.ndarray,
+                      fit: list[np.ndarray] | None = None) -> tuple[list, list]:
     """Per fold k: the multiset climbed on the other folds' OOF rows, scored on fold k's. (per-fold metric,
-    per-fold chosen multisets)."""
-    loss, vals, picks = objective(e.weight_metric, metric), [], []
-    for k in np.unique(fold):
-        tr, te = fold != k, fold == k
-        chosen = hill_climb([p[tr] for p in probs], y[tr], loss, e.hill_climb_steps)
-        w = multiset_weights(chosen, len(probs))
-        vals.append(score(metric, y[te], combine([p[te] for p in probs], "weighted", w)))
-        picks.append(chosen)
-    return vals, picks
+    per-fold chosen multisets). `fit`: fit_inputs(probs) when the caller has them."""
+    loss = objective(e.weight_metric, metric)
+    fit = fit if fit is not None else fit_inputs(probs, y, e.weight_metric)
+    picks = [hill_climb([p[fold != k] for p in fit], y[fold != k], loss, e.hill_climb_steps) for k in np.unique(fold)]
+    return fold_scores(metric, probs, y, fold, [multiset_weights(c, len(probs)) for c in picks]), picks
 
 
 def run_hill_climb(e: EnsembleCfg, ev: EvalCfg, experiment: str,
                    configured: list[dict]) -> tuple[list[dict], np.ndarray, list[dict], dict]:
     """ensemble.method=hill_climb: the candidates with a non-zero weight, their weights (counts / size of the
     multiset climbed on every OOF row), the report rows (each candidate, the plain mean of the configured
-    members, the honest hill-climbing CV) and what to record."""
+    members, the honest hill-climbing CV) and what to record. With log-loss (ensemble.weight_metric) the climb
+    reads each candidate's true-class probabilities: its OOF table is streamed, never held whole (#49)."""
     pool = candidates(e.members, experiment)
     check_compatible(pool)
     y, fold = pool[0]["oof"]["y"], pool[0]["oof"]["fold"]
@@ -226,22 +279,24 @@ def run_hill_climb(e: EnsembleCfg, ev: EvalCfg, experiment: str,
     mean = oof_cv(ev, mix(mean_probs, "mean"), y, fold)
     rows.append({"member": "mean of the members (reference)", **mean,
                  "_test": mix([m["test"]["probs"] for m in configured], "mean")})
-    fit_loss = objective(e.weight_metric, ev.scorer)
-    chosen = hill_climb(probs, y, fit_loss, e.hill_climb_steps)
+    fit_loss, fit = objective(e.weight_metric, ev.scorer), fit_inputs(probs, y, e.weight_metric)
+    chosen = hill_climb(fit, y, fit_loss, e.hill_climb_steps)
     w = multiset_weights(chosen, len(pool))
-    _, picks = honest_hill_climb(e, ev.scorer, probs, y, fold)
+    _, picks = honest_hill_climb(e, ev.scorer, probs, y, fold, fit)
     ens = oof_cv(ev, nested_combine(probs, fold, [multiset_weights(p, len(pool)) for p in picks]), y, fold)
     keep = [i for i in range(len(pool)) if w[i] > 0]
     rows.append({"member": "ensemble (hill_climb)", **ens, "_test": mix([pool[i]["test_probs"] for i in keep],
                                                                          "weighted", w[keep])})
     fold_weights = [{pool[i]["candidate"]: float(c) / len(p) for i, c in zip(*np.unique(p, return_counts=True))}
                     for p in picks]
+    end = mix(probs, "weighted", w)  # the climbed mix as the submission combines it (clipped, renormalised)
     climb = {"chosen": [pool[i]["candidate"] for i in chosen], "start": pool[chosen[0]]["candidate"],
              "fold_weights": fold_weights,
              "candidates": [c["candidate"] for c in pool],
              "per_fold_chosen": [[pool[i]["candidate"] for i in p] for p in picks],
              "cv_gain_over_mean": float(ens["cv_mean"] - mean["cv_mean"]), "mean_cv": mean["cv_mean"],
-             "fit_loss_start": fit_loss(y, probs[chosen[0]]), "fit_loss_end": fit_loss(y, combine(probs, "weighted", w))}
+             "fit_loss_start": fit_loss(y, fit[chosen[0]]),
+             "fit_loss_end": fit_loss(y, true_class(end, y) if e.weight_metric == "log_loss" else np.asarray(end))}
     counts = {n: climb["chosen"].count(n) for n in dict.fromkeys(climb["chosen"])}
     log.info("hill climbing chose %d step(s) from %d candidates: %s; honest CV %.4f vs mean of the members %.4f "
              "(%+.4f)", len(chosen), len(pool), ", ".join(f"{n} x{c}" for n, c in counts.items()), ens["cv_mean"],
@@ -306,14 +361,13 @@ def combine_oof(e: EnsembleCfg, ev: EvalCfg, experiment: str,
         fold_weights = climb.pop("fold_weights")
     elif "oof" in members[0]:
         y, fold = members[0]["oof"]["y"], members[0]["oof"]["fold"]
-        oofs = [m["oof"]["probs"] for m in members]
-        if method == "weighted":  # fitting weights revisits every row: the members' OOF tables whole
-            oofs = [np.asarray(p) for p in oofs]
+        oofs = [m["oof"]["probs"] for m in members]  # tables read a block of rows at a time
         for m, p in zip(members, oofs):
             rows.append({"member": m["name"], **oof_cv(ev, p, y, fold)})
         if method == "weighted":
-            weights = fit_weights(oofs, y, e.weight_metric, ev.scorer)
-            _, fw = honest_cv(oofs, y, fold, e.weight_metric, ev.scorer)
+            fit = fit_inputs(oofs, y, e.weight_metric)  # log-loss: each member's true-class probabilities
+            weights = fit_weights(fit, y, e.weight_metric, ev.scorer)
+            _, fw = honest_cv(oofs, y, fold, e.weight_metric, ev.scorer, fit)
             fold_weights = [dict(zip([m["name"] for m in members], w.tolist())) for w in fw]
             ens = oof_cv(ev, nested_combine(oofs, fold, fw), y, fold)  # every column from per-fold weights
         else:
