@@ -159,10 +159,13 @@ SETS = {"flowers5": CONFIG, "grocery81": "configs/grocery81_pretrained.yaml",
         # #47, eighth session: the two causes apart, on the named sets' own photos (`--build-derived`)
         "flowers5-32": "configs/flowers5_32_pretrained.yaml", "grocery81-32": "configs/grocery81_32_pretrained.yaml",
         "flowers5-tail": "configs/flowers5_tail_pretrained.yaml",
-        "grocery81-tail": "configs/grocery81_tail_pretrained.yaml"}
+        "grocery81-tail": "configs/grocery81_tail_pretrained.yaml",
+        "flowers5-32-tail": "configs/flowers5_32_tail_pretrained.yaml",
+        "grocery81-32-tail": "configs/grocery81_32_tail_pretrained.yaml"}
 DERIVED = {  # name: (the set it is made from, longest side in px (None: as they are), imbalance (1.0: every photo))
     "flowers5-32": ("flowers5", 32, 1.0), "grocery81-32": ("grocery81", 32, 1.0),
-    "flowers5-tail": ("flowers5", None, 0.02), "grocery81-tail": ("grocery81", None, 0.1)}
+    "flowers5-tail": ("flowers5", None, 0.02), "grocery81-tail": ("grocery81", None, 0.1),
+    "flowers5-32-tail": ("flowers5", 32, 0.02), "grocery81-32-tail": ("grocery81", 32, 0.1)}  # both: cifar10lt's kind
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

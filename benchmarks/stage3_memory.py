@@ -10,8 +10,9 @@ held-out rows, `views` augmented views of the train rows, the joint classifier),
 features of width `dim` around a random centre per class (rows spread evenly over the classes), stored in
 `dtype`. Each checkout then reads it the way its stage 3 does (before #49: the whole cache upcast to float32;
 since: memory maps read a block of rows at a time) and runs its `fit_variants` over joint, cRT, tau, LWS, NCM and
-logit adjustment (cRT and LWS for --epochs epochs), in its own process under /usr/bin/time -v. Figures in
-docs/benchmarks/scale.md.
+logit adjustment (cRT and LWS for --epochs epochs), in its own process under /usr/bin/time -v (peak RSS, which
+counts the pages of a mapped file the process touched: the kernel can drop those, so the anonymous memory's peak
+is printed beside it). Figures in docs/benchmarks/scale.md.
 """
 from __future__ import annotations
 
@@ -32,8 +33,17 @@ VARIANTS = ["joint", "crt", "tau", "lws", "ncm", "logit_adjust"]
 
 # run in each checkout's process: read the cache as that checkout's stage 3 does, fit and score every variant
 CHILD = """
-import hashlib, json, sys, time
+import hashlib, json, sys, threading, time
 import numpy as np
+peak = {"RssAnon": 0, "RssFile": 0}
+def sample():  # the process's anonymous memory and its mapped file pages (which the kernel can drop), every 0.2 s
+    while True:
+        for line in open("/proc/self/status"):
+            k, _, v = line.partition(":")
+            if k in peak:
+                peak[k] = max(peak[k], int(v.split()[0]))
+        time.sleep(0.2)
+threading.Thread(target=sample, daemon=True).start()
 from pipeline.core.config import load_config
 from pipeline.stages.rebalance import fit_variants
 try:
@@ -50,7 +60,8 @@ for v, o in fit_variants(cfg.rebalance, cfg.eval, feats, feats["joint_weight"], 
     out[v] = {"score": float(o["metrics"]["score"]), "sha256": hashlib.sha256(
         np.ascontiguousarray(h.weight, np.float32).tobytes() + np.ascontiguousarray(h.bias, np.float32).tobytes()
         ).hexdigest()[:16]}
-print(json.dumps({"seconds": time.perf_counter() - t0, "variants": out}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "variants": out, "anon_gb": peak["RssAnon"] / 2**20,
+                  "file_gb": peak["RssFile"] / 2**20}))
 """
 
 
@@ -110,7 +121,8 @@ def main() -> None:
     for code in args.code or ["."]:
         results.append({"code": code, **run_code(Path(code), cache, args.classes, overrides)})
         r = results[-1]
-        print(f"{code}: {r['seconds']:.0f}s, peak RSS {r['peak_rss_gb']:.2f} GB, scores "
+        print(f"{code}: {r['seconds']:.0f}s, peak RSS {r['peak_rss_gb']:.2f} GB (anonymous {r['anon_gb']:.2f}, "
+              f"mapped file pages {r['file_gb']:.2f}: peaks sampled every 0.2 s), scores "
               + ", ".join(f"{v} {o['score']:.4f}" for v, o in r["variants"].items()), flush=True)
     if len(results) > 1:
         same = all(r["variants"] == results[0]["variants"] for r in results[1:])

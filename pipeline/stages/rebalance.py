@@ -35,7 +35,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from ..core.nets import models
 from ..core.report import tracking
-from ..core.files.artifacts import (as_stored, experiment_lock, fault_point, map_npz,
+from ..core.files.artifacts import (NpzStream, atomic_path, experiment_lock, fault_point, map_npz,
                                     read_json, read_npz, write_csv, write_json, write_npz, write_text)
 from ..core.inputs.augment import open_store, train_transform, valid_transform
 from ..core.config import PROBE, Config, EvalCfg, ModelCfg, RebalanceCfg, TrainCfg, wise_name
@@ -112,70 +112,72 @@ CACHED = ("train", "valid", "views")  # a fold's feature arrays, stored in rebal
 def fold_features(job: Job, df: pd.DataFrame, classes: list, k: int, stage2: dict) -> dict[str, np.ndarray]:
     """Cached pooled features of fold k's train rows (plus augmented views) and held-out rows (k = FULL_FIT: the
     full-data model, every row a train row, none held out), as memory maps of the cache in its stored precision:
-    a fresh run and a cached one fit their heads on the same values, read a block of rows at a time."""
+    a fresh run and a cached one fit their heads on the same values, read a block of rows at a time. Extraction
+    streams each batch to the cache file (#49): no N x D array is held."""
     fd = job.run.unit(k)
-    weights = fd.weights
     record = job.features_record(k)
     if job.units.current(f"features_{fd.name}"):
         return map_npz(fd.features)
-
     t0 = time.perf_counter()
     device = pick_device(job.device, Dist())
     dtype = amp_dtype(job.train.amp, device)
-    model = prepare_model(job.train, models.load_trained(job.model, weights, len(classes)), device)
+    model = prepare_model(job.train, models.load_trained(job.model, fd.weights, len(classes)), device)
+    clf = model.get_classifier()  # the joint classifier travels with the features
+    if not isinstance(clf, torch.nn.Linear):
+        raise PipelineError(f"model.arch={job.model.arch}: rebalancing needs a linear classifier head")
+    w, b = clf.weight.detach().cpu().numpy(), clf.bias.detach().cpu().numpy()
     norm = models.Normalize(stage2["mean"], stage2["std"]).to(device)
     in_fold = df["fold"].values == k
     tr, va = df[~in_fold], df[in_fold]
     store = open_store(job.px, df["path"])  # the store stage 2 read: every fold's rows in one file
 
-    def run(rows, labels, transform, keyed_epoch=None):
-        ds = ImageDataset(store.subset(rows), labels, transform, seed=job.seed)
+    def run(part, transform, keyed_epoch=None):  # batches of float32 features of the train or held-out rows
+        rows = np.flatnonzero(~in_fold if part is tr else in_fold)
+        ds = ImageDataset(store.subset(rows), part["y"].values, transform, seed=job.seed)
         if keyed_epoch is not None:  # seeded augmented views: item keys (index, view)
             ds = _Keyed(ds, keyed_epoch)
         loader = make_loader(ds, batch_size=job.batch_size, n_workers=workers(job.train), cuda=device.type == "cuda")
-        return models.extract_features(model, loader, norm, device, dtype, memory_format(job.train, device))
+        return models.iter_features(model, loader, norm, device, dtype, memory_format(job.train, device))
 
-    tr_rows, va_rows = np.flatnonzero(~in_fold), np.flatnonzero(in_fold)
-    feats = {
-        "train": run(tr_rows, tr["y"].values, valid_transform(job.px)),
-        "train_y": tr["y"].values,
-        "valid_y": va["y"].values,
-        "valid_ids": va["id"].values,
-    }
-    feats["valid"] = (run(va_rows, va["y"].values, valid_transform(job.px)) if len(va_rows)
-                      else np.zeros((0, feats["train"].shape[1]), np.float32))
-    views = [run(tr_rows, tr["y"].values, train_transform(job.px), keyed_epoch=10_000 + v)
-             for v in range(job.rebalance.aug_views)]
-    feats["views"] = np.stack(views) if views else np.zeros((0, *feats["train"].shape), np.float32)
-    # the joint classifier travels with the features; they must be stage 2's held-out ones
-    clf = model.get_classifier()
-    if not isinstance(clf, torch.nn.Linear):
-        raise PipelineError(f"model.arch={job.model.arch}: rebalancing needs a linear classifier head")
-    feats["joint_weight"] = clf.weight.detach().cpu().numpy()
-    feats["joint_bias"] = clf.bias.detach().cpu().numpy()
-    if k != FULL_FIT:  # the full-data model holds nothing out
-        same_as_stage2(fd, feats, 1e-3 if dtype is None else 2e-2)  # bf16 backbones round a little
-    shape = feats["train"].shape
-    write_npz(fd.features, **as_stored(feats, CACHED, job.rebalance.features))
-    del feats
+    store_as = lambda name: np.float32 if name not in CACHED else job.rebalance.features  # noqa: E731
+    with atomic_path(fd.features, suffix=".npz") as tmp, NpzStream(tmp) as z:
+        train = run(tr, valid_transform(job.px))
+        first = next(train)  # the width, from the first batch
+        d = first.shape[1]
+        z.rows("train", (len(tr), d), store_as("train"), itertools.chain([first], train))
+        for name, v in (("train_y", tr["y"].values), ("valid_y", va["y"].values), ("valid_ids", va["id"].values)):
+            z.array(name, v)
+        held = run(va, valid_transform(job.px)) if len(va) else iter(())
+        if k != FULL_FIT:  # they must be stage 2's held-out features (the full-data model holds nothing out)
+            held = same_as_stage2(fd, held, w, b, len(va), 1e-3 if dtype is None else 2e-2)  # bf16 rounds a little
+        z.rows("valid", (len(va), d), store_as("valid"), held)
+        z.rows("views", (job.rebalance.aug_views, len(tr), d), store_as("views"),
+               (x for v in range(job.rebalance.aug_views)
+                for x in run(tr, train_transform(job.px), keyed_epoch=10_000 + v)))
+        z.array("joint_weight", w)
+        z.array("joint_bias", b)
     keep_image_snapshots(record)
     write_json(fd.features_meta, {"made_from": record, "seconds": time.perf_counter() - t0,
-                      "n_train": len(tr), "n_valid": len(va), "dim": int(shape[1])})
-    log.info("%s: features %s extracted in %.1fs", fd.name, shape, time.perf_counter() - t0)
-    return map_npz(fd.features)  # what a cached run reads: the heads read it a block of rows at a time (#49)
+                                  "n_train": len(tr), "n_valid": len(va), "dim": int(d)})
+    log.info("%s: features %s extracted in %.1fs", fd.name, (len(tr), d), time.perf_counter() - t0)
+    return map_npz(fd.features)  # what a cached run reads: the heads read it a block of rows at a time
 
 
-def same_as_stage2(fd: FoldDir, feats: dict, tol: float) -> None:
-    """Refuse features that are not the ones stage 2 scored its held-out rows with (its oof.npz: features and
-    classifier; a file written before #35: logits), compared row by row within `tol`: weights or images changed
-    after stage 2 would make stage 3's heads and stage 2's CV disagree."""
-    o = read_npz(fd.oof)
-    if "feats" in o:
-        same = (o["feats"].shape == feats["valid"].shape and np.array_equal(o["weight"], feats["joint_weight"])
-                and np.allclose(feats["valid"], o["feats"], atol=tol, rtol=tol))
-    else:
-        joint = feats["valid"] @ feats["joint_weight"].T + feats["joint_bias"]
-        same = np.allclose(joint, o["logits"], atol=tol, rtol=tol)
+def same_as_stage2(fd: FoldDir, batches, weight: np.ndarray, bias: np.ndarray, n_valid: int, tol: float):
+    """The held-out features as they stream past (yielded on), compared row by row within `tol` with the ones stage
+    2 scored its held-out rows with (its oof.npz: features and classifier; a file written before #35: logits):
+    weights or images changed after stage 2 would make stage 3's heads and stage 2's CV disagree. Refused after the
+    last batch (the cache being written is then never kept)."""
+    o = map_npz(fd.oof)
+    same = "feats" not in o or (o["feats"].shape[0] == n_valid and np.array_equal(o["weight"], weight))
+    n = 0
+    for x in batches:
+        if same and "feats" in o:
+            same = o["feats"].shape[1] == x.shape[1] and np.allclose(x, o["feats"][n:n + len(x)], atol=tol, rtol=tol)
+        elif same:
+            same = np.allclose(x @ weight.T + bias, o["logits"][n:n + len(x)], atol=tol, rtol=tol)
+        n += len(x)
+        yield x
     if not same:
         raise PipelineError(f"{fd.name}: features of {fd.weights} do not reproduce its held-out features ({fd.oof}); "
                             f"were the weights or images changed after stage 2?")

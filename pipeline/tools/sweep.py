@@ -58,7 +58,7 @@ from ..core.errors import PipelineError
 from ..core.files import layout
 from ..core.files.artifacts import pid_alive, read_json, write_json, write_text
 from ..core.predict.stored import Stage4
-from ..core.predict.metrics import GREATER_IS_BETTER, score
+from ..core.predict.metrics import GREATER_IS_BETTER, row_scores, score_rows
 from .sweep_space import Param, read_space, space_changes, space_record, suggest  # noqa: F401  (the sweep's API)
 
 log = logging.getLogger("pipeline")
@@ -96,8 +96,9 @@ def trial_scores(run: layout.RunDir, n_splits: int, through: str, metric: str) -
         return [float(read_json(run.fold(k).summary)["score"]) for k in range(n_splits)]
     s4 = read_json(run.infer_summary)
     stored = Stage4.of(run, s4["primary"], "oof", s4)
-    o, probs = stored.rows(), stored.probs()
-    return [float(score(metric, o["y"][o["fold"] == k], probs[o["fold"] == k])) for k in range(n_splits)]
+    o = stored.rows()
+    rows = row_scores(o["y"], probs=stored.prob_table())  # a block of rows at a time: no rows x classes (#49)
+    return [float(score_rows(metric, o["y"][o["fold"] == k], rows.take(o["fold"] == k))) for k in range(n_splits)]
 
 
 # ----------------------------------------------------------------------------- the sweep, resolved

@@ -167,6 +167,45 @@ def write_npz(path: str | os.PathLike, **arrays) -> None:
                 np.lib.format.write_array(f, _plain_array(v), allow_pickle=False)
 
 
+class NpzStream:
+    """An npz file written member by member, a large member a batch of rows at a time (`rows`), so the writer never
+    holds it whole (#49: stage 3's feature cache). The bytes are write_npz's for the same arrays in the same order;
+    `path` is written in place: wrap it in atomic_path."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.zf = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
+
+    def __enter__(self) -> "NpzStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.zf.close()
+
+    def array(self, name: str, v) -> None:
+        with self.zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, _plain_array(v), allow_pickle=False)
+
+    def rows(self, name: str, shape: tuple[int, ...], dtype, batches) -> None:
+        """A C-ordered member of `shape` from `batches`: rows of its last axis (k x shape[-1] arrays; a V x N x D
+        member takes view 0's rows, then view 1's), in order, each cast to `dtype` as it comes; refused unless they
+        fill `shape` exactly."""
+        dtype, n, total = np.dtype(dtype), 0, int(np.prod(shape[:-1]))
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        with self.zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            try:
+                np.lib.format.write_array_header_1_0(f, header)
+            except ValueError:  # a header too long for format 1.0, as write_array falls back
+                np.lib.format.write_array_header_2_0(f, header)
+            for b in batches:
+                b = np.ascontiguousarray(b, dtype)
+                if b.ndim != 2 or b.shape[1] != shape[-1] or n + len(b) > total:
+                    raise PipelineError(f"{name}: a batch of shape {b.shape} does not fit the member's {shape}")
+                f.write(b.tobytes())
+                n += len(b)
+        if n != total:
+            raise PipelineError(f"{name}: {n} rows written, {total} expected")
+
+
 def _plain_array(v) -> np.ndarray:
     a = np.asarray(v)
     if a.dtype == object:  # pandas string columns: store as fixed unicode, never as pickled objects
@@ -227,14 +266,6 @@ def map_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dic
 def float32_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float16 arrays upcast to float32 (exactly: every float16 is a float32), the others as they are."""
     return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in arrays.items()}
-
-
-def as_stored(arrays: dict[str, np.ndarray], names: tuple[str, ...], dtype: str) -> dict[str, np.ndarray]:
-    """`arrays` with `names` in the precision a feature cache stores them (`dtype`: float16 or float32), so a fresh
-    run and a cached one read the same values (read_feature_cache upcasts them again)."""
-    if dtype == "float32":
-        return arrays
-    return {k: (v.astype(dtype) if k in names else v) for k, v in arrays.items()}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, fresh: bool = False) -> str:

@@ -414,16 +414,20 @@ def wise_model(m: ModelCfg, weights: str | Path, num_classes: int, alpha: float)
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.device,
-                     dtype: torch.dtype | None = None, fmt=torch.contiguous_format) -> np.ndarray:
-    """Pooled pre-classifier features of every image of `loader`, in order."""
+def iter_features(model: nn.Module, loader, norm: nn.Module, device: torch.device,
+                  dtype: torch.dtype | None = None, fmt=torch.contiguous_format):
+    """Pooled pre-classifier features of the images of `loader`, in order, a batch (float32 numpy) at a time."""
     model.eval()
-    out = []
     for x, _ in progress(loader, len(loader), "features", "batch"):
         x = to_input(x, norm, device, fmt)
         with autocast(device, dtype):
-            out.append(features(model, x).float().cpu())
-    return torch.cat(out).numpy()
+            yield features(model, x).float().cpu().numpy()
+
+
+def extract_features(model: nn.Module, loader, norm: nn.Module, device: torch.device,
+                     dtype: torch.dtype | None = None, fmt=torch.contiguous_format) -> np.ndarray:
+    """Pooled pre-classifier features of every image of `loader`, in order."""
+    return np.concatenate(list(iter_features(model, loader, norm, device, dtype, fmt)))
 
 
 def head_parameters(model: nn.Module) -> set[int]:
