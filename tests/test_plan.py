@@ -95,3 +95,31 @@ def test_a_stage_command_warns_about_the_test_side_and_refuses_a_bad_model(workd
     before = written(workdir)
     assert cli.main(["folds", "--config", str(bad)]) == 2
     assert written(workdir) == before  # the unknown model is reported before stage 1 writes its folds file
+
+
+def test_the_plan_advises_lp_ft_for_a_short_pretrained_fine_tune_of_small_upsampled_imbalanced_photos(workdir):
+    """#47 (eighth session): small photos upsampled to aug.img_size *and* imbalanced classes, with pretrained weights
+    and a short plain fine-tune, get the advice to set LP-FT's keys; either alone, LP-FT already set, or a long
+    run do not."""
+    from pipeline.core.config import load_config
+    from pipeline.core.inputs.data import read_train_table
+    from pipeline.tools.plan import LP_FT_KEYS, build, recipe_advice
+
+    tail = make_competition(workdir / "tail", {"a": 30, "b": 3}, size=16)  # 10:1
+    flat = make_competition(workdir / "flat", {"a": 12, "b": 12}, size=16)
+    base = ["model.arch=test_resnet", "model.pretrained_path=w.safetensors", "train.epochs=2", "data.image_ext=.png"]
+
+    def advice(root, *extra):
+        cfg = load_config(None, [*base, f"data.root={root}", *extra])
+        return recipe_advice(cfg, read_train_table(cfg.data))
+
+    assert LP_FT_KEYS in advice(tail, "aug.img_size=32") and "10:1" in advice(tail, "aug.img_size=32")
+    assert advice(tail, "aug.img_size=16") is None  # not upsampled
+    assert advice(flat, "aug.img_size=32") is None  # balanced
+    assert advice(tail, "aug.img_size=32", "train.head_init=probe") is None  # LP-FT already
+    assert advice(tail, "aug.img_size=32", "train.epochs=20") is None  # not a short fine-tune
+    assert advice(tail, "aug.img_size=32", "model.pretrained_path=null") is None  # from scratch
+    cfg = write_config(workdir / "c.yaml", tail, "model.pretrained_path=w.safetensors", "aug.img_size=32",
+                       "train.epochs=2")
+    plan = build(load_config(cfg, []), [], "status")
+    assert any(LP_FT_KEYS in w for w in plan.warnings)  # status and every command's plan say it
