@@ -111,7 +111,7 @@ def test_the_plan_advises_lp_ft_for_a_short_pretrained_fine_tune_of_small_upsamp
 
     def advice(root, *extra):
         cfg = load_config(None, [*base, f"data.root={root}", *extra])
-        return recipe_advice(cfg, read_train_table(cfg.data))
+        return recipe_advice(cfg.model, cfg.train, cfg.aug.img_size, read_train_table(cfg.data))
 
     assert LP_FT_KEYS in advice(tail, "aug.img_size=32") and "10:1" in advice(tail, "aug.img_size=32")
     assert advice(tail, "aug.img_size=16") is None  # not upsampled

@@ -241,7 +241,7 @@ def _check_data(c: Config, command: str, seen_train: dict, seen_test: dict, plan
                                    str(train_source(c.data)))
         if problem and not c.folds_csv.exists():  # an existing folds file is what counts (stage 1 re-checks)
             plan.problems.append(f"{who}: {problem}")
-        advice = recipe_advice(c, table)
+        advice = recipe_advice(c.model, c.train, c.aug.img_size, table)
         if advice:
             plan.warnings.append(f"{who}: {advice}")
     test_key = (d.root, d.layout, d.test_dir, d.test_json, d.sample_submission, d.image_ext, d.id_col, d.check_images)
@@ -263,15 +263,14 @@ LP_FT_IMBALANCE = 5.0  # the train table's largest class / its smallest: LP-FT w
 LP_FT_KEYS = "train.head_init=probe train.bn_stats=frozen train.backbone_lr_mult=0.3"
 
 
-def recipe_advice(c: Config, table, sample: int = 200) -> str | None:
+def recipe_advice(m: ModelCfg, t: TrainCfg, img_size: int, table, sample: int = 200) -> str | None:
     """A short fine-tune of pretrained weights with the plain recipe on small upsampled photos and imbalanced
     classes: the advice to set LP-FT's keys (None otherwise). Reads the headers of a seeded sample of the photos."""
     from PIL import Image
 
     from ..core.config import SHORT_FINE_TUNE_EPOCHS
 
-    t = c.train
-    pretrained = c.model.pretrained or c.model.pretrained_path
+    pretrained = m.pretrained or m.pretrained_path
     if not pretrained or not 1 <= t.epochs <= SHORT_FINE_TUNE_EPOCHS or t.head_init != "random" or \
             t.bn_stats != "batch" or table is None or not len(table):
         return None
@@ -285,9 +284,9 @@ def recipe_advice(c: Config, table, sample: int = 200) -> str | None:
                 sides.append(min(im.size))
         except OSError:  # unreadable: stage 1 names it
             continue
-    if not sides or imbalance < LP_FT_IMBALANCE or c.aug.img_size / float(np.median(sides)) < LP_FT_UPSAMPLED:
+    if not sides or imbalance < LP_FT_IMBALANCE or img_size / float(np.median(sides)) < LP_FT_UPSAMPLED:
         return None
-    return (f"the photos' median shorter side is {np.median(sides):g} px, upsampled to aug.img_size={c.aug.img_size}, "
+    return (f"the photos' median shorter side is {np.median(sides):g} px, upsampled to aug.img_size={img_size}, "
             f"and the classes are imbalanced {imbalance:.0f}:1: on such sets LP-FT beat this short recipe on every "
             f"set measured (3 of 3; docs/pretrained.md); consider {LP_FT_KEYS}")
 
