@@ -316,6 +316,7 @@ def fit_variants(r: RebalanceCfg, ev: EvalCfg, feats: dict, w: np.ndarray, b: np
         o["metrics"] = compute(y_va, None, counts, ev.many_shot, ev.few_shot, metric, rows=o["rows"])
         o["inner"] = inner  # each held-out row's inner split
         yield v, o
+        del heads, cands, o  # a grid's candidate heads (classes x dimensions each) go before the next variant's
 
 
 def check_inner_folds(n: int, df: pd.DataFrame, folds: list[int]) -> None:
