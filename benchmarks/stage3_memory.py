@@ -36,13 +36,16 @@ CHILD = """
 import hashlib, json, sys, threading, time
 import numpy as np
 peak = {"RssAnon": 0, "RssFile": 0}
-def sample():  # the process's anonymous memory and its mapped file pages (which the kernel can drop), every 0.2 s
+phase = {"RssAnon": 0}
+def sample():  # the anonymous memory and the mapped file pages (which the kernel can drop), every 50 ms
     while True:
         for line in open("/proc/self/status"):
             k, _, v = line.partition(":")
             if k in peak:
                 peak[k] = max(peak[k], int(v.split()[0]))
-        time.sleep(0.2)
+                if k in phase:
+                    phase[k] = max(phase[k], int(v.split()[0]))
+        time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
 from pipeline.core.config import load_config
 from pipeline.stages.rebalance import fit_variants
@@ -53,15 +56,17 @@ except ImportError:
 cfg = load_config(None, json.loads(sys.argv[2]))
 t0 = time.perf_counter()
 feats = read(sys.argv[1])
-out = {}
+out, phases = {}, {}
 for v, o in fit_variants(cfg.rebalance, cfg.eval, feats, feats["joint_weight"], feats["joint_bias"],
                          int(sys.argv[3]), 0):
     h = o["head"]
     out[v] = {"score": float(o["metrics"]["score"]), "sha256": hashlib.sha256(
         np.ascontiguousarray(h.weight, np.float32).tobytes() + np.ascontiguousarray(h.bias, np.float32).tobytes()
         ).hexdigest()[:16]}
+    phases[v] = phase["RssAnon"] / 2**10
+    phase["RssAnon"] = 0
 print(json.dumps({"seconds": time.perf_counter() - t0, "variants": out, "anon_gb": peak["RssAnon"] / 2**20,
-                  "file_gb": peak["RssFile"] / 2**20}))
+                  "file_gb": peak["RssFile"] / 2**20, "anon_mb_per_variant": phases}))
 """
 
 
@@ -122,7 +127,8 @@ def main() -> None:
         results.append({"code": code, **run_code(Path(code), cache, args.classes, overrides)})
         r = results[-1]
         print(f"{code}: {r['seconds']:.0f}s, peak RSS {r['peak_rss_gb']:.2f} GB (anonymous {r['anon_gb']:.2f}, "
-              f"mapped file pages {r['file_gb']:.2f}: peaks sampled every 0.2 s), scores "
+              f"mapped file pages {r['file_gb']:.2f}: sampled every 50 ms; anonymous MB while each variant is fit: "
+              + ", ".join(f"{v} {m:.0f}" for v, m in r["anon_mb_per_variant"].items()) + "), scores "
               + ", ".join(f"{v} {o['score']:.4f}" for v, o in r["variants"].items()), flush=True)
     if len(results) > 1:
         same = all(r["variants"] == results[0]["variants"] for r in results[1:])
