@@ -240,16 +240,20 @@ def export_member(name: str, run: layout.RunDir, s4: dict, head: str, target: la
             "num_classes": C, "folds": folds, "full": full, "fixres": fixres, "policy": policy, "merge": s4["merge"],
             "metric": s4["metric"], "view_cv": view_cv(s4, head), "head_in_weights": not normalised,
             "plain_timm": mcfg.model.pool == "avg" and mcfg.model.head == "linear",
-            "plain_timm_note": ("timm.create_model(arch, num_classes=C, checkpoint_path=fold<k>/model.safetensors) "
-                                "loads it" + (" with the joint classifier; the NCM head is head.safetensors"
-                                              if normalised else ", the chosen head included")
-                                if mcfg.model.pool == "avg" and mcfg.model.head == "linear" else
-                                f"model.pool={mcfg.model.pool} / model.head={mcfg.model.head} replace timm's pooling "
-                                f"layer (model.head=arcface: its output L2-normalised): load with "
-                                f"pipeline.core.nets.models.create_model")}
+            "plain_timm_note": plain_timm_note(mcfg.model.pool, mcfg.model.head, normalised)}
     write_text(target.config, yaml.safe_dump(bundle_member_config(mcfg, s4, submission), sort_keys=False))
     write_json(target.info, info)
     return info
+
+
+def plain_timm_note(pool: str, head: str, normalised: bool) -> str:
+    """How a bundle's fold weights load without the pipeline (the member's info.json)."""
+    if pool == "avg" and head == "linear":
+        return ("timm.create_model(arch, num_classes=C, checkpoint_path=fold<k>/model.safetensors) loads it"
+                + (" with the joint classifier; the NCM head is head.safetensors" if normalised
+                   else ", the chosen head included"))
+    return (f"model.pool={pool} / model.head={head} replace timm's pooling layer (model.head=arcface: its output "
+            f"L2-normalised): load with pipeline.core.nets.models.create_model")
 
 
 def export_onnx(img_size: int, model, head: Head, path: Path) -> None:
